@@ -1,0 +1,4 @@
+from marketstream.server import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Configuration: INI files, environment and flags into one typed object.
+
+Precedence, highest first: command-line flags, the environment
+(``WS_STREAM_URL``, ``REDIS_URL``), the INI file given by ``--config`` or
+``MARKETSTREAM_CONFIG``, and the built-in defaults (which equal
+``conf/marketstream.ini``)::
+
+    settings = load_settings(config_file="conf/marketstream.ini",
+                             environ=os.environ,
+                             overrides={"server.processes": "2"})
+    settings.server.port        # 4000
+    settings.protocol.acks      # False
+
+Any unknown section or key, or a value of the wrong type, raises
+:class:`ConfigError` naming where it came from (file, section and key).
+"""
+
+import configparser
+import dataclasses
+import os
+import re
+import urllib.parse
+
+__all__ = ["ConfigError", "Settings", "load_settings", "parse_listen", "SCHEMA"]
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used; the message says where."""
+
+
+# --- value parsers -----------------------------------------------------------
+
+_TRUE = {"1", "yes", "true", "on"}
+_FALSE = {"0", "no", "false", "off"}
+
+
+def _bool(text):
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("expected true or false, got %r" % text)
+
+
+def _int(minimum=None, maximum=None):
+    def parse(text):
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError("expected an integer, got %r" % text) from None
+        if minimum is not None and value < minimum:
+            raise ValueError("must be >= %d, got %d" % (minimum, value))
+        if maximum is not None and value > maximum:
+            raise ValueError("must be <= %d, got %d" % (maximum, value))
+        return value
+    return parse
+
+
+def _float(minimum=None):
+    def parse(text):
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError("expected a number, got %r" % text) from None
+        if minimum is not None and value < minimum:
+            raise ValueError("must be >= %s, got %s" % (minimum, value))
+        return value
+    return parse
+
+
+def _list(text):
+    return tuple(item.strip() for item in text.replace("\n", ",").split(",") if item.strip())
+
+
+def _choice(*choices):
+    def parse(text):
+        value = text.strip()
+        if value not in choices:
+            raise ValueError("expected one of %s, got %r" % (", ".join(choices), text))
+        return value
+    return parse
+
+
+def _str(text):
+    return text.strip()
+
+
+def _regex(text):
+    try:
+        return re.compile(text.strip())
+    except re.error as exc:
+        raise ValueError("not a regular expression: %s" % exc) from None
+
+
+def _redis_url(text):
+    value = text.strip()
+    if value and urllib.parse.urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL, got %r" % text)
+    return value
+
+
+def _log_level(text):
+    value = text.strip().upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got %r" % text)
+    return value
+
+
+def parse_listen(text):
+    """Parse ``host:port`` or ``ws://host:port/path`` into (host, port, path).
+
+    >>> parse_listen("0.0.0.0:4000")
+    ('0.0.0.0', 4000, '')
+    >>> parse_listen("ws://127.0.0.1:8080/stream-ws")
+    ('127.0.0.1', 8080, '/stream-ws')
+    """
+    value = text.strip()
+    if "://" not in value:
+        value = "ws://" + value
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("ws", "http"):
+        raise ValueError("expected host:port or ws://host:port/path, got %r" % text)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("bad port in %r" % text) from None
+    if port is None:
+        raise ValueError("no port in %r" % text)
+    host = parts.hostname or "0.0.0.0"
+    path = parts.path.rstrip("/")
+    return host, port, path
+
+
+# --- schema ------------------------------------------------------------------
+
+def setting(default, parse):
+    """A settings field: its default as written in the INI, and its parser."""
+    return dataclasses.field(metadata={"default": default, "parse": parse})
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    listen: tuple = setting("0.0.0.0:4000", parse_listen)  # (host, port, path)
+    processes: int = setting("1", _int(0, 256))
+    xheaders: bool = setting("false", _bool)
+    shutdown_timeout: float = setting("10", _float(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisSettings:
+    url: str = setting("", _redis_url)
+    format: str = setting("envelope", _choice("envelope", "data"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolSettings:
+    acks: bool = setting("false", _bool)
+    stream_types: tuple = setting("depth, trade, ticker, bookTicker, kline", _list)
+    markets: tuple = setting("", _list)
+    market_pattern: re.Pattern = setting("^[A-Z0-9]+_[A-Z0-9]+$", _regex)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSettings:
+    level: str = setting("INFO", _log_level)
+    format: str = setting("%(asctime)s %(levelname)s %(name)s: %(message)s", _str)
+    config_file: str = setting("", _str)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Typed settings: ``settings.<section>.<key>``.
+
+    ``sources`` maps ``"section.key"`` to where the value came from
+    (``default``, a file name, an environment variable or a flag).
+    """
+
+    server: ServerSettings
+    redis: RedisSettings
+    protocol: ProtocolSettings
+    logging: LoggingSettings
+    sources: dict = dataclasses.field(default_factory=dict, compare=False)
+
+    @property
+    def host(self):
+        return self.server.listen[0]
+
+    @property
+    def port(self):
+        return self.server.listen[1]
+
+    @property
+    def ws_path(self):
+        """Extra WebSocket path from a ``ws://host:port/path`` listen URL, or ''."""
+        return self.server.listen[2]
+
+    def replace(self, section, **changes):
+        """A copy with some already-typed values of one section changed."""
+        changed = dataclasses.replace(getattr(self, section), **changes)
+        return dataclasses.replace(self, **{section: changed})
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Settings) if f.name != "sources"}
+
+#: section -> key -> field metadata (``default`` text and ``parse``).  The
+#: defaults are the text of ``conf/marketstream.ini``; a test keeps them equal.
+SCHEMA = {
+    name: {f.name: f.metadata for f in dataclasses.fields(cls)} for name, cls in _SECTIONS.items()
+}
+
+
+def _apply(raw, sources, section, key, text, origin):
+    if section not in SCHEMA:
+        raise ConfigError("%s: unknown section [%s]" % (origin, section))
+    if key not in SCHEMA[section]:
+        raise ConfigError("%s: unknown key %r in section [%s]" % (origin, key, section))
+    raw[section][key] = text
+    sources["%s.%s" % (section, key)] = origin
+
+
+def read_ini(path):
+    """Parse an INI file into {section: {key: text}}, or raise ConfigError."""
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
+    parser.optionxform = str  # keys are case-sensitive, like the schema
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as exc:
+        raise ConfigError("%s: cannot read config file: %s" % (path, exc.strerror)) from None
+    except configparser.Error as exc:
+        raise ConfigError("%s: %s" % (path, str(exc).splitlines()[0])) from None
+    return {section: dict(parser.items(section)) for section in parser.sections()}
+
+
+def load_settings(config_file=None, environ=None, overrides=None):
+    """Build :class:`Settings` from all sources.
+
+    ``config_file``: path of an INI file, or None to use
+    ``MARKETSTREAM_CONFIG`` from ``environ`` if set.  ``overrides`` maps
+    ``"section.key"`` to text, from command-line flags.
+    """
+    environ = os.environ if environ is None else environ
+    raw = {section: {key: spec["default"] for key, spec in keys.items()} for section, keys in SCHEMA.items()}
+    sources = {"%s.%s" % (s, k): "default" for s, keys in SCHEMA.items() for k in keys}
+
+    config_file = config_file or environ.get("MARKETSTREAM_CONFIG") or None
+    if config_file:
+        for section, values in read_ini(config_file).items():
+            for key, text in values.items():
+                _apply(raw, sources, section, key, text, config_file)
+
+    if environ.get("WS_STREAM_URL"):
+        _apply(raw, sources, "server", "listen", environ["WS_STREAM_URL"], "environment WS_STREAM_URL")
+    if environ.get("REDIS_URL"):
+        _apply(raw, sources, "redis", "url", environ["REDIS_URL"], "environment REDIS_URL")
+
+    for dotted, text in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        _apply(raw, sources, section, key, text, "command line (%s)" % dotted)
+
+    sections = {}
+    for section, keys in SCHEMA.items():
+        values = {}
+        for key, spec in keys.items():
+            try:
+                values[key] = spec["parse"](raw[section][key])
+            except ValueError as exc:
+                raise ConfigError(
+                    "%s: [%s] %s: %s" % (sources["%s.%s" % (section, key)], section, key, exc)
+                ) from None
+        sections[section] = _SECTIONS[section](**values)
+    return Settings(sources=sources, **sections)

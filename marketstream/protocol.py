@@ -1,0 +1,192 @@
+"""The marketstream wire protocol, without any I/O.
+
+Everything that decides what bytes mean lives here, so it can be tested
+directly: parsing and validating client frames, stream-name rules, and
+encoding of server frames (down to the WebSocket frame header used by the
+fan-out, which builds a frame once and shares it between subscribers).
+
+Client frames are JSON objects::
+
+    {"method": "SUBSCRIBE", "params": ["trade.SOL_USDC", "depth.BTC_USDT"], "id": 1}
+
+>>> parse_request('{"method":"SUBSCRIBE","params":["trade.SOL_USDC"],"id":1}')
+Request(method='SUBSCRIBE', params=('trade.SOL_USDC',), id=1)
+>>> parse_request('hello').reason
+'invalid JSON'
+>>> StreamRules().check("trade.SOL_USDC") is None
+True
+>>> wrap_data(b"trade.SOL_USDC", b'{"e":"trade"}')
+b'{"stream":"trade.SOL_USDC","data":{"e":"trade"}}'
+"""
+
+import re
+import struct
+import time
+from typing import NamedTuple, Optional, Union
+
+import ujson
+
+__all__ = [
+    "SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS", "METHODS",
+    "ERROR_INVALID_REQUEST", "ERROR_INVALID_JSON",
+    "Request", "Invalid", "parse_request", "StreamRules",
+    "encode_result", "encode_error", "wrap_data", "is_json_object",
+    "gap_notice", "text_frame",
+]
+
+SUBSCRIBE = "SUBSCRIBE"
+UNSUBSCRIBE = "UNSUBSCRIBE"
+LIST_SUBSCRIPTIONS = "LIST_SUBSCRIPTIONS"
+METHODS = frozenset((SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS))
+
+# Binance's error codes for replies (sent only when acknowledgements are on).
+ERROR_INVALID_REQUEST = 2
+ERROR_INVALID_JSON = 3
+
+MAX_STREAM_NAME = 200
+
+
+class Request(NamedTuple):
+    """A valid client request."""
+
+    method: str
+    params: tuple
+    id: Union[int, float, str, None]
+
+
+class Invalid(NamedTuple):
+    """A frame that is not a valid request: why, the error code to reply
+    with when acknowledgements are on, and the request id if one was found."""
+
+    reason: str
+    code: int = ERROR_INVALID_REQUEST
+    id: Union[int, float, str, None] = None
+
+
+def _valid_id(value):
+    return value is None or (isinstance(value, (int, float, str)) and not isinstance(value, bool))
+
+
+def parse_request(frame):
+    """Parse one client frame (``str`` for text, ``bytes`` for binary).
+
+    Returns a :class:`Request`, or an :class:`Invalid` saying why not.
+    Never raises.
+    """
+    if not isinstance(frame, str):
+        return Invalid("binary frame", ERROR_INVALID_JSON)
+    try:
+        message = ujson.loads(frame)
+    except (ValueError, OverflowError):
+        return Invalid("invalid JSON", ERROR_INVALID_JSON)
+    if not isinstance(message, dict):
+        return Invalid("not a JSON object")
+    request_id = message.get("id")
+    if "id" not in message or not _valid_id(request_id):
+        return Invalid("missing or invalid id")
+    method = message.get("method")
+    if not isinstance(method, str):
+        return Invalid("missing or invalid method", id=request_id)
+    if method not in METHODS:
+        return Invalid("unknown method %.40r" % method, id=request_id)
+    params = message.get("params", [] if method == LIST_SUBSCRIPTIONS else None)
+    if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+        return Invalid("params must be an array of strings", id=request_id)
+    if method != LIST_SUBSCRIPTIONS and not params:
+        return Invalid("params must not be empty", id=request_id)
+    return Request(method, tuple(params), request_id)
+
+
+_MIDDLE_PART = re.compile(r"^[A-Za-z0-9]+$")
+
+
+class StreamRules:
+    """Which stream names may be subscribed.
+
+    A name is ``<type>.<MARKET>`` with optional middle parts
+    (``kline.1m.SOL_USDC``, ``depth.200ms.SOL_USDC``).  ``types`` is an
+    allow-list of stream types; ``markets`` an allow-list of markets, or empty
+    to accept any market matching ``market_pattern``.
+    """
+
+    def __init__(self, types=("depth", "trade", "ticker", "bookTicker", "kline"),
+                 markets=(), market_pattern=r"^[A-Z0-9]+_[A-Z0-9]+$"):
+        self.types = frozenset(types)
+        self.markets = frozenset(markets)
+        self.market_pattern = re.compile(market_pattern) if isinstance(market_pattern, str) else market_pattern
+
+    @classmethod
+    def from_settings(cls, protocol):
+        return cls(protocol.stream_types, protocol.markets, protocol.market_pattern)
+
+    def check(self, name):
+        """None if ``name`` is an acceptable stream, else the reason it is not."""
+        if not name or len(name) > MAX_STREAM_NAME:
+            return "invalid stream name"
+        parts = name.split(".")
+        if len(parts) < 2:
+            return "stream name must be <type>.<MARKET>"
+        if parts[0] not in self.types:
+            return "unknown stream type %r" % parts[0]
+        market = parts[-1]
+        if self.markets:
+            if market not in self.markets:
+                return "unknown market %r" % market
+        elif not self.market_pattern.match(market):
+            return "invalid market %r" % market
+        for middle in parts[1:-1]:
+            if not _MIDDLE_PART.match(middle):
+                return "invalid stream name"
+        return None
+
+
+# --- server frames -----------------------------------------------------------
+
+def encode_result(request_id, result=None):
+    """``{"result": ..., "id": n}``, as text."""
+    return ujson.dumps({"result": result, "id": request_id}, ensure_ascii=False)
+
+
+def encode_error(request_id, code, msg):
+    """``{"error": {"code": c, "msg": "..."}, "id": n}``, as text."""
+    return ujson.dumps({"error": {"code": code, "msg": msg}, "id": request_id}, ensure_ascii=False)
+
+
+def is_json_object(payload):
+    """True if ``payload`` (bytes) is one JSON object."""
+    try:
+        return isinstance(ujson.loads(payload), dict)
+    except (ValueError, OverflowError, TypeError):
+        return False
+
+
+def wrap_data(stream, payload):
+    """``{"stream":"<stream>","data":<payload>}`` from bytes, without re-encoding."""
+    return b'{"stream":"' + stream + b'","data":' + payload + b"}"
+
+
+def gap_notice(stream, now=None):
+    """The message sent on every stream after an upstream outage."""
+    now_us = int((time.time() if now is None else now) * 1_000_000)
+    market = stream.rsplit(".", 1)[-1]
+    return ujson.dumps(
+        {"stream": stream, "data": {"e": "gap", "s": market, "E": now_us,
+                                    "reason": "upstream reconnected; updates may have been missed"}}
+    ).encode()
+
+
+def text_frame(payload):
+    """A complete, unmasked, final WebSocket text frame (RFC 6455 5.2) for
+    ``payload`` (UTF-8 bytes).
+
+    A server frame without compression is the same bytes for every recipient,
+    so the fan-out builds it once per message and writes it to many sockets.
+    """
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x81, length)
+    elif length < 65536:
+        header = struct.pack("!BBH", 0x81, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, length)
+    return header + payload

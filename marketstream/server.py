@@ -1,0 +1,221 @@
+"""The ``marketstream`` command: configuration, start-up and shutdown.
+
+::
+
+    marketstream                         # embedded Redis, port 4000
+    marketstream --demo                  # ... plus the demo feed
+    REDIS_URL=redis://10.0.0.5:6379/0 WS_STREAM_URL=0.0.0.0:4000 marketstream
+    marketstream --config conf/marketstream.ini --set protocol.acks=true
+
+Exit codes: 0 after a clean shutdown (SIGTERM, SIGINT), 1 when Redis cannot
+be reached at start-up, 2 for a configuration error.
+"""
+
+import argparse
+import asyncio
+import logging
+import logging.config
+import os
+import signal
+import sys
+
+import tornado.httpserver
+import tornado.web
+from redis.exceptions import RedisError
+
+from marketstream import __version__
+from marketstream.channels import ChannelManager
+from marketstream.config import ConfigError, load_settings
+from marketstream.embedded import RedisServer
+from marketstream.handlers import Context, routes
+
+__all__ = ["main", "make_app", "Server"]
+
+log = logging.getLogger("marketstream.server")
+
+CLOSE_GOING_AWAY = 1001
+
+
+def make_app(settings, manager=None):
+    """The Tornado application for ``settings`` (the manager defaults to the
+    installed :class:`ChannelManager`)."""
+    context = Context(settings, manager)
+    return tornado.web.Application(routes(context), websocket_max_message_size=64 * 1024)
+
+
+class Server:
+    """One marketstream process: its Redis bridge, HTTP server and clients."""
+
+    def __init__(self, settings, embedded_redis=None):
+        self.settings = settings
+        self.embedded_redis = embedded_redis
+        self.manager = None
+        self.http_server = None
+        self.app = None
+        self._stopping = None
+        self._extra_tasks = []
+
+    async def start(self, sockets=None):
+        """Connect to Redis, then start serving (on ``sockets`` if given)."""
+        settings = self.settings
+        self.manager = ChannelManager.install(
+            ChannelManager(settings.redis.url, payload_format=settings.redis.format))
+        await self.manager.start()
+        self.app = make_app(settings, self.manager)
+        self.http_server = tornado.httpserver.HTTPServer(self.app, xheaders=settings.server.xheaders)
+        if sockets:
+            self.http_server.add_sockets(sockets)
+        else:
+            self.http_server.listen(settings.port, settings.host)
+        log.info("marketstream %s listening on ws://%s:%d/ (pid %d, Redis %s)", __version__,
+                 settings.host, settings.port, os.getpid(), self.manager._redacted_url())
+
+    def add_task(self, coroutine):
+        """Run a coroutine beside the server; it is cancelled on shutdown."""
+        self._extra_tasks.append(asyncio.ensure_future(coroutine))
+
+    def handlers(self):
+        return [conn for conn in list(self.manager.connections)]
+
+    async def stop(self):
+        """Stop accepting, close every client with 1001, release Redis."""
+        if self.http_server is not None:
+            self.http_server.stop()
+        clients = self.handlers() if self.manager else []
+        for conn in clients:
+            conn.close(CLOSE_GOING_AWAY, "server shutting down")
+        deadline = asyncio.get_running_loop().time() + self.settings.server.shutdown_timeout
+        while self.manager and self.manager.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        for task in self._extra_tasks:
+            task.cancel()
+        if self.http_server is not None:
+            try:
+                await asyncio.wait_for(self.http_server.close_all_connections(),
+                                       max(0.1, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                pass
+        if self.manager is not None:
+            await self.manager.stop()
+            ChannelManager.reset()
+        log.info("marketstream stopped (%d client(s) closed)", len(clients))
+
+    async def run(self, sockets=None):
+        """Start, serve until SIGTERM or SIGINT, then stop."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start(sockets)
+        await stop.wait()
+        log.info("shutting down")
+        await self.stop()
+
+
+# --- command line ------------------------------------------------------------
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="marketstream",
+        description="Stream market data from Redis pub/sub to WebSocket clients.")
+    parser.add_argument("--config", metavar="FILE",
+                        help="INI file (default: $MARKETSTREAM_CONFIG, else built-in defaults)")
+    parser.add_argument("--listen", metavar="ADDR",
+                        help="host:port or ws://host:port/path (overrides WS_STREAM_URL)")
+    parser.add_argument("--redis-url", metavar="URL",
+                        help="redis://, rediss:// or unix:// URL (overrides REDIS_URL); "
+                             "empty: start an embedded redis-server")
+    parser.add_argument("--processes", metavar="N", help="worker processes (0: one per core)")
+    parser.add_argument("--acks", action="store_const", const="true",
+                        help="reply to requests Binance-style")
+    parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="set any configuration key (repeatable)")
+    parser.add_argument("--demo", action="store_true",
+                        help="run with an embedded Redis and the demo feed")
+    parser.add_argument("--version", action="version", version="marketstream " + __version__)
+    return parser
+
+
+def settings_from_args(args, environ=None):
+    """Settings for parsed command-line ``args``; raises ConfigError."""
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError("command line: --set expects SECTION.KEY=VALUE, got %r" % item)
+        overrides[key.strip()] = value
+    flags = {"server.listen": args.listen, "redis.url": args.redis_url,
+             "server.processes": args.processes, "protocol.acks": args.acks,
+             "logging.level": args.log_level}
+    overrides.update({key: value for key, value in flags.items() if value is not None})
+    environ = dict(os.environ if environ is None else environ)
+    if args.demo:
+        # The demo always runs on its own embedded Redis.
+        environ.pop("REDIS_URL", None)
+        overrides["redis.url"] = ""
+    return load_settings(args.config, environ, overrides)
+
+
+def configure_logging(settings):
+    if settings.logging.config_file:
+        logging.config.fileConfig(settings.logging.config_file, disable_existing_loggers=False)
+        return
+    logging.basicConfig(level=settings.logging.level, format=settings.logging.format,
+                        stream=sys.stderr, force=True)
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+
+
+def _demo_banner(settings):
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = "ws://%s:%d/ws" % (host, settings.port)
+    print("\nmarketstream demo is running.\n"
+          "  WebSocket: %s\n"
+          "  Subscribe: {\"method\":\"SUBSCRIBE\",\"params\":[\"trade.BTC_USDT\",\"depth.BTC_USDT\","
+          "\"ticker.BTC_USDT\"],\"id\":1}\n"
+          "  Health:    http://%s:%d/health\n"
+          "Press Ctrl-C to stop.\n" % (url, host, settings.port), flush=True)
+
+
+async def _serve(settings, embedded, demo):
+    server = Server(settings, embedded)
+    if demo:
+        from marketstream.feed import run_feed
+        server.add_task(run_feed(settings.redis.url))
+    run = asyncio.ensure_future(server.run())
+    if demo:
+        while not run.done() and server.http_server is None:
+            await asyncio.sleep(0.05)
+        if not run.done():
+            _demo_banner(settings)
+    await run
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print("marketstream: configuration error: %s" % exc, file=sys.stderr)
+        sys.exit(2)
+    configure_logging(settings)
+
+    embedded = None
+    if not settings.redis.url:
+        embedded = RedisServer().start()
+        settings = settings.replace("redis", url=embedded.url)
+        log.warning("no Redis configured: started an embedded redis-server at %s "
+                    "(publish there; set REDIS_URL in production)", embedded.url)
+    try:
+        asyncio.run(_serve(settings, embedded, args.demo))
+    except (OSError, RedisError, asyncio.TimeoutError) as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(1)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+if __name__ == "__main__":
+    main()

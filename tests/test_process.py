@@ -1,0 +1,157 @@
+"""The real ``marketstream`` command as a child process: embedded Redis,
+signals, exit codes."""
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import tornado.websocket
+
+from marketstream.embedded import free_port
+from tests.conftest import wait_until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ServerProcess:
+    """``python -m marketstream ...`` with its stderr collected in a thread."""
+
+    def __init__(self, *args, env=None):
+        self.port = free_port()
+        environ = {k: v for k, v in os.environ.items()
+                   if k not in ("REDIS_URL", "WS_STREAM_URL", "MARKETSTREAM_CONFIG")}
+        environ.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "marketstream", "--listen", "127.0.0.1:%d" % self.port, *args],
+            cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self):
+        return "".join(self.lines)
+
+    def wait_listening(self, timeout=15):
+        wait_until(lambda: "listening on" in self.output or self.proc.poll() is not None,
+                   timeout, message="server start")
+        assert self.proc.poll() is None, self.output
+
+    def redis_children(self):
+        return [child for child in psutil.Process(self.proc.pid).children(recursive=True)
+                if "redis-server" in child.name()]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def spawn():
+    processes = []
+
+    def start(*args, **kwargs):
+        process = ServerProcess(*args, **kwargs)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.stop()
+
+
+async def _connect_and_wait_close(port, count=3):
+    clients = [await tornado.websocket.websocket_connect("ws://127.0.0.1:%d/ws" % port)
+               for _ in range(count)]
+    return clients
+
+
+def _run_clients_until_signal(server, sig):
+    """Connect clients, signal the server, return the close codes they saw."""
+    async def scenario():
+        clients = await _connect_and_wait_close(server.port)
+        await clients[0].write_message('{"method":"SUBSCRIBE","params":["trade.SOL_USDC"],"id":1}')
+        server.proc.send_signal(sig)
+        for ws in clients:
+            assert await asyncio.wait_for(ws.read_message(), 10) is None
+        return [ws.close_code for ws in clients]
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_embedded_redis_lives_and_dies_with_the_server(spawn, sig):
+    server = spawn()
+    server.wait_listening()
+    url = re.search(r"embedded redis-server at (redis://\S+)", server.output).group(1)
+    children = server.redis_children()
+    assert len(children) == 1
+    import redis
+    assert redis.Redis.from_url(url).ping()
+
+    codes = _run_clients_until_signal(server, sig)
+    assert codes == [1001, 1001, 1001]
+    assert server.proc.wait(15) == 0, server.output
+    psutil.wait_procs(children, timeout=5)
+    assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
+
+
+def test_embedded_redis_dies_even_when_server_is_killed(spawn):
+    server = spawn()
+    server.wait_listening()
+    children = server.redis_children()
+    assert children
+    server.proc.kill()
+    server.proc.wait(10)
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, "orphan redis-server left behind"
+
+
+def test_configured_redis_means_no_embedded_one(spawn, redis_url):
+    server = spawn("--redis-url", redis_url)
+    server.wait_listening()
+    assert server.redis_children() == []
+    assert "embedded" not in server.output
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(15) == 0
+
+
+def test_unreachable_redis_exits_1(spawn):
+    server = spawn("--redis-url", "redis://127.0.0.1:%d/0" % free_port())
+    assert server.proc.wait(30) == 1
+    assert "cannot start" in server.output
+
+
+def test_demo_prints_url_and_streams_data(spawn):
+    server = spawn("--demo")
+    wait_until(lambda: "Subscribe:" in server.output or server.proc.poll() is not None, 20,
+               message="demo banner")
+    assert "ws://127.0.0.1:%d/ws" % server.port in server.output
+    message = re.search(r"Subscribe: (\{.*\})", server.output).group(1)
+
+    async def scenario():
+        ws = await tornado.websocket.websocket_connect("ws://127.0.0.1:%d/ws" % server.port)
+        await ws.write_message(message)
+        kinds = set()
+        deadline = time.monotonic() + 10
+        while len(kinds) < 3 and time.monotonic() < deadline:
+            frame = await asyncio.wait_for(ws.read_message(), 10)
+            import ujson
+            kinds.add(ujson.loads(frame)["data"]["e"])
+        ws.close()
+        return kinds
+
+    assert {"trade", "depth", "ticker"} <= asyncio.run(scenario())
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(15) == 0

@@ -1,0 +1,326 @@
+"""End to end: a real server in the test's IOLoop, real Redis, real WebSockets."""
+
+import asyncio
+import socket
+import struct
+
+import pytest
+import tornado.httpclient
+import tornado.websocket
+import ujson
+
+from marketstream.config import load_settings
+from marketstream.embedded import free_port
+from marketstream.server import Server
+from tests.conftest import async_wait_until
+
+
+def make_settings(redis_url, **overrides):
+    flat = {"redis.url": redis_url, "server.listen": "127.0.0.1:%d" % free_port()}
+    flat.update({key.replace("__", "."): str(value) for key, value in overrides.items()})
+    return load_settings(environ={}, overrides=flat)
+
+
+@pytest.fixture
+def server_factory(io_loop, redis_url):
+    servers = []
+
+    async def start(**overrides):
+        server = Server(make_settings(redis_url, **overrides))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        io_loop.run_sync(server.stop)
+
+
+@pytest.fixture
+def server(io_loop, server_factory):
+    return io_loop.run_sync(server_factory)
+
+
+def ws_url(server, path="/ws"):
+    return "ws://127.0.0.1:%d%s" % (server.settings.port, path)
+
+
+async def connect(server, path="/ws", **kwargs):
+    return await tornado.websocket.websocket_connect(ws_url(server, path), **kwargs)
+
+
+async def send(ws, method, params=None, request_id=1):
+    message = {"method": method, "id": request_id}
+    if params is not None:
+        message["params"] = params
+    await ws.write_message(ujson.dumps(message))
+
+
+def numsub(redis_client, channel):
+    return redis_client.pubsub_numsub(channel)[0][1]
+
+
+async def subscribed(redis_client, *channels, count=1):
+    for channel in channels:
+        await async_wait_until(lambda: numsub(redis_client, channel) == count,
+                               message="%s subscribed upstream" % channel)
+
+
+async def released(redis_client, *channels):
+    for channel in channels:
+        await async_wait_until(lambda: numsub(redis_client, channel) == 0,
+                               message="%s released upstream" % channel)
+
+
+async def read(ws, timeout=5.0):
+    message = await asyncio.wait_for(ws.read_message(), timeout)
+    assert message is not None, "connection closed"
+    return message
+
+
+async def no_message(ws, wait=0.2):
+    """Assert nothing arrives within ``wait`` (used after a probe message
+    that is known to arrive later, so absence is meaningful)."""
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.shield(ws.read_message()), wait)
+
+
+def envelope(stream, **data):
+    data.setdefault("e", stream.split(".")[0])
+    return ujson.dumps({"stream": stream, "data": data})
+
+
+def abort(ws):
+    """Drop the TCP connection without a close frame (RST)."""
+    sock = ws.protocol.stream.socket
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ws.protocol.stream.close()
+
+
+# --- delivery ----------------------------------------------------------------
+
+@pytest.mark.gen_test
+async def test_envelope_delivered_byte_for_byte(server, redis_client):
+    ws = await connect(server)
+    await send(ws, "SUBSCRIBE", ["trade.SOL_USDC"])
+    await subscribed(redis_client, "trade.SOL_USDC")
+    payload = '{"stream":"trade.SOL_USDC","data":{"e":"trade","t":42,"m":true,"p":"101.5","q":"0.3","s":"SOL_USDC","T":1727866324088}}'
+    redis_client.publish("trade.SOL_USDC", payload)
+    assert await read(ws) == payload
+    # Unusual spacing and key order survive untouched: no re-encoding.
+    odd = '{ "data" : {"e":"trade", "p":"1.10"} ,"stream":"trade.SOL_USDC" }'
+    redis_client.publish("trade.SOL_USDC", odd)
+    assert await read(ws) == odd
+
+
+@pytest.mark.gen_test
+async def test_data_format_wraps_once(server_factory, redis_client):
+    server = await server_factory(redis__format="data")
+    ws1, ws2 = await connect(server), await connect(server)
+    for ws in (ws1, ws2):
+        await send(ws, "SUBSCRIBE", ["depth.BTC_USDT"])
+    await async_wait_until(lambda: len(server.manager.streams.get("depth.BTC_USDT", ())) == 2)
+    await subscribed(redis_client, "depth.BTC_USDT")
+    redis_client.publish("depth.BTC_USDT", '{"e":"depth","U":1,"u":2}')
+    expected = '{"stream":"depth.BTC_USDT","data":{"e":"depth","U":1,"u":2}}'
+    assert await read(ws1) == expected
+    assert await read(ws2) == expected
+
+
+@pytest.mark.gen_test
+async def test_stream_endpoint_subscribes_at_connect(server, redis_client):
+    ws = await connect(server, "/stream?streams=trade.SOL_USDC/ticker.ETH_USDT")
+    await subscribed(redis_client, "trade.SOL_USDC", "ticker.ETH_USDT")
+    redis_client.publish("ticker.ETH_USDT", envelope("ticker.ETH_USDT", c="1"))
+    assert ujson.loads(await read(ws))["stream"] == "ticker.ETH_USDT"
+    await send(ws, "LIST_SUBSCRIPTIONS")
+    assert ujson.loads(await read(ws)) == {"result": ["trade.SOL_USDC", "ticker.ETH_USDT"], "id": 1}
+
+
+@pytest.mark.gen_test
+async def test_root_path_and_ws_url_path(server_factory, redis_client):
+    port = free_port()
+    server = await server_factory(server__listen="ws://127.0.0.1:%d/market-ws" % port)
+    for path in ("/", "/ws", "/market-ws"):
+        ws = await connect(server, path)
+        await send(ws, "LIST_SUBSCRIPTIONS")
+        assert ujson.loads(await read(ws)) == {"result": [], "id": 1}
+        ws.close()
+
+
+@pytest.mark.gen_test
+async def test_subscribe_every_param_and_repeated_subscribe_delivers_once(server, redis_client):
+    ws = await connect(server)
+    streams = ["trade.SOL_USDC", "depth.SOL_USDC", "ticker.SOL_USDC"]
+    await send(ws, "SUBSCRIBE", streams)
+    await send(ws, "SUBSCRIBE", ["trade.SOL_USDC", "trade.SOL_USDC"], request_id=2)
+    await subscribed(redis_client, *streams)
+    for stream in streams:
+        redis_client.publish(stream, envelope(stream))
+    received = [ujson.loads(await read(ws))["stream"] for _ in streams]
+    assert received == streams
+    redis_client.publish("trade.SOL_USDC", envelope("trade.SOL_USDC", t=2))
+    assert ujson.loads(await read(ws))["data"]["t"] == 2  # not a duplicate of the first
+    assert server.manager.subscriptions(list(server.manager.connections)[0]) == streams
+
+
+@pytest.mark.gen_test
+async def test_unsubscribe_releases_redis_channel(server, redis_client):
+    a, b = await connect(server), await connect(server)
+    await send(a, "SUBSCRIBE", ["trade.BTC_USDT", "depth.BTC_USDT"])
+    await send(b, "SUBSCRIBE", ["trade.BTC_USDT"])
+    await subscribed(redis_client, "trade.BTC_USDT", "depth.BTC_USDT")
+    await send(a, "UNSUBSCRIBE", ["trade.BTC_USDT", "depth.BTC_USDT", "ticker.NOT_SUBSCRIBED"])
+    await released(redis_client, "depth.BTC_USDT")
+    assert numsub(redis_client, "trade.BTC_USDT") == 1  # b still listens
+    redis_client.publish("trade.BTC_USDT", envelope("trade.BTC_USDT", t=1))
+    assert ujson.loads(await read(b))["data"]["t"] == 1
+    await send(a, "LIST_SUBSCRIPTIONS", request_id=5)
+    assert ujson.loads(await read(a)) == {"result": [], "id": 5}
+    await send(b, "UNSUBSCRIBE", ["trade.BTC_USDT"])
+    await released(redis_client, "trade.BTC_USDT")
+    assert server.manager.streams == {}
+
+
+@pytest.mark.gen_test
+async def test_close_frame_releases_everything(server, redis_client):
+    ws = await connect(server)
+    await send(ws, "SUBSCRIBE", ["trade.ETH_USDT"])
+    await subscribed(redis_client, "trade.ETH_USDT")
+    ws.close(1000)
+    await released(redis_client, "trade.ETH_USDT")
+    assert server.manager.connections == {} and server.manager.streams == {}
+
+
+@pytest.mark.gen_test
+async def test_aborted_tcp_releases_everything(server, redis_client):
+    ws = await connect(server)
+    await send(ws, "SUBSCRIBE", ["trade.ETH_USDC"])
+    await subscribed(redis_client, "trade.ETH_USDC")
+    abort(ws)
+    await released(redis_client, "trade.ETH_USDC")
+    assert server.manager.connections == {} and server.manager.streams == {}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_fifty_clients_get_exactly_one_copy(server, redis_client):
+    clients = [await connect(server) for _ in range(50)]
+    for ws in clients:
+        await send(ws, "SUBSCRIBE", ["trade.SOL_USDT"])
+    await async_wait_until(lambda: len(server.manager.streams.get("trade.SOL_USDT", ())) == 50)
+    await subscribed(redis_client, "trade.SOL_USDT")
+    for t in range(3):
+        redis_client.publish("trade.SOL_USDT", envelope("trade.SOL_USDT", t=t))
+    redis_client.publish("trade.SOL_USDT", envelope("trade.SOL_USDT", t="end"))
+    for ws in clients:
+        got = [ujson.loads(await read(ws))["data"]["t"] for _ in range(4)]
+        assert got == [0, 1, 2, "end"]
+        await no_message(ws, 0.01)
+
+
+@pytest.mark.gen_test
+async def test_junk_frames_are_ignored_and_counted(server, redis_client):
+    ws = await connect(server)
+    other = await connect(server)
+    await send(other, "SUBSCRIBE", ["trade.SOL_USDC"])
+    junk = ["not json", "[1,2]", "42", '"str"', "null", "{}", '{"method":"SUBSCRIBE"}',
+            '{"method":"SUBSCRIBE","params":"trade.SOL_USDC","id":1}',
+            '{"method":"SUBSCRIBE","params":[1,2],"id":1}',
+            '{"method":"DELETE","params":["trade.SOL_USDC"],"id":1}',
+            '{"method":7,"params":["trade.SOL_USDC"],"id":1}',
+            '{"method":"SUBSCRIBE","params":["trade.sol_usdc"],"id":1}', "{" * 5000]
+    for frame in junk:
+        await ws.write_message(frame)
+    await ws.write_message(b"\x00\x01binary", binary=True)
+    # The connection still works: a valid subscribe after the junk.
+    await send(ws, "SUBSCRIBE", ["trade.SOL_USDC"], request_id=9)
+    await async_wait_until(lambda: len(server.manager.streams.get("trade.SOL_USDC", ())) == 2)
+    await subscribed(redis_client, "trade.SOL_USDC")
+    redis_client.publish("trade.SOL_USDC", envelope("trade.SOL_USDC", t=1))
+    assert ujson.loads(await read(ws))["data"]["t"] == 1  # no replies to junk, acks are off
+    assert ujson.loads(await read(other))["data"]["t"] == 1
+    assert server.manager.stats.invalid_frames == len(junk) + 1
+    assert "trade.sol_usdc" not in server.manager.streams
+
+
+@pytest.mark.gen_test
+async def test_malformed_redis_payload_is_dropped_and_stream_continues(server, redis_client):
+    ws = await connect(server)
+    await send(ws, "SUBSCRIBE", ["trade.BTC_USDT"])
+    await subscribed(redis_client, "trade.BTC_USDT")
+    for bad in ("not json", "[1,2,3]", '{"truncated":', "", "\xff"):
+        redis_client.publish("trade.BTC_USDT", bad)
+    redis_client.publish("trade.BTC_USDT", envelope("trade.BTC_USDT", t="good"))
+    assert ujson.loads(await read(ws))["data"]["t"] == "good"
+    assert server.manager.stats.dropped_malformed == 5
+
+
+@pytest.mark.gen_test
+async def test_acks_in_binance_shapes(server_factory, redis_client):
+    server = await server_factory(protocol__acks="true")
+    ws = await connect(server)
+    await send(ws, "SUBSCRIBE", ["trade.SOL_USDC"], request_id=1)
+    assert ujson.loads(await read(ws)) == {"result": None, "id": 1}
+    # The ack means Redis confirmed the subscription: a publish now arrives.
+    assert numsub(redis_client, "trade.SOL_USDC") == 1
+    await send(ws, "SUBSCRIBE", ["nope.SOL_USDC", "depth.SOL_USDC"], request_id=2)
+    reply = ujson.loads(await read(ws))
+    assert reply["id"] == 2 and reply["error"]["code"] == 2 and "nope.SOL_USDC" in reply["error"]["msg"]
+    await send(ws, "UNSUBSCRIBE", ["depth.SOL_USDC"], request_id=3)
+    assert ujson.loads(await read(ws)) == {"result": None, "id": 3}
+    await ws.write_message("garbage")
+    assert ujson.loads(await read(ws)) == {"error": {"code": 3, "msg": "invalid JSON"}, "id": None}
+    await ws.write_message('{"method":"NOPE","params":[],"id":4}')
+    reply = ujson.loads(await read(ws))
+    assert reply["id"] == 4 and reply["error"]["code"] == 2
+
+
+# --- identity and HTTP -------------------------------------------------------
+
+@pytest.mark.gen_test
+async def test_identity_is_peer_address(server, caplog):
+    caplog.set_level("INFO", logger="marketstream.connections")
+    ws = await connect(server)
+    local_port = ws.protocol.stream.socket.getsockname()[1]
+    await async_wait_until(lambda: server.manager.connections)
+    conn = list(server.manager.connections)[0]
+    assert conn.identity == "127.0.0.1:%d" % local_port
+    ws.close()
+    await async_wait_until(lambda: not server.manager.connections)
+    lines = [r.getMessage() for r in caplog.records if r.name == "marketstream.connections"]
+    assert "connect 127.0.0.1:%d" % local_port in lines
+    assert any(line.startswith("disconnect 127.0.0.1:%d" % local_port) for line in lines)
+
+
+@pytest.mark.gen_test
+async def test_identity_behind_proxy_uses_forwarded_ip_and_stays_unique(server_factory):
+    server = await server_factory(server__xheaders="true")
+    headers = {"X-Real-IP": "203.0.113.7"}
+    a = await tornado.websocket.websocket_connect(
+        tornado.httpclient.HTTPRequest(ws_url(server), headers=headers))
+    b = await tornado.websocket.websocket_connect(
+        tornado.httpclient.HTTPRequest(ws_url(server), headers=headers))
+    await async_wait_until(lambda: len(server.manager.connections) == 2)
+    identities = sorted(conn.identity for conn in server.manager.connections)
+    assert all(identity.startswith("203.0.113.7:") for identity in identities)
+    assert identities[0] != identities[1]
+    a.close(), b.close()
+
+
+@pytest.mark.gen_test
+async def test_proxy_headers_ignored_unless_trusted(server):
+    ws = await tornado.websocket.websocket_connect(
+        tornado.httpclient.HTTPRequest(ws_url(server), headers={"X-Real-IP": "203.0.113.7"}))
+    await async_wait_until(lambda: server.manager.connections)
+    assert list(server.manager.connections)[0].identity.startswith("127.0.0.1:")
+    ws.close()
+
+
+@pytest.mark.gen_test
+async def test_health_answers_json(server):
+    client = tornado.httpclient.AsyncHTTPClient()
+    response = await client.fetch("http://127.0.0.1:%d/health" % server.settings.port)
+    body = ujson.loads(response.body)
+    assert response.code == 200 and body["status"] == "ok"
+    assert body["redis"]["connected"] is True
+    assert response.headers["Content-Type"] == "application/json"

@@ -289,11 +289,12 @@ class ChannelManager:
             self.stats.reconnects += 1
             self._gap_pending = set(self._upstream)
             log.warning("Redis pub/sub reconnected to %s after %d attempt(s); "
-                        "resubscribed %d channel(s)", self._redacted_url(), attempt,
+                        "resubscribed %d channel(s)", self.redacted_url(), attempt,
                         len(self._upstream))
             return
 
-    def _redacted_url(self):
+    def redacted_url(self):
+        """The Redis URL without its password."""
         parts = self.redis_url.split("@", 1)
         return parts[0].split("//")[0] + "//***@" + parts[1] if len(parts) == 2 else self.redis_url
 

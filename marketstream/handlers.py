@@ -7,6 +7,7 @@ back :meth:`StreamHandler.write_frames` to deliver data.
 """
 
 import logging
+import os
 import time
 
 import tornado.web
@@ -162,7 +163,7 @@ class HealthHandler(tornado.web.RequestHandler):
     def get(self):
         manager = self.context.manager
         healthy = manager.healthy
-        body = {"status": "ok" if healthy else "unavailable"}
+        body = {"status": "ok" if healthy else "unavailable", "pid": os.getpid()}
         body.update(manager.health())
         self.set_status(200 if healthy else 503)
         self.set_header("Content-Type", "application/json")

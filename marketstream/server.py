@@ -20,6 +20,7 @@ import signal
 import sys
 
 import tornado.httpserver
+import tornado.netutil
 import tornado.web
 from redis.exceptions import RedisError
 
@@ -28,6 +29,7 @@ from marketstream.channels import ChannelManager
 from marketstream.config import ConfigError, load_settings
 from marketstream.embedded import RedisServer
 from marketstream.handlers import Context, routes
+from marketstream.workers import supervise, worker_id
 
 __all__ = ["main", "make_app", "Server"]
 
@@ -67,8 +69,10 @@ class Server:
             self.http_server.add_sockets(sockets)
         else:
             self.http_server.listen(settings.port, settings.host)
-        log.info("marketstream %s listening on ws://%s:%d/ (pid %d, Redis %s)", __version__,
-                 settings.host, settings.port, os.getpid(), self.manager._redacted_url())
+        worker = worker_id()
+        log.info("marketstream %s listening on ws://%s:%d/ (pid %d%s, Redis %s)", __version__,
+                 settings.host, settings.port, os.getpid(),
+                 "" if worker is None else ", worker %d" % worker, self.manager.redacted_url())
 
     def add_task(self, coroutine):
         """Run a coroutine beside the server; it is cancelled on shutdown."""
@@ -177,18 +181,28 @@ def _demo_banner(settings):
           "Press Ctrl-C to stop.\n" % (url, host, settings.port), flush=True)
 
 
-async def _serve(settings, embedded, demo):
-    server = Server(settings, embedded)
+async def _serve(settings, demo=False, sockets=None):
+    server = Server(settings)
     if demo:
         from marketstream.feed import run_feed
         server.add_task(run_feed(settings.redis.url))
-    run = asyncio.ensure_future(server.run())
+    run = asyncio.ensure_future(server.run(sockets))
     if demo:
         while not run.done() and server.http_server is None:
             await asyncio.sleep(0.05)
         if not run.done():
             _demo_banner(settings)
     await run
+
+
+def _check_redis(url):
+    """Fail fast, before forking workers, if Redis cannot be reached."""
+    import redis
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        client.ping()
+    finally:
+        client.close()
 
 
 def main(argv=None):
@@ -202,19 +216,30 @@ def main(argv=None):
     configure_logging(settings)
 
     embedded = None
-    if not settings.redis.url:
-        embedded = RedisServer().start()
-        settings = settings.replace("redis", url=embedded.url)
-        log.warning("no Redis configured: started an embedded redis-server at %s "
-                    "(publish there; set REDIS_URL in production)", embedded.url)
+    code = 0
     try:
-        asyncio.run(_serve(settings, embedded, args.demo))
-    except (OSError, RedisError, asyncio.TimeoutError) as exc:
+        if not settings.redis.url:
+            embedded = RedisServer().start()
+            settings = settings.replace("redis", url=embedded.url)
+            log.warning("no Redis configured: started an embedded redis-server at %s "
+                        "(publish there; set REDIS_URL in production)", embedded.url)
+        processes = settings.server.processes or os.cpu_count() or 1
+        if processes == 1:
+            asyncio.run(_serve(settings, args.demo))
+        else:
+            _check_redis(settings.redis.url)
+            sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
+            code = supervise(
+                processes,
+                lambda index: asyncio.run(_serve(settings, args.demo and index == 0, sockets)),
+                grace=settings.server.shutdown_timeout)
+    except (OSError, RedisError, asyncio.TimeoutError, RuntimeError) as exc:
         log.error("cannot start: %s", exc)
-        sys.exit(1)
+        code = 1
     finally:
         if embedded is not None:
             embedded.stop()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""Several worker processes on one port.
+
+The parent binds the listening sockets, forks ``count`` workers that share
+them (the kernel spreads connections over the workers), restarts a worker
+that dies, and on SIGTERM or SIGINT asks every worker to shut down
+gracefully and waits for them::
+
+    sockets = tornado.netutil.bind_sockets(4000, "0.0.0.0")
+    exit_code = supervise(2, lambda worker_id: run_worker(sockets), grace=15)
+
+Each worker runs its own event loop, Redis subscription and clients.  Workers
+ask the kernel to send them SIGTERM if the parent dies, so none outlives it.
+"""
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+
+__all__ = ["supervise", "worker_id"]
+
+log = logging.getLogger("marketstream.workers")
+
+_worker_id = None
+
+
+def worker_id():
+    """The index of this worker (0..count-1), or None in a single process."""
+    return _worker_id
+
+
+def _die_with_parent():
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _spawn(index, target):
+    pid = os.fork()
+    if pid:
+        return pid
+    # Child.
+    global _worker_id
+    _worker_id = index
+    code = 1
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        _die_with_parent()
+        code = target(index) or 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        log.exception("worker %d crashed", index)
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def supervise(count, target, grace=10.0, restart_delay=1.0):
+    """Run ``target(index)`` in ``count`` forked workers until SIGTERM/SIGINT.
+
+    A worker that exits while the parent is not stopping is logged and
+    restarted (no faster than once per ``restart_delay`` per slot).  Returns 0
+    when every worker stopped cleanly on request, 1 otherwise.
+    """
+    stopping = []
+
+    def request_stop(signum, frame):
+        stopping.append(signum)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    workers = {}  # pid -> index
+    started = {}  # index -> time of last start
+    try:
+        for index in range(count):
+            workers[_spawn(index, target)] = index
+            started[index] = time.monotonic()
+        log.info("started %d worker processes: %s", count, " ".join(map(str, workers)))
+        while workers and not stopping:
+            pid, status = _wait(timeout=0.5)
+            if pid is None:
+                continue
+            index = workers.pop(pid)
+            if stopping:
+                break
+            log.error("worker %d (pid %d) %s; restarting it", index, pid, _describe(status))
+            time.sleep(max(0.0, started[index] + restart_delay - time.monotonic()))
+            workers[_spawn(index, target)] = index
+            started[index] = time.monotonic()
+        return _stop_all(workers, grace)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _wait(timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return None, None
+        if pid:
+            return pid, status
+        if time.monotonic() >= deadline:
+            return None, None
+        time.sleep(0.05)
+
+
+def _describe(status):
+    if os.WIFSIGNALED(status):
+        return "was killed by signal %d" % os.WTERMSIG(status)
+    return "exited with code %d" % os.WEXITSTATUS(status)
+
+
+def _stop_all(workers, grace):
+    log.info("stopping %d worker(s)", len(workers))
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    clean = True
+    deadline = time.monotonic() + grace + 5
+    while workers and time.monotonic() < deadline:
+        pid, status = _wait(timeout=0.2)
+        if pid in workers:
+            index = workers.pop(pid)
+            if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                log.warning("worker %d (pid %d) %s", index, pid, _describe(status))
+                clean = False
+    for pid in workers:  # did not stop within the grace period
+        log.error("worker pid %d did not stop in time; killing it", pid)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        clean = False
+    return 0 if clean else 1

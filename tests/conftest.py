@@ -1,12 +1,12 @@
-"""Shared fixtures: a real redis-server per test session on a free port."""
-
-import asyncio
-import time
+"""Shared fixtures: a real redis-server per test session on a free port, and
+marketstream servers running in the test's IOLoop."""
 
 import pytest
 import redis
 
 from marketstream.embedded import RedisServer
+from marketstream.server import Server
+from tests.helpers import async_wait_until, make_settings, wait_until  # noqa: F401 (re-exported)
 
 
 @pytest.fixture(scope="session")
@@ -32,25 +32,23 @@ def redis_client(redis_url):
     client.close()
 
 
-def wait_until(predicate, timeout=5.0, interval=0.01, message="condition"):
-    """Poll a synchronous predicate until it is true or fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % message)
-        time.sleep(interval)
+@pytest.fixture
+def server_factory(io_loop, redis_url):
+    servers = []
+
+    async def start(**overrides):
+        server = Server(make_settings(redis_url, **overrides))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        io_loop.run_sync(server.stop)
 
 
-async def async_wait_until(predicate, timeout=5.0, interval=0.01, message="condition"):
-    """Like wait_until, but yields to the event loop between polls."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % message)
-        await asyncio.sleep(interval)
+@pytest.fixture
+def server(io_loop, server_factory):
+    return io_loop.run_sync(server_factory)
+
+

@@ -15,7 +15,7 @@ import pytest
 import tornado.websocket
 
 from marketstream.embedded import free_port
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,0 +1,184 @@
+"""The batched delivery path, and worker processes."""
+
+import asyncio
+import os
+import re
+import signal
+import time
+
+import psutil
+import pytest
+import redis
+import tornado.websocket
+import ujson
+
+from marketstream.channels import ChannelManager
+from tests.helpers import abort, async_wait_until, connect, read, send, subscribed, wait_until
+from tests.test_process import ServerProcess
+
+
+def publish_burst(redis_client, messages):
+    """Publish (channel, payload) pairs in one pipeline: they reach the
+    server back to back, so its reader sees them in few large batches."""
+    pipe = redis_client.pipeline(transaction=False)
+    for channel, payload in messages:
+        pipe.publish(channel, payload)
+    pipe.execute()
+
+
+def seq_message(stream, seq):
+    return stream, '{"stream":"%s","data":{"e":"trade","t":%d}}' % (stream, seq)
+
+
+async def collect(ws, count, timeout=20.0):
+    """Read ``count`` frames; return the (stream, t) pairs in arrival order."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < count:
+        frame = await asyncio.wait_for(ws.read_message(), max(0.01, deadline - time.monotonic()))
+        assert frame is not None, "closed after %d of %d frames" % (len(out), count)
+        message = ujson.loads(frame)
+        out.append((message["stream"], message["data"]["t"]))
+    return out
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_batches_keep_per_stream_order_and_deliver_once(server, redis_client):
+    streams = ["trade.A_USDT", "trade.B_USDT", "trade.C_USDT"]
+    # Each client listens to two streams, overlapping; one listens to all three.
+    plans = [streams[:2], streams[1:], [streams[0], streams[2]], streams]
+    clients = []
+    for plan in plans:
+        ws = await connect(server)
+        await send(ws, "SUBSCRIBE", plan)
+        clients.append(ws)
+    await async_wait_until(lambda: sum(len(v) for v in server.manager.streams.values()) == 9)
+    await subscribed(redis_client, *streams)
+
+    per_stream = 1000
+    burst = [seq_message(streams[i % 3], i // 3) for i in range(per_stream * 3)]
+    batches_before = server.manager.stats.batches
+    publish_burst(redis_client, burst)
+
+    for ws, plan in zip(clients, plans):
+        got = await collect(ws, per_stream * len(plan))
+        for stream in plan:
+            seqs = [t for s, t in got if s == stream]
+            assert seqs == list(range(per_stream)), "order or duplicates on %s" % stream
+        assert {s for s, _ in got} == set(plan)
+    # The burst was delivered in batches, not message by message.
+    assert server.manager.stats.batches - batches_before < len(burst) / 2
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_burst_of_ten_thousand_arrives_complete(server, redis_client):
+    a, b = await connect(server), await connect(server)
+    for ws in (a, b):
+        await send(ws, "SUBSCRIBE", ["depth.BURST_USDT"])
+    await async_wait_until(lambda: len(server.manager.streams.get("depth.BURST_USDT", ())) == 2)
+    await subscribed(redis_client, "depth.BURST_USDT")
+    publish_burst(redis_client, [seq_message("depth.BURST_USDT", i) for i in range(10_000)])
+    for ws in (a, b):
+        got = await collect(ws, 10_000)
+        assert [t for _, t in got] == list(range(10_000))
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_connection_closed_mid_batch_does_not_disturb_others(server, redis_client):
+    clients = [await connect(server) for _ in range(6)]
+    for ws in clients:
+        await send(ws, "SUBSCRIBE", ["trade.MID_USDT"])
+    await async_wait_until(lambda: len(server.manager.streams.get("trade.MID_USDT", ())) == 6)
+    await subscribed(redis_client, "trade.MID_USDT")
+
+    burst = [seq_message("trade.MID_USDT", i) for i in range(3000)]
+    publish_burst(redis_client, burst[:1000])
+    # Two clients vanish while frames are in flight: one aborts, one closes.
+    abort(clients[1])
+    clients[3].close()
+    publish_burst(redis_client, burst[1000:])
+    for index in (0, 2, 4, 5):
+        got = await collect(clients[index], 3000)
+        assert [t for _, t in got] == list(range(3000))
+    await async_wait_until(lambda: len(server.manager.connections) == 4)
+
+
+class _Recorder:
+    def __init__(self, fail=False):
+        self.data = []
+        self.fail = fail
+
+    def write_frames(self, data):
+        if self.fail:
+            raise RuntimeError("socket exploded")
+        self.data.append(data)
+
+
+@pytest.mark.gen_test
+async def test_failing_connection_in_a_batch_does_not_stop_the_others(redis_url, redis_client):
+    # A connection whose write raises (a bug, a broken socket) is isolated:
+    # the others in the same batch still get their frames.
+    manager = ChannelManager(redis_url)
+    await manager.start()
+    try:
+        good1, bad, good2 = _Recorder(), _Recorder(fail=True), _Recorder()
+        for conn in (good1, bad, good2):
+            manager.subscribe(conn, ["trade.ISO_USDT"])
+        assert await manager.wait_subscribed(["trade.ISO_USDT"])
+        publish_burst(redis_client, [seq_message("trade.ISO_USDT", i) for i in range(50)])
+        await async_wait_until(lambda: sum(d.count(b"\x81") for d in good2.data) >= 50)
+        assert b"".join(good1.data) == b"".join(good2.data)
+        # One write per connection per batch: fewer writes than messages.
+        assert len(good1.data) == manager.stats.batches < 50
+    finally:
+        await manager.stop()
+
+
+# --- worker processes --------------------------------------------------------
+
+def worker_pids(server):
+    return sorted(child.pid for child in psutil.Process(server.proc.pid).children()
+                  if "redis" not in child.name())
+
+
+def test_two_workers_both_deliver_and_a_killed_worker_comes_back(redis_url):
+    server = ServerProcess("--redis-url", redis_url, "--processes", "2", "--acks")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        wait_until(lambda: server.output.count("listening on") == 2, 15, message="two workers")
+        assert len(worker_pids(server)) == 2
+
+        async def scenario():
+            url = "ws://127.0.0.1:%d/ws" % server.port
+            clients = []
+            # Connect until both workers hold clients: each worker subscribes
+            # the channel upstream once, so NUMSUB counts the workers in use.
+            deadline = time.monotonic() + 20
+            while client.pubsub_numsub("trade.MP_USDT")[0][1] < 2:
+                assert time.monotonic() < deadline, "connections never reached both workers"
+                ws = await tornado.websocket.websocket_connect(url)
+                await ws.write_message('{"method":"SUBSCRIBE","params":["trade.MP_USDT"],"id":1}')
+                # With acks on, the reply means Redis confirmed the subscription.
+                assert ujson.loads(await read(ws)) == {"result": None, "id": 1}
+                clients.append(ws)
+            client.publish("trade.MP_USDT", '{"stream":"trade.MP_USDT","data":{"e":"trade","t":1}}')
+            for ws in clients:
+                assert ujson.loads(await read(ws))["data"]["t"] == 1
+            for ws in clients:
+                ws.close()
+
+        asyncio.run(scenario())
+
+        victim = worker_pids(server)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: re.search(r"worker \d \(pid %d\) was killed by signal 9; restarting" % victim,
+                                     server.output), 10, message="restart logged")
+        wait_until(lambda: len(worker_pids(server)) == 2 and victim not in worker_pids(server), 10,
+                   message="replacement worker")
+        wait_until(lambda: server.output.count("listening on") == 3, 10, message="replacement serving")
+
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(20) == 0, server.output
+    finally:
+        server.stop()
+        client.close()

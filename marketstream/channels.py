@@ -51,7 +51,7 @@ class Stats:
     """Plain counters of one process (exported as metrics)."""
 
     __slots__ = ("messages_in", "deliveries", "batches", "dropped_malformed",
-                 "dropped_no_listener", "reconnects", "invalid_frames")
+                 "dropped_no_listener", "reconnects")
 
     def __init__(self):
         for name in self.__slots__:
@@ -84,7 +84,7 @@ class ChannelManager:
         cls._instance = None
 
     def __init__(self, redis_url, payload_format="envelope", ping_interval=1.0,
-                 ping_timeout=3.0, backoff_min=0.05, backoff_max=5.0):
+                 ping_timeout=2.0, backoff_min=0.05, backoff_max=1.0):
         self.redis_url = redis_url
         self.payload_format = payload_format
         self.ping_interval = ping_interval

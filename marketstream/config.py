@@ -145,12 +145,19 @@ class ServerSettings:
     processes: int = setting("1", _int(0, 256))
     xheaders: bool = setting("false", _bool)
     shutdown_timeout: float = setting("10", _float(0))
+    max_connections: int = setting("10000", _int(1))
+    max_connections_per_ip: int = setting("0", _int(0))
+    allowed_origins: tuple = setting("", _list)
+    ping_interval: float = setting("20", _float(0))
+    ping_timeout: float = setting("20", _float(0.1))
 
 
 @dataclasses.dataclass(frozen=True)
 class RedisSettings:
     url: str = setting("", _redis_url)
     format: str = setting("envelope", _choice("envelope", "data"))
+    health_interval: float = setting("1", _float(0.05))
+    reconnect_max_delay: float = setting("1", _float(0.01))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +166,15 @@ class ProtocolSettings:
     stream_types: tuple = setting("depth, trade, ticker, bookTicker, kline", _list)
     markets: tuple = setting("", _list)
     market_pattern: re.Pattern = setting("^[A-Z0-9]+_[A-Z0-9]+$", _regex)
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitsSettings:
+    max_streams_per_connection: int = setting("1024", _int(1))
+    max_frame_bytes: int = setting("65536", _int(16))
+    messages_per_second: float = setting("10", _float(0.01))
+    messages_burst: int = setting("50", _int(1))
+    max_buffer_bytes: int = setting("1048576", _int(1024))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +195,7 @@ class Settings:
     server: ServerSettings
     redis: RedisSettings
     protocol: ProtocolSettings
+    limits: LimitsSettings
     logging: LoggingSettings
     sources: dict = dataclasses.field(default_factory=dict, compare=False)
 
@@ -270,4 +287,9 @@ def load_settings(config_file=None, environ=None, overrides=None):
                     "%s: [%s] %s: %s" % (sources["%s.%s" % (section, key)], section, key, exc)
                 ) from None
         sections[section] = _SECTIONS[section](**values)
-    return Settings(sources=sources, **sections)
+    settings = Settings(sources=sources, **sections)
+    server = settings.server
+    if server.ping_interval and server.ping_timeout > server.ping_interval:
+        raise ConfigError("%s: [server] ping_timeout: must not exceed ping_interval (%s)"
+                          % (sources["server.ping_timeout"], server.ping_interval))
+    return settings

@@ -4,12 +4,23 @@
 :class:`~marketstream.channels.ChannelManager` (what to subscribe) and the
 :mod:`~marketstream.protocol` module (what frames mean); the manager calls
 back :meth:`StreamHandler.write_frames` to deliver data.
+
+Close codes and refusals (also in the README):
+
+* HTTP 403: ``Origin`` not in ``[server] allowed_origins``.
+* HTTP 429: ``[server] max_connections_per_ip`` reached for the client IP.
+* HTTP 503: ``[server] max_connections`` reached in this process.
+* 1001 "server shutting down"; 1001 "ping timeout" (no pong in time).
+* 1008 "rate limit exceeded": over ``[limits] messages_per_second``.
+* 1008 "slow consumer": more than ``[limits] max_buffer_bytes`` queued.
+* 1009 "message too big": a frame over ``[limits] max_frame_bytes``.
 """
 
 import logging
 import os
 import time
 
+import tornado.ioloop
 import tornado.web
 import tornado.websocket
 import ujson
@@ -18,20 +29,42 @@ from tornado.iostream import StreamBufferFullError, StreamClosedError
 from marketstream import protocol
 from marketstream.channels import ChannelManager
 
-__all__ = ["StreamHandler", "HealthHandler", "Context", "routes"]
+__all__ = ["StreamHandler", "HealthHandler", "Context", "Keepalive", "routes",
+           "CLOSE_GOING_AWAY", "CLOSE_POLICY", "CLOSE_TOO_BIG"]
 
 log = logging.getLogger("marketstream.connections")
 
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+
 
 class Context:
-    """What the handlers of one application share (one per process)."""
+    """What the handlers of one process share: settings, the manager, the
+    stream rules and the connection counts used for admission."""
 
     def __init__(self, settings, manager=None):
         self.settings = settings
         self.manager = manager or ChannelManager.instance()
         self.rules = protocol.StreamRules.from_settings(settings.protocol)
         self.acks = settings.protocol.acks
-        self.xheaders = settings.server.xheaders
+        self.limits = settings.limits
+        self.allowed_origins = frozenset(o.rstrip("/").lower() for o in settings.server.allowed_origins)
+        self.max_connections = settings.server.max_connections
+        self.max_per_ip = settings.server.max_connections_per_ip
+        self.per_ip = {}  # client IP -> open connections (only when max_per_ip)
+        self.refused = {"origin": 0, "max_connections": 0, "max_connections_per_ip": 0}
+        self.closed = {"rate_limit": 0, "slow_consumer": 0, "ping_timeout": 0}
+        self.rejected_streams = 0
+        self.invalid_frames = 0
+
+    def refusal(self, ip):
+        """None to admit a handshake from ``ip``, else (status, reason, cause)."""
+        if len(self.manager.connections) >= self.max_connections:
+            return 503, "too many connections", "max_connections"
+        if self.max_per_ip and self.per_ip.get(ip, 0) >= self.max_per_ip:
+            return 429, "too many connections from your address", "max_connections_per_ip"
+        return None
 
 
 class StreamHandler(tornado.websocket.WebSocketHandler):
@@ -46,14 +79,40 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self.identity = None
         self._ws = None
         self._opened_at = 0.0
+        self._tokens = float(context.limits.messages_burst)
+        self._tokens_at = 0.0
+        self.awaiting_pong = False
+
+    # --- handshake -----------------------------------------------------------
+
+    def prepare(self):
+        refusal = self.context.refusal(self.request.remote_ip)
+        if refusal is not None:
+            status, reason, cause = refusal
+            self.context.refused[cause] += 1
+            log.warning("refused %s: %s", self.request.remote_ip, reason)
+            self.set_status(status)
+            self.finish(reason)
+
+    def check_origin(self, origin):
+        allowed = self.context.allowed_origins
+        if not allowed or origin.rstrip("/").lower() in allowed:
+            return True
+        self.context.refused["origin"] += 1
+        log.warning("refused %s: origin %r not allowed", self.request.remote_ip, origin)
+        return False
 
     # --- WebSocket events ----------------------------------------------------
 
     def open(self, *args, **kwargs):
         ctx = self.context
         self._ws = self.ws_connection
-        self._opened_at = time.monotonic()
+        self._ws.stream.max_write_buffer_size = ctx.limits.max_buffer_bytes
+        self._opened_at = self._tokens_at = time.monotonic()
         self.identity = self._make_identity()
+        if ctx.max_per_ip:
+            ip = self.request.remote_ip
+            ctx.per_ip[ip] = ctx.per_ip.get(ip, 0) + 1
         ctx.manager.register(self)
         log.info("connect %s", self.identity)
         initial = self.get_query_argument("streams", "")
@@ -64,45 +123,79 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         return None
 
     def on_message(self, message):
+        ctx = self.context
+        now = time.monotonic()
+        allowed, self._tokens = protocol.take_token(
+            self._tokens, self._tokens_at, now, ctx.limits.messages_per_second,
+            ctx.limits.messages_burst)
+        self._tokens_at = now
+        if not allowed:
+            ctx.closed["rate_limit"] += 1
+            log.warning("closing %s: rate limit exceeded", self.identity)
+            self.close(CLOSE_POLICY, "rate limit exceeded")
+            return None
         request = protocol.parse_request(message)
         if isinstance(request, protocol.Invalid):
-            self.context.manager.stats.invalid_frames += 1
+            ctx.invalid_frames += 1
             log.debug("ignored frame from %s: %s", self.identity, request.reason)
-            if self.context.acks:
+            if ctx.acks:
                 self._reply(protocol.encode_error(request.id, request.code, request.reason))
             return None
-        return self._handle(request, reply=self.context.acks)
+        return self._handle(request, reply=ctx.acks)
+
+    def on_pong(self, data):
+        self.awaiting_pong = False
 
     def on_close(self):
-        self.context.manager.remove(self)
-        log.info("disconnect %s code=%s duration=%.1fs", self.identity,
-                 self.close_code, time.monotonic() - self._opened_at)
+        ctx = self.context
+        ctx.manager.remove(self)
+        if ctx.max_per_ip and self._ws is not None:
+            ip = self.request.remote_ip
+            left = ctx.per_ip.get(ip, 1) - 1
+            if left > 0:
+                ctx.per_ip[ip] = left
+            else:
+                ctx.per_ip.pop(ip, None)
+        if self.identity is not None:
+            log.info("disconnect %s code=%s duration=%.1fs", self.identity,
+                     self.close_code, time.monotonic() - self._opened_at)
         self._ws = None
 
     # --- requests ------------------------------------------------------------
 
     def _handle(self, request, reply):
-        manager = self.context.manager
+        ctx = self.context
+        manager = ctx.manager
         if request.method == protocol.LIST_SUBSCRIPTIONS:
             self._reply(protocol.encode_result(request.id, manager.subscriptions(self)))
             return None
         valid, errors = [], []
         for name in request.params:
-            reason = self.context.rules.check(name)
+            reason = ctx.rules.check(name)
             if reason is None:
                 valid.append(name)
             else:
                 errors.append("%s: %s" % (name[:100], reason))
-        if errors:
-            manager.stats.invalid_frames += 1
         if request.method == protocol.SUBSCRIBE:
-            manager.subscribe(self, valid)
-            if reply:
-                return self._ack_when_subscribed(request.id, valid, errors)
+            current = manager.connections.get(self, {})
+            new = [name for name in dict.fromkeys(valid) if name not in current]
+            room = ctx.limits.max_streams_per_connection - len(current)
+            if len(new) > room:
+                errors.extend("%s: too many streams (limit %d)"
+                              % (name, ctx.limits.max_streams_per_connection)
+                              for name in new[max(room, 0):])
+                new = new[:max(room, 0)]
+            manager.subscribe(self, new)
+            valid = new
         else:
             manager.unsubscribe(self, valid)
-        if reply:
-            self._ack(request.id, errors)
+        if errors:
+            ctx.rejected_streams += len(errors)
+        if not reply:
+            return None
+        if request.method == protocol.SUBSCRIBE:
+            return self._ack_when_subscribed(request.id, valid, errors)
+        self._ack(request.id, errors)
         return None
 
     async def _ack_when_subscribed(self, request_id, names, errors):
@@ -126,7 +219,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         """Queue complete WebSocket frames (bytes) for this client.
 
         The one place that writes below ``write_message``: frames are built
-        once per message by the fan-out and shared by all recipients.
+        once per message by the fan-out and shared by all recipients.  A
+        client with more than ``max_buffer_bytes`` unsent is closed.
         """
         ws = self._ws
         if ws is None or ws.server_terminated:
@@ -136,7 +230,36 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         except StreamClosedError:
             pass  # on_close follows
         except StreamBufferFullError:
-            self.close(1008, "slow consumer")
+            self._slow_consumer()
+
+    def _slow_consumer(self):
+        self.context.closed["slow_consumer"] += 1
+        log.warning("closing %s: slow consumer (over %d bytes queued)", self.identity,
+                    self.context.limits.max_buffer_bytes)
+        self.context.manager.remove(self)  # nothing more for it
+        self.close_for(CLOSE_POLICY, "slow consumer")
+
+    def close_for(self, code, reason):
+        """Close even when the send buffer is full (the close frame queues
+        behind it; Tornado drops the TCP connection if the client never reads
+        it)."""
+        ws = self._ws
+        if ws is not None and ws.stream is not None:
+            ws.stream.max_write_buffer_size = None
+        self.close(code, reason)
+
+    def send_ping(self):
+        """Keepalive: ping, and remember that a pong is due."""
+        ws = self._ws
+        if ws is None or ws.server_terminated:
+            return
+        self.awaiting_pong = True
+        try:
+            ws.write_ping(b"")
+        except StreamClosedError:
+            pass
+        except StreamBufferFullError:
+            self._slow_consumer()
 
     # --- identity ------------------------------------------------------------
 
@@ -154,6 +277,48 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         return "<StreamHandler %s>" % self.identity
 
 
+class Keepalive:
+    """One periodic sweep pings every client; clients that have not answered
+    the previous ping within ``timeout`` seconds are closed.
+
+    Cheaper than Tornado's per-connection ping task: one timer per process,
+    one boolean per connection.
+    """
+
+    def __init__(self, context, interval, timeout):
+        self.context = context
+        self.interval = interval
+        self.timeout = timeout
+        self._timer = None
+        self._check = None
+
+    def start(self):
+        if self.interval > 0:
+            self._timer = tornado.ioloop.PeriodicCallback(self.sweep, self.interval * 1000)
+            self._timer.start()
+
+    def stop(self):
+        if self._timer is not None:
+            self._timer.stop()
+        if self._check is not None:
+            tornado.ioloop.IOLoop.current().remove_timeout(self._check)
+            self._check = None
+
+    def sweep(self):
+        for conn in list(self.context.manager.connections):
+            conn.send_ping()
+        self._check = tornado.ioloop.IOLoop.current().call_later(self.timeout, self.expire)
+
+    def expire(self):
+        self._check = None
+        for conn in list(self.context.manager.connections):
+            if conn.awaiting_pong:
+                self.context.closed["ping_timeout"] += 1
+                log.info("closing %s: no pong within %.1fs", conn.identity, self.timeout)
+                self.context.manager.remove(conn)
+                conn.close_for(CLOSE_GOING_AWAY, "ping timeout")
+
+
 class HealthHandler(tornado.web.RequestHandler):
     """``GET /health``: 200 while the Redis pub/sub connection is live, else 503."""
 
@@ -165,6 +330,10 @@ class HealthHandler(tornado.web.RequestHandler):
         healthy = manager.healthy
         body = {"status": "ok" if healthy else "unavailable", "pid": os.getpid()}
         body.update(manager.health())
+        ctx = self.context
+        body["clients"] = {"refused": ctx.refused, "closed": ctx.closed,
+                           "invalid_frames": ctx.invalid_frames,
+                           "rejected_streams": ctx.rejected_streams}
         self.set_status(200 if healthy else 503)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
@@ -179,4 +348,3 @@ def routes(context):
     table = [(path, StreamHandler, {"context": context}) for path in ws_paths]
     table.append(("/health", HealthHandler, {"context": context}))
     return table
-

@@ -31,7 +31,7 @@ __all__ = [
     "ERROR_INVALID_REQUEST", "ERROR_INVALID_JSON",
     "Request", "Invalid", "parse_request", "StreamRules",
     "encode_result", "encode_error", "wrap_data", "is_json_object",
-    "gap_notice", "text_frame",
+    "gap_notice", "text_frame", "take_token",
 ]
 
 SUBSCRIBE = "SUBSCRIBE"
@@ -190,3 +190,20 @@ def text_frame(payload):
     else:
         header = struct.pack("!BBQ", 0x81, 127, length)
     return header + payload
+
+
+def take_token(tokens, last, now, rate, burst):
+    """Token bucket step: ``(allowed, tokens)`` after one message at ``now``.
+
+    ``tokens`` and ``last`` are the bucket's level and the time it was last
+    updated; it refills at ``rate`` per second up to ``burst``.
+
+    >>> take_token(1.0, 0.0, 0.0, rate=10, burst=5)
+    (True, 0.0)
+    >>> take_token(0.0, 0.0, 0.05, rate=10, burst=5)
+    (False, 0.5)
+    """
+    tokens = min(float(burst), tokens + (now - last) * rate)
+    if tokens >= 1.0:
+        return True, tokens - 1.0
+    return False, tokens

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import logging.config
 import os
+import resource
 import signal
 import sys
 
@@ -28,21 +29,41 @@ from marketstream import __version__
 from marketstream.channels import ChannelManager
 from marketstream.config import ConfigError, load_settings
 from marketstream.embedded import RedisServer
-from marketstream.handlers import Context, routes
+from marketstream.handlers import CLOSE_GOING_AWAY, Context, Keepalive, routes
 from marketstream.workers import supervise, worker_id
 
 __all__ = ["main", "make_app", "Server"]
 
 log = logging.getLogger("marketstream.server")
 
-CLOSE_GOING_AWAY = 1001
-
 
 def make_app(settings, manager=None):
     """The Tornado application for ``settings`` (the manager defaults to the
-    installed :class:`ChannelManager`)."""
+    installed :class:`ChannelManager`); ``app.context`` is what its handlers
+    share."""
     context = Context(settings, manager)
-    return tornado.web.Application(routes(context), websocket_max_message_size=64 * 1024)
+    app = tornado.web.Application(routes(context),
+                                  websocket_max_message_size=settings.limits.max_frame_bytes)
+    app.context = context
+    return app
+
+
+def _fit_connection_limit(settings):
+    """Lower max_connections below the open-file limit: out of descriptors,
+    Tornado's accept loop spins and floods the log with EMFILE."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    except (ValueError, OSError):
+        return settings
+    fit = max(1, soft - 64)
+    if settings.server.max_connections > fit:
+        log.warning("max_connections lowered from %d to %d to fit the open-file limit (%d)",
+                    settings.server.max_connections, fit, soft)
+        return settings.replace("server", max_connections=fit)
+    return settings
 
 
 class Server:
@@ -54,16 +75,22 @@ class Server:
         self.manager = None
         self.http_server = None
         self.app = None
+        self.keepalive = None
         self._stopping = None
         self._extra_tasks = []
 
     async def start(self, sockets=None):
         """Connect to Redis, then start serving (on ``sockets`` if given)."""
-        settings = self.settings
-        self.manager = ChannelManager.install(
-            ChannelManager(settings.redis.url, payload_format=settings.redis.format))
+        settings = self.settings = _fit_connection_limit(self.settings)
+        self.manager = ChannelManager.install(ChannelManager(
+            settings.redis.url, payload_format=settings.redis.format,
+            ping_interval=settings.redis.health_interval,
+            backoff_max=settings.redis.reconnect_max_delay))
         await self.manager.start()
         self.app = make_app(settings, self.manager)
+        self.keepalive = Keepalive(self.app.context, settings.server.ping_interval,
+                                   settings.server.ping_timeout)
+        self.keepalive.start()
         self.http_server = tornado.httpserver.HTTPServer(self.app, xheaders=settings.server.xheaders)
         if sockets:
             self.http_server.add_sockets(sockets)
@@ -85,6 +112,8 @@ class Server:
         """Stop accepting, close every client with 1001, release Redis."""
         if self.http_server is not None:
             self.http_server.stop()
+        if self.keepalive is not None:
+            self.keepalive.stop()
         clients = self.handlers() if self.manager else []
         for conn in clients:
             conn.close(CLOSE_GOING_AWAY, "server shutting down")

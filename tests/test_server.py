@@ -153,7 +153,10 @@ async def test_junk_frames_are_ignored_and_counted(server, redis_client):
     redis_client.publish("trade.SOL_USDC", envelope("trade.SOL_USDC", t=1))
     assert ujson.loads(await read(ws))["data"]["t"] == 1  # no replies to junk, acks are off
     assert ujson.loads(await read(other))["data"]["t"] == 1
-    assert server.manager.stats.invalid_frames == len(junk) + 1
+    # Every junk frame but the well-formed one with a bad stream name, plus
+    # the binary frame, is an invalid frame; the bad name is a rejected stream.
+    assert server.app.context.invalid_frames == len(junk)
+    assert server.app.context.rejected_streams == 1
     assert "trade.sol_usdc" not in server.manager.streams
 
 

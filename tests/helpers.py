@@ -1,6 +1,8 @@
 """Helpers shared by the tests: WebSocket clients and Redis checks."""
 
 import asyncio
+import base64
+import os
 import socket
 import struct
 import time
@@ -97,3 +99,73 @@ def abort(ws):
     sock = ws.protocol.stream.socket
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     ws.protocol.stream.close()
+
+
+class RawClient:
+    """A bare-bones WebSocket client over asyncio streams, for what a polite
+    client library will not do: never read, never answer pings, send
+    arbitrary frames.  Use only inside a running event loop."""
+
+    def __init__(self, reader, writer):
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port, path="/ws", headers=None, rcvbuf=None):
+        sock = socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=2 ** 20)
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1:%d" % port, "Upgrade: websocket",
+                 "Connection: Upgrade", "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13"]
+        lines += ["%s: %s" % item for item in (headers or {}).items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        status = await reader.readuntil(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 101"), status
+        return cls(reader, writer)
+
+    def send(self, payload, opcode=0x1):
+        if isinstance(payload, str):
+            payload = payload.encode()
+        mask = os.urandom(4)
+        length = len(payload)
+        if length < 126:
+            header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+        elif length < 65536:
+            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+        else:
+            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.writer.write(header + mask + masked)
+
+    async def recv(self, timeout=5.0):
+        """The next frame as (opcode, payload); (None, b"") at EOF."""
+        async def read_frame():
+            try:
+                head = await self.reader.readexactly(2)
+            except asyncio.IncompleteReadError:
+                return None, b""
+            length = head[1] & 0x7F
+            if length == 126:
+                length = struct.unpack("!H", await self.reader.readexactly(2))[0]
+            elif length == 127:
+                length = struct.unpack("!Q", await self.reader.readexactly(8))[0]
+            return head[0] & 0x0F, await self.reader.readexactly(length)
+        return await asyncio.wait_for(read_frame(), timeout)
+
+    async def recv_close(self, timeout=10.0):
+        """Skip frames until a close frame; return (code, reason)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            opcode, payload = await self.recv(max(0.01, deadline - time.monotonic()))
+            if opcode is None:
+                return None, ""
+            if opcode == 0x8:
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+                return code, payload[2:].decode()
+
+    def close(self):
+        self.writer.close()

@@ -1,0 +1,322 @@
+"""Redis outages, bad and slow clients, limits, leaks."""
+
+import asyncio
+import random
+import time
+
+import psutil
+import pytest
+import redis
+import tornado.httpclient
+import tornado.websocket
+import ujson
+
+from tests.helpers import (RawClient, abort, async_wait_until, connect, read, send, subscribed,
+                           wait_until, ws_url)
+from tests.test_process import ServerProcess
+
+
+async def health_status(server):
+    client = tornado.httpclient.AsyncHTTPClient()
+    response = await client.fetch("http://127.0.0.1:%d/health" % server.settings.port,
+                                  raise_error=False)
+    return response.code
+
+
+async def read_until_gap(ws, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        message = ujson.loads(await read(ws, max(0.01, deadline - time.monotonic())))
+        if message["data"]["e"] == "gap":
+            return message
+
+
+# --- Redis outages -------------------------------------------------------------
+
+@pytest.mark.gen_test(timeout=60)
+async def test_redis_killed_and_restarted(server, redis_server, redis_client):
+    streams = ["trade.OUT_USDT", "depth.OUT_USDT"]
+    a, b = await connect(server), await connect(server)
+    await send(a, "SUBSCRIBE", streams)
+    await send(b, "SUBSCRIBE", streams[:1])
+    await async_wait_until(lambda: len(server.manager.streams) == 2)
+    await subscribed(redis_client, *streams)
+    redis_client.publish(streams[0], '{"stream":"trade.OUT_USDT","data":{"e":"trade","t":1}}')
+    assert ujson.loads(await read(a))["data"]["t"] == 1
+    assert ujson.loads(await read(b))["data"]["t"] == 1
+
+    redis_server.kill()
+    await async_wait_until(lambda: not server.manager.healthy, message="outage noticed")
+    assert await health_status(server) == 503
+    await asyncio.sleep(0.5)  # an outage of some length: reconnect attempts fail meanwhile
+    assert a.protocol is not None and b.protocol is not None  # clients stay connected
+
+    redis_server.restart()
+    back = time.monotonic()
+    gaps_a = {(await read_until_gap(a))["stream"] for _ in streams}
+    resumed = time.monotonic() - back
+    assert gaps_a == set(streams)
+    gap_b = await read_until_gap(b)
+    assert gap_b["stream"] == streams[0] and gap_b["data"]["s"] == "OUT_USDT"
+    assert resumed < 1.5, "resubscribed %.2fs after Redis came back" % resumed
+    await async_wait_until(lambda: server.manager.healthy, message="healthy again")
+    assert await health_status(server) == 200
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.publish(streams[0], '{"stream":"trade.OUT_USDT","data":{"e":"trade","t":2}}')
+    assert ujson.loads(await read(a))["data"]["t"] == 2
+    assert ujson.loads(await read(b))["data"]["t"] == 2
+    assert server.manager.stats.reconnects == 1
+    client.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_subscriber_killed_by_redis(server, redis_client):
+    # What Redis does to a subscriber past client-output-buffer-limit pubsub.
+    ws = await connect(server)
+    await send(ws, "SUBSCRIBE", ["trade.KILL_USDT"])
+    await subscribed(redis_client, "trade.KILL_USDT")
+    assert redis_client.client_kill_filter(_type="pubsub") >= 1
+    gap = await read_until_gap(ws)
+    assert gap["stream"] == "trade.KILL_USDT"
+    await subscribed(redis_client, "trade.KILL_USDT")
+    redis_client.publish("trade.KILL_USDT", '{"stream":"trade.KILL_USDT","data":{"e":"trade","t":7}}')
+    assert ujson.loads(await read(ws))["data"]["t"] == 7
+    assert server.manager.stats.reconnects == 1
+    assert await health_status(server) == 200
+
+
+# --- slow consumers --------------------------------------------------------------
+
+def test_stalled_client_is_closed_and_others_get_everything(redis_url):
+    server = ServerProcess("--redis-url", redis_url)  # default cap: 1 MiB per client
+    client = redis.Redis.from_url(redis_url)
+    try:
+        server.wait_listening()
+        proc = psutil.Process(server.proc.pid)
+
+        async def scenario():
+            readers = [await tornado.websocket.websocket_connect("ws://127.0.0.1:%d/ws" % server.port)
+                       for _ in range(3)]
+            stalled = await RawClient.connect(server.port, rcvbuf=4096)
+            stalled.send('{"method":"SUBSCRIBE","params":["depth.BIG_USDT"],"id":1}')
+            for ws in readers:
+                await ws.write_message('{"method":"SUBSCRIBE","params":["depth.BIG_USDT"],"id":1}')
+            await asyncio.sleep(0)
+            deadline = time.monotonic() + 5
+            while client.pubsub_numsub("depth.BIG_USDT")[0][1] < 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            rss_before = proc.memory_info().rss
+            filler = "x" * 20_000
+            count = 600  # 12 MB in all: far past the 1 MiB cap of the stalled client
+            received = [0] * len(readers)
+
+            async def drain(index, ws):
+                while received[index] < count:
+                    frame = await asyncio.wait_for(ws.read_message(), 20)
+                    assert frame is not None
+                    assert ujson.loads(frame)["data"]["t"] == received[index]
+                    received[index] += 1
+
+            def publish():  # in a thread, so that the readers keep reading
+                publisher = redis.Redis.from_url(redis_url)
+                for t in range(count):
+                    publisher.publish("depth.BIG_USDT", '{"stream":"depth.BIG_USDT","data":'
+                                      '{"e":"depth","t":%d,"f":"%s"}}' % (t, filler))
+                    time.sleep(0.001)
+                publisher.close()
+
+            tasks = [asyncio.ensure_future(drain(i, ws)) for i, ws in enumerate(readers)]
+            await asyncio.get_running_loop().run_in_executor(None, publish)
+            await asyncio.gather(*tasks)
+            growth = proc.memory_info().rss - rss_before
+            # The stalled client was cut off (its socket is closed by the
+            # server within Tornado's 5 s close handshake timeout).
+            code, reason = await stalled.recv_close(timeout=15)
+            return growth, code, reason
+
+        growth, code, reason = asyncio.run(scenario())
+        assert growth < 40 * 2 ** 20, "server RSS grew %d bytes" % growth
+        # The close frame queues behind the unread data, so the client may
+        # see only the TCP close; when it does see the frame, it says why.
+        assert (code, reason) in ((1008, "slow consumer"), (None, ""))
+        assert "slow consumer" in server.output
+    finally:
+        server.stop()
+        client.close()
+
+
+# --- bad input -------------------------------------------------------------------
+
+def random_frame(rng):
+    choice = rng.random()
+    if choice < 0.2:
+        return "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(rng.randrange(0, 200)))
+    if choice < 0.3:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300)))
+    methods = ["SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS", "subscribe", "", 7, None]
+    params = [["trade.SOL_USDC"], ["trade.FUZZ_%d" % rng.randrange(10)], [], "x", [1], None,
+              ["depth." + "A" * rng.randrange(300)], [{"a": 1}]]
+    message = {}
+    for key, values in (("method", methods), ("params", params), ("id", [1, "1", None, True, 2.5])):
+        if rng.random() < 0.9:
+            message[key] = rng.choice(values)
+    text = ujson.dumps(message)
+    if rng.random() < 0.2:
+        text = text[:rng.randrange(len(text) + 1)]
+    return text
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_random_frames_never_harm_a_clean_client(server_factory, redis_client):
+    server = await server_factory(limits__messages_per_second=1000000, limits__messages_burst=1000000)
+    clean = await connect(server)
+    await send(clean, "SUBSCRIBE", ["trade.SOL_USDC"])
+    await subscribed(redis_client, "trade.SOL_USDC")
+    rng = random.Random(1234)
+    fuzzers = [await connect(server) for _ in range(3)]
+    published = 0
+    for i in range(3000):
+        ws = fuzzers[i % 3]
+        frame = random_frame(rng)
+        await ws.write_message(frame, binary=isinstance(frame, bytes))
+        if i % 15 == 0:
+            redis_client.publish("trade.SOL_USDC",
+                                 '{"stream":"trade.SOL_USDC","data":{"e":"trade","t":%d}}' % published)
+            published += 1
+    got = [ujson.loads(await read(clean))["data"]["t"] for _ in range(published)]
+    assert got == list(range(published))
+    # The fuzzers are still connected and served.
+    for ws in fuzzers:
+        await send(ws, "LIST_SUBSCRIPTIONS", request_id="last")
+        while True:
+            reply = ujson.loads(await read(ws))
+            if reply.get("id") == "last":
+                break
+    assert server.app.context.invalid_frames > 500
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_no_leaks_after_many_connection_cycles(server, redis_client):
+    async def cycle(i):
+        ws = await connect(server)
+        await send(ws, "SUBSCRIBE", ["trade.LEAK%d_USDT" % (i % 40), "depth.LEAK%d_USDT" % (i % 7)])
+        if i % 3 == 0:
+            await send(ws, "UNSUBSCRIBE", ["depth.LEAK%d_USDT" % (i % 7)], request_id=2)
+        await send(ws, "LIST_SUBSCRIPTIONS", request_id=3)
+        await read(ws)  # the reply: the server has processed the subscribe
+        if i % 2:
+            ws.close()
+        else:
+            abort(ws)
+
+    for start in range(0, 4000, 20):
+        await asyncio.gather(*(cycle(i) for i in range(start, start + 20)))
+    await async_wait_until(lambda: not server.manager.connections, timeout=20,
+                           message="all connections gone")
+    assert server.manager.streams == {}
+    await async_wait_until(lambda: redis_client.pubsub_channels("*LEAK*") == [], timeout=10,
+                           message="upstream channels released")
+
+
+# --- limits ----------------------------------------------------------------------
+
+@pytest.mark.gen_test
+async def test_streams_per_connection_limit(server_factory):
+    server = await server_factory(limits__max_streams_per_connection=3, protocol__acks="true")
+    ws = await connect(server)
+    await send(ws, "SUBSCRIBE", ["trade.A_B", "trade.C_D", "trade.E_F"])
+    assert ujson.loads(await read(ws)) == {"result": None, "id": 1}
+    await send(ws, "SUBSCRIBE", ["trade.A_B", "trade.G_H"], request_id=2)
+    reply = ujson.loads(await read(ws))
+    assert reply["error"]["code"] == 2 and "too many streams" in reply["error"]["msg"]
+    await send(ws, "LIST_SUBSCRIPTIONS", request_id=3)
+    assert ujson.loads(await read(ws))["result"] == ["trade.A_B", "trade.C_D", "trade.E_F"]
+
+
+@pytest.mark.gen_test
+async def test_frame_size_limit(server_factory):
+    server = await server_factory(limits__max_frame_bytes=1024)
+    ws = await connect(server)
+    at_limit = '{"method":"LIST_SUBSCRIPTIONS","id":1,"pad":"%s"}'
+    at_limit = at_limit % ("x" * (1024 - len(at_limit) + 2))
+    assert len(at_limit) == 1024
+    await ws.write_message(at_limit)
+    assert ujson.loads(await read(ws)) == {"result": [], "id": 1}
+    await ws.write_message(at_limit + " ")
+    assert await asyncio.wait_for(ws.read_message(), 5) is None
+    assert ws.close_code == 1009
+
+
+@pytest.mark.gen_test
+async def test_message_rate_limit(server_factory):
+    server = await server_factory(limits__messages_per_second=1, limits__messages_burst=5)
+    ws = await connect(server)
+    for i in range(5):
+        await send(ws, "LIST_SUBSCRIPTIONS", request_id=i)
+        assert ujson.loads(await read(ws))["id"] == i
+    await send(ws, "LIST_SUBSCRIPTIONS", request_id=99)
+    assert await asyncio.wait_for(ws.read_message(), 5) is None
+    assert (ws.close_code, ws.close_reason) == (1008, "rate limit exceeded")
+    assert server.app.context.closed["rate_limit"] == 1
+
+
+@pytest.mark.gen_test
+async def test_connection_limits(server_factory):
+    server = await server_factory(server__max_connections=3)
+    clients = [await connect(server) for _ in range(3)]
+    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+        await connect(server)
+    assert refused.value.code == 503
+    clients[0].close()
+    await async_wait_until(lambda: len(server.manager.connections) == 2)
+    clients[0] = await connect(server)  # room again
+
+    server = await server_factory(server__max_connections_per_ip=2)
+    clients = [await connect(server) for _ in range(2)]
+    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+        await connect(server)
+    assert refused.value.code == 429
+    assert server.app.context.refused["max_connections_per_ip"] == 1
+    abort(clients[1])
+    await async_wait_until(lambda: len(server.manager.connections) == 1)
+    await connect(server)
+    assert server.app.context.per_ip == {"127.0.0.1": 2}
+
+
+@pytest.mark.gen_test
+async def test_allowed_origins(server_factory):
+    server = await server_factory(server__allowed_origins="https://exchange.example, https://app.example")
+
+    def request(origin):
+        headers = {"Origin": origin} if origin else {}
+        return tornado.httpclient.HTTPRequest(ws_url(server), headers=headers)
+
+    await tornado.websocket.websocket_connect(request("https://exchange.example"))
+    await tornado.websocket.websocket_connect(request(None))  # bots send no Origin
+    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+        await tornado.websocket.websocket_connect(request("https://evil.example"))
+    assert refused.value.code == 403
+
+    open_server = await server_factory()
+    await tornado.websocket.websocket_connect(tornado.httpclient.HTTPRequest(
+        ws_url(open_server), headers={"Origin": "https://anywhere.example"}))
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_keepalive_closes_silent_peers_only(server_factory):
+    server = await server_factory(server__ping_interval=0.3, server__ping_timeout=0.2)
+    polite = await connect(server)  # Tornado's client answers pings by itself
+    silent = await RawClient.connect(server.settings.port)
+    # The silent client reads (so it is not a slow consumer) but never pongs.
+    opcode, _ = await silent.recv()
+    assert opcode == 0x9
+    code, reason = await silent.recv_close()
+    assert (code, reason) == (1001, "ping timeout")
+    await async_wait_until(lambda: len(server.manager.connections) == 1)
+    start = time.monotonic()
+    await async_wait_until(lambda: time.monotonic() - start > 1.0)  # several more sweeps
+    await send(polite, "LIST_SUBSCRIPTIONS")
+    assert ujson.loads(await read(polite)) == {"result": [], "id": 1}
+    assert server.app.context.closed["ping_timeout"] == 1

@@ -48,17 +48,20 @@ _UPSTREAM_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, EOFError)
 
 
 class Stats:
-    """Plain counters of one process (exported as metrics)."""
+    """Plain counters of the bridge, cheap to bump on the hot path; the
+    metrics exporter reads them (and drains ``batch_sizes``) once a second."""
 
-    __slots__ = ("messages_in", "deliveries", "batches", "dropped_malformed",
-                 "dropped_no_listener", "reconnects")
+    COUNTERS = ("messages_in", "deliveries", "bytes_sent", "batches", "dropped_malformed",
+                "dropped_no_listener", "reconnects")
+    __slots__ = COUNTERS + ("batch_sizes",)
 
     def __init__(self):
-        for name in self.__slots__:
+        for name in self.COUNTERS:
             setattr(self, name, 0)
+        self.batch_sizes = []  # messages per batch since the exporter last looked
 
     def as_dict(self):
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name in self.COUNTERS}
 
 
 class ChannelManager:
@@ -102,6 +105,7 @@ class ChannelManager:
         self._gap_pending = set()  # resubscribed channels that owe a gap notice
 
         self._pending = {}      # connection -> [frames] of the current batch
+        self._batch_messages = 0
         self._flush_handle = None
 
         self._conn = None
@@ -153,6 +157,11 @@ class ChannelManager:
         """True while the pub/sub connection answered a PING recently."""
         return (self._connected.is_set()
                 and time.monotonic() - self._last_pong < self.ping_interval + self.ping_timeout)
+
+    @property
+    def upstream_channels(self):
+        """Channels Redis confirmed subscribed on the live connection."""
+        return frozenset(self._confirmed)
 
     def health(self):
         return {
@@ -374,6 +383,7 @@ class ChannelManager:
             else:
                 frames.append(frame)
         self.stats.deliveries += len(listeners)
+        self._batch_messages += 1
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
@@ -381,12 +391,20 @@ class ChannelManager:
         """Write every connection's frames of this batch, one write each."""
         self._flush_handle = None
         pending, self._pending = self._pending, {}
-        self.stats.batches += 1
+        stats = self.stats
+        stats.batches += 1
+        if len(stats.batch_sizes) < 100_000:
+            stats.batch_sizes.append(self._batch_messages)
+        self._batch_messages = 0
+        sent = 0
         for conn, frames in pending.items():
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            sent += len(data)
             try:
-                conn.write_frames(frames[0] if len(frames) == 1 else b"".join(frames))
+                conn.write_frames(data)
             except Exception:
                 log.exception("delivery to %r failed", conn)
+        stats.bytes_sent += sent
 
     async def _sync_loop(self):
         """Keep the upstream subscriptions equal to the streams with listeners."""

@@ -29,7 +29,7 @@ from tornado.iostream import StreamBufferFullError, StreamClosedError
 from marketstream import protocol
 from marketstream.channels import ChannelManager
 
-__all__ = ["StreamHandler", "HealthHandler", "Context", "Keepalive", "routes",
+__all__ = ["StreamHandler", "HealthHandler", "MetricsHandler", "Context", "Keepalive", "routes",
            "CLOSE_GOING_AWAY", "CLOSE_POLICY", "CLOSE_TOO_BIG"]
 
 log = logging.getLogger("marketstream.connections")
@@ -340,11 +340,25 @@ class HealthHandler(tornado.web.RequestHandler):
         self.finish(ujson.dumps(body))
 
 
-def routes(context):
+class MetricsHandler(tornado.web.RequestHandler):
+    """``GET /metrics``: Prometheus text format."""
+
+    def initialize(self, exporter):
+        self.exporter = exporter
+
+    def get(self):
+        from marketstream.metrics import CONTENT_TYPE_LATEST
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(self.exporter.render())
+
+
+def routes(context, exporter=None):
     """The URL map for one process."""
     ws_paths = ["/", "/ws", "/stream"]
     if context.settings.ws_path and context.settings.ws_path not in ws_paths:
         ws_paths.append(context.settings.ws_path)
     table = [(path, StreamHandler, {"context": context}) for path in ws_paths]
     table.append(("/health", HealthHandler, {"context": context}))
+    if exporter is not None:
+        table.append(("/metrics", MetricsHandler, {"exporter": exporter}))
     return table

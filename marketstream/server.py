@@ -25,11 +25,12 @@ import tornado.netutil
 import tornado.web
 from redis.exceptions import RedisError
 
-from marketstream import __version__
+from marketstream import __version__, metrics
 from marketstream.channels import ChannelManager
 from marketstream.config import ConfigError, load_settings
 from marketstream.embedded import RedisServer
 from marketstream.handlers import CLOSE_GOING_AWAY, Context, Keepalive, routes
+from marketstream.metrics import Exporter
 from marketstream.workers import supervise, worker_id
 
 __all__ = ["main", "make_app", "Server"]
@@ -42,9 +43,11 @@ def make_app(settings, manager=None):
     installed :class:`ChannelManager`); ``app.context`` is what its handlers
     share."""
     context = Context(settings, manager)
-    app = tornado.web.Application(routes(context),
+    exporter = Exporter(context.manager, context)
+    app = tornado.web.Application(routes(context, exporter),
                                   websocket_max_message_size=settings.limits.max_frame_bytes)
     app.context = context
+    app.exporter = exporter
     return app
 
 
@@ -91,6 +94,7 @@ class Server:
         self.keepalive = Keepalive(self.app.context, settings.server.ping_interval,
                                    settings.server.ping_timeout)
         self.keepalive.start()
+        self.app.exporter.start()
         self.http_server = tornado.httpserver.HTTPServer(self.app, xheaders=settings.server.xheaders)
         if sockets:
             self.http_server.add_sockets(sockets)
@@ -114,6 +118,7 @@ class Server:
             self.http_server.stop()
         if self.keepalive is not None:
             self.keepalive.stop()
+            self.app.exporter.stop()
         clients = self.handlers() if self.manager else []
         for conn in clients:
             conn.close(CLOSE_GOING_AWAY, "server shutting down")
@@ -258,10 +263,14 @@ def main(argv=None):
         else:
             _check_redis(settings.redis.url)
             sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
-            code = supervise(
-                processes,
-                lambda index: asyncio.run(_serve(settings, args.demo and index == 0, sockets)),
-                grace=settings.server.shutdown_timeout)
+            metrics_dir = metrics.enable_multiprocess()
+            try:
+                code = supervise(
+                    processes,
+                    lambda index: asyncio.run(_serve(settings, args.demo and index == 0, sockets)),
+                    grace=settings.server.shutdown_timeout, on_exit=metrics.mark_process_dead)
+            finally:
+                metrics.disable_multiprocess(metrics_dir)
     except (OSError, RedisError, asyncio.TimeoutError, RuntimeError) as exc:
         log.error("cannot start: %s", exc)
         code = 1

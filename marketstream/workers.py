@@ -62,11 +62,12 @@ def _spawn(index, target):
         os._exit(code)
 
 
-def supervise(count, target, grace=10.0, restart_delay=1.0):
+def supervise(count, target, grace=10.0, restart_delay=1.0, on_exit=None):
     """Run ``target(index)`` in ``count`` forked workers until SIGTERM/SIGINT.
 
     A worker that exits while the parent is not stopping is logged and
-    restarted (no faster than once per ``restart_delay`` per slot).  Returns 0
+    restarted (no faster than once per ``restart_delay`` per slot);
+    ``on_exit(pid)`` is called for every worker that exits.  Returns 0
     when every worker stopped cleanly on request, 1 otherwise.
     """
     stopping = []
@@ -87,6 +88,8 @@ def supervise(count, target, grace=10.0, restart_delay=1.0):
             if pid is None:
                 continue
             index = workers.pop(pid)
+            if on_exit:
+                on_exit(pid)
             if stopping:
                 break
             log.error("worker %d (pid %d) %s; restarting it", index, pid, _describe(status))

@@ -1,0 +1,167 @@
+"""Prometheus metrics, through prometheus_client.
+
+The hot path only bumps plain integers (:class:`~marketstream.channels.Stats`
+and the counters of :class:`~marketstream.handlers.Context`).  An
+:class:`Exporter` copies them into prometheus_client metrics once a second
+and right before every scrape, so a message costs no metric calls at all.
+
+With several worker processes, prometheus_client's multiprocess mode
+aggregates the workers (``enable_multiprocess`` must run in the parent before
+the workers start), so ``/metrics`` is correct whichever worker answers it.
+
+Metrics (all prefixed ``marketstream_``):
+
+=====================================  ==========================================
+``connections``                        open client connections
+``subscriptions``                      connection-stream subscriptions
+``upstream_channels``                  Redis channels subscribed
+``redis_connected``                    1 while the pub/sub connection is live
+``redis_messages_total``               messages read from Redis
+``deliveries_total``                   frames queued to clients (message x subscriber)
+``bytes_sent_total``                   bytes of market data written to clients
+``batches_total``                      delivery batches (one write per client each)
+``batch_size``                         histogram: messages per delivery batch
+``dropped_total{cause}``               malformed_payload, invalid_frame,
+                                       rejected_stream, slow_consumer, rate_limit,
+                                       ping_timeout
+``redis_reconnects_total``             reconnections of the pub/sub connection
+``refused_handshakes_total{cause}``    origin, max_connections, max_connections_per_ip
+=====================================  ==========================================
+"""
+
+import os
+import shutil
+import tempfile
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest, multiprocess, values)
+
+__all__ = ["Exporter", "enable_multiprocess", "disable_multiprocess", "mark_process_dead",
+           "CONTENT_TYPE_LATEST"]
+
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _multiprocess():
+    return bool(os.environ.get(_MULTIPROC_ENV))
+
+
+def enable_multiprocess():
+    """Switch prometheus_client to multiprocess mode with a fresh directory
+    (call in the parent before forking workers); returns the directory."""
+    directory = tempfile.mkdtemp(prefix="marketstream-metrics-")
+    os.environ[_MULTIPROC_ENV] = directory
+    values.ValueClass = values.get_value_class()
+    return directory
+
+
+def disable_multiprocess(directory):
+    os.environ.pop(_MULTIPROC_ENV, None)
+    values.ValueClass = values.get_value_class()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def mark_process_dead(pid):
+    """Forget the live gauges of a worker that exited."""
+    if _multiprocess():
+        multiprocess.mark_process_dead(pid)
+
+
+class Exporter:
+    """Copies the process's counters into Prometheus metrics."""
+
+    def __init__(self, manager, context):
+        self.manager = manager
+        self.context = context
+        self.registry = CollectorRegistry()
+        self._seen = {}
+        r = self.registry
+        live = {"multiprocess_mode": "livesum"}
+        self.connections = Gauge("marketstream_connections", "Open client connections",
+                                 registry=r, **live)
+        self.subscriptions = Gauge("marketstream_subscriptions",
+                                   "Connection-stream subscriptions", registry=r, **live)
+        self.upstream = Gauge("marketstream_upstream_channels", "Redis channels subscribed",
+                              registry=r, **live)
+        self.redis_connected = Gauge("marketstream_redis_connected",
+                                     "1 while the Redis pub/sub connection is live",
+                                     registry=r, multiprocess_mode="livemin")
+        self.messages = Counter("marketstream_redis_messages", "Messages read from Redis",
+                                registry=r)
+        self.deliveries = Counter("marketstream_deliveries",
+                                  "Frames queued to clients (messages x subscribers)", registry=r)
+        self.bytes_sent = Counter("marketstream_bytes_sent",
+                                  "Bytes of market data written to clients", registry=r)
+        self.batches = Counter("marketstream_batches",
+                               "Delivery batches (one write per client each)", registry=r)
+        self.batch_size = Histogram("marketstream_batch_size", "Messages per delivery batch",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.dropped = Counter("marketstream_dropped", "Messages dropped, by cause",
+                               ["cause"], registry=r)
+        self.reconnects = Counter("marketstream_redis_reconnects",
+                                  "Reconnections of the Redis pub/sub connection", registry=r)
+        self.refused = Counter("marketstream_refused_handshakes",
+                               "WebSocket handshakes refused, by cause", ["cause"], registry=r)
+        for cause in context.refused:
+            self.refused.labels(cause)
+        for cause in self._drop_counts():
+            self.dropped.labels(cause)
+        self._timer = None
+
+    def _drop_counts(self):
+        stats, ctx = self.manager.stats, self.context
+        return {
+            "malformed_payload": stats.dropped_malformed,
+            "invalid_frame": ctx.invalid_frames,
+            "rejected_stream": ctx.rejected_streams,
+            "slow_consumer": ctx.closed["slow_consumer"],
+            "rate_limit": ctx.closed["rate_limit"],
+            "ping_timeout": ctx.closed["ping_timeout"],
+        }
+
+    def _advance(self, key, counter, value):
+        delta = value - self._seen.get(key, 0)
+        if delta > 0:
+            counter.inc(delta)
+            self._seen[key] = value
+
+    def sync(self):
+        """Bring the Prometheus metrics up to date with the counters."""
+        manager, stats = self.manager, self.manager.stats
+        self.connections.set(len(manager.connections))
+        self.subscriptions.set(sum(len(streams) for streams in manager.connections.values()))
+        self.upstream.set(len(manager.upstream_channels))
+        self.redis_connected.set(1 if manager.healthy else 0)
+        self._advance("messages", self.messages, stats.messages_in)
+        self._advance("deliveries", self.deliveries, stats.deliveries)
+        self._advance("bytes", self.bytes_sent, stats.bytes_sent)
+        self._advance("batches", self.batches, stats.batches)
+        self._advance("reconnects", self.reconnects, stats.reconnects)
+        sizes, stats.batch_sizes = stats.batch_sizes, []
+        for size in sizes:
+            self.batch_size.observe(size)
+        for cause, value in self._drop_counts().items():
+            self._advance("dropped." + cause, self.dropped.labels(cause), value)
+        for cause, value in self.context.refused.items():
+            self._advance("refused." + cause, self.refused.labels(cause), value)
+
+    def start(self, interval=1.0):
+        import tornado.ioloop
+        self._timer = tornado.ioloop.PeriodicCallback(self.sync, interval * 1000)
+        self._timer.start()
+
+    def stop(self):
+        if self._timer is not None:
+            self._timer.stop()
+        self.sync()
+
+    def render(self):
+        """The exposition text (all workers' metrics in multiprocess mode)."""
+        self.sync()
+        if _multiprocess():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+

@@ -342,6 +342,9 @@ class ChannelManager:
                     await self._lost(None)
 
     def _on_response(self, response):
+        if response == b"PONG":  # the reply to PING while subscribed to nothing
+            self._last_pong = time.monotonic()
+            return
         kind = response[0]
         if kind == b"message":
             self._on_message(response[1], response[2])

@@ -11,6 +11,7 @@ import tornado.httpclient
 import tornado.websocket
 import ujson
 
+from marketstream.channels import ChannelManager
 from tests.helpers import (RawClient, abort, async_wait_until, connect, read, send, subscribed,
                            wait_until, ws_url)
 from tests.test_process import ServerProcess
@@ -84,6 +85,22 @@ async def test_subscriber_killed_by_redis(server, redis_client):
     assert ujson.loads(await read(ws))["data"]["t"] == 7
     assert server.manager.stats.reconnects == 1
     assert await health_status(server) == 200
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_idle_bridge_stays_healthy(redis_url):
+    # PING on a connection subscribed to nothing gets a plain PONG reply, not
+    # a pub/sub one: it must count as alive all the same.
+    manager = ChannelManager(redis_url, ping_interval=0.05, ping_timeout=0.1)
+    await manager.start()
+    try:
+        start = time.monotonic()
+        while time.monotonic() - start < 1.0:  # twenty PING round trips
+            assert manager.healthy
+            await asyncio.sleep(0.05)
+        assert manager.stats.reconnects == 0
+    finally:
+        await manager.stop()
 
 
 # --- slow consumers --------------------------------------------------------------

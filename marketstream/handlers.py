@@ -49,6 +49,7 @@ class Context:
         self.rules = protocol.StreamRules.from_settings(settings.protocol)
         self.acks = settings.protocol.acks
         self.limits = settings.limits
+        self.xheaders = settings.server.xheaders
         self.allowed_origins = frozenset(o.rstrip("/").lower() for o in settings.server.allowed_origins)
         self.max_connections = settings.server.max_connections
         self.max_per_ip = settings.server.max_connections_per_ip
@@ -264,13 +265,24 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
     # --- identity ------------------------------------------------------------
 
     def _make_identity(self):
-        """``ip:port``; behind a trusted proxy, the client IP it reports and
-        the proxy-side port, which keeps the identity unique per connection."""
+        """``ip:port`` of the client.
+
+        Behind a trusted proxy (``xheaders``), the IP is the one the proxy
+        reports and the port is the client's own from ``X-Real-Port`` (see
+        conf/nginx.conf), else the proxy-side port, which is unique per
+        connection within this process.
+        """
         ip = self.request.remote_ip
-        try:
-            port = self._ws.stream.socket.getpeername()[1]
-        except (OSError, AttributeError, IndexError):
-            port = 0
+        port = None
+        if self.context.xheaders:
+            header = self.request.headers.get("X-Real-Port", "")
+            if header.isdigit():
+                port = int(header)
+        if port is None:
+            try:
+                port = self._ws.stream.socket.getpeername()[1]
+            except (OSError, AttributeError, IndexError):
+                port = 0
         return ("[%s]:%d" if ":" in ip else "%s:%d") % (ip, port)
 
     def __repr__(self):

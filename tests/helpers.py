@@ -111,8 +111,10 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port, path="/ws", headers=None, rcvbuf=None):
+    async def connect(cls, port, path="/ws", headers=None, rcvbuf=None, source=None):
         sock = socket.socket()
+        if source:
+            sock.bind((source, 0))
         if rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)

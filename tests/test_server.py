@@ -222,6 +222,12 @@ async def test_identity_behind_proxy_uses_forwarded_ip_and_stays_unique(server_f
     assert all(identity.startswith("203.0.113.7:") for identity in identities)
     assert identities[0] != identities[1]
     a.close(), b.close()
+    # With the client's port from the proxy, the identity is the client's own.
+    c = await tornado.websocket.websocket_connect(tornado.httpclient.HTTPRequest(
+        ws_url(server), headers={"X-Real-IP": "203.0.113.8", "X-Real-Port": "51234"}))
+    await async_wait_until(lambda: any(conn.identity == "203.0.113.8:51234"
+                                       for conn in server.manager.connections))
+    c.close()
 
 
 @pytest.mark.gen_test

@@ -155,3 +155,37 @@ def test_demo_prints_url_and_streams_data(spawn):
     assert {"trade", "depth", "ticker"} <= asyncio.run(scenario())
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(15) == 0
+
+
+def test_logging_format_and_level_from_config(spawn, redis_url):
+    server = spawn("--redis-url", redis_url, "--set", "logging.format=MS|%(levelname)s|%(message)s")
+    server.wait_listening()
+    lines = [line for line in server.lines if line.strip()]
+    assert lines and all(line.startswith("MS|") for line in lines), lines
+
+    quiet = spawn("--redis-url", redis_url, "--log-level", "WARNING")
+    wait_until(lambda: "listening" in "".join(quiet.lines) or _serving(quiet.port), 15)
+    assert "INFO" not in quiet.output and "listening on" not in quiet.output
+
+
+def test_logging_from_a_fileconfig(spawn, redis_url, tmp_path):
+    log_file = tmp_path / "marketstream.log"
+    config = tmp_path / "logging.ini"
+    config.write_text(
+        "[loggers]\nkeys=root\n[handlers]\nkeys=file\n[formatters]\nkeys=plain\n"
+        "[logger_root]\nlevel=INFO\nhandlers=file\n"
+        "[handler_file]\nclass=FileHandler\nformatter=plain\nargs=(%r,)\n"
+        "[formatter_plain]\nformat=FILE %%(name)s %%(message)s\n" % str(log_file))
+    server = spawn("--redis-url", redis_url, "--set", "logging.config_file=%s" % config)
+    wait_until(lambda: log_file.exists() and "listening on" in log_file.read_text(), 15,
+               message="log file written")
+    assert log_file.read_text().startswith("FILE marketstream.")
+
+
+def _serving(port):
+    import urllib.request
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False

@@ -70,6 +70,21 @@ async def subscribed(redis_client, *channels, count=1):
                                message="%s subscribed upstream" % channel)
 
 
+async def subscribe_all(server, redis_client, clients, stream):
+    """Subscribe every client to ``stream`` and wait until the server
+    registered them all and Redis has the channel subscribed."""
+    for ws in clients:
+        await send(ws, "SUBSCRIBE", [stream])
+    await listeners(server, stream, len(clients))
+    await subscribed(redis_client, stream)
+
+
+async def listeners(server, stream, count):
+    """Wait until ``count`` connections of ``server`` listen to ``stream``."""
+    await async_wait_until(lambda: len(server.manager.streams.get(stream, ())) == count,
+                           message="%d listeners on %s" % (count, stream))
+
+
 async def released(redis_client, *channels):
     for channel in channels:
         await async_wait_until(lambda: numsub(redis_client, channel) == 0,

@@ -13,7 +13,8 @@ import tornado.websocket
 import ujson
 
 from marketstream.channels import ChannelManager
-from tests.helpers import abort, async_wait_until, connect, read, send, subscribed, wait_until
+from tests.helpers import (abort, async_wait_until, connect, read, send, subscribe_all, subscribed,
+                           wait_until)
 from tests.test_process import ServerProcess
 
 
@@ -73,10 +74,7 @@ async def test_batches_keep_per_stream_order_and_deliver_once(server, redis_clie
 @pytest.mark.gen_test(timeout=60)
 async def test_burst_of_ten_thousand_arrives_complete(server, redis_client):
     a, b = await connect(server), await connect(server)
-    for ws in (a, b):
-        await send(ws, "SUBSCRIBE", ["depth.BURST_USDT"])
-    await async_wait_until(lambda: len(server.manager.streams.get("depth.BURST_USDT", ())) == 2)
-    await subscribed(redis_client, "depth.BURST_USDT")
+    await subscribe_all(server, redis_client, (a, b), "depth.BURST_USDT")
     publish_burst(redis_client, [seq_message("depth.BURST_USDT", i) for i in range(10_000)])
     for ws in (a, b):
         got = await collect(ws, 10_000)
@@ -86,10 +84,7 @@ async def test_burst_of_ten_thousand_arrives_complete(server, redis_client):
 @pytest.mark.gen_test(timeout=60)
 async def test_connection_closed_mid_batch_does_not_disturb_others(server, redis_client):
     clients = [await connect(server) for _ in range(6)]
-    for ws in clients:
-        await send(ws, "SUBSCRIBE", ["trade.MID_USDT"])
-    await async_wait_until(lambda: len(server.manager.streams.get("trade.MID_USDT", ())) == 6)
-    await subscribed(redis_client, "trade.MID_USDT")
+    await subscribe_all(server, redis_client, clients, "trade.MID_USDT")
 
     burst = [seq_message("trade.MID_USDT", i) for i in range(3000)]
     publish_burst(redis_client, burst[:1000])

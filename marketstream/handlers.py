@@ -26,7 +26,7 @@ import tornado.web
 import tornado.websocket
 import ujson
 from tornado.httputil import HTTPHeaders
-from tornado.iostream import StreamBufferFullError, StreamClosedError
+from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from marketstream import protocol
 from marketstream.channels import ChannelManager
@@ -249,8 +249,23 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         ws = self._ws
         if ws is None or ws.server_terminated:
             return
+        stream = ws.stream
+        if not stream._write_buffer and type(stream) is IOStream and stream.socket is not None:
+            # Nothing queued: hand the bytes straight to the kernel, which
+            # takes them whole unless the client lags.  This skips the
+            # Future, callback and buffer bookkeeping of IOStream.write, the
+            # largest cost per delivery.
+            try:
+                sent = stream.socket.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # IOStream.write below meets the error and closes
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
         try:
-            ws.stream.write(data)
+            stream.write(data)
         except StreamClosedError:
             pass  # on_close follows
         except StreamBufferFullError:

@@ -87,13 +87,14 @@ class ChannelManager:
         cls._instance = None
 
     def __init__(self, redis_url, payload_format="envelope", ping_interval=1.0,
-                 ping_timeout=2.0, backoff_min=0.05, backoff_max=1.0):
+                 ping_timeout=2.0, backoff_min=0.05, backoff_max=1.0, min_flush_interval=0.0):
         self.redis_url = redis_url
         self.payload_format = payload_format
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
+        self.min_flush_interval = min_flush_interval
         self.stats = Stats()
 
         self.streams = {}       # stream name -> {connection: None} (insertion-ordered set)
@@ -107,6 +108,7 @@ class ChannelManager:
         self._pending = {}      # connection -> [frames] of the current batch
         self._batch_messages = 0
         self._flush_handle = None
+        self._last_flush = 0.0
 
         self._conn = None
         self._connected = asyncio.Event()
@@ -388,11 +390,19 @@ class ChannelManager:
         self.stats.deliveries += len(listeners)
         self._batch_messages += 1
         if self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self._flush)
+            # Flush as soon as the reader waits for Redis; but no sooner than
+            # min_flush_interval after the previous flush, so that under load
+            # batches grow and the writes per message fall.
+            wait = self._last_flush + self.min_flush_interval - self._loop.time()
+            if wait > 0:
+                self._flush_handle = self._loop.call_later(wait, self._flush)
+            else:
+                self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self):
         """Write every connection's frames of this batch, one write each."""
         self._flush_handle = None
+        self._last_flush = self._loop.time()
         pending, self._pending = self._pending, {}
         stats = self.stats
         stats.batches += 1

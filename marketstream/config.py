@@ -150,6 +150,7 @@ class ServerSettings:
     allowed_origins: tuple = setting("", _list)
     ping_interval: float = setting("20", _float(0))
     ping_timeout: float = setting("20", _float(0.1))
+    min_flush_interval: float = setting("0", _float(0))
 
 
 @dataclasses.dataclass(frozen=True)

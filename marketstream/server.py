@@ -88,7 +88,8 @@ class Server:
         self.manager = ChannelManager.install(ChannelManager(
             settings.redis.url, payload_format=settings.redis.format,
             ping_interval=settings.redis.health_interval,
-            backoff_max=settings.redis.reconnect_max_delay))
+            backoff_max=settings.redis.reconnect_max_delay,
+            min_flush_interval=settings.server.min_flush_interval))
         await self.manager.start()
         self.app = make_app(settings, self.manager)
         self.keepalive = Keepalive(self.app.context, settings.server.ping_interval,

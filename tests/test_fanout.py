@@ -177,3 +177,21 @@ def test_two_workers_both_deliver_and_a_killed_worker_comes_back(redis_url):
     finally:
         server.stop()
         client.close()
+
+
+@pytest.mark.gen_test
+async def test_min_flush_interval_coalesces_writes(redis_url, redis_client):
+    manager = ChannelManager(redis_url, min_flush_interval=0.3)
+    await manager.start()
+    try:
+        conn = _Recorder()
+        manager.subscribe(conn, ["trade.PACE_USDT"])
+        assert await manager.wait_subscribed(["trade.PACE_USDT"])
+        for i in range(10):  # ten separate publishes, ten separate arrivals
+            redis_client.publish(*seq_message("trade.PACE_USDT", i))
+        await async_wait_until(lambda: b"".join(conn.data).count(b"\x81") == 10)
+        # The first goes out at once; the rest wait for the interval, together.
+        assert len(conn.data) <= 3
+        assert manager.stats.batches == len(conn.data)
+    finally:
+        await manager.stop()

@@ -72,14 +72,12 @@ def _fit_connection_limit(settings):
 class Server:
     """One marketstream process: its Redis bridge, HTTP server and clients."""
 
-    def __init__(self, settings, embedded_redis=None):
+    def __init__(self, settings):
         self.settings = settings
-        self.embedded_redis = embedded_redis
         self.manager = None
         self.http_server = None
         self.app = None
         self.keepalive = None
-        self._stopping = None
         self._extra_tasks = []
 
     async def start(self, sockets=None):
@@ -110,9 +108,6 @@ class Server:
         """Run a coroutine beside the server; it is cancelled on shutdown."""
         self._extra_tasks.append(asyncio.ensure_future(coroutine))
 
-    def handlers(self):
-        return [conn for conn in list(self.manager.connections)]
-
     async def stop(self):
         """Stop accepting, close every client with 1001, release Redis."""
         if self.http_server is not None:
@@ -120,18 +115,19 @@ class Server:
         if self.keepalive is not None:
             self.keepalive.stop()
             self.app.exporter.stop()
-        clients = self.handlers() if self.manager else []
+        clients = list(self.manager.connections) if self.manager else []
         for conn in clients:
-            conn.close(CLOSE_GOING_AWAY, "server shutting down")
-        deadline = asyncio.get_running_loop().time() + self.settings.server.shutdown_timeout
-        while self.manager and self.manager.connections and asyncio.get_running_loop().time() < deadline:
+            conn.close_for(CLOSE_GOING_AWAY, "server shutting down")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.server.shutdown_timeout
+        while self.manager and self.manager.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for task in self._extra_tasks:
             task.cancel()
         if self.http_server is not None:
             try:
                 await asyncio.wait_for(self.http_server.close_all_connections(),
-                                       max(0.1, deadline - asyncio.get_running_loop().time()))
+                                       max(0.1, deadline - loop.time()))
             except asyncio.TimeoutError:
                 pass
         if self.manager is not None:

@@ -15,28 +15,34 @@ from marketstream.config import load_settings
 from marketstream.embedded import free_port
 
 
+class _Deadline:
+    def __init__(self, timeout, message):
+        self.end = time.monotonic() + timeout
+        self.message = message
+
+    def done(self, value):
+        """True once ``value`` is truthy; raises when the time is up."""
+        if value:
+            return True
+        if time.monotonic() > self.end:
+            raise AssertionError("timed out waiting for %s" % self.message)
+        return False
+
+
 def wait_until(predicate, timeout=5.0, interval=0.01, message="condition"):
     """Poll a synchronous predicate until it is true or fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % message)
+    deadline = _Deadline(timeout, message)
+    while not deadline.done(value := predicate()):
         time.sleep(interval)
+    return value
 
 
 async def async_wait_until(predicate, timeout=5.0, interval=0.01, message="condition"):
     """Like wait_until, but yields to the event loop between polls."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for %s" % message)
+    deadline = _Deadline(timeout, message)
+    while not deadline.done(value := predicate()):
         await asyncio.sleep(interval)
+    return value
 
 
 def make_settings(redis_url, **overrides):

@@ -109,6 +109,7 @@ class ChannelManager:
         self._batch_messages = 0
         self._flush_handle = None
         self._last_flush = 0.0
+        self._malformed_logged = -60.0
 
         self._conn = None
         self._connected = asyncio.Event()
@@ -372,8 +373,11 @@ class ChannelManager:
             return
         if not protocol.is_json_object(payload):
             self.stats.dropped_malformed += 1
-            log.warning("dropped a payload on %r that is not a JSON object: %.80r",
-                        channel, payload)
+            now = time.monotonic()
+            if now - self._malformed_logged > 10.0:  # a broken publisher must not flood the log
+                self._malformed_logged = now
+                log.warning("dropped a payload on %r that is not a JSON object (%d so far): %.80r",
+                            channel, self.stats.dropped_malformed, payload)
             return
         if self.payload_format == "data":
             payload = protocol.wrap_data(channel, payload)

@@ -17,6 +17,7 @@ Any unknown section or key, or a value of the wrong type, raises
 
 import configparser
 import dataclasses
+import math
 import os
 import re
 import urllib.parse
@@ -63,6 +64,8 @@ def _float(minimum=None):
             value = float(text.strip())
         except ValueError:
             raise ValueError("expected a number, got %r" % text) from None
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number, got %r" % text)
         if minimum is not None and value < minimum:
             raise ValueError("must be >= %s, got %s" % (minimum, value))
         return value
@@ -246,9 +249,20 @@ def read_ini(path):
             parser.read_file(handle)
     except OSError as exc:
         raise ConfigError("%s: cannot read config file: %s" % (path, exc.strerror)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("%s: not UTF-8 text (byte %d)" % (path, exc.start)) from None
     except configparser.Error as exc:
-        raise ConfigError("%s: %s" % (path, str(exc).splitlines()[0])) from None
-    return {section: dict(parser.items(section)) for section in parser.sections()}
+        detail = " ".join(line.strip() for line in str(exc).splitlines())
+        raise ConfigError("%s: %s" % (path, detail)) from None
+    if parser.defaults():
+        raise ConfigError("%s: unknown section [%s]" % (path, parser.default_section))
+    sections = {}
+    for section in parser.sections():
+        if section not in SCHEMA:
+            keys = ", ".join(parser.options(section)) or "no keys"
+            raise ConfigError("%s: unknown section [%s] (%s)" % (path, section, keys))
+        sections[section] = dict(parser.items(section))
+    return sections
 
 
 def load_settings(config_file=None, environ=None, overrides=None):

@@ -19,6 +19,8 @@ True
 b'{"stream":"trade.SOL_USDC","data":{"e":"trade"}}'
 """
 
+import json
+import math
 import re
 import struct
 import time
@@ -64,7 +66,14 @@ class Invalid(NamedTuple):
 
 
 def _valid_id(value):
-    return value is None or (isinstance(value, (int, float, str)) and not isinstance(value, bool))
+    """An id we can echo in valid JSON: null, a string, or a finite number."""
+    if value is None or isinstance(value, str):
+        return True
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -2 ** 63 <= value < 2 ** 64
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def parse_request(frame):
@@ -97,7 +106,7 @@ def parse_request(frame):
     return Request(method, tuple(params), request_id)
 
 
-_MIDDLE_PART = re.compile(r"^[A-Za-z0-9]+$")
+_MIDDLE_PART = re.compile(r"[A-Za-z0-9]+")
 
 
 class StreamRules:
@@ -132,10 +141,10 @@ class StreamRules:
         if self.markets:
             if market not in self.markets:
                 return "unknown market %r" % market
-        elif not self.market_pattern.match(market):
+        elif not self.market_pattern.fullmatch(market):
             return "invalid market %r" % market
         for middle in parts[1:-1]:
-            if not _MIDDLE_PART.match(middle):
+            if not _MIDDLE_PART.fullmatch(middle):
                 return "invalid stream name"
         return None
 
@@ -144,18 +153,31 @@ class StreamRules:
 
 def encode_result(request_id, result=None):
     """``{"result": ..., "id": n}``, as text."""
-    return ujson.dumps({"result": result, "id": request_id}, ensure_ascii=False)
+    return ujson.dumps({"result": result, "id": request_id})
 
 
 def encode_error(request_id, code, msg):
     """``{"error": {"code": c, "msg": "..."}, "id": n}``, as text."""
-    return ujson.dumps({"error": {"code": code, "msg": msg}, "id": request_id}, ensure_ascii=False)
+    return ujson.dumps({"error": {"code": code, "msg": msg}, "id": request_id})
+
+
+# What ujson accepts but JSON does not: NaN / Infinity, and numbers with
+# leading zeros.  Payloads that may contain them get a strict second look.
+_LENIENT = re.compile(rb"NaN|Infinity|[-:,\[\s]0\d")
+
+
+def _reject_constant(name):
+    raise ValueError("not JSON: %s" % name)
 
 
 def is_json_object(payload):
-    """True if ``payload`` (bytes) is one JSON object."""
+    """True if ``payload`` (bytes) is one JSON object (strict RFC 8259)."""
     try:
-        return isinstance(ujson.loads(payload), dict)
+        if not isinstance(ujson.loads(payload), dict):
+            return False
+        if _LENIENT.search(payload):
+            json.loads(payload, parse_constant=_reject_constant)
+        return True
     except (ValueError, OverflowError, TypeError):
         return False
 

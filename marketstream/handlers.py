@@ -114,6 +114,10 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         ctx = self.context
         self._ws = self.ws_connection
         self._ws.stream.max_write_buffer_size = ctx.limits.max_buffer_bytes
+        # Market data is many small frames: without TCP_NODELAY, Nagle's
+        # algorithm holds a frame back until the client acknowledges the
+        # previous one (up to 40 ms with delayed ACKs).
+        self.set_nodelay(True)
         self._opened_at = self._tokens_at = time.monotonic()
         self.identity = self._make_identity()
         if ctx.max_per_ip:

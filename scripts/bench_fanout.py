@@ -42,10 +42,13 @@ import redis
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from marketstream.embedded import RedisServer, free_port  # noqa: E402
 
-TS_WIDTH = 17  # publish time in µs, zero-padded: every payload has one length
-SEQ_WIDTH = 10
-PAYLOAD = ('{"stream":"%s","data":{"e":"trade","s":"%s","t":%0' + str(SEQ_WIDTH) + 'd,'
-           '"p":"101.50","q":"0.300","T":1727866324088,"P":%0' + str(TS_WIDTH) + 'd}}')
+# Every payload has one length, so the client counts frames from bytes: the
+# sequence number is offset to ten digits and the publish time in µs has
+# sixteen (JSON forbids zero-padding).
+TS_WIDTH = 16
+SEQ_BASE = 10 ** 9
+PAYLOAD = ('{"stream":"%s","data":{"e":"trade","s":"%s","t":%d,'
+           '"p":"101.50","q":"0.300","T":1727866324088,"P":%d}}')
 
 
 def stream_name(k):
@@ -54,7 +57,7 @@ def stream_name(k):
 
 def payload(k, seq, now_us):
     name = stream_name(k)
-    return PAYLOAD % (name, name.split(".", 1)[1], seq, now_us)
+    return PAYLOAD % (name, name.split(".", 1)[1], SEQ_BASE + seq, now_us)
 
 
 def log(*args):
@@ -254,7 +257,7 @@ async def run(args):
         if args.idle:
             return figures
 
-        sample = payload(0, 0, 0).encode()
+        sample = payload(0, 0, int(time.time() * 1e6)).encode()
         header = 2 if len(sample) < 126 else 4
         Counter.frame_size = header + len(sample)
         Counter.ts_offset = header + sample.index(b'"P":') + 4

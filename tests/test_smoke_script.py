@@ -1,56 +1,238 @@
-"""scripts/smoke_test.py against a real server process."""
+"""scripts/smoke_test.py against a real ``python -m marketstream`` process.
 
+The server runs as a child process on the session's redis-server; the smoke
+script runs as a child process too, exactly as a deployment would run it.
+"""
+
+import importlib.util
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
-from tests.test_process import ROOT, ServerProcess
+import pytest
+
 from marketstream.embedded import free_port
+from tests.helpers import wait_until
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "smoke_test.py")
 STEPS = ["health", "connect", "subscribe", "deliver", "unsubscribe", "close"]
+ENV_KEYS = ("WS_STREAM_URL", "REDIS_URL", "MARKETSTREAM_CONFIG")
 
 
-def run_smoke(*args, env=None):
-    environ = {k: v for k, v in os.environ.items() if k not in ("WS_STREAM_URL", "REDIS_URL")}
-    environ.update(env or {})
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                          timeout=60, env=environ, cwd=ROOT)
+def _clean_env(**extra):
+    environ = {key: value for key, value in os.environ.items() if key not in ENV_KEYS}
+    environ.update(extra)
+    return environ
 
 
-def test_smoke_passes_against_a_running_server(redis_url, redis_client):
-    server = ServerProcess("--redis-url", redis_url)
+def _health_status(port):
+    """HTTP status of /health, or None while nothing answers."""
     try:
-        server.wait_listening()
-        result = run_smoke("--ws-url", "ws://127.0.0.1:%d/ws" % server.port, "--redis-url", redis_url)
-        assert result.returncode == 0, result.stdout + result.stderr
-        lines = result.stdout.splitlines()
-        assert [line.split(":")[0] for line in lines] == ["PASS " + step for step in STEPS]
-        assert "byte-identical" in lines[3]
-        # The same from the environment, in the deployment's host:port form.
-        result = run_smoke(env={"WS_STREAM_URL": "0.0.0.0:%d" % server.port, "REDIS_URL": redis_url})
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert not redis_client.pubsub_channels("trade.SMOKE*")  # nothing left subscribed
-    finally:
+        with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=2) as response:
+            json.loads(response.read())
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, ValueError):
+        return None
+
+
+def _health(port):
+    with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=2) as response:
+        return json.loads(response.read())
+
+
+class ServerProcess:
+    """``python -m marketstream --listen 127.0.0.1:<port> ...`` with its log in a file."""
+
+    def __init__(self, log_path, *args):
+        self.port = free_port()
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "marketstream", "--listen", "127.0.0.1:%d" % self.port, *args],
+            cwd=ROOT, env=_clean_env(), stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=subprocess.STDOUT)
+
+    @property
+    def output(self):
+        with open(self.log_path) as log:
+            return log.read()
+
+    def wait_healthy(self, timeout=20):
+        wait_until(lambda: self.proc.poll() is not None or _health_status(self.port) == 200,
+                   timeout=timeout, interval=0.05, message="GET /health -> 200")
+        assert self.proc.poll() is None, "server exited early:\n" + self.output
+
+    def stop(self, timeout=10):
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout)
+        finally:
+            self.log.close()
+
+
+@pytest.fixture
+def start_server(redis_url, tmp_path):
+    """Start marketstream processes on the test Redis; all are stopped
+    (SIGTERM, then SIGKILL after a deadline) when the test ends."""
+    servers = []
+
+    def start(*args, redis=True):
+        flags = ("--redis-url", redis_url) if redis else ()
+        server = ServerProcess(str(tmp_path / ("server%d.log" % len(servers))), *flags, *args)
+        servers.append(server)
+        server.wait_healthy()
+        return server
+
+    yield start
+    for server in servers:
         server.stop()
 
 
-def test_smoke_fails_cleanly_without_a_server(redis_url):
-    result = run_smoke("--ws-url", "ws://127.0.0.1:%d/ws" % free_port(), "--redis-url", redis_url,
-                       "--timeout", "2")
-    assert result.returncode == 1
-    assert result.stdout.startswith("FAIL health:")
+@pytest.fixture
+def server(start_server):
+    return start_server()
+
+
+def run_smoke(*args, env=None, timeout=60):
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=_clean_env(**(env or {})),
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=timeout)
+    result.elapsed = time.monotonic() - started
+    return result
+
+
+def assert_all_pass(result):
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    lines = result.stdout.splitlines()
+    assert [line.split(":", 1)[0] for line in lines] == ["PASS " + step for step in STEPS], output
+    assert "byte-identical" in lines[STEPS.index("deliver")]
+    assert " ms" in lines[STEPS.index("deliver")]
+    assert "Traceback" not in output
+    return lines
+
+
+def numsub(redis_client, channel):
+    return redis_client.pubsub_numsub(channel)[0][1]
+
+
+def test_all_steps_pass_with_flags(server, redis_url, redis_client):
+    stream = "trade.SMOKE%s_TEST" % os.urandom(4).hex().upper()
+    result = run_smoke("--ws-url", "ws://127.0.0.1:%d/ws" % server.port, "--redis-url", redis_url,
+                       "--stream", stream, "--timeout", "5")
+    lines = assert_all_pass(result)
+    assert stream in lines[STEPS.index("subscribe")]
+    # The script left nothing behind: the server released the Redis channel
+    # and the WebSocket is gone.
+    assert numsub(redis_client, stream) == 0
+    wait_until(lambda: _health(server.port)["connections"] == 0,
+               message="the smoke client disconnected")
+    assert _health(server.port)["status"] == "ok"
+
+
+def test_all_steps_pass_from_the_environment(server, redis_url, redis_client):
+    # The deployment's bare host:port form of WS_STREAM_URL, and REDIS_URL.
+    result = run_smoke(env={"WS_STREAM_URL": "127.0.0.1:%d" % server.port, "REDIS_URL": redis_url})
+    assert_all_pass(result)
+    assert "ws://127.0.0.1:%d/ws" % server.port in result.stdout
+    assert not redis_client.pubsub_channels("trade.SMOKE*")  # random stream, released
+
+
+def test_bind_address_in_the_environment_means_this_host(server, redis_url):
+    result = run_smoke(env={"WS_STREAM_URL": "ws://0.0.0.0:%d/ws" % server.port,
+                            "REDIS_URL": redis_url})
+    assert_all_pass(result)
+
+
+def test_all_steps_pass_with_acknowledgements_on(start_server, redis_url):
+    server = start_server("--acks")
+    result = run_smoke("--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url)
+    lines = assert_all_pass(result)
+    assert "acknowledged" in lines[STEPS.index("subscribe")]
+
+
+def test_invalid_stream_fails_at_subscribe(start_server, redis_url):
+    server = start_server("--acks")  # the server says why
+    result = run_smoke("--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url,
+                       "--stream", "trade.not_a_market", "--timeout", "2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":", 1)[0] for line in lines] == ["PASS health", "PASS connect",
+                                                         "FAIL subscribe"]
+    assert "invalid market" in lines[-1]
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_smoke_fails_when_delivery_breaks(redis_url, redis_server):
-    # A server listening to another Redis: subscribe is never seen upstream.
-    other = ServerProcess()  # embedded Redis of its own
-    try:
-        other.wait_listening()
-        result = run_smoke("--ws-url", "ws://127.0.0.1:%d/ws" % other.port, "--redis-url", redis_url,
-                           "--timeout", "1")
-        assert result.returncode == 1
-        assert result.stdout.splitlines()[-1].startswith("FAIL subscribe:")
-    finally:
-        other.stop()
+def test_server_on_another_redis_fails_at_subscribe(start_server, redis_url):
+    # A server on its own embedded Redis never subscribes in ours.
+    server = start_server(redis=False)
+    result = run_smoke("--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url,
+                       "--timeout", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1].startswith("FAIL subscribe: PUBSUB NUMSUB")
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_nothing_listening_fails_cleanly(redis_url):
+    port = free_port()
+    result = run_smoke("--ws-url", "ws://127.0.0.1:%d/ws" % port, "--redis-url", redis_url,
+                       "--timeout", "2")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert result.stdout.splitlines() == [result.stdout.strip()]  # one line, then stop
+    assert result.stdout.startswith("FAIL health: ")
+    assert "Connection refused" in result.stdout or "refused" in result.stdout.lower()
+    assert "Traceback" not in output
+    assert result.elapsed < 30
+
+
+def test_unreachable_redis_fails_cleanly(server):
+    result = run_smoke("--ws-url", "127.0.0.1:%d" % server.port,
+                       "--redis-url", "redis://127.0.0.1:%d/0" % free_port(), "--timeout", "2")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert result.stdout.splitlines()[-1].startswith("FAIL subscribe: Redis ")
+    assert "Traceback" not in output
+
+
+@pytest.fixture(scope="module")
+def smoke_module():
+    spec = importlib.util.spec_from_file_location("smoke_test_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("127.0.0.1:4000", "ws://127.0.0.1:4000/ws"),
+    ("0.0.0.0:4000", "ws://127.0.0.1:4000/ws"),
+    ("stream.example.com:80", "ws://stream.example.com:80/ws"),
+    ("ws://0.0.0.0:4000/ws", "ws://127.0.0.1:4000/ws"),
+    ("ws://10.0.0.5:4000/stream-ws", "ws://10.0.0.5:4000/stream-ws"),
+    ("wss://stream.example.com/ws", "wss://stream.example.com/ws"),
+    ("ws://[::]:4000/ws", "ws://[::1]:4000/ws"),
+])
+def test_ws_url_forms(smoke_module, value, expected):
+    assert smoke_module.ws_url_from(value) == expected
+
+
+@pytest.mark.parametrize("ws_url, expected", [
+    ("ws://127.0.0.1:4000/ws", "http://127.0.0.1:4000/health"),
+    ("wss://stream.example.com/ws", "https://stream.example.com/health"),
+])
+def test_health_url(smoke_module, ws_url, expected):
+    assert smoke_module.health_url(ws_url) == expected

@@ -24,7 +24,7 @@ import math
 import re
 import struct
 import time
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Union
 
 import ujson
 

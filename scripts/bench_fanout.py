@@ -240,7 +240,6 @@ async def run(args):
 
         client = redis.Redis.from_url(redis_url)
         deadline = time.monotonic() + 30
-        workers = max(1, args.processes) if not args.target else 1
         while True:
             counts = dict(client.pubsub_numsub(*subscriptions)) if subscriptions else {}
             if all(counts.get(name.encode(), 0) >= 1 for name in subscriptions):

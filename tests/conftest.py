@@ -6,7 +6,7 @@ import redis
 
 from marketstream.embedded import RedisServer
 from marketstream.server import Server
-from tests.helpers import async_wait_until, make_settings, wait_until  # noqa: F401 (re-exported)
+from tests.helpers import make_settings
 
 
 @pytest.fixture(scope="session")

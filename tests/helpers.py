@@ -3,9 +3,15 @@
 import asyncio
 import base64
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 import tornado.websocket
@@ -120,6 +126,71 @@ def abort(ws):
     sock = ws.protocol.stream.socket
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     ws.protocol.stream.close()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ServerProcess:
+    """``python -m marketstream ...`` with its stderr collected in a thread."""
+
+    def __init__(self, *args, env=None):
+        self.port = free_port()
+        environ = {k: v for k, v in os.environ.items()
+                   if k not in ("REDIS_URL", "WS_STREAM_URL", "MARKETSTREAM_CONFIG")}
+        environ.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "marketstream", "--listen", "127.0.0.1:%d" % self.port, *args],
+            cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self):
+        return "".join(self.lines)
+
+    def wait_listening(self, timeout=15):
+        wait_until(lambda: "listening on" in self.output or self.proc.poll() is not None,
+                   timeout, message="server start")
+        assert self.proc.poll() is None, self.output
+
+    def wait_healthy(self, timeout=20):
+        """Wait until GET /health answers 200 (or the process exits)."""
+        wait_until(lambda: self.proc.poll() is not None or health_status(self.port) == 200,
+                   timeout, interval=0.05, message="GET /health -> 200")
+        assert self.proc.poll() is None, "server exited early:\n" + self.output
+
+    def redis_children(self):
+        import psutil
+        return [child for child in psutil.Process(self.proc.pid).children(recursive=True)
+                if "redis-server" in child.name()]
+
+    def stop(self, timeout=10):
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait(10)
+
+
+def health_status(port):
+    """HTTP status of /health on 127.0.0.1:port, or None while nothing answers."""
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
 
 
 class RawClient:

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from tests.test_process import ROOT
+from tests.helpers import ROOT
 
 
 def test_bench_small_run_reports_figures():

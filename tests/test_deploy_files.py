@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.test_process import ROOT
+from tests.helpers import ROOT
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 

@@ -13,9 +13,8 @@ import tornado.websocket
 import ujson
 
 from marketstream.channels import ChannelManager
-from tests.helpers import (abort, async_wait_until, connect, read, send, subscribe_all, subscribed,
-                           wait_until)
-from tests.test_process import ServerProcess
+from tests.helpers import (ServerProcess, abort, async_wait_until, connect, read, send, subscribe_all,
+                           subscribed, wait_until)
 
 
 def publish_burst(redis_client, messages):

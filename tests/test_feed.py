@@ -22,7 +22,7 @@ import ujson
 from marketstream.embedded import free_port
 from marketstream.feed import (DEFAULT_MARKETS, MAX_LAG, Feed, MarketSimulator, build_parser,
                                encode, envelope, main, market_spec, redact, run_feed)
-from tests.conftest import async_wait_until, wait_until
+from tests.helpers import async_wait_until, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,6 @@ def decimal_pattern(decimals):
 def simulate(market, count, seed=1, trade_share=0.5):
     """``count`` messages of one market: trades and depth diffs interleaved
     pseudo-randomly, tickers every 50 messages."""
-    import random
     sim = MarketSimulator(market, seed=seed)
     order = random.Random(seed)
     messages = []

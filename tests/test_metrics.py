@@ -9,8 +9,8 @@ import tornado.httpclient
 import tornado.websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import RawClient, abort, async_wait_until, connect, read, send, subscribed, wait_until, ws_url
-from tests.test_process import ServerProcess
+from tests.helpers import (RawClient, ServerProcess, connect, read, send, subscribed, wait_until,
+                           ws_url)
 
 
 def parse(text):

@@ -17,8 +17,7 @@ import redis
 import ujson
 
 from marketstream.embedded import free_port
-from tests.helpers import RawClient, wait_until
-from tests.test_process import ROOT, ServerProcess
+from tests.helpers import ROOT, RawClient, ServerProcess, wait_until
 
 NGINX = shutil.which("nginx") or next(
     (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(path, os.X_OK)), None)

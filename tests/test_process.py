@@ -2,12 +2,8 @@
 signals, exit codes."""
 
 import asyncio
-import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import psutil
@@ -15,48 +11,7 @@ import pytest
 import tornado.websocket
 
 from marketstream.embedded import free_port
-from tests.helpers import wait_until
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class ServerProcess:
-    """``python -m marketstream ...`` with its stderr collected in a thread."""
-
-    def __init__(self, *args, env=None):
-        self.port = free_port()
-        environ = {k: v for k, v in os.environ.items()
-                   if k not in ("REDIS_URL", "WS_STREAM_URL", "MARKETSTREAM_CONFIG")}
-        environ.update(env or {})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "marketstream", "--listen", "127.0.0.1:%d" % self.port, *args],
-            cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self):
-        return "".join(self.lines)
-
-    def wait_listening(self, timeout=15):
-        wait_until(lambda: "listening on" in self.output or self.proc.poll() is not None,
-                   timeout, message="server start")
-        assert self.proc.poll() is None, self.output
-
-    def redis_children(self):
-        return [child for child in psutil.Process(self.proc.pid).children(recursive=True)
-                if "redis-server" in child.name()]
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
+from tests.helpers import ServerProcess, wait_until
 
 @pytest.fixture
 def spawn():
@@ -176,7 +131,7 @@ def test_logging_from_a_fileconfig(spawn, redis_url, tmp_path):
         "[logger_root]\nlevel=INFO\nhandlers=file\n"
         "[handler_file]\nclass=FileHandler\nformatter=plain\nargs=(%r,)\n"
         "[formatter_plain]\nformat=FILE %%(name)s %%(message)s\n" % str(log_file))
-    server = spawn("--redis-url", redis_url, "--set", "logging.config_file=%s" % config)
+    spawn("--redis-url", redis_url, "--set", "logging.config_file=%s" % config)
     wait_until(lambda: log_file.exists() and "listening on" in log_file.read_text(), 15,
                message="log file written")
     assert log_file.read_text().startswith("FILE marketstream.")

@@ -283,6 +283,8 @@ def expected_outcome(message):
     request_id = message["id"]
     if isinstance(request_id, bool) or not (request_id is None or isinstance(request_id, (int, float, str))):
         return None
+    if isinstance(request_id, int) and not -2 ** 63 <= request_id < 2 ** 64:
+        return None  # not echoed as a JSON number exactly: refused
     method = message.get("method")
     if method not in (SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS):
         return None

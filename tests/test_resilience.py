@@ -12,9 +12,8 @@ import tornado.websocket
 import ujson
 
 from marketstream.channels import ChannelManager
-from tests.helpers import (RawClient, abort, async_wait_until, connect, read, send, subscribed,
-                           wait_until, ws_url)
-from tests.test_process import ServerProcess
+from tests.helpers import (RawClient, ServerProcess, abort, async_wait_until, connect, read, send,
+                           subscribed, ws_url)
 
 
 async def health_status(server):

@@ -6,7 +6,7 @@ import tornado.websocket
 import ujson
 
 from marketstream.embedded import free_port
-from tests.conftest import async_wait_until
+from tests.helpers import async_wait_until
 from tests.helpers import (abort, connect, envelope, listeners, no_message, numsub, read, released,
                            send, subscribe_all, subscribed, ws_url)
 

@@ -7,19 +7,16 @@ script runs as a child process too, exactly as a deployment would run it.
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 
 import pytest
 
 from marketstream.embedded import free_port
-from tests.helpers import wait_until
+from tests.helpers import ROOT, ServerProcess, wait_until
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "smoke_test.py")
 STEPS = ["health", "connect", "subscribe", "deliver", "unsubscribe", "close"]
 ENV_KEYS = ("WS_STREAM_URL", "REDIS_URL", "MARKETSTREAM_CONFIG")
@@ -31,67 +28,20 @@ def _clean_env(**extra):
     return environ
 
 
-def _health_status(port):
-    """HTTP status of /health, or None while nothing answers."""
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=2) as response:
-            json.loads(response.read())
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (OSError, ValueError):
-        return None
-
-
 def _health(port):
     with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=2) as response:
         return json.loads(response.read())
 
 
-class ServerProcess:
-    """``python -m marketstream --listen 127.0.0.1:<port> ...`` with its log in a file."""
-
-    def __init__(self, log_path, *args):
-        self.port = free_port()
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "marketstream", "--listen", "127.0.0.1:%d" % self.port, *args],
-            cwd=ROOT, env=_clean_env(), stdin=subprocess.DEVNULL, stdout=self.log,
-            stderr=subprocess.STDOUT)
-
-    @property
-    def output(self):
-        with open(self.log_path) as log:
-            return log.read()
-
-    def wait_healthy(self, timeout=20):
-        wait_until(lambda: self.proc.poll() is not None or _health_status(self.port) == 200,
-                   timeout=timeout, interval=0.05, message="GET /health -> 200")
-        assert self.proc.poll() is None, "server exited early:\n" + self.output
-
-    def stop(self, timeout=10):
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout)
-        finally:
-            self.log.close()
-
-
 @pytest.fixture
-def start_server(redis_url, tmp_path):
+def start_server(redis_url):
     """Start marketstream processes on the test Redis; all are stopped
     (SIGTERM, then SIGKILL after a deadline) when the test ends."""
     servers = []
 
     def start(*args, redis=True):
         flags = ("--redis-url", redis_url) if redis else ()
-        server = ServerProcess(str(tmp_path / ("server%d.log" % len(servers))), *flags, *args)
+        server = ServerProcess(*flags, *args)
         servers.append(server)
         server.wait_healthy()
         return server

@@ -16,6 +16,7 @@ Close codes and refusals (also in the README):
 * 1009 "message too big": a frame over ``[limits] max_frame_bytes``.
 """
 
+import asyncio
 import logging
 import os
 import time
@@ -63,6 +64,7 @@ class Context:
         self.closed = {"rate_limit": 0, "slow_consumer": 0, "ping_timeout": 0}
         self.rejected_streams = 0
         self.invalid_frames = 0
+        self.ws_params = None  # Tornado's protocol parameters, made at the first handshake
 
     def refusal(self, ip):
         """None to admit a handshake from ``ip``, else (status, reason, cause)."""
@@ -71,6 +73,30 @@ class Context:
         if self.max_per_ip and self.per_ip.get(ip, 0) >= self.max_per_ip:
             return 429, "too many connections from your address", "max_connections_per_ip"
         return None
+
+
+class _Protocol(tornado.websocket.WebSocketProtocol13):
+    """Tornado's protocol with its frame-reading loop in a task of its own.
+
+    Tornado awaits the loop at the bottom of the handshake's coroutine chain
+    (``_execute`` -> ``get`` -> ``accept_connection`` -> ``_accept_connection``),
+    so those four frames and their locals (the parsed request headers among
+    them) live as long as the connection: ~1.7 KB each.  Running the loop
+    apart lets the handshake finish and be collected.
+    """
+
+    async def _receive_frame_loop(self):
+        # The handler keeps the task (the loop only holds tasks weakly).
+        task = self.handler.frame_loop = asyncio.ensure_future(super()._receive_frame_loop())
+        task.add_done_callback(self._frame_loop_done)
+
+    def _frame_loop_done(self, task):
+        handler = self.handler
+        if handler is not None:
+            handler.frame_loop = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("frame loop of %s failed", handler, exc_info=task.exception())
+            self._abort()
 
 
 class StreamHandler(tornado.websocket.WebSocketHandler):
@@ -88,6 +114,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self._tokens = float(context.limits.messages_burst)
         self._tokens_at = 0.0
         self.awaiting_pong = False
+        self.frame_loop = None
 
     # --- handshake -----------------------------------------------------------
 
@@ -107,6 +134,17 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self.context.refused["origin"] += 1
         log.warning("refused %s: origin %r not allowed", self.request.remote_ip, origin)
         return False
+
+    def get_websocket_protocol(self):
+        if self.request.headers.get("Sec-WebSocket-Version") != "13":
+            return None
+        ctx = self.context
+        if ctx.ws_params is None:  # the same for every connection: share one
+            ctx.ws_params = tornado.websocket._WebSocketParams(
+                ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
+                max_message_size=self.max_message_size,
+                compression_options=self.get_compression_options())
+        return _Protocol(self, False, ctx.ws_params)
 
     # --- WebSocket events ----------------------------------------------------
 
@@ -144,6 +182,10 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         """Drop what only the HTTP handshake needed (headers, arguments,
         response state): thousands of idle connections each keep less."""
         request = self.request
+        # The HTTP connection objects hold the parsed headers, the request
+        # line and futures; the socket now belongs to the WebSocket.
+        request.connection = request.server_connection = None
+        request.body = b""
         request.headers = _NO_HEADERS
         request.arguments = request.query_arguments = request.body_arguments = _NO_ARGS
         request.files = _NO_ARGS

@@ -1,5 +1,9 @@
 """End to end: a real server in the test's IOLoop, real Redis, real WebSockets."""
 
+import collections
+import gc
+import inspect
+
 import pytest
 import tornado.httpclient
 import tornado.websocket
@@ -124,6 +128,28 @@ async def test_fifty_clients_get_exactly_one_copy(server, redis_client):
         got = [ujson.loads(await read(ws))["data"]["t"] for _ in range(4)]
         assert got == [0, 1, 2, "end"]
         await no_message(ws, 0.01)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_open_connections_keep_no_handshake_state(server, redis_client):
+    """Per-connection memory: once open, a connection holds no HTTP
+    connection objects, parsed headers or handshake coroutines, and it
+    still reads frames, delivers and closes."""
+    clients = [await connect(server) for _ in range(40)]
+    await subscribe_all(server, redis_client, clients, "trade.XRP_USDT")
+    gc.collect()
+    objects = gc.get_objects()
+    types = collections.Counter(type(o).__name__ for o in objects)
+    frames = collections.Counter(o.cr_code.co_name for o in objects if inspect.iscoroutine(o))
+    assert types["HTTP1ServerConnection"] < 5, types["HTTP1ServerConnection"]
+    assert frames["_execute"] + frames["get"] + frames["_accept_connection"] < 5, frames
+    for handler in server.manager.connections:
+        assert handler.request.connection is None and not handler.request.headers
+    redis_client.publish("trade.XRP_USDT", envelope("trade.XRP_USDT", t=1))
+    for ws in clients:
+        assert ujson.loads(await read(ws))["data"]["t"] == 1
+    clients[0].close(1000)
+    await async_wait_until(lambda: len(server.manager.connections) == 39)
 
 
 @pytest.mark.gen_test

@@ -504,12 +504,14 @@ def test_is_json_object_true(payload):
     b"", b" ", b"[]", b'[{"a":1}]', b"1", b"-2.5", b'"text"', b"null", b"true",
     b'{"a":1', b'{"a":', b"{", b'{"a":1}}', b'{"a":1}{"b":2}', b'{"a":1} x',
     b"\xff\xfe", b'{"a":"\xff"}', b'{"a":"\xc3"}', b"{'a':1}", b'{"a":1,}', b'{a:1}',
+    b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}",
 ])
 def test_is_json_object_false(payload):
     assert is_json_object(payload) is False
 
 
-@pytest.mark.parametrize("payload", [b'{"a":NaN}', b'{"a":Infinity}', b'{"a":-Infinity}', b'{"a":01}'])
+@pytest.mark.parametrize("payload", [b'{"a":NaN}', b'{"a":Infinity}', b'{"a":-Infinity}', b'{"a":01}',
+                                     b'{"a":-01}', b'{"a":[00]}', b'{"a":1.}', b'{"a":"\x01"}'])
 def test_is_json_object_rejects_what_json_does_not_allow(payload):
     """These are forwarded to clients as they are, and JSON.parse throws on
     them: they are not JSON objects."""

@@ -8,16 +8,27 @@ loss, latency p50/p99/max, server RSS and CPU, and connect time.  Where
 ``taskset`` exists the server is pinned to one core and the load (this
 script, its clients, the publisher and redis-server) to the other(s).
 
-The client costs far less than the server: every payload has the same
-length, so a connection's frames are counted from its byte count, and the
-publish timestamp is read from one frame per received chunk.
+The load costs far less than the server:
+
+* connections are opened by a sequential, blocking client whose requests
+  are built beforehand, so ``connect_seconds`` times the server's handshakes;
+* every payload has the same length, so a connection's frames are counted
+  from its byte count, and the publish timestamp is read from one frame per
+  received chunk;
+* the publisher is a process of its own that sends pipelines of packed
+  commands.
+
+``sustained_deliveries_per_second`` counts what arrived while publishing
+went on; ``drain_seconds`` is how long the rest took after it stopped.  A
+server that keeps up has sustained = offered and a drain of milliseconds.
 
 Standard runs (the README's performance table)::
 
     python scripts/bench_fanout.py --connections 1000 --streams 10 --rate 4000 --duration 10
     python scripts/bench_fanout.py --connections 1000 --streams 10 --rate 500 --duration 10
     python scripts/bench_fanout.py --idle --connections 10000 --streams 100
-    python scripts/bench_fanout.py --connections 1000 --streams 10 --rate 4000 --processes 2
+    python scripts/bench_fanout.py --connections 1000 --streams 1000 --rate 40000 --no-pin --processes 1
+    python scripts/bench_fanout.py --connections 1000 --streams 1000 --rate 40000 --no-pin --processes 2
 
 ``--json`` prints one JSON object instead of the table.
 """
@@ -26,13 +37,14 @@ import argparse
 import asyncio
 import base64
 import json
+import multiprocessing
 import os
 import resource
 import shutil
+import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
@@ -111,21 +123,11 @@ class Counter(asyncio.Protocol):
             Counter.samples.append(time.time() * 1e6 - sent)
 
 
-async def open_connection(host, port, path="/ws"):
-    reader, writer = await asyncio.open_connection(host, port, limit=2 ** 16)
+def handshake_request(host, port, path="/ws"):
     key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                  % (path, host, port, key)).encode())
-    head = await reader.readuntil(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 101"):
-        raise RuntimeError("handshake refused: %r" % head[:60])
-    protocol = Counter()
-    transport = writer.transport
-    transport.set_protocol(protocol)
-    protocol.transport = transport
-    protocol.streams = (reader, writer)  # a collected StreamWriter closes its transport
-    return protocol
+    return ("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            % (path, host, port, key)).encode()
 
 
 def percentile(values, q):
@@ -152,26 +154,50 @@ def tree_cpu(proc):
 
 
 def publisher(url, rate, duration, streams, out):
+    """Publish ``rate`` messages/s for ``duration`` s; send (sent, elapsed) to ``out``.
+
+    Runs in a process of its own and writes pipelines of packed commands,
+    so the publisher is not what limits a heavy run.
+    """
     client = redis.Redis.from_url(url)
+    conn = client.connection_pool.get_connection()
+    names = [stream_name(k) for k in range(streams)]
+    total = int(duration * rate)
     start = time.monotonic()
     sent = 0
-    while True:
-        elapsed = time.monotonic() - start
-        if elapsed >= duration:
-            break
-        due = min(int(elapsed * rate), int(duration * rate))
-        if due > sent:
-            pipe = client.pipeline(transaction=False)
-            now_us = int(time.time() * 1e6)
-            for seq in range(sent, due):
-                k = seq % streams
-                pipe.publish(stream_name(k), payload(k, seq, now_us))
-            pipe.execute()
-            sent = due
-        time.sleep(0.002)
-    out["sent"] = sent
-    out["elapsed"] = time.monotonic() - start
+    while sent < total:
+        due = min(int((time.monotonic() - start) * rate), total, sent + 5000)
+        if due <= sent:
+            time.sleep(0.001)
+            continue
+        now_us = int(time.time() * 1e6)
+        commands = [("PUBLISH", names[seq % streams], payload(seq % streams, seq, now_us))
+                    for seq in range(sent, due)]
+        conn.send_packed_command(conn.pack_commands(commands))
+        for _ in commands:
+            conn.read_response()
+        sent = due
+    out.send((sent, time.monotonic() - start))
+    out.close()
+    client.connection_pool.release(conn)
     client.close()
+
+
+def handshake(address, request):
+    """One blocking WebSocket handshake: the cheapest sequential client."""
+    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+    sock.connect(address)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(request)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError("connection closed during the handshake")
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError("handshake refused: %r" % head[:60])
+    return sock
 
 
 async def run(args):
@@ -216,27 +242,35 @@ async def run(args):
                    "pinned": bool(pin)}
         rss_idle = tree_rss(proc) if proc else None
 
-        # Connect (sequential client unless --connect-concurrency > 1).
-        clients = []
+        # Connect: one blocking handshake after the other (requests and
+        # SUBSCRIBE frames are built beforehand), then hand the sockets to
+        # asyncio for counting.
         subscriptions = {}
+        plans = []
+        for i in range(args.connections):
+            names = [stream_name((i + j) % args.streams) for j in range(args.per_conn)]
+            for name in names:
+                subscriptions[name] = subscriptions.get(name, 0) + 1
+            plans.append((handshake_request(host, port), masked_frame(json.dumps(
+                {"method": "SUBSCRIBE", "params": names, "id": 1}, separators=(",", ":")))))
+        sockets = []
+        address = (host, port)
         started = time.monotonic()
-        sem = asyncio.Semaphore(args.connect_concurrency)
-
-        async def one(i):
-            async with sem:
-                protocol = await open_connection(host, port)
-                names = [stream_name((i + j) % args.streams) for j in range(args.per_conn)]
-                protocol.transport.write(masked_frame(json.dumps(
-                    {"method": "SUBSCRIBE", "params": names, "id": 1}, separators=(",", ":"))))
-                for name in names:
-                    subscriptions[name] = subscriptions.get(name, 0) + 1
-                clients.append(protocol)
-
-        await asyncio.gather(*(one(i) for i in range(args.connections)))
+        for request, subscribe in plans:
+            sock = handshake(address, request)
+            sock.sendall(subscribe)
+            sockets.append(sock)
         connect_time = time.monotonic() - started
         figures["connect_seconds"] = round(connect_time, 3)
         figures["handshakes_per_second"] = round(args.connections / connect_time)
         log("connected %d in %.2fs (%.0f/s)" % (args.connections, connect_time, args.connections / connect_time))
+        loop = asyncio.get_running_loop()
+        clients = []
+        for sock in sockets:
+            sock.setblocking(False)
+            _, protocol = await loop.create_connection(Counter, sock=sock)
+            clients.append(protocol)
+        del sockets
 
         client = redis.Redis.from_url(redis_url)
         deadline = time.monotonic() + 30
@@ -265,42 +299,61 @@ async def run(args):
             c.bytes = 0
         Counter.sampling = True
         cpu_before = tree_cpu(proc) if proc else None
-        out = {}
-        thread = threading.Thread(target=publisher,
-                                  args=(redis_url, args.rate, args.duration, args.streams, out))
-        thread.start()
+        receiver, sender = multiprocessing.Pipe(duplex=False)
+        publishing = multiprocessing.get_context("spawn").Process(
+            target=publisher, args=(redis_url, args.rate, args.duration, args.streams, sender))
+        publishing.start()
+        sender.close()
         peak = 0
-        t0 = time.monotonic()
-        while thread.is_alive():
-            await asyncio.sleep(1.0)
+        t0 = next_report = time.monotonic()
+        while not receiver.poll() and publishing.is_alive():
+            await asyncio.sleep(0.02)
+            if time.monotonic() < next_report + 1.0:
+                continue
+            next_report = time.monotonic()
             received = sum(c.bytes for c in clients) // Counter.frame_size
             if proc:
                 peak = max(peak, tree_rss(proc))
             lag = percentile(Counter.samples[-2000:], 0.99)
             log("t=%4.1fs received %9d deliveries  p99 now %s ms" % (
-                time.monotonic() - t0, received, "%.1f" % (lag / 1000) if lag is not None else "-"))
-        thread.join()
+                next_report - t0, received, "%.1f" % (lag / 1000) if lag is not None else "-"))
+        published_at = time.monotonic()
+        in_window = sum(c.bytes for c in clients) // Counter.frame_size
+        if not receiver.poll():
+            raise RuntimeError("the publisher failed")
+        sent, elapsed = receiver.recv()
+        publishing.join()
         cpu_after = tree_cpu(proc) if proc else None
-        # Drain: until the byte count stops growing for a second.
-        last = -1
-        drain_deadline = time.monotonic() + 30
-        while time.monotonic() < drain_deadline:
+        per_stream_subscribers = [subscriptions.get(stream_name(k), 0) for k in range(args.streams)]
+        expected = sum(per_stream_subscribers[seq % args.streams] for seq in range(sent))
+        expected_bytes = expected * Counter.frame_size
+        # Drain: until everything arrived, or nothing more came for 2 s.
+        last, last_change = -1, time.monotonic()
+        while True:
             total = sum(c.bytes for c in clients)
-            if total == last:
+            now = time.monotonic()
+            if total >= expected_bytes:
                 break
-            last = total
-            await asyncio.sleep(1.0)
+            if total != last:
+                last, last_change = total, now
+            elif now - last_change > 2.0 or now - published_at > 60:
+                break  # stalled: the rest is lost
+            await asyncio.sleep(0.05)
+        drain_seconds = now - published_at
         Counter.sampling = False
         received = sum(c.bytes for c in clients) // Counter.frame_size
-        per_stream_subscribers = [subscriptions.get(stream_name(k), 0) for k in range(args.streams)]
-        expected = sum(per_stream_subscribers[seq % args.streams] for seq in range(out["sent"]))
         samples = Counter.samples
         figures.update({
-            "published": out["sent"],
-            "offered_deliveries_per_second": round(expected / out["elapsed"]),
+            "published": sent,
+            "published_per_second": round(sent / elapsed),
+            "offered_deliveries_per_second": round(expected / elapsed),
             "expected_deliveries": expected,
             "received_deliveries": received,
-            "delivered_per_second": round(received / out["elapsed"]),
+            "delivered_per_second": round(received / elapsed),
+            # What the server kept up with: received while publishing went
+            # on, and how long the rest took to arrive after it stopped.
+            "sustained_deliveries_per_second": round(in_window / elapsed),
+            "drain_seconds": round(drain_seconds, 2),
             "loss_percent": round(100.0 * (expected - received) / expected, 3) if expected else 0.0,
             "latency_ms_p50": round(percentile(samples, 0.50) / 1000, 2) if samples else None,
             "latency_ms_p99": round(percentile(samples, 0.99) / 1000, 2) if samples else None,
@@ -311,7 +364,7 @@ async def run(args):
             figures["rss_peak_mb"] = round(max(peak, tree_rss(proc)) / 2 ** 20, 1)
             cpu = cpu_after - cpu_before
             figures["server_cpu_seconds"] = round(cpu, 2)
-            figures["server_cpu_percent_of_one_core"] = round(100 * cpu / out["elapsed"])
+            figures["server_cpu_percent_of_one_core"] = round(100 * cpu / elapsed)
         figures["client_cpu_percent"] = round(100 * (time.process_time()) / max(1e-9, time.monotonic() - started))
         return figures
     finally:
@@ -334,7 +387,6 @@ def main(argv=None):
     parser.add_argument("--duration", type=float, default=10)
     parser.add_argument("--processes", type=int, default=1, help="server worker processes")
     parser.add_argument("--idle", action="store_true", help="connect and measure memory only")
-    parser.add_argument("--connect-concurrency", type=int, default=1)
     parser.add_argument("--target", help="ws://host:port of a running server (with --redis-url)")
     parser.add_argument("--redis-url")
     parser.add_argument("--server-cpu", default="0")

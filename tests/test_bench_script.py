@@ -18,5 +18,6 @@ def test_bench_small_run_reports_figures():
     assert figures["expected_deliveries"] == figures["received_deliveries"] > 0
     assert figures["loss_percent"] == 0
     for key in ("latency_ms_p50", "latency_ms_p99", "rss_per_connection_kb",
-                "server_cpu_seconds", "handshakes_per_second"):
+                "server_cpu_seconds", "handshakes_per_second", "sustained_deliveries_per_second",
+                "drain_seconds", "published_per_second"):
         assert figures[key] is not None

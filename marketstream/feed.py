@@ -371,6 +371,14 @@ async def _wait(stop, timeout):
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
+def _cancel_requested():
+    """True once this task was asked to stop (Python 3.11+), even if a
+    library on the way swallowed the CancelledError or turned it into a
+    timeout, so that a cancelled feed never goes on publishing."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return bool(cancelling and cancelling())
+
+
 async def run_feed(redis_url, markets=DEFAULT_MARKETS, rate=10.0, fmt="envelope",
                    duration=None, seed=None, stop=None, log=None):
     """Publish synthetic market data to Redis until ``duration`` seconds
@@ -402,6 +410,8 @@ async def run_feed(redis_url, markets=DEFAULT_MARKETS, rate=10.0, fmt="envelope"
              "second) to %s", ", ".join(feed.markets), fmt, feed.rate, url)
     try:
         while True:
+            if _cancel_requested():
+                raise asyncio.CancelledError()
             now = loop.time()
             finished = deadline is not None and now >= deadline
             offset_us = time.time() * 1e6 - now * 1e6
@@ -410,6 +420,8 @@ async def run_feed(redis_url, markets=DEFAULT_MARKETS, rate=10.0, fmt="envelope"
                 try:
                     await _publish(client, batch)
                 except _ERRORS as exc:
+                    if _cancel_requested():
+                        raise asyncio.CancelledError() from exc
                     log.warning("Redis at %s unavailable (%s): %d message(s) dropped; "
                                 "retrying every %gs", url, exc, len(batch), RETRY_INTERVAL)
                     if not await _reconnect(client, stop, deadline, loop, log):

@@ -14,6 +14,7 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
+import mock
 import pytest
 import redis
 import redis.asyncio
@@ -413,10 +414,40 @@ def test_run_feed_task_can_be_cancelled(redis_client, redis_url):
         await async_wait_until(lambda: len(redis_client.client_list()) > baseline,
                                message="the feed connected")
         task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        done, _ = await asyncio.wait((task,), timeout=5)
+        assert done and task.cancelled(), "the feed went on after cancel()"
         await async_wait_until(lambda: len(redis_client.client_list()) == baseline,
                                message="the feed's connection closed")
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() is Python 3.11+")
+def test_run_feed_stops_even_if_a_publish_swallows_the_cancel(redis_url):
+    """A cancel that lands in a Redis call which swallows it (a race in the
+    client library: the cancel meets a socket timeout) still stops the feed."""
+    entered = []
+
+    async def swallowing_publish(client, batch):
+        entered.append(1)
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            raise asyncio.TimeoutError() from None
+
+    async def scenario():
+        stop = asyncio.Event()  # ends the feed if the test fails
+        with mock.patch("marketstream.feed._publish", swallowing_publish):
+            task = asyncio.ensure_future(run_feed(redis_url, markets=("SOL_USDC",), rate=50,
+                                                  stop=stop))
+            try:
+                await async_wait_until(lambda: entered, message="a publish started")
+                task.cancel()
+                done, _ = await asyncio.wait((task,), timeout=5)
+                assert done and task.cancelled(), "the feed went on after cancel()"
+            finally:
+                stop.set()
+                await asyncio.wait((task,), timeout=5)
 
     asyncio.run(scenario())
 

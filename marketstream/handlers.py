@@ -91,11 +91,9 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         task.add_done_callback(self._frame_loop_done)
 
     def _frame_loop_done(self, task):
-        handler = self.handler
-        if handler is not None:
-            handler.frame_loop = None
+        self.handler.frame_loop = None
         if not task.cancelled() and task.exception() is not None:
-            log.error("frame loop of %s failed", handler, exc_info=task.exception())
+            log.error("frame loop of %s failed", self.handler, exc_info=task.exception())
             self._abort()
 
 

@@ -154,6 +154,7 @@ class ServerSettings:
     ping_interval: float = setting("20", _float(0))
     ping_timeout: float = setting("20", _float(0.1))
     min_flush_interval: float = setting("0", _float(0))
+    fast_handshake: bool = setting("true", _bool)
 
 
 @dataclasses.dataclass(frozen=True)

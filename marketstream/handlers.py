@@ -19,6 +19,7 @@ Close codes and refusals (also in the README):
 import asyncio
 import logging
 import os
+import sys
 import time
 from types import MappingProxyType
 
@@ -33,6 +34,7 @@ from marketstream import protocol
 from marketstream.channels import ChannelManager
 
 __all__ = ["StreamHandler", "HealthHandler", "MetricsHandler", "Context", "Keepalive", "routes",
+           "ws_paths",
            "CLOSE_GOING_AWAY", "CLOSE_POLICY", "CLOSE_TOO_BIG"]
 
 log = logging.getLogger("marketstream.connections")
@@ -40,6 +42,9 @@ log = logging.getLogger("marketstream.connections")
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
+
+_SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+              b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n")
 
 _NO_HEADERS = HTTPHeaders()
 _NO_ARGS = MappingProxyType({})
@@ -66,6 +71,11 @@ class Context:
         self.invalid_frames = 0
         self.ws_params = None  # Tornado's protocol parameters, made at the first handshake
 
+    def origin_allowed(self, origin):
+        """Whether a browser page from ``origin`` may connect (no side effects)."""
+        allowed = self.allowed_origins
+        return not allowed or origin.rstrip("/").lower() in allowed
+
     def refusal(self, ip):
         """None to admit a handshake from ``ip``, else (status, reason, cause)."""
         if len(self.manager.connections) >= self.max_connections:
@@ -86,9 +96,24 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
     """
 
     async def _receive_frame_loop(self):
+        self.start_frame_loop()
+
+    def start_frame_loop(self, opening=None):
+        """Read frames in a task of its own (after awaiting ``opening``, what
+        ``open`` returned, if anything)."""
         # The handler keeps the task (the loop only holds tasks weakly).
-        task = self.handler.frame_loop = asyncio.ensure_future(super()._receive_frame_loop())
+        task = self.handler.frame_loop = asyncio.ensure_future(self._frame_loop(opening))
         task.add_done_callback(self._frame_loop_done)
+
+    async def _frame_loop(self, opening):
+        if opening is not None:
+            try:
+                await opening
+            except Exception:
+                self.handler.log_exception(*sys.exc_info())
+                self._abort()
+                return
+        await super()._receive_frame_loop()
 
     def _frame_loop_done(self, task):
         self.handler.frame_loop = None
@@ -126,8 +151,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             self.finish(reason)
 
     def check_origin(self, origin):
-        allowed = self.context.allowed_origins
-        if not allowed or origin.rstrip("/").lower() in allowed:
+        if self.context.origin_allowed(origin):
             return True
         self.context.refused["origin"] += 1
         log.warning("refused %s: origin %r not allowed", self.request.remote_ip, origin)
@@ -143,6 +167,40 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                 max_message_size=self.max_message_size,
                 compression_options=self.get_compression_options())
         return _Protocol(self, False, ctx.ws_params)
+
+    def switch_protocols(self, stream, key):
+        """Answer 101 on ``stream`` and start the WebSocket, for a request
+        :mod:`marketstream.upgrade` has already checked.
+
+        What :meth:`get` and Tornado's ``_accept_connection`` do for a plain
+        request (no subprotocol, no compression, admitted, origin allowed),
+        without building an HTTP response: the 101 is one prebuilt write.
+        """
+        self.open_args, self.open_kwargs = (), {}
+        ws = self.ws_connection = self.get_websocket_protocol()
+        self.set_status(101)
+        self._headers_written = self._finished = True  # the HTTP exchange is over
+        ws.stream = stream
+        response = _SWITCHING % ws.compute_accept_value(key).encode()
+        try:
+            # A new socket takes these ~130 bytes whole; this skips the
+            # Future and buffer bookkeeping of IOStream.write.
+            sent = stream.socket.send(response)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = len(response)
+            stream.close()  # the client left: the frame loop ends at once
+        if sent < len(response):
+            stream.write(response[sent:]).add_done_callback(_retrieve)
+        ws.start_pinging()
+        try:
+            opening = self.open()
+        except Exception:
+            self.log_exception(*sys.exc_info())
+            ws._abort()
+            return
+        ws.start_frame_loop(opening)
 
     # --- WebSocket events ----------------------------------------------------
 
@@ -371,6 +429,10 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         return "<StreamHandler %s>" % self.identity
 
 
+def _retrieve(future):
+    future.exception()  # a write to a client that left: the frame loop handles it
+
+
 class Keepalive:
     """One periodic sweep pings every client; clients that have not answered
     the previous ping within ``timeout`` seconds are closed.
@@ -446,12 +508,17 @@ class MetricsHandler(tornado.web.RequestHandler):
         self.finish(self.exporter.render())
 
 
+def ws_paths(settings):
+    """The paths that serve WebSocket: /, /ws, /stream and the configured one."""
+    paths = ["/", "/ws", "/stream"]
+    if settings.ws_path and settings.ws_path not in paths:
+        paths.append(settings.ws_path)
+    return paths
+
+
 def routes(context, exporter=None):
     """The URL map for one process."""
-    ws_paths = ["/", "/ws", "/stream"]
-    if context.settings.ws_path and context.settings.ws_path not in ws_paths:
-        ws_paths.append(context.settings.ws_path)
-    table = [(path, StreamHandler, {"context": context}) for path in ws_paths]
+    table = [(path, StreamHandler, {"context": context}) for path in ws_paths(context.settings)]
     table.append(("/health", HealthHandler, {"context": context}))
     if exporter is not None:
         table.append(("/metrics", MetricsHandler, {"exporter": exporter}))

@@ -20,7 +20,6 @@ import resource
 import signal
 import sys
 
-import tornado.httpserver
 import tornado.netutil
 import tornado.web
 from redis.exceptions import RedisError
@@ -29,8 +28,10 @@ from marketstream import __version__, metrics
 from marketstream.channels import ChannelManager
 from marketstream.config import ConfigError, load_settings
 from marketstream.embedded import RedisServer
-from marketstream.handlers import CLOSE_GOING_AWAY, Context, Keepalive, routes
+from marketstream.handlers import (CLOSE_GOING_AWAY, Context, Keepalive, StreamHandler, routes,
+                                   ws_paths)
 from marketstream.metrics import Exporter
+from marketstream.upgrade import StreamServer, defer_accept
 from marketstream.workers import supervise, worker_id
 
 __all__ = ["main", "make_app", "Server"]
@@ -94,11 +95,16 @@ class Server:
                                    settings.server.ping_timeout)
         self.keepalive.start()
         self.app.exporter.start()
-        self.http_server = tornado.httpserver.HTTPServer(self.app, xheaders=settings.server.xheaders)
-        if sockets:
-            self.http_server.add_sockets(sockets)
-        else:
-            self.http_server.listen(settings.port, settings.host)
+        websocket = None
+        if settings.server.fast_handshake:
+            websocket = (ws_paths(settings), StreamHandler, {"context": self.app.context})
+        self.http_server = StreamServer(self.app, websocket=websocket,
+                                        xheaders=settings.server.xheaders)
+        if not sockets:
+            sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
+            defer_accept(sockets)
+            defer_accept(sockets)
+        self.http_server.add_sockets(sockets)
         worker = worker_id()
         log.info("marketstream %s listening on ws://%s:%d/ (pid %d%s, Redis %s)", __version__,
                  settings.host, settings.port, os.getpid(),
@@ -260,6 +266,7 @@ def main(argv=None):
         else:
             _check_redis(settings.redis.url)
             sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
+            defer_accept(sockets)
             metrics_dir = metrics.enable_multiprocess()
             try:
                 code = supervise(

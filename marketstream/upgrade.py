@@ -1,0 +1,163 @@
+"""WebSocket handshakes without the general HTTP/1.1 machinery.
+
+Handshakes come in storms: after a deploy, a network blip or a Redis
+failover, every client reconnects at once.  Tornado's HTTP server handles
+any request (keep-alive, bodies, routing, response formatting, access log),
+and that generality is most of what a WebSocket handshake costs.
+
+:class:`StreamServer` is Tornado's :class:`~tornado.httpserver.HTTPServer`
+with one shortcut.  When a newly accepted connection already holds a whole,
+plain WebSocket upgrade request for a stream path, and the server would
+accept it (connection limits, ``Origin``), the request is read from the
+socket, answered with a prebuilt 101, and the socket goes to a new
+:class:`~marketstream.handlers.StreamHandler`.  Everything else (other
+paths, refusals, malformed or unusual requests, a request not yet arrived)
+goes to Tornado unchanged, with nothing read from the socket, so every error
+and refusal keeps Tornado's answer.  With :func:`defer_accept` on the
+listening sockets, the kernel hands a connection over only once its request
+has arrived, so the shortcut applies to nearly every handshake::
+
+    sockets = tornado.netutil.bind_sockets(4000)
+    defer_accept(sockets)
+    server = StreamServer(app, websocket=(["/", "/ws"], StreamHandler, {"context": context}))
+    server.add_sockets(sockets)
+"""
+
+import logging
+import socket
+
+import tornado.httpserver
+from tornado import httputil
+
+__all__ = ["StreamServer", "defer_accept", "upgrade_request"]
+
+log = logging.getLogger("marketstream.connections")
+
+# Bigger requests (many cookies) are rare and take Tornado's path.
+_PEEK_BYTES = 4096
+_END = b"\r\n\r\n"
+
+
+def defer_accept(sockets, seconds=1):
+    """Ask the kernel (Linux) not to hand over a connection on these
+    listening sockets until its first data arrives, for up to ``seconds``."""
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if option is None:
+        return
+    for sock in sockets:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, option, seconds)
+
+
+def upgrade_request(data, paths):
+    """(start line, headers, length of the request) if ``data`` begins with a
+    whole WebSocket upgrade request, version 13, for one of ``paths``, that
+    carries nothing that needs Tornado's general handling; else None.
+
+    >>> req = (b"GET /ws HTTP/1.1\\r\\nHost: h\\r\\nUpgrade: websocket\\r\\n"
+    ...        b"Connection: Upgrade\\r\\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\\r\\n"
+    ...        b"Sec-WebSocket-Version: 13\\r\\n\\r\\n")
+    >>> upgrade_request(req, {"/ws"})[0].path
+    '/ws'
+    >>> upgrade_request(req.replace(b"13", b"8"), {"/ws"}) is None
+    True
+    """
+    end = data.find(_END)
+    if end < 0:
+        return None
+    text = data[:end + 2].decode("latin1")
+    eol = text.find("\r\n")
+    try:
+        start = httputil.parse_request_start_line(text[:eol])
+        headers = httputil.HTTPHeaders.parse(text[eol + 2:])
+    except (httputil.HTTPInputError, ValueError):
+        return None
+    if (start.method != "GET" or start.version != "HTTP/1.1"
+            or start.path.partition("?")[0] not in paths):
+        return None
+    get = headers.get
+    if (get("Upgrade", "").lower() != "websocket"
+            or get("Sec-WebSocket-Version") != "13"
+            or not get("Sec-WebSocket-Key") or not get("Host")
+            # Tornado would negotiate these, or read a body.
+            or "Sec-WebSocket-Protocol" in headers or "Content-Length" in headers
+            or "Transfer-Encoding" in headers
+            or "upgrade" not in (t.strip().lower() for t in get("Connection", "").split(","))):
+        return None
+    return start, headers, end + len(_END)
+
+
+class _Switched:
+    """The request's connection once the shortcut has taken the socket: what
+    a :class:`~tornado.web.RequestHandler` asks of it while it is built."""
+
+    __slots__ = ("context",)
+
+    def __init__(self, context):
+        self.context = context
+
+    def set_close_callback(self, callback):
+        pass  # the WebSocket's frame loop notices the close
+
+
+class StreamServer(tornado.httpserver.HTTPServer):
+    """An :class:`~tornado.httpserver.HTTPServer` that answers plain
+    WebSocket handshakes itself.
+
+    ``websocket`` is (paths, handler class, handler keyword arguments); the
+    handler class needs ``context`` (a :class:`~marketstream.handlers.Context`)
+    among its arguments and a ``switch_protocols(stream, key)`` method.
+    ``handshakes`` counts the handshakes answered here.
+    """
+
+    def initialize(self, request_callback, websocket=None, **kwargs):
+        super().initialize(request_callback, **kwargs)
+        self.websocket = None
+        if websocket is not None:
+            paths, handler_class, handler_kwargs = websocket
+            self.websocket = (frozenset(paths), handler_class, dict(handler_kwargs))
+        self.handshakes = 0
+
+    def handle_stream(self, stream, address):
+        if self.websocket is None or not self._switch(stream, address):
+            super().handle_stream(stream, address)
+
+    def _switch(self, stream, address):
+        """Take the handshake if it qualifies; False leaves the socket untouched."""
+        paths, handler_class, handler_kwargs = self.websocket
+        sock = stream.socket
+        try:
+            data = sock.recv(_PEEK_BYTES, socket.MSG_PEEK)
+        except OSError:  # nothing yet (BlockingIOError), or reset
+            return False
+        found = upgrade_request(data, paths)
+        if found is None:
+            return False
+        start, headers, length = found
+        context = tornado.httpserver._HTTPRequestContext(
+            stream, address, self.protocol, self.trusted_downstream)
+        if self.xheaders:
+            context._apply_xheaders(headers)
+        admission = handler_kwargs["context"]
+        origin = headers.get("Origin")
+        if origin is None:
+            if "Sec-Fetch-Site" in headers:
+                return False  # Tornado's cross-origin rules decide
+        elif not admission.origin_allowed(origin):
+            return False
+        if admission.refusal(context.remote_ip) is not None:
+            return False
+        try:
+            taken = sock.recv(length)
+        except OSError:
+            return False  # nothing read: Tornado meets the error
+        if len(taken) != length:  # cannot happen: the bytes were there
+            log.warning("handshake from %s cut short; closing", context.remote_ip)
+            stream.close()
+            return True
+        request = httputil.HTTPServerRequest(
+            connection=_Switched(context), start_line=start, headers=headers)
+        handler = handler_class(self.request_callback, request, **handler_kwargs)
+        self.handshakes += 1
+        handler.switch_protocols(stream, headers["Sec-WebSocket-Key"])
+        return True

@@ -32,6 +32,7 @@ from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from marketstream import protocol
 from marketstream.channels import ChannelManager
+from marketstream.upgrade import Switched
 
 __all__ = ["StreamHandler", "HealthHandler", "MetricsHandler", "Context", "Keepalive", "routes",
            "ws_paths",
@@ -98,22 +99,11 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
     async def _receive_frame_loop(self):
         self.start_frame_loop()
 
-    def start_frame_loop(self, opening=None):
-        """Read frames in a task of its own (after awaiting ``opening``, what
-        ``open`` returned, if anything)."""
-        # The handler keeps the task (the loop only holds tasks weakly).
-        task = self.handler.frame_loop = asyncio.ensure_future(self._frame_loop(opening))
+    def start_frame_loop(self):
+        """Read frames in a task of its own."""
+        # The handler keeps the task (the event loop only holds tasks weakly).
+        task = self.handler.frame_loop = asyncio.ensure_future(super()._receive_frame_loop())
         task.add_done_callback(self._frame_loop_done)
-
-    async def _frame_loop(self, opening):
-        if opening is not None:
-            try:
-                await opening
-            except Exception:
-                self.handler.log_exception(*sys.exc_info())
-                self._abort()
-                return
-        await super()._receive_frame_loop()
 
     def _frame_loop_done(self, task):
         self.handler.frame_loop = None
@@ -140,6 +130,17 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self.frame_loop = None
 
     # --- handshake -----------------------------------------------------------
+
+    def clear(self):
+        if type(self.request.connection) is Switched:
+            # The handshake shortcut sends a prebuilt 101: no HTTP response
+            # to prepare (Tornado's defaults format a Date on every call).
+            self._headers = _NO_HEADERS
+            self._write_buffer = []
+            self._status_code = 101
+            self._reason = "Switching Protocols"
+            return
+        super().clear()
 
     def prepare(self):
         refusal = self.context.refusal(self.request.remote_ip)
@@ -178,7 +179,6 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         """
         self.open_args, self.open_kwargs = (), {}
         ws = self.ws_connection = self.get_websocket_protocol()
-        self.set_status(101)
         self._headers_written = self._finished = True  # the HTTP exchange is over
         ws.stream = stream
         response = _SWITCHING % ws.compute_accept_value(key).encode()
@@ -198,9 +198,10 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             opening = self.open()
         except Exception:
             self.log_exception(*sys.exc_info())
-            ws._abort()
+            self.on_connection_close()  # closes the socket, undoes what open() did
             return
-        ws.start_frame_loop(opening)
+        assert opening is None, "open() must finish synchronously: nothing awaits it here"
+        ws.start_frame_loop()
 
     # --- WebSocket events ----------------------------------------------------
 

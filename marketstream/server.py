@@ -103,7 +103,6 @@ class Server:
         if not sockets:
             sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
             defer_accept(sockets)
-            defer_accept(sockets)
         self.http_server.add_sockets(sockets)
         worker = worker_id()
         log.info("marketstream %s listening on ws://%s:%d/ (pid %d%s, Redis %s)", __version__,

@@ -29,7 +29,7 @@ import socket
 import tornado.httpserver
 from tornado import httputil
 
-__all__ = ["StreamServer", "defer_accept", "upgrade_request"]
+__all__ = ["StreamServer", "Switched", "defer_accept", "upgrade_request"]
 
 log = logging.getLogger("marketstream.connections")
 
@@ -87,9 +87,10 @@ def upgrade_request(data, paths):
     return start, headers, end + len(_END)
 
 
-class _Switched:
+class Switched:
     """The request's connection once the shortcut has taken the socket: what
-    a :class:`~tornado.web.RequestHandler` asks of it while it is built."""
+    a :class:`~tornado.web.RequestHandler` asks of it while it is built.  A
+    handler can tell from it that no HTTP response is to be written."""
 
     __slots__ = ("context",)
 
@@ -156,7 +157,7 @@ class StreamServer(tornado.httpserver.HTTPServer):
             stream.close()
             return True
         request = httputil.HTTPServerRequest(
-            connection=_Switched(context), start_line=start, headers=headers)
+            connection=Switched(context), start_line=start, headers=headers)
         handler = handler_class(self.request_callback, request, **handler_kwargs)
         self.handshakes += 1
         handler.switch_protocols(stream, headers["Sec-WebSocket-Key"])

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 
+import mock
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +15,7 @@ import tornado.httpclient
 import tornado.websocket
 import ujson
 
+from marketstream.handlers import StreamHandler
 from marketstream.upgrade import defer_accept, upgrade_request
 from tests.helpers import (RawClient, async_wait_until, connect, envelope, listeners, read, send,
                            subscribed, ws_url)
@@ -249,3 +251,22 @@ def test_any_bytes_get_an_answer_never_an_exception(data):
         start, headers, length = found
         assert data[:length].endswith(b"\r\n\r\n") and b"\r\n\r\n" not in data[:length - 4]
         assert start.method == "GET" and headers.get("Sec-WebSocket-Version") == "13"
+
+
+@pytest.mark.gen_test
+async def test_a_failing_open_closes_that_client_only(server, redis_client, caplog):
+    """A bug in open() (simulated) costs the one connection: it is closed and
+    forgotten, logged, and the next client connects and gets data."""
+    with mock.patch.object(StreamHandler, "_release_handshake_state",
+                           side_effect=RuntimeError("boom")):
+        head, reader, writer = await raw_exchange(server, request())
+        assert head.startswith(b"HTTP/1.1 101")
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+    assert not server.manager.connections
+    assert any("boom" in (r.exc_text or "") or r.exc_info for r in caplog.records
+               if r.levelno >= logging.ERROR)
+    ws = await connect(server, "/stream?streams=trade.ETC_USDT")
+    await subscribed(redis_client, "trade.ETC_USDT")
+    redis_client.publish("trade.ETC_USDT", envelope("trade.ETC_USDT", t=1))
+    assert ujson.loads(await read(ws))["data"]["t"] == 1
+    ws.close()

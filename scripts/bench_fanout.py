@@ -30,7 +30,9 @@ Standard runs (the README's performance table)::
     python scripts/bench_fanout.py --connections 1000 --streams 1000 --rate 40000 --no-pin --processes 1
     python scripts/bench_fanout.py --connections 1000 --streams 1000 --rate 40000 --no-pin --processes 2
 
-``--json`` prints one JSON object instead of the table.
+``--json`` prints one JSON object instead of the table; ``--set
+section.key=value`` passes a setting to the server it starts, e.g.
+``--set server.fast_handshake=false`` to time Tornado's own handshake path.
 """
 
 import argparse
@@ -223,6 +225,8 @@ async def run(args):
                        "--redis-url", redis_url, "--log-level", "WARNING",
                        "--processes", str(args.processes),
                        "--set", "server.max_connections=%d" % (args.connections + 100)]
+            for item in args.set:
+                command += ["--set", item]
             if pin:
                 command = ["taskset", "-c", args.server_cpu] + command
             server = subprocess.Popen(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -239,7 +243,7 @@ async def run(args):
             await asyncio.sleep(0.5)
         figures = {"connections": args.connections, "streams": args.streams, "per_conn": args.per_conn,
                    "rate": args.rate, "duration": args.duration, "processes": args.processes,
-                   "pinned": bool(pin)}
+                   "pinned": bool(pin), "server_settings": args.set}
         rss_idle = tree_rss(proc) if proc else None
 
         # Connect: one blocking handshake after the other (requests and
@@ -393,6 +397,8 @@ def main(argv=None):
     parser.add_argument("--load-cpu", default="1")
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a server setting (repeatable), e.g. server.fast_handshake=false")
     args = parser.parse_args(argv)
     if args.target and not args.redis_url:
         parser.error("--target needs --redis-url")

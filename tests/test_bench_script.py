@@ -11,7 +11,8 @@ from tests.helpers import ROOT
 def test_bench_small_run_reports_figures():
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "bench_fanout.py"), "--connections", "20",
-         "--streams", "4", "--rate", "200", "--duration", "1", "--json"],
+         "--streams", "4", "--rate", "200", "--duration", "1", "--json",
+         "--set", "server.fast_handshake=false"],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)

@@ -120,7 +120,9 @@ class StreamServer(tornado.httpserver.HTTPServer):
         self.handshakes = 0
 
     def handle_stream(self, stream, address):
-        if self.websocket is None or not self._switch(stream, address):
+        # TLS connections (ssl_options) always take Tornado's path.
+        shortcut = self.websocket is not None and self.ssl_options is None
+        if not (shortcut and self._switch(stream, address)):
             super().handle_stream(stream, address)
 
     def _switch(self, stream, address):

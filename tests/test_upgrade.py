@@ -3,6 +3,7 @@ a WebSocket server must, and that everything else still gets Tornado's
 answer with nothing lost from the socket."""
 
 import asyncio
+import doctest
 import logging
 import os
 import socket
@@ -270,3 +271,9 @@ async def test_a_failing_open_closes_that_client_only(server, redis_client, capl
     redis_client.publish("trade.ETC_USDT", envelope("trade.ETC_USDT", t=1))
     assert ujson.loads(await read(ws))["data"]["t"] == 1
     ws.close()
+
+
+def test_docstring_examples_hold():
+    import marketstream.upgrade
+    result = doctest.testmod(marketstream.upgrade)
+    assert result.attempted and not result.failed

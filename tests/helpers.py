@@ -263,3 +263,33 @@ class RawClient:
 
     def close(self):
         self.writer.close()
+
+
+async def clients_on_every_worker(server, redis_client, stream, workers=2, timeout=20, least=1):
+    """Connect clients subscribed to ``stream`` until all ``workers`` of a
+    multi-process ``server`` (a ServerProcess run with acks) hold some.
+
+    The workers share one listening socket and the kernel gives each new
+    connection to whichever wakes first, so clients connect in concurrent
+    batches: one client at a time can keep landing on the same worker.
+    Each worker subscribes the stream upstream once, so NUMSUB counts the
+    workers in use.  Returns the clients (at least ``least``).
+    """
+    url = "ws://127.0.0.1:%d/ws" % server.port
+    request = ujson.dumps({"method": "SUBSCRIBE", "params": [stream], "id": 1})
+
+    async def one():
+        ws = await tornado.websocket.websocket_connect(url)
+        await ws.write_message(request)
+        # With acks on, the reply means Redis confirmed the subscription.
+        reply = ujson.loads(await read(ws))
+        assert reply == {"result": None, "id": 1}, (reply, server.output)
+        return ws
+
+    clients = []
+    deadline = time.monotonic() + timeout
+    while redis_client.pubsub_numsub(stream)[0][1] < workers or len(clients) < least:
+        assert time.monotonic() < deadline, (
+            "connections never reached all %d workers:\n%s" % (workers, server.output))
+        clients.extend(await asyncio.gather(*(one() for _ in range(10))))
+    return clients

@@ -9,12 +9,11 @@ import time
 import psutil
 import pytest
 import redis
-import tornado.websocket
 import ujson
 
 from marketstream.channels import ChannelManager
-from tests.helpers import (ServerProcess, abort, async_wait_until, connect, read, send, subscribe_all,
-                           subscribed, wait_until)
+from tests.helpers import (ServerProcess, abort, async_wait_until, clients_on_every_worker, connect,
+                           read, send, subscribe_all, subscribed, wait_until)
 
 
 def publish_burst(redis_client, messages):
@@ -143,18 +142,7 @@ def test_two_workers_both_deliver_and_a_killed_worker_comes_back(redis_url):
         assert len(worker_pids(server)) == 2
 
         async def scenario():
-            url = "ws://127.0.0.1:%d/ws" % server.port
-            clients = []
-            # Connect until both workers hold clients: each worker subscribes
-            # the channel upstream once, so NUMSUB counts the workers in use.
-            deadline = time.monotonic() + 20
-            while client.pubsub_numsub("trade.MP_USDT")[0][1] < 2:
-                assert time.monotonic() < deadline, "connections never reached both workers"
-                ws = await tornado.websocket.websocket_connect(url)
-                await ws.write_message('{"method":"SUBSCRIBE","params":["trade.MP_USDT"],"id":1}')
-                # With acks on, the reply means Redis confirmed the subscription.
-                assert ujson.loads(await read(ws)) == {"result": None, "id": 1}
-                clients.append(ws)
+            clients = await clients_on_every_worker(server, client, "trade.MP_USDT")
             client.publish("trade.MP_USDT", '{"stream":"trade.MP_USDT","data":{"e":"trade","t":1}}')
             for ws in clients:
                 assert ujson.loads(await read(ws))["data"]["t"] == 1

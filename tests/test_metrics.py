@@ -9,8 +9,8 @@ import tornado.httpclient
 import tornado.websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import (RawClient, ServerProcess, connect, read, send, subscribed, wait_until,
-                           ws_url)
+from tests.helpers import (RawClient, ServerProcess, clients_on_every_worker, connect, read, send,
+                           subscribed, wait_until, ws_url)
 
 
 def parse(text):
@@ -161,14 +161,7 @@ def test_metrics_add_up_over_worker_processes(redis_url):
         wait_until(lambda: server.output.count("listening on") == 2, 15, message="two workers")
 
         async def scenario():
-            url = "ws://127.0.0.1:%d/ws" % server.port
-            clients = []
-            while client.pubsub_numsub("trade.MPM_USDT")[0][1] < 2 or len(clients) < 10:
-                assert len(clients) < 200, "connections never reached both workers"
-                ws = await tornado.websocket.websocket_connect(url)
-                await ws.write_message('{"method":"SUBSCRIBE","params":["trade.MPM_USDT"],"id":1}')
-                await read(ws)  # the ack: subscribed upstream
-                clients.append(ws)
+            clients = await clients_on_every_worker(server, client, "trade.MPM_USDT", least=10)
             client.publish("trade.MPM_USDT", '{"stream":"trade.MPM_USDT","data":{"e":"trade"}}')
             for ws in clients:
                 await read(ws)

@@ -135,7 +135,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if type(self.request.connection) is Switched:
             # The handshake shortcut sends a prebuilt 101: no HTTP response
             # to prepare (Tornado's defaults format a Date on every call).
-            self._headers = _NO_HEADERS
+            self._headers = None
             self._write_buffer = []
             self._status_code = 101
             self._reason = "Switching Protocols"

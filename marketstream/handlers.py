@@ -181,18 +181,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         ws = self.ws_connection = self.get_websocket_protocol()
         self._headers_written = self._finished = True  # the HTTP exchange is over
         ws.stream = stream
-        response = _SWITCHING % ws.compute_accept_value(key).encode()
-        try:
-            # A new socket takes these ~130 bytes whole; this skips the
-            # Future and buffer bookkeeping of IOStream.write.
-            sent = stream.socket.send(response)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            sent = len(response)
-            stream.close()  # the client left: the frame loop ends at once
-        if sent < len(response):
-            stream.write(response[sent:]).add_done_callback(_retrieve)
+        self._ws = ws  # what write_frames writes to (open() sets it on Tornado's path)
+        self.write_frames(_SWITCHING % ws.compute_accept_value(key).encode())
         ws.start_pinging()
         try:
             opening = self.open()
@@ -428,10 +418,6 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
 
     def __repr__(self):
         return "<StreamHandler %s>" % self.identity
-
-
-def _retrieve(future):
-    future.exception()  # a write to a client that left: the frame loop handles it
 
 
 class Keepalive:

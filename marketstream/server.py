@@ -52,6 +52,14 @@ def make_app(settings, manager=None):
     return app
 
 
+def _listening_sockets(settings):
+    """Bind the server's port; connections are handed over once their
+    request has arrived (see :func:`~marketstream.upgrade.defer_accept`)."""
+    sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
+    defer_accept(sockets)
+    return sockets
+
+
 def _fit_connection_limit(settings):
     """Lower max_connections below the open-file limit: out of descriptors,
     Tornado's accept loop spins and floods the log with EMFILE."""
@@ -100,10 +108,7 @@ class Server:
             websocket = (ws_paths(settings), StreamHandler, {"context": self.app.context})
         self.http_server = StreamServer(self.app, websocket=websocket,
                                         xheaders=settings.server.xheaders)
-        if not sockets:
-            sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
-            defer_accept(sockets)
-        self.http_server.add_sockets(sockets)
+        self.http_server.add_sockets(sockets or _listening_sockets(settings))
         worker = worker_id()
         log.info("marketstream %s listening on ws://%s:%d/ (pid %d%s, Redis %s)", __version__,
                  settings.host, settings.port, os.getpid(),
@@ -264,8 +269,7 @@ def main(argv=None):
             asyncio.run(_serve(settings, args.demo))
         else:
             _check_redis(settings.redis.url)
-            sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
-            defer_accept(sockets)
+            sockets = _listening_sockets(settings)
             metrics_dir = metrics.enable_multiprocess()
             try:
                 code = supervise(

@@ -23,15 +23,12 @@ has arrived, so the shortcut applies to nearly every handshake::
     server.add_sockets(sockets)
 """
 
-import logging
 import socket
 
 import tornado.httpserver
 from tornado import httputil
 
 __all__ = ["StreamServer", "Switched", "defer_accept", "upgrade_request"]
-
-log = logging.getLogger("marketstream.connections")
 
 # Bigger requests (many cookies) are rare and take Tornado's path.
 _PEEK_BYTES = 4096
@@ -151,13 +148,9 @@ class StreamServer(tornado.httpserver.HTTPServer):
         if admission.refusal(context.remote_ip) is not None:
             return False
         try:
-            taken = sock.recv(length)
+            sock.recv(length)  # exactly the request: the peek saw it whole
         except OSError:
             return False  # nothing read: Tornado meets the error
-        if len(taken) != length:  # cannot happen: the bytes were there
-            log.warning("handshake from %s cut short; closing", context.remote_ip)
-            stream.close()
-            return True
         request = httputil.HTTPServerRequest(
             connection=Switched(context), start_line=start, headers=headers)
         handler = handler_class(self.request_callback, request, **handler_kwargs)

@@ -130,11 +130,15 @@ async def test_fifty_clients_get_exactly_one_copy(server, redis_client):
         await no_message(ws, 0.01)
 
 
+@pytest.mark.parametrize("fast_handshake", ["true", "false"])
 @pytest.mark.gen_test(timeout=30)
-async def test_open_connections_keep_no_handshake_state(server, redis_client):
+async def test_open_connections_keep_no_handshake_state(server_factory, redis_client,
+                                                        fast_handshake):
     """Per-connection memory: once open, a connection holds no HTTP
     connection objects, parsed headers or handshake coroutines, and it
-    still reads frames, delivers and closes."""
+    still reads frames, delivers and closes (through the handshake
+    shortcut and through Tornado's own handshake)."""
+    server = await server_factory(server__fast_handshake=fast_handshake)
     clients = [await connect(server) for _ in range(40)]
     await subscribe_all(server, redis_client, clients, "trade.XRP_USDT")
     gc.collect()

@@ -90,9 +90,11 @@ def parse_request(frame):
         return Invalid("invalid JSON", ERROR_INVALID_JSON)
     if not isinstance(message, dict):
         return Invalid("not a JSON object")
+    # A request without an id is served like "id": null (Backpack's SDK
+    # sends none); an id that cannot be echoed as JSON is refused.
     request_id = message.get("id")
-    if "id" not in message or not _valid_id(request_id):
-        return Invalid("missing or invalid id")
+    if not _valid_id(request_id):
+        return Invalid("invalid id")
     method = message.get("method")
     if not isinstance(method, str):
         return Invalid("missing or invalid method", id=request_id)

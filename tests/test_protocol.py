@@ -91,6 +91,13 @@ def test_accepted_ids(request_id):
     assert request.id == request_id and type(request.id) is type(request_id)
 
 
+@pytest.mark.parametrize("method", [SUBSCRIBE, UNSUBSCRIBE])
+def test_a_request_without_id_is_served_like_id_null(method):
+    # Backpack's SDK sends {"method":"SUBSCRIBE","params":[...]} with no id.
+    assert parse_request('{"method":"%s","params":["trade.SOL_USDC"]}' % method) == \
+        Request(method, ("trade.SOL_USDC",), None)
+
+
 def test_whitespace_and_key_order_do_not_matter():
     text = ' \n{ "id" : 9 ,\t"params" : [ "trade.A_B" ] , "method" : "SUBSCRIBE" }\n '
     assert parse_request(text) == Request(SUBSCRIBE, ("trade.A_B",), 9)
@@ -153,12 +160,11 @@ P = ["trade.A_B"]
     (frame(method="UNSUBSCRIBE", params=[], id="u"), "params must not be empty",
      ERROR_INVALID_REQUEST, "u"),
     # id
-    (frame(method="SUBSCRIBE", params=P), "missing or invalid id", ERROR_INVALID_REQUEST, None),
-    (frame(method="SUBSCRIBE", params=P, id=True), "missing or invalid id", ERROR_INVALID_REQUEST, None),
-    (frame(method="SUBSCRIBE", params=P, id=False), "missing or invalid id", ERROR_INVALID_REQUEST, None),
-    (frame(method="SUBSCRIBE", params=P, id={}), "missing or invalid id", ERROR_INVALID_REQUEST, None),
-    (frame(method="SUBSCRIBE", params=P, id={"n": 1}), "missing or invalid id", ERROR_INVALID_REQUEST, None),
-    (frame(method="SUBSCRIBE", params=P, id=[1]), "missing or invalid id", ERROR_INVALID_REQUEST, None),
+    (frame(method="SUBSCRIBE", params=P, id=True), "invalid id", ERROR_INVALID_REQUEST, None),
+    (frame(method="SUBSCRIBE", params=P, id=False), "invalid id", ERROR_INVALID_REQUEST, None),
+    (frame(method="SUBSCRIBE", params=P, id={}), "invalid id", ERROR_INVALID_REQUEST, None),
+    (frame(method="SUBSCRIBE", params=P, id={"n": 1}), "invalid id", ERROR_INVALID_REQUEST, None),
+    (frame(method="SUBSCRIBE", params=P, id=[1]), "invalid id", ERROR_INVALID_REQUEST, None),
 ])
 def test_invalid_frames(text, reason, code, request_id):
     result = parse_request(text)
@@ -278,9 +284,7 @@ REQUEST_LIKE = st.fixed_dictionaries(
 def expected_outcome(message):
     """An independent model of parse_request for a dict: None if invalid, else
     (method, params, id)."""
-    if "id" not in message:
-        return None
-    request_id = message["id"]
+    request_id = message.get("id")  # absent: served like null
     if isinstance(request_id, bool) or not (request_id is None or isinstance(request_id, (int, float, str))):
         return None
     if isinstance(request_id, int) and not -2 ** 63 <= request_id < 2 ** 64:

@@ -12,12 +12,13 @@ Each worker runs its own event loop, Redis subscription and clients.  Workers
 ask the kernel to send them SIGTERM if the parent dies, so none outlives it.
 """
 
-import ctypes
 import logging
 import os
 import signal
 import sys
 import time
+
+from marketstream.util import die_with_parent as _die_with_parent
 
 __all__ = ["supervise", "worker_id"]
 
@@ -29,13 +30,6 @@ _worker_id = None
 def worker_id():
     """The index of this worker (0..count-1), or None in a single process."""
     return _worker_id
-
-
-def _die_with_parent():
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _spawn(index, target):

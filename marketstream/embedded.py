@@ -18,7 +18,6 @@ the *thread* that started the child: call :meth:`RedisServer.start` and
 should (the main thread), never from a short-lived worker thread.
 """
 
-import ctypes
 import importlib.util
 import os
 import shutil
@@ -28,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from marketstream.util import die_with_parent
 
 __all__ = ["RedisServer", "find_redis_server", "free_port"]
 
@@ -51,14 +52,6 @@ def free_port(host="127.0.0.1"):
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def _die_with_parent():
-    # PR_SET_PDEATHSIG = 1: the kernel sends SIGTERM when the parent exits.
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 class RedisServer:
@@ -105,7 +98,7 @@ class RedisServer:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
             )
             self.port = port
             if self._wait_ready(timeout):

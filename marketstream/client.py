@@ -1,0 +1,482 @@
+"""A Python client for marketstream: reconnects, resumes, keeps order books.
+
+:class:`Client` is an asyncio client that subscribes to streams, reconnects
+with jittered exponential backoff when the connection drops, and resumes
+every recoverable stream where it left off (``since``: the last position it
+got), so that a bot sees each message once and in order::
+
+    import asyncio
+    from marketstream.client import Client, OrderBook
+
+    async def main():
+        book = OrderBook()
+        async with Client("ws://127.0.0.1:4000/ws",
+                          ["trade.SOL_USDC", "depth.SOL_USDC"],
+                          snapshot=["depth.SOL_USDC"]) as client:
+            async for msg in client:
+                if msg.kind == "gap":
+                    print("missed updates on", msg.stream, msg.data["reason"])
+                elif msg.stream == "depth.SOL_USDC":
+                    book.apply_message(msg)   # snapshot, diffs and gaps
+                    if book.synced:
+                        print("best bid", book.bids(1), "best ask", book.asks(1))
+                else:
+                    print(msg.stream, msg.seq, msg.data)
+
+    asyncio.run(main())
+
+Each message is a :class:`Message` with ``stream``, ``data``, ``seq`` (the
+stream's position, None on plain streams), ``kind`` (``"message"``,
+``"snapshot"`` or ``"gap"``) and ``raw`` (the frame's text as received).
+
+:class:`OrderBook` does no I/O: it applies a depth snapshot and then
+Binance-style diffs, checks their continuity and raises :class:`BookGap`
+when an update is missing.
+"""
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from decimal import Decimal, InvalidOperation
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Union
+
+import tornado.httpclient
+import tornado.websocket
+import ujson
+
+__all__ = ["Client", "Message", "OrderBook", "BookGap", "ConnectionLost",
+           "MESSAGE", "SNAPSHOT", "GAP"]
+
+log = logging.getLogger("marketstream.client")
+
+MESSAGE = "message"
+SNAPSHOT = "snapshot"
+GAP = "gap"
+
+Levels = List[List[str]]
+
+
+class Message(NamedTuple):
+    """One message of a stream.
+
+    ``seq`` is the stream's position (None on plain streams and for gap
+    notices); ``kind`` is ``"message"``, ``"snapshot"`` (the stream's state
+    as of ``seq``) or ``"gap"`` (updates may have been missed: from the
+    server, or noticed by the client: ``data["reason"]`` says why);
+    ``raw`` is the frame's text as received (for a gap the client noticed
+    itself, a frame of the same shape as the server's gap notice).
+    """
+
+    stream: str
+    data: Any
+    seq: Optional[int]
+    kind: str
+    raw: str
+
+
+class ConnectionLost(ConnectionError):
+    """The connection dropped and the client was made with ``reconnect=False``."""
+
+
+def _gap_message(stream: str, reason: str, **extra: Any) -> Message:
+    data = {"e": "gap", "s": stream.rsplit(".", 1)[-1], "E": int(time.time() * 1_000_000),
+            "reason": reason}
+    data.update(extra)
+    raw = ujson.dumps({"stream": stream, "data": data}, escape_forward_slashes=False)
+    return Message(stream, data, None, GAP, raw)
+
+
+def _is_snapshot_data(data: Any) -> bool:
+    return isinstance(data, dict) and str(data.get("e", "")).endswith("Snapshot")
+
+
+class Client:
+    """Subscribe to ``streams`` at ``url`` and iterate over their messages.
+
+    ``snapshot``: False, True (every stream) or a list of streams for which
+    the server sends the stream's snapshot first.  ``since`` maps streams to
+    the last position already seen (resume from there at the first
+    connection).  ``reconnect``: reconnect after a lost connection (else
+    iteration raises :class:`ConnectionLost`); the delay before attempt
+    ``n`` is ``min(backoff[1], backoff[0] * 2 ** n)`` scaled by a random
+    factor in [0.5, 1].  ``on_state`` is called with ``"connecting"``,
+    ``"connected"``, ``"disconnected"`` and ``"closed"``.
+
+    On every reconnection the client subscribes again, with ``since`` set
+    to the last position it got on each recoverable stream, so the server
+    replays what was missed; frames it already has are dropped.  A position
+    that jumps without a gap notice from the server, and a plain stream
+    after a reconnection, are reported as a ``"gap"`` message.
+
+    Counters: ``connects``, ``reconnects`` (connections after the first),
+    ``resumes`` (reconnections that asked for a replay), ``gaps`` (gap
+    messages yielded), ``duplicates`` (frames dropped as already seen).
+    ``last_seq`` maps each stream to the last position yielded.
+
+    ::
+
+        async with Client("ws://127.0.0.1:4000/ws", ["trade.SOL_USDC"]) as client:
+            async for msg in client:
+                print(msg.stream, msg.seq, msg.data["p"])
+    """
+
+    def __init__(self, url: str, streams: Iterable[str],
+                 snapshot: Union[bool, Iterable[str]] = False,
+                 reconnect: bool = True, backoff: tuple = (0.1, 5.0),
+                 since: Optional[Dict[str, int]] = None,
+                 on_state: Optional[Callable[[str], None]] = None,
+                 connect_timeout: float = 10.0, ping_interval: Optional[float] = 20.0) -> None:
+        self.url = url
+        self.streams = list(dict.fromkeys(streams))
+        if not self.streams:
+            raise ValueError("no streams")
+        if snapshot is True:
+            self.snapshot_streams = set(self.streams)
+        elif snapshot is False or snapshot is None:
+            self.snapshot_streams = set()
+        else:
+            self.snapshot_streams = set(snapshot)
+        self.reconnect = reconnect
+        self.backoff = (float(backoff[0]), float(backoff[1]))
+        self.on_state = on_state
+        self.connect_timeout = connect_timeout
+        self.ping_interval = ping_interval
+        self.last_seq: Dict[str, int] = dict(since or {})
+        self.state = "idle"
+        self.connects = 0
+        self.reconnects = 0
+        self.resumes = 0
+        self.gaps = 0
+        self.duplicates = 0
+        self._ws: Optional[tornado.websocket.WebSocketClientConnection] = None
+        self._closed = False
+        self._attempt = 0
+        self._request_id = 0
+        self._pending: collections.deque = collections.deque()
+        self._want_snapshot: set = set()
+        self._after_gap: set = set()
+        self._seen: set = set()   # streams that delivered something on this client
+
+    # -- life cycle --------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is open."""
+        return self._ws is not None
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        if self.on_state is not None:
+            try:
+                self.on_state(state)
+            except Exception:  # a faulty callback must not break the stream
+                log.exception("state callback failed")
+
+    async def connect(self) -> None:
+        """Connect and subscribe once (iteration does this by itself).
+        Raises OSError / WebSocketError / HTTPClientError when it fails."""
+        self._set_state("connecting")
+        request = tornado.httpclient.HTTPRequest(
+            self.url, connect_timeout=self.connect_timeout, request_timeout=self.connect_timeout)
+        ws = await tornado.websocket.websocket_connect(request, ping_interval=self.ping_interval)
+        if self._closed:
+            ws.close()
+            raise ConnectionLost("client closed")
+        first = self.connects == 0
+        self.connects += 1
+        self._ws = ws
+        self._attempt = 0
+        since = {s: self.last_seq[s] for s in self.streams if s in self.last_seq}
+        snapshot = [s for s in self.streams if s in self.snapshot_streams and s not in since]
+        self._request_id += 1
+        request_body: Dict[str, Any] = {"method": "SUBSCRIBE", "params": self.streams,
+                                        "id": self._request_id}
+        if since:
+            request_body["since"] = since
+        if snapshot:
+            request_body["snapshot"] = snapshot
+        self._want_snapshot = set(snapshot)
+        self._after_gap = set()
+        if not first:
+            self.reconnects += 1
+            if since:
+                self.resumes += 1
+            # Plain streams cannot be replayed: say so.
+            for stream in self.streams:
+                if stream in self._seen and stream not in since and stream not in snapshot:
+                    self._report(_gap_message(stream, "reconnected; updates may have been missed"))
+        await ws.write_message(ujson.dumps(request_body, escape_forward_slashes=False))
+        self._set_state("connected")
+
+    async def close(self) -> None:
+        """Close the connection and end the iteration."""
+        self._closed = True
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            ws.close()
+        self._set_state("closed")
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    def _drop(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            ws.close()
+        if not self._closed:
+            self._set_state("disconnected")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before reconnection attempt ``attempt`` (0-based)."""
+        low, high = self.backoff
+        return min(high, low * 2 ** attempt) * random.uniform(0.5, 1.0)
+
+    async def _ensure_connected(self) -> None:
+        while self._ws is None:
+            if self._closed:
+                raise StopAsyncIteration
+            if self.connects and not self.reconnect:
+                raise ConnectionLost("connection to %s lost" % self.url)
+            if self._attempt or self.connects:
+                await asyncio.sleep(self.delay(self._attempt))
+                if self._closed:
+                    raise StopAsyncIteration
+            try:
+                await self.connect()
+            except ConnectionLost:
+                raise StopAsyncIteration
+            except (OSError, tornado.websocket.WebSocketError,
+                    tornado.httpclient.HTTPClientError, asyncio.TimeoutError) as exc:
+                self._attempt += 1
+                if not self.reconnect:
+                    raise
+                log.info("cannot connect to %s (%s); retrying", self.url, exc)
+                self._set_state("disconnected")
+
+    # -- messages ----------------------------------------------------------
+
+    def __aiter__(self) -> "Client":
+        return self
+
+    async def __anext__(self) -> Message:
+        while True:
+            if self._pending:
+                return self._pending.popleft()
+            await self._ensure_connected()
+            ws = self._ws
+            try:
+                frame = await ws.read_message()
+            except Exception as exc:  # tornado raises for some broken streams
+                log.info("connection to %s failed: %s", self.url, exc)
+                frame = None
+            if frame is None:
+                if ws is self._ws:
+                    self._drop()
+                continue
+            if isinstance(frame, bytes):
+                continue
+            self._handle(frame)
+
+    def _report(self, message: Message) -> None:
+        if message.kind == GAP:
+            self.gaps += 1
+        self._pending.append(message)
+
+    def _handle(self, frame: str) -> None:
+        """Turn one frame into zero or more queued messages."""
+        try:
+            obj = ujson.loads(frame)
+        except ValueError:
+            log.warning("ignoring a frame that is not JSON: %.80r", frame)
+            return
+        if not isinstance(obj, dict) or not isinstance(obj.get("stream"), str):
+            return   # a reply ({"result":..,"id":..}) or an error
+        stream, data, seq = obj["stream"], obj.get("data"), obj.get("seq")
+        self._seen.add(stream)
+        if isinstance(data, dict) and data.get("e") == "gap" and seq is None:
+            self._after_gap.add(stream)
+            self._want_snapshot.discard(stream)
+            self._report(Message(stream, data, None, GAP, frame))
+            return
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            self._want_snapshot.discard(stream)
+            self._pending.append(Message(stream, data, None, MESSAGE, frame))
+            return
+        last = self.last_seq.get(stream)
+        snapshot = stream in self._want_snapshot or _is_snapshot_data(data)
+        self._want_snapshot.discard(stream)
+        if snapshot:
+            self._after_gap.discard(stream)
+            self.last_seq[stream] = seq
+            self._pending.append(Message(stream, data, seq, SNAPSHOT, frame))
+            return
+        if last is not None and seq <= last:
+            self.duplicates += 1
+            return
+        if last is not None and seq != last + 1 and stream not in self._after_gap:
+            self._report(_gap_message(stream, "positions %d to %d missing" % (last + 1, seq - 1),
+                                      **{"from": last + 1, "to": seq - 1}))
+        self._after_gap.discard(stream)
+        self.last_seq[stream] = seq
+        self._pending.append(Message(stream, data, seq, MESSAGE, frame))
+
+
+# -- order book -----------------------------------------------------------------
+
+class BookGap(Exception):
+    """An update is missing: the book is no longer right until the next snapshot."""
+
+
+def _price(text: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        raise ValueError("invalid price %r" % (text,)) from None
+
+
+class OrderBook:
+    """An order book kept from a depth snapshot and Binance-style diffs.
+
+    Prices and quantities stay the strings received; levels are ordered by
+    their decimal value, best first.  Apply a snapshot (``depthSnapshot``
+    data: ``b``, ``a``, ``u``), then diffs (``depth`` data: ``U``, ``u``,
+    ``b``, ``a``; quantity ``"0"`` removes a level):
+
+    >>> book = OrderBook()
+    >>> book.apply_snapshot({"e": "depthSnapshot", "u": 10,
+    ...                      "b": [["99.5", "2"], ["100.0", "1"]], "a": [["100.5", "3"]]})
+    >>> book.apply({"e": "depth", "U": 11, "u": 12,
+    ...             "b": [["99.5", "0"], ["100.25", "4"]], "a": [["101", "1.5"]]})
+    True
+    >>> book.bids()
+    [['100.25', '4'], ['100.0', '1']]
+    >>> book.asks()
+    [['100.5', '3'], ['101', '1.5']]
+
+    Diffs already contained in the snapshot are skipped; a missing update
+    raises :class:`BookGap` and leaves the book unsynced until the next
+    snapshot:
+
+    >>> book.apply({"e": "depth", "U": 5, "u": 9, "b": [], "a": []})
+    False
+    >>> try:
+    ...     book.apply({"e": "depth", "U": 14, "u": 14, "b": [], "a": [["100.5", "0"]]})
+    ... except BookGap as exc:
+    ...     print("gap:", exc)
+    gap: depth: expected update 13, got 14..14
+    >>> book.synced
+    False
+
+    With positions (``seq``), continuity is also checked by position, and
+    :meth:`apply_message` takes a :class:`Message` of any kind:
+
+    >>> book = OrderBook()
+    >>> book.apply_message(Message("depth.X_Y", {"e": "depthSnapshot", "u": 3,
+    ...     "b": [["1", "1"]], "a": [["2", "1"]]}, 41, "snapshot", ""))
+    True
+    >>> book.apply({"e": "depth", "U": 4, "u": 4, "b": [["1", "5"]], "a": []}, seq=42)
+    True
+    >>> book.as_dict()
+    {'seq': 42, 'bids': [['1', '5']], 'asks': [['2', '1']]}
+
+    A stream followed from its very first update can start from an empty
+    book: ``OrderBook.empty()`` (a snapshot with no levels at ``u = 0``).
+    """
+
+    def __init__(self) -> None:
+        self._bids: Dict[Decimal, List[str]] = {}
+        self._asks: Dict[Decimal, List[str]] = {}
+        self.u: Optional[int] = None      # last update id applied
+        self.seq: Optional[int] = None    # last position applied (None: not known)
+        self.synced = False
+        self._first = False               # the next diff is the first after a snapshot
+
+    @classmethod
+    def empty(cls) -> "OrderBook":
+        """A synced book with no levels at update id 0."""
+        book = cls()
+        book.apply_snapshot({"b": [], "a": [], "u": 0})
+        return book
+
+    def apply_snapshot(self, data: Dict[str, Any], seq: Optional[int] = None) -> None:
+        """Replace the book with ``data`` (``b``, ``a``, ``u``) as of position ``seq``."""
+        self._bids = {}
+        self._asks = {}
+        self._update(self._bids, data.get("b", ()))
+        self._update(self._asks, data.get("a", ()))
+        self.u = int(data["u"])
+        self.seq = seq
+        self.synced = True
+        self._first = True
+
+    def apply(self, data: Dict[str, Any], seq: Optional[int] = None) -> bool:
+        """Apply one diff; True if applied, False if already contained in the
+        book.  Raises :class:`BookGap` (and unsyncs the book) when updates
+        are missing, and while the book waits for a snapshot."""
+        if not self.synced:
+            raise BookGap("depth: no snapshot applied")
+        first_id, last_id = int(data["U"]), int(data["u"])
+        if seq is not None and self.seq is not None:
+            if seq <= self.seq:
+                return False
+            if seq != self.seq + 1:
+                self.synced = False
+                raise BookGap("depth: expected position %d, got %d" % (self.seq + 1, seq))
+        if last_id <= self.u:
+            if seq is not None and self.seq is not None:
+                self.seq = seq   # a position without news for the book
+            return False
+        if (first_id > self.u + 1) or (not self._first and first_id != self.u + 1):
+            self.synced = False
+            raise BookGap("depth: expected update %d, got %d..%d" % (self.u + 1, first_id, last_id))
+        self._update(self._bids, data.get("b", ()))
+        self._update(self._asks, data.get("a", ()))
+        self.u = last_id
+        if seq is not None:
+            self.seq = seq
+        self._first = False
+        return True
+
+    def apply_message(self, message: Message) -> bool:
+        """Apply a :class:`Message` of a depth stream: a snapshot (``kind``
+        ``"snapshot"`` or ``data.e`` ``"depthSnapshot"``) replaces the book,
+        a gap unsyncs it, a diff is applied.  True if the book changed."""
+        data = message.data
+        if message.kind == GAP:
+            self.synced = False
+            return False
+        if message.kind == SNAPSHOT or _is_snapshot_data(data):
+            self.apply_snapshot(data, message.seq)
+            return True
+        return self.apply(data, message.seq)
+
+    @staticmethod
+    def _update(side: Dict[Decimal, List[str]], levels: Iterable) -> None:
+        for price, qty in levels:
+            key = _price(price)
+            if Decimal(qty) == 0:
+                side.pop(key, None)
+            else:
+                side[key] = [price, qty]
+
+    def bids(self, depth: Optional[int] = None) -> Levels:
+        """Bid levels, highest price first: ``[[price, qty], ...]``."""
+        return [list(self._bids[k]) for k in sorted(self._bids, reverse=True)[:depth]]
+
+    def asks(self, depth: Optional[int] = None) -> Levels:
+        """Ask levels, lowest price first: ``[[price, qty], ...]``."""
+        return [list(self._asks[k]) for k in sorted(self._asks)[:depth]]
+
+    def as_dict(self) -> Dict[str, Any]:
+        """``{"seq": ..., "bids": [...], "asks": [...]}`` (the shape of the
+        browser client's ``books`` entries)."""
+        return {"seq": self.seq, "bids": self.bids(), "asks": self.asks()}
+
+    def __repr__(self) -> str:
+        return "<OrderBook u=%s seq=%s %d bids %d asks%s>" % (
+            self.u, self.seq, len(self._bids), len(self._asks), "" if self.synced else " unsynced")

@@ -15,6 +15,7 @@ Any unknown section or key, or a value of the wrong type, raises
 :class:`ConfigError` naming where it came from (file, section and key).
 """
 
+import ast
 import configparser
 import dataclasses
 import math
@@ -122,8 +123,9 @@ def parse_listen(text):
     if "://" not in value:
         value = "ws://" + value
     parts = urllib.parse.urlsplit(value)
-    if parts.scheme not in ("ws", "http"):
-        raise ValueError("expected host:port or ws://host:port/path, got %r" % text)
+    if parts.scheme != "ws":
+        raise ValueError("expected host:port or ws://host:port/path, got %r "
+                         "(the server speaks plain ws://; terminate TLS in a proxy)" % text)
     try:
         port = parts.port
     except ValueError:
@@ -155,6 +157,7 @@ class ServerSettings:
     ping_timeout: float = setting("20", _float(0.1))
     min_flush_interval: float = setting("0", _float(0))
     fast_handshake: bool = setting("true", _bool)
+    demo_page: bool = setting("false", _bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,9 +244,34 @@ def _apply(raw, sources, section, key, text, origin):
     sources["%s.%s" % (section, key)] = origin
 
 
+def _describe_ini_error(path, exc):
+    """configparser's exception as "file, line N, [section] key: problem"."""
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return ("%s, line %d: %r comes before any [section] header"
+                % (path, exc.lineno, exc.line.strip()))
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return ("%s, line %d: [%s] %s: duplicate key (set it once)"
+                % (path, exc.lineno, exc.section, exc.option))
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return "%s, line %d: [%s]: duplicate section" % (path, exc.lineno, exc.section)
+    if isinstance(exc, configparser.ParsingError):
+        lineno, line = exc.errors[0]
+        try:  # configparser keeps the repr() of the line
+            line = ast.literal_eval(line)
+        except (ValueError, SyntaxError):
+            pass
+        return ("%s, line %d: %s is not \"key = value\" (only \"=\" separates a key "
+                "from its value)" % (path, lineno, line.strip()))
+    detail = " ".join(line.strip() for line in str(exc).splitlines())
+    return "%s: %s" % (path, detail)
+
+
 def read_ini(path):
     """Parse an INI file into {section: {key: text}}, or raise ConfigError."""
-    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
+    # Only "=" separates a key from its value: with ":" as well, a line like
+    # "listen 0.0.0.0:4000" (its "=" forgotten) would read as key "listen 0.0.0.0".
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",),
+                                       delimiters=("=",))
     parser.optionxform = str  # keys are case-sensitive, like the schema
     try:
         with open(path, encoding="utf-8") as handle:
@@ -253,8 +281,7 @@ def read_ini(path):
     except UnicodeDecodeError as exc:
         raise ConfigError("%s: not UTF-8 text (byte %d)" % (path, exc.start)) from None
     except configparser.Error as exc:
-        detail = " ".join(line.strip() for line in str(exc).splitlines())
-        raise ConfigError("%s: %s" % (path, detail)) from None
+        raise ConfigError(_describe_ini_error(path, exc)) from None
     if parser.defaults():
         raise ConfigError("%s: unknown section [%s]" % (path, parser.default_section))
     sections = {}
@@ -303,9 +330,4 @@ def load_settings(config_file=None, environ=None, overrides=None):
                     "%s: [%s] %s: %s" % (sources["%s.%s" % (section, key)], section, key, exc)
                 ) from None
         sections[section] = _SECTIONS[section](**values)
-    settings = Settings(sources=sources, **sections)
-    server = settings.server
-    if server.ping_interval and server.ping_timeout > server.ping_interval:
-        raise ConfigError("%s: [server] ping_timeout: must not exceed ping_interval (%s)"
-                          % (sources["server.ping_timeout"], server.ping_interval))
-    return settings
+    return Settings(sources=sources, **sections)

@@ -34,11 +34,12 @@ from marketstream import protocol
 from marketstream.channels import ChannelManager
 from marketstream.upgrade import Switched
 
-__all__ = ["StreamHandler", "HealthHandler", "MetricsHandler", "Context", "Keepalive", "routes",
-           "ws_paths",
+__all__ = ["StreamHandler", "HealthHandler", "MetricsHandler", "Context", "routes",
+           "ws_paths", "log_request", "STATIC_DIR",
            "CLOSE_GOING_AWAY", "CLOSE_POLICY", "CLOSE_TOO_BIG"]
 
 log = logging.getLogger("marketstream.connections")
+access_log = logging.getLogger("tornado.access")
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
@@ -126,7 +127,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self._opened_at = 0.0
         self._tokens = float(context.limits.messages_burst)
         self._tokens_at = 0.0
-        self.awaiting_pong = False
+        self.ping_sent = 0.0  # loop time of the oldest unanswered keepalive ping
         self.frame_loop = None
 
     # --- handshake -----------------------------------------------------------
@@ -150,6 +151,25 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             log.warning("refused %s: %s", self.request.remote_ip, reason)
             self.set_status(status)
             self.finish(reason)
+
+    async def get(self, *args, **kwargs):
+        if self.request.headers.get("Upgrade", "").lower() != "websocket":
+            self._plain_get()
+            return
+        await super().get(*args, **kwargs)
+
+    def _plain_get(self):
+        """A GET without Upgrade: the live market page on ``/`` when
+        ``[server] demo_page`` is on, else 426 saying what this endpoint is."""
+        if self.request.path == "/" and self.context.settings.server.demo_page:
+            self.set_header("Content-Type", "text/html; charset=utf-8")
+            self.set_header("Cache-Control", "no-cache")
+            self.finish(_page())
+            return
+        self.set_status(426)
+        self.set_header("Upgrade", "websocket")
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish("This is a WebSocket endpoint: connect with a WebSocket client.\n")
 
     def check_origin(self, origin):
         if self.context.origin_allowed(origin):
@@ -261,7 +281,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         return self._handle(request, reply=ctx.acks)
 
     def on_pong(self, data):
-        self.awaiting_pong = False
+        self.ping_sent = 0.0
 
     def on_close(self):
         ctx = self.context
@@ -274,8 +294,10 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             else:
                 ctx.per_ip.pop(ip, None)
         if self.identity is not None:
-            log.info("disconnect %s code=%s duration=%.1fs", self.identity,
-                     self.close_code, time.monotonic() - self._opened_at)
+            code = self.close_code
+            log.info("disconnect %s %s duration=%.1fs", self.identity,
+                     "no close frame" if code is None else "code=%d" % code,
+                     time.monotonic() - self._opened_at)
         self._ws = None
 
     # --- requests ------------------------------------------------------------
@@ -381,15 +403,13 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self.close(code, reason)
 
     def send_ping(self):
-        """Keepalive: ping, and remember that a pong is due."""
-        ws = self._ws
-        if ws is None or ws.server_terminated:
+        """Send a keepalive ping (see :mod:`marketstream.keepalive`)."""
+        if self._ws is None:
             return
-        self.awaiting_pong = True
         try:
-            ws.write_ping(b"")
-        except StreamClosedError:
-            pass
+            self.ping()
+        except (StreamClosedError, tornado.websocket.WebSocketClosedError):
+            pass  # on_close follows
         except StreamBufferFullError:
             self._slow_consumer()
 
@@ -418,48 +438,6 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
 
     def __repr__(self):
         return "<StreamHandler %s>" % self.identity
-
-
-class Keepalive:
-    """One periodic sweep pings every client; clients that have not answered
-    the previous ping within ``timeout`` seconds are closed.
-
-    Cheaper than Tornado's per-connection ping task: one timer per process,
-    one boolean per connection.
-    """
-
-    def __init__(self, context, interval, timeout):
-        self.context = context
-        self.interval = interval
-        self.timeout = timeout
-        self._timer = None
-        self._check = None
-
-    def start(self):
-        if self.interval > 0:
-            self._timer = tornado.ioloop.PeriodicCallback(self.sweep, self.interval * 1000)
-            self._timer.start()
-
-    def stop(self):
-        if self._timer is not None:
-            self._timer.stop()
-        if self._check is not None:
-            tornado.ioloop.IOLoop.current().remove_timeout(self._check)
-            self._check = None
-
-    def sweep(self):
-        for conn in list(self.context.manager.connections):
-            conn.send_ping()
-        self._check = tornado.ioloop.IOLoop.current().call_later(self.timeout, self.expire)
-
-    def expire(self):
-        self._check = None
-        for conn in list(self.context.manager.connections):
-            if conn.awaiting_pong:
-                self.context.closed["ping_timeout"] += 1
-                log.info("closing %s: no pong within %.1fs", conn.identity, self.timeout)
-                self.context.manager.remove(conn)
-                conn.close_for(CLOSE_GOING_AWAY, "ping timeout")
 
 
 class HealthHandler(tornado.web.RequestHandler):
@@ -495,6 +473,31 @@ class MetricsHandler(tornado.web.RequestHandler):
         self.finish(self.exporter.render())
 
 
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+
+def _page():
+    """The live market page (read once; it ships inside the package)."""
+    global _PAGE
+    if _PAGE is None:
+        with open(os.path.join(STATIC_DIR, "index.html"), "rb") as handle:
+            _PAGE = handle.read()
+    return _PAGE
+
+
+_PAGE = None
+
+
+def log_request(handler):
+    """Tornado's access log, quieter: refusals are logged where they are
+    decided, so only server errors are worth a warning here."""
+    status = handler.get_status()
+    request = handler.request
+    level = logging.ERROR if status >= 500 and status != 503 else logging.DEBUG
+    access_log.log(level, "%d %s %s (%s) %.1fms", status, request.method, request.uri,
+                   request.remote_ip, 1000.0 * request.request_time())
+
+
 def ws_paths(settings):
     """The paths that serve WebSocket: /, /ws, /stream and the configured one."""
     paths = ["/", "/ws", "/stream"]
@@ -507,6 +510,7 @@ def routes(context, exporter=None):
     """The URL map for one process."""
     table = [(path, StreamHandler, {"context": context}) for path in ws_paths(context.settings)]
     table.append(("/health", HealthHandler, {"context": context}))
+    table.append((r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}))
     if exporter is not None:
         table.append(("/metrics", MetricsHandler, {"exporter": exporter}))
     return table

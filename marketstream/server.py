@@ -28,8 +28,9 @@ from marketstream import __version__, metrics
 from marketstream.channels import ChannelManager
 from marketstream.config import ConfigError, load_settings
 from marketstream.embedded import RedisServer
-from marketstream.handlers import (CLOSE_GOING_AWAY, Context, Keepalive, StreamHandler, routes,
+from marketstream.handlers import (CLOSE_GOING_AWAY, Context, StreamHandler, log_request, routes,
                                    ws_paths)
+from marketstream.keepalive import Keepalive
 from marketstream.metrics import Exporter
 from marketstream.upgrade import StreamServer, defer_accept
 from marketstream.workers import supervise, worker_id
@@ -46,7 +47,8 @@ def make_app(settings, manager=None):
     context = Context(settings, manager)
     exporter = Exporter(context.manager, context)
     app = tornado.web.Application(routes(context, exporter),
-                                  websocket_max_message_size=settings.limits.max_frame_bytes)
+                                  websocket_max_message_size=settings.limits.max_frame_bytes,
+                                  log_function=log_request)
     app.context = context
     app.exporter = exporter
     return app
@@ -54,10 +56,23 @@ def make_app(settings, manager=None):
 
 def _listening_sockets(settings):
     """Bind the server's port; connections are handed over once their
-    request has arrived (see :func:`~marketstream.upgrade.defer_accept`)."""
-    sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
+    request has arrived (see :func:`~marketstream.upgrade.defer_accept`).
+    Raises OSError naming the address when it cannot be bound."""
+    try:
+        sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
+    except OSError as exc:
+        raise OSError(exc.errno, "cannot listen on %s:%d: %s"
+                      % (settings.host, settings.port, exc.strerror)) from None
     defer_accept(sockets)
     return sockets
+
+
+def _bound_port(settings, sockets):
+    """Settings with the port the sockets really got (for ``port 0``)."""
+    port = sockets[0].getsockname()[1]
+    if port == settings.port:
+        return settings
+    return settings.replace("server", listen=(settings.host, port, settings.ws_path))
 
 
 def _fit_connection_limit(settings):
@@ -99,8 +114,15 @@ class Server:
             min_flush_interval=settings.server.min_flush_interval))
         await self.manager.start()
         self.app = make_app(settings, self.manager)
-        self.keepalive = Keepalive(self.app.context, settings.server.ping_interval,
-                                   settings.server.ping_timeout)
+        context = self.app.context
+
+        def timed_out(conn):
+            context.closed["ping_timeout"] += 1
+            context.manager.remove(conn)
+
+        self.keepalive = Keepalive(lambda: context.manager.connections,
+                                   settings.server.ping_interval, settings.server.ping_timeout,
+                                   on_timeout=timed_out)
         self.keepalive.start()
         self.app.exporter.start()
         websocket = None
@@ -108,10 +130,12 @@ class Server:
             websocket = (ws_paths(settings), StreamHandler, {"context": self.app.context})
         self.http_server = StreamServer(self.app, websocket=websocket,
                                         xheaders=settings.server.xheaders)
-        self.http_server.add_sockets(sockets or _listening_sockets(settings))
+        sockets = sockets or _listening_sockets(settings)
+        settings = self.settings = _bound_port(settings, sockets)
+        self.http_server.add_sockets(sockets)
         worker = worker_id()
-        log.info("marketstream %s listening on ws://%s:%d/ (pid %d%s, Redis %s)", __version__,
-                 settings.host, settings.port, os.getpid(),
+        log.info("marketstream %s listening on ws://%s:%d%s (pid %d%s, Redis %s)", __version__,
+                 settings.host, settings.port, settings.ws_path or "/", os.getpid(),
                  "" if worker is None else ", worker %d" % worker, self.manager.redacted_url())
 
     def add_task(self, coroutine):
@@ -199,6 +223,7 @@ def settings_from_args(args, environ=None):
         # The demo always runs on its own embedded Redis.
         environ.pop("REDIS_URL", None)
         overrides["redis.url"] = ""
+        overrides.setdefault("server.demo_page", "true")
     return load_settings(args.config, environ, overrides)
 
 
@@ -213,13 +238,19 @@ def configure_logging(settings):
 
 def _demo_banner(settings):
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    url = "ws://%s:%d/ws" % (host, settings.port)
+    base = "%s:%d" % ("[%s]" % host if ":" in host else host, settings.port)
+    ws_url = "ws://%s%s" % (base, settings.ws_path or "/ws")
+    page = ("  Page:      http://%s/\n" % base) if settings.server.demo_page else ""
     print("\nmarketstream demo is running.\n"
+          "%s"
           "  WebSocket: %s\n"
           "  Subscribe: {\"method\":\"SUBSCRIBE\",\"params\":[\"trade.BTC_USDT\",\"depth.BTC_USDT\","
           "\"ticker.BTC_USDT\"],\"id\":1}\n"
-          "  Health:    http://%s:%d/health\n"
-          "Press Ctrl-C to stop.\n" % (url, host, settings.port), flush=True)
+          "  Health:    http://%s/health\n"
+          "  Redis:     %s\n"
+          "  Check it:  python scripts/smoke_test.py --ws-url %s --redis-url %s\n"
+          "Press Ctrl-C to stop.\n" % (page, ws_url, base, settings.redis.url, ws_url,
+                                       settings.redis.url), flush=True)
 
 
 async def _serve(settings, demo=False, sockets=None):
@@ -232,7 +263,7 @@ async def _serve(settings, demo=False, sockets=None):
         while not run.done() and server.http_server is None:
             await asyncio.sleep(0.05)
         if not run.done():
-            _demo_banner(settings)
+            _demo_banner(server.settings)
     await run
 
 
@@ -259,6 +290,9 @@ def main(argv=None):
     embedded = None
     code = 0
     try:
+        # The port first: a port in use must not cost an embedded Redis start.
+        sockets = _listening_sockets(settings)
+        settings = _bound_port(settings, sockets)
         if not settings.redis.url:
             embedded = RedisServer().start()
             settings = settings.replace("redis", url=embedded.url)
@@ -266,10 +300,9 @@ def main(argv=None):
                         "(publish there; set REDIS_URL in production)", embedded.url)
         processes = settings.server.processes or os.cpu_count() or 1
         if processes == 1:
-            asyncio.run(_serve(settings, args.demo))
+            asyncio.run(_serve(settings, args.demo, sockets))
         else:
             _check_redis(settings.redis.url)
-            sockets = _listening_sockets(settings)
             metrics_dir = metrics.enable_multiprocess()
             try:
                 code = supervise(

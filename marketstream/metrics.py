@@ -34,10 +34,14 @@ import shutil
 import tempfile
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
-                               Histogram, generate_latest, multiprocess, values)
+                               Histogram, disable_created_metrics, generate_latest,
+                               multiprocess, values)
 
 __all__ = ["Exporter", "enable_multiprocess", "disable_multiprocess", "mark_process_dead",
            "CONTENT_TYPE_LATEST"]
+
+# The *_created series (a timestamp per counter) are noise on a dashboard.
+disable_created_metrics()
 
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -190,7 +190,7 @@ class Publisher:
     def _run_pipeline(self, calls: list) -> list:
         pipe = self.client.pipeline(transaction=False)
         for keys, args in calls:
-            pipe.evalsha(SCRIPT_SHA, 3, *keys, *args)
+            pipe.execute_command("EVALSHA", SCRIPT_SHA, 3, *keys, *args)
         return list(pipe.execute(raise_on_error=False))
 
     def close(self) -> None:
@@ -248,7 +248,7 @@ class AsyncPublisher:
     async def _run_pipeline(self, calls: list) -> list:
         pipe = self.client.pipeline(transaction=False)
         for keys, args in calls:
-            pipe.evalsha(SCRIPT_SHA, 3, *keys, *args)
+            pipe.execute_command("EVALSHA", SCRIPT_SHA, 3, *keys, *args)
         return list(await pipe.execute(raise_on_error=False))
 
     async def aclose(self) -> None:

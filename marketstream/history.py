@@ -1,0 +1,142 @@
+"""Reading what recoverable publishers stored: positions, history, snapshots.
+
+The server side of ``marketstream/recovery.lua`` (see
+:mod:`marketstream.publisher`).  Every function takes a ``redis.asyncio``
+client, a plain ``Redis`` or a ``RedisCluster`` (a stream's keys share its
+name as hash tag, so each call touches one slot)::
+
+    seq, frame = split_position(payload)          # per live message, no JSON parse
+    frames, covered = await read_after(client, "trade.SOL_USDC", 1042, limit=1000)
+    if not covered:
+        ...                                       # gap notice, then the snapshot:
+    snapshot = await read_snapshot(client, "depth.SOL_USDC")   # (seq, frame) or None
+    latest = await latest_position(client, "trade.SOL_USDC")   # int or None
+
+Frames are returned as bytes exactly as clients receive them:
+``{"stream":S,"data":...,"seq":N}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marketstream.publisher import stream_keys
+
+__all__ = ["latest_position", "read_after", "read_snapshot", "split_position"]
+
+_MAX_DIGITS = 19
+
+
+def split_position(payload: bytes) -> tuple[int | None, bytes]:
+    """``(seq, frame)`` of a published payload ``@<seq> <frame>``, or
+    ``(None, payload)`` for a plain one (which starts with ``{``)::
+
+        >>> split_position(b'@1042 {"stream":"t.A_B","data":{},"seq":1042}')
+        (1042, b'{"stream":"t.A_B","data":{},"seq":1042}')
+        >>> split_position(b'{"stream":"t.A_B","data":{}}')
+        (None, b'{"stream":"t.A_B","data":{}}')
+        >>> split_position(b'@oops {}')
+        (None, b'@oops {}')
+    """
+    if payload[:1] == b"@":
+        space = payload.find(b" ", 1, _MAX_DIGITS + 2)
+        if space > 1:
+            digits = payload[1:space]
+            if digits.isdigit():
+                return int(digits), payload[space + 1:]
+    return None, payload
+
+
+def _bytes(value: Any) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
+def _entries(raw: list, latest: int) -> list[tuple[int, bytes]]:
+    """History entries as ``(seq, frame)``, up to ``latest``."""
+    frames = []
+    for entry_id, fields in raw:
+        seq = int(_bytes(entry_id).split(b"-", 1)[0])
+        if seq > latest:
+            break
+        payload = fields.get(b"p")
+        if payload is None:
+            payload = fields.get("p", b"")
+        frames.append((seq, split_position(_bytes(payload))[1]))
+    return frames
+
+
+async def read_after(client: Any, stream: str, after_seq: int,
+                     limit: int) -> tuple[list[tuple[int, bytes]], bool]:
+    """The messages of ``stream`` after position ``after_seq``, and whether
+    they are complete.
+
+    Returns ``(frames, covered)``; ``frames`` is a list of ``(seq, frame)``
+    in order, all with ``after_seq < seq <= latest``, where ``latest`` is the
+    stream's position read in the same transaction as the history.
+
+    ``covered`` is True when delivering ``frames`` and then live messages
+    (``seq > latest``) loses nothing:
+
+    - ``after_seq >= latest`` (the client is up to date, or ahead): covered,
+      ``frames`` is empty -- live only;
+    - else covered iff ``latest - after_seq <= limit`` and the history holds
+      every position ``after_seq + 1 .. latest``; ``frames`` are those
+      messages.
+
+    ``covered`` is False when
+
+    - the stream has no position key (never published recoverably, expired,
+      or lost in a Redis restart): ``frames`` is empty.  A caller that wants
+      to treat such a stream as plain can check :func:`latest_position`;
+    - the history no longer reaches back to ``after_seq + 1`` (trimmed,
+      ``history=0``, or reset: positions then jumped forward past
+      ``after_seq + 1``);
+    - more than ``limit`` messages are missing.
+
+    In these cases ``frames`` holds the newest messages the history still
+    has after ``after_seq`` (at most ``limit``, contiguous up to
+    ``latest``), for a client that has no snapshot to start from.
+
+    Costs one round trip (GET + XRANGE ... COUNT limit+1 in MULTI), plus one
+    XREVRANGE only when more than ``limit`` messages are missing.
+    """
+    if after_seq < 0 or limit < 0:
+        raise ValueError("after_seq and limit must be >= 0")
+    seq_key, log_key, _ = stream_keys(stream)
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.get(seq_key)
+        pipe.xrange(log_key, min="%d-0" % (after_seq + 1), max="+", count=limit + 1)
+        latest_raw, raw = await pipe.execute()
+    if latest_raw is None:
+        return [], False
+    latest = int(latest_raw)
+    if after_seq >= latest:
+        return [], True
+    frames = _entries(raw, latest)
+    missing = latest - after_seq
+    if missing <= limit:
+        covered = (len(frames) == missing and frames[0][0] == after_seq + 1
+                   and frames[-1][0] == latest)
+        return frames, covered
+    if limit == 0:
+        return [], False
+    raw = await client.xrevrange(log_key, max="%d-0" % latest,
+                                 min="%d-0" % (after_seq + 1), count=limit)
+    raw.reverse()
+    return _entries(raw, latest), False
+
+
+async def read_snapshot(client: Any, stream: str) -> tuple[int, bytes] | None:
+    """The stream's snapshot as ``(seq, frame)``: the state after message
+    ``seq``; None if it has none (or it expired)."""
+    payload = await client.get(stream_keys(stream)[2])
+    if payload is None:
+        return None
+    seq, frame = split_position(_bytes(payload))
+    return None if seq is None else (seq, frame)
+
+
+async def latest_position(client: Any, stream: str) -> int | None:
+    """The position of the stream's last message, or None if it has none."""
+    value = await client.get(stream_keys(stream)[0])
+    return None if value is None else int(value)

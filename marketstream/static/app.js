@@ -1,0 +1,248 @@
+// The live market page: order book ladder, trade tape, tickers, connection and stream state.
+// Query parameters: ?market=ETH_USDT (selected market), ?markets=A_B,C_D (the selector),
+// ?ws=ws://host:port/ws (another server; default: this page's host, path /ws).
+// The client is window.marketstream (see marketstream.js): connected, lastSeq, books.
+import {MarketStream} from "./marketstream.js";
+
+const DEMO_MARKETS = ["BTC_USDT", "ETH_USDT", "SOL_USDT", "SOL_USDC"];
+const LEVELS = 15;        // ladder rows per side
+const TAPE_ROWS = 40;
+const LOG_ROWS = 40;
+
+const query = new URLSearchParams(location.search);
+const markets = (query.get("markets") || "").split(",").map((m) => m.trim()).filter(Boolean);
+if (!markets.length) markets.push(...DEMO_MARKETS);
+let market = markets.includes(query.get("market")) ? query.get("market") : markets[0];
+const wsUrl = query.get("ws") || `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+
+const client = new MarketStream({staleAfter: 3000});
+window.marketstream = client;
+
+const $ = (id) => document.getElementById(id);
+const tickers = new Map();   // market -> last ticker data
+let trades = [];             // newest first, selected market
+const dirty = {book: true, tape: true, ticker: true, markets: true};
+
+// -- helpers ----------------------------------------------------------------
+
+function decimals(text) {
+  const dot = text.indexOf(".");
+  return dot < 0 ? 0 : text.length - dot - 1;
+}
+
+function clock(ms) {
+  const d = new Date(ms);
+  return d.toTimeString().slice(0, 8) + "." + String(d.getMilliseconds()).padStart(3, "0");
+}
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function change(data) {
+  const open = Number(data.o), last = Number(data.c);
+  const diff = last - open;
+  const pct = open ? (diff / open) * 100 : 0;
+  const sign = diff > 0 ? "+" : diff < 0 ? "−" : "";
+  return {text: `${sign}${Math.abs(diff).toFixed(decimals(data.c))} (${sign}${Math.abs(pct).toFixed(2)}%)`,
+          cls: diff > 0 ? "up" : diff < 0 ? "down" : ""};
+}
+
+function log(text, cls = "") {
+  const list = $("log");
+  const item = el("li", cls);
+  item.append(el("time", "", clock(Date.now()).slice(0, 8)), " " + text);
+  list.prepend(item);
+  while (list.children.length > LOG_ROWS) list.lastChild.remove();
+}
+
+// -- subscriptions ------------------------------------------------------------
+
+function marketStreams(m) {
+  return [`trade.${m}`, `depth.${m}`];
+}
+
+function select(next) {
+  if (next === market && client.book(`depth.${market}`)) return;
+  client.unsubscribe(marketStreams(market));
+  market = next;
+  trades = [];
+  client.subscribe(marketStreams(market));
+  const url = new URL(location.href);
+  url.searchParams.set("market", market);
+  history.replaceState(null, "", url);
+  Object.assign(dirty, {book: true, tape: true, ticker: true, markets: true});
+}
+
+// -- rendering ------------------------------------------------------------------
+
+function renderMarkets() {
+  const nav = $("markets");
+  if (nav.children.length !== markets.length) {
+    nav.replaceChildren(...markets.map((m) => {
+      const button = el("button", "market");
+      button.dataset.market = m;
+      button.append(el("span", "name", m.replace("_", "/")), el("span", "price", "—"), el("span", "pct", ""));
+      button.addEventListener("click", () => select(m));
+      return button;
+    }));
+  }
+  for (const button of nav.children) {
+    const data = tickers.get(button.dataset.market);
+    button.classList.toggle("selected", button.dataset.market === market);
+    if (!data) continue;
+    const ch = change(data);
+    button.querySelector(".price").textContent = data.c;
+    const pct = button.querySelector(".pct");
+    pct.textContent = ch.text.replace(/^.*\(/, "").replace(")", "");
+    pct.className = "pct " + ch.cls;
+  }
+}
+
+function renderTicker() {
+  const data = tickers.get(market);
+  $("ticker-market").textContent = market.replace("_", "/");
+  if (!data) {
+    for (const id of ["last", "change", "high", "low", "volume", "quote-volume", "trade-count"]) $(id).textContent = "—";
+    return;
+  }
+  const [base, quote] = market.split("_");
+  const ch = change(data);
+  $("last").textContent = data.c;
+  $("last").className = ch.cls;
+  $("change").textContent = ch.text;
+  $("change").className = "change " + ch.cls;
+  $("high").textContent = data.h;
+  $("low").textContent = data.l;
+  $("volume").textContent = `${data.v} ${base}`;
+  $("quote-volume").textContent = `${data.V} ${quote}`;
+  $("trade-count").textContent = String(data.n);
+}
+
+function ladderRows(levels, side, maxTotal, qtyDecimals) {
+  let total = 0;
+  const rows = levels.map(([price, qty]) => {
+    total += Number(qty);
+    const row = el("div", `row ${side}`);
+    const bar = el("span", "bar");
+    bar.style.width = `${maxTotal ? (total / maxTotal) * 100 : 0}%`;
+    row.append(bar, el("span", "price", price), el("span", "qty", qty), el("span", "total", total.toFixed(qtyDecimals)));
+    return row;
+  });
+  return rows;
+}
+
+function renderBook() {
+  const book = client.book(`depth.${market}`);
+  const bids = book ? book.top("bids", LEVELS) : [];
+  const asks = book ? book.top("asks", LEVELS) : [];
+  const sum = (levels) => levels.reduce((acc, [, q]) => acc + Number(q), 0);
+  const maxTotal = Math.max(sum(bids), sum(asks));
+  const qtyDecimals = Math.max(0, ...[...bids, ...asks].map(([, q]) => decimals(q)));
+  $("asks").replaceChildren(...ladderRows(asks, "ask", maxTotal, qtyDecimals).reverse());
+  $("bids").replaceChildren(...ladderRows(bids, "bid", maxTotal, qtyDecimals));
+  if (bids.length && asks.length) {
+    const spread = Number(asks[0][0]) - Number(bids[0][0]);
+    const mid = (Number(asks[0][0]) + Number(bids[0][0])) / 2;
+    $("spread").textContent = `spread ${spread.toFixed(decimals(asks[0][0]))} (${(spread / mid * 1e4).toFixed(2)} bp)`;
+  } else {
+    $("spread").textContent = "—";
+  }
+}
+
+function renderTape() {
+  $("tape").replaceChildren(...trades.map((t) => {
+    // m: the buyer is the maker, so the aggressor (taker) sold.
+    const row = el("div", `row ${t.m ? "sell" : "buy"}`);
+    row.title = t.m ? "sell (buyer is maker)" : "buy (seller is maker)";
+    row.append(el("span", "price", t.p), el("span", "qty", t.q), el("span", "time", clock(t.T)));
+    return row;
+  }));
+}
+
+function renderStatus() {
+  const conn = $("connection");
+  conn.dataset.state = client.state;
+  $("connection-state").textContent = client.state;
+  $("reconnects").textContent = client.reconnects;
+  $("resumes").textContent = client.resumes;
+  const streams = client.streams;
+  const status = (name) => (streams[name] ? streams[name].status : "syncing");
+  for (const [id, label, name] of [["book", "book-status", `depth.${market}`],
+                                   ["tape-panel", "tape-status", `trade.${market}`],
+                                   ["ticker", "ticker-status", `ticker.${market}`]]) {
+    $(id).dataset.status = status(name);
+    $(label).textContent = status(name);
+  }
+  const body = $("streams");
+  const names = Object.keys(streams).sort();
+  if (body.children.length !== names.length || [...body.children].some((row, i) => row.dataset.stream !== names[i])) {
+    body.replaceChildren(...names.map((name) => {
+      const row = el("tr");
+      row.dataset.stream = name;
+      row.append(el("td", "name", name), el("td", "status"), el("td", "seq"), el("td", "rate"), el("td", "gaps"));
+      return row;
+    }));
+  }
+  for (const row of body.children) {
+    const s = streams[row.dataset.stream];
+    row.dataset.status = s.status;
+    row.children[1].textContent = s.status;
+    row.children[2].textContent = s.lastSeq ?? "—";
+    row.children[3].textContent = s.rate.toFixed(1);
+    row.children[4].textContent = s.gaps;
+  }
+}
+
+function render() {
+  if (dirty.markets) renderMarkets();
+  if (dirty.ticker) renderTicker();
+  if (dirty.book) renderBook();
+  if (dirty.tape) renderTape();
+  renderStatus();
+  dirty.markets = dirty.ticker = dirty.book = dirty.tape = false;
+}
+
+// -- events -----------------------------------------------------------------------
+
+client.addEventListener("message", (event) => {
+  const {stream, data} = event.detail;
+  if (data.e === "ticker") {
+    tickers.set(data.s, data);
+    dirty.markets = true;
+    if (data.s === market) dirty.ticker = true;
+  } else if (data.e === "trade" && stream === `trade.${market}`) {
+    trades.unshift(data);
+    if (trades.length > TAPE_ROWS) trades.length = TAPE_ROWS;
+    dirty.tape = true;
+  }
+});
+client.addEventListener("book", (event) => {
+  if (event.detail.stream === `depth.${market}`) dirty.book = true;
+});
+client.addEventListener("state", (event) => {
+  const {state, delay} = event.detail;
+  if (state === "reconnecting" && delay !== undefined) log(`reconnecting in ${(delay / 1000).toFixed(1)} s`, "warn");
+  else if (state === "open") log(client.reconnects ? `reconnected (${client.reconnects})` : `connected to ${wsUrl}`, "ok");
+  else if (state !== "reconnecting") log(state);
+});
+client.addEventListener("gap", (event) => {
+  const {stream, reason, expected, got} = event.detail;
+  log(`gap on ${stream}: ${reason}${expected !== undefined ? ` (expected ${expected}, got ${got})` : ""}`, "bad");
+  dirty.book = true;
+});
+client.addEventListener("resume", (event) => log(`resumed ${event.detail.stream} after seq ${event.detail.since}`, "ok"));
+client.addEventListener("status", (event) => {
+  const {stream, status} = event.detail;
+  if (status === "stale") log(`${stream}: no data for ${client.options.staleAfter / 1000} s`, "warn");
+  dirty.book = true;
+});
+
+client.connect(wsUrl);
+client.subscribe(markets.map((m) => `ticker.${m}`), {snapshot: true});
+client.subscribe(marketStreams(market));
+render();
+setInterval(render, 100);

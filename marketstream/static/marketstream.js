@@ -1,0 +1,504 @@
+/**
+ * marketstream.js: a browser client for marketstream (plain ES module, no build step,
+ * no dependencies).  Serve it from the server (`/static/marketstream.js`) or copy it.
+ *
+ *     import {MarketStream} from "/static/marketstream.js";
+ *
+ *     const client = new MarketStream();                      // options below
+ *     client.addEventListener("state", (e) => console.log(e.detail.state));
+ *     client.addEventListener("message", (e) => {
+ *       const {stream, data, seq} = e.detail;                  // seq: undefined on plain streams
+ *       if (data.e === "trade") console.log(stream, data.p, data.q, data.m ? "sell" : "buy");
+ *     });
+ *     client.addEventListener("book", (e) => {
+ *       const {stream, book} = e.detail;                       // book: an OrderBook
+ *       console.log(stream, book.top("bids", 1), book.top("asks", 1));
+ *     });
+ *     client.addEventListener("gap", (e) => console.warn("missed updates on", e.detail.stream));
+ *     client.connect("ws://127.0.0.1:4000/ws");
+ *     client.subscribe(["trade.BTC_USDT", "depth.BTC_USDT"]);   // depth: snapshot + diffs
+ *     client.unsubscribe(["trade.BTC_USDT"]);
+ *     client.close();
+ *
+ * What it does for you:
+ *
+ * - Reconnects after any disconnect with jittered exponential backoff
+ *   (`minDelay` .. `maxDelay` ms) and subscribes again.  Streams that carry
+ *   positions (`"seq"` on every frame) are resumed with `since` = the last
+ *   position applied, so the server replays what was missed, each message once.
+ *   Frames at or below the last position (duplicates) are dropped.
+ * - Order books for `depth.*` streams: it asks for a snapshot
+ *   (`{"e":"depthSnapshot","u":N,"b":[...],"a":[...]}`), then applies diffs
+ *   (quantity "0" removes a level), checking continuity by `seq` (+1 per
+ *   message) and by the diffs' update ids (`U` == previous `u` + 1).  On a gap
+ *   notice (`data.e == "gap"`) or a broken continuity the stream is marked
+ *   gapped and a new snapshot is requested (UNSUBSCRIBE + SUBSCRIBE with
+ *   snapshot) unless one arrives by itself.
+ * - Plain streams (no `seq`, no snapshots, e.g. an existing engine publishing
+ *   with PUBLISH) work too: books are built from diffs alone by the `U`/`u`
+ *   rules and marked "partial" (levels not changed since the client joined
+ *   are missing).
+ * - A stream with no message for `staleAfter` ms is marked "stale".
+ *
+ * Options: `{url, minDelay: 250, maxDelay: 5000, staleAfter: 5000,
+ * snapshotWait: 3000, snapshot: (stream) => stream.startsWith("depth.")}`.
+ * `subscribe(streams, {snapshot: true | false})` overrides the default choice.
+ *
+ * Events (all CustomEvent, data in `event.detail`):
+ *   state      {state: "connecting"|"open"|"reconnecting"|"closed", reconnects, resumes, delay?}
+ *              (also dispatched under the state's own name: "open", "reconnecting", ...)
+ *   message    {stream, data, seq}              every frame applied (not duplicates)
+ *   gap        {stream, reason, expected?, got?} missed updates (notice or broken continuity)
+ *   book       {stream, book}                   an order book changed
+ *   status     {stream, status}                 "syncing"|"live"|"partial"|"gapped"|"stale"
+ *   resume     {stream, since}                  a resumed stream continued without a gap
+ *
+ * Read-only state: `connected`, `state`, `reconnects` (connections re-established),
+ * `resumes` (streams resumed without a gap), `lastSeq` (stream -> last position
+ * applied), `books` (stream -> `{seq, u, status, bids: [[price, qty], ...],
+ * asks: [...]}`, best first, strings as received), `streams` (stream -> its
+ * statistics: status, count, rate, lastSeq, gaps, lastAt).
+ */
+
+const SIDES = ["bids", "asks"];
+
+function isZero(qty) {
+  return Number(qty) === 0;
+}
+
+/**
+ * An order book kept from a depth snapshot plus Binance-style diffs.
+ *
+ *     const book = new OrderBook();
+ *     book.applySnapshot({e: "depthSnapshot", u: 41, b: [["100.1", "2"]], a: [["100.2", "1"]]}, 7);
+ *     book.applyDiff({e: "depth", U: 42, u: 42, b: [["100.1", "0"]], a: []}, 8);  // "applied"
+ *     book.top("bids", 10);   // [] ; book.top("asks", 1) -> [["100.2", "1"]]
+ *
+ * `applyDiff` returns "applied", "stale" (already included: ignored) or
+ * "broken" (a diff is missing: the book must be rebuilt from a snapshot).
+ * Without a snapshot the first diff starts a "partial" book.
+ */
+export class OrderBook {
+  constructor() {
+    this.clear();
+  }
+
+  /** Forget everything (status "empty"). */
+  clear() {
+    this.bids = new Map();   // price string -> quantity string
+    this.asks = new Map();
+    this.u = null;           // last update id applied
+    this.seq = null;         // position of the last message applied (recoverable streams)
+    this.status = "empty";   // "empty" | "synced" | "partial"
+    this._fresh = false;     // true between a snapshot and the first diff applied after it
+  }
+
+  /** Replace the book with a snapshot `{u, b, a}` taken at position `seq`. */
+  applySnapshot(data, seq) {
+    this.bids = new Map();
+    this.asks = new Map();
+    for (const [price, qty] of data.b || []) if (!isZero(qty)) this.bids.set(price, qty);
+    for (const [price, qty] of data.a || []) if (!isZero(qty)) this.asks.set(price, qty);
+    this.u = data.u ?? null;
+    this.seq = seq ?? null;
+    this.status = "synced";
+    this._fresh = true;
+  }
+
+  /** Apply one diff `{U, u, b, a}` (at position `seq`, if any). */
+  applyDiff(data, seq) {
+    const first = data.U, last = data.u;
+    if (this.status === "empty") {
+      this.status = "partial";
+    } else if (this.u !== null && last !== undefined && last <= this.u) {
+      return "stale";
+    } else if (this.u !== null && first !== undefined) {
+      // After a snapshot the first diff may straddle it (U <= u+1 <= u');
+      // every later one must start right after the previous one.
+      const ok = this._fresh ? first <= this.u + 1 : first === this.u + 1;
+      if (!ok) return "broken";
+    }
+    if (seq != null && this.seq != null && this.status === "synced" && !this._fresh && seq !== this.seq + 1) {
+      return "broken";
+    }
+    for (const [price, qty] of data.b || []) isZero(qty) ? this.bids.delete(price) : this.bids.set(price, qty);
+    for (const [price, qty] of data.a || []) isZero(qty) ? this.asks.delete(price) : this.asks.set(price, qty);
+    if (last !== undefined) this.u = last;
+    this.seq = seq ?? null;
+    this._fresh = false;
+    return "applied";
+  }
+
+  /** The best `n` levels of "bids" or "asks" as [[price, qty], ...], best first. */
+  top(side, n = Infinity) {
+    const levels = [...this[side]];
+    levels.sort(side === "bids" ? (x, y) => Number(y[0]) - Number(x[0]) : (x, y) => Number(x[0]) - Number(y[0]));
+    return n < levels.length ? levels.slice(0, n) : levels;
+  }
+
+  /** `{seq, u, status, bids, asks}`, best first, strings as received. */
+  toJSON() {
+    return {seq: this.seq, u: this.u, status: this.status, bids: this.top("bids"), asks: this.top("asks")};
+  }
+}
+
+class StreamState {
+  constructor(name, snapshot) {
+    this.name = name;
+    this.isDepth = name.split(".")[0] === "depth";
+    this.snapshot = snapshot;      // ask for snapshots (on subscribe and after a gap)
+    this.book = this.isDepth ? new OrderBook() : null;
+    this.seq = null;               // last position applied
+    this.status = "syncing";
+    this.count = 0;                // messages applied
+    this.gaps = 0;
+    this.lastAt = 0;               // performance.now() of the last message
+    this.awaitingSnapshot = false; // a snapshot was asked for and has not come yet
+    this.snapshotTimer = null;
+    this.resumeFrom = null;        // position sent as `since` on the last resubscribe
+    this.plain = false;            // frames come without positions
+    this.snapshotTries = 0;
+    this.skipped = 0;              // diffs dropped while waiting for a snapshot
+    this._times = [];              // arrival times within the rate window
+  }
+
+  /** Messages per second over the last five seconds. */
+  rate(now) {
+    while (this._times.length && now - this._times[0] > 5000) this._times.shift();
+    return this._times.length / 5;
+  }
+}
+
+/** The client.  See the header of this module for usage. */
+export class MarketStream extends EventTarget {
+  constructor(options = {}) {
+    super();
+    this.options = Object.assign({
+      url: null, minDelay: 250, maxDelay: 5000, staleAfter: 5000, snapshotWait: 3000,
+      snapshot: (stream) => stream.split(".")[0] === "depth",
+    }, options);
+    this.url = this.options.url;
+    this.state = "closed";
+    this.reconnects = 0;
+    this.resumes = 0;
+    this._streams = new Map();   // name -> StreamState
+    this._ws = null;
+    this._attempt = 0;
+    this._timer = null;
+    this._openedAt = 0;
+    this._everOpened = false;
+    this._nextId = 1;
+    this._wanted = false;        // connect() called and close() not
+    this._staleTimer = setInterval(() => this._checkStale(), 500);
+  }
+
+  get connected() {
+    return this.state === "open";
+  }
+
+  /** stream -> last position applied (recoverable streams only). */
+  get lastSeq() {
+    const out = {};
+    for (const [name, s] of this._streams) if (s.seq !== null) out[name] = s.seq;
+    return out;
+  }
+
+  /** stream -> `{seq, u, status, bids, asks}` for every depth stream with a book. */
+  get books() {
+    const out = {};
+    for (const [name, s] of this._streams) {
+      if (s.book && s.book.status !== "empty") out[name] = s.book.toJSON();
+    }
+    return out;
+  }
+
+  /** stream -> `{status, count, rate, lastSeq, gaps, lastAt}`. */
+  get streams() {
+    const now = performance.now(), out = {};
+    for (const [name, s] of this._streams) {
+      out[name] = {status: s.status, count: s.count, rate: s.rate(now), lastSeq: s.seq,
+                   gaps: s.gaps, lastAt: s.lastAt};
+    }
+    return out;
+  }
+
+  /** The OrderBook of a depth stream (or undefined). */
+  book(stream) {
+    return this._streams.get(stream)?.book ?? undefined;
+  }
+
+  /** Open the connection (and keep it open until close()). */
+  connect(url) {
+    if (url) this.url = url;
+    if (!this.url) throw new Error("MarketStream.connect: no URL");
+    this._wanted = true;
+    if (!this._ws) this._open();
+    return this;
+  }
+
+  /** Close for good: no reconnect. Subscriptions are kept for a later connect(). */
+  close() {
+    this._wanted = false;
+    clearTimeout(this._timer);
+    this._timer = null;
+    if (this._ws) {
+      const ws = this._ws;
+      this._ws = null;
+      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+      ws.close(1000);
+    }
+    this._setState("closed");
+  }
+
+  /**
+   * Subscribe to `streams` (array or one name).  `snapshot`: ask for the
+   * streams' snapshots (default: the `snapshot` option, depth streams).
+   */
+  subscribe(streams, {snapshot} = {}) {
+    const names = [].concat(streams).filter((name) => !this._streams.has(name));
+    if (!names.length) return;
+    for (const name of names) {
+      const state = new StreamState(name, snapshot ?? this.options.snapshot(name));
+      state.awaitingSnapshot = Boolean(state.book && state.snapshot);
+      this._streams.set(name, state);
+    }
+    if (this.connected) {
+      const withSnapshot = names.filter((name) => this._streams.get(name).snapshot);
+      this._send({method: "SUBSCRIBE", params: names, id: this._nextId++,
+                  ...(withSnapshot.length ? {snapshot: withSnapshot} : {})});
+      for (const name of names) {
+        const s = this._streams.get(name);
+        if (s.awaitingSnapshot) this._armSnapshotTimer(s);
+      }
+    }
+  }
+
+  /** Unsubscribe from `streams` (array or one name) and forget their state. */
+  unsubscribe(streams) {
+    const names = [].concat(streams).filter((name) => this._streams.has(name));
+    if (!names.length) return;
+    for (const name of names) {
+      clearTimeout(this._streams.get(name).snapshotTimer);
+      this._streams.delete(name);
+    }
+    if (this.connected) this._send({method: "UNSUBSCRIBE", params: names, id: this._nextId++});
+  }
+
+  // -- connection ---------------------------------------------------------
+
+  _setState(state, extra = {}) {
+    if (this.state === state && !extra.delay) return;
+    this.state = state;
+    const detail = {state, reconnects: this.reconnects, resumes: this.resumes, ...extra};
+    this.dispatchEvent(new CustomEvent("state", {detail}));
+    this.dispatchEvent(new CustomEvent(state, {detail}));
+  }
+
+  _open() {
+    this._setState(this._everOpened ? "reconnecting" : "connecting");
+    let ws;
+    try {
+      ws = new WebSocket(this.url);
+    } catch (error) {
+      this._scheduleReconnect();
+      return;
+    }
+    this._ws = ws;
+    ws.onopen = () => this._onOpen();
+    ws.onmessage = (event) => this._onMessage(event.data);
+    ws.onclose = () => {
+      if (this._ws !== ws) return;
+      this._ws = null;
+      if (this._openedAt && performance.now() - this._openedAt > 5000) this._attempt = 0;
+      this._openedAt = 0;
+      if (this._wanted) this._scheduleReconnect();
+      else this._setState("closed");
+    };
+    ws.onerror = () => {};   // a close event follows
+  }
+
+  _scheduleReconnect() {
+    // Exponential backoff with jitter: a random delay in [d/2, d], d doubling per attempt.
+    const ceiling = Math.min(this.options.maxDelay, this.options.minDelay * 2 ** this._attempt);
+    const delay = Math.round(ceiling / 2 + Math.random() * ceiling / 2);
+    this._attempt += 1;
+    this._setState("reconnecting", {delay});
+    clearTimeout(this._timer);
+    this._timer = setTimeout(() => {
+      this._timer = null;
+      if (this._wanted && !this._ws) this._open();
+    }, delay);
+  }
+
+  _onOpen() {
+    if (this._everOpened) this.reconnects += 1;
+    this._everOpened = true;
+    this._openedAt = performance.now();
+    if (this._streams.size) {
+      const params = [], since = {}, snapshot = [];
+      for (const [name, s] of this._streams) {
+        params.push(name);
+        s.resumeFrom = null;
+        const rebuild = s.book && s.book.status !== "synced" && s.snapshot && !s.plain;
+        if (s.seq !== null && !rebuild) {
+          since[name] = s.seq;           // resume: the server replays what was missed
+          s.resumeFrom = s.seq;
+        } else if (s.snapshot && !s.plain) {
+          snapshot.push(name);
+          if (s.book) {
+            s.book.clear();
+            s.seq = null;
+            s.awaitingSnapshot = true;
+            this._armSnapshotTimer(s);
+          }
+        }
+      }
+      const request = {method: "SUBSCRIBE", params, id: this._nextId++};
+      if (Object.keys(since).length) request.since = since;
+      if (snapshot.length) request.snapshot = snapshot;
+      this._send(request);
+    }
+    this._setState("open");
+  }
+
+  _send(message) {
+    if (this._ws && this._ws.readyState === WebSocket.OPEN) this._ws.send(JSON.stringify(message));
+  }
+
+  // -- messages -------------------------------------------------------------
+
+  _onMessage(text) {
+    let message;
+    try {
+      message = JSON.parse(text);
+    } catch (error) {
+      return;
+    }
+    if (!message || typeof message.stream !== "string" || typeof message.data !== "object" || !message.data) return;
+    const s = this._streams.get(message.stream);
+    if (!s) return;   // unsubscribed meanwhile
+    const {data} = message;
+    const seq = typeof message.seq === "number" ? message.seq : null;
+
+    if (data.e === "gap") {
+      this._gap(s, {reason: data.reason || "gap notice", notice: true});
+      return;
+    }
+    s.plain = seq === null;
+    if (seq !== null && s.seq !== null && seq <= s.seq) return;   // already applied
+    const jumped = seq !== null && s.seq !== null && seq !== s.seq + 1;
+    const resumed = s.resumeFrom;
+    s.resumeFrom = null;
+    const reason = resumed !== null ? "resume incomplete" : "position jumped";
+
+    if (s.book) {
+      if (!this._applyBook(s, data, seq, jumped, reason)) return;
+    } else if (jumped) {
+      this._gap(s, {reason, expected: s.seq + 1, got: seq});
+    }
+    if (resumed !== null && seq !== null && !jumped) {
+      this.resumes += 1;
+      this.dispatchEvent(new CustomEvent("resume", {detail: {stream: s.name, since: resumed}}));
+    }
+
+    if (seq !== null) s.seq = seq;
+    s.count += 1;
+    s.lastAt = performance.now();
+    s._times.push(s.lastAt);
+    this._setStatus(s, s.book ? (s.book.status === "synced" ? "live" : "partial") : "live");
+    this.dispatchEvent(new CustomEvent("message", {detail: {stream: s.name, data, seq: seq ?? undefined}}));
+    if (s.book) this.dispatchEvent(new CustomEvent("book", {detail: {stream: s.name, book: s.book}}));
+  }
+
+  /** Apply a depth frame to the stream's book; false if it was not applied. */
+  _applyBook(s, data, seq, jumped, reason) {
+    const book = s.book;
+    if (data.e === "depthSnapshot") {
+      book.applySnapshot(data, seq);
+      s.awaitingSnapshot = false;
+      s.snapshotTries = 0;
+      clearTimeout(s.snapshotTimer);
+      return true;
+    }
+    if (s.awaitingSnapshot) {
+      if (seq !== null) {
+        s.skipped += 1;   // the snapshot asked for includes it
+        return false;
+      }
+      // No positions: a plain stream, which has no snapshots.  Build from diffs.
+      s.awaitingSnapshot = false;
+      clearTimeout(s.snapshotTimer);
+    }
+    if (jumped && book.status === "synced") {
+      this._gap(s, {reason, expected: s.seq + 1, got: seq});
+      return false;
+    }
+    const result = book.applyDiff(data, seq);
+    if (result === "stale") return false;
+    if (result === "broken") {
+      this._gap(s, {reason: "update ids not continuous", expected: book.u + 1, got: data.U});
+      if (s.awaitingSnapshot) return false;   // a snapshot will rebuild it
+      // Nothing to rebuild from: go on, marked partial.
+      book.u = null;
+      book.status = "partial";
+      book.applyDiff(data, seq);
+    }
+    return true;
+  }
+
+  _setStatus(s, status) {
+    if (s.status === status) return;
+    s.status = status;
+    this.dispatchEvent(new CustomEvent("status", {detail: {stream: s.name, status}}));
+  }
+
+  _gap(s, {notice, ...detail}) {
+    s.gaps += 1;
+    s.resumeFrom = null;
+    this._setStatus(s, "gapped");
+    this.dispatchEvent(new CustomEvent("gap", {detail: {stream: s.name, ...detail}}));
+    if (!s.book) return;
+    if (s.book.status === "synced") s.book.status = "gapped";
+    if (s.snapshot && !s.plain && !s.awaitingSnapshot) {
+      // The book missed diffs.  A server that resumes sends a snapshot right after
+      // its gap notice: wait a moment for it; on broken continuity ask at once.
+      s.awaitingSnapshot = true;
+      s.seq = null;
+      this._armSnapshotTimer(s, notice ? 500 : 0);
+    }
+  }
+
+  _armSnapshotTimer(s, delay = this.options.snapshotWait) {
+    clearTimeout(s.snapshotTimer);
+    s.snapshotTimer = setTimeout(() => this._snapshotTimeout(s), delay);
+  }
+
+  _snapshotTimeout(s) {
+    if (this._streams.get(s.name) !== s || !s.awaitingSnapshot || !this.connected) return;
+    s.snapshotTries += 1;
+    if (s.snapshotTries > 3 && s.skipped > 0) {
+      // Diffs arrive but snapshots never do: build the book from diffs alone.
+      s.awaitingSnapshot = false;
+      s.book.clear();
+      return;
+    }
+    // Ask again: UNSUBSCRIBE + SUBSCRIBE with snapshot.
+    s.book.clear();
+    s.seq = null;
+    s.skipped = 0;
+    this._send({method: "UNSUBSCRIBE", params: [s.name], id: this._nextId++});
+    this._send({method: "SUBSCRIBE", params: [s.name], id: this._nextId++, snapshot: [s.name]});
+    this._setStatus(s, "syncing");
+    this._armSnapshotTimer(s);
+  }
+
+  _checkStale() {
+    const now = performance.now();
+    for (const s of this._streams.values()) {
+      const since = s.lastAt || this._openedAt;
+      if (since && now - since > this.options.staleAfter && s.status !== "gapped") this._setStatus(s, "stale");
+    }
+  }
+}
+
+export default MarketStream;

@@ -5,18 +5,29 @@ Usage::
 
     python scripts/smoke_test.py                  # from WS_STREAM_URL and REDIS_URL
     python scripts/smoke_test.py --ws-url ws://127.0.0.1:4000/ws \\
-        --redis-url redis://127.0.0.1:6379/0 [--stream trade.SMOKE_TEST] [--timeout 5]
+        --redis-url redis://127.0.0.1:6379/0 [--stream trade.SMOKETEST_PROBE] [--timeout 5]
     python scripts/smoke_test.py && echo deployed
 
-``--ws-url`` defaults to ``$WS_STREAM_URL``, in either of the forms the
-server accepts: ``host:port`` (tested as ``ws://host:port/ws``; 0.0.0.0
-means this host) or a full ``ws://host:port/path`` URL.  ``--redis-url``
-defaults to ``$REDIS_URL``: the Redis the server listens to, where the probe
-is published.  The stream defaults to a random ``trade.SMOKE<HEX>_TEST`` so
-that other servers and clients on the same Redis are not disturbed.
+``--redis-url`` (or ``$REDIS_URL``) is required: the Redis the server
+listens to, where the probes are published.  There is no default, so that the
+test never passes against an unrelated Redis; without one the script stops
+with exit code 2.  ``marketstream --demo`` prints its Redis URL and a
+ready-to-run smoke-test line.
+
+``--ws-url`` defaults to ``$WS_STREAM_URL``, else ``127.0.0.1:4000``, in
+either of the forms the server accepts: ``host:port`` (tested as
+``ws://host:port/ws``; 0.0.0.0 means this host) or a full
+``ws://host:port/path`` URL.
+
+The probes go to a stream of the test's own, never to a real market: by
+default a random ``trade.SMOKETEST_<HEX>``.  ``--stream`` may name another
+one whose market starts with ``SMOKETEST`` (for a server with a ``markets``
+allow-list, allow e.g. ``SMOKETEST_PROBE``); any other name looks live and
+is refused (exit code 2) unless ``--force`` is given.
 
 Steps, one ``PASS <step>: <detail>`` or ``FAIL <step>: <detail>`` line each
-on stdout, stopping at the first failure:
+on stdout (``SKIP <step>: <why>`` for a step that does not apply), stopping
+at the first failure:
 
 1. health       GET http://host:port/health answers 200 with JSON
 2. connect      the WebSocket handshake succeeds
@@ -28,11 +39,23 @@ on stdout, stopping at the first failure:
 5. unsubscribe  UNSUBSCRIBE; the server releases the Redis channel (PUBSUB
                 NUMSUB is back to its value before step 3)
 6. close        the WebSocket closes cleanly (close code 1000 echoed)
+7. positions    messages published with marketstream.publisher.Publisher
+                arrive with positions ("seq") rising by exactly 1; after a
+                disconnect, more are published, and a new connection that
+                subscribes with "since" gets exactly the missed ones, in
+                order, then live ones.  Behind nginx the new connection may
+                land on another instance, which is the point.  Skipped, with
+                "SKIP positions: not supported by this server", when the
+                server delivers such a message without a position; skipped
+                on a live stream given with --force.  The stream's history
+                keys are deleted afterwards (and expire within a minute
+                anyway).
 
-``--timeout`` is the deadline of each step, in seconds.  Exit code 0 when
-every step passed, 1 otherwise (2 for a command-line usage error).
+``--timeout`` is the deadline of each wait, in seconds.  Exit code 0 when
+every step passed or was skipped, 1 otherwise, 2 for a usage error.
 
-Only the standard library, tornado and redis-py are used.
+Uses tornado, redis-py and the marketstream package (for the shared URL
+redaction and the publisher).
 """
 
 import argparse
@@ -47,14 +70,44 @@ import redis
 import tornado.httpclient
 import tornado.websocket
 
-STEPS = ("health", "connect", "subscribe", "deliver", "unsubscribe", "close")
+from marketstream.util import redact_url, sync_redis_client
+
+STEPS = ("health", "connect", "subscribe", "deliver", "unsubscribe", "close", "positions")
 DEFAULT_WS = "127.0.0.1:4000"
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+SMOKE_MARKET_PREFIX = "SMOKETEST"
 POLL_INTERVAL = 0.02
+# The positions step: messages before the disconnect, missed while away.
+POSITIONED = 5
+MISSED = 3
+HISTORY = 100    # capped history of the smoke stream
+HISTORY_TTL = 60  # seconds; the keys are also deleted at the end
 
 
 class StepFailed(Exception):
     """A step did not pass; the message is the detail of its FAIL line."""
+
+
+class StepSkipped(Exception):
+    """A step does not apply; the message is the detail of its SKIP line."""
+
+
+def default_stream() -> str:
+    """A fresh stream name of the smoke test's own.
+
+    >>> is_smoke_stream(default_stream())
+    True
+    """
+    return "trade.%s_%s" % (SMOKE_MARKET_PREFIX, os.urandom(4).hex().upper())
+
+
+def is_smoke_stream(name: str) -> bool:
+    """True if ``name`` is marked as a smoke-test stream: its market (the
+    last dot-separated part) starts with ``SMOKETEST``.
+
+    >>> is_smoke_stream("trade.SMOKETEST_1A2B3C4D"), is_smoke_stream("trade.SOL_USDC")
+    (True, False)
+    """
+    return name.rpartition(".")[2].startswith(SMOKE_MARKET_PREFIX)
 
 
 def _local_host(host):
@@ -66,7 +119,7 @@ def _local_host(host):
     return host
 
 
-def ws_url_from(value):
+def ws_url_from(value: str) -> str:
     """A ws:// URL from ``host:port`` or a ws:// / wss:// URL.
 
     >>> ws_url_from("0.0.0.0:4000")
@@ -89,20 +142,14 @@ def ws_url_from(value):
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/ws", parts.query, ""))
 
 
-def health_url(ws_url):
+def health_url(ws_url: str) -> str:
+    """The /health URL of the server behind ``ws_url``.
+
+    >>> health_url("wss://stream.example.com/ws")
+    'https://stream.example.com/health'
+    """
     parts = urllib.parse.urlsplit(ws_url)
     return "%s://%s/health" % ("https" if parts.scheme == "wss" else "http", parts.netloc)
-
-
-def redacted(url):
-    """``url`` without its password, for messages."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit((parts.scheme, "%s:***@%s" % (user, netloc), parts.path,
-                                    parts.query, parts.fragment))
 
 
 def _error_text(exc):
@@ -110,36 +157,16 @@ def _error_text(exc):
     return text if len(text) <= 300 else text[:300] + "..."
 
 
-class Smoke:
-    """The six steps against one server."""
+class Connection:
+    """An open WebSocket whose frames are read into a queue as they come;
+    None in the queue marks the end."""
 
-    def __init__(self, ws_url, redis_url, stream, timeout):
-        self.ws_url = ws_url
-        self.redis_url = redis_url
-        self.stream = stream
-        self.timeout = timeout
-        self.redis = None
-        self.ws = None
-        self.frames = None      # asyncio.Queue of text frames; None marks the end
-        self.reader = None
-        self.baseline = 0
-        self.closed_by_us = False
+    def __init__(self, ws):
+        self.ws = ws
+        self.frames = asyncio.Queue()
+        self.reader = asyncio.ensure_future(self._read())
 
-    # --- plumbing ------------------------------------------------------------
-
-    def _redis(self):
-        if self.redis is None:
-            self.redis = redis.Redis.from_url(self.redis_url, socket_timeout=self.timeout,
-                                              socket_connect_timeout=self.timeout)
-        return self.redis
-
-    def numsub(self):
-        try:
-            return self._redis().pubsub_numsub(self.stream)[0][1]
-        except redis.RedisError as exc:
-            raise StepFailed("Redis %s: %s" % (redacted(self.redis_url), _error_text(exc)))
-
-    async def _read_frames(self):
+    async def _read(self):
         try:
             while True:
                 frame = await self.ws.read_message()
@@ -149,59 +176,159 @@ class Smoke:
         except Exception:  # the connection broke: same as closed for the steps
             await self.frames.put(None)
 
-    def _closed_detail(self):
+    def closed_detail(self):
         ws = self.ws
         return "the server closed the connection (code %s%s)" % (
             ws.close_code, ", %s" % ws.close_reason if ws.close_reason else "")
 
-    def _reply_to(self, frame, request_id):
-        """For a reply to ``request_id``: None if it is a success, else the
-        error text.  Raises LookupError if ``frame`` is no such reply."""
+    async def next_frame(self, deadline, what):
+        """The next text frame; StepFailed at ``deadline`` or on close."""
         try:
-            message = json.loads(frame)
-        except (TypeError, ValueError):
-            raise LookupError(frame)
-        if not isinstance(message, dict) or message.get("id") != request_id or "stream" in message:
-            raise LookupError(frame)
-        if "error" in message:
-            return json.dumps(message["error"])
-        if "result" in message:
-            return None
-        raise LookupError(frame)
+            frame = await asyncio.wait_for(self.frames.get(), max(deadline - time.monotonic(), 0))
+        except asyncio.TimeoutError:
+            raise StepFailed(what)
+        if frame is None:
+            raise StepFailed(self.closed_detail())
+        return frame
 
-    async def _await_numsub(self, done, request_id, what):
+    async def close(self, timeout):
+        """Close with 1000 and wait for the server's answer; the close code
+        it echoed, or None if it did not answer within ``timeout``."""
+        self.ws.close(1000, "smoke test done")
+        try:
+            await asyncio.wait_for(asyncio.shield(self.reader), timeout)
+        except asyncio.TimeoutError:
+            return None
+        return self.ws.close_code
+
+    async def abort(self):
+        self.ws.close(1000, "smoke test aborted")
+        try:
+            await asyncio.wait_for(self.reader, 1.0)
+        except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
+            pass
+
+
+def _reply_to(frame, request_id):
+    """For a reply to ``request_id``: None if it is a success, else the
+    error text.  Raises LookupError if ``frame`` is no such reply."""
+    try:
+        message = json.loads(frame)
+    except (TypeError, ValueError):
+        raise LookupError(frame)
+    if not isinstance(message, dict) or message.get("id") != request_id or "stream" in message:
+        raise LookupError(frame)
+    if "error" in message:
+        return json.dumps(message["error"])
+    if "result" in message:
+        return None
+    raise LookupError(frame)
+
+
+class Smoke:
+    """The steps against one server."""
+
+    def __init__(self, ws_url: str, redis_url: str, stream: str, timeout: float):
+        self.ws_url = ws_url
+        self.redis_url = redis_url
+        self.stream = stream
+        self.timeout = timeout
+        self.redis = None
+        self.conn = None
+        self.connections = []
+        self.baseline = 0
+        self.closed_by_us = False
+        self.wrote_history = False
+
+    # --- plumbing ------------------------------------------------------------
+
+    def _redis(self):
+        if self.redis is None:
+            self.redis = sync_redis_client(self.redis_url, socket_timeout=self.timeout,
+                                           socket_connect_timeout=self.timeout)
+        return self.redis
+
+    def _redis_failed(self, what, exc):
+        return StepFailed("%sRedis %s: %s" % (what + " " if what else "", redact_url(self.redis_url),
+                                               _error_text(exc)))
+
+    def numsub(self):
+        try:
+            return self._redis().pubsub_numsub(self.stream)[0][1]
+        except redis.RedisError as exc:
+            raise self._redis_failed("", exc) from None
+
+    async def _open(self):
+        request = tornado.httpclient.HTTPRequest(self.ws_url, connect_timeout=self.timeout,
+                                                 request_timeout=self.timeout)
+        try:
+            ws = await asyncio.wait_for(tornado.websocket.websocket_connect(request), self.timeout)
+        except asyncio.TimeoutError:
+            raise StepFailed("%s: no handshake within %.1fs" % (self.ws_url, self.timeout))
+        except tornado.httpclient.HTTPClientError as exc:
+            body = exc.response.body[:200].decode("utf-8", "replace") if (
+                exc.response is not None and exc.response.body) else ""
+            raise StepFailed("%s: handshake refused: %s %s" % (self.ws_url, exc, body))
+        except (OSError, tornado.websocket.WebSocketError) as exc:
+            raise StepFailed("%s: %s" % (self.ws_url, _error_text(exc)))
+        conn = Connection(ws)
+        self.connections.append(conn)
+        return conn
+
+    async def _await_numsub(self, conn, done, request_id, what):
         """Poll PUBSUB NUMSUB until ``done(n)``, failing on an error reply to
-        ``request_id``; other frames that arrive meanwhile are kept."""
+        ``request_id``; then ask LIST_SUBSCRIPTIONS (always answered), so
+        that an acknowledgement sent before it has arrived too.  Returns
+        (count, acknowledged, the listed streams); other frames that arrive
+        meanwhile are kept, in order."""
         deadline = time.monotonic() + self.timeout
-        kept, acked = [], False
+        list_id = request_id + 1000
+        kept, acked, listed, asked = [], False, None, False
         try:
             while True:
-                while not self.frames.empty():
-                    frame = self.frames.get_nowait()
+                while not conn.frames.empty():
+                    frame = conn.frames.get_nowait()
                     if frame is None:
-                        raise StepFailed(self._closed_detail())
+                        raise StepFailed(conn.closed_detail())
+                    if asked and listed is None:
+                        try:
+                            message = json.loads(frame)
+                        except ValueError:
+                            message = None
+                        if (isinstance(message, dict) and message.get("id") == list_id
+                                and "stream" not in message):
+                            listed = message.get("result")
+                            if not isinstance(listed, list):
+                                raise StepFailed("LIST_SUBSCRIPTIONS answered %s" % frame[:300])
+                            return count, acked, listed
                     try:
-                        error = self._reply_to(frame, request_id)
+                        error = _reply_to(frame, request_id)
                     except LookupError:
                         kept.append(frame)
                         continue
                     if error is not None:
                         raise StepFailed("the server refused: %s" % error)
                     acked = True
-                count = self.numsub()
-                if done(count):
-                    return count, acked
+                if not asked:
+                    count = self.numsub()
+                    if done(count):
+                        asked = True
+                        await conn.ws.write_message(json.dumps(
+                            {"method": "LIST_SUBSCRIPTIONS", "id": list_id}))
                 if time.monotonic() > deadline:
+                    if asked:
+                        raise StepFailed("no answer to LIST_SUBSCRIPTIONS within %.1fs"
+                                         % self.timeout)
                     raise StepFailed("PUBSUB NUMSUB %s is %d after %.1fs: %s"
                                      % (self.stream, count, self.timeout, what))
                 await asyncio.sleep(POLL_INTERVAL)
         finally:
             # Put back what was not ours, in order, ahead of anything newer.
             rest = []
-            while not self.frames.empty():
-                rest.append(self.frames.get_nowait())
+            while not conn.frames.empty():
+                rest.append(conn.frames.get_nowait())
             for frame in kept + rest:
-                self.frames.put_nowait(frame)
+                conn.frames.put_nowait(frame)
 
     # --- steps ---------------------------------------------------------------
 
@@ -233,33 +360,22 @@ class Smoke:
 
     async def connect(self):
         started = time.monotonic()
-        request = tornado.httpclient.HTTPRequest(self.ws_url, connect_timeout=self.timeout,
-                                                 request_timeout=self.timeout)
-        try:
-            self.ws = await asyncio.wait_for(tornado.websocket.websocket_connect(request),
-                                             self.timeout)
-        except asyncio.TimeoutError:
-            raise StepFailed("%s: no handshake within %.1fs" % (self.ws_url, self.timeout))
-        except tornado.httpclient.HTTPClientError as exc:
-            body = exc.response.body[:200].decode("utf-8", "replace") if (
-                exc.response is not None and exc.response.body) else ""
-            raise StepFailed("%s: handshake refused: %s %s" % (self.ws_url, exc, body))
-        except (OSError, tornado.websocket.WebSocketError) as exc:
-            raise StepFailed("%s: %s" % (self.ws_url, _error_text(exc)))
-        self.frames = asyncio.Queue()
-        self.reader = asyncio.ensure_future(self._read_frames())
+        self.conn = await self._open()
         return "%s in %.1f ms" % (self.ws_url, (time.monotonic() - started) * 1000)
 
     async def subscribe(self):
         self.baseline = self.numsub()
-        await self.ws.write_message(json.dumps(
+        await self.conn.ws.write_message(json.dumps(
             {"method": "SUBSCRIBE", "params": [self.stream], "id": 1}))
-        count, acked = await self._await_numsub(
-            lambda n: n > self.baseline and n >= 1, 1,
+        count, acked, listed = await self._await_numsub(
+            self.conn, lambda n: n > self.baseline and n >= 1, 1,
             "the server did not subscribe the Redis channel (invalid stream name? "
             "is the server on this Redis?)")
-        return "%s subscribed in Redis (PUBSUB NUMSUB %d -> %d%s)" % (
-            self.stream, self.baseline, count, ", acknowledged" if acked else "")
+        if self.stream not in listed:
+            raise StepFailed("LIST_SUBSCRIPTIONS does not list %s: %s" % (self.stream, listed))
+        return "%s subscribed in Redis %s (PUBSUB NUMSUB %d -> %d%s)" % (
+            self.stream, redact_url(self.redis_url), self.baseline, count,
+            ", acknowledged" if acked else "")
 
     async def deliver(self):
         probe_id = os.urandom(8).hex()
@@ -271,18 +387,12 @@ class Smoke:
         try:
             receivers = self._redis().publish(self.stream, probe)
         except redis.RedisError as exc:
-            raise StepFailed("PUBLISH to Redis %s: %s" % (redacted(self.redis_url), _error_text(exc)))
+            raise self._redis_failed("PUBLISH to", exc) from None
         ignored = 0
         while True:
-            remaining = deadline - time.monotonic()
-            try:
-                frame = await asyncio.wait_for(self.frames.get(), max(remaining, 0))
-            except asyncio.TimeoutError:
-                raise StepFailed("the probe did not arrive within %.1fs (%d Redis subscriber(s) "
-                                 "got it, %d unrelated frame(s) ignored)"
-                                 % (self.timeout, receivers, ignored))
-            if frame is None:
-                raise StepFailed(self._closed_detail())
+            frame = await self.conn.next_frame(
+                deadline, "the probe did not arrive within %.1fs (%d Redis subscriber(s) got it, "
+                          "%d unrelated frame(s) ignored)" % (self.timeout, receivers, ignored))
             elapsed = time.monotonic() - started
             data = frame.encode("utf-8") if isinstance(frame, str) else frame
             if data == probe:
@@ -294,92 +404,225 @@ class Smoke:
             ignored += 1  # a gap notice, an acknowledgement, anything else
 
     async def unsubscribe(self):
-        await self.ws.write_message(json.dumps(
+        await self.conn.ws.write_message(json.dumps(
             {"method": "UNSUBSCRIBE", "params": [self.stream], "id": 2}))
-        count, acked = await self._await_numsub(
-            lambda n: n <= self.baseline, 2, "the server did not release the Redis channel")
+        count, acked, listed = await self._await_numsub(
+            self.conn, lambda n: n <= self.baseline, 2,
+            "the server did not release the Redis channel")
+        if self.stream in listed:
+            raise StepFailed("LIST_SUBSCRIPTIONS still lists %s" % self.stream)
         return "Redis channel %s released (PUBSUB NUMSUB %d%s)" % (
             self.stream, count, ", acknowledged" if acked else "")
 
     async def close(self):
         self.closed_by_us = True
-        self.ws.close(1000, "smoke test done")
-        try:
-            await asyncio.wait_for(asyncio.shield(self.reader), self.timeout)
-        except asyncio.TimeoutError:
+        code = await self.conn.close(self.timeout)
+        if code is None:
             raise StepFailed("the server did not answer the close frame within %.1fs"
                              % self.timeout)
-        if self.ws.close_code != 1000:
+        if code != 1000:
+            ws = self.conn.ws
             raise StepFailed("the server answered with close code %s%s" % (
-                self.ws.close_code, " (%s)" % self.ws.close_reason if self.ws.close_reason else ""))
+                code, " (%s)" % ws.close_reason if ws.close_reason else ""))
         return "close code 1000 echoed"
+
+    # --- positions and resume -----------------------------------------------
+
+    async def positions(self):
+        if not is_smoke_stream(self.stream):
+            raise StepSkipped("not run on %s, a live stream (--force): it would add "
+                              "positions and history to it" % self.stream)
+        try:
+            from marketstream.publisher import Publisher
+        except ImportError:
+            raise StepSkipped("not supported by this installation "
+                              "(marketstream.publisher is missing)") from None
+        publisher = Publisher(self._redis(), history=HISTORY, ttl=HISTORY_TTL)
+        run_id = os.urandom(8).hex()
+        counter = iter(range(1, 1_000_000))
+
+        def publish():
+            data = {"e": "smoke", "id": run_id, "i": next(counter),
+                    "E": int(time.time() * 1_000_000)}
+            self.wrote_history = True
+            try:
+                return publisher.publish(self.stream, data), data
+            except redis.RedisError as exc:
+                raise self._redis_failed("publishing with positions to", exc) from None
+
+        # 1. Live: a position on every frame, rising by exactly 1.  A plain
+        # message right after the first one tells, without waiting for a
+        # timeout, a server that drops messages with positions (it does not
+        # know them) from a slow one: Redis and the server keep the order.
+        first = await self._open()
+        await first.ws.write_message(json.dumps(
+            {"method": "SUBSCRIBE", "params": [self.stream], "id": 11}))
+        await self._await_numsub(first, lambda n: n > self.baseline and n >= 1, 11,
+                                 "the server did not subscribe the Redis channel")
+        sent = [publish()]
+        try:
+            self._redis().publish(self.stream, json.dumps(
+                {"stream": self.stream, "data": {"e": "smoke", "id": run_id, "fence": True}}))
+        except redis.RedisError as exc:
+            raise self._redis_failed("PUBLISH to", exc) from None
+        sent += [publish() for _ in range(POSITIONED - 1)]
+        seqs = [seq for seq, _ in sent]
+        if seqs != list(range(seqs[0], seqs[0] + POSITIONED)):
+            raise StepFailed("the publisher's positions do not rise by 1: %s" % seqs)
+        await self._expect(first, run_id, sent, "live", first_frame=True)
+        if await first.close(self.timeout) is None:
+            raise StepFailed("the server did not answer the close frame within %.1fs"
+                             % self.timeout)
+
+        # 2. Missed while disconnected, then resumed with "since" (behind a
+        # load balancer possibly on another instance).
+        missed = [publish() for _ in range(MISSED)]
+        last = seqs[-1]
+        second = await self._open()
+        await second.ws.write_message(json.dumps(
+            {"method": "SUBSCRIBE", "params": [self.stream], "id": 12,
+             "since": {self.stream: last}}))
+        await self._expect(second, run_id, missed, "resumed")
+        # 3. ... followed by live ones, with nothing repeated in between.
+        live = [publish()]
+        await self._expect(second, run_id, live, "live after the resume")
+        if await second.close(self.timeout) is None:
+            raise StepFailed("the server did not answer the close frame within %.1fs"
+                             % self.timeout)
+        return ("%d messages with positions %d..%d, rising by 1; after a disconnect the %d "
+                "missed (%d..%d) arrived exactly once on resume with since=%d, then live %d"
+                % (POSITIONED, seqs[0], last, MISSED, missed[0][0], missed[-1][0], last,
+                   live[0][0]))
+
+    async def _expect(self, conn, run_id, sent, what, first_frame=False):
+        """Read frames until every (seq, data) of ``sent`` arrived, in
+        order, as ``{"stream":..,"data":..,"seq":..}``.  Replies, frames of
+        other streams and older probes are skipped; a gap notice, a
+        duplicate or a frame out of order fails.  With ``first_frame``, a
+        first message without a position, or the plain fence message ahead
+        of it, means the server does not support positions."""
+        deadline = time.monotonic() + self.timeout
+        marker = run_id.encode()
+        unsupported = "not supported by this server (%s)"
+        for index, (seq, data) in enumerate(sent):
+            while True:
+                frame = await conn.next_frame(
+                    deadline, "%s: %d of %d message(s) arrived within %.1fs"
+                    % (what, index, len(sent), self.timeout))
+                raw = frame.encode("utf-8") if isinstance(frame, str) else frame
+                try:
+                    message = json.loads(raw)
+                except ValueError:
+                    message = None
+                if not isinstance(message, dict) or message.get("stream") != self.stream:
+                    if marker in raw:
+                        raise StepFailed("%s: a message arrived malformed: %s" % (what, raw[:300]))
+                    continue  # an acknowledgement, another stream's frame
+                got = message.get("data")
+                if isinstance(got, dict) and got.get("e") == "gap":
+                    raise StepFailed("%s: the server sent a gap notice: %s" % (what, raw[:300]))
+                if not isinstance(got, dict) or got.get("id") != run_id:
+                    continue  # an older probe of this stream, not ours
+                check_support = first_frame and index == 0
+                if got.get("fence"):
+                    if check_support:
+                        raise StepSkipped(unsupported % "it dropped a message published with a "
+                                          "position, and delivered a plain one sent after it")
+                    continue
+                if "seq" not in message and check_support:
+                    raise StepSkipped(unsupported % "frames carry no \"seq\"")
+                if message.get("seq") != seq or got != data:
+                    raise StepFailed("%s: expected position %d (message %d), got %s"
+                                     % (what, seq, data["i"], raw[:300].decode("utf-8", "replace")))
+                break
 
     # --- driver --------------------------------------------------------------
 
-    async def run(self):
+    async def run(self) -> int:
+        """Run the steps, print one line each; 0 if none failed, else 1."""
         failed = False
         try:
             for name in STEPS:
                 step = getattr(self, name)
+                limit = self.timeout * (8 if name == "positions" else 3)
+                status = "PASS"
                 try:
-                    detail = await asyncio.wait_for(step(), self.timeout * 3)
+                    detail = await asyncio.wait_for(step(), limit)
                 except StepFailed as exc:
-                    failed, detail = True, str(exc)
+                    status, detail = "FAIL", str(exc)
+                except StepSkipped as exc:
+                    status, detail = "SKIP", str(exc)
                 except asyncio.TimeoutError:
-                    failed, detail = True, "timed out after %.1fs" % (self.timeout * 3)
+                    status, detail = "FAIL", "timed out after %.1fs" % limit
                 except Exception as exc:  # a smoke test reports, it does not crash
-                    failed, detail = True, "%s: %s" % (type(exc).__name__, _error_text(exc))
-                print("%s %s: %s" % ("FAIL" if failed else "PASS", name, detail), flush=True)
-                if failed:
+                    status, detail = "FAIL", "%s: %s" % (type(exc).__name__, _error_text(exc))
+                print("%s %s: %s" % (status, name, detail), flush=True)
+                if status == "FAIL":
+                    failed = True
                     break
         finally:
             await self._cleanup()
         return 1 if failed else 0
 
     async def _cleanup(self):
-        if self.ws is not None and not self.closed_by_us:
-            self.ws.close(1000, "smoke test aborted")
-        if self.reader is not None:
-            try:
-                await asyncio.wait_for(self.reader, 1.0)
-            except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
-                pass
+        for conn in self.connections:
+            if conn is not self.conn or not self.closed_by_us:
+                await conn.abort()
         if self.redis is not None:
+            try:
+                if self.wrote_history and is_smoke_stream(self.stream):
+                    from marketstream.publisher import stream_keys
+                    self.redis.delete(*stream_keys(self.stream))
+            except (redis.RedisError, ImportError):
+                pass  # they expire on their own
             try:
                 self.redis.close()
             except Exception:
                 pass
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Smoke-test a running marketstream server: health, connect, subscribe, "
-                    "deliver, unsubscribe, close. Exit code 0 when all pass, else 1.")
+                    "deliver, unsubscribe, close, positions. Exit code 0 when all pass, "
+                    "1 when one fails, 2 for a usage error.")
     parser.add_argument("--ws-url", default=os.environ.get("WS_STREAM_URL") or DEFAULT_WS,
                         help="ws://host:port/path or host:port (then ws://host:port/ws); "
                              "default: $WS_STREAM_URL, else %s" % DEFAULT_WS)
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL") or DEFAULT_REDIS,
-                        help="the Redis the server listens to; default: $REDIS_URL, else %s"
-                             % DEFAULT_REDIS)
-    parser.add_argument("--stream", default="trade.SMOKE%s_TEST" % os.urandom(4).hex().upper(),
-                        help="stream to test with (default: a random trade.SMOKE<HEX>_TEST)")
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL") or None,
+                        help="the Redis the server listens to (required; default: $REDIS_URL)")
+    parser.add_argument("--stream", default=None,
+                        help="stream to test with; its market must start with %s "
+                             "(default: a random trade.%s_<HEX>)"
+                             % (SMOKE_MARKET_PREFIX, SMOKE_MARKET_PREFIX))
+    parser.add_argument("--force", action="store_true",
+                        help="allow a --stream that looks live (the probe is published into it)")
     parser.add_argument("--timeout", type=float, default=5.0,
-                        help="deadline of each step in seconds (default: 5)")
+                        help="deadline of each wait in seconds (default: 5)")
     return parser
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run the steps; the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if not args.redis_url:
+        parser.error("no Redis URL: pass --redis-url URL or set REDIS_URL to the Redis the "
+                     "server listens to (marketstream --demo prints its URL)")
+    stream = args.stream or default_stream()
+    if not is_smoke_stream(stream) and not args.force:
+        parser.error("--stream %s looks like a live stream: the probe would be published into "
+                     "it. Use a market starting with %s (e.g. trade.%s_PROBE), or add --force"
+                     % (stream, SMOKE_MARKET_PREFIX, SMOKE_MARKET_PREFIX))
     try:
         ws_url = ws_url_from(args.ws_url)
     except ValueError as exc:
         print("FAIL health: %s" % exc, flush=True)
         return 1
     try:
-        return asyncio.run(Smoke(ws_url, args.redis_url, args.stream, args.timeout).run())
+        return asyncio.run(Smoke(ws_url, args.redis_url, stream, args.timeout).run())
     except KeyboardInterrupt:
         print("FAIL interrupted: stopped by the user", flush=True)
         return 1

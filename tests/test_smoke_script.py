@@ -4,21 +4,28 @@ The server runs as a child process on the session's redis-server; the smoke
 script runs as a child process too, exactly as a deployment would run it.
 """
 
+import asyncio
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+import redis
+import tornado.websocket
 
 from marketstream.embedded import free_port
 from tests.helpers import ROOT, ServerProcess, wait_until
 
 SCRIPT = os.path.join(ROOT, "scripts", "smoke_test.py")
-STEPS = ["health", "connect", "subscribe", "deliver", "unsubscribe", "close"]
+STEPS = ["health", "connect", "subscribe", "deliver", "unsubscribe", "close", "positions"]
+# Whether the server delivers positions: found out once, on the first server
+# started (see server_delivers_positions); None until then.
+POSITIONS = None
 ENV_KEYS = ("WS_STREAM_URL", "REDIS_URL", "MARKETSTREAM_CONFIG")
 
 
@@ -44,6 +51,9 @@ def start_server(redis_url):
         server = ServerProcess(*flags, *args)
         servers.append(server)
         server.wait_healthy()
+        global POSITIONS
+        if POSITIONS is None and redis:
+            POSITIONS = server_delivers_positions(server.port, redis_url)
         return server
 
     yield start
@@ -56,6 +66,39 @@ def server(start_server):
     return start_server()
 
 
+def server_delivers_positions(port, redis_url):
+    """True if a message published with marketstream.publisher reaches a
+    client of the server on ``port`` with its "seq"; False if the publisher
+    is missing or the server drops such messages (a plain message published
+    after it arrives first)."""
+    if importlib.util.find_spec("marketstream.publisher") is None:
+        return False
+    from marketstream.publisher import Publisher, stream_keys
+    stream = "trade.SMOKETEST_ORACLE"
+    client = redis.Redis.from_url(redis_url)
+
+    async def probe():
+        ws = await tornado.websocket.websocket_connect("ws://127.0.0.1:%d/ws" % port)
+        try:
+            await ws.write_message(json.dumps({"method": "SUBSCRIBE", "params": [stream], "id": 1}))
+            await asyncio.to_thread(wait_until, lambda: numsub(client, stream) >= 1,
+                                    message="oracle subscribed")
+            Publisher(client, history=10, ttl=10).publish(stream, {"e": "smoke", "n": 1})
+            client.publish(stream, json.dumps({"stream": stream, "data": {"e": "smoke", "n": 2}}))
+            while True:
+                message = json.loads(await asyncio.wait_for(ws.read_message(), 5))
+                if message.get("stream") == stream:
+                    return "seq" in message and message["data"]["n"] == 1
+        finally:
+            ws.close()
+
+    try:
+        return asyncio.run(probe())
+    finally:
+        client.delete(*stream_keys(stream))
+        client.close()
+
+
 def run_smoke(*args, env=None, timeout=60):
     started = time.monotonic()
     result = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=_clean_env(**(env or {})),
@@ -65,15 +108,27 @@ def run_smoke(*args, env=None, timeout=60):
     return result
 
 
-def assert_all_pass(result):
+def assert_all_pass(result, positions=None):
+    """Every step passed; positions too if the server supports them (or
+    ``positions`` is true), else its line says why it was skipped."""
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     lines = result.stdout.splitlines()
-    assert [line.split(":", 1)[0] for line in lines] == ["PASS " + step for step in STEPS], output
+    positions = POSITIONS if positions is None else positions
+    expected = ["PASS " + step for step in STEPS]
+    if not positions:
+        expected[-1] = "SKIP positions"
+    assert [line.split(":", 1)[0] for line in lines] == expected, output
+    if POSITIONS is False and positions is False:
+        assert "not supported by this server" in lines[-1] or "live stream" in lines[-1], output
     assert "byte-identical" in lines[STEPS.index("deliver")]
     assert " ms" in lines[STEPS.index("deliver")]
     assert "Traceback" not in output
     return lines
+
+
+def history_keys(redis_client):
+    return sorted(redis_client.keys("{trade.SMOKETEST_*"))
 
 
 def numsub(redis_client, channel):
@@ -81,7 +136,7 @@ def numsub(redis_client, channel):
 
 
 def test_all_steps_pass_with_flags(server, redis_url, redis_client):
-    stream = "trade.SMOKE%s_TEST" % os.urandom(4).hex().upper()
+    stream = "trade.SMOKETEST_%s" % os.urandom(4).hex().upper()
     result = run_smoke("--ws-url", "ws://127.0.0.1:%d/ws" % server.port, "--redis-url", redis_url,
                        "--stream", stream, "--timeout", "5")
     lines = assert_all_pass(result)
@@ -97,9 +152,12 @@ def test_all_steps_pass_with_flags(server, redis_url, redis_client):
 def test_all_steps_pass_from_the_environment(server, redis_url, redis_client):
     # The deployment's bare host:port form of WS_STREAM_URL, and REDIS_URL.
     result = run_smoke(env={"WS_STREAM_URL": "127.0.0.1:%d" % server.port, "REDIS_URL": redis_url})
-    assert_all_pass(result)
+    lines = assert_all_pass(result)
     assert "ws://127.0.0.1:%d/ws" % server.port in result.stdout
-    assert not redis_client.pubsub_channels("trade.SMOKE*")  # random stream, released
+    # The probe went to a random stream of its own, released at the end.
+    assert re.search(r"trade\.SMOKETEST_[0-9A-F]{8} subscribed", lines[STEPS.index("subscribe")])
+    assert not redis_client.pubsub_channels("trade.SMOKETEST_*")
+    assert history_keys(redis_client) == []  # the positions check leaves no keys
 
 
 def test_bind_address_in_the_environment_means_this_host(server, redis_url):
@@ -118,7 +176,7 @@ def test_all_steps_pass_with_acknowledgements_on(start_server, redis_url):
 def test_invalid_stream_fails_at_subscribe(start_server, redis_url):
     server = start_server("--acks")  # the server says why
     result = run_smoke("--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url,
-                       "--stream", "trade.not_a_market", "--timeout", "2")
+                       "--stream", "trade.SMOKETEST_lower", "--timeout", "2")
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert [line.split(":", 1)[0] for line in lines] == ["PASS health", "PASS connect",
@@ -159,6 +217,73 @@ def test_unreachable_redis_fails_cleanly(server):
     assert "Traceback" not in output
 
 
+def test_no_redis_url_is_a_usage_error(server):
+    # No default: a run that would test some unrelated Redis stops at once.
+    result = run_smoke("--ws-url", "127.0.0.1:%d" % server.port)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert "--redis-url" in result.stderr and "REDIS_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _health(server.port)["connections"] == 0  # it did not even connect
+
+
+def _published_during(redis_url, channel, action):
+    """Messages PUBLISHed on ``channel`` while ``action()`` ran: a marker
+    published afterwards bounds the wait."""
+    client = redis.Redis.from_url(redis_url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.subscribe(channel)
+        wait_until(lambda: numsub(client, channel) >= 1, message="watcher subscribed")
+        result = action()
+        marker = b"end-" + os.urandom(4).hex().encode()
+        client.publish(channel, marker)
+        seen = []
+        deadline = time.monotonic() + 5
+        while marker not in seen:
+            assert time.monotonic() < deadline, "the marker never arrived"
+            message = pubsub.get_message(timeout=0.5)
+            if message is not None:
+                seen.append(message["data"])
+        return result, seen[:-1]
+    finally:
+        pubsub.close()
+        client.close()
+
+
+def test_live_looking_stream_is_refused_without_force(server, redis_url):
+    result, published = _published_during(redis_url, "trade.SOL_USDC", lambda: run_smoke(
+        "--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url,
+        "--stream", "trade.SOL_USDC"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "trade.SOL_USDC looks like a live stream" in result.stderr
+    assert "--force" in result.stderr and "SMOKETEST" in result.stderr
+    assert result.stdout == ""
+    assert published == []  # nothing reached the market's subscribers
+
+
+def test_live_looking_stream_with_force(server, redis_url, redis_client):
+    stream = "trade.SMOKEFORCED_USDC"
+    result, published = _published_during(redis_url, stream, lambda: run_smoke(
+        "--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url,
+        "--stream", stream, "--force"))
+    lines = assert_all_pass(result, positions=False)
+    assert "live stream" in lines[-1]
+    # Only the one plain probe went into it: no positions, no history keys.
+    assert len(published) == 1 and b'"e":"smoke"' in published[0]
+    assert redis_client.keys("{%s}*" % stream) == []
+
+
+def test_redis_password_is_redacted(server, redis_url):
+    port = free_port()
+    result = run_smoke("--ws-url", "127.0.0.1:%d" % server.port,
+                       "--redis-url", "redis://smoke:s3cret@127.0.0.1:%d/0" % port, "--timeout", "2")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "smoke:***@127.0.0.1:%d" % port in result.stdout.splitlines()[-1]
+    assert "s3cret" not in output
+
+
 @pytest.fixture(scope="module")
 def smoke_module():
     spec = importlib.util.spec_from_file_location("smoke_test_script", SCRIPT)
@@ -186,3 +311,23 @@ def test_ws_url_forms(smoke_module, value, expected):
 ])
 def test_health_url(smoke_module, ws_url, expected):
     assert smoke_module.health_url(ws_url) == expected
+
+
+@pytest.mark.parametrize("name, smoke", [
+    ("trade.SMOKETEST_1A2B3C4D", True),
+    ("kline.1m.SMOKETEST_PROBE", True),
+    ("trade.SOL_USDC", False),
+    ("trade.SMOKE_TEST", False),
+    ("trade.SMOKE1A2B_TEST", False),
+])
+def test_smoke_stream_marker(smoke_module, name, smoke):
+    assert smoke_module.is_smoke_stream(name) is smoke
+
+
+def test_default_stream_passes_the_servers_default_rules(smoke_module):
+    from marketstream.protocol import StreamRules
+    names = {smoke_module.default_stream() for _ in range(20)}
+    assert len(names) == 20
+    for name in names:
+        assert smoke_module.is_smoke_stream(name)
+        assert StreamRules().check(name) is None, name

@@ -21,6 +21,7 @@ import redis.asyncio
 import ujson
 
 from marketstream.embedded import free_port
+from marketstream.history import split_position
 from marketstream.feed import (DEFAULT_MARKETS, MAX_LAG, Feed, MarketSimulator, build_parser,
                                encode, envelope, main, market_spec, redact, run_feed)
 from tests.helpers import async_wait_until, wait_until
@@ -320,6 +321,15 @@ def subscribe(client, *channels):
     return pubsub
 
 
+def parse(payload):
+    """A published payload as JSON: recoverable ones (``@<seq> <frame>``)
+    must carry the same position in the frame."""
+    seq, frame = split_position(payload)
+    message = ujson.loads(frame)
+    assert message.get("seq") == seq, payload
+    return message
+
+
 def collect(pubsub, count, timeout=5.0):
     """Exactly ``count`` messages as (channel, parsed payload)."""
     received = []
@@ -328,7 +338,7 @@ def collect(pubsub, count, timeout=5.0):
         message = pubsub.get_message(timeout=0.05)
         while message is not None:   # drain what has arrived
             if message["type"] == "message":
-                received.append((message["channel"].decode(), ujson.loads(message["data"])))
+                received.append((message["channel"].decode(), parse(message["data"])))
             message = pubsub.get_message(timeout=0)
         return len(received) >= count
 
@@ -351,9 +361,13 @@ def test_run_feed_publishes_envelopes(redis_client, redis_url):
         pubsub.close()
 
     by_kind = {}
+    positions = {}
     for channel, message in received:
-        assert set(message) == {"stream", "data"}
+        assert list(message) == ["stream", "data", "seq"]
         assert message["stream"] == channel
+        if channel in positions:
+            assert message["seq"] == positions[channel] + 1
+        positions[channel] = message["seq"]
         kind = channel.split(".")[0]
         assert message["data"]["e"] == kind and message["data"]["s"] == "BTC_USDT"
         by_kind.setdefault(kind, []).append(message["data"])
@@ -505,7 +519,7 @@ def test_run_feed_survives_a_redis_outage(redis_server, redis_url):
         pubsub = client.pubsub()
         await pubsub.subscribe("trade.BTC_USDT")
         message = await next_message(pubsub)
-        assert ujson.loads(message["data"])["data"]["e"] == "trade"
+        assert parse(message["data"])["data"]["e"] == "trade"
         await pubsub.aclose()
         await client.aclose()
         assert any("is back" in m for m in records.messages())

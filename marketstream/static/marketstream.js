@@ -108,18 +108,20 @@ export class OrderBook {
   /** Apply one diff `{U, u, b, a}` (at position `seq`, if any). */
   applyDiff(data, seq) {
     const first = data.U, last = data.u;
+    if (seq != null && this.seq != null && seq <= this.seq) return "stale";
     if (this.status === "empty") {
       this.status = "partial";
-    } else if (this.u !== null && last !== undefined && last <= this.u) {
-      return "stale";
-    } else if (this.u !== null && first !== undefined) {
+    } else {
+      if (seq != null && this.seq != null && this.status === "synced" && seq !== this.seq + 1) return "broken";
+      if (this.u !== null && last !== undefined && last <= this.u) {
+        if (seq != null) this.seq = seq;   // a position with nothing new for the book
+        return "stale";
+      }
       // After a snapshot the first diff may straddle it (U <= u+1 <= u');
       // every later one must start right after the previous one.
-      const ok = this._fresh ? first <= this.u + 1 : first === this.u + 1;
-      if (!ok) return "broken";
-    }
-    if (seq != null && this.seq != null && this.status === "synced" && !this._fresh && seq !== this.seq + 1) {
-      return "broken";
+      if (this.u !== null && first !== undefined && !(this._fresh ? first <= this.u + 1 : first === this.u + 1)) {
+        return "broken";
+      }
     }
     for (const [price, qty] of data.b || []) isZero(qty) ? this.bids.delete(price) : this.bids.set(price, qty);
     for (const [price, qty] of data.a || []) isZero(qty) ? this.asks.delete(price) : this.asks.set(price, qty);
@@ -434,7 +436,7 @@ export class MarketStream extends EventTarget {
       return false;
     }
     const result = book.applyDiff(data, seq);
-    if (result === "stale") return false;
+    if (result === "stale") return seq !== null && seq > (s.seq ?? -1);   // a position without news
     if (result === "broken") {
       this._gap(s, {reason: "update ids not continuous", expected: book.u + 1, got: data.U});
       if (s.awaitingSnapshot) return false;   // a snapshot will rebuild it

@@ -1,22 +1,31 @@
 """Several worker processes on one port.
 
-The parent binds the listening sockets, forks ``count`` workers that share
-them (the kernel spreads connections over the workers), restarts a worker
-that dies, and on SIGTERM or SIGINT asks every worker to shut down
-gracefully and waits for them::
+The parent binds one group of listening sockets per worker
+(:func:`~marketstream.listen.bind_listeners`, ``SO_REUSEPORT``: the kernel
+spreads connections evenly over the groups), forks ``count`` workers,
+restarts a worker that dies, and on SIGTERM or SIGINT asks every worker to
+shut down gracefully and waits for them::
 
-    sockets = tornado.netutil.bind_sockets(4000, "0.0.0.0")
-    exit_code = supervise(2, lambda worker_id: run_worker(sockets), grace=15)
+    groups = bind_listeners("0.0.0.0", 4000, 2)
+    exit_code = supervise(2, lambda index: run_worker(groups[index]), grace=15,
+                          listeners=groups)
 
-Each worker runs its own event loop, Redis subscription and clients.  Workers
-ask the kernel to send them SIGTERM if the parent dies, so none outlives it.
+Worker ``i`` keeps only ``groups[i]`` open (it closes its copies of the other
+workers' sockets); the parent keeps them all, so connections that arrive
+for a worker while it restarts wait in its socket's backlog.  Each worker
+runs its own event loop, Redis subscription and clients.  Workers ask the
+kernel to send them SIGTERM if the parent dies, so none outlives it.
 """
+
+from __future__ import annotations
 
 import logging
 import os
 import signal
+import socket
 import sys
 import time
+from typing import Callable, Sequence
 
 from marketstream.util import die_with_parent as _die_with_parent
 
@@ -32,7 +41,7 @@ def worker_id():
     return _worker_id
 
 
-def _spawn(index, target):
+def _spawn(index, target, listeners=None):
     pid = os.fork()
     if pid:
         return pid
@@ -41,6 +50,10 @@ def _spawn(index, target):
     _worker_id = index
     code = 1
     try:
+        for other, group in enumerate(listeners or ()):
+            if other != index:
+                for sock in group:
+                    sock.close()  # the parent's copy stays open
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         _die_with_parent()
@@ -56,14 +69,20 @@ def _spawn(index, target):
         os._exit(code)
 
 
-def supervise(count, target, grace=10.0, restart_delay=1.0, on_exit=None):
+def supervise(count: int, target: Callable[[int], int | None], grace: float = 10.0,
+              restart_delay: float = 1.0, on_exit: Callable[[int], None] | None = None,
+              listeners: Sequence[Sequence[socket.socket]] | None = None) -> int:
     """Run ``target(index)`` in ``count`` forked workers until SIGTERM/SIGINT.
 
     A worker that exits while the parent is not stopping is logged and
     restarted (no faster than once per ``restart_delay`` per slot);
-    ``on_exit(pid)`` is called for every worker that exits.  Returns 0
-    when every worker stopped cleanly on request, 1 otherwise.
+    ``on_exit(pid)`` is called for every worker that exits.  With
+    ``listeners`` (one group of sockets per worker), worker ``i`` closes
+    every group but ``listeners[i]``.  Returns 0 when every worker stopped
+    cleanly on request, 1 otherwise.
     """
+    if listeners is not None and len(listeners) != count:
+        raise ValueError("listeners: %d groups for %d workers" % (len(listeners), count))
     stopping = []
 
     def request_stop(signum, frame):
@@ -74,7 +93,7 @@ def supervise(count, target, grace=10.0, restart_delay=1.0, on_exit=None):
     started = {}  # index -> time of last start
     try:
         for index in range(count):
-            workers[_spawn(index, target)] = index
+            workers[_spawn(index, target, listeners)] = index
             started[index] = time.monotonic()
         log.info("started %d worker processes: %s", count, " ".join(map(str, workers)))
         while workers and not stopping:
@@ -88,7 +107,7 @@ def supervise(count, target, grace=10.0, restart_delay=1.0, on_exit=None):
                 break
             log.error("worker %d (pid %d) %s; restarting it", index, pid, _describe(status))
             time.sleep(max(0.0, started[index] + restart_delay - time.monotonic()))
-            workers[_spawn(index, target)] = index
+            workers[_spawn(index, target, listeners)] = index
             started[index] = time.monotonic()
         return _stop_all(workers, grace)
     finally:

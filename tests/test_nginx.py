@@ -1,7 +1,8 @@
 """Scale-out: two marketstream instances behind a real nginx, one Redis.
 
 The nginx configuration is the shipped ``conf/nginx.conf`` with only the
-upstream servers and the listen port changed.
+upstream servers and the listen port changed (and, for wss://, its TLS
+example uncommented with a test certificate).
 """
 
 import asyncio
@@ -9,11 +10,17 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
+import sys
 import tempfile
+import urllib.error
+import urllib.request
 
 import pytest
 import redis
+import tornado.httpclient
+import tornado.websocket
 import ujson
 
 from marketstream.embedded import free_port
@@ -28,50 +35,90 @@ CLIENT_IP = "127.0.0.2"  # clients connect from here; nginx reaches marketstream
 STREAM = "trade.NGX_USDT"
 
 
-def site_config(upstream_ports, listen_port):
+def site_config(upstream_ports, listen_port, tls=None):
+    """The shipped site with the test's upstream ports and listen port.
+    ``tls``: (port, certificate, key) to uncomment the wss:// example too."""
     with open(os.path.join(ROOT, "conf", "nginx.conf")) as handle:
         site = handle.read()
     servers = "".join("    server 127.0.0.1:%d;\n" % port for port in upstream_ports)
     site, count = re.subn(r"(    server 127\.0\.0\.1:\d+;\n)+", servers, site)
     assert count == 1
-    site, count = re.subn(r"listen 80;", "listen 127.0.0.1:%d;" % listen_port, site)
+    site, count = re.subn(r"^    listen 80 default_server;$",
+                          "    listen 127.0.0.1:%d default_server;" % listen_port, site, flags=re.M)
     assert count == 1
+    if tls:
+        tls_port, certificate, key = tls
+        block = re.search(r"^#server \{\n.*?^#\}\n", site, re.S | re.M)
+        assert block, "no commented TLS server block"
+        server = re.sub(r"^#", "", block.group(0), flags=re.M)
+        replacements = [(r"listen 443 ssl;", "listen 127.0.0.1:%d ssl;" % tls_port),
+                        (r"ssl_certificate +\S+;", "ssl_certificate %s;" % certificate),
+                        (r"ssl_certificate_key +\S+;", "ssl_certificate_key %s;" % key)]
+        for pattern, replacement in replacements:
+            server, count = re.subn(pattern, replacement, server)
+            assert count == 1, pattern
+        site += server
     return site
+
+
+def _write_conf(prefix, site):
+    for sub in ("logs", "tmp"):
+        os.makedirs(os.path.join(prefix, sub), exist_ok=True)
+    conf = os.path.join(prefix, "nginx.conf")
+    with open(conf, "w") as handle:
+        if os.geteuid() == 0:  # nginx's workers need a user that can read the prefix
+            handle.write("user root;\n")
+        handle.write("worker_processes 1;\npid %s/nginx.pid;\nerror_log %s/logs/error.log warn;\n"
+                     "events { worker_connections 1024; }\nhttp {\n"
+                     "  access_log off;\n  client_body_temp_path %s/tmp;\n  proxy_temp_path %s/tmp;\n"
+                     % (prefix, prefix, prefix, prefix))
+        handle.write(site)
+        handle.write("\n}\n")
+    return conf
 
 
 @pytest.fixture
 def nginx_factory():
+    """start(upstream_ports) runs nginx with the shipped site and returns
+    its port; start(upstream_ports, site=text) runs nginx on a site of the
+    test's own (then the caller picks the ports); check(site) is ``nginx -t``
+    on a site: (exit code, output)."""
     started = []
+    prefixes = []
 
-    def start(upstream_ports):
+    def new_prefix():
         prefix = tempfile.mkdtemp(prefix="marketstream-nginx-")
+        prefixes.append(prefix)
+        return prefix
+
+    def start(upstream_ports, site=None, wait_port=None):
+        prefix = new_prefix()
         port = free_port()
-        for sub in ("logs", "tmp"):
-            os.makedirs(os.path.join(prefix, sub))
-        conf = os.path.join(prefix, "nginx.conf")
-        with open(conf, "w") as handle:
-            handle.write("worker_processes 1;\npid %s/nginx.pid;\nerror_log %s/logs/error.log warn;\n"
-                         "events { worker_connections 1024; }\nhttp {\n"
-                         "  access_log off;\n  client_body_temp_path %s/tmp;\n  proxy_temp_path %s/tmp;\n"
-                         % (prefix, prefix, prefix, prefix))
-            handle.write(site_config(upstream_ports, port))
-            handle.write("\n}\n")
-        if os.geteuid() == 0:  # nginx's workers need a user that can read the prefix
-            with open(conf) as handle:
-                text = handle.read()
-            with open(conf, "w") as handle:
-                handle.write("user root;\n" + text)
+        if site is None:
+            site = site_config(upstream_ports, port)
+        else:
+            port = wait_port
+        conf = _write_conf(prefix, site)
         proc = subprocess.Popen([NGINX, "-p", prefix, "-c", conf, "-g", "daemon off;"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        started.append((proc, prefix))
+        started.append(proc)
         wait_until(lambda: _listening(port) or proc.poll() is not None, 10, message="nginx")
         assert proc.poll() is None, proc.stdout.read().decode()
         return port
 
+    def check(site):
+        prefix = new_prefix()
+        conf = _write_conf(prefix, site)
+        result = subprocess.run([NGINX, "-t", "-p", prefix, "-c", conf],
+                                capture_output=True, text=True, timeout=30)
+        return result.returncode, result.stdout + result.stderr
+
+    start.check = check
     yield start
-    for proc, prefix in started:
+    for proc in started:
         proc.terminate()
         proc.wait(10)
+    for prefix in prefixes:
         shutil.rmtree(prefix, ignore_errors=True)
 
 
@@ -164,3 +211,129 @@ def test_two_instances_behind_nginx(redis_url, nginx_factory):
         for instance in instances:
             instance.stop()
         publisher.close()
+
+
+# --- the shipped file next to Debian's default site, TLS, the smoke test ----
+
+DEBIAN_DEFAULT = """
+server {
+    listen 127.0.0.1:%d default_server;
+    server_name _;
+    location / { return 404 "the default site\\n"; }
+}
+"""
+
+
+def _get(url, host=None, context=None):
+    """(status, body) of a GET, with an optional Host header."""
+    request = urllib.request.Request(url, headers={"Host": host} if host else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5, context=context) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.fixture
+def instance(redis_url):
+    server = ServerProcess("--redis-url", redis_url)
+    server.wait_healthy()
+    yield server
+    server.stop()
+
+
+def test_next_to_debians_default_site(instance, nginx_factory):
+    port = free_port()
+    shipped = site_config([instance.port], port)
+    # As shipped (default_server) next to the stock default site, nginx
+    # refuses to start and names the clash: nothing is silently shadowed.
+    code, output = nginx_factory.check(DEBIAN_DEFAULT % port + shipped)
+    assert code != 0 and "duplicate default server" in output, output
+    # With the default site disabled, it is the server for any Host.
+    nginx_factory([instance.port], site=shipped, wait_port=port)
+    status, body = _get("http://127.0.0.1:%d/health" % port, host="anything.example")
+    assert status == 200 and ujson.loads(body)["status"] == "ok"
+
+
+def test_keeping_the_default_site_with_a_real_server_name(instance, nginx_factory):
+    # The file's other way out: no default_server, a real server_name.
+    port = free_port()
+    named = site_config([instance.port], port).replace(
+        "default_server;\n    server_name _;", ";\n    server_name stream.example.test;")
+    assert "server_name stream.example.test;" in named
+    code, output = nginx_factory.check(DEBIAN_DEFAULT % port + named)
+    assert code == 0, output
+    assert "conflicting server name" not in output
+    nginx_factory([instance.port], site=DEBIAN_DEFAULT % port + named, wait_port=port)
+    status, body = _get("http://127.0.0.1:%d/health" % port, host="stream.example.test")
+    assert status == 200 and ujson.loads(body)["status"] == "ok"
+    status, body = _get("http://127.0.0.1:%d/health" % port, host="other.example")
+    assert status == 404 and body == b"the default site\n"
+
+
+OPENSSL = shutil.which("openssl")
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed")
+def test_wss_through_the_tls_example(instance, redis_url, nginx_factory, tmp_path):
+    certificate, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", certificate],
+                   check=True, capture_output=True, timeout=60)
+    port, tls_port = free_port(), free_port()
+    site = site_config([instance.port], port, tls=(tls_port, certificate, key))
+    nginx_factory([instance.port], site=site, wait_port=tls_port)
+    context = ssl.create_default_context(cafile=certificate)
+    status, body = _get("https://127.0.0.1:%d/health" % tls_port, context=context)
+    assert status == 200 and ujson.loads(body)["status"] == "ok"
+    # /metrics stays closed to others there too (nginx sees 127.0.0.1 here,
+    # which is allowed, so only check that it is proxied, not the default page).
+    status, body = _get("https://127.0.0.1:%d/metrics" % tls_port, context=context)
+    assert status == 200 and b"marketstream" in body
+
+    publisher = redis.Redis.from_url(redis_url)
+
+    async def scenario():
+        request = tornado.httpclient.HTTPRequest(
+            "wss://127.0.0.1:%d/stream?streams=%s" % (tls_port, STREAM), ca_certs=certificate)
+        ws = await tornado.websocket.websocket_connect(request)
+        try:
+            await asyncio.to_thread(wait_until, lambda: publisher.pubsub_numsub(STREAM)[0][1] == 1,
+                                    message="subscribed through wss://")
+            frame = '{"stream":"%s","data":{"e":"trade","t":7}}' % STREAM
+            publisher.publish(STREAM, frame)
+            assert await asyncio.wait_for(ws.read_message(), 5) == frame
+        finally:
+            ws.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        publisher.close()
+
+
+def test_smoke_script_through_nginx(redis_url, nginx_factory):
+    # A deployment's check: the smoke test against nginx with both instances
+    # of the upstream; its resume step may land on the other instance.
+    instances = [ServerProcess("--redis-url", redis_url, "--set", "server.xheaders=true")
+                 for _ in range(2)]
+    try:
+        for server in instances:
+            server.wait_healthy()
+        port = nginx_factory([server.port for server in instances])
+        environ = {key: value for key, value in os.environ.items()
+                   if key not in ("REDIS_URL", "WS_STREAM_URL", "MARKETSTREAM_CONFIG")}
+        environ.update(REDIS_URL=redis_url, WS_STREAM_URL="ws://127.0.0.1:%d/ws" % port)
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "smoke_test.py")],
+                                cwd=ROOT, env=environ, capture_output=True, text=True, timeout=60)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        lines = result.stdout.splitlines()
+        assert [line.split(":", 1)[0] for line in lines[:6]] == [
+            "PASS health", "PASS connect", "PASS subscribe", "PASS deliver", "PASS unsubscribe",
+            "PASS close"], output
+        assert lines[6].startswith(("PASS positions", "SKIP positions: not supported by this server")), output
+    finally:
+        for server in instances:
+            server.stop()

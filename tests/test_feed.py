@@ -1,11 +1,11 @@
-"""The demo publisher: the simulator and scheduler without sockets, run_feed
-against the real Redis (including an outage), and the marketstream-feed
-command as a subprocess."""
+"""The demo publisher: run_feed against the real Redis (recoverable and plain,
+including an outage), the depth snapshots and diffs rebuilding the
+simulator's book, and the marketstream-feed command as a subprocess.  The
+simulator itself is tested in test_simulator.py."""
 
 import asyncio
 import logging
 import os
-import random
 import re
 import signal
 import subprocess
@@ -21,287 +21,143 @@ import redis.asyncio
 import ujson
 
 from marketstream.embedded import free_port
-from marketstream.history import split_position
-from marketstream.feed import (DEFAULT_MARKETS, MAX_LAG, Feed, MarketSimulator, build_parser,
-                               encode, envelope, main, market_spec, redact, run_feed)
+from marketstream.feed import DEFAULT_MARKETS, Feed, build_parser, main, redact, run_feed
+from marketstream.history import read_after, read_snapshot, split_position
+from marketstream.publisher import Publisher
+from marketstream.util import redact_url
 from tests.helpers import async_wait_until, wait_until
+from tests.test_simulator import Book
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-DECIMALS = {"BTC_USDT": (2, 5), "ETH_USDT": (2, 4), "SOL_USDT": (3, 3), "SOL_USDC": (3, 3)}
-START = {"BTC_USDT": 65000, "ETH_USDT": 3400, "SOL_USDT": 150, "SOL_USDC": 150}
 
-TRADE_KEYS = {"e": str, "E": int, "s": str, "t": int, "p": str, "q": str, "b": int, "a": int,
-              "m": bool, "T": int}
-DEPTH_KEYS = {"e": str, "E": int, "s": str, "T": int, "U": int, "u": int, "b": list, "a": list}
-TICKER_KEYS = {"e": str, "E": int, "s": str, "o": str, "c": str, "h": str, "l": str, "v": str,
-               "V": str, "n": int}
-
-NOW_US = 1_718_000_000_000_000
-
-
-def assert_shape(data, keys):
-    assert set(data) == set(keys), data
-    for key, kind in keys.items():
-        assert type(data[key]) is kind, (key, data)
-
-
-def decimal_pattern(decimals):
-    return re.compile(r"^[0-9]+\.[0-9]{%d}$" % decimals if decimals else r"^[0-9]+$")
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
+    ("redis://user:secret@host:6379/0", "redis://user:***@host:6379/0"),
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("redis://user@host/0", "redis://user@host/0"),
+    ("rediss://u:p@ss:w@[::1]:6380/2", "rediss://u:***@[::1]:6380/2"),
+    ("redis://host/0?password=secret&db=1", "redis://host/0?password=***&db=1"),
+    ("redis+sentinel://:pw@s1:26379,s2:26379/mymaster/0",
+     "redis+sentinel://:***@s1:26379,s2:26379/mymaster/0"),
+    ("redis+cluster://u:pw@n1:7000,n2:7001", "redis+cluster://u:***@n1:7000,n2:7001"),
+    ("unix://:pw@/run/redis.sock?db=0", "unix://:***@/run/redis.sock?db=0"),
+    ("redis://u:pw@[::1", "redis://u:***@[::1"),
+])
+def test_redact(url, shown):
+    """One redaction for the whole package: the user stays, the password goes."""
+    assert redact_url(url) == redact(url) == shown
+    assert "secret" not in shown
 
 
-def simulate(market, count, seed=1, trade_share=0.5):
-    """``count`` messages of one market: trades and depth diffs interleaved
-    pseudo-randomly, tickers every 50 messages."""
-    sim = MarketSimulator(market, seed=seed)
-    order = random.Random(seed)
-    messages = []
-    for i in range(count):
-        now = NOW_US + i * 1000
-        messages.append(sim.trade(now) if order.random() < trade_share else sim.depth(now))
-        if i % 50 == 49:
-            messages.append(sim.ticker(now))
-    return sim, messages
+# -- depth snapshots + diffs == the simulator's book --------------------------------------
 
-
-class Book:
-    """A client's order book built only from the diffs."""
-
-    def __init__(self):
-        self.bids, self.asks = {}, {}
-        self.removed = 0
-
-    def apply(self, diff):
-        for side, book in (("b", self.bids), ("a", self.asks)):
-            prices = [price for price, _ in diff[side]]
-            assert len(prices) == len(set(prices)), "a price twice on one side: %r" % diff
-            for price, qty in diff[side]:
-                if qty == "0":
-                    assert Decimal(price) in book, "removes a level that does not exist: %s" % price
-                    del book[Decimal(price)]
-                    self.removed += 1
-                else:
-                    assert Decimal(qty) > 0
-                    book[Decimal(price)] = Decimal(qty)
-
-    def check(self):
-        assert self.bids and self.asks, "a side of the book is empty"
-        assert max(self.bids) < min(self.asks), "crossed book: %s >= %s" % (
-            max(self.bids), min(self.asks))
-
-
-# -- the simulator ---------------------------------------------------------------
-
-@pytest.mark.parametrize("market", DEFAULT_MARKETS)
-def test_trades(market):
-    sim = MarketSimulator(market, seed=3)
-    price_format = decimal_pattern(DECIMALS[market][0])
-    qty_format = decimal_pattern(DECIMALS[market][1])
-    trades = [sim.trade(NOW_US + i) for i in range(1000)]
-    assert [trade["t"] for trade in trades] == list(range(1, 1001))
-    for i, trade in enumerate(trades):
-        assert_shape(trade, TRADE_KEYS)
-        assert (trade["e"], trade["s"]) == ("trade", market)
-        assert trade["E"] == NOW_US + i and trade["T"] == (NOW_US + i) // 1000
-        assert price_format.match(trade["p"]), trade["p"]
-        assert qty_format.match(trade["q"]), trade["q"]
-        assert Decimal(trade["p"]) > 0 and Decimal(trade["q"]) > 0
-        assert trade["b"] != trade["a"] and trade["b"] > 0 and trade["a"] > 0
-        # The maker's order is the older one.
-        maker, taker = (trade["b"], trade["a"]) if trade["m"] else (trade["a"], trade["b"])
-        assert maker < taker
-    assert {trade["m"] for trade in trades} == {True, False}
-
-
-@pytest.mark.parametrize("market", DEFAULT_MARKETS)
-def test_prices_random_walk_from_realistic_levels(market):
-    sim = MarketSimulator(market, seed=5)
-    prices = [Decimal(sim.trade(NOW_US)["p"]) for _ in range(5000)]
-    start = START[market]
-    assert abs(prices[0] - start) / start < Decimal("0.01")
-    assert all(abs(price - start) / start < Decimal("0.15") for price in prices)
-    # Small steps (sigma 1e-4 per trade), but it does move.
-    steps = [abs(b - a) / a for a, b in zip(prices, prices[1:])]
-    assert max(steps) < Decimal("0.001")
-    assert len(set(prices)) > 100
-
-
-@pytest.mark.parametrize("market", ["BTC_USDT", "SOL_USDC"])
-def test_depth_diffs_build_a_consistent_book(market):
-    sim, messages = simulate(market, 4000, seed=11)
-    diffs = [m for m in messages if m["e"] == "depth"]
-    assert len(diffs) > 1500
-    price_format = decimal_pattern(DECIMALS[market][0])
-    qty_format = decimal_pattern(DECIMALS[market][1])
+def rebuild(snapshot_frame, frames):
+    """A client's book: the snapshot, then the diffs after it (U/u checked)."""
+    snapshot = ujson.loads(snapshot_frame)["data"]
+    assert snapshot["e"] == "depthSnapshot"
     book = Book()
-    previous_u = 0
-    changed = 0
-    distances = []
-    last_price = None
-    for message in messages:
-        if message["e"] == "trade":
-            last_price = Decimal(message["p"])
-        if message["e"] != "depth":
+    book.apply(snapshot)
+    last_u = snapshot["u"]
+    for _, frame in frames:
+        diff = ujson.loads(frame)["data"]
+        assert diff["e"] == "depth" and diff["U"] == last_u + 1, (last_u, diff)
+        book.apply(diff)
+        last_u = diff["u"]
+    return book, last_u
+
+
+def as_book(snapshot):
+    return ({Decimal(p): Decimal(q) for p, q in snapshot["b"]},
+            {Decimal(p): Decimal(q) for p, q in snapshot["a"]})
+
+
+def test_snapshot_plus_diffs_equals_the_simulators_book_at_the_same_position(redis_client,
+                                                                             redis_url):
+    """The feed's schedule published through the recovery script; at many
+    moments a client starting from the stored snapshot and the history holds
+    exactly the simulator's book at the latest position."""
+    market = "SOL_USDC"
+    stream = "depth." + market
+    feed = Feed((market,), rate=400, seed=21, start=0.0)
+    sim = feed.simulators[market]
+    books = {}   # u -> the simulator's book right after the diff ending at u
+    depth = sim.depth
+
+    def recording_depth(now_us):
+        diff = depth(now_us)
+        books[diff["u"]] = sim.snapshot()
+        return diff
+
+    sim.depth = recording_depth
+    publisher = Publisher(redis_client, history=100000)
+    now, checks, snapshots_seen = 0.0, 0, set()
+
+    async def client_view():
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            snapshot = await read_snapshot(client, stream)
+            frames, covered = await read_after(client, stream, snapshot[0], 100000)
+            return snapshot, frames, covered
+        finally:
+            await client.aclose()
+
+    while now < 4.0:
+        now += 0.05
+        events = feed.events(now)
+        publisher.publish_many([
+            (e.channel, e.data, e.snapshot) for e in events if e.kind == "depth"])
+        if not any(e.kind == "depth" for e in events):
             continue
-        assert_shape(message, DEPTH_KEYS)
-        assert message["s"] == market and message["T"] == message["E"]
-        assert message["U"] == previous_u + 1
-        assert message["u"] - message["U"] + 1 == len(message["b"]) + len(message["a"]) >= 1
-        previous_u = message["u"]
-        for side, reverse in (("b", True), ("a", False)):
-            prices = [Decimal(price) for price, _ in message[side]]
-            assert prices == sorted(prices, reverse=reverse)
-            for price, qty in message[side]:
-                assert price_format.match(price), price
-                assert qty == "0" or qty_format.match(qty), qty
-                if last_price is not None:
-                    distances.append(abs(Decimal(price) - last_price) / last_price)
-        changed += len(message["b"]) + len(message["a"])
-        book.apply(message)
-        book.check()
-    assert book.removed > 100, "levels are removed with quantity 0"
-    assert len(book.bids) >= 5 and len(book.asks) >= 5
-    # Most changes are near the price.
-    distances.sort()
-    assert distances[len(distances) // 2] < Decimal("0.001")
-    assert changed < 10 * len(diffs), "diffs are small"
+        (snap_seq, snap_frame), frames, covered = asyncio.run(client_view())
+        assert covered
+        snapshots_seen.add(snap_seq)
+        book, last_u = rebuild(snap_frame, frames)
+        assert (book.bids, book.asks) == as_book(books[last_u])
+        assert last_u == max(books)
+        checks += 1
+    assert checks > 50
+    assert len(snapshots_seen) >= 4 / 0.5 - 1, "a full book at least every 0.5 s of schedule"
 
 
-def test_first_depth_diff_fills_an_empty_book():
-    sim = MarketSimulator("ETH_USDT", seed=2)
-    first = sim.depth(NOW_US)
-    assert first["U"] == 1 and first["u"] == len(first["b"]) + len(first["a"])
-    assert len(first["b"]) >= 10 and len(first["a"]) >= 10
-    assert all(qty != "0" for _, qty in first["b"] + first["a"])
+def test_run_feed_stores_snapshots_and_history(redis_client, redis_url):
+    """End to end: the stored depth snapshot equals the book built from all
+    diffs in the history up to its position; tickers are their own
+    snapshots; the keys get the feed's TTL."""
+    for kind in ("trade", "depth", "ticker"):
+        redis_client.delete(*("{%s.BTC_USDT}:%s" % (kind, key) for key in ("seq", "log", "snap")))
+    counts = asyncio.run(run_feed(redis_url, markets=("BTC_USDT",), rate=300, duration=1.5,
+                                  seed=5, history=100000, ttl=120))
+    assert counts["depth"] > 50
+
+    async def read(stream):
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            return await read_snapshot(client, stream), await read_after(client, stream, 0,
+                                                                         100000)
+        finally:
+            await client.aclose()
+
+    (snap_seq, snap_frame), (frames, covered) = asyncio.run(read("depth.BTC_USDT"))
+    assert not covered   # position 0 is long before this stream's first position
+    assert len(frames) == counts["depth"]
+    assert [s for s, _ in frames] == list(range(frames[0][0], frames[0][0] + len(frames)))
+    up_to = [(s, f) for s, f in frames if s <= snap_seq]
     book = Book()
-    book.apply(first)
-    book.check()
+    for _, frame in up_to:
+        book.apply(ujson.loads(frame)["data"])
+    snapshot = ujson.loads(snap_frame)["data"]
+    assert snapshot["u"] == ujson.loads(up_to[-1][1])["data"]["u"]
+    assert (book.bids, book.asks) == as_book(snapshot)
+    # Best levels first.
+    assert [Decimal(p) for p, _ in snapshot["b"]] == sorted(book.bids, reverse=True)
+    assert [Decimal(p) for p, _ in snapshot["a"]] == sorted(book.asks)
 
-
-@pytest.mark.parametrize("market", ["BTC_USDT", "SOL_USDT"])
-def test_ticker_statistics(market):
-    sim = MarketSimulator(market, seed=4)
-    before = sim.ticker(NOW_US)
-    assert_shape(before, TICKER_KEYS)
-    assert before["n"] == 0 and Decimal(before["v"]) == 0 and Decimal(before["V"]) == 0
-    assert before["o"] == before["c"] == before["h"] == before["l"]
-
-    sim2, messages = simulate(market, 3000, seed=4, trade_share=0.7)
-    trades = [m for m in messages if m["e"] == "trade"]
-    ticker = sim2.ticker(NOW_US + 10 ** 9)
-    assert_shape(ticker, TICKER_KEYS)
-    assert (ticker["e"], ticker["s"], ticker["E"]) == ("ticker", market, NOW_US + 10 ** 9)
-    price_format = decimal_pattern(DECIMALS[market][0])
-    for key in "ochlV":
-        assert price_format.match(ticker[key]), (key, ticker[key])
-    assert decimal_pattern(DECIMALS[market][1]).match(ticker["v"])
-    o, c, h, l = (Decimal(ticker[key]) for key in "ochl")
-    prices = [Decimal(trade["p"]) for trade in trades]
-    assert ticker["n"] == len(trades)
-    assert (o, c, h, l) == (prices[0], prices[-1], max(prices), min(prices))
-    assert h >= max(o, c) and l <= min(o, c) and h > l
-    assert Decimal(ticker["v"]) == sum(Decimal(trade["q"]) for trade in trades)
-    quote = sum(Decimal(trade["p"]) * Decimal(trade["q"]) for trade in trades)
-    assert abs(Decimal(ticker["V"]) - quote) <= Decimal(10) ** -DECIMALS[market][0]
-    # Tickers in between counted the trades so far.
-    for i, message in enumerate(messages):
-        if message["e"] == "ticker":
-            assert message["n"] == sum(1 for m in messages[:i] if m["e"] == "trade")
-
-
-def test_seed_reproducibility():
-    def run(market, seed):
-        _, messages = simulate(market, 500, seed=seed)
-        return messages
-
-    assert run("SOL_USDC", 42) == run("SOL_USDC", 42)
-    assert run("SOL_USDC", 42) != run("SOL_USDC", 43)
-    # One seed for several markets still gives each its own walk.
-    assert ([m["p"] for m in run("SOL_USDC", 42) if m["e"] == "trade"]
-            != [m["p"] for m in run("SOL_USDT", 42) if m["e"] == "trade"])
-    # Without a seed, runs differ.
-    a, b = MarketSimulator("BTC_USDT"), MarketSimulator("BTC_USDT")
-    assert [a.trade(0)["p"] for _ in range(20)] != [b.trade(0)["p"] for _ in range(20)]
-
-
-def test_unknown_market_gets_a_deterministic_plausible_start():
-    spec = market_spec("DOGE_EUR")
-    assert spec == market_spec("DOGE_EUR")
-    assert 1 <= spec.price <= 1000
-    assert market_spec("BTC_EUR").price == 65000
-    sim = MarketSimulator("DOGE_EUR", seed=1)
-    trade = sim.trade(NOW_US)
-    assert decimal_pattern(spec.price_decimals).match(trade["p"])
-    assert abs(Decimal(trade["p"]) - Decimal(str(spec.price))) / Decimal(str(spec.price)) < Decimal(
-        "0.01")
-    book = Book()
-    for _ in range(500):
-        sim.trade(NOW_US)
-        book.apply(sim.depth(NOW_US))
-        book.check()
-
-
-def test_envelope_and_compact_encoding():
-    data = {"e": "trade", "s": "SOL_USDC", "p": "1.5", "x": "é"}
-    message = envelope("trade.SOL_USDC", data)
-    assert message == {"stream": "trade.SOL_USDC", "data": data}
-    text = encode(message)
-    assert " " not in text and "é" in text
-    assert ujson.loads(text) == message
-
-
-def test_redact():
-    assert redact("redis://:secret@host:6379/0") == "redis://:***@host:6379/0"
-    assert redact("redis://user:secret@host:6379/0") == "redis://user:***@host:6379/0"
-    assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
-
-
-# -- the scheduler -----------------------------------------------------------------
-
-def test_feed_schedule_rate_split_and_tickers():
-    feed = Feed(("BTC_USDT", "SOL_USDC"), rate=100, seed=9, start=0.0)
-    messages = []
-    now = 0.0
-    while now < 10.0:
-        now = min(10.0, now + 0.01)
-        batch = feed.due(now, offset_us=NOW_US)
-        messages += batch
-        assert feed.next_due() > now
-    counts = {}
-    last_e = {}
-    for kind, channel, payload in messages:
-        counts[channel] = counts.get(channel, 0) + 1
-        message = ujson.loads(payload)
-        assert message["stream"] == channel and message["data"]["e"] == kind
-        market = channel.split(".", 1)[1]
-        assert message["data"]["E"] >= last_e.get(market, 0)
-        assert NOW_US <= message["data"]["E"] <= NOW_US + 10 ** 7
-        last_e[market] = message["data"]["E"]
-    for market in ("BTC_USDT", "SOL_USDC"):
-        trades, depth = counts["trade." + market], counts["depth." + market]
-        assert 850 <= trades + depth <= 1150, (trades, depth)
-        assert 0.4 <= trades / (trades + depth) <= 0.6
-        assert counts["ticker." + market] == 10
-
-
-def test_feed_skips_ahead_instead_of_bursting():
-    feed = Feed(("BTC_USDT",), rate=100, seed=1, start=0.0)
-    feed.due(1.0)
-    burst = feed.due(101.0)   # 100 s late, e.g. Redis was away
-    assert len(burst) < 100 * (MAX_LAG + 0.5) + 5
-
-
-def test_feed_data_format_and_validation():
-    feed = Feed(("SOL_USDC",), rate=1000, fmt="data", seed=1)
-    kind, channel, payload = feed.due(1.0)[0]
-    data = ujson.loads(payload)
-    assert "stream" not in data and data["e"] == kind and channel == "%s.SOL_USDC" % kind
-    with pytest.raises(ValueError):
-        Feed(("SOL_USDC",), fmt="xml")
-    with pytest.raises(ValueError):
-        Feed(("SOL_USDC",), rate=-1)
-    with pytest.raises(ValueError):
-        Feed(())
+    (tick_seq, tick_frame), (tickers, _) = asyncio.run(read("ticker.BTC_USDT"))
+    assert tick_seq == tickers[-1][0] and tick_frame == tickers[-1][1]
+    assert ujson.loads(tick_frame)["data"]["e"] == "ticker"
+    for key in ("{depth.BTC_USDT}:seq", "{depth.BTC_USDT}:log", "{depth.BTC_USDT}:snap"):
+        assert 0 < redis_client.ttl(key) <= 120
 
 
 # -- run_feed against Redis ----------------------------------------------------------
@@ -620,3 +476,38 @@ def test_cli_defaults(monkeypatch):
     assert build_parser().parse_args([]).redis_url == "redis://127.0.0.1:6379/0"
     args = build_parser().parse_args(["--markets", "BTC_USDT, SOL_USDC,BTC_USDT", "-v"])
     assert args.markets == ("BTC_USDT", "SOL_USDC") and args.verbose
+
+
+def test_cli_plain_publishes_envelopes_without_positions(redis_client, redis_url):
+    pubsub = subscribe(redis_client, "trade.ETH_USDT")
+    try:
+        result = subprocess.run(
+            feed_command("--redis-url", redis_url, "--duration", "1", "--rate", "40",
+                         "--markets", "ETH_USDT", "--plain", "--seed", "1"),
+            cwd=REPO_ROOT, env=feed_env(), capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        message = wait_until(lambda: pubsub.get_message(ignore_subscribe_messages=True,
+                                                        timeout=0.05), message="a trade")
+    finally:
+        pubsub.close()
+    assert message["data"].startswith(b'{"stream":"trade.ETH_USDT","data":{')
+    assert "plain PUBLISH" in result.stderr
+
+
+def test_cli_history_and_ttl(redis_client, redis_url):
+    redis_client.delete("{trade.DOT_USDT}:log")
+    result = subprocess.run(
+        feed_command("--redis-url", redis_url, "--duration", "1", "--rate", "200",
+                     "--markets", "DOT_USDT", "--history", "7", "--ttl", "90"),
+        cwd=REPO_ROOT, env=feed_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert redis_client.xlen("{trade.DOT_USDT}:log") == 7
+    assert 0 < redis_client.ttl("{trade.DOT_USDT}:log") <= 90
+    assert "recoverable, history 7, ttl 90s" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--history", "-1"], ["--ttl", "x"], ["--history", "1.5"]])
+def test_cli_rejects_bad_recovery_arguments(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2

@@ -100,11 +100,11 @@ def sync_redis_client(url: str, **kwargs: Any) -> Any:
     ``redis://``, ``rediss://`` and ``unix://`` go through ``redis.from_url``;
     when ``marketstream.redisurl`` is present its ``sync_client(url)`` is used
     instead (it also knows ``redis+sentinel://`` and ``redis+cluster://``).
-    ``kwargs`` (timeouts) apply to the ``from_url`` path only.
+    ``kwargs`` (timeouts ...) go to the client.
     """
     module = _redisurl()
     if module is not None and hasattr(module, "sync_client"):
-        return module.sync_client(url)
+        return module.sync_client(url, **kwargs)
     import redis
     return redis.Redis.from_url(url, **kwargs)
 
@@ -113,7 +113,7 @@ def async_redis_client(url: str, **kwargs: Any) -> Any:
     """Like :func:`sync_redis_client`, for ``redis.asyncio``."""
     module = _redisurl()
     if module is not None and hasattr(module, "async_client"):
-        return module.async_client(url)
+        return module.async_client(url, **kwargs)
     import redis.asyncio
     return redis.asyncio.Redis.from_url(url, **kwargs)
 

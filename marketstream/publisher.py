@@ -40,6 +40,7 @@ Stream names may not contain whitespace, ``"``, ``\\``, ``{``, ``}`` or ``/``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -95,6 +96,11 @@ def stream_keys(stream: str) -> tuple[str, str, str]:
     return "{%s}:seq" % stream, "{%s}:log" % stream, "{%s}:snap" % stream
 
 
+@functools.lru_cache(maxsize=65536)
+def _checked_keys(stream: str) -> tuple[str, str, str]:
+    return stream_keys(check_stream_name(stream))
+
+
 def encode_json(value: JSONInput) -> str | bytes:
     """JSON text for ``value``: ``str``/``bytes`` are taken as JSON already.
 
@@ -117,7 +123,7 @@ def script_call(stream: str, data: JSONInput, snapshot: Any = None, history: int
     ``snapshot``: None/False (none), True (this message), or the snapshot's
     data (object or JSON text).
     """
-    keys = stream_keys(check_stream_name(stream))
+    keys = _checked_keys(stream) if type(stream) is str else stream_keys(check_stream_name(stream))
     if snapshot is None or snapshot is False:
         mode, snapdata = "", ""
     elif snapshot is True:

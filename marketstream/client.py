@@ -6,7 +6,7 @@ every recoverable stream where it left off (``since``: the last position it
 got), so that a bot sees each message once and in order::
 
     import asyncio
-    from marketstream.client import Client, OrderBook
+    from marketstream.client import BookGap, Client, OrderBook
 
     async def main():
         book = OrderBook()
@@ -14,12 +14,16 @@ got), so that a bot sees each message once and in order::
                           ["trade.SOL_USDC", "depth.SOL_USDC"],
                           snapshot=["depth.SOL_USDC"]) as client:
             async for msg in client:
-                if msg.kind == "gap":
-                    print("missed updates on", msg.stream, msg.data["reason"])
-                elif msg.stream == "depth.SOL_USDC":
-                    book.apply_message(msg)   # snapshot, diffs and gaps
+                if msg.stream == "depth.SOL_USDC":
+                    try:
+                        book.apply_message(msg)   # snapshot, diffs and gaps
+                    except BookGap:
+                        await client.resync(msg.stream)   # a fresh snapshot
+                        continue
                     if book.synced:
                         print("best bid", book.bids(1), "best ask", book.asks(1))
+                elif msg.kind == "gap":
+                    print("missed updates on", msg.stream, msg.data["reason"])
                 else:
                     print(msg.stream, msg.seq, msg.data)
 
@@ -217,6 +221,16 @@ class Client:
         if ws is not None:
             ws.close()
         self._set_state("closed")
+
+    async def resync(self, stream: str) -> None:
+        """Start ``stream`` over from its snapshot (after a :class:`BookGap`):
+        reconnect at once, asking for that stream's snapshot and resuming
+        the others.  Queued messages of ``stream`` are dropped.  Useful only
+        for streams that have snapshots."""
+        self.last_seq.pop(stream, None)
+        self.snapshot_streams.add(stream)
+        self._pending = collections.deque(m for m in self._pending if m.stream != stream)
+        self._drop()
 
     async def __aenter__(self) -> "Client":
         return self

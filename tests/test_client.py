@@ -444,3 +444,47 @@ async def test_resume_under_100_forced_disconnects(server, redis_client, redis_u
             book.apply_message(msg)
     assert book.synced and book.seq == published[depth][-1]
     assert {"bids": book.bids(), "asks": book.asks()} == feed_book(sim)
+
+
+@RECOVERY
+@pytest.mark.gen_test
+async def test_resync_after_book_gap_gets_a_fresh_snapshot(server, redis_client):
+    """The README's pattern: a book that cannot continue asks for a snapshot
+    again (here: joined without one) and ends equal to the feed's."""
+    from marketstream.publisher import Publisher
+    sim = MarketSimulator("ETH_USDT", seed=9)
+    client = Client(ws_url(server), ["depth.ETH_USDT", "trade.ETH_USDT"], backoff=(0.005, 0.05))
+    book = OrderBook()
+    resyncs = []
+    done = asyncio.Event()
+
+    async def consume():
+        async for msg in client:
+            if msg.stream != "depth.ETH_USDT":
+                continue
+            try:
+                book.apply_message(msg)
+            except BookGap:
+                resyncs.append(msg.seq)
+                await client.resync(msg.stream)
+
+    task = asyncio.ensure_future(consume())
+    await listeners(server, "depth.ETH_USDT", 1)
+    await subscribed(redis_client, "depth.ETH_USDT")
+    with Publisher(redis_client, history=1000) as pub:
+        for i in range(100):
+            snap = depth_snapshot_after(sim, i) if i % 10 == 0 else None
+            last = pub.publish("depth.ETH_USDT", sim.depth(i) if snap is None else snap[0],
+                               snapshot=None if snap is None else snap[1])
+            await asyncio.sleep(0.001)
+    await async_wait_until(lambda: book.seq == last, message="book at the last position")
+    await client.close()
+    await asyncio.wait_for(task, 5)
+    assert len(resyncs) == 1 and client.reconnects == 1 and client.gaps == 0
+    assert book.synced and {"bids": book.bids(), "asks": book.asks()} == feed_book(sim)
+
+
+def depth_snapshot_after(sim, i):
+    """A diff and the snapshot of the book after it."""
+    data = sim.depth(i)
+    return data, depth_snapshot(sim)

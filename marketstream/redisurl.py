@@ -1,0 +1,429 @@
+"""``REDIS_URL`` in its three modes: one server, Sentinel, Redis Cluster.
+
+The forms::
+
+    redis://[[user]:password@]host[:port][/db]          one server (rediss:// for TLS)
+    unix://[[user]:password@]/path/to/redis.sock[?db=N]  one server on a Unix socket
+    redis+sentinel://[[user]:password@]host:port[,host:port...]/<service_name>[/db]
+    redis+cluster://[[user]:password@]host:port[,host:port...]
+
+``rediss+sentinel://`` and ``rediss+cluster://`` are the TLS variants.  The
+password belongs to the data nodes (the Sentinel's primary and replicas, or
+the cluster's nodes); sentinels that need their own credentials take them
+from the ``sentinel_username`` / ``sentinel_password`` query options.  A port
+left out is 6379 (26379 for a sentinel).
+
+Parsing checks everything up front and raises :class:`ValueError` with a
+message that says what is wrong::
+
+    >>> url = parse_redis_url("redis+sentinel://:s3cret@10.0.0.1:26379,10.0.0.2:26379/prices/2")
+    >>> url.mode, url.seeds, url.service_name, url.db
+    ('sentinel', (('10.0.0.1', 26379), ('10.0.0.2', 26379)), 'prices', 2)
+    >>> url.redact()
+    'redis+sentinel://:***@10.0.0.1:26379,10.0.0.2:26379/prices/2'
+    >>> parse_redis_url("redis+cluster://10.0.0.1:7000/3")
+    Traceback (most recent call last):
+        ...
+    ValueError: a cluster URL cannot select a database (got /3): Redis Cluster has only db 0
+
+and hands out a redis-py client for whatever the URL names::
+
+    client = sync_client("redis+cluster://10.0.0.1:7000,10.0.0.2:7000")   # redis.cluster.RedisCluster
+    aclient = async_client(url)    # redis.asyncio Redis / master of the Sentinel / RedisCluster
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote
+
+__all__ = ["MODES", "RedisURL", "async_client", "parse_redis_url", "sync_client"]
+
+MODES = ("single", "sentinel", "cluster")
+
+_SCHEMES = {
+    "redis": ("single", False),
+    "rediss": ("single", True),
+    "unix": ("single", False),
+    "redis+sentinel": ("sentinel", False),
+    "rediss+sentinel": ("sentinel", True),
+    "redis+cluster": ("cluster", False),
+    "rediss+cluster": ("cluster", True),
+}
+
+_FORMS = ("redis://host:port/db, rediss://..., unix:///path/to/socket, "
+          "redis+sentinel://host:port[,host:port...]/<service_name>[/db], "
+          "redis+cluster://host:port[,host:port...] (rediss+... for TLS)")
+
+
+def _bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _protocol(value: str) -> int:
+    if value not in ("2", "3"):
+        raise ValueError(value)
+    return int(value)
+
+
+def _cert_reqs(value: str) -> str:
+    if value not in ("none", "optional", "required"):
+        raise ValueError(value)
+    return value
+
+
+# Query options: name -> parser.  Every one of them is understood by the
+# redis-py clients of all three modes (sync and asyncio).
+_OPTIONS = {
+    "db": int,
+    "client_name": str,
+    "socket_timeout": float,
+    "socket_connect_timeout": float,
+    "socket_keepalive": _bool,
+    "health_check_interval": int,
+    "max_connections": int,
+    "protocol": _protocol,
+    "ssl_cert_reqs": _cert_reqs,
+    "ssl_ca_certs": str,
+    "ssl_certfile": str,
+    "ssl_keyfile": str,
+    "ssl_check_hostname": _bool,
+    "sentinel_username": str,
+    "sentinel_password": str,
+}
+_SECRET_OPTIONS = ("sentinel_password",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisURL:
+    """What a ``REDIS_URL`` names (see :func:`parse_redis_url`).
+
+    ``seeds`` is ``((host, port),)`` for one server over TCP, ``()`` for a
+    Unix socket (``path``), the sentinels for ``sentinel`` and the seed
+    nodes for ``cluster``.  ``options`` are the query options, checked and
+    converted, as sorted ``(name, value)`` pairs.
+    """
+
+    mode: str
+    scheme: str
+    seeds: tuple[tuple[str, int], ...] = ()
+    path: str | None = None
+    service_name: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    tls: bool = False
+    options: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), repr=False)
+    url: str = dataclasses.field(default="", repr=False, compare=False)
+
+    @property
+    def host(self) -> str | None:
+        """The (first) host; None for a Unix socket."""
+        return self.seeds[0][0] if self.seeds else None
+
+    @property
+    def port(self) -> int | None:
+        return self.seeds[0][1] if self.seeds else None
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """One query option's converted value."""
+        return dict(self.options).get(name, default)
+
+    def redact(self) -> str:
+        """The URL with its passwords replaced by ``***`` (for logs)::
+
+            >>> parse_redis_url("redis://:pw@h:1/0").redact()
+            'redis://:***@h:1/0'
+        """
+        userinfo = ""
+        if self.username is not None or self.password is not None:
+            userinfo = quote(self.username or "", safe="")
+            if self.password is not None:
+                userinfo += ":***"
+            userinfo += "@"
+        if self.path is not None:
+            location = "/" + self.path.lstrip("/")
+        else:
+            location = ",".join(_format_addr(h, p) for h, p in self.seeds)
+        if self.mode == "sentinel":
+            location += "/%s" % quote(self.service_name or "", safe="")
+            if self.db:
+                location += "/%d" % self.db
+        elif self.mode == "single" and self.path is None:
+            location += "/%d" % self.db
+        query = [(name, "***" if name in _SECRET_OPTIONS else _format_option(value))
+                 for name, value in self.options]
+        if self.path is not None and self.db:
+            query.append(("db", str(self.db)))
+        text = "%s://%s%s" % (self.scheme, userinfo, location)
+        if query:
+            text += "?" + "&".join("%s=%s" % (n, quote(v, safe="*")) for n, v in sorted(query))
+        return text
+
+    def __str__(self) -> str:
+        return self.redact()
+
+    # --- what redis-py needs ---------------------------------------------
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of a connection to a data node (credentials,
+        TLS, socket options), for redis-py clients and connections."""
+        kwargs: dict[str, Any] = {}
+        if self.username is not None:
+            kwargs["username"] = self.username
+        if self.password is not None:
+            kwargs["password"] = self.password
+        if self.tls:
+            kwargs["ssl"] = True
+        for name, value in self.options:
+            if name not in ("db", "sentinel_username", "sentinel_password"):
+                kwargs[name] = value
+        return kwargs
+
+    def sentinel_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of a connection to a sentinel."""
+        kwargs: dict[str, Any] = {}
+        options = dict(self.options)
+        if "sentinel_username" in options:
+            kwargs["username"] = options["sentinel_username"]
+        if "sentinel_password" in options:
+            kwargs["password"] = options["sentinel_password"]
+        if self.tls:
+            kwargs["ssl"] = True
+        for name, value in self.options:
+            if name.startswith(("socket_", "ssl_")) or name in ("client_name", "protocol"):
+                kwargs[name] = value
+        return kwargs
+
+
+def _format_addr(host: str, port: int) -> str:
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def _format_option(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _parse_addr(text: str, default_port: int, mode: str) -> tuple[str, int]:
+    if not text:
+        raise ValueError("empty host in the host list" if mode != "single" else "no host given")
+    if text.startswith("["):  # [ipv6]:port
+        close = text.find("]")
+        if close < 0:
+            raise ValueError("unclosed '[' in host %r" % text)
+        host, rest = text[1:close], text[close + 1:]
+        if rest and not rest.startswith(":"):
+            raise ValueError("bad host %r" % text)
+        port_text = rest[1:] if rest else ""
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, ""
+        elif ":" in host:
+            raise ValueError("IPv6 address %r must be in brackets: [addr]:port" % text)
+    if not host:
+        raise ValueError("no host in %r" % text)
+    if port_text == "":
+        if ":" in text.rsplit("]", 1)[-1]:
+            raise ValueError("empty port in %r" % text)
+        return unquote(host), default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError("bad port %r in %r (expected 1-65535)" % (port_text, text))
+    return unquote(host), int(port_text)
+
+
+def _parse_db(text: str, what: str) -> int:
+    if not text.isdigit():
+        raise ValueError("bad database %r in %s (expected a number)" % (text, what))
+    return int(text)
+
+
+def parse_redis_url(url: str) -> RedisURL:
+    """Parse a ``REDIS_URL`` (see the module docstring for the forms).
+
+    Raises ValueError naming the problem: unknown scheme, missing host or
+    service name, bad port or database, unknown or invalid query option.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("the Redis URL is empty (expected %s)" % _FORMS)
+    url = url.strip()
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _SCHEMES:
+        raise ValueError("unsupported Redis URL scheme %r in %r (expected %s)"
+                         % (scheme if sep else url, _redact_raw(url), _FORMS))
+    mode, tls = _SCHEMES[scheme]
+    if "#" in rest:
+        raise ValueError("a Redis URL has no #fragment (a '#' in a password must be "
+                         "written %23)")
+    rest, _, query = rest.partition("?")
+    if scheme == "unix":
+        netloc, path = ("", rest) if rest.startswith("/") else rest.partition("/")[::2]
+        if rest and not rest.startswith("/"):
+            path = "/" + path
+    else:
+        netloc, slash, path = rest.partition("/")
+        path = slash + path
+
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user_text, colon, pass_text = userinfo.partition(":")
+        username = unquote(user_text) if user_text else None
+        password = unquote(pass_text) if colon else None
+
+    options: dict[str, Any] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+        parser = _OPTIONS.get(name)
+        if parser is None:
+            raise ValueError("unknown option %r in the Redis URL query (known: %s)"
+                             % (name, ", ".join(sorted(_OPTIONS))))
+        try:
+            options[name] = parser(value)
+        except ValueError:
+            raise ValueError("invalid value %r for option %r in the Redis URL"
+                             % ("***" if name in _SECRET_OPTIONS else value, name)) from None
+    if not tls and any(name.startswith("ssl_") for name in options):
+        raise ValueError("ssl_* options need a TLS URL (%s://)" % scheme.replace("redis", "rediss", 1)
+                         if scheme != "unix" else "ssl_* options do not apply to unix://")
+    if mode != "sentinel" and any(name.startswith("sentinel_") for name in options):
+        raise ValueError("sentinel_* options apply only to redis+sentinel:// URLs")
+
+    seeds: tuple[tuple[str, int], ...] = ()
+    socket_path = None
+    service = None
+    db = 0
+    if scheme == "unix":
+        if hosts:
+            raise ValueError("a unix:// URL names a socket path, not a host (unix:///path/to/redis.sock)")
+        if path in ("", "/"):
+            raise ValueError("a unix:// URL needs a socket path (unix:///path/to/redis.sock)")
+        socket_path = unquote(path)
+        db = options.get("db", 0)
+    elif mode == "single":
+        if "," in hosts:
+            raise ValueError("%s:// takes one host; several hosts need redis+sentinel:// or "
+                             "redis+cluster://" % scheme)
+        seeds = (_parse_addr(hosts, 6379, mode),)
+        db_text = path.strip("/")
+        if "db" in options:
+            db = options["db"]
+        elif db_text:
+            db = _parse_db(db_text, "the path %r" % path)
+    else:
+        default_port = 26379 if mode == "sentinel" else 6379
+        if not hosts:
+            raise ValueError("a %s URL needs at least one host:port (%s://host:port[,host:port...])"
+                             % (mode, scheme))
+        seeds = tuple(_parse_addr(part.strip(), default_port, mode) for part in hosts.split(","))
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("a host is listed twice in the %s URL" % mode)
+        parts = path.split("/")[1:] if path else []
+        if mode == "sentinel":
+            if not parts or not parts[0]:
+                raise ValueError("a sentinel URL needs the service name: "
+                                 "%s://host:port[,host:port...]/<service_name>[/db]" % scheme)
+            service = unquote(parts[0])
+            if len(parts) > 2:
+                raise ValueError("too many path parts in the sentinel URL %r "
+                                 "(expected /<service_name>[/db])" % path)
+            if len(parts) == 2 and parts[1]:
+                db = _parse_db(parts[1], "the sentinel URL")
+            if "db" in options:
+                db = options["db"]
+        else:
+            tail = "/".join(parts)
+            if tail not in ("", "0") or options.get("db", 0):
+                raise ValueError("a cluster URL cannot select a database (got /%s): Redis Cluster "
+                                 "has only db 0" % (tail or options.get("db")))
+    options.pop("db", None)
+    return RedisURL(mode=mode, scheme=scheme, seeds=seeds, path=socket_path, service_name=service,
+                    db=db, username=username, password=password, tls=tls,
+                    options=tuple(sorted(options.items())), url=url)
+
+
+def _redact_raw(url: str) -> str:
+    """Best-effort hiding of a password in a URL that did not parse."""
+    head, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        userinfo, _, hosts = rest.partition("/")[0].rpartition("@")
+        user = userinfo.partition(":")[0]
+        tail = rest[len(rest.partition("/")[0]):]
+        return "%s://%s:***@%s%s" % (head, user, hosts, tail)
+    return url
+
+
+def _described(url: str | RedisURL) -> RedisURL:
+    return url if isinstance(url, RedisURL) else parse_redis_url(url)
+
+
+def sync_client(url: str | RedisURL, **kwargs: Any):
+    """A synchronous redis-py client for ``url``.
+
+    * one server: ``redis.Redis``;
+    * Sentinel: the primary's ``redis.Redis`` from
+      ``redis.sentinel.Sentinel(...).master_for(service_name)``, which asks
+      the sentinels again after a failover;
+    * Cluster: ``redis.cluster.RedisCluster`` with the seeds as startup nodes.
+
+    ``kwargs`` go to the client (``decode_responses=True`` ...)::
+
+        client = sync_client("redis+sentinel://127.0.0.1:26379/prices")
+        client.publish("trade.SOL_USDC", payload)
+    """
+    import redis
+    import redis.cluster
+    import redis.sentinel
+
+    desc = _described(url)
+    conn = desc.connection_kwargs()
+    conn.update(kwargs)
+    if desc.mode == "single":
+        if desc.path is not None:
+            conn.pop("ssl", None)
+            return redis.Redis(unix_socket_path=desc.path, db=desc.db, **conn)
+        return redis.Redis(host=desc.host, port=desc.port, db=desc.db, **conn)
+    if desc.mode == "sentinel":
+        sentinel = redis.sentinel.Sentinel(list(desc.seeds), sentinel_kwargs=desc.sentinel_kwargs(),
+                                           **conn)
+        return sentinel.master_for(desc.service_name, db=desc.db)
+    nodes = [redis.cluster.ClusterNode(host, port) for host, port in desc.seeds]
+    return redis.cluster.RedisCluster(startup_nodes=nodes, **conn)
+
+
+def async_client(url: str | RedisURL, **kwargs: Any):
+    """An asyncio redis-py client for ``url`` (``redis.asyncio.Redis``, the
+    Sentinel primary's ``redis.asyncio.Redis`` from
+    ``redis.asyncio.sentinel.Sentinel.master_for``, or
+    ``redis.asyncio.cluster.RedisCluster``); see :func:`sync_client`::
+
+        client = async_client("redis+cluster://127.0.0.1:7000")
+        await client.spublish("trade.SOL_USDC", payload)
+        await client.aclose()
+    """
+    import redis.asyncio
+    import redis.asyncio.cluster
+    import redis.asyncio.sentinel
+
+    desc = _described(url)
+    conn = desc.connection_kwargs()
+    conn.update(kwargs)
+    if desc.mode == "single":
+        if desc.path is not None:
+            conn.pop("ssl", None)
+            return redis.asyncio.Redis(unix_socket_path=desc.path, db=desc.db, **conn)
+        return redis.asyncio.Redis(host=desc.host, port=desc.port, db=desc.db, **conn)
+    if desc.mode == "sentinel":
+        sentinel = redis.asyncio.sentinel.Sentinel(list(desc.seeds),
+                                                   sentinel_kwargs=desc.sentinel_kwargs(), **conn)
+        return sentinel.master_for(desc.service_name, db=desc.db)
+    nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in desc.seeds]
+    return redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, **conn)

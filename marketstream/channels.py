@@ -1,245 +1,201 @@
-"""The ChannelManager: subscriptions and the bridge from Redis pub/sub.
+"""The ChannelManager: the process's subscriptions and its Redis bridge.
 
-One ChannelManager per process owns
+One ChannelManager per process joins three pieces:
 
-* which connection listens to which stream (both directions),
-* the process's single Redis pub/sub connection, kept subscribed to exactly
-  the streams that have listeners, and
-* the reader that turns Redis messages into writes to the listeners.
+* a :class:`~marketstream.core.Core` (no I/O) that holds who listens to
+  what, turns Redis messages into batches of frames, and keeps the
+  resubscribe, gap and recovery bookkeeping;
+* a :class:`~marketstream.link.PubSubLink`, the Redis pub/sub connection
+  that stays subscribed to exactly the channels the core wants;
+* the event-loop glue: one flush per batch, history reads for recovering
+  clients, and futures for acknowledgements.
 
-Connections are any objects with a ``write_frames(data)`` method taking the
-bytes of one or more complete WebSocket frames (the WebSocket handler)::
+Connections are any hashable objects with a ``write_frames(data)`` method
+taking the bytes of one or more complete WebSocket frames (the WebSocket
+handler)::
 
     manager = ChannelManager("redis://127.0.0.1:6379/0")
     await manager.start()                       # connect before serving
     ChannelManager.install(manager)
     manager.register(conn)
     manager.subscribe(conn, ["trade.SOL_USDC"])  # first listener: SUBSCRIBE
+    manager.subscribe(conn, ["depth.SOL_USDC"], {"depth.SOL_USDC": Want(snapshot=True)})
     manager.remove(conn)                         # last one gone: UNSUBSCRIBE
     await manager.stop()
 
-Delivery is batch-shaped: the reader parses everything Redis has already
-sent without yielding to the event loop; each message is framed once and the
-frame appended to each subscriber's pending list; when the reader has to wait
-for the network again, one flush writes every connection's frames as a
+Delivery is batch-shaped: the link hands over everything Redis has already
+sent without yielding to the event loop; the core frames each message once
+and appends the frame to each listener's pending list; when the link has to
+wait for the network again, one flush writes every connection's frames as a
 single write.  Under light load a batch is one message; under heavy load
 batches grow and the number of writes per message falls.
 """
 
+from __future__ import annotations
+
 import asyncio
 import logging
-import random
 import time
+from typing import Any, Hashable, Iterable
 
 import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from marketstream import protocol
+from marketstream import history
+from marketstream.core import Core, History, Read, Want
+from marketstream.counters import Counters
+from marketstream.link import UPSTREAM_ERRORS, PubSubLink
+from marketstream.util import redact_url
 
-__all__ = ["ChannelManager", "Stats"]
+__all__ = ["ChannelManager", "Want"]
 
 log = logging.getLogger("marketstream.channels")
-
-_UPSTREAM_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, EOFError)
-
-
-class Stats:
-    """Plain counters of the bridge, cheap to bump on the hot path; the
-    metrics exporter reads them (and drains ``batch_sizes``) once a second."""
-
-    COUNTERS = ("messages_in", "deliveries", "bytes_sent", "batches", "dropped_malformed",
-                "dropped_no_listener", "reconnects")
-    __slots__ = COUNTERS + ("batch_sizes",)
-
-    def __init__(self):
-        for name in self.COUNTERS:
-            setattr(self, name, 0)
-        self.batch_sizes = []  # messages per batch since the exporter last looked
-
-    def as_dict(self):
-        return {name: getattr(self, name) for name in self.COUNTERS}
 
 
 class ChannelManager:
     """Subscriptions of one process and its Redis pub/sub bridge."""
 
-    _instance = None
+    _instance: ChannelManager | None = None
 
     @classmethod
-    def instance(cls):
+    def instance(cls) -> ChannelManager:
         """The process's manager (installed with :meth:`install`)."""
         if cls._instance is None:
             raise RuntimeError("no ChannelManager installed")
         return cls._instance
 
     @classmethod
-    def install(cls, manager):
+    def install(cls, manager: ChannelManager) -> ChannelManager:
         cls._instance = manager
         return manager
 
     @classmethod
-    def reset(cls):
+    def reset(cls) -> None:
         """Forget the installed manager (tests make one per event loop)."""
         cls._instance = None
 
-    def __init__(self, redis_url, payload_format="envelope", ping_interval=1.0,
-                 ping_timeout=2.0, backoff_min=0.05, backoff_max=1.0, min_flush_interval=0.0):
+    def __init__(self, redis_url: str, payload_format: str = "envelope",
+                 ping_interval: float = 1.0, ping_timeout: float = 2.0,
+                 backoff_min: float = 0.05, backoff_max: float = 1.0,
+                 min_flush_interval: float = 0.0, counters: Counters | None = None,
+                 max_replay: int = 1000) -> None:
         self.redis_url = redis_url
-        self.payload_format = payload_format
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
-        self.backoff_min = backoff_min
-        self.backoff_max = backoff_max
         self.min_flush_interval = min_flush_interval
-        self.stats = Stats()
-
-        self.streams = {}       # stream name -> {connection: None} (insertion-ordered set)
-        self.connections = {}   # connection -> {stream name: None}
-
-        self._upstream = set()  # channels SUBSCRIBE was sent for on the live connection
-        self._confirmed = set()  # channels Redis confirmed on the live connection
-        self._waiters = {}      # channel -> [futures] waiting for confirmation
-        self._gap_pending = set()  # resubscribed channels that owe a gap notice
-
-        self._pending = {}      # connection -> [frames] of the current batch
-        self._batch_messages = 0
-        self._flush_handle = None
+        self.max_replay = max_replay
+        self.counters = counters if counters is not None else Counters()
+        self.core = Core(self.counters, payload_format, max_replay, self._log_malformed)
+        self.link = PubSubLink(redis_url, self, ping_interval=ping_interval,
+                               ping_timeout=ping_timeout, backoff_min=backoff_min,
+                               backoff_max=backoff_max)
+        self._waiters: dict[str, list[asyncio.Future]] = {}  # channel -> acks waiting
+        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._last_flush = 0.0
         self._malformed_logged = -60.0
+        self._reads: set[asyncio.Future] = set()
+        self._commands: Any = None  # a command client for history reads, made on first use
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-        self._conn = None
-        self._connected = asyncio.Event()
-        self._dirty = asyncio.Event()
-        self._last_pong = 0.0
-        self._tasks = []
-        self._running = False
-        self._loop = None
+    # --- what the rest of the process reads ---------------------------------
+
+    @property
+    def streams(self) -> dict:
+        """Stream name -> its live listeners."""
+        return self.core.streams
+
+    @property
+    def connections(self) -> dict:
+        """Connection -> the streams it subscribed."""
+        return self.core.connections
+
+    @property
+    def healthy(self) -> bool:
+        """True while the pub/sub connection answered a PING recently."""
+        return self.link.healthy
+
+    @property
+    def upstream_channels(self) -> frozenset[str]:
+        """Channels Redis confirmed subscribed on the live connection."""
+        return frozenset(self.core.confirmed)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "redis": self.link.health(),
+            "connections": len(self.core.connections),
+            "streams": len(self.core.streams),
+            "upstream_channels": len(self.core.confirmed),
+            "stats": self.counters.as_dict(),
+        }
+
+    def redacted_url(self) -> str:
+        """The Redis URL without its password."""
+        return redact_url(self.redis_url)
 
     # --- life cycle ----------------------------------------------------------
 
-    async def start(self, timeout=10.0):
+    async def start(self, timeout: float = 10.0) -> None:
         """Connect to Redis and start the reader; raise if Redis is unreachable."""
         self._loop = asyncio.get_running_loop()
-        self._running = True
-        await asyncio.wait_for(self._connect(), timeout)
-        self._tasks = [
-            asyncio.ensure_future(self._read_loop()),
-            asyncio.ensure_future(self._sync_loop()),
-            asyncio.ensure_future(self._ping_loop()),
-        ]
+        await self.link.start(timeout)
 
-    async def stop(self):
-        """Stop the reader and close the Redis connection."""
-        self._running = False
-        for task in self._tasks:
+    async def stop(self) -> None:
+        """Stop the reader and close the Redis connections."""
+        for task in list(self._reads):
             task.cancel()
-        for task in self._tasks:
+        await self.link.stop()
+        if self._commands is not None:
             try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._tasks = []
-        if self._conn is not None:
-            try:
-                await self._conn.disconnect()
+                await self._commands.aclose()
             except Exception:
                 pass
-            self._conn = None
-        self._connected.clear()
+            self._commands = None
         self._fail_waiters()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush()
 
-    @property
-    def healthy(self):
-        """True while the pub/sub connection answered a PING recently."""
-        return (self._connected.is_set()
-                and time.monotonic() - self._last_pong < self.ping_interval + self.ping_timeout)
-
-    @property
-    def upstream_channels(self):
-        """Channels Redis confirmed subscribed on the live connection."""
-        return frozenset(self._confirmed)
-
-    def health(self):
-        return {
-            "redis": {
-                "connected": self._connected.is_set(),
-                "last_pong_seconds_ago": round(time.monotonic() - self._last_pong, 3)
-                if self._last_pong else None,
-            },
-            "connections": len(self.connections),
-            "streams": len(self.streams),
-            "upstream_channels": len(self._confirmed),
-            "stats": self.stats.as_dict(),
-        }
-
     # --- subscriptions -------------------------------------------------------
 
-    def register(self, conn):
+    def register(self, conn: Hashable) -> None:
         """Track a new connection (before it subscribes to anything)."""
-        self.connections.setdefault(conn, {})
+        self.core.register(conn)
 
-    def subscribe(self, conn, names):
-        """Add ``conn`` to each stream; returns the streams newly added."""
-        mine = self.connections.setdefault(conn, {})
-        added = []
-        for name in names:
-            if name in mine:
-                continue
-            mine[name] = None
-            listeners = self.streams.get(name)
-            if listeners is None:
-                self.streams[name] = {conn: None}
-                self._dirty.set()
-            else:
-                listeners[conn] = None
-            added.append(name)
+    def subscribe(self, conn: Hashable, names: Iterable[str],
+                  wants: dict[str, Want] | None = None) -> list[str]:
+        """Add ``conn`` to each stream; returns the streams newly added.
+        Streams with a :class:`~marketstream.core.Want` (``since``,
+        ``snapshot``) are caught up from the history first."""
+        added = self.core.subscribe(conn, list(names), wants)
+        self._sync()
+        if wants:
+            self._start_reads()
         return added
 
-    def unsubscribe(self, conn, names):
+    def unsubscribe(self, conn: Hashable, names: Iterable[str]) -> list[str]:
         """Remove ``conn`` from each stream; unknown names are ignored."""
-        mine = self.connections.get(conn)
-        if not mine:
-            return []
-        removed = []
-        for name in names:
-            if mine.pop(name, 0) is None:
-                self._drop_listener(name, conn)
-                removed.append(name)
+        removed = self.core.unsubscribe(conn, list(names))
+        self._sync()
         return removed
 
-    def remove(self, conn):
+    def remove(self, conn: Hashable) -> None:
         """Forget a departed connection entirely."""
-        mine = self.connections.pop(conn, None)
-        self._pending.pop(conn, None)
-        if mine:
-            for name in mine:
-                self._drop_listener(name, conn)
+        self.core.remove(conn)
+        self._sync()
 
-    def subscriptions(self, conn):
-        return list(self.connections.get(conn, ()))
+    def subscriptions(self, conn: Hashable) -> list[str]:
+        return self.core.subscriptions(conn)
 
-    def _drop_listener(self, name, conn):
-        listeners = self.streams.get(name)
-        if listeners is not None:
-            listeners.pop(conn, None)
-            if not listeners:
-                del self.streams[name]
-                self._dirty.set()
+    def _sync(self) -> None:
+        if self.core.wanted_changed:
+            self.core.wanted_changed = False
+            self.link.changed()
 
-    async def wait_subscribed(self, names, timeout=5.0):
+    async def wait_subscribed(self, names: Iterable[str], timeout: float = 5.0) -> bool:
         """Wait until Redis confirmed the subscription of every stream in
-        ``names`` that still has listeners; False on timeout or outage."""
+        ``names`` that is still wanted; False on timeout or outage."""
         futures = []
+        wanted = self.core.wanted()
         for name in names:
-            if name in self.streams and name not in self._confirmed:
-                future = self._loop.create_future()
+            if name in wanted and name not in self.core.confirmed:
+                future = asyncio.get_running_loop().create_future()
                 self._waiters.setdefault(name, []).append(future)
                 futures.append(future)
         if not futures:
@@ -250,214 +206,109 @@ class ChannelManager:
         except asyncio.TimeoutError:
             return False
 
-    def _resolve_waiters(self, name, ok=True):
+    def _resolve_waiters(self, name: str, ok: bool = True) -> None:
         for future in self._waiters.pop(name, ()):
             if not future.done():
                 future.set_result(ok)
 
-    def _fail_waiters(self):
+    def _fail_waiters(self) -> None:
         for name in list(self._waiters):
             self._resolve_waiters(name, False)
 
-    # --- the Redis side ------------------------------------------------------
+    # --- what the link reports (see marketstream.link.Listener) --------------
 
-    async def _connect(self):
-        """Open the pub/sub connection and subscribe every wanted channel."""
-        pool = redis.asyncio.ConnectionPool.from_url(self.redis_url)
-        kwargs = dict(pool.connection_kwargs)
-        await pool.disconnect()
-        # The reader blocks on this connection indefinitely: no read timeout;
-        # liveness is checked with PING by _ping_loop.  Reconnects are ours.
-        kwargs.update(socket_timeout=None, socket_keepalive=True,
-                      retry=Retry(NoBackoff(), 0), health_check_interval=0,
-                      protocol=2)  # RESP2: messages come back from read_response
-        kwargs.setdefault("socket_connect_timeout", 5)
-        kwargs.pop("decode_responses", None)
-        conn = pool.connection_class(**kwargs)
-        await conn.connect()
-        self._conn = conn
-        self._upstream = set(self.streams)
-        self._confirmed = set()
-        if self._upstream:
-            await conn.send_command("SUBSCRIBE", *self._upstream, check_health=False)
-        self._last_pong = time.monotonic()
-        self._connected.set()
+    def wanted(self) -> set[str]:
+        return self.core.wanted()
 
-    async def _reconnect(self):
-        """Retry with capped exponential backoff and jitter until connected."""
-        delay = self.backoff_min
-        attempt = 0
-        while self._running:
-            attempt += 1
-            try:
-                await self._connect()
-            except (*_UPSTREAM_ERRORS, RedisError) as exc:
-                wait = min(self.backoff_max, delay) * random.uniform(0.5, 1.0)
-                log.warning("Redis pub/sub reconnect attempt %d failed (%s); retrying in %.2fs",
-                            attempt, exc, wait)
-                await asyncio.sleep(wait)
-                delay *= 2
-                continue
-            self.stats.reconnects += 1
-            self._gap_pending = set(self._upstream)
-            log.warning("Redis pub/sub reconnected to %s after %d attempt(s); "
-                        "resubscribed %d channel(s)", self.redacted_url(), attempt,
-                        len(self._upstream))
-            return
+    def on_message(self, channel: bytes, payload: bytes) -> None:
+        if self.core.on_message(channel, payload) and self._flush_handle is None:
+            self._schedule_flush()
 
-    def redacted_url(self):
-        """The Redis URL without its password."""
-        parts = self.redis_url.split("@", 1)
-        return parts[0].split("//")[0] + "//***@" + parts[1] if len(parts) == 2 else self.redis_url
+    def on_subscribed(self, name: str) -> None:
+        self.core.upstream_confirmed(name)
+        self._resolve_waiters(name)
+        if self.core.pending and self._flush_handle is None:
+            self._schedule_flush()  # a gap notice
+        if self.core.recovering:
+            self._start_reads()
 
-    async def _lost(self, exc):
-        if not self._connected.is_set():
-            return
-        self._connected.clear()
-        log.warning("Redis pub/sub connection lost (%s); %d stream(s) with listeners",
-                    exc or "no PING reply", len(self.streams))
-        conn, self._conn = self._conn, None
-        self._confirmed = set()
+    def on_unsubscribed(self, name: str) -> None:
+        self.core.upstream_dropped(name)
+
+    def on_lost(self) -> None:
+        self.core.link_lost()
         self._fail_waiters()
-        if conn is not None:
-            try:
-                await conn.disconnect(nowait=True)
-            except Exception:
-                pass
+        log.warning("%d stream(s) with listeners wait for Redis", len(self.core.streams))
 
-    async def _read_loop(self):
-        while self._running:
-            conn = self._conn
-            if conn is None:
-                await self._reconnect()
-                continue
-            try:
-                while True:
-                    self._on_response(await conn.read_response())
-            except asyncio.CancelledError:
-                raise
-            except (*_UPSTREAM_ERRORS, RedisError) as exc:
-                if conn is self._conn:
-                    await self._lost(exc)
-            except Exception:
-                log.exception("unexpected error in the Redis reader; reconnecting")
-                if conn is self._conn:
-                    await self._lost(None)
+    def on_restored(self, channels: set[str]) -> None:
+        self.counters.reconnects += 1
+        self.core.link_restored(channels)
 
-    def _on_response(self, response):
-        if response == b"PONG":  # the reply to PING while subscribed to nothing
-            self._last_pong = time.monotonic()
+    def _log_malformed(self, channel: bytes, payload: bytes) -> None:
+        now = time.monotonic()
+        if now - self._malformed_logged > 10.0:  # a broken publisher must not flood the log
+            self._malformed_logged = now
+            log.warning("dropped a payload on %r that is not a JSON object (%d so far): %.80r",
+                        channel, self.counters.dropped_malformed, payload)
+
+    # --- history reads ---------------------------------------------------------
+
+    def _start_reads(self) -> None:
+        for read in self.core.start_reads():
+            task = asyncio.ensure_future(self._read(read))
+            self._reads.add(task)
+            task.add_done_callback(self._reads.discard)
+
+    async def _read(self, read: Read) -> None:
+        """Read what ``read`` asks for, once for every connection waiting."""
+        name = read.stream
+        try:
+            if self._commands is None:
+                self._commands = redis.asyncio.Redis.from_url(self.redis_url)
+            client = self._commands
+            latest = await history.latest_position(client, name)
+            snapshot = None
+            if read.snapshot and latest is not None:
+                snapshot = await history.read_snapshot(client, name)
+            after = read.after
+            if snapshot is not None:
+                after = snapshot[0] if after is None else min(after, snapshot[0])
+            entries: list[tuple[int, bytes]] = []
+            if latest is not None and after is not None and after < latest:
+                entries, _ = await history.read_after(client, name, after, self.max_replay)
+        except asyncio.CancelledError:
+            self.core.read_failed(name)
+            raise
+        except UPSTREAM_ERRORS as exc:
+            log.warning("reading the history of %s failed (%s); retrying", name, exc)
+            self.core.read_failed(name)
+            asyncio.get_running_loop().call_later(0.2, self._start_reads)
             return
-        kind = response[0]
-        if kind == b"message":
-            self._on_message(response[1], response[2])
-        elif kind == b"subscribe":
-            name = response[1].decode()
-            self._confirmed.add(name)
-            self._resolve_waiters(name)
-            if name in self._gap_pending:
-                self._gap_pending.discard(name)
-                listeners = self.streams.get(name)
-                if listeners:
-                    self._enqueue(listeners, protocol.text_frame(protocol.gap_notice(name)))
-        elif kind == b"unsubscribe":
-            self._confirmed.discard(response[1].decode())
-        elif kind == b"pong":
-            self._last_pong = time.monotonic()
+        if self.core.read_done(name, History(latest, snapshot, entries)):
+            if self._flush_handle is None:
+                self._schedule_flush()
+        self._start_reads()
 
-    def _on_message(self, channel, payload):
-        self.stats.messages_in += 1
-        listeners = self.streams.get(channel.decode())
-        if not listeners:
-            self.stats.dropped_no_listener += 1
-            return
-        if not protocol.is_json_object(payload):
-            self.stats.dropped_malformed += 1
-            now = time.monotonic()
-            if now - self._malformed_logged > 10.0:  # a broken publisher must not flood the log
-                self._malformed_logged = now
-                log.warning("dropped a payload on %r that is not a JSON object (%d so far): %.80r",
-                            channel, self.stats.dropped_malformed, payload)
-            return
-        if self.payload_format == "data":
-            payload = protocol.wrap_data(channel, payload)
-        self._enqueue(listeners, protocol.text_frame(payload))
+    # --- delivery ------------------------------------------------------------------
 
-    def _enqueue(self, listeners, frame):
-        pending = self._pending
-        for conn in listeners:
-            frames = pending.get(conn)
-            if frames is None:
-                pending[conn] = [frame]
-            else:
-                frames.append(frame)
-        self.stats.deliveries += len(listeners)
-        self._batch_messages += 1
-        if self._flush_handle is None:
-            # Flush as soon as the reader waits for Redis; but no sooner than
-            # min_flush_interval after the previous flush, so that under load
-            # batches grow and the writes per message fall.
-            wait = self._last_flush + self.min_flush_interval - self._loop.time()
-            if wait > 0:
-                self._flush_handle = self._loop.call_later(wait, self._flush)
-            else:
-                self._flush_handle = self._loop.call_soon(self._flush)
+    def _schedule_flush(self) -> None:
+        # Flush as soon as the reader waits for Redis; but no sooner than
+        # min_flush_interval after the previous flush, so that under load
+        # batches grow and the writes per message fall.
+        loop = self._loop or asyncio.get_running_loop()
+        wait = self._last_flush + self.min_flush_interval - loop.time()
+        if wait > 0:
+            self._flush_handle = loop.call_later(wait, self._flush)
+        else:
+            self._flush_handle = loop.call_soon(self._flush)
 
-    def _flush(self):
+    def _flush(self) -> None:
         """Write every connection's frames of this batch, one write each."""
         self._flush_handle = None
-        self._last_flush = self._loop.time()
-        pending, self._pending = self._pending, {}
-        stats = self.stats
-        stats.batches += 1
-        if len(stats.batch_sizes) < 100_000:
-            stats.batch_sizes.append(self._batch_messages)
-        self._batch_messages = 0
-        sent = 0
-        for conn, frames in pending.items():
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-            sent += len(data)
+        if self._loop is not None:
+            self._last_flush = self._loop.time()
+        for conn, data in self.core.take_batch().items():
             try:
                 conn.write_frames(data)
             except Exception:
                 log.exception("delivery to %r failed", conn)
-        stats.bytes_sent += sent
-
-    async def _sync_loop(self):
-        """Keep the upstream subscriptions equal to the streams with listeners."""
-        while self._running:
-            await self._dirty.wait()
-            self._dirty.clear()
-            await self._connected.wait()
-            conn = self._conn
-            wanted = set(self.streams)
-            add = wanted - self._upstream
-            drop = self._upstream - wanted
-            try:
-                if add:
-                    self._upstream |= add
-                    await conn.send_command("SUBSCRIBE", *add, check_health=False)
-                if drop:
-                    self._upstream -= drop
-                    await conn.send_command("UNSUBSCRIBE", *drop, check_health=False)
-            except (*_UPSTREAM_ERRORS, RedisError) as exc:
-                if conn is self._conn:
-                    await self._lost(exc)
-                self._dirty.set()
-
-    async def _ping_loop(self):
-        """PING the pub/sub connection; a missing PONG means it is dead."""
-        while self._running:
-            await asyncio.sleep(self.ping_interval)
-            conn = self._conn
-            if conn is None or not self._connected.is_set():
-                continue
-            try:
-                await conn.send_command("PING", check_health=False)
-            except (*_UPSTREAM_ERRORS, RedisError) as exc:
-                if conn is self._conn:
-                    await self._lost(exc)
-                continue
-            if time.monotonic() - self._last_pong > self.ping_interval + self.ping_timeout:
-                if conn is self._conn:
-                    await self._lost(None)

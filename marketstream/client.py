@@ -67,8 +67,11 @@ class Message(NamedTuple):
 
     ``seq`` is the stream's position (None on plain streams and for gap
     notices); ``kind`` is ``"message"``, ``"snapshot"`` (the stream's state
-    as of ``seq``) or ``"gap"`` (updates may have been missed: from the
-    server, or noticed by the client: ``data["reason"]`` says why);
+    as of ``seq``: data whose ``e`` ends in ``Snapshot``, such as
+    ``depthSnapshot``; streams whose snapshot is an ordinary message, such
+    as tickers, get it as a ``"message"``) or ``"gap"`` (updates may have
+    been missed: from the server, or noticed by the client:
+    ``data["reason"]`` says why);
     ``raw`` is the frame's text as received (for a gap the client noticed
     itself, a frame of the same shape as the server's gap notice).
     """
@@ -159,7 +162,6 @@ class Client:
         self._attempt = 0
         self._request_id = 0
         self._pending: collections.deque = collections.deque()
-        self._want_snapshot: set = set()
         self._after_gap: set = set()
         self._seen: set = set()   # streams that delivered something on this client
 
@@ -201,7 +203,6 @@ class Client:
             request_body["since"] = since
         if snapshot:
             request_body["snapshot"] = snapshot
-        self._want_snapshot = set(snapshot)
         self._after_gap = set()
         if not first:
             self.reconnects += 1
@@ -314,17 +315,13 @@ class Client:
         self._seen.add(stream)
         if isinstance(data, dict) and data.get("e") == "gap" and seq is None:
             self._after_gap.add(stream)
-            self._want_snapshot.discard(stream)
             self._report(Message(stream, data, None, GAP, frame))
             return
         if not isinstance(seq, int) or isinstance(seq, bool):
-            self._want_snapshot.discard(stream)
             self._pending.append(Message(stream, data, None, MESSAGE, frame))
             return
         last = self.last_seq.get(stream)
-        snapshot = stream in self._want_snapshot or _is_snapshot_data(data)
-        self._want_snapshot.discard(stream)
-        if snapshot:
+        if _is_snapshot_data(data):
             self._after_gap.discard(stream)
             self.last_seq[stream] = seq
             self._pending.append(Message(stream, data, seq, SNAPSHOT, frame))

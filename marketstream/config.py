@@ -186,6 +186,12 @@ class LimitsSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class RecoverySettings:
+    snapshot_types: tuple = setting("", _list)
+    max_replay: int = setting("1000", _int(0, 1_000_000))
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggingSettings:
     level: str = setting("INFO", _log_level)
     format: str = setting("%(asctime)s %(levelname)s %(name)s: %(message)s", _str)
@@ -204,6 +210,7 @@ class Settings:
     redis: RedisSettings
     protocol: ProtocolSettings
     limits: LimitsSettings
+    recovery: RecoverySettings
     logging: LoggingSettings
     sources: dict = dataclasses.field(default_factory=dict, compare=False)
 

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from types import MappingProxyType
+from typing import Any
 
 import tornado.ioloop
 import tornado.web
@@ -31,7 +32,10 @@ from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from marketstream import protocol
+from marketstream import tornado_compat as compat
+from marketstream.admission import Admission
 from marketstream.channels import ChannelManager
+from marketstream.core import Want
 from marketstream.upgrade import Switched
 
 __all__ = ["StreamHandler", "HealthHandler", "MetricsHandler", "Context", "routes",
@@ -49,42 +53,26 @@ _SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
               b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n")
 
 _NO_HEADERS = HTTPHeaders()
+_DIRECT = compat.OK  # write to the socket directly when nothing is queued
 _NO_ARGS = MappingProxyType({})
 
 
 class Context:
     """What the handlers of one process share: settings, the manager, the
-    stream rules and the connection counts used for admission."""
+    counters, admission and the stream rules."""
 
-    def __init__(self, settings, manager=None):
+    def __init__(self, settings: Any, manager: ChannelManager | None = None) -> None:
         self.settings = settings
         self.manager = manager or ChannelManager.instance()
+        self.counters = self.manager.counters
+        self.admission = Admission(settings.server, self.counters,
+                                   lambda: len(self.manager.connections))
         self.rules = protocol.StreamRules.from_settings(settings.protocol)
         self.acks = settings.protocol.acks
         self.limits = settings.limits
         self.xheaders = settings.server.xheaders
-        self.allowed_origins = frozenset(o.rstrip("/").lower() for o in settings.server.allowed_origins)
-        self.max_connections = settings.server.max_connections
-        self.max_per_ip = settings.server.max_connections_per_ip
-        self.per_ip = {}  # client IP -> open connections (only when max_per_ip)
-        self.refused = {"origin": 0, "max_connections": 0, "max_connections_per_ip": 0}
-        self.closed = {"rate_limit": 0, "slow_consumer": 0, "ping_timeout": 0}
-        self.rejected_streams = 0
-        self.invalid_frames = 0
-        self.ws_params = None  # Tornado's protocol parameters, made at the first handshake
-
-    def origin_allowed(self, origin):
-        """Whether a browser page from ``origin`` may connect (no side effects)."""
-        allowed = self.allowed_origins
-        return not allowed or origin.rstrip("/").lower() in allowed
-
-    def refusal(self, ip):
-        """None to admit a handshake from ``ip``, else (status, reason, cause)."""
-        if len(self.manager.connections) >= self.max_connections:
-            return 503, "too many connections", "max_connections"
-        if self.max_per_ip and self.per_ip.get(ip, 0) >= self.max_per_ip:
-            return 429, "too many connections from your address", "max_connections_per_ip"
-        return None
+        self.snapshot_types = frozenset(settings.recovery.snapshot_types)
+        self.ws_params: Any = None  # Tornado's protocol parameters, made at the first handshake
 
 
 class _Protocol(tornado.websocket.WebSocketProtocol13):
@@ -97,16 +85,17 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
     apart lets the handshake finish and be collected.
     """
 
-    async def _receive_frame_loop(self):
+    async def _receive_frame_loop(self) -> None:
         self.start_frame_loop()
 
-    def start_frame_loop(self):
+    def start_frame_loop(self) -> None:
         """Read frames in a task of its own."""
         # The handler keeps the task (the event loop only holds tasks weakly).
-        task = self.handler.frame_loop = asyncio.ensure_future(super()._receive_frame_loop())
+        loop = getattr(super(), compat.RECEIVE_FRAME_LOOP)
+        task = self.handler.frame_loop = asyncio.ensure_future(loop())
         task.add_done_callback(self._frame_loop_done)
 
-    def _frame_loop_done(self, task):
+    def _frame_loop_done(self, task: asyncio.Future) -> None:
         self.handler.frame_loop = None
         if not task.cancelled() and task.exception() is not None:
             log.error("frame loop of %s failed", self.handler, exc_info=task.exception())
@@ -129,6 +118,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self._tokens_at = 0.0
         self.ping_sent = 0.0  # loop time of the oldest unanswered keepalive ping
         self.frame_loop = None
+        self._acks = set()  # acknowledgements waiting for Redis
 
     # --- handshake -----------------------------------------------------------
 
@@ -136,18 +126,16 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if type(self.request.connection) is Switched:
             # The handshake shortcut sends a prebuilt 101: no HTTP response
             # to prepare (Tornado's defaults format a Date on every call).
-            self._headers = None
-            self._write_buffer = []
-            self._status_code = 101
-            self._reason = "Switching Protocols"
+            compat.prepare_switch(self)
             return
         super().clear()
 
     def prepare(self):
-        refusal = self.context.refusal(self.request.remote_ip)
+        admission = self.context.admission
+        refusal = admission.refusal(self.request.remote_ip)
         if refusal is not None:
             status, reason, cause = refusal
-            self.context.refused[cause] += 1
+            admission.refused(cause)
             log.warning("refused %s: %s", self.request.remote_ip, reason)
             self.set_status(status)
             self.finish(reason)
@@ -172,9 +160,10 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self.finish("This is a WebSocket endpoint: connect with a WebSocket client.\n")
 
     def check_origin(self, origin):
-        if self.context.origin_allowed(origin):
+        admission = self.context.admission
+        if admission.origin_allowed(origin):
             return True
-        self.context.refused["origin"] += 1
+        admission.refused("origin")
         log.warning("refused %s: origin %r not allowed", self.request.remote_ip, origin)
         return False
 
@@ -182,11 +171,12 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if self.request.headers.get("Sec-WebSocket-Version") != "13":
             return None
         ctx = self.context
+        if not compat.OK:
+            return super().get_websocket_protocol()
         if ctx.ws_params is None:  # the same for every connection: share one
-            ctx.ws_params = tornado.websocket._WebSocketParams(
-                ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
-                max_message_size=self.max_message_size,
-                compression_options=self.get_compression_options())
+            ctx.ws_params = compat.websocket_params(
+                self.ping_interval, self.ping_timeout, self.max_message_size,
+                self.get_compression_options())
         return _Protocol(self, False, ctx.ws_params)
 
     def switch_protocols(self, stream, key):
@@ -199,7 +189,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         """
         self.open_args, self.open_kwargs = (), {}
         ws = self.ws_connection = self.get_websocket_protocol()
-        self._headers_written = self._finished = True  # the HTTP exchange is over
+        compat.finish_http(self)  # the HTTP exchange is over
         ws.stream = stream
         self._ws = ws  # what write_frames writes to (open() sets it on Tornado's path)
         self.write_frames(_SWITCHING % ws.compute_accept_value(key).encode())
@@ -225,25 +215,23 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self.set_nodelay(True)
         self._opened_at = self._tokens_at = time.monotonic()
         self.identity = self._make_identity()
-        if ctx.max_per_ip:
-            ip = self.request.remote_ip
-            ctx.per_ip[ip] = ctx.per_ip.get(ip, 0) + 1
+        ctx.admission.enter(self.request.remote_ip)
         ctx.manager.register(self)
         log.info("connect %s", self.identity)
         initial = self.get_query_argument("streams", "")
+        since = self.get_query_argument("since", "")
+        snapshot = self.get_query_argument("snapshot", "")
         self._release_handshake_state()
         if initial:
-            names = [name for name in initial.split("/") if name]
-            return self._handle(protocol.Request(protocol.SUBSCRIBE, tuple(names), None),
-                                reply=False)
-        return None
+            self._handle(protocol.parse_stream_query(initial, since, snapshot), reply=False)
 
-    def _detach_stream(self):
-        # Tornado's version also shadows seven HTTP methods with instance
-        # attributes, which turns every handler's compact attribute storage
-        # into a full dict (~1.6 KB a connection).  Those methods already
-        # raise after the handshake (it finished the HTTP response).
-        return self.detach()
+    if compat.OK:
+        def _detach_stream(self):
+            # Tornado's version also shadows seven HTTP methods with instance
+            # attributes, which turns every handler's compact attribute
+            # storage into a full dict (~1.6 KB a connection).  Those methods
+            # already raise after the handshake (it finished the response).
+            return self.detach()
 
     def _release_handshake_state(self):
         """Drop what only the HTTP handshake needed (headers, arguments,
@@ -256,7 +244,9 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         request.headers = _NO_HEADERS
         request.arguments = request.query_arguments = request.body_arguments = _NO_ARGS
         request.files = _NO_ARGS
-        self._headers = self.ui = self._transforms = self._write_buffer = None
+        if compat.OK:
+            compat.release_response(self)
+        self.ui = None
         self.path_args = self.path_kwargs = self.open_args = self.open_kwargs = None
 
     def on_message(self, message):
@@ -267,18 +257,18 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             ctx.limits.messages_burst)
         self._tokens_at = now
         if not allowed:
-            ctx.closed["rate_limit"] += 1
+            ctx.counters.closed["rate_limit"] += 1
             log.warning("closing %s: rate limit exceeded", self.identity)
             self.close(CLOSE_POLICY, "rate limit exceeded")
             return None
         request = protocol.parse_request(message)
         if isinstance(request, protocol.Invalid):
-            ctx.invalid_frames += 1
+            ctx.counters.invalid_frames += 1
             log.debug("ignored frame from %s: %s", self.identity, request.reason)
             if ctx.acks:
                 self._reply(protocol.encode_error(request.id, request.code, request.reason))
             return None
-        return self._handle(request, reply=ctx.acks)
+        self._handle(request, reply=ctx.acks)
 
     def on_pong(self, data):
         self.ping_sent = 0.0
@@ -286,13 +276,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
     def on_close(self):
         ctx = self.context
         ctx.manager.remove(self)
-        if ctx.max_per_ip and self._ws is not None:
-            ip = self.request.remote_ip
-            left = ctx.per_ip.get(ip, 1) - 1
-            if left > 0:
-                ctx.per_ip[ip] = left
-            else:
-                ctx.per_ip.pop(ip, None)
+        if self._ws is not None:
+            ctx.admission.leave(self.request.remote_ip)
         if self.identity is not None:
             code = self.close_code
             log.info("disconnect %s %s duration=%.1fs", self.identity,
@@ -303,11 +288,13 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
     # --- requests ------------------------------------------------------------
 
     def _handle(self, request, reply):
+        """Carry out a valid request; acknowledgements never hold up reading
+        (a SUBSCRIBE's ack waits for Redis in a task of its own)."""
         ctx = self.context
         manager = ctx.manager
         if request.method == protocol.LIST_SUBSCRIPTIONS:
             self._reply(protocol.encode_result(request.id, manager.subscriptions(self)))
-            return None
+            return
         valid, errors = [], []
         for name in request.params:
             reason = ctx.rules.check(name)
@@ -315,32 +302,52 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                 valid.append(name)
             else:
                 errors.append("%s: %s" % (name[:100], reason))
-        if request.method == protocol.SUBSCRIBE:
-            current = manager.connections.get(self, {})
-            new = [name for name in dict.fromkeys(valid) if name not in current]
-            room = ctx.limits.max_streams_per_connection - len(current)
-            if len(new) > room:
-                errors.extend("%s: too many streams (limit %d)"
-                              % (name, ctx.limits.max_streams_per_connection)
-                              for name in new[max(room, 0):])
-                new = new[:max(room, 0)]
-            manager.subscribe(self, new)
-            valid = new
-        else:
-            manager.unsubscribe(self, valid)
         if errors:
-            ctx.rejected_streams += len(errors)
-        if not reply:
-            return None
-        if request.method == protocol.SUBSCRIBE:
-            return self._ack_when_subscribed(request.id, valid, errors)
-        self._ack(request.id, errors)
-        return None
+            ctx.counters.rejected_streams += len(errors)
+        if request.method == protocol.UNSUBSCRIBE:
+            manager.unsubscribe(self, valid)
+            if reply:
+                self._ack(request.id, errors)
+            return
+        current = manager.connections.get(self, {})
+        new = [name for name in dict.fromkeys(valid) if name not in current]
+        room = ctx.limits.max_streams_per_connection - len(current)
+        if len(new) > room:
+            errors.extend("%s: too many streams (limit %d)"
+                          % (name, ctx.limits.max_streams_per_connection)
+                          for name in new[max(room, 0):])
+            new = new[:max(room, 0)]
+        for cause, text in request.problems:
+            ctx.counters.ignored[cause] += 1
+            errors.append(text)
+        manager.subscribe(self, new, self._wants(request, new))
+        if reply:
+            task = asyncio.ensure_future(self._ack_when_subscribed(request.id, new, errors))
+            self._acks.add(task)
+            task.add_done_callback(self._acks.discard)
+
+    def _wants(self, request, names):
+        """What to recover on each of ``names``: the request's ``since`` and
+        ``snapshot``, else the snapshot default of ``[recovery]``."""
+        since = request.since or {}
+        snapshot = request.snapshot
+        default = self.context.snapshot_types
+        wants = {}
+        for name in names:
+            if snapshot is None:
+                wanted = bool(default) and name.partition(".")[0] in default
+            else:
+                wanted = snapshot is True or (snapshot is not False and name in snapshot)
+            position = since.get(name)
+            if position is not None or wanted:
+                wants[name] = Want(position, wanted)
+        return wants
 
     async def _ack_when_subscribed(self, request_id, names, errors):
         if not await self.context.manager.wait_subscribed(names):
             errors = errors + ["upstream subscription not confirmed yet"]
-        self._ack(request_id, errors)
+        if self._ws is not None:
+            self._ack(request_id, errors)
 
     def _ack(self, request_id, errors):
         if errors:
@@ -365,7 +372,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if ws is None or ws.server_terminated:
             return
         stream = ws.stream
-        if not stream._write_buffer and type(stream) is IOStream and stream.socket is not None:
+        if _DIRECT and type(stream) is IOStream and stream.socket is not None \
+                and compat.write_buffer_empty(stream):
             # Nothing queued: hand the bytes straight to the kernel, which
             # takes them whole unless the client lags.  This skips the
             # Future, callback and buffer bookkeeping of IOStream.write, the
@@ -387,7 +395,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             self._slow_consumer()
 
     def _slow_consumer(self):
-        self.context.closed["slow_consumer"] += 1
+        self.context.counters.closed["slow_consumer"] += 1
         log.warning("closing %s: slow consumer (over %d bytes queued)", self.identity,
                     self.context.limits.max_buffer_bytes)
         self.context.manager.remove(self)  # nothing more for it
@@ -451,10 +459,6 @@ class HealthHandler(tornado.web.RequestHandler):
         healthy = manager.healthy
         body = {"status": "ok" if healthy else "unavailable", "pid": os.getpid()}
         body.update(manager.health())
-        ctx = self.context
-        body["clients"] = {"refused": ctx.refused, "closed": ctx.closed,
-                           "invalid_frames": ctx.invalid_frames,
-                           "rejected_streams": ctx.rejected_streams}
         self.set_status(200 if healthy else 503)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")

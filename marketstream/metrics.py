@@ -75,9 +75,9 @@ def mark_process_dead(pid):
 class Exporter:
     """Copies the process's counters into Prometheus metrics."""
 
-    def __init__(self, manager, context):
+    def __init__(self, manager, counters):
         self.manager = manager
-        self.context = context
+        self.counters = counters
         self.registry = CollectorRegistry()
         self._seen = {}
         r = self.registry
@@ -107,21 +107,23 @@ class Exporter:
                                   "Reconnections of the Redis pub/sub connection", registry=r)
         self.refused = Counter("marketstream_refused_handshakes",
                                "WebSocket handshakes refused, by cause", ["cause"], registry=r)
-        for cause in context.refused:
+        for cause in counters.refused:
             self.refused.labels(cause)
         for cause in self._drop_counts():
             self.dropped.labels(cause)
         self._timer = None
 
     def _drop_counts(self):
-        stats, ctx = self.manager.stats, self.context
+        counters = self.counters
         return {
-            "malformed_payload": stats.dropped_malformed,
-            "invalid_frame": ctx.invalid_frames,
-            "rejected_stream": ctx.rejected_streams,
-            "slow_consumer": ctx.closed["slow_consumer"],
-            "rate_limit": ctx.closed["rate_limit"],
-            "ping_timeout": ctx.closed["ping_timeout"],
+            "malformed_payload": counters.dropped_malformed,
+            "invalid_frame": counters.invalid_frames,
+            "rejected_stream": counters.rejected_streams,
+            "slow_consumer": counters.closed["slow_consumer"],
+            "rate_limit": counters.closed["rate_limit"],
+            "ping_timeout": counters.closed["ping_timeout"],
+            "bad_since": counters.ignored["bad_since"],
+            "bad_snapshot": counters.ignored["bad_snapshot"],
         }
 
     def _advance(self, key, counter, value):
@@ -132,7 +134,7 @@ class Exporter:
 
     def sync(self):
         """Bring the Prometheus metrics up to date with the counters."""
-        manager, stats = self.manager, self.manager.stats
+        manager, stats = self.manager, self.counters
         self.connections.set(len(manager.connections))
         self.subscriptions.set(sum(len(streams) for streams in manager.connections.values()))
         self.upstream.set(len(manager.upstream_channels))
@@ -147,7 +149,7 @@ class Exporter:
             self.batch_size.observe(size)
         for cause, value in self._drop_counts().items():
             self._advance("dropped." + cause, self.dropped.labels(cause), value)
-        for cause, value in self.context.refused.items():
+        for cause, value in stats.refused.items():
             self._advance("refused." + cause, self.refused.labels(cause), value)
 
     def start(self, interval=1.0):

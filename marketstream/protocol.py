@@ -9,8 +9,10 @@ Client frames are JSON objects::
 
     {"method": "SUBSCRIBE", "params": ["trade.SOL_USDC", "depth.BTC_USDT"], "id": 1}
 
->>> parse_request('{"method":"SUBSCRIBE","params":["trade.SOL_USDC"],"id":1}')
-Request(method='SUBSCRIBE', params=('trade.SOL_USDC',), id=1)
+>>> parse_request('{"method":"SUBSCRIBE","params":["trade.SOL_USDC"],"id":1}')[:3]
+('SUBSCRIBE', ('trade.SOL_USDC',), 1)
+>>> parse_request('{"method":"SUBSCRIBE","params":["trade.SOL_USDC"],"since":{"trade.SOL_USDC":1042}}').since
+{'trade.SOL_USDC': 1042}
 >>> parse_request('hello').reason
 'invalid JSON'
 >>> StreamRules().check("trade.SOL_USDC") is None
@@ -24,14 +26,14 @@ import math
 import re
 import struct
 import time
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import ujson
 
 __all__ = [
     "SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS", "METHODS",
     "ERROR_INVALID_REQUEST", "ERROR_INVALID_JSON",
-    "Request", "Invalid", "parse_request", "StreamRules",
+    "Request", "Invalid", "parse_request", "parse_stream_query", "StreamRules", "MAX_POSITION",
     "encode_result", "encode_error", "wrap_data", "is_json_object",
     "gap_notice", "text_frame", "take_token",
 ]
@@ -49,11 +51,21 @@ MAX_STREAM_NAME = 200
 
 
 class Request(NamedTuple):
-    """A valid client request."""
+    """A valid client request.
+
+    ``since`` maps streams to the position to resume after; ``snapshot`` is
+    True (every stream), a tuple of streams, or None (the configured
+    default); ``problems`` says which parts of ``since``/``snapshot`` were
+    ignored, as (cause, text) pairs with cause ``bad_since`` or
+    ``bad_snapshot``.
+    """
 
     method: str
     params: tuple
     id: Union[int, float, str, None]
+    since: Optional[dict] = None
+    snapshot: Union[bool, tuple, None] = None
+    problems: tuple = ()
 
 
 class Invalid(NamedTuple):
@@ -105,7 +117,79 @@ def parse_request(frame):
         return Invalid("params must be an array of strings", id=request_id)
     if method != LIST_SUBSCRIPTIONS and not params:
         return Invalid("params must not be empty", id=request_id)
-    return Request(method, tuple(params), request_id)
+    if method != SUBSCRIBE or ("since" not in message and "snapshot" not in message):
+        return Request(method, tuple(params), request_id)
+    problems = []
+    since = _parse_since(message.get("since"), problems)
+    snapshot = _parse_snapshot(message.get("snapshot"), problems)
+    return Request(method, tuple(params), request_id, since, snapshot, tuple(problems))
+
+
+#: Positions are below 2^53 (exact in JavaScript).
+MAX_POSITION = 2 ** 53 - 1
+
+
+def _position(value):
+    """``value`` as a position, or None if it is not one."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 <= value <= MAX_POSITION else None
+
+
+def _parse_since(value, problems):
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        problems.append(("bad_since", "since must be an object of stream: position"))
+        return None
+    since = {}
+    for stream, position in value.items():
+        if _position(position) is None:
+            problems.append(("bad_since", "since %.100s: not a position (an integer "
+                             "0..2^53-1): %.40r" % (stream, position)))
+        else:
+            since[stream] = position
+    return since or None
+
+
+def _parse_snapshot(value, problems):
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    problems.append(("bad_snapshot", "snapshot must be true, false or a list of streams"))
+    return None
+
+
+def parse_stream_query(streams, since="", snapshot=""):
+    """The subscribe request of a ``/stream?streams=a/b&since=a:1042&snapshot=1``
+    URL, from its (already decoded) query values.
+
+    >>> r = parse_stream_query("trade.A_B/depth.A_B", "trade.A_B:1042", "1")
+    >>> r.params, r.since, r.snapshot
+    (('trade.A_B', 'depth.A_B'), {'trade.A_B': 1042}, True)
+    >>> parse_stream_query("trade.A_B", "trade.A_B:-1").problems[0][0]
+    'bad_since'
+    """
+    names = tuple(name for name in streams.split("/") if name)
+    problems = []
+    positions = {}
+    for item in since.split(","):
+        if not item:
+            continue
+        stream, sep, text = item.rpartition(":")
+        position = _position(int(text)) if sep and text.isdigit() and len(text) < 20 else None
+        if position is None or not stream:
+            problems.append(("bad_since", "since %.100s: not stream:position" % item))
+        else:
+            positions[stream] = position
+    flag = None
+    if snapshot:
+        flag = snapshot.lower() in ("1", "true", "yes")
+        if not flag and snapshot.lower() not in ("0", "false", "no"):
+            problems.append(("bad_snapshot", "snapshot must be 1 or 0"))
+            flag = None
+    return Request(SUBSCRIBE, names, None, positions or None, flag, tuple(problems))
 
 
 _MIDDLE_PART = re.compile(r"[A-Za-z0-9]+")

@@ -25,6 +25,7 @@ import tornado.web
 from redis.exceptions import RedisError
 
 from marketstream import __version__, metrics
+from marketstream import tornado_compat as compat
 from marketstream.channels import ChannelManager
 from marketstream.config import ConfigError, load_settings
 from marketstream.embedded import RedisServer
@@ -45,7 +46,7 @@ def make_app(settings, manager=None):
     installed :class:`ChannelManager`); ``app.context`` is what its handlers
     share."""
     context = Context(settings, manager)
-    exporter = Exporter(context.manager, context)
+    exporter = Exporter(context.manager, context.counters)
     app = tornado.web.Application(routes(context, exporter),
                                   websocket_max_message_size=settings.limits.max_frame_bytes,
                                   log_function=log_request)
@@ -111,13 +112,14 @@ class Server:
             settings.redis.url, payload_format=settings.redis.format,
             ping_interval=settings.redis.health_interval,
             backoff_max=settings.redis.reconnect_max_delay,
-            min_flush_interval=settings.server.min_flush_interval))
+            min_flush_interval=settings.server.min_flush_interval,
+            max_replay=settings.recovery.max_replay))
         await self.manager.start()
         self.app = make_app(settings, self.manager)
         context = self.app.context
 
         def timed_out(conn):
-            context.closed["ping_timeout"] += 1
+            context.counters.closed["ping_timeout"] += 1
             context.manager.remove(conn)
 
         self.keepalive = Keepalive(lambda: context.manager.connections,
@@ -126,7 +128,7 @@ class Server:
         self.keepalive.start()
         self.app.exporter.start()
         websocket = None
-        if settings.server.fast_handshake:
+        if settings.server.fast_handshake and compat.OK:
             websocket = (ws_paths(settings), StreamHandler, {"context": self.app.context})
         self.http_server = StreamServer(self.app, websocket=websocket,
                                         xheaders=settings.server.xheaders)
@@ -137,6 +139,11 @@ class Server:
         log.info("marketstream %s listening on ws://%s:%d%s (pid %d%s, Redis %s)", __version__,
                  settings.host, settings.port, settings.ws_path or "/", os.getpid(),
                  "" if worker is None else ", worker %d" % worker, self.manager.redacted_url())
+
+    @property
+    def counters(self):
+        """The process's :class:`~marketstream.counters.Counters`."""
+        return self.manager.counters
 
     def add_task(self, coroutine):
         """Run a coroutine beside the server; it is cancelled on shutdown."""

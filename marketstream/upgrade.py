@@ -28,6 +28,8 @@ import socket
 import tornado.httpserver
 from tornado import httputil
 
+from marketstream import tornado_compat as compat
+
 __all__ = ["StreamServer", "Switched", "defer_accept", "upgrade_request"]
 
 # Bigger requests (many cookies) are rare and take Tornado's path.
@@ -134,11 +136,10 @@ class StreamServer(tornado.httpserver.HTTPServer):
         if found is None:
             return False
         start, headers, length = found
-        context = tornado.httpserver._HTTPRequestContext(
-            stream, address, self.protocol, self.trusted_downstream)
+        context = compat.request_context(self, stream, address)
         if self.xheaders:
-            context._apply_xheaders(headers)
-        admission = handler_kwargs["context"]
+            compat.apply_xheaders(context, headers)
+        admission = handler_kwargs["context"].admission
         origin = headers.get("Origin")
         if origin is None:
             if "Sec-Fetch-Site" in headers:

@@ -56,7 +56,7 @@ async def test_batches_keep_per_stream_order_and_deliver_once(server, redis_clie
 
     per_stream = 1000
     burst = [seq_message(streams[i % 3], i // 3) for i in range(per_stream * 3)]
-    batches_before = server.manager.stats.batches
+    batches_before = server.counters.batches
     publish_burst(redis_client, burst)
 
     for ws, plan in zip(clients, plans):
@@ -66,7 +66,7 @@ async def test_batches_keep_per_stream_order_and_deliver_once(server, redis_clie
             assert seqs == list(range(per_stream)), "order or duplicates on %s" % stream
         assert {s for s, _ in got} == set(plan)
     # The burst was delivered in batches, not message by message.
-    assert server.manager.stats.batches - batches_before < len(burst) / 2
+    assert server.counters.batches - batches_before < len(burst) / 2
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -122,7 +122,7 @@ async def test_failing_connection_in_a_batch_does_not_stop_the_others(redis_url,
         await async_wait_until(lambda: sum(d.count(b"\x81") for d in good2.data) >= 50)
         assert b"".join(good1.data) == b"".join(good2.data)
         # One write per connection per batch: fewer writes than messages.
-        assert len(good1.data) == manager.stats.batches < 50
+        assert len(good1.data) == manager.counters.batches < 50
     finally:
         await manager.stop()
 
@@ -179,6 +179,6 @@ async def test_min_flush_interval_coalesces_writes(redis_url, redis_client):
         await async_wait_until(lambda: b"".join(conn.data).count(b"\x81") == 10)
         # The first goes out at once; the rest wait for the interval, together.
         assert len(conn.data) <= 3
-        assert manager.stats.batches == len(conn.data)
+        assert manager.counters.batches == len(conn.data)
     finally:
         await manager.stop()

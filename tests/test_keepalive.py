@@ -108,7 +108,7 @@ def test_shipped_defaults_keep_healthy_clients_beyond_two_intervals(redis_url):
             await asyncio.sleep(max(0.0, server_run - (time.monotonic() - started)))
             assert polite.close_code is None and polite.protocol is not None, \
                 "the polite client was closed after %.0f s" % (time.monotonic() - started)
-            assert server.app.context.closed["ping_timeout"] == 1
+            assert server.counters.closed["ping_timeout"] == 1
             polite.close()
             return code, reason, closed_after
         finally:

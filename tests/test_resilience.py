@@ -66,7 +66,7 @@ async def test_redis_killed_and_restarted(server, redis_server, redis_client):
     client.publish(streams[0], '{"stream":"trade.OUT_USDT","data":{"e":"trade","t":2}}')
     assert ujson.loads(await read(a))["data"]["t"] == 2
     assert ujson.loads(await read(b))["data"]["t"] == 2
-    assert server.manager.stats.reconnects == 1
+    assert server.counters.reconnects == 1
     client.close()
 
 
@@ -82,7 +82,7 @@ async def test_subscriber_killed_by_redis(server, redis_client):
     await subscribed(redis_client, "trade.KILL_USDT")
     redis_client.publish("trade.KILL_USDT", '{"stream":"trade.KILL_USDT","data":{"e":"trade","t":7}}')
     assert ujson.loads(await read(ws))["data"]["t"] == 7
-    assert server.manager.stats.reconnects == 1
+    assert server.counters.reconnects == 1
     assert await health_status(server) == 200
 
 
@@ -97,7 +97,7 @@ async def test_idle_bridge_stays_healthy(redis_url):
         while time.monotonic() - start < 1.0:  # twenty PING round trips
             assert manager.healthy
             await asyncio.sleep(0.05)
-        assert manager.stats.reconnects == 0
+        assert manager.counters.reconnects == 0
     finally:
         await manager.stop()
 
@@ -210,7 +210,7 @@ async def test_random_frames_never_harm_a_clean_client(server_factory, redis_cli
             reply = ujson.loads(await read(ws))
             if reply.get("id") == "last":
                 break
-    assert server.app.context.invalid_frames > 500
+    assert server.counters.invalid_frames > 500
 
 
 @pytest.mark.gen_test(timeout=120)
@@ -275,7 +275,7 @@ async def test_message_rate_limit(server_factory):
     await send(ws, "LIST_SUBSCRIPTIONS", request_id=99)
     assert await asyncio.wait_for(ws.read_message(), 5) is None
     assert (ws.close_code, ws.close_reason) == (1008, "rate limit exceeded")
-    assert server.app.context.closed["rate_limit"] == 1
+    assert server.counters.closed["rate_limit"] == 1
 
 
 @pytest.mark.gen_test
@@ -294,11 +294,11 @@ async def test_connection_limits(server_factory):
     with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
         await connect(server)
     assert refused.value.code == 429
-    assert server.app.context.refused["max_connections_per_ip"] == 1
+    assert server.counters.refused["max_connections_per_ip"] == 1
     abort(clients[1])
     await async_wait_until(lambda: len(server.manager.connections) == 1)
     await connect(server)
-    assert server.app.context.per_ip == {"127.0.0.1": 2}
+    assert server.app.context.admission.per_ip == {"127.0.0.1": 2}
 
 
 @pytest.mark.gen_test
@@ -335,4 +335,4 @@ async def test_keepalive_closes_silent_peers_only(server_factory):
     await async_wait_until(lambda: time.monotonic() - start > 1.0)  # several more sweeps
     await send(polite, "LIST_SUBSCRIPTIONS")
     assert ujson.loads(await read(polite)) == {"result": [], "id": 1}
-    assert server.app.context.closed["ping_timeout"] == 1
+    assert server.counters.closed["ping_timeout"] == 1

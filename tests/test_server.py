@@ -179,8 +179,8 @@ async def test_junk_frames_are_ignored_and_counted(server, redis_client):
     assert ujson.loads(await read(other))["data"]["t"] == 1
     # Every junk frame but the well-formed one with a bad stream name, plus
     # the binary frame, is an invalid frame; the bad name is a rejected stream.
-    assert server.app.context.invalid_frames == len(junk)
-    assert server.app.context.rejected_streams == 1
+    assert server.counters.invalid_frames == len(junk)
+    assert server.counters.rejected_streams == 1
     assert "trade.sol_usdc" not in server.manager.streams
 
 
@@ -193,7 +193,7 @@ async def test_malformed_redis_payload_is_dropped_and_stream_continues(server, r
         redis_client.publish("trade.BTC_USDT", bad)
     redis_client.publish("trade.BTC_USDT", envelope("trade.BTC_USDT", t="good"))
     assert ujson.loads(await read(ws))["data"]["t"] == "good"
-    assert server.manager.stats.dropped_malformed == 5
+    assert server.counters.dropped_malformed == 5
 
 
 @pytest.mark.gen_test

@@ -186,13 +186,13 @@ async def test_refusals_keep_tornados_answers_and_counts(server_factory):
     head, reader, writer = await raw_exchange(
         server, request(lines=["Origin: https://evil.example.net"]))
     assert head.startswith(b"HTTP/1.1 403")
-    assert server.app.context.refused["origin"] == 1
+    assert server.counters.refused["origin"] == 1
     writer.close()
     first = await tornado.websocket.websocket_connect(tornado.httpclient.HTTPRequest(
         ws_url(server), headers={"Origin": "https://exchange.example.com"}))
     head, reader, writer = await raw_exchange(server, request())
     assert head.startswith(b"HTTP/1.1 503")
-    assert server.app.context.refused["max_connections"] == 1
+    assert server.counters.refused["max_connections"] == 1
     assert server.http_server.handshakes == 1  # only the admitted one
     writer.close()
     first.close()

@@ -1,0 +1,418 @@
+"""The fan-out core: subscriptions, delivery batches, resubscribe and
+recovery bookkeeping, without any I/O.
+
+No sockets, no ``await``: a shell (:mod:`marketstream.channels`) feeds it
+what Redis said and writes out what it produced, and tests drive it
+directly::
+
+    core = Core(Counters())
+    core.register(conn)
+    core.subscribe(conn, ["trade.SOL_USDC"])        # core.wanted() now holds it
+    core.upstream_confirmed("trade.SOL_USDC")       # Redis said "subscribe"
+    core.on_message(b"trade.SOL_USDC", b'{"stream":"trade.SOL_USDC","data":{}}')
+    for conn, data in core.take_batch().items():     # one write per connection
+        conn.write_frames(data)
+
+Delivery is batch-shaped: each message is framed once and the frame is
+appended to every listener's pending list; :meth:`Core.take_batch` joins each
+connection's frames into one write.
+
+Recovery (see the README's "Recovery"): a connection that subscribes with
+``since`` or ``snapshot`` is held outside the stream's listeners while the
+shell reads the stream's history once for everyone waiting
+(:meth:`Core.start_reads` / :meth:`Core.read_done`); live messages that
+arrive meanwhile are buffered, and each waiting connection gets the history
+it missed merged with the buffer by position, each message once, before it
+joins the live listeners.  After an outage of the Redis link, every
+recoverable stream's listeners are caught up the same way from the last
+position this process delivered; plain streams get the gap notice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, NamedTuple
+
+from marketstream import protocol
+from marketstream.counters import Counters
+
+__all__ = ["Core", "Want", "Read", "History", "split_position"]
+
+Conn = Hashable
+
+
+def split_position(payload: bytes) -> tuple[int | None, bytes]:
+    """(position, frame) of a payload published by the recovery script, or
+    (None, payload) for a plain one; no JSON parsing.
+
+    >>> split_position(b'@42 {"stream":"t.A_B","data":{},"seq":42}')
+    (42, b'{"stream":"t.A_B","data":{},"seq":42}')
+    >>> split_position(b'{"stream":"t.A_B","data":{}}')
+    (None, b'{"stream":"t.A_B","data":{}}')
+    """
+    if payload[:1] != b"@":
+        return None, payload
+    space = payload.find(b" ", 1, 24)
+    digits = payload[1:space]
+    if space < 0 or not digits.isdigit():
+        return None, payload
+    return int(digits), payload[space + 1:]
+
+
+class Want(NamedTuple):
+    """What a connection asked for when subscribing a stream."""
+
+    since: int | None = None     # resume after this position
+    snapshot: bool = False       # start from the stream's snapshot
+
+
+class Read(NamedTuple):
+    """A history read the shell must do for one stream: everything after
+    ``after`` (None: from the snapshot on, or nothing), and the snapshot if
+    ``snapshot``."""
+
+    stream: str
+    after: int | None
+    snapshot: bool
+
+
+class History(NamedTuple):
+    """What a history read found: the stream's latest position (None for a
+    stream without positions), its snapshot as (position, frame), and the
+    entries after the asked position, oldest first, as (position, frame)."""
+
+    latest: int | None
+    snapshot: tuple[int, bytes] | None
+    entries: list[tuple[int, bytes]]
+
+
+@dataclass
+class _Recovery:
+    waiting: dict = field(default_factory=dict)    # conn -> Want, read not started
+    reading: dict = field(default_factory=dict)    # conn -> Want, read in flight
+    buffer: list = field(default_factory=list)     # (seq | None, frame) since the read began
+    in_flight: bool = False
+
+
+class Core:
+    """Registry and fan-out of one process (see the module docstring)."""
+
+    def __init__(self, counters: Counters, payload_format: str = "envelope",
+                 max_replay: int = 1000,
+                 on_malformed: Callable[[bytes, bytes], None] | None = None) -> None:
+        self.counters = counters
+        self.on_malformed = on_malformed
+        self.wrap = payload_format == "data"
+        self.max_replay = max_replay
+        self.streams: dict[str, dict[Conn, None]] = {}      # live listeners per stream
+        self.connections: dict[Conn, dict[str, None]] = {}  # streams per connection
+        self.pending: dict[Conn, list[bytes]] = {}          # frames of the current batch
+        self.batch_messages = 0
+        self.last_seq: dict[str, int] = {}    # last position delivered live, per stream
+        self.recovering: dict[str, _Recovery] = {}
+        self.confirmed: set[str] = set()      # channels Redis confirmed on the live link
+        self._resync: set[str] = set()        # channels to catch up once resubscribed
+        self.wanted_changed = False           # the shell syncs upstream when set
+
+    # --- registry ---------------------------------------------------------
+
+    def register(self, conn: Conn) -> None:
+        """Track a new connection (before it subscribes to anything)."""
+        self.connections.setdefault(conn, {})
+
+    def wanted(self) -> set[str]:
+        """The channels the Redis link must be subscribed to."""
+        wanted = set(self.streams)
+        wanted.update(self.recovering)
+        return wanted
+
+    def subscribe(self, conn: Conn, names: list[str],
+                  wants: dict[str, Want] | None = None) -> list[str]:
+        """Add ``conn`` to each stream; returns the streams newly added.
+        A stream with a :class:`Want` in ``wants`` is recovered first."""
+        mine = self.connections.setdefault(conn, {})
+        added = []
+        for name in names:
+            if name in mine:
+                continue
+            mine[name] = None
+            want = wants.get(name) if wants else None
+            if want is not None and (want.since is not None or want.snapshot):
+                self._hold(conn, name, want)
+            else:
+                listeners = self.streams.get(name)
+                if listeners is None:
+                    if name not in self.recovering:
+                        self.wanted_changed = True
+                    self.streams[name] = {conn: None}
+                else:
+                    listeners[conn] = None
+            added.append(name)
+        return added
+
+    def unsubscribe(self, conn: Conn, names: list[str]) -> list[str]:
+        """Remove ``conn`` from each stream; unknown names are ignored."""
+        mine = self.connections.get(conn)
+        if not mine:
+            return []
+        removed = []
+        for name in names:
+            if mine.pop(name, 0) is None:
+                self._drop_listener(name, conn)
+                removed.append(name)
+        return removed
+
+    def remove(self, conn: Conn) -> None:
+        """Forget a departed connection entirely."""
+        mine = self.connections.pop(conn, None)
+        self.pending.pop(conn, None)
+        if mine:
+            for name in mine:
+                self._drop_listener(name, conn)
+
+    def subscriptions(self, conn: Conn) -> list[str]:
+        return list(self.connections.get(conn, ()))
+
+    def _drop_listener(self, name: str, conn: Conn) -> None:
+        listeners = self.streams.get(name)
+        if listeners is not None:
+            listeners.pop(conn, None)
+            if not listeners:
+                del self.streams[name]
+                if name not in self.recovering:
+                    self.wanted_changed = True
+        recovery = self.recovering.get(name)
+        if recovery is not None:
+            recovery.waiting.pop(conn, None)
+            recovery.reading.pop(conn, None)
+            if not recovery.waiting and not recovery.reading and not recovery.in_flight:
+                del self.recovering[name]
+                if name not in self.streams:
+                    self.wanted_changed = True
+
+    def _hold(self, conn: Conn, name: str, want: Want) -> None:
+        recovery = self.recovering.get(name)
+        if recovery is None:
+            if name not in self.streams:
+                self.wanted_changed = True
+            recovery = self.recovering[name] = _Recovery()
+        recovery.waiting[conn] = want
+
+    # --- the Redis link -----------------------------------------------------
+
+    def upstream_confirmed(self, name: str) -> None:
+        """Redis confirmed the subscription of ``name`` on the live link."""
+        self.confirmed.add(name)
+        if name not in self._resync:
+            return
+        self._resync.discard(name)
+        listeners = self.streams.get(name)
+        if not listeners:
+            return
+        since = self.last_seq.get(name)
+        if since is None:
+            # A plain stream: what was published meanwhile is gone.
+            self.counters.gap_notices += len(listeners)
+            self._enqueue(listeners, protocol.text_frame(protocol.gap_notice(name)))
+            return
+        # A recoverable stream: its listeners catch up from the history.
+        del self.streams[name]
+        for conn in listeners:
+            self._hold(conn, name, Want(since=since))
+
+    def upstream_dropped(self, name: str) -> None:
+        """Redis confirmed an unsubscribe (or dropped the channel)."""
+        self.confirmed.discard(name)
+
+    def link_lost(self) -> None:
+        """The pub/sub link is gone: every channel must be confirmed again,
+        and what was published meanwhile must be caught up (or announced)."""
+        self.confirmed.clear()
+        self._resync = self.wanted()
+        for recovery in self.recovering.values():
+            recovery.waiting.update(recovery.reading)
+            recovery.reading.clear()
+            recovery.buffer.clear()
+            recovery.in_flight = False
+
+    def link_restored(self, channels: set[str]) -> None:
+        """The link is back and SUBSCRIBE was sent for ``channels``: each
+        is caught up when Redis confirms it (:meth:`upstream_confirmed`)."""
+        self._resync &= set(channels)
+
+    # --- history reads ------------------------------------------------------
+
+    def start_reads(self) -> list[Read]:
+        """History reads to start now: one per stream with connections
+        waiting whose channel Redis has confirmed."""
+        reads = []
+        for name, recovery in self.recovering.items():
+            if recovery.in_flight or not recovery.waiting or name not in self.confirmed:
+                continue
+            recovery.in_flight = True
+            recovery.buffer = []
+            recovery.reading, recovery.waiting = recovery.waiting, {}
+            sinces = [w.since for w in recovery.reading.values() if w.since is not None]
+            snapshot = any(w.snapshot for w in recovery.reading.values())
+            # A resume the history cannot cover falls back to the snapshot.
+            reads.append(Read(name, min(sinces) if sinces else None, snapshot or bool(sinces)))
+        return reads
+
+    def read_failed(self, name: str) -> None:
+        """The read for ``name`` failed: its connections wait for the next."""
+        recovery = self.recovering.get(name)
+        if recovery is not None and recovery.in_flight:
+            recovery.waiting.update(recovery.reading)
+            recovery.reading.clear()
+            recovery.in_flight = False
+
+    def read_done(self, name: str, history: History) -> bool:
+        """Deliver what each connection of the finished read missed, then
+        make it a live listener.  True if frames were queued."""
+        recovery = self.recovering.get(name)
+        if recovery is None or not recovery.in_flight:
+            return False
+        recovery.in_flight = False
+        queued = False
+        listeners = self.streams.get(name)
+        for conn, want in recovery.reading.items():
+            frames = self._catch_up(name, want, history, recovery.buffer)
+            if frames:
+                self._queue(conn, frames)
+                queued = True
+            if listeners is None:
+                listeners = self.streams[name] = {}
+            listeners[conn] = None
+        recovery.reading = {}
+        recovery.buffer = []
+        if not recovery.waiting:  # else the next read serves those
+            del self.recovering[name]
+        return queued
+
+    def _catch_up(self, name: str, want: Want, history: History,
+                  buffer: list[tuple[int | None, bytes]]) -> list[bytes]:
+        """The frames one connection gets before joining the live stream."""
+        counters = self.counters
+        latest, snapshot, entries = history
+        out: list[bytes] = []
+        last = 0  # the position the connection holds after ``out``
+        if latest is None:
+            # A stream without positions: a resume or a snapshot asks for
+            # nothing that exists; it is a plain subscribe.
+            pass
+        elif want.since is not None and (want.since >= latest or self._covers(
+                entries, want.since, latest)):
+            last = want.since
+            out = [frame for seq, frame in entries if seq > last]
+            if entries and entries[-1][0] > last:
+                last = entries[-1][0]
+            counters.replayed += len(out)
+        else:
+            if want.since is not None:  # the history does not reach back far enough
+                counters.gap_notices += 1
+                out.append(protocol.gap_notice(name.encode()))
+            usable = snapshot is not None and (
+                snapshot[0] >= latest or self._covers(entries, snapshot[0], latest))
+            if usable:
+                last = snapshot[0]
+                out.append(snapshot[1])
+                counters.snapshots_sent += 1
+                replay = [frame for seq, frame in entries if seq > last]
+            elif want.since is not None:
+                replay = [frame for _, frame in entries[-self.max_replay:]]
+            else:
+                replay = []
+                last = latest  # a plain "from now on" subscribe
+            out.extend(replay)
+            counters.replayed += len(replay)
+            if replay or (usable and entries):
+                last = max(last, entries[-1][0])
+        for seq, frame in buffer:
+            if seq is None or seq > last:
+                out.append(frame)
+                if seq is not None:
+                    last = seq
+        return [protocol.text_frame(frame) for frame in out]
+
+    @staticmethod
+    def _covers(entries: list[tuple[int, bytes]], after: int, latest: int) -> bool:
+        """Whether ``entries`` hold every position after ``after`` up to
+        ``latest``."""
+        if after >= latest:
+            return True
+        return bool(entries) and entries[0][0] <= after + 1 and entries[-1][0] >= latest
+
+    # --- delivery -----------------------------------------------------------
+
+    def on_message(self, channel: bytes, payload: bytes) -> bool:
+        """A message from Redis; True if frames were queued (the shell then
+        schedules a flush)."""
+        counters = self.counters
+        counters.messages_in += 1
+        name = channel.decode()
+        listeners = self.streams.get(name)
+        recovery = self.recovering.get(name) if self.recovering else None
+        if not listeners and recovery is None:
+            counters.dropped_no_listener += 1
+            return False
+        if payload[:1] == b"@":
+            seq, payload = split_position(payload)
+            if seq is not None:
+                if listeners:
+                    self.last_seq[name] = seq
+            elif not protocol.is_json_object(payload):
+                return self._malformed(channel, payload)
+        elif not protocol.is_json_object(payload):
+            return self._malformed(channel, payload)
+        else:
+            seq = None
+            if self.wrap:
+                payload = protocol.wrap_data(channel, payload)
+        if recovery is not None and recovery.in_flight:
+            recovery.buffer.append((seq, payload))
+        if not listeners:
+            return False
+        self._enqueue(listeners, protocol.text_frame(payload))
+        return True
+
+    def _malformed(self, channel: bytes, payload: bytes) -> bool:
+        self.counters.dropped_malformed += 1
+        if self.on_malformed is not None:
+            self.on_malformed(channel, payload)
+        return False
+
+    def _enqueue(self, listeners: dict[Conn, None], frame: bytes) -> None:
+        pending = self.pending
+        for conn in listeners:
+            frames = pending.get(conn)
+            if frames is None:
+                pending[conn] = [frame]
+            else:
+                frames.append(frame)
+        self.counters.deliveries += len(listeners)
+        self.batch_messages += 1
+
+    def _queue(self, conn: Conn, frames: list[bytes]) -> None:
+        pending = self.pending.get(conn)
+        if pending is None:
+            self.pending[conn] = list(frames)
+        else:
+            pending.extend(frames)
+        self.counters.deliveries += len(frames)
+
+    def take_batch(self) -> dict[Conn, bytes]:
+        """Each connection's frames of this batch, joined into one write."""
+        pending, self.pending = self.pending, {}
+        counters = self.counters
+        counters.batches += 1
+        if len(counters.batch_sizes) < 100_000:
+            counters.batch_sizes.append(self.batch_messages)
+        self.batch_messages = 0
+        sent = 0
+        out = {}
+        for conn, frames in pending.items():
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            sent += len(data)
+            out[conn] = data
+        counters.bytes_sent += sent
+        return out

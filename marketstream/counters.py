@@ -1,0 +1,48 @@
+"""The process's counters: one object, bumped on the hot path, read by
+``/metrics`` and ``/health``.
+
+Plain attributes and small dicts, so a bump costs one attribute store::
+
+    counters = Counters()
+    counters.deliveries += 50
+    counters.closed["slow_consumer"] += 1
+    counters.as_dict()["deliveries"]      # 50
+
+The metrics exporter turns them into Prometheus series once a second
+(draining ``batch_sizes``); ``/health`` shows :meth:`as_dict`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Counters", "CLOSE_CAUSES", "REFUSAL_CAUSES", "IGNORED_CAUSES"]
+
+#: Why the server closed a client.
+CLOSE_CAUSES = ("rate_limit", "slow_consumer", "ping_timeout")
+#: Why a handshake was refused.
+REFUSAL_CAUSES = ("origin", "max_connections", "max_connections_per_ip")
+#: Why part of a client request was ignored (or answered with an error).
+IGNORED_CAUSES = ("bad_since", "bad_snapshot")
+
+
+class Counters:
+    """Everything the process counts (monotonic, except ``batch_sizes``)."""
+
+    TOTALS = ("messages_in", "deliveries", "bytes_sent", "batches", "dropped_malformed",
+              "dropped_no_listener", "reconnects", "invalid_frames", "rejected_streams",
+              "replayed", "snapshots_sent", "gap_notices")
+    __slots__ = TOTALS + ("batch_sizes", "closed", "refused", "ignored")
+
+    def __init__(self) -> None:
+        for name in self.TOTALS:
+            setattr(self, name, 0)
+        self.batch_sizes: list[int] = []  # messages per batch since the exporter last looked
+        self.closed = dict.fromkeys(CLOSE_CAUSES, 0)
+        self.refused = dict.fromkeys(REFUSAL_CAUSES, 0)
+        self.ignored = dict.fromkeys(IGNORED_CAUSES, 0)
+
+    def as_dict(self) -> dict[str, object]:
+        """A snapshot for ``/health``."""
+        totals: dict[str, object] = {name: getattr(self, name) for name in self.TOTALS}
+        totals.update(closed=dict(self.closed), refused=dict(self.refused),
+                      ignored=dict(self.ignored))
+        return totals

@@ -1,0 +1,281 @@
+"""One Redis pub/sub connection, kept alive and subscribed.
+
+A :class:`PubSubLink` owns one raw redis-py connection (RESP2, hiredis) and
+three tasks: the reader, which hands every reply to its listener without
+yielding between replies that have already arrived; the syncer, which keeps
+the upstream subscriptions equal to what the listener wants; and the pinger,
+which PINGs and declares the link dead when no PONG comes back.  A lost link
+is reconnected with capped, jittered backoff, and every wanted channel is
+subscribed again::
+
+    link = PubSubLink("redis://127.0.0.1:6379/0", listener)
+    await link.start()          # raises if Redis cannot be reached
+    link.changed()              # listener.wanted() changed: sync soon
+    link.healthy                # PONG seen recently
+    await link.stop()
+
+The listener (the :class:`~marketstream.channels.ChannelManager`) provides
+``wanted()`` (a set of channel names) and the callbacks ``on_message(channel,
+payload)`` (bytes, bytes), ``on_subscribed(name)``, ``on_unsubscribed(name)``,
+``on_lost()`` and ``on_restored(channels)``.  ``sharded=True`` uses
+SSUBSCRIBE/SUNSUBSCRIBE (Redis Cluster, one link per primary).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any, Protocol
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from marketstream.util import redact_url
+
+__all__ = ["PubSubLink", "Listener", "UPSTREAM_ERRORS"]
+
+log = logging.getLogger("marketstream.channels")
+
+UPSTREAM_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, EOFError, RedisError)
+
+
+class Listener(Protocol):
+    """What a link reports to."""
+
+    def wanted(self) -> set[str]: ...
+
+    def on_message(self, channel: bytes, payload: bytes) -> None: ...
+
+    def on_subscribed(self, name: str) -> None: ...
+
+    def on_unsubscribed(self, name: str) -> None: ...
+
+    def on_lost(self) -> None: ...
+
+    def on_restored(self, channels: set[str]) -> None: ...
+
+
+class PubSubLink:
+    """One pub/sub connection to one Redis server (see the module docstring)."""
+
+    def __init__(self, url: str, listener: Listener, ping_interval: float = 1.0,
+                 ping_timeout: float = 2.0, backoff_min: float = 0.05,
+                 backoff_max: float = 1.0, sharded: bool = False,
+                 connection_kwargs: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.listener = listener
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.connection_kwargs = connection_kwargs
+        self.subscribe_command = "SSUBSCRIBE" if sharded else "SUBSCRIBE"
+        self.unsubscribe_command = "SUNSUBSCRIBE" if sharded else "UNSUBSCRIBE"
+        self._message_kind = b"smessage" if sharded else b"message"
+        self._subscribe_kind = b"ssubscribe" if sharded else b"subscribe"
+        self._unsubscribe_kind = b"sunsubscribe" if sharded else b"unsubscribe"
+        self.reconnects = 0
+        self._upstream: set[str] = set()  # channels SUBSCRIBE was sent for on this connection
+        self._conn: Any = None
+        self._connected = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self._last_pong = 0.0
+        self._tasks: list[asyncio.Future] = []
+        self._running = False
+
+    # --- life cycle --------------------------------------------------------
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Connect and start reading; raise if Redis is unreachable."""
+        self._running = True
+        await asyncio.wait_for(self._connect(), timeout)
+        self._tasks = [asyncio.ensure_future(self._read_loop()),
+                       asyncio.ensure_future(self._sync_loop()),
+                       asyncio.ensure_future(self._ping_loop())]
+
+    async def stop(self) -> None:
+        """Stop the tasks and close the connection."""
+        self._running = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks = []
+        if self._conn is not None:
+            try:
+                await self._conn.disconnect()
+            except Exception:
+                pass
+            self._conn = None
+        self._connected.clear()
+
+    def changed(self) -> None:
+        """The listener's wanted channels changed: sync them soon."""
+        self._dirty.set()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def healthy(self) -> bool:
+        """True while the connection answered a PING recently."""
+        return (self._connected.is_set()
+                and time.monotonic() - self._last_pong < self.ping_interval + self.ping_timeout)
+
+    def health(self) -> dict[str, Any]:
+        return {"connected": self._connected.is_set(),
+                "last_pong_seconds_ago": round(time.monotonic() - self._last_pong, 3)
+                if self._last_pong else None}
+
+    def redacted_url(self) -> str:
+        return redact_url(self.url)
+
+    # --- connecting --------------------------------------------------------
+
+    async def _connect(self) -> None:
+        """Open the connection and subscribe every wanted channel."""
+        if self.connection_kwargs is not None:
+            kwargs = dict(self.connection_kwargs)
+            connection_class: Any = kwargs.pop("connection_class", redis.asyncio.Connection)
+        else:
+            pool = redis.asyncio.ConnectionPool.from_url(self.url)
+            kwargs = dict(pool.connection_kwargs)
+            connection_class = pool.connection_class
+            await pool.disconnect()
+        # The reader blocks on this connection indefinitely: no read timeout;
+        # liveness is checked with PING by _ping_loop.  Reconnects are ours.
+        kwargs.update(socket_timeout=None, socket_keepalive=True,
+                      retry=Retry(NoBackoff(), 0), health_check_interval=0,
+                      protocol=2)  # RESP2: messages come back from read_response
+        kwargs.setdefault("socket_connect_timeout", 5)
+        kwargs.pop("decode_responses", None)
+        conn = connection_class(**kwargs)
+        await conn.connect()
+        self._conn = conn
+        self._upstream = set(self.listener.wanted())
+        if self._upstream:
+            await conn.send_command(self.subscribe_command, *self._upstream, check_health=False)
+        self._last_pong = time.monotonic()
+        self._connected.set()
+
+    async def _reconnect(self) -> None:
+        """Retry with capped exponential backoff and jitter until connected."""
+        delay = self.backoff_min
+        attempt = 0
+        while self._running:
+            attempt += 1
+            try:
+                await self._connect()
+            except UPSTREAM_ERRORS as exc:
+                wait = min(self.backoff_max, delay) * random.uniform(0.5, 1.0)
+                log.warning("Redis pub/sub reconnect attempt %d failed (%s); retrying in %.2fs",
+                            attempt, exc, wait)
+                await asyncio.sleep(wait)
+                delay *= 2
+                continue
+            self.reconnects += 1
+            self.listener.on_restored(set(self._upstream))
+            log.warning("Redis pub/sub reconnected to %s after %d attempt(s); "
+                        "resubscribed %d channel(s)", self.redacted_url(), attempt,
+                        len(self._upstream))
+            return
+
+    async def _lost(self, exc: BaseException | None) -> None:
+        if not self._connected.is_set():
+            return
+        self._connected.clear()
+        log.warning("Redis pub/sub connection to %s lost (%s)", self.redacted_url(),
+                    exc or "no PING reply")
+        conn, self._conn = self._conn, None
+        self.listener.on_lost()
+        if conn is not None:
+            try:
+                await conn.disconnect(nowait=True)
+            except Exception:
+                pass
+
+    # --- the three tasks ---------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while self._running:
+            conn = self._conn
+            if conn is None:
+                await self._reconnect()
+                continue
+            try:
+                read = conn.read_response
+                dispatch = self._on_response
+                while True:
+                    dispatch(await read())
+            except asyncio.CancelledError:
+                raise
+            except UPSTREAM_ERRORS as exc:
+                if conn is self._conn:
+                    await self._lost(exc)
+            except Exception:
+                log.exception("unexpected error in the Redis reader; reconnecting")
+                if conn is self._conn:
+                    await self._lost(None)
+
+    def _on_response(self, response: Any) -> None:
+        if response == b"PONG":  # the reply to PING while subscribed to nothing
+            self._last_pong = time.monotonic()
+            return
+        kind = response[0]
+        if kind == self._message_kind:
+            self.listener.on_message(response[1], response[2])
+        elif kind == self._subscribe_kind:
+            self.listener.on_subscribed(response[1].decode())
+        elif kind == self._unsubscribe_kind:
+            self.listener.on_unsubscribed(response[1].decode())
+        elif kind == b"pong":
+            self._last_pong = time.monotonic()
+
+    async def _sync_loop(self) -> None:
+        """Keep the upstream subscriptions equal to the wanted channels."""
+        while self._running:
+            await self._dirty.wait()
+            self._dirty.clear()
+            await self._connected.wait()
+            conn = self._conn
+            wanted = self.listener.wanted()
+            add = wanted - self._upstream
+            drop = self._upstream - wanted
+            try:
+                if add:
+                    self._upstream |= add
+                    await conn.send_command(self.subscribe_command, *add, check_health=False)
+                if drop:
+                    self._upstream -= drop
+                    await conn.send_command(self.unsubscribe_command, *drop, check_health=False)
+            except UPSTREAM_ERRORS as exc:
+                if conn is self._conn:
+                    await self._lost(exc)
+                self._dirty.set()
+
+    async def _ping_loop(self) -> None:
+        """PING the connection; a missing PONG means it is dead."""
+        while self._running:
+            await asyncio.sleep(self.ping_interval)
+            conn = self._conn
+            if conn is None or not self._connected.is_set():
+                continue
+            try:
+                await conn.send_command("PING", check_health=False)
+            except UPSTREAM_ERRORS as exc:
+                if conn is self._conn:
+                    await self._lost(exc)
+                continue
+            if time.monotonic() - self._last_pong > self.ping_interval + self.ping_timeout:
+                if conn is self._conn:
+                    await self._lost(None)

@@ -1,0 +1,135 @@
+"""Every private Tornado name marketstream relies on, in one place.
+
+The handshake shortcut (:mod:`marketstream.upgrade`) and the direct frame
+writes of :class:`~marketstream.handlers.StreamHandler` go below Tornado's
+public API for speed and memory.  The names they need are listed here and
+checked once, at import::
+
+    from marketstream import tornado_compat as compat
+    compat.OK          # True: every name exists in the installed Tornado
+    compat.MISSING     # what is missing, e.g. ["tornado.websocket._WebSocketParams"]
+
+When something is missing (a Tornado release renamed it), one warning is
+logged and the server uses Tornado's public paths only: ``fast_handshake``
+is turned off, frames go through ``IOStream.write``, and the handshake state
+is left as Tornado keeps it.  Nothing fails in the middle of a handshake.
+
+To vet a new Tornado release: install it, run the test suite, and check
+``python -c "import marketstream.tornado_compat as c; print(c.MISSING)"``
+prints ``[]``; then widen the pin in ``setup.cfg``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import tornado
+import tornado.httpserver
+import tornado.iostream
+import tornado.web
+import tornado.websocket
+
+__all__ = ["OK", "MISSING", "websocket_params", "request_context", "apply_xheaders",
+           "write_buffer_empty", "finish_http", "prepare_switch", "release_response",
+           "RECEIVE_FRAME_LOOP"]
+
+log = logging.getLogger("marketstream.server")
+
+#: The protocol method that reads frames until the connection ends; the
+#: handler runs it as a task of its own.
+RECEIVE_FRAME_LOOP = "_receive_frame_loop"
+
+
+def _assigns(function: Any, *names: str) -> bool:
+    """Whether ``function``'s source assigns every ``self.<name>``."""
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return all("self.%s =" % name in source or "self.%s: " % name in source for name in names)
+
+
+def _check() -> list[str]:
+    missing = []
+    ws = tornado.websocket
+    params = getattr(ws, "_WebSocketParams", None)
+    if params is None or not {"ping_interval", "ping_timeout", "max_message_size",
+                              "compression_options"} <= set(
+                                  inspect.signature(params).parameters):
+        missing.append("tornado.websocket._WebSocketParams")
+    for name in (RECEIVE_FRAME_LOOP, "_abort", "compute_accept_value", "start_pinging"):
+        if not callable(getattr(ws.WebSocketProtocol13, name, None)):
+            missing.append("tornado.websocket.WebSocketProtocol13.%s" % name)
+    if not callable(getattr(ws.WebSocketHandler, "_detach_stream", None)):
+        missing.append("tornado.websocket.WebSocketHandler._detach_stream")
+    context = getattr(tornado.httpserver, "_HTTPRequestContext", None)
+    if context is None or not callable(getattr(context, "_apply_xheaders", None)):
+        missing.append("tornado.httpserver._HTTPRequestContext._apply_xheaders")
+    if not _assigns(tornado.httpserver.HTTPServer.initialize, "request_callback",
+                    "xheaders", "protocol", "trusted_downstream"):
+        missing.append("tornado.httpserver.HTTPServer attributes")
+    if not (_assigns(tornado.web.RequestHandler.__init__, "_headers_written", "_finished")
+            and _assigns(tornado.web.RequestHandler._execute, "_transforms")):
+        missing.append("tornado.web.RequestHandler state (_headers_written, _finished, "
+                       "_transforms)")
+    if not _assigns(tornado.web.RequestHandler.clear, "_headers", "_write_buffer",
+                    "_status_code", "_reason"):
+        missing.append("tornado.web.RequestHandler.clear state (_headers, _write_buffer, ...)")
+    if not _assigns(tornado.iostream.BaseIOStream.__init__, "_write_buffer"):
+        missing.append("tornado.iostream.BaseIOStream._write_buffer")
+    return missing
+
+
+MISSING: list[str] = _check()
+OK: bool = not MISSING
+
+if not OK:
+    log.warning("Tornado %s lacks %s: serving through Tornado's public API only "
+                "(fast_handshake off)", tornado.version, ", ".join(MISSING))
+
+
+# --- the accessors --------------------------------------------------------------
+
+def websocket_params(ping_interval: float | None, ping_timeout: float | None,
+                     max_message_size: int, compression_options: Any) -> Any:
+    """Tornado's per-connection protocol parameters (shareable: one object
+    for every connection)."""
+    return tornado.websocket._WebSocketParams(
+        ping_interval=ping_interval, ping_timeout=ping_timeout,
+        max_message_size=max_message_size, compression_options=compression_options)
+
+
+def request_context(server: tornado.httpserver.HTTPServer, stream: Any, address: Any) -> Any:
+    """The request context Tornado's HTTP server would make for ``stream``."""
+    return tornado.httpserver._HTTPRequestContext(
+        stream, address, server.protocol, server.trusted_downstream)
+
+
+def apply_xheaders(context: Any, headers: Any) -> None:
+    """Take the client address from X-Real-IP / X-Forwarded-For."""
+    context._apply_xheaders(headers)
+
+
+def write_buffer_empty(stream: tornado.iostream.IOStream) -> bool:
+    """Whether nothing is queued in ``stream``'s write buffer."""
+    return not stream._write_buffer
+
+
+def prepare_switch(handler: tornado.web.RequestHandler) -> None:
+    """What ``clear()`` sets up, for a response that is a prebuilt 101."""
+    handler._headers = None
+    handler._write_buffer = []
+    handler._status_code = 101
+    handler._reason = "Switching Protocols"
+
+
+def finish_http(handler: tornado.web.RequestHandler) -> None:
+    """Mark the HTTP exchange of ``handler`` as over (the 101 went out)."""
+    handler._headers_written = handler._finished = True
+
+
+def release_response(handler: tornado.web.RequestHandler) -> None:
+    """Drop the response state a WebSocket handler no longer needs."""
+    handler._headers = handler._transforms = handler._write_buffer = None

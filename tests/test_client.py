@@ -355,7 +355,8 @@ async def test_recoverable_frames_carry_seq(server, redis_client):
         seqs = [pub.publish("trade.SOL_USDC", {"e": "trade", "t": t}) for t in range(5)]
     await async_wait_until(lambda: len(collector.messages) == 5, message="5 messages")
     assert [m.seq for m in collector.messages] == seqs
-    assert collector.messages[0].raw == '{"stream":"trade.SOL_USDC","data":{"e":"trade","t":0},"seq":%d}' % seqs[0]
+    assert collector.messages[0].raw == (
+        '{"stream":"trade.SOL_USDC","data":{"e":"trade","t":0},"seq":%d}' % seqs[0])
     await collector.stop()
 
 

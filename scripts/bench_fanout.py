@@ -1,77 +1,120 @@
 #!/usr/bin/env python3
-"""Fan-out benchmark: how many deliveries per second, how fast, how much memory.
+"""Fan-out benchmark: how many deliveries per second, how fast, at what cost.
 
-Starts a private redis-server and a marketstream server (or targets running
-ones), opens N WebSocket connections, subscribes each to S of K streams,
-publishes R messages/s to Redis for D seconds and reports deliveries/s,
-loss, latency p50/p99/max, server RSS and CPU, and connect time.  Where
-``taskset`` exists the server is pinned to one core and the load (this
-script, its clients, the publisher and redis-server) to the other(s).
+Starts a private redis-server and a server (marketstream, or the minimal
+reference server ``scripts/reference_server.py``), or targets a running one;
+opens N WebSocket connections, subscribes connection ``c`` to the S streams
+``(c*S + j) % K`` of K streams, publishes R messages/s to Redis for D
+seconds and reports deliveries/s offered and sustained, loss, latency
+p50/p99/max, server CPU (also per million deliveries), RSS and connect time.
+Where ``taskset`` exists the server is pinned to ``--server-cpu`` and the
+load (this script, its receiver, the publisher and redis-server) to
+``--load-cpu``.
 
 The load costs far less than the server:
 
-* connections are opened by a sequential, blocking client whose requests
-  are built beforehand, so ``connect_seconds`` times the server's handshakes;
-* every payload has the same length, so a connection's frames are counted
-  from its byte count, and the publish timestamp is read from one frame per
-  received chunk;
+* the receiver is ``wsblast`` (``scripts/wsblast.c``, an epoll client built
+  with the C compiler into a cache directory on first use), which counts a
+  million frames a second on one core; without a C compiler, or with
+  ``--receiver python``, an asyncio client counts frames from byte counts
+  (every payload has one length) -- enough for light loads only;
+* connections are opened one after the other with blocking handshakes, so
+  ``connect_seconds`` times the server's handshakes;
 * the publisher is a process of its own that sends pipelines of packed
-  commands.
+  commands; every payload carries its publish time (``"E"``, ns) for the
+  latency samples.
 
 ``sustained_deliveries_per_second`` counts what arrived while publishing
 went on; ``drain_seconds`` is how long the rest took after it stopped.  A
 server that keeps up has sustained = offered and a drain of milliseconds.
 
-Standard runs (the README's performance table)::
+Standard runs::
 
-    python scripts/bench_fanout.py --connections 1000 --streams 10 --rate 4000 --duration 10
-    python scripts/bench_fanout.py --connections 1000 --streams 10 --rate 500 --duration 10
+    # the exchange shape: 5000 clients, 1000 streams, 10 per client (50 subscribers a stream)
+    python scripts/bench_fanout.py --connections 5000 --streams 1000 --per-conn 10 --rate 15000
+    # ... side by side with the reference server, medians of 3 runs each
+    python scripts/bench_fanout.py --connections 5000 --streams 1000 --per-conn 10 --rate 30000 \\
+        --compare --repeat 3
+    # few streams, many subscribers each; memory of idle connections
+    python scripts/bench_fanout.py --connections 1000 --streams 10 --rate 4000
     python scripts/bench_fanout.py --idle --connections 10000 --streams 100
-    python scripts/bench_fanout.py --connections 1000 --streams 1000 --rate 40000 --no-pin --processes 1
-    python scripts/bench_fanout.py --connections 1000 --streams 1000 --rate 40000 --no-pin --processes 2
+    # two workers against one, the load sharing both cores
+    python scripts/bench_fanout.py --connections 5000 --streams 1000 --per-conn 10 --rate 40000 \\
+        --no-pin --processes 2
+    # recoverable publishing (positions, history) against plain
+    python scripts/bench_fanout.py --connections 5000 --streams 1000 --per-conn 10 --rate 15000 \\
+        --compare --recoverable
 
-``--json`` prints one JSON object instead of the table; ``--set
-section.key=value`` passes a setting to the server it starts, e.g.
-``--set server.fast_handshake=false`` to time Tornado's own handshake path.
+``--json`` prints one JSON object (with ``--compare``: one per server and
+the medians); ``--set section.key=value`` passes a setting to the
+marketstream server it starts, e.g. ``--set server.fast_handshake=false``.
 """
 
 import argparse
 import asyncio
 import base64
+import hashlib
 import json
 import multiprocessing
 import os
 import resource
 import shutil
 import socket
+import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
 import psutil
 import redis
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from marketstream.embedded import RedisServer, free_port  # noqa: E402
 
-# Every payload has one length, so the client counts frames from bytes: the
-# sequence number is offset to ten digits and the publish time in µs has
-# sixteen (JSON forbids zero-padding).
-TS_WIDTH = 16
+HERE = os.path.dirname(os.path.abspath(__file__))
+WSBLAST_SOURCE = os.path.join(HERE, "wsblast.c")
+REFERENCE_SERVER = os.path.join(HERE, "reference_server.py")
+
+# Stream names and subscriptions as wsblast makes them.  Every payload of a
+# run has one length (the "x" field pads short names), so the Python
+# receiver counts frames from bytes; "E" is the publish time in ns.
 SEQ_BASE = 10 ** 9
-PAYLOAD = ('{"stream":"%s","data":{"e":"trade","s":"%s","t":%d,'
-           '"p":"101.50","q":"0.300","T":1727866324088,"P":%d}}')
+TS_WIDTH = 19
+PAYLOAD = ('{"stream":"%s","data":{"e":"trade","E":%d,"s":"%s","t":%d,'
+           '"p":"101.50","q":"0.300","T":1727866324088,"x":"%s"}}')
+RECOVERABLE_DATA = ('{"e":"trade","E":%d,"s":"%s","t":%d,'
+                    '"p":"101.50","q":"0.300","T":1727866324088,"x":"%s"}')
+POSITION_DIGITS = 16  # positions start at Redis TIME in µs
 
 
 def stream_name(k):
-    return "trade.BENCH%03d_USDT" % k
+    return "trade.SYM%d_USDC" % k
 
 
-def payload(k, seq, now_us):
+def stream_names(streams):
+    return [stream_name(k) for k in range(streams)]
+
+
+def padding(k, streams):
+    return "_" * (2 * (len(stream_name(streams - 1)) - len(stream_name(k))))
+
+
+def payload(k, seq, now_ns, streams):
     name = stream_name(k)
-    return PAYLOAD % (name, name.split(".", 1)[1], SEQ_BASE + seq, now_us)
+    return PAYLOAD % (name, now_ns, name.split(".", 1)[1], SEQ_BASE + seq, padding(k, streams))
+
+
+def recoverable_data(k, seq, now_ns, streams):
+    name = stream_name(k)
+    return RECOVERABLE_DATA % (now_ns, name.split(".", 1)[1], SEQ_BASE + seq, padding(k, streams))
+
+
+def connection_streams(c, per_conn, streams):
+    return [(c * per_conn + j) % streams for j in range(per_conn)]
 
 
 def log(*args):
@@ -91,45 +134,6 @@ def masked_frame(text):
     head = struct.pack("!BB", 0x81, 0x80 | len(data)) if len(data) < 126 else \
         struct.pack("!BBH", 0x81, 0x80 | 126, len(data))
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-
-
-class Counter(asyncio.Protocol):
-    """Counts bytes; samples latency from the first frame starting in each chunk."""
-
-    frame_size = 0
-    ts_offset = 0
-    samples = None
-    sampling = False
-
-    def __init__(self):
-        self.bytes = 0
-        self.transport = None
-        self.streams = None
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data):
-        start = self.bytes
-        self.bytes += len(data)
-        if not Counter.sampling:
-            return
-        size = Counter.frame_size
-        first = -start % size  # offset in this chunk where a frame begins
-        if first + Counter.ts_offset + TS_WIDTH <= len(data):
-            at = first + Counter.ts_offset
-            try:
-                sent = int(data[at:at + TS_WIDTH])
-            except ValueError:
-                return
-            Counter.samples.append(time.time() * 1e6 - sent)
-
-
-def handshake_request(host, port, path="/ws"):
-    key = base64.b64encode(os.urandom(16)).decode()
-    return ("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            % (path, host, port, key)).encode()
 
 
 def percentile(values, q):
@@ -155,15 +159,22 @@ def tree_cpu(proc):
     return total
 
 
-def publisher(url, rate, duration, streams, out):
+# --- publisher ---------------------------------------------------------------
+
+def publisher(url, rate, duration, streams, recoverable, out):
     """Publish ``rate`` messages/s for ``duration`` s; send (sent, elapsed) to ``out``.
 
-    Runs in a process of its own and writes pipelines of packed commands,
-    so the publisher is not what limits a heavy run.
+    Runs in a process of its own and writes pipelines of packed commands
+    (or, ``recoverable``, pipelines of marketstream's Publisher), so the
+    publisher is not what limits a heavy run.
     """
     client = redis.Redis.from_url(url)
     conn = client.connection_pool.get_connection()
-    names = [stream_name(k) for k in range(streams)]
+    names = stream_names(streams)
+    pub = None
+    if recoverable:
+        from marketstream.publisher import Publisher
+        pub = Publisher(client, history=1000, ttl=600)
     total = int(duration * rate)
     start = time.monotonic()
     sent = 0
@@ -172,17 +183,88 @@ def publisher(url, rate, duration, streams, out):
         if due <= sent:
             time.sleep(0.001)
             continue
-        now_us = int(time.time() * 1e6)
-        commands = [("PUBLISH", names[seq % streams], payload(seq % streams, seq, now_us))
-                    for seq in range(sent, due)]
-        conn.send_packed_command(conn.pack_commands(commands))
-        for _ in commands:
-            conn.read_response()
+        now_ns = time.time_ns()
+        if pub is not None:
+            pub.publish_many([(names[seq % streams],
+                               recoverable_data(seq % streams, seq, now_ns, streams))
+                              for seq in range(sent, due)])
+        else:
+            commands = [("PUBLISH", names[seq % streams],
+                         payload(seq % streams, seq, now_ns, streams))
+                        for seq in range(sent, due)]
+            conn.send_packed_command(conn.pack_commands(commands))
+            for _ in commands:
+                conn.read_response()
         sent = due
     out.send((sent, time.monotonic() - start))
     out.close()
     client.connection_pool.release(conn)
     client.close()
+
+
+# --- receivers ---------------------------------------------------------------
+
+def wsblast_binary():
+    """The path of a wsblast built from scripts/wsblast.c (built once per
+    source version into the user's cache directory), or None without a C
+    compiler."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler or not os.path.exists(WSBLAST_SOURCE):
+        return None
+    with open(WSBLAST_SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "marketstream-bench")
+    try:
+        os.makedirs(cache, exist_ok=True)
+    except OSError:
+        cache = tempfile.gettempdir()
+    binary = os.path.join(cache, "wsblast-" + digest)
+    if not os.path.exists(binary):
+        partial = "%s.%d" % (binary, os.getpid())
+        result = subprocess.run([compiler, "-O2", "-o", partial, WSBLAST_SOURCE],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            log("cannot build wsblast:\n" + result.stderr)
+            return None
+        os.replace(partial, binary)
+    return binary
+
+
+class Counter(asyncio.Protocol):
+    """Counts bytes; samples latency from the first frame starting in each chunk."""
+
+    frame_size = 0
+    samples = None
+    sampling = False
+
+    def __init__(self):
+        self.bytes = 0
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        start = self.bytes
+        self.bytes += len(data)
+        if not Counter.sampling:
+            return
+        first = -start % Counter.frame_size  # offset in this chunk where a frame begins
+        at = data.find(b'"E":', first, first + Counter.frame_size)
+        if at >= 0 and at + 4 + TS_WIDTH <= len(data):
+            try:
+                sent = int(data[at + 4:at + 4 + TS_WIDTH])
+            except ValueError:
+                return
+            Counter.samples.append((time.time_ns() - sent) / 1e6)
+
+
+def handshake_request(host, port, path="/ws"):
+    key = base64.b64encode(os.urandom(16)).decode()
+    return ("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            % (path, host, port, key)).encode()
 
 
 def handshake(address, request):
@@ -202,151 +284,307 @@ def handshake(address, request):
     return sock
 
 
-async def run(args):
+class PythonReceiver:
+    """asyncio connections counting bytes (frames of one known size)."""
+
+    name = "python"
+
+    def __init__(self, frame_size):
+        Counter.frame_size = frame_size
+        Counter.samples = []
+        self.clients = []
+
+    async def connect(self, host, port, args):
+        plans = []
+        for c in range(args.connections):
+            names = [stream_name(k) for k in connection_streams(c, args.per_conn, args.streams)]
+            plans.append((handshake_request(host, port), masked_frame(json.dumps(
+                {"method": "SUBSCRIBE", "params": names, "id": c + 1}, separators=(",", ":")))))
+        sockets = []
+        for request, subscribe in plans:
+            sock = handshake((host, port), request)
+            sock.sendall(subscribe)
+            sockets.append(sock)
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            sock.setblocking(False)
+            _, protocol = await loop.create_connection(Counter, sock=sock)
+            self.clients.append(protocol)
+
+    async def mark(self):
+        for c in self.clients:
+            c.bytes = 0
+        Counter.samples = []
+        Counter.sampling = True
+
+    async def count(self):
+        return sum(c.bytes for c in self.clients) // Counter.frame_size
+
+    async def recent_p99(self):
+        return percentile(Counter.samples[-2000:], 0.99)
+
+    async def finish(self):
+        Counter.sampling = False
+        received = await self.count()
+        samples = Counter.samples
+        for c in self.clients:
+            c.transport.close()
+        return {"received": received, "samples": len(samples),
+                "p50": percentile(samples, 0.50), "p99": percentile(samples, 0.99),
+                "max": max(samples) if samples else None}
+
+
+class BlastReceiver:
+    """wsblast in a child process, driven through its standard input."""
+
+    name = "wsblast"
+
+    def __init__(self, binary, sampled):
+        self.binary = binary
+        self.sampled = sampled
+        self.proc = None
+        self.last_count = 0
+
+    async def _line(self, timeout):
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            raise RuntimeError("wsblast exited (code %s)" % self.proc.returncode)
+        return line.decode().strip()
+
+    async def connect(self, host, port, args):
+        self.proc = await asyncio.create_subprocess_exec(
+            self.binary, host, str(port), "/ws", str(args.connections), str(args.streams),
+            str(args.per_conn), str(min(self.sampled, args.connections)), "msg",
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        ready = await self._line(max(60, args.connections / 100))
+        _, ok, failed = ready.split()
+        if int(failed):
+            raise RuntimeError("wsblast: %s of %d connections failed" % (failed, args.connections))
+
+    async def _send(self, command):
+        self.proc.stdin.write(command + b"\n")
+        await self.proc.stdin.drain()
+
+    async def mark(self):
+        await self._send(b"M")
+
+    async def count(self):
+        await self._send(b"C")
+        while True:
+            line = await self._line(10)
+            if line.startswith("COUNT "):
+                self.last_count = int(line.split()[1])
+                return self.last_count
+
+    async def recent_p99(self):
+        return None
+
+    async def finish(self):
+        self.proc.stdin.close()
+        while True:
+            line = await self._line(30)
+            if line.startswith("{"):
+                break
+        await self.proc.wait()
+        result = json.loads(line)
+        if result["closed_by_server"]:
+            log("wsblast: %d connections closed by the server" % result["closed_by_server"])
+        has = result["lat_samples"] > 0
+        return {"received": result["received"], "samples": result["lat_samples"],
+                "p50": result["lat_ms_p50"] if has else None,
+                "p99": result["lat_ms_p99"] if has else None,
+                "max": result["lat_ms_max"] if has else None,
+                "closed_by_server": result["closed_by_server"]}
+
+    def kill(self):
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+
+# --- one run -----------------------------------------------------------------
+
+def _health(host, port):
+    with urllib.request.urlopen("http://%s:%d/health" % (host, port), timeout=2) as response:
+        return json.loads(response.read())
+
+
+def worker_connections(host, port, processes, tries=200):
+    """Connections per worker (from /health, which any worker may answer)."""
+    seen = {}
+    for _ in range(tries):
+        try:
+            body = _health(host, port)
+        except OSError:
+            continue
+        seen[body["pid"]] = body.get("connections")
+        if len(seen) >= processes:
+            break
+    return sorted(seen.values(), key=lambda n: -1 if n is None else n)
+
+
+def start_server(kind, args, host, port, redis_url, pin):
+    if kind == "reference":
+        command = [sys.executable, REFERENCE_SERVER, "--listen", "%s:%d" % (host, port),
+                   "--redis-url", redis_url, "--loop", args.reference_loop,
+                   "--max-buffer", str(args.reference_max_buffer)]
+    else:
+        command = [sys.executable, "-m", "marketstream", "--listen", "%s:%d" % (host, port),
+                   "--redis-url", redis_url, "--log-level", "WARNING",
+                   "--processes", str(args.processes),
+                   "--set", "server.max_connections=%d" % (args.connections + 100),
+                   # The receivers answer no pings: keepalive would close them.
+                   "--set", "server.ping_interval=0"]
+        for item in args.set:
+            command += ["--set", item]
+    if pin:
+        command = ["taskset", "-c", args.server_cpu] + command
+    return subprocess.Popen(command, cwd=ROOT)
+
+
+async def run(args, kind="marketstream", recoverable=False):
+    """One benchmark run against ``kind`` (marketstream or reference); its figures."""
     hard = raise_fd_limit()
     if 2 * args.connections + 200 > hard:
         log("warning: open-file limit %d is low for %d connections" % (hard, args.connections))
-    pin = not args.no_pin and shutil.which("taskset") and os.cpu_count() > 1
-    if pin:
+    can_pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) > 1
+    if can_pin:
         os.sched_setaffinity(0, {int(c) for c in args.load_cpu.split(",")})
+    pin_server = can_pin and not args.target
     redis_server = None
     server = None
+    receiver = None
     try:
         if args.target:
             host, port = args.target.split("//")[-1].split("/")[0].rsplit(":", 1)
             port = int(port)
             redis_url = args.redis_url
             proc = None
+            kind = "target"
         else:
-            redis_server = RedisServer().start()  # inherits this process's (load) CPUs
-            redis_url = redis_server.url
+            if args.redis_url:
+                redis_url = args.redis_url
+            else:
+                redis_server = RedisServer().start()  # inherits this process's (load) CPUs
+                redis_url = redis_server.url
             host, port = "127.0.0.1", free_port()
-            command = [sys.executable, "-m", "marketstream", "--listen", "%s:%d" % (host, port),
-                       "--redis-url", redis_url, "--log-level", "WARNING",
-                       "--processes", str(args.processes),
-                       "--set", "server.max_connections=%d" % (args.connections + 100)]
-            for item in args.set:
-                command += ["--set", item]
-            if pin:
-                command = ["taskset", "-c", args.server_cpu] + command
-            server = subprocess.Popen(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            server = start_server(kind, args, host, port, redis_url, pin_server)
             proc = psutil.Process(server.pid)
             deadline = time.monotonic() + 20
             while True:
                 try:
-                    urllib.request.urlopen("http://%s:%d/health" % (host, port), timeout=1)
+                    _health(host, port)
                     break
                 except OSError:
                     if time.monotonic() > deadline or server.poll() is not None:
-                        raise RuntimeError("server did not start")
+                        raise RuntimeError("%s server did not start" % kind)
                     await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)
-        figures = {"connections": args.connections, "streams": args.streams, "per_conn": args.per_conn,
-                   "rate": args.rate, "duration": args.duration, "processes": args.processes,
-                   "pinned": bool(pin), "server_settings": args.set}
+        figures = {"server": kind, "recoverable": recoverable,
+                   "connections": args.connections, "streams": args.streams,
+                   "per_conn": args.per_conn, "rate": args.rate, "duration": args.duration,
+                   "processes": args.processes if kind == "marketstream" else None,
+                   "server_cpus": args.server_cpu if pin_server else None,
+                   "load_cpus": args.load_cpu if can_pin else None,
+                   "server_settings": args.set if kind == "marketstream" else None}
         rss_idle = tree_rss(proc) if proc else None
 
-        # Connect: one blocking handshake after the other (requests and
-        # SUBSCRIBE frames are built beforehand), then hand the sockets to
-        # asyncio for counting.
-        subscriptions = {}
-        plans = []
-        for i in range(args.connections):
-            names = [stream_name((i + j) % args.streams) for j in range(args.per_conn)]
-            for name in names:
-                subscriptions[name] = subscriptions.get(name, 0) + 1
-            plans.append((handshake_request(host, port), masked_frame(json.dumps(
-                {"method": "SUBSCRIBE", "params": names, "id": 1}, separators=(",", ":")))))
-        sockets = []
-        address = (host, port)
+        subscribers = [0] * args.streams
+        for c in range(args.connections):
+            for k in connection_streams(c, args.per_conn, args.streams):
+                subscribers[k] += 1
+        wanted = [stream_name(k) for k in range(args.streams) if subscribers[k]]
+
+        binary = wsblast_binary() if args.receiver in ("auto", "wsblast") else None
+        if args.receiver == "wsblast" and binary is None:
+            raise RuntimeError("--receiver wsblast needs a C compiler (cc)")
+        if binary:
+            receiver = BlastReceiver(binary, args.sampled)
+        else:
+            frame = payload(0, 0, time.time_ns(), args.streams).encode()
+            size = len(frame)
+            if recoverable:
+                size += len(',"seq":') + POSITION_DIGITS
+            receiver = PythonReceiver((2 if size < 126 else 4) + size)
+        figures["receiver"] = receiver.name
         started = time.monotonic()
-        for request, subscribe in plans:
-            sock = handshake(address, request)
-            sock.sendall(subscribe)
-            sockets.append(sock)
+        await receiver.connect(host, port, args)
         connect_time = time.monotonic() - started
         figures["connect_seconds"] = round(connect_time, 3)
         figures["handshakes_per_second"] = round(args.connections / connect_time)
-        log("connected %d in %.2fs (%.0f/s)" % (args.connections, connect_time, args.connections / connect_time))
-        loop = asyncio.get_running_loop()
-        clients = []
-        for sock in sockets:
-            sock.setblocking(False)
-            _, protocol = await loop.create_connection(Counter, sock=sock)
-            clients.append(protocol)
-        del sockets
+        log("%s: connected %d in %.2fs (%.0f/s)" % (kind, args.connections, connect_time,
+                                                   args.connections / connect_time))
 
         client = redis.Redis.from_url(redis_url)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
-            counts = dict(client.pubsub_numsub(*subscriptions)) if subscriptions else {}
-            if all(counts.get(name.encode(), 0) >= 1 for name in subscriptions):
+            counts = {}
+            for i in range(0, len(wanted), 500):
+                counts.update(client.pubsub_numsub(*wanted[i:i + 500]))
+            if all(counts.get(name.encode(), 0) >= 1 for name in wanted):
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError("streams not subscribed upstream")
             await asyncio.sleep(0.05)
+        client.close()
         await asyncio.sleep(1.0)  # let the server settle after the handshakes
         if proc:
             rss_conn = tree_rss(proc)
             figures["rss_idle_mb"] = round(rss_idle / 2 ** 20, 1)
             figures["rss_connected_mb"] = round(rss_conn / 2 ** 20, 1)
             figures["rss_per_connection_kb"] = round((rss_conn - rss_idle) / args.connections / 1024, 2)
+        if kind == "marketstream" and args.processes > 1:
+            figures["worker_connections"] = worker_connections(host, port, args.processes)
         if args.idle:
             return figures
 
-        sample = payload(0, 0, int(time.time() * 1e6)).encode()
-        header = 2 if len(sample) < 126 else 4
-        Counter.frame_size = header + len(sample)
-        Counter.ts_offset = header + sample.index(b'"P":') + 4
-        Counter.samples = []
-        for c in clients:
-            c.bytes = 0
-        Counter.sampling = True
+        await receiver.mark()
         cpu_before = tree_cpu(proc) if proc else None
-        receiver, sender = multiprocessing.Pipe(duplex=False)
+        pipe_out, pipe_in = multiprocessing.Pipe(duplex=False)
         publishing = multiprocessing.get_context("spawn").Process(
-            target=publisher, args=(redis_url, args.rate, args.duration, args.streams, sender))
+            target=publisher,
+            args=(redis_url, args.rate, args.duration, args.streams, recoverable, pipe_in))
         publishing.start()
-        sender.close()
+        pipe_in.close()
         peak = 0
         t0 = next_report = time.monotonic()
-        while not receiver.poll() and publishing.is_alive():
+        while not pipe_out.poll() and publishing.is_alive():
             await asyncio.sleep(0.02)
             if time.monotonic() < next_report + 1.0:
                 continue
             next_report = time.monotonic()
-            received = sum(c.bytes for c in clients) // Counter.frame_size
+            received = await receiver.count()
             if proc:
                 peak = max(peak, tree_rss(proc))
-            lag = percentile(Counter.samples[-2000:], 0.99)
-            log("t=%4.1fs received %9d deliveries  p99 now %s ms" % (
-                next_report - t0, received, "%.1f" % (lag / 1000) if lag is not None else "-"))
+            lag = await receiver.recent_p99()
+            log("t=%4.1fs received %9d deliveries%s" % (
+                next_report - t0, received, "" if lag is None else "  p99 now %.1f ms" % lag))
         published_at = time.monotonic()
-        in_window = sum(c.bytes for c in clients) // Counter.frame_size
-        if not receiver.poll():
+        in_window = await receiver.count()
+        if not pipe_out.poll():
             raise RuntimeError("the publisher failed")
-        sent, elapsed = receiver.recv()
+        sent, elapsed = pipe_out.recv()
         publishing.join()
-        cpu_after = tree_cpu(proc) if proc else None
-        per_stream_subscribers = [subscriptions.get(stream_name(k), 0) for k in range(args.streams)]
-        expected = sum(per_stream_subscribers[seq % args.streams] for seq in range(sent))
-        expected_bytes = expected * Counter.frame_size
+        expected = sum(subscribers[seq % args.streams] for seq in range(sent))
         # Drain: until everything arrived, or nothing more came for 2 s.
         last, last_change = -1, time.monotonic()
         while True:
-            total = sum(c.bytes for c in clients)
+            total = await receiver.count()
             now = time.monotonic()
-            if total >= expected_bytes:
+            if total >= expected:
                 break
             if total != last:
                 last, last_change = total, now
             elif now - last_change > 2.0 or now - published_at > 60:
                 break  # stalled: the rest is lost
             await asyncio.sleep(0.05)
-        drain_seconds = now - published_at
-        Counter.sampling = False
-        received = sum(c.bytes for c in clients) // Counter.frame_size
-        samples = Counter.samples
+        drain_seconds = time.monotonic() - published_at
+        cpu_after = tree_cpu(proc) if proc else None
+        result = await receiver.finish()
+        received = result["received"]
+
+        def ms(value):
+            return None if value is None else round(value, 2)
+
         figures.update({
             "published": sent,
             "published_per_second": round(sent / elapsed),
@@ -359,54 +597,182 @@ async def run(args):
             "sustained_deliveries_per_second": round(in_window / elapsed),
             "drain_seconds": round(drain_seconds, 2),
             "loss_percent": round(100.0 * (expected - received) / expected, 3) if expected else 0.0,
-            "latency_ms_p50": round(percentile(samples, 0.50) / 1000, 2) if samples else None,
-            "latency_ms_p99": round(percentile(samples, 0.99) / 1000, 2) if samples else None,
-            "latency_ms_max": round(max(samples) / 1000, 2) if samples else None,
-            "latency_samples": len(samples),
+            "latency_ms_p50": ms(result["p50"]),
+            "latency_ms_p99": ms(result["p99"]),
+            "latency_ms_max": ms(result["max"]),
+            "latency_samples": result["samples"],
         })
+        if result.get("closed_by_server"):
+            figures["closed_by_server"] = result["closed_by_server"]
         if proc:
             figures["rss_peak_mb"] = round(max(peak, tree_rss(proc)) / 2 ** 20, 1)
             cpu = cpu_after - cpu_before
             figures["server_cpu_seconds"] = round(cpu, 2)
-            figures["server_cpu_percent_of_one_core"] = round(100 * cpu / elapsed)
-        figures["client_cpu_percent"] = round(100 * (time.process_time()) / max(1e-9, time.monotonic() - started))
+            figures["server_cpu_percent_of_one_core"] = round(100 * cpu / (elapsed + drain_seconds))
+            figures["server_cpu_seconds_per_million"] = (
+                round(cpu / received * 1e6, 3) if received else None)
         return figures
     finally:
+        if receiver is not None and isinstance(receiver, BlastReceiver):
+            receiver.kill()
         if server is not None:
             server.terminate()
             try:
                 server.wait(20)
             except subprocess.TimeoutExpired:
                 server.kill()
+                server.wait()
         if redis_server is not None:
             redis_server.stop()
 
 
+# --- side by side ------------------------------------------------------------
+
+COLUMNS = [("offered/s", "offered_deliveries_per_second", "{:,.0f}"),
+           ("sustained/s", "sustained_deliveries_per_second", "{:,.0f}"),
+           ("loss %", "loss_percent", "{:.3f}"),
+           ("p50 ms", "latency_ms_p50", "{:.1f}"),
+           ("p99 ms", "latency_ms_p99", "{:.1f}"),
+           ("drain s", "drain_seconds", "{:.2f}"),
+           ("CPU s/M", "server_cpu_seconds_per_million", "{:.3f}"),
+           ("CPU %", "server_cpu_percent_of_one_core", "{:.0f}")]
+
+
+def variant_label(kind, recoverable):
+    return kind + (" (recoverable)" if recoverable else "")
+
+
+def median_figures(runs):
+    """The median of every numeric column over ``runs`` (one dict per run)."""
+    merged = {}
+    for _, key, _ in COLUMNS:
+        values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        merged[key] = statistics.median(values) if values else None
+    return merged
+
+
+def table(rows):
+    """rows: (label, figures) -> a text table."""
+    head = ["server"] + [title for title, _, _ in COLUMNS]
+    lines = [head]
+    for label, figures in rows:
+        line = [label]
+        for _, key, fmt in COLUMNS:
+            value = figures.get(key)
+            line.append("-" if value is None else fmt.format(value))
+        lines.append(line)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(line, widths)))
+                     for line in lines)
+
+
+def compare(args):
+    variants = [("marketstream", False), ("reference", False)]
+    if args.recoverable:
+        variants.append(("marketstream", True))
+    runs = {variant: [] for variant in variants}
+    for repeat in range(args.repeat):
+        # Alternate the order so a drift of the machine hits both alike.
+        order = variants if repeat % 2 == 0 else variants[::-1]
+        for kind, recoverable in order:
+            log("--- run %d/%d: %s" % (repeat + 1, args.repeat, variant_label(kind, recoverable)))
+            runs[(kind, recoverable)].append(asyncio.run(run(args, kind, recoverable)))
+    medians = {variant: median_figures(found) for variant, found in runs.items()}
+    return runs, medians
+
+
+# --- command line ------------------------------------------------------------
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Fan-out benchmark for marketstream (and the reference server).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    load = parser.add_argument_group("load")
+    load.add_argument("--connections", type=int, default=1000, help="WebSocket connections")
+    load.add_argument("--streams", type=int, default=10, help="K streams in all")
+    load.add_argument("--per-conn", type=int, default=1,
+                      help="S streams per connection (connection c gets streams (c*S+j) %% K)")
+    load.add_argument("--rate", type=float, default=4000, help="messages/s published in all")
+    load.add_argument("--duration", type=float, default=10, help="seconds of publishing")
+    load.add_argument("--recoverable", action="store_true",
+                      help="publish through marketstream.publisher.Publisher (positions, "
+                           "history); with --compare, also run marketstream with plain publishing")
+    load.add_argument("--idle", action="store_true",
+                      help="connect and measure memory only, publish nothing")
+    load.add_argument("--receiver", choices=("auto", "wsblast", "python"), default="auto",
+                      help="wsblast: the C receiver (built with cc on first use); python: an "
+                           "asyncio client (light loads only); auto: wsblast when cc exists")
+    load.add_argument("--sampled", type=int, default=100,
+                      help="wsblast connections that parse frames for latency samples")
+    servers = parser.add_argument_group("server")
+    servers.add_argument("--reference", action="store_true",
+                         help="run against scripts/reference_server.py instead of marketstream")
+    servers.add_argument("--compare", action="store_true",
+                         help="run marketstream and the reference server back to back, "
+                              "print a table side by side")
+    servers.add_argument("--repeat", type=int, default=1,
+                         help="with --compare: runs per server (alternating); the table shows "
+                              "medians")
+    servers.add_argument("--processes", type=int, default=1, help="marketstream worker processes")
+    servers.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="a marketstream setting (repeatable), e.g. server.fast_handshake=false")
+    servers.add_argument("--reference-loop", choices=("auto", "uvloop", "asyncio"),
+                         default="auto", help="the reference server's event loop")
+    servers.add_argument("--reference-max-buffer", type=int, default=1048576, metavar="BYTES",
+                         help="the reference server drops a client with more unsent "
+                              "(marketstream's limits.max_buffer_bytes default)")
+    servers.add_argument("--target", metavar="URL",
+                         help="ws://host:port of a running server instead of starting one "
+                              "(needs --redis-url; server CPU and memory are not measured)")
+    servers.add_argument("--redis-url", metavar="URL",
+                         help="Redis to publish to (default: a private redis-server started "
+                              "for the run)")
+    pinning = parser.add_argument_group("CPU pinning (taskset)")
+    pinning.add_argument("--server-cpu", default="0", metavar="CPUS",
+                         help="CPU list for the server (taskset -c syntax)")
+    pinning.add_argument("--load-cpu", default="1", metavar="CPUS",
+                         help="CPU list for this script, the receiver, the publisher and redis")
+    pinning.add_argument("--no-pin", action="store_true",
+                         help="pin nothing: everything shares every CPU")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON instead of a table")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="marketstream fan-out benchmark")
-    parser.add_argument("--connections", type=int, default=1000)
-    parser.add_argument("--streams", type=int, default=10, help="K streams in all")
-    parser.add_argument("--per-conn", type=int, default=1, help="S streams per connection")
-    parser.add_argument("--rate", type=float, default=4000, help="messages/s published in all")
-    parser.add_argument("--duration", type=float, default=10)
-    parser.add_argument("--processes", type=int, default=1, help="server worker processes")
-    parser.add_argument("--idle", action="store_true", help="connect and measure memory only")
-    parser.add_argument("--target", help="ws://host:port of a running server (with --redis-url)")
-    parser.add_argument("--redis-url")
-    parser.add_argument("--server-cpu", default="0")
-    parser.add_argument("--load-cpu", default="1")
-    parser.add_argument("--no-pin", action="store_true")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="a server setting (repeatable), e.g. server.fast_handshake=false")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.target and not args.redis_url:
         parser.error("--target needs --redis-url")
+    if args.target and (args.compare or args.reference):
+        parser.error("--target measures a running server: not with --compare or --reference")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.recoverable:
+        try:
+            import marketstream.publisher  # noqa: F401
+        except ImportError as exc:
+            parser.error("--recoverable needs marketstream.publisher (%s)" % exc)
     try:
-        figures = asyncio.run(run(args))
+        if args.compare:
+            runs, medians = compare(args)
+        else:
+            kind = "reference" if args.reference else "marketstream"
+            figures = asyncio.run(run(args, kind, args.recoverable))
     except KeyboardInterrupt:
         return 130
-    if args.json:
+    if args.compare:
+        rows = [(variant_label(*variant), figures) for variant, figures in medians.items()]
+        if args.json:
+            print(json.dumps({"runs": {variant_label(*v): r for v, r in runs.items()},
+                              "medians": {label: f for label, f in rows}}))
+        else:
+            print("%d connections, %d streams, %d per connection, %g msg/s for %gs%s" % (
+                args.connections, args.streams, args.per_conn, args.rate, args.duration,
+                "; medians of %d runs each" % args.repeat if args.repeat > 1 else ""))
+            print(table(rows))
+    elif args.json:
         print(json.dumps(figures))
     else:
         width = max(len(key) for key in figures)

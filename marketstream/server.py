@@ -34,6 +34,7 @@ from marketstream.handlers import (CLOSE_GOING_AWAY, Context, StreamHandler, log
 from marketstream.keepalive import Keepalive
 from marketstream.metrics import Exporter
 from marketstream.upgrade import StreamServer, defer_accept
+from marketstream.util import check_redis
 from marketstream.workers import supervise, worker_id
 
 __all__ = ["main", "make_app", "Server"]
@@ -274,16 +275,6 @@ async def _serve(settings, demo=False, sockets=None):
     await run
 
 
-def _check_redis(url):
-    """Fail fast, before forking workers, if Redis cannot be reached."""
-    import redis
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
-    try:
-        client.ping()
-    finally:
-        client.close()
-
-
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -309,7 +300,7 @@ def main(argv=None):
         if processes == 1:
             asyncio.run(_serve(settings, args.demo, sockets))
         else:
-            _check_redis(settings.redis.url)
+            check_redis(settings.redis.url)
             metrics_dir = metrics.enable_multiprocess()
             try:
                 code = supervise(
@@ -318,7 +309,7 @@ def main(argv=None):
                     grace=settings.server.shutdown_timeout, on_exit=metrics.mark_process_dead)
             finally:
                 metrics.disable_multiprocess(metrics_dir)
-    except (OSError, RedisError, asyncio.TimeoutError, RuntimeError) as exc:
+    except (OSError, RedisError, asyncio.TimeoutError, RuntimeError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         code = 1
     finally:

@@ -523,6 +523,16 @@ class SentinelSetup:
         return old, new
 
 
+    def kill_primary(self, timeout=15.0):
+        """SIGKILL the primary and wait until the sentinels have promoted the
+        replica; returns ``(old, new)`` primary Nodes."""
+        old = self.primary()
+        old.kill()
+        new = wait_for(lambda: (p := self.primary()) is not None and p is not old and p,
+                       timeout, "the sentinels to promote the replica", interval=0.02)
+        return old, new
+
+
 # --- fixtures ------------------------------------------------------------------
 
 _shared = {}

@@ -164,6 +164,7 @@ class Client:
         self._pending: collections.deque = collections.deque()
         self._after_gap: set = set()
         self._seen: set = set()   # streams that delivered something on this client
+        self._plain: set = set()  # streams whose last message had no seq
 
     # -- life cycle --------------------------------------------------------
 
@@ -223,15 +224,19 @@ class Client:
             ws.close()
         self._set_state("closed")
 
-    async def resync(self, stream: str) -> None:
+    async def resync(self, stream: str) -> bool:
         """Start ``stream`` over from its snapshot (after a :class:`BookGap`):
         reconnect at once, asking for that stream's snapshot and resuming
-        the others.  Queued messages of ``stream`` are dropped.  Useful only
-        for streams that have snapshots."""
+        the others; queued messages of ``stream`` are dropped.  Returns
+        False and does nothing for a plain stream (its frames carry no
+        ``seq``: the server has no snapshot to start over from)."""
+        if stream in self._plain:
+            return False
         self.last_seq.pop(stream, None)
         self.snapshot_streams.add(stream)
         self._pending = collections.deque(m for m in self._pending if m.stream != stream)
         self._drop()
+        return True
 
     async def __aenter__(self) -> "Client":
         return self
@@ -318,8 +323,10 @@ class Client:
             self._report(Message(stream, data, None, GAP, frame))
             return
         if not isinstance(seq, int) or isinstance(seq, bool):
+            self._plain.add(stream)
             self._pending.append(Message(stream, data, None, MESSAGE, frame))
             return
+        self._plain.discard(stream)
         last = self.last_seq.get(stream)
         if _is_snapshot_data(data):
             self._after_gap.discard(stream)

@@ -239,6 +239,18 @@ async def test_client_drops_repeated_positions_and_reports_jumps(server, redis_c
 
 
 @pytest.mark.gen_test
+async def test_resync_of_a_plain_stream_does_nothing(server, redis_client):
+    client, collector = await connected_client(server, redis_client, ["depth.SOL_USDC"])
+    redis_client.publish("depth.SOL_USDC", plain("depth.SOL_USDC", e="depth", U=5, u=5, b=[], a=[]))
+    await async_wait_until(lambda: collector.messages, message="a diff")
+    with pytest.raises(BookGap):
+        OrderBook().apply_message(collector.messages[0])
+    assert await client.resync("depth.SOL_USDC") is False
+    assert client.connected and client.connects == 1
+    await collector.stop()
+
+
+@pytest.mark.gen_test
 async def test_server_gap_notice_is_a_gap_message(server, redis_client):
     client, collector = await connected_client(server, redis_client, ["ticker.ETH_USDT"])
     notice = plain("ticker.ETH_USDT", e="gap", s="ETH_USDT", E=1, reason="upstream reconnected")

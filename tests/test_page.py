@@ -65,7 +65,10 @@ class Feed:
 
 
 @pytest.fixture
-def feed(redis_url):
+def feed(redis_url, redis_client):
+    # A new feed starts new books: drop the histories and snapshots an
+    # earlier test's feed left, so that the page starts from this feed's.
+    redis_client.flushdb()
     feed = Feed(redis_url)
     yield feed
     feed.stop()
@@ -126,6 +129,21 @@ def rows(driver, selector):
 
 def panel_status(driver, panel_id):
     return driver.find_element(By.ID, panel_id).get_attribute("data-status")
+
+
+def diagnostics(driver):
+    """The page's stream states and event log, for failure messages."""
+    return "streams: %s\nevents:\n%s" % (
+        js(driver, "return window.marketstream && window.marketstream.streams"),
+        driver.find_element(By.ID, "log").text)
+
+
+def wait_page(driver, predicate, timeout, message):
+    """wait_until with the page's state in the failure message."""
+    try:
+        return wait_until(predicate, timeout, interval=0.05, message=message)
+    except AssertionError as exc:
+        raise AssertionError("%s\n%s" % (exc, diagnostics(driver))) from None
 
 
 def errors(driver):
@@ -224,8 +242,10 @@ def test_page_shows_live_market_without_console_errors(page, server, feed):
     book = book_of(page)
     assert len(book["bids"]) >= 10 and len(book["asks"]) >= 10
     assert float(book["bids"][0][0]) < float(book["asks"][0][0])
-    seqs = js(page, "return window.marketstream.lastSeq")
-    assert {DEPTH, "trade.BTC_USDT", "ticker.BTC_USDT"} <= set(seqs)
+    assert book["seq"] == js(page, "return window.marketstream.lastSeq")[DEPTH]
+    wait_until(lambda: {DEPTH, "trade.BTC_USDT", "ticker.BTC_USDT"}
+               <= set(js(page, "return window.marketstream.lastSeq")), 3,
+               message="positions of the market's three streams")
     # The ticker and the per-stream table are filled in.
     wait_until(lambda: page.find_element(By.ID, "last").text not in ("", "—"), 3,
                message="ticker shown")
@@ -295,7 +315,8 @@ def test_server_restart_resumes_without_gap(page, server, feed, redis_url):
     assert "reconnecting" in js(page, "return window.__states")
     # Every position once, in order: no gap on any stream.
     for stream, seqs in js(page, "return window.__seqs").items():
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), stream
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), (
+            stream, seqs, page.find_element(By.ID, "log").text)
     assert {name: s["gaps"] for name, s in js(page, "return window.marketstream.streams").items()
             if s["gaps"]} == {}
     assert page.find_element(By.ID, "resumes").text != "0"
@@ -323,10 +344,10 @@ def test_redis_outage_shows_stale_then_recovers(page, server, feed, redis_server
         redis_server.restart()
 
     wait_until(lambda: health_status(srv.port) == 200, 15, message="server back on Redis")
-    wait_until(lambda: panel_status(page, "book") == "live"
-               and panel_status(page, "tape-panel") == "live"
-               and js(page, "return window.marketstream.streams['trade.BTC_USDT'].count")
-               > trades_before + 2, 20, interval=0.05, message="page recovered")
+    wait_page(page, lambda: panel_status(page, "book") == "live"
+              and panel_status(page, "tape-panel") == "live"
+              and js(page, "return window.marketstream.streams['trade.BTC_USDT'].count")
+              > trades_before + 2, 20, message="page recovered")
     wait_live(page)
     reference = ReferenceBook("ws://127.0.0.1:%d/ws" % srv.port)
     try:

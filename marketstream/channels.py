@@ -38,13 +38,12 @@ import logging
 import time
 from typing import Any, Hashable, Iterable
 
-import redis.asyncio
-
 from marketstream import history
 from marketstream.core import Core, History, Read, Want
 from marketstream.counters import Counters
-from marketstream.link import UPSTREAM_ERRORS, PubSubLink
-from marketstream.util import redact_url
+from marketstream.link import UPSTREAM_ERRORS
+from marketstream.redisurl import async_client, parse_redis_url
+from marketstream.upstream import make_link
 
 __all__ = ["ChannelManager", "Want"]
 
@@ -83,9 +82,9 @@ class ChannelManager:
         self.max_replay = max_replay
         self.counters = counters if counters is not None else Counters()
         self.core = Core(self.counters, payload_format, max_replay, self._log_malformed)
-        self.link = PubSubLink(redis_url, self, ping_interval=ping_interval,
-                               ping_timeout=ping_timeout, backoff_min=backoff_min,
-                               backoff_max=backoff_max)
+        self.link = make_link(redis_url, self, ping_interval=ping_interval,
+                              ping_timeout=ping_timeout, backoff_min=backoff_min,
+                              backoff_max=backoff_max)
         self._waiters: dict[str, list[asyncio.Future]] = {}  # channel -> acks waiting
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._last_flush = 0.0
@@ -127,7 +126,7 @@ class ChannelManager:
 
     def redacted_url(self) -> str:
         """The Redis URL without its password."""
-        return redact_url(self.redis_url)
+        return parse_redis_url(self.redis_url).redact()
 
     # --- life cycle ----------------------------------------------------------
 
@@ -232,6 +231,15 @@ class ChannelManager:
         if self.core.recovering:
             self._start_reads()
 
+    def on_interrupted(self, names: list[str]) -> None:
+        """A cluster link moved these channels to another shard."""
+        self.counters.reconnects += 1
+        self.core.channels_interrupted(names)
+        if self.core.pending and self._flush_handle is None:
+            self._schedule_flush()  # gap notices
+        if self.core.recovering:
+            self._start_reads()
+
     def on_unsubscribed(self, name: str) -> None:
         self.core.upstream_dropped(name)
 
@@ -264,7 +272,7 @@ class ChannelManager:
         name = read.stream
         try:
             if self._commands is None:
-                self._commands = redis.asyncio.Redis.from_url(self.redis_url)
+                self._commands = async_client(self.redis_url)
             client = self._commands
             latest = await history.latest_position(client, name)
             snapshot = None

@@ -98,9 +98,12 @@ def _regex(text):
 
 
 def _redis_url(text):
+    """One server, Sentinel or Cluster (see :mod:`marketstream.redisurl`);
+    empty: an embedded redis-server."""
     value = text.strip()
-    if value and urllib.parse.urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("expected a redis://, rediss:// or unix:// URL, got %r" % text)
+    if value:
+        from marketstream.redisurl import parse_redis_url
+        parse_redis_url(value)  # raises ValueError saying what is wrong
     return value
 
 

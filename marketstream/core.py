@@ -235,6 +235,18 @@ class Core:
             recovery.buffer.clear()
             recovery.in_flight = False
 
+    def channels_interrupted(self, names: list[str]) -> None:
+        """These channels were cut off (a Cluster slot moved, a shard failed
+        over) and are subscribed again: catch them up like after an outage."""
+        for name in names:
+            self.confirmed.discard(name)
+            recovery = self.recovering.get(name)
+            if recovery is not None and recovery.in_flight:
+                self.read_failed(name)
+                recovery.buffer.clear()
+            self._resync.add(name)
+            self.upstream_confirmed(name)
+
     def link_restored(self, channels: set[str]) -> None:
         """The link is back and SUBSCRIBE was sent for ``channels``: each
         is caught up when Redis confirms it (:meth:`upstream_confirmed`)."""

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import random
 import time
-from typing import Any, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
@@ -61,26 +61,34 @@ class Listener(Protocol):
     def on_restored(self, channels: set[str]) -> None: ...
 
 
+def _node_of(kwargs: dict[str, Any]) -> str:
+    if kwargs.get("path"):
+        return "unix:" + kwargs["path"]
+    host = kwargs.get("host", "localhost")
+    return ("[%s]:%s" if ":" in host else "%s:%s") % (host, kwargs.get("port", 6379))
+
+
 class PubSubLink:
     """One pub/sub connection to one Redis server (see the module docstring)."""
 
     def __init__(self, url: str, listener: Listener, ping_interval: float = 1.0,
                  ping_timeout: float = 2.0, backoff_min: float = 0.05,
                  backoff_max: float = 1.0, sharded: bool = False,
-                 connection_kwargs: dict[str, Any] | None = None) -> None:
+                 resolve: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> None:
         self.url = url
         self.listener = listener
+        self.resolve = resolve  # where to connect, asked at every (re)connect
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
-        self.connection_kwargs = connection_kwargs
         self.subscribe_command = "SSUBSCRIBE" if sharded else "SUBSCRIBE"
         self.unsubscribe_command = "SUNSUBSCRIBE" if sharded else "UNSUBSCRIBE"
         self._message_kind = b"smessage" if sharded else b"message"
         self._subscribe_kind = b"ssubscribe" if sharded else b"subscribe"
         self._unsubscribe_kind = b"sunsubscribe" if sharded else b"unsubscribe"
         self.reconnects = 0
+        self.node = "?"  # host:port of the server connected to
         self._upstream: set[str] = set()  # channels SUBSCRIBE was sent for on this connection
         self._conn: Any = None
         self._connected = asyncio.Event()
@@ -134,8 +142,21 @@ class PubSubLink:
 
     def health(self) -> dict[str, Any]:
         return {"connected": self._connected.is_set(),
+                "node": self.node,
                 "last_pong_seconds_ago": round(time.monotonic() - self._last_pong, 3)
                 if self._last_pong else None}
+
+    @property
+    def links(self) -> dict[str, bool]:
+        """``{node: healthy}`` (one node here)."""
+        return {self.node: self.healthy}
+
+    def reconnect(self) -> None:
+        """Drop the connection now (a failover was announced): the reader
+        reconnects, asking where to connect again."""
+        conn = self._conn
+        if conn is not None:
+            asyncio.ensure_future(self._lost(ConnectionError("failover announced")))
 
     def redacted_url(self) -> str:
         return redact_url(self.url)
@@ -144,9 +165,11 @@ class PubSubLink:
 
     async def _connect(self) -> None:
         """Open the connection and subscribe every wanted channel."""
-        if self.connection_kwargs is not None:
-            kwargs = dict(self.connection_kwargs)
-            connection_class: Any = kwargs.pop("connection_class", redis.asyncio.Connection)
+        if self.resolve is not None:
+            kwargs = await self.resolve()
+            connection_class: Any = redis.asyncio.Connection
+            if kwargs.pop("ssl", False):
+                connection_class = redis.asyncio.SSLConnection
         else:
             pool = redis.asyncio.ConnectionPool.from_url(self.url)
             kwargs = dict(pool.connection_kwargs)
@@ -162,6 +185,7 @@ class PubSubLink:
         conn = connection_class(**kwargs)
         await conn.connect()
         self._conn = conn
+        self.node = _node_of(kwargs)
         self._upstream = set(self.listener.wanted())
         if self._upstream:
             await conn.send_command(self.subscribe_command, *self._upstream, check_health=False)

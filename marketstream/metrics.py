@@ -80,6 +80,7 @@ class Exporter:
         self.counters = counters
         self.registry = CollectorRegistry()
         self._seen = {}
+        self._nodes = set()
         r = self.registry
         live = {"multiprocess_mode": "livesum"}
         self.connections = Gauge("marketstream_connections", "Open client connections",
@@ -91,6 +92,10 @@ class Exporter:
         self.redis_connected = Gauge("marketstream_redis_connected",
                                      "1 while the Redis pub/sub connection is live",
                                      registry=r, multiprocess_mode="livemin")
+        self.link_up = Gauge("marketstream_redis_link_up",
+                             "1 while the pub/sub link to this Redis node is live "
+                             "(one per Cluster primary)", ["node"], registry=r,
+                             multiprocess_mode="livemin")
         self.messages = Counter("marketstream_redis_messages", "Messages read from Redis",
                                 registry=r)
         self.deliveries = Counter("marketstream_deliveries",
@@ -139,6 +144,12 @@ class Exporter:
         self.subscriptions.set(sum(len(streams) for streams in manager.connections.values()))
         self.upstream.set(len(manager.upstream_channels))
         self.redis_connected.set(1 if manager.healthy else 0)
+        links = manager.link.links
+        for node in self._nodes - links.keys():
+            self.link_up.remove(node)  # no longer a primary
+        self._nodes = set(links)
+        for node, up in links.items():
+            self.link_up.labels(node).set(1 if up else 0)
         self._advance("messages", self.messages, stats.messages_in)
         self._advance("deliveries", self.deliveries, stats.deliveries)
         self._advance("bytes", self.bytes_sent, stats.bytes_sent)

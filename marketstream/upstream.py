@@ -1,0 +1,215 @@
+"""The pub/sub links a ``REDIS_URL`` needs, behind one interface.
+
+* ``redis://``, ``rediss://``, ``unix://``: one :class:`~marketstream.link.PubSubLink`.
+* ``redis+sentinel://``: one :class:`~marketstream.link.PubSubLink` that
+  asks the sentinels for the primary at every (re)connect, plus a
+  :class:`SentinelWatch` that drops the link when a sentinel announces
+  ``+switch-master`` for the service, so the link follows a failover at
+  once (a failed link or a silent one is followed too: it reconnects and
+  asks again).
+* ``redis+cluster://``: a :class:`ClusterLink`, one SSUBSCRIBE connection
+  per primary (:class:`~marketstream.topology.ShardedSubscriber`).
+
+::
+
+    link = make_link("redis+cluster://10.0.0.1:7000", manager, ping_interval=1.0)
+    await link.start()
+    link.changed()          # manager.wanted() changed
+    link.healthy, link.links   # {"10.0.0.1:7000": True, ...}
+    await link.stop()
+
+Every link reports to the listener (the ChannelManager) the same way; a
+cluster link also calls ``listener.on_interrupted(channels)`` when a slot
+moved or a shard failed over and those channels are subscribed again on
+their new owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+import redis.asyncio
+
+from marketstream.link import PubSubLink
+from marketstream.redisurl import RedisURL, parse_redis_url
+from marketstream.topology import ShardedSubscriber, sentinel_primary
+
+__all__ = ["make_link", "ClusterLink", "SentinelWatch"]
+
+log = logging.getLogger("marketstream.channels")
+
+
+def make_link(url: str, listener: Any, ping_interval: float = 1.0, ping_timeout: float = 2.0,
+              backoff_min: float = 0.05, backoff_max: float = 1.0) -> Any:
+    """The link for ``url`` (see the module docstring)."""
+    desc = parse_redis_url(url)
+    timers = dict(ping_interval=ping_interval, ping_timeout=ping_timeout,
+                  backoff_min=backoff_min, backoff_max=backoff_max)
+    if desc.mode == "cluster":
+        return ClusterLink(desc, listener, **timers)
+    if desc.mode == "sentinel":
+        return SentinelLink(desc, listener, **timers)
+    return PubSubLink(url, listener, **timers)
+
+
+class SentinelLink(PubSubLink):
+    """A pub/sub link to the primary the sentinels name."""
+
+    def __init__(self, desc: RedisURL, listener: Any, **timers: Any) -> None:
+        super().__init__(desc.url, listener, resolve=self._primary, **timers)
+        self.desc = desc
+        self.watch = SentinelWatch(desc, self.reconnect)
+
+    async def _primary(self) -> dict[str, Any]:
+        desc = self.desc
+        host, port = await sentinel_primary(desc.seeds, desc.service_name or "",
+                                            sentinel_kwargs=desc.sentinel_kwargs(),
+                                            **desc.connection_kwargs())
+        kwargs = desc.connection_kwargs()
+        kwargs.update(host=host, port=port, db=desc.db)
+        return kwargs
+
+    async def start(self, timeout: float = 10.0) -> None:
+        await super().start(timeout)
+        self.watch.start()
+
+    async def stop(self) -> None:
+        await self.watch.stop()
+        await super().stop()
+
+
+class SentinelWatch:
+    """Listens on one sentinel at a time for ``+switch-master`` of a service
+    and calls ``on_switch()``; moves to the next sentinel when one fails."""
+
+    def __init__(self, desc: RedisURL, on_switch: Any) -> None:
+        self.desc = desc
+        self.on_switch = on_switch
+        self.switches = 0
+        self._task: asyncio.Future | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        service = (self.desc.service_name or "").encode()
+        index = 0
+        while True:
+            host, port = self.desc.seeds[index % len(self.desc.seeds)]
+            index += 1
+            client = redis.asyncio.Redis(host=host, port=port, **self.desc.sentinel_kwargs())
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe("+switch-master")
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    # "<service> <old-ip> <old-port> <new-ip> <new-port>"
+                    if message["data"].split(b" ", 1)[0] == service:
+                        self.switches += 1
+                        log.warning("sentinel %s:%d: primary of %s switched (%s)", host, port,
+                                    service.decode(), message["data"].decode(errors="replace"))
+                        self.on_switch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("sentinel %s:%d watch failed: %s", host, port, exc)
+                await asyncio.sleep(random.uniform(0.1, 0.5))
+            finally:
+                try:
+                    await pubsub.aclose()
+                    await client.aclose()
+                except Exception:
+                    pass
+
+
+class ClusterLink:
+    """The link interface over a :class:`~marketstream.topology.ShardedSubscriber`."""
+
+    def __init__(self, desc: RedisURL, listener: Any, ping_interval: float = 1.0,
+                 ping_timeout: float = 2.0, backoff_min: float = 0.05,
+                 backoff_max: float = 1.0) -> None:
+        self.url = desc.url
+        self.listener = listener
+        self.sub = ShardedSubscriber.from_url(
+            desc, listener.on_message, self._resubscribed, self._health,
+            ping_interval=ping_interval, ping_timeout=ping_timeout,
+            backoff_min=backoff_min, backoff_max=min(backoff_max, 0.5))
+        self._wanted: set[str] = set()
+        self._tasks: set[asyncio.Future] = set()
+
+    @property
+    def reconnects(self) -> int:
+        return self.sub.resubscribes
+
+    async def start(self, timeout: float = 10.0) -> None:
+        await self.sub.start(timeout)
+        self.changed()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self.sub.stop()
+
+    def changed(self) -> None:
+        wanted = self.listener.wanted()
+        add = wanted - self._wanted
+        drop = self._wanted - wanted
+        self._wanted = set(wanted)
+        if drop:
+            self.sub.unsubscribe(drop)
+            for name in drop:
+                self.listener.on_unsubscribed(name)
+        if add:
+            self.sub.subscribe(add)
+            task = asyncio.ensure_future(self._confirm(add))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _confirm(self, names: set[str]) -> None:
+        """Report each channel once its shard confirmed it."""
+        pending = set(names)
+        while pending:
+            await self.sub.wait_subscribed(pending, timeout=5.0)
+            confirmed = self.sub.channels
+            for name in [n for n in pending if n in confirmed or n not in self._wanted]:
+                pending.discard(name)
+                if name in confirmed and name in self._wanted:
+                    self.listener.on_subscribed(name)
+
+    def _resubscribed(self, channels: list[str]) -> None:
+        self.listener.on_interrupted(channels)
+
+    def _health(self, node: str, state: str) -> None:
+        log.log(logging.WARNING if state != "up" else logging.INFO,
+                "Redis Cluster node %s is %s", node, state)
+
+    @property
+    def connected(self) -> bool:
+        return any(self.sub.links.values())
+
+    @property
+    def healthy(self) -> bool:
+        return self.sub.healthy
+
+    @property
+    def links(self) -> dict[str, bool]:
+        return self.sub.links
+
+    def health(self) -> dict[str, Any]:
+        return {"connected": self.connected, "mode": "cluster", "nodes": self.sub.health()}
+
+    def redacted_url(self) -> str:
+        return parse_redis_url(self.url).redact()

@@ -59,6 +59,7 @@ import multiprocessing
 import os
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -74,6 +75,7 @@ import redis
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from marketstream.embedded import RedisServer, free_port  # noqa: E402
+from marketstream.util import die_with_parent  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WSBLAST_SOURCE = os.path.join(HERE, "wsblast.c")
@@ -355,7 +357,7 @@ class BlastReceiver:
         self.proc = await asyncio.create_subprocess_exec(
             self.binary, host, str(port), "/ws", str(args.connections), str(args.streams),
             str(args.per_conn), str(min(self.sampled, args.connections)), "msg",
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=die_with_parent)
         ready = await self._line(max(60, args.connections / 100))
         _, ok, failed = ready.split()
         if int(failed):
@@ -438,7 +440,7 @@ def start_server(kind, args, host, port, redis_url, pin):
             command += ["--set", item]
     if pin:
         command = ["taskset", "-c", args.server_cpu] + command
-    return subprocess.Popen(command, cwd=ROOT)
+    return subprocess.Popen(command, cwd=ROOT, preexec_fn=die_with_parent)
 
 
 async def run(args, kind="marketstream", recoverable=False):
@@ -754,6 +756,10 @@ def main(argv=None):
             import marketstream.publisher  # noqa: F401
         except ImportError as exc:
             parser.error("--recoverable needs marketstream.publisher (%s)" % exc)
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt  # clean up: servers, receiver, redis-server
+
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         if args.compare:
             runs, medians = compare(args)

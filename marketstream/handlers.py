@@ -19,6 +19,8 @@ Close codes and refusals (also in the README):
 import asyncio
 import logging
 import os
+import socket
+import struct
 import sys
 import time
 from types import MappingProxyType
@@ -53,6 +55,7 @@ _SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
               b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n")
 
 _NO_HEADERS = HTTPHeaders()
+_LINGER_0 = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets
 _DIRECT = compat.OK  # write to the socket directly when nothing is queued
 _NO_ARGS = MappingProxyType({})
 
@@ -399,15 +402,27 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         log.warning("closing %s: slow consumer (over %d bytes queued)", self.identity,
                     self.context.limits.max_buffer_bytes)
         self.context.manager.remove(self)  # nothing more for it
-        self.close_for(CLOSE_POLICY, "slow consumer")
+        self.close_for(CLOSE_POLICY, "slow consumer", reset=True)
 
-    def close_for(self, code, reason):
+    def close_for(self, code, reason, reset=False):
         """Close even when the send buffer is full (the close frame queues
-        behind it; Tornado drops the TCP connection if the client never reads
-        it)."""
+        behind it; Tornado drops the TCP connection if the client has not
+        answered within 5 s).
+
+        With ``reset``, that drop is a TCP reset (``SO_LINGER`` 0): the
+        kernel frees what is still queued for a client that stopped reading
+        at once, instead of holding it (up to ``tcp_wmem``, megabytes) in
+        FIN-WAIT-1 until the client reads or TCP gives up.  A client that
+        does read gets the close frame first, as usual.
+        """
         ws = self._ws
         if ws is not None and ws.stream is not None:
             ws.stream.max_write_buffer_size = None
+            if reset and ws.stream.socket is not None:
+                try:
+                    ws.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
+                except OSError:
+                    pass
         self.close(code, reason)
 
     def send_ping(self):

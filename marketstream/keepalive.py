@@ -4,7 +4,7 @@ A connection answers to two calls and keeps one number::
 
     conn.ping_sent        # loop time of its oldest unanswered ping, 0.0 if none
     conn.send_ping()      # send a ping frame
-    conn.close_for(code, reason)
+    conn.close_for(code, reason, reset=True)
 
 The keepalive stamps ``ping_sent``; the connection's pong handler sets it
 back to 0.0.  Then::
@@ -50,7 +50,7 @@ class Pingable(Protocol):
 
     def send_ping(self) -> None: ...
 
-    def close_for(self, code: int, reason: str) -> None: ...
+    def close_for(self, code: int, reason: str, reset: bool = False) -> None: ...
 
 
 class Keepalive:
@@ -115,4 +115,6 @@ class Keepalive:
                 log.info("closing %s: no pong within %.1fs", conn.identity, self.timeout)
                 if self.on_timeout is not None:
                     self.on_timeout(conn)
-                conn.close_for(CLOSE_GOING_AWAY, "ping timeout")
+                # A silent peer will not read what is queued: reset, so
+                # the kernel frees it (see StreamHandler.close_for).
+                conn.close_for(CLOSE_GOING_AWAY, "ping timeout", reset=True)

@@ -336,3 +336,52 @@ async def test_keepalive_closes_silent_peers_only(server_factory):
     await send(polite, "LIST_SUBSCRIPTIONS")
     assert ujson.loads(await read(polite)) == {"result": [], "id": 1}
     assert server.counters.closed["ping_timeout"] == 1
+
+
+def _server_side_sockets(port):
+    """(state, bytes queued to send) of every TCP socket on local ``port``,
+    from /proc/net/tcp (state 04 is FIN-WAIT-1)."""
+    found = []
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            local_port = int(fields[1].split(":")[1], 16)
+            if local_port == port:
+                found.append((fields[3], int(fields[4].split(":")[0], 16)))
+    return found
+
+
+def test_a_closed_slow_consumer_leaves_no_kernel_memory_behind(redis_url):
+    """A client that stopped reading is reset once its close frame cannot be
+    delivered: the megabytes queued for it are freed, not left in FIN-WAIT-1."""
+    server = ServerProcess("--redis-url", redis_url)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        server.wait_listening()
+
+        async def scenario():
+            stalled = await RawClient.connect(server.port, rcvbuf=4096)
+            stalled.send('{"method":"SUBSCRIBE","params":["depth.STALL_USDT"],"id":1}')
+            await async_wait_until(lambda: client.pubsub_numsub("depth.STALL_USDT")[0][1] == 1,
+                                   message="subscribed upstream")
+            filler = "x" * 50_000
+            for t in range(200):  # 10 MB: past the 1 MiB cap and the kernel's buffers
+                client.publish("depth.STALL_USDT", '{"stream":"depth.STALL_USDT","data":'
+                               '{"e":"depth","t":%d,"f":"%s"}}' % (t, filler))
+                if "slow consumer" in server.output:
+                    break
+            await async_wait_until(lambda: "slow consumer" in server.output, 10,
+                                   message="slow consumer closed")
+            # Tornado waits 5 s for the close handshake, then drops the
+            # connection; the client still reads nothing.
+            await async_wait_until(
+                lambda: not any(queued for state, queued in _server_side_sockets(server.port)
+                                if state != "0A"),  # 0A: the listening socket
+                12, interval=0.2, message="the server's socket and its queued bytes released")
+            stalled.close()
+
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+        client.close()

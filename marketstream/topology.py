@@ -843,8 +843,14 @@ class ShardedSubscriber:
                 if conn is None or link.state != "up":
                     continue
                 if now - link.last_pong > self.ping_interval + self.ping_timeout:
-                    await self._lost(link, conn, "no PONG for %.1fs" % (now - link.last_pong))
-                    continue
+                    # A busy loop may not have read a PONG that did arrive:
+                    # let the readers run before calling the link dead.
+                    for _ in range(3):
+                        await asyncio.sleep(0)
+                    late = time.monotonic() - link.last_pong
+                    if late > self.ping_interval + self.ping_timeout and link.conn is conn:
+                        await self._lost(link, conn, "no PONG for %.1fs" % late)
+                        continue
                 link.pending.append([_PING, None, None, 1, None])
                 try:
                     await conn.send_command("PING", check_health=False)

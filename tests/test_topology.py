@@ -3,17 +3,18 @@ Redis Cluster and Sentinel topologies (tests/redis_topology.py)."""
 
 import asyncio
 import collections
+import contextlib
 import time
 
 import pytest
 
-from marketstream.redisurl import async_client
+from marketstream.redisurl import async_client, sync_client
 from marketstream.topology import (ShardedSubscriber, cluster_primaries, key_slot, node_label,
                                    sentinel_primary)
 from tests.helpers import async_wait_until
 from tests.redis_topology import cluster, redis_cluster, redis_sentinel, sentinel  # noqa: F401
 
-FAST = dict(ping_interval=0.2, ping_timeout=0.3, connect_timeout=0.5, backoff_max=0.25)
+FAST = dict(ping_interval=0.2, ping_timeout=0.5, connect_timeout=0.5, backoff_max=0.25)
 
 
 def in_thread(func, *args):
@@ -153,14 +154,16 @@ async def test_channels_on_every_shard_delivered_once_and_in_order(cluster):
         assert sub.links == {node.label: True for node in by_shard}
         assert sub.healthy
 
-        client = async_client(cluster.url)
-        # Connect to every primary first: redis-py's asyncio RedisCluster
-        # may send a command twice when many race its first connections.
-        await client.execute_command("PING", target_nodes=client.get_primaries())
         rounds = 20
-        for i in range(rounds):  # interleaved across channels and shards, pipelined
-            await asyncio.gather(*(client.spublish(n, str(i)) for n in names))
-        await client.aclose()
+
+        def publish():  # interleaved across channels and shards, pipelined
+            with contextlib.closing(sync_client(cluster.url)) as client:
+                for i in range(rounds):
+                    pipe = client.pipeline(transaction=False)
+                    for name in names:
+                        pipe.spublish(name, str(i))
+                    assert pipe.execute() == [1] * len(names)
+        await in_thread(publish)
         await async_wait_until(lambda: sum(map(len, rec.messages.values())) == rounds * len(names),
                                timeout=10, message="every message delivered")
         for name in names:

@@ -32,10 +32,12 @@ at the first failure:
 1. health       GET http://host:port/health answers 200 with JSON
 2. connect      the WebSocket handshake succeeds
 3. subscribe    SUBSCRIBE; the server subscribes the Redis channel
-                (PUBSUB NUMSUB goes up; an acknowledgement, when the server
-                sends them, is accepted, an error reply fails)
-4. deliver      a probe PUBLISHed to Redis arrives byte-identical (round-trip
-                latency in ms); unrelated frames such as gap notices are ignored
+                (PUBSUB NUMSUB, on Redis Cluster SHARDNUMSUB, goes up; an
+                acknowledgement, when the server sends them, is accepted,
+                an error reply fails; LIST_SUBSCRIPTIONS lists the stream)
+4. deliver      a probe PUBLISHed (SPUBLISH on a cluster) to Redis arrives
+                byte-identical (round-trip latency in ms); unrelated frames
+                such as gap notices are ignored
 5. unsubscribe  UNSUBSCRIBE; the server releases the Redis channel (PUBSUB
                 NUMSUB is back to its value before step 3)
 6. close        the WebSocket closes cleanly (close code 1000 echoed)
@@ -67,6 +69,7 @@ import time
 import urllib.parse
 
 import redis
+import redis.cluster
 import tornado.httpclient
 import tornado.websocket
 
@@ -252,11 +255,32 @@ class Smoke:
         return StepFailed("%sRedis %s: %s" % (what + " " if what else "", redact_url(self.redis_url),
                                                _error_text(exc)))
 
+    @property
+    def sharded(self):
+        """On Redis Cluster the server uses sharded pub/sub (SSUBSCRIBE)."""
+        return isinstance(self._redis(), redis.cluster.RedisCluster)
+
+    @property
+    def numsub_name(self):
+        return "SHARDNUMSUB" if self.sharded else "NUMSUB"
+
     def numsub(self):
         try:
-            return self._redis().pubsub_numsub(self.stream)[0][1]
+            client = self._redis()
+            if self.sharded:
+                # Ask the primary that owns the channel's slot (summing over
+                # every node, as redis-py would, gives 0).
+                node = client.get_node_from_key(self.stream)
+                return client.execute_command("PUBSUB SHARDNUMSUB", self.stream,
+                                              target_nodes=node)[0][1]
+            return client.pubsub_numsub(self.stream)[0][1]
         except redis.RedisError as exc:
             raise self._redis_failed("", exc) from None
+
+    def publish_plain(self, payload):
+        """PUBLISH (SPUBLISH on a cluster) ``payload``; the receiver count."""
+        client = self._redis()
+        return (client.spublish if self.sharded else client.publish)(self.stream, payload)
 
     async def _open(self):
         request = tornado.httpclient.HTTPRequest(self.ws_url, connect_timeout=self.timeout,
@@ -319,8 +343,8 @@ class Smoke:
                     if asked:
                         raise StepFailed("no answer to LIST_SUBSCRIPTIONS within %.1fs"
                                          % self.timeout)
-                    raise StepFailed("PUBSUB NUMSUB %s is %d after %.1fs: %s"
-                                     % (self.stream, count, self.timeout, what))
+                    raise StepFailed("PUBSUB %s %s is %d after %.1fs: %s"
+                                     % (self.numsub_name, self.stream, count, self.timeout, what))
                 await asyncio.sleep(POLL_INTERVAL)
         finally:
             # Put back what was not ours, in order, ahead of anything newer.
@@ -373,8 +397,8 @@ class Smoke:
             "is the server on this Redis?)")
         if self.stream not in listed:
             raise StepFailed("LIST_SUBSCRIPTIONS does not list %s: %s" % (self.stream, listed))
-        return "%s subscribed in Redis %s (PUBSUB NUMSUB %d -> %d%s)" % (
-            self.stream, redact_url(self.redis_url), self.baseline, count,
+        return "%s subscribed in Redis %s (PUBSUB %s %d -> %d%s)" % (
+            self.stream, redact_url(self.redis_url), self.numsub_name, self.baseline, count,
             ", acknowledged" if acked else "")
 
     async def deliver(self):
@@ -385,7 +409,7 @@ class Smoke:
         started = time.monotonic()
         deadline = started + self.timeout
         try:
-            receivers = self._redis().publish(self.stream, probe)
+            receivers = self.publish_plain(probe)
         except redis.RedisError as exc:
             raise self._redis_failed("PUBLISH to", exc) from None
         ignored = 0
@@ -411,8 +435,8 @@ class Smoke:
             "the server did not release the Redis channel")
         if self.stream in listed:
             raise StepFailed("LIST_SUBSCRIPTIONS still lists %s" % self.stream)
-        return "Redis channel %s released (PUBSUB NUMSUB %d%s)" % (
-            self.stream, count, ", acknowledged" if acked else "")
+        return "Redis channel %s released (PUBSUB %s %d%s)" % (
+            self.stream, self.numsub_name, count, ", acknowledged" if acked else "")
 
     async def close(self):
         self.closed_by_us = True
@@ -461,7 +485,7 @@ class Smoke:
                                  "the server did not subscribe the Redis channel")
         sent = [publish()]
         try:
-            self._redis().publish(self.stream, json.dumps(
+            self.publish_plain(json.dumps(
                 {"stream": self.stream, "data": {"e": "smoke", "id": run_id, "fence": True}}))
         except redis.RedisError as exc:
             raise self._redis_failed("PUBLISH to", exc) from None
@@ -475,17 +499,21 @@ class Smoke:
                              % self.timeout)
 
         # 2. Missed while disconnected, then resumed with "since" (behind a
-        # load balancer possibly on another instance).
+        # load balancer possibly on another instance), followed by live
+        # ones with nothing repeated.  The live one is published as soon as
+        # the server has the subscription: it must come after the missed.
+        await self._await_released()
         missed = [publish() for _ in range(MISSED)]
         last = seqs[-1]
         second = await self._open()
         await second.ws.write_message(json.dumps(
             {"method": "SUBSCRIBE", "params": [self.stream], "id": 12,
              "since": {self.stream: last}}))
-        await self._expect(second, run_id, missed, "resumed")
-        # 3. ... followed by live ones, with nothing repeated in between.
+        await self._await_numsub(second, lambda n: n > self.baseline and n >= 1, 12,
+                                 "the server did not subscribe the Redis channel")
         live = [publish()]
-        await self._expect(second, run_id, live, "live after the resume")
+        await self._expect(second, run_id, missed + live, "resumed with since=%d" % last,
+                           early=live[0])
         if await second.close(self.timeout) is None:
             raise StepFailed("the server did not answer the close frame within %.1fs"
                              % self.timeout)
@@ -494,13 +522,25 @@ class Smoke:
                 % (POSITIONED, seqs[0], last, MISSED, missed[0][0], missed[-1][0], last,
                    live[0][0]))
 
-    async def _expect(self, conn, run_id, sent, what, first_frame=False):
+    async def _await_released(self):
+        """Wait until no client of this run holds the Redis channel."""
+        deadline = time.monotonic() + self.timeout
+        while (count := self.numsub()) > self.baseline:
+            if time.monotonic() > deadline:
+                raise StepFailed("PUBSUB %s %s is %d %.1fs after the disconnect: the server did "
+                                 "not release the Redis channel" % (self.numsub_name, self.stream,
+                                                                    count, self.timeout))
+            await asyncio.sleep(POLL_INTERVAL)
+
+    async def _expect(self, conn, run_id, sent, what, first_frame=False, early=None):
         """Read frames until every (seq, data) of ``sent`` arrived, in
         order, as ``{"stream":..,"data":..,"seq":..}``.  Replies, frames of
         other streams and older probes are skipped; a gap notice, a
         duplicate or a frame out of order fails.  With ``first_frame``, a
         first message without a position, or the plain fence message ahead
-        of it, means the server does not support positions."""
+        of it, means the server does not support positions.  ``early``: a
+        (seq, data) of ``sent`` whose arrival ahead of its turn means the
+        ones before it were not delivered at all."""
         deadline = time.monotonic() + self.timeout
         marker = run_id.encode()
         unsupported = "not supported by this server (%s)"
@@ -531,6 +571,10 @@ class Smoke:
                     continue
                 if "seq" not in message and check_support:
                     raise StepSkipped(unsupported % "frames carry no \"seq\"")
+                if early is not None and early != (seq, data) and got == early[1]:
+                    raise StepFailed("%s: %d of %d missed message(s) arrived before the live "
+                                     "one at position %d" % (what, index, len(sent) - 1,
+                                                             early[0]))
                 if message.get("seq") != seq or got != data:
                     raise StepFailed("%s: expected position %d (message %d), got %s"
                                      % (what, seq, data["i"], raw[:300].decode("utf-8", "replace")))

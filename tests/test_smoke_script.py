@@ -4,7 +4,6 @@ The server runs as a child process on the session's redis-server; the smoke
 script runs as a child process too, exactly as a deployment would run it.
 """
 
-import asyncio
 import importlib.util
 import json
 import os
@@ -16,16 +15,13 @@ import urllib.request
 
 import pytest
 import redis
-import tornado.websocket
 
 from marketstream.embedded import free_port
 from tests.helpers import ROOT, ServerProcess, wait_until
+from tests.redis_topology import cluster, redis_cluster  # noqa: F401
 
 SCRIPT = os.path.join(ROOT, "scripts", "smoke_test.py")
 STEPS = ["health", "connect", "subscribe", "deliver", "unsubscribe", "close", "positions"]
-# Whether the server delivers positions: found out once, on the first server
-# started (see server_delivers_positions); None until then.
-POSITIONS = None
 ENV_KEYS = ("WS_STREAM_URL", "REDIS_URL", "MARKETSTREAM_CONFIG")
 
 
@@ -51,9 +47,6 @@ def start_server(redis_url):
         server = ServerProcess(*flags, *args)
         servers.append(server)
         server.wait_healthy()
-        global POSITIONS
-        if POSITIONS is None and redis:
-            POSITIONS = server_delivers_positions(server.port, redis_url)
         return server
 
     yield start
@@ -66,39 +59,6 @@ def server(start_server):
     return start_server()
 
 
-def server_delivers_positions(port, redis_url):
-    """True if a message published with marketstream.publisher reaches a
-    client of the server on ``port`` with its "seq"; False if the publisher
-    is missing or the server drops such messages (a plain message published
-    after it arrives first)."""
-    if importlib.util.find_spec("marketstream.publisher") is None:
-        return False
-    from marketstream.publisher import Publisher, stream_keys
-    stream = "trade.SMOKETEST_ORACLE"
-    client = redis.Redis.from_url(redis_url)
-
-    async def probe():
-        ws = await tornado.websocket.websocket_connect("ws://127.0.0.1:%d/ws" % port)
-        try:
-            await ws.write_message(json.dumps({"method": "SUBSCRIBE", "params": [stream], "id": 1}))
-            await asyncio.to_thread(wait_until, lambda: numsub(client, stream) >= 1,
-                                    message="oracle subscribed")
-            Publisher(client, history=10, ttl=10).publish(stream, {"e": "smoke", "n": 1})
-            client.publish(stream, json.dumps({"stream": stream, "data": {"e": "smoke", "n": 2}}))
-            while True:
-                message = json.loads(await asyncio.wait_for(ws.read_message(), 5))
-                if message.get("stream") == stream:
-                    return "seq" in message and message["data"]["n"] == 1
-        finally:
-            ws.close()
-
-    try:
-        return asyncio.run(probe())
-    finally:
-        client.delete(*stream_keys(stream))
-        client.close()
-
-
 def run_smoke(*args, env=None, timeout=60):
     started = time.monotonic()
     result = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=_clean_env(**(env or {})),
@@ -108,21 +68,23 @@ def run_smoke(*args, env=None, timeout=60):
     return result
 
 
-def assert_all_pass(result, positions=None):
-    """Every step passed; positions too if the server supports them (or
-    ``positions`` is true), else its line says why it was skipped."""
+def assert_all_pass(result, forced=False):
+    """Every step passed; with ``forced`` (a live stream given with
+    --force) the positions step is skipped and says why."""
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     lines = result.stdout.splitlines()
-    positions = POSITIONS if positions is None else positions
     expected = ["PASS " + step for step in STEPS]
-    if not positions:
+    if forced:
         expected[-1] = "SKIP positions"
     assert [line.split(":", 1)[0] for line in lines] == expected, output
-    if POSITIONS is False and positions is False:
-        assert "not supported by this server" in lines[-1] or "live stream" in lines[-1], output
     assert "byte-identical" in lines[STEPS.index("deliver")]
     assert " ms" in lines[STEPS.index("deliver")]
+    if not forced:
+        assert re.fullmatch(
+            r"PASS positions: 5 messages with positions (\d+)\.\.(\d+), rising by 1; after a "
+            r"disconnect the 3 missed \((\d+)\.\.(\d+)\) arrived exactly once on resume with "
+            r"since=\d+, then live (\d+)", lines[-1]), lines[-1]
     assert "Traceback" not in output
     return lines
 
@@ -171,6 +133,23 @@ def test_all_steps_pass_with_acknowledgements_on(start_server, redis_url):
     result = run_smoke("--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url)
     lines = assert_all_pass(result)
     assert "acknowledged" in lines[STEPS.index("subscribe")]
+
+
+@pytest.mark.xfail(reason="core.py sends gap_notice(name.encode()), which raises TypeError: the "
+                          "client gets nothing at all, so the step fails by timeout, not by the "
+                          "gap notice", raises=AssertionError, strict=False)
+def test_a_server_that_cannot_resume_fails_at_positions(start_server, redis_url):
+    # It replays at most 2 messages: the 3 missed ones come as a gap notice.
+    server = start_server("--set", "recovery.max_replay=2")
+    result = run_smoke("--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url,
+                       "--timeout", "2")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    lines = result.stdout.splitlines()
+    assert [line.split(":", 1)[0] for line in lines] == (
+        ["PASS " + step for step in STEPS[:-1]] + ["FAIL positions"]), output
+    assert "resumed with since=" in lines[-1] and "gap notice" in lines[-1], output
+    assert "Traceback" not in output
 
 
 def test_invalid_stream_fails_at_subscribe(start_server, redis_url):
@@ -267,8 +246,8 @@ def test_live_looking_stream_with_force(server, redis_url, redis_client):
     result, published = _published_during(redis_url, stream, lambda: run_smoke(
         "--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url,
         "--stream", stream, "--force"))
-    lines = assert_all_pass(result, positions=False)
-    assert "live stream" in lines[-1]
+    lines = assert_all_pass(result, forced=True)
+    assert "a live stream (--force)" in lines[-1]
     # Only the one plain probe went into it: no positions, no history keys.
     assert len(published) == 1 and b'"e":"smoke"' in published[0]
     assert redis_client.keys("{%s}*" % stream) == []
@@ -331,3 +310,15 @@ def test_default_stream_passes_the_servers_default_rules(smoke_module):
     for name in names:
         assert smoke_module.is_smoke_stream(name)
         assert StreamRules().check(name) is None, name
+
+
+def test_all_steps_pass_on_redis_cluster(cluster):
+    # A redis+cluster:// URL: the server and the probes use sharded pub/sub.
+    server = ServerProcess("--redis-url", cluster.url)
+    try:
+        server.wait_healthy()
+        result = run_smoke("--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", cluster.url)
+        lines = assert_all_pass(result)
+        assert "PUBSUB SHARDNUMSUB 0 -> 1" in lines[STEPS.index("subscribe")]
+    finally:
+        server.stop()

@@ -13,11 +13,8 @@ import ujson
 import marketstream.client
 from marketstream.client import GAP, MESSAGE, SNAPSHOT, BookGap, Client, ConnectionLost, OrderBook
 from marketstream.feed import MarketSimulator
+from marketstream.publisher import AsyncPublisher, Publisher
 from tests.helpers import async_wait_until, listeners, subscribed, ws_url
-
-RECOVERY = pytest.mark.xfail(
-    strict=False,
-    reason="server-side recovery (the '@<seq> ' prefix, 'since' and 'snapshot') is not served yet")
 
 
 # --- OrderBook ---------------------------------------------------------------
@@ -358,10 +355,8 @@ async def test_book_from_plain_feed_equals_feed_book(server, redis_client):
 
 # --- recoverable streams (server-side recovery) -----------------------------------
 
-@RECOVERY
 @pytest.mark.gen_test
 async def test_recoverable_frames_carry_seq(server, redis_client):
-    from marketstream.publisher import Publisher
     client, collector = await connected_client(server, redis_client, ["trade.SOL_USDC"])
     with Publisher(redis_client, history=100) as pub:
         seqs = [pub.publish("trade.SOL_USDC", {"e": "trade", "t": t}) for t in range(5)]
@@ -372,10 +367,8 @@ async def test_recoverable_frames_carry_seq(server, redis_client):
     await collector.stop()
 
 
-@RECOVERY
 @pytest.mark.gen_test
 async def test_snapshot_then_diffs_build_the_feed_book(server, redis_client):
-    from marketstream.publisher import Publisher
     sim = MarketSimulator("BTC_USDT", seed=5)
     with Publisher(redis_client, history=1000) as pub:
         for i in range(50):
@@ -396,13 +389,11 @@ async def test_snapshot_then_diffs_build_the_feed_book(server, redis_client):
     await collector.stop()
 
 
-@RECOVERY
 @pytest.mark.gen_test(timeout=90)
 async def test_resume_under_100_forced_disconnects(server, redis_client, redis_url):
     """Kicked 100 times at random moments while several streams publish,
     the client ends with every position the publisher got back, in order,
     once, without gaps, and its book equals the feed's."""
-    from marketstream.publisher import AsyncPublisher
     trades = ["trade.SOL_USDC", "trade.BTC_USDT", "trade.ETH_USDT"]
     depth = "depth.SOL_USDC"
     sim = MarketSimulator("SOL_USDC", seed=11)
@@ -459,12 +450,10 @@ async def test_resume_under_100_forced_disconnects(server, redis_client, redis_u
     assert {"bids": book.bids(), "asks": book.asks()} == feed_book(sim)
 
 
-@RECOVERY
 @pytest.mark.gen_test
 async def test_resync_after_book_gap_gets_a_fresh_snapshot(server, redis_client):
     """The README's pattern: a book that cannot continue asks for a snapshot
     again (here: joined without one) and ends equal to the feed's."""
-    from marketstream.publisher import Publisher
     sim = MarketSimulator("ETH_USDT", seed=9)
     client = Client(ws_url(server), ["depth.ETH_USDT", "trade.ETH_USDT"], backoff=(0.005, 0.05))
     book = OrderBook()

@@ -14,10 +14,9 @@ import time
 import pytest
 import ujson
 
+from marketstream.publisher import Publisher
 from tests.helpers import ServerProcess, numsub, wait_until
 
-RECOVERY = pytest.mark.xfail(
-    strict=False, reason="server-side recovery (the '@<seq> ' prefix) is not served yet")
 
 STREAM = "trade.SOL_USDC"
 COUNT = 50
@@ -31,7 +30,7 @@ def server_process(redis_url):
     server.stop()
 
 
-@pytest.fixture(params=["plain", pytest.param("recoverable", marks=RECOVERY)])
+@pytest.fixture(params=["plain", "recoverable"])
 def publish(request, redis_client):
     """Publish ``COUNT`` trades on ``STREAM``: plain PUBLISH of envelopes, or
     through the recoverable publisher (frames then carry ``seq``)."""
@@ -45,7 +44,6 @@ def publish(request, redis_client):
             for t in range(COUNT):
                 redis_client.publish(STREAM, ujson.dumps({"stream": STREAM, "data": data(t)}))
         else:
-            from marketstream.publisher import Publisher
             with Publisher(redis_client, history=100) as pub:
                 pub.publish_many([(STREAM, data(t)) for t in range(COUNT)])
     return run

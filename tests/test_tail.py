@@ -9,11 +9,9 @@ import threading
 import pytest
 import ujson
 
+from marketstream.publisher import Publisher
 from tests.helpers import ROOT, ServerProcess, numsub, wait_until
 
-RECOVERY = pytest.mark.xfail(
-    strict=False,
-    reason="server-side recovery (the '@<seq> ' prefix, 'since' and 'snapshot') is not served yet")
 
 TAIL = os.path.join(os.path.dirname(sys.executable), "marketstream-tail")
 
@@ -143,9 +141,7 @@ def test_reconnects_after_server_restart(server_process, redis_url, redis_client
     assert tail.stderr.count("tail: connected " + url(server_process)) == 2
 
 
-@RECOVERY
 def test_since_and_snapshot(server_process, redis_client, tails):
-    from marketstream.publisher import Publisher
     with Publisher(redis_client, history=100) as pub:
         seqs = [pub.publish("trade.SOL_USDC", {"e": "trade", "t": t}) for t in range(5)]
         snap = pub.publish("ticker.SOL_USDC", {"e": "ticker", "c": "150.1"}, snapshot=True)

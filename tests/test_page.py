@@ -70,6 +70,10 @@ def feed(redis_url, redis_client):
     # earlier test's feed left, so that the page starts from this feed's.
     redis_client.flushdb()
     feed = Feed(redis_url)
+    # Pages and reference clients that subscribe from now on get a snapshot.
+    wait_until(lambda: all(redis_client.exists("{depth.%s}:snap" % m) for m in MARKETS.split(","))
+               or feed.proc.poll() is not None, 10, message="the feed's first snapshots")
+    assert feed.proc.poll() is None, "the feed exited"
     yield feed
     feed.stop()
 
@@ -167,6 +171,7 @@ class ReferenceBook:
         self.task = asyncio.run_coroutine_threadsafe(self._run(), self.loop)
 
     async def _run(self):
+        self._task = asyncio.current_task()
         book = OrderBook()
         async with Client(self.url, [self.stream], snapshot=[self.stream]) as client:
             async for message in client:
@@ -185,8 +190,16 @@ class ReferenceBook:
             self.task.result()
         return self.states[seq]
 
+    async def _stop(self):
+        self._task.cancel()
+        try:
+            await self._task   # the client closes its connection
+        except asyncio.CancelledError:
+            pass
+
     def close(self):
-        self.task.cancel()
+        if not self.task.done():
+            asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
@@ -239,10 +252,11 @@ def test_page_shows_live_market_without_console_errors(page, server, feed):
     assert page.find_element(By.ID, "connection").get_attribute("data-state") == "open"
     assert js(page, "return window.marketstream.connected") is True
     assert panel_status(page, "book") == "live"
-    book = book_of(page)
+    book, last_seq = js(page, "const c = window.marketstream; "
+                              "return [c.books[arguments[0]], c.lastSeq]", DEPTH)
     assert len(book["bids"]) >= 10 and len(book["asks"]) >= 10
     assert float(book["bids"][0][0]) < float(book["asks"][0][0])
-    assert book["seq"] == js(page, "return window.marketstream.lastSeq")[DEPTH]
+    assert book["seq"] == last_seq[DEPTH]
     wait_until(lambda: {DEPTH, "trade.BTC_USDT", "ticker.BTC_USDT"}
                <= set(js(page, "return window.marketstream.lastSeq")), 3,
                message="positions of the market's three streams")

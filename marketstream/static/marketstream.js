@@ -41,7 +41,7 @@
  * - A stream with no message for `staleAfter` ms is marked "stale".
  *
  * Options: `{url, minDelay: 250, maxDelay: 5000, staleAfter: 5000,
- * snapshotWait: 3000, snapshot: (stream) => stream.startsWith("depth.")}`.
+ * snapshotWait: 1500, snapshot: (stream) => stream.startsWith("depth.")}`.
  * `subscribe(streams, {snapshot: true | false})` overrides the default choice.
  *
  * Events (all CustomEvent, data in `event.detail`):
@@ -176,7 +176,7 @@ export class MarketStream extends EventTarget {
   constructor(options = {}) {
     super();
     this.options = Object.assign({
-      url: null, minDelay: 250, maxDelay: 5000, staleAfter: 5000, snapshotWait: 3000,
+      url: null, minDelay: 250, maxDelay: 5000, staleAfter: 5000, snapshotWait: 1500,
       snapshot: (stream) => stream.split(".")[0] === "depth",
     }, options);
     this.url = this.options.url;

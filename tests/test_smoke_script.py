@@ -322,3 +322,9 @@ def test_all_steps_pass_on_redis_cluster(cluster):
         assert "PUBSUB SHARDNUMSUB 0 -> 1" in lines[STEPS.index("subscribe")]
     finally:
         server.stop()
+
+
+def test_docstring_examples(smoke_module):
+    import doctest
+    result = doctest.testmod(smoke_module)
+    assert result.attempted >= 5 and result.failed == 0

@@ -322,7 +322,7 @@ class Core:
         else:
             if want.since is not None:  # the history does not reach back far enough
                 counters.gap_notices += 1
-                out.append(protocol.gap_notice(name.encode()))
+                out.append(protocol.gap_notice(name))
             usable = snapshot is not None and (
                 snapshot[0] >= latest or self._covers(entries, snapshot[0], latest))
             if usable:

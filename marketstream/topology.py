@@ -60,7 +60,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot as _key_slot
 from redis.exceptions import MovedError, RedisError, ResponseError
 
-__all__ = ["ShardedSubscriber", "cluster_primaries", "cluster_topology", "key_slot", "node_label",
+__all__ = ["SentinelWatcher", "ShardedSubscriber", "cluster_primaries", "cluster_topology", "key_slot", "node_label",
            "sentinel_primary"]
 
 log = logging.getLogger("marketstream.topology")
@@ -242,6 +242,93 @@ async def sentinel_primary(seeds: Iterable[Address], service: str, *, timeout: f
             errors.append("%s: %s" % (node_label(addr), exc or type(exc).__name__))
     raise redis.exceptions.ConnectionError(
         "no sentinel could name the primary of %r (%s)" % (service, "; ".join(errors)))
+
+
+class SentinelWatcher:
+    """Follows ``+switch-master`` of one service on every sentinel::
+
+        def on_switch(primary: tuple[str, int]): ...   # drop the link, reconnect there
+        watcher = SentinelWatcher([("10.0.0.1", 26379), ...], "prices", on_switch)
+        await watcher.start()
+        ...
+        await watcher.stop()
+
+    One pub/sub connection per sentinel, reconnected with backoff.
+    ``on_switch`` is called once per new primary address (every sentinel
+    announces the same switch), from the event loop, and must not block.
+    After a forced failover (``SENTINEL FAILOVER``) the old primary keeps
+    running as a primary until a sentinel reconfigures it, which can take
+    10 s: a subscriber still connected there would hear nothing and notice
+    nothing, so follow this event rather than waiting for the link to fail.
+    """
+
+    def __init__(self, seeds: Iterable[Address], service: str,
+                 on_switch: Callable[[Address], Any], *,
+                 sentinel_kwargs: dict[str, Any] | None = None, connect_timeout: float = 1.0,
+                 backoff_min: float = 0.05, backoff_max: float = 1.0):
+        self.seeds = [(host, int(port)) for host, port in seeds]
+        self.service = service
+        self.on_switch = on_switch
+        self.sentinel_kwargs = dict(sentinel_kwargs or {})
+        self.connect_timeout = connect_timeout
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.primary: Address | None = None
+        self.connected: dict[str, bool] = {node_label(a): False for a in self.seeds}
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        """Start watching (returns at once; connections are made in the background)."""
+        self._tasks = [asyncio.ensure_future(self._watch(addr)) for addr in self.seeds]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks = []
+
+    async def _watch(self, addr):
+        label = node_label(addr)
+        delay = self.backoff_min
+        while True:
+            conn = _connection(addr, self.sentinel_kwargs, self.connect_timeout)
+            try:
+                await asyncio.wait_for(conn.connect(), self.connect_timeout)
+                await conn.send_command("SUBSCRIBE", "+switch-master", check_health=False)
+                self.connected[label] = True
+                delay = self.backoff_min
+                while True:
+                    response = await conn.read_response()
+                    if type(response) is list and response[0] == b"message":
+                        self._on_event(_text(response[2]))
+            except asyncio.CancelledError:
+                raise
+            except _ERRORS as exc:
+                if self.connected[label]:
+                    log.warning("sentinel %s: watch lost (%s)", label, exc)
+                self.connected[label] = False
+            finally:
+                await conn.disconnect(nowait=True)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(self.backoff_max, delay * 2)
+
+    def _on_event(self, text):
+        parts = text.split()
+        if len(parts) != 5 or parts[0] != self.service:
+            return
+        primary = (parts[3], int(parts[4]))
+        if primary == self.primary:
+            return
+        self.primary = primary
+        log.warning("sentinel: %s switched to %s", self.service, node_label(primary))
+        try:
+            self.on_switch(primary)
+        except Exception:
+            log.exception("on_switch callback failed")
 
 
 # --- the sharded pub/sub link ------------------------------------------------------

@@ -470,14 +470,14 @@ class SentinelSetup:
     def _good_replicas(self, sentinel):
         replicas = sentinel.call("SENTINEL", "REPLICAS", self.service)
         fields = [r if isinstance(r, dict) else dict(zip(r[::2], r[1::2])) for r in replicas]
-        return [f for f in fields
-                if f.get("flags") == "slave" and f.get("master-link-status") == "ok"]
+        return [f for f in fields if f.get("flags") == "slave"]
 
     def ready(self):
         """Every sentinel agrees on a running primary and sees the other two
         sentinels, the primary has a replica online, and some sentinel
-        would promote it (a sentinel refreshes a replica's state only every
-        10 s outside a failover, so not all of them need to know yet)."""
+        lists it as a healthy replica (a sentinel refreshes a replica's
+        state only every 10 s outside a failover, so not all of them need to
+        know yet)."""
         primary = self.primary()
         if primary is None:
             return False
@@ -516,8 +516,14 @@ class SentinelSetup:
         """SENTINEL FAILOVER and wait until every sentinel names the new
         primary; returns ``(old, new)`` primary Nodes."""
         old = self.primary()
-        chosen = next(s for s in self.sentinels if self._good_replicas(s))
-        chosen.call("SENTINEL", "FAILOVER", self.service)
+
+        def accepted():  # NOGOODSLAVE until a sentinel has fresh INFO of the replica
+            for sentinel in self.sentinels:
+                try:
+                    return sentinel.call("SENTINEL", "FAILOVER", self.service)
+                except redis.ResponseError:
+                    continue
+        wait_for(accepted, timeout, "a sentinel to accept SENTINEL FAILOVER", interval=0.1)
         new = wait_for(lambda: (p := self.primary()) is not None and p is not old and p,
                        timeout, "the sentinels to promote the replica")
         return old, new

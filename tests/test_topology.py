@@ -9,8 +9,8 @@ import time
 import pytest
 
 from marketstream.redisurl import async_client, sync_client
-from marketstream.topology import (ShardedSubscriber, cluster_primaries, key_slot, node_label,
-                                   sentinel_primary)
+from marketstream.topology import (SentinelWatcher, ShardedSubscriber, cluster_primaries,
+                                   key_slot, node_label, sentinel_primary)
 from tests.helpers import async_wait_until
 from tests.redis_topology import cluster, redis_cluster, redis_sentinel, sentinel  # noqa: F401
 
@@ -361,3 +361,22 @@ async def test_sentinel_primary_follows_a_failover(sentinel):
         found = await current()
         await asyncio.sleep(0.02)
     assert node_label(found) == new.label and new is not old
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_sentinel_watcher_announces_the_new_primary(sentinel):
+    switches = []
+    watcher = SentinelWatcher(sentinel.seeds + [("127.0.0.1", 1)], sentinel.service,
+                              lambda addr: switches.append((time.monotonic(), addr)))
+    await watcher.start()
+    try:
+        await async_wait_until(lambda: sum(watcher.connected.values()) == 3,
+                               message="watching every live sentinel")
+        old, new = await in_thread(sentinel.failover)
+        promoted = time.monotonic()
+        await async_wait_until(lambda: switches, timeout=2, message="+switch-master")
+        assert [addr for _, addr in switches] == [new.addr]  # once, though 3 sentinels tell
+        assert switches[0][0] - promoted < 2.0
+        assert watcher.primary == new.addr
+    finally:
+        await watcher.stop()

@@ -94,6 +94,7 @@ class PubSubLink:
         self._connected = asyncio.Event()
         self._dirty = asyncio.Event()
         self._last_pong = 0.0
+        self._active = False  # something was read since the last ping check
         self._tasks: list[asyncio.Future] = []
         self._running = False
 
@@ -241,6 +242,7 @@ class PubSubLink:
                 dispatch = self._on_response
                 while True:
                     dispatch(await read())
+                    self._active = True  # anything read proves the link alive
             except asyncio.CancelledError:
                 raise
             except UPSTREAM_ERRORS as exc:
@@ -300,6 +302,11 @@ class PubSubLink:
                 if conn is self._conn:
                     await self._lost(exc)
                 continue
+            if self._active:
+                # Under a backlog the PONG waits behind megabytes of
+                # messages; a link that delivers is alive.
+                self._active = False
+                self._last_pong = time.monotonic()
             if time.monotonic() - self._last_pong > self.ping_interval + self.ping_timeout:
                 if conn is self._conn:
                     await self._lost(None)

@@ -20,7 +20,6 @@ import resource
 import signal
 import sys
 
-import tornado.netutil
 import tornado.web
 from redis.exceptions import RedisError
 
@@ -33,7 +32,8 @@ from marketstream.handlers import (CLOSE_GOING_AWAY, Context, StreamHandler, log
                                    ws_paths)
 from marketstream.keepalive import Keepalive
 from marketstream.metrics import Exporter
-from marketstream.upgrade import StreamServer, defer_accept
+from marketstream.listen import bind_listeners
+from marketstream.upgrade import StreamServer
 from marketstream.util import check_redis
 from marketstream.workers import supervise, worker_id
 
@@ -56,17 +56,12 @@ def make_app(settings, manager=None):
     return app
 
 
-def _listening_sockets(settings):
-    """Bind the server's port; connections are handed over once their
-    request has arrived (see :func:`~marketstream.upgrade.defer_accept`).
-    Raises OSError naming the address when it cannot be bound."""
-    try:
-        sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
-    except OSError as exc:
-        raise OSError(exc.errno, "cannot listen on %s:%d: %s"
-                      % (settings.host, settings.port, exc.strerror)) from None
-    defer_accept(sockets)
-    return sockets
+def _listening_sockets(settings, count=1):
+    """One group of listening sockets per worker on the server's address,
+    balanced by the kernel (``SO_REUSEPORT``; see
+    :func:`~marketstream.listen.bind_listeners`).  Raises OSError naming the
+    address when it cannot be bound."""
+    return bind_listeners(settings.host, settings.port, count)
 
 
 def _bound_port(settings, sockets):
@@ -133,7 +128,7 @@ class Server:
             websocket = (ws_paths(settings), StreamHandler, {"context": self.app.context})
         self.http_server = StreamServer(self.app, websocket=websocket,
                                         xheaders=settings.server.xheaders)
-        sockets = sockets or _listening_sockets(settings)
+        sockets = sockets or _listening_sockets(settings)[0]
         settings = self.settings = _bound_port(settings, sockets)
         self.http_server.add_sockets(sockets)
         worker = worker_id()
@@ -289,24 +284,26 @@ def main(argv=None):
     code = 0
     try:
         # The port first: a port in use must not cost an embedded Redis start.
-        sockets = _listening_sockets(settings)
-        settings = _bound_port(settings, sockets)
+        processes = settings.server.processes or os.cpu_count() or 1
+        groups = _listening_sockets(settings, processes)
+        settings = _bound_port(settings, groups[0])
         if not settings.redis.url:
             embedded = RedisServer().start()
             settings = settings.replace("redis", url=embedded.url)
             log.warning("no Redis configured: started an embedded redis-server at %s "
                         "(publish there; set REDIS_URL in production)", embedded.url)
-        processes = settings.server.processes or os.cpu_count() or 1
         if processes == 1:
-            asyncio.run(_serve(settings, args.demo, sockets))
+            asyncio.run(_serve(settings, args.demo, groups[0]))
         else:
             check_redis(settings.redis.url)
             metrics_dir = metrics.enable_multiprocess()
             try:
                 code = supervise(
                     processes,
-                    lambda index: asyncio.run(_serve(settings, args.demo and index == 0, sockets)),
-                    grace=settings.server.shutdown_timeout, on_exit=metrics.mark_process_dead)
+                    lambda index: asyncio.run(
+                        _serve(settings, args.demo and index == 0, groups[index])),
+                    grace=settings.server.shutdown_timeout, on_exit=metrics.mark_process_dead,
+                    listeners=groups)
             finally:
                 metrics.disable_multiprocess(metrics_dir)
     except (OSError, RedisError, asyncio.TimeoutError, RuntimeError, ValueError) as exc:

@@ -76,7 +76,7 @@ def test_port_in_use_is_named_before_any_redis_starts(spawn):
     try:
         server = spawn("--listen", "127.0.0.1:%d" % port)  # no Redis configured
         assert server.proc.wait(20) == 1, server.output
-        assert "cannot listen on 127.0.0.1:%d: Address already in use" % port in server.output
+        assert "cannot listen on 127.0.0.1:%d: address already in use" % port in server.output
         assert "embedded" not in server.output  # refused before starting one
     finally:
         taken.close()

@@ -29,11 +29,6 @@ if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
 
 MARKETS = "BTC_USDT,ETH_USDT,SOL_USDT,SOL_USDC"
 DEPTH = "depth.BTC_USDT"
-# After a Redis restart the server's catch-up of a stream whose history is
-# gone raises (gap_notice given bytes) and the stream stays silent.
-REDIS_RESTART_CATCH_UP = pytest.mark.xfail(
-    strict=False, reason="server: catch-up after a Redis restart fails for streams whose "
-                         "history is gone (no gap notice, no messages)")
 
 
 # -- processes ------------------------------------------------------------------
@@ -340,7 +335,6 @@ def test_server_restart_resumes_without_gap(page, server, feed, redis_url):
         reference.close()
 
 
-@REDIS_RESTART_CATCH_UP
 def test_redis_outage_shows_stale_then_recovers(page, server, feed, redis_server, tmp_path):
     srv = server["server"]
     open_page(page, srv)

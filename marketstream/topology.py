@@ -340,7 +340,7 @@ class _Link:
     """One pub/sub connection to one primary."""
 
     __slots__ = ("addr", "label", "conn", "state", "assigned", "bnames", "pending", "last_pong",
-                 "task", "retired", "messages", "dropped", "connects")
+                 "task", "retired", "messages", "dropped", "connects", "seen")
 
     def __init__(self, addr):
         self.addr = addr
@@ -356,6 +356,7 @@ class _Link:
         self.messages = 0           # messages delivered from this shard
         self.dropped = 0            # messages for channels no longer on this link
         self.connects = 0
+        self.seen = 0               # messages at the previous PING tick
 
 
 class ShardedSubscriber:
@@ -929,6 +930,11 @@ class ShardedSubscriber:
                 conn = link.conn
                 if conn is None or link.state != "up":
                     continue
+                if link.messages != link.seen:
+                    # Messages read since the last tick: alive, even if a
+                    # PONG waits behind a backlog.
+                    link.seen = link.messages
+                    link.last_pong = max(link.last_pong, now - self.ping_interval)
                 if now - link.last_pong > self.ping_interval + self.ping_timeout:
                     # A busy loop may not have read a PONG that did arrive:
                     # let the readers run before calling the link dead.

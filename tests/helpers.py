@@ -134,8 +134,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class ServerProcess:
     """``python -m marketstream ...`` with its stderr collected in a thread."""
 
-    def __init__(self, *args, env=None):
-        self.port = free_port()
+    def __init__(self, *args, env=None, port=None):
+        self.port = port or free_port()
         environ = {k: v for k, v in os.environ.items()
                    if k not in ("REDIS_URL", "WS_STREAM_URL", "MARKETSTREAM_CONFIG")}
         environ.update(env or {})

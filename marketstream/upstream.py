@@ -3,7 +3,7 @@
 * ``redis://``, ``rediss://``, ``unix://``: one :class:`~marketstream.link.PubSubLink`.
 * ``redis+sentinel://``: one :class:`~marketstream.link.PubSubLink` that
   asks the sentinels for the primary at every (re)connect, plus a
-  :class:`SentinelWatch` that drops the link when a sentinel announces
+  :class:`~marketstream.topology.SentinelWatcher` that drops the link when a sentinel announces
   ``+switch-master`` for the service, so the link follows a failover at
   once (a failed link or a silent one is followed too: it reconnects and
   asks again).
@@ -28,16 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from typing import Any
-
-import redis.asyncio
 
 from marketstream.link import PubSubLink
 from marketstream.redisurl import RedisURL, parse_redis_url
-from marketstream.topology import ShardedSubscriber, sentinel_primary
+from marketstream.topology import SentinelWatcher, ShardedSubscriber, sentinel_primary
 
-__all__ = ["make_link", "ClusterLink", "SentinelWatch"]
+__all__ = ["make_link", "ClusterLink", "SentinelLink"]
 
 log = logging.getLogger("marketstream.channels")
 
@@ -61,7 +58,13 @@ class SentinelLink(PubSubLink):
     def __init__(self, desc: RedisURL, listener: Any, **timers: Any) -> None:
         super().__init__(desc.url, listener, resolve=self._primary, **timers)
         self.desc = desc
-        self.watch = SentinelWatch(desc, self.reconnect)
+        self.watch = SentinelWatcher(desc.seeds, desc.service_name or "", self._switched,
+                                     sentinel_kwargs=desc.sentinel_kwargs())
+
+    def _switched(self, primary: tuple[str, int]) -> None:
+        log.warning("sentinels name a new primary for %s: %s:%d; moving there",
+                    self.desc.service_name, primary[0], primary[1])
+        self.reconnect()
 
     async def _primary(self) -> dict[str, Any]:
         desc = self.desc
@@ -74,65 +77,11 @@ class SentinelLink(PubSubLink):
 
     async def start(self, timeout: float = 10.0) -> None:
         await super().start(timeout)
-        self.watch.start()
+        await self.watch.start()
 
     async def stop(self) -> None:
         await self.watch.stop()
         await super().stop()
-
-
-class SentinelWatch:
-    """Listens on one sentinel at a time for ``+switch-master`` of a service
-    and calls ``on_switch()``; moves to the next sentinel when one fails."""
-
-    def __init__(self, desc: RedisURL, on_switch: Any) -> None:
-        self.desc = desc
-        self.on_switch = on_switch
-        self.switches = 0
-        self._task: asyncio.Future | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
-
-    async def _run(self) -> None:
-        service = (self.desc.service_name or "").encode()
-        index = 0
-        while True:
-            host, port = self.desc.seeds[index % len(self.desc.seeds)]
-            index += 1
-            client = redis.asyncio.Redis(host=host, port=port, **self.desc.sentinel_kwargs())
-            pubsub = client.pubsub()
-            try:
-                await pubsub.subscribe("+switch-master")
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    # "<service> <old-ip> <old-port> <new-ip> <new-port>"
-                    if message["data"].split(b" ", 1)[0] == service:
-                        self.switches += 1
-                        log.warning("sentinel %s:%d: primary of %s switched (%s)", host, port,
-                                    service.decode(), message["data"].decode(errors="replace"))
-                        self.on_switch()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("sentinel %s:%d watch failed: %s", host, port, exc)
-                await asyncio.sleep(random.uniform(0.1, 0.5))
-            finally:
-                try:
-                    await pubsub.aclose()
-                    await client.aclose()
-                except Exception:
-                    pass
 
 
 class ClusterLink:

@@ -22,6 +22,8 @@ import math
 import os
 import re
 import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
 
 __all__ = ["ConfigError", "Settings", "load_settings", "parse_listen", "SCHEMA"]
 
@@ -30,13 +32,18 @@ class ConfigError(Exception):
     """A configuration value that cannot be used; the message says where."""
 
 
+T = TypeVar("T")
+#: A value parser: the text of an INI value to its typed value, or ValueError.
+Parser = Callable[[str], T]
+
+
 # --- value parsers -----------------------------------------------------------
 
 _TRUE = {"1", "yes", "true", "on"}
 _FALSE = {"0", "no", "false", "off"}
 
 
-def _bool(text):
+def _bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in _TRUE:
         return True
@@ -45,8 +52,8 @@ def _bool(text):
     raise ValueError("expected true or false, got %r" % text)
 
 
-def _int(minimum=None, maximum=None):
-    def parse(text):
+def _int(minimum: int | None = None, maximum: int | None = None) -> Parser[int]:
+    def parse(text: str) -> int:
         try:
             value = int(text.strip())
         except ValueError:
@@ -59,8 +66,8 @@ def _int(minimum=None, maximum=None):
     return parse
 
 
-def _float(minimum=None):
-    def parse(text):
+def _float(minimum: float | None = None) -> Parser[float]:
+    def parse(text: str) -> float:
         try:
             value = float(text.strip())
         except ValueError:
@@ -73,12 +80,12 @@ def _float(minimum=None):
     return parse
 
 
-def _list(text):
+def _list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.replace("\n", ",").split(",") if item.strip())
 
 
-def _choice(*choices):
-    def parse(text):
+def _choice(*choices: str) -> Parser[str]:
+    def parse(text: str) -> str:
         value = text.strip()
         if value not in choices:
             raise ValueError("expected one of %s, got %r" % (", ".join(choices), text))
@@ -86,18 +93,18 @@ def _choice(*choices):
     return parse
 
 
-def _str(text):
+def _str(text: str) -> str:
     return text.strip()
 
 
-def _regex(text):
+def _regex(text: str) -> re.Pattern[str]:
     try:
         return re.compile(text.strip())
     except re.error as exc:
         raise ValueError("not a regular expression: %s" % exc) from None
 
 
-def _redis_url(text):
+def _redis_url(text: str) -> str:
     """One server, Sentinel or Cluster (see :mod:`marketstream.redisurl`);
     empty: an embedded redis-server."""
     value = text.strip()
@@ -107,14 +114,14 @@ def _redis_url(text):
     return value
 
 
-def _log_level(text):
+def _log_level(text: str) -> str:
     value = text.strip().upper()
     if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got %r" % text)
     return value
 
 
-def parse_listen(text):
+def parse_listen(text: str) -> tuple[str, int, str]:
     """Parse ``host:port`` or ``ws://host:port/path`` into (host, port, path).
 
     >>> parse_listen("0.0.0.0:4000")
@@ -142,20 +149,25 @@ def parse_listen(text):
 
 # --- schema ------------------------------------------------------------------
 
-def setting(default, parse):
-    """A settings field: its default as written in the INI, and its parser."""
-    return dataclasses.field(metadata={"default": default, "parse": parse})
+def setting(default: str, parse: Parser[T]) -> T:
+    """A settings field: its default as written in the INI, and its parser.
+
+    The field is typed as what ``parse`` returns::
+
+        processes: int = setting("1", _int(0, 256))
+    """
+    return cast(T, dataclasses.field(metadata={"default": default, "parse": parse}))
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
-    listen: tuple = setting("0.0.0.0:4000", parse_listen)  # (host, port, path)
+    listen: tuple[str, int, str] = setting("0.0.0.0:4000", parse_listen)  # (host, port, path)
     processes: int = setting("1", _int(0, 256))
     xheaders: bool = setting("false", _bool)
     shutdown_timeout: float = setting("10", _float(0))
     max_connections: int = setting("10000", _int(1))
     max_connections_per_ip: int = setting("0", _int(0))
-    allowed_origins: tuple = setting("", _list)
+    allowed_origins: tuple[str, ...] = setting("", _list)
     ping_interval: float = setting("20", _float(0))
     ping_timeout: float = setting("20", _float(0.1))
     min_flush_interval: float = setting("0", _float(0))
@@ -174,9 +186,9 @@ class RedisSettings:
 @dataclasses.dataclass(frozen=True)
 class ProtocolSettings:
     acks: bool = setting("false", _bool)
-    stream_types: tuple = setting("depth, trade, ticker, bookTicker, kline", _list)
-    markets: tuple = setting("", _list)
-    market_pattern: re.Pattern = setting("^[A-Z0-9]+_[A-Z0-9]+$", _regex)
+    stream_types: tuple[str, ...] = setting("depth, trade, ticker, bookTicker, kline", _list)
+    markets: tuple[str, ...] = setting("", _list)
+    market_pattern: re.Pattern[str] = setting("^[A-Z0-9]+_[A-Z0-9]+$", _regex)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +202,7 @@ class LimitsSettings:
 
 @dataclasses.dataclass(frozen=True)
 class RecoverySettings:
-    snapshot_types: tuple = setting("", _list)
+    snapshot_types: tuple[str, ...] = setting("", _list)
     max_replay: int = setting("1000", _int(0, 1_000_000))
 
 
@@ -215,37 +227,40 @@ class Settings:
     limits: LimitsSettings
     recovery: RecoverySettings
     logging: LoggingSettings
-    sources: dict = dataclasses.field(default_factory=dict, compare=False)
+    sources: dict[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
     @property
-    def host(self):
+    def host(self) -> str:
         return self.server.listen[0]
 
     @property
-    def port(self):
+    def port(self) -> int:
         return self.server.listen[1]
 
     @property
-    def ws_path(self):
+    def ws_path(self) -> str:
         """Extra WebSocket path from a ``ws://host:port/path`` listen URL, or ''."""
         return self.server.listen[2]
 
-    def replace(self, section, **changes):
+    def replace(self, section: str, **changes: Any) -> "Settings":
         """A copy with some already-typed values of one section changed."""
         changed = dataclasses.replace(getattr(self, section), **changes)
         return dataclasses.replace(self, **{section: changed})
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(Settings) if f.name != "sources"}
+_SECTIONS: dict[str, type[Any]] = {
+    f.name: cast("type[Any]", f.type) for f in dataclasses.fields(Settings) if f.name != "sources"
+}
 
 #: section -> key -> field metadata (``default`` text and ``parse``).  The
 #: defaults are the text of ``conf/marketstream.ini``; a test keeps them equal.
-SCHEMA = {
+SCHEMA: dict[str, dict[str, Mapping[str, Any]]] = {
     name: {f.name: f.metadata for f in dataclasses.fields(cls)} for name, cls in _SECTIONS.items()
 }
 
 
-def _apply(raw, sources, section, key, text, origin):
+def _apply(raw: dict[str, dict[str, str]], sources: dict[str, str], section: str, key: str,
+           text: str, origin: str) -> None:
     if section not in SCHEMA:
         raise ConfigError("%s: unknown section [%s]" % (origin, section))
     if key not in SCHEMA[section]:
@@ -254,16 +269,17 @@ def _apply(raw, sources, section, key, text, origin):
     sources["%s.%s" % (section, key)] = origin
 
 
-def _describe_ini_error(path, exc):
+def _describe_ini_error(path: str, exc: configparser.Error) -> str:
     """configparser's exception as "file, line N, [section] key: problem"."""
     if isinstance(exc, configparser.MissingSectionHeaderError):
         return ("%s, line %d: %r comes before any [section] header"
                 % (path, exc.lineno, exc.line.strip()))
     if isinstance(exc, configparser.DuplicateOptionError):
-        return ("%s, line %d: [%s] %s: duplicate key (set it once)"
+        # lineno is Optional in the stubs; it is always set for a file read
+        return ("%s, line %s: [%s] %s: duplicate key (set it once)"
                 % (path, exc.lineno, exc.section, exc.option))
     if isinstance(exc, configparser.DuplicateSectionError):
-        return "%s, line %d: [%s]: duplicate section" % (path, exc.lineno, exc.section)
+        return "%s, line %s: [%s]: duplicate section" % (path, exc.lineno, exc.section)
     if isinstance(exc, configparser.ParsingError):
         lineno, line = exc.errors[0]
         try:  # configparser keeps the repr() of the line
@@ -276,13 +292,19 @@ def _describe_ini_error(path, exc):
     return "%s: %s" % (path, detail)
 
 
-def read_ini(path):
+class _CaseSensitiveParser(configparser.ConfigParser):
+    """Keys are case-sensitive, like the schema."""
+
+    def optionxform(self, optionstr: str) -> str:
+        return optionstr
+
+
+def read_ini(path: str) -> dict[str, dict[str, str]]:
     """Parse an INI file into {section: {key: text}}, or raise ConfigError."""
     # Only "=" separates a key from its value: with ":" as well, a line like
     # "listen 0.0.0.0:4000" (its "=" forgotten) would read as key "listen 0.0.0.0".
-    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",),
-                                       delimiters=("=",))
-    parser.optionxform = str  # keys are case-sensitive, like the schema
+    parser = _CaseSensitiveParser(interpolation=None, inline_comment_prefixes=(";",),
+                                  delimiters=("=",))
     try:
         with open(path, encoding="utf-8") as handle:
             parser.read_file(handle)
@@ -294,7 +316,7 @@ def read_ini(path):
         raise ConfigError(_describe_ini_error(path, exc)) from None
     if parser.defaults():
         raise ConfigError("%s: unknown section [%s]" % (path, parser.default_section))
-    sections = {}
+    sections: dict[str, dict[str, str]] = {}
     for section in parser.sections():
         if section not in SCHEMA:
             keys = ", ".join(parser.options(section)) or "no keys"
@@ -303,7 +325,8 @@ def read_ini(path):
     return sections
 
 
-def load_settings(config_file=None, environ=None, overrides=None):
+def load_settings(config_file: str | None = None, environ: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from all sources.
 
     ``config_file``: path of an INI file, or None to use
@@ -311,17 +334,19 @@ def load_settings(config_file=None, environ=None, overrides=None):
     ``"section.key"`` to text, from command-line flags.
     """
     environ = os.environ if environ is None else environ
-    raw = {section: {key: spec["default"] for key, spec in keys.items()} for section, keys in SCHEMA.items()}
+    raw = {section: {key: spec["default"] for key, spec in keys.items()}
+           for section, keys in SCHEMA.items()}
     sources = {"%s.%s" % (s, k): "default" for s, keys in SCHEMA.items() for k in keys}
 
     config_file = config_file or environ.get("MARKETSTREAM_CONFIG") or None
     if config_file:
-        for section, values in read_ini(config_file).items():
-            for key, text in values.items():
+        for section, ini_values in read_ini(config_file).items():
+            for key, text in ini_values.items():
                 _apply(raw, sources, section, key, text, config_file)
 
     if environ.get("WS_STREAM_URL"):
-        _apply(raw, sources, "server", "listen", environ["WS_STREAM_URL"], "environment WS_STREAM_URL")
+        _apply(raw, sources, "server", "listen", environ["WS_STREAM_URL"],
+               "environment WS_STREAM_URL")
     if environ.get("REDIS_URL"):
         _apply(raw, sources, "redis", "url", environ["REDIS_URL"], "environment REDIS_URL")
 
@@ -331,7 +356,7 @@ def load_settings(config_file=None, environ=None, overrides=None):
 
     sections = {}
     for section, keys in SCHEMA.items():
-        values = {}
+        values: dict[str, Any] = {}
         for key, spec in keys.items():
             try:
                 values[key] = spec["parse"](raw[section][key])

@@ -11,7 +11,8 @@ Client frames are JSON objects::
 
 >>> parse_request('{"method":"SUBSCRIBE","params":["trade.SOL_USDC"],"id":1}')[:3]
 ('SUBSCRIBE', ('trade.SOL_USDC',), 1)
->>> parse_request('{"method":"SUBSCRIBE","params":["trade.SOL_USDC"],"since":{"trade.SOL_USDC":1042}}').since
+>>> parse_request('{"method":"SUBSCRIBE","params":["trade.SOL_USDC"],'
+...               '"since":{"trade.SOL_USDC":1042}}').since
 {'trade.SOL_USDC': 1042}
 >>> parse_request('hello').reason
 'invalid JSON'
@@ -26,9 +27,13 @@ import math
 import re
 import struct
 import time
-from typing import NamedTuple, Optional, Union
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 import ujson
+
+if TYPE_CHECKING:
+    from marketstream.config import ProtocolSettings
 
 __all__ = [
     "SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS", "METHODS",
@@ -49,6 +54,11 @@ ERROR_INVALID_JSON = 3
 
 MAX_STREAM_NAME = 200
 
+#: A request id as echoed in replies: JSON null, a string or a finite number.
+RequestId = int | float | str | None
+#: Why a part of a request was ignored: (cause, text).
+Problem = tuple[str, str]
+
 
 class Request(NamedTuple):
     """A valid client request.
@@ -61,11 +71,11 @@ class Request(NamedTuple):
     """
 
     method: str
-    params: tuple
-    id: Union[int, float, str, None]
-    since: Optional[dict] = None
-    snapshot: Union[bool, tuple, None] = None
-    problems: tuple = ()
+    params: tuple[str, ...]
+    id: RequestId
+    since: dict[str, int] | None = None
+    snapshot: bool | tuple[str, ...] | None = None
+    problems: tuple[Problem, ...] = ()
 
 
 class Invalid(NamedTuple):
@@ -74,10 +84,10 @@ class Invalid(NamedTuple):
 
     reason: str
     code: int = ERROR_INVALID_REQUEST
-    id: Union[int, float, str, None] = None
+    id: RequestId = None
 
 
-def _valid_id(value):
+def _valid_id(value: object) -> bool:
     """An id we can echo in valid JSON: null, a string, or a finite number."""
     if value is None or isinstance(value, str):
         return True
@@ -88,7 +98,7 @@ def _valid_id(value):
     return isinstance(value, float) and math.isfinite(value)
 
 
-def parse_request(frame):
+def parse_request(frame: str | bytes) -> Request | Invalid:
     """Parse one client frame (``str`` for text, ``bytes`` for binary).
 
     Returns a :class:`Request`, or an :class:`Invalid` saying why not.
@@ -119,7 +129,7 @@ def parse_request(frame):
         return Invalid("params must not be empty", id=request_id)
     if method != SUBSCRIBE or ("since" not in message and "snapshot" not in message):
         return Request(method, tuple(params), request_id)
-    problems = []
+    problems: list[Problem] = []
     since = _parse_since(message.get("since"), problems)
     snapshot = _parse_snapshot(message.get("snapshot"), problems)
     return Request(method, tuple(params), request_id, since, snapshot, tuple(problems))
@@ -129,30 +139,32 @@ def parse_request(frame):
 MAX_POSITION = 2 ** 53 - 1
 
 
-def _position(value):
+def _position(value: object) -> int | None:
     """``value`` as a position, or None if it is not one."""
     if isinstance(value, bool) or not isinstance(value, int):
         return None
     return value if 0 <= value <= MAX_POSITION else None
 
 
-def _parse_since(value, problems):
+def _parse_since(value: object, problems: list[Problem]) -> dict[str, int] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
         problems.append(("bad_since", "since must be an object of stream: position"))
         return None
-    since = {}
+    since: dict[str, int] = {}
     for stream, position in value.items():
-        if _position(position) is None:
+        checked = _position(position)
+        if checked is None:
             problems.append(("bad_since", "since %.100s: not a position (an integer "
                              "0..2^53-1): %.40r" % (stream, position)))
         else:
-            since[stream] = position
+            since[stream] = checked
     return since or None
 
 
-def _parse_snapshot(value, problems):
+def _parse_snapshot(value: object,
+                    problems: list[Problem]) -> bool | tuple[str, ...] | None:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
@@ -161,7 +173,7 @@ def _parse_snapshot(value, problems):
     return None
 
 
-def parse_stream_query(streams, since="", snapshot=""):
+def parse_stream_query(streams: str, since: str = "", snapshot: str = "") -> Request:
     """The subscribe request of a ``/stream?streams=a/b&since=a:1042&snapshot=1``
     URL, from its (already decoded) query values.
 
@@ -172,8 +184,8 @@ def parse_stream_query(streams, since="", snapshot=""):
     'bad_since'
     """
     names = tuple(name for name in streams.split("/") if name)
-    problems = []
-    positions = {}
+    problems: list[Problem] = []
+    positions: dict[str, int] = {}
     for item in since.split(","):
         if not item:
             continue
@@ -183,7 +195,7 @@ def parse_stream_query(streams, since="", snapshot=""):
             problems.append(("bad_since", "since %.100s: not stream:position" % item))
         else:
             positions[stream] = position
-    flag = None
+    flag: bool | None = None
     if snapshot:
         flag = snapshot.lower() in ("1", "true", "yes")
         if not flag and snapshot.lower() not in ("0", "false", "no"):
@@ -204,17 +216,21 @@ class StreamRules:
     to accept any market matching ``market_pattern``.
     """
 
-    def __init__(self, types=("depth", "trade", "ticker", "bookTicker", "kline"),
-                 markets=(), market_pattern=r"^[A-Z0-9]+_[A-Z0-9]+$"):
+    def __init__(self,
+                 types: Iterable[str] = ("depth", "trade", "ticker", "bookTicker", "kline"),
+                 markets: Iterable[str] = (),
+                 market_pattern: str | re.Pattern[str] = r"^[A-Z0-9]+_[A-Z0-9]+$") -> None:
         self.types = frozenset(types)
         self.markets = frozenset(markets)
-        self.market_pattern = re.compile(market_pattern) if isinstance(market_pattern, str) else market_pattern
+        self.market_pattern = (re.compile(market_pattern) if isinstance(market_pattern, str)
+                               else market_pattern)
 
     @classmethod
-    def from_settings(cls, protocol):
+    def from_settings(cls, protocol: "ProtocolSettings") -> "StreamRules":
+        """The rules of the ``[protocol]`` settings section."""
         return cls(protocol.stream_types, protocol.markets, protocol.market_pattern)
 
-    def check(self, name):
+    def check(self, name: str) -> str | None:
         """None if ``name`` is an acceptable stream, else the reason it is not."""
         if not name or len(name) > MAX_STREAM_NAME:
             return "invalid stream name"
@@ -237,17 +253,17 @@ class StreamRules:
 
 # --- server frames -----------------------------------------------------------
 
-def encode_result(request_id, result=None):
+def encode_result(request_id: RequestId, result: object = None) -> str:
     """``{"result": ..., "id": n}``, as text."""
     return ujson.dumps({"result": result, "id": request_id})
 
 
-def encode_error(request_id, code, msg):
+def encode_error(request_id: RequestId, code: int, msg: str) -> str:
     """``{"error": {"code": c, "msg": "..."}, "id": n}``, as text."""
     return ujson.dumps({"error": {"code": code, "msg": msg}, "id": request_id})
 
 
-def _reject_constant(name):
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError("not JSON: %s" % name)
 
 
@@ -258,7 +274,7 @@ def _reject_constant(name):
 _STRICT = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-def is_json_object(payload):
+def is_json_object(payload: bytes) -> bool:
     """True if ``payload`` (bytes) is one JSON object (strict RFC 8259, UTF-8)."""
     try:
         return isinstance(_STRICT.decode(payload.decode("utf-8")), dict)
@@ -266,12 +282,12 @@ def is_json_object(payload):
         return False
 
 
-def wrap_data(stream, payload):
+def wrap_data(stream: bytes, payload: bytes) -> bytes:
     """``{"stream":"<stream>","data":<payload>}`` from bytes, without re-encoding."""
     return b'{"stream":"' + stream + b'","data":' + payload + b"}"
 
 
-def gap_notice(stream, now=None):
+def gap_notice(stream: str, now: float | None = None) -> bytes:
     """The message sent on every stream after an upstream outage."""
     now_us = int((time.time() if now is None else now) * 1_000_000)
     market = stream.rsplit(".", 1)[-1]
@@ -281,7 +297,7 @@ def gap_notice(stream, now=None):
     ).encode()
 
 
-def text_frame(payload):
+def text_frame(payload: bytes) -> bytes:
     """A complete, unmasked, final WebSocket text frame (RFC 6455 5.2) for
     ``payload`` (UTF-8 bytes).
 
@@ -298,7 +314,8 @@ def text_frame(payload):
     return header + payload
 
 
-def take_token(tokens, last, now, rate, burst):
+def take_token(tokens: float, last: float, now: float, rate: float,
+               burst: float) -> tuple[bool, float]:
     """Token bucket step: ``(allowed, tokens)`` after one message at ``now``.
 
     ``tokens`` and ``last`` are the bucket's level and the time it was last

@@ -46,7 +46,8 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -70,7 +71,7 @@ DEFAULT_TTL = 3600       # seconds the keys of an idle stream live
 redact = redact_url      # the name this module used to export
 
 
-async def _wait(stop, timeout):
+async def _wait(stop: asyncio.Event, timeout: float) -> bool:
     """Sleep ``timeout`` seconds or until ``stop`` is set; True if set."""
     if timeout > 0 and not stop.is_set():
         try:
@@ -83,7 +84,7 @@ async def _wait(stop, timeout):
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
-def _cancel_requested():
+def _cancel_requested() -> bool:
     """True once this task was asked to stop (Python 3.11+), even if a
     library on the way swallowed the CancelledError or turned it into a
     timeout, so that a cancelled feed never goes on publishing."""
@@ -125,13 +126,13 @@ async def run_feed(redis_url: str, markets: Iterable[str] | str = DEFAULT_MARKET
     feed = Feed(markets, rate, fmt, seed, start)
     if stop is None:
         stop = asyncio.Event()
-    deadline = None if duration is None else start + duration
+    deadline: float | None = None if duration is None else start + duration
     counts = dict.fromkeys(KINDS, 0)
     reported, last_summary = dict(counts), start
     url = redact_url(redis_url)
     client = async_redis_client(redis_url, socket_connect_timeout=5, socket_timeout=5)
-    sink: Any = AsyncPublisher(client, history=history, ttl=ttl) if recoverable else _Plain(
-        client, feed)
+    sink: AsyncPublisher | _Plain = (AsyncPublisher(client, history=history, ttl=ttl)
+                                     if recoverable else _Plain(client, feed))
     log.info("publishing %s (%s, %g trade+depth events/s per market, tickers every "
              "second) to %s", ", ".join(feed.markets),
              "recoverable, history %d, ttl %ds" % (history, ttl) if recoverable
@@ -143,7 +144,7 @@ async def run_feed(redis_url: str, markets: Iterable[str] | str = DEFAULT_MARKET
             now = loop.time()
             finished = deadline is not None and now >= deadline
             offset_us = time.time() * 1e6 - now * 1e6
-            batch = feed.events(deadline if finished else now, offset_us)
+            batch = feed.events(deadline if finished and deadline is not None else now, offset_us)
             if batch:
                 try:
                     await _publish(sink, batch)
@@ -189,7 +190,7 @@ class _Plain:
         await pipe.execute()
 
 
-async def _publish(sink: Any, batch: list[FeedEvent]) -> None:
+async def _publish(sink: AsyncPublisher | _Plain, batch: list[FeedEvent]) -> None:
     """One pipeline: recoverable (AsyncPublisher) or plain."""
     if isinstance(sink, _Plain):
         await sink.publish_many(batch)
@@ -201,7 +202,8 @@ async def _publish(sink: Any, batch: list[FeedEvent]) -> None:
         for event in batch])
 
 
-async def _reconnect(client, stop, deadline, loop, log):
+async def _reconnect(client: Any, stop: asyncio.Event, deadline: float | None,
+                     loop: asyncio.AbstractEventLoop, log: logging.Logger) -> bool:
     """PING every second until Redis answers (True) or the feed is to stop."""
     while True:
         timeout = RETRY_INTERVAL
@@ -216,7 +218,7 @@ async def _reconnect(client, stop, deadline, loop, log):
             log.debug("Redis still unavailable: %s", exc)
 
 
-def _summary(counts, since=None):
+def _summary(counts: dict[str, int], since: dict[str, int] | None = None) -> str:
     since = since or dict.fromkeys(KINDS, 0)
     trades, depth, tickers = (counts[kind] - since[kind] for kind in KINDS)
     return "%d trades, %d depth diffs, %d tickers" % (trades, depth, tickers)
@@ -224,21 +226,21 @@ def _summary(counts, since=None):
 
 # -- command line -------------------------------------------------------------
 
-def _positive(text):
+def _positive(text: str) -> float:
     value = float(text)
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError("must be a positive number, not %r" % text)
     return value
 
 
-def _non_negative(text):
+def _non_negative(text: str) -> float:
     value = float(text)
     if not value >= 0 or math.isinf(value):
         raise argparse.ArgumentTypeError("must be a number >= 0, not %r" % text)
     return value
 
 
-def _count(text):
+def _count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -248,7 +250,7 @@ def _count(text):
     return value
 
 
-def _markets(text):
+def _markets(text: str) -> tuple[str, ...]:
     markets = [market.strip() for market in text.split(",") if market.strip()]
     if not markets:
         raise argparse.ArgumentTypeError("expected comma-separated market names")
@@ -256,6 +258,7 @@ def _markets(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``marketstream-feed`` command line."""
     parser = argparse.ArgumentParser(
         prog="marketstream-feed",
         description="Publish realistic synthetic trades, depth diffs and tickers to Redis "
@@ -287,10 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _main(args):
+async def _main(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    handled = []
+    handled: list[signal.Signals] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)

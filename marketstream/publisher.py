@@ -27,7 +27,8 @@ All the work is done by the Lua script ``marketstream/recovery.lua``
 (:data:`SCRIPT`), so publishers in any language can do the same.  Load it once
 (``SCRIPT LOAD``, which returns its SHA1) and call, for stream ``S``::
 
-    EVALSHA <sha1> 3 {S}:seq {S}:log {S}:snap  S <data-json> <history> <ttl> <snapmode> <snapdata-json> <pubcmd>
+    EVALSHA <sha1> 3 {S}:seq {S}:log {S}:snap
+            S <data-json> <history> <ttl> <snapmode> <snapdata-json> <pubcmd>
 
     snapmode  "" (no snapshot) | "self" (this message is the snapshot) | "data" (snapdata-json is)
     pubcmd    "publish" | "spublish" (Redis Cluster)
@@ -44,7 +45,7 @@ import functools
 import hashlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -64,8 +65,11 @@ SCRIPT: str = (Path(__file__).with_name("recovery.lua")).read_text(encoding="utf
 SCRIPT_SHA: str = hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest()
 """Its SHA1, as ``SCRIPT LOAD`` returns it."""
 
-JSONInput = Union[str, bytes, bytearray, memoryview, dict, list, int, float, bool, None]
-Message = tuple  # (stream, data) or (stream, data, snapshot)
+JSONInput = (str | bytes | bytearray | memoryview | dict[str, Any] | list[Any] | int | float
+             | bool | None)
+Message = tuple[Any, ...]  # (stream, data) or (stream, data, snapshot)
+#: ``(keys, args)`` of one call of the script.
+ScriptCall = tuple[tuple[str, str, str], list[Any]]
 
 _FORBIDDEN = frozenset(' \t\r\n\v\f"\\{}/')
 
@@ -75,10 +79,10 @@ def check_stream_name(stream: Any) -> str:
 
     >>> check_stream_name("trade.SOL_USDC")
     'trade.SOL_USDC'
-    >>> check_stream_name("trade SOL")
+    >>> check_stream_name("trade SOL")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: invalid stream name 'trade SOL': non-empty, without whitespace, '"', '\\\\', '{', '}' or '/'
+    ValueError: invalid stream name 'trade SOL': non-empty, without whitespace, ...
     """
     if not isinstance(stream, str) or not stream or any(
             c in _FORBIDDEN or c.isspace() or c < " " for c in stream):
@@ -117,13 +121,14 @@ def encode_json(value: JSONInput) -> str | bytes:
 
 
 def script_call(stream: str, data: JSONInput, snapshot: Any = None, history: int = 1000,
-                ttl: int = 3600, sharded: bool = False) -> tuple[tuple[str, str, str], list]:
+                ttl: int = 3600, sharded: bool = False) -> ScriptCall:
     """``(keys, args)`` of the script call publishing ``data`` on ``stream``.
 
     ``snapshot``: None/False (none), True (this message), or the snapshot's
     data (object or JSON text).
     """
     keys = _checked_keys(stream) if type(stream) is str else stream_keys(check_stream_name(stream))
+    snapdata: str | bytes
     if snapshot is None or snapshot is False:
         mode, snapdata = "", ""
     elif snapshot is True:
@@ -193,7 +198,7 @@ class Publisher:
                 results[i] = r
         return _positions(results)
 
-    def _run_pipeline(self, calls: list) -> list:
+    def _run_pipeline(self, calls: list[ScriptCall]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         for keys, args in calls:
             pipe.execute_command("EVALSHA", SCRIPT_SHA, 3, *keys, *args)
@@ -251,7 +256,7 @@ class AsyncPublisher:
                 results[i] = r
         return _positions(results)
 
-    async def _run_pipeline(self, calls: list) -> list:
+    async def _run_pipeline(self, calls: list[ScriptCall]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         for keys, args in calls:
             pipe.execute_command("EVALSHA", SCRIPT_SHA, 3, *keys, *args)
@@ -269,7 +274,7 @@ class AsyncPublisher:
         await self.aclose()
 
 
-def _positions(results: list) -> list[int]:
+def _positions(results: list[Any]) -> list[int]:
     for result in results:
         if isinstance(result, Exception):
             raise result if isinstance(result, ResponseError) else ResponseError(str(result))

@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 import random
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import ujson
 
@@ -68,7 +69,7 @@ def market_spec(market: str) -> MarketSpec:
     return MarketSpec(50.0 + crc % 10000 / 100.0, 2, 3)
 
 
-def _decimal(units, decimals):
+def _decimal(units: int, decimals: int) -> str:
     """``units * 10 ** -decimals`` as a fixed-point string (units >= 0)."""
     if decimals == 0:
         return str(units)
@@ -76,7 +77,7 @@ def _decimal(units, decimals):
     return digits[:-decimals] + "." + digits[-decimals:]
 
 
-def envelope(stream: str, data: Any) -> dict:
+def envelope(stream: str, data: Any) -> dict[str, Any]:
     """The message clients receive: ``{"stream": ..., "data": ...}``."""
     return {"stream": stream, "data": data}
 
@@ -114,17 +115,20 @@ class MarketSimulator:
         self.price_decimals = self.spec.price_decimals
         self.qty_decimals = self.spec.qty_decimals
         self._rng = random.Random(None if seed is None else "%s:%s" % (seed, market))
-        self._tick_scale = 10 ** self.price_decimals
-        self._lot_scale = 10 ** self.qty_decimals
-        self._mid = self.spec.price * self._tick_scale   # float, in ticks
+        self._tick_scale: int = 10 ** self.price_decimals
+        self._lot_scale: int = 10 ** self.qty_decimals
+        self._mid: float = self.spec.price * self._tick_scale   # in ticks
         # Book levels sit on offsets of a grid of about 0.002 % of the price.
         self._grid = max(1, round(self._mid * 2e-5))
-        self._bids = {}   # price in ticks -> quantity in lots, as published
-        self._asks = {}
+        self._bids: dict[int, int] = {}   # price in ticks -> quantity in lots, as published
+        self._asks: dict[int, int] = {}
         self._trade_id = 0
         self._update_id = 0
         self._order_id = self._rng.randrange(10 ** 9, 5 * 10 ** 9)
-        self._open = self._high = self._low = self._last = None
+        self._open: int | None = None
+        self._high: int | None = None
+        self._low: int | None = None
+        self._last: int | None = None
         self._volume = 0         # lots
         self._quote_volume = 0   # ticks * lots
         self._trades = 0
@@ -137,18 +141,18 @@ class MarketSimulator:
     def qty(self, lots: int) -> str:
         return "0" if lots == 0 else _decimal(lots, self.qty_decimals)
 
-    def _center(self):
+    def _center(self) -> int:
         """The first ask price of the current mid; bids are below it."""
         return max(2, round(self._mid))
 
-    def _lots(self, notional, sigma):
+    def _lots(self, notional: float, sigma: float) -> int:
         """A log-normal quantity worth about ``notional`` in the quote asset."""
         value = self._rng.lognormvariate(math.log(notional), sigma)
         return max(1, round(value / self._mid * self._tick_scale * self._lot_scale))
 
     # -- messages ----------------------------------------------------------
 
-    def trade(self, now_us: int) -> dict:
+    def trade(self, now_us: int) -> dict[str, Any]:
         """The next trade: the price takes a random-walk step, then a taker
         buys at the ask (``m`` false) or sells at the bid (``m`` true)."""
         rng = self._rng
@@ -163,8 +167,10 @@ class MarketSimulator:
         buyer, seller = (maker, taker) if buyer_is_maker else (taker, maker)
 
         if self._open is None:
-            self._open = self._high = self._low = price
-        self._high, self._low, self._last = max(self._high, price), min(self._low, price), price
+            self._open = price
+        self._high = price if self._high is None else max(self._high, price)
+        self._low = price if self._low is None else min(self._low, price)
+        self._last = price
         self._volume += lots
         self._quote_volume += price * lots
         self._trades += 1
@@ -172,7 +178,7 @@ class MarketSimulator:
                 "p": self.price(price), "q": self.qty(lots), "b": buyer, "a": seller,
                 "m": buyer_is_maker, "T": now_us // 1000}
 
-    def depth(self, now_us: int) -> dict:
+    def depth(self, now_us: int) -> dict[str, Any]:
         """The order book's changes: levels the price moved through are
         removed, a few levels near the touch change, thin sides are refilled
         and far levels cancelled.  Bids stay below asks."""
@@ -210,12 +216,14 @@ class MarketSimulator:
                 "b": [[self.price(p), self.qty(q)] for p, q in bid_changes],
                 "a": [[self.price(p), self.qty(q)] for p, q in ask_changes]}
 
-    def ticker(self, now_us: int) -> dict:
+    def ticker(self, now_us: int) -> dict[str, Any]:
         """Statistics over the trades since start (before the first trade
         all prices are the current one)."""
         current = self._last if self._last is not None else self._center()
-        open_, high, low = ((self._open, self._high, self._low) if self._open is not None
-                            else (current, current, current))
+        if self._open is None or self._high is None or self._low is None:
+            open_ = high = low = current
+        else:
+            open_, high, low = self._open, self._high, self._low
         # Quote volume in ticks * lots, rounded half up to the tick.
         quote = (self._quote_volume + self._lot_scale // 2) // self._lot_scale
         return {"e": "ticker", "E": now_us, "s": self.market,
@@ -224,7 +232,7 @@ class MarketSimulator:
                 "v": _decimal(self._volume, self.qty_decimals),
                 "V": _decimal(quote, self.price_decimals), "n": self._trades}
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         """The whole book as published so far, best levels first: the state
         after the last :meth:`depth` diff, whose ``u`` it carries (the next
         diff has ``U = u + 1``)::
@@ -239,18 +247,19 @@ class MarketSimulator:
 
     # -- order book ----------------------------------------------------------
 
-    def _near_top(self, book, is_bid):
+    def _near_top(self, book: dict[int, int], is_bid: bool) -> int:
         """A level price, usually one of the best few."""
         levels = sorted(book, reverse=is_bid)
         return levels[min(len(levels) - 1, int(self._rng.expovariate(0.5)))]
 
-    def _add_level(self, book, is_bid, center, mean_offset=3.0):
+    def _add_level(self, book: dict[int, int], is_bid: bool, center: int,
+                   mean_offset: float = 3.0) -> None:
         offset = int(self._rng.expovariate(1.0 / mean_offset)) * self._grid
         price = center - 1 - offset if is_bid else center + offset
         if price >= 1:
             book[price] = self._lots(5000.0, 1.0)
 
-    def _activity(self, bids, asks, center):
+    def _activity(self, bids: dict[int, int], asks: dict[int, int], center: int) -> None:
         is_bid = self._rng.random() < 0.5
         book = bids if is_bid else asks
         action = self._rng.random()
@@ -262,7 +271,7 @@ class MarketSimulator:
             del book[self._near_top(book, is_bid)]
 
     @staticmethod
-    def _diff(old, new, reverse):
+    def _diff(old: dict[int, int], new: dict[int, int], reverse: bool) -> list[tuple[int, int]]:
         """[(price, qty)] turning ``old`` into ``new``; qty 0 removes."""
         changes = [(price, 0) for price in old if price not in new]
         changes += [(price, qty) for price, qty in new.items() if old.get(price) != qty]
@@ -277,7 +286,7 @@ class FeedEvent(NamedTuple):
 
     kind: str
     channel: str
-    data: dict
+    data: dict[str, Any]
     snapshot: Any
 
 

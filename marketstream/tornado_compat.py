@@ -119,10 +119,11 @@ def write_buffer_empty(stream: tornado.iostream.IOStream) -> bool:
 
 def prepare_switch(handler: tornado.web.RequestHandler) -> None:
     """What ``clear()`` sets up, for a response that is a prebuilt 101."""
-    handler._headers = None
-    handler._write_buffer = []
-    handler._status_code = 101
-    handler._reason = "Switching Protocols"
+    state: Any = handler  # private state, set beyond its declared types
+    state._headers = None
+    state._write_buffer = []
+    state._status_code = 101
+    state._reason = "Switching Protocols"
 
 
 def finish_http(handler: tornado.web.RequestHandler) -> None:
@@ -132,4 +133,5 @@ def finish_http(handler: tornado.web.RequestHandler) -> None:
 
 def release_response(handler: tornado.web.RequestHandler) -> None:
     """Drop the response state a WebSocket handler no longer needs."""
-    handler._headers = handler._transforms = handler._write_buffer = None
+    state: Any = handler  # private state, set beyond its declared types
+    state._headers = state._transforms = state._write_buffer = None

@@ -24,8 +24,11 @@ has arrived, so the shortcut applies to nearly every handshake::
 """
 
 import socket
+from collections.abc import Callable, Collection, Iterable
+from typing import Any, Protocol, cast
 
 import tornado.httpserver
+import tornado.iostream
 from tornado import httputil
 
 from marketstream import tornado_compat as compat
@@ -37,7 +40,7 @@ _PEEK_BYTES = 4096
 _END = b"\r\n\r\n"
 
 
-def defer_accept(sockets, seconds=1):
+def defer_accept(sockets: Iterable[socket.socket], seconds: int = 1) -> None:
     """Ask the kernel (Linux) not to hand over a connection on these
     listening sockets until its first data arrives, for up to ``seconds``."""
     option = getattr(socket, "TCP_DEFER_ACCEPT", None)
@@ -48,7 +51,8 @@ def defer_accept(sockets, seconds=1):
             sock.setsockopt(socket.IPPROTO_TCP, option, seconds)
 
 
-def upgrade_request(data, paths):
+def upgrade_request(data: bytes, paths: Collection[str]
+                    ) -> tuple[httputil.RequestStartLine, httputil.HTTPHeaders, int] | None:
     """(start line, headers, length of the request) if ``data`` begins with a
     whole WebSocket upgrade request, version 13, for one of ``paths``, that
     carries nothing that needs Tornado's general handling; else None.
@@ -93,11 +97,21 @@ class Switched:
 
     __slots__ = ("context",)
 
-    def __init__(self, context):
-        self.context = context
+    def __init__(self, context: Any) -> None:
+        self.context = context  # tornado.httpserver._HTTPRequestContext
 
-    def set_close_callback(self, callback):
+    def set_close_callback(self, callback: Callable[[], None] | None) -> None:
         pass  # the WebSocket's frame loop notices the close
+
+
+class _Switching(Protocol):
+    """What the shortcut needs of the WebSocket handler it builds."""
+
+    def switch_protocols(self, stream: tornado.iostream.IOStream, key: str) -> None: ...
+
+
+#: (paths, handler class, handler keyword arguments)
+_WebSocketRoute = tuple[frozenset[str], Callable[..., _Switching], dict[str, Any]]
 
 
 class StreamServer(tornado.httpserver.HTTPServer):
@@ -110,23 +124,28 @@ class StreamServer(tornado.httpserver.HTTPServer):
     ``handshakes`` counts the handshakes answered here.
     """
 
-    def initialize(self, request_callback, websocket=None, **kwargs):
-        super().initialize(request_callback, **kwargs)
-        self.websocket = None
+    def initialize(self, request_callback: Any, *args: Any,
+                   websocket: tuple[Iterable[str], Callable[..., _Switching], dict[str, Any]]
+                   | None = None,
+                   **kwargs: Any) -> None:
+        super().initialize(request_callback, *args, **kwargs)
+        self.websocket: _WebSocketRoute | None = None
         if websocket is not None:
             paths, handler_class, handler_kwargs = websocket
             self.websocket = (frozenset(paths), handler_class, dict(handler_kwargs))
         self.handshakes = 0
 
-    def handle_stream(self, stream, address):
+    def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
         # TLS connections (ssl_options) always take Tornado's path.
-        shortcut = self.websocket is not None and self.ssl_options is None
-        if not (shortcut and self._switch(stream, address)):
+        websocket = self.websocket
+        if (websocket is None or self.ssl_options is not None
+                or not self._switch(websocket, stream, address)):
             super().handle_stream(stream, address)
 
-    def _switch(self, stream, address):
+    def _switch(self, websocket: _WebSocketRoute, stream: tornado.iostream.IOStream,
+                address: tuple[Any, ...]) -> bool:
         """Take the handshake if it qualifies; False leaves the socket untouched."""
-        paths, handler_class, handler_kwargs = self.websocket
+        paths, handler_class, handler_kwargs = websocket
         sock = stream.socket
         try:
             data = sock.recv(_PEEK_BYTES, socket.MSG_PEEK)
@@ -152,8 +171,10 @@ class StreamServer(tornado.httpserver.HTTPServer):
             sock.recv(length)  # exactly the request: the peek saw it whole
         except OSError:
             return False  # nothing read: Tornado meets the error
+        # Switched stands in for the HTTP connection (duck-typed, see its docstring).
         request = httputil.HTTPServerRequest(
-            connection=Switched(context), start_line=start, headers=headers)
+            connection=cast(httputil.HTTPConnection, Switched(context)),
+            start_line=start, headers=headers)
         handler = handler_class(self.request_callback, request, **handler_kwargs)
         self.handshakes += 1
         handler.switch_protocols(stream, headers["Sec-WebSocket-Key"])

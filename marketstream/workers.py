@@ -25,7 +25,8 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from types import FrameType
 
 from marketstream.util import die_with_parent as _die_with_parent
 
@@ -33,15 +34,16 @@ __all__ = ["supervise", "worker_id"]
 
 log = logging.getLogger("marketstream.workers")
 
-_worker_id = None
+_worker_id: int | None = None
 
 
-def worker_id():
+def worker_id() -> int | None:
     """The index of this worker (0..count-1), or None in a single process."""
     return _worker_id
 
 
-def _spawn(index, target, listeners=None):
+def _spawn(index: int, target: Callable[[int], int | None],
+           listeners: Sequence[Sequence[socket.socket]] | None = None) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -83,23 +85,24 @@ def supervise(count: int, target: Callable[[int], int | None], grace: float = 10
     """
     if listeners is not None and len(listeners) != count:
         raise ValueError("listeners: %d groups for %d workers" % (len(listeners), count))
-    stopping = []
+    stopping: list[int] = []
 
-    def request_stop(signum, frame):
+    def request_stop(signum: int, frame: FrameType | None) -> None:
         stopping.append(signum)
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    workers = {}  # pid -> index
-    started = {}  # index -> time of last start
+    workers: dict[int, int] = {}  # pid -> index
+    started: dict[int, float] = {}  # index -> time of last start
     try:
         for index in range(count):
             workers[_spawn(index, target, listeners)] = index
             started[index] = time.monotonic()
         log.info("started %d worker processes: %s", count, " ".join(map(str, workers)))
         while workers and not stopping:
-            pid, status = _wait(timeout=0.5)
-            if pid is None:
+            reaped = _wait(timeout=0.5)
+            if reaped is None:
                 continue
+            pid, status = reaped
             index = workers.pop(pid)
             if on_exit:
                 on_exit(pid)
@@ -115,27 +118,28 @@ def supervise(count: int, target: Callable[[int], int | None], grace: float = 10
             signal.signal(sig, handler)
 
 
-def _wait(timeout):
+def _wait(timeout: float) -> tuple[int, int] | None:
+    """``(pid, status)`` of a child that exited within ``timeout``, or None."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return None, None
+            return None
         if pid:
             return pid, status
         if time.monotonic() >= deadline:
-            return None, None
+            return None
         time.sleep(0.05)
 
 
-def _describe(status):
+def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return "was killed by signal %d" % os.WTERMSIG(status)
     return "exited with code %d" % os.WEXITSTATUS(status)
 
 
-def _stop_all(workers, grace):
+def _stop_all(workers: dict[int, int], grace: float) -> int:
     log.info("stopping %d worker(s)", len(workers))
     for pid in workers:
         try:
@@ -145,8 +149,9 @@ def _stop_all(workers, grace):
     clean = True
     deadline = time.monotonic() + grace + 5
     while workers and time.monotonic() < deadline:
-        pid, status = _wait(timeout=0.2)
-        if pid in workers:
+        reaped = _wait(timeout=0.2)
+        if reaped is not None and reaped[0] in workers:
+            pid, status = reaped
             index = workers.pop(pid)
             if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
                 log.warning("worker %d (pid %d) %s", index, pid, _describe(status))

@@ -285,14 +285,14 @@ class ChannelManager:
             if latest is not None and after is not None and after < latest:
                 entries, _ = await history.read_after(client, name, after, self.max_replay)
         except asyncio.CancelledError:
-            self.core.read_failed(name)
+            self.core.read_failed(name, read.token)
             raise
         except UPSTREAM_ERRORS as exc:
             log.warning("reading the history of %s failed (%s); retrying", name, exc)
-            self.core.read_failed(name)
+            self.core.read_failed(name, read.token)
             asyncio.get_running_loop().call_later(0.2, self._start_reads)
             return
-        if self.core.read_done(name, History(latest, snapshot, entries)):
+        if self.core.read_done(name, History(latest, snapshot, entries), read.token):
             if self._flush_handle is None:
                 self._schedule_flush()
         self._start_reads()

@@ -74,6 +74,7 @@ class Read(NamedTuple):
     stream: str
     after: int | None
     snapshot: bool
+    token: int = 0               # pass it back to read_done / read_failed
 
 
 class History(NamedTuple):
@@ -92,6 +93,7 @@ class _Recovery:
     reading: dict = field(default_factory=dict)    # conn -> Want, read in flight
     buffer: list = field(default_factory=list)     # (seq | None, frame) since the read began
     in_flight: bool = False
+    token: int = 0                                 # which read is in flight
 
 
 class Core:
@@ -112,6 +114,12 @@ class Core:
         self.recovering: dict[str, _Recovery] = {}
         self.confirmed: set[str] = set()      # channels Redis confirmed on the live link
         self._resync: set[str] = set()        # channels to catch up once resubscribed
+        # Connections just caught up from the history, per stream: the
+        # position each holds.  A live message at or below it was already
+        # delivered from the history (the read and the pub/sub link are two
+        # Redis connections, so it may still be on its way): skip it for them.
+        self._holding: dict[str, dict[Conn, int]] = {}
+        self._reads = 0
         self.wanted_changed = False           # the shell syncs upstream when set
 
     # --- registry ---------------------------------------------------------
@@ -177,18 +185,33 @@ class Core:
         listeners = self.streams.get(name)
         if listeners is not None:
             listeners.pop(conn, None)
+            holding = self._holding.get(name)
+            if holding is not None:
+                holding.pop(conn, None)
             if not listeners:
                 del self.streams[name]
+                self._holding.pop(name, None)
                 if name not in self.recovering:
-                    self.wanted_changed = True
+                    self._unwanted(name)
         recovery = self.recovering.get(name)
         if recovery is not None:
             recovery.waiting.pop(conn, None)
             recovery.reading.pop(conn, None)
-            if not recovery.waiting and not recovery.reading and not recovery.in_flight:
-                del self.recovering[name]
-                if name not in self.streams:
-                    self.wanted_changed = True
+            self._forget_if_idle(name)
+
+    def _unwanted(self, name: str) -> None:
+        """Nobody listens to ``name`` any more."""
+        self.wanted_changed = True
+        self.last_seq.pop(name, None)
+
+    def _forget_if_idle(self, name: str) -> None:
+        """Drop a recovery nobody waits for any more."""
+        recovery = self.recovering.get(name)
+        if recovery is None or recovery.waiting or recovery.reading or recovery.in_flight:
+            return
+        del self.recovering[name]
+        if name not in self.streams:
+            self._unwanted(name)
 
     def _hold(self, conn: Conn, name: str, want: Want) -> None:
         recovery = self.recovering.get(name)
@@ -234,6 +257,8 @@ class Core:
             recovery.reading.clear()
             recovery.buffer.clear()
             recovery.in_flight = False
+        for name in list(self.recovering):
+            self._forget_if_idle(name)
 
     def channels_interrupted(self, names: list[str]) -> None:
         """These channels were cut off (a Cluster slot moved, a shard failed
@@ -262,48 +287,61 @@ class Core:
             if recovery.in_flight or not recovery.waiting or name not in self.confirmed:
                 continue
             recovery.in_flight = True
+            self._reads += 1
+            recovery.token = self._reads
             recovery.buffer = []
             recovery.reading, recovery.waiting = recovery.waiting, {}
             sinces = [w.since for w in recovery.reading.values() if w.since is not None]
             snapshot = any(w.snapshot for w in recovery.reading.values())
             # A resume the history cannot cover falls back to the snapshot.
-            reads.append(Read(name, min(sinces) if sinces else None, snapshot or bool(sinces)))
+            reads.append(Read(name, min(sinces) if sinces else None, snapshot or bool(sinces),
+                              recovery.token))
         return reads
 
-    def read_failed(self, name: str) -> None:
-        """The read for ``name`` failed: its connections wait for the next."""
+    def read_failed(self, name: str, token: int | None = None) -> None:
+        """The read for ``name`` (``token`` from its :class:`Read`) failed:
+        its connections wait for the next.  A stale answer is ignored."""
         recovery = self.recovering.get(name)
-        if recovery is not None and recovery.in_flight:
+        if recovery is not None and recovery.in_flight and token in (None, recovery.token):
             recovery.waiting.update(recovery.reading)
             recovery.reading.clear()
             recovery.in_flight = False
+            self._forget_if_idle(name)
 
-    def read_done(self, name: str, history: History) -> bool:
-        """Deliver what each connection of the finished read missed, then
-        make it a live listener.  True if frames were queued."""
+    def read_done(self, name: str, history: History, token: int | None = None) -> bool:
+        """Deliver what each connection of the finished read (``token`` from
+        its :class:`Read`) missed, then make it a live listener.  True if
+        frames were queued.  A stale answer is ignored."""
         recovery = self.recovering.get(name)
-        if recovery is None or not recovery.in_flight:
+        if recovery is None or not recovery.in_flight or token not in (None, recovery.token):
             return False
         recovery.in_flight = False
         queued = False
         listeners = self.streams.get(name)
+        held = self.last_seq.get(name, 0)
         for conn, want in recovery.reading.items():
-            frames = self._catch_up(name, want, history, recovery.buffer)
+            frames, position = self._catch_up(name, want, history, recovery.buffer)
             if frames:
                 self._queue(conn, frames)
                 queued = True
             if listeners is None:
                 listeners = self.streams[name] = {}
             listeners[conn] = None
+            if position:
+                self._holding.setdefault(name, {})[conn] = position
+                held = max(held, position)
+        if held and recovery.reading:
+            # Where the live stream is for the next outage's repair.
+            self.last_seq[name] = held
         recovery.reading = {}
         recovery.buffer = []
-        if not recovery.waiting:  # else the next read serves those
-            del self.recovering[name]
+        self._forget_if_idle(name)  # else the next read serves those waiting
         return queued
 
     def _catch_up(self, name: str, want: Want, history: History,
-                  buffer: list[tuple[int | None, bytes]]) -> list[bytes]:
-        """The frames one connection gets before joining the live stream."""
+                  buffer: list[tuple[int | None, bytes]]) -> tuple[list[bytes], int]:
+        """The frames one connection gets before joining the live stream,
+        and the position it then holds (0: none)."""
         counters = self.counters
         latest, snapshot, entries = history
         out: list[bytes] = []
@@ -314,7 +352,7 @@ class Core:
             pass
         elif want.since is not None and (want.since >= latest or self._covers(
                 entries, want.since, latest)):
-            last = want.since
+            last = min(want.since, latest)
             out = [frame for seq, frame in entries if seq > last]
             if entries and entries[-1][0] > last:
                 last = entries[-1][0]
@@ -344,7 +382,7 @@ class Core:
                 out.append(frame)
                 if seq is not None:
                     last = seq
-        return [protocol.text_frame(frame) for frame in out]
+        return [protocol.text_frame(frame) for frame in out], last
 
     @staticmethod
     def _covers(entries: list[tuple[int, bytes]], after: int, latest: int) -> bool:
@@ -384,8 +422,24 @@ class Core:
             recovery.buffer.append((seq, payload))
         if not listeners:
             return False
+        if seq is not None and self._holding:
+            holding = self._holding.get(name)
+            if holding is not None:
+                listeners = self._not_holding(name, holding, listeners, seq)
         self._enqueue(listeners, protocol.text_frame(payload))
         return True
+
+    def _not_holding(self, name: str, holding: dict[Conn, int],
+                     listeners: dict[Conn, None], seq: int) -> dict[Conn, None]:
+        """``listeners`` without those that already hold position ``seq``;
+        forgets the holdings the live stream has passed."""
+        for conn, position in list(holding.items()):
+            if position < seq:
+                del holding[conn]
+        if not holding:
+            del self._holding[name]
+            return listeners
+        return {conn: None for conn in listeners if conn not in holding}
 
     def _malformed(self, channel: bytes, payload: bytes) -> bool:
         self.counters.dropped_malformed += 1

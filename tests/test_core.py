@@ -171,7 +171,7 @@ class Feed:
 
 def finish(core: Core, read: Read, history: History) -> bool:
     """Hand a finished read to the core (one place, should its API change)."""
-    return core.read_done(read.stream, history)
+    return core.read_done(read.stream, history, read.token)
 
 
 def asked(read: Read) -> tuple:
@@ -180,7 +180,7 @@ def asked(read: Read) -> tuple:
 
 
 def fail(core: Core, read: Read) -> None:
-    core.read_failed(read.stream)
+    core.read_failed(read.stream, read.token)
 
 
 def make_core(**kwargs) -> Core:
@@ -547,9 +547,6 @@ def test_an_interruption_during_a_read_redoes_the_read():
     assert a.labels() == [2, 3, 4, 5, 6, 7]
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: read_done is not tied to the read it "
-                   "answers; the answer of a read started before channels_interrupted is "
-                   "taken for the read started after it, and messages are lost")
 def test_an_interruption_during_a_read_ignores_the_old_reads_answer():
     core = make_core()
     feed = Feed()
@@ -630,9 +627,6 @@ def test_resume_ahead_of_the_latest_position_gets_live_messages_only():
     assert core.counters.gap_notices == 0
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: a resume ahead of the latest position "
-                   "drops the live messages buffered during the read (seq <= since) but "
-                   "delivers the later ones")
 def test_resume_ahead_of_the_latest_position_keeps_the_messages_buffered_during_the_read():
     core = make_core()
     feed = Feed()
@@ -857,9 +851,6 @@ def test_a_connection_that_leaves_during_the_read_gets_nothing():
     assert b.positions() == [4, 5, 6, 7]
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: read_done forgets a recovery whose "
-                   "connections all left without setting wanted_changed (channel stays "
-                   "subscribed upstream)")
 def test_when_every_reader_leaves_the_channel_is_dropped_after_the_read():
     core = make_core()
     feed = Feed()
@@ -874,8 +865,6 @@ def test_when_every_reader_leaves_the_channel_is_dropped_after_the_read():
     assert core.wanted_changed                      # the shell must unsubscribe upstream
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: read_failed leaves an empty recovery "
-                   "when every reader left; the channel stays wanted forever")
 def test_when_every_reader_leaves_and_the_read_fails_the_channel_is_dropped():
     core = make_core()
     a = Conn("a")
@@ -887,8 +876,6 @@ def test_when_every_reader_leaves_and_the_read_fails_the_channel_is_dropped():
     assert S not in core.wanted() and core.wanted_changed
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: link_lost keeps an empty recovery when "
-                   "every reader left during the read; the channel stays wanted forever")
 def test_when_every_reader_leaves_and_the_link_drops_the_channel_is_dropped():
     core = make_core()
     feed = Feed()
@@ -951,9 +938,6 @@ def test_a_read_that_ends_after_the_link_dropped_is_ignored_and_redone():
     assert a.positions() == [3, 4, 5, 6, 7, 8, 9, 10]
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: read_done is not tied to the read it "
-                   "answers; a read started before the link dropped is taken as the "
-                   "answer to the read started after it, and messages are lost")
 def test_a_stale_read_finishing_during_the_next_read_is_not_taken_for_it():
     core = make_core()
     feed = Feed()
@@ -1077,9 +1061,6 @@ def test_catch_up_frames_join_the_same_batch_write_as_live_frames():
 # --- position bookkeeping across outages ---------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: catch-up does not advance last_seq, so "
-                   "a recoverable stream whose listeners all joined by recovery is "
-                   "treated as plain after an outage (gap notice, no repair)")
 def test_listeners_that_joined_by_recovery_are_repaired_after_an_outage():
     core = make_core()
     feed = Feed()
@@ -1099,9 +1080,6 @@ def test_listeners_that_joined_by_recovery_are_repaired_after_an_outage():
     assert a.labels() == [3, 4, 5, 6]
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: last_seq is not advanced by a repair "
-                   "(the stream has no live listeners then), so a second outage replays "
-                   "the first one's messages again")
 def test_two_outages_in_a_row_repair_without_duplicates():
     core = make_core()
     feed = Feed()
@@ -1120,9 +1098,6 @@ def test_two_outages_in_a_row_repair_without_duplicates():
     assert a.positions() == [1, 2, 3, 4, 5, 6, 7]
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: last_seq outlives the stream's "
-                   "listeners; a later snapshot subscriber is repaired from the stale "
-                   "position after an outage and gets messages its snapshot holds")
 def test_a_stale_position_of_departed_listeners_is_not_used_for_repair():
     core = make_core()
     feed = Feed(snapshot_every=5)
@@ -1146,9 +1121,6 @@ def test_a_stale_position_of_departed_listeners_is_not_used_for_repair():
     assert b.labels() == [("snap", 10), 11]
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: a live message the history read already "
-                   "returned, arriving on the pub/sub link after read_done, is delivered "
-                   "again to the connections that caught up")
 def test_a_live_message_arriving_after_the_read_that_held_it_is_not_repeated():
     # The history read and the pub/sub link are two Redis connections: the
     # read's reply can be handled before a message published just before it.
@@ -1442,9 +1414,6 @@ def test_property_resume_never_repeats_or_reorders(base, before, history, max_re
     check_run(run)
 
 
-@pytest.mark.xfail(strict=True, reason="core bugs: catch-up does not advance last_seq "
-                   "(gap notice or duplicates after an outage), and a read overtaken by "
-                   "a link loss can answer the next read (loss)")
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(base=1, before=5, snapshot_every=None,
          steps=[("sub", ("since", 3)), "start", "exec", "done", "lose", "pub", "restore",

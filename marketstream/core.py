@@ -347,9 +347,13 @@ class Core:
         out: list[bytes] = []
         last = 0  # the position the connection holds after ``out``
         if latest is None:
-            # A stream without positions: a resume or a snapshot asks for
-            # nothing that exists; it is a plain subscribe.
-            pass
+            # No position in Redis.  A stream this process has seen
+            # positions on lost its history (a Redis restart, expired keys):
+            # what was missed is gone.  Otherwise it is a plain stream, and a
+            # resume or a snapshot asks for nothing that exists.
+            if want.since is not None and name in self.last_seq:
+                counters.gap_notices += 1
+                out.append(protocol.gap_notice(name))
         elif want.since is not None and (want.since >= latest or self._covers(
                 entries, want.since, latest)):
             last = min(want.since, latest)

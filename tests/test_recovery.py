@@ -2,7 +2,7 @@
 subscribe, history limits, Redis link outages, churn, order books and bad
 input, with a real Redis, real servers and real WebSocket clients.
 
-Every stream name is unique to its test (the session shares one Redis), and
+Every stream name is unique to its test (all tests share one Redis), and
 "nothing else arrived" is checked with a probe: a message published last
 must be the next frame.
 """
@@ -434,10 +434,6 @@ async def test_redis_restart_then_resume_gives_gap_then_snapshot(server, redis_s
     reader.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: when the link comes back after a Redis restart and nothing was published yet, "
-    "Core._catch_up sees no position key (latest None) and treats the stream as plain: no gap "
-    "notice, and the next positions jump without one"))
 @pytest.mark.gen_test(timeout=30)
 async def test_redis_restart_under_a_connected_client(server, redis_server, redis_client):
     """The server's own link across a Redis restart: the history it would
@@ -621,7 +617,7 @@ class Resumer:
                 return
             self._record(frame)
 
-    async def session(self, hold, rst):
+    async def visit(self, hold, rst):
         """One connection, dropped after ``hold`` seconds (or earlier by
         the server)."""
         deadline = time.monotonic() + 10
@@ -678,7 +674,7 @@ async def _churn(base_url, redis_url, streams, cycles, seed, midway=None):
         for cycle in range(cycles):
             if midway is not None and cycle == cycles // 2:
                 side = asyncio.ensure_future(midway(client))  # runs while the client churns on
-            await client.session(rng.uniform(0.0, 0.03), rst=rng.random() < 0.5)
+            await client.visit(rng.uniform(0.0, 0.03), rst=rng.random() < 0.5)
         if side is not None:
             await side
     finally:

@@ -43,8 +43,9 @@ import collections
 import logging
 import random
 import time
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
 import tornado.httpclient
 import tornado.websocket
@@ -59,7 +60,7 @@ MESSAGE = "message"
 SNAPSHOT = "snapshot"
 GAP = "gap"
 
-Levels = List[List[str]]
+Levels = list[list[str]]
 
 
 class Message(NamedTuple):
@@ -78,7 +79,7 @@ class Message(NamedTuple):
 
     stream: str
     data: Any
-    seq: Optional[int]
+    seq: int | None
     kind: str
     raw: str
 
@@ -130,11 +131,11 @@ class Client:
     """
 
     def __init__(self, url: str, streams: Iterable[str],
-                 snapshot: Union[bool, Iterable[str]] = False,
-                 reconnect: bool = True, backoff: tuple = (0.1, 5.0),
-                 since: Optional[Dict[str, int]] = None,
-                 on_state: Optional[Callable[[str], None]] = None,
-                 connect_timeout: float = 10.0, ping_interval: Optional[float] = 20.0) -> None:
+                 snapshot: bool | Iterable[str] = False,
+                 reconnect: bool = True, backoff: tuple[float, float] = (0.1, 5.0),
+                 since: dict[str, int] | None = None,
+                 on_state: Callable[[str], None] | None = None,
+                 connect_timeout: float = 10.0, ping_interval: float | None = 20.0) -> None:
         self.url = url
         self.streams = list(dict.fromkeys(streams))
         if not self.streams:
@@ -150,21 +151,21 @@ class Client:
         self.on_state = on_state
         self.connect_timeout = connect_timeout
         self.ping_interval = ping_interval
-        self.last_seq: Dict[str, int] = dict(since or {})
+        self.last_seq: dict[str, int] = dict(since or {})
         self.state = "idle"
         self.connects = 0
         self.reconnects = 0
         self.resumes = 0
         self.gaps = 0
         self.duplicates = 0
-        self._ws: Optional[tornado.websocket.WebSocketClientConnection] = None
+        self._ws: tornado.websocket.WebSocketClientConnection | None = None
         self._closed = False
         self._attempt = 0
         self._request_id = 0
-        self._pending: collections.deque = collections.deque()
-        self._after_gap: set = set()
-        self._seen: set = set()   # streams that delivered something on this client
-        self._plain: set = set()  # streams whose last message had no seq
+        self._pending: collections.deque[Message] = collections.deque()
+        self._after_gap: set[str] = set()
+        self._seen: set[str] = set()   # streams that delivered something on this client
+        self._plain: set[str] = set()  # streams whose last message had no seq
 
     # -- life cycle --------------------------------------------------------
 
@@ -198,7 +199,7 @@ class Client:
         since = {s: self.last_seq[s] for s in self.streams if s in self.last_seq}
         snapshot = [s for s in self.streams if s in self.snapshot_streams and s not in since]
         self._request_id += 1
-        request_body: Dict[str, Any] = {"method": "SUBSCRIBE", "params": self.streams,
+        request_body: dict[str, Any] = {"method": "SUBSCRIBE", "params": self.streams,
                                         "id": self._request_id}
         if since:
             request_body["since"] = since
@@ -254,7 +255,7 @@ class Client:
     def delay(self, attempt: int) -> float:
         """Seconds to wait before reconnection attempt ``attempt`` (0-based)."""
         low, high = self.backoff
-        return min(high, low * 2 ** attempt) * random.uniform(0.5, 1.0)
+        return min(high, low * 2.0 ** attempt) * random.uniform(0.5, 1.0)
 
     async def _ensure_connected(self) -> None:
         while self._ws is None:
@@ -269,7 +270,7 @@ class Client:
             try:
                 await self.connect()
             except ConnectionLost:
-                raise StopAsyncIteration
+                raise StopAsyncIteration from None
             except (OSError, tornado.websocket.WebSocketError,
                     tornado.httpclient.HTTPClientError, asyncio.TimeoutError) as exc:
                 self._attempt += 1
@@ -289,6 +290,8 @@ class Client:
                 return self._pending.popleft()
             await self._ensure_connected()
             ws = self._ws
+            if ws is None:  # closed meanwhile
+                continue
             try:
                 frame = await ws.read_message()
             except Exception as exc:  # tornado raises for some broken streams
@@ -407,10 +410,10 @@ class OrderBook:
     """
 
     def __init__(self) -> None:
-        self._bids: Dict[Decimal, List[str]] = {}
-        self._asks: Dict[Decimal, List[str]] = {}
-        self.u: Optional[int] = None      # last update id applied
-        self.seq: Optional[int] = None    # last position applied (None: not known)
+        self._bids: dict[Decimal, list[str]] = {}
+        self._asks: dict[Decimal, list[str]] = {}
+        self.u: int | None = None      # last update id applied
+        self.seq: int | None = None    # last position applied (None: not known)
         self.synced = False
         self._first = False               # the next diff is the first after a snapshot
 
@@ -421,7 +424,7 @@ class OrderBook:
         book.apply_snapshot({"b": [], "a": [], "u": 0})
         return book
 
-    def apply_snapshot(self, data: Dict[str, Any], seq: Optional[int] = None) -> None:
+    def apply_snapshot(self, data: dict[str, Any], seq: int | None = None) -> None:
         """Replace the book with ``data`` (``b``, ``a``, ``u``) as of position ``seq``."""
         self._bids = {}
         self._asks = {}
@@ -432,11 +435,12 @@ class OrderBook:
         self.synced = True
         self._first = True
 
-    def apply(self, data: Dict[str, Any], seq: Optional[int] = None) -> bool:
+    def apply(self, data: dict[str, Any], seq: int | None = None) -> bool:
         """Apply one diff; True if applied, False if already contained in the
         book.  Raises :class:`BookGap` (and unsyncs the book) when updates
         are missing, and while the book waits for a snapshot."""
-        if not self.synced:
+        u = self.u
+        if not self.synced or u is None:
             raise BookGap("depth: no snapshot applied")
         first_id, last_id = int(data["U"]), int(data["u"])
         if seq is not None and self.seq is not None:
@@ -445,13 +449,13 @@ class OrderBook:
             if seq != self.seq + 1:
                 self.synced = False
                 raise BookGap("depth: expected position %d, got %d" % (self.seq + 1, seq))
-        if last_id <= self.u:
+        if last_id <= u:
             if seq is not None and self.seq is not None:
                 self.seq = seq   # a position without news for the book
             return False
-        if (first_id > self.u + 1) or (not self._first and first_id != self.u + 1):
+        if (first_id > u + 1) or (not self._first and first_id != u + 1):
             self.synced = False
-            raise BookGap("depth: expected update %d, got %d..%d" % (self.u + 1, first_id, last_id))
+            raise BookGap("depth: expected update %d, got %d..%d" % (u + 1, first_id, last_id))
         self._update(self._bids, data.get("b", ()))
         self._update(self._asks, data.get("a", ()))
         self.u = last_id
@@ -474,7 +478,7 @@ class OrderBook:
         return self.apply(data, message.seq)
 
     @staticmethod
-    def _update(side: Dict[Decimal, List[str]], levels: Iterable) -> None:
+    def _update(side: dict[Decimal, list[str]], levels: Iterable[Sequence[str]]) -> None:
         for price, qty in levels:
             key = _price(price)
             if Decimal(qty) == 0:
@@ -482,15 +486,15 @@ class OrderBook:
             else:
                 side[key] = [price, qty]
 
-    def bids(self, depth: Optional[int] = None) -> Levels:
+    def bids(self, depth: int | None = None) -> Levels:
         """Bid levels, highest price first: ``[[price, qty], ...]``."""
         return [list(self._bids[k]) for k in sorted(self._bids, reverse=True)[:depth]]
 
-    def asks(self, depth: Optional[int] = None) -> Levels:
+    def asks(self, depth: int | None = None) -> Levels:
         """Ask levels, lowest price first: ``[[price, qty], ...]``."""
         return [list(self._asks[k]) for k in sorted(self._asks)[:depth]]
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         """``{"seq": ..., "bids": [...], "asks": [...]}`` (the shape of the
         browser client's ``books`` entries)."""
         return {"seq": self.seq, "bids": self.bids(), "asks": self.asks()}

@@ -51,7 +51,7 @@ def _bytes(value: Any) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else value
 
 
-def _entries(raw: list, latest: int) -> list[tuple[int, bytes]]:
+def _entries(raw: list[Any], latest: int) -> list[tuple[int, bytes]]:
     """History entries as ``(seq, frame)``, up to ``latest``."""
     frames = []
     for entry_id, fields in raw:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from typing import Any
 
 from marketstream.upgrade import defer_accept
 
@@ -84,7 +85,11 @@ def _show(host: str, port: int) -> str:
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
-def _addresses(host: str | None, port: int) -> list[tuple]:
+#: A socket address as getaddrinfo gives it: (host, port) or (host, port, flowinfo, scope_id).
+SockAddr = tuple[Any, ...]
+
+
+def _addresses(host: str | None, port: int) -> list[tuple[int, SockAddr]]:
     """(family, sockaddr) to bind, as tornado.netutil.bind_sockets chooses them."""
     if host == "":
         host = None
@@ -92,16 +97,17 @@ def _addresses(host: str | None, port: int) -> list[tuple]:
     if hasattr(socket, "AI_ADDRCONFIG"):
         flags |= socket.AI_ADDRCONFIG  # no IPv6 socket on a host without IPv6
     family = socket.AF_UNSPEC if socket.has_ipv6 else socket.AF_INET
-    found = []
+    found: list[tuple[int, SockAddr]] = []
     for fam, _, _, _, sockaddr in sorted(
             set(socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, flags)),
             key=lambda info: info[0]):
+        address: SockAddr = sockaddr
         if fam not in (socket.AF_INET, socket.AF_INET6):
             continue
-        if fam == socket.AF_INET6 and sockaddr[3] != 0:
+        if fam == socket.AF_INET6 and address[3] != 0:
             continue  # a link-local address with a scope id; tornado skips these too
-        if (fam, sockaddr[:2]) not in [(f, a[:2]) for f, a in found]:
-            found.append((fam, sockaddr))
+        if (fam, address[:2]) not in [(f, a[:2]) for f, a in found]:
+            found.append((fam, address))
     return found
 
 
@@ -121,7 +127,7 @@ def _socket(family: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def _bind(sock: socket.socket, sockaddr: tuple, shown: str) -> None:
+def _bind(sock: socket.socket, sockaddr: SockAddr, shown: str) -> None:
     try:
         sock.bind(sockaddr)
     except OSError as exc:
@@ -147,7 +153,7 @@ def bind_listeners(host: str | None, port: int, count: int,
     backlog = listen_backlog() if backlog is None else backlog
     addresses = _addresses(host, port)
     # The probe: plain sockets, which fail on any address that is taken.
-    probes = []
+    probes: list[socket.socket] = []
     try:
         for family, sockaddr in addresses:
             if port == 0 and probes:

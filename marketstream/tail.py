@@ -25,7 +25,7 @@ import argparse
 import asyncio
 import signal
 import sys
-from typing import List, Optional
+from typing import TextIO
 
 from marketstream.client import Client
 
@@ -34,7 +34,7 @@ __all__ = ["build_parser", "main", "tail"]
 DEFAULT_URL = "ws://127.0.0.1:4000/ws"
 
 
-def _since(text: str) -> tuple:
+def _since(text: str) -> tuple[str, int]:
     stream, sep, position = text.rpartition(":")
     if not sep or not stream:
         raise argparse.ArgumentTypeError("expected STREAM:POSITION, not %r" % text)
@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def tail(args: argparse.Namespace, out=None, err=None) -> int:
+async def tail(args: argparse.Namespace, out: TextIO | None = None,
+               err: TextIO | None = None) -> int:
     """Run the command with parsed ``args``; returns the exit status."""
     out = out or sys.stdout
     err = err or sys.stderr
@@ -114,10 +115,15 @@ async def tail(args: argparse.Namespace, out=None, err=None) -> int:
 
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(run())
-    stopped = []
+    stopped: list[bool] = []
+
+    def interrupt() -> None:
+        stopped.append(True)
+        task.cancel()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, lambda: (stopped.append(True), task.cancel()))
+            loop.add_signal_handler(sig, interrupt)
         except (NotImplementedError, RuntimeError, ValueError):
             pass
     try:
@@ -132,7 +138,7 @@ async def tail(args: argparse.Namespace, out=None, err=None) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """The ``marketstream-tail`` command."""
     args = build_parser().parse_args(argv)
     try:

@@ -16,7 +16,7 @@ Refusals: HTTP 403 for an ``Origin`` not in ``[server] allowed_origins``,
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from marketstream.config import ServerSettings
 from marketstream.counters import Counters

@@ -32,6 +32,20 @@ class Counters:
               "replayed", "snapshots_sent", "gap_notices")
     __slots__ = TOTALS + ("batch_sizes", "closed", "refused", "ignored")
 
+    # The totals, set to 0 in __init__ (declared for type checkers).
+    messages_in: int
+    deliveries: int
+    bytes_sent: int
+    batches: int
+    dropped_malformed: int
+    dropped_no_listener: int
+    reconnects: int
+    invalid_frames: int
+    rejected_streams: int
+    replayed: int
+    snapshots_sent: int
+    gap_notices: int
+
     def __init__(self) -> None:
         for name in self.TOTALS:
             setattr(self, name, 0)

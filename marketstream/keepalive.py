@@ -31,7 +31,8 @@ process and one float per connection.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import tornado.ioloop
 
@@ -51,6 +52,8 @@ class Pingable(Protocol):
     def send_ping(self) -> None: ...
 
     def close_for(self, code: int, reason: str, reset: bool = False) -> None: ...
+
+    def __hash__(self) -> int: ...  # connections key the registries
 
 
 class Keepalive:

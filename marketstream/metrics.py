@@ -1,7 +1,7 @@
 """Prometheus metrics, through prometheus_client.
 
-The hot path only bumps plain integers (:class:`~marketstream.channels.Stats`
-and the counters of :class:`~marketstream.handlers.Context`).  An
+The hot path only bumps plain integers (one
+:class:`~marketstream.counters.Counters` object per process).  An
 :class:`Exporter` copies them into prometheus_client metrics once a second
 and right before every scrape, so a message costs no metric calls at all.
 
@@ -32,10 +32,17 @@ Metrics (all prefixed ``marketstream_``):
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, disable_created_metrics, generate_latest,
                                multiprocess, values)
+
+if TYPE_CHECKING:
+    import tornado.ioloop
+
+    from marketstream.channels import ChannelManager
+    from marketstream.counters import Counters
 
 __all__ = ["Exporter", "enable_multiprocess", "disable_multiprocess", "mark_process_dead",
            "CONTENT_TYPE_LATEST"]
@@ -47,11 +54,11 @@ BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def _multiprocess():
+def _multiprocess() -> bool:
     return bool(os.environ.get(_MULTIPROC_ENV))
 
 
-def enable_multiprocess():
+def enable_multiprocess() -> str:
     """Switch prometheus_client to multiprocess mode with a fresh directory
     (call in the parent before forking workers); returns the directory."""
     directory = tempfile.mkdtemp(prefix="marketstream-metrics-")
@@ -60,13 +67,14 @@ def enable_multiprocess():
     return directory
 
 
-def disable_multiprocess(directory):
+def disable_multiprocess(directory: str) -> None:
+    """Leave multiprocess mode and remove its directory."""
     os.environ.pop(_MULTIPROC_ENV, None)
     values.ValueClass = values.get_value_class()
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def mark_process_dead(pid):
+def mark_process_dead(pid: int) -> None:
     """Forget the live gauges of a worker that exited."""
     if _multiprocess():
         multiprocess.mark_process_dead(pid)
@@ -75,20 +83,20 @@ def mark_process_dead(pid):
 class Exporter:
     """Copies the process's counters into Prometheus metrics."""
 
-    def __init__(self, manager, counters):
+    def __init__(self, manager: "ChannelManager", counters: "Counters") -> None:
         self.manager = manager
         self.counters = counters
         self.registry = CollectorRegistry()
-        self._seen = {}
-        self._nodes = set()
+        self._seen: dict[str, int] = {}
+        self._nodes: set[str] = set()
         r = self.registry
-        live = {"multiprocess_mode": "livesum"}
         self.connections = Gauge("marketstream_connections", "Open client connections",
-                                 registry=r, **live)
+                                 registry=r, multiprocess_mode="livesum")
         self.subscriptions = Gauge("marketstream_subscriptions",
-                                   "Connection-stream subscriptions", registry=r, **live)
+                                   "Connection-stream subscriptions", registry=r,
+                                   multiprocess_mode="livesum")
         self.upstream = Gauge("marketstream_upstream_channels", "Redis channels subscribed",
-                              registry=r, **live)
+                              registry=r, multiprocess_mode="livesum")
         self.redis_connected = Gauge("marketstream_redis_connected",
                                      "1 while the Redis pub/sub connection is live",
                                      registry=r, multiprocess_mode="livemin")
@@ -116,9 +124,9 @@ class Exporter:
             self.refused.labels(cause)
         for cause in self._drop_counts():
             self.dropped.labels(cause)
-        self._timer = None
+        self._timer: tornado.ioloop.PeriodicCallback | None = None
 
-    def _drop_counts(self):
+    def _drop_counts(self) -> dict[str, int]:
         counters = self.counters
         return {
             "malformed_payload": counters.dropped_malformed,
@@ -131,13 +139,13 @@ class Exporter:
             "bad_snapshot": counters.ignored["bad_snapshot"],
         }
 
-    def _advance(self, key, counter, value):
+    def _advance(self, key: str, counter: Counter, value: int) -> None:
         delta = value - self._seen.get(key, 0)
         if delta > 0:
             counter.inc(delta)
             self._seen[key] = value
 
-    def sync(self):
+    def sync(self) -> None:
         """Bring the Prometheus metrics up to date with the counters."""
         manager, stats = self.manager, self.counters
         self.connections.set(len(manager.connections))
@@ -163,17 +171,19 @@ class Exporter:
         for cause, value in stats.refused.items():
             self._advance("refused." + cause, self.refused.labels(cause), value)
 
-    def start(self, interval=1.0):
+    def start(self, interval: float = 1.0) -> None:
+        """Sync every ``interval`` seconds on the running IOLoop."""
         import tornado.ioloop
         self._timer = tornado.ioloop.PeriodicCallback(self.sync, interval * 1000)
         self._timer.start()
 
-    def stop(self):
+    def stop(self) -> None:
+        """Stop the timer, after a last sync."""
         if self._timer is not None:
             self._timer.stop()
         self.sync()
 
-    def render(self):
+    def render(self) -> bytes:
         """The exposition text (all workers' metrics in multiprocess mode)."""
         self.sync()
         if _multiprocess():

@@ -18,7 +18,10 @@ import logging.config
 import os
 import resource
 import signal
+import socket
 import sys
+from collections.abc import Coroutine, Mapping
+from typing import Any
 
 import tornado.web
 from redis.exceptions import RedisError
@@ -26,11 +29,12 @@ from redis.exceptions import RedisError
 from marketstream import __version__, metrics
 from marketstream import tornado_compat as compat
 from marketstream.channels import ChannelManager
-from marketstream.config import ConfigError, load_settings
+from marketstream.config import ConfigError, Settings, load_settings
+from marketstream.counters import Counters
 from marketstream.embedded import RedisServer
 from marketstream.handlers import (CLOSE_GOING_AWAY, Context, StreamHandler, log_request, routes,
                                    ws_paths)
-from marketstream.keepalive import Keepalive
+from marketstream.keepalive import Keepalive, Pingable
 from marketstream.metrics import Exporter
 from marketstream.listen import bind_listeners
 from marketstream.upgrade import StreamServer
@@ -42,13 +46,20 @@ __all__ = ["main", "make_app", "Server"]
 log = logging.getLogger("marketstream.server")
 
 
-def make_app(settings, manager=None):
+class StreamApplication(tornado.web.Application):
+    """The Tornado application, with what its handlers share."""
+
+    context: Context
+    exporter: Exporter
+
+
+def make_app(settings: Settings, manager: ChannelManager | None = None) -> StreamApplication:
     """The Tornado application for ``settings`` (the manager defaults to the
     installed :class:`ChannelManager`); ``app.context`` is what its handlers
     share."""
     context = Context(settings, manager)
     exporter = Exporter(context.manager, context.counters)
-    app = tornado.web.Application(routes(context, exporter),
+    app = StreamApplication(routes(context, exporter),
                                   websocket_max_message_size=settings.limits.max_frame_bytes,
                                   log_function=log_request)
     app.context = context
@@ -56,7 +67,7 @@ def make_app(settings, manager=None):
     return app
 
 
-def _listening_sockets(settings, count=1):
+def _listening_sockets(settings: Settings, count: int = 1) -> list[list[socket.socket]]:
     """One group of listening sockets per worker on the server's address,
     balanced by the kernel (``SO_REUSEPORT``; see
     :func:`~marketstream.listen.bind_listeners`).  Raises OSError naming the
@@ -64,15 +75,15 @@ def _listening_sockets(settings, count=1):
     return bind_listeners(settings.host, settings.port, count)
 
 
-def _bound_port(settings, sockets):
+def _bound_port(settings: Settings, sockets: list[socket.socket]) -> Settings:
     """Settings with the port the sockets really got (for ``port 0``)."""
-    port = sockets[0].getsockname()[1]
+    port: int = sockets[0].getsockname()[1]
     if port == settings.port:
         return settings
     return settings.replace("server", listen=(settings.host, port, settings.ws_path))
 
 
-def _fit_connection_limit(settings):
+def _fit_connection_limit(settings: Settings) -> Settings:
     """Lower max_connections below the open-file limit: out of descriptors,
     Tornado's accept loop spins and floods the log with EMFILE."""
     try:
@@ -93,65 +104,68 @@ def _fit_connection_limit(settings):
 class Server:
     """One marketstream process: its Redis bridge, HTTP server and clients."""
 
-    def __init__(self, settings):
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.manager = None
-        self.http_server = None
-        self.app = None
-        self.keepalive = None
-        self._extra_tasks = []
+        self.manager: ChannelManager | None = None
+        self.http_server: StreamServer | None = None
+        self.app: StreamApplication | None = None
+        self.keepalive: Keepalive | None = None
+        self._extra_tasks: list[asyncio.Future[Any]] = []
 
-    async def start(self, sockets=None):
+    async def start(self, sockets: list[socket.socket] | None = None) -> None:
         """Connect to Redis, then start serving (on ``sockets`` if given)."""
         settings = self.settings = _fit_connection_limit(self.settings)
-        self.manager = ChannelManager.install(ChannelManager(
+        manager = self.manager = ChannelManager.install(ChannelManager(
             settings.redis.url, payload_format=settings.redis.format,
             ping_interval=settings.redis.health_interval,
             backoff_max=settings.redis.reconnect_max_delay,
             min_flush_interval=settings.server.min_flush_interval,
             max_replay=settings.recovery.max_replay))
-        await self.manager.start()
-        self.app = make_app(settings, self.manager)
-        context = self.app.context
+        await manager.start()
+        app = self.app = make_app(settings, manager)
+        context = app.context
 
-        def timed_out(conn):
+        def timed_out(conn: Pingable) -> None:
             context.counters.closed["ping_timeout"] += 1
             context.manager.remove(conn)
 
-        self.keepalive = Keepalive(lambda: context.manager.connections,
-                                   settings.server.ping_interval, settings.server.ping_timeout,
-                                   on_timeout=timed_out)
-        self.keepalive.start()
-        self.app.exporter.start()
+        keepalive = self.keepalive = Keepalive(
+            lambda: context.manager.connections, settings.server.ping_interval,
+            settings.server.ping_timeout, on_timeout=timed_out)
+        keepalive.start()
+        app.exporter.start()
         websocket = None
         if settings.server.fast_handshake and compat.OK:
-            websocket = (ws_paths(settings), StreamHandler, {"context": self.app.context})
-        self.http_server = StreamServer(self.app, websocket=websocket,
-                                        xheaders=settings.server.xheaders)
+            websocket = (ws_paths(settings), StreamHandler, {"context": app.context})
+        http_server = self.http_server = StreamServer(app, websocket=websocket,
+                                                      xheaders=settings.server.xheaders)
         sockets = sockets or _listening_sockets(settings)[0]
         settings = self.settings = _bound_port(settings, sockets)
-        self.http_server.add_sockets(sockets)
+        http_server.add_sockets(sockets)
         worker = worker_id()
         log.info("marketstream %s listening on ws://%s:%d%s (pid %d%s, Redis %s)", __version__,
                  settings.host, settings.port, settings.ws_path or "/", os.getpid(),
-                 "" if worker is None else ", worker %d" % worker, self.manager.redacted_url())
+                 "" if worker is None else ", worker %d" % worker, manager.redacted_url())
 
     @property
-    def counters(self):
+    def counters(self) -> Counters:
         """The process's :class:`~marketstream.counters.Counters`."""
+        if self.manager is None:
+            raise AttributeError("counters: the server has not started")
         return self.manager.counters
 
-    def add_task(self, coroutine):
+    def add_task(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         """Run a coroutine beside the server; it is cancelled on shutdown."""
         self._extra_tasks.append(asyncio.ensure_future(coroutine))
 
-    async def stop(self):
+    async def stop(self) -> None:
         """Stop accepting, close every client with 1001, release Redis."""
         if self.http_server is not None:
             self.http_server.stop()
         if self.keepalive is not None:
             self.keepalive.stop()
-            self.app.exporter.stop()
+            if self.app is not None:
+                self.app.exporter.stop()
         clients = list(self.manager.connections) if self.manager else []
         for conn in clients:
             conn.close_for(CLOSE_GOING_AWAY, "server shutting down")
@@ -172,7 +186,7 @@ class Server:
             ChannelManager.reset()
         log.info("marketstream stopped (%d client(s) closed)", len(clients))
 
-    async def run(self, sockets=None):
+    async def run(self, sockets: list[socket.socket] | None = None) -> None:
         """Start, serve until SIGTERM or SIGINT, then stop."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -186,7 +200,8 @@ class Server:
 
 # --- command line ------------------------------------------------------------
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
+    """The ``marketstream`` command line."""
     parser = argparse.ArgumentParser(
         prog="marketstream",
         description="Stream market data from Redis pub/sub to WebSocket clients.")
@@ -209,9 +224,10 @@ def build_parser():
     return parser
 
 
-def settings_from_args(args, environ=None):
+def settings_from_args(args: argparse.Namespace,
+                       environ: Mapping[str, str] | None = None) -> Settings:
     """Settings for parsed command-line ``args``; raises ConfigError."""
-    overrides = {}
+    overrides: dict[str, str] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
@@ -230,7 +246,8 @@ def settings_from_args(args, environ=None):
     return load_settings(args.config, environ, overrides)
 
 
-def configure_logging(settings):
+def configure_logging(settings: Settings) -> None:
+    """Logging as ``[logging]`` says: a config file, or a level and format."""
     if settings.logging.config_file:
         logging.config.fileConfig(settings.logging.config_file, disable_existing_loggers=False)
         return
@@ -239,7 +256,7 @@ def configure_logging(settings):
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
 
 
-def _demo_banner(settings):
+def _demo_banner(settings: Settings) -> None:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = "%s:%d" % ("[%s]" % host if ":" in host else host, settings.port)
     ws_url = "ws://%s%s" % (base, settings.ws_path or "/ws")
@@ -247,8 +264,8 @@ def _demo_banner(settings):
     print("\nmarketstream demo is running.\n"
           "%s"
           "  WebSocket: %s\n"
-          "  Subscribe: {\"method\":\"SUBSCRIBE\",\"params\":[\"trade.BTC_USDT\",\"depth.BTC_USDT\","
-          "\"ticker.BTC_USDT\"],\"id\":1}\n"
+          "  Subscribe: {\"method\":\"SUBSCRIBE\",\"params\":[\"trade.BTC_USDT\","
+          "\"depth.BTC_USDT\",\"ticker.BTC_USDT\"],\"id\":1}\n"
           "  Health:    http://%s/health\n"
           "  Redis:     %s\n"
           "  Check it:  python scripts/smoke_test.py --ws-url %s --redis-url %s\n"
@@ -256,7 +273,8 @@ def _demo_banner(settings):
                                        settings.redis.url), flush=True)
 
 
-async def _serve(settings, demo=False, sockets=None):
+async def _serve(settings: Settings, demo: bool = False,
+                 sockets: list[socket.socket] | None = None) -> None:
     server = Server(settings)
     if demo:
         from marketstream.feed import run_feed
@@ -270,7 +288,8 @@ async def _serve(settings, demo=False, sockets=None):
     await run
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
+    """The ``marketstream`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

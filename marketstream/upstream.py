@@ -28,35 +28,75 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Protocol
 
-from marketstream.link import PubSubLink
+from marketstream.link import Listener, PubSubLink
 from marketstream.redisurl import RedisURL, parse_redis_url
 from marketstream.topology import SentinelWatcher, ShardedSubscriber, sentinel_primary
 
-__all__ = ["make_link", "ClusterLink", "SentinelLink"]
+__all__ = ["make_link", "ClusterLink", "ClusterListener", "Link", "SentinelLink"]
 
 log = logging.getLogger("marketstream.channels")
 
 
-def make_link(url: str, listener: Any, ping_interval: float = 1.0, ping_timeout: float = 2.0,
-              backoff_min: float = 0.05, backoff_max: float = 1.0) -> Any:
+class ClusterListener(Listener, Protocol):
+    """What a link reports to, with what only a cluster link reports."""
+
+    def on_interrupted(self, names: list[str]) -> None: ...
+
+
+class Link(Protocol):
+    """The interface every link offers the ChannelManager."""
+
+    @property
+    def reconnects(self) -> int: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+    @property
+    def links(self) -> dict[str, bool]: ...
+
+    async def start(self, timeout: float = 10.0) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def changed(self) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    def redacted_url(self) -> str: ...
+
+
+def make_link(url: str, listener: ClusterListener, ping_interval: float = 1.0,
+              ping_timeout: float = 2.0, backoff_min: float = 0.05,
+              backoff_max: float = 1.0) -> Link:
     """The link for ``url`` (see the module docstring)."""
     desc = parse_redis_url(url)
-    timers = dict(ping_interval=ping_interval, ping_timeout=ping_timeout,
-                  backoff_min=backoff_min, backoff_max=backoff_max)
     if desc.mode == "cluster":
-        return ClusterLink(desc, listener, **timers)
+        return ClusterLink(desc, listener, ping_interval=ping_interval,
+                           ping_timeout=ping_timeout, backoff_min=backoff_min,
+                           backoff_max=backoff_max)
     if desc.mode == "sentinel":
-        return SentinelLink(desc, listener, **timers)
-    return PubSubLink(url, listener, **timers)
+        return SentinelLink(desc, listener, ping_interval=ping_interval,
+                            ping_timeout=ping_timeout, backoff_min=backoff_min,
+                            backoff_max=backoff_max)
+    return PubSubLink(url, listener, ping_interval=ping_interval, ping_timeout=ping_timeout,
+                      backoff_min=backoff_min, backoff_max=backoff_max)
 
 
 class SentinelLink(PubSubLink):
     """A pub/sub link to the primary the sentinels name."""
 
-    def __init__(self, desc: RedisURL, listener: Any, **timers: Any) -> None:
-        super().__init__(desc.url, listener, resolve=self._primary, **timers)
+    def __init__(self, desc: RedisURL, listener: Listener, ping_interval: float = 1.0,
+                 ping_timeout: float = 2.0, backoff_min: float = 0.05,
+                 backoff_max: float = 1.0) -> None:
+        super().__init__(desc.url, listener, ping_interval=ping_interval,
+                         ping_timeout=ping_timeout, backoff_min=backoff_min,
+                         backoff_max=backoff_max, resolve=self._primary)
         self.desc = desc
         self.watch = SentinelWatcher(desc.seeds, desc.service_name or "", self._switched,
                                      sentinel_kwargs=desc.sentinel_kwargs())
@@ -87,7 +127,7 @@ class SentinelLink(PubSubLink):
 class ClusterLink:
     """The link interface over a :class:`~marketstream.topology.ShardedSubscriber`."""
 
-    def __init__(self, desc: RedisURL, listener: Any, ping_interval: float = 1.0,
+    def __init__(self, desc: RedisURL, listener: ClusterListener, ping_interval: float = 1.0,
                  ping_timeout: float = 2.0, backoff_min: float = 0.05,
                  backoff_max: float = 1.0) -> None:
         self.url = desc.url
@@ -97,7 +137,7 @@ class ClusterLink:
             ping_interval=ping_interval, ping_timeout=ping_timeout,
             backoff_min=backoff_min, backoff_max=min(backoff_max, 0.5))
         self._wanted: set[str] = set()
-        self._tasks: set[asyncio.Future] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
 
     @property
     def reconnects(self) -> int:

@@ -478,7 +478,7 @@ async def run(args, kind="marketstream", recoverable=False):
                     break
                 except OSError:
                     if time.monotonic() > deadline or server.poll() is not None:
-                        raise RuntimeError("%s server did not start" % kind)
+                        raise RuntimeError("%s server did not start" % kind) from None
                     await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)
         figures = {"server": kind, "recoverable": recoverable,
@@ -533,7 +533,8 @@ async def run(args, kind="marketstream", recoverable=False):
             rss_conn = tree_rss(proc)
             figures["rss_idle_mb"] = round(rss_idle / 2 ** 20, 1)
             figures["rss_connected_mb"] = round(rss_conn / 2 ** 20, 1)
-            figures["rss_per_connection_kb"] = round((rss_conn - rss_idle) / args.connections / 1024, 2)
+            figures["rss_per_connection_kb"] = round(
+                (rss_conn - rss_idle) / args.connections / 1024, 2)
         if kind == "marketstream" and args.processes > 1:
             figures["worker_connections"] = worker_connections(host, port, args.processes)
         if args.idle:
@@ -718,7 +719,8 @@ def build_parser():
                               "medians")
     servers.add_argument("--processes", type=int, default=1, help="marketstream worker processes")
     servers.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                         help="a marketstream setting (repeatable), e.g. server.fast_handshake=false")
+                         help="a marketstream setting (repeatable), "
+                              "e.g. server.fast_handshake=false")
     servers.add_argument("--reference-loop", choices=("auto", "uvloop", "asyncio"),
                          default="auto", help="the reference server's event loop")
     servers.add_argument("--reference-max-buffer", type=int, default=1048576, metavar="BYTES",

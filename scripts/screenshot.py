@@ -109,7 +109,8 @@ def main(argv=None) -> int:
         port = free_port()
         demo = start_demo(port)
         url = "http://127.0.0.1:%d/" % port
-        if not wait_for(lambda: demo.poll() is not None or healthy(port), 30) or demo.poll() is not None:
+        if (not wait_for(lambda: demo.poll() is not None or healthy(port), 30)
+                or demo.poll() is not None):
             print("screenshot: the demo server did not start", file=sys.stderr)
             demo.kill()
             return 1
@@ -117,7 +118,8 @@ def main(argv=None) -> int:
     try:
         driver.get(url)
         if not wait_for(lambda: driver.execute_script(READY, args.trades), args.timeout):
-            print("screenshot: no live data on %s within %gs" % (url, args.timeout), file=sys.stderr)
+            print("screenshot: no live data on %s within %gs" % (url, args.timeout),
+                  file=sys.stderr)
             return 1
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         driver.save_screenshot(args.output)

@@ -189,7 +189,7 @@ class Connection:
         try:
             frame = await asyncio.wait_for(self.frames.get(), max(deadline - time.monotonic(), 0))
         except asyncio.TimeoutError:
-            raise StepFailed(what)
+            raise StepFailed(what) from None
         if frame is None:
             raise StepFailed(self.closed_detail())
         return frame
@@ -218,7 +218,7 @@ def _reply_to(frame, request_id):
     try:
         message = json.loads(frame)
     except (TypeError, ValueError):
-        raise LookupError(frame)
+        raise LookupError(frame) from None
     if not isinstance(message, dict) or message.get("id") != request_id or "stream" in message:
         raise LookupError(frame)
     if "error" in message:
@@ -252,8 +252,8 @@ class Smoke:
         return self.redis
 
     def _redis_failed(self, what, exc):
-        return StepFailed("%sRedis %s: %s" % (what + " " if what else "", redact_url(self.redis_url),
-                                               _error_text(exc)))
+        return StepFailed("%sRedis %s: %s" % (what + " " if what else "",
+                                               redact_url(self.redis_url), _error_text(exc)))
 
     @property
     def sharded(self):
@@ -288,13 +288,14 @@ class Smoke:
         try:
             ws = await asyncio.wait_for(tornado.websocket.websocket_connect(request), self.timeout)
         except asyncio.TimeoutError:
-            raise StepFailed("%s: no handshake within %.1fs" % (self.ws_url, self.timeout))
+            raise StepFailed("%s: no handshake within %.1fs"
+                             % (self.ws_url, self.timeout)) from None
         except tornado.httpclient.HTTPClientError as exc:
             body = exc.response.body[:200].decode("utf-8", "replace") if (
                 exc.response is not None and exc.response.body) else ""
-            raise StepFailed("%s: handshake refused: %s %s" % (self.ws_url, exc, body))
+            raise StepFailed("%s: handshake refused: %s %s" % (self.ws_url, exc, body)) from None
         except (OSError, tornado.websocket.WebSocketError) as exc:
-            raise StepFailed("%s: %s" % (self.ws_url, _error_text(exc)))
+            raise StepFailed("%s: %s" % (self.ws_url, _error_text(exc))) from None
         conn = Connection(ws)
         self.connections.append(conn)
         return conn
@@ -308,6 +309,7 @@ class Smoke:
         deadline = time.monotonic() + self.timeout
         list_id = request_id + 1000
         kept, acked, listed, asked = [], False, None, False
+        count = 0  # PUBSUB NUMSUB, polled until done(count)
         try:
             while True:
                 while not conn.frames.empty():
@@ -362,7 +364,7 @@ class Smoke:
             response = await tornado.httpclient.AsyncHTTPClient().fetch(
                 url, raise_error=False, connect_timeout=self.timeout, request_timeout=self.timeout)
         except (OSError, tornado.httpclient.HTTPClientError) as exc:
-            raise StepFailed("GET %s: %s" % (url, _error_text(exc)))
+            raise StepFailed("GET %s: %s" % (url, _error_text(exc))) from None
         if response.code == 599:
             raise StepFailed("GET %s: %s" % (url, _error_text(response.error)))
         body = response.body or b""
@@ -423,8 +425,9 @@ class Smoke:
                 return "probe arrived byte-identical in %.1f ms%s" % (
                     elapsed * 1000, " (%d unrelated frame(s) ignored)" % ignored if ignored else "")
             if probe_id.encode() in data:
+                received = data[:len(probe) + 200].decode("utf-8", "replace")
                 raise StepFailed("the probe arrived altered: sent %s, received %s"
-                                 % (probe.decode(), data[:len(probe) + 200].decode("utf-8", "replace")))
+                                 % (probe.decode(), received))
             ignored += 1  # a gap notice, an acknowledgement, anything else
 
     async def unsubscribe(self):

@@ -27,7 +27,8 @@ import asyncio
 import logging
 import random
 import time
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
@@ -68,6 +69,39 @@ def _node_of(kwargs: dict[str, Any]) -> str:
     return ("[%s]:%s" if ":" in host else "%s:%s") % (host, kwargs.get("port", 6379))
 
 
+#: Bytes of Redis replies read per event-loop iteration, at most.
+READ_SIZE = 4 << 20
+
+
+def widen_reads(conn: Any, size: int = READ_SIZE) -> bool:
+    """Let one event-loop iteration read up to ``size`` bytes of ``conn``.
+
+    A batch (one flush, one write per client) is what one iteration read.
+    asyncio reads at most 256 KB per iteration, and redis-py's stream
+    reader pauses the socket past 128 KB; under load a batch then ends while
+    the kernel still holds messages, and every flush touches nearly every
+    client: measured with 5000 clients on 1000 streams (50 per message),
+    4 MB reads cut the server's CPU per delivery from 1.23 to 0.95 s per
+    million at 750k deliveries/s.  Both limits are private
+    attributes (of asyncio's selector transport and of redis-py's
+    connection); without them, reads stay as they were (correct, slower).
+    Returns whether both were widened.
+    """
+    try:
+        transport = conn._writer.transport
+        reader = conn._reader
+    except AttributeError:
+        return False
+    widened = 0
+    if isinstance(getattr(transport, "max_size", None), int):
+        transport.max_size = size
+        widened += 1
+    if isinstance(getattr(reader, "_limit", None), int):
+        reader._limit = size
+        widened += 1
+    return widened == 2
+
+
 class PubSubLink:
     """One pub/sub connection to one Redis server (see the module docstring)."""
 
@@ -88,6 +122,7 @@ class PubSubLink:
         self._subscribe_kind = b"ssubscribe" if sharded else b"subscribe"
         self._unsubscribe_kind = b"sunsubscribe" if sharded else b"unsubscribe"
         self.reconnects = 0
+        self.widened = False  # reads widened (see widen_reads)
         self.node = "?"  # host:port of the server connected to
         self._upstream: set[str] = set()  # channels SUBSCRIBE was sent for on this connection
         self._conn: Any = None
@@ -185,6 +220,7 @@ class PubSubLink:
         kwargs.pop("decode_responses", None)
         conn = connection_class(**kwargs)
         await conn.connect()
+        self.widened = widen_reads(conn)
         self._conn = conn
         self.node = _node_of(kwargs)
         self._upstream = set(self.listener.wanted())
@@ -307,6 +343,6 @@ class PubSubLink:
                 # messages; a link that delivers is alive.
                 self._active = False
                 self._last_pong = time.monotonic()
-            if time.monotonic() - self._last_pong > self.ping_interval + self.ping_timeout:
-                if conn is self._conn:
-                    await self._lost(None)
+            silent = time.monotonic() - self._last_pong > self.ping_interval + self.ping_timeout
+            if silent and conn is self._conn:
+                await self._lost(None)

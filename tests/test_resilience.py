@@ -385,3 +385,11 @@ def test_a_closed_slow_consumer_leaves_no_kernel_memory_behind(redis_url):
     finally:
         server.stop()
         client.close()
+
+
+@pytest.mark.gen_test
+async def test_the_pubsub_link_reads_in_large_batches(server):
+    """Under load a batch is what one read returned: the link widens the
+    reads past asyncio's 256 KB (private attributes; if a library renames
+    them, this says so before the benchmark does)."""
+    assert server.manager.link.widened

@@ -1,13 +1,25 @@
 """Admission: which handshakes are accepted, and the per-IP counts.
 
 No sockets here; the handler and the handshake shortcut ask the same
-object::
+object:
 
-    admission = Admission(settings.server, counters, open_connections=lambda: 10)
-    admission.origin_allowed("https://exchange.example.com")   # True / False
-    admission.refusal("10.0.0.7")   # None, or (status, reason, cause)
-    admission.enter("10.0.0.7")     # a connection from that IP opened ...
-    admission.leave("10.0.0.7")     # ... and closed
+>>> from marketstream.config import load_settings
+>>> settings = load_settings(environ={}, overrides={
+...     "server.allowed_origins": "https://exchange.example.com",
+...     "server.max_connections_per_ip": "1"})
+>>> admission = Admission(settings.server, Counters(), open_connections=lambda: 10)
+>>> admission.origin_allowed("https://exchange.example.com")
+True
+>>> admission.origin_allowed("https://elsewhere.example")
+False
+>>> admission.refusal("10.0.0.7") is None     # None, or (status, reason, cause)
+True
+>>> admission.enter("10.0.0.7")               # a connection from that IP opened ...
+>>> admission.refusal("10.0.0.7")
+(429, 'too many connections from your address', 'max_connections_per_ip')
+>>> admission.leave("10.0.0.7")               # ... and closed
+>>> admission.refusal("10.0.0.7") is None
+True
 
 Refusals: HTTP 403 for an ``Origin`` not in ``[server] allowed_origins``,
 429 when ``[server] max_connections_per_ip`` is reached for the client IP,

@@ -3,13 +3,15 @@
 Precedence, highest first: command-line flags, the environment
 (``WS_STREAM_URL``, ``REDIS_URL``), the INI file given by ``--config`` or
 ``MARKETSTREAM_CONFIG``, and the built-in defaults (which equal
-``conf/marketstream.ini``)::
+``conf/marketstream.ini``).  The server calls
+``load_settings(config_file, os.environ, overrides)``; without a file or
+environment:
 
-    settings = load_settings(config_file="conf/marketstream.ini",
-                             environ=os.environ,
-                             overrides={"server.processes": "2"})
-    settings.server.port        # 4000
-    settings.protocol.acks      # False
+>>> settings = load_settings(environ={}, overrides={"server.processes": "2"})
+>>> settings.port, settings.server.processes, settings.protocol.acks
+(4000, 2, False)
+>>> settings.sources["server.processes"], settings.sources["server.listen"]
+('command line (server.processes)', 'default')
 
 Any unknown section or key, or a value of the wrong type, raises
 :class:`ConfigError` naming where it came from (file, section and key).

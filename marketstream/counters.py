@@ -1,12 +1,13 @@
 """The process's counters: one object, bumped on the hot path, read by
 ``/metrics`` and ``/health``.
 
-Plain attributes and small dicts, so a bump costs one attribute store::
+Plain attributes and small dicts, so a bump costs one attribute store:
 
-    counters = Counters()
-    counters.deliveries += 50
-    counters.closed["slow_consumer"] += 1
-    counters.as_dict()["deliveries"]      # 50
+>>> counters = Counters()
+>>> counters.deliveries += 50
+>>> counters.closed["slow_consumer"] += 1
+>>> counters.as_dict()["deliveries"], counters.as_dict()["closed"]["slow_consumer"]
+(50, 1)
 
 The metrics exporter turns them into Prometheus series once a second
 (draining ``batch_sizes``); ``/health`` shows :meth:`as_dict`.

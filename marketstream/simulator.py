@@ -1,20 +1,32 @@
 """The demo market, without I/O: prices, trades, order books, tickers, and
 the schedule saying when each market publishes what.
 
-::
+With a seed every run produces the same data:
 
-    sim = MarketSimulator("SOL_USDC", seed=1)
-    sim.trade(now_us)      # {"e": "trade", ...}
-    sim.depth(now_us)      # {"e": "depth", "U": .., "u": .., "b": [...], "a": [...]}
-    sim.snapshot()         # {"e": "depthSnapshot", "s": .., "u": .., "b": [...], "a": [...]}
-    sim.ticker(now_us)     # {"e": "ticker", ...}
+>>> sim = MarketSimulator("SOL_USDC", seed=1)
+>>> now_us = 1_718_000_000_000_000
+>>> trade = sim.trade(now_us)
+>>> trade["e"], trade["s"], trade["p"], trade["q"]
+('trade', 'SOL_USDC', '150.009', '13.264')
+>>> depth = sim.depth(now_us)              # the book's changes: "U", "u", "b", "a"
+>>> depth["e"], depth["U"], depth["u"]
+('depth', 1, 40)
+>>> sim.snapshot()["u"] == depth["u"]      # the whole book after the last diff
+True
+>>> sim.ticker(now_us)["n"]                # statistics: one trade so far
+1
 
-    feed = Feed(["SOL_USDC", "BTC_USDT"], rate=10, seed=1, start=loop_time)
-    for event in feed.events(loop_time_now, offset_us):   # FeedEvent tuples
-        event.kind, event.channel, event.data, event.snapshot
+A :class:`Feed` schedules several markets on a monotonic clock and returns
+:class:`FeedEvent` tuples (``kind``, ``channel``, ``data``, ``snapshot``):
 
-With a seed every run produces the same data.  Nothing here touches a
-socket or a clock; :mod:`marketstream.feed` publishes what this produces.
+>>> feed = Feed(["SOL_USDC", "BTC_USDT"], rate=10, seed=1, start=0.0)
+>>> events = feed.events(1.0, offset_us=now_us)   # what is due up to t = 1.0 s
+>>> sorted({event.channel for event in events})   # doctest: +NORMALIZE_WHITESPACE
+['depth.BTC_USDT', 'depth.SOL_USDC', 'ticker.BTC_USDT', 'ticker.SOL_USDC',
+ 'trade.BTC_USDT', 'trade.SOL_USDC']
+
+Nothing here touches a socket or a clock; :mod:`marketstream.feed`
+publishes what this produces.
 """
 
 from __future__ import annotations

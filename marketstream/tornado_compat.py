@@ -3,11 +3,14 @@
 The handshake shortcut (:mod:`marketstream.upgrade`) and the direct frame
 writes of :class:`~marketstream.handlers.StreamHandler` go below Tornado's
 public API for speed and memory.  The names they need are listed here and
-checked once, at import::
+checked once, at import (``MISSING`` would list what is missing, e.g.
+``["tornado.websocket._WebSocketParams"]``):
 
-    from marketstream import tornado_compat as compat
-    compat.OK          # True: every name exists in the installed Tornado
-    compat.MISSING     # what is missing, e.g. ["tornado.websocket._WebSocketParams"]
+>>> from marketstream import tornado_compat as compat
+>>> compat.OK          # every name exists in the installed Tornado
+True
+>>> compat.MISSING
+[]
 
 When something is missing (a Tornado release renamed it), one warning is
 logged and the server uses Tornado's public paths only: ``fast_handshake``

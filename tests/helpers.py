@@ -78,7 +78,7 @@ def numsub(redis_client, channel):
 
 async def subscribed(redis_client, *channels, count=1):
     for channel in channels:
-        await async_wait_until(lambda: numsub(redis_client, channel) == count,
+        await async_wait_until(lambda channel=channel: numsub(redis_client, channel) == count,
                                message="%s subscribed upstream" % channel)
 
 
@@ -99,7 +99,7 @@ async def listeners(server, stream, count):
 
 async def released(redis_client, *channels):
     for channel in channels:
-        await async_wait_until(lambda: numsub(redis_client, channel) == 0,
+        await async_wait_until(lambda channel=channel: numsub(redis_client, channel) == 0,
                                message="%s released upstream" % channel)
 
 

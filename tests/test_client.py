@@ -25,13 +25,13 @@ def test_docstring_examples():
 
 
 def snapshot(u, bids=(), asks=()):
-    return {"e": "depthSnapshot", "s": "X_Y", "u": u, "b": [list(l) for l in bids],
-            "a": [list(l) for l in asks]}
+    return {"e": "depthSnapshot", "s": "X_Y", "u": u, "b": [list(level) for level in bids],
+            "a": [list(level) for level in asks]}
 
 
 def diff(first, last, bids=(), asks=()):
-    return {"e": "depth", "s": "X_Y", "U": first, "u": last, "b": [list(l) for l in bids],
-            "a": [list(l) for l in asks]}
+    return {"e": "depth", "s": "X_Y", "U": first, "u": last, "b": [list(level) for level in bids],
+            "a": [list(level) for level in asks]}
 
 
 def test_book_orders_by_decimal_value_and_keeps_strings():
@@ -307,8 +307,8 @@ async def test_plain_streams_survive_100_forced_disconnects(server, redis_client
         # Each round: connected, something new on every stream, then a kick at a random moment.
         seen = len(collector.messages)
         await async_wait_until(
-            lambda: client.connected and {m.stream for m in collector.messages[seen:]
-                                          if m.kind == MESSAGE} == set(streams),
+            lambda seen=seen: client.connected and {
+                m.stream for m in collector.messages[seen:] if m.kind == MESSAGE} == set(streams),
             message="messages after reconnection %d" % kick_no)
         await asyncio.sleep(rng.random() * 0.005)
         kick(server, rst=kick_no % 2 == 0)
@@ -422,7 +422,7 @@ async def test_resume_under_100_forced_disconnects(server, redis_client, redis_u
         for kick_no in range(100):
             seen = len(collector.messages)
             await async_wait_until(
-                lambda: client.connected and len(collector.messages) > seen,
+                lambda seen=seen: client.connected and len(collector.messages) > seen,
                 message="messages after reconnection %d" % kick_no)
             await asyncio.sleep(rng.random() * 0.005)
             kick(server, rst=kick_no % 2 == 0)
@@ -458,7 +458,6 @@ async def test_resync_after_book_gap_gets_a_fresh_snapshot(server, redis_client)
     client = Client(ws_url(server), ["depth.ETH_USDT", "trade.ETH_USDT"], backoff=(0.005, 0.05))
     book = OrderBook()
     resyncs = []
-    done = asyncio.Event()
 
     async def consume():
         async for msg in client:

@@ -413,7 +413,7 @@ def test_invalid_utf8_file_is_a_config_error(tmp_path):
 def run_marketstream(*args):
     environ = {k: v for k, v in os.environ.items() if k not in CONFIG_ENV}
     return subprocess.run([sys.executable, "-m", "marketstream", *args], cwd=ROOT, env=environ,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60)
 
 
 def test_command_exits_2_for_a_bad_file(tmp_path):

@@ -14,7 +14,7 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-import mock
+from unittest import mock
 import pytest
 import redis
 import redis.asyncio

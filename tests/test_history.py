@@ -91,7 +91,8 @@ def test_covered_resume_returns_every_later_message(r7, redis7_server):
 def test_up_to_date_or_ahead_is_covered_live_only(r7, redis7_server):
     seqs = published(r7, 3)
     for after in (seqs[-1], seqs[-1] + 1, seqs[-1] + 10 ** 9):
-        assert run(lambda c: read_after(c, S, after, 100), redis7_server.port) == ([], True)
+        assert run(lambda c, after=after: read_after(c, S, after, 100),
+                   redis7_server.port) == ([], True)
 
 
 def test_trimmed_history_is_not_covered_and_returns_what_is_left(r7, redis7_server):

@@ -178,11 +178,11 @@ def test_ticker_statistics(market):
     for key in "ochlV":
         assert price_format.match(ticker[key]), (key, ticker[key])
     assert decimal_pattern(DECIMALS[market][1]).match(ticker["v"])
-    o, c, h, l = (Decimal(ticker[key]) for key in "ochl")
+    o, c, h, low = (Decimal(ticker[key]) for key in "ochl")
     prices = [Decimal(trade["p"]) for trade in trades]
     assert ticker["n"] == len(trades)
-    assert (o, c, h, l) == (prices[0], prices[-1], max(prices), min(prices))
-    assert h >= max(o, c) and l <= min(o, c) and h > l
+    assert (o, c, h, low) == (prices[0], prices[-1], max(prices), min(prices))
+    assert h >= max(o, c) and low <= min(o, c) and h > low
     assert Decimal(ticker["v"]) == sum(Decimal(trade["q"]) for trade in trades)
     quote = sum(Decimal(trade["p"]) * Decimal(trade["q"]) for trade in trades)
     assert abs(Decimal(ticker["V"]) - quote) <= Decimal(10) ** -DECIMALS[market][0]

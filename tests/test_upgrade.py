@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 
-import mock
+from unittest import mock
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -370,7 +370,8 @@ def test_plain_streams_build_a_partial_book_and_colour_trades(page, server, redi
     market = "PLAIN_TEST"
     open_page(page, server["server"], "?markets=%s" % market)
     for stream in ("depth." + market, "trade." + market):
-        wait_until(lambda: numsub(redis_client, stream) == 1, 5, message=stream + " subscribed")
+        wait_until(lambda stream=stream: numsub(redis_client, stream) == 1, 5,
+                   message=stream + " subscribed")
 
     def publish(stream, data):
         import ujson

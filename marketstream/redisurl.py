@@ -28,15 +28,22 @@ message that says what is wrong::
 
 and hands out a redis-py client for whatever the URL names::
 
-    client = sync_client("redis+cluster://10.0.0.1:7000,10.0.0.2:7000")   # redis.cluster.RedisCluster
+    client = sync_client("redis+cluster://10.0.0.1:7000,10.0.0.2:7000")  # a RedisCluster
     aclient = async_client(url)    # redis.asyncio Redis / master of the Sentinel / RedisCluster
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+    import redis.asyncio.cluster
+    import redis.cluster
 
 __all__ = ["MODES", "RedisURL", "async_client", "parse_redis_url", "sync_client"]
 
@@ -80,7 +87,7 @@ def _cert_reqs(value: str) -> str:
 
 # Query options: name -> parser.  Every one of them is understood by the
 # redis-py clients of all three modes (sync and asyncio).
-_OPTIONS = {
+_OPTIONS: dict[str, Callable[[str], Any]] = {
     "db": int,
     "client_name": str,
     "socket_timeout": float,
@@ -292,7 +299,8 @@ def parse_redis_url(url: str) -> RedisURL:
             raise ValueError("invalid value %r for option %r in the Redis URL"
                              % ("***" if name in _SECRET_OPTIONS else value, name)) from None
     if not tls and any(name.startswith("ssl_") for name in options):
-        raise ValueError("ssl_* options need a TLS URL (%s://)" % scheme.replace("redis", "rediss", 1)
+        raise ValueError("ssl_* options need a TLS URL (%s://)"
+                         % scheme.replace("redis", "rediss", 1)
                          if scheme != "unix" else "ssl_* options do not apply to unix://")
     if mode != "sentinel" and any(name.startswith("sentinel_") for name in options):
         raise ValueError("sentinel_* options apply only to redis+sentinel:// URLs")
@@ -365,7 +373,13 @@ def _described(url: str | RedisURL) -> RedisURL:
     return url if isinstance(url, RedisURL) else parse_redis_url(url)
 
 
-def sync_client(url: str | RedisURL, **kwargs: Any):
+def _service(desc: RedisURL) -> str:
+    if desc.service_name is None:  # parse_redis_url always sets it
+        raise ValueError("a sentinel URL needs the service name")
+    return desc.service_name
+
+
+def sync_client(url: str | RedisURL, **kwargs: Any) -> redis.Redis | redis.cluster.RedisCluster:
     """A synchronous redis-py client for ``url``.
 
     * one server: ``redis.Redis``;
@@ -390,16 +404,18 @@ def sync_client(url: str | RedisURL, **kwargs: Any):
         if desc.path is not None:
             conn.pop("ssl", None)
             return redis.Redis(unix_socket_path=desc.path, db=desc.db, **conn)
-        return redis.Redis(host=desc.host, port=desc.port, db=desc.db, **conn)
+        host, port = desc.seeds[0]
+        return redis.Redis(host=host, port=port, db=desc.db, **conn)
     if desc.mode == "sentinel":
         sentinel = redis.sentinel.Sentinel(list(desc.seeds), sentinel_kwargs=desc.sentinel_kwargs(),
                                            **conn)
-        return sentinel.master_for(desc.service_name, db=desc.db)
+        return sentinel.master_for(_service(desc), db=desc.db)
     nodes = [redis.cluster.ClusterNode(host, port) for host, port in desc.seeds]
     return redis.cluster.RedisCluster(startup_nodes=nodes, **conn)
 
 
-def async_client(url: str | RedisURL, **kwargs: Any):
+def async_client(url: str | RedisURL,
+                 **kwargs: Any) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
     """An asyncio redis-py client for ``url`` (``redis.asyncio.Redis``, the
     Sentinel primary's ``redis.asyncio.Redis`` from
     ``redis.asyncio.sentinel.Sentinel.master_for``, or
@@ -420,10 +436,11 @@ def async_client(url: str | RedisURL, **kwargs: Any):
         if desc.path is not None:
             conn.pop("ssl", None)
             return redis.asyncio.Redis(unix_socket_path=desc.path, db=desc.db, **conn)
-        return redis.asyncio.Redis(host=desc.host, port=desc.port, db=desc.db, **conn)
+        host, port = desc.seeds[0]
+        return redis.asyncio.Redis(host=host, port=port, db=desc.db, **conn)
     if desc.mode == "sentinel":
         sentinel = redis.asyncio.sentinel.Sentinel(list(desc.seeds),
                                                    sentinel_kwargs=desc.sentinel_kwargs(), **conn)
-        return sentinel.master_for(desc.service_name, db=desc.db)
+        return sentinel.master_for(_service(desc), db=desc.db)
     nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in desc.seeds]
     return redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, **conn)

@@ -36,10 +36,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Hashable, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from marketstream import history
-from marketstream.core import Core, History, Read, Want
+from marketstream.core import Connection, Core, History, Read, Want
 from marketstream.counters import Counters
 from marketstream.link import UPSTREAM_ERRORS
 from marketstream.redisurl import async_client, parse_redis_url
@@ -153,11 +154,11 @@ class ChannelManager:
 
     # --- subscriptions -------------------------------------------------------
 
-    def register(self, conn: Hashable) -> None:
+    def register(self, conn: Connection) -> None:
         """Track a new connection (before it subscribes to anything)."""
         self.core.register(conn)
 
-    def subscribe(self, conn: Hashable, names: Iterable[str],
+    def subscribe(self, conn: Connection, names: Iterable[str],
                   wants: dict[str, Want] | None = None) -> list[str]:
         """Add ``conn`` to each stream; returns the streams newly added.
         Streams with a :class:`~marketstream.core.Want` (``since``,
@@ -168,18 +169,18 @@ class ChannelManager:
             self._start_reads()
         return added
 
-    def unsubscribe(self, conn: Hashable, names: Iterable[str]) -> list[str]:
+    def unsubscribe(self, conn: Connection, names: Iterable[str]) -> list[str]:
         """Remove ``conn`` from each stream; unknown names are ignored."""
         removed = self.core.unsubscribe(conn, list(names))
         self._sync()
         return removed
 
-    def remove(self, conn: Hashable) -> None:
+    def remove(self, conn: Connection) -> None:
         """Forget a departed connection entirely."""
         self.core.remove(conn)
         self._sync()
 
-    def subscriptions(self, conn: Hashable) -> list[str]:
+    def subscriptions(self, conn: Connection) -> list[str]:
         return self.core.subscriptions(conn)
 
     def _sync(self) -> None:
@@ -292,9 +293,9 @@ class ChannelManager:
             self.core.read_failed(name, read.token)
             asyncio.get_running_loop().call_later(0.2, self._start_reads)
             return
-        if self.core.read_done(name, History(latest, snapshot, entries), read.token):
-            if self._flush_handle is None:
-                self._schedule_flush()
+        done = self.core.read_done(name, History(latest, snapshot, entries), read.token)
+        if done and self._flush_handle is None:
+            self._schedule_flush()
         self._start_reads()
 
     # --- delivery ------------------------------------------------------------------

@@ -31,14 +31,21 @@ position this process delivered; plain streams get the gap notice.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, NamedTuple
+from collections.abc import Callable, Hashable
+from typing import NamedTuple, Protocol
 
 from marketstream import protocol
 from marketstream.counters import Counters
 
 __all__ = ["Core", "Want", "Read", "History", "split_position"]
 
-Conn = Hashable
+class Connection(Hashable, Protocol):
+    """What the core delivers to (the WebSocket handler)."""
+
+    def write_frames(self, data: bytes) -> None: ...
+
+
+Conn = Connection
 
 
 def split_position(payload: bytes) -> tuple[int | None, bytes]:
@@ -89,9 +96,9 @@ class History(NamedTuple):
 
 @dataclass
 class _Recovery:
-    waiting: dict = field(default_factory=dict)    # conn -> Want, read not started
-    reading: dict = field(default_factory=dict)    # conn -> Want, read in flight
-    buffer: list = field(default_factory=list)     # (seq | None, frame) since the read began
+    waiting: dict[Conn, Want] = field(default_factory=dict)   # read not started
+    reading: dict[Conn, Want] = field(default_factory=dict)   # read in flight
+    buffer: list[tuple[int | None, bytes]] = field(default_factory=list)  # since the read began
     in_flight: bool = False
     token: int = 0                                 # which read is in flight
 
@@ -367,13 +374,14 @@ class Core:
                 out.append(protocol.gap_notice(name))
             usable = snapshot is not None and (
                 snapshot[0] >= latest or self._covers(entries, snapshot[0], latest))
-            if usable:
+            if snapshot is not None and usable:
                 last = snapshot[0]
                 out.append(snapshot[1])
                 counters.snapshots_sent += 1
                 replay = [frame for seq, frame in entries if seq > last]
             elif want.since is not None:
-                replay = [frame for _, frame in entries[-self.max_replay:]]
+                replay = [frame for _, frame in entries[-self.max_replay:]] \
+                    if self.max_replay else []
             else:
                 replay = []
                 last = latest  # a plain "from now on" subscribe

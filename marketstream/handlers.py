@@ -57,7 +57,7 @@ _SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
 _NO_HEADERS = HTTPHeaders()
 _LINGER_0 = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets
 _DIRECT = compat.OK  # write to the socket directly when nothing is queued
-_NO_ARGS = MappingProxyType({})
+_NO_ARGS: MappingProxyType[str, Any] = MappingProxyType({})
 
 
 class Context:
@@ -95,11 +95,13 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         """Read frames in a task of its own."""
         # The handler keeps the task (the event loop only holds tasks weakly).
         loop = getattr(super(), compat.RECEIVE_FRAME_LOOP)
-        task = self.handler.frame_loop = asyncio.ensure_future(loop())
+        handler: Any = self.handler
+        task = handler.frame_loop = asyncio.ensure_future(loop())
         task.add_done_callback(self._frame_loop_done)
 
     def _frame_loop_done(self, task: asyncio.Future) -> None:
-        self.handler.frame_loop = None
+        handler: Any = self.handler
+        handler.frame_loop = None
         if not task.cancelled() and task.exception() is not None:
             log.error("frame loop of %s failed", self.handler, exc_info=task.exception())
             self._abort()
@@ -112,20 +114,20 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
     ``a`` and ``b`` at connect time.
     """
 
-    def initialize(self, context):
+    def initialize(self, context: Context) -> None:
         self.context = context
-        self.identity = None
-        self._ws = None
+        self.identity: str | None = None
+        self._ws: Any = None  # the WebSocket protocol once open, None once closed
         self._opened_at = 0.0
         self._tokens = float(context.limits.messages_burst)
         self._tokens_at = 0.0
         self.ping_sent = 0.0  # loop time of the oldest unanswered keepalive ping
         self.frame_loop = None
-        self._acks = set()  # acknowledgements waiting for Redis
+        self._acks: set[asyncio.Future[None]] = set()  # acknowledgements waiting for Redis
 
     # --- handshake -----------------------------------------------------------
 
-    def clear(self):
+    def clear(self) -> None:
         if type(self.request.connection) is Switched:
             # The handshake shortcut sends a prebuilt 101: no HTTP response
             # to prepare (Tornado's defaults format a Date on every call).
@@ -133,9 +135,9 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             return
         super().clear()
 
-    def prepare(self):
+    def prepare(self) -> None:
         admission = self.context.admission
-        refusal = admission.refusal(self.request.remote_ip)
+        refusal = admission.refusal(self.request.remote_ip or "?")
         if refusal is not None:
             status, reason, cause = refusal
             admission.refused(cause)
@@ -143,13 +145,13 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             self.set_status(status)
             self.finish(reason)
 
-    async def get(self, *args, **kwargs):
+    async def get(self, *args: Any, **kwargs: Any) -> None:
         if self.request.headers.get("Upgrade", "").lower() != "websocket":
             self._plain_get()
             return
         await super().get(*args, **kwargs)
 
-    def _plain_get(self):
+    def _plain_get(self) -> None:
         """A GET without Upgrade: the live market page on ``/`` when
         ``[server] demo_page`` is on, else 426 saying what this endpoint is."""
         if self.request.path == "/" and self.context.settings.server.demo_page:
@@ -162,7 +164,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.finish("This is a WebSocket endpoint: connect with a WebSocket client.\n")
 
-    def check_origin(self, origin):
+    def check_origin(self, origin: str) -> bool:
         admission = self.context.admission
         if admission.origin_allowed(origin):
             return True
@@ -170,7 +172,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         log.warning("refused %s: origin %r not allowed", self.request.remote_ip, origin)
         return False
 
-    def get_websocket_protocol(self):
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
         if self.request.headers.get("Sec-WebSocket-Version") != "13":
             return None
         ctx = self.context
@@ -182,7 +184,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                 self.get_compression_options())
         return _Protocol(self, False, ctx.ws_params)
 
-    def switch_protocols(self, stream, key):
+    def switch_protocols(self, stream: IOStream, key: str) -> None:
         """Answer 101 on ``stream`` and start the WebSocket, for a request
         :mod:`marketstream.upgrade` has already checked.
 
@@ -191,24 +193,24 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         without building an HTTP response: the 101 is one prebuilt write.
         """
         self.open_args, self.open_kwargs = (), {}
-        ws = self.ws_connection = self.get_websocket_protocol()
+        ws: Any = self.get_websocket_protocol()
+        self.ws_connection = ws
         compat.finish_http(self)  # the HTTP exchange is over
         ws.stream = stream
         self._ws = ws  # what write_frames writes to (open() sets it on Tornado's path)
         self.write_frames(_SWITCHING % ws.compute_accept_value(key).encode())
         ws.start_pinging()
         try:
-            opening = self.open()
+            self.open()  # synchronous: nothing awaits it here
         except Exception:
             self.log_exception(*sys.exc_info())
             self.on_connection_close()  # closes the socket, undoes what open() did
             return
-        assert opening is None, "open() must finish synchronously: nothing awaits it here"
         ws.start_frame_loop()
 
     # --- WebSocket events ----------------------------------------------------
 
-    def open(self, *args, **kwargs):
+    def open(self, *args: str, **kwargs: str) -> None:
         ctx = self.context
         self._ws = self.ws_connection
         self._ws.stream.max_write_buffer_size = ctx.limits.max_buffer_bytes
@@ -218,7 +220,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self.set_nodelay(True)
         self._opened_at = self._tokens_at = time.monotonic()
         self.identity = self._make_identity()
-        ctx.admission.enter(self.request.remote_ip)
+        ctx.admission.enter(self.request.remote_ip or "?")
         ctx.manager.register(self)
         log.info("connect %s", self.identity)
         initial = self.get_query_argument("streams", "")
@@ -229,14 +231,14 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             self._handle(protocol.parse_stream_query(initial, since, snapshot), reply=False)
 
     if compat.OK:
-        def _detach_stream(self):
+        def _detach_stream(self) -> IOStream:
             # Tornado's version also shadows seven HTTP methods with instance
             # attributes, which turns every handler's compact attribute
             # storage into a full dict (~1.6 KB a connection).  Those methods
             # already raise after the handshake (it finished the response).
             return self.detach()
 
-    def _release_handshake_state(self):
+    def _release_handshake_state(self) -> None:
         """Drop what only the HTTP handshake needed (headers, arguments,
         response state): thousands of idle connections each keep less."""
         request = self.request
@@ -245,14 +247,16 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         request.connection = request.server_connection = None
         request.body = b""
         request.headers = _NO_HEADERS
-        request.arguments = request.query_arguments = request.body_arguments = _NO_ARGS
-        request.files = _NO_ARGS
+        # Typed as dicts and lists by Tornado; nothing reads them any more,
+        # so they share one empty mapping (or None).
+        for name in ("arguments", "query_arguments", "body_arguments", "files"):
+            setattr(request, name, _NO_ARGS)
         if compat.OK:
             compat.release_response(self)
-        self.ui = None
-        self.path_args = self.path_kwargs = self.open_args = self.open_kwargs = None
+        for name in ("ui", "path_args", "path_kwargs", "open_args", "open_kwargs"):
+            setattr(self, name, None)
 
-    def on_message(self, message):
+    def on_message(self, message: str | bytes) -> None:
         ctx = self.context
         now = time.monotonic()
         allowed, self._tokens = protocol.take_token(
@@ -273,14 +277,14 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             return None
         self._handle(request, reply=ctx.acks)
 
-    def on_pong(self, data):
+    def on_pong(self, data: bytes) -> None:
         self.ping_sent = 0.0
 
-    def on_close(self):
+    def on_close(self) -> None:
         ctx = self.context
         ctx.manager.remove(self)
         if self._ws is not None:
-            ctx.admission.leave(self.request.remote_ip)
+            ctx.admission.leave(self.request.remote_ip or "?")
         if self.identity is not None:
             code = self.close_code
             log.info("disconnect %s %s duration=%.1fs", self.identity,
@@ -290,7 +294,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
 
     # --- requests ------------------------------------------------------------
 
-    def _handle(self, request, reply):
+    def _handle(self, request: protocol.Request, reply: bool) -> None:
         """Carry out a valid request; acknowledgements never hold up reading
         (a SUBSCRIBE's ack waits for Redis in a task of its own)."""
         ctx = self.context
@@ -329,7 +333,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             self._acks.add(task)
             task.add_done_callback(self._acks.discard)
 
-    def _wants(self, request, names):
+    def _wants(self, request: protocol.Request, names: list[str]) -> dict[str, Want]:
         """What to recover on each of ``names``: the request's ``since`` and
         ``snapshot``, else the snapshot default of ``[recovery]``."""
         since = request.since or {}
@@ -346,25 +350,26 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                 wants[name] = Want(position, wanted)
         return wants
 
-    async def _ack_when_subscribed(self, request_id, names, errors):
+    async def _ack_when_subscribed(self, request_id: protocol.RequestId, names: list[str],
+                                   errors: list[str]) -> None:
         if not await self.context.manager.wait_subscribed(names):
             errors = errors + ["upstream subscription not confirmed yet"]
         if self._ws is not None:
             self._ack(request_id, errors)
 
-    def _ack(self, request_id, errors):
+    def _ack(self, request_id: protocol.RequestId, errors: list[str]) -> None:
         if errors:
             self._reply(protocol.encode_error(request_id, protocol.ERROR_INVALID_REQUEST,
                                               "; ".join(errors)))
         else:
             self._reply(protocol.encode_result(request_id))
 
-    def _reply(self, text):
+    def _reply(self, text: str) -> None:
         self.write_frames(protocol.text_frame(text.encode()))
 
     # --- delivery ------------------------------------------------------------
 
-    def write_frames(self, data):
+    def write_frames(self, data: bytes | memoryview) -> None:
         """Queue complete WebSocket frames (bytes) for this client.
 
         The one place that writes below ``write_message``: frames are built
@@ -397,14 +402,14 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         except StreamBufferFullError:
             self._slow_consumer()
 
-    def _slow_consumer(self):
+    def _slow_consumer(self) -> None:
         self.context.counters.closed["slow_consumer"] += 1
         log.warning("closing %s: slow consumer (over %d bytes queued)", self.identity,
                     self.context.limits.max_buffer_bytes)
         self.context.manager.remove(self)  # nothing more for it
         self.close_for(CLOSE_POLICY, "slow consumer", reset=True)
 
-    def close_for(self, code, reason, reset=False):
+    def close_for(self, code: int, reason: str, reset: bool = False) -> None:
         """Close even when the send buffer is full (the close frame queues
         behind it; Tornado drops the TCP connection if the client has not
         answered within 5 s).
@@ -425,7 +430,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                     pass
         self.close(code, reason)
 
-    def send_ping(self):
+    def send_ping(self) -> None:
         """Send a keepalive ping (see :mod:`marketstream.keepalive`)."""
         if self._ws is None:
             return
@@ -438,7 +443,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
 
     # --- identity ------------------------------------------------------------
 
-    def _make_identity(self):
+    def _make_identity(self) -> str:
         """``ip:port`` of the client.
 
         Behind a trusted proxy (``xheaders``), the IP is the one the proxy
@@ -446,7 +451,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         conf/nginx.conf), else the proxy-side port, which is unique per
         connection within this process.
         """
-        ip = self.request.remote_ip
+        ip = self.request.remote_ip or "?"
         port = None
         if self.context.xheaders:
             header = self.request.headers.get("X-Real-Port", "")
@@ -459,17 +464,17 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                 port = 0
         return ("[%s]:%d" if ":" in ip else "%s:%d") % (ip, port)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<StreamHandler %s>" % self.identity
 
 
 class HealthHandler(tornado.web.RequestHandler):
     """``GET /health``: 200 while the Redis pub/sub connection is live, else 503."""
 
-    def initialize(self, context):
+    def initialize(self, context: Context) -> None:
         self.context = context
 
-    def get(self):
+    def get(self) -> None:
         manager = self.context.manager
         healthy = manager.healthy
         body = {"status": "ok" if healthy else "unavailable", "pid": os.getpid()}
@@ -483,10 +488,10 @@ class HealthHandler(tornado.web.RequestHandler):
 class MetricsHandler(tornado.web.RequestHandler):
     """``GET /metrics``: Prometheus text format."""
 
-    def initialize(self, exporter):
+    def initialize(self, exporter: Any) -> None:
         self.exporter = exporter
 
-    def get(self):
+    def get(self) -> None:
         from marketstream.metrics import CONTENT_TYPE_LATEST
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(self.exporter.render())
@@ -495,7 +500,7 @@ class MetricsHandler(tornado.web.RequestHandler):
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
-def _page():
+def _page() -> bytes:
     """The live market page (read once; it ships inside the package)."""
     global _PAGE
     if _PAGE is None:
@@ -504,10 +509,10 @@ def _page():
     return _PAGE
 
 
-_PAGE = None
+_PAGE: bytes | None = None
 
 
-def log_request(handler):
+def log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's access log, quieter: refusals are logged where they are
     decided, so only server errors are worth a warning here."""
     status = handler.get_status()
@@ -517,7 +522,7 @@ def log_request(handler):
                    request.remote_ip, 1000.0 * request.request_time())
 
 
-def ws_paths(settings):
+def ws_paths(settings: Any) -> list[str]:
     """The paths that serve WebSocket: /, /ws, /stream and the configured one."""
     paths = ["/", "/ws", "/stream"]
     if settings.ws_path and settings.ws_path not in paths:
@@ -525,9 +530,10 @@ def ws_paths(settings):
     return paths
 
 
-def routes(context, exporter=None):
+def routes(context: Context, exporter: Any = None) -> list[tuple[str, type, dict[str, Any]]]:
     """The URL map for one process."""
-    table = [(path, StreamHandler, {"context": context}) for path in ws_paths(context.settings)]
+    table: list[tuple[str, type, dict[str, Any]]] = [
+        (path, StreamHandler, {"context": context}) for path in ws_paths(context.settings)]
     table.append(("/health", HealthHandler, {"context": context}))
     table.append((r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}))
     if exporter is not None:

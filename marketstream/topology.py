@@ -52,7 +52,8 @@ import collections
 import logging
 import random
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
@@ -60,12 +61,16 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot as _key_slot
 from redis.exceptions import MovedError, RedisError, ResponseError
 
-__all__ = ["SentinelWatcher", "ShardedSubscriber", "cluster_primaries", "cluster_topology", "key_slot", "node_label",
-           "sentinel_primary"]
+if TYPE_CHECKING:
+    from marketstream.redisurl import RedisURL
+
+__all__ = ["SentinelWatcher", "ShardedSubscriber", "cluster_primaries", "cluster_topology",
+           "key_slot", "node_label", "sentinel_primary"]
 
 log = logging.getLogger("marketstream.topology")
 
 Address = tuple[str, int]
+Ranges = dict[Address, list[tuple[int, int]]]   # primary -> its slot ranges [(start, end)]
 SLOTS = 16384
 _ERRORS = (RedisError, OSError, EOFError, asyncio.TimeoutError)
 
@@ -91,25 +96,28 @@ _DROP = ("max_connections", "health_check_interval", "protocol", "socket_timeout
          "decode_responses", "db")
 
 
-def _connection(addr: Address, conn_kwargs: dict[str, Any], timeout: float | None):
+def _connection(addr: Address, conn_kwargs: dict[str, Any],
+                timeout: float | None) -> redis.asyncio.Connection:
     """A raw RESP2 connection (not yet connected) to ``addr``; no read
     timeout, no retries: the caller owns liveness and reconnects."""
-    kwargs = dict(socket_connect_timeout=timeout, socket_keepalive=True)
+    kwargs: dict[str, Any] = dict(socket_connect_timeout=timeout, socket_keepalive=True)
     kwargs.update((k, v) for k, v in conn_kwargs.items() if k not in _DROP)
+    cls: type[redis.asyncio.Connection]
     cls = redis.asyncio.SSLConnection if kwargs.pop("ssl", False) else redis.asyncio.Connection
     return cls(host=addr[0], port=addr[1], socket_timeout=None, retry=Retry(NoBackoff(), 0),
                health_check_interval=0, protocol=2, **kwargs)
 
 
-async def _ask(addr: Address, conn_kwargs: dict[str, Any], timeout: float, *commands):
+async def _ask(addr: Address, conn_kwargs: dict[str, Any], timeout: float,
+               *commands: tuple[str, ...]) -> list[Any]:
     """Send ``commands`` to ``addr`` on a fresh connection; the replies (an
     error reply comes back as its ResponseError)."""
     conn = _connection(addr, conn_kwargs, timeout)
 
-    async def exchange():
+    async def exchange() -> list[Any]:
         await conn.connect()
         await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-        replies = []
+        replies: list[Any] = []
         for _ in commands:
             try:
                 replies.append(await conn.read_response())
@@ -123,13 +131,13 @@ async def _ask(addr: Address, conn_kwargs: dict[str, Any], timeout: float, *comm
         await conn.disconnect(nowait=True)
 
 
-def _text(value) -> str:
+def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _parse_shards(reply, asked: Address, tls: bool):
+def _parse_shards(reply: list[Any], asked: Address, tls: bool) -> tuple[Ranges, list[Address]]:
     """CLUSTER SHARDS (RESP2) -> ({primary: [(start, end)]}, [every node])."""
-    primaries: dict[Address, list[tuple[int, int]]] = {}
+    primaries: Ranges = {}
     nodes: list[Address] = []
     for shard in reply:
         shard = dict(zip(map(_text, shard[::2]), shard[1::2]))
@@ -147,9 +155,9 @@ def _parse_shards(reply, asked: Address, tls: bool):
     return primaries, nodes
 
 
-def _parse_slots(reply, asked: Address):
+def _parse_slots(reply: list[Any], asked: Address) -> tuple[Ranges, list[Address]]:
     """CLUSTER SLOTS (RESP2) -> ({primary: [(start, end)]}, [every node])."""
-    primaries: dict[Address, list[tuple[int, int]]] = {}
+    primaries: Ranges = {}
     nodes: list[Address] = []
     for entry in reply:
         start, end = int(entry[0]), int(entry[1])
@@ -164,7 +172,8 @@ def _parse_slots(reply, asked: Address):
     return primaries, nodes
 
 
-async def cluster_topology(addr: Address, *, timeout: float = 1.0, **conn_kwargs):
+async def cluster_topology(addr: Address, *, timeout: float = 1.0,
+                           **conn_kwargs: Any) -> tuple[Ranges, list[Address]]:
     """Ask one node: ``({primary: sorted [(start, end)]}, [every node seen])``.
 
     Uses CLUSTER SHARDS (Redis >= 7), else CLUSTER SLOTS.  Raises RedisError
@@ -186,7 +195,7 @@ async def cluster_topology(addr: Address, *, timeout: float = 1.0, **conn_kwargs
 
 
 async def cluster_primaries(seeds: Iterable[Address], *, timeout: float = 1.0,
-                            **conn_kwargs) -> dict[Address, list[tuple[int, int]]]:
+                            **conn_kwargs: Any) -> Ranges:
     """The primaries of a cluster and the slot ranges each owns, asked of
     the first seed that answers::
 
@@ -196,7 +205,7 @@ async def cluster_primaries(seeds: Iterable[Address], *, timeout: float = 1.0,
     ``conn_kwargs`` are connection options (``password``, ``username``,
     ``ssl`` ...; see :meth:`marketstream.redisurl.RedisURL.connection_kwargs`).
     Raises ``redis.exceptions.ConnectionError`` when no seed answers."""
-    errors = []
+    errors: list[str] = []
     for addr in seeds:
         addr = (addr[0], int(addr[1]))
         try:
@@ -209,7 +218,7 @@ async def cluster_primaries(seeds: Iterable[Address], *, timeout: float = 1.0,
 
 async def sentinel_primary(seeds: Iterable[Address], service: str, *, timeout: float = 1.0,
                            verify: bool = True, sentinel_kwargs: dict[str, Any] | None = None,
-                           **conn_kwargs) -> Address:
+                           **conn_kwargs: Any) -> Address:
     """The primary's address of ``service`` as the sentinels name it::
 
         host, port = await sentinel_primary([("127.0.0.1", 26379)], "mymaster")
@@ -218,7 +227,7 @@ async def sentinel_primary(seeds: Iterable[Address], service: str, *, timeout: f
     ``verify`` the named node must also answer ``ROLE`` with ``master``
     (``conn_kwargs`` are its connection options), else the next sentinel is
     asked.  Raises ``redis.exceptions.ConnectionError`` if none can tell."""
-    errors = []
+    errors: list[str] = []
     for addr in seeds:
         addr = (addr[0], int(addr[1]))
         try:
@@ -291,7 +300,7 @@ class SentinelWatcher:
                 pass
         self._tasks = []
 
-    async def _watch(self, addr):
+    async def _watch(self, addr: Address) -> None:
         label = node_label(addr)
         delay = self.backoff_min
         while True:
@@ -316,7 +325,7 @@ class SentinelWatcher:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(self.backoff_max, delay * 2)
 
-    def _on_event(self, text):
+    def _on_event(self, text: str) -> None:
         parts = text.split()
         if len(parts) != 5 or parts[0] != self.service:
             return
@@ -342,16 +351,17 @@ class _Link:
     __slots__ = ("addr", "label", "conn", "state", "assigned", "bnames", "pending", "last_pong",
                  "task", "retired", "messages", "dropped", "connects", "seen")
 
-    def __init__(self, addr):
+    def __init__(self, addr: Address) -> None:
         self.addr = addr
         self.label = node_label(addr)
-        self.conn = None
+        self.conn: redis.asyncio.Connection | None = None
         self.state = "connecting"   # "up", "down"
-        self.assigned = {}          # channel -> slot, SSUBSCRIBE sent on this connection
-        self.bnames = set()         # the same channels as bytes (the reader's filter)
-        self.pending = collections.deque()  # [kind, slot, names, replies left, resubscribed]
+        self.assigned: dict[str, int] = {}  # channel -> slot, SSUBSCRIBE sent on this connection
+        self.bnames: set[bytes] = set()     # the same channels as bytes (the reader's filter)
+        # [kind, slot, names, replies left, resubscribed]
+        self.pending: collections.deque[list[Any]] = collections.deque()
         self.last_pong = 0.0
-        self.task = None
+        self.task: asyncio.Task[None] | None = None
         self.retired = False
         self.messages = 0           # messages delivered from this shard
         self.dropped = 0            # messages for channels no longer on this link
@@ -407,7 +417,7 @@ class ShardedSubscriber:
         self._confirmed: set[str] = set()
         self._interrupted: set[str] = set()        # confirmed once, lost since
         self._stranded: set[str] = set()           # wanted, owner unknown or unreachable
-        self._waiters: dict[str, list] = {}
+        self._waiters: dict[str, list[asyncio.Future[bool]]] = {}
         self._links: dict[Address, _Link] = {}
         self._owner: list[Address | None] = [None] * SLOTS
         self._nodes: list[Address] = []            # every node seen in the last topology
@@ -419,12 +429,15 @@ class ShardedSubscriber:
         self.refreshes = 0
         self.resubscribes = 0
         self._dirty: asyncio.Event | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._running = False
-        self._loop = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def from_url(cls, url, on_message, on_resubscribed=None, on_health=None, **kwargs):
+    def from_url(cls, url: str | RedisURL, on_message: Callable[[bytes, bytes], Any],
+                 on_resubscribed: Callable[[list[str]], Any] | None = None,
+                 on_health: Callable[[str, str], Any] | None = None,
+                 **kwargs: Any) -> ShardedSubscriber:
         """A subscriber for a ``redis+cluster://`` URL (str or RedisURL)."""
         from marketstream.redisurl import RedisURL, parse_redis_url
         desc = url if isinstance(url, RedisURL) else parse_redis_url(url)
@@ -440,12 +453,12 @@ class ShardedSubscriber:
         """Read the topology and connect to every primary.  Raises
         ``redis.exceptions.ConnectionError`` if no seed answers, or no
         primary can be reached, within ``timeout``."""
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._dirty = asyncio.Event()
         self._running = True
-        deadline = self._loop.time() + timeout
+        deadline = loop.time() + timeout
         while not await self._refresh():
-            if self._loop.time() > deadline:
+            if loop.time() > deadline:
                 await self.stop()
                 raise redis.exceptions.ConnectionError(
                     "no Redis Cluster node answered (seeds: %s)"
@@ -454,12 +467,13 @@ class ShardedSubscriber:
         self._tasks = [asyncio.ensure_future(self._sync_loop()),
                        asyncio.ensure_future(self._ping_loop())]
         while not all(link.state == "up" for link in self._links.values()):
-            if self._loop.time() > deadline:
+            if loop.time() > deadline:
                 if not any(link.state == "up" for link in self._links.values()):
                     await self.stop()
                     raise redis.exceptions.ConnectionError("no Redis Cluster primary reachable")
                 log.warning("starting with unreachable shard(s): %s",
-                            ", ".join(l.label for l in self._links.values() if l.state != "up"))
+                            ", ".join(link.label for link in self._links.values()
+                                      if link.state != "up"))
                 break
             await asyncio.sleep(0.01)
 
@@ -486,7 +500,7 @@ class ShardedSubscriber:
 
     # --- state -------------------------------------------------------------------
 
-    def _link_healthy(self, link, now):
+    def _link_healthy(self, link: _Link, now: float) -> bool:
         return link.state == "up" and now - link.last_pong <= self.ping_interval + self.ping_timeout
 
     @property
@@ -563,9 +577,10 @@ class ShardedSubscriber:
     async def wait_subscribed(self, names: Iterable[str], timeout: float = 5.0) -> bool:
         """Wait until every wanted channel in ``names`` is confirmed by its
         shard; False on timeout."""
-        futures = []
+        futures: list[asyncio.Future[bool]] = []
         for name in names:
             if name in self._wanted and name not in self._confirmed:
+                assert self._loop is not None, "start() first"
                 future = self._loop.create_future()
                 self._waiters.setdefault(name, []).append(future)
                 futures.append(future)
@@ -577,21 +592,21 @@ class ShardedSubscriber:
         except asyncio.TimeoutError:
             return False
 
-    def _resolve(self, name, ok=True):
+    def _resolve(self, name: str, ok: bool = True) -> None:
         for future in self._waiters.pop(name, ()):
             if not future.done():
                 future.set_result(ok)
 
     # --- topology ------------------------------------------------------------------
 
-    def _request_refresh(self):
+    def _request_refresh(self) -> None:
         self._refresh_wanted = True
         if self._dirty is not None:
             self._dirty.set()
 
     async def _refresh(self) -> bool:
         """Read the topology from the first node that answers; apply it."""
-        candidates = [l.addr for l in self._links.values() if l.state == "up"]
+        candidates = [link.addr for link in self._links.values() if link.state == "up"]
         candidates += self._nodes + self.seeds
         self.refreshes += 1
         for addr in dict.fromkeys(candidates):
@@ -608,7 +623,7 @@ class ShardedSubscriber:
         log.warning("no cluster node answered a topology request (tried %d)", len(candidates))
         return False
 
-    def _apply(self, primaries, nodes):
+    def _apply(self, primaries: Ranges, nodes: list[Address]) -> None:
         owner: list[Address | None] = [None] * SLOTS
         for addr, ranges in primaries.items():
             for start, end in ranges:
@@ -624,13 +639,13 @@ class ShardedSubscriber:
             self._retire(self._links.pop(addr))
         self._last_refresh = time.monotonic()
 
-    def _add_link(self, addr):
+    def _add_link(self, addr: Address) -> _Link:
         link = _Link(addr)
         self._links[addr] = link
         link.task = asyncio.ensure_future(self._run_link(link))
         return link
 
-    def _retire(self, link):
+    def _retire(self, link: _Link) -> None:
         log.warning("%s is no longer a primary; dropping its link", link.label)
         link.retired = True
         self._release(link)
@@ -641,7 +656,7 @@ class ShardedSubscriber:
             asyncio.ensure_future(conn.disconnect(nowait=True))
         self._notify_health(link, "removed")
 
-    def _release(self, link):
+    def _release(self, link: _Link) -> None:
         """Every channel on ``link`` goes back to be placed again."""
         for name in link.assigned:
             if self._assigned.get(name) is link:
@@ -656,7 +671,7 @@ class ShardedSubscriber:
         link.bnames.clear()
         link.pending.clear()
 
-    def _notify_health(self, link, state):
+    def _notify_health(self, link: _Link, state: str) -> None:
         if self.on_health is not None:
             try:
                 self.on_health(link.label, state)
@@ -665,11 +680,13 @@ class ShardedSubscriber:
 
     # --- the background tasks ----------------------------------------------------
 
-    async def _sync_loop(self):
+    async def _sync_loop(self) -> None:
         """Refresh the topology when asked and place every channel."""
+        dirty = self._dirty
+        assert dirty is not None, "start() makes it"
         while self._running:
-            await self._dirty.wait()
-            self._dirty.clear()
+            await dirty.wait()
+            dirty.clear()
             if self._refresh_wanted:
                 wait = self._last_refresh + self._refresh_delay - time.monotonic()
                 if wait > 0:
@@ -679,7 +696,7 @@ class ShardedSubscriber:
                     self._last_refresh = time.monotonic()
                     self._refresh_delay = min(self.backoff_max, self._refresh_delay * 2)
                     self._refresh_wanted = True
-                    self._dirty.set()
+                    dirty.set()
             try:
                 await self._place()
             except Exception:  # never let the placer die
@@ -691,13 +708,13 @@ class ShardedSubscriber:
             else:
                 self._refresh_delay = self.backoff_min
 
-    async def _place(self):
+    async def _place(self) -> None:
         """Send SUNSUBSCRIBE/SSUBSCRIBE so that every wanted channel is on
         the link of its slot's owner, one command per slot."""
         unsub: dict[_Link, dict[int, list[str]]] = {}
         sub: dict[_Link, dict[int, list[str]]] = {}
 
-        def drop(name, link):
+        def drop(name: str, link: _Link) -> None:
             del self._assigned[name]
             slot = link.assigned.pop(name)
             link.bnames.discard(name.encode())
@@ -724,7 +741,7 @@ class ShardedSubscriber:
         self._stranded = set()
         if self._unassigned:
             owner = self._owner
-            waiting = {}
+            waiting: dict[str, None] = {}
             for name in self._unassigned:
                 slot = self._wanted[name]
                 addr = owner[slot]
@@ -739,7 +756,7 @@ class ShardedSubscriber:
                 sub.setdefault(link, {}).setdefault(slot, []).append(name)
             self._unassigned = waiting
         for link in set(unsub) | set(sub):
-            commands = []
+            commands: list[tuple[str, ...]] = []
             for slot, names in unsub.get(link, {}).items():
                 link.pending.append([_SUNSUB, slot, set(names), len(names), None])
                 commands.append(("SUNSUBSCRIBE", *names))
@@ -747,12 +764,16 @@ class ShardedSubscriber:
                 link.pending.append([_SSUB, slot, names, len(names), []])
                 commands.append(("SSUBSCRIBE", *names))
             conn = link.conn
+            # Up when its channels were placed above.  An earlier link's send
+            # may yield to a reader that loses this one: then this pass fails
+            # and _sync_loop logs it.
+            assert conn is not None, "link %s went down while placing" % link.label
             try:
                 await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
             except _ERRORS as exc:
                 await self._lost(link, conn, exc)
 
-    async def _run_link(self, link):
+    async def _run_link(self, link: _Link) -> None:
         """Connect (with backoff), then read until the connection fails."""
         delay = self.backoff_min
         while self._running and not link.retired:
@@ -777,6 +798,7 @@ class ShardedSubscriber:
             link.state = "up"
             log.info("pub/sub link to %s up", link.label)
             self._notify_health(link, "up")
+            assert self._dirty is not None, "start() makes it"
             self._dirty.set()
             try:
                 await self._read(link, conn)
@@ -788,7 +810,8 @@ class ShardedSubscriber:
                 log.exception("unexpected error reading from %s", link.label)
                 await self._lost(link, conn, exc)
 
-    async def _lost(self, link, conn, reason):
+    async def _lost(self, link: _Link, conn: redis.asyncio.Connection | None,
+                    reason: BaseException | str) -> None:
         if link.conn is not conn or conn is None:
             return
         link.conn = None
@@ -803,7 +826,7 @@ class ShardedSubscriber:
         except Exception:
             pass
 
-    async def _read(self, link, conn):
+    async def _read(self, link: _Link, conn: redis.asyncio.Connection) -> None:
         read = conn.read_response
         on_message = self.on_message
         bnames = link.bnames
@@ -826,7 +849,7 @@ class ShardedSubscriber:
             else:
                 self._on_reply(link, response)
 
-    def _on_reply(self, link, response):
+    def _on_reply(self, link: _Link, response: Any) -> None:
         pending = link.pending
         head = pending[0] if pending else None
         if type(response) is not list:
@@ -880,7 +903,7 @@ class ShardedSubscriber:
             if head is not None and head[0] == _PING:
                 pending.popleft()
 
-    def _unplace(self, link, names):
+    def _unplace(self, link: _Link, names: Iterable[str]) -> None:
         for name in names:
             if self._assigned.get(name) is link:
                 del self._assigned[name]
@@ -893,7 +916,7 @@ class ShardedSubscriber:
                     self._unassigned[name] = None
                     self._stranded.add(name)
 
-    def _on_error(self, link, exc):
+    def _on_error(self, link: _Link, exc: ResponseError) -> None:
         """An error reply: it answers the oldest command still pending."""
         if not link.pending:
             log.warning("%s: error reply with nothing pending: %s", link.label, exc)
@@ -920,7 +943,7 @@ class ShardedSubscriber:
         self._owner[slot] = None
         self._request_refresh()
 
-    async def _ping_loop(self):
+    async def _ping_loop(self) -> None:
         """PING every link; a PONG older than ping_interval + ping_timeout
         marks it down.  Re-read the topology every refresh_interval."""
         while self._running:

@@ -114,10 +114,6 @@ class Client:
     def texts(self, name):
         return [text for _, text, m in self.frames[name] if m["data"].get("e") != "gap"]
 
-    async def close(self):
-        self.ws.close()
-        self.task.cancel()
-
 
 async def subscribed(server, clients, names):
     """Wait until ``server`` has every client on every stream and Redis
@@ -134,6 +130,17 @@ async def http(server, path):
     response = await tornado.httpclient.AsyncHTTPClient().fetch(
         "http://127.0.0.1:%d%s" % (server.settings.port, path), raise_error=False)
     return response.code, response.body.decode()
+
+
+async def poll(fetch, check, timeout, message, interval=0.02):
+    """Await ``fetch()`` until ``check(result)``; returns the result."""
+    end = time.monotonic() + timeout
+    while True:
+        result = await fetch()
+        if check(result):
+            return result
+        assert time.monotonic() < end, "timed out waiting for %s (last: %r)" % (message, result)
+        await asyncio.sleep(interval)
 
 
 async def health(server):
@@ -337,6 +344,17 @@ def owner_of(slot, primaries):
     raise KeyError(slot)
 
 
+def name_on(cluster, node, prefix, kind):
+    """A stream name whose slot ``node`` (a primary) owns."""
+    primaries = cluster.primaries()
+    n = 0
+    while True:
+        name = "%s.%s%d_USDT" % (kind, prefix, n)
+        if owner_of(key_slot(name), primaries) is node:
+            return name
+        n += 1
+
+
 def name_in_slot(slot, prefix, kind="trade"):
     """A stream name whose channel hashes to ``slot``."""
     n = 0
@@ -365,10 +383,14 @@ def our_pubsub_connections(node):
 
 @pytest.mark.gen_test(timeout=60)
 async def test_cluster_delivery_in_order_one_link_per_primary(cluster, start_server):
+    """30 streams over the 3 shards, half published through Publisher, half
+    with plain SPUBLISH: every client gets every message once, in order,
+    over one SSUBSCRIBE connection per primary; /health and the metrics
+    show each node."""
     server = await start_server(cluster.url)
     prefix = token()
     primaries = cluster.primaries()
-    by_shard = {node: [] for node in primaries}
+    by_shard = {node: [] for node in primaries}   # 10 streams on each primary
     n = 0
     while any(len(names) < 10 for names in by_shard.values()):
         name = "trade.%s%d_USDT" % (prefix, n)
@@ -432,6 +454,10 @@ async def test_cluster_delivery_in_order_one_link_per_primary(cluster, start_ser
 
 @pytest.mark.gen_test(timeout=60)
 async def test_cluster_slot_migration_while_publishing(cluster, start_server):
+    """The slot of a busy recoverable stream moves to another primary while
+    publishing: nothing is lost on it, the plain stream of that slot gets
+    the gap notice, a stream on another shard is untouched, delivery is
+    back within 2 s of the cluster settling."""
     server = await start_server(cluster.url)
     prefix = token()
     busy = "trade.%sR_USDT" % prefix          # recoverable, in the slot that moves
@@ -440,7 +466,7 @@ async def test_cluster_slot_migration_while_publishing(cluster, start_server):
     source = cluster.owner(slot)
     others = [node for node in cluster.primaries() if node is not source]
     target = others[0]
-    control = _name_on(cluster, others[1], prefix, "depth")  # on an untouched shard
+    control = name_on(cluster, others[1], prefix, "depth")  # on an untouched shard
     feeders = [Feeder(cluster.url, busy, True), Feeder(cluster.url, plain, False),
                Feeder(cluster.url, control, True)]
     names = [f.stream for f in feeders]
@@ -477,15 +503,20 @@ async def test_cluster_slot_migration_while_publishing(cluster, start_server):
 
 @pytest.mark.gen_test(timeout=60)
 async def test_cluster_primary_killed_replica_promoted(cluster, start_server):
+    """kill -9 of a primary while publishing: /health 503 with the node down
+    and its link_up metric 0; the replica is promoted, the server follows
+    within 2 s, recoverable streams end complete (or with the gap notice
+    where Redis lost the writes), plain ones get the gap notice, other
+    shards are untouched."""
     server = await start_server(cluster.url)
     prefix = token()
     primaries = list(cluster.primaries())
     victim, spare = primaries[0], primaries[1]
 
-    feeders = [Feeder(cluster.url, _name_on(cluster, victim, prefix, "trade"), True),
-               Feeder(cluster.url, _name_on(cluster, victim, prefix, "depth"), False),
-               Feeder(cluster.url, _name_on(cluster, spare, prefix, "trade"), True),
-               Feeder(cluster.url, _name_on(cluster, spare, prefix, "depth"), False)]
+    feeders = [Feeder(cluster.url, name_on(cluster, victim, prefix, "trade"), True),
+               Feeder(cluster.url, name_on(cluster, victim, prefix, "depth"), False),
+               Feeder(cluster.url, name_on(cluster, spare, prefix, "trade"), True),
+               Feeder(cluster.url, name_on(cluster, spare, prefix, "depth"), False)]
     names = [f.stream for f in feeders]
     clients = [await Client.connect(server, names) for _ in range(2)]
     await subscribed(server, clients, names)
@@ -498,7 +529,7 @@ async def test_cluster_primary_killed_replica_promoted(cluster, start_server):
 
         victim.kill()
         # The dead shard is down in /health (503) and in the metrics.
-        code, body = await async_wait_until_async(lambda: health(server), lambda r: r[0] == 503,
+        code, body = await poll(lambda: health(server), lambda r: r[0] == 503,
                                                   timeout=2, message="/health 503")
         assert body["redis"]["nodes"][victim.label]["state"] == "down", body
         assert body["redis"]["nodes"][spare.label]["state"] == "up", body
@@ -514,7 +545,7 @@ async def test_cluster_primary_killed_replica_promoted(cluster, start_server):
             await async_wait_until(lambda c=client: c.gaps(names[1]), timeout=RESUME_WITHIN,
                                    message="the gap notice on the plain stream")
             await resumed(client, feeders[1], settled)
-        code, body = await async_wait_until_async(lambda: health(server), lambda r: r[0] == 200,
+        code, body = await poll(lambda: health(server), lambda r: r[0] == 200,
                                                   timeout=RESUME_WITHIN, message="/health 200")
         nodes = body["redis"]["nodes"]
         assert victim.label not in nodes and nodes[promoted.label]["state"] == "up", nodes
@@ -532,36 +563,18 @@ async def test_cluster_primary_killed_replica_promoted(cluster, start_server):
         assert_plain(client, feeders[3], gap_expected=False)
 
 
-def _name_on(cluster, node, prefix, kind):
-    primaries = cluster.primaries()
-    n = 0
-    while True:
-        name = "%s.%s%d_USDT" % (kind, prefix, n)
-        if owner_of(key_slot(name), primaries) is node:
-            return name
-        n += 1
-
-
-async def async_wait_until_async(fetch, check, timeout, message, interval=0.02):
-    """Poll the coroutine function ``fetch`` until ``check(result)``; the result."""
-    end = time.monotonic() + timeout
-    while True:
-        result = await fetch()
-        if check(result):
-            return result
-        assert time.monotonic() < end, "timed out waiting for %s (last: %r)" % (message, result)
-        await asyncio.sleep(interval)
-
-
 @pytest.mark.gen_test(timeout=60)
 async def test_cluster_silent_shard_counts_as_down(cluster, start_server):
+    """A primary that stops answering (SIGSTOP, no replica to take over) is
+    down in /health and the metrics, and stays down while silent; when it
+    answers again the clients, still connected, get what follows."""
     server = await start_server(cluster.url)
     prefix = token()
     primaries = list(cluster.primaries())
     victim = primaries[0]
     replicas = cluster.replicas_of(victim)
-    recoverable = _name_on(cluster, victim, prefix, "trade")
-    plain = _name_on(cluster, victim, prefix, "depth")
+    recoverable = name_on(cluster, victim, prefix, "trade")
+    plain = name_on(cluster, victim, prefix, "depth")
     client = await Client.connect(server, [recoverable, plain])
     await subscribed(server, [client], [recoverable, plain])
     with contextlib.closing(Publisher(cluster.url, history=100, ttl=600)) as publisher, \
@@ -578,7 +591,7 @@ async def test_cluster_silent_shard_counts_as_down(cluster, start_server):
         victim.pause()
         paused = time.monotonic()
         try:
-            code, body = await async_wait_until_async(
+            code, body = await poll(
                 lambda: health(server), lambda r: r[0] == 503, timeout=4, message="/health 503")
             detected = time.monotonic() - paused
             assert body["redis"]["nodes"][victim.label]["state"] == "down", body
@@ -595,7 +608,7 @@ async def test_cluster_silent_shard_counts_as_down(cluster, start_server):
             for replica in replicas:
                 replica.resume()
         await in_thread(cluster.wait_settled)
-        await async_wait_until_async(lambda: health(server), lambda r: r[0] == 200,
+        await poll(lambda: health(server), lambda r: r[0] == 200,
                                      timeout=5, message="/health 200 after the shard is back")
         for i in range(3, 6):
             await in_thread(publisher.publish, recoverable, {"e": "trade", "i": i})
@@ -606,11 +619,15 @@ async def test_cluster_silent_shard_counts_as_down(cluster, start_server):
     assert [i for i, _ in client.items(recoverable)] == list(range(6))
     assert not client.gaps(recoverable)
     assert client.gaps(plain), "the plain stream of the silent shard got no gap notice"
+    # PING every 0.2 s, a link without PONG for 0.2 + 2 s (the server's
+    # ping timeout) is down: noticed within one more tick.
     assert detected < 0.2 + 2.0 + 1.0, detected
 
 
 @pytest.mark.gen_test(timeout=60)
 async def test_feed_on_cluster(cluster, start_server):
+    """``marketstream-feed --redis-url redis+cluster://...`` publishes with
+    SPUBLISH and positions: a client gets its three streams with seq."""
     server = await start_server(cluster.url)
     market = token() + "_USDT"
     names = ["trade." + market, "depth." + market, "ticker." + market]
@@ -704,6 +721,8 @@ async def _sentinel_failover(sentinel, start_server, break_it, pause_publishers=
 
 @pytest.mark.gen_test(timeout=60)
 async def test_sentinel_forced_failover(sentinel, start_server):
+    """SENTINEL FAILOVER: the server moves to the new primary within 2 s; a
+    publisher made after the promotion reaches the clients."""
     took = await _sentinel_failover(sentinel, start_server, sentinel.failover,
                                     pause_publishers=True)
     assert took < RESUME_WITHIN
@@ -715,11 +734,15 @@ async def test_sentinel_forced_failover(sentinel, start_server):
     "acknowledged messages are lost silently and none reach the clients meanwhile"))
 @pytest.mark.gen_test(timeout=60)
 async def test_sentinel_forced_failover_publisher_follows(sentinel, start_server):
+    """SENTINEL FAILOVER while a Publisher runs: its messages after the
+    promotion must reach the clients (it has to move to the new primary)."""
     await _sentinel_failover(sentinel, start_server, sentinel.failover, grace=0.5)
 
 
 @pytest.mark.gen_test(timeout=60)
 async def test_sentinel_primary_killed(sentinel, start_server):
+    """kill -9 of the primary while publishing: the server and the
+    Publisher follow the promotion; nothing is lost silently."""
     took = await _sentinel_failover(sentinel, start_server, sentinel.kill_primary)
     assert took < RESUME_WITHIN
 
@@ -759,7 +782,7 @@ async def test_sentinel_lost_writes_get_the_gap_notice(sentinel, start_server):
                 replica.call("REPLICAOF", "127.0.0.1", primary.port)
 
         async def publish_after():
-            for attempt in range(100):
+            for _ in range(100):
                 try:
                     return await in_thread(publisher.publish, name, {"e": "trade", "i": 6})
                 except Exception:
@@ -783,6 +806,8 @@ async def test_sentinel_lost_writes_get_the_gap_notice(sentinel, start_server):
 @pytest.mark.parametrize("url", ["redis+cluster://", "redis+cluster:///", "bogus://127.0.0.1:6379",
                                  "redis+sentinel://127.0.0.1:26379"])
 def test_bad_redis_url_stops_start_up(url):
+    """A bad [redis] url / REDIS_URL stops the server (and the feed) with
+    exit code 2 and a message naming the setting."""
     by_flag = ServerProcess("--redis-url", url)
     by_env = ServerProcess(env={"REDIS_URL": url})
     feed = subprocess.run([sys.executable, "-m", "marketstream.feed", "--redis-url", url,

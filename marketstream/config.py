@@ -175,6 +175,7 @@ class ServerSettings:
     min_flush_interval: float = setting("0", _float(0))
     fast_handshake: bool = setting("true", _bool)
     demo_page: bool = setting("false", _bool)
+    event_loop: str = setting("asyncio", _choice("asyncio", "uvloop"))
 
 
 @dataclasses.dataclass(frozen=True)

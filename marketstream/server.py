@@ -127,7 +127,8 @@ class Server:
 
         def timed_out(conn: Pingable) -> None:
             context.counters.closed["ping_timeout"] += 1
-            context.manager.remove(conn)
+            if isinstance(conn, StreamHandler):
+                context.manager.remove(conn)
 
         keepalive = self.keepalive = Keepalive(
             lambda: context.manager.connections, settings.server.ping_interval,
@@ -288,6 +289,20 @@ async def _serve(settings: Settings, demo: bool = False,
     await run
 
 
+def run_loop(settings: Settings, coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run ``coroutine`` on the event loop ``[server] event_loop`` names."""
+    if settings.server.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            coroutine.close()
+            raise RuntimeError("[server] event_loop = uvloop, but uvloop is not installed "
+                               "(pip install 'marketstream[uvloop]')") from None
+        uvloop.run(coroutine)
+    else:
+        asyncio.run(coroutine)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The ``marketstream`` command."""
     parser = build_parser()
@@ -312,14 +327,14 @@ def main(argv: list[str] | None = None) -> None:
             log.warning("no Redis configured: started an embedded redis-server at %s "
                         "(publish there; set REDIS_URL in production)", embedded.url)
         if processes == 1:
-            asyncio.run(_serve(settings, args.demo, groups[0]))
+            run_loop(settings, _serve(settings, args.demo, groups[0]))
         else:
             check_redis(settings.redis.url)
             metrics_dir = metrics.enable_multiprocess()
             try:
                 code = supervise(
                     processes,
-                    lambda index: asyncio.run(
+                    lambda index: run_loop(settings,
                         _serve(settings, args.demo and index == 0, groups[index])),
                     grace=settings.server.shutdown_timeout, on_exit=metrics.mark_process_dead,
                     listeners=groups)

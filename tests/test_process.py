@@ -182,3 +182,27 @@ def test_second_server_on_the_same_port_fails_naming_it(spawn, redis_url):
     pids = {_health_pid(first.port) for _ in range(50)}
     assert pids <= {child.pid for child in psutil.Process(first.proc.pid).children()}
     assert first.proc.poll() is None
+
+
+def test_runs_on_uvloop(spawn, redis_url, redis_client):
+    """[server] event_loop = uvloop: the same server, on uvloop."""
+    server = spawn("--redis-url", redis_url, "--set", "server.event_loop=uvloop")
+    server.wait_healthy()
+
+    async def scenario():
+        ws = await tornado.websocket.websocket_connect("ws://127.0.0.1:%d/ws" % server.port)
+        await ws.write_message('{"method":"SUBSCRIBE","params":["trade.UVLOOP_TEST"],"id":1}')
+        deadline = time.monotonic() + 10
+        while redis_client.pubsub_numsub("trade.UVLOOP_TEST")[0][1] < 1:
+            assert time.monotonic() < deadline, server.output
+            await asyncio.sleep(0.01)
+        payload = '{"stream":"trade.UVLOOP_TEST","data":{"e":"trade","t":1}}'
+        redis_client.publish("trade.UVLOOP_TEST", payload)
+        frame = await asyncio.wait_for(ws.read_message(), 10)
+        ws.close()
+        return frame
+
+    assert asyncio.run(scenario()) == '{"stream":"trade.UVLOOP_TEST","data":{"e":"trade","t":1}}'
+    assert any("uvloop" in m.path for m in psutil.Process(server.proc.pid).memory_maps())
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(15) == 0

@@ -157,11 +157,10 @@ class Node:
             argv = [self.binary, "--port", str(self.port), "--bind", HOST, "--dir", self.dir,
                     "--save", "", "--appendonly", "no", "--daemonize", "no",
                     "--loglevel", "warning", *self.args]
-        log = open(os.path.join(self.dir, "log"), "ab")
-        self.process = subprocess.Popen(argv, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT,
-                                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        log.close()
+        with open(os.path.join(self.dir, "log"), "ab") as log:
+            self.process = subprocess.Popen(
+                argv, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.paused = False
         return self
 

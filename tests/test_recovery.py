@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from marketstream.client import OrderBook
 from marketstream.protocol import MAX_POSITION
 from marketstream.publisher import AsyncPublisher, Publisher
-from marketstream.simulator import Feed, MarketSimulator, encode
+from marketstream.simulator import Feed, encode
 from tests.helpers import abort, async_wait_until, connect, listeners, subscribed, ws_url
 
 
@@ -498,10 +498,12 @@ async def test_pubsub_link_killed_during_publishing(server, redis_client, redis_
     try:
         for kill in range(3):
             count = len(reader.frames)
-            await reader.wait(lambda: len(reader.frames) > count + 20, message="flowing")
+            await reader.wait(lambda count=count: len(reader.frames) > count + 20,
+                              message="flowing")
             reconnects = server.counters.reconnects
             assert redis_client.client_kill_filter(_type="pubsub") >= 1
-            await async_wait_until(lambda: server.counters.reconnects > reconnects,
+            await async_wait_until(lambda reconnects=reconnects:
+                                   server.counters.reconnects > reconnects,
                                    message="link back after kill %d" % kill)
         count = len(reader.frames)
         await reader.wait(lambda: len(reader.frames) > count + 20, message="flowing")
@@ -896,7 +898,8 @@ async def test_bad_since_with_acks_gets_an_error_and_the_stream(acks_server, red
     server = acks_server
     good, bad = "trade.%s" % market(), "trade.%s" % market()
     g = [pub.publish(good, trade(i)) for i in range(3)]
-    b = [pub.publish(bad, trade(i)) for i in range(3)]
+    for i in range(3):
+        pub.publish(bad, trade(i))
     reader = await Reader.open(server)
     await reader.send(subscribe([good, bad], since={good: g[0], bad: -5}, snapshot="yes"))
     await reader.wait(lambda: reader.replies())

@@ -705,6 +705,10 @@ async def _sentinel_failover(sentinel, start_server, break_it, pause_publishers=
             <= server.manager.upstream_channels, timeout=RESUME_WITHIN,
             message="the server resubscribed on the new primary %s" % new.label)
         took = time.monotonic() - promoted
+        code, body = await poll(lambda: health(server), lambda r: r[0] == 200,
+                                timeout=RESUME_WITHIN, message="/health 200")
+        assert body["redis"]["node"] == new.label, body
+        assert await link_up(server) == {new.label: 1.0}
         # What the publisher sends after the promotion reaches the clients.
         for client in clients:
             await resumed(client, feeders[0], promoted, within=RESUME_WITHIN, grace=grace)

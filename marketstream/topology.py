@@ -756,6 +756,10 @@ class ShardedSubscriber:
                 sub.setdefault(link, {}).setdefault(slot, []).append(name)
             self._unassigned = waiting
         for link in set(unsub) | set(sub):
+            if link.conn is None:
+                # Lost while an earlier link's send yielded: whoever handled
+                # the loss handed its channels back for placing; skip it.
+                continue
             commands: list[tuple[str, ...]] = []
             for slot, names in unsub.get(link, {}).items():
                 link.pending.append([_SUNSUB, slot, set(names), len(names), None])
@@ -764,10 +768,6 @@ class ShardedSubscriber:
                 link.pending.append([_SSUB, slot, names, len(names), []])
                 commands.append(("SSUBSCRIBE", *names))
             conn = link.conn
-            # Up when its channels were placed above.  An earlier link's send
-            # may yield to a reader that loses this one: then this pass fails
-            # and _sync_loop logs it.
-            assert conn is not None, "link %s went down while placing" % link.label
             try:
                 await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
             except _ERRORS as exc:

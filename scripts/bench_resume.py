@@ -493,6 +493,23 @@ def publisher_process(url: str, rate: float, tick: float, streams: int, history:
 
 # --- the run ------------------------------------------------------------------------
 
+def run_delay(pid: int) -> float:
+    """Seconds the threads of ``pid`` have waited on a run queue (for a CPU
+    that something else held), from /proc/<pid>/task/*/schedstat; 0 where
+    Linux does not tell."""
+    total = 0
+    try:
+        for task in os.listdir("/proc/%d/task" % pid):
+            try:
+                with open("/proc/%d/task/%s/schedstat" % (pid, task)) as f:
+                    total += int(f.read().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    except OSError:
+        return 0.0
+    return total / 1e9
+
+
 def commandstats(client: redis.Redis) -> dict[str, int]:
     stats = client.info("commandstats")
     return {name: stats.get("cmdstat_" + name, {}).get("calls", 0) for name in HISTORY_COMMANDS}
@@ -526,30 +543,36 @@ class PySpy:
         self.pid = pid
         self.rate = rate
         self.proc: subprocess.Popen | None = None
+        self.error: str | None = None
 
     def start(self) -> None:
         binary = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
         fmt = {"svg": "flamegraph", "json": "speedscope"}.get(
-            self.path.rsplit(".", 1)[-1], "raw")
+            self.path.removesuffix(".before").rsplit(".", 1)[-1], "raw")
         self.proc = subprocess.Popen(
             [binary, "record", "-p", str(self.pid), "-o", self.path, "-r", str(self.rate),
              "-f", fmt, "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
 
-    def stop(self) -> str | None:
+    def stop(self) -> None:
+        """Stop recording (py-spy writes its file); sets ``error`` if it failed."""
         if self.proc is None:
-            return None
+            return
         self.proc.send_signal(signal.SIGINT)
         try:
             _, err = self.proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return "py-spy did not stop"
-        return None if self.proc.returncode == 0 else err.decode(errors="replace")[-500:]
+            self.error = "py-spy did not stop"
+            return
+        if self.proc.returncode != 0 and not os.path.exists(self.path):
+            self.error = err.decode(errors="replace")[-500:]
 
 
-def summarize_profile(path: str, top: int = 15) -> dict[str, Any]:
-    """Self and total sample shares per function of a raw (collapsed) py-spy profile."""
+def summarize_profile(path: str, rate: int, seconds: float, top: int = 12) -> dict[str, Any]:
+    """Where a raw (collapsed stacks) py-spy profile of ``seconds`` spent
+    its samples: per function, self and total (inclusive) sampled seconds,
+    and those of the recovery path (``_read``, ``read_done``, ``_catch_up``)."""
     self_counts: dict[str, int] = {}
     total_counts: dict[str, int] = {}
     total = 0
@@ -558,20 +581,25 @@ def summarize_profile(path: str, top: int = 15) -> dict[str, Any]:
             stack, _, n = line.rstrip("\n").rpartition(" ")
             if not stack:
                 continue
-            n = int(n)
-            total += n
-            frames = stack.split(";")
-            leaf = frames[-1].split(" (")[0]
-            self_counts[leaf] = self_counts.get(leaf, 0) + n
-            for name in {fr.split(" (")[0] for fr in frames}:
-                total_counts[name] = total_counts.get(name, 0) + n
+            count = int(n)
+            total += count
+            frames = [fr.split(" (")[0] for fr in stack.split(";")]
+            self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + count
+            for name in set(frames):
+                total_counts[name] = total_counts.get(name, 0) + count
 
-    def share(counts: dict[str, int]) -> list[tuple[str, float]]:
-        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
-        return [(name, round(100.0 * n / total, 1)) for name, n in ranked]
+    def ranked(counts: dict[str, int], names: Any = None) -> list[tuple[str, float]]:
+        items = counts.items() if names is None else ((n, counts.get(n, 0)) for n in names)
+        chosen = sorted(items, key=lambda kv: -kv[1])[:top]
+        return [(name, round(n / rate, 3)) for name, n in chosen]
 
-    return {"samples": total, "self_percent": share(self_counts),
-            "total_percent": share(total_counts)}
+    return {"window_seconds": round(seconds, 2), "sampled_seconds": round(total / rate, 2),
+            "self_seconds": ranked(self_counts),
+            "total_seconds": ranked(total_counts, [
+                "ChannelManager._flush", "Core.take_batch", "StreamHandler.write_frames",
+                "PubSubLink._read_loop", "ChannelManager.on_message", "Core._enqueue",
+                "ChannelManager._read", "Core.read_done", "Core._catch_up", "text_frame",
+                "StreamHandler.on_message", "ChannelManager.subscribe"])}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -590,7 +618,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     redis_server = RedisServer().start()
     server = live_proc = publishing = None
     stop = multiprocessing.get_context("spawn").Event()
-    spy = None
+    spies: dict[str, PySpy] = {}
     resumers: list[ResumingClient] = []
     try:
         host, port = "127.0.0.1", free_port()
@@ -657,7 +685,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         live_cpu_base = live_pipe.recv()
         base_lo = time.time_ns()
         cpu = {"start": tree_cpu(proc)}
+        waited = {"start": run_delay(server.pid)}
         own_cpu_base = time.process_time()
+        spied = {"before": time.monotonic()}
+        if args.py_spy:
+            spies["before"] = PySpy(args.py_spy + ".before", server.pid, args.py_spy_rate)
+            spies["before"].start()
         track = min(max(args.baseline / 2, 0.3), args.baseline)
         await asyncio.sleep(args.baseline - track)
         for r in resumers:
@@ -670,20 +703,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(0.02)
 
         # Phase 3: drop every resuming client at once.
-        if args.py_spy:
-            spy = PySpy(args.py_spy, server.pid, args.py_spy_rate)
-            spy.start()
-            await asyncio.sleep(0.3)  # py-spy attaches
+        if "before" in spies:
+            spied["before"] = time.monotonic() - spied["before"]
+            spies["before"].stop()
         live_pipe.send(("cpu", None))
         live_cpu_drop = live_pipe.recv()
         own_cpu_drop = time.process_time()
         cpu["drop"] = tree_cpu(proc)
+        waited["drop"] = run_delay(server.pid)
         drop_ns = time.time_ns()
         for r, state in zip(resumers, states):
             state.since = dict(state.last)
             r.transport.abort()  # SO_LINGER 0: a reset
         pre_anomalies = sum(s.pre_anomalies for s in states)
-        await asyncio.sleep(args.outage)
+        if args.py_spy:
+            await asyncio.sleep(max(0.0, args.outage - 0.5))
+            spies["storm"] = PySpy(args.py_spy, server.pid, args.py_spy_rate)
+            spies["storm"].start()  # attaches during the outage's last half second
+            await asyncio.sleep(min(0.5, args.outage))
+        else:
+            await asyncio.sleep(args.outage)
 
         # Phase 4: the storm.  Everyone reconnects at once and resumes.
         latest = [int(v) for v in rclient.mget(["{%s}:seq" % name for name in names])]
@@ -693,6 +732,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         stats_before = commandstats(rclient)
         storm_ns = time.time_ns()
         cpu["storm"] = tree_cpu(proc)
+        waited["storm"] = run_delay(server.pid)
         own_cpu_storm = time.process_time()
         target = {name.encode(): latest[k] for k, name in enumerate(names)}
         for state in states:
@@ -727,6 +767,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 break
             await asyncio.sleep(0.005)
         all_caught_ns = time.time_ns()
+        log("storm: %d of %d resuming clients caught up in %.0f ms" % (
+            sum(1 for s in states if s.caught_ns is not None), len(states),
+            (all_caught_ns - storm_ns) / 1e6))
         storm_end = max(all_caught_ns, storm_ns + int(args.storm_window * 1e9))
         while time.time_ns() < storm_end + verify_ns and any(r.mode == PARSE for r in resumers):
             now = time.time_ns()
@@ -738,17 +781,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         while time.time_ns() < storm_end:
             await asyncio.sleep(0.01)
         cpu["end"] = tree_cpu(proc)
+        waited["end"] = run_delay(server.pid)
         own_cpu_end = time.process_time()
         stats_after = commandstats(rclient)
         health_after = health_stats(host, port)
         live_pipe.send(("cpu", None))
         live_cpu = live_pipe.recv()
-        if spy is not None:
-            problem = spy.stop()
-            if problem:
-                figures["py_spy_error"] = problem
-            elif not args.py_spy.endswith((".svg", ".json")):
-                figures["py_spy"] = summarize_profile(args.py_spy)
+        if "storm" in spies:
+            spied["storm"] = (time.time_ns() - storm_ns) / 1e9 + min(0.5, args.outage)
+            spies["storm"].stop()
+            for window, spy in spies.items():
+                if spy.error:
+                    figures["py_spy_error"] = spy.error
+                elif not args.py_spy.endswith((".svg", ".json")):
+                    figures["py_spy_" + window] = summarize_profile(
+                        spy.path, args.py_spy_rate, spied[window])
 
         # Stop publishing, let the live clients drain, collect.
         stop.set()
@@ -821,6 +868,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "server_cpu_percent_storm": round(100 * (cpu["end"] - cpu["storm"])
                                               / seconds["storm"]),
             "storm_window_seconds": round(seconds["storm"], 2),
+            # Time the server was ready to run but waited for its CPU (other
+            # work on a shared machine), per second of each phase.
+            "server_cpu_wait_percent_before": round(100 * (waited["drop"] - waited["start"])
+                                                    / seconds["before"]),
+            "server_cpu_wait_percent_storm": round(100 * (waited["end"] - waited["storm"])
+                                                   / seconds["storm"]),
             # The load core's clients: near 100% means they, not the server,
             # set the figures.
             "resuming_clients_cpu_percent_storm": round(100 * (own_cpu_end - own_cpu_storm)
@@ -843,15 +896,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 child.join(5)
                 if child.is_alive():
                     child.kill()
-        if spy is not None and spy.proc is not None and spy.proc.poll() is None:
-            spy.proc.kill()
+        for spy in spies.values():
+            if spy.proc is not None and spy.proc.poll() is None:
+                spy.proc.kill()
         if server is not None:
-            server.terminate()
-            try:
-                server.wait(20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            # The figures are taken: no graceful shutdown (it would wait for
+            # the close handshakes of the clients just dropped).
+            server.kill()
+            server.wait()
         redis_server.stop()
 
 
@@ -897,8 +949,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="clients dropped and resumed at once (each on every stream)")
     load.add_argument("--live", type=int, default=1000, help="clients that stay connected")
     load.add_argument("--streams", type=int, default=10, help="recoverable streams")
-    load.add_argument("--live-per-conn", type=int, default=10,
-                      help="streams per live client (client c gets streams (c*S+j) %% K)")
+    load.add_argument("--live-per-conn", type=int, default=0,
+                      help="streams per live client (client c gets streams (c*S+j) %% K); "
+                           "0: every stream")
     load.add_argument("--rate", type=float, default=500, help="messages/s published in all")
     load.add_argument("--tick", type=float, default=0.01,
                       help="seconds between the publisher's pipelines (rate*tick messages each)")
@@ -928,9 +981,10 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="a marketstream setting (repeatable), e.g. recovery.max_replay=500")
     runs.add_argument("--py-spy", metavar="FILE",
-                      help="record the server with py-spy from the drop to the end of the "
-                           "storm window (.txt: collapsed stacks, summarized in the output; "
-                           ".svg flame graph; .json speedscope)")
+                      help="record the server with py-spy during the baseline (FILE.before) "
+                           "and from the end of the outage to the end of the storm window "
+                           "(FILE); .txt: collapsed stacks, summarized in the output; .svg "
+                           "flame graph; .json speedscope")
     runs.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per second")
     pinning = parser.add_argument_group("CPU pinning (taskset)")
     pinning.add_argument("--server-cpu", default="0", metavar="CPUS",
@@ -950,8 +1004,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.resuming < 1 or args.live < 0 or args.streams < 1:
         parser.error("--repeat, --resuming and --streams must be at least 1")
-    if not 1 <= args.live_per_conn <= args.streams:
-        parser.error("--live-per-conn must be between 1 and --streams")
+    if not 0 <= args.live_per_conn <= args.streams:
+        parser.error("--live-per-conn must be between 0 (every stream) and --streams")
+    args.live_per_conn = args.live_per_conn or args.streams
 
     def interrupted(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

@@ -323,6 +323,9 @@ class Client:
         self._seen.add(stream)
         if isinstance(data, dict) and data.get("e") == "gap" and seq is None:
             self._after_gap.add(stream)
+            # Positions may start over after a gap (history lost): the next
+            # one is the new base, whatever its value.
+            self.last_seq.pop(stream, None)
             self._report(Message(stream, data, None, GAP, frame))
             return
         if not isinstance(seq, int) or isinstance(seq, bool):

@@ -126,6 +126,7 @@ class Core:
         # delivered from the history (the read and the pub/sub link are two
         # Redis connections, so it may still be on its way): skip it for them.
         self._holding: dict[str, dict[Conn, int]] = {}
+        self._live_seq: dict[str, int] = {}   # last position seen on the link, per stream
         self._reads = 0
         self.wanted_changed = False           # the shell syncs upstream when set
 
@@ -210,6 +211,7 @@ class Core:
         """Nobody listens to ``name`` any more."""
         self.wanted_changed = True
         self.last_seq.pop(name, None)
+        self._live_seq.pop(name, None)
 
     def _forget_if_idle(self, name: str) -> None:
         """Drop a recovery nobody waits for any more."""
@@ -434,12 +436,26 @@ class Core:
             recovery.buffer.append((seq, payload))
         if not listeners:
             return False
-        if seq is not None and self._holding:
-            holding = self._holding.get(name)
-            if holding is not None:
-                listeners = self._not_holding(name, holding, listeners, seq)
+        if seq is not None:
+            live = self._live_seq.get(name)
+            self._live_seq[name] = seq
+            if live is not None and seq <= live:
+                self._positions_restarted(name, listeners)
+            elif self._holding:
+                holding = self._holding.get(name)
+                if holding is not None:
+                    listeners = self._not_holding(name, holding, listeners, seq)
         self._enqueue(listeners, protocol.text_frame(payload))
         return True
+
+    def _positions_restarted(self, name: str, listeners: dict[Conn, None]) -> None:
+        """A position at or below one already delivered: the stream's
+        history was lost (a failover that lost writes) and positions are
+        reused for other data.  Listeners get the gap notice first, so that
+        they accept the new positions."""
+        self._holding.pop(name, None)
+        self.counters.gap_notices += len(listeners)
+        self._enqueue(listeners, protocol.text_frame(protocol.gap_notice(name)))
 
     def _not_holding(self, name: str, holding: dict[Conn, int],
                      listeners: dict[Conn, None], seq: int) -> dict[Conn, None]:

@@ -35,15 +35,17 @@ and hands out a redis-py client for whatever the URL names::
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
 
-if TYPE_CHECKING:
-    import redis
-    import redis.asyncio
-    import redis.asyncio.cluster
-    import redis.cluster
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.asyncio.sentinel
+import redis.cluster
+import redis.sentinel
 
 __all__ = ["MODES", "RedisURL", "async_client", "parse_redis_url", "sync_client"]
 
@@ -379,6 +381,44 @@ def _service(desc: RedisURL) -> str:
     return desc.service_name
 
 
+#: Seconds between two checks of which server is the Sentinel primary.
+PRIMARY_CHECK = 0.5
+
+
+class _FollowingPool(redis.sentinel.SentinelConnectionPool):
+    """A Sentinel pool that asks which server is the primary at most every
+    :data:`PRIMARY_CHECK` seconds when a connection is taken.
+
+    redis-py asks only when it opens a connection, and after a forced
+    failover (``SENTINEL FAILOVER``) the old primary keeps accepting writes
+    for seconds: publishes would be acknowledged and lost.  When the primary
+    moved, ``get_master_address`` drops the idle connections, so the one
+    taken next goes to the new primary.
+    """
+
+    _checked = 0.0
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now - self._checked >= PRIMARY_CHECK:
+            self._checked = now
+            self.get_master_address()
+        return super().get_connection(*args, **kwargs)
+
+
+class _AsyncFollowingPool(redis.asyncio.sentinel.SentinelConnectionPool):
+    """:class:`_FollowingPool` for asyncio clients."""
+
+    _checked = 0.0
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now - self._checked >= PRIMARY_CHECK:
+            self._checked = now
+            await self.get_master_address()
+        return await super().get_connection(*args, **kwargs)
+
+
 def sync_client(url: str | RedisURL, **kwargs: Any) -> redis.Redis | redis.cluster.RedisCluster:
     """A synchronous redis-py client for ``url``.
 
@@ -409,7 +449,8 @@ def sync_client(url: str | RedisURL, **kwargs: Any) -> redis.Redis | redis.clust
     if desc.mode == "sentinel":
         sentinel = redis.sentinel.Sentinel(list(desc.seeds), sentinel_kwargs=desc.sentinel_kwargs(),
                                            **conn)
-        return sentinel.master_for(_service(desc), db=desc.db)
+        return sentinel.master_for(_service(desc), db=desc.db,
+                                   connection_pool_class=_FollowingPool)
     nodes = [redis.cluster.ClusterNode(host, port) for host, port in desc.seeds]
     return redis.cluster.RedisCluster(startup_nodes=nodes, **conn)
 
@@ -441,6 +482,7 @@ def async_client(url: str | RedisURL,
     if desc.mode == "sentinel":
         sentinel = redis.asyncio.sentinel.Sentinel(list(desc.seeds),
                                                    sentinel_kwargs=desc.sentinel_kwargs(), **conn)
-        return sentinel.master_for(_service(desc), db=desc.db)
+        return sentinel.master_for(_service(desc), db=desc.db,
+                                   connection_pool_class=_AsyncFollowingPool)
     nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in desc.seeds]
     return redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, **conn)

@@ -732,10 +732,6 @@ async def test_sentinel_forced_failover(sentinel, start_server):
     assert took < RESUME_WITHIN
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Publisher on redis+sentinel:// keeps its connection to the demoted primary after "
-    "SENTINEL FAILOVER (which stays writable until a sentinel reconfigures it, about 10 s): "
-    "acknowledged messages are lost silently and none reach the clients meanwhile"))
 @pytest.mark.gen_test(timeout=60)
 async def test_sentinel_forced_failover_publisher_follows(sentinel, start_server):
     """SENTINEL FAILOVER while a Publisher runs: its messages after the
@@ -751,12 +747,6 @@ async def test_sentinel_primary_killed(sentinel, start_server):
     assert took < RESUME_WITHIN
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "after a failover to a replica that lacked the last writes, the stream's positions go "
-    "back (the new primary INCRs from its older {S}:seq); the server passes the reused "
-    "positions on without a gap notice (the outage catch-up takes `since` >= latest as "
-    "'nothing missed', and a live seq <= the last one delivered is not checked), so clients "
-    "that drop seq <= last as duplicates lose the new messages silently"))
 @pytest.mark.gen_test(timeout=60)
 async def test_sentinel_lost_writes_get_the_gap_notice(sentinel, start_server):
     """The replica promoted lacks the primary's last writes (its link was

@@ -457,6 +457,9 @@ export class MarketStream extends EventTarget {
   _gap(s, {notice, ...detail}) {
     s.gaps += 1;
     s.resumeFrom = null;
+    // After a gap notice positions may start over (history lost): the next
+    // one is the new base, whatever its value.
+    if (notice) s.seq = null;
     this._setStatus(s, "gapped");
     this.dispatchEvent(new CustomEvent("gap", {detail: {stream: s.name, ...detail}}));
     if (!s.book) return;

@@ -183,6 +183,7 @@ class RedisSettings:
     url: str = setting("", _redis_url)
     format: str = setting("envelope", _choice("envelope", "data"))
     health_interval: float = setting("1", _float(0.05))
+    health_timeout: float = setting("2", _float(0.05))
     reconnect_max_delay: float = setting("1", _float(0.01))
 
 

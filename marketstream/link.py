@@ -239,8 +239,11 @@ class PubSubLink:
                 await self._connect()
             except UPSTREAM_ERRORS as exc:
                 wait = min(self.backoff_max, delay) * random.uniform(0.5, 1.0)
-                log.warning("Redis pub/sub reconnect attempt %d failed (%s); retrying in %.2fs",
-                            attempt, exc, wait)
+                # The first failures, then one line in ten: an outage or a
+                # failover must not flood the log.
+                level = logging.WARNING if attempt <= 3 or attempt % 10 == 0 else logging.DEBUG
+                log.log(level, "Redis pub/sub reconnect attempt %d failed (%s); retrying in %.2fs",
+                        attempt, exc, wait)
                 await asyncio.sleep(wait)
                 delay *= 2
                 continue

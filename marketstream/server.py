@@ -118,6 +118,7 @@ class Server:
         manager = self.manager = ChannelManager.install(ChannelManager(
             settings.redis.url, payload_format=settings.redis.format,
             ping_interval=settings.redis.health_interval,
+            ping_timeout=settings.redis.health_timeout,
             backoff_max=settings.redis.reconnect_max_delay,
             min_flush_interval=settings.server.min_flush_interval,
             max_replay=settings.recovery.max_replay))

@@ -1,6 +1,8 @@
 """Shared fixtures: a real redis-server per test session on a free port, and
 marketstream servers running in the test's IOLoop."""
 
+import gc
+
 import pytest
 import redis
 
@@ -52,3 +54,18 @@ def server(io_loop, server_factory):
     return io_loop.run_sync(server_factory)
 
 
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Collect garbage before pytest formats a failure.
+
+    On CPython 3.11, ast.parse can fail with "SystemError: AST constructor
+    recursion depth mismatch" when a garbage collection runs inside it and
+    finalizes an asyncio task that logs (a server task that died with an
+    exception); pytest parses source while it formats a failure, so such a
+    failure would end the whole run with INTERNALERROR.
+    """
+    if call.excinfo is not None:
+        gc.collect()
+    yield

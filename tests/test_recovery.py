@@ -10,9 +10,6 @@ must be the next frame.
 from __future__ import annotations
 
 import asyncio
-import functools
-import gc
-import inspect
 import json
 import random
 import time
@@ -1081,46 +1078,16 @@ _FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None
 @_FUZZ
 @given(data=st.data())
 def test_fuzz_since_and_snapshot(io_loop, acks_server, redis_client, data):
-    _collect_garbage_on_failure(io_loop.run_sync)(
+    io_loop.run_sync(
         _fuzz_case(acks_server, redis_client, data, gap=False), timeout=20)
 
 
 @settings(_FUZZ, max_examples=8)
 @given(data=st.data())
 def test_fuzz_since_older_than_the_history(io_loop, acks_server, redis_client, data):
-    _collect_garbage_on_failure(io_loop.run_sync)(
+    io_loop.run_sync(
         _fuzz_case(acks_server, redis_client, data, gap=True), timeout=20)
 
 
 # --- failing cleanly ---------------------------------------------------------------------------
 #
-# On CPython 3.11.7, ast.parse can fail with "SystemError: AST constructor
-# recursion depth mismatch" when a garbage collection runs inside it and
-# finalizes an asyncio task that logs (a server task that died with an
-# exception).  pytest parses source while it formats a failure, so such a
-# failure would end the whole run with INTERNALERROR.  Collecting the garbage
-# before the failure leaves the test makes the failure an ordinary one.
-
-def _collect_garbage_on_failure(test):
-    if inspect.iscoroutinefunction(test):
-        @functools.wraps(test)
-        async def wrapper(*args, **kwargs):
-            try:
-                return await test(*args, **kwargs)
-            except BaseException:
-                gc.collect()
-                raise
-    else:
-        @functools.wraps(test)
-        def wrapper(*args, **kwargs):
-            try:
-                return test(*args, **kwargs)
-            except BaseException:
-                gc.collect()
-                raise
-    return wrapper
-
-
-for _name, _test in list(globals().items()):
-    if _name.startswith("test_") and inspect.isfunction(_test) and not hasattr(_test, "hypothesis"):
-        globals()[_name] = _collect_garbage_on_failure(_test)

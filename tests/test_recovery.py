@@ -1087,7 +1087,3 @@ def test_fuzz_since_and_snapshot(io_loop, acks_server, redis_client, data):
 def test_fuzz_since_older_than_the_history(io_loop, acks_server, redis_client, data):
     io_loop.run_sync(
         _fuzz_case(acks_server, redis_client, data, gap=True), timeout=20)
-
-
-# --- failing cleanly ---------------------------------------------------------------------------
-#

@@ -691,8 +691,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.py_spy:
             spies["before"] = PySpy(args.py_spy + ".before", server.pid, args.py_spy_rate)
             spies["before"].start()
-        track = min(max(args.baseline / 2, 0.3), args.baseline)
+        # Positions are tracked in the baseline's last part (at most 0.5 s,
+        # longer if a client has not seen every stream yet); the live
+        # latency "before" is measured before that, without the parsing.
+        track = min(args.baseline / 2, 0.5)
         await asyncio.sleep(args.baseline - track)
+        track_ns = time.time_ns()
         for r in resumers:
             r.start_parsing()
         deadline = time.monotonic() + max(track, 5.0)
@@ -741,12 +745,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             state.target = target
         requests = [resume_request(host, port, args.form, names, s.since, c)
                     for c, s in enumerate(states)]
+        verified = args.verified or args.resuming
         connecting = [loop.create_connection(
-            lambda r=req, s=sub, st=state: ResumingClient(r, s, st, mode=PARSE), host, port)
-            for (req, sub), state in zip(requests, states)]
+            lambda r=req, s=sub, st=state, m=(PARSE if c < verified else COUNT): ResumingClient(
+                r, s, st, mode=m), host, port)
+            for c, ((req, sub), state) in enumerate(zip(requests, states))]
         results = await asyncio.gather(*connecting, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         resumers = [p for t in results if not isinstance(t, BaseException) for p in [t[1]]]
+        checked = [r for r in resumers if r.mode == PARSE]
         handshakes = await asyncio.gather(*(p.opened for p in resumers), return_exceptions=True)
         failed += [h for h in handshakes if isinstance(h, BaseException)]
         connected_ns = time.time_ns()
@@ -757,7 +764,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         while True:
             now = time.time_ns()
             waiting = 0
-            for r in resumers:
+            for r in checked:
                 st = r.state
                 if st.caught_ns is None:
                     waiting += 1
@@ -767,13 +774,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 break
             await asyncio.sleep(0.005)
         all_caught_ns = time.time_ns()
-        log("storm: %d of %d resuming clients caught up in %.0f ms" % (
-            sum(1 for s in states if s.caught_ns is not None), len(states),
+        log("storm: %d of %d verified resuming clients caught up in %.0f ms" % (
+            sum(1 for r in checked if r.state.caught_ns is not None), len(checked),
             (all_caught_ns - storm_ns) / 1e6))
         storm_end = max(all_caught_ns, storm_ns + int(args.storm_window * 1e9))
-        while time.time_ns() < storm_end + verify_ns and any(r.mode == PARSE for r in resumers):
+        while time.time_ns() < storm_end + verify_ns and any(r.mode == PARSE for r in checked):
             now = time.time_ns()
-            for r in resumers:
+            for r in checked:
                 if r.mode == PARSE and r.state.caught_ns is not None and \
                         now - r.state.caught_ns > verify_ns:
                     r.mode = COUNT
@@ -808,17 +815,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             still = still + 1 if count == last_count else 0
             last_count = count
             await asyncio.sleep(0.05)
-        live_pipe.send(("windows", [("before", base_lo, drop_ns), ("outage", drop_ns, storm_ns),
+        live_pipe.send(("windows", [("before", base_lo, track_ns), ("outage", drop_ns, storm_ns),
                                     ("storm", storm_ns, storm_end)]))
         windows = live_pipe.recv()
         live_pipe.send(("finish", None))
         live_result = live_pipe.recv()
         live_proc.join(10)
 
-        catch = [(s.caught_ns - storm_ns) / 1e6 for s in states if s.caught_ns is not None]
-        replay = [(s.replayed_ns - storm_ns) / 1e6 for s in states if s.replayed_ns is not None]
-        first = [(s.first_ns - storm_ns) / 1e6 for s in states if s.first_ns is not None]
-        seconds = {"before": (drop_ns - base_lo) / 1e9, "outage": (storm_ns - drop_ns) / 1e9,
+        checked_states = [r.state for r in checked]
+        catch = [(s.caught_ns - storm_ns) / 1e6 for s in checked_states if s.caught_ns is not None]
+        replay = [(s.replayed_ns - storm_ns) / 1e6 for s in checked_states
+                  if s.replayed_ns is not None]
+        first = [(s.first_ns - storm_ns) / 1e6 for s in checked_states if s.first_ns is not None]
+        seconds = {"before": (track_ns - base_lo) / 1e9, "baseline": (drop_ns - base_lo) / 1e9,
+                   "outage": (storm_ns - drop_ns) / 1e9,
                    "storm": (storm_end - storm_ns) / 1e9}
         delta = {k: stats_after[k] - stats_before[k] for k in HISTORY_COMMANDS}
         reads = delta["xrange"] + delta["xrevrange"]
@@ -827,12 +837,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "published_per_second": round(published["sent"] / published["elapsed"]),
             "reconnect_failures": len(failed),
             "reconnect_handshakes_ms": round((connected_ns - storm_ns) / 1e6, 1),
+            "verified_clients": len(checked),
             "caught_up": len(catch),
+            "unverified_without_data": sum(1 for r in resumers if r not in checked
+                                           and r.bytes == 0),
             "catch_up_ms_p50": ms(percentile(catch, 0.50)),
             "catch_up_ms_p99": ms(percentile(catch, 0.99)),
             "catch_up_ms_max": ms(max(catch) if catch else None),
-            "all_caught_up_ms": ms((all_caught_ns - storm_ns) / 1e6) if len(catch) == len(states)
-            else None,
+            "all_caught_up_ms": ms((all_caught_ns - storm_ns) / 1e6)
+            if len(catch) == len(checked) else None,
             "first_frame_ms_p50": ms(percentile(first, 0.50)),
             "first_frame_ms_max": ms(max(first) if first else None),
             # Until every position published before the storm began arrived
@@ -871,7 +884,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # Time the server was ready to run but waited for its CPU (other
             # work on a shared machine), per second of each phase.
             "server_cpu_wait_percent_before": round(100 * (waited["drop"] - waited["start"])
-                                                    / seconds["before"]),
+                                                    / seconds["baseline"]),
             "server_cpu_wait_percent_storm": round(100 * (waited["end"] - waited["storm"])
                                                    / seconds["storm"]),
             # The load core's clients: near 100% means they, not the server,
@@ -881,9 +894,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "live_clients_cpu_percent_storm": round(100 * (live_cpu - live_cpu_storm)
                                                     / seconds["storm"]),
             "resuming_clients_cpu_percent_before": round(100 * (own_cpu_drop - own_cpu_base)
-                                                         / seconds["before"]),
+                                                         / seconds["baseline"]),
             "live_clients_cpu_percent_before": round(100 * (live_cpu_drop - live_cpu_base)
-                                                     / seconds["before"]),
+                                                     / seconds["baseline"]),
         })
         return figures
     finally:
@@ -923,6 +936,18 @@ SUMMARY = [("all caught up ms", "all_caught_up_ms"), ("catch-up p50 ms", "catch_
            ("server CPU % before", "server_cpu_percent_before")]
 
 
+def code_version() -> dict[str, Any]:
+    """The commit measured, and the package's files that differ from it."""
+    def git(*words: str) -> str:
+        try:
+            return subprocess.run(["git", *words], cwd=fanout.ROOT, capture_output=True,
+                                  text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "--short", "HEAD") or None,
+            "modified": git("diff", "--name-only", "HEAD", "--", "marketstream").split()}
+
+
 def pick(figures: dict[str, Any], key: Any) -> Any:
     if isinstance(key, tuple):
         return (figures.get(key[0]) or {}).get(key[1])
@@ -931,6 +956,7 @@ def pick(figures: dict[str, Any], key: Any) -> Any:
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out = {}
+    runs = [r for r in runs if "error" not in r]
     for label, key in SUMMARY:
         values = [pick(r, key) for r in runs]
         numbers = [v for v in values if isinstance(v, (int, float))]
@@ -956,6 +982,11 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--tick", type=float, default=0.01,
                       help="seconds between the publisher's pipelines (rate*tick messages each)")
     load.add_argument("--history", type=int, default=1000, help="history kept per stream")
+    load.add_argument("--verified", type=int, default=0,
+                      help="resuming clients that parse and check every frame after the "
+                           "resume (the catch-up figures are theirs); the others only read "
+                           "and count bytes, so the clients cost less than the server; "
+                           "0: all")
     load.add_argument("--form", choices=("json", "url"), default="json",
                       help="resume with SUBSCRIBE ... since (json) or /stream?...&since= (url)")
     timing = parser.add_argument_group("phases (seconds)")
@@ -1018,7 +1049,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.repeat > 1:
                 log("--- run %d/%d" % (i + 1, args.repeat))
             set_loop(args.loop)
-            results.append(asyncio.run(run(args)))
+            try:
+                figures = asyncio.run(run(args))
+            except Exception as exc:  # noqa: BLE001  (one failed run of several)
+                if args.repeat == 1:
+                    raise
+                log("run %d failed: %r" % (i + 1, exc))
+                figures = {"error": repr(exc)}
+            figures["code"] = code_version()
+            results.append(figures)
             if args.repeat > 1 and not args.json:
                 print(json.dumps(results[-1]), flush=True)
     except KeyboardInterrupt:

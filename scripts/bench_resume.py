@@ -745,9 +745,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             state.target = target
         requests = [resume_request(host, port, args.form, names, s.since, c)
                     for c, s in enumerate(states)]
-        verified = args.verified or args.resuming
+        # The verified clients are spread evenly over the reconnect order.
+        every = args.resuming / min(args.verified or args.resuming, args.resuming)
+        picked = {int(i * every) for i in range(round(args.resuming / every))}
         connecting = [loop.create_connection(
-            lambda r=req, s=sub, st=state, m=(PARSE if c < verified else COUNT): ResumingClient(
+            lambda r=req, s=sub, st=state, m=(PARSE if c in picked else COUNT): ResumingClient(
                 r, s, st, mode=m), host, port)
             for c, ((req, sub), state) in enumerate(zip(requests, states))]
         results = await asyncio.gather(*connecting, return_exceptions=True)

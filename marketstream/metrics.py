@@ -118,6 +118,12 @@ class Exporter:
                                ["cause"], registry=r)
         self.reconnects = Counter("marketstream_redis_reconnects",
                                   "Reconnections of the Redis pub/sub connection", registry=r)
+        self.replayed = Counter("marketstream_recovery_replayed",
+                                "Messages replayed from history to resuming clients", registry=r)
+        self.snapshots = Counter("marketstream_recovery_snapshots",
+                                 "Snapshots sent to subscribing clients", registry=r)
+        self.gap_notices = Counter("marketstream_gap_notices",
+                                   "Gap notices sent to clients (updates missed)", registry=r)
         self.refused = Counter("marketstream_refused_handshakes",
                                "WebSocket handshakes refused, by cause", ["cause"], registry=r)
         for cause in counters.refused:
@@ -163,6 +169,9 @@ class Exporter:
         self._advance("bytes", self.bytes_sent, stats.bytes_sent)
         self._advance("batches", self.batches, stats.batches)
         self._advance("reconnects", self.reconnects, stats.reconnects)
+        self._advance("replayed", self.replayed, stats.replayed)
+        self._advance("snapshots", self.snapshots, stats.snapshots_sent)
+        self._advance("gap_notices", self.gap_notices, stats.gap_notices)
         sizes, stats.batch_sizes = stats.batch_sizes, []
         for size in sizes:
             self.batch_size.observe(size)

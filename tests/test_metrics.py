@@ -182,3 +182,28 @@ def test_metrics_add_up_over_worker_processes(redis_url):
     finally:
         server.stop()
         client.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_recovery_metrics_move(server, redis_url):
+    from marketstream.publisher import Publisher
+    publisher = Publisher(redis_url, history=100, ttl=600)
+    try:
+        first = publisher.publish("depth.METRICS_USDT", {"e": "depth", "U": 1, "u": 1},
+                                  snapshot={"e": "depthSnapshot", "u": 1, "b": [], "a": []})
+        publisher.publish("depth.METRICS_USDT", {"e": "depth", "U": 2, "u": 2})
+        watch = await Watch(server).start()
+        ws = await tornado.websocket.websocket_connect(
+            ws_url(server, "/stream?streams=depth.METRICS_USDT&snapshot=1"))
+        await read(ws)  # the snapshot
+        await watch.moved("marketstream_recovery_snapshots_total", 1)
+        ws2 = await tornado.websocket.websocket_connect(
+            ws_url(server, "/stream?streams=depth.METRICS_USDT&since=depth.METRICS_USDT:%d"
+                   % (first - 1)))
+        await read(ws2)
+        # One after the first client's snapshot, two for the resume.
+        await watch.moved("marketstream_recovery_replayed_total", 3)
+        ws.close()
+        ws2.close()
+    finally:
+        publisher.close()

@@ -25,15 +25,26 @@ missing positions; the live clients' latency (publish time in the payload
 to receipt) before the drop, during the outage and during the storm; the
 Redis history reads during the storm (``INFO commandstats`` deltas: a
 history range read once per stream per read round and shared by every
-client waiting, not once per client); the server's CPU per phase; and the
-CPU this script's own client processes used (if they are near 100% of the
-load core, the latency figures measure the clients, not the server).
+client waiting, not once per client); the server's CPU per phase and the
+time it waited for its CPU (other work on a shared machine); and the CPU
+this script's own client processes used.
 
-Standard run (the issue's target: all catch up within 2 s, live p99 <= 50 ms)::
+Standard runs (the issue's target: all catch up within 2 s, live p99 <= 50 ms)::
 
-    python scripts/bench_resume.py                       # 1000 + 1000 clients, 10 streams
+    python scripts/bench_resume.py --repeat 3            # 1000 + 1000 clients, 10 streams
+    python scripts/bench_resume.py --verified 100        # only 100 resuming clients parse
     python scripts/bench_resume.py --form url --json     # resume through the URL form
-    python scripts/bench_resume.py --py-spy storm.txt    # profile the server during the storm
+    python scripts/bench_resume.py --py-spy storm.txt    # profile the server
+
+Parsing every frame of a catch-up in Python costs the clients about as much
+as the server spends sending it: with every resuming client verifying
+(the default) on a single load core, the catch-up figures include the
+clients' own delay (``resuming_clients_cpu_percent_storm`` near 100% minus
+what the live clients, Redis and the publisher use).  ``--verified 100``
+checks 100 clients spread over the reconnect order and lets the others
+just read, so the figures are the server's.  With every client on every
+stream, each publisher pipeline (``--tick``) is one write to each of the
+2000 connections: that, not ``--rate``, sets the server's baseline cost.
 
 The clients are asyncio protocols with a minimal WebSocket client (uvloop
 when installed): live clients count frames and take one latency sample per

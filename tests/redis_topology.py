@@ -552,12 +552,17 @@ def _lease(kind, factory):
         server, cli = find_redis7()
         if server is None:
             pytest.skip(cli)
-        topology = factory(server, cli)
-        try:
-            topology.start()
-        except BaseException:
-            topology.stop()
-            raise
+        for attempt in range(3):
+            topology = factory(server, cli)
+            try:
+                topology.start()
+                break
+            except BaseException as exc:
+                topology.stop()
+                # A free port picked for a node can be taken by another
+                # process before the node binds it: start over on new ports.
+                if attempt == 2 or "Address already in use" not in str(exc):
+                    raise
         entry = _shared[kind] = [topology, 0]
     entry[1] += 1
     try:

@@ -385,6 +385,52 @@ def _service(desc: RedisURL) -> str:
 PRIMARY_CHECK = 0.5
 
 
+def _newest(states: list[Any], service: str) -> tuple[str, int]:
+    """The primary named by the sentinel with the newest configuration.
+
+    Sentinels learn a failover from each other within a couple of seconds;
+    one that has not yet would name the old primary, which may still accept
+    writes.  The configuration epoch says which answer is the latest.
+    """
+    best = max(states, key=lambda state: state.get("config-epoch", 0), default=None)
+    if best is None:
+        raise redis.sentinel.MasterNotFoundError("No master found for %r" % service)
+    return best["ip"], best["port"]
+
+
+class _Sentinel(redis.sentinel.Sentinel):
+    """A Sentinel client that asks every sentinel and follows the newest
+    configuration (see :func:`_newest`)."""
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        states = []
+        for sentinel in self.sentinels:
+            try:
+                masters: Any = sentinel.sentinel_masters()  # a dict by service name (RESP2)
+                state = masters.get(service_name)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                continue
+            if state and self.check_master_state(state, service_name):
+                states.append(state)
+        return _newest(states, service_name)
+
+
+class _AsyncSentinel(redis.asyncio.sentinel.Sentinel):
+    """:class:`_Sentinel` for asyncio clients."""
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        states = []
+        for sentinel in self.sentinels:
+            try:
+                masters: Any = await sentinel.sentinel_masters()  # by service name (RESP2)
+                state = masters.get(service_name)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                continue
+            if state and self.check_master_state(state, service_name):
+                states.append(state)
+        return _newest(states, service_name)
+
+
 class _FollowingPool(redis.sentinel.SentinelConnectionPool):
     """A Sentinel pool that asks which server is the primary at most every
     :data:`PRIMARY_CHECK` seconds when a connection is taken.
@@ -447,7 +493,7 @@ def sync_client(url: str | RedisURL, **kwargs: Any) -> redis.Redis | redis.clust
         host, port = desc.seeds[0]
         return redis.Redis(host=host, port=port, db=desc.db, **conn)
     if desc.mode == "sentinel":
-        sentinel = redis.sentinel.Sentinel(list(desc.seeds), sentinel_kwargs=desc.sentinel_kwargs(),
+        sentinel = _Sentinel(list(desc.seeds), sentinel_kwargs=desc.sentinel_kwargs(),
                                            **conn)
         return sentinel.master_for(_service(desc), db=desc.db,
                                    connection_pool_class=_FollowingPool)
@@ -480,7 +526,7 @@ def async_client(url: str | RedisURL,
         host, port = desc.seeds[0]
         return redis.asyncio.Redis(host=host, port=port, db=desc.db, **conn)
     if desc.mode == "sentinel":
-        sentinel = redis.asyncio.sentinel.Sentinel(list(desc.seeds),
+        sentinel = _AsyncSentinel(list(desc.seeds),
                                                    sentinel_kwargs=desc.sentinel_kwargs(), **conn)
         return sentinel.master_for(_service(desc), db=desc.db,
                                    connection_pool_class=_AsyncFollowingPool)

@@ -328,10 +328,31 @@ class Core:
         queued = False
         listeners = self.streams.get(name)
         held = self.last_seq.get(name, 0)
+        # Frame what was read once, and build each catch-up once per kind of
+        # request: in a reconnect storm a thousand clients ask for the same.
+        frame = protocol.text_frame
+        latest, snapshot, entries = history
+        framed = History(latest, (snapshot[0], frame(snapshot[1])) if snapshot else None,
+                         [(seq, frame(data)) for seq, data in entries])
+        buffer = [(seq, frame(data)) for seq, data in recovery.buffer]
+        gap = frame(protocol.gap_notice(name))
+        counters = self.counters
+        built: dict[Want, tuple[bytes, int, int, tuple[int, int, int]]] = {}
         for conn, want in recovery.reading.items():
-            frames, position = self._catch_up(name, want, history, recovery.buffer)
-            if frames:
-                self._queue(conn, frames)
+            done = built.get(want)
+            if done is None:
+                before = (counters.replayed, counters.snapshots_sent, counters.gap_notices)
+                frames, position = self._catch_up(name, want, framed, buffer, gap)
+                counted = (counters.replayed - before[0], counters.snapshots_sent - before[1],
+                           counters.gap_notices - before[2])
+                done = built[want] = (b"".join(frames), len(frames), position, counted)
+            else:
+                counters.replayed += done[3][0]
+                counters.snapshots_sent += done[3][1]
+                counters.gap_notices += done[3][2]
+            data, count, position, _ = done
+            if data:
+                self._queue(conn, [data], count)
                 queued = True
             if listeners is None:
                 listeners = self.streams[name] = {}
@@ -348,9 +369,11 @@ class Core:
         return queued
 
     def _catch_up(self, name: str, want: Want, history: History,
-                  buffer: list[tuple[int | None, bytes]]) -> tuple[list[bytes], int]:
+                  buffer: list[tuple[int | None, bytes]],
+                  gap: bytes) -> tuple[list[bytes], int]:
         """The frames one connection gets before joining the live stream,
-        and the position it then holds (0: none)."""
+        and the position it then holds (0: none).  ``history`` and
+        ``buffer`` hold WebSocket frames; ``gap`` is the gap notice's."""
         counters = self.counters
         latest, snapshot, entries = history
         out: list[bytes] = []
@@ -362,7 +385,7 @@ class Core:
             # resume or a snapshot asks for nothing that exists.
             if want.since is not None and name in self.last_seq:
                 counters.gap_notices += 1
-                out.append(protocol.gap_notice(name))
+                out.append(gap)
         elif want.since is not None and (want.since >= latest or self._covers(
                 entries, want.since, latest)):
             last = min(want.since, latest)
@@ -373,7 +396,7 @@ class Core:
         else:
             if want.since is not None:  # the history does not reach back far enough
                 counters.gap_notices += 1
-                out.append(protocol.gap_notice(name))
+                out.append(gap)
             usable = snapshot is not None and (
                 snapshot[0] >= latest or self._covers(entries, snapshot[0], latest))
             if snapshot is not None and usable:
@@ -396,7 +419,7 @@ class Core:
                 out.append(frame)
                 if seq is not None:
                     last = seq
-        return [protocol.text_frame(frame) for frame in out], last
+        return out, last
 
     @staticmethod
     def _covers(entries: list[tuple[int, bytes]], after: int, latest: int) -> bool:
@@ -486,13 +509,14 @@ class Core:
         self.counters.deliveries += len(listeners)
         self.batch_messages += 1
 
-    def _queue(self, conn: Conn, frames: list[bytes]) -> None:
+    def _queue(self, conn: Conn, frames: list[bytes], count: int) -> None:
+        """Queue ``frames`` (holding ``count`` WebSocket frames) for ``conn``."""
         pending = self.pending.get(conn)
         if pending is None:
             self.pending[conn] = list(frames)
         else:
             pending.extend(frames)
-        self.counters.deliveries += len(frames)
+        self.counters.deliveries += count
 
     def take_batch(self) -> dict[Conn, bytes]:
         """Each connection's frames of this batch, joined into one write."""

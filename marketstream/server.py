@@ -139,6 +139,7 @@ class Server:
         websocket = None
         if settings.server.fast_handshake and compat.OK:
             websocket = (ws_paths(settings), StreamHandler, {"context": app.context})
+        compat.limit_accept_batch()
         http_server = self.http_server = StreamServer(app, websocket=websocket,
                                                       xheaders=settings.server.xheaders)
         sockets = sockets or _listening_sockets(settings)[0]

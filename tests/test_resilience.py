@@ -393,3 +393,78 @@ async def test_the_pubsub_link_reads_in_large_batches(server):
     reads past asyncio's 256 KB (private attributes; if a library renames
     them, this says so before the benchmark does)."""
     assert server.manager.link.widened
+
+
+def _tcp_memory_pages():
+    """The kernel's TCP buffer memory in pages (/proc/net/sockstat)."""
+    with open("/proc/net/sockstat") as stats:
+        for line in stats:
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return int(fields[fields.index("mem") + 1])
+    return 0
+
+
+def test_two_hundred_stalled_clients_release_their_kernel_memory(redis_url):
+    """200 clients stop reading a busy stream: each is cut off at its cap,
+    and within 10 s none of their sockets remains on the server side and the
+    kernel's TCP memory is back near where it was; readers beside them get
+    every message in order."""
+    server = ServerProcess("--redis-url", redis_url)
+    client = redis.Redis.from_url(redis_url)
+    stream = "depth.STALL200_USDT"
+    try:
+        server.wait_listening()
+
+        async def scenario():
+            base = _tcp_memory_pages()
+            readers = [await tornado.websocket.websocket_connect(
+                "ws://127.0.0.1:%d/stream?streams=%s" % (server.port, stream)) for _ in range(3)]
+            stalled = []
+            for _ in range(200):
+                raw = await RawClient.connect(server.port, "/stream?streams=%s" % stream,
+                                              rcvbuf=4096)
+                stalled.append(raw)
+            await async_wait_until(
+                lambda: client.pubsub_numsub(stream)[0][1] == 1
+                and "connect" in server.output, message="subscribed")
+            filler = "x" * 20_000
+            count = 400  # 8 MB: past every stalled client's 1 MiB cap and kernel buffers
+            received = [0] * len(readers)
+
+            async def drain(index, ws):
+                while received[index] < count:
+                    frame = await asyncio.wait_for(ws.read_message(), 30)
+                    assert frame is not None
+                    assert ujson.loads(frame)["data"]["t"] == received[index]
+                    received[index] += 1
+
+            def publish():
+                publisher = redis.Redis.from_url(redis_url)
+                for t in range(count):
+                    publisher.publish(stream, '{"stream":"%s","data":{"e":"depth","t":%d,"f":"%s"}}'
+                                      % (stream, t, filler))
+                    time.sleep(0.002)
+                publisher.close()
+
+            tasks = [asyncio.ensure_future(drain(i, ws)) for i, ws in enumerate(readers)]
+            await asyncio.get_running_loop().run_in_executor(None, publish)
+            await asyncio.gather(*tasks)  # the readers got everything, in order
+            await async_wait_until(lambda: server.output.count("slow consumer") >= 200, 10,
+                                   message="200 slow consumers closed")
+            # Tornado waits 5 s for a close handshake, then resets (SO_LINGER 0).
+            await async_wait_until(
+                lambda: len([s for s in _server_side_sockets(server.port) if s[0] != "0A"])
+                <= len(readers), 10, interval=0.2,
+                message="no stalled client's socket left on the server side")
+            await async_wait_until(lambda: _tcp_memory_pages() <= base + 1024, 5, interval=0.2,
+                                   message="TCP memory back near its base (%d pages)" % base)
+            for raw in stalled:
+                raw.close()
+            for ws in readers:
+                ws.close()
+
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+        client.close()

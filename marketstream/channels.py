@@ -43,8 +43,9 @@ from marketstream import history
 from marketstream.core import Connection, Core, History, Read, Want
 from marketstream.counters import Counters
 from marketstream.link import UPSTREAM_ERRORS
-from marketstream.redisurl import async_client, parse_redis_url
+from marketstream.redisurl import async_client
 from marketstream.upstream import make_link
+from marketstream.util import redact_url
 
 __all__ = ["ChannelManager", "Want"]
 
@@ -127,7 +128,7 @@ class ChannelManager:
 
     def redacted_url(self) -> str:
         """The Redis URL without its password."""
-        return parse_redis_url(self.redis_url).redact()
+        return redact_url(self.redis_url)
 
     # --- life cycle ----------------------------------------------------------
 

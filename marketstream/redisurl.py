@@ -47,6 +47,8 @@ import redis.asyncio.sentinel
 import redis.cluster
 import redis.sentinel
 
+from marketstream.util import redact_url
+
 __all__ = ["MODES", "RedisURL", "async_client", "parse_redis_url", "sync_client"]
 
 MODES = ("single", "sentinel", "cluster")
@@ -268,7 +270,7 @@ def parse_redis_url(url: str) -> RedisURL:
     scheme = scheme.lower()
     if not sep or scheme not in _SCHEMES:
         raise ValueError("unsupported Redis URL scheme %r in %r (expected %s)"
-                         % (scheme if sep else url, _redact_raw(url), _FORMS))
+                         % (scheme if sep else url, redact_url(url), _FORMS))
     mode, tls = _SCHEMES[scheme]
     if "#" in rest:
         raise ValueError("a Redis URL has no #fragment (a '#' in a password must be "
@@ -358,17 +360,6 @@ def parse_redis_url(url: str) -> RedisURL:
     return RedisURL(mode=mode, scheme=scheme, seeds=seeds, path=socket_path, service_name=service,
                     db=db, username=username, password=password, tls=tls,
                     options=tuple(sorted(options.items())), url=url)
-
-
-def _redact_raw(url: str) -> str:
-    """Best-effort hiding of a password in a URL that did not parse."""
-    head, sep, rest = url.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        userinfo, _, hosts = rest.partition("/")[0].rpartition("@")
-        user = userinfo.partition(":")[0]
-        tail = rest[len(rest.partition("/")[0]):]
-        return "%s://%s:***@%s%s" % (head, user, hosts, tail)
-    return url
 
 
 def _described(url: str | RedisURL) -> RedisURL:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from marketstream.link import Listener, PubSubLink
 from marketstream.redisurl import RedisURL, parse_redis_url
+from marketstream.util import redact_url
 from marketstream.topology import SentinelWatcher, ShardedSubscriber, sentinel_primary
 
 __all__ = ["make_link", "ClusterLink", "ClusterListener", "Link", "SentinelLink"]
@@ -201,4 +202,4 @@ class ClusterLink:
         return {"connected": self.connected, "mode": "cluster", "nodes": self.sub.health()}
 
     def redacted_url(self) -> str:
-        return parse_redis_url(self.url).redact()
+        return redact_url(self.url)

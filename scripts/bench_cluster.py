@@ -30,7 +30,7 @@ Standard runs::
 
     python scripts/bench_cluster.py                       # 1000 connections, 1000 streams, 10 each
     python scripts/bench_cluster.py --recoverable --json
-    python scripts/bench_cluster.py --receiver wsblast --rate 20000   # totals only, per shard derived
+    python scripts/bench_cluster.py --receiver wsblast --rate 20000   # totals; per shard: expected
 
 With ``--receiver wsblast`` (the C receiver of ``bench_fanout``) only the
 total of deliveries is measured; the per-shard deliveries are then the
@@ -49,7 +49,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -268,7 +267,7 @@ class StreamReceiver:
             proc.start()
             child.close()
             self.children.append((proc, parent))
-        for proc, pipe in self.children:
+        for _, pipe in self.children:
             reply = await self._recv(pipe, max(60, args.connections / 100))
             if reply != "ready":
                 raise RuntimeError("receiver: %s" % (reply,))
@@ -527,7 +526,7 @@ def shard_table(figures: dict[str, Any]) -> str:
             if key == "received_deliveries" and not shard["deliveries_measured"]:
                 value = "(%s)" % value
             row.append("-" if value is None else
-                       "{:,}".format(value) if isinstance(value, int) and key != "node"
+                       f"{value:,}" if isinstance(value, int) and key != "node"
                        else str(value))
         rows.append(row)
     total: list[str] = ["total"]
@@ -540,7 +539,7 @@ def shard_table(figures: dict[str, Any]) -> str:
         elif key == "received_deliveries":
             total.append("{:,}".format(figures["received_deliveries"]))
         elif all(isinstance(v, int) for v in values):
-            total.append("{:,}".format(sum(values)))
+            total.append(f"{sum(values):,}")
         else:
             total.append("-")
     rows.append(total)

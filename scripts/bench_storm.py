@@ -292,7 +292,7 @@ class Clients:
             proc.start()
             child.close()
             self.children.append((proc, parent))
-        for proc, pipe in self.children:
+        for _, pipe in self.children:
             if not pipe.poll(30) or pipe.recv() != "ready":
                 raise RuntimeError("a client process did not start")
 

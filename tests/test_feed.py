@@ -361,11 +361,13 @@ def test_run_feed_survives_a_redis_outage(redis_server, redis_url):
         await client.aclose()
 
         redis_server.kill()
+        # redis-py retries a command itself (with backoff) before it gives
+        # up: allow for that on a busy machine.
         await async_wait_until(lambda: any("unavailable" in m for m in records.messages()),
-                               message="a warning about Redis")
+                               20, message="a warning about Redis")
         await async_wait_until(
             lambda: any("still unavailable" in m for m in records.messages(logging.DEBUG)),
-            message="a retry")
+            20, message="a retry")
         assert not task.done()
 
         # Not in a worker thread: redis-server is told to die with the thread

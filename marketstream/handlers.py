@@ -57,6 +57,7 @@ _SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
 _NO_HEADERS = HTTPHeaders()
 _LINGER_0 = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets
 _DIRECT = compat.OK  # write to the socket directly when nothing is queued
+_queued_bytes = compat.queued_bytes
 _NO_ARGS: MappingProxyType[str, Any] = MappingProxyType({})
 
 
@@ -118,6 +119,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self.context = context
         self.identity: str | None = None
         self._ws: Any = None  # the WebSocket protocol once open, None once closed
+        self._sock: socket.socket | None = None  # for direct writes (see write_frames)
         self._opened_at = 0.0
         self._tokens = float(context.limits.messages_burst)
         self._tokens_at = 0.0
@@ -213,7 +215,13 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
     def open(self, *args: str, **kwargs: str) -> None:
         ctx = self.context
         self._ws = self.ws_connection
-        self._ws.stream.max_write_buffer_size = ctx.limits.max_buffer_bytes
+        stream = self._ws.stream
+        stream.max_write_buffer_size = ctx.limits.max_buffer_bytes
+        # Direct writes (see write_frames) on plain TCP; TLS goes through
+        # the stream.  A closed socket makes send() fail, and the stream's
+        # write then reports the close.
+        if _DIRECT and type(stream) is IOStream:
+            self._sock = stream.socket
         # Market data is many small frames: without TCP_NODELAY, Nagle's
         # algorithm holds a frame back until the client acknowledges the
         # previous one (up to 40 ms with delayed ACKs).
@@ -290,7 +298,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             log.info("disconnect %s %s duration=%.1fs", self.identity,
                      "no close frame" if code is None else "code=%d" % code,
                      time.monotonic() - self._opened_at)
-        self._ws = None
+        self._ws = self._sock = None
 
     # --- requests ------------------------------------------------------------
 
@@ -380,14 +388,14 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if ws is None or ws.server_terminated:
             return
         stream = ws.stream
-        if _DIRECT and type(stream) is IOStream and stream.socket is not None \
-                and compat.write_buffer_empty(stream):
+        sock = self._sock
+        if sock is not None and not _queued_bytes(stream):
             # Nothing queued: hand the bytes straight to the kernel, which
             # takes them whole unless the client lags.  This skips the
             # Future, callback and buffer bookkeeping of IOStream.write, the
             # largest cost per delivery.
             try:
-                sent = stream.socket.send(data)
+                sent = sock.send(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import operator
+from collections.abc import Callable
 from typing import Any
 
 import tornado
@@ -36,7 +38,7 @@ import tornado.web
 import tornado.websocket
 
 __all__ = ["OK", "MISSING", "limit_accept_batch", "ACCEPT_BATCH", "websocket_params",
-           "request_context", "apply_xheaders", "write_buffer_empty", "finish_http",
+           "request_context", "apply_xheaders", "write_buffer_empty", "queued_bytes", "finish_http",
            "prepare_switch", "release_response", "RECEIVE_FRAME_LOOP"]
 
 log = logging.getLogger("marketstream.server")
@@ -57,6 +59,8 @@ def _assigns(function: Any, *names: str) -> bool:
 
 def _check() -> list[str]:
     missing = []
+    if not _assigns(tornado.iostream._StreamBuffer.__init__, "_size"):
+        missing.append("tornado.iostream._StreamBuffer._size")
     ws = tornado.websocket
     params = getattr(ws, "_WebSocketParams", None)
     if params is None or not {"ping_interval", "ping_timeout", "max_message_size",
@@ -119,6 +123,12 @@ def apply_xheaders(context: Any, headers: Any) -> None:
 def write_buffer_empty(stream: tornado.iostream.IOStream) -> bool:
     """Whether nothing is queued in ``stream``'s write buffer."""
     return not stream._write_buffer
+
+
+#: ``queued_bytes(stream)``: how many bytes wait in ``stream``'s write buffer.
+#: A C-level getter (no Python frame): it runs once per write.
+queued_bytes: Callable[[tornado.iostream.IOStream], int] = operator.attrgetter(
+    "_write_buffer._size")
 
 
 def prepare_switch(handler: tornado.web.RequestHandler) -> None:

@@ -46,10 +46,13 @@ error logs, idle memory <= 6.5 KB per connection)::
     python scripts/bench_storm.py --nginx                # ... through nginx
     python scripts/bench_storm.py --nginx --nginx-backlog 16384
     python scripts/bench_storm.py --reference            # the minimal asyncio server
+    python scripts/bench_storm.py --compare --repeat 3   # both, alternately; medians
     python scripts/bench_storm.py --processes 2 --no-pin
     python scripts/bench_storm.py --py-spy storm.txt     # profile the server during the storm
 
-``--repeat N`` runs N times and adds the medians; ``--json`` prints JSON.
+``--repeat N`` runs N times and adds the medians; ``--compare`` runs
+marketstream and the reference server alternately, N times each (the fairest
+comparison on a shared machine); ``--json`` prints JSON.
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -104,6 +109,39 @@ def netstat() -> dict[str, int]:
                 if key in NETSTAT_KEYS:
                     values[key] = int(value)
     return values
+
+
+def sockstat(field: str) -> int:
+    """A ``TCP:`` field of ``/proc/net/sockstat`` (the whole machine's):
+    ``inuse`` (open TCP sockets), ``tw`` (in TIME_WAIT), ``mem`` (pages)."""
+    try:
+        with open("/proc/net/sockstat") as f:
+            for line in f:
+                if line.startswith("TCP:"):
+                    fields = line.split()
+                    return int(fields[fields.index(field) + 1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def time_wait() -> int:
+    """Sockets in TIME_WAIT on the machine."""
+    return sockstat("tw")
+
+
+def wait_time_wait(limit: int, timeout: float) -> int:
+    """Wait (up to ``timeout`` s) until fewer than ``limit`` sockets are in
+    TIME_WAIT; each holds a local port, and when most ephemeral ports are
+    held, every connect() searches long for a free one.  Returns the count."""
+    deadline = time.monotonic() + timeout
+    count = time_wait()
+    if count >= limit:
+        log("waiting for %d sockets in TIME_WAIT to expire" % count)
+    while count >= limit and time.monotonic() < deadline:
+        time.sleep(1.0)
+        count = time_wait()
+    return count
 
 
 def log_lines(path: str) -> list[str]:
@@ -264,8 +302,17 @@ async def _clients(host: str, port: int, plans: list[tuple[bytes, bytes]], timeo
     control.send((start, [(c.t_connected, c.t_upgraded, c.t_served, c.status, c.error)
                           for c in clients]))
     await commands.get()  # "close"
+    linger = struct.pack("ii", 1, 0)
     for client in clients:
         if client.transport is not None:
+            # A reset leaves no TIME_WAIT behind: 10,000 of those would hold
+            # a third of the ephemeral ports for a minute and slow down the
+            # connects of the next run.
+            sock = client.transport.get_extra_info("socket")
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            except (OSError, AttributeError):
+                pass
             client.transport.close()
     await asyncio.sleep(0.1)
     control.send("closed")
@@ -463,6 +510,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = tempfile.mkdtemp(prefix="marketstream-storm-")
     server_log = os.path.join(workdir, "server.log")
     try:
+        tw_at_start = wait_time_wait(args.time_wait_limit, 75.0)
+        machine = {"load_average_1min": round(os.getloadavg()[0], 2),
+                   "tcp_sockets_in_use": sockstat("inuse")}
         redis_server = RedisServer().start()
         host, port = "127.0.0.1", free_port()
         command = server_command(args, host, port, redis_server.url)
@@ -578,6 +628,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "upgraded_seconds_p50": secs(upgraded, 0.5),
             "upgraded_seconds_p99": secs(upgraded, 0.99),
             "upgraded_seconds_max": secs(upgraded),
+            "connected_seconds_p50": secs(connected, 0.5),
             "connected_seconds_p99": secs(connected, 0.99),
             "connected_seconds_max": secs(connected),
             "connects_after_1s": late_connects,
@@ -593,6 +644,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "nginx_error_log": dict(nginx_levels) if args.nginx else None,
             "nginx_error_log_sample": nginx_lines[:5] if args.nginx else None,
             "storm_seconds": round(storm_end - start, 3),
+            "time_wait_at_start": tw_at_start,
+            "machine_at_start": machine,
+            "served_per_second": [sum(1 for t in served if i <= t < i + 1)
+                                  for i in range(int(max(served, default=0)) + 1)],
             "server_cpu_seconds_storm": round(cpu_storm, 2),
             "clients_cpu_seconds_storm": round(clients_cpu, 2),
             "nginx_cpu_seconds_storm": round(nginx_cpu, 2) if nginx_cpu is not None else None,
@@ -641,8 +696,8 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in MEDIAN_KEYS:
         values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
-        out[key] = statistics.median(values) if values else None
-    out["netstat"] = {key: statistics.median(r["netstat"].get(key, 0) for r in runs)
+        out[key] = round(statistics.median(values), 3) if values else None
+    out["netstat"] = {key: round(statistics.median(r["netstat"].get(key, 0) for r in runs), 1)
                       for key in runs[0]["netstat"]}
     return out
 
@@ -677,12 +732,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds between starting the clients' processes and the storm")
     load.add_argument("--idle-wait", type=float, default=2.0,
                       help="seconds without publishing before the idle memory is measured")
+    load.add_argument("--time-wait-limit", type=int, default=2000,
+                      help="before a run, wait (up to 75 s) until fewer sockets than this are "
+                           "in TIME_WAIT on the machine (a run through nginx leaves one per "
+                           "client)")
     servers = parser.add_argument_group("server")
     servers.add_argument("--processes", type=int, default=1, help="marketstream worker processes")
     servers.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="a marketstream setting (repeatable)")
     servers.add_argument("--reference", action="store_true",
                          help="run scripts/reference_server.py instead of marketstream")
+    servers.add_argument("--compare", action="store_true",
+                         help="run marketstream and the reference server alternately, "
+                              "--repeat times each, and give the medians of each")
     servers.add_argument("--reference-backlog", type=int, default=65535,
                          help="the reference server's listen backlog (the kernel caps it at "
                               "net.core.somaxconn)")
@@ -717,23 +779,39 @@ def main(argv: list[str] | None = None) -> int:
                      "must be at least 1")
     if args.reference and args.processes != 1:
         parser.error("--processes is marketstream's: not with --reference")
+    if args.reference and args.compare:
+        parser.error("--compare runs both servers: not with --reference")
 
     def interrupted(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # clean up: servers, nginx, clients, redis-server
 
     signal.signal(signal.SIGTERM, interrupted)
-    runs = []
+    variants = [("marketstream", False), ("reference", True)] if args.compare else [
+        ("reference" if args.reference else "marketstream", args.reference)]
+    by_variant: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in variants}
     try:
         for i in range(args.repeat):
-            if args.repeat > 1:
-                log("--- run %d/%d" % (i + 1, args.repeat))
-            figures = run(args)
-            log("served %d/%d, last after %ss, refused %d, failed %d" % (
-                figures["served"], args.connections, figures["served_seconds_max"],
-                figures["refused"], figures["failed"]))
-            runs.append(figures)
+            # Alternate the order so a drift of the machine hits both alike.
+            for label, reference in (variants if i % 2 == 0 else variants[::-1]):
+                log("--- run %d/%d: %s" % (i + 1, args.repeat, label))
+                figures = run(argparse.Namespace(**dict(vars(args), reference=reference)))
+                log("served %d/%d, last after %ss, refused %d, failed %d" % (
+                    figures["served"], args.connections, figures["served_seconds_max"],
+                    figures["refused"], figures["failed"]))
+                by_variant[label].append(figures)
     except KeyboardInterrupt:
         return 130
+    if args.compare:
+        output = {label: {"runs": found, "medians": medians(found)}
+                  for label, found in by_variant.items()}
+        if args.json:
+            print(json.dumps(output))
+        else:
+            for label, found in output.items():
+                print("=== %s: medians of %d runs\n%s" % (label, args.repeat,
+                                                         text(found["medians"])))
+        return 0
+    runs = by_variant[variants[0][0]]
     if args.repeat == 1:
         print(json.dumps(runs[0]) if args.json else text(runs[0]))
     else:

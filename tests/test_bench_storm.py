@@ -15,7 +15,8 @@ from tests.helpers import ROOT
 
 BENCH = os.path.join(ROOT, "scripts", "bench_storm.py")
 TINY = ("--connections", "60", "--client-processes", "2", "--streams", "5", "--tick", "0.02",
-        "--settle", "0.2", "--idle-wait", "0.2", "--timeout", "20", "--json")
+        "--settle", "0.2", "--idle-wait", "0.2", "--timeout", "20", "--time-wait-limit", "1000000",
+        "--json")
 HAS_NGINX = shutil.which("nginx") or os.access("/usr/sbin/nginx", os.X_OK)
 
 

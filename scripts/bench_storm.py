@@ -493,6 +493,14 @@ def profile_summary(path: str, top: int = 15) -> dict[str, list[tuple[str, float
 
 # --- one run -----------------------------------------------------------------------
 
+def per_second(times: list[float]) -> list[int]:
+    """How many of ``times`` (seconds) fall in each second from 0."""
+    counts = [0] * (int(max(times, default=0)) + 1)
+    for t in times:
+        counts[int(t)] += 1
+    return counts
+
+
 def percentile(values: list[float], q: float) -> float | None:
     return fanout.percentile(values, q)
 
@@ -646,8 +654,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "storm_seconds": round(storm_end - start, 3),
             "time_wait_at_start": tw_at_start,
             "machine_at_start": machine,
-            "served_per_second": [sum(1 for t in served if i <= t < i + 1)
-                                  for i in range(int(max(served, default=0)) + 1)],
+            # Clients per second of the storm (TCP connected, 101 received,
+            # served): the waves of retransmissions show here.
+            "connected_per_second": per_second(connected),
+            "upgraded_per_second": per_second(upgraded),
+            "served_per_second": per_second(served),
             "server_cpu_seconds_storm": round(cpu_storm, 2),
             "clients_cpu_seconds_storm": round(clients_cpu, 2),
             "nginx_cpu_seconds_storm": round(nginx_cpu, 2) if nginx_cpu is not None else None,

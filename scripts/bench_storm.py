@@ -64,6 +64,7 @@ import json
 import multiprocessing
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -418,7 +419,15 @@ def start_nginx(args: argparse.Namespace, upstream_port: int, pin: bool
     for sub in ("logs", "tmp"):
         os.makedirs(os.path.join(prefix, sub), exist_ok=True)
     port = free_port()
-    connections = 2 * args.connections + 1000
+    # Each client holds two descriptors in nginx (its own and the upstream
+    # one); a worker may hold no more than the open-file hard limit, which
+    # nginx cannot raise without the privilege to.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    per_worker = hard - 100 if hard != resource.RLIM_INFINITY else 4 * args.connections
+    needed = -(-(2 * args.connections + 200) // per_worker)
+    workers = max(args.nginx_workers, needed)
+    if workers > args.nginx_workers:
+        log("nginx: %d workers (%d descriptors each at most)" % (workers, per_worker))
     conf = os.path.join(prefix, "nginx.conf")
     with open(conf, "w") as f:
         if os.geteuid() == 0:
@@ -426,8 +435,7 @@ def start_nginx(args: argparse.Namespace, upstream_port: int, pin: bool
         f.write("worker_processes %d;\nworker_rlimit_nofile %d;\npid %s/nginx.pid;\n"
                 "error_log %s/logs/error.log warn;\nevents { worker_connections %d; }\nhttp {\n"
                 "  access_log off;\n  client_body_temp_path %s/tmp;\n  proxy_temp_path %s/tmp;\n"
-                % (args.nginx_workers, connections + 100, prefix, prefix, connections,
-                   prefix, prefix))
+                % (workers, per_worker + 50, prefix, prefix, per_worker, prefix, prefix))
         f.write(nginx_site(upstream_port, port, args.nginx_backlog))
         f.write("\n}\n")
     command = [NGINX, "-p", prefix, "-c", conf, "-g", "daemon off;"]
@@ -761,7 +769,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "net.core.somaxconn)")
     servers.add_argument("--nginx", action="store_true",
                          help="put nginx (the conf/nginx.conf site) in front of the server")
-    servers.add_argument("--nginx-workers", type=int, default=1, help="nginx worker_processes")
+    servers.add_argument("--nginx-workers", type=int, default=1,
+                         help="nginx worker_processes (more when one worker's open-file "
+                              "limit cannot hold two descriptors per client)")
     servers.add_argument("--nginx-backlog", type=int, default=None,
                          help="add backlog=N to nginx's listen line (none: nginx's default, "
                               "511 on Linux)")

@@ -34,7 +34,16 @@ It reports:
   saturated client side shows);
 * idle memory: the server's RSS (all its processes) after the storm, with
   publishing stopped for ``--idle-wait`` seconds, less its RSS before the
-  storm, per connection (and nginx's, with ``--nginx``).
+  storm, per connection (and nginx's, with ``--nginx``);
+* clients connected, upgraded and served in each second of the storm: a
+  client whose packet a full listen queue dropped comes back only after its
+  retransmission timeout, which doubles with each drop.
+
+The clients close with a reset, so they leave no socket in TIME_WAIT.  nginx
+closes its upstream connections itself and leaves one per client; since each
+holds a local port for a minute, and connect() slows down when most ports are
+held, a run first waits (up to 75 s) until fewer than ``--time-wait-limit``
+remain on the machine.
 
 The server is pinned to ``--server-cpu``; the clients, Redis, the publisher
 and nginx to ``--load-cpu`` (``--no-pin``: nothing is pinned).

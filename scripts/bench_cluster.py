@@ -524,7 +524,7 @@ def shard_table(figures: dict[str, Any]) -> str:
         for _, key in SHARD_COLUMNS:
             value = shard.get(key)
             if key == "received_deliveries" and not shard["deliveries_measured"]:
-                value = "(%s)" % value
+                value = f"({value:,})"
             row.append("-" if value is None else
                        f"{value:,}" if isinstance(value, int) and key != "node"
                        else str(value))

@@ -118,8 +118,11 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
     def initialize(self, context: Context) -> None:
         self.context = context
         self.identity: str | None = None
+        # With one attribute more than a handler has today (29, with
+        # Tornado's), CPython gives every handler a dict of its own instead
+        # of compact shared-key storage: about 1.5 KB more per connection
+        # (a test guards it).  Add state with care.
         self._ws: Any = None  # the WebSocket protocol once open, None once closed
-        self._sock: socket.socket | None = None  # for direct writes (see write_frames)
         self._opened_at = 0.0
         self._tokens = float(context.limits.messages_burst)
         self._tokens_at = 0.0
@@ -215,13 +218,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
     def open(self, *args: str, **kwargs: str) -> None:
         ctx = self.context
         self._ws = self.ws_connection
-        stream = self._ws.stream
-        stream.max_write_buffer_size = ctx.limits.max_buffer_bytes
-        # Direct writes (see write_frames) on plain TCP; TLS goes through
-        # the stream.  A closed socket makes send() fail, and the stream's
-        # write then reports the close.
-        if _DIRECT and type(stream) is IOStream:
-            self._sock = stream.socket
+        self._ws.stream.max_write_buffer_size = ctx.limits.max_buffer_bytes
         # Market data is many small frames: without TCP_NODELAY, Nagle's
         # algorithm holds a frame back until the client acknowledges the
         # previous one (up to 40 ms with delayed ACKs).
@@ -298,7 +295,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             log.info("disconnect %s %s duration=%.1fs", self.identity,
                      "no close frame" if code is None else "code=%d" % code,
                      time.monotonic() - self._opened_at)
-        self._ws = self._sock = None
+        self._ws = None
 
     # --- requests ------------------------------------------------------------
 
@@ -388,8 +385,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if ws is None or ws.server_terminated:
             return
         stream = ws.stream
-        sock = self._sock
-        if sock is not None and not _queued_bytes(stream):
+        if _DIRECT and type(stream) is IOStream and not _queued_bytes(stream) \
+                and (sock := stream.socket) is not None:
             # Nothing queued: hand the bytes straight to the kernel, which
             # takes them whole unless the client lags.  This skips the
             # Future, callback and buffer bookkeeping of IOStream.write, the

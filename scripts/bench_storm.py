@@ -413,7 +413,8 @@ def nginx_site(upstream_port: int, listen_port: int, backlog: int | None) -> str
         raise RuntimeError("conf/nginx.conf: no upstream server lines found")
     listen = "    listen 127.0.0.1:%d default_server%s;" % (
         listen_port, " backlog=%d" % backlog if backlog else "")
-    site, count = re.subn(r"^    listen 80 default_server;$", listen, site, flags=re.M)
+    site, count = re.subn(r"^    listen 80 default_server( backlog=\d+)?;$", listen, site,
+                          flags=re.M)
     if count != 1:
         raise RuntimeError("conf/nginx.conf: no 'listen 80 default_server;' line found")
     return site

@@ -43,15 +43,17 @@ def site_config(upstream_ports, listen_port, tls=None):
     servers = "".join("    server 127.0.0.1:%d;\n" % port for port in upstream_ports)
     site, count = re.subn(r"(    server 127\.0\.0\.1:\d+;\n)+", servers, site)
     assert count == 1
-    site, count = re.subn(r"^    listen 80 default_server;$",
-                          "    listen 127.0.0.1:%d default_server;" % listen_port, site, flags=re.M)
+    site, count = re.subn(r"^    listen 80 default_server( backlog=\d+)?;$",
+                          r"    listen 127.0.0.1:%d default_server\1;" % listen_port, site,
+                          flags=re.M)
     assert count == 1
     if tls:
         tls_port, certificate, key = tls
         block = re.search(r"^#server \{\n.*?^#\}\n", site, re.S | re.M)
         assert block, "no commented TLS server block"
         server = re.sub(r"^#", "", block.group(0), flags=re.M)
-        replacements = [(r"listen 443 ssl;", "listen 127.0.0.1:%d ssl;" % tls_port),
+        replacements = [(r"listen 443 ssl( backlog=\d+)?;",
+                         r"listen 127.0.0.1:%d ssl\1;" % tls_port),
                         (r"ssl_certificate +\S+;", "ssl_certificate %s;" % certificate),
                         (r"ssl_certificate_key +\S+;", "ssl_certificate_key %s;" % key)]
         for pattern, replacement in replacements:
@@ -259,7 +261,8 @@ def test_keeping_the_default_site_with_a_real_server_name(instance, nginx_factor
     # The file's other way out: no default_server, a real server_name.
     port = free_port()
     named = site_config([instance.port], port).replace(
-        "default_server;\n    server_name _;", ";\n    server_name stream.example.test;")
+        "default_server backlog=4096;\n    server_name _;",
+        "backlog=4096;\n    server_name stream.example.test;")
     assert "server_name stream.example.test;" in named
     code, output = nginx_factory.check(DEBIAN_DEFAULT % port + named)
     assert code == 0, output

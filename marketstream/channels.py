@@ -45,7 +45,7 @@ from marketstream.counters import Counters
 from marketstream.link import UPSTREAM_ERRORS
 from marketstream.redisurl import async_client
 from marketstream.upstream import make_link
-from marketstream.util import redact_url
+from marketstream.util import Confirmations, redact_url
 
 __all__ = ["ChannelManager", "Want"]
 
@@ -87,7 +87,7 @@ class ChannelManager:
         self.link = make_link(redis_url, self, ping_interval=ping_interval,
                               ping_timeout=ping_timeout, backoff_min=backoff_min,
                               backoff_max=backoff_max)
-        self._waiters: dict[str, list[asyncio.Future]] = {}  # channel -> acks waiting
+        self._confirmations = Confirmations()  # acknowledgements waiting for Redis
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._last_flush = 0.0
         self._malformed_logged = -60.0
@@ -148,7 +148,7 @@ class ChannelManager:
             except Exception:
                 pass
             self._commands = None
-        self._fail_waiters()
+        self._confirmations.fail_all()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush()
@@ -192,29 +192,9 @@ class ChannelManager:
     async def wait_subscribed(self, names: Iterable[str], timeout: float = 5.0) -> bool:
         """Wait until Redis confirmed the subscription of every stream in
         ``names`` that is still wanted; False on timeout or outage."""
-        futures = []
-        wanted = self.core.wanted()
-        for name in names:
-            if name in wanted and name not in self.core.confirmed:
-                future = asyncio.get_running_loop().create_future()
-                self._waiters.setdefault(name, []).append(future)
-                futures.append(future)
-        if not futures:
-            return True
-        try:
-            await asyncio.wait_for(asyncio.gather(*futures), timeout)
-            return all(f.result() for f in futures)
-        except asyncio.TimeoutError:
-            return False
-
-    def _resolve_waiters(self, name: str, ok: bool = True) -> None:
-        for future in self._waiters.pop(name, ()):
-            if not future.done():
-                future.set_result(ok)
-
-    def _fail_waiters(self) -> None:
-        for name in list(self._waiters):
-            self._resolve_waiters(name, False)
+        wanted, confirmed = self.core.wanted(), self.core.confirmed
+        return await self._confirmations.wait(
+            names, lambda name: name in wanted and name not in confirmed, timeout)
 
     # --- what the link reports (see marketstream.link.Listener) --------------
 
@@ -227,7 +207,7 @@ class ChannelManager:
 
     def on_subscribed(self, name: str) -> None:
         self.core.upstream_confirmed(name)
-        self._resolve_waiters(name)
+        self._confirmations.resolve(name)
         if self.core.pending and self._flush_handle is None:
             self._schedule_flush()  # a gap notice
         if self.core.recovering:
@@ -247,7 +227,7 @@ class ChannelManager:
 
     def on_lost(self) -> None:
         self.core.link_lost()
-        self._fail_waiters()
+        self._confirmations.fail_all()
         log.warning("%d stream(s) with listeners wait for Redis", len(self.core.streams))
 
     def on_restored(self, channels: set[str]) -> None:

@@ -61,6 +61,8 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot as _key_slot
 from redis.exceptions import MovedError, RedisError, ResponseError
 
+from marketstream.util import Confirmations
+
 if TYPE_CHECKING:
     from marketstream.redisurl import RedisURL
 
@@ -417,7 +419,7 @@ class ShardedSubscriber:
         self._confirmed: set[str] = set()
         self._interrupted: set[str] = set()        # confirmed once, lost since
         self._stranded: set[str] = set()           # wanted, owner unknown or unreachable
-        self._waiters: dict[str, list[asyncio.Future[bool]]] = {}
+        self._confirmations = Confirmations()
         self._links: dict[Address, _Link] = {}
         self._owner: list[Address | None] = [None] * SLOTS
         self._nodes: list[Address] = []            # every node seen in the last topology
@@ -495,8 +497,7 @@ class ShardedSubscriber:
                 link.conn = None
             link.state = "down"
         self._confirmed.clear()
-        for name in list(self._waiters):
-            self._resolve(name, False)
+        self._confirmations.fail_all()
 
     # --- state -------------------------------------------------------------------
 
@@ -577,25 +578,11 @@ class ShardedSubscriber:
     async def wait_subscribed(self, names: Iterable[str], timeout: float = 5.0) -> bool:
         """Wait until every wanted channel in ``names`` is confirmed by its
         shard; False on timeout."""
-        futures: list[asyncio.Future[bool]] = []
-        for name in names:
-            if name in self._wanted and name not in self._confirmed:
-                assert self._loop is not None, "start() first"
-                future = self._loop.create_future()
-                self._waiters.setdefault(name, []).append(future)
-                futures.append(future)
-        if not futures:
-            return True
-        try:
-            await asyncio.wait_for(asyncio.gather(*futures), timeout)
-            return all(f.result() for f in futures)
-        except asyncio.TimeoutError:
-            return False
+        return await self._confirmations.wait(
+            names, lambda name: name in self._wanted and name not in self._confirmed, timeout)
 
     def _resolve(self, name: str, ok: bool = True) -> None:
-        for future in self._waiters.pop(name, ()):
-            if not future.done():
-                future.set_result(ok)
+        self._confirmations.resolve(name, ok)
 
     # --- topology ------------------------------------------------------------------
 

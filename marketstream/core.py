@@ -71,6 +71,7 @@ class Want(NamedTuple):
 
     since: int | None = None     # resume after this position
     snapshot: bool = False       # start from the stream's snapshot
+    repair: bool = False         # the server's own catch-up after a link outage
 
 
 class Read(NamedTuple):
@@ -250,7 +251,7 @@ class Core:
         # A recoverable stream: its listeners catch up from the history.
         del self.streams[name]
         for conn in listeners:
-            self._hold(conn, name, Want(since=since))
+            self._hold(conn, name, Want(since=since, repair=True))
 
     def upstream_dropped(self, name: str) -> None:
         """Redis confirmed an unsubscribe (or dropped the channel)."""
@@ -386,8 +387,12 @@ class Core:
             if want.since is not None and name in self.last_seq:
                 counters.gap_notices += 1
                 out.append(gap)
-        elif want.since is not None and (want.since >= latest or self._covers(
-                entries, want.since, latest)):
+        elif want.since is not None and (
+                self._covers(entries, want.since, latest) if want.since < latest
+                # A client ahead of the latest position missed nothing; the
+                # server itself ahead of it means positions went back (a
+                # failover lost writes): what it holds is not the history.
+                else want.since == latest or not want.repair):
             last = min(want.since, latest)
             out = [frame for seq, frame in entries if seq > last]
             if entries and entries[-1][0] > last:
@@ -404,6 +409,11 @@ class Core:
                 out.append(snapshot[1])
                 counters.snapshots_sent += 1
                 replay = [frame for seq, frame in entries if seq > last]
+            elif want.since is not None and want.since > latest:
+                # Positions went back: the history after them is not what
+                # the clients missed; the gap notice says so, live follows.
+                replay = []
+                last = latest
             elif want.since is not None:
                 replay = [frame for _, frame in entries[-self.max_replay:]] \
                     if self.max_replay else []

@@ -101,17 +101,25 @@ class SentinelLink(PubSubLink):
         self.desc = desc
         self.watch = SentinelWatcher(desc.seeds, desc.service_name or "", self._switched,
                                      sentinel_kwargs=desc.sentinel_kwargs())
+        self._announced: tuple[str, int] | None = None
 
     def _switched(self, primary: tuple[str, int]) -> None:
         log.warning("sentinels name a new primary for %s: %s:%d; moving there",
                     self.desc.service_name, primary[0], primary[1])
+        # Connect to the announced primary: a sentinel asked right now may
+        # not have heard of the switch yet, and after a forced failover the
+        # old primary still answers as a primary for seconds.
+        self._announced = primary
         self.reconnect()
 
     async def _primary(self) -> dict[str, Any]:
         desc = self.desc
-        host, port = await sentinel_primary(desc.seeds, desc.service_name or "",
-                                            sentinel_kwargs=desc.sentinel_kwargs(),
-                                            **desc.connection_kwargs())
+        if self._announced is not None:
+            (host, port), self._announced = self._announced, None
+        else:
+            host, port = await sentinel_primary(desc.seeds, desc.service_name or "",
+                                                sentinel_kwargs=desc.sentinel_kwargs(),
+                                                **desc.connection_kwargs())
         kwargs = desc.connection_kwargs()
         kwargs.update(host=host, port=port, db=desc.db)
         return kwargs

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from collections.abc import Callable, Hashable
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from marketstream import protocol
 from marketstream.counters import Counters
@@ -537,10 +537,10 @@ class Core:
             counters.batch_sizes.append(self.batch_messages)
         self.batch_messages = 0
         sent = 0
-        out = {}
+        batch: dict[Conn, Any] = pending  # the lists become their joined bytes, in place
         for conn, frames in pending.items():
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             sent += len(data)
-            out[conn] = data
+            batch[conn] = data
         counters.bytes_sent += sent
-        return out
+        return batch

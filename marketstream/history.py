@@ -13,39 +13,24 @@ name as hash tag, so each call touches one slot)::
     latest = await latest_position(client, "trade.SOL_USDC")   # int or None
 
 Frames are returned as bytes exactly as clients receive them:
-``{"stream":S,"data":...,"seq":N}``.
+``{"stream":S,"data":...,"seq":N}``.  What is stored has the published
+form ``@<seq> <frame>``, split by :func:`marketstream.core.split_position`
+(re-exported here)::
+
+    >>> split_position(b'@1042 {"stream":"t.A_B","data":{},"seq":1042}')
+    (1042, b'{"stream":"t.A_B","data":{},"seq":1042}')
+    >>> split_position(b'@oops {}')
+    (None, b'@oops {}')
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from marketstream.core import split_position
 from marketstream.publisher import stream_keys
 
 __all__ = ["latest_position", "read_after", "read_snapshot", "split_position"]
-
-_MAX_DIGITS = 19
-
-
-def split_position(payload: bytes) -> tuple[int | None, bytes]:
-    """``(seq, frame)`` of a published payload ``@<seq> <frame>``, or
-    ``(None, payload)`` for a plain one (which starts with ``{``)::
-
-        >>> split_position(b'@1042 {"stream":"t.A_B","data":{},"seq":1042}')
-        (1042, b'{"stream":"t.A_B","data":{},"seq":1042}')
-        >>> split_position(b'{"stream":"t.A_B","data":{}}')
-        (None, b'{"stream":"t.A_B","data":{}}')
-        >>> split_position(b'@oops {}')
-        (None, b'@oops {}')
-    """
-    if payload[:1] == b"@":
-        space = payload.find(b" ", 1, _MAX_DIGITS + 2)
-        if space > 1:
-            digits = payload[1:space]
-            if digits.isdigit():
-                return int(digits), payload[space + 1:]
-    return None, payload
-
 
 def _bytes(value: Any) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else value

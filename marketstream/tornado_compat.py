@@ -38,7 +38,7 @@ import tornado.web
 import tornado.websocket
 
 __all__ = ["OK", "MISSING", "limit_accept_batch", "ACCEPT_BATCH", "websocket_params",
-           "request_context", "apply_xheaders", "write_buffer_empty", "queued_bytes", "finish_http",
+           "request_context", "apply_xheaders", "queued_bytes", "finish_http",
            "prepare_switch", "release_response", "RECEIVE_FRAME_LOOP"]
 
 log = logging.getLogger("marketstream.server")
@@ -118,11 +118,6 @@ def request_context(server: tornado.httpserver.HTTPServer, stream: Any, address:
 def apply_xheaders(context: Any, headers: Any) -> None:
     """Take the client address from X-Real-IP / X-Forwarded-For."""
     context._apply_xheaders(headers)
-
-
-def write_buffer_empty(stream: tornado.iostream.IOStream) -> bool:
-    """Whether nothing is queued in ``stream``'s write buffer."""
-    return not stream._write_buffer
 
 
 #: ``queued_bytes(stream)``: how many bytes wait in ``stream``'s write buffer.

@@ -139,9 +139,9 @@ class Server:
         websocket = None
         if settings.server.fast_handshake and compat.OK:
             websocket = (ws_paths(settings), StreamHandler, {"context": app.context})
-        compat.limit_accept_batch()
-        http_server = self.http_server = StreamServer(app, websocket=websocket,
-                                                      xheaders=settings.server.xheaders)
+        http_server = self.http_server = StreamServer(
+            app, websocket=websocket, xheaders=settings.server.xheaders,
+            accept_limit=settings.server.max_connections)
         sockets = sockets or _listening_sockets(settings)[0]
         settings = self.settings = _bound_port(settings, sockets)
         http_server.add_sockets(sockets)

@@ -33,11 +33,11 @@ from typing import Any
 import tornado
 import tornado.httpserver
 import tornado.iostream
-import tornado.netutil
+import tornado.tcpserver
 import tornado.web
 import tornado.websocket
 
-__all__ = ["OK", "MISSING", "limit_accept_batch", "ACCEPT_BATCH", "websocket_params",
+__all__ = ["OK", "MISSING", "handle_connection", "websocket_params",
            "request_context", "apply_xheaders", "queued_bytes", "finish_http",
            "prepare_switch", "release_response", "RECEIVE_FRAME_LOOP"]
 
@@ -87,6 +87,10 @@ def _check() -> list[str]:
         missing.append("tornado.web.RequestHandler.clear state (_headers, _write_buffer, ...)")
     if not _assigns(tornado.iostream.BaseIOStream.__init__, "_write_buffer"):
         missing.append("tornado.iostream.BaseIOStream._write_buffer")
+    if list(inspect.signature(getattr(tornado.tcpserver.TCPServer, "_handle_connection",
+                                      lambda: None)).parameters) != [
+                                          "self", "connection", "address"]:
+        missing.append("tornado.tcpserver.TCPServer._handle_connection")
     return missing
 
 
@@ -146,21 +150,9 @@ def release_response(handler: tornado.web.RequestHandler) -> None:
     state._headers = state._transforms = state._write_buffer = None
 
 
-#: Connections accepted per wake-up of a listening socket, at most.
-ACCEPT_BATCH = 16
-
-
-def limit_accept_batch(count: int = ACCEPT_BATCH) -> bool:
-    """Accept at most ``count`` connections before the event loop runs
-    anything else (Tornado accepts up to 128, its listen backlog constant).
-
-    In a reconnect storm each accepted connection's handshake runs at once;
-    128 of them in a row stall live delivery for every other client (the
-    live clients' p99 went from 46 to 135 ms when 1000 clients resumed at
-    once; with 16 it stayed at 45 ms, and the storm took no longer to catch
-    up).  Returns False (and changes nothing) if Tornado lacks the constant.
-    """
-    if not isinstance(getattr(tornado.netutil, "_DEFAULT_BACKLOG", None), int):
-        return False
-    tornado.netutil._DEFAULT_BACKLOG = count
-    return True
+def handle_connection(server: tornado.tcpserver.TCPServer) -> Callable[[Any, Any], None]:
+    """What Tornado's server runs for a connection it accepted:
+    ``handle_connection(server)(connection, address)`` wraps the socket in
+    an IOStream (TLS too) and passes it to ``server.handle_stream``."""
+    method: Callable[[Any, Any], None] = server._handle_connection
+    return method

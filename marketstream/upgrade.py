@@ -30,13 +30,20 @@ from typing import Any, Protocol, cast
 import tornado.httpserver
 import tornado.iostream
 from tornado import httputil
+from tornado.ioloop import IOLoop
 
 from marketstream import tornado_compat as compat
+from marketstream.accept import ACCEPT_BATCH, Acceptor
 
 __all__ = ["StreamServer", "Switched", "defer_accept", "upgrade_request"]
 
 # Bigger requests (many cookies) are rare and take Tornado's path.
 _PEEK_BYTES = 4096
+#: Seconds the shortcut waits for the request of a connection accepted
+#: before it arrived; then Tornado's path takes the connection.
+REQUEST_WAIT = 1.0
+# _switch's answer when the request has not arrived yet.
+_WAIT = "wait"
 _END = b"\r\n\r\n"
 
 
@@ -122,11 +129,18 @@ class StreamServer(tornado.httpserver.HTTPServer):
     handler class needs ``context`` (a :class:`~marketstream.handlers.Context`)
     among its arguments and a ``switch_protocols(stream, key)`` method.
     ``handshakes`` counts the handshakes answered here.
+
+    Connections are accepted by an :class:`~marketstream.accept.Acceptor`:
+    all at once, and handed to the handshake ``accept_batch`` per turn of
+    the event loop, at most ``accept_limit`` waiting.  A connection whose
+    request has not arrived yet waits for it (up to :data:`REQUEST_WAIT`)
+    before the shortcut decides.
     """
 
     def initialize(self, request_callback: Any, *args: Any,
                    websocket: tuple[Iterable[str], Callable[..., _Switching], dict[str, Any]]
                    | None = None,
+                   accept_batch: int = ACCEPT_BATCH, accept_limit: int = 65536,
                    **kwargs: Any) -> None:
         super().initialize(request_callback, *args, **kwargs)
         self.websocket: _WebSocketRoute | None = None
@@ -134,22 +148,66 @@ class StreamServer(tornado.httpserver.HTTPServer):
             paths, handler_class, handler_kwargs = websocket
             self.websocket = (frozenset(paths), handler_class, dict(handler_kwargs))
         self.handshakes = 0
+        self.acceptor: Acceptor | None = None
+        self._accept_args = (accept_batch, accept_limit)
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        if not compat.OK:
+            super().add_sockets(sockets)
+            return
+        if self.acceptor is None:
+            batch, limit = self._accept_args
+            self.acceptor = Acceptor(compat.handle_connection(self), batch=batch, limit=limit)
+        for sock in sockets:
+            self.acceptor.add(sock)
+
+    def stop(self) -> None:
+        if self.acceptor is not None:
+            self.acceptor.close()
+        super().stop()
 
     def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
         # TLS connections (ssl_options) always take Tornado's path.
         websocket = self.websocket
-        if (websocket is None or self.ssl_options is not None
-                or not self._switch(websocket, stream, address)):
+        if websocket is None or self.ssl_options is not None:
+            super().handle_stream(stream, address)
+            return
+        verdict = self._switch(websocket, stream, address)
+        if verdict == _WAIT:
+            self._await_request(websocket, stream, address)
+        elif not verdict:
             super().handle_stream(stream, address)
 
+    def _await_request(self, websocket: _WebSocketRoute, stream: tornado.iostream.IOStream,
+                       address: tuple[Any, ...]) -> None:
+        """Decide once the request arrives (or Tornado's path decides after
+        :data:`REQUEST_WAIT`).  Nothing else watches the socket meanwhile."""
+        io_loop = IOLoop.current()
+        sock = stream.socket
+
+        def decide(fd: Any = None, events: int = 0) -> None:
+            io_loop.remove_handler(sock)
+            if fd is None:  # waited long enough
+                super(StreamServer, self).handle_stream(stream, address)
+                return
+            io_loop.remove_timeout(timeout)
+            if self._switch(websocket, stream, address) is not True:
+                super(StreamServer, self).handle_stream(stream, address)
+
+        io_loop.add_handler(sock, decide, IOLoop.READ)
+        timeout = io_loop.call_later(REQUEST_WAIT, decide)
+
     def _switch(self, websocket: _WebSocketRoute, stream: tornado.iostream.IOStream,
-                address: tuple[Any, ...]) -> bool:
-        """Take the handshake if it qualifies; False leaves the socket untouched."""
+                address: tuple[Any, ...]) -> bool | str:
+        """Take the handshake if it qualifies (True); False leaves the socket
+        untouched, and so does ``_WAIT``: nothing has arrived yet."""
         paths, handler_class, handler_kwargs = websocket
         sock = stream.socket
         try:
             data = sock.recv(_PEEK_BYTES, socket.MSG_PEEK)
-        except OSError:  # nothing yet (BlockingIOError), or reset
+        except BlockingIOError:
+            return _WAIT
+        except OSError:  # reset
             return False
         found = upgrade_request(data, paths)
         if found is None:

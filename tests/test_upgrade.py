@@ -277,13 +277,3 @@ def test_docstring_examples_hold():
     import marketstream.upgrade
     result = doctest.testmod(marketstream.upgrade)
     assert result.attempted and not result.failed
-
-
-@pytest.mark.gen_test
-async def test_connections_are_accepted_in_small_batches(server):
-    """A reconnect storm's handshakes are interleaved with live delivery:
-    Tornado accepts at most ACCEPT_BATCH connections per wake-up."""
-    import tornado.netutil
-
-    from marketstream import tornado_compat
-    assert tornado.netutil._DEFAULT_BACKLOG == tornado_compat.ACCEPT_BATCH

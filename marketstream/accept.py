@@ -1,0 +1,205 @@
+"""Taking connections off the listening sockets: at once, whatever comes next.
+
+In a reconnect storm (an instance restart behind nginx, a network blip)
+thousands of clients connect within a second.  The kernel's accept queue
+holds at most the listen backlog (``net.core.somaxconn``); once it is full,
+new SYNs are dropped and each of those clients retries only after 1 s, then
+3 s, then 7 s.  A server that accepts only as fast as it completes
+handshakes (Tornado accepts a batch and runs every handshake in it before
+it looks again) lets the queue overflow, and the storm takes seconds longer
+than its handshakes do.
+
+:class:`Acceptor` separates the two.  When a listening socket is readable it
+accepts everything the kernel holds (a few microseconds each) into a queue
+of its own, so the kernel queue never overflows; then it hands the accepted
+connections to ``callback`` in slices, one per turn of the event loop, so
+that live delivery to every other client runs between two slices of
+handshakes.  A slice is at least ``batch`` connections, and goes on for as
+long as the rest of the loop's last turn took (at most
+:data:`MAX_SLICE`): while the queue lasts, handshakes get about half of the
+process, however busy live delivery is, and delay it by at most that much.
+Out of file descriptors (``EMFILE``), it warns (at most once a minute) and
+stops accepting for a moment instead of spinning::
+
+    acceptor = Acceptor(server._handle_connection, batch=16)
+    for sock in sockets:
+        acceptor.add(sock)
+    ...
+    acceptor.close()   # stops listening; closes what was accepted but not handed over
+
+>>> import asyncio, socket
+>>> async def demo():
+...     listener = socket.socket()
+...     listener.bind(("127.0.0.1", 0)); listener.listen(64); listener.setblocking(False)
+...     handed = []
+...     acceptor = Acceptor(lambda conn, address: handed.append(conn), batch=2)
+...     acceptor.add(listener)
+...     clients = [socket.create_connection(listener.getsockname()) for _ in range(5)]
+...     while len(handed) < 5:
+...         await asyncio.sleep(0.01)
+...     acceptor.close()
+...     for sock in handed + clients:
+...         sock.close()
+...     return len(handed), acceptor.accepted, listener.fileno()
+>>> asyncio.run(demo())
+(5, 5, -1)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from tornado.ioloop import IOLoop
+
+__all__ = ["Acceptor", "ACCEPT_BATCH", "ACCEPT_PER_WAKE"]
+
+log = logging.getLogger("marketstream.server")
+
+#: Accepted connections handed to the callback (the handshake) per event-loop
+#: turn, at least.
+ACCEPT_BATCH = 16
+#: Seconds one turn's slice of handshakes may take, at most.
+MAX_SLICE = 0.010
+#: Connections taken off one listening socket per wake-up, at most (the
+#: socket is level-triggered: the next turn takes the rest).
+ACCEPT_PER_WAKE = 1024
+#: Seconds without accepting after the process ran out of descriptors or memory.
+PAUSE_ON_ERROR = 0.1
+
+# accept(2) errors that say "not now" for the whole process, not "this connection".
+_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class Acceptor:
+    """Accepts connections on listening sockets and hands them to
+    ``callback(connection, address)``, ``batch`` per event-loop turn.
+
+    ``limit`` bounds the connections accepted but not yet handed over; at
+    the limit the acceptor stops reading the listening sockets until the
+    queue is empty again (the kernel's queue holds the rest meanwhile).
+    ``accepted`` counts the connections accepted.
+    """
+
+    def __init__(self, callback: Callable[[socket.socket, Any], None],
+                 batch: int = ACCEPT_BATCH, limit: int = 65536) -> None:
+        if batch < 1 or limit < 1:
+            raise ValueError("batch and limit must be at least 1")
+        self.callback = callback
+        self.batch = batch
+        self.limit = limit
+        self.accepted = 0
+        self._io_loop = IOLoop.current()
+        self._loop = asyncio.get_event_loop()
+        self._sockets: list[socket.socket] = []
+        self._queue: deque[tuple[socket.socket, Any]] = deque()
+        self._reading = True
+        self._scheduled = False
+        self._closed = False
+        self._warned_at: float | None = None
+        self._slice_end = 0.0
+
+    @property
+    def queued(self) -> int:
+        """Connections accepted and not yet handed over."""
+        return len(self._queue)
+
+    def add(self, sock: socket.socket) -> None:
+        """Start accepting on ``sock`` (listening and non-blocking)."""
+        self._sockets.append(sock)
+        if self._reading:
+            self._io_loop.add_handler(sock, self._readable, IOLoop.READ)
+
+    def close(self) -> None:
+        """Stop accepting, close the listening sockets and every connection
+        accepted but not handed over."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_reading()
+        for sock in self._sockets:
+            sock.close()
+        while self._queue:
+            self._queue.popleft()[0].close()
+
+    # --- the listening side --------------------------------------------------
+
+    def _readable(self, sock: socket.socket, events: int) -> None:
+        queue = self._queue
+        room = min(ACCEPT_PER_WAKE, self.limit - len(queue))
+        accepted = 0
+        while accepted < room:
+            try:
+                connection, address = sock.accept()
+            except BlockingIOError:
+                break
+            except ConnectionAbortedError:
+                continue  # gone while it waited in the kernel's queue
+            except OSError as exc:
+                if exc.errno not in _RESOURCE_ERRORS:
+                    raise
+                self._out_of_resources(exc)
+                break
+            queue.append((connection, address))
+            accepted += 1
+        self.accepted += accepted
+        if len(queue) >= self.limit:
+            self._stop_reading()
+        if queue and not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._hand_over)
+
+    def _out_of_resources(self, exc: OSError) -> None:
+        now = self._loop.time()
+        if self._warned_at is None or now - self._warned_at >= 60:
+            self._warned_at = now
+            log.warning("cannot accept connections: %s; pausing %.1f s at a time until "
+                        "connections close (raise the open-file limit or lower "
+                        "[server] max_connections)", exc.strerror, PAUSE_ON_ERROR)
+        self._stop_reading()
+        self._loop.call_later(PAUSE_ON_ERROR, self._resume)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            for sock in self._sockets:
+                self._io_loop.remove_handler(sock)
+
+    def _resume(self) -> None:
+        if not self._reading and not self._closed and len(self._queue) < self.limit:
+            self._reading = True
+            for sock in self._sockets:
+                self._io_loop.add_handler(sock, self._readable, IOLoop.READ)
+
+    # --- the handshake side --------------------------------------------------
+
+    def _hand_over(self) -> None:
+        self._scheduled = False
+        queue = self._queue
+        callback = self.callback
+        clock = self._loop.time
+        start = clock()
+        # As long as the rest of the loop took since the last slice, capped.
+        deadline = start + min(MAX_SLICE, max(0.0, start - self._slice_end))
+        count = 0
+        while queue:
+            connection, address = queue.popleft()
+            try:
+                callback(connection, address)
+            except Exception:
+                log.exception("error while setting up a connection from %r", address)
+                connection.close()
+            count += 1
+            if count >= self.batch and clock() >= deadline:
+                break
+        self._slice_end = clock()
+        if queue:
+            self._scheduled = True
+            self._loop.call_soon(self._hand_over)
+        elif not self._reading and not self._closed:
+            self._resume()

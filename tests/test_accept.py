@@ -1,0 +1,253 @@
+"""Accepting connections: everything the kernel holds at once (so its listen
+queue does not overflow in a reconnect storm), handshakes in slices between
+which live work runs, and a defined outcome when descriptors run out."""
+
+import asyncio
+import errno
+import logging
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from marketstream import accept
+from marketstream.accept import Acceptor
+from marketstream.listen import bind_listeners
+from marketstream.server import Server
+from tests.helpers import async_wait_until, make_settings
+from tests.test_upgrade import request
+
+
+def listener(backlog=512):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def connect_many(address, count):
+    """``count`` connections to ``address`` whose handshakes the kernel has
+    completed (they wait in the listen queue)."""
+    return [socket.create_connection(address) for _ in range(count)]
+
+
+@pytest.mark.gen_test
+async def test_handshakes_run_in_slices_with_live_work_between_them():
+    sock = listener()
+    clients = connect_many(sock.getsockname(), 200)
+    events = []  # ("h", t) per handshake, ("L", t) per turn of live work
+    handed = []
+
+    def handshake(conn, address):
+        time.sleep(0.0005)  # what a handshake costs, roughly
+        handed.append(conn)
+        events.append(("h", time.monotonic()))
+
+    loop = asyncio.get_running_loop()
+
+    def live():
+        events.append(("L", time.monotonic()))
+        if len(handed) < 200:
+            loop.call_soon(live)
+
+    acceptor = Acceptor(handshake, batch=16)
+    acceptor.add(sock)
+    live()
+    await async_wait_until(lambda: len(handed) == 200, message="all handed over")
+    runs = []  # consecutive handshakes between two turns of live work
+    for kind, t in events:
+        if kind == "h":
+            if runs and runs[-1][0] is not None:
+                runs[-1][0] += 1
+                runs[-1][2] = t
+            else:
+                runs.append([1, t, t])
+        elif runs and runs[-1][0] is not None:
+            runs.append([None, t, t])
+    slices = [(count, last - first) for count, first, last in runs if count is not None]
+    assert len(slices) > 1  # live work ran between slices
+    assert all(count >= 16 for count, _ in slices[:-1])  # at least a batch each
+    # A slice ends once it took as long as the rest of the loop (here: next
+    # to nothing), at most MAX_SLICE: never the whole queue in one go.
+    assert max(seconds for _, seconds in slices) < accept.MAX_SLICE + 0.005
+    acceptor.close()
+    for conn in handed + clients:
+        conn.close()
+
+
+@pytest.mark.gen_test
+async def test_one_wake_up_empties_the_kernel_queue():
+    sock = listener()
+    clients = connect_many(sock.getsockname(), 300)
+    acceptor = Acceptor(lambda conn, address: conn.close(), batch=1)
+    acceptor._readable(sock, 0)  # one wake-up of the listening socket
+    assert acceptor.accepted == 300
+    assert acceptor.queued == 300  # none handed over yet: the loop has not turned
+    await async_wait_until(lambda: acceptor.queued == 0)
+    acceptor.close()
+    for conn in clients:
+        conn.close()
+
+
+@pytest.mark.gen_test
+async def test_at_the_limit_it_stops_reading_and_resumes_when_drained():
+    sock = listener()
+    clients = connect_many(sock.getsockname(), 30)
+    handed = []
+    acceptor = Acceptor(lambda conn, address: handed.append(conn), batch=4, limit=10)
+    acceptor.add(sock)
+    acceptor._readable(sock, 0)
+    assert acceptor.queued == 10 and not acceptor._reading  # the kernel holds the rest
+    await async_wait_until(lambda: len(handed) == 30, message="the rest accepted later")
+    assert acceptor._reading
+    acceptor.close()
+    for conn in handed + clients:
+        conn.close()
+
+
+class _OutOfDescriptors:
+    """A listening socket whose accept() fails with EMFILE ``failures`` times."""
+
+    def __init__(self, sock, failures):
+        self.sock = sock
+        self.failures = failures
+        self.calls = 0
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def accept(self):
+        self.calls += 1
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.sock.accept()
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.gen_test
+async def test_out_of_descriptors_pauses_logs_once_and_recovers(caplog, monkeypatch):
+    monkeypatch.setattr(accept, "PAUSE_ON_ERROR", 0.05)
+    sock = listener()
+    clients = connect_many(sock.getsockname(), 3)
+    failing = _OutOfDescriptors(sock, failures=5)
+    handed = []
+    acceptor = Acceptor(lambda conn, address: handed.append(conn))
+    with caplog.at_level(logging.WARNING, logger="marketstream.server"):
+        acceptor.add(failing)
+        await async_wait_until(lambda: len(handed) == 3, message="accepted after the pause")
+    # Each failure paused accepting instead of spinning on the readable socket.
+    assert failing.calls <= 5 + 3 + 2
+    warnings = [r.getMessage() for r in caplog.records if "cannot accept" in r.getMessage()]
+    assert len(warnings) == 1 and "Too many open files" in warnings[0]
+    acceptor.close()
+    for conn in handed + clients:
+        conn.close()
+
+
+@pytest.mark.gen_test
+async def test_close_closes_what_was_accepted_but_not_handed_over():
+    sock = listener()
+    clients = connect_many(sock.getsockname(), 5)
+    acceptor = Acceptor(lambda conn, address: None)
+    acceptor.add(sock)
+    acceptor._readable(sock, 0)
+    assert acceptor.queued == 5
+    acceptor.close()
+    assert sock.fileno() == -1
+    for client in clients:
+        client.settimeout(5)
+        assert client.recv(1) == b""  # the server side is gone
+        client.close()
+
+
+# --- on a real server --------------------------------------------------------
+
+@pytest.mark.gen_test
+async def test_a_request_that_comes_late_still_takes_the_shortcut(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.settings.port)
+    await asyncio.sleep(0.3)  # the request comes well after the connection
+    writer.write(request())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    assert b"TornadoServer" not in head
+    assert server.http_server.handshakes == 1
+    writer.close()
+
+
+@pytest.mark.gen_test
+async def test_a_connection_silent_past_the_wait_is_left_to_tornado(server, monkeypatch):
+    from marketstream import upgrade
+    monkeypatch.setattr(upgrade, "REQUEST_WAIT", 0.1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.settings.port)
+    await async_wait_until(lambda: server.http_server._connections,
+                           message="connection handed to Tornado")
+    writer.write(request())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    assert b"TornadoServer" in head
+    assert server.http_server.handshakes == 0
+    writer.close()
+
+
+_BURST = r"""
+import select, socket, sys, time
+port, count, request = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode("latin1")
+start = time.monotonic()
+pending = {}
+poller = select.poll()
+done = []
+slowest = 0.0
+
+def drain(timeout):
+    global slowest
+    for fd, _ in poller.poll(timeout):
+        poller.unregister(fd)
+        s = pending.pop(fd)
+        s.send(request)  # the request: the kernel queues it for accept()
+        done.append(s)
+        slowest = time.monotonic() - start
+
+for i in range(count):  # about 20,000 connects a second
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex(("127.0.0.1", port))
+    pending[s.fileno()] = s
+    poller.register(s.fileno(), select.POLLOUT)
+    if i % 20 == 19:
+        time.sleep(0.001)
+        drain(0)
+while pending:
+    drain(5000)
+print(slowest)
+"""
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_burst_beyond_the_listen_backlog_connects_without_retries(redis_url):
+    """2000 clients connect within 0.1 s, each sending its upgrade request,
+    to a server whose listen backlog is 512 while it completes their
+    handshakes (Tornado's own accept loop, 16 handshakes per wake-up, let
+    this queue overflow):
+    none waits for a SYN retransmission (after 1 s), because the server
+    keeps emptying the kernel's queue between slices of handshakes."""
+    sockets = bind_listeners("127.0.0.1", 0, 1, backlog=512)[0]
+    server = Server(make_settings(redis_url, server__max_connections=3000))
+    await server.start(sockets=sockets)
+    try:
+        port = sockets[0].getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _BURST, str(port), "2000", request().decode("latin1"),
+            stdout=subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), 25)
+        slowest = float(out)
+        assert slowest < 0.9, "a connect took %.2f s: its SYN was dropped" % slowest
+        await async_wait_until(lambda: server.http_server.handshakes == 2000, timeout=20,
+                               message="all handshakes answered")
+    finally:
+        await server.stop()

@@ -385,8 +385,10 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if ws is None or ws.server_terminated:
             return
         stream = ws.stream
-        if _DIRECT and type(stream) is IOStream and not _queued_bytes(stream) \
-                and (sock := stream.socket) is not None:
+        # A closed stream has no socket (and no write buffer): the check
+        # comes first, and IOStream.write below raises StreamClosedError.
+        if _DIRECT and (sock := stream.socket) is not None and type(stream) is IOStream \
+                and not _queued_bytes(stream):
             # Nothing queued: hand the bytes straight to the kernel, which
             # takes them whole unless the client lags.  This skips the
             # Future, callback and buffer bookkeeping of IOStream.write, the

@@ -1,6 +1,7 @@
 """The batched delivery path, and worker processes."""
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -13,7 +14,7 @@ import ujson
 
 from marketstream.channels import ChannelManager
 from tests.helpers import (ServerProcess, abort, async_wait_until, clients_on_every_worker, connect,
-                           read, send, subscribe_all, subscribed, wait_until)
+                           envelope, read, send, subscribe_all, subscribed, wait_until)
 
 
 def publish_burst(redis_client, messages):
@@ -182,3 +183,24 @@ async def test_min_flush_interval_coalesces_writes(redis_url, redis_client):
         assert manager.counters.batches == len(conn.data)
     finally:
         await manager.stop()
+
+
+@pytest.mark.gen_test
+async def test_a_flush_between_a_stream_closing_and_on_close_is_quiet(server, redis_client,
+                                                                      caplog):
+    """A client resets its connection: Tornado closes the stream at once but
+    runs on_close a turn later.  A flush in between skips that client
+    without an error, and the others get their frames."""
+    clients = [await connect(server) for _ in range(2)]
+    await subscribe_all(server, redis_client, clients, "trade.GONE_USDT")
+    gone = next(iter(server.manager.connections))
+    gone.ws_connection.stream.close()
+    server.manager.on_message(b"trade.GONE_USDT",
+                              envelope("trade.GONE_USDT", t=1).encode())
+    server.manager._flush()  # before on_close has run
+    assert len(server.manager.connections) == 2
+    survivor = next(ws for ws in clients
+                    if ":%d" % ws.protocol.stream.socket.getsockname()[1] not in gone.identity)
+    assert ujson.loads(await read(survivor))["data"]["t"] == 1
+    await async_wait_until(lambda: len(server.manager.connections) == 1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -78,6 +78,43 @@ async def test_handshakes_run_in_slices_with_live_work_between_them():
         conn.close()
 
 
+@pytest.mark.parametrize("full_share_queue, longer", [(50, True), (1_000_000, False)])
+@pytest.mark.gen_test
+async def test_a_long_queue_earns_longer_slices(monkeypatch, full_share_queue, longer):
+    """With live work taking 5 ms a turn, a queue at FULL_SHARE_QUEUE gets
+    slices about as long (more than a batch of 0.2 ms handshakes); a queue
+    far below it gets the batch per turn."""
+    monkeypatch.setattr(accept, "FULL_SHARE_QUEUE", full_share_queue)
+    sock = listener()
+    clients = connect_many(sock.getsockname(), 150)
+    handed = []
+    sizes = []
+    loop = asyncio.get_running_loop()
+
+    def handshake(conn, address):
+        time.sleep(0.0002)
+        handed.append(conn)
+
+    def live():
+        sizes.append(len(handed))
+        time.sleep(0.005)  # a turn's live delivery
+        if len(handed) < 150:
+            loop.call_soon(live)
+
+    acceptor = Acceptor(handshake, batch=4)
+    acceptor.add(sock)
+    live()
+    await async_wait_until(lambda: len(handed) == 150, message="all handed over")
+    slices = [b - a for a, b in zip(sizes, sizes[1:]) if b > a][:5]
+    if longer:
+        assert min(slices) > 8, slices
+    else:
+        assert max(slices) <= 5, slices
+    acceptor.close()
+    for conn in handed + clients:
+        conn.close()
+
+
 @pytest.mark.gen_test
 async def test_one_wake_up_empties_the_kernel_queue():
     sock = listener()

@@ -20,9 +20,7 @@ length over :data:`FULL_SHARE_QUEUE` (at most 1), and never longer than
 :data:`MAX_SLICE`.  So however busy live delivery is, a large storm gets up
 to half of the process (thousands of clients waiting for a handshake wait
 less), while a small one mostly takes the batch per turn and leaves live
-delivery its time (measured: with 1000 clients resuming beside 1000 live
-ones, the live p99 was 59 ms against 89 ms with half the process for every
-storm; 10,000 clients at once were served in 5.4 s against 5.0 s).
+delivery its time.  The README's Performance section has the figures.
 Out of file descriptors (``EMFILE``), it warns (at most once a minute) and
 stops accepting for a moment instead of spinning::
 
@@ -70,7 +68,7 @@ log = logging.getLogger("marketstream.server")
 #: turn, at least.
 ACCEPT_BATCH = 16
 #: Seconds one turn's slice of handshakes may take, at most.
-MAX_SLICE = 0.010
+MAX_SLICE = 0.030
 #: Connections waiting at which a slice is as long as the rest of the
 #: loop's turn (handshakes get half the process); fewer waiting earn a
 #: proportionally shorter slice.

@@ -23,6 +23,7 @@ has arrived, so the shortcut applies to nearly every handshake::
     server.add_sockets(sockets)
 """
 
+import re
 import socket
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, Protocol, cast
@@ -39,6 +40,11 @@ __all__ = ["StreamServer", "Switched", "defer_accept", "upgrade_request"]
 
 # Bigger requests (many cookies) are rare and take Tornado's path.
 _PEEK_BYTES = 4096
+# A header name (an RFC 9110 token).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# Control characters but HTAB (checked once the CRLF line ends are split off).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_NONE = ("", "")
 #: Seconds the shortcut waits for the request of a connection accepted
 #: before it arrived; then Tornado's path takes the connection.
 REQUEST_WAIT = 1.0
@@ -75,25 +81,39 @@ def upgrade_request(data: bytes, paths: Collection[str]
     end = data.find(_END)
     if end < 0:
         return None
-    text = data[:end + 2].decode("latin1")
-    eol = text.find("\r\n")
+    text = data[:end].decode("latin1")
+    if _CONTROL.search(text.replace("\r\n", "")) is not None:
+        return None  # a bare CR or LF, or another control character
+    lines = text.split("\r\n")
     try:
-        start = httputil.parse_request_start_line(text[:eol])
-        headers = httputil.HTTPHeaders.parse(text[eol + 2:])
-    except (httputil.HTTPInputError, ValueError):
+        start = httputil.parse_request_start_line(lines[0])
+    except httputil.HTTPInputError:
         return None
     if (start.method != "GET" or start.version != "HTTP/1.1"
             or start.path.partition("?")[0] not in paths):
         return None
-    get = headers.get
-    if (get("Upgrade", "").lower() != "websocket"
-            or get("Sec-WebSocket-Version") != "13"
-            or not get("Sec-WebSocket-Key") or not get("Host")
+    # Header lines, read more strictly than HTTP allows: a name that is not
+    # a token, a folded line or a repeated header goes to Tornado's parser.
+    fields: dict[str, tuple[str, str]] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or _TOKEN.match(name) is None:
+            return None
+        key = name.lower()
+        if key in fields:
+            return None
+        fields[key] = (name, value.strip(" \t"))
+    get = fields.get
+    if ((get("upgrade") or _NONE)[1].lower() != "websocket"
+            or (get("sec-websocket-version") or _NONE)[1] != "13"
+            or not (get("sec-websocket-key") or _NONE)[1] or not (get("host") or _NONE)[1]
             # Tornado would negotiate these, or read a body.
-            or "Sec-WebSocket-Protocol" in headers or "Content-Length" in headers
-            or "Transfer-Encoding" in headers
-            or "upgrade" not in (t.strip().lower() for t in get("Connection", "").split(","))):
+            or "sec-websocket-protocol" in fields or "content-length" in fields
+            or "transfer-encoding" in fields
+            or "upgrade" not in [t.strip(" \t").lower()
+                                 for t in (get("connection") or _NONE)[1].split(",")]):
         return None
+    headers = httputil.HTTPHeaders({name: value for name, value in fields.values()})
     return start, headers, end + len(_END)
 
 

@@ -288,8 +288,15 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
     def on_close(self) -> None:
         ctx = self.context
         ctx.manager.remove(self)
-        if self._ws is not None:
+        ws = self._ws
+        if ws is not None:
             ctx.admission.leave(self.request.remote_ip or "?")
+            if ws.stream is not None:
+                # A stream closed by an error keeps it, and its traceback's
+                # frames refer back to the stream: a reference cycle that
+                # only the (rarely run, see server.GC_THRESHOLDS) cycle
+                # collector would free.  Nothing reads it after this.
+                ws.stream.error = None
         if self.identity is not None:
             code = self.close_code
             log.info("disconnect %s %s duration=%.1fs", self.identity,

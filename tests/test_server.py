@@ -303,3 +303,37 @@ async def test_a_handler_keeps_compact_attribute_storage(server):
     handler = next(iter(server.manager.connections))
     assert len(vars(handler)) <= 29, sorted(vars(handler))
     ws.close()
+
+
+@pytest.mark.gen_test
+async def test_closed_connections_are_freed_without_the_cycle_collector(server):
+    """The server runs the cycle collector rarely (GC_THRESHOLDS), which is
+    only safe while a closed connection's objects hold no reference cycles:
+    they must go the moment the connection does, aborted or closed."""
+    import asyncio
+    import weakref
+
+    from marketstream.server import GC_THRESHOLDS
+    assert GC_THRESHOLDS[0] > 700  # what makes this test matter
+    clients = [await connect(server) for _ in range(20)]
+    for ws in clients:
+        ws.write_message(ujson.dumps({"method": "SUBSCRIBE", "params": ["trade.FREE_USDT"]}))
+    await listeners(server, "trade.FREE_USDT", 20)
+    handlers = list(server.manager.connections)
+    refs = [weakref.ref(obj) for h in handlers
+            for obj in (h, h.ws_connection, h.ws_connection.stream)]
+    del handlers
+    gc.collect()
+    gc.disable()
+    try:
+        for index, ws in enumerate(clients):
+            if index % 2:
+                abort(ws)
+            else:
+                ws.close()
+        await async_wait_until(lambda: not server.manager.connections)
+        await async_wait_until(lambda: all(ref() is None for ref in refs), timeout=5,
+                               message="closed connections freed by reference counting")
+        await asyncio.sleep(0)
+    finally:
+        gc.enable()

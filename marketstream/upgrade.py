@@ -23,6 +23,7 @@ has arrived, so the shortcut applies to nearly every handshake::
     server.add_sockets(sockets)
 """
 
+import asyncio
 import re
 import socket
 from collections.abc import Callable, Collection, Iterable
@@ -31,7 +32,6 @@ from typing import Any, Protocol, cast
 import tornado.httpserver
 import tornado.iostream
 from tornado import httputil
-from tornado.ioloop import IOLoop
 
 from marketstream import tornado_compat as compat
 from marketstream.accept import ACCEPT_BATCH, Acceptor
@@ -201,21 +201,25 @@ class StreamServer(tornado.httpserver.HTTPServer):
     def _await_request(self, websocket: _WebSocketRoute, stream: tornado.iostream.IOStream,
                        address: tuple[Any, ...]) -> None:
         """Decide once the request arrives (or Tornado's path decides after
-        :data:`REQUEST_WAIT`).  Nothing else watches the socket meanwhile."""
-        io_loop = IOLoop.current()
-        sock = stream.socket
+        :data:`REQUEST_WAIT`).  Nothing else watches the socket meanwhile.
 
-        def decide(fd: Any = None, events: int = 0) -> None:
-            io_loop.remove_handler(sock)
-            if fd is None:  # waited long enough
-                super(StreamServer, self).handle_stream(stream, address)
-                return
-            io_loop.remove_timeout(timeout)
+        In a storm thousands wait at once, so this goes to the asyncio loop
+        directly (Tornado's add_handler and call_later wrap every call)."""
+        loop = asyncio.get_running_loop()
+        fd = stream.socket.fileno()
+
+        def arrived() -> None:
+            loop.remove_reader(fd)
+            timer.cancel()
             if self._switch(websocket, stream, address) is not True:
                 super(StreamServer, self).handle_stream(stream, address)
 
-        io_loop.add_handler(sock, decide, IOLoop.READ)
-        timeout = io_loop.call_later(REQUEST_WAIT, decide)
+        def expired() -> None:
+            loop.remove_reader(fd)
+            super(StreamServer, self).handle_stream(stream, address)
+
+        loop.add_reader(fd, arrived)
+        timer = loop.call_later(REQUEST_WAIT, expired)
 
     def _switch(self, websocket: _WebSocketRoute, stream: tornado.iostream.IOStream,
                 address: tuple[Any, ...]) -> bool | str:

@@ -16,7 +16,8 @@ connections to ``callback`` in slices, one per turn of the event loop, so
 that live delivery to every other client runs between two slices of
 handshakes.  A slice is at least ``batch`` connections; beyond that it goes
 on for as long as the rest of the loop's last turn took, times the queue's
-length over :data:`FULL_SHARE_QUEUE` (at most 1), and never longer than
+length over :data:`FULL_SHARE_QUEUE` or the oldest connection's wait over
+:data:`FULL_SHARE_WAIT`, whichever is more (at most 1), and never longer than
 :data:`MAX_SLICE`.  So however busy live delivery is, a large storm gets up
 to half of the process (thousands of clients waiting for a handshake wait
 less), while a small one mostly takes the batch per turn and leaves live
@@ -73,6 +74,10 @@ MAX_SLICE = 0.030
 #: loop's turn (handshakes get half the process); fewer waiting earn a
 #: proportionally shorter slice.
 FULL_SHARE_QUEUE = 2048
+#: Seconds the oldest connection has waited at which a slice is as long as
+#: the rest of the loop's turn, however few wait: under a heavy live load a
+#: short queue must not starve.
+FULL_SHARE_WAIT = 0.5
 #: Connections taken off one listening socket per wake-up, at most (the
 #: socket is level-triggered: the next turn takes the rest).
 ACCEPT_PER_WAKE = 1024
@@ -104,7 +109,8 @@ class Acceptor:
         self._io_loop = IOLoop.current()
         self._loop = asyncio.get_event_loop()
         self._sockets: list[socket.socket] = []
-        self._queue: deque[tuple[socket.socket, Any]] = deque()
+        # (connection, address, loop time of its accept)
+        self._queue: deque[tuple[socket.socket, Any, float]] = deque()
         self._reading = True
         self._scheduled = False
         self._closed = False
@@ -139,6 +145,7 @@ class Acceptor:
     def _readable(self, sock: socket.socket, events: int) -> None:
         queue = self._queue
         room = min(ACCEPT_PER_WAKE, self.limit - len(queue))
+        now = self._loop.time()
         accepted = 0
         while accepted < room:
             try:
@@ -152,7 +159,7 @@ class Acceptor:
                     raise
                 self._out_of_resources(exc)
                 break
-            queue.append((connection, address))
+            queue.append((connection, address, now))
             accepted += 1
         self.accepted += accepted
         if len(queue) >= self.limit:
@@ -161,7 +168,7 @@ class Acceptor:
             self._scheduled = True
             # A new storm: the first slice measures the rest of the loop
             # from here, not from the last slice of an earlier one.
-            self._slice_end = self._loop.time()
+            self._slice_end = now
             self._loop.call_soon(self._hand_over)
 
     def _out_of_resources(self, exc: OSError) -> None:
@@ -197,10 +204,11 @@ class Acceptor:
         # As long as the rest of the loop took since the last slice, times
         # the share the queue's length earns, capped.
         rest = max(0.0, start - self._slice_end)
-        deadline = start + min(MAX_SLICE, rest * min(1.0, len(queue) / FULL_SHARE_QUEUE))
+        share = max(len(queue) / FULL_SHARE_QUEUE, (start - queue[0][2]) / FULL_SHARE_WAIT)
+        deadline = start + min(MAX_SLICE, rest * min(1.0, share))
         count = 0
         while queue:
-            connection, address = queue.popleft()
+            connection, address, _ = queue.popleft()
             try:
                 callback(connection, address)
             except Exception:

@@ -78,13 +78,20 @@ async def test_handshakes_run_in_slices_with_live_work_between_them():
         conn.close()
 
 
-@pytest.mark.parametrize("full_share_queue, longer", [(50, True), (1_000_000, False)])
+@pytest.mark.parametrize("full_share_queue, full_share_wait, longer", [
+    (50, 1000.0, True),          # a long queue
+    (1_000_000, 0.01, True),     # a long wait
+    (1_000_000, 1000.0, False),  # neither
+])
 @pytest.mark.gen_test
-async def test_a_long_queue_earns_longer_slices(monkeypatch, full_share_queue, longer):
-    """With live work taking 5 ms a turn, a queue at FULL_SHARE_QUEUE gets
-    slices about as long (more than a batch of 0.2 ms handshakes); a queue
-    far below it gets the batch per turn."""
+async def test_a_long_queue_or_wait_earns_longer_slices(monkeypatch, full_share_queue,
+                                                        full_share_wait, longer):
+    """With live work taking 5 ms a turn, a queue at FULL_SHARE_QUEUE, or a
+    connection that waited FULL_SHARE_WAIT, gets slices about as long (more
+    than a batch of 0.2 ms handshakes); a short, fresh queue gets the batch
+    per turn."""
     monkeypatch.setattr(accept, "FULL_SHARE_QUEUE", full_share_queue)
+    monkeypatch.setattr(accept, "FULL_SHARE_WAIT", full_share_wait)
     sock = listener()
     clients = connect_many(sock.getsockname(), 150)
     handed = []

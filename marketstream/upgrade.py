@@ -6,16 +6,20 @@ any request (keep-alive, bodies, routing, response formatting, access log),
 and that generality is most of what a WebSocket handshake costs.
 
 :class:`StreamServer` is Tornado's :class:`~tornado.httpserver.HTTPServer`
-with one shortcut.  When a newly accepted connection already holds a whole,
-plain WebSocket upgrade request for a stream path, and the server would
-accept it (connection limits, ``Origin``), the request is read from the
-socket, answered with a prebuilt 101, and the socket goes to a new
+with one shortcut.  When a newly accepted connection holds a whole, plain
+WebSocket upgrade request for a stream path, and the server would accept it
+(connection limits, ``Origin``), the request is read from the socket,
+answered with a prebuilt 101, and the socket goes to a new
 :class:`~marketstream.handlers.StreamHandler`.  Everything else (other
-paths, refusals, malformed or unusual requests, a request not yet arrived)
-goes to Tornado unchanged, with nothing read from the socket, so every error
-and refusal keeps Tornado's answer.  With :func:`defer_accept` on the
-listening sockets, the kernel hands a connection over only once its request
-has arrived, so the shortcut applies to nearly every handshake::
+paths, refusals, malformed or unusual requests, a request that arrives in
+pieces) goes to Tornado unchanged, with nothing read from the socket, so
+every error and refusal keeps Tornado's answer.  With :func:`defer_accept`
+on the listening sockets, the kernel hands a connection over once its
+request has arrived; one that comes before it (in a storm, the SYN queue
+overflows into SYN cookies, which the kernel cannot hold back) waits for
+its first bytes, up to :data:`REQUEST_WAIT`, so the shortcut applies to
+nearly every handshake.  Connections are accepted by an
+:class:`~marketstream.accept.Acceptor`::
 
     sockets = tornado.netutil.bind_sockets(4000)
     defer_accept(sockets)

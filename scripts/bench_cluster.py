@@ -49,7 +49,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from typing import Any
@@ -496,13 +495,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if receiver is not None:
             receiver.kill()
-        if server is not None:
-            server.terminate()
-            try:
-                server.wait(20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        fanout.stop_process(server)
         if cluster is not None:
             cluster.stop()
 

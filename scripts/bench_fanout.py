@@ -126,6 +126,19 @@ def log(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
+def stop_process(proc, timeout=20):
+    """SIGTERM ``proc`` (a Popen, or None), SIGKILL it if it has not exited
+    within ``timeout`` seconds, and reap it."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def raise_fd_limit():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -638,13 +651,7 @@ async def run(args, kind="marketstream", recoverable=False):
     finally:
         if receiver is not None and isinstance(receiver, BlastReceiver):
             receiver.kill()
-        if server is not None:
-            server.terminate()
-            try:
-                server.wait(20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        stop_process(server)
         if redis_server is not None:
             redis_server.stop()
 

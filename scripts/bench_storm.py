@@ -468,17 +468,6 @@ def _wait_health(host: str, port: int, proc: subprocess.Popen, what: str) -> Non
             time.sleep(0.05)
 
 
-def _stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 # --- profile ---------------------------------------------------------------------
 
 def profile_summary(path: str, top: int = 15) -> dict[str, list[tuple[str, float]]]:
@@ -704,8 +693,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             publishing.join(5)
             if publishing.is_alive():
                 publishing.kill()
-        _stop(nginx)
-        _stop(server)
+        fanout.stop_process(nginx)
+        fanout.stop_process(server)
         if redis_server is not None:
             redis_server.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -293,3 +293,26 @@ async def clients_on_every_worker(server, redis_client, stream, workers=2, timeo
             "connections never reached all %d workers:\n%s" % (workers, server.output))
         clients.extend(await asyncio.gather(*(one() for _ in range(10))))
     return clients
+
+
+def load_script(path):
+    """The module of a script in scripts/ (imported, not run)."""
+    import importlib.util
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_options_documented(path, options):
+    """Every option of the script at ``path`` has help text, and its
+    ``--help`` shows the default of each of ``options``."""
+    for action in load_script(path).build_parser()._actions:
+        if action.dest != "help":
+            assert action.help, "%s has no help text" % action.option_strings
+    text = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60, check=True).stdout
+    for option in options:
+        entry = text[text.index("\n  " + option):].split("\n  -", 2)[1]
+        assert "default:" in entry, (option, entry)

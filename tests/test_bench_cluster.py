@@ -1,7 +1,6 @@
 """scripts/bench_cluster.py keeps working: a tiny run on a real Redis Cluster
 (figures are not judged here, only that the per-shard counts add up)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, assert_options_documented, load_script
 from tests.redis_topology import find_redis7
 
 BENCH = os.path.join(ROOT, "scripts", "bench_cluster.py")
@@ -21,13 +20,6 @@ def bench(*args, timeout=120):
                             timeout=timeout, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     return result
-
-
-def load_module():
-    spec = importlib.util.spec_from_file_location("bench_cluster", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.skipif(REDIS7 is None, reason=str(WHY))
@@ -56,7 +48,7 @@ def test_tiny_run_counts_every_delivery_per_shard():
 
 
 def test_frames_cut_anywhere_are_counted_once_per_stream():
-    module = load_module()
+    module = load_script(BENCH)
     frames = b"".join(b'\x81\x40{"stream":"trade.SYM%d_USDC","data":{"E":%d}}'
                       % (k, 1727866324088000000 + k) for k in (7, 12345, 7, 0))
     for cut in range(1, len(frames)):
@@ -70,13 +62,6 @@ def test_frames_cut_anywhere_are_counted_once_per_stream():
 
 
 def test_every_option_has_help_and_shows_its_default():
-    parser = load_module().build_parser()
-    for action in parser._actions:
-        if action.dest != "help":
-            assert action.help, "%s has no help text" % action.option_strings
-    text = bench("--help").stdout
-    for option in ("--connections", "--streams", "--per-conn", "--rate", "--duration",
-                   "--recoverable", "--primaries", "--replicas", "--server-cpu", "--load-cpu",
-                   "--no-pin", "--json"):
-        entry = text[text.index("\n  " + option):].split("\n  -", 2)[1]
-        assert "default:" in entry, (option, entry)
+    assert_options_documented(BENCH, (
+        "--connections", "--streams", "--per-conn", "--rate", "--duration", "--recoverable",
+        "--primaries", "--replicas", "--server-cpu", "--load-cpu", "--no-pin", "--json"))

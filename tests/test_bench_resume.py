@@ -1,7 +1,6 @@
 """scripts/bench_resume.py keeps working: a tiny reconnect storm (figures are
 not judged here, only that every resuming client catches up exactly)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, assert_options_documented, load_script
 
 BENCH = os.path.join(ROOT, "scripts", "bench_resume.py")
 TINY = ("--resuming", "30", "--live", "20", "--streams", "4", "--rate", "200",
@@ -46,24 +45,13 @@ def test_tiny_storm_every_client_catches_up_exactly(form):
 
 
 def test_every_option_has_help_and_shows_its_default():
-    spec = importlib.util.spec_from_file_location("bench_resume", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    parser = module.build_parser()
-    for action in parser._actions:
-        if action.dest != "help":
-            assert action.help, "%s has no help text" % action.option_strings
-    text = bench("--help").stdout
-    for option in ("--resuming", "--live", "--streams", "--rate", "--outage", "--form",
-                   "--server-cpu", "--load-cpu", "--no-pin", "--json", "--py-spy"):
-        entry = text[text.index("\n  " + option):].split("\n  -", 2)[1]
-        assert "default:" in entry, (option, entry)
+    assert_options_documented(BENCH, (
+        "--resuming", "--live", "--streams", "--rate", "--outage", "--form", "--server-cpu",
+        "--load-cpu", "--no-pin", "--json", "--py-spy"))
 
 
 def test_weighted_percentile_counts_every_frame_of_a_read():
-    spec = importlib.util.spec_from_file_location("bench_resume", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(BENCH)
     # One read of 99 frames at 1 ms and one read of 1 frame at 100 ms.
     assert module.weighted_percentile([(1.0, 99), (100.0, 1)], 0.50) == 1.0
     assert module.weighted_percentile([(1.0, 99), (100.0, 1)], 0.995) == 100.0

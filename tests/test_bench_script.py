@@ -1,6 +1,5 @@
 """scripts/bench_fanout.py keeps working (tiny runs; figures are not judged here)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, ServerProcess
+from tests.helpers import ROOT, ServerProcess, assert_options_documented
 
 BENCH = os.path.join(ROOT, "scripts", "bench_fanout.py")
 
@@ -50,18 +49,9 @@ def test_side_by_side_with_the_reference_server_and_recoverable_publishing():
 
 
 def test_every_option_has_help_and_shows_its_default():
-    spec = importlib.util.spec_from_file_location("bench_fanout", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    parser = module.build_parser()
-    for action in parser._actions:
-        if action.dest != "help":
-            assert action.help, "%s has no help text" % action.option_strings
-    text = bench("--help").stdout
-    for option in ("--connections", "--duration", "--server-cpu", "--load-cpu", "--no-pin",
-                   "--json", "--redis-url", "--streams", "--per-conn", "--rate"):
-        entry = text[text.index("\n  " + option):].split("\n  -", 2)[1]
-        assert "default:" in entry, (option, entry)
+    assert_options_documented(BENCH, (
+        "--connections", "--duration", "--server-cpu", "--load-cpu", "--no-pin", "--json",
+        "--redis-url", "--streams", "--per-conn", "--rate"))
 
 
 def test_a_target_run_does_not_claim_to_pin_the_server(redis_url):

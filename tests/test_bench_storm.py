@@ -2,7 +2,6 @@
 through nginx and against the reference server (figures are not judged
 here, only that every client is counted)."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -11,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, assert_options_documented
 
 BENCH = os.path.join(ROOT, "scripts", "bench_storm.py")
 TINY = ("--connections", "60", "--client-processes", "2", "--streams", "5", "--tick", "0.02",
@@ -64,16 +63,7 @@ def test_tiny_storm_against_the_reference_server():
 
 
 def test_every_option_has_help_and_shows_its_default():
-    spec = importlib.util.spec_from_file_location("bench_storm", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    parser = module.build_parser()
-    for action in parser._actions:
-        if action.dest != "help":
-            assert action.help, "%s has no help text" % action.option_strings
-    text = bench("--help").stdout
-    for option in ("--connections", "--streams", "--per-conn", "--tick", "--client-processes",
-                   "--processes", "--nginx", "--nginx-backlog", "--server-cpu", "--load-cpu",
-                   "--no-pin", "--json", "--py-spy", "--repeat"):
-        entry = text[text.index("\n  " + option):].split("\n  -", 2)[1]
-        assert "default:" in entry, (option, entry)
+    assert_options_documented(BENCH, (
+        "--connections", "--streams", "--per-conn", "--tick", "--client-processes", "--processes",
+        "--nginx", "--nginx-backlog", "--server-cpu", "--load-cpu", "--no-pin", "--json",
+        "--py-spy", "--repeat"))

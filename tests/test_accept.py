@@ -212,10 +212,13 @@ async def test_close_closes_what_was_accepted_but_not_handed_over():
 
 # --- on a real server --------------------------------------------------------
 
-@pytest.mark.gen_test
+@pytest.mark.gen_test(timeout=20)
 async def test_a_request_that_comes_late_still_takes_the_shortcut(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.settings.port)
-    await asyncio.sleep(0.3)  # the request comes well after the connection
+    # The request comes only once the server has the connection (the
+    # kernel hands it over without data after TCP_DEFER_ACCEPT's second).
+    await async_wait_until(lambda: server.http_server.acceptor.accepted == 1, timeout=10,
+                           message="the connection accepted before its request")
     writer.write(request())
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 101")

@@ -59,8 +59,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from tornado.ioloop import IOLoop
-
 __all__ = ["Acceptor", "ACCEPT_BATCH", "ACCEPT_PER_WAKE"]
 
 log = logging.getLogger("marketstream.server")
@@ -106,7 +104,6 @@ class Acceptor:
         self.batch = batch
         self.limit = limit
         self.accepted = 0
-        self._io_loop = IOLoop.current()
         self._loop = asyncio.get_event_loop()
         self._sockets: list[socket.socket] = []
         # (connection, address, loop time of its accept)
@@ -126,7 +123,7 @@ class Acceptor:
         """Start accepting on ``sock`` (listening and non-blocking)."""
         self._sockets.append(sock)
         if self._reading:
-            self._io_loop.add_handler(sock, self._readable, IOLoop.READ)
+            self._loop.add_reader(sock, self._readable, sock)
 
     def close(self) -> None:
         """Stop accepting, close the listening sockets and every connection
@@ -142,7 +139,7 @@ class Acceptor:
 
     # --- the listening side --------------------------------------------------
 
-    def _readable(self, sock: socket.socket, events: int) -> None:
+    def _readable(self, sock: socket.socket) -> None:
         queue = self._queue
         room = min(ACCEPT_PER_WAKE, self.limit - len(queue))
         now = self._loop.time()
@@ -185,19 +182,21 @@ class Acceptor:
         if self._reading:
             self._reading = False
             for sock in self._sockets:
-                self._io_loop.remove_handler(sock)
+                self._loop.remove_reader(sock)
 
     def _resume(self) -> None:
         if not self._reading and not self._closed and len(self._queue) < self.limit:
             self._reading = True
             for sock in self._sockets:
-                self._io_loop.add_handler(sock, self._readable, IOLoop.READ)
+                self._loop.add_reader(sock, self._readable, sock)
 
     # --- the handshake side --------------------------------------------------
 
     def _hand_over(self) -> None:
         self._scheduled = False
         queue = self._queue
+        if not queue:
+            return  # closed meanwhile
         callback = self.callback
         clock = self._loop.time
         start = clock()

@@ -127,7 +127,7 @@ async def test_one_wake_up_empties_the_kernel_queue():
     sock = listener()
     clients = connect_many(sock.getsockname(), 300)
     acceptor = Acceptor(lambda conn, address: conn.close(), batch=1)
-    acceptor._readable(sock, 0)  # one wake-up of the listening socket
+    acceptor._readable(sock)  # one wake-up of the listening socket
     assert acceptor.accepted == 300
     assert acceptor.queued == 300  # none handed over yet: the loop has not turned
     await async_wait_until(lambda: acceptor.queued == 0)
@@ -143,7 +143,7 @@ async def test_at_the_limit_it_stops_reading_and_resumes_when_drained():
     handed = []
     acceptor = Acceptor(lambda conn, address: handed.append(conn), batch=4, limit=10)
     acceptor.add(sock)
-    acceptor._readable(sock, 0)
+    acceptor._readable(sock)
     assert acceptor.queued == 10 and not acceptor._reading  # the kernel holds the rest
     await async_wait_until(lambda: len(handed) == 30, message="the rest accepted later")
     assert acceptor._reading
@@ -198,12 +198,19 @@ async def test_out_of_descriptors_pauses_logs_once_and_recovers(caplog, monkeypa
 async def test_close_closes_what_was_accepted_but_not_handed_over():
     sock = listener()
     clients = connect_many(sock.getsockname(), 5)
-    acceptor = Acceptor(lambda conn, address: None)
+    handed = []
+    acceptor = Acceptor(lambda conn, address: handed.append(conn))
     acceptor.add(sock)
-    acceptor._readable(sock, 0)
+    acceptor._readable(sock)  # a hand-over is now scheduled
     assert acceptor.queued == 5
+    loop = asyncio.get_running_loop()
+    errors = []
+    loop.set_exception_handler(lambda loop, context: errors.append(context))
     acceptor.close()
     assert sock.fileno() == -1
+    # The scheduled hand-over runs, and finds nothing.
+    await async_wait_until(lambda: not acceptor._scheduled)
+    assert not handed and not errors
     for client in clients:
         client.settimeout(5)
         assert client.recv(1) == b""  # the server side is gone

@@ -35,11 +35,13 @@ def redis_client(redis_url):
 
 
 @pytest.fixture
-def server_factory(io_loop, redis_url):
+def server_on(io_loop):
+    """``await server_on(redis_url, **overrides)``: an in-process server in
+    the test's IOLoop on that Redis (stopped after the test)."""
     servers = []
 
-    async def start(**overrides):
-        server = Server(make_settings(redis_url, **overrides))
+    async def start(url, **overrides):
+        server = Server(make_settings(url, **overrides))
         await server.start()
         servers.append(server)
         return server
@@ -47,6 +49,12 @@ def server_factory(io_loop, redis_url):
     yield start
     for server in servers:
         io_loop.run_sync(server.stop)
+
+
+@pytest.fixture
+def server_factory(server_on, redis_url):
+    """``await server_factory(**overrides)``: a server on the session's Redis."""
+    return lambda **overrides: server_on(redis_url, **overrides)
 
 
 @pytest.fixture

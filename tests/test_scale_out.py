@@ -32,9 +32,8 @@ import ujson
 
 from marketstream.publisher import Publisher
 from marketstream.redisurl import sync_client
-from marketstream.server import Server
 from marketstream.topology import key_slot
-from tests.helpers import ROOT, ServerProcess, async_wait_until, make_settings, wait_until
+from tests.helpers import ROOT, ServerProcess, async_wait_until, wait_until
 from tests.redis_topology import cluster, redis_cluster, redis_sentinel, sentinel  # noqa: F401
 
 # Short timers: a pub/sub link PINGs every 0.2 s and reconnects within 0.1 s.
@@ -54,20 +53,10 @@ def token():
 
 
 @pytest.fixture
-def start_server(io_loop):
+def start_server(server_on):
     """``await start_server(url)``: an in-process marketstream server on
-    ``url`` (stopped after the test)."""
-    servers = []
-
-    async def start(url, **overrides):
-        server = Server(make_settings(url, **{**FAST, **overrides}))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        io_loop.run_sync(server.stop)
+    ``url``, with the FAST settings (stopped after the test)."""
+    return lambda url, **overrides: server_on(url, **{**FAST, **overrides})
 
 
 # --- clients ---------------------------------------------------------------------

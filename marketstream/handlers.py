@@ -79,6 +79,16 @@ class Context:
         self.ws_params: Any = None  # Tornado's protocol parameters, made at the first handshake
 
 
+def _send(sock: socket.socket, data: bytes | memoryview) -> int:
+    """Bytes of ``data`` the kernel took from a non-blocking send; 0 when it
+    took none or the socket failed (``IOStream.write`` then meets the error
+    and closes the stream)."""
+    try:
+        return sock.send(data)
+    except OSError:  # BlockingIOError and InterruptedError among them
+        return 0
+
+
 class _Protocol(tornado.websocket.WebSocketProtocol13):
     """Tornado's protocol with its frame-reading loop in a task of its own.
 
@@ -106,6 +116,17 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         if not task.cancelled() and task.exception() is not None:
             log.error("frame loop of %s failed", self.handler, exc_info=task.exception())
             self._abort()
+
+    # The socket :meth:`StreamHandler.write_frames` may write to directly,
+    # or None.  Set only while the stream's write buffer was empty at the
+    # last check and Tornado has written nothing since (a frame of its own
+    # may sit half-sent in that buffer); once Tornado has written the close
+    # frame, StreamHandler._write_buffered leaves it None for good.
+    direct: socket.socket | None = None
+
+    def _write_frame(self, *args: Any, **kwargs: Any) -> Any:
+        self.direct = None  # Tornado writes: recheck its buffer before writing past it
+        return super()._write_frame(*args, **kwargs)
 
 
 class StreamHandler(tornado.websocket.WebSocketHandler):
@@ -182,7 +203,10 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             return None
         ctx = self.context
         if not compat.OK:
-            return super().get_websocket_protocol()
+            ws: Any = super().get_websocket_protocol()
+            if ws is not None:
+                ws.direct = None  # write_frames reads it; no direct writes on this path
+            return ws
         if ctx.ws_params is None:  # the same for every connection: share one
             ctx.ws_params = compat.websocket_params(
                 self.ping_interval, self.ping_timeout, self.max_message_size,
@@ -387,26 +411,43 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         The one place that writes below ``write_message``: frames are built
         once per message by the fan-out and shared by all recipients.  A
         client with more than ``max_buffer_bytes`` unsent is closed.
+
+        While nothing waits in the stream's write buffer, the bytes go
+        straight to the kernel, which takes them whole unless the client
+        lags.  This skips the Future, callback and buffer bookkeeping of
+        ``IOStream.write``, and touches two objects (the protocol and the
+        socket) instead of five: it runs once per client per batch, the
+        largest cost per delivery after the system call itself.
         """
         ws = self._ws
-        if ws is None or ws.server_terminated:
+        if ws is None:
             return
+        sock = ws.direct
+        if sock is not None:
+            try:  # _send, inline: this runs a hundred thousand times a second
+                sent = sock.send(data)
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        self._write_buffered(ws, data)
+
+    def _write_buffered(self, ws: Any, data: bytes | memoryview) -> None:
+        """:meth:`write_frames` when the direct path is off or the kernel
+        took only part: straight to the kernel again if the stream's buffer
+        has emptied, else behind what waits there."""
+        if ws.server_terminated:
+            return
+        ws.direct = None
         stream = ws.stream
         # A closed stream has no socket (and no write buffer): the check
         # comes first, and IOStream.write below raises StreamClosedError.
         if _DIRECT and (sock := stream.socket) is not None and type(stream) is IOStream \
                 and not _queued_bytes(stream):
-            # Nothing queued: hand the bytes straight to the kernel, which
-            # takes them whole unless the client lags.  This skips the
-            # Future, callback and buffer bookkeeping of IOStream.write, the
-            # largest cost per delivery.
-            try:
-                sent = sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = 0  # IOStream.write below meets the error and closes
+            sent = _send(sock, data)
             if sent == len(data):
+                ws.direct = sock  # the buffer is empty: go straight to the kernel again
                 return
             data = memoryview(data)[sent:]
         try:

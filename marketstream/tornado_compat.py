@@ -57,6 +57,19 @@ def _assigns(function: Any, *names: str) -> bool:
     return all("self.%s =" % name in source or "self.%s: " % name in source for name in names)
 
 
+def _writes_through(cls: type, *methods: str) -> bool:
+    """Whether each of ``cls``'s ``methods`` writes its frames with
+    ``self._write_frame`` (which the handler's protocol hooks: a direct
+    write must not pass a frame Tornado only partly sent)."""
+    if not callable(getattr(cls, "_write_frame", None)):
+        return False
+    try:
+        return all("self._write_frame(" in inspect.getsource(getattr(cls, name))
+                   for name in methods)
+    except (OSError, TypeError, AttributeError):
+        return False
+
+
 def _check() -> list[str]:
     missing = []
     if not _assigns(tornado.iostream._StreamBuffer.__init__, "_size"):
@@ -70,6 +83,9 @@ def _check() -> list[str]:
     for name in (RECEIVE_FRAME_LOOP, "_abort", "compute_accept_value", "start_pinging"):
         if not callable(getattr(ws.WebSocketProtocol13, name, None)):
             missing.append("tornado.websocket.WebSocketProtocol13.%s" % name)
+    if not _writes_through(ws.WebSocketProtocol13, "write_message", "write_ping", "close",
+                           "_send_pong"):
+        missing.append("tornado.websocket.WebSocketProtocol13._write_frame")
     if not callable(getattr(ws.WebSocketHandler, "_detach_stream", None)):
         missing.append("tornado.websocket.WebSocketHandler._detach_stream")
     context = getattr(tornado.httpserver, "_HTTPRequestContext", None)

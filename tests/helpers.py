@@ -193,6 +193,62 @@ def health_status(port):
 
 
 
+async def raw_socket(port, path="/ws", rcvbuf=None):
+    """A non-blocking socket past its WebSocket handshake (the 101 read),
+    and the bytes that came after the 101: no client library, no buffers
+    beside the kernel's.  Frames are sent with :func:`masked_frame`."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16))
+    await loop.sock_sendall(sock, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket"
+                            b"\r\nConnection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                            b"Sec-WebSocket-Version: 13\r\n\r\n" % (path.encode(), port, key))
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+        assert chunk, "closed during the handshake"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock, rest
+
+
+def masked_frame(payload, opcode=0x1):
+    """A client frame (masked, final) carrying ``payload``."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+    elif length < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def server_frames(data):
+    """The payloads of the unmasked server frames in ``data``, in order, and
+    the bytes after the last complete one."""
+    out = []
+    while len(data) >= 2:
+        length, at = data[1] & 0x7F, 2
+        if length == 126:
+            length, at = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            length, at = int.from_bytes(data[2:10], "big"), 10
+        if len(data) < at + length:
+            break
+        out.append(bytes(data[at:at + length]))
+        data = data[at + length:]
+    return out, data
+
+
 class RawClient:
     """A bare-bones WebSocket client over asyncio streams, for what a polite
     client library will not do: never read, never answer pings, send
@@ -222,18 +278,7 @@ class RawClient:
         return cls(reader, writer)
 
     def send(self, payload, opcode=0x1):
-        if isinstance(payload, str):
-            payload = payload.encode()
-        mask = os.urandom(4)
-        length = len(payload)
-        if length < 126:
-            header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
-        elif length < 65536:
-            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
-        else:
-            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.writer.write(header + mask + masked)
+        self.writer.write(masked_frame(payload, opcode))
 
     async def recv(self, timeout=5.0):
         """The next frame as (opcode, payload); (None, b"") at EOF."""

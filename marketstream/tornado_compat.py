@@ -24,6 +24,7 @@ prints ``[]``; then widen the pin in ``setup.cfg``.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import logging
 import operator
@@ -31,13 +32,15 @@ from collections.abc import Callable
 from typing import Any
 
 import tornado
+import tornado.gen
 import tornado.httpserver
+import tornado.ioloop
 import tornado.iostream
 import tornado.tcpserver
 import tornado.web
 import tornado.websocket
 
-__all__ = ["OK", "MISSING", "handle_connection", "websocket_params",
+__all__ = ["OK", "MISSING", "handle_connection", "LeanIOStream", "websocket_params",
            "request_context", "apply_xheaders", "queued_bytes", "finish_http",
            "prepare_switch", "release_response", "RECEIVE_FRAME_LOOP"]
 
@@ -70,9 +73,27 @@ def _writes_through(cls: type, *methods: str) -> bool:
         return False
 
 
+def _writes_only_in_write(cls: type) -> bool:
+    """Whether ``cls`` makes its write buffer and write futures in
+    ``__init__``, appends to them only in ``write`` and drains them in
+    ``_handle_write`` (what :class:`LeanIOStream` relies on)."""
+    try:
+        whole = inspect.getsource(cls)
+        write = inspect.getsource(cls.write)  # type: ignore[attr-defined]
+        init = inspect.getsource(cls.__init__)  # type: ignore[misc]
+    except (OSError, TypeError, AttributeError):
+        return False
+    appends = ("self._write_buffer.append(", "self._write_futures.append(")
+    return (callable(getattr(cls, "_handle_write", None))
+            and all(whole.count(a) == 1 and a in write for a in appends)
+            and "self._write_buffer = _StreamBuffer()" in init
+            and "self._write_futures" in init)
+
+
 def _check() -> list[str]:
     missing = []
-    if not _assigns(tornado.iostream._StreamBuffer.__init__, "_size"):
+    buffer_class: Any = getattr(tornado.iostream, "_StreamBuffer", None)
+    if not _assigns(getattr(buffer_class, "__init__", None), "_size"):
         missing.append("tornado.iostream._StreamBuffer._size")
     ws = tornado.websocket
     params = getattr(ws, "_WebSocketParams", None)
@@ -103,6 +124,8 @@ def _check() -> list[str]:
         missing.append("tornado.web.RequestHandler.clear state (_headers, _write_buffer, ...)")
     if not _assigns(tornado.iostream.BaseIOStream.__init__, "_write_buffer"):
         missing.append("tornado.iostream.BaseIOStream._write_buffer")
+    if not _writes_only_in_write(tornado.iostream.BaseIOStream):
+        missing.append("tornado.iostream.BaseIOStream._write_buffer, _write_futures")
     if list(inspect.signature(getattr(tornado.tcpserver.TCPServer, "_handle_connection",
                                       lambda: None)).parameters) != [
                                           "self", "connection", "address"]:
@@ -166,9 +189,64 @@ def release_response(handler: tornado.web.RequestHandler) -> None:
     state._headers = state._transforms = state._write_buffer = None
 
 
+class LeanIOStream(tornado.iostream.IOStream):
+    """An IOStream whose write buffer exists only while something waits in it.
+
+    Tornado gives every stream a write buffer and a queue of write futures,
+    two deques of ~760 bytes each, empty almost always: a WebSocket client
+    that keeps up gets its frames straight from the socket (see
+    ``StreamHandler.write_frames``).  Here both are shared empty
+    placeholders until :meth:`write` needs them, and go back to the
+    placeholders once everything written has reached the kernel.  Only
+    ``write`` adds to them, and nothing is ever added to the placeholders
+    (checked at import; see ``MISSING``)::
+
+        stream = LeanIOStream(sock)
+        stream.write(b"...")   # the buffer exists while the kernel is full
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._write_buffer = _NO_BUFFER
+        self._write_futures = _NO_FUTURES
+
+    def write(self, data: bytes | memoryview) -> Any:
+        if self._write_futures is _NO_FUTURES:
+            self._write_buffer = tornado.iostream._StreamBuffer()
+            self._write_futures = collections.deque()
+        return super().write(data)
+
+    def _handle_write(self) -> None:
+        super()._handle_write()
+        if not self._write_futures and self._write_futures is not _NO_FUTURES \
+                and self._write_buffer is not None and not self._write_buffer:
+            self._write_buffer = _NO_BUFFER
+            self._write_futures = _NO_FUTURES
+
+
+# Shared by every idle LeanIOStream (None where Tornado lacks the class: OK
+# is then False, and no LeanIOStream is made).
+_NO_BUFFER: Any = getattr(tornado.iostream, "_StreamBuffer", lambda: None)()
+_NO_FUTURES: collections.deque = collections.deque()
+
+
 def handle_connection(server: tornado.tcpserver.TCPServer) -> Callable[[Any, Any], None]:
     """What Tornado's server runs for a connection it accepted:
     ``handle_connection(server)(connection, address)`` wraps the socket in
-    an IOStream (TLS too) and passes it to ``server.handle_stream``."""
-    method: Callable[[Any, Any], None] = server._handle_connection
-    return method
+    an IOStream and passes it to ``server.handle_stream``.  A plain socket
+    gets a :class:`LeanIOStream`; TLS goes through Tornado's own code."""
+    if server.ssl_options is not None or not OK:
+        method: Callable[[Any, Any], None] = server._handle_connection
+        return method
+
+    def handle(connection: Any, address: Any) -> None:
+        try:
+            stream = LeanIOStream(connection, max_buffer_size=server.max_buffer_size,
+                                  read_chunk_size=server.read_chunk_size)
+            future = server.handle_stream(stream, address)
+            if future is not None:
+                tornado.ioloop.IOLoop.current().add_future(
+                    tornado.gen.convert_yielded(future), lambda f: f.result())
+        except Exception:
+            log.error("Error in connection callback", exc_info=True)
+    return handle

@@ -1,5 +1,6 @@
 """End to end: a real server in the test's IOLoop, real Redis, real WebSockets."""
 
+import asyncio
 import collections
 import gc
 import inspect
@@ -10,9 +11,9 @@ import tornado.websocket
 import ujson
 
 from marketstream.embedded import free_port
-from tests.helpers import async_wait_until
-from tests.helpers import (abort, connect, envelope, listeners, no_message, numsub, read, released,
-                           send, subscribe_all, subscribed, ws_url)
+from tests.helpers import (abort, async_wait_until, connect, envelope, listeners, masked_frame,
+                           no_message, numsub, raw_socket, read, released, send, server_frames,
+                           subscribe_all, subscribed, ws_url)
 
 
 # --- delivery ----------------------------------------------------------------
@@ -154,6 +155,45 @@ async def test_open_connections_keep_no_handshake_state(server_factory, redis_cl
         assert ujson.loads(await read(ws))["data"]["t"] == 1
     clients[0].close(1000)
     await async_wait_until(lambda: len(server.manager.connections) == 39)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_idle_connections_keep_no_empty_write_buffers_or_ack_sets(server_factory,
+                                                                        redis_client):
+    """Per-connection memory: an open connection that keeps up has no write
+    buffer and write-future queue of its own (two deques, ~1.5 KB) and no
+    set of acknowledgements in flight (216 bytes) once they are sent."""
+    server = await server_factory(protocol__acks="true")
+
+    def containers():
+        gc.collect()
+        kinds = collections.Counter(type(o).__name__ for o in gc.get_objects())
+        return kinds["deque"], kinds["set"]
+
+    async def frame(sock, data):
+        while True:
+            frames, rest = server_frames(data)
+            if frames:
+                return ujson.loads(frames[0]), rest
+            data += await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+
+    loop = asyncio.get_running_loop()
+    before = containers()
+    # Bare sockets: a client library's own buffers would be counted too.
+    clients = [await raw_socket(server.settings.port) for _ in range(40)]
+    subscribe = masked_frame(ujson.dumps({"method": "SUBSCRIBE", "params": ["trade.XRP_USDT"],
+                                          "id": 1}))
+    for sock, _ in clients:
+        await loop.sock_sendall(sock, subscribe)
+    for sock, data in clients:
+        assert (await frame(sock, data))[0] == {"result": None, "id": 1}
+    await listeners(server, "trade.XRP_USDT", 40)
+    deques, sets = containers()
+    assert deques - before[0] < 10 and sets - before[1] < 10, (before, (deques, sets))
+    redis_client.publish("trade.XRP_USDT", envelope("trade.XRP_USDT", t=1))
+    for sock, _ in clients:
+        assert (await frame(sock, b""))[0]["data"]["t"] == 1
+        sock.close()
 
 
 @pytest.mark.gen_test

@@ -1,0 +1,75 @@
+"""The Tornado internals marketstream relies on: the stream without idle
+write buffers, and the check that turns the fast paths off when Tornado
+changes."""
+
+import asyncio
+import socket
+import time
+
+import pytest
+import tornado.iostream
+
+from marketstream import tornado_compat as compat
+from tests.helpers import async_wait_until
+
+
+def test_the_installed_tornado_has_everything():
+    assert compat.MISSING == [] and compat.OK
+
+
+def test_a_tornado_that_appends_elsewhere_turns_the_lean_stream_off():
+    class Changed(tornado.iostream.BaseIOStream):
+        def _flush_later(self, data):
+            self._write_buffer.append(data)  # a second place that adds to the buffer
+
+    assert compat._writes_only_in_write(tornado.iostream.BaseIOStream)
+    assert not compat._writes_only_in_write(Changed)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_lean_stream_buffers_while_the_kernel_is_full_and_lets_go_after():
+    """Writes past a full kernel buffer wait in a buffer of the stream's
+    own, arrive whole and in order, and once all is written the stream holds
+    no buffer of its own again (and shares none with another stream)."""
+    loop = asyncio.get_running_loop()
+    server_side, client = socket.socketpair()
+    other_side, other_client = socket.socketpair()
+    for sock in (server_side, client):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    stream = compat.LeanIOStream(server_side)
+    other = compat.LeanIOStream(other_side)
+    def holds_its_own():
+        return (stream._write_buffer is not other._write_buffer,
+                stream._write_futures is not other._write_futures)
+
+    assert holds_its_own() == (False, False) and not stream.writing()
+
+    chunks = [bytes([65 + i % 26]) * 50_000 for i in range(8)]
+    futures = [stream.write(chunk) for chunk in chunks]
+    assert stream.writing()  # the kernel took a few KB; the rest waits
+    assert holds_its_own() == (True, True) and not other.writing()
+
+    received = bytearray()
+    deadline = time.monotonic() + 10
+    while len(received) < sum(map(len, chunks)) and time.monotonic() < deadline:
+        received += await asyncio.wait_for(loop.sock_recv(client, 1 << 16), 5)
+    assert bytes(received) == b"".join(chunks)
+    await asyncio.gather(*futures)
+    await async_wait_until(lambda: not stream.writing())
+    assert holds_its_own() == (False, False)
+
+    # A small write the kernel takes at once never needs a buffer.
+    await stream.write(b"x")
+    assert holds_its_own() == (False, False)
+    assert await asyncio.wait_for(loop.sock_recv(client, 10), 5) == b"x"
+
+    stream.close()
+    other.close()
+    for sock in (client, other_client):
+        sock.close()
+    # Closing cleared the shared placeholders, which were empty: still empty.
+    fresh = compat.LeanIOStream(socket.socket())
+    assert not fresh.writing() and not fresh._write_futures
+    fresh.close()

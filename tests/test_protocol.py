@@ -537,6 +537,39 @@ def test_fuzz_is_json_object_on_bytes(data):
         assert isinstance(strict_json(data.decode("utf-8")), dict)
 
 
+def standard_verdict(payload):
+    try:
+        return isinstance(strict_json(payload.decode("utf-8")), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"a":"\\ud800"}', b'{"a":"\\udc00x"}', b'{"a":1e400}', b'{"a":-1e999}',
+    b'{"a":123456789012345678901234567890}', b"\xef\xbb\xbf{}", b'{"a":"\xed\xa0\x80"}',
+    b'{"a":' + b"[" * 2000 + b"]" * 2000 + b"}", b'{"a":1}\n', b'\t{"a":"\\u00e9"} ',
+])
+def test_is_json_object_gives_the_standard_librarys_verdict(payload):
+    """The fast reader (orjson) refuses a few texts the standard library
+    takes; the standard library's verdict stands either way."""
+    assert is_json_object(payload) is standard_verdict(payload)
+
+
+# Texts near JSON: objects with a byte changed, inserted or dropped.
+NEAR_JSON = st.builds(
+    lambda value, at, byte, how: (
+        lambda text: text[:at] + bytes([byte]) + text[at + (how == "change"):] if how != "drop"
+        else text[:at] + text[at + 1:])(json.dumps(value).encode()),
+    st.dictionaries(st.text(max_size=5), JSON_VALUES, max_size=3),
+    st.integers(0, 30), st.integers(0, 255), st.sampled_from(["change", "insert", "drop"]))
+
+
+@FUZZ
+@given(st.one_of(NEAR_JSON, st.binary(max_size=40)))
+def test_fuzz_is_json_object_agrees_with_the_standard_library(payload):
+    assert is_json_object(payload) is standard_verdict(payload)
+
+
 @pytest.mark.parametrize("stream, market", [
     ("trade.SOL_USDC", "SOL_USDC"), ("kline.1m.BTC_USDT", "BTC_USDT"), ("depth.200ms.X1_Y2", "X1_Y2"),
 ])

@@ -52,8 +52,8 @@ Standard runs (the target: all 10,000 served within 3 s, none refused, no
 error logs, idle memory <= 6.5 KB per connection)::
 
     python scripts/bench_storm.py                        # 10,000 clients straight to the server
-    python scripts/bench_storm.py --nginx                # ... through nginx
-    python scripts/bench_storm.py --nginx --nginx-backlog 16384
+    python scripts/bench_storm.py --nginx                # ... through nginx (conf/nginx.conf)
+    python scripts/bench_storm.py --nginx --nginx-backlog 0   # ... with nginx's own backlog
     python scripts/bench_storm.py --reference            # the minimal asyncio server
     python scripts/bench_storm.py --compare --repeat 3   # both, alternately; medians
     python scripts/bench_storm.py --processes 2 --no-pin
@@ -403,16 +403,27 @@ def server_command(args: argparse.Namespace, host: str, port: int, redis_url: st
     return command
 
 
+def shipped_nginx_backlog() -> int | None:
+    """The listen backlog conf/nginx.conf ships (None: nginx's default)."""
+    with open(os.path.join(ROOT, "conf", "nginx.conf")) as f:
+        found = re.search(r"^    listen 80 default_server backlog=(\d+);$", f.read(), re.M)
+    return int(found.group(1)) if found else None
+
+
 def nginx_site(upstream_port: int, listen_port: int, backlog: int | None) -> str:
-    """The shipped site (conf/nginx.conf) with this run's upstream and listen address."""
+    """The shipped site (conf/nginx.conf) with this run's upstream and listen
+    address, and ``backlog`` if given (0: none, nginx's default)."""
     with open(os.path.join(ROOT, "conf", "nginx.conf")) as f:
         site = f.read()
     site, count = re.subn(r"(    server 127\.0\.0\.1:\d+;\n)+",
                           "    server 127.0.0.1:%d;\n" % upstream_port, site)
     if count != 1:
         raise RuntimeError("conf/nginx.conf: no upstream server lines found")
-    listen = "    listen 127.0.0.1:%d default_server%s;" % (
-        listen_port, " backlog=%d" % backlog if backlog else "")
+    def listen(match: re.Match) -> str:
+        shipped = match.group(1) or ""
+        option = shipped if backlog is None else " backlog=%d" % backlog if backlog else ""
+        return "    listen 127.0.0.1:%d default_server%s;" % (listen_port, option)
+
     site, count = re.subn(r"^    listen 80 default_server( backlog=\d+)?;$", listen, site,
                           flags=re.M)
     if count != 1:
@@ -629,7 +640,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "server": "reference" if args.reference else "marketstream",
             "processes": None if args.reference else args.processes,
             "nginx": bool(args.nginx),
-            "nginx_backlog": args.nginx_backlog if args.nginx else None,
+            "nginx_backlog": (None if not args.nginx else args.nginx_backlog
+                              if args.nginx_backlog is not None else shipped_nginx_backlog()),
             "connections": n, "streams": args.streams, "per_conn": args.per_conn,
             "tick": args.tick, "client_processes": args.client_processes,
             "server_cpus": args.server_cpu if can_pin else None,
@@ -772,8 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="nginx worker_processes (more when one worker's open-file "
                               "limit cannot hold two descriptors per client)")
     servers.add_argument("--nginx-backlog", type=int, default=None,
-                         help="add backlog=N to nginx's listen line (none: nginx's default, "
-                              "511 on Linux)")
+                         help="nginx's listen backlog (default: the shipped conf/nginx.conf's; "
+                              "0: nginx's own default, 511 on Linux)")
     servers.add_argument("--py-spy", metavar="FILE",
                          help="record the server with py-spy during the storm (raw format) "
                               "and add a summary of where its time went")

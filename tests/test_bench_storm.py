@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, assert_options_documented
+from tests.helpers import ROOT, assert_options_documented, load_script
 
 BENCH = os.path.join(ROOT, "scripts", "bench_storm.py")
 TINY = ("--connections", "60", "--client-processes", "2", "--streams", "5", "--tick", "0.02",
@@ -56,6 +56,16 @@ def test_tiny_storm_through_nginx():
     assert_all_served(figures)
     assert figures["nginx"] is True and figures["nginx_error_log"] == {}
     assert figures["nginx_rss_per_connection_kb"] is not None
+
+
+def test_the_nginx_run_keeps_the_shipped_backlog_unless_told():
+    storm = load_script(BENCH)
+    shipped = storm.shipped_nginx_backlog()
+    assert shipped and shipped >= 4096
+    assert "listen 127.0.0.1:9 default_server backlog=%d;" % shipped in storm.nginx_site(8, 9, None)
+    assert "listen 127.0.0.1:9 default_server backlog=1024;" in storm.nginx_site(8, 9, 1024)
+    assert "listen 127.0.0.1:9 default_server;" in storm.nginx_site(8, 9, 0)
+    assert "server 127.0.0.1:8;" in storm.nginx_site(8, 9, None)
 
 
 def test_tiny_storm_against_the_reference_server():

@@ -1,8 +1,9 @@
 """Every private Tornado name marketstream relies on, in one place.
 
-The handshake shortcut (:mod:`marketstream.upgrade`) and the direct frame
-writes of :class:`~marketstream.handlers.StreamHandler` go below Tornado's
-public API for speed and memory.  The names they need are listed here and
+The handshake shortcut (:mod:`marketstream.upgrade`), the direct frame
+writes of :class:`~marketstream.handlers.StreamHandler` and
+:class:`LeanIOStream` (no write buffer while nothing waits to be written)
+go below Tornado's public API for speed and memory.  The names they need are listed here and
 checked once, at import (``MISSING`` would list what is missing, e.g.
 ``["tornado.websocket._WebSocketParams"]``):
 
@@ -14,8 +15,9 @@ True
 
 When something is missing (a Tornado release renamed it), one warning is
 logged and the server uses Tornado's public paths only: ``fast_handshake``
-is turned off, frames go through ``IOStream.write``, and the handshake state
-is left as Tornado keeps it.  Nothing fails in the middle of a handshake.
+is turned off, frames go through ``IOStream.write``, streams are Tornado's
+own, and the handshake state is left as Tornado keeps it.  Nothing fails in
+the middle of a handshake.
 
 To vet a new Tornado release: install it, run the test suite, and check
 ``python -c "import marketstream.tornado_compat as c; print(c.MISSING)"``

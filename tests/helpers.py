@@ -193,20 +193,33 @@ def health_status(port):
 
 
 
-async def raw_socket(port, path="/ws", rcvbuf=None):
+def handshake_request(port, path="/ws", headers=None):
+    """A WebSocket upgrade request (a fresh key) for 127.0.0.1:``port``."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1:%d" % port, "Upgrade: websocket",
+             "Connection: Upgrade", "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13"]
+    lines += ["%s: %s" % item for item in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def _socket(port, rcvbuf=None, source=None):
+    sock = socket.socket()
+    if source:
+        sock.bind((source, 0))
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def raw_socket(port, path="/ws", rcvbuf=None, headers=None, source=None):
     """A non-blocking socket past its WebSocket handshake (the 101 read),
     and the bytes that came after the 101: no client library, no buffers
     beside the kernel's.  Frames are sent with :func:`masked_frame`."""
     loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16))
-    await loop.sock_sendall(sock, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket"
-                            b"\r\nConnection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
-                            b"Sec-WebSocket-Version: 13\r\n\r\n" % (path.encode(), port, key))
+    sock = await _socket(port, rcvbuf, source)
+    await loop.sock_sendall(sock, handshake_request(port, path, headers))
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
@@ -260,19 +273,9 @@ class RawClient:
 
     @classmethod
     async def connect(cls, port, path="/ws", headers=None, rcvbuf=None, source=None):
-        sock = socket.socket()
-        if source:
-            sock.bind((source, 0))
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        sock = await _socket(port, rcvbuf, source)
         reader, writer = await asyncio.open_connection(sock=sock, limit=2 ** 20)
-        key = base64.b64encode(os.urandom(16)).decode()
-        lines = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1:%d" % port, "Upgrade: websocket",
-                 "Connection: Upgrade", "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13"]
-        lines += ["%s: %s" % item for item in (headers or {}).items()]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        writer.write(handshake_request(port, path, headers))
         status = await reader.readuntil(b"\r\n\r\n")
         assert status.startswith(b"HTTP/1.1 101"), status
         return cls(reader, writer)

@@ -213,7 +213,7 @@ class LeanIOStream(tornado.iostream.IOStream):
         self._write_futures = _NO_FUTURES
 
     def write(self, data: bytes | memoryview) -> Any:
-        if self._write_futures is _NO_FUTURES:
+        if self._write_futures is _NO_FUTURES and not self.closed():  # closed: write raises
             self._write_buffer = tornado.iostream._StreamBuffer()
             self._write_futures = collections.deque()
         return super().write(data)

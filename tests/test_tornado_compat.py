@@ -66,6 +66,9 @@ async def test_a_lean_stream_buffers_while_the_kernel_is_full_and_lets_go_after(
     assert await asyncio.wait_for(loop.sock_recv(client, 10), 5) == b"x"
 
     stream.close()
+    with pytest.raises(tornado.iostream.StreamClosedError):
+        stream.write(b"late")
+    assert stream._write_buffer is None  # nothing made for a closed stream
     other.close()
     for sock in (client, other_client):
         sock.close()

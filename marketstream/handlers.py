@@ -441,16 +441,17 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                 sent = 0
             if sent == len(data):
                 return
-            data = memoryview(data)[sent:]
+            ws.direct = None  # the kernel is full: the rest, and what follows, queue
+            self._queue(ws, memoryview(data)[sent:])
+            return
         self._write_buffered(ws, data)
 
     def _write_buffered(self, ws: Any, data: bytes | memoryview) -> None:
-        """:meth:`write_frames` when the direct path is off or the kernel
-        took only part: straight to the kernel again if the stream's buffer
-        has emptied, else behind what waits there."""
+        """:meth:`write_frames` when the direct path is off: straight to the
+        kernel again if the stream's buffer has emptied, else behind what
+        waits there."""
         if ws.server_terminated:
             return
-        ws.direct = None
         stream = ws.stream
         # A closed stream has no socket (and no write buffer): the check
         # comes first, and IOStream.write below raises StreamClosedError.
@@ -461,6 +462,12 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                 ws.direct = sock  # the buffer is empty: go straight to the kernel again
                 return
             data = memoryview(data)[sent:]
+        self._queue(ws, data)
+
+    def _queue(self, ws: Any, data: bytes | memoryview) -> None:
+        """Queue ``data`` in the stream's write buffer (Tornado writes it
+        as the client reads)."""
+        stream = ws.stream
         try:
             stream.write(data)
         except StreamClosedError:

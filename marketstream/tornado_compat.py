@@ -3,9 +3,9 @@
 The handshake shortcut (:mod:`marketstream.upgrade`), the direct frame
 writes of :class:`~marketstream.handlers.StreamHandler` and
 :class:`LeanIOStream` (no write buffer while nothing waits to be written)
-go below Tornado's public API for speed and memory.  The names they need are listed here and
-checked once, at import (``MISSING`` would list what is missing, e.g.
-``["tornado.websocket._WebSocketParams"]``):
+go below Tornado's public API for speed and memory.  The names they need
+are listed here and checked once, at import (``MISSING`` would list what is
+missing, e.g. ``["tornado.websocket._WebSocketParams"]``):
 
 >>> from marketstream import tornado_compat as compat
 >>> compat.OK          # every name exists in the installed Tornado
@@ -124,8 +124,6 @@ def _check() -> list[str]:
     if not _assigns(tornado.web.RequestHandler.clear, "_headers", "_write_buffer",
                     "_status_code", "_reason"):
         missing.append("tornado.web.RequestHandler.clear state (_headers, _write_buffer, ...)")
-    if not _assigns(tornado.iostream.BaseIOStream.__init__, "_write_buffer"):
-        missing.append("tornado.iostream.BaseIOStream._write_buffer")
     if not _writes_only_in_write(tornado.iostream.BaseIOStream):
         missing.append("tornado.iostream.BaseIOStream._write_buffer, _write_futures")
     if list(inspect.signature(getattr(tornado.tcpserver.TCPServer, "_handle_connection",

@@ -28,6 +28,13 @@ def listener(backlog=512):
     return sock
 
 
+def shut(acceptor, connections):
+    """Close ``acceptor`` and every socket in ``connections``."""
+    acceptor.close()
+    for conn in connections:
+        conn.close()
+
+
 def connect_many(address, count):
     """``count`` connections to ``address`` whose handshakes the kernel has
     completed (they wait in the listen queue)."""
@@ -73,9 +80,7 @@ async def test_handshakes_run_in_slices_with_live_work_between_them():
     # A slice ends once it took as long as the rest of the loop (here: next
     # to nothing), at most MAX_SLICE: never the whole queue in one go.
     assert max(seconds for _, seconds in slices) < accept.MAX_SLICE + 0.005
-    acceptor.close()
-    for conn in handed + clients:
-        conn.close()
+    shut(acceptor, handed + clients)
 
 
 @pytest.mark.parametrize("full_share_queue, full_share_wait, longer", [
@@ -117,9 +122,7 @@ async def test_a_long_queue_or_wait_earns_longer_slices(monkeypatch, full_share_
         assert min(slices) > 8, slices
     else:
         assert max(slices) <= 5, slices
-    acceptor.close()
-    for conn in handed + clients:
-        conn.close()
+    shut(acceptor, handed + clients)
 
 
 @pytest.mark.gen_test
@@ -131,9 +134,7 @@ async def test_one_wake_up_empties_the_kernel_queue():
     assert acceptor.accepted == 300
     assert acceptor.queued == 300  # none handed over yet: the loop has not turned
     await async_wait_until(lambda: acceptor.queued == 0)
-    acceptor.close()
-    for conn in clients:
-        conn.close()
+    shut(acceptor, clients)
 
 
 @pytest.mark.gen_test
@@ -147,9 +148,7 @@ async def test_at_the_limit_it_stops_reading_and_resumes_when_drained():
     assert acceptor.queued == 10 and not acceptor._reading  # the kernel holds the rest
     await async_wait_until(lambda: len(handed) == 30, message="the rest accepted later")
     assert acceptor._reading
-    acceptor.close()
-    for conn in handed + clients:
-        conn.close()
+    shut(acceptor, handed + clients)
 
 
 class _OutOfDescriptors:
@@ -189,9 +188,7 @@ async def test_out_of_descriptors_pauses_logs_once_and_recovers(caplog, monkeypa
     assert failing.calls <= 5 + 3 + 2
     warnings = [r.getMessage() for r in caplog.records if "cannot accept" in r.getMessage()]
     assert len(warnings) == 1 and "Too many open files" in warnings[0]
-    acceptor.close()
-    for conn in handed + clients:
-        conn.close()
+    shut(acceptor, handed + clients)
 
 
 @pytest.mark.gen_test

@@ -43,6 +43,7 @@ from marketstream import history
 from marketstream.core import Connection, Core, History, Read, Want
 from marketstream.counters import Counters
 from marketstream.link import UPSTREAM_ERRORS
+from marketstream.metrics import publish_time
 from marketstream.redisurl import async_client
 from marketstream.upstream import make_link
 from marketstream.util import Confirmations, redact_url
@@ -90,6 +91,8 @@ class ChannelManager:
         self._confirmations = Confirmations()  # acknowledgements waiting for Redis
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._last_flush = 0.0
+        self._batch_start: float | None = None  # when the batch's first frame was queued
+        self._published: int | None = None      # the publisher's E of its first message (µs)
         self._malformed_logged = -60.0
         self._reads: set[asyncio.Future] = set()
         self._commands: Any = None  # a command client for history reads, made on first use
@@ -203,6 +206,7 @@ class ChannelManager:
 
     def on_message(self, channel: bytes, payload: bytes) -> None:
         if self.core.on_message(channel, payload) and self._flush_handle is None:
+            self._published = publish_time(payload)  # once per batch: its first message
             self._schedule_flush()
 
     def on_subscribed(self, name: str) -> None:
@@ -286,6 +290,7 @@ class ChannelManager:
         # min_flush_interval after the previous flush, so that under load
         # batches grow and the writes per message fall.
         loop = self._loop or asyncio.get_running_loop()
+        self._batch_start = time.monotonic()
         wait = self._last_flush + self.min_flush_interval - loop.time()
         if wait > 0:
             self._flush_handle = loop.call_later(wait, self._flush)
@@ -302,3 +307,17 @@ class ChannelManager:
                 conn.write_frames(data)
             except Exception:
                 log.exception("delivery to %r failed", conn)
+        self._measure()
+
+    def _measure(self) -> None:
+        """The latencies of the batch just written, once per batch: since
+        its first frame was queued, and since the publisher's timestamp of
+        its first message if that had one (see the metrics' help texts)."""
+        start, self._batch_start = self._batch_start, None
+        published, self._published = self._published, None
+        counters = self.counters
+        if start is None or len(counters.batch_latencies) >= 100_000:
+            return  # not a scheduled batch; or nobody drains the lists
+        counters.batch_latencies.append(time.monotonic() - start)
+        if published is not None:
+            counters.publish_latencies.append(max(0.0, time.time() - published * 1e-6))

@@ -10,7 +10,8 @@ Plain attributes and small dicts, so a bump costs one attribute store:
 (50, 1)
 
 The metrics exporter turns them into Prometheus series once a second
-(draining ``batch_sizes``); ``/health`` shows :meth:`as_dict`.
+(draining ``batch_sizes``, ``batch_latencies`` and ``publish_latencies``);
+``/health`` shows :meth:`as_dict`.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ IGNORED_CAUSES = ("bad_since", "bad_snapshot")
 
 
 class Counters:
-    """Everything the process counts (monotonic, except ``batch_sizes``)."""
+    """Everything the process counts (monotonic, except the lists the
+    exporter drains)."""
 
     TOTALS = ("messages_in", "deliveries", "bytes_sent", "batches", "dropped_malformed",
               "dropped_no_listener", "reconnects", "invalid_frames", "rejected_streams",
               "replayed", "snapshots_sent", "gap_notices")
-    __slots__ = TOTALS + ("batch_sizes", "closed", "refused", "ignored")
+    __slots__ = TOTALS + ("batch_sizes", "closed", "refused", "ignored",
+                          "batch_latencies", "publish_latencies")
 
     # The totals, set to 0 in __init__ (declared for type checkers).
     messages_in: int
@@ -51,6 +54,9 @@ class Counters:
         for name in self.TOTALS:
             setattr(self, name, 0)
         self.batch_sizes: list[int] = []  # messages per batch since the exporter last looked
+        # Seconds per batch (see ChannelManager._flush), drained the same way.
+        self.batch_latencies: list[float] = []
+        self.publish_latencies: list[float] = []
         self.closed = dict.fromkeys(CLOSE_CAUSES, 0)
         self.refused = dict.fromkeys(REFUSAL_CAUSES, 0)
         self.ignored = dict.fromkeys(IGNORED_CAUSES, 0)

@@ -1,16 +1,20 @@
 """/metrics: every metric moves when its event happens."""
 
 import asyncio
+import random
 import time
 
 import pytest
 import redis
 import tornado.httpclient
 import tornado.websocket
+from prometheus_client import CollectorRegistry, Histogram, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import (RawClient, ServerProcess, clients_on_every_worker, connect, read, send,
-                           subscribed, wait_until, ws_url)
+from marketstream import metrics
+
+from tests.helpers import (RawClient, ServerProcess, clients_on_every_worker, connect, envelope,
+                           read, send, subscribed, wait_until, ws_url)
 
 
 def parse(text):
@@ -78,6 +82,54 @@ async def test_delivery_metrics_move(server, redis_client):
     ws.close()
     await watch.moved("marketstream_connections", 0)
     await watch.moved("marketstream_subscriptions", 0)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_publish_latency_lands_in_the_bucket_of_the_publishers_timestamp(server,
+                                                                               redis_client):
+    ws = await connect(server)
+    await send(ws, "SUBSCRIBE", ["trade.LAT_USDT"])
+    await subscribed(redis_client, "trade.LAT_USDT")
+    watch = await Watch(server).start()
+    # E in milliseconds, or none at all: no figure.
+    redis_client.publish("trade.LAT_USDT", envelope("trade.LAT_USDT", E=int(time.time() * 1e3)))
+    redis_client.publish("trade.LAT_USDT", envelope("trade.LAT_USDT", t=1))
+    for _ in range(2):
+        await read(ws)
+    # Published 3.5 s ago (microseconds): in the (2.5, 5] s bucket, with
+    # 1.5 s to spare for a slow machine.
+    published = time.time() - 3.5
+    redis_client.publish("trade.LAT_USDT", envelope("trade.LAT_USDT", E=int(published * 1e6)))
+    await read(ws)
+    await watch.moved("marketstream_publish_latency_seconds_count", 1)
+    await watch.moved("marketstream_publish_latency_seconds_bucket{le=5.0}", 1)
+    await watch.moved("marketstream_publish_latency_seconds_bucket{le=2.5}", 0)
+    after = await scrape(server.settings.port)
+    seconds = (after["marketstream_publish_latency_seconds_sum"]
+               - watch.before["marketstream_publish_latency_seconds_sum"])
+    assert 3.5 <= seconds < time.time() - published, seconds
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_batch_latency_counts_batches_and_their_wait(server_factory, redis_client):
+    # Batches at most every 2 s: the second message waits for its flush.
+    server = await server_factory(server__min_flush_interval=2.0)
+    ws = await connect(server)
+    await send(ws, "SUBSCRIBE", ["trade.WAIT_USDT"])
+    await subscribed(redis_client, "trade.WAIT_USDT")
+    watch = await Watch(server).start()
+    redis_client.publish("trade.WAIT_USDT", envelope("trade.WAIT_USDT", t=1))
+    await read(ws)  # written at once: no flush for a long time
+    redis_client.publish("trade.WAIT_USDT", envelope("trade.WAIT_USDT", t=2))
+    await read(ws)  # held until 2 s after the first flush
+    batches = await watch.moved("marketstream_batches_total")
+    assert batches == 2
+    await watch.moved("marketstream_batch_latency_seconds_count", batches)
+    # The first at once, the second after (nearly) the rest of the 2 s.
+    await watch.moved("marketstream_batch_latency_seconds_bucket{le=1.0}", 1)
+    await watch.moved("marketstream_batch_latency_seconds_bucket{le=5.0}", 2)
+    # No E in these payloads: no publish -> delivery figure.
+    await watch.moved("marketstream_publish_latency_seconds_count", 0)
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -162,7 +214,8 @@ def test_metrics_add_up_over_worker_processes(redis_url):
 
         async def scenario():
             clients = await clients_on_every_worker(server, client, "trade.MPM_USDT", least=10)
-            client.publish("trade.MPM_USDT", '{"stream":"trade.MPM_USDT","data":{"e":"trade"}}')
+            client.publish("trade.MPM_USDT", envelope("trade.MPM_USDT",
+                                                      E=int(time.time() * 1e6)))
             for ws in clients:
                 await read(ws)
             # Whichever worker answers, the figures are the sum of both.
@@ -177,6 +230,10 @@ def test_metrics_add_up_over_worker_processes(redis_url):
                     await asyncio.sleep(0.1)
             assert samples["marketstream_upstream_channels"] == 2
             assert samples["marketstream_redis_messages_total"] == 2
+            # Histograms too: one batch per worker, each with the message's E.
+            assert (samples["marketstream_batch_latency_seconds_count"]
+                    == samples["marketstream_batches_total"] == 2)
+            assert samples["marketstream_publish_latency_seconds_count"] == 2
 
         asyncio.run(scenario())
     finally:
@@ -207,3 +264,35 @@ async def test_recovery_metrics_move(server, redis_url):
         ws2.close()
     finally:
         publisher.close()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_observing_in_bulk_is_observing_each(processes):
+    """The exporter's one-pass observe_all gives what observe() per value
+    gives (it uses prometheus_client's per-bucket values), with one process
+    and in multiprocess mode."""
+    rng = random.Random(7)
+    values = [0.0, 1e-9, 0.0001, 0.00010001, 0.005, 0.5, 10.0, 10.5, 1e9]
+    values += [rng.expovariate(100) for _ in range(1000)]
+    directory = metrics.enable_multiprocess() if processes > 1 else None
+    try:
+        registry = CollectorRegistry()
+        each = Histogram("each", "", buckets=metrics.LATENCY_BUCKETS, registry=registry)
+        bulk = Histogram("bulk", "", buckets=metrics.LATENCY_BUCKETS, registry=registry)
+        for value in values:
+            each.observe(value)
+        metrics.observe_all(bulk, values[:500])
+        metrics.observe_all(bulk, values[500:])
+        if directory:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        found = {(family.name, sample.name[len(family.name):], sample.labels.get("le")):
+                 sample.value for family in registry.collect() for sample in family.samples}
+    finally:
+        if directory:
+            metrics.disable_multiprocess(directory)
+    expected = {key[1:]: value for key, value in found.items() if key[0] == "each"}
+    got = {key[1:]: value for key, value in found.items() if key[0] == "bulk"}
+    assert got.keys() == expected.keys() and len(got) == len(metrics.LATENCY_BUCKETS) + 3
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-9), key

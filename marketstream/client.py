@@ -71,8 +71,11 @@ class Message(NamedTuple):
     as of ``seq``: data whose ``e`` ends in ``Snapshot``, such as
     ``depthSnapshot``; streams whose snapshot is an ordinary message, such
     as tickers, get it as a ``"message"``) or ``"gap"`` (updates may have
-    been missed: from the server, or noticed by the client:
-    ``data["reason"]`` says why);
+    been missed: from the server, or noticed by the client;
+    ``data["reason"]`` is a code for why -- the server's (see the README's
+    "Gap notices"), or ``reconnected`` (a plain stream after a
+    reconnection) and ``positions_missing`` (a position jumped) for those
+    the client notices -- and ``data["msg"]`` says it in words);
     ``raw`` is the frame's text as received (for a gap the client noticed
     itself, a frame of the same shape as the server's gap notice).
     """
@@ -88,9 +91,9 @@ class ConnectionLost(ConnectionError):
     """The connection dropped and the client was made with ``reconnect=False``."""
 
 
-def _gap_message(stream: str, reason: str, **extra: Any) -> Message:
+def _gap_message(stream: str, reason: str, msg: str, **extra: Any) -> Message:
     data = {"e": "gap", "s": stream.rsplit(".", 1)[-1], "E": int(time.time() * 1_000_000),
-            "reason": reason}
+            "reason": reason, "msg": msg}
     data.update(extra)
     raw = ujson.dumps({"stream": stream, "data": data}, escape_forward_slashes=False)
     return Message(stream, data, None, GAP, raw)
@@ -213,7 +216,8 @@ class Client:
             # Plain streams cannot be replayed: say so.
             for stream in self.streams:
                 if stream in self._seen and stream not in since and stream not in snapshot:
-                    self._report(_gap_message(stream, "reconnected; updates may have been missed"))
+                    self._report(_gap_message(stream, "reconnected", "reconnected; updates "
+                                              "published meanwhile may have been missed"))
         await ws.write_message(ujson.dumps(request_body, escape_forward_slashes=False))
         self._set_state("connected")
 
@@ -343,7 +347,8 @@ class Client:
             self.duplicates += 1
             return
         if last is not None and seq != last + 1 and stream not in self._after_gap:
-            self._report(_gap_message(stream, "positions %d to %d missing" % (last + 1, seq - 1),
+            self._report(_gap_message(stream, "positions_missing",
+                                      "positions %d to %d missing" % (last + 1, seq - 1),
                                       **{"from": last + 1, "to": seq - 1}))
         self._after_gap.discard(stream)
         self.last_seq[stream] = seq

@@ -41,7 +41,7 @@ __all__ = [
     "ERROR_INVALID_REQUEST", "ERROR_INVALID_JSON",
     "Request", "Invalid", "parse_request", "parse_stream_query", "StreamRules", "MAX_POSITION",
     "encode_result", "encode_error", "wrap_data", "is_json_object",
-    "gap_notice", "text_frame", "take_token",
+    "gap_notice", "GAP_REASONS", "text_frame", "take_token",
 ]
 
 SUBSCRIBE = "SUBSCRIBE"
@@ -298,13 +298,43 @@ def wrap_data(stream: bytes, payload: bytes) -> bytes:
     return b'{"stream":"' + stream + b'","data":' + payload + b"}"
 
 
-def gap_notice(stream: str, now: float | None = None) -> bytes:
-    """The message sent on every stream after an upstream outage."""
+#: The ``data.reason`` codes of gap notices, with the ``data.msg`` each
+#: carries (the README lists them too).
+GAP_REASONS = {
+    # Plain streams (no positions): what was published meanwhile is gone.
+    "link_outage": "the server's Redis connection was lost and restored; "
+                   "updates published meanwhile were missed",
+    "shard_interrupted": "the stream's Redis Cluster shard was cut off (slot moved, failover "
+                         "or lost link) and the stream subscribed again; updates published "
+                         "meanwhile were missed",
+    # Recoverable streams: what the history could not give back.
+    "history_lost": "the stream's history is gone (expired, or lost by Redis); "
+                    "updates were missed",
+    "history_trimmed": "the stream's history no longer reaches back to the position asked for; "
+                       "updates were missed",
+    "max_replay": "the position asked for is further behind than the server replays "
+                  "([recovery] max_replay); updates were missed",
+    "since_ahead": "the position asked for is ahead of the stream's latest: positions "
+                   "started over (a Redis failover lost writes) or come from another history",
+    "lost_writes": "the stream's positions went back (a Redis failover lost its latest writes); "
+                   "positions start over",
+}
+
+
+def gap_notice(stream: str, now: float | None = None, reason: str = "link_outage") -> bytes:
+    """The message that tells a stream's listeners updates may have been
+    missed: ``data.reason`` is one of :data:`GAP_REASONS`, ``data.msg``
+    says it in words.
+
+    >>> import json
+    >>> json.loads(gap_notice("trade.SOL_USDC", 1.5, "history_trimmed"))["data"]["reason"]
+    'history_trimmed'
+    """
     now_us = int((time.time() if now is None else now) * 1_000_000)
     market = stream.rsplit(".", 1)[-1]
     return ujson.dumps(
-        {"stream": stream, "data": {"e": "gap", "s": market, "E": now_us,
-                                    "reason": "upstream reconnected; updates may have been missed"}}
+        {"stream": stream, "data": {"e": "gap", "s": market, "E": now_us, "reason": reason,
+                                    "msg": GAP_REASONS[reason]}}
     ).encode()
 
 

@@ -231,6 +231,7 @@ async def test_client_drops_repeated_positions_and_reports_jumps(server, redis_c
                      (MESSAGE, 7)]
     gap = collector.messages[3].data
     assert (gap["e"], gap["from"], gap["to"]) == ("gap", 4, 5)
+    assert (gap["reason"], gap["msg"]) == ("positions_missing", "positions 4 to 5 missing")
     assert client.duplicates == 2 and client.gaps == 1
     await collector.stop()
 
@@ -250,7 +251,8 @@ async def test_resync_of_a_plain_stream_does_nothing(server, redis_client):
 @pytest.mark.gen_test
 async def test_server_gap_notice_is_a_gap_message(server, redis_client):
     client, collector = await connected_client(server, redis_client, ["ticker.ETH_USDT"])
-    notice = plain("ticker.ETH_USDT", e="gap", s="ETH_USDT", E=1, reason="upstream reconnected")
+    notice = plain("ticker.ETH_USDT", e="gap", s="ETH_USDT", E=1, reason="link_outage",
+                   msg="the server's Redis connection was lost and restored")
     redis_client.publish("ticker.ETH_USDT", notice)
     await async_wait_until(lambda: collector.messages, message="gap notice")
     assert collector.messages[0].kind == GAP and collector.messages[0].raw == notice
@@ -329,6 +331,7 @@ async def test_plain_streams_survive_100_forced_disconnects(server, redis_client
         ts = [m.data["t"] for m in collector.of(stream)]
         assert ts == sorted(set(ts)), "duplicates or disorder on %s" % stream
         assert len(collector.of(stream, GAP)) == 100
+        assert {m.data["reason"] for m in collector.of(stream, GAP)} == {"reconnected"}
     assert collector.states.count("disconnected") >= 100
 
 

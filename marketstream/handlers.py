@@ -443,7 +443,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                                    subscribed: list[str], refused: list[tuple[str, str]],
                                    problems: list[str]) -> None:
         if not await self.context.manager.wait_subscribed(names):
-            problems = problems + ["upstream subscription not confirmed yet"]
+            problems = problems + ["Redis has not confirmed the subscription yet (the "
+                                   "streams are delivered once it does)"]
         if previous is not None:
             await asyncio.wait([previous])
         if self._ws is not None:

@@ -483,7 +483,7 @@ def test_phone_width_shows_status_book_and_trades(page, server, feed, tmp_path):
                            ".getBoundingClientRect(); return [r.left, r.right, r.width, r.height]",
                      element_id)
             assert box[2] > 0 and box[3] > 0, (element_id, box)
-            assert 0 <= box[0] and box[1] <= width + 0.5, (element_id, box, width)
+            assert box[0] >= 0 and box[1] <= width + 0.5, (element_id, box, width)
         status = page.find_element(By.ID, "connection")
         assert js(page, "const e = arguments[0]; return e.scrollWidth <= e.clientWidth", status)
         assert "open" in status.text and "reconnects" in status.text

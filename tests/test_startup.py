@@ -11,7 +11,8 @@ import tornado.websocket
 import ujson
 
 from marketstream.embedded import RedisServer, free_port
-from tests.helpers import ServerProcess, health_status, wait_until
+from tests.helpers import health_status, wait_until
+from tests.test_process import spawn  # noqa: F401 (the fixture: server processes, stopped after)
 
 
 @pytest.fixture
@@ -20,20 +21,6 @@ def late_redis():
     server = RedisServer(port=free_port())
     yield server
     server.stop()
-
-
-@pytest.fixture
-def spawn():
-    processes = []
-
-    def start(*args, **kwargs):
-        process = ServerProcess(*args, **kwargs)
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        process.stop()
 
 
 async def subscribe(port, stream):

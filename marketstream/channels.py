@@ -268,8 +268,11 @@ class ChannelManager:
             if snapshot is not None:
                 after = snapshot[0] if after is None else min(after, snapshot[0])
             entries: list[tuple[int, bytes]] = []
+            oldest = None
             if latest is not None and after is not None and after < latest:
                 entries, _ = await history.read_after(client, name, after, self.max_replay)
+                if latest - after > self.max_replay:  # the gap notice says why
+                    oldest = await history.oldest_position(client, name)
         except asyncio.CancelledError:
             self.core.read_failed(name, read.token)
             raise
@@ -278,7 +281,7 @@ class ChannelManager:
             self.core.read_failed(name, read.token)
             asyncio.get_running_loop().call_later(0.2, self._start_reads)
             return
-        done = self.core.read_done(name, History(latest, snapshot, entries), read.token)
+        done = self.core.read_done(name, History(latest, snapshot, entries, oldest), read.token)
         if done and self._flush_handle is None:
             self._schedule_flush()
         self._start_reads()

@@ -51,14 +51,17 @@ import tornado.httpclient
 import tornado.websocket
 import ujson
 
-__all__ = ["Client", "Message", "OrderBook", "BookGap", "ConnectionLost",
-           "MESSAGE", "SNAPSHOT", "GAP"]
+__all__ = ["Client", "Message", "OrderBook", "BookGap", "ConnectionLost", "StreamsRefused",
+           "MESSAGE", "SNAPSHOT", "GAP", "NORMAL_CLOSURE"]
 
 log = logging.getLogger("marketstream.client")
 
 MESSAGE = "message"
 SNAPSHOT = "snapshot"
 GAP = "gap"
+
+#: The close code the client sends when it closes (RFC 6455: normal closure).
+NORMAL_CLOSURE = 1000
 
 Levels = list[list[str]]
 
@@ -71,8 +74,11 @@ class Message(NamedTuple):
     as of ``seq``: data whose ``e`` ends in ``Snapshot``, such as
     ``depthSnapshot``; streams whose snapshot is an ordinary message, such
     as tickers, get it as a ``"message"``) or ``"gap"`` (updates may have
-    been missed: from the server, or noticed by the client:
-    ``data["reason"]`` says why);
+    been missed: from the server, or noticed by the client;
+    ``data["reason"]`` is a code for why -- the server's (see the README's
+    "Gap notices"), or ``reconnected`` (a plain stream after a
+    reconnection) and ``positions_missing`` (a position jumped) for those
+    the client notices -- and ``data["msg"]`` says it in words);
     ``raw`` is the frame's text as received (for a gap the client noticed
     itself, a frame of the same shape as the server's gap notice).
     """
@@ -88,9 +94,22 @@ class ConnectionLost(ConnectionError):
     """The connection dropped and the client was made with ``reconnect=False``."""
 
 
-def _gap_message(stream: str, reason: str, **extra: Any) -> Message:
+class StreamsRefused(ValueError):
+    """The server refused some of the streams (a name it does not serve, or
+    too many streams): ``refused`` maps each to the server's reason.
+
+    The client goes on with the other streams (iterate again), and does not
+    ask for the refused ones again."""
+
+    def __init__(self, refused: dict[str, str]) -> None:
+        super().__init__("the server refused %s" % "; ".join(
+            "%s: %s" % item for item in refused.items()))
+        self.refused = refused
+
+
+def _gap_message(stream: str, reason: str, msg: str, **extra: Any) -> Message:
     data = {"e": "gap", "s": stream.rsplit(".", 1)[-1], "E": int(time.time() * 1_000_000),
-            "reason": reason}
+            "reason": reason, "msg": msg}
     data.update(extra)
     raw = ujson.dumps({"stream": stream, "data": data}, escape_forward_slashes=False)
     return Message(stream, data, None, GAP, raw)
@@ -118,6 +137,14 @@ class Client:
     that jumps without a gap notice from the server, and a plain stream
     after a reconnection, are reported as a ``"gap"`` message.
 
+    The client asks the server for acknowledgements on its own connection
+    (``"acks": true``): a stream the server refuses makes the iteration
+    raise :class:`StreamsRefused`, with the server's reason for each, and
+    the client goes on with the others.  ``disconnect_reason`` says why the
+    last connection ended or the last attempt failed (the close code and
+    reason, or the error).  :meth:`close` (also at the end of ``async
+    with``) sends a close frame (1000) and waits for the server's.
+
     Counters: ``connects``, ``reconnects`` (connections after the first),
     ``resumes`` (reconnections that asked for a replay), ``gaps`` (gap
     messages yielded), ``duplicates`` (frames dropped as already seen).
@@ -135,7 +162,8 @@ class Client:
                  reconnect: bool = True, backoff: tuple[float, float] = (0.1, 5.0),
                  since: dict[str, int] | None = None,
                  on_state: Callable[[str], None] | None = None,
-                 connect_timeout: float = 10.0, ping_interval: float | None = 20.0) -> None:
+                 connect_timeout: float = 10.0, ping_interval: float | None = 20.0,
+                 close_timeout: float = 2.0) -> None:
         self.url = url
         self.streams = list(dict.fromkeys(streams))
         if not self.streams:
@@ -151,6 +179,7 @@ class Client:
         self.on_state = on_state
         self.connect_timeout = connect_timeout
         self.ping_interval = ping_interval
+        self.close_timeout = close_timeout
         self.last_seq: dict[str, int] = dict(since or {})
         self.state = "idle"
         self.connects = 0
@@ -158,6 +187,9 @@ class Client:
         self.resumes = 0
         self.gaps = 0
         self.duplicates = 0
+        self.refused: dict[str, str] = {}   # streams the server refused -> its reason
+        self.disconnect_reason: str | None = None
+        self._refusal: StreamsRefused | None = None  # raised by the iteration, once
         self._ws: tornado.websocket.WebSocketClientConnection | None = None
         self._closed = False
         self._attempt = 0
@@ -190,7 +222,7 @@ class Client:
             self.url, connect_timeout=self.connect_timeout, request_timeout=self.connect_timeout)
         ws = await tornado.websocket.websocket_connect(request, ping_interval=self.ping_interval)
         if self._closed:
-            ws.close()
+            ws.close(NORMAL_CLOSURE)
             raise ConnectionLost("client closed")
         first = self.connects == 0
         self.connects += 1
@@ -199,8 +231,9 @@ class Client:
         since = {s: self.last_seq[s] for s in self.streams if s in self.last_seq}
         snapshot = [s for s in self.streams if s in self.snapshot_streams and s not in since]
         self._request_id += 1
+        # Acknowledgements on this connection: a refused stream is reported.
         request_body: dict[str, Any] = {"method": "SUBSCRIBE", "params": self.streams,
-                                        "id": self._request_id}
+                                        "id": self._request_id, "acks": True}
         if since:
             request_body["since"] = since
         if snapshot:
@@ -213,16 +246,18 @@ class Client:
             # Plain streams cannot be replayed: say so.
             for stream in self.streams:
                 if stream in self._seen and stream not in since and stream not in snapshot:
-                    self._report(_gap_message(stream, "reconnected; updates may have been missed"))
+                    self._report(_gap_message(stream, "reconnected", "reconnected; updates "
+                                              "published meanwhile may have been missed"))
         await ws.write_message(ujson.dumps(request_body, escape_forward_slashes=False))
         self._set_state("connected")
 
     async def close(self) -> None:
-        """Close the connection and end the iteration."""
+        """Close the connection and end the iteration: a close frame (1000),
+        then the server's, within ``close_timeout`` seconds."""
         self._closed = True
         ws, self._ws = self._ws, None
         if ws is not None:
-            ws.close()
+            await _close(ws, self.close_timeout)
         self._set_state("closed")
 
     async def resync(self, stream: str) -> bool:
@@ -236,7 +271,7 @@ class Client:
         self.last_seq.pop(stream, None)
         self.snapshot_streams.add(stream)
         self._pending = collections.deque(m for m in self._pending if m.stream != stream)
-        self._drop()
+        self._drop("resync of %s" % stream)
         return True
 
     async def __aenter__(self) -> "Client":
@@ -245,11 +280,12 @@ class Client:
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
 
-    def _drop(self) -> None:
+    def _drop(self, reason: str | None = None) -> None:
         ws, self._ws = self._ws, None
         if ws is not None:
-            ws.close()
+            ws.close(NORMAL_CLOSURE)
         if not self._closed:
+            self.disconnect_reason = reason
             self._set_state("disconnected")
 
     def delay(self, attempt: int) -> float:
@@ -277,6 +313,8 @@ class Client:
                 if not self.reconnect:
                     raise
                 log.info("cannot connect to %s (%s); retrying", self.url, exc)
+                self.disconnect_reason = "cannot connect: %s" % (
+                    exc or type(exc).__name__)
                 self._set_state("disconnected")
 
     # -- messages ----------------------------------------------------------
@@ -286,20 +324,24 @@ class Client:
 
     async def __anext__(self) -> Message:
         while True:
+            if self._refusal is not None:
+                refusal, self._refusal = self._refusal, None
+                raise refusal
             if self._pending:
                 return self._pending.popleft()
             await self._ensure_connected()
             ws = self._ws
             if ws is None:  # closed meanwhile
                 continue
+            failure = None
             try:
                 frame = await ws.read_message()
             except Exception as exc:  # tornado raises for some broken streams
                 log.info("connection to %s failed: %s", self.url, exc)
-                frame = None
+                frame, failure = None, exc
             if frame is None:
                 if ws is self._ws:
-                    self._drop()
+                    self._drop(_why_closed(ws, failure))
                 continue
             if isinstance(frame, bytes):
                 continue
@@ -317,8 +359,12 @@ class Client:
         except ValueError:
             log.warning("ignoring a frame that is not JSON: %.80r", frame)
             return
-        if not isinstance(obj, dict) or not isinstance(obj.get("stream"), str):
-            return   # a reply ({"result":..,"id":..}) or an error
+        if not isinstance(obj, dict):
+            return
+        if not isinstance(obj.get("stream"), str):
+            if isinstance(obj.get("error"), dict):
+                self._on_error(obj["error"])
+            return   # {"result": null, "id": n}: subscribed
         stream, data, seq = obj["stream"], obj.get("data"), obj.get("seq")
         self._seen.add(stream)
         if isinstance(data, dict) and data.get("e") == "gap" and seq is None:
@@ -343,11 +389,59 @@ class Client:
             self.duplicates += 1
             return
         if last is not None and seq != last + 1 and stream not in self._after_gap:
-            self._report(_gap_message(stream, "positions %d to %d missing" % (last + 1, seq - 1),
+            self._report(_gap_message(stream, "positions_missing",
+                                      "positions %d to %d missing" % (last + 1, seq - 1),
                                       **{"from": last + 1, "to": seq - 1}))
         self._after_gap.discard(stream)
         self.last_seq[stream] = seq
         self._pending.append(Message(stream, data, seq, MESSAGE, frame))
+
+
+    def _on_error(self, error: dict[str, Any]) -> None:
+        """An error reply: refused streams are dropped and raised by the
+        iteration; anything else is logged."""
+        refused = error.get("refused")
+        if isinstance(refused, dict) and refused:
+            refused = {str(name): str(reason) for name, reason in refused.items()}
+            self.refused.update(refused)
+            self.streams = [s for s in self.streams if s not in refused]
+            self._refusal = StreamsRefused(refused)
+            if error.get("refused_more"):
+                log.warning("the server refused %s more streams", error["refused_more"])
+            return
+        log.warning("the server answered: %s", error.get("msg", error))
+
+
+def _why_closed(ws: tornado.websocket.WebSocketClientConnection,
+                failure: BaseException | None) -> str:
+    """Why ``ws`` ended, for people: the close code and reason, or the error."""
+    if ws.close_code is not None:
+        return "closed by the server: %d %s" % (ws.close_code, ws.close_reason or "")
+    if failure is not None:
+        return "connection failed: %s" % (failure or type(failure).__name__)
+    return "connection lost (no close frame)"
+
+
+async def _close(ws: tornado.websocket.WebSocketClientConnection, timeout: float) -> None:
+    """Send a close frame and wait up to ``timeout`` seconds for the server's
+    (reading what still comes), as RFC 6455 asks; then drop the connection."""
+    protocol: Any = ws.protocol
+    if protocol is None or protocol.stream is None:
+        return
+    stream = protocol.stream
+    ws.close(NORMAL_CLOSURE)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not stream.closed():
+        left = deadline - loop.time()
+        if left <= 0:
+            stream.close()
+            return
+        try:
+            # Short waits: another task may be reading this connection too.
+            await asyncio.wait_for(ws.read_message(), min(left, 0.1))
+        except asyncio.TimeoutError:
+            pass
 
 
 # -- order book -----------------------------------------------------------------

@@ -185,6 +185,7 @@ class RedisSettings:
     health_interval: float = setting("1", _float(0.05))
     health_timeout: float = setting("2", _float(0.05))
     reconnect_max_delay: float = setting("1", _float(0.01))
+    startup_timeout: float = setting("0", _float(0))
 
 
 @dataclasses.dataclass(frozen=True)

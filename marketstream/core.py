@@ -88,11 +88,15 @@ class Read(NamedTuple):
 class History(NamedTuple):
     """What a history read found: the stream's latest position (None for a
     stream without positions), its snapshot as (position, frame), and the
-    entries after the asked position, oldest first, as (position, frame)."""
+    entries after the asked position, oldest first, as (position, frame);
+    ``oldest``, the oldest position the history holds, is read only when
+    the asked position is more than ``max_replay`` behind (it tells a
+    history that was trimmed from a resume that asked for too much)."""
 
     latest: int | None
     snapshot: tuple[int, bytes] | None
     entries: list[tuple[int, bytes]]
+    oldest: int | None = None
 
 
 @dataclass
@@ -233,8 +237,9 @@ class Core:
 
     # --- the Redis link -----------------------------------------------------
 
-    def upstream_confirmed(self, name: str) -> None:
-        """Redis confirmed the subscription of ``name`` on the live link."""
+    def upstream_confirmed(self, name: str, reason: str = "link_outage") -> None:
+        """Redis confirmed the subscription of ``name`` on the live link
+        (after an outage: ``reason`` is the gap notice's, for a plain stream)."""
         self.confirmed.add(name)
         if name not in self._resync:
             return
@@ -246,7 +251,7 @@ class Core:
         if since is None:
             # A plain stream: what was published meanwhile is gone.
             self.counters.gap_notices += len(listeners)
-            self._enqueue(listeners, protocol.text_frame(protocol.gap_notice(name)))
+            self._enqueue(listeners, protocol.text_frame(protocol.gap_notice(name, reason=reason)))
             return
         # A recoverable stream: its listeners catch up from the history.
         del self.streams[name]
@@ -280,7 +285,7 @@ class Core:
                 self.read_failed(name)
                 recovery.buffer.clear()
             self._resync.add(name)
-            self.upstream_confirmed(name)
+            self.upstream_confirmed(name, "shard_interrupted")
 
     def link_restored(self, channels: set[str]) -> None:
         """The link is back and SUBSCRIBE was sent for ``channels``: each
@@ -329,14 +334,22 @@ class Core:
         queued = False
         listeners = self.streams.get(name)
         held = self.last_seq.get(name, 0)
+        caught_up = 0  # the position the read took its connections to
         # Frame what was read once, and build each catch-up once per kind of
         # request: in a reconnect storm a thousand clients ask for the same.
         frame = protocol.text_frame
-        latest, snapshot, entries = history
+        latest, snapshot, entries, oldest = history
         framed = History(latest, (snapshot[0], frame(snapshot[1])) if snapshot else None,
-                         [(seq, frame(data)) for seq, data in entries])
+                         [(seq, frame(data)) for seq, data in entries], oldest)
         buffer = [(seq, frame(data)) for seq, data in recovery.buffer]
-        gap = frame(protocol.gap_notice(name))
+        gaps: dict[str, bytes] = {}
+
+        def gap(reason: str) -> bytes:
+            """The gap notice's frame for ``reason`` (built once per read)."""
+            notice = gaps.get(reason)
+            if notice is None:
+                notice = gaps[reason] = frame(protocol.gap_notice(name, reason=reason))
+            return notice
         counters = self.counters
         built: dict[Want, tuple[bytes, int, int, tuple[int, int, int]]] = {}
         for conn, want in recovery.reading.items():
@@ -361,9 +374,14 @@ class Core:
             if position:
                 self._holding.setdefault(name, {})[conn] = position
                 held = max(held, position)
+                caught_up = max(caught_up, position)
         if held and recovery.reading:
             # Where the live stream is for the next outage's repair.
             self.last_seq[name] = held
+            if 0 < caught_up < self._live_seq.get(name, 0):
+                # Positions went back and the catch-up said so: the next
+                # live position is not another restart.
+                self._live_seq[name] = caught_up
         recovery.reading = {}
         recovery.buffer = []
         self._forget_if_idle(name)  # else the next read serves those waiting
@@ -371,12 +389,13 @@ class Core:
 
     def _catch_up(self, name: str, want: Want, history: History,
                   buffer: list[tuple[int | None, bytes]],
-                  gap: bytes) -> tuple[list[bytes], int]:
+                  gap: Callable[[str], bytes]) -> tuple[list[bytes], int]:
         """The frames one connection gets before joining the live stream,
         and the position it then holds (0: none).  ``history`` and
-        ``buffer`` hold WebSocket frames; ``gap`` is the gap notice's."""
+        ``buffer`` hold WebSocket frames; ``gap(reason)`` is the gap
+        notice's frame."""
         counters = self.counters
-        latest, snapshot, entries = history
+        latest, snapshot, entries, oldest = history
         out: list[bytes] = []
         last = 0  # the position the connection holds after ``out``
         if latest is None:
@@ -386,13 +405,13 @@ class Core:
             # resume or a snapshot asks for nothing that exists.
             if want.since is not None and name in self.last_seq:
                 counters.gap_notices += 1
-                out.append(gap)
+                out.append(gap("history_lost"))
         elif want.since is not None and (
                 self._covers(entries, want.since, latest) if want.since < latest
-                # A client ahead of the latest position missed nothing; the
-                # server itself ahead of it means positions went back (a
-                # failover lost writes): what it holds is not the history.
-                else want.since == latest or not want.repair):
+                # A position ahead of the latest one is not from this
+                # history: positions went back (a failover lost writes), and
+                # what the client holds says nothing of what it missed.
+                else want.since == latest):
             last = min(want.since, latest)
             out = [frame for seq, frame in entries if seq > last]
             if entries and entries[-1][0] > last:
@@ -401,7 +420,7 @@ class Core:
         else:
             if want.since is not None:  # the history does not reach back far enough
                 counters.gap_notices += 1
-                out.append(gap)
+                out.append(gap(self._gap_reason(want, latest, oldest)))
             usable = snapshot is not None and (
                 snapshot[0] >= latest or self._covers(entries, snapshot[0], latest))
             if snapshot is not None and usable:
@@ -430,6 +449,16 @@ class Core:
                 if seq is not None:
                     last = seq
         return out, last
+
+    def _gap_reason(self, want: Want, latest: int, oldest: int | None) -> str:
+        """Why the history cannot take ``want.since`` to ``latest``."""
+        since = want.since
+        assert since is not None
+        if since > latest:
+            return "lost_writes" if want.repair else "since_ahead"
+        if latest - since > self.max_replay and oldest is not None and oldest <= since + 1:
+            return "max_replay"  # the history has it all, but it is too much to replay
+        return "history_trimmed"
 
     @staticmethod
     def _covers(entries: list[tuple[int, bytes]], after: int, latest: int) -> bool:
@@ -488,7 +517,8 @@ class Core:
         they accept the new positions."""
         self._holding.pop(name, None)
         self.counters.gap_notices += len(listeners)
-        self._enqueue(listeners, protocol.text_frame(protocol.gap_notice(name)))
+        self._enqueue(listeners,
+                      protocol.text_frame(protocol.gap_notice(name, reason="lost_writes")))
 
     def _not_holding(self, name: str, holding: dict[Conn, int],
                      listeners: dict[Conn, None], seq: int) -> dict[Conn, None]:

@@ -16,7 +16,7 @@ The metrics exporter turns them into Prometheus series once a second
 
 from __future__ import annotations
 
-__all__ = ["Counters", "CLOSE_CAUSES", "REFUSAL_CAUSES", "IGNORED_CAUSES"]
+__all__ = ["Counters", "CLOSE_CAUSES", "REFUSAL_CAUSES", "IGNORED_CAUSES", "REJECT_CAUSES"]
 
 #: Why the server closed a client.
 CLOSE_CAUSES = ("rate_limit", "slow_consumer", "ping_timeout")
@@ -24,6 +24,8 @@ CLOSE_CAUSES = ("rate_limit", "slow_consumer", "ping_timeout")
 REFUSAL_CAUSES = ("origin", "max_connections", "max_connections_per_ip")
 #: Why part of a client request was ignored (or answered with an error).
 IGNORED_CAUSES = ("bad_since", "bad_snapshot")
+#: Why a stream a client asked for was refused (``rejected_streams`` by cause).
+REJECT_CAUSES = ("invalid_name", "unknown_type", "unknown_market", "too_many_streams")
 
 
 class Counters:
@@ -33,7 +35,7 @@ class Counters:
     TOTALS = ("messages_in", "deliveries", "bytes_sent", "batches", "dropped_malformed",
               "dropped_no_listener", "reconnects", "invalid_frames", "rejected_streams",
               "replayed", "snapshots_sent", "gap_notices")
-    __slots__ = TOTALS + ("batch_sizes", "closed", "refused", "ignored",
+    __slots__ = TOTALS + ("batch_sizes", "closed", "refused", "ignored", "rejected",
                           "batch_latencies", "publish_latencies")
 
     # The totals, set to 0 in __init__ (declared for type checkers).
@@ -60,10 +62,11 @@ class Counters:
         self.closed = dict.fromkeys(CLOSE_CAUSES, 0)
         self.refused = dict.fromkeys(REFUSAL_CAUSES, 0)
         self.ignored = dict.fromkeys(IGNORED_CAUSES, 0)
+        self.rejected = dict.fromkeys(REJECT_CAUSES, 0)  # rejected_streams by cause
 
     def as_dict(self) -> dict[str, object]:
         """A snapshot for ``/health``."""
         totals: dict[str, object] = {name: getattr(self, name) for name in self.TOTALS}
         totals.update(closed=dict(self.closed), refused=dict(self.refused),
-                      ignored=dict(self.ignored))
+                      ignored=dict(self.ignored), rejected=dict(self.rejected))
         return totals

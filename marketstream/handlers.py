@@ -23,6 +23,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Coroutine
 from types import MappingProxyType
 from typing import Any
 
@@ -38,6 +39,7 @@ from marketstream import tornado_compat as compat
 from marketstream.admission import Admission
 from marketstream.channels import ChannelManager
 from marketstream.core import Want
+from marketstream.loglimit import LogLimiter
 from marketstream.upgrade import Switched
 
 __all__ = ["StreamHandler", "HealthHandler", "MetricsHandler", "Context", "routes",
@@ -74,6 +76,7 @@ class Context:
                                    lambda: len(self.manager.connections))
         self.rules = protocol.StreamRules.from_settings(settings.protocol)
         self.acks = settings.protocol.acks
+        self.log_limit = LogLimiter(log)  # for what a client can cause (refused streams)
         self.limits = settings.limits
         self.xheaders = settings.server.xheaders
         self.snapshot_types = frozenset(settings.recovery.snapshot_types)
@@ -150,9 +153,11 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self._tokens_at = 0.0
         self.ping_sent = 0.0  # loop time of the oldest unanswered keepalive ping
         self.frame_loop = None
-        # Acknowledgements waiting for Redis (the event loop holds tasks only
-        # weakly); a set only while there are some: an empty one is 216 bytes.
-        self._acks: set[asyncio.Future[None]] | None = None
+        # Whether this connection gets acknowledgements ([protocol] acks, or
+        # "acks": true in a request), and while some wait for Redis, the
+        # task of the last one instead (True): each reply waits for the one
+        # before it, so that replies keep the order of the requests.
+        self._acks: bool | asyncio.Future[None] = context.acks
 
     # --- handshake -----------------------------------------------------------
 
@@ -304,10 +309,12 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if isinstance(request, protocol.Invalid):
             ctx.counters.invalid_frames += 1
             log.debug("ignored frame from %s: %s", self.identity, request.reason)
-            if ctx.acks:
-                self._reply(protocol.encode_error(request.id, request.code, request.reason))
+            if self._acks:
+                self._answer(protocol.encode_error(request.id, request.code, request.reason))
             return None
-        self._handle(request, reply=ctx.acks)
+        if request.acks and not self._acks:
+            self._acks = True  # asked for on this connection, from this request on
+        self._handle(request, reply=bool(self._acks))
 
     def on_pong(self, data: bytes) -> None:
         self.ping_sent = 0.0
@@ -339,46 +346,80 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         ctx = self.context
         manager = ctx.manager
         if request.method == protocol.LIST_SUBSCRIPTIONS:
-            self._reply(protocol.encode_result(request.id, manager.subscriptions(self)))
+            self._answer(protocol.encode_result(request.id, manager.subscriptions(self)))
             return
-        valid, errors = [], []
+        valid: list[str] = []
+        refused: list[tuple[str, str]] = []
         for name in request.params:
-            reason = ctx.rules.check(name)
-            if reason is None:
+            refusal = ctx.rules.refusal(name)
+            if refusal is None:
                 valid.append(name)
             else:
-                errors.append("%s: %s" % (name[:100], reason))
-        if errors:
-            ctx.counters.rejected_streams += len(errors)
+                self._refuse(name, refusal[0], refusal[1], refused)
+        valid = list(dict.fromkeys(valid))
         if request.method == protocol.UNSUBSCRIBE:
             manager.unsubscribe(self, valid)
             if reply:
-                self._ack(request.id, errors)
+                self._answer(protocol.encode_outcome(request.id, "unsubscribed", valid,
+                                                     refused, []))
             return
         current = manager.connections.get(self, {})
-        new = [name for name in dict.fromkeys(valid) if name not in current]
-        room = ctx.limits.max_streams_per_connection - len(current)
+        new = [name for name in valid if name not in current]
+        limit = ctx.limits.max_streams_per_connection
+        room = max(limit - len(current), 0)
         if len(new) > room:
-            errors.extend("%s: too many streams (limit %d)"
-                          % (name, ctx.limits.max_streams_per_connection)
-                          for name in new[max(room, 0):])
-            new = new[:max(room, 0)]
+            over = new[room:]
+            for name in over:
+                self._refuse(name, "too_many_streams", "too many streams (limit %d)" % limit,
+                             refused)
+            new = new[:room]
+            valid = [name for name in valid if name not in frozenset(over)]
+        problems = []
         for cause, text in request.problems:
             ctx.counters.ignored[cause] += 1
-            errors.append(text)
+            problems.append(text)
         manager.subscribe(self, new, self._wants(request, new))
         if reply:
-            task = asyncio.ensure_future(self._ack_when_subscribed(request.id, new, errors))
-            if self._acks is None:
-                self._acks = set()
-            self._acks.add(task)
-            task.add_done_callback(self._ack_done)
+            pending = self._acks
+            self._later(self._ack_when_subscribed(
+                pending if isinstance(pending, asyncio.Future) else None,
+                request.id, new, valid, refused, problems))
+
+    def _refuse(self, name: str, cause: str, reason: str,
+                refused: list[tuple[str, str]]) -> None:
+        """Count and log (rate-limited) a stream not subscribed; add it to
+        ``refused`` for the reply."""
+        ctx = self.context
+        ctx.counters.rejected_streams += 1
+        ctx.counters.rejected[cause] += 1
+        ctx.log_limit.log(logging.INFO, "rejected_stream", "refused stream %.100r from %s: %s",
+                          name, self.identity, reason)
+        refused.append((name, reason))
+
+    def _answer(self, text: str) -> None:
+        """Reply now, or after the replies still waiting for Redis."""
+        pending = self._acks
+        if isinstance(pending, asyncio.Future):
+            self._later(self._reply_after(pending, text))
+        else:
+            self._reply(text)
+
+    def _later(self, reply: Coroutine[Any, Any, None]) -> None:
+        """Run ``reply`` (which waits for the one before it) as the last
+        reply in flight; the handler holds it (the event loop holds tasks
+        only weakly), and each holds the one before it."""
+        task = asyncio.ensure_future(reply)
+        self._acks = task
+        task.add_done_callback(self._ack_done)
 
     def _ack_done(self, task: asyncio.Future[None]) -> None:
-        if self._acks is not None:
-            self._acks.discard(task)
-            if not self._acks:
-                self._acks = None
+        if self._acks is task:
+            self._acks = True  # nothing in flight: acks stay on
+
+    async def _reply_after(self, previous: asyncio.Future[None], text: str) -> None:
+        await asyncio.wait([previous])
+        if self._ws is not None:
+            self._reply(text)
 
     def _wants(self, request: protocol.Request, names: list[str]) -> dict[str, Want]:
         """What to recover on each of ``names``: the request's ``since`` and
@@ -397,19 +438,18 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                 wants[name] = Want(position, wanted)
         return wants
 
-    async def _ack_when_subscribed(self, request_id: protocol.RequestId, names: list[str],
-                                   errors: list[str]) -> None:
+    async def _ack_when_subscribed(self, previous: asyncio.Future[None] | None,
+                                   request_id: protocol.RequestId, names: list[str],
+                                   subscribed: list[str], refused: list[tuple[str, str]],
+                                   problems: list[str]) -> None:
         if not await self.context.manager.wait_subscribed(names):
-            errors = errors + ["upstream subscription not confirmed yet"]
+            problems = problems + ["Redis has not confirmed the subscription yet (the "
+                                   "streams are delivered once it does)"]
+        if previous is not None:
+            await asyncio.wait([previous])
         if self._ws is not None:
-            self._ack(request_id, errors)
-
-    def _ack(self, request_id: protocol.RequestId, errors: list[str]) -> None:
-        if errors:
-            self._reply(protocol.encode_error(request_id, protocol.ERROR_INVALID_REQUEST,
-                                              "; ".join(errors)))
-        else:
-            self._reply(protocol.encode_result(request_id))
+            self._reply(protocol.encode_outcome(request_id, "subscribed", subscribed, refused,
+                                                problems))
 
     def _reply(self, text: str) -> None:
         self.write_frames(protocol.text_frame(text.encode()))

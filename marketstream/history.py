@@ -30,7 +30,8 @@ from typing import Any
 from marketstream.core import split_position
 from marketstream.publisher import stream_keys
 
-__all__ = ["latest_position", "read_after", "read_snapshot", "split_position"]
+__all__ = ["latest_position", "oldest_position", "read_after", "read_snapshot",
+           "split_position"]
 
 def _bytes(value: Any) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else value
@@ -125,3 +126,12 @@ async def latest_position(client: Any, stream: str) -> int | None:
     """The position of the stream's last message, or None if it has none."""
     value = await client.get(stream_keys(stream)[0])
     return None if value is None else int(value)
+
+
+async def oldest_position(client: Any, stream: str) -> int | None:
+    """The position of the oldest message the history holds, or None if it
+    holds none."""
+    raw = await client.xrange(stream_keys(stream)[1], min="-", max="+", count=1)
+    if not raw:
+        return None
+    return int(_bytes(raw[0][0]).split(b"-", 1)[0])

@@ -30,6 +30,8 @@ Metrics (all prefixed ``marketstream_``):
                                        ping_timeout
 ``redis_reconnects_total``             reconnections of the pub/sub connection
 ``refused_handshakes_total{cause}``    origin, max_connections, max_connections_per_ip
+``rejected_streams_total{cause}``      streams refused to clients: invalid_name,
+                                       unknown_type, unknown_market, too_many_streams
 =====================================  ==========================================
 """
 
@@ -216,6 +218,11 @@ class Exporter:
                                "WebSocket handshakes refused, by cause", ["cause"], registry=r)
         for cause in counters.refused:
             self.refused.labels(cause)
+        self.rejected = Counter("marketstream_rejected_streams",
+                                "Streams refused to clients (not subscribed), by cause",
+                                ["cause"], registry=r)
+        for cause in counters.rejected:
+            self.rejected.labels(cause)
         for cause in self._drop_counts():
             self.dropped.labels(cause)
         self._timer: tornado.ioloop.PeriodicCallback | None = None
@@ -274,6 +281,8 @@ class Exporter:
             self._advance("dropped." + cause, self.dropped.labels(cause), value)
         for cause, value in stats.refused.items():
             self._advance("refused." + cause, self.refused.labels(cause), value)
+        for cause, value in stats.rejected.items():
+            self._advance("rejected." + cause, self.rejected.labels(cause), value)
 
     def start(self, interval: float = 1.0) -> None:
         """Sync every ``interval`` seconds on the running IOLoop."""

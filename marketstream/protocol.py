@@ -40,8 +40,8 @@ __all__ = [
     "SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS", "METHODS",
     "ERROR_INVALID_REQUEST", "ERROR_INVALID_JSON",
     "Request", "Invalid", "parse_request", "parse_stream_query", "StreamRules", "MAX_POSITION",
-    "encode_result", "encode_error", "wrap_data", "is_json_object",
-    "gap_notice", "text_frame", "take_token",
+    "encode_result", "encode_error", "encode_outcome", "wrap_data", "is_json_object",
+    "gap_notice", "GAP_REASONS", "text_frame", "take_token",
 ]
 
 SUBSCRIBE = "SUBSCRIBE"
@@ -77,6 +77,8 @@ class Request(NamedTuple):
     since: dict[str, int] | None = None
     snapshot: bool | tuple[str, ...] | None = None
     problems: tuple[Problem, ...] = ()
+    #: ``"acks": true`` turns acknowledgements on for the connection (None: not given).
+    acks: bool | None = None
 
 
 class Invalid(NamedTuple):
@@ -128,12 +130,15 @@ def parse_request(frame: str | bytes) -> Request | Invalid:
         return Invalid("params must be an array of strings", id=request_id)
     if method != LIST_SUBSCRIPTIONS and not params:
         return Invalid("params must not be empty", id=request_id)
+    acks = message.get("acks")
+    if acks is not None and not isinstance(acks, bool):
+        return Invalid("acks must be true or false", id=request_id)
     if method != SUBSCRIBE or ("since" not in message and "snapshot" not in message):
-        return Request(method, tuple(params), request_id)
+        return Request(method, tuple(params), request_id, acks=acks)
     problems: list[Problem] = []
     since = _parse_since(message.get("since"), problems)
     snapshot = _parse_snapshot(message.get("snapshot"), problems)
-    return Request(method, tuple(params), request_id, since, snapshot, tuple(problems))
+    return Request(method, tuple(params), request_id, since, snapshot, tuple(problems), acks)
 
 
 #: Positions are below 2^53 (exact in JavaScript).
@@ -215,16 +220,27 @@ class StreamRules:
     (``kline.1m.SOL_USDC``, ``depth.200ms.SOL_USDC``).  ``types`` is an
     allow-list of stream types; ``markets`` an allow-list of markets, or empty
     to accept any market matching ``market_pattern``.
+
+    >>> StreamRules().refusal("trades.BTC_USDT")[1]
+    "unknown stream type 'trades' (allowed: depth, trade, ticker, bookTicker, kline)"
+    >>> StreamRules().refusal("btcusdt@trade")[0]
+    'invalid_name'
     """
+
+    #: Why a name is refused (the ``cause`` of :meth:`refusal`), as counted
+    #: in ``marketstream_rejected_streams_total``.
+    CAUSES = ("invalid_name", "unknown_type", "unknown_market")
 
     def __init__(self,
                  types: Iterable[str] = ("depth", "trade", "ticker", "bookTicker", "kline"),
                  markets: Iterable[str] = (),
                  market_pattern: str | re.Pattern[str] = r"^[A-Z0-9]+_[A-Z0-9]+$") -> None:
+        types = tuple(types)
         self.types = frozenset(types)
         self.markets = frozenset(markets)
         self.market_pattern = (re.compile(market_pattern) if isinstance(market_pattern, str)
                                else market_pattern)
+        self._allowed_types = ", ".join(dict.fromkeys(types))
 
     @classmethod
     def from_settings(cls, protocol: "ProtocolSettings") -> "StreamRules":
@@ -233,22 +249,30 @@ class StreamRules:
 
     def check(self, name: str) -> str | None:
         """None if ``name`` is an acceptable stream, else the reason it is not."""
+        refusal = self.refusal(name)
+        return None if refusal is None else refusal[1]
+
+    def refusal(self, name: str) -> tuple[str, str] | None:
+        """None if ``name`` is an acceptable stream, else ``(cause, reason)``:
+        the cause one of :attr:`CAUSES`, the reason a sentence for the client."""
         if not name or len(name) > MAX_STREAM_NAME:
-            return "invalid stream name"
+            return "invalid_name", "invalid stream name (1 to %d characters)" % MAX_STREAM_NAME
         parts = name.split(".")
         if len(parts) < 2:
-            return "stream name must be <type>.<MARKET>"
+            return "invalid_name", "stream name must be <type>.<MARKET>, e.g. trade.BTC_USDT"
         if parts[0] not in self.types:
-            return "unknown stream type %r" % parts[0]
+            return "unknown_type", "unknown stream type %r (allowed: %s)" % (
+                parts[0], self._allowed_types)
         market = parts[-1]
         if self.markets:
             if market not in self.markets:
-                return "unknown market %r" % market
+                return "unknown_market", "unknown market %r" % market
         elif not self.market_pattern.fullmatch(market):
-            return "invalid market %r" % market
+            return "unknown_market", "invalid market %r (must match %s)" % (
+                market, self.market_pattern.pattern)
         for middle in parts[1:-1]:
             if not _MIDDLE_PART.fullmatch(middle):
-                return "invalid stream name"
+                return "invalid_name", "invalid stream name"
         return None
 
 
@@ -262,6 +286,47 @@ def encode_result(request_id: RequestId, result: object = None) -> str:
 def encode_error(request_id: RequestId, code: int, msg: str) -> str:
     """``{"error": {"code": c, "msg": "..."}, "id": n}``, as text."""
     return ujson.dumps({"error": {"code": code, "msg": msg}, "id": request_id})
+
+
+#: Most refused streams a reply names one by one (a request is bounded by
+#: ``[limits] max_frame_bytes``; its reply stays a few kilobytes).
+MAX_REFUSALS_LISTED = 100
+
+
+def encode_outcome(request_id: RequestId, accepted_key: str, accepted: list[str],
+                   refused: list[tuple[str, str]], problems: list[str]) -> str:
+    """The acknowledgement of a SUBSCRIBE or UNSUBSCRIBE, as text.
+
+    Everything done as asked: ``{"result": null, "id": n}`` (Binance's
+    reply).  Else an error (code 2) whose ``msg`` says what went wrong and
+    which also says, for clients that read it, which streams were carried
+    out (under ``accepted_key``: ``subscribed`` or ``unsubscribed``) and
+    which were refused, with the reason of each (``refused``: name ->
+    reason; at most :data:`MAX_REFUSALS_LISTED`, then ``refused_more``
+    counts the rest):
+
+    >>> encode_outcome(1, "subscribed", ["trade.A_B"], [], [])
+    '{"result":null,"id":1}'
+    >>> import json
+    >>> json.loads(encode_outcome(2, "subscribed", ["trade.A_B"],  # doctest: +NORMALIZE_WHITESPACE
+    ...                           [("trades.A_B", "unknown stream type 'trades'")], []))["error"]
+    {'code': 2, 'msg': "trades.A_B: unknown stream type 'trades'",
+     'subscribed': ['trade.A_B'], 'refused': {'trades.A_B': "unknown stream type 'trades'"}}
+    """
+    if not refused and not problems:
+        return encode_result(request_id)
+    texts = ["%s: %s" % (name[:100], reason) for name, reason in refused[:10]]
+    if len(refused) > 10:
+        texts.append("%d more streams refused" % (len(refused) - 10))
+    texts.extend(problems[:10])
+    error: dict[str, object] = {"code": ERROR_INVALID_REQUEST, "msg": "; ".join(texts),
+                                accepted_key: accepted}
+    if refused:
+        listed = refused[:MAX_REFUSALS_LISTED]
+        error["refused"] = {name[:MAX_STREAM_NAME]: reason for name, reason in listed}
+        if len(refused) > len(listed):
+            error["refused_more"] = len(refused) - len(listed)
+    return ujson.dumps({"error": error, "id": request_id}, escape_forward_slashes=False)
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -298,13 +363,43 @@ def wrap_data(stream: bytes, payload: bytes) -> bytes:
     return b'{"stream":"' + stream + b'","data":' + payload + b"}"
 
 
-def gap_notice(stream: str, now: float | None = None) -> bytes:
-    """The message sent on every stream after an upstream outage."""
+#: The ``data.reason`` codes of gap notices, with the ``data.msg`` each
+#: carries (the README lists them too).
+GAP_REASONS = {
+    # Plain streams (no positions): what was published meanwhile is gone.
+    "link_outage": "the server's Redis connection was lost and restored; "
+                   "updates published meanwhile were missed",
+    "shard_interrupted": "the stream's Redis Cluster shard was cut off (slot moved, failover "
+                         "or lost link) and the stream subscribed again; updates published "
+                         "meanwhile were missed",
+    # Recoverable streams: what the history could not give back.
+    "history_lost": "the stream's history is gone (expired, or lost by Redis); "
+                    "updates were missed",
+    "history_trimmed": "the stream's history no longer reaches back to the position asked for; "
+                       "updates were missed",
+    "max_replay": "the position asked for is further behind than the server replays "
+                  "([recovery] max_replay); updates were missed",
+    "since_ahead": "the position asked for is ahead of the stream's latest: positions "
+                   "started over (a Redis failover lost writes) or come from another history",
+    "lost_writes": "the stream's positions went back (a Redis failover lost its latest writes); "
+                   "positions start over",
+}
+
+
+def gap_notice(stream: str, now: float | None = None, reason: str = "link_outage") -> bytes:
+    """The message that tells a stream's listeners updates may have been
+    missed: ``data.reason`` is one of :data:`GAP_REASONS`, ``data.msg``
+    says it in words.
+
+    >>> import json
+    >>> json.loads(gap_notice("trade.SOL_USDC", 1.5, "history_trimmed"))["data"]["reason"]
+    'history_trimmed'
+    """
     now_us = int((time.time() if now is None else now) * 1_000_000)
     market = stream.rsplit(".", 1)[-1]
     return ujson.dumps(
-        {"stream": stream, "data": {"e": "gap", "s": market, "E": now_us,
-                                    "reason": "upstream reconnected; updates may have been missed"}}
+        {"stream": stream, "data": {"e": "gap", "s": market, "E": now_us, "reason": reason,
+                                    "msg": GAP_REASONS[reason]}}
     ).encode()
 
 

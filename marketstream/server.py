@@ -7,8 +7,13 @@
     REDIS_URL=redis://10.0.0.5:6379/0 WS_STREAM_URL=0.0.0.0:4000 marketstream
     marketstream --config conf/marketstream.ini --set protocol.acks=true
 
-Exit codes: 0 after a clean shutdown (SIGTERM, SIGINT), 1 when Redis cannot
-be reached at start-up, 2 for a configuration error.
+Redis unreachable at start-up is waited for: the server serves (``/health``
+answers 503), logs that it waits and retries until Redis answers, or exits
+after ``[redis] startup_timeout`` seconds if that is set.
+
+Exit codes: 0 after a clean shutdown (SIGTERM, SIGINT), 1 when the server
+cannot start (a port in use; Redis unreachable for ``[redis]
+startup_timeout``), 2 for a configuration error.
 """
 
 import argparse
@@ -36,13 +41,14 @@ from marketstream.embedded import RedisServer
 from marketstream.handlers import (CLOSE_GOING_AWAY, Context, StreamHandler, log_request, routes,
                                    ws_paths)
 from marketstream.keepalive import Keepalive, Pingable
+from marketstream.link import UPSTREAM_ERRORS
+from marketstream.loglimit import LogLimiter
 from marketstream.metrics import Exporter
 from marketstream.listen import bind_listeners
 from marketstream.upgrade import StreamServer
-from marketstream.util import check_redis
 from marketstream.workers import supervise, worker_id
 
-__all__ = ["main", "make_app", "Server"]
+__all__ = ["main", "make_app", "Server", "RedisUnavailable"]
 
 log = logging.getLogger("marketstream.server")
 
@@ -102,6 +108,20 @@ def _fit_connection_limit(settings: Settings) -> Settings:
     return settings
 
 
+class RedisUnavailable(RuntimeError):
+    """Redis did not answer within ``[redis] startup_timeout``."""
+
+
+#: Exit code of a worker that cannot start (Redis unreachable for
+#: ``[redis] startup_timeout``): the supervisor stops the others instead of
+#: restarting it.
+EXIT_CANNOT_START = 3
+#: Seconds one connection attempt to Redis may take at start-up, at most.
+CONNECT_ATTEMPT = 5.0
+#: Seconds between the lines saying the server still waits for Redis.
+WAITING_LOG_INTERVAL = 10.0
+
+
 class Server:
     """One marketstream process: its Redis bridge, HTTP server and clients."""
 
@@ -111,10 +131,15 @@ class Server:
         self.http_server: StreamServer | None = None
         self.app: StreamApplication | None = None
         self.keepalive: Keepalive | None = None
+        self.failure: RedisUnavailable | None = None  # why run() stopped by itself
         self._extra_tasks: list[asyncio.Future[Any]] = []
+        self._redis_wait: asyncio.Future[None] | None = None
+        self._stop_requested: asyncio.Event | None = None
 
     async def start(self, sockets: list[socket.socket] | None = None) -> None:
-        """Connect to Redis, then start serving (on ``sockets`` if given)."""
+        """Connect to Redis, then start serving (on ``sockets`` if given).
+        If Redis does not answer, serve all the same and keep trying in the
+        background (see :meth:`_wait_for_redis`)."""
         settings = self.settings = _fit_connection_limit(self.settings)
         manager = self.manager = ChannelManager.install(ChannelManager(
             settings.redis.url, payload_format=settings.redis.format,
@@ -123,7 +148,8 @@ class Server:
             backoff_max=settings.redis.reconnect_max_delay,
             min_flush_interval=settings.server.min_flush_interval,
             max_replay=settings.recovery.max_replay))
-        await manager.start()
+        timeout = settings.redis.startup_timeout
+        failed = await self._connect_redis(min(CONNECT_ATTEMPT, timeout or CONNECT_ATTEMPT))
         app = self.app = make_app(settings, manager)
         context = app.context
 
@@ -150,6 +176,58 @@ class Server:
         log.info("marketstream %s listening on ws://%s:%d%s (pid %d%s, Redis %s)", __version__,
                  settings.host, settings.port, settings.ws_path or "/", os.getpid(),
                  "" if worker is None else ", worker %d" % worker, manager.redacted_url())
+        if failed is not None:
+            self._redis_wait = asyncio.ensure_future(self._wait_for_redis(failed))
+
+    async def _connect_redis(self, timeout: float) -> BaseException | None:
+        """One attempt to connect the manager to Redis: None if it did,
+        else the error."""
+        assert self.manager is not None
+        try:
+            await self.manager.start(timeout)
+        except (asyncio.TimeoutError, *UPSTREAM_ERRORS) as exc:
+            return exc
+        return None
+
+    async def _wait_for_redis(self, error: BaseException) -> None:
+        """Retry Redis until it answers, saying so in the log (the first
+        time, then every WAITING_LOG_INTERVAL seconds), while the server
+        serves; clients that subscribe meanwhile get their streams once it
+        answers.  Past ``[redis] startup_timeout`` (if not 0), stop the
+        server (:meth:`run` then raises :class:`RedisUnavailable`)."""
+        settings = self.settings
+        assert self.manager is not None
+        url = self.manager.redacted_url()
+        source = settings.sources.get("redis.url", "default")
+        timeout = settings.redis.startup_timeout
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        limiter = LogLimiter(log, interval=WAITING_LOG_INTERVAL)
+        delay = 0.1
+        while True:
+            waited = loop.time() - began
+            if timeout and waited >= timeout:
+                self.failure = RedisUnavailable(
+                    "Redis at %s (%s) did not answer within [redis] startup_timeout = %gs: %s"
+                    % (url, source, timeout, error))
+                log.error("cannot start: %s", self.failure)
+                if self._stop_requested is not None:
+                    self._stop_requested.set()
+                return
+            limiter.log(logging.WARNING, "waiting",
+                        "waiting for Redis at %s (%s), retrying %s; meanwhile clients are "
+                        "served and /health answers 503 (%s)", url, source,
+                        "for up to %gs ([redis] startup_timeout)" % timeout if timeout
+                        else "until it answers", error)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, settings.redis.reconnect_max_delay)
+            left = timeout - (loop.time() - began) if timeout else CONNECT_ATTEMPT
+            failed = await self._connect_redis(max(0.1, min(CONNECT_ATTEMPT, left)))
+            if failed is None:
+                log.warning("Redis at %s answers after %.1fs: serving streams", url,
+                            loop.time() - began)
+                return
+            error = failed
 
     @property
     def counters(self) -> Counters:
@@ -164,6 +242,8 @@ class Server:
 
     async def stop(self) -> None:
         """Stop accepting, close every client with 1001, release Redis."""
+        if self._redis_wait is not None:
+            self._redis_wait.cancel()
         if self.http_server is not None:
             self.http_server.stop()
         if self.keepalive is not None:
@@ -191,15 +271,20 @@ class Server:
         log.info("marketstream stopped (%d client(s) closed)", len(clients))
 
     async def run(self, sockets: list[socket.socket] | None = None) -> None:
-        """Start, serve until SIGTERM or SIGINT, then stop."""
+        """Start, serve until SIGTERM or SIGINT, then stop.  Raises
+        :class:`RedisUnavailable` (after stopping) when Redis did not answer
+        within ``[redis] startup_timeout``."""
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop = self._stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await self.start(sockets)
         await stop.wait()
-        log.info("shutting down")
+        if self.failure is None:
+            log.info("shutting down")
         await self.stop()
+        if self.failure is not None:
+            raise self.failure
 
 
 # --- command line ------------------------------------------------------------
@@ -345,17 +430,23 @@ def main(argv: list[str] | None = None) -> None:
         if processes == 1:
             run_loop(settings, _serve(settings, args.demo, groups[0]))
         else:
-            check_redis(settings.redis.url)
             metrics_dir = metrics.enable_multiprocess()
+
+            def worker(index: int) -> int:
+                try:
+                    run_loop(settings, _serve(settings, args.demo and index == 0, groups[index]))
+                except RedisUnavailable:
+                    return EXIT_CANNOT_START  # logged; the supervisor stops the others
+                return 0
+
             try:
-                code = supervise(
-                    processes,
-                    lambda index: run_loop(settings,
-                        _serve(settings, args.demo and index == 0, groups[index])),
-                    grace=settings.server.shutdown_timeout, on_exit=metrics.mark_process_dead,
-                    listeners=groups)
+                code = supervise(processes, worker, grace=settings.server.shutdown_timeout,
+                                 on_exit=metrics.mark_process_dead, listeners=groups,
+                                 fatal=EXIT_CANNOT_START)
             finally:
                 metrics.disable_multiprocess(metrics_dir)
+    except RedisUnavailable:
+        code = 1  # logged where it was decided
     except (OSError, RedisError, asyncio.TimeoutError, RuntimeError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         code = 1

@@ -14,20 +14,26 @@ can be piped into ``jq`` or checked by a script.  When the connection drops
 the command reconnects and resumes each recoverable stream after the last
 position it printed; a gap the client notices itself (a plain stream after
 a reconnection, a position that jumps) is printed as a gap notice line of
-the same shape as the server's.  Connection states go to standard error.
+the same shape as the server's.  Connection states go to standard error,
+with the reason of each disconnection (the server's close code and reason,
+or the connection error); so do the streams the server refuses, with its
+reason (``marketstream-tail trades.BTC_USDT``: ``unknown stream type
+'trades'``), and the command exits at once.
 
 Exit codes: 0 after ``--count`` lines, at the end of ``--timeout`` when no
 ``--count`` was given, or on Ctrl-C; 1 when ``--timeout`` ends before
-``--count`` lines; 2 for bad arguments.
+``--count`` lines; 2 for bad arguments or a stream the server refused.
+On exit the connection is closed with a close frame (1000).
 """
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from typing import TextIO
 
-from marketstream.client import Client
+from marketstream.client import Client, StreamsRefused
 
 __all__ = ["build_parser", "main", "tail"]
 
@@ -97,21 +103,29 @@ async def tail(args: argparse.Namespace, out: TextIO | None = None,
     err = err or sys.stderr
 
     def on_state(state: str) -> None:
-        if not args.quiet:
-            print("marketstream-tail: %s %s" % (state, args.url), file=err, flush=True)
+        why = client.disconnect_reason if state == "disconnected" else None
+        print("marketstream-tail: %s %s%s" % (state, args.url, ": " + why if why else ""),
+              file=err, flush=True)
 
     client = Client(args.url, args.streams, snapshot=args.snapshot, since=dict(args.since),
                     on_state=None if args.quiet else on_state)
     printed = 0
+    refused: list[StreamsRefused] = []
 
     async def run() -> None:
         nonlocal printed
-        async for message in client:
-            out.write(message.raw + "\n")
-            out.flush()
-            printed += 1
-            if args.count is not None and printed >= args.count:
-                return
+        try:
+            async for message in client:
+                out.write(message.raw + "\n")
+                out.flush()
+                printed += 1
+                if args.count is not None and printed >= args.count:
+                    return
+        except StreamsRefused as exc:
+            refused.append(exc)
+            for name, reason in exc.refused.items():
+                print("marketstream-tail: the server refused %s: %s" % (name, reason),
+                      file=err, flush=True)
 
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(run())
@@ -135,12 +149,18 @@ async def tail(args: argparse.Namespace, out: TextIO | None = None,
             raise
     finally:
         await client.close()
-    return 0
+    return 2 if refused else 0
 
 
 def main(argv: list[str] | None = None) -> None:
     """The ``marketstream-tail`` command."""
     args = build_parser().parse_args(argv)
+    if not args.quiet:  # what the client says of the server's other errors
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("marketstream-tail: %(message)s"))
+        client_log = logging.getLogger("marketstream.client")
+        client_log.addHandler(handler)
+        client_log.setLevel(logging.WARNING)
     try:
         code = asyncio.run(tail(args))
     except KeyboardInterrupt:

@@ -73,14 +73,17 @@ def _spawn(index: int, target: Callable[[int], int | None],
 
 def supervise(count: int, target: Callable[[int], int | None], grace: float = 10.0,
               restart_delay: float = 1.0, on_exit: Callable[[int], None] | None = None,
-              listeners: Sequence[Sequence[socket.socket]] | None = None) -> int:
+              listeners: Sequence[Sequence[socket.socket]] | None = None,
+              fatal: int | None = None) -> int:
     """Run ``target(index)`` in ``count`` forked workers until SIGTERM/SIGINT.
 
     A worker that exits while the parent is not stopping is logged and
     restarted (no faster than once per ``restart_delay`` per slot);
     ``on_exit(pid)`` is called for every worker that exits.  With
     ``listeners`` (one group of sockets per worker), worker ``i`` closes
-    every group but ``listeners[i]``.  Returns 0 when every worker stopped
+    every group but ``listeners[i]``.  A worker that exits with code
+    ``fatal`` (it cannot start, and would not in another try) is not
+    restarted: the others are stopped.  Returns 0 when every worker stopped
     cleanly on request, 1 otherwise.
     """
     if listeners is not None and len(listeners) != count:
@@ -108,6 +111,10 @@ def supervise(count: int, target: Callable[[int], int | None], grace: float = 10
                 on_exit(pid)
             if stopping:
                 break
+            if fatal is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == fatal:
+                log.error("worker %d (pid %d) cannot start; stopping the others", index, pid)
+                _stop_all(workers, grace)
+                return 1
             log.error("worker %d (pid %d) %s; restarting it", index, pid, _describe(status))
             time.sleep(max(0.0, started[index] + restart_delay - time.monotonic()))
             workers[_spawn(index, target, listeners)] = index

@@ -11,7 +11,8 @@ import pytest
 import ujson
 
 import marketstream.client
-from marketstream.client import GAP, MESSAGE, SNAPSHOT, BookGap, Client, ConnectionLost, OrderBook
+from marketstream.client import (GAP, MESSAGE, SNAPSHOT, BookGap, Client, ConnectionLost,
+                                 OrderBook, StreamsRefused)
 from marketstream.feed import MarketSimulator
 from marketstream.publisher import AsyncPublisher, Publisher
 from tests.helpers import async_wait_until, listeners, subscribed, ws_url
@@ -231,6 +232,7 @@ async def test_client_drops_repeated_positions_and_reports_jumps(server, redis_c
                      (MESSAGE, 7)]
     gap = collector.messages[3].data
     assert (gap["e"], gap["from"], gap["to"]) == ("gap", 4, 5)
+    assert (gap["reason"], gap["msg"]) == ("positions_missing", "positions 4 to 5 missing")
     assert client.duplicates == 2 and client.gaps == 1
     await collector.stop()
 
@@ -250,7 +252,8 @@ async def test_resync_of_a_plain_stream_does_nothing(server, redis_client):
 @pytest.mark.gen_test
 async def test_server_gap_notice_is_a_gap_message(server, redis_client):
     client, collector = await connected_client(server, redis_client, ["ticker.ETH_USDT"])
-    notice = plain("ticker.ETH_USDT", e="gap", s="ETH_USDT", E=1, reason="upstream reconnected")
+    notice = plain("ticker.ETH_USDT", e="gap", s="ETH_USDT", E=1, reason="link_outage",
+                   msg="the server's Redis connection was lost and restored")
     redis_client.publish("ticker.ETH_USDT", notice)
     await async_wait_until(lambda: collector.messages, message="gap notice")
     assert collector.messages[0].kind == GAP and collector.messages[0].raw == notice
@@ -281,6 +284,7 @@ async def test_client_retries_until_the_server_is_up(server_factory, redis_clien
     redis_client.publish("trade.SOL_USDC", plain("trade.SOL_USDC", e="trade", t=1))
     await async_wait_until(lambda: collector.messages, message="message after start")
     assert client.connects == 1 and client.reconnects == 0
+    assert client.disconnect_reason.startswith("cannot connect: "), client.disconnect_reason
     await collector.stop()
 
 
@@ -329,7 +333,70 @@ async def test_plain_streams_survive_100_forced_disconnects(server, redis_client
         ts = [m.data["t"] for m in collector.of(stream)]
         assert ts == sorted(set(ts)), "duplicates or disorder on %s" % stream
         assert len(collector.of(stream, GAP)) == 100
+        assert {m.data["reason"] for m in collector.of(stream, GAP)} == {"reconnected"}
     assert collector.states.count("disconnected") >= 100
+
+
+# --- refusals, closing, why a connection ended ------------------------------------
+
+@pytest.mark.gen_test
+async def test_refused_streams_raise_with_the_servers_reason_and_the_others_go_on(
+        server, redis_client):
+    """acks off on the server: the client asks for them on its connection."""
+    client = Client(ws_url(server), ["trade.OK_USDT", "trades.OK_USDT", "trade.ok_usdt"])
+    with pytest.raises(StreamsRefused) as refused:
+        await asyncio.wait_for(client.__anext__(), 10)
+    expected = {"trades.OK_USDT": "unknown stream type 'trades' (allowed: depth, trade, "
+                                  "ticker, bookTicker, kline)",
+                "trade.ok_usdt": "invalid market 'ok_usdt' (must match ^[A-Z0-9]+_[A-Z0-9]+$)"}
+    assert refused.value.refused == expected == client.refused
+    assert "trades.OK_USDT: unknown stream type 'trades'" in str(refused.value)
+    assert client.streams == ["trade.OK_USDT"]
+    await listeners(server, "trade.OK_USDT", 1)
+    await subscribed(redis_client, "trade.OK_USDT")
+    redis_client.publish("trade.OK_USDT", plain("trade.OK_USDT", e="trade", t=1))
+    message = await asyncio.wait_for(client.__anext__(), 10)   # iterating again goes on
+    assert message.data == {"e": "trade", "t": 1}
+    await client.close()
+
+
+@pytest.mark.gen_test
+async def test_async_with_after_a_break_closes_with_a_close_frame(server, redis_client, caplog):
+    caplog.set_level("INFO", logger="marketstream.connections")
+
+    async def publish():
+        await listeners(server, "trade.BYE_USDT", 1)
+        await subscribed(redis_client, "trade.BYE_USDT")
+        for t in range(3):
+            redis_client.publish("trade.BYE_USDT", plain("trade.BYE_USDT", e="trade", t=t))
+
+    publisher = asyncio.ensure_future(publish())
+    async with Client(ws_url(server), ["trade.BYE_USDT"]) as client:
+        first = await client.__anext__()   # as a loop that breaks after one
+    await publisher
+    assert first.data["t"] == 0 and client.state == "closed"
+    await async_wait_until(lambda: not server.manager.connections, message="connection gone")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("disconnect")]
+    assert len(lines) == 1 and " code=1000 " in lines[0], lines
+
+
+@pytest.mark.gen_test
+async def test_disconnect_reason_says_why(server, redis_client):
+    states = []
+    client = Client(ws_url(server), ["trade.WHY_USDT"], backoff=(0.005, 0.05),
+                    on_state=lambda state: states.append((state, client.disconnect_reason)))
+    collector = Collector(client)
+    await listeners(server, "trade.WHY_USDT", 1)
+    kick(server, rst=False)                         # close 1001 "kicked"
+    await async_wait_until(lambda: client.connects == 2, message="reconnected")
+    await listeners(server, "trade.WHY_USDT", 1)
+    kick(server, rst=True)                          # no close frame
+    await async_wait_until(lambda: client.connects == 3, message="reconnected again")
+    await collector.stop()
+    reasons = [reason for state, reason in states if state == "disconnected"]
+    assert reasons[0] == "closed by the server: 1001 kicked"
+    assert reasons[1] in ("connection lost (no close frame)",
+                          "connection failed: Stream is closed"), reasons
 
 
 # --- the feed's order book -------------------------------------------------------

@@ -50,6 +50,10 @@ class Conn:
         ``("snap", N)`` or ``("plain", i)``."""
         return [label(m) for m in self.got if stream is None or m["stream"] == stream]
 
+    def reasons(self) -> list[str]:
+        """The ``data.reason`` of each gap notice that arrived."""
+        return [m["data"]["reason"] for m in self.got if m["data"].get("e") == "gap"]
+
     def positions(self, stream: str | None = None) -> list[int]:
         """The positions that arrived (the snapshot counts as its own)."""
         out = []
@@ -164,9 +168,12 @@ class Feed:
         if snapshot is not None:
             after = snapshot[0] if after is None else min(after, snapshot[0])
         entries: list[tuple[int, bytes]] = []
+        oldest = None
         if latest is not None and after is not None and after < latest:
             entries = self.read_after(after, max_replay)
-        return History(latest, snapshot, entries)
+            if latest - after > max_replay:
+                oldest = self.log[0][0] if self.log else None
+        return History(latest, snapshot, entries, oldest)
 
 
 def finish(core: Core, read: Read, history: History) -> bool:
@@ -430,6 +437,8 @@ def test_a_plain_stream_gets_one_gap_notice_per_listener_after_an_outage():
     assert core.counters.gap_notices == 3
     notice = a.got[1]
     assert notice["stream"] == S and notice["data"]["s"] == "SOL_USDC"
+    assert notice["data"]["reason"] == "link_outage"
+    assert notice["data"]["msg"] == protocol.GAP_REASONS["link_outage"]
     assert core.start_reads() == []                 # nothing to read for plain streams
 
 
@@ -491,6 +500,7 @@ def test_an_outage_the_history_cannot_cover_gives_the_gap_notice_then_the_snapsh
     finish(core, read, feed.read(read, core.max_replay))
     flush(core)
     assert a.labels() == [1, 2, "gap", ("snap", 8), 9, 10]
+    assert a.reasons() == ["history_trimmed"]
 
 
 def test_an_interrupted_plain_channel_gets_one_gap_notice_and_others_are_untouched():
@@ -505,6 +515,7 @@ def test_an_interrupted_plain_channel_gets_one_gap_notice_and_others_are_untouch
     core.on_message(T.encode(), t.publish_plain())
     flush(core)
     assert a.labels() == [("plain", 1), "gap", ("plain", 2)]
+    assert a.reasons() == ["shard_interrupted"]
     assert b.labels() == [("plain", 1)]
     assert core.counters.gap_notices == 1
     assert S in core.confirmed and T in core.confirmed
@@ -612,7 +623,10 @@ def test_resume_at_the_latest_position_gets_live_messages_only():
     assert a.labels() == [11, 12]
 
 
-def test_resume_ahead_of_the_latest_position_gets_live_messages_only():
+def test_resume_ahead_of_the_latest_position_gets_the_gap_notice_then_live_messages():
+    """A position ahead of the latest is not from this history (a failover
+    lost the writes the client saw): without the notice, a client would
+    drop the next positions as ones it already has."""
     core = make_core()
     feed = Feed()
     for _ in range(10):
@@ -620,11 +634,27 @@ def test_resume_ahead_of_the_latest_position_gets_live_messages_only():
     a = Conn("a")
     subscribed(core, a, S, Want(since=500))
     read = one_read(core)
-    assert finish(core, read, feed.read(read, core.max_replay)) is False
+    assert finish(core, read, feed.read(read, core.max_replay)) is True
     live(core, feed, 2)
     flush(core)
-    assert a.labels() == [11, 12]
-    assert core.counters.gap_notices == 0
+    assert a.labels() == ["gap", 11, 12]
+    assert a.reasons() == ["since_ahead"]
+    assert core.counters.gap_notices == 1
+
+
+def test_resume_ahead_of_the_latest_position_gets_the_snapshot_after_the_gap_notice():
+    core = make_core()
+    feed = Feed(snapshot_every=5)
+    for _ in range(7):
+        feed.publish()
+    a = Conn("a")
+    subscribed(core, a, S, Want(since=500))
+    read = one_read(core)
+    finish(core, read, feed.read(read, core.max_replay))
+    live(core, feed, 1)
+    flush(core)
+    assert a.labels() == ["gap", ("snap", 5), 6, 7, 8]
+    assert a.reasons() == ["since_ahead"]
 
 
 def test_resume_ahead_of_the_latest_position_keeps_the_messages_buffered_during_the_read():
@@ -640,7 +670,7 @@ def test_resume_ahead_of_the_latest_position_keeps_the_messages_buffered_during_
     finish(core, read, history)
     live(core, feed, 2)                             # 13, 14 live
     flush(core)
-    assert a.labels() == [11, 12, 13, 14]
+    assert a.labels() == ["gap", 11, 12, 13, 14]
 
 
 def test_resume_not_covered_gets_the_gap_notice_the_snapshot_and_what_follows_it():
@@ -660,6 +690,7 @@ def test_resume_not_covered_gets_the_gap_notice_the_snapshot_and_what_follows_it
     live(core, feed, 1)
     flush(core)
     assert a.labels() == ["gap", ("snap", 7), 8, 9, 10, 11, 12, 13]
+    assert a.reasons() == ["history_trimmed"]
     assert core.counters.gap_notices == 1 and core.counters.snapshots_sent == 1
     assert core.counters.replayed == 4
 
@@ -691,7 +722,22 @@ def test_resume_more_than_max_replay_behind_gets_at_most_max_replay_messages():
     finish(core, read, history)
     flush(core)
     assert a.labels() == ["gap", 8, 9, 10]
+    assert a.reasons() == ["max_replay"]
     assert core.counters.replayed == 3
+
+
+def test_resume_more_than_max_replay_behind_a_trimmed_history_is_history_trimmed():
+    core = make_core(max_replay=3)
+    feed = Feed(history=5)                          # 6..10 kept
+    for _ in range(10):
+        feed.publish()
+    a = Conn("a")
+    subscribed(core, a, S, Want(since=2))           # 8 behind, 3 allowed, 3..5 gone anyway
+    read = one_read(core)
+    finish(core, read, feed.read(read, core.max_replay))
+    flush(core)
+    assert a.labels() == ["gap", 8, 9, 10]
+    assert a.reasons() == ["history_trimmed"]
 
 
 def test_resume_not_covered_with_a_snapshot_the_history_cannot_reach_is_the_history_only():
@@ -723,6 +769,52 @@ def test_resume_after_a_history_reset_gets_the_gap_notice_and_a_jump_forward():
     flush(core)
     base = feed.base
     assert a.labels() == ["gap", ("snap", base + 4), base + 5]
+    assert a.reasons() == ["history_trimmed"]
+
+
+def outage(core: Core, name: str = S) -> Read:
+    """The link lost and back, ``name`` confirmed again: the read that
+    repairs it."""
+    core.link_lost()
+    core.link_restored({name})
+    core.upstream_confirmed(name)
+    return one_read(core)
+
+
+@pytest.mark.parametrize("history, reason", [
+    (None, "history_lost"),                         # Redis restarted without its data
+    (3, "lost_writes"),                             # a failover lost 4 and 5
+])
+def test_an_outage_the_history_cannot_repair_says_why(history, reason):
+    core = make_core()
+    feed = Feed()
+    a = Conn("a")
+    subscribed(core, a)
+    live(core, feed, 5)
+    feed.latest = history
+    read = outage(core)
+    finish(core, read, feed.read(read, core.max_replay))
+    flush(core)
+    assert a.labels() == [1, 2, 3, 4, 5, "gap"]
+    assert a.reasons() == [reason]
+    if history:
+        live(core, feed, 1)                         # a new 4: one notice for the restart
+        flush(core)
+        assert a.labels()[-2:] == ["gap", 4]
+        assert a.reasons() == [reason]
+
+
+def test_a_live_position_at_or_below_one_delivered_gives_lost_writes():
+    core = make_core()
+    feed = Feed()
+    a = Conn("a")
+    subscribed(core, a)
+    live(core, feed, 5)
+    feed.latest = 3                                 # positions start over at 4
+    live(core, feed, 1)
+    flush(core)
+    assert a.labels() == [1, 2, 3, 4, 5, "gap", 4]
+    assert a.reasons() == ["lost_writes"]
 
 
 def test_snapshot_on_subscribe_gives_the_snapshot_then_every_later_message():

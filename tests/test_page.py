@@ -405,3 +405,99 @@ def test_plain_streams_build_a_partial_book_and_colour_trades(page, server, redi
                message="diff after the gap applied")
     assert js(page, "return window.marketstream.lastSeq") == {}
     assert errors(page) == []
+
+
+def test_the_events_list_shows_close_codes_and_failed_attempts_count(page, server, feed,
+                                                                     redis_url):
+    srv = server["server"]
+    open_page(page, srv)
+    wait_live(page)
+    srv.stop()                                      # SIGTERM: 1001 "server shutting down"
+    wait_page(page, lambda: "1001 server shutting down" in page.find_element(By.ID, "log").text,
+              5, message="the close code and reason in the events list")
+    # Nothing listens: each attempt fails, and the page counts them.
+    wait_page(page, lambda: int(page.find_element(By.ID, "failures").text) >= 3, 15,
+              message="three failed attempts counted")
+    state = page.find_element(By.ID, "connection-state").text
+    assert state.startswith("reconnecting (attempt "), state
+    assert js(page, "return window.marketstream.failures") >= 3
+    server["server"] = srv = start_server(redis_url, port=srv.port)
+    wait_page(page, lambda: page.find_element(By.ID, "connection").get_attribute("data-state")
+              == "open", 15, message="reconnected")
+    assert page.find_element(By.ID, "reconnects").text == "1"
+    assert page.find_element(By.ID, "connection-state").text == "open"
+    # The browser reports each refused connection itself; nothing else failed.
+    assert [e for e in errors(page) if e["source"] != "network"] == []
+
+
+def disconnects(server):
+    return [line for line in server.lines if " disconnect 127.0.0.1:" in line]
+
+
+def test_close_sends_a_close_frame(page, server):
+    """close() while the connection is still being made, and once it is
+    open: the server sees a close frame (1000) either way."""
+    srv = server["server"]
+    open_page(page, srv, "?markets=CLOSE_TEST")
+    wait_until(lambda: js(page, "return window.marketstream.connected"), 5, message="connected")
+    page.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        import("/static/marketstream.js").then(({MarketStream}) => {
+          const early = new MarketStream();
+          early.connect(`ws://${location.host}/ws`);
+          early.close();               // before the handshake is done
+          done(early.state);
+        });""")
+    wait_until(lambda: disconnects(srv), 5, message="the early client's disconnect")
+    assert " code=1000 " in disconnects(srv)[0], srv.output
+    js(page, "window.marketstream.close()")
+    wait_until(lambda: len(disconnects(srv)) == 2, 5, message="the page's disconnect")
+    assert " code=1000 " in disconnects(srv)[1], srv.output
+    assert js(page, "return window.marketstream.state") == "closed"
+
+
+def test_refused_streams_are_reported_on_the_page(page, server):
+    """The browser client asks for acks on its connection: a stream the
+    server refuses is an event (shown in the events list), not silence."""
+    open_page(page, server["server"], "?markets=BTC_USDT,btc_usdt&market=btc_usdt")
+    wait_page(page, lambda: "refused trade.btc_usdt: invalid market 'btc_usdt'"
+              in page.find_element(By.ID, "log").text, 5, message="the refusal shown")
+    assert "trade.btc_usdt" not in js(page, "return window.marketstream.streams")
+    wait_until(lambda: js(page, "return window.marketstream.refused")["depth.btc_usdt"]
+               .startswith("invalid market"), 5, message="refusals kept")
+    assert errors(page) == []
+
+
+def test_phone_width_shows_status_book_and_trades(page, server, feed, tmp_path):
+    """At 420 px: the connection status uncut, the book and the trades one
+    above the other, nothing off the side of the screen."""
+    page.set_window_size(420, 900)
+    try:
+        open_page(page, server["server"])
+        wait_live(page)
+        width = js(page, "return window.innerWidth")
+        assert 380 <= width <= 430, width
+        assert js(page, "return document.documentElement.scrollWidth") <= width
+        for element_id in ("connection", "book", "tape-panel", "ticker", "log"):
+            box = js(page, "const r = document.getElementById(arguments[0])"
+                           ".getBoundingClientRect(); return [r.left, r.right, r.width, r.height]",
+                     element_id)
+            assert box[2] > 0 and box[3] > 0, (element_id, box)
+            assert box[0] >= 0 and box[1] <= width + 0.5, (element_id, box, width)
+        status = page.find_element(By.ID, "connection")
+        assert js(page, "const e = arguments[0]; return e.scrollWidth <= e.clientWidth", status)
+        assert "open" in status.text and "reconnects" in status.text
+        book = page.find_element(By.ID, "book").rect
+        tape = page.find_element(By.ID, "tape-panel").rect
+        assert tape["y"] >= book["y"] + book["height"] - 1   # below it, not beside it, cut off
+        assert tape["y"] + 100 < js(page, "return window.innerHeight")   # on the first screen
+        # The best ask, the best bid, the last trade (re-rendered all the time: ask at once).
+        for row in ("#asks .row:last-child", "#bids .row", "#tape .row"):
+            assert js(page, "const r = document.querySelector(arguments[0]); "
+                            "const b = r && r.getBoundingClientRect(); "
+                            "return !!b && b.height > 0 && b.left >= 0 && b.right <= innerWidth",
+                      row), row
+        page.save_screenshot(str(tmp_path / "phone.png"))
+    finally:
+        page.set_window_size(1280, 800)
+

@@ -85,10 +85,17 @@ def test_configured_redis_means_no_embedded_one(spawn, redis_url):
     assert server.proc.wait(15) == 0
 
 
-def test_unreachable_redis_exits_1(spawn):
-    server = spawn("--redis-url", "redis://127.0.0.1:%d/0" % free_port())
-    assert server.proc.wait(30) == 1
-    assert "cannot start" in server.output
+def test_unreachable_redis_exits_1_after_the_startup_timeout(spawn):
+    """[redis] startup_timeout: an operator who prefers to fail fast gets
+    exit code 1, naming the setting and where the URL came from (password
+    hidden).  (Without it the server waits: tests/test_startup.py.)"""
+    port = free_port()
+    server = spawn("--set", "redis.startup_timeout=1",
+                   env={"REDIS_URL": "redis://:s3cret@127.0.0.1:%d/0" % port})
+    assert server.proc.wait(30) == 1, server.output
+    assert ("cannot start: Redis at redis://:***@127.0.0.1:%d/0 (environment REDIS_URL) did "
+            "not answer within [redis] startup_timeout = 1s" % port) in server.output
+    assert "s3cret" not in server.output and "Traceback" not in server.output
 
 
 def test_demo_prints_url_and_streams_data(spawn):

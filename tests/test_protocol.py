@@ -23,6 +23,7 @@ from marketstream.config import load_settings
 from marketstream.protocol import (
     ERROR_INVALID_JSON,
     ERROR_INVALID_REQUEST,
+    GAP_REASONS,
     LIST_SUBSCRIPTIONS,
     METHODS,
     SUBSCRIBE,
@@ -582,6 +583,17 @@ def test_gap_notice_shape(stream, market):
     assert data["e"] == "gap" and data["s"] == market
     assert type(data["E"]) is int and data["E"] == 1700000000500000
     assert isinstance(data.get("reason"), str)
+
+
+@pytest.mark.parametrize("reason", sorted(GAP_REASONS))
+def test_gap_notice_carries_its_reason_code_and_words(reason):
+    data = strict_json(gap_notice("trade.SOL_USDC", now=1.0, reason=reason))["data"]
+    assert data["reason"] == reason and data["msg"] == GAP_REASONS[reason]
+    assert re.fullmatch(r"[a-z_]+", reason) and len(data["msg"]) > 20
+
+
+def test_gap_notice_default_reason_is_the_link_outage():
+    assert strict_json(gap_notice("trade.SOL_USDC"))["data"]["reason"] == "link_outage"
 
 
 def test_gap_notice_uses_the_clock_in_microseconds():

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from marketstream.client import OrderBook
-from marketstream.protocol import MAX_POSITION
+from marketstream.protocol import GAP_REASONS, MAX_POSITION
 from marketstream.publisher import AsyncPublisher, Publisher
 from marketstream.simulator import Feed, encode
 from tests.helpers import abort, async_wait_until, connect, listeners, subscribed, ws_url
@@ -98,6 +98,14 @@ class Reader:
 
 def is_gap(message):
     return message["data"].get("e") == "gap"
+
+
+def gap_reasons(messages):
+    """The ``data.reason`` of each gap notice among ``messages``; each one
+    also carries its documented words in ``data.msg``."""
+    gaps = [m["data"] for m in messages if is_gap(m)]
+    assert all(gap["msg"] == GAP_REASONS[gap["reason"]] for gap in gaps), gaps
+    return [gap["reason"] for gap in gaps]
 
 
 def trade(i):
@@ -218,7 +226,10 @@ async def test_since_wins_over_snapshot(server, redis_client, pub):
 
 
 @pytest.mark.gen_test
-async def test_since_ahead_of_latest_is_live_only(server, redis_client, pub):
+async def test_since_ahead_of_latest_gets_the_gap_notice_then_live(server, redis_client, pub):
+    """A position ahead of the stream's is not from its history (a failover
+    lost writes the client saw): the notice lets the client take the next
+    positions instead of dropping them as already seen."""
     stream = "trade.%s" % market()
     seqs = [pub.publish(stream, trade(i)) for i in range(3)]
     reader = await Reader.open(server)
@@ -226,8 +237,7 @@ async def test_since_ahead_of_latest_is_live_only(server, redis_client, pub):
     await listeners(server, stream, 1)
     await subscribed(redis_client, stream)
     live = [pub.publish(stream, trade(i)) for i in range(3, 6)]
-    await reader.wait_seq(stream, live[-1])
-    assert reader.seqs(stream) == live
+    await _expect_gap_then(reader, stream, live, seqs[-1], reason="since_ahead")
     assert server.counters.ignored == {"bad_since": 0, "bad_snapshot": 0}
     reader.close()
 
@@ -335,12 +345,14 @@ async def test_no_snapshot_unless_asked(server, redis_client, pub):
 
 # --- history limits ---------------------------------------------------------------------
 
-async def _expect_gap_then(reader, stream, expected_seqs, since, timeout=3.0):
-    """The frames of ``stream`` are a gap notice (no seq) followed by exactly
-    ``expected_seqs``; positions only move forward from ``since``."""
+async def _expect_gap_then(reader, stream, expected_seqs, since, timeout=3.0, reason=None):
+    """The frames of ``stream`` are a gap notice (no seq; for ``reason``)
+    followed by exactly ``expected_seqs``; positions only move forward from
+    ``since``."""
     await reader.wait_seq(stream, expected_seqs[-1], timeout)
     frames = reader.of(stream)
     assert is_gap(frames[0]) and "seq" not in frames[0], frames[0]
+    assert gap_reasons(frames) == [reason], frames[0]
     assert frames[0]["data"]["s"] == stream.split(".", 1)[1]
     assert isinstance(frames[0]["data"]["E"], int)
     assert [m.get("seq") for m in frames[1:]] == expected_seqs
@@ -358,7 +370,7 @@ async def test_trimmed_history_gives_gap_then_snapshot(server, redis_client):
         await reader.send(subscribe([stream], since={stream: seqs[2]}))
         await listeners(server, stream, 1)
         live = small.publish(stream, diff(20))
-    await _expect_gap_then(reader, stream, seqs[16:] + [live], seqs[2])
+    await _expect_gap_then(reader, stream, seqs[16:] + [live], seqs[2], reason="history_trimmed")
     assert reader.of(stream)[1]["data"] == book_at(16)
     assert server.counters.gap_notices == 1
     reader.close()
@@ -373,7 +385,7 @@ async def test_trimmed_history_without_snapshot_gives_gap_then_what_is_left(serv
         await reader.send(subscribe([stream], since={stream: seqs[2]}))
         await listeners(server, stream, 1)
         live = small.publish(stream, trade(20))
-    await _expect_gap_then(reader, stream, seqs[15:] + [live], seqs[2])
+    await _expect_gap_then(reader, stream, seqs[15:] + [live], seqs[2], reason="history_trimmed")
     reader.close()
 
 
@@ -389,8 +401,9 @@ async def test_max_replay_exceeded_gives_gap(server_factory, redis_client, pub):
     await listeners(server, depth, 1)
     t.append(pub.publish(trades, trade(20)))
     d.append(pub.publish(depth, diff(20)))
-    await _expect_gap_then(reader, trades, t[15:], t[2])   # the newest max_replay, then live
-    await _expect_gap_then(reader, depth, d[16:], d[2])    # the snapshot, then after it
+    # The newest max_replay, then live; the snapshot, then what follows it.
+    await _expect_gap_then(reader, trades, t[15:], t[2], reason="max_replay")
+    await _expect_gap_then(reader, depth, d[16:], d[2], reason="max_replay")
     # Within max_replay: no gap.
     other = await Reader.open(server)
     await other.send(subscribe([trades], since={trades: t[-6]}))
@@ -425,9 +438,10 @@ async def test_redis_restart_then_resume_gives_gap_then_snapshot(server, redis_s
         await listeners(server, trades, 1)
         new_d.append(publisher.publish(depth, diff(10)))
         new_t.append(publisher.publish(trades, trade(8)))
-    await _expect_gap_then(reader, depth, new_d[2:], old_d[-1])
+    # The client's positions are older than the history that started over.
+    await _expect_gap_then(reader, depth, new_d[2:], old_d[-1], reason="history_trimmed")
     assert reader.of(depth)[1]["data"] == book_at(7)
-    await _expect_gap_then(reader, trades, new_t, old_t[-1])
+    await _expect_gap_then(reader, trades, new_t, old_t[-1], reason="history_trimmed")
     reader.close()
 
 
@@ -459,6 +473,7 @@ async def test_redis_restart_under_a_connected_client(server, redis_server, redi
     frames = reader.of(stream)
     assert [m["seq"] for m in frames[:3]] == old
     assert is_gap(frames[3]), frames[3:]
+    assert gap_reasons(frames) == ["history_lost"]
     assert [m.get("seq") for m in frames[4:]] == new and new[0] > old[-1]
     reader.close()
 
@@ -518,7 +533,7 @@ async def test_pubsub_link_killed_during_publishing(server, redis_client, redis_
         assert not [m for m in frames if is_gap(m)], s
         assert [m["seq"] for m in frames] == published[s], s
     plain_frames = reader.of(plain)
-    assert len([m for m in plain_frames if is_gap(m)]) == 3
+    assert gap_reasons(plain_frames) == ["link_outage"] * 3
     ts = [m["data"]["t"] for m in plain_frames if not is_gap(m)]
     assert ts == sorted(set(ts)) and ts[-1] == plain_last
     reader.close()
@@ -562,9 +577,10 @@ async def test_link_outage_covered_or_not_by_the_history(server, redis_client, h
         frames = reader.of(rec)
         assert [m.get("seq") for m in frames[:3]] == before
         assert is_gap(frames[3]) and "seq" not in frames[3]
+        assert gap_reasons(frames) == ["history_trimmed"]
         assert [m.get("seq") for m in frames[4:]] == during[-5:] + [after]
     plain_frames = reader.of(plain)
-    assert len(plain_frames) == 2 and is_gap(plain_frames[0])
+    assert len(plain_frames) == 2 and gap_reasons(plain_frames) == ["link_outage"]
     assert plain_frames[1]["data"] == {"t": 2}
     reader.close()
 
@@ -955,7 +971,8 @@ _json_scalars = (st.none() | st.booleans() | st.text(max_size=5)
 _json_values = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_size=3)
                             | st.dictionaries(st.text(max_size=3), inner, max_size=2),
                             max_leaves=4)
-#: A position the history covers (Rel(-1): everything), or one ahead of it.
+#: A position the history covers (Rel(-1): everything), or one ahead of it
+#: (the gap notice, then the snapshot: not from this history).
 _covered = st.builds(Rel, st.integers(min_value=-1, max_value=25)) | st.sampled_from(
     [MAX_POSITION, 2 ** 52])
 #: A valid position older than the history: the gap path.
@@ -1022,7 +1039,9 @@ def _fuzz_case(server, redis_client, data, gap):
                                                           and stream in snapshot))
     position = valid_since.get(stream)
     if position is not None:
-        if position >= seqs[-1]:
+        if position > seqs[-1]:       # ahead: not from this history
+            expected = ["gap"] + seqs[10:]
+        elif position == seqs[-1]:
             expected = []
         elif position + 1 >= seqs[0]:
             expected = [s for s in seqs if s > position]
@@ -1032,7 +1051,7 @@ def _fuzz_case(server, redis_client, data, gap):
         expected = seqs[10:]
     else:
         expected = []
-    assert ("gap" in expected) == gap
+    assert ("gap" in expected) == (gap or (position is not None and position > seqs[-1]))
 
     async def check():
         before = dict(server.counters.ignored)

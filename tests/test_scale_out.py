@@ -308,7 +308,7 @@ def assert_recoverable(client, feeder, url=None):
         assert lost, "%s: gap notice %r though its history holds every message" % (name, gaps)
 
 
-def assert_plain(client, feeder, gap_expected):
+def assert_plain(client, feeder, gap_expected, reason="shard_interrupted"):
     name = feeder.stream
     numbers = [i for i, _ in client.items(name)]
     assert numbers == sorted(set(numbers)), "%s out of order or repeated: %r" % (name, numbers)
@@ -318,6 +318,7 @@ def assert_plain(client, feeder, gap_expected):
         assert gaps, "%s: interrupted but no gap notice" % name
         for _, gap in gaps:
             assert gap["data"]["s"] == name.split(".")[1] and "seq" not in gap
+            assert gap["data"]["reason"] == reason, gap
     else:
         assert not gaps, "%s: gap notice though its shard was not touched: %r" % (name, gaps)
         acked = [i for i, _, _ in feeder.acked if i >= numbers[0]]
@@ -609,6 +610,7 @@ async def test_cluster_silent_shard_counts_as_down(cluster, start_server):
     assert [i for i, _ in client.items(recoverable)] == list(range(6))
     assert not client.gaps(recoverable)
     assert client.gaps(plain), "the plain stream of the silent shard got no gap notice"
+    assert {gap["data"]["reason"] for _, gap in client.gaps(plain)} == {"shard_interrupted"}
     # PING every 0.2 s, a link without PONG for 0.2 + 2 s (the server's
     # ping timeout) is down: noticed within one more tick.
     assert detected < 0.2 + 2.0 + 1.0, detected
@@ -714,7 +716,7 @@ async def _sentinel_failover(sentinel, start_server, break_it, pause_publishers=
         await drained(client, feeders)
         assert not client.closed
         assert_recoverable(client, feeders[0], url=sentinel.url)
-        assert_plain(client, feeders[1], gap_expected=True)
+        assert_plain(client, feeders[1], gap_expected=True, reason="link_outage")
     return took
 
 
@@ -794,6 +796,7 @@ async def test_sentinel_lost_writes_get_the_gap_notice(sentinel, start_server):
     gaps = client.gaps(name)
     assert gaps, ("positions %r were reused after the failover without a gap notice: %r"
                   % (lost, client.items(name)))
+    assert {gap["data"]["reason"] for _, gap in gaps} == {"lost_writes"}, gaps
     # The gap notice comes before the first message of the new history.
     after = [when for when, _, m in client.frames[name] if m["data"].get("i", 0) >= 6][0]
     assert gaps[0][0] <= after

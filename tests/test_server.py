@@ -313,24 +313,6 @@ async def test_health_answers_json(server):
     assert response.headers["Content-Type"] == "application/json"
 
 
-@pytest.mark.gen_test(timeout=20)
-async def test_reading_never_waits_for_redis_with_acks_on(server_factory, redis_client):
-    """A SUBSCRIBE's acknowledgement waits for Redis; the client's next
-    frame is read and answered meanwhile."""
-    import time
-    server = await server_factory(protocol__acks="true")
-    ws = await connect(server)
-    redis_client.execute_command("CLIENT", "PAUSE", "1500", "ALL")  # Redis answers nobody
-    paused_at = time.monotonic()
-    await send(ws, "SUBSCRIBE", ["trade.PAUSE_TEST"], request_id=1)
-    await send(ws, "LIST_SUBSCRIPTIONS", request_id=2)
-    first = ujson.loads(await read(ws, timeout=5))
-    assert first == {"result": ["trade.PAUSE_TEST"], "id": 2}
-    assert time.monotonic() - paused_at < 1.0  # not held up by the pause
-    second = ujson.loads(await read(ws, timeout=10))
-    assert second == {"result": None, "id": 1}  # confirmed once Redis answers again
-
-
 @pytest.mark.gen_test
 async def test_a_handler_keeps_compact_attribute_storage(server):
     """CPython keeps a handler's attributes in compact storage shared with

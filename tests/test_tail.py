@@ -95,6 +95,37 @@ def test_prints_frames_as_json_lines(server_process, redis_client, tails):
     assert tail.wait() == 0, tail.stderr
     assert tail.lines == [payload + "\n" for payload in sent]
     assert "connected " + url(server_process) in tail.stderr
+    # It said goodbye: a close frame, not a dropped connection.
+    wait_until(lambda: "disconnect 127.0.0.1:" in server_process.output, 10,
+               message="the server logged the disconnect")
+    assert " code=1000 " in server_process.output, server_process.output
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("trades.BTC_USDT", "unknown stream type 'trades' (allowed: depth, trade, ticker, "
+                        "bookTicker, kline)"),
+    ("trade.btc_usdt", "invalid market 'btc_usdt' (must match ^[A-Z0-9]+_[A-Z0-9]+$)"),
+    ("btcusdt@trade", "stream name must be <type>.<MARKET>, e.g. trade.BTC_USDT"),
+])
+def test_a_refused_stream_exits_2_with_the_servers_reason(server_process, tails, name, reason):
+    """The server's acks are off (the default): tail asks for them on its
+    own connection, says what the server refused and why, and stops."""
+    tail = tails(name, "trade.BTC_USDT", "--url", url(server_process), "--count", "1",
+                 "--timeout", "60")
+    assert tail.wait(30) == 2, tail.stderr
+    assert "marketstream-tail: the server refused %s: %s\n" % (name, reason) in tail.stderr
+    assert tail.lines == []
+    wait_until(lambda: "refused stream %r" % name in server_process.output, 10,
+               message="the server logged the refusal")
+
+
+def test_says_why_it_cannot_connect(tails):
+    from marketstream.embedded import free_port
+    tail = tails("trade.SOL_USDC", "--url", "ws://127.0.0.1:%d/ws" % free_port(),
+                 "--timeout", "1")
+    assert tail.wait() == 0
+    assert "disconnected ws://127.0.0.1:" in tail.stderr
+    assert ": cannot connect: [Errno 111] Connection refused" in tail.stderr, tail.stderr
 
 
 def test_timeout(server_process, tails):
@@ -139,6 +170,8 @@ def test_reconnects_after_server_restart(server_process, redis_url, redis_client
     assert gap["stream"] == "trade.SOL_USDC" and gap["data"]["e"] == "gap"
     assert tail.lines[2] == trade("trade.SOL_USDC", 2) + "\n"
     assert tail.stderr.count("tail: connected " + url(server_process)) == 2
+    assert ("disconnected %s: closed by the server: 1001 server shutting down\n"
+            % url(server_process)) in tail.stderr, tail.stderr
 
 
 def test_since_and_snapshot(server_process, redis_client, tails):

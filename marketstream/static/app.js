@@ -166,8 +166,10 @@ function renderTape() {
 function renderStatus() {
   const conn = $("connection");
   conn.dataset.state = client.state;
-  $("connection-state").textContent = client.state;
+  $("connection-state").textContent = client.state === "reconnecting" && client.attempts
+    ? `reconnecting (attempt ${client.attempts})` : client.state;
   $("reconnects").textContent = client.reconnects;
+  $("failures").textContent = client.failures;
   $("resumes").textContent = client.resumes;
   const streams = client.streams;
   const status = (name) => (streams[name] ? streams[name].status : "syncing");
@@ -223,18 +225,29 @@ client.addEventListener("message", (event) => {
 client.addEventListener("book", (event) => {
   if (event.detail.stream === `depth.${market}`) dirty.book = true;
 });
+
+function closed({code, reason, opened}) {
+  // What the close event said: 1001 "server shutting down", 1006 (no close frame) ...
+  const what = code ? `${code}${reason ? ` ${reason}` : ""}` : reason || "";
+  return opened ? `disconnected${what ? ` (${what})` : ""}` : `connection failed${what ? ` (${what})` : ""}`;
+}
+
 client.addEventListener("state", (event) => {
-  const {state, delay} = event.detail;
-  if (state === "reconnecting" && delay !== undefined) log(`reconnecting in ${(delay / 1000).toFixed(1)} s`, "warn");
-  else if (state === "open") log(client.reconnects ? `reconnected (${client.reconnects})` : `connected to ${wsUrl}`, "ok");
+  const {state, delay, attempt} = event.detail;
+  if (state === "reconnecting" && delay !== undefined) {
+    log(`${closed(event.detail)}; reconnecting in ${(delay / 1000).toFixed(1)} s (attempt ${attempt})`,
+        event.detail.opened ? "bad" : "warn");
+  } else if (state === "open") log(client.reconnects ? `reconnected (${client.reconnects})` : `connected to ${wsUrl}`, "ok");
   else if (state !== "reconnecting") log(state);
 });
 client.addEventListener("gap", (event) => {
-  const {stream, reason, expected, got} = event.detail;
-  log(`gap on ${stream}: ${reason}${expected !== undefined ? ` (expected ${expected}, got ${got})` : ""}`, "bad");
+  const {stream, reason, msg, expected, got} = event.detail;
+  log(`gap on ${stream}: ${reason}${msg ? ` (${msg})` : ""}${expected !== undefined ? ` (expected ${expected}, got ${got})` : ""}`, "bad");
   dirty.book = true;
 });
 client.addEventListener("resume", (event) => log(`resumed ${event.detail.stream} after seq ${event.detail.since}`, "ok"));
+client.addEventListener("refused", (event) => log(`refused ${event.detail.stream}: ${event.detail.reason}`, "bad"));
+client.addEventListener("servererror", (event) => log(`server: ${event.detail.msg}`, "warn"));
 client.addEventListener("status", (event) => {
   const {stream, status} = event.detail;
   if (status === "stale") log(`${stream}: no data for ${client.options.staleAfter / 1000} s`, "warn");

@@ -15,6 +15,7 @@
  *       console.log(stream, book.top("bids", 1), book.top("asks", 1));
  *     });
  *     client.addEventListener("gap", (e) => console.warn("missed updates on", e.detail.stream));
+ *     client.addEventListener("refused", (e) => console.error(e.detail.stream, e.detail.reason));
  *     client.connect("ws://127.0.0.1:4000/ws");
  *     client.subscribe(["trade.BTC_USDT", "depth.BTC_USDT"]);   // depth: snapshot + diffs
  *     client.unsubscribe(["trade.BTC_USDT"]);
@@ -39,21 +40,35 @@
  *   rules and marked "partial" (levels not changed since the client joined
  *   are missing).
  * - A stream with no message for `staleAfter` ms is marked "stale".
+ * - It asks the server for acknowledgements on its connection (`"acks": true`):
+ *   a stream the server refuses (a bad name, too many streams) is reported
+ *   with the server's reason ("refused" event, `refused`) and forgotten.
+ * - `close()` sends a close frame (1000), also while the connection is being
+ *   made (it closes once open), and stops reconnecting.
  *
  * Options: `{url, minDelay: 250, maxDelay: 5000, staleAfter: 5000,
  * snapshotWait: 1500, snapshot: (stream) => stream.startsWith("depth.")}`.
  * `subscribe(streams, {snapshot: true | false})` overrides the default choice.
  *
  * Events (all CustomEvent, data in `event.detail`):
- *   state      {state: "connecting"|"open"|"reconnecting"|"closed", reconnects, resumes, delay?}
+ *   state      {state: "connecting"|"open"|"reconnecting"|"closed", reconnects, resumes,
+ *               failures, and when reconnecting: delay (ms), attempt (1, 2, ... since the
+ *               connection was lost), code and reason (the close event's), opened (whether
+ *               the connection that ended had opened)}
  *              (also dispatched under the state's own name: "open", "reconnecting", ...)
  *   message    {stream, data, seq}              every frame applied (not duplicates)
- *   gap        {stream, reason, expected?, got?} missed updates (notice or broken continuity)
+ *   gap        {stream, reason, msg?, expected?, got?} missed updates: the server's notice
+ *              (reason: its code, msg: its words) or a continuity the client found broken
  *   book       {stream, book}                   an order book changed
  *   status     {stream, status}                 "syncing"|"live"|"partial"|"gapped"|"stale"
  *   resume     {stream, since}                  a resumed stream continued without a gap
+ *   refused    {stream, reason}                 the server refused the stream (not subscribed)
+ *   servererror {code, msg}                     any other error the server answered
  *
  * Read-only state: `connected`, `state`, `reconnects` (connections re-established),
+ * `failures` (connection attempts that never opened), `attempts` (reconnection attempts
+ * since the connection was lost; 0 while open), `lastClose` ({code, reason} of the last
+ * close), `refused` (stream -> the server's reason),
  * `resumes` (streams resumed without a gap), `lastSeq` (stream -> last position
  * applied), `books` (stream -> `{seq, u, status, bids: [[price, qty], ...],
  * asks: [...]}`, best first, strings as received), `streams` (stream -> its
@@ -183,6 +198,10 @@ export class MarketStream extends EventTarget {
     this.state = "closed";
     this.reconnects = 0;
     this.resumes = 0;
+    this.failures = 0;           // attempts that never opened
+    this.attempts = 0;           // reconnection attempts since the connection was lost
+    this.lastClose = null;       // {code, reason} of the last close event
+    this.refused = {};           // stream -> the server's reason
     this._streams = new Map();   // name -> StreamState
     this._ws = null;
     this._attempt = 0;
@@ -238,7 +257,10 @@ export class MarketStream extends EventTarget {
     return this;
   }
 
-  /** Close for good: no reconnect. Subscriptions are kept for a later connect(). */
+  /**
+   * Close for good with a close frame (1000): no reconnect.  Subscriptions are
+   * kept for a later connect().
+   */
   close() {
     this._wanted = false;
     clearTimeout(this._timer);
@@ -246,8 +268,14 @@ export class MarketStream extends EventTarget {
     if (this._ws) {
       const ws = this._ws;
       this._ws = null;
-      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
-      ws.close(1000);
+      ws.onmessage = ws.onclose = ws.onerror = null;
+      if (ws.readyState === WebSocket.CONNECTING) {
+        // Closing now would abandon the handshake without a close frame.
+        ws.onopen = () => ws.close(1000);
+      } else {
+        ws.onopen = null;
+        ws.close(1000);
+      }
     }
     this._setState("closed");
   }
@@ -266,7 +294,7 @@ export class MarketStream extends EventTarget {
     }
     if (this.connected) {
       const withSnapshot = names.filter((name) => this._streams.get(name).snapshot);
-      this._send({method: "SUBSCRIBE", params: names, id: this._nextId++,
+      this._send({method: "SUBSCRIBE", params: names, id: this._nextId++, acks: true,
                   ...(withSnapshot.length ? {snapshot: withSnapshot} : {})});
       for (const name of names) {
         const s = this._streams.get(name);
@@ -291,7 +319,8 @@ export class MarketStream extends EventTarget {
   _setState(state, extra = {}) {
     if (this.state === state && !extra.delay) return;
     this.state = state;
-    const detail = {state, reconnects: this.reconnects, resumes: this.resumes, ...extra};
+    const detail = {state, reconnects: this.reconnects, resumes: this.resumes,
+                    failures: this.failures, ...extra};
     this.dispatchEvent(new CustomEvent("state", {detail}));
     this.dispatchEvent(new CustomEvent(state, {detail}));
   }
@@ -302,29 +331,34 @@ export class MarketStream extends EventTarget {
     try {
       ws = new WebSocket(this.url);
     } catch (error) {
-      this._scheduleReconnect();
+      this.failures += 1;
+      this._scheduleReconnect({reason: String(error), opened: false});
       return;
     }
     this._ws = ws;
     ws.onopen = () => this._onOpen();
     ws.onmessage = (event) => this._onMessage(event.data);
-    ws.onclose = () => {
+    ws.onclose = (event) => {
       if (this._ws !== ws) return;
       this._ws = null;
-      if (this._openedAt && performance.now() - this._openedAt > 5000) this._attempt = 0;
+      const opened = this._openedAt !== 0;
+      if (!opened) this.failures += 1;
+      if (opened && performance.now() - this._openedAt > 5000) this._attempt = 0;
       this._openedAt = 0;
-      if (this._wanted) this._scheduleReconnect();
+      this.lastClose = {code: event.code, reason: event.reason};
+      if (this._wanted) this._scheduleReconnect({code: event.code, reason: event.reason, opened});
       else this._setState("closed");
     };
     ws.onerror = () => {};   // a close event follows
   }
 
-  _scheduleReconnect() {
+  _scheduleReconnect(why = {}) {
     // Exponential backoff with jitter: a random delay in [d/2, d], d doubling per attempt.
     const ceiling = Math.min(this.options.maxDelay, this.options.minDelay * 2 ** this._attempt);
     const delay = Math.round(ceiling / 2 + Math.random() * ceiling / 2);
     this._attempt += 1;
-    this._setState("reconnecting", {delay});
+    this.attempts += 1;
+    this._setState("reconnecting", {delay, attempt: this.attempts, ...why});
     clearTimeout(this._timer);
     this._timer = setTimeout(() => {
       this._timer = null;
@@ -335,6 +369,7 @@ export class MarketStream extends EventTarget {
   _onOpen() {
     if (this._everOpened) this.reconnects += 1;
     this._everOpened = true;
+    this.attempts = 0;
     this._openedAt = performance.now();
     if (this._streams.size) {
       const params = [], since = {}, snapshot = [];
@@ -355,7 +390,8 @@ export class MarketStream extends EventTarget {
           }
         }
       }
-      const request = {method: "SUBSCRIBE", params, id: this._nextId++};
+      // Acknowledgements on this connection: refused streams are reported.
+      const request = {method: "SUBSCRIBE", params, id: this._nextId++, acks: true};
       if (Object.keys(since).length) request.since = since;
       if (snapshot.length) request.snapshot = snapshot;
       this._send(request);
@@ -376,6 +412,10 @@ export class MarketStream extends EventTarget {
     } catch (error) {
       return;
     }
+    if (message && typeof message.stream !== "string" && message.error) {
+      this._onError(message.error);
+      return;
+    }
     if (!message || typeof message.stream !== "string" || typeof message.data !== "object" || !message.data) return;
     const s = this._streams.get(message.stream);
     if (!s) return;   // unsubscribed meanwhile
@@ -383,7 +423,7 @@ export class MarketStream extends EventTarget {
     const seq = typeof message.seq === "number" ? message.seq : null;
 
     if (data.e === "gap") {
-      this._gap(s, {reason: data.reason || "gap notice", notice: true});
+      this._gap(s, {reason: data.reason || "gap notice", msg: data.msg, notice: true});
       return;
     }
     s.plain = seq === null;
@@ -410,6 +450,24 @@ export class MarketStream extends EventTarget {
     this._setStatus(s, s.book ? (s.book.status === "synced" ? "live" : "partial") : "live");
     this.dispatchEvent(new CustomEvent("message", {detail: {stream: s.name, data, seq: seq ?? undefined}}));
     if (s.book) this.dispatchEvent(new CustomEvent("book", {detail: {stream: s.name, book: s.book}}));
+  }
+
+  /** An error reply: refused streams are forgotten and reported, others reported. */
+  _onError(error) {
+    const refused = error.refused && typeof error.refused === "object" ? error.refused : null;
+    if (!refused) {
+      this.dispatchEvent(new CustomEvent("servererror", {detail: {code: error.code, msg: error.msg}}));
+      return;
+    }
+    for (const [stream, reason] of Object.entries(refused)) {
+      this.refused[stream] = reason;
+      const s = this._streams.get(stream);
+      if (s) {
+        clearTimeout(s.snapshotTimer);
+        this._streams.delete(stream);
+      }
+      this.dispatchEvent(new CustomEvent("refused", {detail: {stream, reason}}));
+    }
   }
 
   /** Apply a depth frame to the stream's book; false if it was not applied. */
@@ -492,7 +550,8 @@ export class MarketStream extends EventTarget {
     s.seq = null;
     s.skipped = 0;
     this._send({method: "UNSUBSCRIBE", params: [s.name], id: this._nextId++});
-    this._send({method: "SUBSCRIBE", params: [s.name], id: this._nextId++, snapshot: [s.name]});
+    this._send({method: "SUBSCRIBE", params: [s.name], id: this._nextId++, acks: true,
+                snapshot: [s.name]});
     this._setStatus(s, "syncing");
     this._armSnapshotTimer(s);
   }

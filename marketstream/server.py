@@ -299,9 +299,10 @@ def _demo_banner(settings: Settings) -> None:
           "\"depth.BTC_USDT\",\"ticker.BTC_USDT\"],\"id\":1}\n"
           "  Health:    http://%s/health\n"
           "  Redis:     %s\n"
+          "  Publish:   export REDIS_URL=%s   (in another shell, for the README's examples)\n"
           "  Check it:  python scripts/smoke_test.py --ws-url %s --redis-url %s\n"
-          "Press Ctrl-C to stop.\n" % (page, ws_url, base, settings.redis.url, ws_url,
-                                       settings.redis.url), flush=True)
+          "Press Ctrl-C to stop.\n" % (page, ws_url, base, settings.redis.url, settings.redis.url,
+                                       ws_url, settings.redis.url), flush=True)
 
 
 async def _serve(settings: Settings, demo: bool = False,

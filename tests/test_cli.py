@@ -69,6 +69,8 @@ def test_the_demo_process_accepts_no_connection_from_elsewhere():
         wait_until(lambda: "Press Ctrl-C" in "".join(lines) or demo.poll() is not None, 60,
                    message="the demo banner")
         output = "".join(lines)
+        if demo.poll() is not None and "address already in use" in output:
+            pytest.skip("port 4000 was taken meanwhile")
         assert demo.poll() is None, output
         assert re.search(r"listening on ws://127\.0\.0\.1:4000/ ", output), output
         assert "WebSocket: ws://127.0.0.1:4000/ws" in output

@@ -289,18 +289,38 @@ class Server:
 
 # --- command line ------------------------------------------------------------
 
+#: The end of ``marketstream --help``: every form of ``REDIS_URL``.
+REDIS_URL_FORMS = """\
+Redis URL forms (--redis-url, REDIS_URL or [redis] url):
+  redis://[[user]:password@]host[:port][/db]       one server
+  rediss://[[user]:password@]host[:port][/db]      one server, TLS
+  unix://[[user]:password@]/path/to/redis.sock[?db=N]
+                                                   one server on a Unix socket
+  redis+sentinel://[[user]:password@]host:port[,host:port...]/<service_name>[/db]
+                                                   the primary that the sentinels
+                                                   name, followed through failovers
+                                                   (?sentinel_password=... for the
+                                                   sentinels' own)
+  rediss+sentinel://...                            the same, TLS
+  redis+cluster://[[user]:password@]host:port[,host:port...]
+                                                   Redis Cluster (7 or newer),
+                                                   sharded pub/sub
+  rediss+cluster://...                             the same, TLS
+"""
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``marketstream`` command line."""
     parser = argparse.ArgumentParser(
         prog="marketstream",
-        description="Stream market data from Redis pub/sub to WebSocket clients.")
+        description="Stream market data from Redis pub/sub to WebSocket clients.",
+        epilog=REDIS_URL_FORMS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE",
                         help="INI file (default: $MARKETSTREAM_CONFIG, else built-in defaults)")
     parser.add_argument("--listen", metavar="ADDR",
                         help="host:port or ws://host:port/path (overrides WS_STREAM_URL)")
     parser.add_argument("--redis-url", metavar="URL",
-                        help="redis://, rediss:// or unix:// URL (overrides REDIS_URL); "
-                             "empty: start an embedded redis-server")
+                        help="Redis to read from, in any of the forms below (overrides "
+                             "REDIS_URL); empty: start an embedded redis-server")
     parser.add_argument("--processes", metavar="N", help="worker processes (0: one per core)")
     parser.add_argument("--acks", action="store_const", const="true",
                         help="reply to requests Binance-style")
@@ -308,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="set any configuration key (repeatable)")
     parser.add_argument("--demo", action="store_true",
-                        help="run with an embedded Redis and the demo feed")
+                        help="run with an embedded Redis and the demo feed, on "
+                             "127.0.0.1:4000 unless --listen, WS_STREAM_URL or the config "
+                             "file says where")
     parser.add_argument("--version", action="version", version="marketstream " + __version__)
     return parser
 
@@ -332,7 +354,12 @@ def settings_from_args(args: argparse.Namespace,
         environ.pop("REDIS_URL", None)
         overrides["redis.url"] = ""
         overrides.setdefault("server.demo_page", "true")
-    return load_settings(args.config, environ, overrides)
+    settings = load_settings(args.config, environ, overrides)
+    if args.demo and settings.sources["server.listen"] == "default":
+        # A demo stays on this machine unless --listen, WS_STREAM_URL or a
+        # config file says otherwise (the default, 0.0.0.0, is for servers).
+        settings = settings.replace("server", listen=("127.0.0.1",) + settings.server.listen[1:])
+    return settings
 
 
 def configure_logging(settings: Settings) -> None:
@@ -357,9 +384,10 @@ def _demo_banner(settings: Settings) -> None:
           "\"depth.BTC_USDT\",\"ticker.BTC_USDT\"],\"id\":1}\n"
           "  Health:    http://%s/health\n"
           "  Redis:     %s\n"
+          "  Publish:   export REDIS_URL=%s   (in another shell, for the README's examples)\n"
           "  Check it:  python scripts/smoke_test.py --ws-url %s --redis-url %s\n"
-          "Press Ctrl-C to stop.\n" % (page, ws_url, base, settings.redis.url, ws_url,
-                                       settings.redis.url), flush=True)
+          "Press Ctrl-C to stop.\n" % (page, ws_url, base, settings.redis.url, settings.redis.url,
+                                       ws_url, settings.redis.url), flush=True)
 
 
 async def _serve(settings: Settings, demo: bool = False,

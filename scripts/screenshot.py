@@ -10,7 +10,12 @@ a screenshot::
     python scripts/screenshot.py --output /tmp/page.png --width 1440 --height 900
     python scripts/screenshot.py --url http://127.0.0.1:4000/   # a server already running
 
-Exit code 0 on success, 1 if the page did not show live data in time.
+It needs selenium, which comes with the test extra (``pip install -e
+'.[test]'``), and Debian's ``chromium`` and ``chromium-driver`` packages.
+
+Exit code 0 on success, 1 if the page did not show live data in time, 2 when
+selenium, chromium or chromedriver is missing (the message says what to
+install).
 """
 
 import argparse
@@ -88,6 +93,21 @@ def browser(chromium: str, chromedriver: str, width: int, height: int):
     return driver
 
 
+def missing_tools(chromium: str, chromedriver: str) -> str | None:
+    """What to install before a screenshot can be taken, or None."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return ("selenium is not installed: pip install -e '.[test]' (the test extra; "
+                "or pip install 'selenium>=4.20')")
+    for name, path, package in (("chromium", chromium, "chromium"),
+                                ("chromedriver", chromedriver, "chromium-driver")):
+        if not os.access(path, os.X_OK):
+            return ("%s not found at %s: apt-get install %s (or --%s PATH)"
+                    % (name, path, package, name))
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=os.path.join(ROOT, "docs", "demo.png"),
@@ -102,6 +122,10 @@ def main(argv=None) -> int:
     parser.add_argument("--chromedriver",
                         default=shutil.which("chromedriver") or "/usr/bin/chromedriver")
     args = parser.parse_args(argv)
+    missing = missing_tools(args.chromium, args.chromedriver)
+    if missing:
+        print("screenshot: %s" % missing, file=sys.stderr)
+        return 2
 
     demo = None
     url = args.url

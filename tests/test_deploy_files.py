@@ -8,10 +8,12 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
 from marketstream.config import load_settings
+from marketstream.server import build_parser, settings_from_args
 from tests.helpers import ROOT
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -73,20 +75,74 @@ def test_the_unit_is_a_template_reading_one_env_file_per_instance():
     assert not os.path.exists(os.path.join(CONF, "marketstream.env"))
 
 
+def command_line(env):
+    """The arguments systemd passes to marketstream with ``env`` (ExecStart:
+    ``$NAME`` as a word of its own is the variable's value split at
+    whitespace, nothing when unset), and the shipped INI file in place of
+    the installed one."""
+    words = unit_option("ExecStart").split()
+    assert words[0] == "/opt/marketstream/bin/marketstream"
+    args = []
+    for word in words[1:]:
+        if word.startswith("$"):
+            args += env.get(word[1:], "").split()
+        else:
+            args.append(word.replace("/etc/marketstream/marketstream.ini",
+                                     os.path.join(CONF, "marketstream.ini")))
+    return args
+
+
+def instance_settings(env):
+    """The settings an instance runs with: its command line and environment."""
+    return settings_from_args(build_parser().parse_args(command_line(env)), environ=env)
+
+
 def test_two_instances_with_their_own_port():
     files = env_files()
     assert sorted(files) == ["1", "2"]
     listens = {}
     for instance, path in files.items():
         env = parse_env(path)
-        assert set(env) == {"REDIS_URL", "WS_STREAM_URL"}, path
+        assert set(env) == {"REDIS_URL", "WS_STREAM_URL", "MARKETSTREAM_ARGS"}, path
         # The server accepts it, with the shipped INI file underneath.
-        settings = load_settings(config_file=os.path.join(CONF, "marketstream.ini"), environ=env)
+        settings = instance_settings(env)
         listens[instance] = (settings.host, settings.port)
         assert settings.redis.url == env["REDIS_URL"]
     # Every instance on its own port, all on one Redis.
     assert len({port for _, port in listens.values()}) == len(listens), listens
     assert len({parse_env(path)["REDIS_URL"] for path in files.values()}) == 1
+
+
+def test_instances_behind_nginx_take_the_client_address_from_its_headers():
+    # conf/nginx.conf passes X-Real-IP and X-Forwarded-For; the instances it
+    # proxies to must read them, or every identity and log line says 127.0.0.1.
+    for path in env_files().values():
+        env = parse_env(path)
+        settings = instance_settings(env)
+        assert settings.server.xheaders, path
+        assert settings.sources["server.xheaders"].startswith("command line"), path
+    # Without the variable (an instance not behind nginx) the default holds.
+    env = parse_env(env_files()["1"])
+    del env["MARKETSTREAM_ARGS"]
+    assert command_line(env) == ["--config", os.path.join(CONF, "marketstream.ini")]
+    assert not instance_settings(env).server.xheaders
+
+
+def test_the_unit_says_how_to_build_the_package_it_installs(tmp_path):
+    unit = read(UNIT)
+    assert "python3 -m build --sdist" in unit
+    installed = re.search(r"/opt/marketstream/bin/pip install (dist/\S+\.tar\.gz)", unit).group(1)
+    # The build as the unit says, offline (the build backend is installed).
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation",
+                    "--outdir", str(dist), ROOT], check=True, capture_output=True, timeout=300)
+    built = glob.glob(os.path.join(str(tmp_path), installed))
+    assert len(built) == 1, os.listdir(dist)
+    # It holds the whole package: the Lua script and the static files too.
+    with tarfile.open(built[0]) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    for name in ("server.py", "recovery.lua", "static/marketstream.js", "static/index.html"):
+        assert "marketstream/" + name in names, name
 
 
 def test_nginx_upstream_lists_exactly_the_instances():

@@ -343,3 +343,23 @@ def test_smoke_script_through_nginx(redis_url, nginx_factory):
     finally:
         for server in instances:
             server.stop()
+
+
+def test_the_page_and_the_javascript_client_through_nginx(redis_url, nginx_factory):
+    # What the README tells users to import, and the page with its files,
+    # through the shipped site as they are directly.
+    server = ServerProcess("--redis-url", redis_url, "--set", "server.demo_page=true")
+    try:
+        server.wait_healthy()
+        base = "http://127.0.0.1:%d" % nginx_factory([server.port])
+        status, body = _get(base + "/static/marketstream.js")
+        assert status == 200 and b"export class MarketStream" in body
+        status, page = _get(base + "/")
+        assert status == 200 and b"window.marketstream" in _get(base + "/static/app.js")[1]
+        files = re.findall(r'(?:src|href)="(/static/[^"]+)"', page.decode())
+        assert "/static/app.js" in files and "/static/style.css" in files
+        for path in files:
+            direct = _get("http://127.0.0.1:%d%s" % (server.port, path))
+            assert _get(base + path) == direct, path
+    finally:
+        server.stop()

@@ -7,6 +7,7 @@ import time
 import psutil
 import pytest
 import redis
+import redis.asyncio
 import tornado.httpclient
 import tornado.websocket
 import ujson
@@ -29,6 +30,44 @@ async def read_until_gap(ws, timeout=5.0):
         message = ujson.loads(await read(ws, max(0.01, deadline - time.monotonic())))
         if message["data"]["e"] == "gap":
             return message
+
+
+#: Messages a paced publisher lets the readers fall behind: 16 x 20 KB, far
+#: below the 1 MiB cap, so a reader is never a slow consumer however slowly
+#: a busy machine runs it.
+WINDOW = 16
+
+
+async def drain(ws, received, index, count, timeout=30):
+    """Read ``count`` frames from ``ws``, checking they come in order
+    (``data.t`` = 0, 1, ...); ``received[index]`` counts them."""
+    while received[index] < count:
+        frame = await asyncio.wait_for(ws.read_message(), timeout)
+        assert frame is not None, "reader closed after %d of %d (code %s, %r)" % (
+            received[index], count, ws.close_code, ws.close_reason)
+        assert ujson.loads(frame)["data"]["t"] == received[index]
+        received[index] += 1
+
+
+async def publish_paced(redis_url, stream, count, filler, received):
+    """Publish ``count`` depth messages carrying ``filler``, each once every
+    reader has received all but the last :data:`WINDOW` before it.
+
+    The readers run in the test's process, which a busy machine may starve:
+    at a fixed rate they fell megabytes behind (3.9 MB unread in the
+    kernel, then a 1.8 MB batch on top) and were rightly closed as slow
+    consumers beside the stalled clients.  Paced by the readers, the
+    publisher still sends the stalled clients everything, and a reader can
+    only be closed by a server that cuts off a client that keeps up."""
+    publisher = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        for t in range(count):
+            await async_wait_until(lambda t=t: min(received) >= t - WINDOW, 30,
+                                   message="the readers to reach message %d" % (t - WINDOW))
+            await publisher.publish(stream, '{"stream":"%s","data":{"e":"depth","t":%d,"f":"%s"}}'
+                                    % (stream, t, filler))
+    finally:
+        await publisher.aclose()
 
 
 # --- Redis outages -------------------------------------------------------------
@@ -86,15 +125,17 @@ async def test_subscriber_killed_by_redis(server, redis_client):
     assert await health_status(server) == 200
 
 
-@pytest.mark.gen_test(timeout=10)
+@pytest.mark.gen_test(timeout=20)
 async def test_idle_bridge_stays_healthy(redis_url):
     # PING on a connection subscribed to nothing gets a plain PONG reply, not
     # a pub/sub one: it must count as alive all the same.
-    manager = ChannelManager(redis_url, ping_interval=0.05, ping_timeout=0.1)
+    # Sixty PINGs, and a PONG that did not count would show within a second
+    # (interval + timeout); a busy machine may hold a round trip up that long.
+    manager = ChannelManager(redis_url, ping_interval=0.05, ping_timeout=1.0)
     await manager.start()
     try:
         start = time.monotonic()
-        while time.monotonic() - start < 1.0:  # twenty PING round trips
+        while time.monotonic() - start < 3.0:
             assert manager.healthy
             await asyncio.sleep(0.05)
         assert manager.counters.reconnects == 0
@@ -112,39 +153,19 @@ def test_stalled_client_is_closed_and_others_get_everything(redis_url):
         proc = psutil.Process(server.proc.pid)
 
         async def scenario():
-            readers = [await tornado.websocket.websocket_connect("ws://127.0.0.1:%d/ws" % server.port)
-                       for _ in range(3)]
+            # Subscribed when the handshake ends: nothing published later is missed.
+            readers = [await tornado.websocket.websocket_connect(
+                "ws://127.0.0.1:%d/stream?streams=depth.BIG_USDT" % server.port) for _ in range(3)]
             stalled = await RawClient.connect(server.port, rcvbuf=4096)
             stalled.send('{"method":"SUBSCRIBE","params":["depth.BIG_USDT"],"id":1}')
-            for ws in readers:
-                await ws.write_message('{"method":"SUBSCRIBE","params":["depth.BIG_USDT"],"id":1}')
-            await asyncio.sleep(0)
-            deadline = time.monotonic() + 5
-            while client.pubsub_numsub("depth.BIG_USDT")[0][1] < 1:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.01)
+            await async_wait_until(lambda: client.pubsub_numsub("depth.BIG_USDT")[0][1] == 1, 10,
+                                   message="subscribed upstream")
             rss_before = proc.memory_info().rss
-            filler = "x" * 20_000
             count = 600  # 12 MB in all: far past the 1 MiB cap of the stalled client
             received = [0] * len(readers)
-
-            async def drain(index, ws):
-                while received[index] < count:
-                    frame = await asyncio.wait_for(ws.read_message(), 20)
-                    assert frame is not None
-                    assert ujson.loads(frame)["data"]["t"] == received[index]
-                    received[index] += 1
-
-            def publish():  # in a thread, so that the readers keep reading
-                publisher = redis.Redis.from_url(redis_url)
-                for t in range(count):
-                    publisher.publish("depth.BIG_USDT", '{"stream":"depth.BIG_USDT","data":'
-                                      '{"e":"depth","t":%d,"f":"%s"}}' % (t, filler))
-                    time.sleep(0.001)
-                publisher.close()
-
-            tasks = [asyncio.ensure_future(drain(i, ws)) for i, ws in enumerate(readers)]
-            await asyncio.get_running_loop().run_in_executor(None, publish)
+            tasks = [asyncio.ensure_future(drain(ws, received, i, count))
+                     for i, ws in enumerate(readers)]
+            await publish_paced(redis_url, "depth.BIG_USDT", count, "x" * 20_000, received)
             await asyncio.gather(*tasks)
             growth = proc.memory_info().rss - rss_before
             # The stalled client was cut off (its socket is closed by the
@@ -322,7 +343,9 @@ async def test_allowed_origins(server_factory):
 
 @pytest.mark.gen_test(timeout=20)
 async def test_keepalive_closes_silent_peers_only(server_factory):
-    server = await server_factory(server__ping_interval=0.3, server__ping_timeout=0.2)
+    # The polite client answers on the server's own event loop: a timeout
+    # shorter than a busy machine's pause between two turns would close it.
+    server = await server_factory(server__ping_interval=0.5, server__ping_timeout=0.5)
     polite = await connect(server)  # Tornado's client answers pings by itself
     silent = await RawClient.connect(server.settings.port)
     # The silent client reads (so it is not a slow consumer) but never pongs.
@@ -332,7 +355,7 @@ async def test_keepalive_closes_silent_peers_only(server_factory):
     assert (code, reason) == (1001, "ping timeout")
     await async_wait_until(lambda: len(server.manager.connections) == 1)
     start = time.monotonic()
-    await async_wait_until(lambda: time.monotonic() - start > 1.0)  # several more sweeps
+    await async_wait_until(lambda: time.monotonic() - start > 2.0, 5)  # several more sweeps
     await send(polite, "LIST_SUBSCRIPTIONS")
     assert ujson.loads(await read(polite)) == {"result": [], "id": 1}
     assert server.counters.closed["ping_timeout"] == 1
@@ -407,9 +430,9 @@ def _tcp_memory_pages():
 
 def test_two_hundred_stalled_clients_release_their_kernel_memory(redis_url):
     """200 clients stop reading a busy stream: each is cut off at its cap,
-    and within 10 s none of their sockets remains on the server side and the
-    kernel's TCP memory is back near where it was; readers beside them get
-    every message in order."""
+    and soon after (Tornado's 5 s close wait) none of their sockets remains
+    on the server side and the kernel's TCP memory is back near where it
+    was; readers beside them get every message in order."""
     server = ServerProcess("--redis-url", redis_url)
     client = redis.Redis.from_url(redis_url)
     stream = "depth.STALL200_USDT"
@@ -428,37 +451,27 @@ def test_two_hundred_stalled_clients_release_their_kernel_memory(redis_url):
             await async_wait_until(
                 lambda: client.pubsub_numsub(stream)[0][1] == 1
                 and "connect" in server.output, message="subscribed")
-            filler = "x" * 20_000
             count = 400  # 8 MB: past every stalled client's 1 MiB cap and kernel buffers
             received = [0] * len(readers)
-
-            async def drain(index, ws):
-                while received[index] < count:
-                    frame = await asyncio.wait_for(ws.read_message(), 30)
-                    assert frame is not None
-                    assert ujson.loads(frame)["data"]["t"] == received[index]
-                    received[index] += 1
-
-            def publish():
-                publisher = redis.Redis.from_url(redis_url)
-                for t in range(count):
-                    publisher.publish(stream, '{"stream":"%s","data":{"e":"depth","t":%d,"f":"%s"}}'
-                                      % (stream, t, filler))
-                    time.sleep(0.002)
-                publisher.close()
-
-            tasks = [asyncio.ensure_future(drain(i, ws)) for i, ws in enumerate(readers)]
-            await asyncio.get_running_loop().run_in_executor(None, publish)
+            tasks = [asyncio.ensure_future(drain(ws, received, i, count))
+                     for i, ws in enumerate(readers)]
+            await publish_paced(redis_url, stream, count, "x" * 20_000, received)
             await asyncio.gather(*tasks)  # the readers got everything, in order
-            await async_wait_until(lambda: server.output.count("slow consumer") >= 200, 10,
+            await async_wait_until(lambda: server.output.count("slow consumer") >= 200, 30,
                                    message="200 slow consumers closed")
+            held = _tcp_memory_pages()
             # Tornado waits 5 s for a close handshake, then resets (SO_LINGER 0).
             await async_wait_until(
                 lambda: len([s for s in _server_side_sockets(server.port) if s[0] != "0A"])
-                <= len(readers), 10, interval=0.2,
+                <= len(readers), 20, interval=0.2,
                 message="no stalled client's socket left on the server side")
-            await async_wait_until(lambda: _tcp_memory_pages() <= base + 1024, 5, interval=0.2,
-                                   message="TCP memory back near its base (%d pages)" % base)
+            # The kernel's TCP memory is counted for the whole machine, where
+            # other work comes and goes: most of what the stalled clients
+            # held (megabytes each) must be gone, not every page.
+            limit = base + max(1024, (held - base) // 4)
+            await async_wait_until(lambda: _tcp_memory_pages() <= limit, 20, interval=0.2,
+                                   message="TCP memory back near its base (%d pages, %d held)"
+                                   % (base, held))
             for raw in stalled:
                 raw.close()
             for ws in readers:

@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterable
 from typing import Any
 
-from marketstream import history
+from marketstream import history, protocol
 from marketstream.core import Connection, Core, History, Read, Want
 from marketstream.counters import Counters
 from marketstream.link import UPSTREAM_ERRORS
+from marketstream.loglimit import LogLimiter
 from marketstream.redisurl import async_client
 from marketstream.upstream import make_link
 from marketstream.util import Confirmations, redact_url
@@ -90,7 +90,7 @@ class ChannelManager:
         self._confirmations = Confirmations()  # acknowledgements waiting for Redis
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._last_flush = 0.0
-        self._malformed_logged = -60.0
+        self._log_limit = LogLimiter(log)  # publishers' errors, at most a line a second each
         self._reads: set[asyncio.Future] = set()
         self._commands: Any = None  # a command client for history reads, made on first use
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -234,12 +234,18 @@ class ChannelManager:
         self.counters.reconnects += 1
         self.core.link_restored(channels)
 
-    def _log_malformed(self, channel: bytes, payload: bytes) -> None:
-        now = time.monotonic()
-        if now - self._malformed_logged > 10.0:  # a broken publisher must not flood the log
-            self._malformed_logged = now
-            log.warning("dropped a payload on %r that is not a JSON object (%d so far): %.80r",
-                        channel, self.counters.dropped_malformed, payload)
+    def _log_malformed(self, channel: bytes, payload: bytes, problem: str) -> None:
+        # A broken publisher must not flood the log: a line a second per cause.
+        if problem == protocol.WRONG_STREAM:
+            self._log_limit.log(logging.WARNING, problem,
+                                "dropped a payload on %r whose \"stream\" is not the channel "
+                                "(missing, another or repeated; %d so far): %.80r", channel,
+                                self.counters.dropped_wrong_stream, payload)
+        else:
+            self._log_limit.log(logging.WARNING, problem,
+                                "dropped a payload on %r that is not a JSON object (or not "
+                                "what the recovery script publishes; %d so far): %.80r",
+                                channel, self.counters.dropped_malformed, payload)
 
     # --- history reads ---------------------------------------------------------
 

@@ -109,7 +109,7 @@ class Core:
 
     def __init__(self, counters: Counters, payload_format: str = "envelope",
                  max_replay: int = 1000,
-                 on_malformed: Callable[[bytes, bytes], None] | None = None) -> None:
+                 on_malformed: Callable[[bytes, bytes, str], None] | None = None) -> None:
         self.counters = counters
         self.on_malformed = on_malformed
         self.wrap = payload_format == "data"
@@ -332,9 +332,7 @@ class Core:
         # Frame what was read once, and build each catch-up once per kind of
         # request: in a reconnect storm a thousand clients ask for the same.
         frame = protocol.text_frame
-        latest, snapshot, entries = history
-        framed = History(latest, (snapshot[0], frame(snapshot[1])) if snapshot else None,
-                         [(seq, frame(data)) for seq, data in entries])
+        framed = self._framed(name, history)
         buffer = [(seq, frame(data)) for seq, data in recovery.buffer]
         gap = frame(protocol.gap_notice(name))
         counters = self.counters
@@ -369,6 +367,30 @@ class Core:
         self._forget_if_idle(name)  # else the next read serves those waiting
         return queued
 
+    def _framed(self, name: str, history: History) -> History:
+        """``history`` with WebSocket frames; a stored frame that is not the
+        recovery script's for ``name`` is dropped and counted like a live
+        one (an entry keeps its position, with no frame)."""
+        channel = name.encode()
+        frame = protocol.text_frame
+        latest, snapshot, entries = history
+        checked: list[tuple[int, bytes]] = []
+        for seq, data in entries:
+            problem = protocol.frame_problem(channel, seq, data)
+            if problem is None:
+                checked.append((seq, frame(data)))
+            else:
+                self._dropped(channel, data, problem)
+                checked.append((seq, b""))
+        framed_snapshot = None
+        if snapshot is not None:
+            problem = protocol.frame_problem(channel, snapshot[0], snapshot[1])
+            if problem is None:
+                framed_snapshot = (snapshot[0], frame(snapshot[1]))
+            else:
+                self._dropped(channel, snapshot[1], problem)
+        return History(latest, framed_snapshot, checked)
+
     def _catch_up(self, name: str, want: Want, history: History,
                   buffer: list[tuple[int | None, bytes]],
                   gap: bytes) -> tuple[list[bytes], int]:
@@ -394,7 +416,7 @@ class Core:
                 # failover lost writes): what it holds is not the history.
                 else want.since == latest or not want.repair):
             last = min(want.since, latest)
-            out = [frame for seq, frame in entries if seq > last]
+            out = [frame for seq, frame in entries if seq > last and frame]
             if entries and entries[-1][0] > last:
                 last = entries[-1][0]
             counters.replayed += len(out)
@@ -408,14 +430,14 @@ class Core:
                 last = snapshot[0]
                 out.append(snapshot[1])
                 counters.snapshots_sent += 1
-                replay = [frame for seq, frame in entries if seq > last]
+                replay = [frame for seq, frame in entries if seq > last and frame]
             elif want.since is not None and want.since > latest:
                 # Positions went back: the history after them is not what
                 # the clients missed; the gap notice says so, live follows.
                 replay = []
                 last = latest
             elif want.since is not None:
-                replay = [frame for _, frame in entries[-self.max_replay:]] \
+                replay = [frame for _, frame in entries[-self.max_replay:] if frame] \
                     if self.max_replay else []
             else:
                 replay = []
@@ -453,18 +475,25 @@ class Core:
             counters.dropped_no_listener += 1
             return False
         if payload[:1] == b"@":
-            seq, payload = split_position(payload)
-            if seq is not None:
-                if listeners:
-                    self.last_seq[name] = seq
-            elif not protocol.is_json_object(payload):
-                return self._malformed(channel, payload)
-        elif not protocol.is_json_object(payload):
-            return self._malformed(channel, payload)
-        else:
+            seq, frame = split_position(payload)
+            if seq is None:
+                return self._dropped(channel, payload, protocol.MALFORMED)
+            problem = protocol.frame_problem(channel, seq, frame)
+            if problem is not None:
+                return self._dropped(channel, payload, problem)
+            payload = frame
+            if listeners:
+                self.last_seq[name] = seq
+        elif self.wrap:
+            if not protocol.is_json_object(payload):
+                return self._dropped(channel, payload, protocol.MALFORMED)
             seq = None
-            if self.wrap:
-                payload = protocol.wrap_data(channel, payload)
+            payload = protocol.wrap_data(channel, payload)
+        else:
+            problem = protocol.envelope_problem(name, payload)
+            if problem is not None:
+                return self._dropped(channel, payload, problem)
+            seq = None
         if recovery is not None and recovery.in_flight:
             recovery.buffer.append((seq, payload))
         if not listeners:
@@ -502,10 +531,15 @@ class Core:
             return listeners
         return {conn: None for conn in listeners if conn not in holding}
 
-    def _malformed(self, channel: bytes, payload: bytes) -> bool:
-        self.counters.dropped_malformed += 1
+    def _dropped(self, channel: bytes, payload: bytes, problem: str) -> bool:
+        """Drop a payload that ``problem`` (:data:`protocol.MALFORMED` or
+        :data:`protocol.WRONG_STREAM`) rules out; count and report it."""
+        if problem == protocol.WRONG_STREAM:
+            self.counters.dropped_wrong_stream += 1
+        else:
+            self.counters.dropped_malformed += 1
         if self.on_malformed is not None:
-            self.on_malformed(channel, payload)
+            self.on_malformed(channel, payload, problem)
         return False
 
     def _enqueue(self, listeners: dict[Conn, None], frame: bytes) -> None:

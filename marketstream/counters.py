@@ -30,7 +30,7 @@ class Counters:
 
     TOTALS = ("messages_in", "deliveries", "bytes_sent", "batches", "dropped_malformed",
               "dropped_no_listener", "reconnects", "invalid_frames", "rejected_streams",
-              "replayed", "snapshots_sent", "gap_notices")
+              "replayed", "snapshots_sent", "gap_notices", "dropped_wrong_stream")
     __slots__ = TOTALS + ("batch_sizes", "closed", "refused", "ignored")
 
     # The totals, set to 0 in __init__ (declared for type checkers).
@@ -46,6 +46,7 @@ class Counters:
     replayed: int
     snapshots_sent: int
     gap_notices: int
+    dropped_wrong_stream: int
 
     def __init__(self) -> None:
         for name in self.TOTALS:

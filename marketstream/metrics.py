@@ -23,7 +23,8 @@ Metrics (all prefixed ``marketstream_``):
 ``batch_size``                         histogram: messages per delivery batch
 ``dropped_total{cause}``               malformed_payload, invalid_frame,
                                        rejected_stream, slow_consumer, rate_limit,
-                                       ping_timeout
+                                       ping_timeout, bad_since, bad_snapshot,
+                                       wrong_stream
 ``redis_reconnects_total``             reconnections of the pub/sub connection
 ``refused_handshakes_total{cause}``    origin, max_connections, max_connections_per_ip
 =====================================  ==========================================
@@ -143,6 +144,7 @@ class Exporter:
             "ping_timeout": counters.closed["ping_timeout"],
             "bad_since": counters.ignored["bad_since"],
             "bad_snapshot": counters.ignored["bad_snapshot"],
+            "wrong_stream": counters.dropped_wrong_stream,
         }
 
     def _advance(self, key: str, counter: Counter, value: int) -> None:

@@ -380,12 +380,13 @@ def test_the_envelope_format_passes_plain_payloads_through():
 ])
 def test_a_malformed_payload_is_dropped_counted_and_reported(payload, payload_format):
     seen = []
-    core = Core(Counters(), payload_format, on_malformed=lambda c, p: seen.append((c, p)))
+    core = Core(Counters(), payload_format,
+                on_malformed=lambda c, p, why: seen.append((c, p, why)))
     a = Conn("a")
     core.subscribe(a, [S])
     assert core.on_message(S.encode(), payload) is False
     assert core.counters.dropped_malformed == 1
-    assert seen == [(S.encode(), payload)]
+    assert seen == [(S.encode(), payload, "malformed_payload")]
     assert core.take_batch() == {}
     assert S not in core.last_seq
 
@@ -1137,6 +1138,77 @@ def test_a_live_message_arriving_after_the_read_that_held_it_is_not_repeated():
     live(core, feed, 1)
     flush(core)
     assert a.positions() == [2, 3, 4, 5]
+
+
+# --- payload checks ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frame", [
+    b'{"stream":"trade.SOL_USDC","data":{"i":5},"stream":"depth.BTC_USDT","seq":5}',
+    b'{"stream":"trade.SOL_USDC","data":{"i":"\xff"},"seq":5}',
+    b'{"stream":"trade.SOL_USDC","data":[5],"seq":5}',
+    b'{"stream":"trade.SOL_USDC","data":{"i":5},"seq":6}',
+    b'{"stream":"trade.SOL_USDC","data":{"i":5},"seq":5,"x":1}',
+    b'{"stream":"trade.SOL_USDC","data":{"i":5}}',
+    b'{"data":{"i":5},"stream":"trade.SOL_USDC","seq":5}',
+])
+def test_a_positioned_payload_is_checked_like_a_plain_one(frame):
+    seen = []
+    core = Core(Counters(), on_malformed=lambda c, p, why: seen.append(why))
+    a = Conn("a")
+    core.subscribe(a, [S])
+    assert core.on_message(S.encode(), b"@5 " + frame) is False
+    assert core.on_message(S.encode(), b"@05 " + frame.replace(b":5", b":05")) is False
+    assert core.counters.dropped_malformed == 2 and seen == ["malformed_payload"] * 2
+    assert core.take_batch() == {} and S not in core.last_seq
+
+
+@pytest.mark.parametrize("payload_format", ["envelope", "data"])
+@pytest.mark.parametrize("payload", [
+    b'@5 {"stream":"depth.BTC_USDT","data":{"i":5},"seq":5}',
+    b'@5 {"stream":"trade.SOL_USDCX","data":{"i":5},"seq":5}',
+])
+def test_a_positioned_frame_of_another_stream_is_dropped(payload, payload_format):
+    core = make_core(payload_format=payload_format)
+    a = Conn("a")
+    core.subscribe(a, [S])
+    assert core.on_message(S.encode(), payload) is False
+    assert core.counters.dropped_wrong_stream == 1 and core.take_batch() == {}
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"stream":"depth.BTC_USDT","data":{}}',
+    b'{"data":{}}',
+    b'{"stream":"trade.SOL_USDC","data":{},"stream":"depth.BTC_USDT"}',
+    b'{"stream":"depth.BTC_USDT","data":{},"stream":"trade.SOL_USDC"}',
+    b'{"stream":"trade.SOL_USDC","data":{},"str\\u0065am":"depth.BTC_USDT"}',
+])
+def test_an_envelope_whose_stream_is_not_the_channel_is_dropped(payload):
+    seen = []
+    core = Core(Counters(), on_malformed=lambda c, p, why: seen.append(why))
+    a = Conn("a")
+    core.subscribe(a, [S])
+    assert core.on_message(S.encode(), payload) is False
+    assert core.counters.dropped_wrong_stream == 1 and seen == ["wrong_stream"]
+    good = b'{"stream":"trade.SOL_USDC","data":{"p":"\\u00e9","stream":"x"},"x":"stream"}'
+    assert core.on_message(S.encode(), good) is True   # "stream" inside data is data
+    assert split_frames(core.take_batch()[a]) == [good]
+
+
+def test_stored_frames_that_fail_the_check_are_not_replayed():
+    core = make_core()
+    feed = Feed()
+    for _ in range(5):
+        feed.publish()
+    feed.log[2] = (3, b'{"stream":"depth.BTC_USDT","data":{"i":3},"seq":3}')  # another stream's
+    feed.log[3] = (4, b'{"stream":"trade.SOL_USDC","data":{"i":4},"seq":4')   # cut short
+    a = Conn("a")
+    subscribed(core, a, S, Want(since=1))
+    read = one_read(core)
+    finish(core, read, feed.read(read, core.max_replay))
+    flush(core)
+    assert a.labels() == [2, 5]                     # as live delivery would have dropped them
+    assert core.counters.dropped_wrong_stream == 1 and core.counters.dropped_malformed == 1
 
 
 # --- property: resume under random interleavings -------------------------------------

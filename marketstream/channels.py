@@ -29,6 +29,10 @@ and appends the frame to each listener's pending list; when the link has to
 wait for the network again, one flush writes every connection's frames as a
 single write.  Under light load a batch is one message; under heavy load
 batches grow and the number of writes per message falls.
+
+History reads run at most :data:`MAX_READS` at a time, and each reads no
+more than the connections it serves may be sent (``replay_bytes`` per
+connection, see :mod:`marketstream.core`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from marketstream import history, protocol
-from marketstream.core import Connection, Core, History, Read, Want
+from marketstream.core import REPLAY_BYTES, Connection, Core, History, Read, Want
 from marketstream.counters import Counters
 from marketstream.link import UPSTREAM_ERRORS
 from marketstream.loglimit import LogLimiter
@@ -50,6 +54,10 @@ from marketstream.util import Confirmations, redact_url
 __all__ = ["ChannelManager", "Want"]
 
 log = logging.getLogger("marketstream.channels")
+
+#: History reads in flight at most (more would queue for redis-py's pool of
+#: connections, 100 by default, and fail past it).
+MAX_READS = 32
 
 
 class ChannelManager:
@@ -78,12 +86,13 @@ class ChannelManager:
                  ping_interval: float = 1.0, ping_timeout: float = 2.0,
                  backoff_min: float = 0.05, backoff_max: float = 1.0,
                  min_flush_interval: float = 0.0, counters: Counters | None = None,
-                 max_replay: int = 1000) -> None:
+                 max_replay: int = 1000, replay_bytes: int = REPLAY_BYTES) -> None:
         self.redis_url = redis_url
         self.min_flush_interval = min_flush_interval
         self.max_replay = max_replay
         self.counters = counters if counters is not None else Counters()
-        self.core = Core(self.counters, payload_format, max_replay, self._log_malformed)
+        self.core = Core(self.counters, payload_format, max_replay, self._log_malformed,
+                         replay_bytes=replay_bytes)
         self.link = make_link(redis_url, self, ping_interval=ping_interval,
                               ping_timeout=ping_timeout, backoff_min=backoff_min,
                               backoff_max=backoff_max)
@@ -91,6 +100,7 @@ class ChannelManager:
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._last_flush = 0.0
         self._log_limit = LogLimiter(log)  # publishers' errors, at most a line a second each
+        self._reads_handle: asyncio.Handle | None = None
         self._reads: set[asyncio.Future] = set()
         self._commands: Any = None  # a command client for history reads, made on first use
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -141,6 +151,9 @@ class ChannelManager:
         """Stop the reader and close the Redis connections."""
         for task in list(self._reads):
             task.cancel()
+        if self._reads_handle is not None:
+            self._reads_handle.cancel()
+            self._reads_handle = None
         await self.link.stop()
         if self._commands is not None:
             try:
@@ -250,40 +263,50 @@ class ChannelManager:
     # --- history reads ---------------------------------------------------------
 
     def _start_reads(self) -> None:
-        for read in self.core.start_reads():
+        """Start the history reads that can start, once the event loop has
+        handled what it has already read: the confirmations Redis sent
+        together (a resubscribe after an outage) all join before a
+        connection's budget is shared among its streams."""
+        if self._reads_handle is None:
+            loop = self._loop or asyncio.get_running_loop()
+            self._reads_handle = loop.call_soon(self._start_reads_now)
+
+    def _start_reads_now(self) -> None:
+        self._reads_handle = None
+        room = MAX_READS - len(self._reads)
+        if room <= 0:
+            return  # a read that ends starts the next
+        for read in self.core.start_reads(room):
             task = asyncio.ensure_future(self._read(read))
             self._reads.add(task)
-            task.add_done_callback(self._reads.discard)
+            task.add_done_callback(self._read_finished)
 
-    async def _read(self, read: Read) -> None:
+    def _read_finished(self, task: asyncio.Future) -> None:
+        self._reads.discard(task)
+        if not task.cancelled() and task.exception() is None and task.result():
+            self._start_reads()  # the next ones (a failed read retries after a pause)
+
+    async def _read(self, read: Read) -> bool:
         """Read what ``read`` asks for, once for every connection waiting."""
         name = read.stream
         try:
             if self._commands is None:
                 self._commands = async_client(self.redis_url)
-            client = self._commands
-            latest = await history.latest_position(client, name)
-            snapshot = None
-            if read.snapshot and latest is not None:
-                snapshot = await history.read_snapshot(client, name)
-            after = read.after
-            if snapshot is not None:
-                after = snapshot[0] if after is None else min(after, snapshot[0])
-            entries: list[tuple[int, bytes]] = []
-            if latest is not None and after is not None and after < latest:
-                entries, _ = await history.read_after(client, name, after, self.max_replay)
+            found = await history.read_recent(self._commands, name, read.after, read.snapshot,
+                                              self.max_replay, read.max_bytes)
         except asyncio.CancelledError:
             self.core.read_failed(name, read.token)
             raise
         except UPSTREAM_ERRORS as exc:
-            log.warning("reading the history of %s failed (%s); retrying", name, exc)
+            self._log_limit.log(logging.WARNING, "history_read",
+                                "reading the history of %s failed (%s); retrying", name, exc)
             self.core.read_failed(name, read.token)
             asyncio.get_running_loop().call_later(0.2, self._start_reads)
-            return
-        done = self.core.read_done(name, History(latest, snapshot, entries), read.token)
+            return False
+        done = self.core.read_done(name, History(*found), read.token)
         if done and self._flush_handle is None:
             self._schedule_flush()
-        self._start_reads()
+        return True
 
     # --- delivery ------------------------------------------------------------------
 

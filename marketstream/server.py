@@ -122,7 +122,8 @@ class Server:
             ping_timeout=settings.redis.health_timeout,
             backoff_max=settings.redis.reconnect_max_delay,
             min_flush_interval=settings.server.min_flush_interval,
-            max_replay=settings.recovery.max_replay))
+            max_replay=settings.recovery.max_replay,
+            replay_bytes=settings.limits.max_buffer_bytes // 2))
         await manager.start()
         app = self.app = make_app(settings, manager)
         context = app.context

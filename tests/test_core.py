@@ -147,26 +147,42 @@ class Feed:
         while len(self.log) > keep:
             self.log.popleft()
 
-    def read_after(self, after: int, limit: int) -> list[tuple[int, bytes]]:
-        """What ``history.read_after`` returns (its frames)."""
-        assert self.latest is not None
-        held = [(seq, frame) for seq, frame in self.log if after < seq <= self.latest]
-        if self.latest - after <= limit:
-            return held[:limit + 1]
-        return held[-limit:] if limit else []
-
     def read(self, read: Read, max_replay: int) -> History:
-        """The History the shell builds for ``read`` (``ChannelManager._read``)."""
+        """The History the shell builds for ``read`` (``ChannelManager._read``
+        over ``history.read_recent``): the snapshot unless it is larger than
+        ``read.max_bytes``; the newest messages after the floor (``since``,
+        or the snapshot's position if lower), at most ``max_replay``, until
+        their stored bytes reach ``read.max_bytes``."""
         assert read.stream == self.name
         latest = self.latest
-        snapshot = self.snapshot if read.snapshot and latest is not None else None
-        after = read.after
+        if latest is None:
+            return History(None, None, [])
+        snapshot, skipped = None, False
+        if read.snapshot and self.snapshot is not None:
+            if stored_size(*self.snapshot) > read.max_bytes:
+                skipped = True
+            else:
+                snapshot = self.snapshot
+        floor = read.after
         if snapshot is not None:
-            after = snapshot[0] if after is None else min(after, snapshot[0])
+            floor = snapshot[0] if floor is None else min(floor, snapshot[0])
         entries: list[tuple[int, bytes]] = []
-        if latest is not None and after is not None and after < latest:
-            entries = self.read_after(after, max_replay)
-        return History(latest, snapshot, entries)
+        if floor is not None and max_replay and (read.after is not None or read.snapshot):
+            size = 0
+            for seq, frame in reversed(self.log):
+                if seq > latest:
+                    continue
+                if seq <= floor or len(entries) >= max_replay or size >= read.max_bytes:
+                    break
+                entries.append((seq, frame))
+                size += stored_size(seq, frame)
+            entries.reverse()
+        return History(latest, snapshot, entries, skipped)
+
+
+def stored_size(seq: int, frame: bytes) -> int:
+    """Bytes of a message as the recovery script stores it."""
+    return len(b"@%d " % seq) + len(frame)
 
 
 def finish(core: Core, read: Read, history: History) -> bool:
@@ -1140,7 +1156,132 @@ def test_a_live_message_arriving_after_the_read_that_held_it_is_not_repeated():
     assert a.positions() == [2, 3, 4, 5]
 
 
-# --- payload checks ---------------------------------------------------------------
+# --- bounds: catch-up bytes, payload checks ----------------------------------------
+
+
+def big_feed(name: str, count: int, size: int = 400, **kwargs) -> Feed:
+    """A feed whose frames are ``size`` bytes or so."""
+    feed = Feed(name, **kwargs)
+    pad = b"x" * size
+    feed.frame = lambda seq: b'{"stream":"%s","data":{"i":%d,"x":"%s"},"seq":%d}' % (
+        name.encode(), seq, pad, seq)
+    for _ in range(count):
+        feed.publish()
+    return feed
+
+
+def test_a_resume_far_behind_on_many_streams_is_bounded_by_the_connection_budget():
+    """The amplification: ``since: 0`` on many streams with long histories.
+    The connection's budget is shared among its streams; each read asks
+    for no more than its share; what does not fit gets the gap notice and
+    the newest messages that fit; the connection is sent about its budget."""
+    budget = 20_000
+    core = make_core(replay_bytes=budget)
+    names = ["trade.F%d_USDT" % i for i in range(10)]
+    feeds = {name: big_feed(name, 200) for name in names}
+    a = Conn("a")
+    core.register(a)
+    core.subscribe(a, names, {name: Want(since=0) for name in names})
+    for name in names:
+        core.upstream_confirmed(name)
+    reads = core.start_reads()
+    assert len(reads) == 10
+    assert all(read.max_bytes <= budget // 10 for read in reads)
+    read_bytes = 0
+    for read in reads:
+        history = feeds[read.stream].read(read, core.max_replay)
+        read_bytes += sum(stored_size(seq, frame) for seq, frame in history.entries)
+        finish(core, read, history)
+    flush(core)
+    assert read_bytes <= budget + 10 * 500          # at most one message over per read
+    sent = sum(map(len, a.writes))
+    assert 0.5 * budget < sent <= budget
+    for name in names:
+        labels = a.labels(name)
+        assert labels[0] == "gap" and 1 <= len(labels) - 1 < 10
+        assert labels[1:] == list(range(201 - (len(labels) - 1), 201))  # the newest
+    assert core.counters.gap_notices == 10
+    assert core._budgets == {} and core.recovering == {}
+    live(core, feeds[names[0]], 1)
+    flush(core)
+    assert a.labels(names[0])[-1] == 201            # then live
+
+
+def test_a_client_far_behind_does_not_cost_a_client_just_behind_its_replay():
+    """Both share one read, which reads the newest messages first: the
+    client just behind gets exactly what it missed, the other the gap."""
+    core = make_core(replay_bytes=4_000)
+    feed = big_feed(S, 300)
+    far, near = Conn("far"), Conn("near")
+    subscribed(core, far, S, Want(since=0))
+    subscribed(core, near, S, Want(since=296))
+    read = one_read(core)
+    assert asked(read) == (S, 0, True)
+    finish(core, read, feed.read(read, core.max_replay))
+    flush(core)
+    assert near.labels() == [297, 298, 299, 300]
+    assert far.labels()[0] == "gap" and far.labels()[-1] == 300
+    assert sum(map(len, far.writes)) <= 4_000
+
+
+def test_a_snapshot_that_fits_follows_the_gap_notice_and_one_that_does_not_is_not_read():
+    core = make_core(replay_bytes=3_000)
+    small = big_feed(S, 50, snapshot_every=50)          # snapshot at the latest position
+    large = big_feed(T, 50)
+    large.snapshot = (50, b'{"stream":"%s","data":{"e":"snap","at":50,"x":"%s"},"seq":50}'
+                      % (T.encode(), b"y" * 5000))
+    a, b = Conn("a"), Conn("b")
+    subscribed(core, a, S, Want(since=1))
+    subscribed(core, b, T, Want(since=1))
+    subscribed(core, Conn("c"), T, Want(snapshot=True))
+    reads = {read.stream: read for read in core.start_reads()}
+    finish(core, reads[S], small.read(reads[S], core.max_replay))
+    history = large.read(reads[T], core.max_replay)
+    assert history.snapshot is None and history.snapshot_skipped
+    finish(core, reads[T], history)
+    flush(core)
+    assert a.labels() == ["gap", ("snap", 50)]
+    assert b.labels()[0] == "gap" and b.labels()[-1] == 50   # the newest that fit
+    c = [conn for conn in core.streams[T] if conn.name == "c"][0]
+    assert c.labels() == ["gap"]                    # its snapshot did not fit: it is told
+
+
+def test_a_connection_may_use_what_its_other_reads_left_over():
+    """Streams held one after the other: the first read reserved the whole
+    budget, so the next read has no share for the connection; once the
+    first is done, what it did not use serves the second (which another
+    client's share made large enough)."""
+    core = make_core(replay_bytes=10_000)
+    s, t = big_feed(S, 20), big_feed(T, 20)
+    a, b = Conn("a"), Conn("b")
+    subscribed(core, a, S, Want(since=15))
+    first = one_read(core)
+    assert first.max_bytes == 10_000
+    subscribed(core, a, T, Want(since=15))
+    subscribed(core, b, T, Want(since=15))
+    second = one_read(core)
+    assert second.max_bytes == 10_000 and second.token != first.token
+    finish(core, first, s.read(first, core.max_replay))
+    finish(core, second, t.read(second, core.max_replay))
+    flush(core)
+    assert a.labels(S) == [16, 17, 18, 19, 20] and a.labels(T) == [16, 17, 18, 19, 20]
+    assert b.labels(T) == [16, 17, 18, 19, 20]
+
+
+def test_budgets_are_forgotten_when_reads_fail_or_connections_leave():
+    core = make_core(replay_bytes=1_000)
+    a, b = Conn("a"), Conn("b")
+    subscribed(core, a, S, Want(since=0))
+    subscribed(core, b, S, Want(since=0))
+    subscribed(core, a, T, Want(since=0))
+    reads = core.start_reads()
+    assert sorted(core._budgets[a]) == [0, 0, 2] and core._budgets[b][2] == 1
+    fail(core, reads[0])
+    core.link_lost()
+    assert core._budgets[a] == [1_000, 2, 0]        # shares back, both streams wait again
+    core.remove(a)
+    core.unsubscribe(b, [S])
+    assert core._budgets == {}
 
 
 @pytest.mark.parametrize("frame", [

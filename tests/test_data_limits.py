@@ -1,26 +1,156 @@
 """What one hostile client or publisher can do to resources and data, each
 measured attack against a real server and a real Redis, bounded in count
-and time: payloads that would land on another stream or break a browser's
-``JSON.parse``.
+and time: resumes far behind on many streams, and payloads that would land
+on another stream or break a browser's ``JSON.parse``.
 
 Stream names are unique to each test (all tests share one Redis).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 import uuid
 
+import psutil
 import pytest
+import redis
 
 from marketstream.publisher import Publisher, stream_keys
-from tests.helpers import RawClient, connect, listeners, read, send, subscribed
+from tests.helpers import RawClient, ServerProcess, connect, listeners, read, send, subscribed
 from tests.test_metrics import Watch
 
 
 def tag() -> str:
     return uuid.uuid4().hex[:8].upper()
+
+
+# --- resumes far behind on many streams ---------------------------------------------
+
+STREAMS, HISTORY, PAD = 120, 200, "x" * 380
+
+
+def publish_histories(redis_url, names):
+    with Publisher(redis_url, history=HISTORY, ttl=600) as pub:
+        for i in range(HISTORY):
+            pub.publish_many([(name, '{"e":"trade","t":%d,"x":"%s"}' % (i, PAD))
+                              for name in names])
+        latest = pub.publish_many([(name, '{"e":"trade","t":%d,"x":"%s"}' % (HISTORY, PAD))
+                                   for name in names])
+    return dict(zip(names, latest))
+
+
+def test_five_clients_resuming_everything_from_zero_cost_what_they_can_be_sent(redis_url):
+    """The amplification (~11,000x): a 7 KB SUBSCRIBE with ``since: 0`` on
+    200 streams of 1,000 messages made the server read 83 MB from Redis,
+    grow by 120 MB, and close the client as a slow consumer.  Here five
+    clients do it at once on 120 streams of 200 messages (about 11 MB
+    stored): what would not fit half of each client's buffer is not read;
+    every client gets each stream's gap notice and then its newest
+    messages, and stays connected; Redis sends a few MB, and the server
+    grows by a few MB."""
+    client = redis.Redis.from_url(redis_url)
+    prefix = "trade.RSM%s" % tag()
+    names = ["%s%d_USDT" % (prefix, k) for k in range(STREAMS)]
+    latest = publish_histories(redis_url, names)
+    server = ServerProcess("--redis-url", redis_url)
+    try:
+        server.wait_healthy()
+        proc = psutil.Process(server.proc.pid)
+
+        async def scenario():
+            clients = [await RawClient.connect(server.port) for _ in range(5)]
+            await asyncio.sleep(0.5)
+            rss_before = proc.memory_info().rss
+            sent_before = int(client.info("stats")["total_net_output_bytes"])
+            request = json.dumps({"method": "SUBSCRIBE", "params": names, "id": 1,
+                                  "since": {name: 0 for name in names}})
+            assert len(request) > 5000
+            for raw in clients:
+                raw.send(request)
+            got = await asyncio.gather(*(read_catch_up(raw) for raw in clients))
+            redis_sent = int(client.info("stats")["total_net_output_bytes"]) - sent_before
+            grown = proc.memory_info().rss - rss_before
+            for frames, size in got:
+                assert size <= 600_000          # half of max_buffer_bytes, and the frame headers
+                for name in names:
+                    mine = frames[name]
+                    assert mine[0] == "gap", mine[:3]
+                    seqs = mine[1:]
+                    assert seqs and seqs[-1] == latest[name], (name, seqs[-5:])
+                    assert seqs == list(range(seqs[0], latest[name] + 1))  # the newest, in order
+            for raw in clients:  # still connected and served
+                raw.send('{"method":"LIST_SUBSCRIPTIONS","id":2}')
+                reply = await read_reply(raw)
+                assert reply == {"result": names, "id": 2}
+                raw.close()
+            return redis_sent, grown
+
+        redis_sent, grown = asyncio.run(scenario())
+        assert redis_sent < 4_000_000, redis_sent     # 11 MB stored, 5 clients
+        assert grown < 8_000_000, grown
+        assert "slow consumer" not in server.output
+        assert "failed" not in server.output, server.output
+    finally:
+        server.stop()
+        client.close()
+
+
+async def read_catch_up(raw):
+    """Read a resuming client's frames until each stream of the request has
+    reached its newest position: ``({stream: ["gap" | seq, ...]}, bytes)``."""
+    frames: dict[str, list] = {}
+    size = 0
+    done = set()
+    deadline = time.monotonic() + 30
+    while len(done) < STREAMS:
+        opcode, payload = await raw.recv(max(0.1, deadline - time.monotonic()))
+        assert opcode == 0x1, (opcode, payload[:100])
+        size += len(payload) + 4
+        message = json.loads(payload)
+        name = message["stream"]
+        if message["data"].get("e") == "gap":
+            frames.setdefault(name, []).append("gap")
+        else:
+            frames.setdefault(name, []).append(message["seq"])
+            if message["data"]["t"] == HISTORY:
+                done.add(name)
+    return frames, size
+
+
+async def read_reply(raw):
+    while True:
+        opcode, payload = await raw.recv()
+        message = json.loads(payload)
+        if "stream" not in message:
+            return message
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_resume_on_many_streams_reads_the_history_a_few_at_a_time(server, redis_client,
+                                                                           redis_url, caplog):
+    """200 streams resumed at once made 200 history reads at once; past
+    redis-py's pool of 100 connections they failed and were retried, with
+    a warning per stream and per retry.  Reads run a few at a time."""
+    prefix = "trade.RDS%s" % tag()
+    names = ["%s%d_USDT" % (prefix, k) for k in range(150)]
+    with Publisher(redis_client, history=10, ttl=600) as pub:
+        latest = dict(zip(names, pub.publish_many([(name, {"e": "trade"}) for name in names])))
+    caplog.set_level(logging.WARNING, "marketstream")
+    raw = await RawClient.connect(server.settings.port)
+    raw.send(json.dumps({"method": "SUBSCRIBE", "params": names, "id": 1,
+                         "since": {name: latest[name] - 1 for name in names}}))
+    seen = {}
+    while len(seen) < len(names):
+        opcode, payload = await raw.recv(10)
+        message = json.loads(payload)
+        seen[message["stream"]] = message["seq"]
+    assert seen == latest
+    assert server.counters.replayed == len(names) and server.counters.gap_notices == 0
+    assert not [r for r in caplog.records if "history" in r.getMessage()]
+    raw.close()
 
 
 # --- payloads that would land on another stream -------------------------------------

@@ -30,9 +30,12 @@ wait for the network again, one flush writes every connection's frames as a
 single write.  Under light load a batch is one message; under heavy load
 batches grow and the number of writes per message falls.
 
-History reads run at most :data:`MAX_READS` at a time, and each reads no
-more than the connections it serves may be sent (``replay_bytes`` per
-connection, see :mod:`marketstream.core`).
+A channel whose last listener left stays subscribed for ``linger / 2`` to
+``linger`` seconds, so that a client that unsubscribes and subscribes
+again (or reconnects) costs Redis nothing; ``max_channels`` caps the
+channels of the process.  History reads run at most :data:`MAX_READS` at a
+time, and each reads no more than the connections it serves may be sent
+(``replay_bytes`` per connection, see :mod:`marketstream.core`).
 """
 
 from __future__ import annotations
@@ -86,13 +89,16 @@ class ChannelManager:
                  ping_interval: float = 1.0, ping_timeout: float = 2.0,
                  backoff_min: float = 0.05, backoff_max: float = 1.0,
                  min_flush_interval: float = 0.0, counters: Counters | None = None,
-                 max_replay: int = 1000, replay_bytes: int = REPLAY_BYTES) -> None:
+                 max_replay: int = 1000, replay_bytes: int = REPLAY_BYTES,
+                 max_channels: int = 0, linger: float = 1.0) -> None:
         self.redis_url = redis_url
         self.min_flush_interval = min_flush_interval
         self.max_replay = max_replay
+        self.linger = linger
         self.counters = counters if counters is not None else Counters()
         self.core = Core(self.counters, payload_format, max_replay, self._log_malformed,
-                         replay_bytes=replay_bytes)
+                         replay_bytes=replay_bytes, max_channels=max_channels,
+                         linger=linger > 0)
         self.link = make_link(redis_url, self, ping_interval=ping_interval,
                               ping_timeout=ping_timeout, backoff_min=backoff_min,
                               backoff_max=backoff_max)
@@ -100,6 +106,7 @@ class ChannelManager:
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._last_flush = 0.0
         self._log_limit = LogLimiter(log)  # publishers' errors, at most a line a second each
+        self._linger_handle: asyncio.TimerHandle | None = None
         self._reads_handle: asyncio.Handle | None = None
         self._reads: set[asyncio.Future] = set()
         self._commands: Any = None  # a command client for history reads, made on first use
@@ -151,9 +158,10 @@ class ChannelManager:
         """Stop the reader and close the Redis connections."""
         for task in list(self._reads):
             task.cancel()
-        if self._reads_handle is not None:
-            self._reads_handle.cancel()
-            self._reads_handle = None
+        for handle in (self._linger_handle, self._reads_handle):
+            if handle is not None:
+                handle.cancel()
+        self._linger_handle = self._reads_handle = None
         await self.link.stop()
         if self._commands is not None:
             try:
@@ -197,22 +205,40 @@ class ChannelManager:
     def subscriptions(self, conn: Connection) -> list[str]:
         return self.core.subscriptions(conn)
 
+    def over_channel_cap(self, names: list[str]) -> list[str]:
+        """The streams of ``names`` (distinct, not yet subscribed by the
+        asking connection) refused by ``max_channels``."""
+        return self.core.over_channel_cap(names)
+
     def _sync(self) -> None:
-        if self.core.wanted_changed:
-            self.core.wanted_changed = False
+        core = self.core
+        if core.wanted_changed:
+            core.wanted_changed = False
             self.link.changed()
+        if core.lingering and self._linger_handle is None:
+            loop = self._loop or asyncio.get_running_loop()
+            self._linger_handle = loop.call_later(self.linger / 2, self._release_lingering)
+
+    def _release_lingering(self) -> None:
+        self._linger_handle = None
+        self.core.release_lingering()
+        self._sync()
 
     async def wait_subscribed(self, names: Iterable[str], timeout: float = 5.0) -> bool:
         """Wait until Redis confirmed the subscription of every stream in
         ``names`` that is still wanted; False on timeout or outage."""
-        wanted, confirmed = self.core.wanted(), self.core.confirmed
+        core = self.core
+        confirmed = core.confirmed
         return await self._confirmations.wait(
-            names, lambda name: name in wanted and name not in confirmed, timeout)
+            names, lambda name: core.is_wanted(name) and name not in confirmed, timeout)
 
     # --- what the link reports (see marketstream.link.Listener) --------------
 
     def wanted(self) -> set[str]:
         return self.core.wanted()
+
+    def take_changes(self) -> dict[str, bool]:
+        return self.core.take_changes()
 
     def on_message(self, channel: bytes, payload: bytes) -> None:
         if self.core.on_message(channel, payload) and self._flush_handle is None:

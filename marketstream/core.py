@@ -33,12 +33,22 @@ progress, shared evenly among its streams, and a read asks for no more
 than the largest share of the connections it serves.  What would not fit
 is not read: that connection gets the gap notice, then the snapshot (or
 the newest messages) if those fit.
+
+Channels: :meth:`Core.wanted` is what the Redis link must hold, and
+:meth:`Core.take_changes` what changed since the link last looked (a
+subscribe and an unsubscribe of a channel the link never saw cancel out).
+With ``linger``, a channel whose last listener left stays subscribed until
+the second :meth:`Core.release_lingering` after that (the shell calls it
+every half second), so that churn costs Redis nothing; ``max_channels``
+caps the channels (:meth:`Core.over_channel_cap`), and lingering ones give
+way first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from collections.abc import Callable, Hashable
+from itertools import islice
 from typing import Any, NamedTuple, Protocol
 
 from marketstream import protocol
@@ -138,12 +148,15 @@ class Core:
     def __init__(self, counters: Counters, payload_format: str = "envelope",
                  max_replay: int = 1000,
                  on_malformed: Callable[[bytes, bytes, str], None] | None = None,
-                 replay_bytes: int = REPLAY_BYTES) -> None:
+                 replay_bytes: int = REPLAY_BYTES, max_channels: int = 0,
+                 linger: bool = False) -> None:
         self.counters = counters
         self.on_malformed = on_malformed
         self.wrap = payload_format == "data"
         self.max_replay = max_replay
         self.replay_bytes = replay_bytes
+        self.max_channels = max_channels      # 0: no cap
+        self.linger = linger
         self.streams: dict[str, dict[Conn, None]] = {}      # live listeners per stream
         self.connections: dict[Conn, dict[str, None]] = {}  # streams per connection
         self.pending: dict[Conn, list[bytes]] = {}          # frames of the current batch
@@ -162,6 +175,10 @@ class Core:
         # Per connection with catch-ups in progress: [bytes it may still be
         # sent, streams waiting for their read, reads in flight].
         self._budgets: dict[Conn, list[int]] = {}
+        self._channels: set[str] = set()      # what the link must hold (see wanted())
+        self._changes: dict[str, bool] = {}   # channel -> wanted, since the link last took them
+        self.lingering: dict[str, int] = {}   # unwanted channels kept a moment -> their sweep
+        self._sweep = 0
         self.wanted_changed = False           # the shell syncs upstream when set
 
     # --- registry ---------------------------------------------------------
@@ -171,10 +188,56 @@ class Core:
         self.connections.setdefault(conn, {})
 
     def wanted(self) -> set[str]:
-        """The channels the Redis link must be subscribed to."""
-        wanted = set(self.streams)
-        wanted.update(self.recovering)
-        return wanted
+        """The channels the Redis link must be subscribed to: streams with
+        listeners, streams being recovered, and lingering ones."""
+        return set(self._channels)
+
+    def is_wanted(self, name: str) -> bool:
+        return name in self._channels
+
+    def take_changes(self) -> dict[str, bool]:
+        """The channels wanted (True) or unwanted (False) since the last call."""
+        changes, self._changes = self._changes, {}
+        return changes
+
+    def over_channel_cap(self, names: list[str]) -> list[str]:
+        """The streams of ``names`` (distinct) that would need a channel
+        beyond ``max_channels``; lingering channels are released to make
+        room first, oldest first."""
+        if not self.max_channels:
+            return []
+        new = [name for name in names if name not in self._channels]
+        over = len(self._channels) + len(new) - self.max_channels
+        if over <= 0:
+            return []
+        for name in list(islice(self.lingering, over)):
+            self._release(name)
+        return new[max(0, self.max_channels - len(self._channels)):]
+
+    def release_lingering(self) -> None:
+        """Release the channels that have lingered since before the
+        previous call (the shell calls this periodically)."""
+        sweep = self._sweep
+        self._sweep += 1
+        for name, since in list(self.lingering.items()):  # oldest first
+            if since >= sweep:
+                break
+            self._release(name)
+
+    def _want(self, name: str) -> None:
+        """``name`` has a listener or a recovery."""
+        if name in self._channels:
+            self.lingering.pop(name, None)
+            return
+        self._channels.add(name)
+        self._changes[name] = True
+        self.wanted_changed = True
+
+    def _release(self, name: str) -> None:
+        self._channels.discard(name)
+        self.lingering.pop(name, None)
+        self._changes[name] = False
+        self.wanted_changed = True
 
     def subscribe(self, conn: Conn, names: list[str],
                   wants: dict[str, Want] | None = None) -> list[str]:
@@ -192,8 +255,7 @@ class Core:
             else:
                 listeners = self.streams.get(name)
                 if listeners is None:
-                    if name not in self.recovering:
-                        self.wanted_changed = True
+                    self._want(name)
                     self.streams[name] = {conn: None}
                 else:
                     listeners[conn] = None
@@ -246,10 +308,14 @@ class Core:
             self._forget_if_idle(name)
 
     def _unwanted(self, name: str) -> None:
-        """Nobody listens to ``name`` any more."""
-        self.wanted_changed = True
+        """Nobody listens to ``name`` any more: release its channel (at
+        once if the link has not taken it yet, else after lingering)."""
         self.last_seq.pop(name, None)
         self._live_seq.pop(name, None)
+        if self.linger and not self._changes.get(name):
+            self.lingering[name] = self._sweep
+        else:
+            self._release(name)
 
     def _forget_if_idle(self, name: str) -> None:
         """Drop a recovery nobody waits for any more."""
@@ -263,8 +329,7 @@ class Core:
     def _hold(self, conn: Conn, name: str, want: Want) -> None:
         recovery = self.recovering.get(name)
         if recovery is None:
-            if name not in self.streams:
-                self.wanted_changed = True
+            self._want(name)
             recovery = self.recovering[name] = _Recovery()
         recovery.waiting[conn] = want
         budget = self._budgets.get(conn)

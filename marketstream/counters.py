@@ -23,6 +23,8 @@ CLOSE_CAUSES = ("rate_limit", "slow_consumer", "ping_timeout")
 REFUSAL_CAUSES = ("origin", "max_connections", "max_connections_per_ip")
 #: Why part of a client request was ignored (or answered with an error).
 IGNORED_CAUSES = ("bad_since", "bad_snapshot")
+#: Why a valid stream was refused (an error reply with acks).
+STREAM_LIMIT_CAUSES = ("max_streams_per_connection", "max_channels")
 
 
 class Counters:
@@ -31,7 +33,7 @@ class Counters:
     TOTALS = ("messages_in", "deliveries", "bytes_sent", "batches", "dropped_malformed",
               "dropped_no_listener", "reconnects", "invalid_frames", "rejected_streams",
               "replayed", "snapshots_sent", "gap_notices", "dropped_wrong_stream")
-    __slots__ = TOTALS + ("batch_sizes", "closed", "refused", "ignored")
+    __slots__ = TOTALS + ("batch_sizes", "closed", "refused", "ignored", "over_limit")
 
     # The totals, set to 0 in __init__ (declared for type checkers).
     messages_in: int
@@ -55,10 +57,11 @@ class Counters:
         self.closed = dict.fromkeys(CLOSE_CAUSES, 0)
         self.refused = dict.fromkeys(REFUSAL_CAUSES, 0)
         self.ignored = dict.fromkeys(IGNORED_CAUSES, 0)
+        self.over_limit = dict.fromkeys(STREAM_LIMIT_CAUSES, 0)
 
     def as_dict(self) -> dict[str, object]:
         """A snapshot for ``/health``."""
         totals: dict[str, object] = {name: getattr(self, name) for name in self.TOTALS}
         totals.update(closed=dict(self.closed), refused=dict(self.refused),
-                      ignored=dict(self.ignored))
+                      ignored=dict(self.ignored), over_limit=dict(self.over_limit))
         return totals

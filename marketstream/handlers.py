@@ -14,6 +14,8 @@ Close codes and refusals (also in the README):
 * 1008 "rate limit exceeded": over ``[limits] messages_per_second``.
 * 1008 "slow consumer": more than ``[limits] max_buffer_bytes`` queued.
 * 1009 "message too big": a frame over ``[limits] max_frame_bytes``.
+* Streams refused like an invalid name (an error reply with acks):
+  ``[limits] max_streams_per_connection`` and ``[limits] max_channels``.
 """
 
 import asyncio
@@ -362,7 +364,19 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             errors.extend("%s: too many streams (limit %d)"
                           % (name, ctx.limits.max_streams_per_connection)
                           for name in new[max(room, 0):])
+            ctx.counters.over_limit["max_streams_per_connection"] += len(new) - max(room, 0)
             new = new[:max(room, 0)]
+        refused = manager.over_channel_cap(new)
+        if refused:
+            # Refused like an invalid name: the process has all the Redis
+            # channels it may ([limits] max_channels).
+            errors.extend("%s: too many streams on this server" % name for name in refused)
+            ctx.counters.over_limit["max_channels"] += len(refused)
+            if len(refused) == len(new):
+                new = []
+            else:
+                over = set(refused)
+                new = [name for name in new if name not in over]
         for cause, text in request.problems:
             ctx.counters.ignored[cause] += 1
             errors.append(text)

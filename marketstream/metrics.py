@@ -24,7 +24,8 @@ Metrics (all prefixed ``marketstream_``):
 ``dropped_total{cause}``               malformed_payload, invalid_frame,
                                        rejected_stream, slow_consumer, rate_limit,
                                        ping_timeout, bad_since, bad_snapshot,
-                                       wrong_stream
+                                       wrong_stream, max_streams_per_connection,
+                                       max_channels
 ``redis_reconnects_total``             reconnections of the pub/sub connection
 ``refused_handshakes_total{cause}``    origin, max_connections, max_connections_per_ip
 =====================================  ==========================================
@@ -145,6 +146,8 @@ class Exporter:
             "bad_since": counters.ignored["bad_since"],
             "bad_snapshot": counters.ignored["bad_snapshot"],
             "wrong_stream": counters.dropped_wrong_stream,
+            "max_streams_per_connection": counters.over_limit["max_streams_per_connection"],
+            "max_channels": counters.over_limit["max_channels"],
         }
 
     def _advance(self, key: str, counter: Counter, value: int) -> None:

@@ -123,7 +123,8 @@ class Server:
             backoff_max=settings.redis.reconnect_max_delay,
             min_flush_interval=settings.server.min_flush_interval,
             max_replay=settings.recovery.max_replay,
-            replay_bytes=settings.limits.max_buffer_bytes // 2))
+            replay_bytes=settings.limits.max_buffer_bytes // 2,
+            max_channels=settings.limits.max_channels))
         await manager.start()
         app = self.app = make_app(settings, manager)
         context = app.context

@@ -460,6 +460,8 @@ def start_server(kind, args, host, port, redis_url, pin):
                    "--redis-url", redis_url, "--log-level", "WARNING",
                    "--processes", str(args.processes),
                    "--set", "server.max_connections=%d" % (args.connections + 100),
+                   # Every client comes from one address.
+                   "--set", "server.max_connections_per_ip=0",
                    # The receivers answer no pings: keepalive would close them.
                    "--set", "server.ping_interval=0"]
         for item in args.set:

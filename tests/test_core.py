@@ -1156,7 +1156,71 @@ def test_a_live_message_arriving_after_the_read_that_held_it_is_not_repeated():
     assert a.positions() == [2, 3, 4, 5]
 
 
-# --- bounds: catch-up bytes, payload checks ----------------------------------------
+# --- bounds: channels, churn, catch-up bytes, payload checks ---------------------------
+
+
+def test_a_subscribe_and_unsubscribe_the_link_has_not_seen_cost_it_nothing():
+    core = make_core(linger=True)
+    a = Conn("a")
+    core.subscribe(a, [S])
+    core.unsubscribe(a, [S])                        # before the link took the change
+    assert core.wanted() == set() and core.lingering == {}
+    assert core.take_changes() == {S: False}        # the link has nothing to unsubscribe
+
+
+def test_a_channel_whose_last_listener_left_lingers_until_the_second_sweep():
+    core = make_core(linger=True)
+    a, b = Conn("a"), Conn("b")
+    core.subscribe(a, [S, T])
+    assert core.take_changes() == {S: True, T: True}
+    core.upstream_confirmed(S)
+    core.unsubscribe(a, [S])
+    core.remove(a)
+    assert core.wanted() == {S, T} and list(core.lingering) == [S, T]
+    assert core.take_changes() == {}                # nothing for Redis to do yet
+    core.subscribe(b, [S])                          # back within the moment
+    assert core.take_changes() == {} and list(core.lingering) == [T]
+    assert core.is_wanted(S) and S in core.confirmed  # an acknowledgement needs no wait
+    core.release_lingering()                        # T lingered since before no sweep
+    assert core.wanted() == {S, T}
+    core.release_lingering()
+    assert core.wanted() == {S} and core.take_changes() == {T: False}
+    assert core.lingering == {}
+
+
+def test_churn_within_one_sweep_asks_redis_for_nothing():
+    core = make_core(linger=True)
+    a = Conn("a")
+    names = ["trade.C%d_USDT" % i for i in range(50)]
+    core.subscribe(a, names)
+    assert len(core.take_changes()) == 50
+    for _ in range(100):
+        core.unsubscribe(a, names)
+        core.subscribe(a, names)
+    assert core.take_changes() == {}
+    assert core.wanted() == set(names) and core.lingering == {}
+
+
+def test_the_channel_cap_refuses_new_channels_and_lingering_ones_give_way():
+    core = make_core(max_channels=3, linger=True)
+    a, b = Conn("a"), Conn("b")
+    names = ["trade.K%d_USDT" % i for i in range(5)]
+    assert core.over_channel_cap(names) == names[3:]
+    core.subscribe(a, names[:3])
+    core.take_changes()
+    assert core.over_channel_cap([names[0]]) == []     # an existing channel needs no room
+    assert core.over_channel_cap(names[3:]) == names[3:]
+    core.unsubscribe(a, names[:2])                  # two lingering channels
+    assert len(core.wanted()) == 3
+    assert core.over_channel_cap([names[3]]) == []  # the oldest lingering one gives way
+    assert core.wanted() == {names[1], names[2]}
+    assert core.take_changes() == {names[0]: False}
+    core.subscribe(b, [names[3]])
+    assert core.over_channel_cap([names[4]]) == []
+    assert core.wanted() == {names[2], names[3]}
+    core.subscribe(b, [names[4]])
+    assert core.over_channel_cap(["trade.KX_USDT"]) == ["trade.KX_USDT"]
+    assert make_core().over_channel_cap(names) == []   # 0: no cap
 
 
 def big_feed(name: str, count: int, size: int = 400, **kwargs) -> Feed:

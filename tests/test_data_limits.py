@@ -1,7 +1,8 @@
 """What one hostile client or publisher can do to resources and data, each
 measured attack against a real server and a real Redis, bounded in count
-and time: resumes far behind on many streams, and payloads that would land
-on another stream or break a browser's ``JSON.parse``.
+and time: connections and channels from one address, subscription churn,
+resumes far behind on many streams, and payloads that would land on
+another stream or break a browser's ``JSON.parse``.
 
 Stream names are unique to each test (all tests share one Redis).
 """
@@ -11,20 +12,145 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 import time
 import uuid
 
 import psutil
 import pytest
 import redis
+import tornado.httpclient
+import ujson
 
 from marketstream.publisher import Publisher, stream_keys
-from tests.helpers import RawClient, ServerProcess, connect, listeners, read, send, subscribed
+from tests.helpers import (RawClient, ServerProcess, async_wait_until, connect, listeners,
+                           raw_socket, read, send, subscribed)
 from tests.test_metrics import Watch
 
 
 def tag() -> str:
     return uuid.uuid4().hex[:8].upper()
+
+
+def calls(redis_client, *commands):
+    stats = redis_client.info("commandstats")
+    return {name: stats.get("cmdstat_" + name, {}).get("calls", 0) for name in commands}
+
+
+@pytest.fixture
+def descriptors():
+    """Raise this process's open-file limit (client and server sockets both
+    live here)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# --- connections and channels from one address --------------------------------------
+
+@pytest.mark.gen_test(timeout=120)
+async def test_one_address_gets_500_connections_by_default_then_429(server, descriptors):
+    """The attack opened 98 connections from one address (no limit by
+    default); now the 501st is refused with HTTP 429 and counted."""
+    assert descriptors >= 1200, "the open-file limit is too low for this test"
+    assert server.settings.server.max_connections_per_ip == 500
+    port = server.settings.port
+    sockets = []
+    try:
+        for _ in range(500):
+            sock, _ = await raw_socket(port)
+            sockets.append(sock)
+        with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+            await connect(server)
+        assert refused.value.code == 429
+        assert server.counters.refused["max_connections_per_ip"] == 1
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_channel_cap_refuses_new_streams_with_an_error_and_counts_them(
+        server_factory, redis_client):
+    server = await server_factory(limits__max_channels=4, protocol__acks="true")
+    names = ["trade.CAP%d%s_USDT" % (i, tag()) for i in range(6)]
+    watch = await Watch(server).start()
+    first = await connect(server)
+    await send(first, "SUBSCRIBE", names[:3], 1)
+    assert json.loads(await read(first)) == {"result": None, "id": 1}
+    # names[1] and [2] exist already, [3] is the fourth channel, [4] and [5] are one too many.
+    second = await connect(server)
+    await send(second, "SUBSCRIBE", names[1:], 2)
+    reply = json.loads(await read(second))
+    assert reply["id"] == 2 and reply["error"]["code"] == 2
+    assert reply["error"]["msg"] == "; ".join(
+        "%s: too many streams on this server" % name for name in names[4:])
+    await send(second, "LIST_SUBSCRIPTIONS", request_id=3)
+    assert json.loads(await read(second)) == {"result": names[1:4], "id": 3}
+    assert sorted(redis_client.pubsub_channels("trade.CAP*")) == sorted(
+        name.encode() for name in names[:4])
+    assert server.counters.over_limit["max_channels"] == 2
+    await watch.moved('marketstream_dropped_total{cause=max_channels}', 2)
+    # The first client leaves: its own channel lingers, and gives way to a new one.
+    first.close()
+    await async_wait_until(lambda: len(server.manager.connections) == 1)
+    await send(second, "SUBSCRIBE", names[4:5], 4)
+    assert json.loads(await read(second)) == {"result": None, "id": 4}
+    await async_wait_until(lambda: sorted(redis_client.pubsub_channels("trade.CAP*")) == sorted(
+        name.encode() for name in names[1:5]), message="names[0] released for names[4]")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_many_connections_of_many_streams_stop_at_the_channel_cap(server_factory,
+                                                                        redis_client):
+    """The measured attack (98 connections x 1,024 streams = 100,352 Redis
+    channels in 3.1 s), scaled down: 6 connections x 200 streams against a
+    cap of 500.  Without acks the refused streams are ignored like invalid
+    names, and counted."""
+    server = await server_factory(limits__max_channels=500)
+    prefix = "trade.ATK%s" % tag()
+    clients = [await RawClient.connect(server.settings.port) for _ in range(6)]
+    for c, client in enumerate(clients):
+        client.send(ujson.dumps({"method": "SUBSCRIBE", "id": c, "params": [
+            "%sC%dS%d_USDT" % (prefix, c, j) for j in range(200)]}))
+    await async_wait_until(lambda: server.counters.over_limit["max_channels"] == 700,
+                           timeout=20, message="700 streams refused")
+    await async_wait_until(lambda: len(redis_client.pubsub_channels(prefix + "*")) == 500,
+                           timeout=20, message="500 channels subscribed")
+    assert sum(len(streams) for streams in server.manager.connections.values()) == 500
+    assert server.counters.rejected_streams == 0  # valid names, refused for the cap
+    for client in clients:
+        client.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_subscribe_unsubscribe_churn_costs_redis_nothing(server_factory, redis_client):
+    """Churn within the message limit cost 10% of a core per connection:
+    every SUBSCRIBE and UNSUBSCRIBE went to Redis (1,024 channels each, and
+    1,024 confirmations back).  A channel that had listeners a moment ago
+    stays subscribed for up to a second, so churn never reaches Redis."""
+    server = await server_factory(protocol__acks="true")
+    names = ["trade.CH%d%s_USDT" % (i, tag()) for i in range(200)]
+    ws = await connect(server)
+    await send(ws, "SUBSCRIBE", names, 1)
+    assert json.loads(await read(ws)) == {"result": None, "id": 1}
+    before = calls(redis_client, "subscribe", "unsubscribe")
+    for i in range(10):  # each change apart from the next, as a client within the limit
+        await send(ws, "UNSUBSCRIBE", names, 2 + 2 * i)
+        assert json.loads(await read(ws)) == {"result": None, "id": 2 + 2 * i}
+        await asyncio.sleep(0.05)
+        await send(ws, "SUBSCRIBE", names, 3 + 2 * i)
+        assert json.loads(await read(ws)) == {"result": None, "id": 3 + 2 * i}
+        await asyncio.sleep(0.05)
+    await send(ws, "LIST_SUBSCRIPTIONS", request_id="list")
+    assert json.loads(await read(ws)) == {"result": names, "id": "list"}
+    assert calls(redis_client, "subscribe", "unsubscribe") == before
+    # Once nobody wants them, the channels are released after all.
+    ws.close()
+    await async_wait_until(lambda: redis_client.pubsub_channels("trade.CH*") == [], timeout=10,
+                           message="channels released")
+    assert calls(redis_client, "unsubscribe")["unsubscribe"] > before["unsubscribe"]
 
 
 # --- resumes far behind on many streams ---------------------------------------------

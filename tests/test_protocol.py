@@ -359,6 +359,16 @@ def test_default_rules_reject_trailing_newlines(name):
     assert StreamRules().check(name) is not None
 
 
+def test_accepted_names_are_remembered_within_a_bound(monkeypatch):
+    monkeypatch.setattr(protocol, "ACCEPTED_CACHE", 100)
+    rules = StreamRules()
+    for i in range(250):
+        assert rules.check("trade.M%d_USDT" % i) is None
+        assert len(rules._accepted) <= 100
+    assert rules.check("trade.M249_USDT") is None and "trade.M249_USDT" in rules._accepted
+    assert rules.check("trade.bad") is not None and "trade.bad" not in rules._accepted
+
+
 def test_markets_allow_list_restricts_markets():
     rules = StreamRules(markets=("SOL_USDC", "BTC_USDT"))
     assert rules.check("trade.SOL_USDC") is None

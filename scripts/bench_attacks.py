@@ -455,12 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = asyncio.run(run(args))
     except KeyboardInterrupt:
         return 130
-    if args.json:
-        print(json.dumps(figures))
-    else:
-        width = max(len(key) for key in figures)
-        for key, value in figures.items():
-            print("%-*s  %s" % (width, key, value))
+    fanout.print_figures(figures, args.json)
     return 0
 
 

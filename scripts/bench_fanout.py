@@ -813,13 +813,19 @@ def main(argv=None):
                 args.connections, args.streams, args.per_conn, args.rate, args.duration,
                 "; medians of %d runs each" % args.repeat if args.repeat > 1 else ""))
             print(table(rows))
-    elif args.json:
+    else:
+        print_figures(figures, args.json)
+    return 0
+
+
+def print_figures(figures, as_json):
+    """One JSON object, or one aligned line per figure."""
+    if as_json:
         print(json.dumps(figures))
     else:
         width = max(len(key) for key in figures)
         for key, value in figures.items():
             print("%-*s  %s" % (width, key, value))
-    return 0
 
 
 if __name__ == "__main__":

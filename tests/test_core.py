@@ -1348,6 +1348,15 @@ def test_budgets_are_forgotten_when_reads_fail_or_connections_leave():
     assert core._budgets == {}
 
 
+def watched_core() -> tuple[Core, Conn, list[str]]:
+    """A core with one listener on S, and the causes of what it dropped."""
+    seen: list[str] = []
+    core = Core(Counters(), on_malformed=lambda c, p, why: seen.append(why))
+    a = Conn("a")
+    core.subscribe(a, [S])
+    return core, a, seen
+
+
 @pytest.mark.parametrize("frame", [
     b'{"stream":"trade.SOL_USDC","data":{"i":5},"stream":"depth.BTC_USDT","seq":5}',
     b'{"stream":"trade.SOL_USDC","data":{"i":"\xff"},"seq":5}',
@@ -1358,10 +1367,7 @@ def test_budgets_are_forgotten_when_reads_fail_or_connections_leave():
     b'{"data":{"i":5},"stream":"trade.SOL_USDC","seq":5}',
 ])
 def test_a_positioned_payload_is_checked_like_a_plain_one(frame):
-    seen = []
-    core = Core(Counters(), on_malformed=lambda c, p, why: seen.append(why))
-    a = Conn("a")
-    core.subscribe(a, [S])
+    core, a, seen = watched_core()
     assert core.on_message(S.encode(), b"@5 " + frame) is False
     assert core.on_message(S.encode(), b"@05 " + frame.replace(b":5", b":05")) is False
     assert core.counters.dropped_malformed == 2 and seen == ["malformed_payload"] * 2
@@ -1389,10 +1395,7 @@ def test_a_positioned_frame_of_another_stream_is_dropped(payload, payload_format
     b'{"stream":"trade.SOL_USDC","data":{},"str\\u0065am":"depth.BTC_USDT"}',
 ])
 def test_an_envelope_whose_stream_is_not_the_channel_is_dropped(payload):
-    seen = []
-    core = Core(Counters(), on_malformed=lambda c, p, why: seen.append(why))
-    a = Conn("a")
-    core.subscribe(a, [S])
+    core, a, seen = watched_core()
     assert core.on_message(S.encode(), payload) is False
     assert core.counters.dropped_wrong_stream == 1 and seen == ["wrong_stream"]
     good = b'{"stream":"trade.SOL_USDC","data":{"p":"\\u00e9","stream":"x"},"x":"stream"}'

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import resource
 import time
 import uuid
 
@@ -23,6 +22,7 @@ import tornado.httpclient
 import ujson
 
 from marketstream.publisher import Publisher, stream_keys
+from tests.test_accept import descriptors  # noqa: F401 (a fixture)
 from tests.helpers import (RawClient, ServerProcess, async_wait_until, connect, listeners,
                            raw_socket, read, send, subscribed)
 from tests.test_metrics import Watch
@@ -35,16 +35,6 @@ def tag() -> str:
 def calls(redis_client, *commands):
     stats = redis_client.info("commandstats")
     return {name: stats.get("cmdstat_" + name, {}).get("calls", 0) for name in commands}
-
-
-@pytest.fixture
-def descriptors():
-    """Raise this process's open-file limit (client and server sockets both
-    live here)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    yield hard
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # --- connections and channels from one address --------------------------------------

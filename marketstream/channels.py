@@ -29,6 +29,13 @@ and appends the frame to each listener's pending list; when the link has to
 wait for the network again, one flush writes every connection's frames as a
 single write.  Under light load a batch is one message; under heavy load
 batches grow and the number of writes per message falls.
+
+A channel whose last listener left stays subscribed for ``linger / 2`` to
+``linger`` seconds, so that a client that unsubscribes and subscribes
+again (or reconnects) costs Redis nothing; ``max_channels`` caps the
+channels of the process.  History reads run at most :data:`MAX_READS` at a
+time, and each reads no more than the connections it serves may be sent
+(``replay_bytes`` per connection, see :mod:`marketstream.core`).
 """
 
 from __future__ import annotations
@@ -39,10 +46,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from marketstream import history
-from marketstream.core import Connection, Core, History, Read, Want
+from marketstream import history, protocol
+from marketstream.core import REPLAY_BYTES, Connection, Core, History, Read, Want
 from marketstream.counters import Counters
 from marketstream.link import UPSTREAM_ERRORS
+from marketstream.loglimit import LogLimiter
 from marketstream.metrics import publish_time
 from marketstream.redisurl import async_client
 from marketstream.upstream import make_link
@@ -51,6 +59,10 @@ from marketstream.util import Confirmations, redact_url
 __all__ = ["ChannelManager", "Want"]
 
 log = logging.getLogger("marketstream.channels")
+
+#: History reads in flight at most (more would queue for redis-py's pool of
+#: connections, 100 by default, and fail past it).
+MAX_READS = 32
 
 
 class ChannelManager:
@@ -79,12 +91,16 @@ class ChannelManager:
                  ping_interval: float = 1.0, ping_timeout: float = 2.0,
                  backoff_min: float = 0.05, backoff_max: float = 1.0,
                  min_flush_interval: float = 0.0, counters: Counters | None = None,
-                 max_replay: int = 1000) -> None:
+                 max_replay: int = 1000, replay_bytes: int = REPLAY_BYTES,
+                 max_channels: int = 0, linger: float = 1.0) -> None:
         self.redis_url = redis_url
         self.min_flush_interval = min_flush_interval
         self.max_replay = max_replay
+        self.linger = linger
         self.counters = counters if counters is not None else Counters()
-        self.core = Core(self.counters, payload_format, max_replay, self._log_malformed)
+        self.core = Core(self.counters, payload_format, max_replay, self._log_malformed,
+                         replay_bytes=replay_bytes, max_channels=max_channels,
+                         linger=linger > 0)
         self.link = make_link(redis_url, self, ping_interval=ping_interval,
                               ping_timeout=ping_timeout, backoff_min=backoff_min,
                               backoff_max=backoff_max)
@@ -93,7 +109,9 @@ class ChannelManager:
         self._last_flush = 0.0
         self._batch_start: float | None = None  # when the batch's first frame was queued
         self._published: int | None = None      # the publisher's E of its first message (µs)
-        self._malformed_logged = -60.0
+        self._log_limit = LogLimiter(log)  # publishers' errors, at most a line a second each
+        self._linger_handle: asyncio.TimerHandle | None = None
+        self._reads_handle: asyncio.Handle | None = None
         self._reads: set[asyncio.Future] = set()
         self._commands: Any = None  # a command client for history reads, made on first use
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -144,6 +162,10 @@ class ChannelManager:
         """Stop the reader and close the Redis connections."""
         for task in list(self._reads):
             task.cancel()
+        for handle in (self._linger_handle, self._reads_handle):
+            if handle is not None:
+                handle.cancel()
+        self._linger_handle = self._reads_handle = None
         await self.link.stop()
         if self._commands is not None:
             try:
@@ -187,22 +209,40 @@ class ChannelManager:
     def subscriptions(self, conn: Connection) -> list[str]:
         return self.core.subscriptions(conn)
 
+    def over_channel_cap(self, names: list[str]) -> list[str]:
+        """The streams of ``names`` (distinct, not yet subscribed by the
+        asking connection) refused by ``max_channels``."""
+        return self.core.over_channel_cap(names)
+
     def _sync(self) -> None:
-        if self.core.wanted_changed:
-            self.core.wanted_changed = False
+        core = self.core
+        if core.wanted_changed:
+            core.wanted_changed = False
             self.link.changed()
+        if core.lingering and self._linger_handle is None:
+            loop = self._loop or asyncio.get_running_loop()
+            self._linger_handle = loop.call_later(self.linger / 2, self._release_lingering)
+
+    def _release_lingering(self) -> None:
+        self._linger_handle = None
+        self.core.release_lingering()
+        self._sync()
 
     async def wait_subscribed(self, names: Iterable[str], timeout: float = 5.0) -> bool:
         """Wait until Redis confirmed the subscription of every stream in
         ``names`` that is still wanted; False on timeout or outage."""
-        wanted, confirmed = self.core.wanted(), self.core.confirmed
+        core = self.core
+        confirmed = core.confirmed
         return await self._confirmations.wait(
-            names, lambda name: name in wanted and name not in confirmed, timeout)
+            names, lambda name: core.is_wanted(name) and name not in confirmed, timeout)
 
     # --- what the link reports (see marketstream.link.Listener) --------------
 
     def wanted(self) -> set[str]:
         return self.core.wanted()
+
+    def take_changes(self) -> dict[str, bool]:
+        return self.core.take_changes()
 
     def on_message(self, channel: bytes, payload: bytes) -> None:
         if self.core.on_message(channel, payload) and self._flush_handle is None:
@@ -238,53 +278,75 @@ class ChannelManager:
         self.counters.reconnects += 1
         self.core.link_restored(channels)
 
-    def _log_malformed(self, channel: bytes, payload: bytes) -> None:
-        now = time.monotonic()
-        if now - self._malformed_logged > 10.0:  # a broken publisher must not flood the log
-            self._malformed_logged = now
-            log.warning("dropped a payload on %r that is not a JSON object (%d so far): %.80r",
-                        channel, self.counters.dropped_malformed, payload)
+    def _log_malformed(self, channel: bytes, payload: bytes, problem: str) -> None:
+        # A broken publisher must not flood the log: a line a second per cause.
+        if problem == protocol.WRONG_STREAM:
+            self._log_limit.log(logging.WARNING, problem,
+                                "dropped a payload on %r whose \"stream\" is not the channel "
+                                "(missing, another or repeated; %d so far): %.80r", channel,
+                                self.counters.dropped_wrong_stream, payload)
+        else:
+            self._log_limit.log(logging.WARNING, problem,
+                                "dropped a payload on %r that is not a JSON object (or not "
+                                "what the recovery script publishes; %d so far): %.80r",
+                                channel, self.counters.dropped_malformed, payload)
 
     # --- history reads ---------------------------------------------------------
 
     def _start_reads(self) -> None:
-        for read in self.core.start_reads():
+        """Start the history reads that can start, once the event loop has
+        handled what it has already read: the confirmations Redis sent
+        together (a resubscribe after an outage) all join before a
+        connection's budget is shared among its streams."""
+        if self._reads_handle is None:
+            loop = self._loop or asyncio.get_running_loop()
+            self._reads_handle = loop.call_soon(self._start_reads_now)
+
+    def _start_reads_now(self) -> None:
+        self._reads_handle = None
+        room = MAX_READS - len(self._reads)
+        if room <= 0:
+            return  # a read that ends starts the next
+        for read in self.core.start_reads(room):
             task = asyncio.ensure_future(self._read(read))
             self._reads.add(task)
-            task.add_done_callback(self._reads.discard)
+            task.add_done_callback(self._read_finished)
 
-    async def _read(self, read: Read) -> None:
+    def _read_finished(self, task: asyncio.Future) -> None:
+        self._reads.discard(task)
+        if not task.cancelled() and task.exception() is None and task.result():
+            self._start_reads()  # the next ones (a failed read retries after a pause)
+
+    async def _read(self, read: Read) -> bool:
         """Read what ``read`` asks for, once for every connection waiting."""
         name = read.stream
         try:
             if self._commands is None:
                 self._commands = async_client(self.redis_url)
-            client = self._commands
-            latest = await history.latest_position(client, name)
-            snapshot = None
-            if read.snapshot and latest is not None:
-                snapshot = await history.read_snapshot(client, name)
-            after = read.after
-            if snapshot is not None:
-                after = snapshot[0] if after is None else min(after, snapshot[0])
-            entries: list[tuple[int, bytes]] = []
+            latest, snapshot, entries, skipped = await history.read_recent(
+                self._commands, name, read.after, read.snapshot, self.max_replay,
+                read.max_bytes)
             oldest = None
-            if latest is not None and after is not None and after < latest:
-                entries, _ = await history.read_after(client, name, after, self.max_replay)
-                if latest - after > self.max_replay:  # the gap notice says why
-                    oldest = await history.oldest_position(client, name)
+            after = read.after
+            if latest is not None and after is not None and after < latest and not (
+                    entries and entries[0][0] <= after + 1):
+                # The entries do not reach back to it: the gap notice says
+                # whether the history does (one command, only then).
+                oldest = await history.oldest_position(self._commands, name)
         except asyncio.CancelledError:
             self.core.read_failed(name, read.token)
             raise
         except UPSTREAM_ERRORS as exc:
-            log.warning("reading the history of %s failed (%s); retrying", name, exc)
+            self._log_limit.log(logging.WARNING, "history_read",
+                                "reading the history of %s failed (%s); retrying", name, exc)
             self.core.read_failed(name, read.token)
             asyncio.get_running_loop().call_later(0.2, self._start_reads)
-            return
-        done = self.core.read_done(name, History(latest, snapshot, entries, oldest), read.token)
+            return False
+        done = self.core.read_done(
+            name, History(latest, snapshot, entries, oldest, skipped), read.token)
         if done and self._flush_handle is None:
             self._schedule_flush()
-        self._start_reads()
+        return True
 
     # --- delivery ------------------------------------------------------------------
 

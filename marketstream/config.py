@@ -168,7 +168,7 @@ class ServerSettings:
     xheaders: bool = setting("false", _bool)
     shutdown_timeout: float = setting("10", _float(0))
     max_connections: int = setting("10000", _int(1))
-    max_connections_per_ip: int = setting("0", _int(0))
+    max_connections_per_ip: int = setting("500", _int(0))
     allowed_origins: tuple[str, ...] = setting("", _list)
     ping_interval: float = setting("20", _float(0))
     ping_timeout: float = setting("20", _float(0.1))
@@ -203,6 +203,7 @@ class LimitsSettings:
     messages_per_second: float = setting("10", _float(0.01))
     messages_burst: int = setting("50", _int(1))
     max_buffer_bytes: int = setting("1048576", _int(1024))
+    max_channels: int = setting("100000", _int(0))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,12 +26,29 @@ it missed merged with the buffer by position, each message once, before it
 joins the live listeners.  After an outage of the Redis link, every
 recoverable stream's listeners are caught up the same way from the last
 position this process delivered; plain streams get the gap notice.
+
+A catch-up is bounded by bytes: each connection may be sent at most
+``replay_bytes`` of history and snapshots by the catch-ups it has in
+progress, shared evenly among its streams, and a read asks for no more
+than the largest share of the connections it serves.  What would not fit
+is not read: that connection gets the gap notice, then the snapshot (or
+the newest messages) if those fit.
+
+Channels: :meth:`Core.wanted` is what the Redis link must hold, and
+:meth:`Core.take_changes` what changed since the link last looked (a
+subscribe and an unsubscribe of a channel the link never saw cancel out).
+With ``linger``, a channel whose last listener left stays subscribed until
+the second :meth:`Core.release_lingering` after that (the shell calls it
+every half second), so that churn costs Redis nothing; ``max_channels``
+caps the channels (:meth:`Core.over_channel_cap`), and lingering ones give
+way first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from collections.abc import Callable, Hashable
+from itertools import islice
 from typing import Any, NamedTuple, Protocol
 
 from marketstream import protocol
@@ -83,20 +100,24 @@ class Read(NamedTuple):
     after: int | None
     snapshot: bool
     token: int = 0               # pass it back to read_done / read_failed
+    max_bytes: int = 0           # read about this many bytes of history and snapshot at most
 
 
 class History(NamedTuple):
     """What a history read found: the stream's latest position (None for a
     stream without positions), its snapshot as (position, frame), and the
-    entries after the asked position, oldest first, as (position, frame);
-    ``oldest``, the oldest position the history holds, is read only when
-    the asked position is more than ``max_replay`` behind (it tells a
-    history that was trimmed from a resume that asked for too much)."""
+    entries after the asked position, oldest first, as (position, frame).
+    ``oldest``: the oldest position the history holds, read only when the
+    entries do not reach back to the asked position (it tells a history
+    that was trimmed from a resume that asked for too much).
+    ``snapshot_skipped``: the stream has a snapshot larger than the read's
+    ``max_bytes``, which was not read."""
 
     latest: int | None
     snapshot: tuple[int, bytes] | None
     entries: list[tuple[int, bytes]]
     oldest: int | None = None
+    snapshot_skipped: bool = False
 
 
 @dataclass
@@ -106,6 +127,23 @@ class _Recovery:
     buffer: list[tuple[int | None, bytes]] = field(default_factory=list)  # since the read began
     in_flight: bool = False
     token: int = 0                                 # which read is in flight
+    shares: dict[Conn, int] = field(default_factory=dict)  # bytes each reader may be sent
+
+
+class _Catchup(NamedTuple):
+    """One connection's catch-up: its frames (WebSocket frames, without the
+    live ones buffered during the read), the position it then holds, what
+    it counts (replayed, snapshots, gap notices) and its bytes."""
+
+    frames: list[bytes]
+    position: int
+    counts: tuple[int, int, int]
+    size: int
+
+
+#: Bytes of catch-up per connection unless told otherwise (half of the
+#: default ``max_buffer_bytes``: live messages still fit behind it).
+REPLAY_BYTES = 512 * 1024
 
 
 class Core:
@@ -113,11 +151,16 @@ class Core:
 
     def __init__(self, counters: Counters, payload_format: str = "envelope",
                  max_replay: int = 1000,
-                 on_malformed: Callable[[bytes, bytes], None] | None = None) -> None:
+                 on_malformed: Callable[[bytes, bytes, str], None] | None = None,
+                 replay_bytes: int = REPLAY_BYTES, max_channels: int = 0,
+                 linger: bool = False) -> None:
         self.counters = counters
         self.on_malformed = on_malformed
         self.wrap = payload_format == "data"
         self.max_replay = max_replay
+        self.replay_bytes = replay_bytes
+        self.max_channels = max_channels      # 0: no cap
+        self.linger = linger
         self.streams: dict[str, dict[Conn, None]] = {}      # live listeners per stream
         self.connections: dict[Conn, dict[str, None]] = {}  # streams per connection
         self.pending: dict[Conn, list[bytes]] = {}          # frames of the current batch
@@ -133,6 +176,13 @@ class Core:
         self._holding: dict[str, dict[Conn, int]] = {}
         self._live_seq: dict[str, int] = {}   # last position seen on the link, per stream
         self._reads = 0
+        # Per connection with catch-ups in progress: [bytes it may still be
+        # sent, streams waiting for their read, reads in flight].
+        self._budgets: dict[Conn, list[int]] = {}
+        self._channels: set[str] = set()      # what the link must hold (see wanted())
+        self._changes: dict[str, bool] = {}   # channel -> wanted, since the link last took them
+        self.lingering: dict[str, int] = {}   # unwanted channels kept a moment -> their sweep
+        self._sweep = 0
         self.wanted_changed = False           # the shell syncs upstream when set
 
     # --- registry ---------------------------------------------------------
@@ -142,10 +192,56 @@ class Core:
         self.connections.setdefault(conn, {})
 
     def wanted(self) -> set[str]:
-        """The channels the Redis link must be subscribed to."""
-        wanted = set(self.streams)
-        wanted.update(self.recovering)
-        return wanted
+        """The channels the Redis link must be subscribed to: streams with
+        listeners, streams being recovered, and lingering ones."""
+        return set(self._channels)
+
+    def is_wanted(self, name: str) -> bool:
+        return name in self._channels
+
+    def take_changes(self) -> dict[str, bool]:
+        """The channels wanted (True) or unwanted (False) since the last call."""
+        changes, self._changes = self._changes, {}
+        return changes
+
+    def over_channel_cap(self, names: list[str]) -> list[str]:
+        """The streams of ``names`` (distinct) that would need a channel
+        beyond ``max_channels``; lingering channels are released to make
+        room first, oldest first."""
+        if not self.max_channels:
+            return []
+        new = [name for name in names if name not in self._channels]
+        over = len(self._channels) + len(new) - self.max_channels
+        if over <= 0:
+            return []
+        for name in list(islice(self.lingering, over)):
+            self._release(name)
+        return new[max(0, self.max_channels - len(self._channels)):]
+
+    def release_lingering(self) -> None:
+        """Release the channels that have lingered since before the
+        previous call (the shell calls this periodically)."""
+        sweep = self._sweep
+        self._sweep += 1
+        for name, since in list(self.lingering.items()):  # oldest first
+            if since >= sweep:
+                break
+            self._release(name)
+
+    def _want(self, name: str) -> None:
+        """``name`` has a listener or a recovery."""
+        if name in self._channels:
+            self.lingering.pop(name, None)
+            return
+        self._channels.add(name)
+        self._changes[name] = True
+        self.wanted_changed = True
+
+    def _release(self, name: str) -> None:
+        self._channels.discard(name)
+        self.lingering.pop(name, None)
+        self._changes[name] = False
+        self.wanted_changed = True
 
     def subscribe(self, conn: Conn, names: list[str],
                   wants: dict[str, Want] | None = None) -> list[str]:
@@ -163,8 +259,7 @@ class Core:
             else:
                 listeners = self.streams.get(name)
                 if listeners is None:
-                    if name not in self.recovering:
-                        self.wanted_changed = True
+                    self._want(name)
                     self.streams[name] = {conn: None}
                 else:
                     listeners[conn] = None
@@ -190,6 +285,7 @@ class Core:
         if mine:
             for name in mine:
                 self._drop_listener(name, conn)
+        self._budgets.pop(conn, None)
 
     def subscriptions(self, conn: Conn) -> list[str]:
         return list(self.connections.get(conn, ()))
@@ -208,15 +304,22 @@ class Core:
                     self._unwanted(name)
         recovery = self.recovering.get(name)
         if recovery is not None:
-            recovery.waiting.pop(conn, None)
-            recovery.reading.pop(conn, None)
+            if recovery.waiting.pop(conn, None) is not None:
+                self._budget_moved(conn, -1, 0)
+            if recovery.reading.pop(conn, None) is not None:
+                recovery.shares.pop(conn, None)
+                self._budget_moved(conn, 0, -1)
             self._forget_if_idle(name)
 
     def _unwanted(self, name: str) -> None:
-        """Nobody listens to ``name`` any more."""
-        self.wanted_changed = True
+        """Nobody listens to ``name`` any more: release its channel (at
+        once if the link has not taken it yet, else after lingering)."""
         self.last_seq.pop(name, None)
         self._live_seq.pop(name, None)
+        if self.linger and not self._changes.get(name):
+            self.lingering[name] = self._sweep
+        else:
+            self._release(name)
 
     def _forget_if_idle(self, name: str) -> None:
         """Drop a recovery nobody waits for any more."""
@@ -230,10 +333,27 @@ class Core:
     def _hold(self, conn: Conn, name: str, want: Want) -> None:
         recovery = self.recovering.get(name)
         if recovery is None:
-            if name not in self.streams:
-                self.wanted_changed = True
+            self._want(name)
             recovery = self.recovering[name] = _Recovery()
         recovery.waiting[conn] = want
+        budget = self._budgets.get(conn)
+        if budget is None:
+            self._budgets[conn] = [self.replay_bytes, 1, 0]
+        else:
+            budget[1] += 1
+
+    def _budget_moved(self, conn: Conn, waiting: int, reading: int, bytes_back: int = 0) -> None:
+        """``conn`` has ``waiting`` more streams waiting for their read and
+        ``reading`` more reads in flight, and ``bytes_back`` of its budget
+        back; its budget is forgotten once it has neither."""
+        budget = self._budgets.get(conn)
+        if budget is None:
+            return
+        budget[0] += bytes_back
+        budget[1] += waiting
+        budget[2] += reading
+        if budget[1] <= 0 and budget[2] <= 0:
+            del self._budgets[conn]
 
     # --- the Redis link -----------------------------------------------------
 
@@ -268,12 +388,20 @@ class Core:
         self.confirmed.clear()
         self._resync = self.wanted()
         for recovery in self.recovering.values():
-            recovery.waiting.update(recovery.reading)
-            recovery.reading.clear()
+            self._back_to_waiting(recovery)
             recovery.buffer.clear()
             recovery.in_flight = False
         for name in list(self.recovering):
             self._forget_if_idle(name)
+
+    def _back_to_waiting(self, recovery: _Recovery) -> None:
+        """The read in flight will not be used: its connections wait for
+        the next, with their shares back."""
+        for conn in recovery.reading:
+            self._budget_moved(conn, 1, -1, recovery.shares.get(conn, 0))
+        recovery.waiting.update(recovery.reading)
+        recovery.reading.clear()
+        recovery.shares.clear()
 
     def channels_interrupted(self, names: list[str]) -> None:
         """These channels were cut off (a Cluster slot moved, a shard failed
@@ -294,11 +422,16 @@ class Core:
 
     # --- history reads ------------------------------------------------------
 
-    def start_reads(self) -> list[Read]:
-        """History reads to start now: one per stream with connections
-        waiting whose channel Redis has confirmed."""
-        reads = []
+    def start_reads(self, most: int | None = None) -> list[Read]:
+        """History reads to start now (at most ``most``): one per stream
+        with connections waiting whose channel Redis has confirmed.  Each
+        connection of a read gets its share of its budget (what is left
+        of it, over its streams still waiting), and the read asks for the
+        largest share."""
+        reads: list[Read] = []
         for name, recovery in self.recovering.items():
+            if most is not None and len(reads) >= most:
+                break
             if recovery.in_flight or not recovery.waiting or name not in self.confirmed:
                 continue
             recovery.in_flight = True
@@ -306,11 +439,18 @@ class Core:
             recovery.token = self._reads
             recovery.buffer = []
             recovery.reading, recovery.waiting = recovery.waiting, {}
+            shares = recovery.shares
+            for conn in recovery.reading:
+                budget = self._budgets[conn]
+                share = shares[conn] = max(0, budget[0]) // max(1, budget[1])
+                budget[0] -= share
+                budget[1] -= 1
+                budget[2] += 1
             sinces = [w.since for w in recovery.reading.values() if w.since is not None]
             snapshot = any(w.snapshot for w in recovery.reading.values())
             # A resume the history cannot cover falls back to the snapshot.
             reads.append(Read(name, min(sinces) if sinces else None, snapshot or bool(sinces),
-                              recovery.token))
+                              recovery.token, max(shares.values())))
         return reads
 
     def read_failed(self, name: str, token: int | None = None) -> None:
@@ -318,8 +458,7 @@ class Core:
         its connections wait for the next.  A stale answer is ignored."""
         recovery = self.recovering.get(name)
         if recovery is not None and recovery.in_flight and token in (None, recovery.token):
-            recovery.waiting.update(recovery.reading)
-            recovery.reading.clear()
+            self._back_to_waiting(recovery)
             recovery.in_flight = False
             self._forget_if_idle(name)
 
@@ -337,34 +476,37 @@ class Core:
         caught_up = 0  # the position the read took its connections to
         # Frame what was read once, and build each catch-up once per kind of
         # request: in a reconnect storm a thousand clients ask for the same.
-        frame = protocol.text_frame
-        latest, snapshot, entries, oldest = history
-        framed = History(latest, (snapshot[0], frame(snapshot[1])) if snapshot else None,
-                         [(seq, frame(data)) for seq, data in entries], oldest)
-        buffer = [(seq, frame(data)) for seq, data in recovery.buffer]
+        framed = self._framed(name, history)
+        buffer = [(seq, protocol.text_frame(data)) for seq, data in recovery.buffer]
         gaps: dict[str, bytes] = {}
 
         def gap(reason: str) -> bytes:
             """The gap notice's frame for ``reason`` (built once per read)."""
             notice = gaps.get(reason)
             if notice is None:
-                notice = gaps[reason] = frame(protocol.gap_notice(name, reason=reason))
+                notice = gaps[reason] = protocol.text_frame(
+                    protocol.gap_notice(name, reason=reason))
             return notice
+
         counters = self.counters
-        built: dict[Want, tuple[bytes, int, int, tuple[int, int, int]]] = {}
+        built: dict[Any, tuple[bytes, int, int, tuple[int, int, int], int]] = {}
         for conn, want in recovery.reading.items():
+            # Its share, and what no read of its reserved meanwhile.
+            budget = self._budgets.get(conn)
+            share = recovery.shares.get(conn, 0)
+            allowed = share + max(0, budget[0]) if budget is not None else share
             done = built.get(want)
-            if done is None:
-                before = (counters.replayed, counters.snapshots_sent, counters.gap_notices)
-                frames, position = self._catch_up(name, want, framed, buffer, gap)
-                counted = (counters.replayed - before[0], counters.snapshots_sent - before[1],
-                           counters.gap_notices - before[2])
-                done = built[want] = (b"".join(frames), len(frames), position, counted)
-            else:
-                counters.replayed += done[3][0]
-                counters.snapshots_sent += done[3][1]
-                counters.gap_notices += done[3][2]
-            data, count, position, _ = done
+            if done is None:  # what the connection gets if its share is enough
+                done = built[want] = self._joined(name, want, framed, buffer, gap, None)
+            if done[4] > allowed:  # it is not: what fits
+                key = (want, allowed)
+                done = built.get(key) or built.setdefault(
+                    key, self._joined(name, want, framed, buffer, gap, allowed))
+            data, count, position, counts, size = done
+            counters.replayed += counts[0]
+            counters.snapshots_sent += counts[1]
+            counters.gap_notices += counts[2]
+            self._budget_moved(conn, 0, -1, share - size)
             if data:
                 self._queue(conn, [data], count)
                 queued = True
@@ -383,81 +525,132 @@ class Core:
                 # live position is not another restart.
                 self._live_seq[name] = caught_up
         recovery.reading = {}
+        recovery.shares = {}
         recovery.buffer = []
         self._forget_if_idle(name)  # else the next read serves those waiting
         return queued
 
+    def _framed(self, name: str, history: History) -> History:
+        """``history`` with WebSocket frames; a stored frame that is not the
+        recovery script's for ``name`` is dropped and counted like a live
+        one (an entry keeps its position, with no frame)."""
+        channel = name.encode()
+        frame = protocol.text_frame
+        latest, snapshot, entries, oldest, skipped = history
+        checked: list[tuple[int, bytes]] = []
+        for seq, data in entries:
+            problem = protocol.frame_problem(channel, seq, data)
+            if problem is None:
+                checked.append((seq, frame(data)))
+            else:
+                self._dropped(channel, data, problem)
+                checked.append((seq, b""))
+        framed_snapshot = None
+        if snapshot is not None:
+            problem = protocol.frame_problem(channel, snapshot[0], snapshot[1])
+            if problem is None:
+                framed_snapshot = (snapshot[0], frame(snapshot[1]))
+            else:
+                self._dropped(channel, snapshot[1], problem)
+        return History(latest, framed_snapshot, checked, oldest, skipped)
+
+    def _joined(self, name: str, want: Want, history: History,
+                buffer: list[tuple[int | None, bytes]], gap: Callable[[str], bytes],
+                share: int | None) -> tuple[bytes, int, int, tuple[int, int, int], int]:
+        """:meth:`_catch_up` with the live frames of ``buffer`` after it, as
+        (bytes, frames, position, counts, bytes of the catch-up alone)."""
+        frames, last, counts, size = self._catch_up(name, want, history, gap, share)
+        for seq, frame in buffer:
+            if seq is None or seq > last:
+                frames.append(frame)
+                if seq is not None:
+                    last = seq
+        return b"".join(frames), len(frames), last, counts, size
+
     def _catch_up(self, name: str, want: Want, history: History,
-                  buffer: list[tuple[int | None, bytes]],
-                  gap: Callable[[str], bytes]) -> tuple[list[bytes], int]:
-        """The frames one connection gets before joining the live stream,
-        and the position it then holds (0: none).  ``history`` and
-        ``buffer`` hold WebSocket frames; ``gap(reason)`` is the gap
-        notice's frame."""
-        counters = self.counters
-        latest, snapshot, entries, oldest = history
-        out: list[bytes] = []
-        last = 0  # the position the connection holds after ``out``
+                  gap: Callable[[str], bytes], share: int | None) -> _Catchup:
+        """What one connection gets before joining the live stream, in at
+        most ``share`` bytes (None: no bound).  ``history`` holds
+        WebSocket frames; ``gap(reason)`` is the gap notice's frame.
+
+        In order of preference: every message after ``want.since``; else
+        the gap notice (if it resumed), the snapshot and every message
+        after it; else the gap notice and the newest messages (at most
+        ``max_replay``; none for a plain snapshot request)."""
+        latest, snapshot, entries, oldest, skipped = history
+        fits = (lambda size: True) if share is None else (lambda size: size <= share)
         if latest is None:
             # No position in Redis.  A stream this process has seen
             # positions on lost its history (a Redis restart, expired keys):
             # what was missed is gone.  Otherwise it is a plain stream, and a
             # resume or a snapshot asks for nothing that exists.
             if want.since is not None and name in self.last_seq:
-                counters.gap_notices += 1
-                out.append(gap("history_lost"))
-        elif want.since is not None and (
+                notice = gap("history_lost")
+                return _Catchup([notice], 0, (0, 0, 1), len(notice))
+            return _Catchup([], 0, (0, 0, 0), 0)
+        covered = False
+        if want.since is not None and (
                 self._covers(entries, want.since, latest) if want.since < latest
                 # A position ahead of the latest one is not from this
                 # history: positions went back (a failover lost writes), and
                 # what the client holds says nothing of what it missed.
                 else want.since == latest):
             last = min(want.since, latest)
-            out = [frame for seq, frame in entries if seq > last]
-            if entries and entries[-1][0] > last:
-                last = entries[-1][0]
-            counters.replayed += len(out)
-        else:
-            if want.since is not None:  # the history does not reach back far enough
-                counters.gap_notices += 1
-                out.append(gap(self._gap_reason(want, latest, oldest)))
-            usable = snapshot is not None and (
-                snapshot[0] >= latest or self._covers(entries, snapshot[0], latest))
-            if snapshot is not None and usable:
-                last = snapshot[0]
-                out.append(snapshot[1])
-                counters.snapshots_sent += 1
-                replay = [frame for seq, frame in entries if seq > last]
-            elif want.since is not None and want.since > latest:
-                # Positions went back: the history after them is not what
-                # the clients missed; the gap notice says so, live follows.
-                replay = []
-                last = latest
-            elif want.since is not None:
-                replay = [frame for _, frame in entries[-self.max_replay:]] \
-                    if self.max_replay else []
-            else:
-                replay = []
-                last = latest  # a plain "from now on" subscribe
-            out.extend(replay)
-            counters.replayed += len(replay)
-            if replay or (usable and entries):
-                last = max(last, entries[-1][0])
-        for seq, frame in buffer:
-            if seq is None or seq > last:
-                out.append(frame)
-                if seq is not None:
-                    last = seq
-        return out, last
+            out = [frame for seq, frame in entries if seq > last and frame]
+            size = sum(map(len, out))
+            if fits(size):
+                if entries and entries[-1][0] > last:
+                    last = entries[-1][0]
+                return _Catchup(out, last, (len(out), 0, 0), size)
+            covered = True  # the history has it all, but not the room to send it
+        head = [] if want.since is None else [
+            gap(self._gap_reason(want, latest, oldest, covered))]
+        usable = snapshot is not None and (
+            snapshot[0] >= latest or self._covers(entries, snapshot[0], latest))
+        if snapshot is not None and usable:
+            after = [frame for seq, frame in entries if seq > snapshot[0] and frame]
+            out = head + [snapshot[1]] + after
+            size = sum(map(len, out))
+            if fits(size):
+                last = max(snapshot[0], entries[-1][0]) if entries else snapshot[0]
+                return _Catchup(out, last, (len(after), 1, len(head)), size)
+        if want.since is not None and want.since > latest:
+            # Positions went back: the history after them is not what the
+            # clients missed; the gap notice says so, live follows.
+            return _Catchup(head, latest, (0, 0, 1), len(head[0]))
+        if want.since is None:
+            # A plain "from now on" subscribe; a snapshot that did not fit
+            # (or was too large to read) is announced by the gap notice.
+            if skipped or snapshot is not None and usable:
+                notice = gap("snapshot_too_large")
+                return _Catchup([notice], latest, (0, 0, 1), len(notice))
+            return _Catchup([], latest, (0, 0, 0), 0)
+        # The newest messages, as many as fit (at most max_replay).
+        room = (share if share is not None else -1) - len(head[0])
+        newest: list[bytes] = []
+        last = 0
+        for seq, frame in reversed(entries[-self.max_replay:] if self.max_replay else []):
+            if share is not None and len(frame) > room:
+                break
+            if frame:
+                newest.append(frame)
+                room -= len(frame)
+            last = max(last, seq)
+        newest.reverse()
+        return _Catchup(head + newest, last, (len(newest), 0, 1),
+                        len(head[0]) + sum(map(len, newest)))
 
-    def _gap_reason(self, want: Want, latest: int, oldest: int | None) -> str:
-        """Why the history cannot take ``want.since`` to ``latest``."""
+    def _gap_reason(self, want: Want, latest: int, oldest: int | None, covered: bool) -> str:
+        """Why the history cannot take ``want.since`` to ``latest``
+        (``covered``: what was read holds every message, but too many bytes
+        for the connection's share of its send buffer)."""
         since = want.since
         assert since is not None
         if since > latest:
             return "lost_writes" if want.repair else "since_ahead"
-        if latest - since > self.max_replay and oldest is not None and oldest <= since + 1:
-            return "max_replay"  # the history has it all, but it is too much to replay
+        if covered or (oldest is not None and oldest <= since + 1):
+            # The history has it all, but it is too much to replay.
+            return "max_replay" if latest - since > self.max_replay else "replay_too_large"
         return "history_trimmed"
 
     @staticmethod
@@ -482,18 +675,25 @@ class Core:
             counters.dropped_no_listener += 1
             return False
         if payload[:1] == b"@":
-            seq, payload = split_position(payload)
-            if seq is not None:
-                if listeners:
-                    self.last_seq[name] = seq
-            elif not protocol.is_json_object(payload):
-                return self._malformed(channel, payload)
-        elif not protocol.is_json_object(payload):
-            return self._malformed(channel, payload)
-        else:
+            seq, frame = split_position(payload)
+            if seq is None:
+                return self._dropped(channel, payload, protocol.MALFORMED)
+            problem = protocol.frame_problem(channel, seq, frame)
+            if problem is not None:
+                return self._dropped(channel, payload, problem)
+            payload = frame
+            if listeners:
+                self.last_seq[name] = seq
+        elif self.wrap:
+            if not protocol.is_json_object(payload):
+                return self._dropped(channel, payload, protocol.MALFORMED)
             seq = None
-            if self.wrap:
-                payload = protocol.wrap_data(channel, payload)
+            payload = protocol.wrap_data(channel, payload)
+        else:
+            problem = protocol.envelope_problem(name, payload)
+            if problem is not None:
+                return self._dropped(channel, payload, problem)
+            seq = None
         if recovery is not None and recovery.in_flight:
             recovery.buffer.append((seq, payload))
         if not listeners:
@@ -532,10 +732,15 @@ class Core:
             return listeners
         return {conn: None for conn in listeners if conn not in holding}
 
-    def _malformed(self, channel: bytes, payload: bytes) -> bool:
-        self.counters.dropped_malformed += 1
+    def _dropped(self, channel: bytes, payload: bytes, problem: str) -> bool:
+        """Drop a payload that ``problem`` (:data:`protocol.MALFORMED` or
+        :data:`protocol.WRONG_STREAM`) rules out; count and report it."""
+        if problem == protocol.WRONG_STREAM:
+            self.counters.dropped_wrong_stream += 1
+        else:
+            self.counters.dropped_malformed += 1
         if self.on_malformed is not None:
-            self.on_malformed(channel, payload)
+            self.on_malformed(channel, payload, problem)
         return False
 
     def _enqueue(self, listeners: dict[Conn, None], frame: bytes) -> None:

@@ -25,7 +25,8 @@ REFUSAL_CAUSES = ("origin", "max_connections", "max_connections_per_ip")
 #: Why part of a client request was ignored (or answered with an error).
 IGNORED_CAUSES = ("bad_since", "bad_snapshot")
 #: Why a stream a client asked for was refused (``rejected_streams`` by cause).
-REJECT_CAUSES = ("invalid_name", "unknown_type", "unknown_market", "too_many_streams")
+REJECT_CAUSES = ("invalid_name", "unknown_type", "unknown_market", "too_many_streams",
+                 "max_channels")
 
 
 class Counters:
@@ -34,7 +35,7 @@ class Counters:
 
     TOTALS = ("messages_in", "deliveries", "bytes_sent", "batches", "dropped_malformed",
               "dropped_no_listener", "reconnects", "invalid_frames", "rejected_streams",
-              "replayed", "snapshots_sent", "gap_notices")
+              "replayed", "snapshots_sent", "gap_notices", "dropped_wrong_stream")
     __slots__ = TOTALS + ("batch_sizes", "closed", "refused", "ignored", "rejected",
                           "batch_latencies", "publish_latencies")
 
@@ -51,6 +52,7 @@ class Counters:
     replayed: int
     snapshots_sent: int
     gap_notices: int
+    dropped_wrong_stream: int
 
     def __init__(self) -> None:
         for name in self.TOTALS:

@@ -14,6 +14,8 @@ Close codes and refusals (also in the README):
 * 1008 "rate limit exceeded": over ``[limits] messages_per_second``.
 * 1008 "slow consumer": more than ``[limits] max_buffer_bytes`` queued.
 * 1009 "message too big": a frame over ``[limits] max_frame_bytes``.
+* Streams refused like an invalid name (an error reply with acks):
+  ``[limits] max_streams_per_connection`` and ``[limits] max_channels``.
 """
 
 import asyncio
@@ -373,7 +375,17 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                 self._refuse(name, "too_many_streams", "too many streams (limit %d)" % limit,
                              refused)
             new = new[:room]
-            valid = [name for name in valid if name not in frozenset(over)]
+            dropped = frozenset(over)
+            valid = [name for name in valid if name not in dropped]
+        capped = manager.over_channel_cap(new)
+        if capped:
+            # Refused like an invalid name: the process has all the Redis
+            # channels it may ([limits] max_channels).
+            for name in capped:
+                self._refuse(name, "max_channels", "too many streams on this server", refused)
+            gone = frozenset(capped)
+            new = [name for name in new if name not in gone]
+            valid = [name for name in valid if name not in gone]
         problems = []
         for cause, text in request.problems:
             ctx.counters.ignored[cause] += 1

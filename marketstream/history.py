@@ -7,6 +7,8 @@ name as hash tag, so each call touches one slot)::
 
     seq, frame = split_position(payload)          # per live message, no JSON parse
     frames, covered = await read_after(client, "trade.SOL_USDC", 1042, limit=1000)
+    latest, snapshot, frames, skipped = await read_recent(
+        client, "depth.SOL_USDC", 1042, True, limit=1000, max_bytes=65536)  # what the server reads
     if not covered:
         ...                                       # gap notice, then the snapshot:
     snapshot = await read_snapshot(client, "depth.SOL_USDC")   # (seq, frame) or None
@@ -30,8 +32,12 @@ from typing import Any
 from marketstream.core import split_position
 from marketstream.publisher import stream_keys
 
-__all__ = ["latest_position", "oldest_position", "read_after", "read_snapshot",
+__all__ = ["latest_position", "oldest_position", "read_after", "read_recent", "read_snapshot",
            "split_position"]
+
+#: Bytes a stored message is taken to have before any was read (it sizes
+#: the first page of :func:`read_recent`).
+FIRST_GUESS = 256
 
 def _bytes(value: Any) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else value
@@ -110,6 +116,84 @@ async def read_after(client: Any, stream: str, after_seq: int,
                                  min="%d-0" % (after_seq + 1), count=limit)
     raw.reverse()
     return _entries(raw, latest), False
+
+
+async def read_recent(client: Any, stream: str, after: int | None, snapshot: bool, limit: int,
+                      max_bytes: int) -> tuple[int | None, tuple[int, bytes] | None,
+                                                list[tuple[int, bytes]], bool]:
+    """What a catch-up needs, read newest first and bounded in bytes:
+    ``(latest, snapshot, frames, snapshot_skipped)``.
+
+    - ``latest``: the stream's position (None: it has none; then the rest
+      is empty);
+    - ``snapshot``: with ``snapshot``, the stream's snapshot as ``(seq,
+      frame)``, unless it is larger than ``max_bytes`` (then only its first
+      ``max_bytes + 1`` bytes were read, and ``snapshot_skipped`` is True);
+    - ``frames``: ``(seq, frame)`` oldest first, all after the floor and up
+      to ``latest``: the floor is ``after``, or the snapshot's position if
+      that is lower (or ``after`` is None).  They are the newest such
+      messages: at most ``limit``, and no more once their stored bytes
+      reach ``max_bytes`` (the message that reaches it is included), so a
+      client far behind costs what it can be sent, not what is stored.
+
+    The position, the snapshot and the newest messages come from one
+    transaction (GET, GETRANGE, XREVRANGE); older pages follow while more is
+    wanted, sized by the messages read so far.
+    """
+    seq_key, log_key, snap_key = stream_keys(stream)
+    entries_wanted = limit > 0 and (after is not None or snapshot)
+    count = min(limit, max_bytes // FIRST_GUESS + 1)
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.get(seq_key)
+        if snapshot:
+            pipe.getrange(snap_key, 0, max_bytes)
+        if entries_wanted:
+            # The snapshot's position is not known yet: from the newest down.
+            lowest = "-" if snapshot or after is None else "%d-0" % (after + 1)
+            pipe.xrevrange(log_key, max="+", min=lowest, count=count)
+        replies = await pipe.execute()
+    if replies[0] is None:
+        return None, None, [], False
+    latest = int(replies[0])
+    found = None
+    skipped = False
+    if snapshot:
+        stored = _bytes(replies[1])
+        if len(stored) > max_bytes:
+            skipped = True
+        elif stored:
+            seq, frame = split_position(stored)
+            found = None if seq is None else (seq, frame)
+    floor = after
+    if found is not None:
+        floor = found[0] if floor is None else min(floor, found[0])
+    frames: list[tuple[int, bytes]] = []  # newest first
+    if not entries_wanted or floor is None or floor >= latest:
+        return latest, found, frames, skipped
+    page = replies[-1]
+    size = 0
+    while True:
+        for entry_id, fields in page:
+            seq = int(_bytes(entry_id).split(b"-", 1)[0])
+            if seq > latest:
+                continue
+            if seq <= floor:
+                break
+            payload = _bytes(fields.get(b"p", fields.get("p", b"")))
+            frames.append((seq, split_position(payload)[1]))
+            size += len(payload)
+            if len(frames) >= limit or size >= max_bytes:
+                break
+        else:
+            if len(page) == count and frames:  # more may be there
+                count = min(limit - len(frames),
+                            (max_bytes - size) * len(frames) // max(1, size) + 1)
+                page = await client.xrevrange(log_key, max="%d-0" % (frames[-1][0] - 1),
+                                              min="%d-0" % (floor + 1), count=count)
+                continue
+        break
+    frames.reverse()
+    return latest, found, frames, skipped
 
 
 async def read_snapshot(client: Any, stream: str) -> tuple[int, bytes] | None:

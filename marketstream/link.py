@@ -15,7 +15,9 @@ subscribed again::
     await link.stop()
 
 The listener (the :class:`~marketstream.channels.ChannelManager`) provides
-``wanted()`` (a set of channel names) and the callbacks ``on_message(channel,
+``wanted()`` (a set of channel names), ``take_changes()`` (the channels
+wanted or not since the last call, ``{name: bool}``: a sync costs what
+changed, not what is wanted) and the callbacks ``on_message(channel,
 payload)`` (bytes, bytes), ``on_subscribed(name)``, ``on_unsubscribed(name)``,
 ``on_lost()`` and ``on_restored(channels)``.  ``sharded=True`` uses
 SSUBSCRIBE/SUNSUBSCRIBE (Redis Cluster, one link per primary).
@@ -50,6 +52,8 @@ class Listener(Protocol):
     """What a link reports to."""
 
     def wanted(self) -> set[str]: ...
+
+    def take_changes(self) -> dict[str, bool]: ...
 
     def on_message(self, channel: bytes, payload: bytes) -> None: ...
 
@@ -313,15 +317,16 @@ class PubSubLink:
             self._dirty.clear()
             await self._connected.wait()
             conn = self._conn
-            wanted = self.listener.wanted()
-            add = wanted - self._upstream
-            drop = self._upstream - wanted
+            upstream = self._upstream
+            changes = self.listener.take_changes()
+            add = [name for name, wanted in changes.items() if wanted and name not in upstream]
+            drop = [name for name, wanted in changes.items() if not wanted and name in upstream]
             try:
                 if add:
-                    self._upstream |= add
+                    upstream.update(add)
                     await conn.send_command(self.subscribe_command, *add, check_health=False)
                 if drop:
-                    self._upstream -= drop
+                    upstream.difference_update(drop)
                     await conn.send_command(self.unsubscribe_command, *drop, check_health=False)
             except UPSTREAM_ERRORS as exc:
                 if conn is self._conn:

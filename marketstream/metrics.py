@@ -27,11 +27,13 @@ Metrics (all prefixed ``marketstream_``):
                                        (the first message of a batch, if it has one)
 ``dropped_total{cause}``               malformed_payload, invalid_frame,
                                        rejected_stream, slow_consumer, rate_limit,
-                                       ping_timeout
+                                       ping_timeout, bad_since, bad_snapshot,
+                                       wrong_stream
 ``redis_reconnects_total``             reconnections of the pub/sub connection
 ``refused_handshakes_total{cause}``    origin, max_connections, max_connections_per_ip
 ``rejected_streams_total{cause}``      streams refused to clients: invalid_name,
-                                       unknown_type, unknown_market, too_many_streams
+                                       unknown_type, unknown_market, too_many_streams,
+                                       max_channels
 =====================================  ==========================================
 """
 
@@ -238,6 +240,7 @@ class Exporter:
             "ping_timeout": counters.closed["ping_timeout"],
             "bad_since": counters.ignored["bad_since"],
             "bad_snapshot": counters.ignored["bad_snapshot"],
+            "wrong_stream": counters.dropped_wrong_stream,
         }
 
     def _advance(self, key: str, counter: Counter, value: int) -> None:

@@ -42,6 +42,7 @@ __all__ = [
     "Request", "Invalid", "parse_request", "parse_stream_query", "StreamRules", "MAX_POSITION",
     "encode_result", "encode_error", "encode_outcome", "wrap_data", "is_json_object",
     "gap_notice", "GAP_REASONS", "text_frame", "take_token",
+    "MALFORMED", "WRONG_STREAM", "envelope_problem", "frame_problem",
 ]
 
 SUBSCRIBE = "SUBSCRIBE"
@@ -211,6 +212,8 @@ def parse_stream_query(streams: str, since: str = "", snapshot: str = "") -> Req
 
 
 _MIDDLE_PART = re.compile(r"[A-Za-z0-9]+")
+#: Stream names a :class:`StreamRules` remembers as accepted, at most.
+ACCEPTED_CACHE = 65536
 
 
 class StreamRules:
@@ -241,6 +244,10 @@ class StreamRules:
         self.market_pattern = (re.compile(market_pattern) if isinstance(market_pattern, str)
                                else market_pattern)
         self._allowed_types = ", ".join(dict.fromkeys(types))
+        # Names accepted before (at most ACCEPTED_CACHE): a client that
+        # subscribes the same 1024 streams again and again costs a set
+        # lookup per name, not a parse.
+        self._accepted: set[str] = set()
 
     @classmethod
     def from_settings(cls, protocol: "ProtocolSettings") -> "StreamRules":
@@ -255,6 +262,8 @@ class StreamRules:
     def refusal(self, name: str) -> tuple[str, str] | None:
         """None if ``name`` is an acceptable stream, else ``(cause, reason)``:
         the cause one of :attr:`CAUSES`, the reason a sentence for the client."""
+        if name in self._accepted:
+            return None
         if not name or len(name) > MAX_STREAM_NAME:
             return "invalid_name", "invalid stream name (1 to %d characters)" % MAX_STREAM_NAME
         parts = name.split(".")
@@ -273,6 +282,9 @@ class StreamRules:
         for middle in parts[1:-1]:
             if not _MIDDLE_PART.fullmatch(middle):
                 return "invalid_name", "invalid stream name"
+        if len(self._accepted) >= ACCEPTED_CACHE:
+            self._accepted.clear()
+        self._accepted.add(name)
         return None
 
 
@@ -358,6 +370,95 @@ def is_json_object(payload: bytes) -> bool:
         return False
 
 
+#: Why a payload from Redis is dropped: not one JSON object (strict, UTF-8)
+#: or not the shape the recovery script writes ...
+MALFORMED = "malformed_payload"
+#: ... or its top-level ``"stream"`` is not the channel it came on (missing,
+#: another stream, or twice: a browser's ``JSON.parse`` takes the last one,
+#: so the frame would land on another stream).
+WRONG_STREAM = "wrong_stream"
+
+_STREAM_KEY = b'"stream"'
+_FRAME_HEAD = b'{"stream":"'
+_FRAME_DATA = b'","data":'
+
+
+def _top_level_pairs(pairs: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    return pairs
+
+
+# The strict decoder again, keeping every key of an object (duplicates too).
+_PAIRS = json.JSONDecoder(object_pairs_hook=_top_level_pairs, parse_constant=_reject_constant)
+
+
+def envelope_problem(stream: str, payload: bytes) -> str | None:
+    """None if ``payload`` is a complete client message for ``stream``: one
+    JSON object (strict RFC 8259, UTF-8, as :func:`is_json_object` judges)
+    with exactly one top-level ``"stream"``, equal to ``stream``; else
+    :data:`MALFORMED` or :data:`WRONG_STREAM`.
+
+    >>> envelope_problem("trade.A_B", b'{"stream":"trade.A_B","data":{}}') is None
+    True
+    >>> envelope_problem("trade.A_B", b'{"stream":"trade.C_D","data":{}}')
+    'wrong_stream'
+    >>> envelope_problem("trade.A_B", b'{"stream":"trade.C_D","data":{},"stream":"trade.A_B"}')
+    'wrong_stream'
+
+    The parse that :func:`is_json_object` does anyway finds the stream
+    (the last one, as ``JSON.parse`` does); a payload that holds
+    ``"stream"`` more than once is read again, key by key, and refused if
+    it has a second top-level one.  (A second one spelled with escapes,
+    ``"str\\u0065am"``, is not looked for: it is refused when it comes
+    last, the one browsers and most parsers take.)
+    """
+    try:
+        message = orjson.loads(payload)
+    except ValueError:  # orjson.JSONDecodeError: the standard library judges
+        if not is_json_object(payload):
+            return MALFORMED
+        message = _STRICT.decode(payload.decode("utf-8"))
+    if type(message) is not dict:
+        return MALFORMED
+    if message.get("stream") != stream:
+        return WRONG_STREAM
+    if payload.count(_STREAM_KEY) != 1:
+        try:
+            keys = [key for key, _ in _PAIRS.decode(payload.decode("utf-8"))]
+        except (ValueError, RecursionError):
+            return MALFORMED
+        if keys.count("stream") != 1:
+            return WRONG_STREAM
+    return None
+
+
+def frame_problem(channel: bytes, seq: int, frame: bytes) -> str | None:
+    """None if ``frame`` is what the recovery script publishes at position
+    ``seq`` on ``channel``: ``{"stream":"<channel>","data":<object>,"seq":<seq>}``
+    with ``<object>`` one JSON object (strict, UTF-8) and ``seq`` at most
+    :data:`MAX_POSITION`; else :data:`MALFORMED` or :data:`WRONG_STREAM`.
+
+    >>> frame_problem(b"t.A_B", 7, b'{"stream":"t.A_B","data":{"p":"1"},"seq":7}') is None
+    True
+    >>> frame_problem(b"t.A_B", 7, b'{"stream":"t.A_B","data":{},"stream":"t.C_D","seq":7}')
+    'malformed_payload'
+    >>> frame_problem(b"t.A_B", 7, b'{"stream":"t.C_D","data":{},"seq":7}')
+    'wrong_stream'
+
+    The stream, the position and the frame's shape are byte comparisons;
+    only the data is parsed (the check a plain payload gets), so a frame
+    that passes is one JSON object whose only ``"stream"`` is ``channel``.
+    """
+    head = _FRAME_HEAD + channel + _FRAME_DATA
+    tail = b',"seq":%d}' % seq
+    if frame.startswith(head) and frame.endswith(tail) and seq <= MAX_POSITION:
+        if is_json_object(frame[len(head):len(frame) - len(tail)]):
+            return None
+        return MALFORMED
+    if frame.startswith(_FRAME_HEAD) and not frame.startswith(channel + b'"', 11):
+        return WRONG_STREAM
+    return MALFORMED
+
+
 def wrap_data(stream: bytes, payload: bytes) -> bytes:
     """``{"stream":"<stream>","data":<payload>}`` from bytes, without re-encoding."""
     return b'{"stream":"' + stream + b'","data":' + payload + b"}"
@@ -379,6 +480,11 @@ GAP_REASONS = {
                        "updates were missed",
     "max_replay": "the position asked for is further behind than the server replays "
                   "([recovery] max_replay); updates were missed",
+    "replay_too_large": "what was missed since the position asked for is more than the "
+                        "connection may be sent at once (half of [limits] max_buffer_bytes); "
+                        "updates were missed",
+    "snapshot_too_large": "the stream's snapshot is more than the connection may be sent at "
+                          "once (half of [limits] max_buffer_bytes); subscribe to it alone",
     "since_ahead": "the position asked for is ahead of the stream's latest: positions "
                    "started over (a Redis failover lost writes) or come from another history",
     "lost_writes": "the stream's positions went back (a Redis failover lost its latest writes); "

@@ -16,11 +16,13 @@ optionally a snapshot, in one atomic Redis call.
     seq = await apub.publish("trade.SOL_USDC", '{"e":"trade"}')     # JSON text is sent verbatim
     await apub.aclose()
 
-``data`` and ``snapshot`` may be Python objects (encoded with ujson, compact,
-UTF-8 kept) or JSON text already encoded (``str`` or ``bytes``, passed through
-verbatim).  ``history`` is how many messages Redis keeps per stream (exact),
-``ttl`` the seconds after the last publish before a stream's keys expire (0:
-never).  On Redis Cluster (a ``RedisCluster`` client, or a ``redis+cluster://``
+``data`` and ``snapshot`` may be dicts (encoded with ujson, compact, UTF-8
+kept) or JSON text already encoded (``str`` or ``bytes``, passed through
+verbatim); either must be one JSON object (strict RFC 8259, UTF-8: what
+servers deliver), else ``ValueError``.  ``history`` is how many messages
+Redis keeps per stream (exact, at most :data:`MAX_HISTORY`), ``ttl`` the
+seconds after the last publish before a stream's keys expire (0: never, at
+most :data:`MAX_TTL`).  On Redis Cluster (a ``RedisCluster`` client, or a ``redis+cluster://``
 URL) messages go out with ``SPUBLISH`` (``sharded=`` overrides).
 
 All the work is done by the Lua script ``marketstream/recovery.lua``
@@ -34,7 +36,9 @@ All the work is done by the Lua script ``marketstream/recovery.lua``
     pubcmd    "publish" | "spublish" (Redis Cluster)
 
 It replies with the position.  If the reply is a ``NOSCRIPT`` error (Redis
-restarted, ``SCRIPT FLUSH``), ``SCRIPT LOAD`` again and retry the call.  On
+restarted, ``SCRIPT FLUSH``), ``SCRIPT LOAD`` again and retry the call.  The
+script refuses (an error reply, nothing written) keys that are not exactly
+``S``'s, a stream name it cannot use, and limits out of range.  On
 channel ``S`` subscribers receive ``@<seq> {"stream":"S","data":<data-json>,"seq":<seq>}``.
 Stream names may not contain whitespace, ``"``, ``\\``, ``{``, ``}`` or ``/``.
 """
@@ -54,10 +58,11 @@ import redis.cluster
 import ujson
 from redis.exceptions import NoScriptError, ResponseError
 
+from marketstream.protocol import is_json_object
 from marketstream.util import async_redis_client, sync_redis_client
 
 __all__ = ["AsyncPublisher", "Publisher", "SCRIPT", "SCRIPT_SHA", "encode_json", "script_call",
-           "stream_keys", "check_stream_name"]
+           "stream_keys", "check_stream_name", "MAX_HISTORY", "MAX_TTL"]
 
 SCRIPT: str = (Path(__file__).with_name("recovery.lua")).read_text(encoding="utf-8")
 """The text of ``recovery.lua``."""
@@ -72,6 +77,10 @@ Message = tuple[Any, ...]  # (stream, data) or (stream, data, snapshot)
 ScriptCall = tuple[tuple[str, str, str], list[Any]]
 
 _FORBIDDEN = frozenset(' \t\r\n\v\f"\\{}/')
+
+#: The recovery script's bounds: messages kept per stream, and seconds of ttl.
+MAX_HISTORY = 1_000_000
+MAX_TTL = 31_536_000
 
 
 def check_stream_name(stream: Any) -> str:
@@ -134,15 +143,40 @@ def script_call(stream: str, data: JSONInput, snapshot: Any = None, history: int
     elif snapshot is True:
         mode, snapdata = "self", ""
     else:
-        mode, snapdata = "data", encode_json(snapshot)
-    return keys, [stream, encode_json(data), history, ttl, mode, snapdata,
+        mode, snapdata = "data", _json_object(snapshot, "snapshot")
+    return keys, [stream, _json_object(data, "data"), history, ttl, mode, snapdata,
                   "spublish" if sharded else "publish"]
 
 
+def _json_object(value: JSONInput, what: str) -> str | bytes:
+    """:func:`encode_json` of ``value``, which must be one JSON object: a
+    dict, or JSON text of one (checked as servers check it).
+
+    >>> _json_object('{"p":"1.5"}', "data")
+    '{"p":"1.5"}'
+    >>> _json_object('{"p":1}, "stream": "other"', "data")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: data must be one JSON object ...
+    """
+    if isinstance(value, dict):
+        return encode_json(value)
+    text = encode_json(value) if isinstance(value, (str, bytes, bytearray, memoryview)) else None
+    try:
+        ok = text is not None and is_json_object(
+            text.encode("utf-8") if isinstance(text, str) else text)
+    except UnicodeEncodeError:
+        ok = False
+    if not ok or text is None:
+        raise ValueError("%s must be one JSON object (a dict, or its JSON text in UTF-8), "
+                         "not %.60r" % (what, value))
+    return text
+
+
 def _check_limits(history: int, ttl: int) -> tuple[int, int]:
-    for name, value in (("history", history), ("ttl", ttl)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError("%s must be an integer >= 0, not %r" % (name, value))
+    for name, value, most in (("history", history, MAX_HISTORY), ("ttl", ttl, MAX_TTL)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most:
+            raise ValueError("%s must be an integer from 0 to %d, not %r" % (name, most, value))
     return history, ttl
 
 

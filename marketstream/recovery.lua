@@ -8,11 +8,17 @@
 --   EVALSHA <sha1> 3 {S}:seq {S}:log {S}:snap  S <data-json> <history> <ttl> <snapmode> <snapdata-json> <pubcmd>
 --
 --   S              stream name = pub/sub channel, e.g. trade.SOL_USDC; no
---                  whitespace, no '"', '\', '{', '}' or '/' (the keys use S as
---                  their Cluster hash tag, so keys and channel share one slot)
---   data-json      the message's data as JSON text, used verbatim
---   history        number of messages kept in {S}:log (exact MAXLEN); 0 = none
---   ttl            seconds before all three keys expire; 0 = never
+--                  whitespace, control characters, '"', '\', '{', '}' or '/'
+--                  (the keys use S as their Cluster hash tag, so keys and
+--                  channel share one slot).  The three keys must be exactly
+--                  {S}:seq {S}:log {S}:snap: a call with another stream's keys
+--                  is refused (it would write that stream's history)
+--   data-json      the message's data as JSON text (one JSON object), used
+--                  verbatim; servers drop a message whose data is not one
+--   history        number of messages kept in {S}:log (exact MAXLEN); 0 = none,
+--                  at most 1000000
+--   ttl            seconds before all three keys expire; 0 = never, at most
+--                  31536000 (a year)
 --   snapmode       "" or "none": no snapshot; "self": this message's data is
 --                  the stream's snapshot; "data": snapdata-json is the snapshot
 --                  (the state after this message)
@@ -41,8 +47,21 @@ local stream, data = ARGV[1], ARGV[2]
 local history, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
 local snapmode, snapdata, pubcmd = ARGV[5], ARGV[6], ARGV[7]
 
+-- Every check comes before the first write: a refused call changes nothing.
+if #KEYS ~= 3 or stream == nil or stream == '' or string.find(stream, '[%s%c"\\{}/]') then
+  return redis.error_reply('ERR marketstream: the stream name must be non-empty, without '
+                           .. 'whitespace, control characters, \'"\', \'\\\', \'{\', \'}\' or \'/\'')
+end
+local tag = '{' .. stream .. '}'
+if seq_key ~= tag .. ':seq' or log_key ~= tag .. ':log' or snap_key ~= tag .. ':snap' then
+  return redis.error_reply('ERR marketstream: the keys must be ' .. tag .. ':seq ' .. tag
+                           .. ':log ' .. tag .. ':snap for stream ' .. stream)
+end
 if history == nil or history < 0 or history % 1 ~= 0 or ttl == nil or ttl < 0 or ttl % 1 ~= 0 then
   return redis.error_reply('ERR marketstream: history and ttl must be integers >= 0')
+end
+if history > 1000000 or ttl > 31536000 then
+  return redis.error_reply('ERR marketstream: history is at most 1000000, ttl at most 31536000')
 end
 if pubcmd ~= 'publish' and pubcmd ~= 'spublish' then
   return redis.error_reply('ERR marketstream: pubcmd must be publish or spublish')

@@ -147,7 +147,9 @@ class Server:
             ping_timeout=settings.redis.health_timeout,
             backoff_max=settings.redis.reconnect_max_delay,
             min_flush_interval=settings.server.min_flush_interval,
-            max_replay=settings.recovery.max_replay))
+            max_replay=settings.recovery.max_replay,
+            replay_bytes=settings.limits.max_buffer_bytes // 2,
+            max_channels=settings.limits.max_channels))
         timeout = settings.redis.startup_timeout
         failed = await self._connect_redis(min(CONNECT_ATTEMPT, timeout or CONNECT_ATTEMPT))
         app = self.app = make_app(settings, manager)

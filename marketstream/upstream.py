@@ -162,10 +162,12 @@ class ClusterLink:
         await self.sub.stop()
 
     def changed(self) -> None:
-        wanted = self.listener.wanted()
-        add = wanted - self._wanted
-        drop = self._wanted - wanted
-        self._wanted = set(wanted)
+        held = self._wanted
+        changes = self.listener.take_changes()
+        add = {name for name, wanted in changes.items() if wanted and name not in held}
+        drop = {name for name, wanted in changes.items() if not wanted and name in held}
+        held |= add
+        held -= drop
         if drop:
             self.sub.unsubscribe(drop)
             for name in drop:

@@ -460,6 +460,8 @@ def start_server(kind, args, host, port, redis_url, pin):
                    "--redis-url", redis_url, "--log-level", "WARNING",
                    "--processes", str(args.processes),
                    "--set", "server.max_connections=%d" % (args.connections + 100),
+                   # Every client comes from one address.
+                   "--set", "server.max_connections_per_ip=0",
                    # The receivers answer no pings: keepalive would close them.
                    "--set", "server.ping_interval=0"]
         for item in args.set:
@@ -811,13 +813,19 @@ def main(argv=None):
                 args.connections, args.streams, args.per_conn, args.rate, args.duration,
                 "; medians of %d runs each" % args.repeat if args.repeat > 1 else ""))
             print(table(rows))
-    elif args.json:
+    else:
+        print_figures(figures, args.json)
+    return 0
+
+
+def print_figures(figures, as_json):
+    """One JSON object, or one aligned line per figure."""
+    if as_json:
         print(json.dumps(figures))
     else:
         width = max(len(key) for key in figures)
         for key, value in figures.items():
             print("%-*s  %s" % (width, key, value))
-    return 0
 
 
 if __name__ == "__main__":

@@ -397,7 +397,8 @@ def server_command(args: argparse.Namespace, host: str, port: int, redis_url: st
     command = [sys.executable, "-m", "marketstream", "--listen", "%s:%d" % (host, port),
                "--redis-url", redis_url, "--log-level", "WARNING",
                "--processes", str(args.processes),
-               "--set", "server.max_connections=%d" % (args.connections + 100)]
+               "--set", "server.max_connections=%d" % (args.connections + 100),
+               "--set", "server.max_connections_per_ip=0"]  # every client has one address
     for item in args.set:
         command += ["--set", item]
     return command

@@ -300,7 +300,8 @@ async def test_a_burst_beyond_the_listen_backlog_connects_without_retries(redis_
     clients = 3000
     assert descriptors >= 2 * clients + 200, "the open-file limit is too low for this test"
     sockets = bind_listeners("127.0.0.1", 0, 1, backlog=1024)[0]
-    server = Server(make_settings(redis_url, server__max_connections=clients + 100))
+    server = Server(make_settings(redis_url, server__max_connections=clients + 100,
+                                  server__max_connections_per_ip=0))
     await server.start(sockets=sockets)
     try:
         port = sockets[0].getsockname()[1]

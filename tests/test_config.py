@@ -43,7 +43,7 @@ def test_defaults():
     assert s.server.xheaders is False
     assert s.server.shutdown_timeout == 10
     assert s.server.max_connections == 10000
-    assert s.server.max_connections_per_ip == 0
+    assert s.server.max_connections_per_ip == 500
     assert s.server.allowed_origins == ()
     assert (s.server.ping_interval, s.server.ping_timeout) == (20, 20)
     assert s.server.min_flush_interval == 0
@@ -58,6 +58,7 @@ def test_defaults():
     assert s.limits.max_frame_bytes == 65536
     assert s.limits.messages_per_second == 10 and s.limits.messages_burst == 50
     assert s.limits.max_buffer_bytes == 1048576
+    assert s.limits.max_channels == 100000
     assert s.logging.level == "INFO" and s.logging.config_file == ""
     assert set(s.sources.values()) == {"default"}
     assert set(s.sources) == {"%s.%s" % (sec, key) for sec, keys in SCHEMA.items() for key in keys}

@@ -151,29 +151,46 @@ class Feed:
         while len(self.log) > keep:
             self.log.popleft()
 
-    def read_after(self, after: int, limit: int) -> list[tuple[int, bytes]]:
-        """What ``history.read_after`` returns (its frames)."""
-        assert self.latest is not None
-        held = [(seq, frame) for seq, frame in self.log if after < seq <= self.latest]
-        if self.latest - after <= limit:
-            return held[:limit + 1]
-        return held[-limit:] if limit else []
-
     def read(self, read: Read, max_replay: int) -> History:
-        """The History the shell builds for ``read`` (``ChannelManager._read``)."""
+        """The History the shell builds for ``read`` (``ChannelManager._read``
+        over ``history.read_recent``): the snapshot unless it is larger than
+        ``read.max_bytes``; the newest messages after the floor (``since``,
+        or the snapshot's position if lower), at most ``max_replay``, until
+        their stored bytes reach ``read.max_bytes``."""
         assert read.stream == self.name
         latest = self.latest
-        snapshot = self.snapshot if read.snapshot and latest is not None else None
-        after = read.after
+        if latest is None:
+            return History(None, None, [])
+        snapshot, skipped = None, False
+        if read.snapshot and self.snapshot is not None:
+            if stored_size(*self.snapshot) > read.max_bytes:
+                skipped = True
+            else:
+                snapshot = self.snapshot
+        floor = read.after
         if snapshot is not None:
-            after = snapshot[0] if after is None else min(after, snapshot[0])
+            floor = snapshot[0] if floor is None else min(floor, snapshot[0])
         entries: list[tuple[int, bytes]] = []
+        if floor is not None and max_replay and (read.after is not None or read.snapshot):
+            size = 0
+            for seq, frame in reversed(self.log):
+                if seq > latest:
+                    continue
+                if seq <= floor or len(entries) >= max_replay or size >= read.max_bytes:
+                    break
+                entries.append((seq, frame))
+                size += stored_size(seq, frame)
+            entries.reverse()
         oldest = None
-        if latest is not None and after is not None and after < latest:
-            entries = self.read_after(after, max_replay)
-            if latest - after > max_replay:
-                oldest = self.log[0][0] if self.log else None
-        return History(latest, snapshot, entries, oldest)
+        after = read.after
+        if after is not None and after < latest and not (entries and entries[0][0] <= after + 1):
+            oldest = self.log[0][0] if self.log else None
+        return History(latest, snapshot, entries, oldest, skipped)
+
+
+def stored_size(seq: int, frame: bytes) -> int:
+    """Bytes of a message as the recovery script stores it."""
+    return len(b"@%d " % seq) + len(frame)
 
 
 def finish(core: Core, read: Read, history: History) -> bool:
@@ -387,12 +404,13 @@ def test_the_envelope_format_passes_plain_payloads_through():
 ])
 def test_a_malformed_payload_is_dropped_counted_and_reported(payload, payload_format):
     seen = []
-    core = Core(Counters(), payload_format, on_malformed=lambda c, p: seen.append((c, p)))
+    core = Core(Counters(), payload_format,
+                on_malformed=lambda c, p, why: seen.append((c, p, why)))
     a = Conn("a")
     core.subscribe(a, [S])
     assert core.on_message(S.encode(), payload) is False
     assert core.counters.dropped_malformed == 1
-    assert seen == [(S.encode(), payload)]
+    assert seen == [(S.encode(), payload, "malformed_payload")]
     assert core.take_batch() == {}
     assert S not in core.last_seq
 
@@ -1229,6 +1247,269 @@ def test_a_live_message_arriving_after_the_read_that_held_it_is_not_repeated():
     live(core, feed, 1)
     flush(core)
     assert a.positions() == [2, 3, 4, 5]
+
+
+# --- bounds: channels, churn, catch-up bytes, payload checks ---------------------------
+
+
+def test_a_subscribe_and_unsubscribe_the_link_has_not_seen_cost_it_nothing():
+    core = make_core(linger=True)
+    a = Conn("a")
+    core.subscribe(a, [S])
+    core.unsubscribe(a, [S])                        # before the link took the change
+    assert core.wanted() == set() and core.lingering == {}
+    assert core.take_changes() == {S: False}        # the link has nothing to unsubscribe
+
+
+def test_a_channel_whose_last_listener_left_lingers_until_the_second_sweep():
+    core = make_core(linger=True)
+    a, b = Conn("a"), Conn("b")
+    core.subscribe(a, [S, T])
+    assert core.take_changes() == {S: True, T: True}
+    core.upstream_confirmed(S)
+    core.unsubscribe(a, [S])
+    core.remove(a)
+    assert core.wanted() == {S, T} and list(core.lingering) == [S, T]
+    assert core.take_changes() == {}                # nothing for Redis to do yet
+    core.subscribe(b, [S])                          # back within the moment
+    assert core.take_changes() == {} and list(core.lingering) == [T]
+    assert core.is_wanted(S) and S in core.confirmed  # an acknowledgement needs no wait
+    core.release_lingering()                        # T lingered since before no sweep
+    assert core.wanted() == {S, T}
+    core.release_lingering()
+    assert core.wanted() == {S} and core.take_changes() == {T: False}
+    assert core.lingering == {}
+
+
+def test_churn_within_one_sweep_asks_redis_for_nothing():
+    core = make_core(linger=True)
+    a = Conn("a")
+    names = ["trade.C%d_USDT" % i for i in range(50)]
+    core.subscribe(a, names)
+    assert len(core.take_changes()) == 50
+    for _ in range(100):
+        core.unsubscribe(a, names)
+        core.subscribe(a, names)
+    assert core.take_changes() == {}
+    assert core.wanted() == set(names) and core.lingering == {}
+
+
+def test_the_channel_cap_refuses_new_channels_and_lingering_ones_give_way():
+    core = make_core(max_channels=3, linger=True)
+    a, b = Conn("a"), Conn("b")
+    names = ["trade.K%d_USDT" % i for i in range(5)]
+    assert core.over_channel_cap(names) == names[3:]
+    core.subscribe(a, names[:3])
+    core.take_changes()
+    assert core.over_channel_cap([names[0]]) == []     # an existing channel needs no room
+    assert core.over_channel_cap(names[3:]) == names[3:]
+    core.unsubscribe(a, names[:2])                  # two lingering channels
+    assert len(core.wanted()) == 3
+    assert core.over_channel_cap([names[3]]) == []  # the oldest lingering one gives way
+    assert core.wanted() == {names[1], names[2]}
+    assert core.take_changes() == {names[0]: False}
+    core.subscribe(b, [names[3]])
+    assert core.over_channel_cap([names[4]]) == []
+    assert core.wanted() == {names[2], names[3]}
+    core.subscribe(b, [names[4]])
+    assert core.over_channel_cap(["trade.KX_USDT"]) == ["trade.KX_USDT"]
+    assert make_core().over_channel_cap(names) == []   # 0: no cap
+
+
+def big_feed(name: str, count: int, size: int = 400, **kwargs) -> Feed:
+    """A feed whose frames are ``size`` bytes or so."""
+    feed = Feed(name, **kwargs)
+    pad = b"x" * size
+    feed.frame = lambda seq: b'{"stream":"%s","data":{"i":%d,"x":"%s"},"seq":%d}' % (
+        name.encode(), seq, pad, seq)
+    for _ in range(count):
+        feed.publish()
+    return feed
+
+
+def test_a_resume_far_behind_on_many_streams_is_bounded_by_the_connection_budget():
+    """The amplification: ``since: 0`` on many streams with long histories.
+    The connection's budget is shared among its streams; each read asks
+    for no more than its share; what does not fit gets the gap notice and
+    the newest messages that fit; the connection is sent about its budget."""
+    budget = 20_000
+    core = make_core(replay_bytes=budget)
+    names = ["trade.F%d_USDT" % i for i in range(10)]
+    feeds = {name: big_feed(name, 200) for name in names}
+    a = Conn("a")
+    core.register(a)
+    core.subscribe(a, names, {name: Want(since=0) for name in names})
+    for name in names:
+        core.upstream_confirmed(name)
+    reads = core.start_reads()
+    assert len(reads) == 10
+    assert all(read.max_bytes <= budget // 10 for read in reads)
+    read_bytes = 0
+    for read in reads:
+        history = feeds[read.stream].read(read, core.max_replay)
+        read_bytes += sum(stored_size(seq, frame) for seq, frame in history.entries)
+        finish(core, read, history)
+    flush(core)
+    assert read_bytes <= budget + 10 * 500          # at most one message over per read
+    sent = sum(map(len, a.writes))
+    assert 0.5 * budget < sent <= budget
+    for name in names:
+        labels = a.labels(name)
+        assert labels[0] == "gap" and 1 <= len(labels) - 1 < 10
+        assert labels[1:] == list(range(201 - (len(labels) - 1), 201))  # the newest
+    assert core.counters.gap_notices == 10
+    assert core._budgets == {} and core.recovering == {}
+    live(core, feeds[names[0]], 1)
+    flush(core)
+    assert a.labels(names[0])[-1] == 201            # then live
+
+
+def test_a_client_far_behind_does_not_cost_a_client_just_behind_its_replay():
+    """Both share one read, which reads the newest messages first: the
+    client just behind gets exactly what it missed, the other the gap."""
+    core = make_core(replay_bytes=4_000)
+    feed = big_feed(S, 300)
+    far, near = Conn("far"), Conn("near")
+    subscribed(core, far, S, Want(since=0))
+    subscribed(core, near, S, Want(since=296))
+    read = one_read(core)
+    assert asked(read) == (S, 0, True)
+    finish(core, read, feed.read(read, core.max_replay))
+    flush(core)
+    assert near.labels() == [297, 298, 299, 300]
+    assert far.labels()[0] == "gap" and far.labels()[-1] == 300
+    assert sum(map(len, far.writes)) <= 4_000
+
+
+def test_a_snapshot_that_fits_follows_the_gap_notice_and_one_that_does_not_is_not_read():
+    core = make_core(replay_bytes=3_000)
+    small = big_feed(S, 50, snapshot_every=50)          # snapshot at the latest position
+    large = big_feed(T, 50)
+    large.snapshot = (50, b'{"stream":"%s","data":{"e":"snap","at":50,"x":"%s"},"seq":50}'
+                      % (T.encode(), b"y" * 5000))
+    a, b = Conn("a"), Conn("b")
+    subscribed(core, a, S, Want(since=1))
+    subscribed(core, b, T, Want(since=1))
+    subscribed(core, Conn("c"), T, Want(snapshot=True))
+    reads = {read.stream: read for read in core.start_reads()}
+    finish(core, reads[S], small.read(reads[S], core.max_replay))
+    history = large.read(reads[T], core.max_replay)
+    assert history.snapshot is None and history.snapshot_skipped
+    finish(core, reads[T], history)
+    flush(core)
+    assert a.labels() == ["gap", ("snap", 50)]
+    assert b.labels()[0] == "gap" and b.labels()[-1] == 50   # the newest that fit
+    c = [conn for conn in core.streams[T] if conn.name == "c"][0]
+    assert c.labels() == ["gap"]                    # its snapshot did not fit: it is told
+
+
+def test_a_connection_may_use_what_its_other_reads_left_over():
+    """Streams held one after the other: the first read reserved the whole
+    budget, so the next read has no share for the connection; once the
+    first is done, what it did not use serves the second (which another
+    client's share made large enough)."""
+    core = make_core(replay_bytes=10_000)
+    s, t = big_feed(S, 20), big_feed(T, 20)
+    a, b = Conn("a"), Conn("b")
+    subscribed(core, a, S, Want(since=15))
+    first = one_read(core)
+    assert first.max_bytes == 10_000
+    subscribed(core, a, T, Want(since=15))
+    subscribed(core, b, T, Want(since=15))
+    second = one_read(core)
+    assert second.max_bytes == 10_000 and second.token != first.token
+    finish(core, first, s.read(first, core.max_replay))
+    finish(core, second, t.read(second, core.max_replay))
+    flush(core)
+    assert a.labels(S) == [16, 17, 18, 19, 20] and a.labels(T) == [16, 17, 18, 19, 20]
+    assert b.labels(T) == [16, 17, 18, 19, 20]
+
+
+def test_budgets_are_forgotten_when_reads_fail_or_connections_leave():
+    core = make_core(replay_bytes=1_000)
+    a, b = Conn("a"), Conn("b")
+    subscribed(core, a, S, Want(since=0))
+    subscribed(core, b, S, Want(since=0))
+    subscribed(core, a, T, Want(since=0))
+    reads = core.start_reads()
+    assert sorted(core._budgets[a]) == [0, 0, 2] and core._budgets[b][2] == 1
+    fail(core, reads[0])
+    core.link_lost()
+    assert core._budgets[a] == [1_000, 2, 0]        # shares back, both streams wait again
+    core.remove(a)
+    core.unsubscribe(b, [S])
+    assert core._budgets == {}
+
+
+def watched_core() -> tuple[Core, Conn, list[str]]:
+    """A core with one listener on S, and the causes of what it dropped."""
+    seen: list[str] = []
+    core = Core(Counters(), on_malformed=lambda c, p, why: seen.append(why))
+    a = Conn("a")
+    core.subscribe(a, [S])
+    return core, a, seen
+
+
+@pytest.mark.parametrize("frame", [
+    b'{"stream":"trade.SOL_USDC","data":{"i":5},"stream":"depth.BTC_USDT","seq":5}',
+    b'{"stream":"trade.SOL_USDC","data":{"i":"\xff"},"seq":5}',
+    b'{"stream":"trade.SOL_USDC","data":[5],"seq":5}',
+    b'{"stream":"trade.SOL_USDC","data":{"i":5},"seq":6}',
+    b'{"stream":"trade.SOL_USDC","data":{"i":5},"seq":5,"x":1}',
+    b'{"stream":"trade.SOL_USDC","data":{"i":5}}',
+    b'{"data":{"i":5},"stream":"trade.SOL_USDC","seq":5}',
+])
+def test_a_positioned_payload_is_checked_like_a_plain_one(frame):
+    core, a, seen = watched_core()
+    assert core.on_message(S.encode(), b"@5 " + frame) is False
+    assert core.on_message(S.encode(), b"@05 " + frame.replace(b":5", b":05")) is False
+    assert core.counters.dropped_malformed == 2 and seen == ["malformed_payload"] * 2
+    assert core.take_batch() == {} and S not in core.last_seq
+
+
+@pytest.mark.parametrize("payload_format", ["envelope", "data"])
+@pytest.mark.parametrize("payload", [
+    b'@5 {"stream":"depth.BTC_USDT","data":{"i":5},"seq":5}',
+    b'@5 {"stream":"trade.SOL_USDCX","data":{"i":5},"seq":5}',
+])
+def test_a_positioned_frame_of_another_stream_is_dropped(payload, payload_format):
+    core = make_core(payload_format=payload_format)
+    a = Conn("a")
+    core.subscribe(a, [S])
+    assert core.on_message(S.encode(), payload) is False
+    assert core.counters.dropped_wrong_stream == 1 and core.take_batch() == {}
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"stream":"depth.BTC_USDT","data":{}}',
+    b'{"data":{}}',
+    b'{"stream":"trade.SOL_USDC","data":{},"stream":"depth.BTC_USDT"}',
+    b'{"stream":"depth.BTC_USDT","data":{},"stream":"trade.SOL_USDC"}',
+    b'{"stream":"trade.SOL_USDC","data":{},"str\\u0065am":"depth.BTC_USDT"}',
+])
+def test_an_envelope_whose_stream_is_not_the_channel_is_dropped(payload):
+    core, a, seen = watched_core()
+    assert core.on_message(S.encode(), payload) is False
+    assert core.counters.dropped_wrong_stream == 1 and seen == ["wrong_stream"]
+    good = b'{"stream":"trade.SOL_USDC","data":{"p":"\\u00e9","stream":"x"},"x":"stream"}'
+    assert core.on_message(S.encode(), good) is True   # "stream" inside data is data
+    assert split_frames(core.take_batch()[a]) == [good]
+
+
+def test_stored_frames_that_fail_the_check_are_not_replayed():
+    core = make_core()
+    feed = Feed()
+    for _ in range(5):
+        feed.publish()
+    feed.log[2] = (3, b'{"stream":"depth.BTC_USDT","data":{"i":3},"seq":3}')  # another stream's
+    feed.log[3] = (4, b'{"stream":"trade.SOL_USDC","data":{"i":4},"seq":4')   # cut short
+    a = Conn("a")
+    subscribed(core, a, S, Want(since=1))
+    read = one_read(core)
+    finish(core, read, feed.read(read, core.max_replay))
+    flush(core)
+    assert a.labels() == [2, 5]                     # as live delivery would have dropped them
+    assert core.counters.dropped_wrong_stream == 1 and core.counters.dropped_malformed == 1
 
 
 # --- property: resume under random interleavings -------------------------------------

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 import marketstream.history
 import marketstream.publisher
 import marketstream.util
-from marketstream.history import latest_position, read_after, read_snapshot, split_position
+from marketstream.history import (latest_position, read_after, read_recent, read_snapshot,
+                                  split_position)
 from marketstream.publisher import Publisher
 from tests.test_publisher import cluster7, r7, redis7_server  # noqa: F401 (fixtures)
 
@@ -170,3 +171,91 @@ def test_on_a_cluster(cluster7):
     assert not trimmed[1] and [s for s, _ in trimmed[0]] == seqs[3:]
     assert not behind[1] and [s for s, _ in behind[0]] == seqs[6:]
     assert snapshot[0] == seqs[7] == latest
+
+
+# --- read_recent: what the server reads, newest first and bounded in bytes ------------
+
+
+def stored(r7, stream=S):
+    """Every stored payload of ``stream``'s history, oldest first, as (seq, bytes)."""
+    return [(int(entry_id.split(b"-")[0]), fields[b"p"])
+            for entry_id, fields in r7.xrange("{%s}:log" % stream)]
+
+
+def test_read_recent_covers_a_small_resume_in_one_round_trip(r7, redis7_server):
+    seqs = published(r7, 20)
+    before = r7.info("commandstats").get("cmdstat_xrevrange", {}).get("calls", 0)
+    latest, snapshot, frames, skipped = run(
+        lambda c: read_recent(c, S, seqs[14], False, 1000, 65536), redis7_server.port)
+    assert (latest, snapshot, skipped) == (seqs[-1], None, False)
+    assert [s for s, _ in frames] == seqs[15:]
+    assert data_of(frames) == list(range(15, 20))
+    assert r7.info("commandstats")["cmdstat_xrevrange"]["calls"] == before + 1
+
+
+@pytest.mark.parametrize("max_bytes", [1, 100, 1000, 5000, 100_000])
+def test_read_recent_stops_once_the_bytes_are_reached(r7, redis7_server, max_bytes):
+    """A client far behind costs what it may be sent: the newest messages
+    until their stored bytes reach max_bytes (that one included)."""
+    pub = Publisher(r7)
+    seqs = pub.publish_many([(S, {"i": i, "x": "y" * (i % 7) * 30}) for i in range(300)])
+    payloads = stored(r7)
+    want, size = [], 0
+    for seq, payload in reversed(payloads):
+        if size >= max_bytes or len(want) >= 250:
+            break
+        want.append(seq)
+        size += len(payload)
+    _, _, frames, _ = run(lambda c: read_recent(c, S, 0, False, 250, max_bytes),
+                          redis7_server.port)
+    assert [s for s, _ in frames] == want[::-1]
+    assert frames[-1][0] == seqs[-1]
+
+
+def test_read_recent_snapshot_floor_and_a_snapshot_too_large(r7, redis7_server):
+    pub = Publisher(r7)
+    seqs = [pub.publish(S, {"i": i}, snapshot={"book": "z" * 200} if i == 5 else None)
+            for i in range(10)]
+    # The floor is the snapshot's position when it is lower than since.
+    latest, snapshot, frames, skipped = run(
+        lambda c: read_recent(c, S, seqs[8], True, 1000, 65536), redis7_server.port)
+    assert latest == seqs[-1] and snapshot[0] == seqs[5] and not skipped
+    assert [s for s, _ in frames] == seqs[6:]
+    # Snapshot only: from the snapshot on.
+    _, snapshot, frames, _ = run(lambda c: read_recent(c, S, None, True, 1000, 65536),
+                                 redis7_server.port)
+    assert snapshot[0] == seqs[5] and [s for s, _ in frames] == seqs[6:]
+    # A snapshot larger than max_bytes is not read (beyond max_bytes + 1 bytes).
+    latest, snapshot, frames, skipped = run(
+        lambda c: read_recent(c, S, seqs[8], True, 1000, 100), redis7_server.port)
+    assert snapshot is None and skipped
+    assert [s for s, _ in frames] == seqs[9:]
+    # Nothing asked: the position only.
+    assert run(lambda c: read_recent(c, S, None, False, 1000, 65536),
+               redis7_server.port) == (seqs[-1], None, [], False)
+    assert run(lambda c: read_recent(c, S, 0, True, 0, 65536),
+               redis7_server.port)[2] == []                       # max_replay 0
+    assert run(lambda c: read_recent(c, "trade.NONE_X", 0, True, 10, 100),
+               redis7_server.port) == (None, None, [], False)
+
+
+def test_read_recent_pages_through_a_long_history(r7, redis7_server):
+    seqs = published(r7, 2000, history=5000)
+    latest, _, frames, _ = run(lambda c: read_recent(c, S, seqs[99], False, 5000, 10 ** 7),
+                               redis7_server.port)
+    assert [s for s, _ in frames] == seqs[100:] and latest == seqs[-1]
+    _, _, frames, _ = run(lambda c: read_recent(c, S, 0, False, 1000, 10 ** 7),
+                          redis7_server.port)
+    assert [s for s, _ in frames] == seqs[-1000:]
+
+
+def test_read_recent_on_a_cluster(cluster7):
+    client = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster7.port)
+    client.flushall()
+    pub = Publisher(client, history=5)
+    seqs = pub.publish_many([(S, {"i": i}, i == 6) for i in range(8)])
+    client.close()
+    latest, snapshot, frames, skipped = run(
+        lambda c: read_recent(c, S, seqs[0], True, 100, 65536), cluster7.port, cluster=True)
+    assert latest == seqs[-1] and snapshot[0] == seqs[6] and not skipped
+    assert [s for s, _ in frames] == seqs[3:]

@@ -126,12 +126,34 @@ def test_encoded_json_passes_through_verbatim(r7):
     pub = Publisher(r7)
     s1 = pub.publish("trade.A_B", '{"p": "1.50",  "x":[1, 2]}')
     s2 = pub.publish("trade.A_B", b'{"raw":true}')
-    s3 = pub.publish("trade.A_B", [1, "two"])
+    s3 = pub.publish("trade.A_B", {"e": "trade"}, snapshot=bytearray(b'{"book":[]}'))
     assert drain(pubsub, 3) == [
         ("@%d " % s1 + frame("trade.A_B", '{"p": "1.50",  "x":[1, 2]}', s1)).encode(),
         ("@%d " % s2 + frame("trade.A_B", '{"raw":true}', s2)).encode(),
-        ("@%d " % s3 + frame("trade.A_B", '[1,"two"]', s3)).encode()]
+        ("@%d " % s3 + frame("trade.A_B", '{"e":"trade"}', s3)).encode()]
     pubsub.close()
+    assert r7.get("{trade.A_B}:snap") == ("@%d " % s3 + frame("trade.A_B", '{"book":[]}',
+                                                               s3)).encode()
+
+
+@pytest.mark.parametrize("data", [
+    "", "not json", "[1, 2]", '"text"', "1", "null", '{"p":1', '{"p":NaN}', '{"p":01}',
+    '{"p":1}, "stream": "trade.OTHER_X"', '{"p":1} {"q":2}', b'{"p":"\xff"}',
+    b'{"p":"caf\xe9"}', "{\"p\":\"\ud800\"}",
+    [1, "two"], 5, None, True, ("a",), memoryview(b"[]"),
+])
+def test_data_that_is_not_one_json_object_is_refused(data, r7):
+    """What a server would drop (not one JSON object, or not UTF-8) never
+    reaches Redis: neither as data nor as a snapshot."""
+    pub = Publisher(r7)
+    with pytest.raises(ValueError, match="must be one JSON object"):
+        pub.publish("trade.A_B", data)
+    if data not in (None, True, False):  # those choose the snapshot mode
+        with pytest.raises(ValueError, match="must be one JSON object"):
+            pub.publish("trade.A_B", {"e": "trade"}, snapshot=data)
+    with pytest.raises(ValueError, match="must be one JSON object"):
+        pub.publish_many([("trade.A_B", {"ok": 1}), ("trade.A_B", data)])
+    assert r7.dbsize() == 0
 
 
 def test_history_is_trimmed_to_exactly_history_messages(r7):
@@ -259,6 +281,52 @@ def test_raw_evalsha_call_as_documented_for_other_languages(r7, redis7_server):
     assert int(r7.get("{trade.X_Y}:seq")) == second
 
 
+def test_the_script_refuses_keys_that_are_not_its_streams(r7):
+    """The attack: EVALSHA with a stream's keys and ARGV[1] naming another
+    stream (trade.ATTACK_X) overwrote that stream's snapshot.  The script
+    refuses any key that is not exactly ``{S}:seq {S}:log {S}:snap`` for
+    its stream ``S``, a stream name that would break the frame or the hash
+    tag, and limits out of range, and then writes and publishes nothing."""
+    victim = "depth.VICTIM_X"
+    keys = stream_keys(victim)
+    pubsub = subscribed(r7, victim, "trade.ATTACK_X")
+    with Publisher(r7) as pub:
+        first = pub.publish(victim, {"e": "depthSnapshot", "b": [["1", "2"]]}, snapshot=True)
+    drain(pubsub, 1)
+    stored = {key: r7.dump(key) for key in keys}
+    r7.script_load(SCRIPT)
+
+    def call(stream, data='{"e":"x"}', history=1000, ttl=3600, keys=keys):
+        return r7.evalsha(SCRIPT_SHA, len(keys), *keys, stream, data, history, ttl, "self", "",
+                          "publish")
+
+    attacks = [
+        lambda: call("trade.ATTACK_X"),                        # the measured attack
+        lambda: call(victim, keys=stream_keys("trade.ATTACK_X")[:2] + keys[2:]),
+        lambda: call(victim, keys=keys[:2] + ("{depth.VICTIM_X}:snap2",)),
+        lambda: call(victim, keys=keys[:2]),                   # a key short
+        lambda: call(victim, keys=keys + ("{depth.VICTIM_X}:x",)),
+        lambda: call(""),
+        lambda: call('depth.VICTIM_X","data":{},"x', keys=stream_keys(
+            'depth.VICTIM_X","data":{},"x')),                  # JSON injection by the name
+        lambda: call("depth.VICTIM}X", keys=stream_keys("depth.VICTIM}X")),
+        lambda: call("depth.VICTIM\nX", keys=stream_keys("depth.VICTIM\nX")),
+        lambda: call(victim, history=1_000_001),
+        lambda: call(victim, ttl=31_536_001),
+    ]
+    for attack in attacks:
+        with pytest.raises(redis.ResponseError, match="marketstream"):
+            attack()
+    assert {key: r7.dump(key) for key in keys} == stored
+    assert r7.keys("*ATTACK*") == [] and r7.dbsize() == 3
+    # Nothing was published either: the next message is a valid one.
+    with Publisher(r7) as pub:
+        second = pub.publish(victim, {"e": "depth"})
+    assert second == first + 1
+    assert drain(pubsub, 1) == [("@%d " % second + frame(victim, '{"e":"depth"}', second)).encode()]
+    pubsub.close()
+
+
 def test_two_publishers_get_unique_consecutive_positions(redis7_server, r7):
     results = {}
 
@@ -328,7 +396,7 @@ def test_bad_stream_names_are_refused(name, r7):
 
 
 @pytest.mark.parametrize("kwargs", [{"history": -1}, {"ttl": -5}, {"history": 1.5},
-                                    {"ttl": "60"}])
+                                    {"ttl": "60"}, {"history": 1_000_001}, {"ttl": 31_536_001}])
 def test_bad_limits_are_refused(kwargs, r7):
     with pytest.raises(ValueError):
         Publisher(r7, **kwargs)

@@ -270,6 +270,7 @@ async def test_streams_per_connection_limit(server_factory):
     assert reply["error"]["code"] == 2 and "too many streams" in reply["error"]["msg"]
     await send(ws, "LIST_SUBSCRIPTIONS", request_id=3)
     assert ujson.loads(await read(ws))["result"] == ["trade.A_B", "trade.C_D", "trade.E_F"]
+    assert server.counters.rejected["too_many_streams"] == 1  # trade.G_H
 
 
 @pytest.mark.gen_test

@@ -81,7 +81,7 @@ async def test_the_channel_cap_refuses_new_streams_with_an_error_and_counts_them
     assert sorted(redis_client.pubsub_channels("trade.CAP*")) == sorted(
         name.encode() for name in names[:4])
     assert server.counters.rejected["max_channels"] == 2
-    await watch.moved('marketstream_dropped_total{cause=max_channels}', 2)
+    await watch.moved('marketstream_rejected_streams_total{cause=max_channels}', 2)
     # The first client leaves: its own channel lingers, and gives way to a new one.
     first.close()
     await async_wait_until(lambda: len(server.manager.connections) == 1)
@@ -109,7 +109,9 @@ async def test_many_connections_of_many_streams_stop_at_the_channel_cap(server_f
     await async_wait_until(lambda: len(redis_client.pubsub_channels(prefix + "*")) == 500,
                            timeout=20, message="500 channels subscribed")
     assert sum(len(streams) for streams in server.manager.connections.values()) == 500
-    assert server.counters.rejected_streams == 0  # valid names, refused for the cap
+    # Valid names, refused for the cap: counted with the other refused streams.
+    assert server.counters.rejected_streams == 700
+    assert server.counters.rejected["invalid_name"] == 0
     for client in clients:
         client.close()
 

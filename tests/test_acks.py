@@ -80,7 +80,7 @@ async def test_some_good_some_bad_says_which_were_subscribed_and_which_refused(s
     assert ujson.loads(await read(ws))["result"] == ["trade.A_USDT", "depth.A_USDT",
                                                      "bookTicker.A_USDT"]
     assert server.counters.rejected == {"invalid_name": 1, "unknown_type": 2,
-                                        "unknown_market": 1, "too_many_streams": 1}
+                                        "unknown_market": 1, "too_many_streams": 1, "max_channels": 0}
 
 
 @pytest.mark.gen_test

@@ -20,7 +20,8 @@ __all__ = ["Counters", "CLOSE_CAUSES", "REFUSAL_CAUSES", "IGNORED_CAUSES"]
 #: Why the server closed a client.
 CLOSE_CAUSES = ("rate_limit", "slow_consumer", "ping_timeout")
 #: Why a handshake was refused.
-REFUSAL_CAUSES = ("origin", "max_connections", "max_connections_per_ip")
+REFUSAL_CAUSES = ("origin", "max_connections", "max_connections_per_ip",
+                  "handshake_timeout", "body_too_large")
 #: Why part of a client request was ignored (or answered with an error).
 IGNORED_CAUSES = ("bad_since", "bad_snapshot")
 

@@ -10,6 +10,8 @@ Close codes and refusals (also in the README):
 * HTTP 403: ``Origin`` not in ``[server] allowed_origins``.
 * HTTP 429: ``[server] max_connections_per_ip`` reached for the client IP.
 * HTTP 503: ``[server] max_connections`` reached in this process.
+* HTTP 413, or closed: a request body, or a handshake that takes longer than
+  ``[server] handshake_timeout`` (see :mod:`marketstream.upgrade`).
 * 1001 "server shutting down"; 1001 "ping timeout" (no pong in time).
 * 1008 "rate limit exceeded": over ``[limits] messages_per_second``.
 * 1008 "slow consumer": more than ``[limits] max_buffer_bytes`` queued.
@@ -38,6 +40,7 @@ from marketstream import tornado_compat as compat
 from marketstream.admission import Admission
 from marketstream.channels import ChannelManager
 from marketstream.core import Want
+from marketstream.loglimit import LogLimiter
 from marketstream.upgrade import Switched
 
 __all__ = ["StreamHandler", "HealthHandler", "MetricsHandler", "Context", "routes",
@@ -78,6 +81,8 @@ class Context:
         self.xheaders = settings.server.xheaders
         self.snapshot_types = frozenset(settings.recovery.snapshot_types)
         self.ws_params: Any = None  # Tornado's protocol parameters, made at the first handshake
+        # Lines a client can cause: at most one per cause per second.
+        self.log_limiter = LogLimiter(log)
 
 
 def _send(sock: socket.socket, data: bytes | memoryview) -> int:
@@ -100,8 +105,22 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
     apart lets the handshake finish and be collected.
     """
 
+    handler: Any  # the StreamHandler
+
     async def _receive_frame_loop(self) -> None:
         self.start_frame_loop()
+
+    def _handle_message(self, opcode: int, data: bytes) -> Any:
+        if opcode == 0x8 and len(data) > 2:
+            try:
+                data[2:].decode("utf-8")
+            except UnicodeDecodeError:  # Tornado would raise in its frame loop
+                self.handler.context.log_limiter.log(
+                    logging.WARNING, "bad_close_frame",
+                    "closing %s: close frame with an invalid UTF-8 reason", self.handler.identity)
+                self._abort()
+                return None
+        return getattr(super(), compat.HANDLE_MESSAGE)(opcode, data)
 
     def start_frame_loop(self) -> None:
         """Read frames in a task of its own."""
@@ -115,7 +134,9 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         handler: Any = self.handler
         handler.frame_loop = None
         if not task.cancelled() and task.exception() is not None:
-            log.error("frame loop of %s failed", self.handler, exc_info=task.exception())
+            handler.context.log_limiter.log(logging.ERROR, "frame_loop_failed",
+                                            "frame loop of %s failed", self.handler,
+                                            exc_info=task.exception())
             self._abort()
 
     # The socket :meth:`StreamHandler.write_frames` may write to directly,
@@ -165,12 +186,16 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         super().clear()
 
     def prepare(self) -> None:
-        admission = self.context.admission
-        refusal = admission.refusal(self.request.remote_ip or "?")
+        ctx = self.context
+        admission = ctx.admission
+        # The connection counts as handshaking (Admission.admit): not against itself.
+        stream = getattr(self.request.connection, "stream", None)
+        refusal = admission.refusal(self.request.remote_ip or "?", stream)
         if refusal is not None:
             status, reason, cause = refusal
             admission.refused(cause)
-            log.warning("refused %s: %s", self.request.remote_ip, reason)
+            ctx.log_limiter.log(logging.WARNING, cause, "refused %s: %s",
+                                self.request.remote_ip, reason)
             self.set_status(status)
             self.finish(reason)
 
@@ -198,7 +223,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if admission.origin_allowed(origin):
             return True
         admission.refused("origin")
-        log.warning("refused %s: origin %r not allowed", self.request.remote_ip, origin)
+        self.context.log_limiter.log(logging.WARNING, "origin", "refused %s: origin %r not allowed",
+                                     self.request.remote_ip, origin[:200])
         return False
 
     def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
@@ -236,6 +262,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             self.open()  # synchronous: nothing awaits it here
         except Exception:
             self.log_exception(*sys.exc_info())
+            self.context.admission.handshake_done(stream)
             self.on_connection_close()  # closes the socket, undoes what open() did
             return
         ws.start_frame_loop()
@@ -252,7 +279,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self.set_nodelay(True)
         self._opened_at = self._tokens_at = time.monotonic()
         self.identity = self._make_identity()
-        ctx.admission.enter(self.request.remote_ip or "?")
+        # No longer handshaking: an open connection from now on.
+        ctx.admission.enter(self.request.remote_ip or "?", self._ws.stream)
         ctx.manager.register(self)
         log.info("connect %s", self.identity)
         initial = self.get_query_argument("streams", "")
@@ -289,6 +317,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             setattr(self, name, None)
 
     def on_message(self, message: str | bytes) -> None:
+        if self.ws_connection is None:
+            return None  # closing (on Tornado's own protocol, which reads on)
         ctx = self.context
         now = time.monotonic()
         allowed, self._tokens = protocol.take_token(
@@ -297,7 +327,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self._tokens_at = now
         if not allowed:
             ctx.counters.closed["rate_limit"] += 1
-            log.warning("closing %s: rate limit exceeded", self.identity)
+            ctx.log_limiter.log(logging.WARNING, "rate_limit",
+                                "closing %s: rate limit exceeded", self.identity)
             self.close(CLOSE_POLICY, "rate limit exceeded")
             return None
         request = protocol.parse_request(message)
@@ -477,8 +508,9 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
 
     def _slow_consumer(self) -> None:
         self.context.counters.closed["slow_consumer"] += 1
-        log.warning("closing %s: slow consumer (over %d bytes queued)", self.identity,
-                    self.context.limits.max_buffer_bytes)
+        self.context.log_limiter.log(logging.WARNING, "slow_consumer",
+                                     "closing %s: slow consumer (over %d bytes queued)",
+                                     self.identity, self.context.limits.max_buffer_bytes)
         self.context.manager.remove(self)  # nothing more for it
         self.close_for(CLOSE_POLICY, "slow consumer", reset=True)
 
@@ -519,22 +551,23 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
     def _make_identity(self) -> str:
         """``ip:port`` of the client.
 
-        Behind a trusted proxy (``xheaders``), the IP is the one the proxy
-        reports and the port is the client's own from ``X-Real-Port`` (see
-        conf/nginx.conf), else the proxy-side port, which is unique per
-        connection within this process.
+        Behind a trusted proxy (``xheaders``, ``trusted_proxies``), the IP is
+        the one the proxy reports and the port is the client's own from
+        ``X-Real-Port`` (see conf/nginx.conf), else the proxy-side port,
+        which is unique per connection within this process.
         """
         ip = self.request.remote_ip or "?"
+        try:
+            peer = self._ws.stream.socket.getpeername()
+        except (OSError, AttributeError):
+            peer = ("", 0)
         port = None
-        if self.context.xheaders:
+        if self.context.admission.proxied(peer[0]):
             header = self.request.headers.get("X-Real-Port", "")
             if header.isdigit():
                 port = int(header)
         if port is None:
-            try:
-                port = self._ws.stream.socket.getpeername()[1]
-            except (OSError, AttributeError, IndexError):
-                port = 0
+            port = peer[1]
         return ("[%s]:%d" if ":" in ip else "%s:%d") % (ip, port)
 
     def __repr__(self) -> str:

@@ -25,7 +25,8 @@ Metrics (all prefixed ``marketstream_``):
                                        rejected_stream, slow_consumer, rate_limit,
                                        ping_timeout
 ``redis_reconnects_total``             reconnections of the pub/sub connection
-``refused_handshakes_total{cause}``    origin, max_connections, max_connections_per_ip
+``refused_handshakes_total{cause}``    origin, max_connections, max_connections_per_ip,
+                                       handshake_timeout, body_too_large
 =====================================  ==========================================
 """
 

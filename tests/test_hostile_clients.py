@@ -1,0 +1,390 @@
+"""What one hostile client can do at the connection level, and what the
+server does about it.
+
+Each attack runs against a real server (in the test's event loop, or a
+server process where its memory and descriptors are measured), over real
+sockets on 127.0.0.1, bounded in count and time: handshakes that never end,
+request bodies, log floods and forged proxy headers.
+"""
+
+import asyncio
+import logging
+import socket
+import struct
+import threading
+import time
+
+import psutil
+import pytest
+import ujson
+
+from tests.helpers import (RawClient, ServerProcess, async_wait_until, handshake_request,
+                           wait_until)
+
+LIST = ujson.dumps({"method": "LIST_SUBSCRIPTIONS", "id": 1})
+
+
+async def open_socket(port, data=b"", source=None):
+    """A connected non-blocking socket that has sent ``data``."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    if source:
+        sock.bind((source, 0))
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    if data:
+        await loop.sock_sendall(sock, data)
+    return sock
+
+
+async def until_closed(sock, timeout):
+    """Read ``sock`` until the server closes it; the bytes read.  Fails
+    after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    data = b""
+    while True:
+        remaining = deadline - loop.time()
+        assert remaining > 0, "still open after %.1f s (read %r)" % (timeout, data[:100])
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), remaining)
+        except ConnectionResetError:
+            return data
+        except asyncio.TimeoutError:
+            continue
+        if not chunk:
+            return data
+        data += chunk
+
+
+async def answer(port, headers=None, source=None, path="/ws"):
+    """The status line the server answers a WebSocket upgrade with."""
+    sock = await open_socket(port, handshake_request(port, path, headers), source)
+    loop = asyncio.get_running_loop()
+    data = b""
+    try:
+        while b"\r\n" not in data:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
+            assert chunk, "closed without an answer"
+            data += chunk
+    finally:
+        if not data.startswith(b"HTTP/1.1 101"):
+            sock.close()
+    return data.split(b"\r\n")[0].decode(), sock
+
+
+# --- 1. handshakes that never end --------------------------------------------
+
+SLOW_REQUESTS = {
+    "nothing": b"",
+    "part of a request": b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: webso",
+    "a body that never comes": b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab",
+}
+
+
+@pytest.mark.parametrize("fast_handshake", ["true", "false"])
+@pytest.mark.parametrize("sent", sorted(SLOW_REQUESTS))
+@pytest.mark.gen_test(timeout=60)
+async def test_a_connection_that_does_not_finish_its_handshake_in_time_is_closed(
+        server_factory, fast_handshake, sent):
+    server = await server_factory(server__handshake_timeout=1,
+                                  server__fast_handshake=fast_handshake)
+    port = server.settings.port
+    started = time.monotonic()
+    slow = await open_socket(port, SLOW_REQUESTS[sent])
+    polite = await RawClient.connect(port)  # done at once: kept
+    await until_closed(slow, timeout=10)
+    assert time.monotonic() - started >= 0.9  # the timeout, not something else
+    slow.close()
+    assert server.counters.refused["handshake_timeout"] == 1
+    assert server.app.context.admission.handshaking == 0
+    polite.send(LIST)
+    assert ujson.loads((await polite.recv())[1]) == {"result": [], "id": 1}
+    polite.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_trickling_request_is_closed_at_its_deadline(server_factory):
+    """One byte every 0.2 s: each read is quick, the whole request is not."""
+    server = await server_factory(server__handshake_timeout=1)
+    loop = asyncio.get_running_loop()
+    request = handshake_request(server.settings.port)
+    sock = await open_socket(server.settings.port, request[:1])
+    started = loop.time()
+    closed = loop.create_task(until_closed(sock, timeout=10))
+    for byte in request[1:40]:
+        await asyncio.sleep(0.2)
+        if closed.done():
+            break
+        try:
+            await loop.sock_sendall(sock, bytes([byte]))
+        except OSError:
+            break
+    await closed
+    assert 0.9 <= loop.time() - started < 8
+    sock.close()
+
+
+def test_slow_handshakes_do_not_hold_descriptors(redis_url):
+    """300 sockets sending a byte every 0.5 s (the attack measured 2,000,
+    all still open after 96 s): the server process closes them all at the
+    handshake timeout, and a real client is served meanwhile."""
+    server = ServerProcess("--redis-url", redis_url, "--set", "server.handshake_timeout=2")
+    sockets = []
+    try:
+        server.wait_healthy()
+        process = psutil.Process(server.proc.pid)
+        baseline = process.num_fds()
+        request = handshake_request(server.port)
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.setblocking(False)
+            sockets.append(sock)
+        wait_until(lambda: process.num_fds() >= baseline + 250, timeout=20,
+                   message="the slow connections accepted")
+        for index in range(1, 60):
+            for sock in sockets:
+                try:
+                    sock.send(request[index:index + 1])
+                except OSError:
+                    pass
+            if process.num_fds() <= baseline + 5:
+                break
+            time.sleep(0.5)
+        assert process.num_fds() <= baseline + 5, (baseline, process.num_fds())
+        assert "did not complete a request and handshake within 2 s" in server.output
+
+        async def real_client():
+            client = await RawClient.connect(server.port)
+            client.send(LIST)
+            assert ujson.loads((await client.recv())[1]) == {"result": [], "id": 1}
+            client.close()
+        asyncio.run(real_client())
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.stop()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_handshaking_connections_count_toward_the_connection_limits(server_factory):
+    server = await server_factory(server__max_connections=3, server__max_connections_per_ip=2,
+                                  server__handshake_timeout=60)
+    port = server.settings.port
+    admission = server.app.context.admission
+    # Two silent connections from 127.0.0.1: its share, though neither is open.
+    silent = [await open_socket(port) for _ in range(2)]
+    await async_wait_until(lambda: admission.handshaking == 2, message="two handshaking")
+    status, _ = await answer(port)
+    assert status.startswith("HTTP/1.1 429"), status
+    # Another address may connect: the third connection of the process ...
+    status, third = await answer(port, source="127.0.0.2")
+    assert status.startswith("HTTP/1.1 101"), status
+    # ... and the process is full: three connections, one open.
+    status, _ = await answer(port, source="127.0.0.3")
+    assert status.startswith("HTTP/1.1 503"), status
+    assert server.counters.refused["max_connections_per_ip"] == 1
+    assert server.counters.refused["max_connections"] == 1
+    for sock in silent:
+        sock.close()
+    await async_wait_until(lambda: admission.handshaking == 0, message="silent ones gone")
+    status, fourth = await answer(port)
+    assert status.startswith("HTTP/1.1 101"), status
+    third.close(), fourth.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_one_address_cannot_hold_more_handshakes_than_its_share(server_factory):
+    """Past max_connections_per_ip handshakes in flight, an address's new
+    connections are answered 429 at once, before anything is read: its
+    descriptors stay bounded however many it opens."""
+    server = await server_factory(server__max_connections_per_ip=5,
+                                  server__handshake_timeout=60)
+    port = server.settings.port
+    silent = [await open_socket(port) for _ in range(5)]
+    await async_wait_until(lambda: server.app.context.admission.handshaking == 5,
+                           message="five handshaking")
+    more = [await open_socket(port) for _ in range(20)]
+    for sock in more:
+        assert (await until_closed(sock, timeout=10)).startswith(b"HTTP/1.1 429")
+        sock.close()
+    assert server.app.context.admission.handshaking == 5
+    for sock in silent:
+        sock.close()
+
+
+# --- 2. request bodies ------------------------------------------------------------
+
+@pytest.mark.parametrize("head", [
+    b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 67108864\r\n\r\n",
+    b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 4097\r\n\r\n",
+], ids=["64 MB", "chunked", "just over"])
+@pytest.mark.gen_test(timeout=30)
+async def test_a_request_body_is_refused_before_it_is_read(server, head):
+    sock = await open_socket(server.settings.port, head)
+    answered = await until_closed(sock, timeout=10)
+    assert answered.startswith(b"HTTP/1.1 413"), answered
+    assert server.counters.refused["body_too_large"] == 1
+    sock.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_small_body_still_gets_the_endpoints_own_answer(server):
+    sock = await open_socket(server.settings.port,
+                             b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+                             b"Connection: close\r\n\r\n0123456789")
+    answered = await until_closed(sock, timeout=10)
+    assert answered.startswith(b"HTTP/1.1 405"), answered  # /health takes GET
+    sock.close()
+
+
+def test_request_bodies_do_not_grow_the_server(redis_url):
+    """Three clients POST 64 MB to /health at once (the attack measured
+    47 -> 244 MB in 1.2 s): each is answered 413 at once and the server
+    reads none of it."""
+    server = ServerProcess("--redis-url", redis_url)
+    try:
+        server.wait_healthy()
+        process = psutil.Process(server.proc.pid)
+        before = process.memory_info().rss
+        peak = [before]
+        answers = []
+
+        def post():
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.settimeout(10)
+            sock.sendall(b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                         % (64 << 20))
+            block = b"x" * (1 << 20)
+            try:
+                for _ in range(63):
+                    sock.sendall(block)
+                    peak[0] = max(peak[0], process.memory_info().rss)
+            except OSError:
+                pass  # the server closed it
+            try:
+                answers.append(sock.recv(100))
+            except OSError as exc:
+                answers.append(repr(exc).encode())
+            sock.close()
+
+        threads = [threading.Thread(target=post) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        peak[0] = max(peak[0], process.memory_info().rss)
+        assert peak[0] - before < 20 << 20, "RSS grew by %d MB" % ((peak[0] - before) >> 20)
+        assert server.output.count("a request body over 4096 bytes") >= 1
+        assert any(answer.startswith(b"HTTP/1.1 413") for answer in answers), answers
+    finally:
+        server.stop()
+
+
+# --- 4. log floods ---------------------------------------------------------------
+
+@pytest.mark.gen_test(timeout=60)
+async def test_bad_close_frames_are_logged_once_a_second_without_tracebacks(server, caplog):
+    """A close frame whose reason is not UTF-8 logged an ERROR with a
+    traceback (~1.2 KB) per connection: 300 gave 355 KB of log."""
+    caplog.set_level(logging.INFO)
+    clients = [await RawClient.connect(server.settings.port) for _ in range(60)]
+    await async_wait_until(lambda: len(server.manager.connections) == 60, message="all open")
+    for client in clients:
+        client.send(struct.pack("!H", 1000) + b"\xff\xfe bad", opcode=0x8)
+    for client in clients:
+        while (await client.recv())[0] is not None:
+            pass
+        client.close()
+    await async_wait_until(lambda: not server.manager.connections, message="all closed")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    lines = [r.getMessage() for r in caplog.records if "invalid UTF-8" in r.getMessage()]
+    assert 1 <= len(lines) <= 3, lines
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_refusals_and_rate_limits_are_logged_once_a_second(server_factory, caplog):
+    caplog.set_level(logging.INFO, "marketstream")
+    server = await server_factory(server__allowed_origins="https://exchange.example")
+    port = server.settings.port
+    for _ in range(40):
+        status, _ = await answer(port, headers={"Origin": "https://evil.example"})
+        assert status.startswith("HTTP/1.1 403")
+    clients = [await RawClient.connect(port) for _ in range(20)]
+    for client in clients:
+        for _ in range(60):
+            client.send(LIST)
+    for client in clients:
+        assert (await client.recv_close())[0] == 1008
+        client.close()
+    assert server.counters.refused["origin"] == 40
+    assert server.counters.closed["rate_limit"] == 20
+    messages = [r.getMessage() for r in caplog.records]
+    origin = [m for m in messages if "not allowed" in m]
+    limited = [m for m in messages if "rate limit exceeded" in m]
+    assert 1 <= len(origin) <= 3 and 1 <= len(limited) <= 3, (origin, limited)
+
+
+def test_tornados_own_lines_about_bad_requests_are_limited_too(redis_url):
+    """Tornado logs every malformed request at INFO; 200 of them give a
+    line or two (with the count of those held back)."""
+    server = ServerProcess("--redis-url", redis_url)
+    try:
+        server.wait_healthy()
+        for _ in range(200):
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+                sock.settimeout(10)
+                assert sock.recv(100).startswith(b"HTTP/1.1 400")
+        lines = [line for line in server.lines if "Malformed HTTP message" in line]
+        assert 1 <= len(lines) <= 5, lines
+    finally:
+        server.stop()
+
+
+# --- 5. proxy headers --------------------------------------------------------------
+
+@pytest.mark.parametrize("fast_handshake", ["true", "false"])
+@pytest.mark.gen_test(timeout=60)
+async def test_proxy_headers_count_only_from_trusted_proxies(server_factory, fast_handshake):
+    """20 direct connections with different X-Real-IP all got 101 while
+    max_connections_per_ip was 5: from a peer not in trusted_proxies the
+    headers are ignored, and the peer's address is the identity and the
+    key of the per-IP limit."""
+    server = await server_factory(server__xheaders="true", server__max_connections_per_ip=5,
+                                  server__fast_handshake=fast_handshake)
+    port = server.settings.port
+    answers, sockets = [], []
+    for index in range(8):
+        status, sock = await answer(port, source="127.0.0.2", headers={
+            "X-Real-IP": "203.0.113.%d" % index, "X-Forwarded-For": "203.0.113.%d" % index,
+            "X-Real-Port": "4444"})
+        answers.append(status.split()[1])
+        sockets.append(sock)
+    assert answers == ["101"] * 5 + ["429"] * 3, answers
+    await async_wait_until(lambda: len(server.manager.connections) == 5)
+    identities = {conn.identity for conn in server.manager.connections}
+    assert identities == {"127.0.0.2:%d" % sock.getsockname()[1] for sock in sockets[:5]}
+    # The trusted proxy (127.0.0.1 by default) still speaks for its clients.
+    status, proxied = await answer(port, headers={"X-Real-IP": "203.0.113.9",
+                                                  "X-Real-Port": "4444"})
+    assert status.startswith("HTTP/1.1 101")
+    await async_wait_until(lambda: "203.0.113.9:4444" in {
+        conn.identity for conn in server.manager.connections})
+    for sock in sockets + [proxied]:
+        sock.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_trusted_proxies_take_networks(server_factory):
+    server = await server_factory(server__xheaders="true",
+                                  server__trusted_proxies="::1, 127.0.0.0/30")
+    status, sock = await answer(server.settings.port, source="127.0.0.2",
+                                headers={"X-Real-IP": "198.51.100.4"})
+    assert status.startswith("HTTP/1.1 101")
+    await async_wait_until(lambda: [conn.identity for conn in server.manager.connections] == [
+        "198.51.100.4:%d" % sock.getsockname()[1]])
+    sock.close()
+
+

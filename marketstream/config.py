@@ -219,6 +219,8 @@ class LimitsSettings:
     max_frame_bytes: int = setting("65536", _int(16))
     messages_per_second: float = setting("10", _float(0.01))
     messages_burst: int = setting("50", _int(1))
+    frames_per_second: float = setting("100", _float(0.01))
+    frames_burst: int = setting("200", _int(1))
     max_buffer_bytes: int = setting("1048576", _int(1024))
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 __all__ = ["Counters", "CLOSE_CAUSES", "REFUSAL_CAUSES", "IGNORED_CAUSES"]
 
 #: Why the server closed a client.
-CLOSE_CAUSES = ("rate_limit", "slow_consumer", "ping_timeout")
+CLOSE_CAUSES = ("rate_limit", "slow_consumer", "ping_timeout",
+                "frame_rate_limit")
 #: Why a handshake was refused.
 REFUSAL_CAUSES = ("origin", "max_connections", "max_connections_per_ip",
                   "handshake_timeout", "body_too_large")

@@ -14,6 +14,8 @@ Close codes and refusals (also in the README):
   ``[server] handshake_timeout`` (see :mod:`marketstream.upgrade`).
 * 1001 "server shutting down"; 1001 "ping timeout" (no pong in time).
 * 1008 "rate limit exceeded": over ``[limits] messages_per_second``.
+* 1008 "frame rate exceeded": over ``[limits] frames_per_second`` (frames of
+  any kind, control frames and fragments included).
 * 1008 "slow consumer": more than ``[limits] max_buffer_bytes`` queued.
 * 1009 "message too big": a frame over ``[limits] max_frame_bytes``.
 """
@@ -96,21 +98,72 @@ def _send(sock: socket.socket, data: bytes | memoryview) -> int:
 
 
 class _Protocol(tornado.websocket.WebSocketProtocol13):
-    """Tornado's protocol with its frame-reading loop in a task of its own.
+    """Tornado's protocol with its frame-reading loop in a task of its own,
+    and a budget for the frames a client sends.
 
     Tornado awaits the loop at the bottom of the handshake's coroutine chain
     (``_execute`` -> ``get`` -> ``accept_connection`` -> ``_accept_connection``),
     so those four frames and their locals (the parsed request headers among
     them) live as long as the connection: ~1.7 KB each.  Running the loop
     apart lets the handshake finish and be collected.
+
+    Every frame a client sends, control frames and fragments included, takes
+    a token from a bucket (``[limits] frames_per_second``, ``frames_burst``):
+    past it the client is closed with 1008 "frame rate exceeded" (a flood of
+    pings or empty fragments never reaches the message limit).  Once the
+    close frame is sent, nothing but the client's close frame is handled;
+    a client still over its budget then is not read any more (its frames
+    wait in the kernel, which stops it sending) until Tornado drops the
+    connection for want of the client's close frame.  Dropping it at once
+    would reset the connection, and a reset can overtake the close frame.
     """
 
+    # The budget's state in slots: the instance dict is at the size where
+    # CPython still shares its keys between instances (29 attributes; one
+    # more gives every connection a dict of its own, ~1.5 KB).
+    __slots__ = ("frame_tokens", "frame_time")
+
     handler: Any  # the StreamHandler
+
+    def __init__(self, handler: Any, mask_outgoing: bool, params: Any) -> None:
+        super().__init__(handler, mask_outgoing, params)
+        self.frame_tokens = float(handler.context.limits.frames_burst)
+        self.frame_time = time.monotonic()
 
     async def _receive_frame_loop(self) -> None:
         self.start_frame_loop()
 
+    async def _receive_frame(self) -> None:
+        """Read one frame, once the budget allows it."""
+        limits = self.handler.context.limits
+        now = time.monotonic()
+        allowed, self.frame_tokens = protocol.take_token(
+            self.frame_tokens, self.frame_time, now, limits.frames_per_second,
+            limits.frames_burst)
+        self.frame_time = now
+        if not allowed:
+            if self.server_terminated:
+                await self._until_closed()  # still flooding after our close frame
+                return
+            self.handler.frames_exceeded()
+        await getattr(super(), compat.RECEIVE_FRAME)()
+
+    async def _until_closed(self) -> None:
+        """Wait, reading nothing, until the stream is closed."""
+        stream = self.stream
+        if stream.closed():
+            return
+        closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def signal() -> None:
+            if not closed.done():
+                closed.set_result(None)
+        stream.set_close_callback(signal)
+        await closed
+
     def _handle_message(self, opcode: int, data: bytes) -> Any:
+        if self.server_terminated and opcode != 0x8:
+            return None  # our close frame is out: only the client's close counts
         if opcode == 0x8 and len(data) > 2:
             try:
                 data[2:].decode("utf-8")
@@ -339,6 +392,16 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                 self._reply(protocol.encode_error(request.id, request.code, request.reason))
             return None
         self._handle(request, reply=ctx.acks)
+
+    def frames_exceeded(self) -> None:
+        """The client sent more frames than ``[limits] frames_per_second``
+        allows (its protocol keeps the count): close with 1008."""
+        ctx = self.context
+        ctx.counters.closed["frame_rate_limit"] += 1
+        ctx.log_limiter.log(logging.WARNING, "frame_rate_limit",
+                            "closing %s: frame rate exceeded", self.identity)
+        ctx.manager.remove(self)  # nothing more for it
+        self.close_for(CLOSE_POLICY, "frame rate exceeded", reset=True)
 
     def on_pong(self, data: bytes) -> None:
         self.ping_sent = 0.0

@@ -23,7 +23,7 @@ Metrics (all prefixed ``marketstream_``):
 ``batch_size``                         histogram: messages per delivery batch
 ``dropped_total{cause}``               malformed_payload, invalid_frame,
                                        rejected_stream, slow_consumer, rate_limit,
-                                       ping_timeout
+                                       ping_timeout, frame_rate_limit
 ``redis_reconnects_total``             reconnections of the pub/sub connection
 ``refused_handshakes_total{cause}``    origin, max_connections, max_connections_per_ip,
                                        handshake_timeout, body_too_large
@@ -142,6 +142,7 @@ class Exporter:
             "slow_consumer": counters.closed["slow_consumer"],
             "rate_limit": counters.closed["rate_limit"],
             "ping_timeout": counters.closed["ping_timeout"],
+            "frame_rate_limit": counters.closed["frame_rate_limit"],
             "bad_since": counters.ignored["bad_since"],
             "bad_snapshot": counters.ignored["bad_snapshot"],
         }

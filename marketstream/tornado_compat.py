@@ -3,11 +3,12 @@
 The handshake shortcut (:mod:`marketstream.upgrade`), the direct frame
 writes of :class:`~marketstream.handlers.StreamHandler` and
 :class:`LeanIOStream` (no write buffer while nothing waits to be written)
-go below Tornado's public API for speed and memory; the proxy headers of
-trusted proxies, the peer address and the check of a client's close frame
-go below it for what the public API does not offer.  The names they need
-are listed here and checked once, at import (``MISSING`` would list what is
-missing, e.g. ``["tornado.websocket._WebSocketParams"]``):
+go below Tornado's public API for speed and memory; the frame budget (each
+client frame counted as it is read), the close frames checked and the
+proxy headers of trusted proxies go below it for what it does not offer.
+The names they need are listed here and checked once, at import
+(``MISSING`` would list what is missing, e.g.
+``["tornado.websocket._WebSocketParams"]``):
 
 >>> from marketstream import tornado_compat as compat
 >>> compat.OK          # every name exists in the installed Tornado
@@ -18,9 +19,10 @@ True
 When something is missing (a Tornado release renamed it), one warning is
 logged and the server uses Tornado's public paths only: ``fast_handshake``
 is turned off, frames go through ``IOStream.write``, streams are Tornado's
-own, and the handshake state is left as Tornado keeps it; proxy headers
-are ignored (the peer address is the client's).  Nothing fails in
-the middle of a handshake.
+own, and the handshake state is left as Tornado keeps it; only complete
+messages count against a client's budget and proxy headers are ignored
+(the peer address is the client's).  Nothing fails in the middle of a
+handshake.
 
 To vet a new Tornado release: install it, run the test suite, and check
 ``python -c "import marketstream.tornado_compat as c; print(c.MISSING)"``
@@ -48,14 +50,17 @@ import tornado.websocket
 
 __all__ = ["OK", "MISSING", "handle_connection", "LeanIOStream", "websocket_params",
            "request_context", "apply_xheaders", "queued_bytes", "finish_http",
-           "prepare_switch", "release_response", "RECEIVE_FRAME_LOOP", "HANDLE_MESSAGE",
-           "peer_address"]
+           "prepare_switch", "release_response", "RECEIVE_FRAME_LOOP", "RECEIVE_FRAME",
+           "HANDLE_MESSAGE", "peer_address"]
 
 log = logging.getLogger("marketstream.server")
 
 #: The protocol method that reads frames until the connection ends; the
 #: handler runs it as a task of its own.
 RECEIVE_FRAME_LOOP = "_receive_frame_loop"
+#: The protocol method the loop awaits for each frame (the handler's
+#: protocol counts the frame against the client's budget first).
+RECEIVE_FRAME = "_receive_frame"
 #: The protocol method that acts on a whole message or control frame.
 HANDLE_MESSAGE = "_handle_message"
 
@@ -110,8 +115,8 @@ def _check() -> list[str]:
                               "compression_options"} <= set(
                                   inspect.signature(params).parameters):
         missing.append("tornado.websocket._WebSocketParams")
-    for name in (RECEIVE_FRAME_LOOP, HANDLE_MESSAGE, "_abort", "compute_accept_value",
-                 "start_pinging"):
+    for name in (RECEIVE_FRAME_LOOP, RECEIVE_FRAME, HANDLE_MESSAGE, "_abort",
+                 "compute_accept_value", "start_pinging"):
         if not callable(getattr(ws.WebSocketProtocol13, name, None)):
             missing.append("tornado.websocket.WebSocketProtocol13.%s" % name)
     if not _writes_through(ws.WebSocketProtocol13, "write_message", "write_ping", "close",

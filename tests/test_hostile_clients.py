@@ -4,11 +4,13 @@ server does about it.
 Each attack runs against a real server (in the test's event loop, or a
 server process where its memory and descriptors are measured), over real
 sockets on 127.0.0.1, bounded in count and time: handshakes that never end,
-request bodies, log floods and forged proxy headers.
+request bodies, floods of frames of every kind, log floods and forged proxy
+headers.
 """
 
 import asyncio
 import logging
+import os
 import socket
 import struct
 import threading
@@ -19,8 +21,13 @@ import pytest
 import ujson
 
 from tests.helpers import (RawClient, ServerProcess, async_wait_until, handshake_request,
-                           wait_until)
+                           masked_frame, raw_socket, wait_until)
 
+FRAMES = {  # one client frame of each kind a flood is made of
+    "ping": masked_frame(b"", opcode=0x9),
+    "pong": masked_frame(b"", opcode=0xA),
+    "continuation": bytes([0x00, 0x80]) + os.urandom(4),  # an empty, non-final fragment
+}
 LIST = ujson.dumps({"method": "LIST_SUBSCRIPTIONS", "id": 1})
 
 
@@ -282,6 +289,139 @@ def test_request_bodies_do_not_grow_the_server(redis_url):
         server.stop()
 
 
+# --- 3. floods of frames -------------------------------------------------------------
+
+class Flood:
+    """Writes a frame over and over on a bare socket until stopped or the
+    server hangs up; ``sent`` counts the bytes the kernel took."""
+
+    def __init__(self, sock, frame):
+        self.sock = sock
+        self.block = frame * 512
+        self.sent = 0
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self):
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await loop.sock_sendall(self.sock, self.block)
+                self.sent += len(self.block)
+        except OSError:
+            pass
+
+    async def stalled(self, seconds=1.0):
+        """Whether the kernel took nothing more for ``seconds`` (nobody
+        reads the other end): tried three times, a second apart."""
+        for _ in range(3):
+            before = self.sent
+            await asyncio.sleep(seconds)
+            if self.sent == before:
+                return True
+        return False
+
+    async def stop(self):
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def close_frame(sock, data, timeout):
+    """(close code, reason) of the server's close frame, reading a bare
+    socket past any other frame (pongs, replies)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        while len(data) >= 2:
+            head, length = data[0], data[1] & 0x7F  # server frames here are short
+            if len(data) < 2 + length:
+                break
+            payload, data = data[2:2 + length], data[2 + length:]
+            if head & 0x0F == 0x8:
+                return struct.unpack("!H", payload[:2])[0], payload[2:].decode()
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), deadline - loop.time())
+        assert chunk, "closed without a close frame"
+        data += chunk
+
+
+@pytest.mark.parametrize("kind", sorted(FRAMES))
+@pytest.mark.gen_test(timeout=60)
+async def test_a_flood_of_control_frames_or_fragments_is_closed(server, kind):
+    """632,000 pings in 8.6 s held a core: none of them is a message, so the
+    message limit never saw them.  Every frame counts against the
+    connection's frame budget; past it the client gets 1008 at once, and
+    since it keeps flooding after that close frame, it is dropped."""
+    sock, data = await raw_socket(server.settings.port)
+    if kind == "continuation":
+        await asyncio.get_running_loop().sock_sendall(sock, bytes([0x01, 0x80]) + os.urandom(4))
+    started = time.monotonic()
+    flood = Flood(sock, FRAMES[kind])
+    assert await close_frame(sock, data, timeout=10) == (1008, "frame rate exceeded")
+    assert time.monotonic() - started < 2
+    assert server.counters.closed["frame_rate_limit"] == 1
+    # It floods on past the close frame: nothing reads it any more.
+    assert await flood.stalled(), "the server still reads the flood"
+    assert not server.manager.connections  # it gets no more data meanwhile
+    await flood.stop()
+    await until_closed(sock, timeout=15)  # Tornado gives up on its close frame (5 s)
+    sock.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_burst_within_the_frame_budget_is_served(server):
+    client = await RawClient.connect(server.settings.port)
+    client.writer.write(FRAMES["ping"] * 150 + FRAMES["pong"] * 20)  # frames_burst: 200
+    opcode, _ = await client.recv()
+    assert opcode == 0xA  # pongs (Tornado answers the latest ping once its last pong is out)
+    client.send(LIST)
+    while opcode != 0x1:
+        opcode, payload = await client.recv()
+    assert ujson.loads(payload) == {"result": [], "id": 1}
+    assert server.counters.closed["frame_rate_limit"] == 0
+    client.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_message_flood_is_closed_within_a_second(server, caplog):
+    """A flood of messages met the message limit at once, but the server
+    then read and refused every further message, logging each, until it
+    gave up waiting for the client's close frame 5 s later."""
+    caplog.set_level(logging.INFO, "marketstream")
+    sock, data = await raw_socket(server.settings.port)
+    started = time.monotonic()
+    flood = Flood(sock, masked_frame("x"))
+    assert await close_frame(sock, data, timeout=10) == (1008, "rate limit exceeded")
+    assert time.monotonic() - started < 1
+    assert await flood.stalled(), "the server still reads the flood"
+    await flood.stop()
+    sock.close()
+    assert server.counters.closed["rate_limit"] == 1
+    lines = [r for r in caplog.records if "rate limit" in r.getMessage()]
+    assert len(lines) == 1, len(lines)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_nothing_but_a_close_frame_is_handled_after_the_servers_close_frame(server):
+    client = await RawClient.connect(server.settings.port)
+    for _ in range(60):  # over messages_burst (50)
+        client.send(LIST)
+    code, reason = await client.recv_close()
+    assert (code, reason) == (1008, "rate limit exceeded")
+    await asyncio.sleep(0.5)  # the message bucket refills meanwhile (10/s)
+    invalid = server.counters.invalid_frames
+    client.send("not json")
+    client.send(b"", opcode=0x9)
+    client.send(struct.pack("!H", 1000), opcode=0x8)  # the client's close: the end
+    frames = []
+    while True:
+        opcode, payload = await client.recv()
+        if opcode is None:
+            break
+        frames.append(opcode)
+    client.close()
+    assert frames == [], frames  # no pong, no reply
+    assert server.counters.invalid_frames == invalid
+
+
 # --- 4. log floods ---------------------------------------------------------------
 
 @pytest.mark.gen_test(timeout=60)
@@ -388,3 +528,15 @@ async def test_trusted_proxies_take_networks(server_factory):
     sock.close()
 
 
+# --- memory per connection ---------------------------------------------------------
+
+@pytest.mark.gen_test
+async def test_the_frame_budget_keeps_the_protocols_compact_attribute_storage(server):
+    """The budget lives in slots: the protocol object's attributes stay
+    within CPython's shared-key storage (29, as the handler's)."""
+    client = await RawClient.connect(server.settings.port)
+    await async_wait_until(lambda: server.manager.connections, message="registered")
+    protocol = next(iter(server.manager.connections)).ws_connection
+    assert len(vars(protocol)) <= 29, sorted(vars(protocol))
+    assert protocol.frame_tokens <= server.settings.limits.frames_burst
+    client.close()

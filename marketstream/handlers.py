@@ -637,8 +637,20 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         return "<StreamHandler %s>" % self.identity
 
 
+#: Headers that say a request was forwarded by a proxy for someone else.
+_FORWARDED = ("X-Real-IP", "X-Forwarded-For", "Forwarded")
+
+
 class HealthHandler(tornado.web.RequestHandler):
-    """``GET /health``: 200 while the Redis pub/sub connection is live, else 503."""
+    """``GET /health``: 200 while the Redis pub/sub connection is live, else 503.
+
+    Everyone gets the status and the counts (connections, streams, upstream
+    channels); the details (Redis nodes and their addresses, the pid, the
+    counters) go only to a direct request from an address in ``[server]
+    trusted_proxies`` (a tool on the host itself, by default), never to a
+    request a proxy forwarded (it carries ``X-Real-IP`` or
+    ``X-Forwarded-For``) or to anyone else.
+    """
 
     def initialize(self, context: Context) -> None:
         self.context = context
@@ -646,12 +658,27 @@ class HealthHandler(tornado.web.RequestHandler):
     def get(self) -> None:
         manager = self.context.manager
         healthy = manager.healthy
-        body = {"status": "ok" if healthy else "unavailable", "pid": os.getpid()}
-        body.update(manager.health())
+        body: dict[str, Any] = {"status": "ok" if healthy else "unavailable"}
+        details = manager.health()
+        if self._for_insiders():
+            body["pid"] = os.getpid()
+            body.update(details)
+        else:
+            body.update((key, details[key]) for key in ("connections", "streams",
+                                                        "upstream_channels"))
         self.set_status(200 if healthy else 503)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.finish(ujson.dumps(body))
+
+    def _for_insiders(self) -> bool:
+        """Whether the request came straight from a trusted address."""
+        address = compat.peer_address(self.request.connection)
+        if not (isinstance(address, tuple) and address and isinstance(address[0], str)):
+            return False
+        headers = self.request.headers
+        return (self.context.admission.trusted(address[0])
+                and not any(name in headers for name in _FORWARDED))
 
 
 class MetricsHandler(tornado.web.RequestHandler):

@@ -4,10 +4,10 @@ The handshake shortcut (:mod:`marketstream.upgrade`), the direct frame
 writes of :class:`~marketstream.handlers.StreamHandler` and
 :class:`LeanIOStream` (no write buffer while nothing waits to be written)
 go below Tornado's public API for speed and memory; the frame budget (each
-client frame counted as it is read), the close frames checked and the
-proxy headers of trusted proxies go below it for what it does not offer.
-The names they need are listed here and checked once, at import
-(``MISSING`` would list what is missing, e.g.
+client frame counted as it is read), the close frames checked, the proxy
+headers of trusted proxies and the peer address ``/health`` looks at go
+below it for what it does not offer.  The names they need are listed here
+and checked once, at import (``MISSING`` would list what is missing, e.g.
 ``["tornado.websocket._WebSocketParams"]``):
 
 >>> from marketstream import tornado_compat as compat
@@ -20,9 +20,9 @@ When something is missing (a Tornado release renamed it), one warning is
 logged and the server uses Tornado's public paths only: ``fast_handshake``
 is turned off, frames go through ``IOStream.write``, streams are Tornado's
 own, and the handshake state is left as Tornado keeps it; only complete
-messages count against a client's budget and proxy headers are ignored
-(the peer address is the client's).  Nothing fails in the middle of a
-handshake.
+messages count against a client's budget, proxy headers are ignored (the
+peer address is the client's) and ``/health`` shows no details.  Nothing
+fails in the middle of a handshake.
 
 To vet a new Tornado release: install it, run the test suite, and check
 ``python -c "import marketstream.tornado_compat as c; print(c.MISSING)"``

@@ -4,8 +4,8 @@ server does about it.
 Each attack runs against a real server (in the test's event loop, or a
 server process where its memory and descriptors are measured), over real
 sockets on 127.0.0.1, bounded in count and time: handshakes that never end,
-request bodies, floods of frames of every kind, log floods and forged proxy
-headers.
+request bodies, floods of frames of every kind, log floods, forged proxy
+headers, and what ``/health`` tells whom.
 """
 
 import asyncio
@@ -526,6 +526,31 @@ async def test_trusted_proxies_take_networks(server_factory):
     await async_wait_until(lambda: [conn.identity for conn in server.manager.connections] == [
         "198.51.100.4:%d" % sock.getsockname()[1]])
     sock.close()
+
+
+# --- 11. what /health tells whom ---------------------------------------------------
+
+async def health(port, headers=None, source=None):
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    for item in (headers or {}).items():
+        request += b"%s: %s\r\n" % tuple(part.encode() for part in item)
+    sock = await open_socket(port, request + b"\r\n", source)
+    response = await until_closed(sock, timeout=10)
+    sock.close()
+    return ujson.loads(response.partition(b"\r\n\r\n")[2])
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_health_details_only_for_a_local_tool(server):
+    port = server.settings.port
+    mine = await health(port)  # straight from 127.0.0.1: the host's own tools
+    assert mine["status"] == "ok" and mine["pid"] == os.getpid()
+    assert mine["redis"]["node"] and "stats" in mine
+    public = {"status": "ok", "connections": 0, "streams": 0, "upstream_channels": 0}
+    assert await health(port, source="127.0.0.2") == public
+    # Forwarded by a proxy on this host for someone else: public too.
+    assert await health(port, headers={"X-Real-IP": "203.0.113.7"}) == public
+    assert await health(port, headers={"X-Forwarded-For": "203.0.113.7"}) == public
 
 
 # --- memory per connection ---------------------------------------------------------

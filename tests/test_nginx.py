@@ -215,6 +215,21 @@ def test_two_instances_behind_nginx(redis_url, nginx_factory):
         publisher.close()
 
 
+# --- /health through the shipped site -----------------------------------------
+
+def test_health_through_nginx_tells_no_details(instance, nginx_factory):
+    """Public /health (nginx proxies it to anyone): status and counts; the
+    Redis node, the pid and the counters only to a tool on the host that
+    asks the instance directly."""
+    port = nginx_factory([instance.port])
+    status, body = _get("http://127.0.0.1:%d/health" % port)
+    assert status == 200
+    assert set(ujson.loads(body)) == {"status", "connections", "streams", "upstream_channels"}
+    status, body = _get("http://127.0.0.1:%d/health" % instance.port)
+    details = ujson.loads(body)
+    assert details["pid"] == instance.proc.pid and details["redis"]["node"]
+
+
 # --- the shipped file next to Debian's default site, TLS, the smoke test ----
 
 DEBIAN_DEFAULT = """

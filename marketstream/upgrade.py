@@ -31,8 +31,11 @@ It also bounds what a connection may do before it is a WebSocket, on every
 path (the shortcut, Tornado's, ``fast_handshake`` off):
 
 * Every connection counts toward the connection limits from the moment it
-  is taken up (:meth:`~marketstream.admission.Admission.admit`); past a
-  limit it is answered 503 or 429 at once, before its request is read.
+  is taken up (:meth:`~marketstream.admission.Admission.admit`), so a
+  WebSocket handshake past a limit is refused (503, 429) though the others
+  have not finished theirs; an address with ``max_connections_per_ip``
+  handshakes in flight, or a process full beyond its reserve for plain
+  HTTP, is answered at once, before the request is read.
 * One that has not sent its whole request (head and body) and finished the
   WebSocket handshake within ``handshake_timeout`` seconds is closed.
 * A request that announces a body over :data:`MAX_BODY_BYTES`, or one of

@@ -181,7 +181,9 @@ async def test_handshaking_connections_count_toward_the_connection_limits(server
     admission = server.app.context.admission
     # Two silent connections from 127.0.0.1: its share, though neither is open.
     silent = [await open_socket(port) for _ in range(2)]
-    await async_wait_until(lambda: admission.handshaking == 2, message="two handshaking")
+    # (Silent connections wait in the kernel for a second first: TCP_DEFER_ACCEPT.)
+    await async_wait_until(lambda: admission.handshaking == 2, timeout=15,
+                           message="two handshaking")
     status, _ = await answer(port)
     assert status.startswith("HTTP/1.1 429"), status
     # Another address may connect: the third connection of the process ...
@@ -194,7 +196,8 @@ async def test_handshaking_connections_count_toward_the_connection_limits(server
     assert server.counters.refused["max_connections"] == 1
     for sock in silent:
         sock.close()
-    await async_wait_until(lambda: admission.handshaking == 0, message="silent ones gone")
+    await async_wait_until(lambda: admission.handshaking == 0, timeout=15,
+                           message="silent ones gone")
     status, fourth = await answer(port)
     assert status.startswith("HTTP/1.1 101"), status
     third.close(), fourth.close()
@@ -209,7 +212,7 @@ async def test_one_address_cannot_hold_more_handshakes_than_its_share(server_fac
                                   server__handshake_timeout=60)
     port = server.settings.port
     silent = [await open_socket(port) for _ in range(5)]
-    await async_wait_until(lambda: server.app.context.admission.handshaking == 5,
+    await async_wait_until(lambda: server.app.context.admission.handshaking == 5, timeout=15,
                            message="five handshaking")
     more = [await open_socket(port) for _ in range(20)]
     for sock in more:
@@ -424,11 +427,18 @@ async def test_nothing_but_a_close_frame_is_handled_after_the_servers_close_fram
 
 # --- 4. log floods ---------------------------------------------------------------
 
+def a_line_a_second(lines, started):
+    """Whether ``lines`` (a cause's log lines since ``started``, a
+    time.monotonic()) are at least one and at most one a second."""
+    return 1 <= len(lines) <= int(time.monotonic() - started) + 2
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_bad_close_frames_are_logged_once_a_second_without_tracebacks(server, caplog):
     """A close frame whose reason is not UTF-8 logged an ERROR with a
     traceback (~1.2 KB) per connection: 300 gave 355 KB of log."""
     caplog.set_level(logging.INFO)
+    started = time.monotonic()
     clients = [await RawClient.connect(server.settings.port) for _ in range(60)]
     await async_wait_until(lambda: len(server.manager.connections) == 60, message="all open")
     for client in clients:
@@ -440,7 +450,7 @@ async def test_bad_close_frames_are_logged_once_a_second_without_tracebacks(serv
     await async_wait_until(lambda: not server.manager.connections, message="all closed")
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     lines = [r.getMessage() for r in caplog.records if "invalid UTF-8" in r.getMessage()]
-    assert 1 <= len(lines) <= 3, lines
+    assert a_line_a_second(lines, started), lines
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -448,6 +458,7 @@ async def test_refusals_and_rate_limits_are_logged_once_a_second(server_factory,
     caplog.set_level(logging.INFO, "marketstream")
     server = await server_factory(server__allowed_origins="https://exchange.example")
     port = server.settings.port
+    started = time.monotonic()
     for _ in range(40):
         status, _ = await answer(port, headers={"Origin": "https://evil.example"})
         assert status.startswith("HTTP/1.1 403")
@@ -463,7 +474,8 @@ async def test_refusals_and_rate_limits_are_logged_once_a_second(server_factory,
     messages = [r.getMessage() for r in caplog.records]
     origin = [m for m in messages if "not allowed" in m]
     limited = [m for m in messages if "rate limit exceeded" in m]
-    assert 1 <= len(origin) <= 3 and 1 <= len(limited) <= 3, (origin, limited)
+    assert a_line_a_second(origin, started) and a_line_a_second(limited, started), (origin,
+                                                                                 limited)
 
 
 def test_tornados_own_lines_about_bad_requests_are_limited_too(redis_url):
@@ -472,13 +484,14 @@ def test_tornados_own_lines_about_bad_requests_are_limited_too(redis_url):
     server = ServerProcess("--redis-url", redis_url)
     try:
         server.wait_healthy()
+        started = time.monotonic()
         for _ in range(200):
             with socket.create_connection(("127.0.0.1", server.port)) as sock:
                 sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
                 sock.settimeout(10)
                 assert sock.recv(100).startswith(b"HTTP/1.1 400")
         lines = [line for line in server.lines if "Malformed HTTP message" in line]
-        assert 1 <= len(lines) <= 5, lines
+        assert a_line_a_second(lines, started), lines
     finally:
         server.stop()
 

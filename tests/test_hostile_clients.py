@@ -569,12 +569,24 @@ async def test_health_details_only_for_a_local_tool(server):
 # --- memory per connection ---------------------------------------------------------
 
 @pytest.mark.gen_test
-async def test_the_frame_budget_keeps_the_protocols_compact_attribute_storage(server):
+async def test_the_frame_budget_costs_an_idle_connection_next_to_nothing(server):
     """The budget lives in slots: the protocol object's attributes stay
-    within CPython's shared-key storage (29, as the handler's)."""
-    client = await RawClient.connect(server.settings.port)
-    await async_wait_until(lambda: server.manager.connections, message="registered")
+    within CPython's shared-key storage (29, as the handler's); and the
+    check before each frame is no coroutine of its own, which would stay
+    suspended in every idle connection (~300 bytes each)."""
+    import gc
+    import inspect
+
+    from marketstream.handlers import _Protocol
+    clients = [await RawClient.connect(server.settings.port) for _ in range(5)]
+    for client in clients:
+        client.send(LIST)
+        await client.recv()
     protocol = next(iter(server.manager.connections)).ws_connection
+    assert protocol.frame_tokens < server.settings.limits.frames_burst
+    gc.collect()
+    check = _Protocol._receive_frame.__code__
+    assert not [o for o in gc.get_objects() if inspect.iscoroutine(o) and o.cr_code is check]
     assert len(vars(protocol)) <= 29, sorted(vars(protocol))
-    assert protocol.frame_tokens <= server.settings.limits.frames_burst
-    client.close()
+    for client in clients:
+        client.close()

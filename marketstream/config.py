@@ -20,6 +20,7 @@ Any unknown section or key, or a value of the wrong type, raises
 import ast
 import configparser
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -84,6 +85,21 @@ def _float(minimum: float | None = None) -> Parser[float]:
 
 def _list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.replace("\n", ",").split(",") if item.strip())
+
+
+#: An address or network from ``[server] trusted_proxies``.
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(text: str) -> tuple[Network, ...]:
+    """Comma-separated addresses and CIDR networks (``10.0.0.0/8``, ``::1``)."""
+    networks = []
+    for item in _list(text):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError("expected IP addresses or networks (CIDR), got %r" % item) from None
+    return tuple(networks)
 
 
 def _choice(*choices: str) -> Parser[str]:
@@ -166,7 +182,9 @@ class ServerSettings:
     listen: tuple[str, int, str] = setting("0.0.0.0:4000", parse_listen)  # (host, port, path)
     processes: int = setting("1", _int(0, 256))
     xheaders: bool = setting("false", _bool)
+    trusted_proxies: tuple[Network, ...] = setting("127.0.0.1, ::1", _networks)
     shutdown_timeout: float = setting("10", _float(0))
+    handshake_timeout: float = setting("10", _float(0.1))
     max_connections: int = setting("10000", _int(1))
     max_connections_per_ip: int = setting("500", _int(0))
     allowed_origins: tuple[str, ...] = setting("", _list)
@@ -202,6 +220,8 @@ class LimitsSettings:
     max_frame_bytes: int = setting("65536", _int(16))
     messages_per_second: float = setting("10", _float(0.01))
     messages_burst: int = setting("50", _int(1))
+    frames_per_second: float = setting("100", _float(0.01))
+    frames_burst: int = setting("200", _int(1))
     max_buffer_bytes: int = setting("1048576", _int(1024))
     max_channels: int = setting("100000", _int(0))
 

@@ -19,9 +19,11 @@ from __future__ import annotations
 __all__ = ["Counters", "CLOSE_CAUSES", "REFUSAL_CAUSES", "IGNORED_CAUSES", "REJECT_CAUSES"]
 
 #: Why the server closed a client.
-CLOSE_CAUSES = ("rate_limit", "slow_consumer", "ping_timeout")
+CLOSE_CAUSES = ("rate_limit", "slow_consumer", "ping_timeout",
+                "frame_rate_limit")
 #: Why a handshake was refused.
-REFUSAL_CAUSES = ("origin", "max_connections", "max_connections_per_ip")
+REFUSAL_CAUSES = ("origin", "max_connections", "max_connections_per_ip",
+                  "handshake_timeout", "body_too_large")
 #: Why part of a client request was ignored (or answered with an error).
 IGNORED_CAUSES = ("bad_since", "bad_snapshot")
 #: Why a stream a client asked for was refused (``rejected_streams`` by cause).

@@ -10,8 +10,12 @@ Close codes and refusals (also in the README):
 * HTTP 403: ``Origin`` not in ``[server] allowed_origins``.
 * HTTP 429: ``[server] max_connections_per_ip`` reached for the client IP.
 * HTTP 503: ``[server] max_connections`` reached in this process.
+* HTTP 413, or closed: a request body, or a handshake that takes longer than
+  ``[server] handshake_timeout`` (see :mod:`marketstream.upgrade`).
 * 1001 "server shutting down"; 1001 "ping timeout" (no pong in time).
 * 1008 "rate limit exceeded": over ``[limits] messages_per_second``.
+* 1008 "frame rate exceeded": over ``[limits] frames_per_second`` (frames of
+  any kind, control frames and fragments included).
 * 1008 "slow consumer": more than ``[limits] max_buffer_bytes`` queued.
 * 1009 "message too big": a frame over ``[limits] max_frame_bytes``.
 * Streams refused like an invalid name (an error reply with acks):
@@ -83,6 +87,8 @@ class Context:
         self.xheaders = settings.server.xheaders
         self.snapshot_types = frozenset(settings.recovery.snapshot_types)
         self.ws_params: Any = None  # Tornado's protocol parameters, made at the first handshake
+        # Lines a client can cause: at most one per cause per second.
+        self.log_limiter = LogLimiter(log)
 
 
 def _send(sock: socket.socket, data: bytes | memoryview) -> int:
@@ -96,17 +102,86 @@ def _send(sock: socket.socket, data: bytes | memoryview) -> int:
 
 
 class _Protocol(tornado.websocket.WebSocketProtocol13):
-    """Tornado's protocol with its frame-reading loop in a task of its own.
+    """Tornado's protocol with its frame-reading loop in a task of its own,
+    and a budget for the frames a client sends.
 
     Tornado awaits the loop at the bottom of the handshake's coroutine chain
     (``_execute`` -> ``get`` -> ``accept_connection`` -> ``_accept_connection``),
     so those four frames and their locals (the parsed request headers among
     them) live as long as the connection: ~1.7 KB each.  Running the loop
     apart lets the handshake finish and be collected.
+
+    Every frame a client sends, control frames and fragments included, takes
+    a token from a bucket (``[limits] frames_per_second``, ``frames_burst``):
+    past it the client is closed with 1008 "frame rate exceeded" (a flood of
+    pings or empty fragments never reaches the message limit).  Once the
+    close frame is sent, nothing but the client's close frame is handled;
+    a client still over its budget then is not read any more (its frames
+    wait in the kernel, which stops it sending) until Tornado drops the
+    connection for want of the client's close frame.  Dropping it at once
+    would reset the connection, and a reset can overtake the close frame.
     """
+
+    # The budget's state in slots: the instance dict is at the size where
+    # CPython still shares its keys between instances (29 attributes; one
+    # more gives every connection a dict of its own, ~1.5 KB).
+    __slots__ = ("frame_tokens", "frame_time")
+
+    handler: Any  # the StreamHandler
+
+    def __init__(self, handler: Any, mask_outgoing: bool, params: Any) -> None:
+        super().__init__(handler, mask_outgoing, params)
+        self.frame_tokens = float(handler.context.limits.frames_burst)
+        self.frame_time = time.monotonic()
 
     async def _receive_frame_loop(self) -> None:
         self.start_frame_loop()
+
+    def _receive_frame(self) -> Coroutine[Any, Any, None]:
+        """The reading of the next frame, once the budget allows it.
+
+        A plain function that hands the frame loop Tornado's coroutine: a
+        coroutine of its own would stay suspended with it in every idle
+        connection (~300 bytes each)."""
+        limits = self.handler.context.limits
+        now = time.monotonic()
+        allowed, self.frame_tokens = protocol.take_token(
+            self.frame_tokens, self.frame_time, now, limits.frames_per_second,
+            limits.frames_burst)
+        self.frame_time = now
+        if not allowed:
+            if self.server_terminated:
+                return self._until_closed()  # still flooding after our close frame
+            self.handler.frames_exceeded()
+        frame: Coroutine[Any, Any, None] = getattr(super(), compat.RECEIVE_FRAME)()
+        return frame
+
+    async def _until_closed(self) -> None:
+        """Wait, reading nothing, until the stream is closed."""
+        stream = self.stream
+        if stream.closed():
+            return
+        closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def signal() -> None:
+            if not closed.done():
+                closed.set_result(None)
+        stream.set_close_callback(signal)
+        await closed
+
+    def _handle_message(self, opcode: int, data: bytes) -> Any:
+        if self.server_terminated and opcode != 0x8:
+            return None  # our close frame is out: only the client's close counts
+        if opcode == 0x8 and len(data) > 2:
+            try:
+                data[2:].decode("utf-8")
+            except UnicodeDecodeError:  # Tornado would raise in its frame loop
+                self.handler.context.log_limiter.log(
+                    logging.WARNING, "bad_close_frame",
+                    "closing %s: close frame with an invalid UTF-8 reason", self.handler.identity)
+                self._abort()
+                return None
+        return getattr(super(), compat.HANDLE_MESSAGE)(opcode, data)
 
     def start_frame_loop(self) -> None:
         """Read frames in a task of its own."""
@@ -120,7 +195,9 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         handler: Any = self.handler
         handler.frame_loop = None
         if not task.cancelled() and task.exception() is not None:
-            log.error("frame loop of %s failed", self.handler, exc_info=task.exception())
+            handler.context.log_limiter.log(logging.ERROR, "frame_loop_failed",
+                                            "frame loop of %s failed", self.handler,
+                                            exc_info=task.exception())
             self._abort()
 
     # The socket :meth:`StreamHandler.write_frames` may write to directly,
@@ -172,12 +249,16 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         super().clear()
 
     def prepare(self) -> None:
-        admission = self.context.admission
-        refusal = admission.refusal(self.request.remote_ip or "?")
+        ctx = self.context
+        admission = ctx.admission
+        # The connection counts as handshaking (Admission.admit): not against itself.
+        stream = getattr(self.request.connection, "stream", None)
+        refusal = admission.refusal(self.request.remote_ip or "?", stream)
         if refusal is not None:
             status, reason, cause = refusal
             admission.refused(cause)
-            log.warning("refused %s: %s", self.request.remote_ip, reason)
+            ctx.log_limiter.log(logging.WARNING, cause, "refused %s: %s",
+                                self.request.remote_ip, reason)
             self.set_status(status)
             self.finish(reason)
 
@@ -205,7 +286,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if admission.origin_allowed(origin):
             return True
         admission.refused("origin")
-        log.warning("refused %s: origin %r not allowed", self.request.remote_ip, origin)
+        self.context.log_limiter.log(logging.WARNING, "origin", "refused %s: origin %r not allowed",
+                                     self.request.remote_ip, origin[:200])
         return False
 
     def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
@@ -243,6 +325,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             self.open()  # synchronous: nothing awaits it here
         except Exception:
             self.log_exception(*sys.exc_info())
+            self.context.admission.handshake_done(stream)
             self.on_connection_close()  # closes the socket, undoes what open() did
             return
         ws.start_frame_loop()
@@ -259,7 +342,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self.set_nodelay(True)
         self._opened_at = self._tokens_at = time.monotonic()
         self.identity = self._make_identity()
-        ctx.admission.enter(self.request.remote_ip or "?")
+        # No longer handshaking: an open connection from now on.
+        ctx.admission.enter(self.request.remote_ip or "?", self._ws.stream)
         ctx.manager.register(self)
         log.info("connect %s", self.identity)
         initial = self.get_query_argument("streams", "")
@@ -296,6 +380,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             setattr(self, name, None)
 
     def on_message(self, message: str | bytes) -> None:
+        if self.ws_connection is None:
+            return None  # closing (on Tornado's own protocol, which reads on)
         ctx = self.context
         now = time.monotonic()
         allowed, self._tokens = protocol.take_token(
@@ -304,7 +390,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self._tokens_at = now
         if not allowed:
             ctx.counters.closed["rate_limit"] += 1
-            log.warning("closing %s: rate limit exceeded", self.identity)
+            ctx.log_limiter.log(logging.WARNING, "rate_limit",
+                                "closing %s: rate limit exceeded", self.identity)
             self.close(CLOSE_POLICY, "rate limit exceeded")
             return None
         request = protocol.parse_request(message)
@@ -317,6 +404,16 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if request.acks and not self._acks:
             self._acks = True  # asked for on this connection, from this request on
         self._handle(request, reply=bool(self._acks))
+
+    def frames_exceeded(self) -> None:
+        """The client sent more frames than ``[limits] frames_per_second``
+        allows (its protocol keeps the count): close with 1008."""
+        ctx = self.context
+        ctx.counters.closed["frame_rate_limit"] += 1
+        ctx.log_limiter.log(logging.WARNING, "frame_rate_limit",
+                            "closing %s: frame rate exceeded", self.identity)
+        ctx.manager.remove(self)  # nothing more for it
+        self.close_for(CLOSE_POLICY, "frame rate exceeded", reset=True)
 
     def on_pong(self, data: bytes) -> None:
         self.ping_sent = 0.0
@@ -529,8 +626,9 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
 
     def _slow_consumer(self) -> None:
         self.context.counters.closed["slow_consumer"] += 1
-        log.warning("closing %s: slow consumer (over %d bytes queued)", self.identity,
-                    self.context.limits.max_buffer_bytes)
+        self.context.log_limiter.log(logging.WARNING, "slow_consumer",
+                                     "closing %s: slow consumer (over %d bytes queued)",
+                                     self.identity, self.context.limits.max_buffer_bytes)
         self.context.manager.remove(self)  # nothing more for it
         self.close_for(CLOSE_POLICY, "slow consumer", reset=True)
 
@@ -571,30 +669,43 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
     def _make_identity(self) -> str:
         """``ip:port`` of the client.
 
-        Behind a trusted proxy (``xheaders``), the IP is the one the proxy
-        reports and the port is the client's own from ``X-Real-Port`` (see
-        conf/nginx.conf), else the proxy-side port, which is unique per
-        connection within this process.
+        Behind a trusted proxy (``xheaders``, ``trusted_proxies``), the IP is
+        the one the proxy reports and the port is the client's own from
+        ``X-Real-Port`` (see conf/nginx.conf), else the proxy-side port,
+        which is unique per connection within this process.
         """
         ip = self.request.remote_ip or "?"
+        try:
+            peer = self._ws.stream.socket.getpeername()
+        except (OSError, AttributeError):
+            peer = ("", 0)
         port = None
-        if self.context.xheaders:
+        if self.context.admission.proxied(peer[0]):
             header = self.request.headers.get("X-Real-Port", "")
             if header.isdigit():
                 port = int(header)
         if port is None:
-            try:
-                port = self._ws.stream.socket.getpeername()[1]
-            except (OSError, AttributeError, IndexError):
-                port = 0
+            port = peer[1]
         return ("[%s]:%d" if ":" in ip else "%s:%d") % (ip, port)
 
     def __repr__(self) -> str:
         return "<StreamHandler %s>" % self.identity
 
 
+#: Headers that say a request was forwarded by a proxy for someone else.
+_FORWARDED = ("X-Real-IP", "X-Forwarded-For", "Forwarded")
+
+
 class HealthHandler(tornado.web.RequestHandler):
-    """``GET /health``: 200 while the Redis pub/sub connection is live, else 503."""
+    """``GET /health``: 200 while the Redis pub/sub connection is live, else 503.
+
+    Everyone gets the status and the counts (connections, streams, upstream
+    channels); the details (Redis nodes and their addresses, the pid, the
+    counters) go only to a direct request from an address in ``[server]
+    trusted_proxies`` (a tool on the host itself, by default), never to a
+    request a proxy forwarded (it carries ``X-Real-IP`` or
+    ``X-Forwarded-For``) or to anyone else.
+    """
 
     def initialize(self, context: Context) -> None:
         self.context = context
@@ -602,12 +713,27 @@ class HealthHandler(tornado.web.RequestHandler):
     def get(self) -> None:
         manager = self.context.manager
         healthy = manager.healthy
-        body = {"status": "ok" if healthy else "unavailable", "pid": os.getpid()}
-        body.update(manager.health())
+        body: dict[str, Any] = {"status": "ok" if healthy else "unavailable"}
+        details = manager.health()
+        if self._for_insiders():
+            body["pid"] = os.getpid()
+            body.update(details)
+        else:
+            body.update((key, details[key]) for key in ("connections", "streams",
+                                                        "upstream_channels"))
         self.set_status(200 if healthy else 503)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.finish(ujson.dumps(body))
+
+    def _for_insiders(self) -> bool:
+        """Whether the request came straight from a trusted address."""
+        address = compat.peer_address(self.request.connection)
+        if not (isinstance(address, tuple) and address and isinstance(address[0], str)):
+            return False
+        headers = self.request.headers
+        return (self.context.admission.trusted(address[0])
+                and not any(name in headers for name in _FORWARDED))
 
 
 class MetricsHandler(tornado.web.RequestHandler):

@@ -36,6 +36,8 @@ from typing import Any, Protocol
 
 import tornado.ioloop
 
+from marketstream.loglimit import LogLimiter
+
 __all__ = ["Keepalive", "Pingable", "CLOSE_GOING_AWAY"]
 
 log = logging.getLogger("marketstream.connections")
@@ -70,6 +72,7 @@ class Keepalive:
         self._timer: tornado.ioloop.PeriodicCallback | None = None
         self._checks: set[object] = set()
         self._loop: tornado.ioloop.IOLoop | None = None
+        self._log = LogLimiter(log)  # a line per second at most, however many go silent
 
     def start(self) -> None:
         """Start sweeping (nothing happens with ``interval`` 0)."""
@@ -115,7 +118,8 @@ class Keepalive:
         for conn in list(self.connections()):
             sent = conn.ping_sent
             if sent and sent <= limit:
-                log.info("closing %s: no pong within %.1fs", conn.identity, self.timeout)
+                self._log.log(logging.INFO, "ping_timeout", "closing %s: no pong within %.1fs",
+                              conn.identity, self.timeout)
                 if self.on_timeout is not None:
                     self.on_timeout(conn)
                 # A silent peer will not read what is queued: reset, so

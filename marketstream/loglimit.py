@@ -20,6 +20,12 @@ many it held back in between::
 since the last line)`` appended when some were held back) or counts it.
 Causes are names the code chooses (a fixed, small set), never text a
 client sent, so the limiter's memory is bounded.
+
+For loggers whose calls are not ours (Tornado logs a line per malformed
+request, per body that times out...), :class:`LimitFilter` does the same as
+a :class:`logging.Filter`, a cause per logger and message format::
+
+    LimitFilter.install("tornado.general", "tornado.application")
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import logging
 import time
 from collections.abc import Callable
 
-__all__ = ["LogLimiter"]
+__all__ = ["LogLimiter", "LimitFilter"]
 
 
 class LogLimiter:
@@ -61,7 +67,7 @@ class LogLimiter:
         return held
 
     def log(self, level: int, cause: str, msg: str, *args: object,
-            exc_info: bool = False) -> bool:
+            exc_info: bool | BaseException = False) -> bool:
         """Log ``msg % args`` at ``level`` unless ``cause`` was logged within
         the interval; True if the line was written."""
         if not self.logger.isEnabledFor(level):
@@ -74,3 +80,45 @@ class LogLimiter:
             args += (held,)
         self.logger.log(level, msg, *args, exc_info=exc_info)
         return True
+
+
+class LimitFilter(logging.Filter):
+    """Lets a record through only if its logger has not passed one with the
+    same message format within ``interval`` seconds; the next one it lets
+    through says how many it held back.
+
+    >>> clock = iter([0.0, 0.5, 2.0]).__next__
+    >>> limit = LimitFilter(clock=clock)
+    >>> def record(ip):
+    ...     return logging.LogRecord("tornado.general", logging.INFO, __file__, 1,
+    ...                              "Malformed HTTP message from %s", (ip,), None)
+    >>> [limit.filter(record(ip)) for ip in ("10.0.0.1", "10.0.0.2")]
+    [True, False]
+    >>> held = record("10.0.0.3")
+    >>> limit.filter(held), held.getMessage()
+    (True, 'Malformed HTTP message from 10.0.0.3 (1 more since the last line)')
+    """
+
+    def __init__(self, interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.limiter = LogLimiter(logging.getLogger(__name__), interval, clock)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # The format string (not the message): a fixed set per logger.
+        held = self.limiter.allow("%s %s" % (record.name, str(record.msg)[:100]))
+        if held is None:
+            return False
+        if held:
+            record.msg = "%s (%d more since the last line)" % (record.getMessage(), held)
+            record.args = ()
+        return True
+
+    @classmethod
+    def install(cls, *names: str) -> None:
+        """Add one shared filter to each of the loggers ``names`` (once)."""
+        shared = cls()
+        for name in names:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, cls) for f in logger.filters):
+                logger.addFilter(shared)

@@ -28,9 +28,10 @@ Metrics (all prefixed ``marketstream_``):
 ``dropped_total{cause}``               malformed_payload, invalid_frame,
                                        rejected_stream, slow_consumer, rate_limit,
                                        ping_timeout, bad_since, bad_snapshot,
-                                       wrong_stream
+                                       wrong_stream, frame_rate_limit
 ``redis_reconnects_total``             reconnections of the pub/sub connection
-``refused_handshakes_total{cause}``    origin, max_connections, max_connections_per_ip
+``refused_handshakes_total{cause}``    origin, max_connections, max_connections_per_ip,
+                                       handshake_timeout, body_too_large
 ``rejected_streams_total{cause}``      streams refused to clients: invalid_name,
                                        unknown_type, unknown_market, too_many_streams,
                                        max_channels
@@ -238,6 +239,7 @@ class Exporter:
             "slow_consumer": counters.closed["slow_consumer"],
             "rate_limit": counters.closed["rate_limit"],
             "ping_timeout": counters.closed["ping_timeout"],
+            "frame_rate_limit": counters.closed["frame_rate_limit"],
             "bad_since": counters.ignored["bad_since"],
             "bad_snapshot": counters.ignored["bad_snapshot"],
             "wrong_stream": counters.dropped_wrong_stream,

@@ -45,7 +45,8 @@ from marketstream.link import UPSTREAM_ERRORS
 from marketstream.loglimit import LogLimiter
 from marketstream.metrics import Exporter
 from marketstream.listen import bind_listeners
-from marketstream.upgrade import StreamServer
+from marketstream.loglimit import LimitFilter
+from marketstream.upgrade import MAX_BODY_BYTES, StreamServer
 from marketstream.workers import supervise, worker_id
 
 __all__ = ["main", "make_app", "Server", "RedisUnavailable"]
@@ -168,9 +169,15 @@ class Server:
         websocket = None
         if settings.server.fast_handshake and compat.OK:
             websocket = (ws_paths(settings), StreamHandler, {"context": app.context})
+        timeout = settings.server.handshake_timeout
+        # Proxy headers: per connection, from trusted proxies (the admission
+        # decides; Tornado's xheaders would trust any peer).  Tornado's own
+        # timeouts bound a kept-alive connection between requests and a body.
         http_server = self.http_server = StreamServer(
-            app, websocket=websocket, xheaders=settings.server.xheaders,
-            accept_limit=settings.server.max_connections)
+            app, admission=context.admission, handshake_timeout=timeout,
+            log_limiter=context.log_limiter, websocket=websocket,
+            accept_limit=settings.server.max_connections, idle_connection_timeout=timeout,
+            body_timeout=timeout, max_body_size=MAX_BODY_BYTES)
         sockets = sockets or _listening_sockets(settings)[0]
         settings = self.settings = _bound_port(settings, sockets)
         http_server.add_sockets(sockets)
@@ -368,10 +375,18 @@ def configure_logging(settings: Settings) -> None:
     """Logging as ``[logging]`` says: a config file, or a level and format."""
     if settings.logging.config_file:
         logging.config.fileConfig(settings.logging.config_file, disable_existing_loggers=False)
+        _limit_tornado_logs()
         return
     logging.basicConfig(level=settings.logging.level, format=settings.logging.format,
                         stream=sys.stderr, force=True)
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    _limit_tornado_logs()
+
+
+def _limit_tornado_logs() -> None:
+    """Tornado logs a line per malformed request, body timeout or failing
+    callback, which a client can cause at will: one per message per second."""
+    LimitFilter.install("tornado.general", "tornado.application", "tornado.access")
 
 
 def _demo_banner(settings: Settings) -> None:

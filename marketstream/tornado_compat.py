@@ -3,9 +3,12 @@
 The handshake shortcut (:mod:`marketstream.upgrade`), the direct frame
 writes of :class:`~marketstream.handlers.StreamHandler` and
 :class:`LeanIOStream` (no write buffer while nothing waits to be written)
-go below Tornado's public API for speed and memory.  The names they need
-are listed here and checked once, at import (``MISSING`` would list what is
-missing, e.g. ``["tornado.websocket._WebSocketParams"]``):
+go below Tornado's public API for speed and memory; the frame budget (each
+client frame counted as it is read), the close frames checked, the proxy
+headers of trusted proxies and the peer address ``/health`` looks at go
+below it for what it does not offer.  The names they need are listed here
+and checked once, at import (``MISSING`` would list what is missing, e.g.
+``["tornado.websocket._WebSocketParams"]``):
 
 >>> from marketstream import tornado_compat as compat
 >>> compat.OK          # every name exists in the installed Tornado
@@ -16,8 +19,10 @@ True
 When something is missing (a Tornado release renamed it), one warning is
 logged and the server uses Tornado's public paths only: ``fast_handshake``
 is turned off, frames go through ``IOStream.write``, streams are Tornado's
-own, and the handshake state is left as Tornado keeps it.  Nothing fails in
-the middle of a handshake.
+own, and the handshake state is left as Tornado keeps it; only complete
+messages count against a client's budget, proxy headers are ignored (the
+peer address is the client's) and ``/health`` shows no details.  Nothing
+fails in the middle of a handshake.
 
 To vet a new Tornado release: install it, run the test suite, and check
 ``python -c "import marketstream.tornado_compat as c; print(c.MISSING)"``
@@ -35,6 +40,7 @@ from typing import Any
 
 import tornado
 import tornado.gen
+import tornado.http1connection
 import tornado.httpserver
 import tornado.ioloop
 import tornado.iostream
@@ -44,13 +50,19 @@ import tornado.websocket
 
 __all__ = ["OK", "MISSING", "handle_connection", "LeanIOStream", "websocket_params",
            "request_context", "apply_xheaders", "queued_bytes", "finish_http",
-           "prepare_switch", "release_response", "RECEIVE_FRAME_LOOP"]
+           "prepare_switch", "release_response", "RECEIVE_FRAME_LOOP", "RECEIVE_FRAME",
+           "HANDLE_MESSAGE", "peer_address"]
 
 log = logging.getLogger("marketstream.server")
 
 #: The protocol method that reads frames until the connection ends; the
 #: handler runs it as a task of its own.
 RECEIVE_FRAME_LOOP = "_receive_frame_loop"
+#: The protocol method the loop awaits for each frame (the handler's
+#: protocol counts the frame against the client's budget first).
+RECEIVE_FRAME = "_receive_frame"
+#: The protocol method that acts on a whole message or control frame.
+HANDLE_MESSAGE = "_handle_message"
 
 
 def _assigns(function: Any, *names: str) -> bool:
@@ -103,7 +115,8 @@ def _check() -> list[str]:
                               "compression_options"} <= set(
                                   inspect.signature(params).parameters):
         missing.append("tornado.websocket._WebSocketParams")
-    for name in (RECEIVE_FRAME_LOOP, "_abort", "compute_accept_value", "start_pinging"):
+    for name in (RECEIVE_FRAME_LOOP, RECEIVE_FRAME, HANDLE_MESSAGE, "_abort",
+                 "compute_accept_value", "start_pinging"):
         if not callable(getattr(ws.WebSocketProtocol13, name, None)):
             missing.append("tornado.websocket.WebSocketProtocol13.%s" % name)
     if not _writes_through(ws.WebSocketProtocol13, "write_message", "write_ping", "close",
@@ -114,6 +127,11 @@ def _check() -> list[str]:
     context = getattr(tornado.httpserver, "_HTTPRequestContext", None)
     if context is None or not callable(getattr(context, "_apply_xheaders", None)):
         missing.append("tornado.httpserver._HTTPRequestContext._apply_xheaders")
+    if not _assigns(getattr(context, "__init__", None), "address", "remote_ip", "protocol"):
+        missing.append("tornado.httpserver._HTTPRequestContext attributes")
+    if not (_assigns(tornado.http1connection.HTTP1Connection.__init__, "context")
+            and _assigns(tornado.http1connection.HTTP1ServerConnection.__init__, "stream")):
+        missing.append("tornado.http1connection.HTTP1Connection.context")
     if not _assigns(tornado.httpserver.HTTPServer.initialize, "request_callback",
                     "xheaders", "protocol", "trusted_downstream"):
         missing.append("tornado.httpserver.HTTPServer attributes")
@@ -161,6 +179,14 @@ def request_context(server: tornado.httpserver.HTTPServer, stream: Any, address:
 def apply_xheaders(context: Any, headers: Any) -> None:
     """Take the client address from X-Real-IP / X-Forwarded-For."""
     context._apply_xheaders(headers)
+
+
+def peer_address(connection: Any) -> Any:
+    """The TCP peer address of a request's HTTP connection (before any
+    proxy header), or None where Tornado does not keep it."""
+    if not OK:
+        return None
+    return getattr(getattr(connection, "context", None), "address", None)
 
 
 #: ``queued_bytes(stream)``: how many bytes wait in ``stream``'s write buffer.

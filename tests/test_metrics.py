@@ -152,6 +152,26 @@ async def test_client_misbehaviour_metrics_move(server_factory):
 
 
 @pytest.mark.gen_test(timeout=60)
+async def test_connection_level_metrics_move(server_factory):
+    server = await server_factory(server__handshake_timeout=0.5, limits__frames_burst=20)
+    watch = await Watch(server).start()
+    port = server.settings.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+    assert (await reader.readline()).startswith(b"HTTP/1.1 413")
+    await watch.moved('marketstream_refused_handshakes_total{cause=body_too_large}', 1)
+    silent = await asyncio.open_connection("127.0.0.1", port)
+    assert await asyncio.wait_for(silent[0].read(), 10) == b""  # closed at its deadline
+    await watch.moved('marketstream_refused_handshakes_total{cause=handshake_timeout}', 1)
+    flooder = await RawClient.connect(port)
+    for _ in range(30):
+        flooder.send(b"", opcode=0x9)
+    assert (await flooder.recv_close())[0] == 1008
+    await watch.moved('marketstream_dropped_total{cause=frame_rate_limit}', 1)
+    writer.close(), silent[1].close(), flooder.close()
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_slow_consumer_metric_moves(server_factory, redis_client):
     server = await server_factory(limits__max_buffer_bytes=65536)
     watch = await Watch(server).start()

@@ -24,7 +24,7 @@ import tornado.websocket
 import ujson
 
 from marketstream.embedded import free_port
-from tests.helpers import ROOT, RawClient, ServerProcess, wait_until
+from tests.helpers import ROOT, RawClient, ServerProcess, handshake_request, wait_until
 
 NGINX = shutil.which("nginx") or next(
     (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(path, os.X_OK)), None)
@@ -213,6 +213,53 @@ def test_two_instances_behind_nginx(redis_url, nginx_factory):
         for instance in instances:
             instance.stop()
         publisher.close()
+
+
+# --- origins and /health through the shipped site ----------------------------
+
+def _upgrade_status(port, origin):
+    """The status line nginx on ``port`` answers a browser's upgrade from ``origin`` with."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(handshake_request(port, headers={"Origin": origin}))
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            assert chunk, "closed without an answer"
+            data += chunk
+    return data.split(b"\r\n")[0].decode()
+
+
+def test_the_servers_own_page_is_same_origin_behind_nginx(redis_url, nginx_factory):
+    """With allowed_origins set, a page served from the address clients use
+    (nginx's, with its port) is same-origin: nginx must pass the Host header
+    with its port ($http_host; $host drops it, and the page got 403)."""
+    instance = ServerProcess("--redis-url", redis_url, "--set", "server.xheaders=true",
+                             "--set", "server.allowed_origins=https://exchange.example")
+    try:
+        instance.wait_healthy()
+        port = nginx_factory([instance.port])
+        own = "http://127.0.0.1:%d" % port
+        assert _upgrade_status(port, own).startswith("HTTP/1.1 101")
+        assert _upgrade_status(port, "https://exchange.example").startswith("HTTP/1.1 101")
+        for other in ("http://127.0.0.1:%d" % (port + 1), "https://evil.example",
+                      "http://127.0.0.1"):
+            assert _upgrade_status(port, other).startswith("HTTP/1.1 403"), other
+    finally:
+        instance.stop()
+
+
+def test_health_through_nginx_tells_no_details(instance, nginx_factory):
+    """Public /health (nginx proxies it to anyone): status and counts; the
+    Redis node, the pid and the counters only to a tool on the host that
+    asks the instance directly."""
+    port = nginx_factory([instance.port])
+    status, body = _get("http://127.0.0.1:%d/health" % port)
+    assert status == 200
+    assert set(ujson.loads(body)) == {"status", "connections", "streams", "upstream_channels"}
+    status, body = _get("http://127.0.0.1:%d/health" % instance.port)
+    details = ujson.loads(body)
+    assert details["pid"] == instance.proc.pid and details["redis"]["node"]
 
 
 # --- the shipped file next to Debian's default site, TLS, the smoke test ----

@@ -3,6 +3,7 @@
 import asyncio
 import random
 import time
+import urllib.request
 
 import psutil
 import pytest
@@ -207,7 +208,8 @@ def random_frame(rng):
 
 @pytest.mark.gen_test(timeout=60)
 async def test_random_frames_never_harm_a_clean_client(server_factory, redis_client):
-    server = await server_factory(limits__messages_per_second=1000000, limits__messages_burst=1000000)
+    server = await server_factory(limits__messages_per_second=1000000, limits__messages_burst=1000000,
+                                  limits__frames_per_second=1000000, limits__frames_burst=1000000)
     clean = await connect(server)
     await send(clean, "SUBSCRIBE", ["trade.SOL_USDC"])
     await subscribed(redis_client, "trade.SOL_USDC")
@@ -458,7 +460,10 @@ def test_two_hundred_stalled_clients_release_their_kernel_memory(redis_url):
                      for i, ws in enumerate(readers)]
             await publish_paced(redis_url, stream, count, "x" * 20_000, received)
             await asyncio.gather(*tasks)  # the readers got everything, in order
-            await async_wait_until(lambda: server.output.count("slow consumer") >= 200, 30,
+            def slow_consumers():  # (logged once a second: counted in /health)
+                with urllib.request.urlopen("http://127.0.0.1:%d/health" % server.port) as reply:
+                    return ujson.loads(reply.read())["stats"]["closed"]["slow_consumer"]
+            await async_wait_until(lambda: slow_consumers() >= 200, 30,
                                    message="200 slow consumers closed")
             held = _tcp_memory_pages()
             # Tornado waits 5 s for a close handshake, then resets (SO_LINGER 0).

@@ -46,15 +46,15 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from marketstream import history, protocol
+from marketstream import history
 from marketstream.core import REPLAY_BYTES, Connection, Core, History, Read, Want
 from marketstream.counters import Counters
 from marketstream.link import UPSTREAM_ERRORS
 from marketstream.loglimit import LogLimiter
-from marketstream.metrics import publish_time
 from marketstream.redisurl import async_client
 from marketstream.upstream import make_link
 from marketstream.util import Confirmations, redact_url
+from marketstream.wire.payloads import WRONG_STREAM, publish_time
 
 __all__ = ["ChannelManager", "Want"]
 
@@ -280,7 +280,7 @@ class ChannelManager:
 
     def _log_malformed(self, channel: bytes, payload: bytes, problem: str) -> None:
         # A broken publisher must not flood the log: a line a second per cause.
-        if problem == protocol.WRONG_STREAM:
+        if problem == WRONG_STREAM:
             self._log_limit.log(logging.WARNING, problem,
                                 "dropped a payload on %r whose \"stream\" is not the channel "
                                 "(missing, another or repeated; %d so far): %.80r", channel,

@@ -51,10 +51,12 @@ from collections.abc import Callable, Hashable
 from itertools import islice
 from typing import Any, NamedTuple, Protocol
 
-from marketstream import protocol
 from marketstream.counters import Counters
+from marketstream.wire import payloads, replies
+from marketstream.wire.frames import text_frame
+from marketstream.wire.positions import split_position
 
-__all__ = ["Core", "Want", "Read", "History", "split_position"]
+__all__ = ["Core", "Want", "Read", "History"]
 
 class Connection(Hashable, Protocol):
     """What the core delivers to (the WebSocket handler)."""
@@ -63,24 +65,6 @@ class Connection(Hashable, Protocol):
 
 
 Conn = Connection
-
-
-def split_position(payload: bytes) -> tuple[int | None, bytes]:
-    """(position, frame) of a payload published by the recovery script, or
-    (None, payload) for a plain one; no JSON parsing.
-
-    >>> split_position(b'@42 {"stream":"t.A_B","data":{},"seq":42}')
-    (42, b'{"stream":"t.A_B","data":{},"seq":42}')
-    >>> split_position(b'{"stream":"t.A_B","data":{}}')
-    (None, b'{"stream":"t.A_B","data":{}}')
-    """
-    if payload[:1] != b"@":
-        return None, payload
-    space = payload.find(b" ", 1, 24)
-    digits = payload[1:space]
-    if space < 0 or not digits.isdigit():
-        return None, payload
-    return int(digits), payload[space + 1:]
 
 
 class Want(NamedTuple):
@@ -371,7 +355,7 @@ class Core:
         if since is None:
             # A plain stream: what was published meanwhile is gone.
             self.counters.gap_notices += len(listeners)
-            self._enqueue(listeners, protocol.text_frame(protocol.gap_notice(name, reason=reason)))
+            self._enqueue(listeners, text_frame(replies.gap_notice(name, reason=reason)))
             return
         # A recoverable stream: its listeners catch up from the history.
         del self.streams[name]
@@ -477,15 +461,15 @@ class Core:
         # Frame what was read once, and build each catch-up once per kind of
         # request: in a reconnect storm a thousand clients ask for the same.
         framed = self._framed(name, history)
-        buffer = [(seq, protocol.text_frame(data)) for seq, data in recovery.buffer]
+        buffer = [(seq, text_frame(data)) for seq, data in recovery.buffer]
         gaps: dict[str, bytes] = {}
 
         def gap(reason: str) -> bytes:
             """The gap notice's frame for ``reason`` (built once per read)."""
             notice = gaps.get(reason)
             if notice is None:
-                notice = gaps[reason] = protocol.text_frame(
-                    protocol.gap_notice(name, reason=reason))
+                notice = gaps[reason] = text_frame(
+                    replies.gap_notice(name, reason=reason))
             return notice
 
         counters = self.counters
@@ -535,11 +519,11 @@ class Core:
         recovery script's for ``name`` is dropped and counted like a live
         one (an entry keeps its position, with no frame)."""
         channel = name.encode()
-        frame = protocol.text_frame
+        frame = text_frame
         latest, snapshot, entries, oldest, skipped = history
         checked: list[tuple[int, bytes]] = []
         for seq, data in entries:
-            problem = protocol.frame_problem(channel, seq, data)
+            problem = payloads.frame_problem(channel, seq, data)
             if problem is None:
                 checked.append((seq, frame(data)))
             else:
@@ -547,7 +531,7 @@ class Core:
                 checked.append((seq, b""))
         framed_snapshot = None
         if snapshot is not None:
-            problem = protocol.frame_problem(channel, snapshot[0], snapshot[1])
+            problem = payloads.frame_problem(channel, snapshot[0], snapshot[1])
             if problem is None:
                 framed_snapshot = (snapshot[0], frame(snapshot[1]))
             else:
@@ -677,20 +661,20 @@ class Core:
         if payload[:1] == b"@":
             seq, frame = split_position(payload)
             if seq is None:
-                return self._dropped(channel, payload, protocol.MALFORMED)
-            problem = protocol.frame_problem(channel, seq, frame)
+                return self._dropped(channel, payload, payloads.MALFORMED)
+            problem = payloads.frame_problem(channel, seq, frame)
             if problem is not None:
                 return self._dropped(channel, payload, problem)
             payload = frame
             if listeners:
                 self.last_seq[name] = seq
         elif self.wrap:
-            if not protocol.is_json_object(payload):
-                return self._dropped(channel, payload, protocol.MALFORMED)
+            if not payloads.is_json_object(payload):
+                return self._dropped(channel, payload, payloads.MALFORMED)
             seq = None
-            payload = protocol.wrap_data(channel, payload)
+            payload = payloads.wrap_data(channel, payload)
         else:
-            problem = protocol.envelope_problem(name, payload)
+            problem = payloads.envelope_problem(name, payload)
             if problem is not None:
                 return self._dropped(channel, payload, problem)
             seq = None
@@ -707,7 +691,7 @@ class Core:
                 holding = self._holding.get(name)
                 if holding is not None:
                     listeners = self._not_holding(name, holding, listeners, seq)
-        self._enqueue(listeners, protocol.text_frame(payload))
+        self._enqueue(listeners, text_frame(payload))
         return True
 
     def _positions_restarted(self, name: str, listeners: dict[Conn, None]) -> None:
@@ -718,7 +702,7 @@ class Core:
         self._holding.pop(name, None)
         self.counters.gap_notices += len(listeners)
         self._enqueue(listeners,
-                      protocol.text_frame(protocol.gap_notice(name, reason="lost_writes")))
+                      text_frame(replies.gap_notice(name, reason="lost_writes")))
 
     def _not_holding(self, name: str, holding: dict[Conn, int],
                      listeners: dict[Conn, None], seq: int) -> dict[Conn, None]:
@@ -733,9 +717,9 @@ class Core:
         return {conn: None for conn in listeners if conn not in holding}
 
     def _dropped(self, channel: bytes, payload: bytes, problem: str) -> bool:
-        """Drop a payload that ``problem`` (:data:`protocol.MALFORMED` or
-        :data:`protocol.WRONG_STREAM`) rules out; count and report it."""
-        if problem == protocol.WRONG_STREAM:
+        """Drop a payload that ``problem`` (:data:`payloads.MALFORMED` or
+        :data:`payloads.WRONG_STREAM`) rules out; count and report it."""
+        if problem == payloads.WRONG_STREAM:
             self.counters.dropped_wrong_stream += 1
         else:
             self.counters.dropped_malformed += 1

@@ -40,7 +40,8 @@ import ujson
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
-from marketstream import protocol
+from marketstream.wire import replies, requests
+from marketstream.wire.frames import CLOSE_POLICY, OP_CLOSE, text_frame
 from marketstream import tornado_compat as compat
 from marketstream.admission import Admission
 from marketstream.channels import ChannelManager
@@ -49,15 +50,11 @@ from marketstream.loglimit import LogLimiter
 from marketstream.upgrade import Switched
 
 __all__ = ["StreamHandler", "HealthHandler", "MetricsHandler", "Context", "routes",
-           "ws_paths", "log_request", "STATIC_DIR",
-           "CLOSE_GOING_AWAY", "CLOSE_POLICY", "CLOSE_TOO_BIG"]
+           "ws_paths", "log_request", "STATIC_DIR"]
 
 log = logging.getLogger("marketstream.connections")
 access_log = logging.getLogger("tornado.access")
 
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
 
 _SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
               b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n")
@@ -80,7 +77,7 @@ class Context:
         self.counters = self.manager.counters
         self.admission = Admission(settings.server, self.counters,
                                    lambda: len(self.manager.connections))
-        self.rules = protocol.StreamRules.from_settings(settings.protocol)
+        self.rules = requests.StreamRules.from_settings(settings.protocol)
         self.acks = settings.protocol.acks
         self.log_limit = LogLimiter(log)  # for what a client can cause (refused streams)
         self.limits = settings.limits
@@ -145,7 +142,7 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         connection (~300 bytes each)."""
         limits = self.handler.context.limits
         now = time.monotonic()
-        allowed, self.frame_tokens = protocol.take_token(
+        allowed, self.frame_tokens = requests.take_token(
             self.frame_tokens, self.frame_time, now, limits.frames_per_second,
             limits.frames_burst)
         self.frame_time = now
@@ -170,9 +167,9 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         await closed
 
     def _handle_message(self, opcode: int, data: bytes) -> Any:
-        if self.server_terminated and opcode != 0x8:
+        if self.server_terminated and opcode != OP_CLOSE:
             return None  # our close frame is out: only the client's close counts
-        if opcode == 0x8 and len(data) > 2:
+        if opcode == OP_CLOSE and len(data) > 2:
             try:
                 data[2:].decode("utf-8")
             except UnicodeDecodeError:  # Tornado would raise in its frame loop
@@ -351,7 +348,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         snapshot = self.get_query_argument("snapshot", "")
         self._release_handshake_state()
         if initial:
-            self._handle(protocol.parse_stream_query(initial, since, snapshot), reply=False)
+            self._handle(requests.parse_stream_query(initial, since, snapshot), reply=False)
 
     if compat.OK:
         def _detach_stream(self) -> IOStream:
@@ -384,7 +381,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             return None  # closing (on Tornado's own protocol, which reads on)
         ctx = self.context
         now = time.monotonic()
-        allowed, self._tokens = protocol.take_token(
+        allowed, self._tokens = requests.take_token(
             self._tokens, self._tokens_at, now, ctx.limits.messages_per_second,
             ctx.limits.messages_burst)
         self._tokens_at = now
@@ -394,12 +391,12 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                                 "closing %s: rate limit exceeded", self.identity)
             self.close(CLOSE_POLICY, "rate limit exceeded")
             return None
-        request = protocol.parse_request(message)
-        if isinstance(request, protocol.Invalid):
+        request = requests.parse_request(message)
+        if isinstance(request, requests.Invalid):
             ctx.counters.invalid_frames += 1
             log.debug("ignored frame from %s: %s", self.identity, request.reason)
             if self._acks:
-                self._answer(protocol.encode_error(request.id, request.code, request.reason))
+                self._answer(replies.encode_error(request.id, request.code, request.reason))
             return None
         if request.acks and not self._acks:
             self._acks = True  # asked for on this connection, from this request on
@@ -439,13 +436,13 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
 
     # --- requests ------------------------------------------------------------
 
-    def _handle(self, request: protocol.Request, reply: bool) -> None:
+    def _handle(self, request: requests.Request, reply: bool) -> None:
         """Carry out a valid request; acknowledgements never hold up reading
         (a SUBSCRIBE's ack waits for Redis in a task of its own)."""
         ctx = self.context
         manager = ctx.manager
-        if request.method == protocol.LIST_SUBSCRIPTIONS:
-            self._answer(protocol.encode_result(request.id, manager.subscriptions(self)))
+        if request.method == requests.LIST_SUBSCRIPTIONS:
+            self._answer(replies.encode_result(request.id, manager.subscriptions(self)))
             return
         valid: list[str] = []
         refused: list[tuple[str, str]] = []
@@ -456,10 +453,10 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             else:
                 self._refuse(name, refusal[0], refusal[1], refused)
         valid = list(dict.fromkeys(valid))
-        if request.method == protocol.UNSUBSCRIBE:
+        if request.method == requests.UNSUBSCRIBE:
             manager.unsubscribe(self, valid)
             if reply:
-                self._answer(protocol.encode_outcome(request.id, "unsubscribed", valid,
+                self._answer(replies.encode_outcome(request.id, "unsubscribed", valid,
                                                      refused, []))
             return
         current = manager.connections.get(self, {})
@@ -530,7 +527,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if self._ws is not None:
             self._reply(text)
 
-    def _wants(self, request: protocol.Request, names: list[str]) -> dict[str, Want]:
+    def _wants(self, request: requests.Request, names: list[str]) -> dict[str, Want]:
         """What to recover on each of ``names``: the request's ``since`` and
         ``snapshot``, else the snapshot default of ``[recovery]``."""
         since = request.since or {}
@@ -548,7 +545,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         return wants
 
     async def _ack_when_subscribed(self, previous: asyncio.Future[None] | None,
-                                   request_id: protocol.RequestId, names: list[str],
+                                   request_id: requests.RequestId, names: list[str],
                                    subscribed: list[str], refused: list[tuple[str, str]],
                                    problems: list[str]) -> None:
         if not await self.context.manager.wait_subscribed(names):
@@ -557,11 +554,11 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if previous is not None:
             await asyncio.wait([previous])
         if self._ws is not None:
-            self._reply(protocol.encode_outcome(request_id, "subscribed", subscribed, refused,
+            self._reply(replies.encode_outcome(request_id, "subscribed", subscribed, refused,
                                                 problems))
 
     def _reply(self, text: str) -> None:
-        self.write_frames(protocol.text_frame(text.encode()))
+        self.write_frames(text_frame(text.encode()))
 
     # --- delivery ------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """Reading what recoverable publishers stored: positions, history, snapshots.
 
-The server side of ``marketstream/recovery.lua`` (see
-:mod:`marketstream.publisher`).  Every function takes a ``redis.asyncio``
-client, a plain ``Redis`` or a ``RedisCluster`` (a stream's keys share its
-name as hash tag, so each call touches one slot)::
+The server side of ``marketstream/wire/recovery.lua`` (see
+:mod:`marketstream.publisher`; the format is :mod:`marketstream.wire.positions`).
+Every function takes a ``redis.asyncio`` client, a plain ``Redis`` or a
+``RedisCluster`` (a stream's keys share its name as hash tag, so each call
+touches one slot)::
 
     seq, frame = split_position(payload)          # per live message, no JSON parse
     frames, covered = await read_after(client, "trade.SOL_USDC", 1042, limit=1000)
@@ -16,8 +17,8 @@ name as hash tag, so each call touches one slot)::
 
 Frames are returned as bytes exactly as clients receive them:
 ``{"stream":S,"data":...,"seq":N}``.  What is stored has the published
-form ``@<seq> <frame>``, split by :func:`marketstream.core.split_position`
-(re-exported here)::
+form ``@<seq> <frame>``, split by
+:func:`marketstream.wire.positions.split_position`::
 
     >>> split_position(b'@1042 {"stream":"t.A_B","data":{},"seq":1042}')
     (1042, b'{"stream":"t.A_B","data":{},"seq":1042}')
@@ -29,11 +30,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from marketstream.core import split_position
-from marketstream.publisher import stream_keys
+from marketstream.wire.positions import split_position, stream_keys
 
-__all__ = ["latest_position", "oldest_position", "read_after", "read_recent", "read_snapshot",
-           "split_position"]
+__all__ = ["latest_position", "oldest_position", "read_after", "read_recent", "read_snapshot"]
 
 #: Bytes a stored message is taken to have before any was read (it sizes
 #: the first page of :func:`read_recent`).

@@ -37,12 +37,11 @@ from typing import Any, Protocol
 import tornado.ioloop
 
 from marketstream.loglimit import LogLimiter
+from marketstream.wire.frames import CLOSE_GOING_AWAY
 
-__all__ = ["Keepalive", "Pingable", "CLOSE_GOING_AWAY"]
+__all__ = ["Keepalive", "Pingable"]
 
 log = logging.getLogger("marketstream.connections")
-
-CLOSE_GOING_AWAY = 1001
 
 
 class Pingable(Protocol):

@@ -41,7 +41,6 @@ Metrics (all prefixed ``marketstream_``):
 import bisect
 import math
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -58,7 +57,7 @@ if TYPE_CHECKING:
     from marketstream.counters import Counters
 
 __all__ = ["Exporter", "enable_multiprocess", "disable_multiprocess", "mark_process_dead",
-           "publish_time", "observe_all", "CONTENT_TYPE_LATEST"]
+           "observe_all", "CONTENT_TYPE_LATEST"]
 
 # The *_created series (a timestamp per counter) are noise on a dashboard.
 disable_created_metrics()
@@ -68,33 +67,7 @@ BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 #: the network; the top buckets catch a stalled server or a skewed clock.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-#: How far into a payload :func:`publish_time` looks for ``"E":`` (an
-#: envelope with the position prefix and a 200-character stream name has its
-#: data's second key within ~260 bytes).
-STAMP_SEARCH = 320
-_STAMP_VALUE = re.compile(rb"[ \t\r\n]{0,4}(\d{16})(?![\d.eE])")
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-
-def publish_time(payload: bytes) -> int | None:
-    """The publisher's timestamp of a payload: the first ``"E":`` key among
-    its first :data:`STAMP_SEARCH` bytes, if its value is a whole number of
-    microseconds since the epoch (16 digits: 2001-2286); no JSON parsing.
-
-    >>> publish_time(b'@9 {"stream":"trade.A_B","data":{"e":"trade","E":1718000000123456}}')
-    1718000000123456
-    >>> publish_time(b'{"e": "depth", "E": 1718000000123456, "U": 1}')  # a data payload
-    1718000000123456
-    >>> publish_time(b'{"e":"trade","E":1718000000123}') is None        # milliseconds
-    True
-    >>> publish_time(b'{"e":"trade","E":"1718000000123456"}') is None   # not a number
-    True
-    """
-    at = payload.find(b'"E":', 0, STAMP_SEARCH)
-    if at < 0:
-        return None
-    match = _STAMP_VALUE.match(payload, at + 4)
-    return int(match.group(1)) if match else None
 
 
 def observe_all(histogram: Histogram, values: Sequence[float]) -> None:

@@ -25,9 +25,10 @@ seconds after the last publish before a stream's keys expire (0: never, at
 most :data:`MAX_TTL`).  On Redis Cluster (a ``RedisCluster`` client, or a ``redis+cluster://``
 URL) messages go out with ``SPUBLISH`` (``sharded=`` overrides).
 
-All the work is done by the Lua script ``marketstream/recovery.lua``
-(:data:`SCRIPT`), so publishers in any language can do the same.  Load it once
-(``SCRIPT LOAD``, which returns its SHA1) and call, for stream ``S``::
+All the work is done by the Lua script ``marketstream/wire/recovery.lua``
+(:data:`SCRIPT`; the format is :mod:`marketstream.wire.positions`), so
+publishers in any language can do the same.  Load it once (``SCRIPT
+LOAD``, which returns its SHA1) and call, for stream ``S``::
 
     EVALSHA <sha1> 3 {S}:seq {S}:log {S}:snap
             S <data-json> <history> <ttl> <snapmode> <snapdata-json> <pubcmd>
@@ -58,13 +59,20 @@ import redis.cluster
 import ujson
 from redis.exceptions import NoScriptError, ResponseError
 
-from marketstream.protocol import is_json_object
+from marketstream.wire.payloads import is_json_object
+from marketstream.wire.positions import (
+    MAX_HISTORY,
+    MAX_TTL,
+    SCRIPT_PATH,
+    check_stream_name,
+    stream_keys,
+)
 from marketstream.util import async_redis_client, sync_redis_client
 
 __all__ = ["AsyncPublisher", "Publisher", "SCRIPT", "SCRIPT_SHA", "encode_json", "script_call",
            "stream_keys", "check_stream_name", "MAX_HISTORY", "MAX_TTL"]
 
-SCRIPT: str = (Path(__file__).with_name("recovery.lua")).read_text(encoding="utf-8")
+SCRIPT: str = Path(SCRIPT_PATH).read_text(encoding="utf-8")
 """The text of ``recovery.lua``."""
 
 SCRIPT_SHA: str = hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest()
@@ -75,38 +83,6 @@ JSONInput = (str | bytes | bytearray | memoryview | dict[str, Any] | list[Any] |
 Message = tuple[Any, ...]  # (stream, data) or (stream, data, snapshot)
 #: ``(keys, args)`` of one call of the script.
 ScriptCall = tuple[tuple[str, str, str], list[Any]]
-
-_FORBIDDEN = frozenset(' \t\r\n\v\f"\\{}/')
-
-#: The recovery script's bounds: messages kept per stream, and seconds of ttl.
-MAX_HISTORY = 1_000_000
-MAX_TTL = 31_536_000
-
-
-def check_stream_name(stream: Any) -> str:
-    """``stream`` if it can be a recoverable stream's name, else ``ValueError``.
-
-    >>> check_stream_name("trade.SOL_USDC")
-    'trade.SOL_USDC'
-    >>> check_stream_name("trade SOL")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: invalid stream name 'trade SOL': non-empty, without whitespace, ...
-    """
-    if not isinstance(stream, str) or not stream or any(
-            c in _FORBIDDEN or c.isspace() or c < " " for c in stream):
-        raise ValueError("invalid stream name %r: non-empty, without whitespace, '\"', '\\\\', "
-                         "'{', '}' or '/'" % (stream,))
-    return stream
-
-
-def stream_keys(stream: str) -> tuple[str, str, str]:
-    """The Redis keys of ``stream``: position, history and snapshot.
-
-    >>> stream_keys("trade.SOL_USDC")
-    ('{trade.SOL_USDC}:seq', '{trade.SOL_USDC}:log', '{trade.SOL_USDC}:snap')
-    """
-    return "{%s}:seq" % stream, "{%s}:log" % stream, "{%s}:snap" % stream
 
 
 @functools.lru_cache(maxsize=65536)

@@ -38,7 +38,7 @@ from marketstream.channels import ChannelManager
 from marketstream.config import ConfigError, Settings, load_settings
 from marketstream.counters import Counters
 from marketstream.embedded import RedisServer
-from marketstream.handlers import (CLOSE_GOING_AWAY, Context, StreamHandler, log_request, routes,
+from marketstream.handlers import (Context, StreamHandler, log_request, routes,
                                    ws_paths)
 from marketstream.keepalive import Keepalive, Pingable
 from marketstream.link import UPSTREAM_ERRORS
@@ -47,6 +47,7 @@ from marketstream.metrics import Exporter
 from marketstream.listen import bind_listeners
 from marketstream.loglimit import LimitFilter
 from marketstream.upgrade import MAX_BODY_BYTES, StreamServer
+from marketstream.wire.frames import CLOSE_GOING_AWAY
 from marketstream.workers import supervise, worker_id
 
 __all__ = ["main", "make_app", "Server", "RedisUnavailable"]

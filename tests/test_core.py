@@ -19,9 +19,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from marketstream import protocol
-from marketstream.core import Core, History, Read, Want, split_position
+from marketstream.core import Core, History, Read, Want
 from marketstream.counters import Counters
+from marketstream.wire.frames import text_frame
+from marketstream.wire.positions import split_position
+from marketstream.wire.replies import GAP_REASONS
 
 S = "trade.SOL_USDC"
 T = "depth.BTC_USDT"
@@ -328,7 +330,7 @@ def test_a_message_is_framed_once_and_the_same_bytes_go_to_every_listener():
     batch = core.take_batch()
     assert set(batch) == set(conns)
     first = batch[conns[0]]
-    assert first == protocol.text_frame(payload)
+    assert first == text_frame(payload)
     assert all(data is first for data in batch.values())
     assert core.counters.deliveries == 5
 
@@ -346,8 +348,8 @@ def test_a_batch_is_one_write_per_connection_with_frames_in_arrival_order():
         core.on_message(name.encode(), payload)
     batch = flush(core)
     frames = [split_position(p)[1] for _, p in payloads]
-    assert batch[a] == b"".join(protocol.text_frame(f) for f in frames)
-    assert batch[b] == b"".join(protocol.text_frame(f) for f in frames[1::2])
+    assert batch[a] == b"".join(text_frame(f) for f in frames)
+    assert batch[b] == b"".join(text_frame(f) for f in frames[1::2])
     assert len(a.writes) == 1 and len(b.writes) == 1
     assert a.labels() == [1, 1, 2, 2] and b.labels(T) == [1, 2]
     assert counters.messages_in == 4
@@ -371,7 +373,7 @@ def test_a_positioned_payload_loses_its_prefix_and_its_position_is_tracked():
     core.subscribe(a, [S])
     frame = b'{"stream":"trade.SOL_USDC","data":{"i":42},"seq":42}'
     core.on_message(S.encode(), b"@42 " + frame)
-    assert core.take_batch()[a] == protocol.text_frame(frame)
+    assert core.take_batch()[a] == text_frame(frame)
     assert core.last_seq[S] == 42
     core.on_message(S.encode(), b'{"stream":"trade.SOL_USDC","data":{"i":1}}')
     assert core.last_seq[S] == 42          # a plain message has no position
@@ -456,7 +458,7 @@ def test_a_plain_stream_gets_one_gap_notice_per_listener_after_an_outage():
     notice = a.got[1]
     assert notice["stream"] == S and notice["data"]["s"] == "SOL_USDC"
     assert notice["data"]["reason"] == "link_outage"
-    assert notice["data"]["msg"] == protocol.GAP_REASONS["link_outage"]
+    assert notice["data"]["msg"] == GAP_REASONS["link_outage"]
     assert core.start_reads() == []                 # nothing to read for plain streams
 
 

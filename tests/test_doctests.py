@@ -37,7 +37,8 @@ def test_the_documented_modules_have_examples():
     """The modules whose docstrings promise examples keep them (a rename of
     a module or a ``>>>`` turned into ``::`` would otherwise pass silently)."""
     documented = {name for name in MODULES if _examples(importlib.import_module(name))}
-    assert {"marketstream.protocol", "marketstream.config", "marketstream.util",
+    assert {"marketstream.wire.requests", "marketstream.wire.payloads",
+            "marketstream.wire.positions", "marketstream.wire.replies", "marketstream.wire.frames", "marketstream.config", "marketstream.util",
             "marketstream.publisher", "marketstream.history", "marketstream.upgrade",
             "marketstream.client", "marketstream.counters", "marketstream.admission",
             "marketstream.simulator", "marketstream.tornado_compat",

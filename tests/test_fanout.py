@@ -13,8 +13,8 @@ import pytest
 import redis
 import ujson
 
-from marketstream import protocol
 from marketstream.channels import ChannelManager
+from marketstream.wire.frames import text_frame
 from tests.helpers import (ServerProcess, abort, async_wait_until, clients_on_every_worker, connect,
                            envelope, raw_socket, read, send, server_frames, subscribe_all,
                            subscribed, wait_until)
@@ -222,7 +222,7 @@ async def test_a_frame_tornado_sent_in_part_is_never_cut_by_the_fan_out(server):
     await async_wait_until(lambda: server.manager.connections, message="registered")
     handler = next(iter(server.manager.connections))
     handler.ws_connection.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    handler.write_frames(protocol.text_frame(b'{"n":1}'))  # straight to the kernel
+    handler.write_frames(text_frame(b'{"n":1}'))  # straight to the kernel
     big = "x" * 200_000
     handler.write_message(big)  # the kernel takes a few KB; the rest waits in Tornado's buffer
     # The client reads what the kernel holds, without giving the server's
@@ -240,7 +240,7 @@ async def test_a_frame_tornado_sent_in_part_is_never_cut_by_the_fan_out(server):
             continue
         assert chunk, "closed"
         received += chunk
-    handler.write_frames(protocol.text_frame(b'{"n":2}'))
+    handler.write_frames(text_frame(b'{"n":2}'))
     data += received
     frames = []
     deadline = time.monotonic() + 5

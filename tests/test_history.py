@@ -1,5 +1,4 @@
-"""Reading the recovery keys: split_position (property-tested), read_after's
-coverage cases, snapshots and latest positions, on a plain Redis and on a
+"""Reading the recovery keys: read_after's coverage cases, snapshots and latest positions, on a plain Redis and on a
 one-node Redis Cluster."""
 
 import asyncio
@@ -10,14 +9,11 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
 import ujson
-from hypothesis import given
-from hypothesis import strategies as st
 
 import marketstream.history
 import marketstream.publisher
 import marketstream.util
-from marketstream.history import (latest_position, read_after, read_recent, read_snapshot,
-                                  split_position)
+from marketstream.history import latest_position, read_after, read_recent, read_snapshot
 from marketstream.publisher import Publisher
 from tests.test_publisher import cluster7, r7, redis7_server  # noqa: F401 (fixtures)
 
@@ -29,30 +25,6 @@ S = "trade.A_B"
 def test_docstring_examples(module):
     result = doctest.testmod(module)
     assert result.attempted and not result.failed
-
-
-@given(st.integers(min_value=0, max_value=2 ** 53), st.binary())
-def test_split_position_reads_any_position(seq, frame):
-    assert split_position(b"@%d %s" % (seq, frame)) == (seq, frame)
-
-
-@given(st.one_of(st.binary(), st.binary().map(lambda b: b"@" + b)))
-def test_split_position_other_payloads(payload):
-    seq, rest = split_position(payload)
-    if seq is None:
-        assert rest == payload
-    else:
-        digits = payload[1:payload.index(b" ")]
-        assert digits.isdigit() and int(digits) == seq
-        assert payload == b"@" + digits + b" " + rest
-    if payload[:1] != b"@":
-        assert seq is None
-
-
-@pytest.mark.parametrize("payload", [b"", b"@", b"@ x", b"@12", b"@12x {}", b"@-1 {}",
-                                     b"@" + b"9" * 30 + b" {}", b'{"stream":"a"}'])
-def test_split_position_malformed(payload):
-    assert split_position(payload) == (None, payload)
 
 
 def run(coro_fn, port, cluster=False):

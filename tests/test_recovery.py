@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from marketstream.client import OrderBook
-from marketstream.protocol import GAP_REASONS, MAX_POSITION
+from marketstream.wire.positions import MAX_POSITION
+from marketstream.wire.replies import GAP_REASONS
 from marketstream.publisher import AsyncPublisher, Publisher
 from marketstream.simulator import Feed, encode
 from tests.helpers import abort, async_wait_until, connect, listeners, subscribed, ws_url

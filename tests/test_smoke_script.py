@@ -303,7 +303,7 @@ def test_smoke_stream_marker(smoke_module, name, smoke):
 
 
 def test_default_stream_passes_the_servers_default_rules(smoke_module):
-    from marketstream.protocol import StreamRules
+    from marketstream.wire.requests import StreamRules
     names = {smoke_module.default_stream() for _ in range(20)}
     assert len(names) == 20
     for name in names:

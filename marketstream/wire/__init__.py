@@ -1,0 +1,17 @@
+"""What bytes mean, without any I/O: the wire layer.
+
+- :mod:`~marketstream.wire.frames`: WebSocket frames as the server sends
+  them, and the close codes;
+- :mod:`~marketstream.wire.requests`: client requests, the ``/stream``
+  query, stream-name rules, the token bucket;
+- :mod:`~marketstream.wire.replies`: replies to requests and gap notices;
+- :mod:`~marketstream.wire.payloads`: the checks of payloads from Redis,
+  the ``data`` format's wrapping, the publisher's timestamp;
+- :mod:`~marketstream.wire.positions` (and ``recovery.lua`` beside it): the
+  recovery format -- positions, a stream's keys, the frames the recovery
+  script publishes.
+
+Imports: the standard library, orjson and ujson; nothing of marketstream
+outside this package (no Tornado, no redis-py), so every layer may use it
+and its tests call it directly.
+"""

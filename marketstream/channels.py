@@ -5,7 +5,7 @@ One ChannelManager per process joins three pieces:
 * a :class:`~marketstream.core.Core` (no I/O) that holds who listens to
   what, turns Redis messages into batches of frames, and keeps the
   resubscribe, gap and recovery bookkeeping;
-* a :class:`~marketstream.link.PubSubLink`, the Redis pub/sub connection
+* a link (:func:`~marketstream.upstream.links.make_link`), the Redis pub/sub connection(s)
   that stays subscribed to exactly the channels the core wants;
 * the event-loop glue: one flush per batch, history reads for recovering
   clients, and futures for acknowledgements.
@@ -46,14 +46,14 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from marketstream import history
+from marketstream.upstream import history
 from marketstream.core import REPLAY_BYTES, Connection, Core, History, Read, Want
 from marketstream.counters import Counters
-from marketstream.link import UPSTREAM_ERRORS
 from marketstream.loglimit import LogLimiter
-from marketstream.redisurl import async_client
-from marketstream.upstream import make_link
-from marketstream.util import Confirmations, redact_url
+from marketstream.upstream.clients import REDIS_ERRORS, async_client
+from marketstream.upstream.confirmations import Confirmations
+from marketstream.upstream.links import make_link
+from marketstream.upstream.urls import redact_url
 from marketstream.wire.payloads import WRONG_STREAM, publish_time
 
 __all__ = ["ChannelManager", "Want"]
@@ -236,7 +236,7 @@ class ChannelManager:
         return await self._confirmations.wait(
             names, lambda name: core.is_wanted(name) and name not in confirmed, timeout)
 
-    # --- what the link reports (see marketstream.link.Listener) --------------
+    # --- what the link reports (see marketstream.upstream.link.Listener) --------------
 
     def wanted(self) -> set[str]:
         return self.core.wanted()
@@ -336,7 +336,7 @@ class ChannelManager:
         except asyncio.CancelledError:
             self.core.read_failed(name, read.token)
             raise
-        except UPSTREAM_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             self._log_limit.log(logging.WARNING, "history_read",
                                 "reading the history of %s failed (%s); retrying", name, exc)
             self.core.read_failed(name, read.token)

@@ -123,11 +123,11 @@ def _regex(text: str) -> re.Pattern[str]:
 
 
 def _redis_url(text: str) -> str:
-    """One server, Sentinel or Cluster (see :mod:`marketstream.redisurl`);
+    """One server, Sentinel or Cluster (see :mod:`marketstream.upstream.urls`);
     empty: an embedded redis-server."""
     value = text.strip()
     if value:
-        from marketstream.redisurl import parse_redis_url
+        from marketstream.upstream.urls import parse_redis_url
         parse_redis_url(value)  # raises ValueError saying what is wrong
     return value
 

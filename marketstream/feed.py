@@ -49,13 +49,12 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from marketstream.publisher import AsyncPublisher
 from marketstream.simulator import (DEFAULT_MARKETS, FORMATS, KINDS, MAX_LAG,  # noqa: F401
                                     SNAPSHOT_INTERVAL, TICKER_INTERVAL, Feed, FeedEvent,
                                     MarketSimulator, MarketSpec, encode, envelope, market_spec)
-from marketstream.util import async_redis_client, check_redis, redact_url
+from marketstream.upstream.clients import REDIS_ERRORS, async_client, check_redis
+from marketstream.upstream.urls import redact_url
 
 __all__ = ["DEFAULT_MARKETS", "FORMATS", "Feed", "MarketSimulator", "MarketSpec",
            "build_parser", "encode", "envelope", "main", "market_spec", "redact", "run_feed"]
@@ -80,8 +79,6 @@ async def _wait(stop: asyncio.Event, timeout: float) -> bool:
             pass
     return stop.is_set()
 
-
-_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
 def _cancel_requested() -> bool:
@@ -130,7 +127,7 @@ async def run_feed(redis_url: str, markets: Iterable[str] | str = DEFAULT_MARKET
     counts = dict.fromkeys(KINDS, 0)
     reported, last_summary = dict(counts), start
     url = redact_url(redis_url)
-    client = async_redis_client(redis_url, socket_connect_timeout=5, socket_timeout=5)
+    client = async_client(redis_url, socket_connect_timeout=5, socket_timeout=5)
     sink: AsyncPublisher | _Plain = (AsyncPublisher(client, history=history, ttl=ttl)
                                      if recoverable else _Plain(client, feed))
     log.info("publishing %s (%s, %g trade+depth events/s per market, tickers every "
@@ -148,7 +145,7 @@ async def run_feed(redis_url: str, markets: Iterable[str] | str = DEFAULT_MARKET
             if batch:
                 try:
                     await _publish(sink, batch)
-                except _ERRORS as exc:
+                except REDIS_ERRORS as exc:
                     if _cancel_requested():
                         raise asyncio.CancelledError() from exc
                     log.warning("Redis at %s unavailable (%s): %d message(s) dropped; "
@@ -214,7 +211,7 @@ async def _reconnect(client: Any, stop: asyncio.Event, deadline: float | None,
         try:
             await client.ping()
             return True
-        except _ERRORS as exc:
+        except REDIS_ERRORS as exc:
             log.debug("Redis still unavailable: %s", exc)
 
 
@@ -306,7 +303,7 @@ async def _main(args: argparse.Namespace) -> int:
         except ValueError as exc:
             log.error("invalid --redis-url %r: %s", redact_url(args.redis_url), exc)
             return 2
-        except _ERRORS as exc:
+        except REDIS_ERRORS as exc:
             log.error("cannot reach Redis at %s: %s", redact_url(args.redis_url), exc)
             return 1
         await run_feed(args.redis_url, markets=args.markets, rate=args.rate, fmt=args.fmt,

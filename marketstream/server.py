@@ -30,7 +30,6 @@ from collections.abc import Coroutine, Mapping
 from typing import Any
 
 import tornado.web
-from redis.exceptions import RedisError
 
 from marketstream import __version__, metrics
 from marketstream import tornado_compat as compat
@@ -41,7 +40,7 @@ from marketstream.embedded import RedisServer
 from marketstream.handlers import (Context, StreamHandler, log_request, routes,
                                    ws_paths)
 from marketstream.keepalive import Keepalive, Pingable
-from marketstream.link import UPSTREAM_ERRORS
+from marketstream.upstream.clients import REDIS_ERRORS
 from marketstream.loglimit import LogLimiter
 from marketstream.metrics import Exporter
 from marketstream.listen import bind_listeners
@@ -195,7 +194,7 @@ class Server:
         assert self.manager is not None
         try:
             await self.manager.start(timeout)
-        except (asyncio.TimeoutError, *UPSTREAM_ERRORS) as exc:
+        except REDIS_ERRORS as exc:
             return exc
         return None
 
@@ -493,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
                 metrics.disable_multiprocess(metrics_dir)
     except RedisUnavailable:
         code = 1  # logged where it was decided
-    except (OSError, RedisError, asyncio.TimeoutError, RuntimeError, ValueError) as exc:
+    except (*REDIS_ERRORS, RuntimeError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         code = 1
     finally:

@@ -19,6 +19,7 @@ kernel to send them SIGTERM if the parent dies, so none outlives it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -28,13 +29,27 @@ import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from marketstream.util import die_with_parent as _die_with_parent
 
-__all__ = ["supervise", "worker_id"]
+__all__ = ["supervise", "worker_id", "die_with_parent"]
 
 log = logging.getLogger("marketstream.workers")
 
 _worker_id: int | None = None
+
+
+def die_with_parent() -> None:
+    """Have the kernel send SIGTERM to this process when its parent exits.
+
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere it does nothing.  The
+    kernel ties this to the parent *thread*: start the child from a thread
+    that lives as long as the child should::
+
+        subprocess.Popen(args, preexec_fn=die_with_parent)
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def worker_id() -> int | None:
@@ -58,7 +73,7 @@ def _spawn(index: int, target: Callable[[int], int | None],
                     sock.close()  # the parent's copy stays open
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        _die_with_parent()
+        die_with_parent()
         code = target(index) or 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1

@@ -60,7 +60,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_fanout as fanout  # noqa: E402  (puts the project root on sys.path)
 
-from marketstream.topology import key_slot  # noqa: E402
+from marketstream.upstream.cluster import key_slot  # noqa: E402
 from tests.redis_topology import Cluster, find_redis7  # noqa: E402
 
 log = fanout.log

@@ -78,7 +78,7 @@ import redis
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from marketstream.embedded import RedisServer, free_port  # noqa: E402
-from marketstream.util import die_with_parent  # noqa: E402
+from marketstream.workers import die_with_parent  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WSBLAST_SOURCE = os.path.join(HERE, "wsblast.c")

@@ -93,7 +93,7 @@ sys.path.insert(0, HERE)
 import bench_fanout as fanout  # noqa: E402  (puts the project root on sys.path)
 
 from marketstream.embedded import RedisServer, free_port  # noqa: E402
-from marketstream.util import die_with_parent  # noqa: E402
+from marketstream.workers import die_with_parent  # noqa: E402
 
 ROOT = fanout.ROOT
 log = fanout.log

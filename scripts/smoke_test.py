@@ -73,7 +73,8 @@ import redis.cluster
 import tornado.httpclient
 import tornado.websocket
 
-from marketstream.util import redact_url, sync_redis_client
+from marketstream.upstream.clients import sync_client
+from marketstream.upstream.urls import redact_url
 
 STEPS = ("health", "connect", "subscribe", "deliver", "unsubscribe", "close", "positions")
 DEFAULT_WS = "127.0.0.1:4000"
@@ -247,7 +248,7 @@ class Smoke:
 
     def _redis(self):
         if self.redis is None:
-            self.redis = sync_redis_client(self.redis_url, socket_timeout=self.timeout,
+            self.redis = sync_client(self.redis_url, socket_timeout=self.timeout,
                                            socket_connect_timeout=self.timeout)
         return self.redis
 

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from marketstream import redisurl
+from marketstream.upstream import urls
 from marketstream.server import build_parser, settings_from_args
 from tests.helpers import ROOT, wait_until
 
@@ -23,7 +23,7 @@ def test_help_lists_every_redis_url_form():
     text = subprocess.run([sys.executable, "-m", "marketstream", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, check=True).stdout
     text = " ".join(text.split())  # argparse wraps the help text
-    for scheme in redisurl._SCHEMES:
+    for scheme in urls._SCHEMES:
         assert "%s://" % scheme in text, scheme
     # What a sentinel URL needs, spelled out.
     assert "/<service_name>" in text

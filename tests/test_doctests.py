@@ -38,8 +38,8 @@ def test_the_documented_modules_have_examples():
     a module or a ``>>>`` turned into ``::`` would otherwise pass silently)."""
     documented = {name for name in MODULES if _examples(importlib.import_module(name))}
     assert {"marketstream.wire.requests", "marketstream.wire.payloads",
-            "marketstream.wire.positions", "marketstream.wire.replies", "marketstream.wire.frames", "marketstream.config", "marketstream.util",
-            "marketstream.publisher", "marketstream.history", "marketstream.upgrade",
+            "marketstream.wire.positions", "marketstream.wire.replies", "marketstream.wire.frames", "marketstream.config", "marketstream.upstream.urls",
+            "marketstream.upstream.publisher", "marketstream.upstream.history", "marketstream.upgrade",
             "marketstream.client", "marketstream.counters", "marketstream.admission",
             "marketstream.simulator", "marketstream.tornado_compat",
             "marketstream.listen"} <= documented

@@ -22,9 +22,9 @@ import ujson
 
 from marketstream.embedded import free_port
 from marketstream.feed import DEFAULT_MARKETS, Feed, build_parser, main, redact, run_feed
-from marketstream.history import read_after, read_snapshot
+from marketstream.upstream.history import read_after, read_snapshot
 from marketstream.publisher import Publisher
-from marketstream.util import redact_url
+from marketstream.upstream.urls import redact_url
 from marketstream.wire.positions import split_position
 from tests.helpers import async_wait_until, wait_until
 from tests.test_simulator import Book

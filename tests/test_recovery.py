@@ -785,7 +785,7 @@ async def test_book_from_running_demo_feed_equals_its_stored_snapshots(server, r
     """``run_feed`` itself: the book a client keeps from snapshot plus diffs
     equals each full-book snapshot the feed stores later, at its position."""
     from marketstream.feed import run_feed
-    from marketstream.history import read_snapshot
+    from marketstream.upstream.history import read_snapshot
     import redis.asyncio
 
     name = market("FD")

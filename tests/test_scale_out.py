@@ -31,8 +31,8 @@ import tornado.websocket
 import ujson
 
 from marketstream.publisher import Publisher
-from marketstream.redisurl import sync_client
-from marketstream.topology import key_slot
+from marketstream.upstream.clients import sync_client
+from marketstream.upstream.cluster import key_slot
 from tests.helpers import ROOT, ServerProcess, async_wait_until, wait_until
 from tests.redis_topology import cluster, redis_cluster, redis_sentinel, sentinel  # noqa: F401
 

@@ -10,18 +10,18 @@ import redis.asyncio.cluster
 import redis.cluster
 import ujson
 
-import marketstream.history
-import marketstream.publisher
-import marketstream.util
-from marketstream.history import latest_position, read_after, read_recent, read_snapshot
+import marketstream.upstream.history
+import marketstream.upstream.publisher
+import marketstream.upstream.urls
 from marketstream.publisher import Publisher
-from tests.test_publisher import cluster7, r7, redis7_server  # noqa: F401 (fixtures)
+from marketstream.upstream.history import latest_position, read_after, read_recent, read_snapshot
+from tests.upstream.test_publisher import cluster7, r7, redis7_server  # noqa: F401 (fixtures)
 
 S = "trade.A_B"
 
 
-@pytest.mark.parametrize("module", [marketstream.history, marketstream.publisher,
-                                    marketstream.util])
+@pytest.mark.parametrize("module", [marketstream.upstream.history,
+                                    marketstream.upstream.publisher, marketstream.upstream.urls])
 def test_docstring_examples(module):
     result = doctest.testmod(module)
     assert result.attempted and not result.failed

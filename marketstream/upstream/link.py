@@ -19,8 +19,7 @@ The listener (the :class:`~marketstream.channels.ChannelManager`) provides
 wanted or not since the last call, ``{name: bool}``: a sync costs what
 changed, not what is wanted) and the callbacks ``on_message(channel,
 payload)`` (bytes, bytes), ``on_subscribed(name)``, ``on_unsubscribed(name)``,
-``on_lost()`` and ``on_restored(channels)``.  ``sharded=True`` uses
-SSUBSCRIBE/SUNSUBSCRIBE (Redis Cluster, one link per primary).
+``on_lost()`` and ``on_restored(channels)``.
 """
 
 from __future__ import annotations
@@ -35,17 +34,13 @@ from typing import Any, Protocol
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from marketstream.util import redact_url
+from marketstream.upstream.clients import REDIS_ERRORS
+from marketstream.upstream.urls import node_label, redact_url
 
-__all__ = ["PubSubLink", "Listener", "UPSTREAM_ERRORS"]
+__all__ = ["PubSubLink", "Listener"]
 
 log = logging.getLogger("marketstream.channels")
-
-UPSTREAM_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, EOFError, RedisError)
 
 
 class Listener(Protocol):
@@ -64,13 +59,6 @@ class Listener(Protocol):
     def on_lost(self) -> None: ...
 
     def on_restored(self, channels: set[str]) -> None: ...
-
-
-def _node_of(kwargs: dict[str, Any]) -> str:
-    if kwargs.get("path"):
-        return "unix:" + kwargs["path"]
-    host = kwargs.get("host", "localhost")
-    return ("[%s]:%s" if ":" in host else "%s:%s") % (host, kwargs.get("port", 6379))
 
 
 #: Bytes of Redis replies read per event-loop iteration, at most.
@@ -111,7 +99,7 @@ class PubSubLink:
 
     def __init__(self, url: str, listener: Listener, ping_interval: float = 1.0,
                  ping_timeout: float = 2.0, backoff_min: float = 0.05,
-                 backoff_max: float = 1.0, sharded: bool = False,
+                 backoff_max: float = 1.0,
                  resolve: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> None:
         self.url = url
         self.listener = listener
@@ -120,11 +108,6 @@ class PubSubLink:
         self.ping_timeout = ping_timeout
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
-        self.subscribe_command = "SSUBSCRIBE" if sharded else "SUBSCRIBE"
-        self.unsubscribe_command = "SUNSUBSCRIBE" if sharded else "UNSUBSCRIBE"
-        self._message_kind = b"smessage" if sharded else b"message"
-        self._subscribe_kind = b"ssubscribe" if sharded else b"subscribe"
-        self._unsubscribe_kind = b"sunsubscribe" if sharded else b"unsubscribe"
         self.reconnects = 0
         self.widened = False  # reads widened (see widen_reads)
         self.node = "?"  # host:port of the server connected to
@@ -226,10 +209,11 @@ class PubSubLink:
         await conn.connect()
         self.widened = widen_reads(conn)
         self._conn = conn
-        self.node = _node_of(kwargs)
+        self.node = ("unix:" + kwargs["path"] if kwargs.get("path") else
+                     node_label((kwargs.get("host", "localhost"), int(kwargs.get("port", 6379)))))
         self._upstream = set(self.listener.wanted())
         if self._upstream:
-            await conn.send_command(self.subscribe_command, *self._upstream, check_health=False)
+            await conn.send_command("SUBSCRIBE", *self._upstream, check_health=False)
         self._last_pong = time.monotonic()
         self._connected.set()
 
@@ -241,7 +225,7 @@ class PubSubLink:
             attempt += 1
             try:
                 await self._connect()
-            except UPSTREAM_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 wait = min(self.backoff_max, delay) * random.uniform(0.5, 1.0)
                 # The first failures, then one line in ten: an outage or a
                 # failover must not flood the log.
@@ -288,7 +272,7 @@ class PubSubLink:
                     self._active = True  # anything read proves the link alive
             except asyncio.CancelledError:
                 raise
-            except UPSTREAM_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 if conn is self._conn:
                     await self._lost(exc)
             except Exception:
@@ -301,11 +285,11 @@ class PubSubLink:
             self._last_pong = time.monotonic()
             return
         kind = response[0]
-        if kind == self._message_kind:
+        if kind == b"message":
             self.listener.on_message(response[1], response[2])
-        elif kind == self._subscribe_kind:
+        elif kind == b"subscribe":
             self.listener.on_subscribed(response[1].decode())
-        elif kind == self._unsubscribe_kind:
+        elif kind == b"unsubscribe":
             self.listener.on_unsubscribed(response[1].decode())
         elif kind == b"pong":
             self._last_pong = time.monotonic()
@@ -324,11 +308,11 @@ class PubSubLink:
             try:
                 if add:
                     upstream.update(add)
-                    await conn.send_command(self.subscribe_command, *add, check_health=False)
+                    await conn.send_command("SUBSCRIBE", *add, check_health=False)
                 if drop:
                     upstream.difference_update(drop)
-                    await conn.send_command(self.unsubscribe_command, *drop, check_health=False)
-            except UPSTREAM_ERRORS as exc:
+                    await conn.send_command("UNSUBSCRIBE", *drop, check_health=False)
+            except REDIS_ERRORS as exc:
                 if conn is self._conn:
                     await self._lost(exc)
                 self._dirty.set()
@@ -342,7 +326,7 @@ class PubSubLink:
                 continue
             try:
                 await conn.send_command("PING", check_health=False)
-            except UPSTREAM_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 if conn is self._conn:
                     await self._lost(exc)
                 continue

@@ -53,28 +53,26 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot as _key_slot
-from redis.exceptions import MovedError, RedisError, ResponseError
+from redis.exceptions import MovedError, ResponseError
 
-from marketstream.util import Confirmations
-
-if TYPE_CHECKING:
-    from marketstream.redisurl import RedisURL
+from marketstream.upstream.clients import REDIS_ERRORS
+from marketstream.upstream.confirmations import Confirmations
+from marketstream.upstream.urls import RedisURL, node_label, parse_redis_url
 
 __all__ = ["SentinelWatcher", "ShardedSubscriber", "cluster_primaries", "cluster_topology",
-           "key_slot", "node_label", "sentinel_primary"]
+           "key_slot", "sentinel_primary"]
 
 log = logging.getLogger("marketstream.topology")
 
 Address = tuple[str, int]
 Ranges = dict[Address, list[tuple[int, int]]]   # primary -> its slot ranges [(start, end)]
 SLOTS = 16384
-_ERRORS = (RedisError, OSError, EOFError, asyncio.TimeoutError)
 
 
 def key_slot(name: str | bytes) -> int:
@@ -84,12 +82,6 @@ def key_slot(name: str | bytes) -> int:
         True
     """
     return _key_slot(name.encode() if isinstance(name, str) else name)
-
-
-def node_label(addr: Address) -> str:
-    """``"host:port"`` (``"[v6]:port"``), the node label of health and metrics."""
-    host, port = addr
-    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
 # --- connections ---------------------------------------------------------------
@@ -205,7 +197,7 @@ async def cluster_primaries(seeds: Iterable[Address], *, timeout: float = 1.0,
         # {("127.0.0.1", 7000): [(0, 5460)], ...}
 
     ``conn_kwargs`` are connection options (``password``, ``username``,
-    ``ssl`` ...; see :meth:`marketstream.redisurl.RedisURL.connection_kwargs`).
+    ``ssl`` ...; see :meth:`marketstream.upstream.urls.RedisURL.connection_kwargs`).
     Raises ``redis.exceptions.ConnectionError`` when no seed answers."""
     errors: list[str] = []
     for addr in seeds:
@@ -213,7 +205,7 @@ async def cluster_primaries(seeds: Iterable[Address], *, timeout: float = 1.0,
         try:
             primaries, _ = await cluster_topology(addr, timeout=timeout, **conn_kwargs)
             return primaries
-        except _ERRORS as exc:
+        except REDIS_ERRORS as exc:
             errors.append("%s: %s" % (node_label(addr), exc or type(exc).__name__))
     raise redis.exceptions.ConnectionError("no cluster seed answered (%s)" % "; ".join(errors))
 
@@ -249,7 +241,7 @@ async def sentinel_primary(seeds: Iterable[Address], service: str, *, timeout: f
                         "%s named %s, which is a %s" % (node_label(addr), node_label(primary),
                                                         _text(role[0])))
             return primary
-        except _ERRORS as exc:
+        except REDIS_ERRORS as exc:
             errors.append("%s: %s" % (node_label(addr), exc or type(exc).__name__))
     raise redis.exceptions.ConnectionError(
         "no sentinel could name the primary of %r (%s)" % (service, "; ".join(errors)))
@@ -318,7 +310,7 @@ class SentinelWatcher:
                         self._on_event(_text(response[2]))
             except asyncio.CancelledError:
                 raise
-            except _ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 if self.connected[label]:
                     log.warning("sentinel %s: watch lost (%s)", label, exc)
                 self.connected[label] = False
@@ -384,7 +376,7 @@ class ShardedSubscriber:
     ``"host:port"``, ``state`` is ``"up"``, ``"down"`` (connection lost, no
     PONG, refused) or ``"removed"`` (no longer a primary).
     ``connection_kwargs``: credentials and TLS for the nodes (see
-    :meth:`marketstream.redisurl.RedisURL.connection_kwargs`).
+    :meth:`marketstream.upstream.urls.RedisURL.connection_kwargs`).
     A link is down when a PONG is older than ``ping_interval + ping_timeout``.
     Reconnects and topology refreshes back off from ``backoff_min`` to
     ``backoff_max`` seconds; the topology is re-read every
@@ -441,7 +433,6 @@ class ShardedSubscriber:
                  on_health: Callable[[str, str], Any] | None = None,
                  **kwargs: Any) -> ShardedSubscriber:
         """A subscriber for a ``redis+cluster://`` URL (str or RedisURL)."""
-        from marketstream.redisurl import RedisURL, parse_redis_url
         desc = url if isinstance(url, RedisURL) else parse_redis_url(url)
         if desc.mode != "cluster":
             raise ValueError("ShardedSubscriber needs a redis+cluster:// URL, not %s"
@@ -600,7 +591,7 @@ class ShardedSubscriber:
             try:
                 primaries, nodes = await cluster_topology(addr, timeout=self.connect_timeout,
                                                           **self.connection_kwargs)
-            except _ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 log.debug("topology from %s failed: %s", node_label(addr), exc)
                 continue
             if not primaries:
@@ -757,7 +748,7 @@ class ShardedSubscriber:
             conn = link.conn
             try:
                 await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-            except _ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 await self._lost(link, conn, exc)
 
     async def _run_link(self, link: _Link) -> None:
@@ -767,7 +758,7 @@ class ShardedSubscriber:
             conn = _connection(link.addr, self.connection_kwargs, self.connect_timeout)
             try:
                 await asyncio.wait_for(conn.connect(), self.connect_timeout)
-            except _ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 await conn.disconnect(nowait=True)
                 if link.state != "down":
                     link.state = "down"
@@ -791,7 +782,7 @@ class ShardedSubscriber:
                 await self._read(link, conn)
             except asyncio.CancelledError:
                 raise
-            except _ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 await self._lost(link, conn, exc)
             except Exception as exc:
                 log.exception("unexpected error reading from %s", link.label)
@@ -957,7 +948,7 @@ class ShardedSubscriber:
                 link.pending.append([_PING, None, None, 1, None])
                 try:
                     await conn.send_command("PING", check_health=False)
-                except _ERRORS as exc:
+                except REDIS_ERRORS as exc:
                     await self._lost(link, conn, exc)
             if now - self._last_refresh > self.refresh_interval:
                 self._request_refresh()

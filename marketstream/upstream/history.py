@@ -1,7 +1,8 @@
 """Reading what recoverable publishers stored: positions, history, snapshots.
 
 The server side of ``marketstream/wire/recovery.lua`` (see
-:mod:`marketstream.publisher`; the format is :mod:`marketstream.wire.positions`).
+:mod:`marketstream.upstream.publisher`; the format is
+:mod:`marketstream.wire.positions`).
 Every function takes a ``redis.asyncio`` client, a plain ``Redis`` or a
 ``RedisCluster`` (a stream's keys share its name as hash tag, so each call
 touches one slot)::

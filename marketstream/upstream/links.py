@@ -1,14 +1,15 @@
 """The pub/sub links a ``REDIS_URL`` needs, behind one interface.
 
-* ``redis://``, ``rediss://``, ``unix://``: one :class:`~marketstream.link.PubSubLink`.
-* ``redis+sentinel://``: one :class:`~marketstream.link.PubSubLink` that
-  asks the sentinels for the primary at every (re)connect, plus a
-  :class:`~marketstream.topology.SentinelWatcher` that drops the link when a sentinel announces
-  ``+switch-master`` for the service, so the link follows a failover at
-  once (a failed link or a silent one is followed too: it reconnects and
-  asks again).
+* ``redis://``, ``rediss://``, ``unix://``: one
+  :class:`~marketstream.upstream.link.PubSubLink`.
+* ``redis+sentinel://``: one :class:`~marketstream.upstream.link.PubSubLink`
+  that asks the sentinels for the primary at every (re)connect, plus a
+  :class:`~marketstream.upstream.cluster.SentinelWatcher` that drops the
+  link when a sentinel announces ``+switch-master`` for the service, so the
+  link follows a failover at once (a failed link or a silent one is followed
+  too: it reconnects and asks again).
 * ``redis+cluster://``: a :class:`ClusterLink`, one SSUBSCRIBE connection
-  per primary (:class:`~marketstream.topology.ShardedSubscriber`).
+  per primary (:class:`~marketstream.upstream.cluster.ShardedSubscriber`).
 
 ::
 
@@ -30,10 +31,9 @@ import asyncio
 import logging
 from typing import Any, Protocol
 
-from marketstream.link import Listener, PubSubLink
-from marketstream.redisurl import RedisURL, parse_redis_url
-from marketstream.util import redact_url
-from marketstream.topology import SentinelWatcher, ShardedSubscriber, sentinel_primary
+from marketstream.upstream.cluster import SentinelWatcher, ShardedSubscriber, sentinel_primary
+from marketstream.upstream.link import Listener, PubSubLink
+from marketstream.upstream.urls import RedisURL, parse_redis_url, redact_url
 
 __all__ = ["make_link", "ClusterLink", "ClusterListener", "Link", "SentinelLink"]
 
@@ -134,7 +134,7 @@ class SentinelLink(PubSubLink):
 
 
 class ClusterLink:
-    """The link interface over a :class:`~marketstream.topology.ShardedSubscriber`."""
+    """The link interface over a :class:`~marketstream.upstream.cluster.ShardedSubscriber`."""
 
     def __init__(self, desc: RedisURL, listener: ClusterListener, ping_interval: float = 1.0,
                  ping_timeout: float = 2.0, backoff_min: float = 0.05,

@@ -26,30 +26,19 @@ message that says what is wrong::
         ...
     ValueError: a cluster URL cannot select a database (got /3): Redis Cluster has only db 0
 
-and hands out a redis-py client for whatever the URL names::
-
-    client = sync_client("redis+cluster://10.0.0.1:7000,10.0.0.2:7000")  # a RedisCluster
-    aclient = async_client(url)    # redis.asyncio Redis / master of the Sentinel / RedisCluster
+:func:`redact_url` hides the password of any URL, even one that does not
+parse, for logs; :func:`node_label` names a node as health and metrics do.
+The redis-py clients for a URL are :mod:`marketstream.upstream.clients`'.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
-import redis
-import redis.asyncio
-import redis.asyncio.cluster
-import redis.asyncio.sentinel
-import redis.cluster
-import redis.sentinel
-
-from marketstream.util import redact_url
-
-__all__ = ["MODES", "RedisURL", "async_client", "parse_redis_url", "sync_client"]
+__all__ = ["MODES", "RedisURL", "parse_redis_url", "redact_url", "node_label"]
 
 MODES = ("single", "sentinel", "cluster")
 
@@ -161,7 +150,7 @@ class RedisURL:
         if self.path is not None:
             location = "/" + self.path.lstrip("/")
         else:
-            location = ",".join(_format_addr(h, p) for h, p in self.seeds)
+            location = ",".join(map(node_label, self.seeds))
         if self.mode == "sentinel":
             location += "/%s" % quote(self.service_name or "", safe="")
             if self.db:
@@ -213,7 +202,13 @@ class RedisURL:
         return kwargs
 
 
-def _format_addr(host: str, port: int) -> str:
+def node_label(addr: tuple[str, int]) -> str:
+    """``"host:port"`` (``"[v6]:port"``), the node label of health and metrics::
+
+        >>> node_label(("10.0.0.1", 7000)), node_label(("::1", 6379))
+        ('10.0.0.1:7000', '[::1]:6379')
+    """
+    host, port = addr
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
@@ -362,164 +357,49 @@ def parse_redis_url(url: str) -> RedisURL:
                     options=tuple(sorted(options.items())), url=url)
 
 
-def _described(url: str | RedisURL) -> RedisURL:
-    return url if isinstance(url, RedisURL) else parse_redis_url(url)
+_MASK = "***"
 
 
-def _service(desc: RedisURL) -> str:
-    if desc.service_name is None:  # parse_redis_url always sets it
-        raise ValueError("a sentinel URL needs the service name")
-    return desc.service_name
+def redact_url(url: str) -> str:
+    """``url`` with its password hidden and everything else kept.
 
+    The user name stays (it tells which ACL user connects); the password,
+    in the authority or in a ``password=`` query parameter (which redis-py
+    accepts too), becomes ``***``.  A URL without a password is returned
+    unchanged::
 
-#: Seconds between two checks of which server is the Sentinel primary.
-PRIMARY_CHECK = 0.5
-
-
-def _newest(states: list[Any], service: str) -> tuple[str, int]:
-    """The primary named by the sentinel with the newest configuration.
-
-    Sentinels learn a failover from each other within a couple of seconds;
-    one that has not yet would name the old primary, which may still accept
-    writes.  The configuration epoch says which answer is the latest.
+        >>> redact_url("redis://user:pw@host:6379/0")
+        'redis://user:***@host:6379/0'
+        >>> redact_url("rediss://:pw@host:6380")
+        'rediss://:***@host:6380'
+        >>> redact_url("redis://user:p@ss@host/0")
+        'redis://user:***@host/0'
+        >>> redact_url("redis://host:6379/0?password=pw&db=1")
+        'redis://host:6379/0?password=***&db=1'
+        >>> redact_url("redis+sentinel://:pw@s1:26379,s2:26379/mymaster")
+        'redis+sentinel://:***@s1:26379,s2:26379/mymaster'
+        >>> redact_url("unix:///run/redis.sock?db=0")
+        'unix:///run/redis.sock?db=0'
     """
-    best = max(states, key=lambda state: state.get("config-epoch", 0), default=None)
-    if best is None:
-        raise redis.sentinel.MasterNotFoundError("No master found for %r" % service)
-    return best["ip"], best["port"]
-
-
-class _Sentinel(redis.sentinel.Sentinel):
-    """A Sentinel client that asks every sentinel and follows the newest
-    configuration (see :func:`_newest`)."""
-
-    def discover_master(self, service_name: str) -> tuple[str, int]:
-        states = []
-        for sentinel in self.sentinels:
-            try:
-                masters: Any = sentinel.sentinel_masters()  # a dict by service name (RESP2)
-                state = masters.get(service_name)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                continue
-            if state and self.check_master_state(state, service_name):
-                states.append(state)
-        return _newest(states, service_name)
-
-
-class _AsyncSentinel(redis.asyncio.sentinel.Sentinel):
-    """:class:`_Sentinel` for asyncio clients."""
-
-    async def discover_master(self, service_name: str) -> tuple[str, int]:
-        states = []
-        for sentinel in self.sentinels:
-            try:
-                masters: Any = await sentinel.sentinel_masters()  # by service name (RESP2)
-                state = masters.get(service_name)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                continue
-            if state and self.check_master_state(state, service_name):
-                states.append(state)
-        return _newest(states, service_name)
-
-
-class _FollowingPool(redis.sentinel.SentinelConnectionPool):
-    """A Sentinel pool that asks which server is the primary at most every
-    :data:`PRIMARY_CHECK` seconds when a connection is taken.
-
-    redis-py asks only when it opens a connection, and after a forced
-    failover (``SENTINEL FAILOVER``) the old primary keeps accepting writes
-    for seconds: publishes would be acknowledged and lost.  When the primary
-    moved, ``get_master_address`` drops the idle connections, so the one
-    taken next goes to the new primary.
-    """
-
-    _checked = 0.0
-
-    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        now = time.monotonic()
-        if now - self._checked >= PRIMARY_CHECK:
-            self._checked = now
-            self.get_master_address()
-        return super().get_connection(*args, **kwargs)
-
-
-class _AsyncFollowingPool(redis.asyncio.sentinel.SentinelConnectionPool):
-    """:class:`_FollowingPool` for asyncio clients."""
-
-    _checked = 0.0
-
-    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        now = time.monotonic()
-        if now - self._checked >= PRIMARY_CHECK:
-            self._checked = now
-            await self.get_master_address()
-        return await super().get_connection(*args, **kwargs)
-
-
-def sync_client(url: str | RedisURL, **kwargs: Any) -> redis.Redis | redis.cluster.RedisCluster:
-    """A synchronous redis-py client for ``url``.
-
-    * one server: ``redis.Redis``;
-    * Sentinel: the primary's ``redis.Redis`` from
-      ``redis.sentinel.Sentinel(...).master_for(service_name)``, which asks
-      the sentinels again after a failover;
-    * Cluster: ``redis.cluster.RedisCluster`` with the seeds as startup nodes.
-
-    ``kwargs`` go to the client (``decode_responses=True`` ...)::
-
-        client = sync_client("redis+sentinel://127.0.0.1:26379/prices")
-        client.publish("trade.SOL_USDC", payload)
-    """
-    import redis
-    import redis.cluster
-    import redis.sentinel
-
-    desc = _described(url)
-    conn = desc.connection_kwargs()
-    conn.update(kwargs)
-    if desc.mode == "single":
-        if desc.path is not None:
-            conn.pop("ssl", None)
-            return redis.Redis(unix_socket_path=desc.path, db=desc.db, **conn)
-        host, port = desc.seeds[0]
-        return redis.Redis(host=host, port=port, db=desc.db, **conn)
-    if desc.mode == "sentinel":
-        sentinel = _Sentinel(list(desc.seeds), sentinel_kwargs=desc.sentinel_kwargs(),
-                                           **conn)
-        return sentinel.master_for(_service(desc), db=desc.db,
-                                   connection_pool_class=_FollowingPool)
-    nodes = [redis.cluster.ClusterNode(host, port) for host, port in desc.seeds]
-    return redis.cluster.RedisCluster(startup_nodes=nodes, **conn)
-
-
-def async_client(url: str | RedisURL,
-                 **kwargs: Any) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
-    """An asyncio redis-py client for ``url`` (``redis.asyncio.Redis``, the
-    Sentinel primary's ``redis.asyncio.Redis`` from
-    ``redis.asyncio.sentinel.Sentinel.master_for``, or
-    ``redis.asyncio.cluster.RedisCluster``); see :func:`sync_client`::
-
-        client = async_client("redis+cluster://127.0.0.1:7000")
-        await client.spublish("trade.SOL_USDC", payload)
-        await client.aclose()
-    """
-    import redis.asyncio
-    import redis.asyncio.cluster
-    import redis.asyncio.sentinel
-
-    desc = _described(url)
-    conn = desc.connection_kwargs()
-    conn.update(kwargs)
-    if desc.mode == "single":
-        if desc.path is not None:
-            conn.pop("ssl", None)
-            return redis.asyncio.Redis(unix_socket_path=desc.path, db=desc.db, **conn)
-        host, port = desc.seeds[0]
-        return redis.asyncio.Redis(host=host, port=port, db=desc.db, **conn)
-    if desc.mode == "sentinel":
-        sentinel = _AsyncSentinel(list(desc.seeds),
-                                                   sentinel_kwargs=desc.sentinel_kwargs(), **conn)
-        return sentinel.master_for(_service(desc), db=desc.db,
-                                   connection_pool_class=_AsyncFollowingPool)
-    nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in desc.seeds]
-    return redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, **conn)
+    try:
+        parts = urlsplit(url)
+    except ValueError:      # e.g. an unbalanced "[" in the host
+        head, sep, _ = url.rpartition("@")
+        if not sep:
+            return url
+        scheme, slashes, userinfo = head.partition("//")
+        return "%s%s%s@%s" % (scheme, slashes,
+                              userinfo.partition(":")[0] + ":" + _MASK,
+                              url.rpartition("@")[2])
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = "%s:%s@%s" % (userinfo.partition(":")[0], _MASK, hostport)
+    query = parts.query
+    if "password" in query.lower():
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(key, _MASK if "password" in key.lower() else value)
+                           for key, value in pairs], safe="*")
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from marketstream.redisurl import async_client, sync_client
-from marketstream.topology import (SentinelWatcher, ShardedSubscriber, cluster_primaries,
-                                   key_slot, node_label, sentinel_primary)
+from marketstream.upstream.clients import async_client, sync_client
+from marketstream.upstream.cluster import (SentinelWatcher, ShardedSubscriber, cluster_primaries,
+                                           key_slot, sentinel_primary)
+from marketstream.upstream.urls import node_label
 from tests.helpers import async_wait_until
 from tests.redis_topology import cluster, redis_cluster, redis_sentinel, sentinel  # noqa: F401
 

@@ -75,7 +75,7 @@ import ipaddress
 from collections.abc import Callable, Hashable
 
 from marketstream.config import ServerSettings
-from marketstream.counters import Counters
+from marketstream.fanout.counters import Counters
 
 __all__ = ["Admission", "Refusal", "HTTP_RESERVE"]
 

@@ -2,7 +2,7 @@
 
 One ChannelManager per process joins three pieces:
 
-* a :class:`~marketstream.core.Core` (no I/O) that holds who listens to
+* a :class:`~marketstream.fanout.core.Core` (no I/O) that holds who listens to
   what, turns Redis messages into batches of frames, and keeps the
   resubscribe, gap and recovery bookkeeping;
 * a link (:func:`~marketstream.upstream.links.make_link`), the Redis pub/sub connection(s)
@@ -35,7 +35,7 @@ A channel whose last listener left stays subscribed for ``linger / 2`` to
 again (or reconnects) costs Redis nothing; ``max_channels`` caps the
 channels of the process.  History reads run at most :data:`MAX_READS` at a
 time, and each reads no more than the connections it serves may be sent
-(``replay_bytes`` per connection, see :mod:`marketstream.core`).
+(``replay_bytes`` per connection, see :mod:`marketstream.fanout.core`).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from marketstream.upstream import history
-from marketstream.core import REPLAY_BYTES, Connection, Core, History, Read, Want
-from marketstream.counters import Counters
+from marketstream.fanout.core import REPLAY_BYTES, Connection, Core, History, Read, Want
+from marketstream.fanout.counters import Counters
 from marketstream.loglimit import LogLimiter
 from marketstream.upstream.clients import REDIS_ERRORS, async_client
 from marketstream.upstream.confirmations import Confirmations
@@ -187,7 +187,7 @@ class ChannelManager:
     def subscribe(self, conn: Connection, names: Iterable[str],
                   wants: dict[str, Want] | None = None) -> list[str]:
         """Add ``conn`` to each stream; returns the streams newly added.
-        Streams with a :class:`~marketstream.core.Want` (``since``,
+        Streams with a :class:`~marketstream.fanout.core.Want` (``since``,
         ``snapshot``) are caught up from the history first."""
         added = self.core.subscribe(conn, list(names), wants)
         self._sync()

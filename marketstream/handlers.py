@@ -45,7 +45,7 @@ from marketstream.wire.frames import CLOSE_POLICY, OP_CLOSE, text_frame
 from marketstream import tornado_compat as compat
 from marketstream.admission import Admission
 from marketstream.channels import ChannelManager
-from marketstream.core import Want
+from marketstream.fanout.core import Want
 from marketstream.loglimit import LogLimiter
 from marketstream.upgrade import Switched
 

@@ -1,7 +1,7 @@
 """Prometheus metrics, through prometheus_client.
 
 The hot path only bumps plain integers (one
-:class:`~marketstream.counters.Counters` object per process).  An
+:class:`~marketstream.fanout.counters.Counters` object per process).  An
 :class:`Exporter` copies them into prometheus_client metrics once a second
 and right before every scrape, so a message costs no metric calls at all.
 
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     import tornado.ioloop
 
     from marketstream.channels import ChannelManager
-    from marketstream.counters import Counters
+    from marketstream.fanout.counters import Counters
 
 __all__ = ["Exporter", "enable_multiprocess", "disable_multiprocess", "mark_process_dead",
            "observe_all", "CONTENT_TYPE_LATEST"]

@@ -35,7 +35,7 @@ from marketstream import __version__, metrics
 from marketstream import tornado_compat as compat
 from marketstream.channels import ChannelManager
 from marketstream.config import ConfigError, Settings, load_settings
-from marketstream.counters import Counters
+from marketstream.fanout.counters import Counters
 from marketstream.embedded import RedisServer
 from marketstream.handlers import (Context, StreamHandler, log_request, routes,
                                    ws_paths)
@@ -240,7 +240,7 @@ class Server:
 
     @property
     def counters(self) -> Counters:
-        """The process's :class:`~marketstream.counters.Counters`."""
+        """The process's :class:`~marketstream.fanout.counters.Counters`."""
         if self.manager is None:
             raise AttributeError("counters: the server has not started")
         return self.manager.counters

@@ -40,6 +40,6 @@ def test_the_documented_modules_have_examples():
     assert {"marketstream.wire.requests", "marketstream.wire.payloads",
             "marketstream.wire.positions", "marketstream.wire.replies", "marketstream.wire.frames", "marketstream.config", "marketstream.upstream.urls",
             "marketstream.upstream.publisher", "marketstream.upstream.history", "marketstream.upgrade",
-            "marketstream.client", "marketstream.counters", "marketstream.admission",
+            "marketstream.client", "marketstream.fanout.counters", "marketstream.admission",
             "marketstream.simulator", "marketstream.tornado_compat",
             "marketstream.listen"} <= documented

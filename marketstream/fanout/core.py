@@ -51,7 +51,7 @@ from collections.abc import Callable, Hashable
 from itertools import islice
 from typing import Any, NamedTuple, Protocol
 
-from marketstream.counters import Counters
+from marketstream.fanout.counters import Counters
 from marketstream.wire import payloads, replies
 from marketstream.wire.frames import text_frame
 from marketstream.wire.positions import split_position
@@ -62,9 +62,6 @@ class Connection(Hashable, Protocol):
     """What the core delivers to (the WebSocket handler)."""
 
     def write_frames(self, data: bytes) -> None: ...
-
-
-Conn = Connection
 
 
 class Want(NamedTuple):
@@ -106,12 +103,12 @@ class History(NamedTuple):
 
 @dataclass
 class _Recovery:
-    waiting: dict[Conn, Want] = field(default_factory=dict)   # read not started
-    reading: dict[Conn, Want] = field(default_factory=dict)   # read in flight
+    waiting: dict[Connection, Want] = field(default_factory=dict)   # read not started
+    reading: dict[Connection, Want] = field(default_factory=dict)   # read in flight
     buffer: list[tuple[int | None, bytes]] = field(default_factory=list)  # since the read began
     in_flight: bool = False
     token: int = 0                                 # which read is in flight
-    shares: dict[Conn, int] = field(default_factory=dict)  # bytes each reader may be sent
+    shares: dict[Connection, int] = field(default_factory=dict)  # bytes each reader may be sent
 
 
 class _Catchup(NamedTuple):
@@ -145,9 +142,9 @@ class Core:
         self.replay_bytes = replay_bytes
         self.max_channels = max_channels      # 0: no cap
         self.linger = linger
-        self.streams: dict[str, dict[Conn, None]] = {}      # live listeners per stream
-        self.connections: dict[Conn, dict[str, None]] = {}  # streams per connection
-        self.pending: dict[Conn, list[bytes]] = {}          # frames of the current batch
+        self.streams: dict[str, dict[Connection, None]] = {}      # live listeners per stream
+        self.connections: dict[Connection, dict[str, None]] = {}  # streams per connection
+        self.pending: dict[Connection, list[bytes]] = {}          # frames of the current batch
         self.batch_messages = 0
         self.last_seq: dict[str, int] = {}    # last position delivered live, per stream
         self.recovering: dict[str, _Recovery] = {}
@@ -157,12 +154,12 @@ class Core:
         # position each holds.  A live message at or below it was already
         # delivered from the history (the read and the pub/sub link are two
         # Redis connections, so it may still be on its way): skip it for them.
-        self._holding: dict[str, dict[Conn, int]] = {}
+        self._holding: dict[str, dict[Connection, int]] = {}
         self._live_seq: dict[str, int] = {}   # last position seen on the link, per stream
         self._reads = 0
         # Per connection with catch-ups in progress: [bytes it may still be
         # sent, streams waiting for their read, reads in flight].
-        self._budgets: dict[Conn, list[int]] = {}
+        self._budgets: dict[Connection, list[int]] = {}
         self._channels: set[str] = set()      # what the link must hold (see wanted())
         self._changes: dict[str, bool] = {}   # channel -> wanted, since the link last took them
         self.lingering: dict[str, int] = {}   # unwanted channels kept a moment -> their sweep
@@ -171,7 +168,7 @@ class Core:
 
     # --- registry ---------------------------------------------------------
 
-    def register(self, conn: Conn) -> None:
+    def register(self, conn: Connection) -> None:
         """Track a new connection (before it subscribes to anything)."""
         self.connections.setdefault(conn, {})
 
@@ -227,7 +224,7 @@ class Core:
         self._changes[name] = False
         self.wanted_changed = True
 
-    def subscribe(self, conn: Conn, names: list[str],
+    def subscribe(self, conn: Connection, names: list[str],
                   wants: dict[str, Want] | None = None) -> list[str]:
         """Add ``conn`` to each stream; returns the streams newly added.
         A stream with a :class:`Want` in ``wants`` is recovered first."""
@@ -250,7 +247,7 @@ class Core:
             added.append(name)
         return added
 
-    def unsubscribe(self, conn: Conn, names: list[str]) -> list[str]:
+    def unsubscribe(self, conn: Connection, names: list[str]) -> list[str]:
         """Remove ``conn`` from each stream; unknown names are ignored."""
         mine = self.connections.get(conn)
         if not mine:
@@ -262,7 +259,7 @@ class Core:
                 removed.append(name)
         return removed
 
-    def remove(self, conn: Conn) -> None:
+    def remove(self, conn: Connection) -> None:
         """Forget a departed connection entirely."""
         mine = self.connections.pop(conn, None)
         self.pending.pop(conn, None)
@@ -271,10 +268,10 @@ class Core:
                 self._drop_listener(name, conn)
         self._budgets.pop(conn, None)
 
-    def subscriptions(self, conn: Conn) -> list[str]:
+    def subscriptions(self, conn: Connection) -> list[str]:
         return list(self.connections.get(conn, ()))
 
-    def _drop_listener(self, name: str, conn: Conn) -> None:
+    def _drop_listener(self, name: str, conn: Connection) -> None:
         listeners = self.streams.get(name)
         if listeners is not None:
             listeners.pop(conn, None)
@@ -314,7 +311,7 @@ class Core:
         if name not in self.streams:
             self._unwanted(name)
 
-    def _hold(self, conn: Conn, name: str, want: Want) -> None:
+    def _hold(self, conn: Connection, name: str, want: Want) -> None:
         recovery = self.recovering.get(name)
         if recovery is None:
             self._want(name)
@@ -326,7 +323,8 @@ class Core:
         else:
             budget[1] += 1
 
-    def _budget_moved(self, conn: Conn, waiting: int, reading: int, bytes_back: int = 0) -> None:
+    def _budget_moved(self, conn: Connection, waiting: int, reading: int,
+                      bytes_back: int = 0) -> None:
         """``conn`` has ``waiting`` more streams waiting for their read and
         ``reading`` more reads in flight, and ``bytes_back`` of its budget
         back; its budget is forgotten once it has neither."""
@@ -694,7 +692,7 @@ class Core:
         self._enqueue(listeners, text_frame(payload))
         return True
 
-    def _positions_restarted(self, name: str, listeners: dict[Conn, None]) -> None:
+    def _positions_restarted(self, name: str, listeners: dict[Connection, None]) -> None:
         """A position at or below one already delivered: the stream's
         history was lost (a failover that lost writes) and positions are
         reused for other data.  Listeners get the gap notice first, so that
@@ -704,8 +702,8 @@ class Core:
         self._enqueue(listeners,
                       text_frame(replies.gap_notice(name, reason="lost_writes")))
 
-    def _not_holding(self, name: str, holding: dict[Conn, int],
-                     listeners: dict[Conn, None], seq: int) -> dict[Conn, None]:
+    def _not_holding(self, name: str, holding: dict[Connection, int],
+                     listeners: dict[Connection, None], seq: int) -> dict[Connection, None]:
         """``listeners`` without those that already hold position ``seq``;
         forgets the holdings the live stream has passed."""
         for conn, position in list(holding.items()):
@@ -727,7 +725,7 @@ class Core:
             self.on_malformed(channel, payload, problem)
         return False
 
-    def _enqueue(self, listeners: dict[Conn, None], frame: bytes) -> None:
+    def _enqueue(self, listeners: dict[Connection, None], frame: bytes) -> None:
         pending = self.pending
         for conn in listeners:
             frames = pending.get(conn)
@@ -738,7 +736,7 @@ class Core:
         self.counters.deliveries += len(listeners)
         self.batch_messages += 1
 
-    def _queue(self, conn: Conn, frames: list[bytes], count: int) -> None:
+    def _queue(self, conn: Connection, frames: list[bytes], count: int) -> None:
         """Queue ``frames`` (holding ``count`` WebSocket frames) for ``conn``."""
         pending = self.pending.get(conn)
         if pending is None:
@@ -747,7 +745,7 @@ class Core:
             pending.extend(frames)
         self.counters.deliveries += count
 
-    def take_batch(self) -> dict[Conn, bytes]:
+    def take_batch(self) -> dict[Connection, bytes]:
         """Each connection's frames of this batch, joined into one write."""
         pending, self.pending = self.pending, {}
         counters = self.counters
@@ -756,7 +754,7 @@ class Core:
             counters.batch_sizes.append(self.batch_messages)
         self.batch_messages = 0
         sent = 0
-        batch: dict[Conn, Any] = pending  # the lists become their joined bytes, in place
+        batch: dict[Connection, Any] = pending  # the lists become their joined bytes, in place
         for conn, frames in pending.items():
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             sent += len(data)

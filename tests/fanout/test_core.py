@@ -1,4 +1,4 @@
-"""The sans-I/O fan-out core (:mod:`marketstream.core`), driven directly.
+"""The sans-I/O fan-out core (:mod:`marketstream.fanout.core`), driven directly.
 
 No sockets, no Redis, no event loop: connections are plain objects, Redis
 messages are fed to :meth:`Core.on_message`, and history reads are answered
@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from marketstream.core import Core, History, Read, Want
-from marketstream.counters import Counters
+from marketstream.fanout.core import Core, History, Read, Want
+from marketstream.fanout.counters import Counters
 from marketstream.wire.frames import text_frame
 from marketstream.wire.positions import split_position
 from marketstream.wire.replies import GAP_REASONS

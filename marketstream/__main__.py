@@ -1,4 +1,4 @@
-from marketstream.server import main
+from marketstream.server.cli import main
 
 if __name__ == "__main__":
     main()

@@ -66,7 +66,7 @@ sys.path.insert(0, HERE)
 import bench_fanout as fanout  # noqa: E402  (puts the project root on sys.path)
 from bench_fanout import (ROOT, die_with_parent, free_port, handshake_request,  # noqa: E402
                           log, masked_frame, raise_fd_limit, stop_process, tree_cpu)
-from marketstream.embedded import RedisServer  # noqa: E402
+from marketstream.server.embedded import RedisServer  # noqa: E402
 
 HOST = "127.0.0.1"
 GAP = b'"e":"gap"'

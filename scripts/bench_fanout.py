@@ -77,8 +77,8 @@ import redis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from marketstream.embedded import RedisServer, free_port  # noqa: E402
-from marketstream.workers import die_with_parent  # noqa: E402
+from marketstream.server.embedded import RedisServer, free_port  # noqa: E402
+from marketstream.server.net.workers import die_with_parent  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WSBLAST_SOURCE = os.path.join(HERE, "wsblast.c")

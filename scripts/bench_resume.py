@@ -81,7 +81,7 @@ import bench_fanout as fanout  # noqa: E402  (puts the project root on sys.path)
 from bench_fanout import (die_with_parent, free_port, handshake_request,  # noqa: E402
                           log, masked_frame, raise_fd_limit, stream_name, stream_names,
                           tree_cpu)
-from marketstream.embedded import RedisServer  # noqa: E402
+from marketstream.server.embedded import RedisServer  # noqa: E402
 
 TOKEN = b'{"stream"'
 E_KEY = b'"E":'

@@ -92,8 +92,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_fanout as fanout  # noqa: E402  (puts the project root on sys.path)
 
-from marketstream.embedded import RedisServer, free_port  # noqa: E402
-from marketstream.workers import die_with_parent  # noqa: E402
+from marketstream.server.embedded import RedisServer, free_port  # noqa: E402
+from marketstream.server.net.workers import die_with_parent  # noqa: E402
 
 ROOT = fanout.ROOT
 log = fanout.log

@@ -6,8 +6,8 @@ import gc
 import pytest
 import redis
 
-from marketstream.embedded import RedisServer
-from marketstream.server import Server
+from marketstream.server.embedded import RedisServer
+from marketstream.server.app import Server
 from tests.helpers import make_settings
 
 

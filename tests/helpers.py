@@ -17,8 +17,8 @@ import pytest
 import tornado.websocket
 import ujson
 
-from marketstream.config import load_settings
-from marketstream.embedded import free_port
+from marketstream.server.config import load_settings
+from marketstream.server.embedded import free_port
 
 
 class _Deadline:
@@ -179,6 +179,22 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc.wait(10)
+
+
+def process_gone(pid):
+    """Whether process ``pid`` has exited (a zombie nobody reaped yet counts
+    as gone: a container's first process may never reap orphans)."""
+    try:
+        with open("/proc/%d/stat" % pid) as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
 
 
 def health_status(port):

@@ -11,7 +11,7 @@ import ujson
 
 from tests.helpers import (async_wait_until, connect, listeners, no_message, numsub, read,
                            subscribed)
-from tests.test_metrics import Watch
+from tests.server.test_metrics import Watch
 
 
 async def request(ws, method, params=None, request_id=1, **extra):

@@ -273,7 +273,7 @@ async def test_client_without_reconnect_raises(server, redis_client):
 
 @pytest.mark.gen_test
 async def test_client_retries_until_the_server_is_up(server_factory, redis_client):
-    from marketstream.embedded import free_port
+    from marketstream.server.embedded import free_port
     port = free_port()
     client = Client("ws://127.0.0.1:%d/ws" % port, ["trade.SOL_USDC"], backoff=(0.01, 0.05))
     collector = Collector(client)

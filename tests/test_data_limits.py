@@ -22,10 +22,10 @@ import tornado.httpclient
 import ujson
 
 from marketstream.publisher import Publisher, stream_keys
-from tests.test_accept import descriptors  # noqa: F401 (a fixture)
+from tests.server.net.test_accept import descriptors  # noqa: F401 (a fixture)
 from tests.helpers import (RawClient, ServerProcess, async_wait_until, connect, listeners,
                            raw_socket, read, send, subscribed)
-from tests.test_metrics import Watch
+from tests.server.test_metrics import Watch
 
 
 def tag() -> str:

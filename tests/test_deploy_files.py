@@ -12,8 +12,8 @@ import tarfile
 
 import pytest
 
-from marketstream.config import load_settings
-from marketstream.server import build_parser, settings_from_args
+from marketstream.server.config import load_settings
+from marketstream.server.cli import build_parser, settings_from_args
 from tests.helpers import ROOT
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -141,7 +141,8 @@ def test_the_unit_says_how_to_build_the_package_it_installs(tmp_path):
     # It holds the whole package: the Lua script and the static files too.
     with tarfile.open(built[0]) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    for name in ("server.py", "recovery.lua", "static/marketstream.js", "static/index.html"):
+    for name in ("server/app.py", "wire/recovery.lua", "server/static/marketstream.js",
+                 "server/static/index.html"):
         assert "marketstream/" + name in names, name
 
 

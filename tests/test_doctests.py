@@ -38,8 +38,8 @@ def test_the_documented_modules_have_examples():
     a module or a ``>>>`` turned into ``::`` would otherwise pass silently)."""
     documented = {name for name in MODULES if _examples(importlib.import_module(name))}
     assert {"marketstream.wire.requests", "marketstream.wire.payloads",
-            "marketstream.wire.positions", "marketstream.wire.replies", "marketstream.wire.frames", "marketstream.config", "marketstream.upstream.urls",
-            "marketstream.upstream.publisher", "marketstream.upstream.history", "marketstream.upgrade",
-            "marketstream.client", "marketstream.fanout.counters", "marketstream.admission",
-            "marketstream.simulator", "marketstream.tornado_compat",
-            "marketstream.listen"} <= documented
+            "marketstream.wire.positions", "marketstream.wire.replies", "marketstream.wire.frames", "marketstream.server.config", "marketstream.upstream.urls",
+            "marketstream.upstream.publisher", "marketstream.upstream.history", "marketstream.server.net.upgrade",
+            "marketstream.client", "marketstream.fanout.counters", "marketstream.server.admission",
+            "marketstream.simulator", "marketstream.server.net.tornado_compat",
+            "marketstream.server.net.listen"} <= documented

@@ -20,7 +20,7 @@ import redis
 import redis.asyncio
 import ujson
 
-from marketstream.embedded import free_port
+from marketstream.server.embedded import free_port
 from marketstream.feed import DEFAULT_MARKETS, Feed, build_parser, main, redact, run_feed
 from marketstream.upstream.history import read_after, read_snapshot
 from marketstream.publisher import Publisher

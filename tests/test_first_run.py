@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from marketstream.embedded import free_port
+from marketstream.server.embedded import free_port
 from tests.helpers import ROOT, ServerProcess, abort, async_wait_until, connect, wait_until
 
 

@@ -577,7 +577,7 @@ async def test_the_frame_budget_costs_an_idle_connection_next_to_nothing(server)
     import gc
     import inspect
 
-    from marketstream.handlers import _Protocol
+    from marketstream.server.handlers import _Protocol
     clients = [await RawClient.connect(server.settings.port) for _ in range(5)]
     for client in clients:
         client.send(LIST)

@@ -23,7 +23,7 @@ import tornado.httpclient
 import tornado.websocket
 import ujson
 
-from marketstream.embedded import free_port
+from marketstream.server.embedded import free_port
 from tests.helpers import ROOT, RawClient, ServerProcess, handshake_request, wait_until
 
 NGINX = shutil.which("nginx") or next(

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import tornado.websocket
 
-from marketstream.embedded import free_port
+from marketstream.server.embedded import free_port
 from tests.helpers import ServerProcess, wait_until
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from marketstream.embedded import find_redis_server
+from marketstream.server.embedded import find_redis_server
 from marketstream.simulator import DEFAULT_MARKETS
 from tests.helpers import ROOT, ServerProcess, wait_until
 

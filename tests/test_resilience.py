@@ -14,7 +14,7 @@ import tornado.websocket
 import ujson
 
 from tests.helpers import (RawClient, ServerProcess, abort, async_wait_until, connect,
-                           raw_socket, read, send, subscribed, ws_url)
+                           raw_socket, read, send, subscribed)
 
 
 async def health_status(server):
@@ -281,48 +281,6 @@ async def test_message_rate_limit(server_factory):
     assert await asyncio.wait_for(ws.read_message(), 5) is None
     assert (ws.close_code, ws.close_reason) == (1008, "rate limit exceeded")
     assert server.counters.closed["rate_limit"] == 1
-
-
-@pytest.mark.gen_test
-async def test_connection_limits(server_factory):
-    server = await server_factory(server__max_connections=3)
-    clients = [await connect(server) for _ in range(3)]
-    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
-        await connect(server)
-    assert refused.value.code == 503
-    clients[0].close()
-    await async_wait_until(lambda: len(server.manager.connections) == 2)
-    clients[0] = await connect(server)  # room again
-
-    server = await server_factory(server__max_connections_per_ip=2)
-    clients = [await connect(server) for _ in range(2)]
-    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
-        await connect(server)
-    assert refused.value.code == 429
-    assert server.counters.refused["max_connections_per_ip"] == 1
-    abort(clients[1])
-    await async_wait_until(lambda: len(server.manager.connections) == 1)
-    await connect(server)
-    assert server.app.context.admission.per_ip == {"127.0.0.1": 2}
-
-
-@pytest.mark.gen_test
-async def test_allowed_origins(server_factory):
-    server = await server_factory(server__allowed_origins="https://exchange.example, https://app.example")
-
-    def request(origin):
-        headers = {"Origin": origin} if origin else {}
-        return tornado.httpclient.HTTPRequest(ws_url(server), headers=headers)
-
-    await tornado.websocket.websocket_connect(request("https://exchange.example"))
-    await tornado.websocket.websocket_connect(request(None))  # bots send no Origin
-    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
-        await tornado.websocket.websocket_connect(request("https://evil.example"))
-    assert refused.value.code == 403
-
-    open_server = await server_factory()
-    await tornado.websocket.websocket_connect(tornado.httpclient.HTTPRequest(
-        ws_url(open_server), headers={"Origin": "https://anywhere.example"}))
 
 
 @pytest.mark.gen_test(timeout=20)

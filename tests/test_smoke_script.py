@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 import redis
 
-from marketstream.embedded import free_port
+from marketstream.server.embedded import free_port
 from tests.helpers import ROOT, ServerProcess, wait_until
 from tests.redis_topology import cluster, redis_cluster  # noqa: F401
 

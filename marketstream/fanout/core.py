@@ -1,7 +1,7 @@
 """The fan-out core: subscriptions, delivery batches, resubscribe and
 recovery bookkeeping, without any I/O.
 
-No sockets, no ``await``: a shell (:mod:`marketstream.channels`) feeds it
+No sockets, no ``await``: a shell (:mod:`marketstream.server.channels`) feeds it
 what Redis said and writes out what it produced, and tests drive it
 directly::
 

@@ -14,7 +14,7 @@ subscribed again::
     link.healthy                # PONG seen recently
     await link.stop()
 
-The listener (the :class:`~marketstream.channels.ChannelManager`) provides
+The listener (the :class:`~marketstream.server.channels.ChannelManager`) provides
 ``wanted()`` (a set of channel names), ``take_changes()`` (the channels
 wanted or not since the last call, ``{name: bool}``: a sync costs what
 changed, not what is wanted) and the callbacks ``on_message(channel,

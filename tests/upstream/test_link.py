@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from marketstream.channels import ChannelManager
+from marketstream.server.channels import ChannelManager
 from marketstream.upstream.link import PubSubLink
 from tests.helpers import async_wait_until, released, subscribed
 

@@ -18,7 +18,7 @@ import redis.asyncio.cluster
 import redis.cluster
 import ujson
 
-from marketstream.embedded import RedisServer
+from marketstream.server.embedded import RedisServer
 from marketstream.publisher import (SCRIPT, SCRIPT_SHA, AsyncPublisher, Publisher,
                                     check_stream_name, stream_keys)
 from tests.helpers import wait_until

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from marketstream.config import load_settings
+from marketstream.server.config import load_settings
 from marketstream.wire import requests
 from marketstream.wire.replies import encode_error, encode_result
 from marketstream.wire.requests import (

@@ -1,18 +1,13 @@
-"""Listening sockets per worker (marketstream.listen) and the supervisor
-handing each worker its own (marketstream.workers)."""
+"""Listening sockets per worker (marketstream.server.net.listen): one
+SO_REUSEPORT group per worker on one port, every address family, a clear
+error for a taken address, a backlog that holds a connection storm."""
 
 import asyncio
-import collections
-import signal
 import socket
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
-from marketstream.listen import AddressInUse, bind_listeners, listen_backlog
-from tests.helpers import ROOT, wait_until
+from marketstream.server.net.listen import AddressInUse, bind_listeners, listen_backlog
 
 
 @pytest.fixture
@@ -103,63 +98,9 @@ def test_a_connection_storm_fits_the_listen_backlog(bound):
     assert asyncio.run(storm()) < 0.9  # no SYN waited for a retransmission
 
 
-_WORKERS = textwrap.dedent("""
-    import os, select, sys
-    from marketstream.listen import bind_listeners
-    from marketstream.workers import supervise
-
-    groups = bind_listeners("127.0.0.1", 0, 2)
-    print(groups[0][0].getsockname()[1], flush=True)
-
-    def worker(index):
-        mine = groups[index][0]
-        assert all(s.fileno() == -1 for g in groups if g is not groups[index] for s in g)
-        mine.setblocking(True)
-        while True:
-            conn, _ = mine.accept()
-            conn.sendall(b"%d" % index)
-            conn.close()
-
-    sys.exit(supervise(2, worker, grace=2, listeners=groups))
-""")
-
-
-def test_each_worker_accepts_on_its_own_socket_only():
-    proc = subprocess.Popen([sys.executable, "-c", _WORKERS], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        port = int(proc.stdout.readline())
-        seen = collections.Counter()
-
-        def answered():
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                sock.sendall(b"x")  # TCP_DEFER_ACCEPT: hand over once data came
-                seen[sock.recv(8)] += 1
-            return sum(seen.values()) >= 400
-
-        wait_until(answered, 20, interval=0, message="400 answers")
-        assert set(seen) == {b"0", b"1"}, seen
-        assert min(seen.values()) >= 0.4 * 400, seen
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    errors = proc.stderr.read()
-    assert "crashed" not in errors and "Traceback" not in errors, errors
-
-
-def test_supervise_refuses_a_group_count_that_does_not_match():
-    from marketstream.workers import supervise
-    with pytest.raises(ValueError):
-        supervise(2, lambda index: 0, listeners=[[]])
-
-
 def test_usage_example_in_the_docstring_holds():
     import doctest
 
-    import marketstream.listen
-    result = doctest.testmod(marketstream.listen)
+    import marketstream.server.net.listen
+    result = doctest.testmod(marketstream.server.net.listen)
     assert result.attempted > 0 and result.failed == 0

@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 
-from marketstream.workers import die_with_parent
+from marketstream.server.net.workers import die_with_parent
 
 __all__ = ["RedisServer", "find_redis_server", "free_port"]
 

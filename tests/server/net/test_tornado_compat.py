@@ -9,7 +9,7 @@ import time
 import pytest
 import tornado.iostream
 
-from marketstream import tornado_compat as compat
+from marketstream.server.net import tornado_compat as compat
 from tests.helpers import async_wait_until
 
 

@@ -16,7 +16,7 @@ import tornado.websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from marketstream.server import Server
+from marketstream.server.app import Server
 from tests.helpers import RawClient, async_wait_until, envelope, make_settings, read, send
 
 

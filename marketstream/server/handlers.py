@@ -1,9 +1,12 @@
-"""HTTP and WebSocket handlers: they translate events, nothing more.
+"""The WebSocket handler: it translates events, nothing more.
 
 :class:`StreamHandler` turns WebSocket events into calls on the
-:class:`~marketstream.channels.ChannelManager` (what to subscribe) and the
-:mod:`~marketstream.protocol` module (what frames mean); the manager calls
-back :meth:`StreamHandler.write_frames` to deliver data.
+:class:`~marketstream.server.channels.ChannelManager` (what to subscribe)
+and the :mod:`marketstream.wire` modules (what frames mean); the manager
+calls back :meth:`StreamHandler.write_frames` to deliver data.  A plain
+``GET /`` (no Upgrade) gets the live market page with ``[server]
+demo_page`` on.  The HTTP endpoints and the URL map are
+:mod:`marketstream.server.http`'s.
 
 Close codes and refusals (also in the README):
 
@@ -11,7 +14,7 @@ Close codes and refusals (also in the README):
 * HTTP 429: ``[server] max_connections_per_ip`` reached for the client IP.
 * HTTP 503: ``[server] max_connections`` reached in this process.
 * HTTP 413, or closed: a request body, or a handshake that takes longer than
-  ``[server] handshake_timeout`` (see :mod:`marketstream.upgrade`).
+  ``[server] handshake_timeout`` (see :mod:`marketstream.server.net.upgrade`).
 * 1001 "server shutting down"; 1001 "ping timeout" (no pong in time).
 * 1008 "rate limit exceeded": over ``[limits] messages_per_second``.
 * 1008 "frame rate exceeded": over ``[limits] frames_per_second`` (frames of
@@ -36,24 +39,21 @@ from typing import Any
 import tornado.ioloop
 import tornado.web
 import tornado.websocket
-import ujson
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
-from marketstream.wire import replies, requests
-from marketstream.wire.frames import CLOSE_POLICY, OP_CLOSE, text_frame
-from marketstream import tornado_compat as compat
-from marketstream.admission import Admission
-from marketstream.channels import ChannelManager
 from marketstream.fanout.core import Want
 from marketstream.loglimit import LogLimiter
-from marketstream.upgrade import Switched
+from marketstream.server.admission import Admission
+from marketstream.server.channels import ChannelManager
+from marketstream.server.net import tornado_compat as compat
+from marketstream.server.net.upgrade import Switched
+from marketstream.wire import replies, requests
+from marketstream.wire.frames import CLOSE_POLICY, OP_CLOSE, text_frame
 
-__all__ = ["StreamHandler", "HealthHandler", "MetricsHandler", "Context", "routes",
-           "ws_paths", "log_request", "STATIC_DIR"]
+__all__ = ["StreamHandler", "Context", "STATIC_DIR"]
 
 log = logging.getLogger("marketstream.connections")
-access_log = logging.getLogger("tornado.access")
 
 
 _SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
@@ -304,7 +304,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
 
     def switch_protocols(self, stream: IOStream, key: str) -> None:
         """Answer 101 on ``stream`` and start the WebSocket, for a request
-        :mod:`marketstream.upgrade` has already checked.
+        :mod:`marketstream.server.net.upgrade` has already checked.
 
         What :meth:`get` and Tornado's ``_accept_connection`` do for a plain
         request (no subprotocol, no compression, admitted, origin allowed),
@@ -651,7 +651,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self.close(code, reason)
 
     def send_ping(self) -> None:
-        """Send a keepalive ping (see :mod:`marketstream.keepalive`)."""
+        """Send a keepalive ping (see :mod:`marketstream.server.keepalive`)."""
         if self._ws is None:
             return
         try:
@@ -689,62 +689,6 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         return "<StreamHandler %s>" % self.identity
 
 
-#: Headers that say a request was forwarded by a proxy for someone else.
-_FORWARDED = ("X-Real-IP", "X-Forwarded-For", "Forwarded")
-
-
-class HealthHandler(tornado.web.RequestHandler):
-    """``GET /health``: 200 while the Redis pub/sub connection is live, else 503.
-
-    Everyone gets the status and the counts (connections, streams, upstream
-    channels); the details (Redis nodes and their addresses, the pid, the
-    counters) go only to a direct request from an address in ``[server]
-    trusted_proxies`` (a tool on the host itself, by default), never to a
-    request a proxy forwarded (it carries ``X-Real-IP`` or
-    ``X-Forwarded-For``) or to anyone else.
-    """
-
-    def initialize(self, context: Context) -> None:
-        self.context = context
-
-    def get(self) -> None:
-        manager = self.context.manager
-        healthy = manager.healthy
-        body: dict[str, Any] = {"status": "ok" if healthy else "unavailable"}
-        details = manager.health()
-        if self._for_insiders():
-            body["pid"] = os.getpid()
-            body.update(details)
-        else:
-            body.update((key, details[key]) for key in ("connections", "streams",
-                                                        "upstream_channels"))
-        self.set_status(200 if healthy else 503)
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        self.finish(ujson.dumps(body))
-
-    def _for_insiders(self) -> bool:
-        """Whether the request came straight from a trusted address."""
-        address = compat.peer_address(self.request.connection)
-        if not (isinstance(address, tuple) and address and isinstance(address[0], str)):
-            return False
-        headers = self.request.headers
-        return (self.context.admission.trusted(address[0])
-                and not any(name in headers for name in _FORWARDED))
-
-
-class MetricsHandler(tornado.web.RequestHandler):
-    """``GET /metrics``: Prometheus text format."""
-
-    def initialize(self, exporter: Any) -> None:
-        self.exporter = exporter
-
-    def get(self) -> None:
-        from marketstream.metrics import CONTENT_TYPE_LATEST
-        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(self.exporter.render())
-
-
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
@@ -758,32 +702,3 @@ def _page() -> bytes:
 
 
 _PAGE: bytes | None = None
-
-
-def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Tornado's access log, quieter: refusals are logged where they are
-    decided, so only server errors are worth a warning here."""
-    status = handler.get_status()
-    request = handler.request
-    level = logging.ERROR if status >= 500 and status != 503 else logging.DEBUG
-    access_log.log(level, "%d %s %s (%s) %.1fms", status, request.method, request.uri,
-                   request.remote_ip, 1000.0 * request.request_time())
-
-
-def ws_paths(settings: Any) -> list[str]:
-    """The paths that serve WebSocket: /, /ws, /stream and the configured one."""
-    paths = ["/", "/ws", "/stream"]
-    if settings.ws_path and settings.ws_path not in paths:
-        paths.append(settings.ws_path)
-    return paths
-
-
-def routes(context: Context, exporter: Any = None) -> list[tuple[str, type, dict[str, Any]]]:
-    """The URL map for one process."""
-    table: list[tuple[str, type, dict[str, Any]]] = [
-        (path, StreamHandler, {"context": context}) for path in ws_paths(context.settings)]
-    table.append(("/health", HealthHandler, {"context": context}))
-    table.append((r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}))
-    if exporter is not None:
-        table.append(("/metrics", MetricsHandler, {"exporter": exporter}))
-    return table

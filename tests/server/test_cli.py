@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from marketstream.upstream import urls
-from marketstream.server import build_parser, settings_from_args
+from marketstream.server.cli import build_parser, settings_from_args
 from tests.helpers import ROOT, wait_until
 
 

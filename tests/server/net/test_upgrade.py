@@ -17,8 +17,8 @@ import tornado.httputil
 import tornado.websocket
 import ujson
 
-from marketstream.handlers import StreamHandler
-from marketstream.upgrade import defer_accept, upgrade_request
+from marketstream.server.handlers import StreamHandler
+from marketstream.server.net.upgrade import defer_accept, upgrade_request
 from tests.helpers import (RawClient, async_wait_until, connect, envelope, listeners, read, send,
                            subscribed, ws_url)
 
@@ -305,6 +305,6 @@ async def test_a_failing_open_closes_that_client_only(server, redis_client, capl
 
 
 def test_docstring_examples_hold():
-    import marketstream.upgrade
-    result = doctest.testmod(marketstream.upgrade)
+    import marketstream.server.net.upgrade
+    result = doctest.testmod(marketstream.server.net.upgrade)
     assert result.attempted and not result.failed

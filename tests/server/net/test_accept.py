@@ -12,12 +12,12 @@ import time
 
 import pytest
 
-from marketstream import accept
-from marketstream.accept import Acceptor
-from marketstream.listen import bind_listeners
-from marketstream.server import Server
+from marketstream.server.net import accept
+from marketstream.server.net.accept import Acceptor
+from marketstream.server.net.listen import bind_listeners
+from marketstream.server.app import Server
 from tests.helpers import async_wait_until, make_settings
-from tests.test_upgrade import request
+from tests.server.net.test_upgrade import request
 
 
 def listener(backlog=512):
@@ -233,7 +233,7 @@ async def test_a_request_that_comes_late_still_takes_the_shortcut(server):
 
 @pytest.mark.gen_test
 async def test_a_connection_silent_past_the_wait_is_left_to_tornado(server, monkeypatch):
-    from marketstream import upgrade
+    from marketstream.server.net import upgrade
     monkeypatch.setattr(upgrade, "REQUEST_WAIT", 0.1)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.settings.port)
     await async_wait_until(lambda: server.http_server._connections,

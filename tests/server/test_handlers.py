@@ -10,7 +10,7 @@ import tornado.httpclient
 import tornado.websocket
 import ujson
 
-from marketstream.embedded import free_port
+from marketstream.server.embedded import free_port
 from tests.helpers import (abort, async_wait_until, connect, envelope, listeners, masked_frame,
                            no_message, numsub, raw_socket, read, released, send, server_frames,
                            subscribe_all, subscribed, ws_url)
@@ -304,16 +304,6 @@ async def test_proxy_headers_ignored_unless_trusted(server):
 
 
 @pytest.mark.gen_test
-async def test_health_answers_json(server):
-    client = tornado.httpclient.AsyncHTTPClient()
-    response = await client.fetch("http://127.0.0.1:%d/health" % server.settings.port)
-    body = ujson.loads(response.body)
-    assert response.code == 200 and body["status"] == "ok"
-    assert body["redis"]["connected"] is True
-    assert response.headers["Content-Type"] == "application/json"
-
-
-@pytest.mark.gen_test
 async def test_a_handler_keeps_compact_attribute_storage(server):
     """CPython keeps a handler's attributes in compact storage shared with
     the other handlers only while they fit its shared keys; one attribute
@@ -335,7 +325,7 @@ async def test_closed_connections_are_freed_without_the_cycle_collector(server):
     import asyncio
     import weakref
 
-    from marketstream.server import GC_THRESHOLDS
+    from marketstream.server.app import GC_THRESHOLDS
     assert GC_THRESHOLDS[0] > 700  # what makes this test matter
     clients = [await connect(server) for _ in range(20)]
     for ws in clients:

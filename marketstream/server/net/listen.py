@@ -22,7 +22,7 @@ names the address in the error::
 Each socket is non-blocking, listens with a large backlog (a reconnect storm
 of thousands of clients must not overflow it: dropped SYNs are retried only
 after a second), and hands over connections once their request has arrived
-(:func:`~marketstream.upgrade.defer_accept`).  Like
+(:func:`~marketstream.server.net.upgrade.defer_accept`).  Like
 :func:`tornado.netutil.bind_sockets`, an empty host or ``None`` listens on
 every address family (IPv4 and IPv6, the IPv6 socket ``IPV6_V6ONLY``), so a
 worker's group may hold more than one socket.  Port 0 picks a free port,
@@ -51,7 +51,7 @@ import os
 import socket
 from typing import Any
 
-from marketstream.upgrade import defer_accept
+from marketstream.server.net.upgrade import defer_accept
 
 __all__ = ["AddressInUse", "bind_listeners", "listen_backlog"]
 

@@ -1,7 +1,7 @@
 """Every private Tornado name marketstream relies on, in one place.
 
-The handshake shortcut (:mod:`marketstream.upgrade`), the direct frame
-writes of :class:`~marketstream.handlers.StreamHandler` and
+The handshake shortcut (:mod:`marketstream.server.net.upgrade`), the direct frame
+writes of :class:`~marketstream.server.handlers.StreamHandler` and
 :class:`LeanIOStream` (no write buffer while nothing waits to be written)
 go below Tornado's public API for speed and memory; the frame budget (each
 client frame counted as it is read), the close frames checked, the proxy
@@ -10,7 +10,7 @@ below it for what it does not offer.  The names they need are listed here
 and checked once, at import (``MISSING`` would list what is missing, e.g.
 ``["tornado.websocket._WebSocketParams"]``):
 
->>> from marketstream import tornado_compat as compat
+>>> from marketstream.server.net import tornado_compat as compat
 >>> compat.OK          # every name exists in the installed Tornado
 True
 >>> compat.MISSING
@@ -25,7 +25,7 @@ peer address is the client's) and ``/health`` shows no details.  Nothing
 fails in the middle of a handshake.
 
 To vet a new Tornado release: install it, run the test suite, and check
-``python -c "import marketstream.tornado_compat as c; print(c.MISSING)"``
+``python -c "import marketstream.server.net.tornado_compat as c; print(c.MISSING)"``
 prints ``[]``; then widen the pin in ``setup.cfg``.
 """
 

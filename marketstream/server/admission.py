@@ -4,7 +4,7 @@ counts, and the connections still handshaking.
 No sockets here; the handler and the handshake shortcut ask the same
 object:
 
->>> from marketstream.config import load_settings
+>>> from marketstream.server.config import load_settings
 >>> settings = load_settings(environ={}, overrides={
 ...     "server.allowed_origins": "https://exchange.example.com",
 ...     "server.max_connections_per_ip": "1"})
@@ -74,7 +74,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Hashable
 
-from marketstream.config import ServerSettings
+from marketstream.server.config import ServerSettings
 from marketstream.fanout.counters import Counters
 
 __all__ = ["Admission", "Refusal", "HTTP_RESERVE"]

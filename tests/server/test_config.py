@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from marketstream.config import SCHEMA, ConfigError, load_settings, parse_listen
-from marketstream.server import build_parser, settings_from_args
+from marketstream.server.cli import build_parser, settings_from_args
+from marketstream.server.config import SCHEMA, ConfigError, load_settings, parse_listen
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "conf", "marketstream.ini")
 CONFIG_ENV = ("MARKETSTREAM_CONFIG", "WS_STREAM_URL", "REDIS_URL")
 

@@ -13,7 +13,7 @@ import pytest
 import redis
 import ujson
 
-from marketstream.channels import ChannelManager
+from marketstream.server.channels import ChannelManager
 from marketstream.wire.frames import text_frame
 from tests.helpers import (ServerProcess, abort, async_wait_until, clients_on_every_worker, connect,
                            envelope, raw_socket, read, send, server_frames, subscribe_all,

@@ -53,7 +53,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 if TYPE_CHECKING:
     import tornado.ioloop
 
-    from marketstream.channels import ChannelManager
+    from marketstream.server.channels import ChannelManager
     from marketstream.fanout.counters import Counters
 
 __all__ = ["Exporter", "enable_multiprocess", "disable_multiprocess", "mark_process_dead",

@@ -11,7 +11,7 @@ import tornado.websocket
 from prometheus_client import CollectorRegistry, Histogram, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
-from marketstream import metrics
+from marketstream.server import metrics
 
 from tests.helpers import (RawClient, ServerProcess, clients_on_every_worker, connect, envelope,
                            read, send, subscribed, wait_until, ws_url)

@@ -10,7 +10,7 @@ with one shortcut.  When a newly accepted connection holds a whole, plain
 WebSocket upgrade request for a stream path, and the server would accept it
 (connection limits, ``Origin``), the request is read from the socket,
 answered with a prebuilt 101, and the socket goes to a new
-:class:`~marketstream.handlers.StreamHandler`.  Everything else (other
+:class:`~marketstream.server.handlers.StreamHandler`.  Everything else (other
 paths, refusals, malformed or unusual requests, a request that arrives in
 pieces) goes to Tornado unchanged, with nothing read from the socket, so
 every error and refusal keeps Tornado's answer.  With :func:`defer_accept`
@@ -19,7 +19,7 @@ request has arrived; one that comes before it (in a storm, the SYN queue
 overflows into SYN cookies, which the kernel cannot hold back) waits for
 its first bytes, up to :data:`REQUEST_WAIT`, so the shortcut applies to
 nearly every handshake.  Connections are accepted by an
-:class:`~marketstream.accept.Acceptor`::
+:class:`~marketstream.server.net.accept.Acceptor`::
 
     sockets = tornado.netutil.bind_sockets(4000)
     defer_accept(sockets)
@@ -31,7 +31,7 @@ It also bounds what a connection may do before it is a WebSocket, on every
 path (the shortcut, Tornado's, ``fast_handshake`` off):
 
 * Every connection counts toward the connection limits from the moment it
-  is taken up (:meth:`~marketstream.admission.Admission.admit`), so a
+  is taken up (:meth:`~marketstream.server.admission.Admission.admit`), so a
   WebSocket handshake past a limit is refused (503, 429) though the others
   have not finished theirs; an address with ``max_connections_per_ip``
   handshakes in flight, or a process full beyond its reserve for plain
@@ -42,7 +42,7 @@ path (the shortcut, Tornado's, ``fast_handshake`` off):
   unknown length (no endpoint takes a body), is answered 413 and closed
   without reading the body.
 * ``X-Real-IP`` / ``X-Forwarded-For`` count only from a trusted proxy
-  (:meth:`~marketstream.admission.Admission.proxied`).
+  (:meth:`~marketstream.server.admission.Admission.proxied`).
 """
 
 import asyncio
@@ -57,9 +57,9 @@ import tornado.httpserver
 import tornado.iostream
 from tornado import httputil
 
-from marketstream import tornado_compat as compat
-from marketstream.accept import ACCEPT_BATCH, Acceptor
-from marketstream.admission import Admission, Refusal
+from marketstream.server.net import tornado_compat as compat
+from marketstream.server.net.accept import ACCEPT_BATCH, Acceptor
+from marketstream.server.admission import Admission, Refusal
 from marketstream.loglimit import LogLimiter
 
 __all__ = ["StreamServer", "Switched", "defer_accept", "upgrade_request", "MAX_BODY_BYTES"]
@@ -180,17 +180,17 @@ class StreamServer(tornado.httpserver.HTTPServer):
     WebSocket handshakes itself, and bounds every connection until it is a
     WebSocket (see the module's docstring).
 
-    ``admission`` (an :class:`~marketstream.admission.Admission`) decides
+    ``admission`` (an :class:`~marketstream.server.admission.Admission`) decides
     the limits and which proxies' headers count; ``handshake_timeout`` is
     the seconds a connection has to send its request and finish its
     handshake.  Tornado's ``xheaders`` is not used: the proxy headers count
     per connection, from trusted proxies only.
     ``websocket`` is (paths, handler class, handler keyword arguments); the
-    handler class needs ``context`` (a :class:`~marketstream.handlers.Context`)
+    handler class needs ``context`` (a :class:`~marketstream.server.handlers.Context`)
     among its arguments and a ``switch_protocols(stream, key)`` method.
     ``handshakes`` counts the handshakes answered here.
 
-    Connections are accepted by an :class:`~marketstream.accept.Acceptor`:
+    Connections are accepted by an :class:`~marketstream.server.net.accept.Acceptor`:
     all at once, and handed to the handshake ``accept_batch`` per turn of
     the event loop, at most ``accept_limit`` waiting.  A connection whose
     request has not arrived yet waits for it (up to :data:`REQUEST_WAIT`)

@@ -1,7 +1,7 @@
 """Several worker processes on one port.
 
 The parent binds one group of listening sockets per worker
-(:func:`~marketstream.listen.bind_listeners`, ``SO_REUSEPORT``: the kernel
+(:func:`~marketstream.server.net.listen.bind_listeners`, ``SO_REUSEPORT``: the kernel
 spreads connections evenly over the groups), forks ``count`` workers,
 restarts a worker that dies, and on SIGTERM or SIGINT asks every worker to
 shut down gracefully and waits for them::

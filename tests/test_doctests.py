@@ -40,6 +40,6 @@ def test_the_documented_modules_have_examples():
     assert {"marketstream.wire.requests", "marketstream.wire.payloads",
             "marketstream.wire.positions", "marketstream.wire.replies", "marketstream.wire.frames", "marketstream.server.config", "marketstream.upstream.urls",
             "marketstream.upstream.publisher", "marketstream.upstream.history", "marketstream.server.net.upgrade",
-            "marketstream.client", "marketstream.fanout.counters", "marketstream.server.admission",
-            "marketstream.simulator", "marketstream.server.net.tornado_compat",
+            "marketstream.client.book", "marketstream.fanout.counters", "marketstream.server.admission",
+            "marketstream.demo.simulator", "marketstream.server.net.tornado_compat",
             "marketstream.server.net.listen"} <= documented

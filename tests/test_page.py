@@ -49,7 +49,7 @@ class Feed:
 
     def __init__(self, redis_url, *args):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "marketstream.feed", "--redis-url", redis_url,
+            [sys.executable, "-m", "marketstream.demo.feed", "--redis-url", redis_url,
              "--markets", MARKETS, "--rate", "20", *args],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

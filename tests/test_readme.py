@@ -21,7 +21,7 @@ import sys
 import pytest
 
 from marketstream.server.embedded import find_redis_server
-from marketstream.simulator import DEFAULT_MARKETS
+from marketstream.demo.simulator import DEFAULT_MARKETS
 from tests.helpers import ROOT, ServerProcess, wait_until
 
 README = os.path.join(ROOT, "README.md")

@@ -28,7 +28,7 @@ from marketstream.client import OrderBook
 from marketstream.wire.positions import MAX_POSITION
 from marketstream.wire.replies import GAP_REASONS
 from marketstream.publisher import AsyncPublisher, Publisher
-from marketstream.simulator import Feed, encode
+from marketstream.demo.simulator import Feed, encode
 from tests.helpers import abort, async_wait_until, connect, listeners, subscribed, ws_url
 
 
@@ -784,7 +784,7 @@ async def test_book_from_feed_snapshot_and_diffs_equals_feed_book(server, redis_
 async def test_book_from_running_demo_feed_equals_its_stored_snapshots(server, redis_url):
     """``run_feed`` itself: the book a client keeps from snapshot plus diffs
     equals each full-book snapshot the feed stores later, at its position."""
-    from marketstream.feed import run_feed
+    from marketstream.demo.feed import run_feed
     from marketstream.upstream.history import read_snapshot
     import redis.asyncio
 

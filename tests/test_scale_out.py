@@ -626,7 +626,7 @@ async def test_feed_on_cluster(cluster, start_server):
     client = await Client.connect(server, names)
     await subscribed(server, [client], names)
     feed = subprocess.Popen(
-        [sys.executable, "-m", "marketstream.feed", "--redis-url", cluster.url, "--markets", market,
+        [sys.executable, "-m", "marketstream.demo.feed", "--redis-url", cluster.url, "--markets", market,
          "--rate", "50", "--duration", "20", "--seed", "1"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -811,7 +811,7 @@ def test_bad_redis_url_stops_start_up(url):
     exit code 2 and a message naming the setting."""
     by_flag = ServerProcess("--redis-url", url)
     by_env = ServerProcess(env={"REDIS_URL": url})
-    feed = subprocess.run([sys.executable, "-m", "marketstream.feed", "--redis-url", url,
+    feed = subprocess.run([sys.executable, "-m", "marketstream.demo.feed", "--redis-url", url,
                            "--duration", "1"], cwd=ROOT, capture_output=True, text=True,
                           timeout=30)
     for process in (by_flag, by_env):

@@ -160,7 +160,7 @@ async def _serve(settings: Settings, demo: bool = False,
                  sockets: list[socket.socket] | None = None) -> None:
     server = Server(settings)
     if demo:
-        from marketstream.feed import run_feed
+        from marketstream.demo.feed import run_feed
         server.add_task(run_feed(settings.redis.url))
     run = asyncio.ensure_future(server.run(sockets))
     if demo:

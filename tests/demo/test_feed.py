@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from decimal import Decimal
-from pathlib import Path
 
 from unittest import mock
 import pytest
@@ -21,15 +20,14 @@ import redis.asyncio
 import ujson
 
 from marketstream.server.embedded import free_port
-from marketstream.feed import DEFAULT_MARKETS, Feed, build_parser, main, redact, run_feed
+from marketstream.demo.feed import DEFAULT_MARKETS, Feed, build_parser, main, redact, run_feed
 from marketstream.upstream.history import read_after, read_snapshot
 from marketstream.publisher import Publisher
 from marketstream.upstream.urls import redact_url
 from marketstream.wire.positions import split_position
-from tests.helpers import async_wait_until, wait_until
-from tests.test_simulator import Book
+from tests.helpers import ROOT, async_wait_until, wait_until
+from tests.demo.test_simulator import Book
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("url, shown", [
@@ -308,7 +306,7 @@ def test_run_feed_stops_even_if_a_publish_swallows_the_cancel(redis_url):
 
     async def scenario():
         stop = asyncio.Event()  # ends the feed if the test fails
-        with mock.patch("marketstream.feed._publish", swallowing_publish):
+        with mock.patch("marketstream.demo.feed._publish", swallowing_publish):
             task = asyncio.ensure_future(run_feed(redis_url, markets=("SOL_USDC",), rate=50,
                                                   stop=stop))
             try:
@@ -398,7 +396,7 @@ def test_run_feed_survives_a_redis_outage(redis_server, redis_url):
 # -- the command line -------------------------------------------------------------------
 
 def feed_command(*args):
-    return [sys.executable, "-m", "marketstream.feed", *args]
+    return [sys.executable, "-m", "marketstream.demo.feed", *args]
 
 
 def feed_env():
@@ -414,7 +412,7 @@ def test_cli_publishes_for_a_duration(redis_client, redis_url):
         result = subprocess.run(
             feed_command("--redis-url", redis_url, "--duration", "1", "--rate", "20",
                          "--markets", "SOL_USDC"),
-            cwd=REPO_ROOT, env=feed_env(), capture_output=True, text=True, timeout=30)
+            cwd=ROOT, env=feed_env(), capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stderr
         assert time.monotonic() - started < 15
         summary = re.search(r"published (\d+) trades, (\d+) depth diffs", result.stderr)
@@ -432,7 +430,7 @@ def test_cli_publishes_for_a_duration(redis_client, redis_url):
 def test_cli_unreachable_redis_exits_1():
     url = "redis://127.0.0.1:%d/0" % free_port()
     result = subprocess.run(feed_command("--redis-url", url, "--duration", "1"),
-                            cwd=REPO_ROOT, env=feed_env(), capture_output=True, text=True,
+                            cwd=ROOT, env=feed_env(), capture_output=True, text=True,
                             timeout=30)
     assert result.returncode == 1
     assert "cannot reach Redis at %s" % url in result.stderr
@@ -444,7 +442,7 @@ def test_cli_exits_0_on_signal(redis_client, redis_url, sig):
     pubsub = subscribe(redis_client, "trade.ETH_USDT", "depth.ETH_USDT")
     process = subprocess.Popen(
         feed_command("--redis-url", redis_url, "--rate", "50", "--markets", "ETH_USDT"),
-        cwd=REPO_ROOT, env=feed_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT, env=feed_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True)
     try:
         wait_until(lambda: pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05),
@@ -487,7 +485,7 @@ def test_cli_plain_publishes_envelopes_without_positions(redis_client, redis_url
         result = subprocess.run(
             feed_command("--redis-url", redis_url, "--duration", "1", "--rate", "40",
                          "--markets", "ETH_USDT", "--plain", "--seed", "1"),
-            cwd=REPO_ROOT, env=feed_env(), capture_output=True, text=True, timeout=30)
+            cwd=ROOT, env=feed_env(), capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stderr
         message = wait_until(lambda: pubsub.get_message(ignore_subscribe_messages=True,
                                                         timeout=0.05), message="a trade")
@@ -502,7 +500,7 @@ def test_cli_history_and_ttl(redis_client, redis_url):
     result = subprocess.run(
         feed_command("--redis-url", redis_url, "--duration", "1", "--rate", "200",
                      "--markets", "DOT_USDT", "--history", "7", "--ttl", "90"),
-        cwd=REPO_ROOT, env=feed_env(), capture_output=True, text=True, timeout=30)
+        cwd=ROOT, env=feed_env(), capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert redis_client.xlen("{trade.DOT_USDT}:log") == 7
     assert 0 < redis_client.ttl("{trade.DOT_USDT}:log") <= 90

@@ -1,94 +1,30 @@
-"""A Python client for marketstream: reconnects, resumes, keeps order books.
-
-:class:`Client` is an asyncio client that subscribes to streams, reconnects
-with jittered exponential backoff when the connection drops, and resumes
-every recoverable stream where it left off (``since``: the last position it
-got), so that a bot sees each message once and in order::
-
-    import asyncio
-    from marketstream.client import BookGap, Client, OrderBook
-
-    async def main():
-        book = OrderBook()
-        async with Client("ws://127.0.0.1:4000/ws",
-                          ["trade.SOL_USDC", "depth.SOL_USDC"],
-                          snapshot=["depth.SOL_USDC"]) as client:
-            async for msg in client:
-                if msg.stream == "depth.SOL_USDC":
-                    try:
-                        book.apply_message(msg)   # snapshot, diffs and gaps
-                    except BookGap:
-                        await client.resync(msg.stream)   # a fresh snapshot
-                        continue
-                    if book.synced:
-                        print("best bid", book.bids(1), "best ask", book.asks(1))
-                elif msg.kind == "gap":
-                    print("missed updates on", msg.stream, msg.data["reason"])
-                else:
-                    print(msg.stream, msg.seq, msg.data)
-
-    asyncio.run(main())
-
-Each message is a :class:`Message` with ``stream``, ``data``, ``seq`` (the
-stream's position, None on plain streams), ``kind`` (``"message"``,
-``"snapshot"`` or ``"gap"``) and ``raw`` (the frame's text as received).
-
-:class:`OrderBook` does no I/O: it applies a depth snapshot and then
-Binance-style diffs, checks their continuity and raises :class:`BookGap`
-when an update is missing.
-"""
+"""The asyncio WebSocket client (:class:`Client`, on Tornado's client):
+subscribe, iterate over messages, reconnect with jittered backoff, resume
+every recoverable stream with ``since``, report gaps and refused streams,
+close with a close frame.  Use it as ``marketstream.client.Client`` (see
+:mod:`marketstream.client` for an example)."""
 
 import asyncio
 import collections
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
-from decimal import Decimal, InvalidOperation
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import tornado.httpclient
 import tornado.websocket
 import ujson
 
-__all__ = ["Client", "Message", "OrderBook", "BookGap", "ConnectionLost", "StreamsRefused",
-           "MESSAGE", "SNAPSHOT", "GAP", "NORMAL_CLOSURE"]
+from marketstream.client.messages import GAP, MESSAGE, SNAPSHOT, Message, is_snapshot_data
+from marketstream.wire.frames import CLOSE_NORMAL
 
-log = logging.getLogger("marketstream.client")
-
-MESSAGE = "message"
-SNAPSHOT = "snapshot"
-GAP = "gap"
+__all__ = ["Client", "ConnectionLost", "StreamsRefused", "NORMAL_CLOSURE"]
 
 #: The close code the client sends when it closes (RFC 6455: normal closure).
-NORMAL_CLOSURE = 1000
+NORMAL_CLOSURE = CLOSE_NORMAL
 
-Levels = list[list[str]]
-
-
-class Message(NamedTuple):
-    """One message of a stream.
-
-    ``seq`` is the stream's position (None on plain streams and for gap
-    notices); ``kind`` is ``"message"``, ``"snapshot"`` (the stream's state
-    as of ``seq``: data whose ``e`` ends in ``Snapshot``, such as
-    ``depthSnapshot``; streams whose snapshot is an ordinary message, such
-    as tickers, get it as a ``"message"``) or ``"gap"`` (updates may have
-    been missed: from the server, or noticed by the client;
-    ``data["reason"]`` is a code for why -- the server's (see the README's
-    "Gap notices"), or ``reconnected`` (a plain stream after a
-    reconnection) and ``positions_missing`` (a position jumped) for those
-    the client notices -- and ``data["msg"]`` says it in words);
-    ``raw`` is the frame's text as received (for a gap the client noticed
-    itself, a frame of the same shape as the server's gap notice).
-    """
-
-    stream: str
-    data: Any
-    seq: int | None
-    kind: str
-    raw: str
-
+log = logging.getLogger("marketstream.client")
 
 class ConnectionLost(ConnectionError):
     """The connection dropped and the client was made with ``reconnect=False``."""
@@ -113,10 +49,6 @@ def _gap_message(stream: str, reason: str, msg: str, **extra: Any) -> Message:
     data.update(extra)
     raw = ujson.dumps({"stream": stream, "data": data}, escape_forward_slashes=False)
     return Message(stream, data, None, GAP, raw)
-
-
-def _is_snapshot_data(data: Any) -> bool:
-    return isinstance(data, dict) and str(data.get("e", "")).endswith("Snapshot")
 
 
 class Client:
@@ -380,7 +312,7 @@ class Client:
             return
         self._plain.discard(stream)
         last = self.last_seq.get(stream)
-        if _is_snapshot_data(data):
+        if is_snapshot_data(data):
             self._after_gap.discard(stream)
             self.last_seq[stream] = seq
             self._pending.append(Message(stream, data, seq, SNAPSHOT, frame))
@@ -442,160 +374,3 @@ async def _close(ws: tornado.websocket.WebSocketClientConnection, timeout: float
             await asyncio.wait_for(ws.read_message(), min(left, 0.1))
         except asyncio.TimeoutError:
             pass
-
-
-# -- order book -----------------------------------------------------------------
-
-class BookGap(Exception):
-    """An update is missing: the book is no longer right until the next snapshot."""
-
-
-def _price(text: str) -> Decimal:
-    try:
-        return Decimal(text)
-    except InvalidOperation:
-        raise ValueError("invalid price %r" % (text,)) from None
-
-
-class OrderBook:
-    """An order book kept from a depth snapshot and Binance-style diffs.
-
-    Prices and quantities stay the strings received; levels are ordered by
-    their decimal value, best first.  Apply a snapshot (``depthSnapshot``
-    data: ``b``, ``a``, ``u``), then diffs (``depth`` data: ``U``, ``u``,
-    ``b``, ``a``; quantity ``"0"`` removes a level):
-
-    >>> book = OrderBook()
-    >>> book.apply_snapshot({"e": "depthSnapshot", "u": 10,
-    ...                      "b": [["99.5", "2"], ["100.0", "1"]], "a": [["100.5", "3"]]})
-    >>> book.apply({"e": "depth", "U": 11, "u": 12,
-    ...             "b": [["99.5", "0"], ["100.25", "4"]], "a": [["101", "1.5"]]})
-    True
-    >>> book.bids()
-    [['100.25', '4'], ['100.0', '1']]
-    >>> book.asks()
-    [['100.5', '3'], ['101', '1.5']]
-
-    Diffs already contained in the snapshot are skipped; a missing update
-    raises :class:`BookGap` and leaves the book unsynced until the next
-    snapshot:
-
-    >>> book.apply({"e": "depth", "U": 5, "u": 9, "b": [], "a": []})
-    False
-    >>> try:
-    ...     book.apply({"e": "depth", "U": 14, "u": 14, "b": [], "a": [["100.5", "0"]]})
-    ... except BookGap as exc:
-    ...     print("gap:", exc)
-    gap: depth: expected update 13, got 14..14
-    >>> book.synced
-    False
-
-    With positions (``seq``), continuity is also checked by position, and
-    :meth:`apply_message` takes a :class:`Message` of any kind:
-
-    >>> book = OrderBook()
-    >>> book.apply_message(Message("depth.X_Y", {"e": "depthSnapshot", "u": 3,
-    ...     "b": [["1", "1"]], "a": [["2", "1"]]}, 41, "snapshot", ""))
-    True
-    >>> book.apply({"e": "depth", "U": 4, "u": 4, "b": [["1", "5"]], "a": []}, seq=42)
-    True
-    >>> book.as_dict()
-    {'seq': 42, 'bids': [['1', '5']], 'asks': [['2', '1']]}
-
-    A stream followed from its very first update can start from an empty
-    book: ``OrderBook.empty()`` (a snapshot with no levels at ``u = 0``).
-    """
-
-    def __init__(self) -> None:
-        self._bids: dict[Decimal, list[str]] = {}
-        self._asks: dict[Decimal, list[str]] = {}
-        self.u: int | None = None      # last update id applied
-        self.seq: int | None = None    # last position applied (None: not known)
-        self.synced = False
-        self._first = False               # the next diff is the first after a snapshot
-
-    @classmethod
-    def empty(cls) -> "OrderBook":
-        """A synced book with no levels at update id 0."""
-        book = cls()
-        book.apply_snapshot({"b": [], "a": [], "u": 0})
-        return book
-
-    def apply_snapshot(self, data: dict[str, Any], seq: int | None = None) -> None:
-        """Replace the book with ``data`` (``b``, ``a``, ``u``) as of position ``seq``."""
-        self._bids = {}
-        self._asks = {}
-        self._update(self._bids, data.get("b", ()))
-        self._update(self._asks, data.get("a", ()))
-        self.u = int(data["u"])
-        self.seq = seq
-        self.synced = True
-        self._first = True
-
-    def apply(self, data: dict[str, Any], seq: int | None = None) -> bool:
-        """Apply one diff; True if applied, False if already contained in the
-        book.  Raises :class:`BookGap` (and unsyncs the book) when updates
-        are missing, and while the book waits for a snapshot."""
-        u = self.u
-        if not self.synced or u is None:
-            raise BookGap("depth: no snapshot applied")
-        first_id, last_id = int(data["U"]), int(data["u"])
-        if seq is not None and self.seq is not None:
-            if seq <= self.seq:
-                return False
-            if seq != self.seq + 1:
-                self.synced = False
-                raise BookGap("depth: expected position %d, got %d" % (self.seq + 1, seq))
-        if last_id <= u:
-            if seq is not None and self.seq is not None:
-                self.seq = seq   # a position without news for the book
-            return False
-        if (first_id > u + 1) or (not self._first and first_id != u + 1):
-            self.synced = False
-            raise BookGap("depth: expected update %d, got %d..%d" % (u + 1, first_id, last_id))
-        self._update(self._bids, data.get("b", ()))
-        self._update(self._asks, data.get("a", ()))
-        self.u = last_id
-        if seq is not None:
-            self.seq = seq
-        self._first = False
-        return True
-
-    def apply_message(self, message: Message) -> bool:
-        """Apply a :class:`Message` of a depth stream: a snapshot (``kind``
-        ``"snapshot"`` or ``data.e`` ``"depthSnapshot"``) replaces the book,
-        a gap unsyncs it, a diff is applied.  True if the book changed."""
-        data = message.data
-        if message.kind == GAP:
-            self.synced = False
-            return False
-        if message.kind == SNAPSHOT or _is_snapshot_data(data):
-            self.apply_snapshot(data, message.seq)
-            return True
-        return self.apply(data, message.seq)
-
-    @staticmethod
-    def _update(side: dict[Decimal, list[str]], levels: Iterable[Sequence[str]]) -> None:
-        for price, qty in levels:
-            key = _price(price)
-            if Decimal(qty) == 0:
-                side.pop(key, None)
-            else:
-                side[key] = [price, qty]
-
-    def bids(self, depth: int | None = None) -> Levels:
-        """Bid levels, highest price first: ``[[price, qty], ...]``."""
-        return [list(self._bids[k]) for k in sorted(self._bids, reverse=True)[:depth]]
-
-    def asks(self, depth: int | None = None) -> Levels:
-        """Ask levels, lowest price first: ``[[price, qty], ...]``."""
-        return [list(self._asks[k]) for k in sorted(self._asks)[:depth]]
-
-    def as_dict(self) -> dict[str, Any]:
-        """``{"seq": ..., "bids": [...], "asks": [...]}`` (the shape of the
-        browser client's ``books`` entries)."""
-        return {"seq": self.seq, "bids": self.bids(), "asks": self.asks()}
-
-    def __repr__(self) -> str:
-        return "<OrderBook u=%s seq=%s %d bids %d asks%s>" % (
-            self.u, self.seq, len(self._bids), len(self._asks), "" if self.synced else " unsynced")

@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 import ujson
 
-from marketstream.simulator import (DEFAULT_MARKETS, MAX_LAG, SNAPSHOT_INTERVAL, Feed,
+from marketstream.demo.simulator import (DEFAULT_MARKETS, MAX_LAG, SNAPSHOT_INTERVAL, Feed,
                                     FeedEvent, MarketSimulator, encode, envelope, market_spec)
 
 DECIMALS = {"BTC_USDT": (2, 5), "ETH_USDT": (2, 4), "SOL_USDT": (3, 3), "SOL_USDC": (3, 3)}

@@ -25,7 +25,7 @@ A :class:`Feed` schedules several markets on a monotonic clock and returns
 ['depth.BTC_USDT', 'depth.SOL_USDC', 'ticker.BTC_USDT', 'ticker.SOL_USDC',
  'trade.BTC_USDT', 'trade.SOL_USDC']
 
-Nothing here touches a socket or a clock; :mod:`marketstream.feed`
+Nothing here touches a socket or a clock; :mod:`marketstream.demo.feed`
 publishes what this produces.
 """
 

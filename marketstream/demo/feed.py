@@ -6,17 +6,17 @@
     marketstream-feed --markets BTC_USDT,SOL_USDC --history 5000 --ttl 600 --seed 1
     marketstream-feed --plain                 # plain PUBLISH, no positions
     marketstream-feed --format data --duration 60
-    python -m marketstream.feed --help
+    python -m marketstream.demo.feed --help
 
 For every market it publishes three streams, the channel being the stream
 name: ``trade.<MARKET>`` and ``depth.<MARKET>`` (together ``--rate`` events per
 second and market, about half each) and ``ticker.<MARKET>`` (once a second).
 
 By default it publishes recoverably, through
-:class:`marketstream.publisher.AsyncPublisher`: every message gets a position,
+:class:`marketstream.upstream.publisher.AsyncPublisher`: every message gets a position,
 Redis keeps the last ``--history`` messages of each stream, depth streams
 store the full book as their snapshot at least every
-:data:`~marketstream.simulator.SNAPSHOT_INTERVAL` seconds and tickers are
+:data:`~marketstream.demo.simulator.SNAPSHOT_INTERVAL` seconds and tickers are
 their own snapshots.  Subscribers receive::
 
     @1718000000123457 {"stream":"trade.SOL_USDC","data":{"e":"trade","E":1718000000123456,
@@ -28,7 +28,7 @@ their own snapshots.  Subscribers receive::
 position) only the data object, which the server then wraps.
 
 The market itself (prices, books, tickers, the schedule) is
-:mod:`marketstream.simulator`, which does no I/O; :func:`run_feed` publishes
+:mod:`marketstream.demo.simulator`, which does no I/O; :func:`run_feed` publishes
 with one Redis pipeline per scheduling step and runs inside any asyncio event
 loop (``marketstream --demo`` runs it beside the server).
 
@@ -49,8 +49,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from marketstream.publisher import AsyncPublisher
-from marketstream.simulator import (DEFAULT_MARKETS, FORMATS, KINDS, MAX_LAG,  # noqa: F401
+from marketstream.upstream.publisher import AsyncPublisher
+from marketstream.demo.simulator import (DEFAULT_MARKETS, FORMATS, KINDS, MAX_LAG,  # noqa: F401
                                     SNAPSHOT_INTERVAL, TICKER_INTERVAL, Feed, FeedEvent,
                                     MarketSimulator, MarketSpec, encode, envelope, market_spec)
 from marketstream.upstream.clients import REDIS_ERRORS, async_client, check_redis

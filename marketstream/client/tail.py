@@ -6,7 +6,7 @@
     marketstream-tail depth.SOL_USDC --snapshot --count 1          # the book, then exit
     marketstream-tail trade.SOL_USDC --since trade.SOL_USDC:1042   # resume after 1042
     marketstream-tail ticker.BTC_USDT --url ws://example.com/ws --count 5 --timeout 10
-    python -m marketstream.tail --help
+    python -m marketstream.client.tail --help
 
 Every frame the server sends is printed on one line of standard output,
 exactly as received (``{"stream":...,"data":...,"seq":...}``), so the output
@@ -33,7 +33,7 @@ import signal
 import sys
 from typing import TextIO
 
-from marketstream.client import Client, StreamsRefused
+from marketstream.client.client import Client, StreamsRefused
 
 __all__ = ["build_parser", "main", "tail"]
 

@@ -20,7 +20,7 @@ class Tail:
     """``marketstream-tail ARGS`` with stdout lines and stderr collected."""
 
     def __init__(self, *args, module=False):
-        command = [sys.executable, "-m", "marketstream.tail"] if module else [TAIL]
+        command = [sys.executable, "-m", "marketstream.client.tail"] if module else [TAIL]
         self.proc = subprocess.Popen(command + list(args), cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         self.lines = []

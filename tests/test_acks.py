@@ -136,7 +136,7 @@ async def test_replies_come_in_the_order_of_the_requests(server_factory, redis_c
 @pytest.mark.gen_test
 async def test_refused_names_are_logged_at_info_at_most_once_a_second_and_counted(
         server, caplog):
-    caplog.set_level(logging.INFO, logger="marketstream.connections")
+    caplog.set_level(logging.INFO, logger="marketstream.server.handlers")
     watch = await Watch(server).start()
     ws = await connect(server)
     for i in range(20):   # acks off: the client hears nothing, the log does

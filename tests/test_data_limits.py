@@ -284,7 +284,7 @@ async def test_payloads_that_are_not_the_channels_own_never_reach_clients(server
     dropped, counted and logged at most once a second."""
     name = "trade.PAY%s_USDT" % tag()
     other = "trade.OTHER%s_USDT" % tag()
-    caplog.set_level(logging.WARNING, "marketstream.channels")
+    caplog.set_level(logging.WARNING, "marketstream.server.channels")
     ws = await connect(server)
     await send(ws, "SUBSCRIBE", [name])
     await listeners(server, name, 1)

@@ -106,7 +106,7 @@ def test_demo_page_is_served_on_plain_get_when_enabled(spawn, redis_url):
 
 @pytest.mark.gen_test
 async def test_disconnect_without_close_frame_says_so(server, caplog):
-    caplog.set_level(logging.INFO, logger="marketstream.connections")
+    caplog.set_level(logging.INFO, logger="marketstream.server.handlers")
     ws = await connect(server)
     await async_wait_until(lambda: server.manager.connections, message="registered")
     abort(ws)

@@ -24,7 +24,7 @@ __all__ = ["Client", "ConnectionLost", "StreamsRefused", "NORMAL_CLOSURE"]
 #: The close code the client sends when it closes (RFC 6455: normal closure).
 NORMAL_CLOSURE = CLOSE_NORMAL
 
-log = logging.getLogger("marketstream.client")
+log = logging.getLogger(__name__)
 
 class ConnectionLost(ConnectionError):
     """The connection dropped and the client was made with ``reconnect=False``."""

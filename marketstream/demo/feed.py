@@ -59,7 +59,7 @@ from marketstream.upstream.urls import redact_url
 __all__ = ["DEFAULT_MARKETS", "FORMATS", "Feed", "MarketSimulator", "MarketSpec",
            "build_parser", "encode", "envelope", "main", "market_spec", "redact", "run_feed"]
 
-log = logging.getLogger("marketstream.feed")
+log = logging.getLogger(__name__)
 
 SUMMARY_INTERVAL = 10.0  # seconds between summary log lines
 RETRY_INTERVAL = 1.0     # seconds between attempts while Redis is unavailable
@@ -102,15 +102,16 @@ async def run_feed(redis_url: str, markets: Iterable[str] | str = DEFAULT_MARKET
 
     ``markets`` is an iterable of market names (or one comma-separated
     string), ``rate`` trade + depth events per second and market, ``seed``
-    makes the data reproducible and ``log`` replaces the ``marketstream.feed``
-    logger.  ``recoverable`` (default: True for ``fmt="envelope"``) publishes
-    through the recovery script with ``history`` and ``ttl``; False PUBLISHes
+    makes the data reproducible and ``log`` replaces the
+    ``marketstream.demo.feed`` logger.  ``recoverable`` (default: True for
+    ``fmt="envelope"``) publishes through the recovery script with
+    ``history`` and ``ttl``; False PUBLISHes
     plain payloads in format ``fmt`` (``"envelope"`` or ``"data"``).  While
     Redis is unavailable the feed logs a warning and retries every second.
     Returns the number of messages published per kind:
     ``{"trade": n, "depth": n, "ticker": n}``.
     """
-    log = log or logging.getLogger("marketstream.feed")
+    log = log or logging.getLogger(__name__)
     if recoverable is None:
         recoverable = fmt == "envelope"
     if recoverable and fmt != "envelope":

@@ -46,7 +46,7 @@ from marketstream.wire.frames import CLOSE_GOING_AWAY
 __all__ = ["make_app", "Server", "RedisUnavailable", "run_loop",
            "listening_sockets", "bound_port", "EXIT_CANNOT_START", "GC_THRESHOLDS"]
 
-log = logging.getLogger("marketstream.server")
+log = logging.getLogger(__name__)
 
 
 class StreamApplication(tornado.web.Application):

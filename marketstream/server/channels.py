@@ -58,7 +58,7 @@ from marketstream.wire.payloads import WRONG_STREAM, publish_time
 
 __all__ = ["ChannelManager", "Want"]
 
-log = logging.getLogger("marketstream.channels")
+log = logging.getLogger(__name__)
 
 #: History reads in flight at most (more would queue for redis-py's pool of
 #: connections, 100 by default, and fail past it).

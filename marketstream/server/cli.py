@@ -44,7 +44,7 @@ from marketstream.upstream.clients import REDIS_ERRORS
 
 __all__ = ["main", "build_parser", "settings_from_args", "configure_logging"]
 
-log = logging.getLogger("marketstream.server")
+log = logging.getLogger(__name__)
 
 
 #: The end of ``marketstream --help``: every form of ``REDIS_URL``.

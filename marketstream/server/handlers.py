@@ -53,7 +53,7 @@ from marketstream.wire.frames import CLOSE_POLICY, OP_CLOSE, text_frame
 
 __all__ = ["StreamHandler", "Context", "STATIC_DIR"]
 
-log = logging.getLogger("marketstream.connections")
+log = logging.getLogger(__name__)
 
 
 _SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"

@@ -41,7 +41,7 @@ from marketstream.wire.frames import CLOSE_GOING_AWAY
 
 __all__ = ["Keepalive", "Pingable"]
 
-log = logging.getLogger("marketstream.connections")
+log = logging.getLogger(__name__)
 
 
 class Pingable(Protocol):

@@ -68,7 +68,7 @@ from marketstream.upstream.urls import RedisURL, node_label, parse_redis_url
 __all__ = ["SentinelWatcher", "ShardedSubscriber", "cluster_primaries", "cluster_topology",
            "key_slot", "sentinel_primary"]
 
-log = logging.getLogger("marketstream.topology")
+log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 Ranges = dict[Address, list[tuple[int, int]]]   # primary -> its slot ranges [(start, end)]

@@ -40,7 +40,7 @@ from marketstream.upstream.urls import node_label, redact_url
 
 __all__ = ["PubSubLink", "Listener"]
 
-log = logging.getLogger("marketstream.channels")
+log = logging.getLogger(__name__)
 
 
 class Listener(Protocol):

@@ -37,7 +37,7 @@ from marketstream.upstream.urls import RedisURL, parse_redis_url, redact_url
 
 __all__ = ["make_link", "ClusterLink", "ClusterListener", "Link", "SentinelLink"]
 
-log = logging.getLogger("marketstream.channels")
+log = logging.getLogger(__name__)
 
 
 class ClusterListener(Listener, Protocol):

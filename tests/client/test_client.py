@@ -259,7 +259,7 @@ async def test_refused_streams_raise_with_the_servers_reason_and_the_others_go_o
 
 @pytest.mark.gen_test
 async def test_async_with_after_a_break_closes_with_a_close_frame(server, redis_client, caplog):
-    caplog.set_level("INFO", logger="marketstream.connections")
+    caplog.set_level("INFO", logger="marketstream.server.handlers")
 
     async def publish():
         await listeners(server, "trade.BYE_USDT", 1)

@@ -260,7 +260,7 @@ async def test_acks_in_binance_shapes(server_factory, redis_client):
 
 @pytest.mark.gen_test
 async def test_identity_is_peer_address(server, caplog):
-    caplog.set_level("INFO", logger="marketstream.connections")
+    caplog.set_level("INFO", logger="marketstream.server.handlers")
     ws = await connect(server)
     local_port = ws.protocol.stream.socket.getsockname()[1]
     await async_wait_until(lambda: server.manager.connections)
@@ -268,7 +268,7 @@ async def test_identity_is_peer_address(server, caplog):
     assert conn.identity == "127.0.0.1:%d" % local_port
     ws.close()
     await async_wait_until(lambda: not server.manager.connections)
-    lines = [r.getMessage() for r in caplog.records if r.name == "marketstream.connections"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "marketstream.server.handlers"]
     assert "connect 127.0.0.1:%d" % local_port in lines
     assert any(line.startswith("disconnect 127.0.0.1:%d" % local_port) for line in lines)
 

@@ -61,7 +61,7 @@ from typing import Any
 
 __all__ = ["Acceptor", "ACCEPT_BATCH", "ACCEPT_PER_WAKE"]
 
-log = logging.getLogger("marketstream.server")
+log = logging.getLogger(__name__)
 
 #: Accepted connections handed to the callback (the handshake) per event-loop
 #: turn, at least.

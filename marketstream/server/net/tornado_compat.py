@@ -53,7 +53,7 @@ __all__ = ["OK", "MISSING", "handle_connection", "LeanIOStream", "websocket_para
            "prepare_switch", "release_response", "RECEIVE_FRAME_LOOP", "RECEIVE_FRAME",
            "HANDLE_MESSAGE", "peer_address"]
 
-log = logging.getLogger("marketstream.server")
+log = logging.getLogger(__name__)
 
 #: The protocol method that reads frames until the connection ends; the
 #: handler runs it as a task of its own.

@@ -64,7 +64,7 @@ from marketstream.loglimit import LogLimiter
 
 __all__ = ["StreamServer", "Switched", "defer_accept", "upgrade_request", "MAX_BODY_BYTES"]
 
-log = logging.getLogger("marketstream.connections")
+log = logging.getLogger(__name__)
 
 # Bigger requests (many cookies) are rare and take Tornado's path.
 _PEEK_BYTES = 4096

@@ -32,7 +32,7 @@ from types import FrameType
 
 __all__ = ["supervise", "worker_id", "die_with_parent"]
 
-log = logging.getLogger("marketstream.workers")
+log = logging.getLogger(__name__)
 
 _worker_id: int | None = None
 

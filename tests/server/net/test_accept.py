@@ -181,7 +181,7 @@ async def test_out_of_descriptors_pauses_logs_once_and_recovers(caplog, monkeypa
     failing = _OutOfDescriptors(sock, failures=5)
     handed = []
     acceptor = Acceptor(lambda conn, address: handed.append(conn))
-    with caplog.at_level(logging.WARNING, logger="marketstream.server"):
+    with caplog.at_level(logging.WARNING, logger="marketstream.server.net.accept"):
         acceptor.add(failing)
         await async_wait_until(lambda: len(handed) == 3, message="accepted after the pause")
     # Each failure paused accepting instead of spinning on the readable socket.

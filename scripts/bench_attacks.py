@@ -51,7 +51,6 @@ import asyncio
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -64,9 +63,22 @@ import redis
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_fanout as fanout  # noqa: E402  (puts the project root on sys.path)
-from bench_fanout import (ROOT, die_with_parent, free_port, handshake_request,  # noqa: E402
-                          log, masked_frame, raise_fd_limit, stop_process, tree_cpu)
-from marketstream.server.embedded import RedisServer  # noqa: E402
+from bench_fanout import ROOT, log  # noqa: E402
+
+from marketstream.testing import (  # noqa: E402
+    RedisServer,
+    close_reason,
+    die_with_parent,
+    free_port,
+    handshake_request,
+    health,
+    masked_frame,
+    raise_fd_limit,
+    read_frames,
+    stop_process,
+    tree_cpu,
+)
+from marketstream.wire.frames import OP_CLOSE, OP_TEXT  # noqa: E402
 
 HOST = "127.0.0.1"
 GAP = b'"e":"gap"'
@@ -82,15 +94,6 @@ def frame_size(payload: bytes) -> int:
     return len(payload) + (6 if len(payload) < 126 else 8)
 
 
-def client_frame(text: str) -> bytes:
-    data = text.encode()
-    if len(data) < 65536:
-        return masked_frame(text)
-    mask = os.urandom(4)
-    return (struct.pack("!BBQ", 0x81, 0x80 | 127, len(data)) + mask
-            + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
-
-
 class Client(asyncio.Protocol):
     """A minimal WebSocket client: sends its upgrade request, then counts
     what the server sends (frames, bytes, gap notices, the close code)."""
@@ -102,7 +105,7 @@ class Client(asyncio.Protocol):
         self.upgraded: asyncio.Future[int] = loop.create_future()  # the HTTP status
         self.lost: asyncio.Future[None] = loop.create_future()
         self.head = b""
-        self.buffer = bytearray()
+        self.buffer = b""
         self.bytes = self.frames = self.gaps = 0
         self.close_code: int | None = None
         self.close_reason = ""
@@ -121,28 +124,16 @@ class Client(asyncio.Protocol):
             head, _, data = self.head.partition(b"\r\n\r\n")
             self.upgraded.set_result(int(head.split(b" ", 2)[1]))
         self.bytes += len(data)
-        buf = self.buffer
-        buf += data
-        at = 0
-        while len(buf) - at >= 2:
-            opcode, length, start = buf[at] & 0x0F, buf[at + 1] & 0x7F, at + 2
-            if length == 126:
-                length, start = int.from_bytes(buf[at + 2:at + 4], "big"), at + 4
-            elif length == 127:
-                length, start = int.from_bytes(buf[at + 2:at + 10], "big"), at + 10
-            if len(buf) < start + length:
-                break
-            if opcode == 0x8:
-                payload = bytes(buf[start:start + length])
-                if len(payload) >= 2:
-                    self.close_code = struct.unpack("!H", payload[:2])[0]
-                    self.close_reason = payload[2:].decode(errors="replace")
-            elif opcode == 0x1:
+        frames, self.buffer = read_frames(self.buffer + data)
+        for opcode, payload in frames:
+            if opcode == OP_CLOSE:
+                code, reason = close_reason(payload)
+                if code is not None:
+                    self.close_code, self.close_reason = code, reason
+            elif opcode == OP_TEXT:
                 self.frames += 1
-                if buf.find(GAP, start, start + length) >= 0:
+                if GAP in payload:
                     self.gaps += 1
-            at = start + length
-        del buf[:at]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.upgraded.done():
@@ -151,7 +142,7 @@ class Client(asyncio.Protocol):
             self.lost.set_result(None)
 
     def send(self, text: str) -> None:
-        self.transport.write(client_frame(text))
+        self.transport.write(masked_frame(text))
 
     @property
     def closed(self) -> bool:
@@ -161,7 +152,7 @@ class Client(asyncio.Protocol):
 async def open_client(port: int, path: str = "/ws") -> Client:
     loop = asyncio.get_running_loop()
     _, client = await loop.create_connection(
-        lambda: Client(handshake_request(HOST, port, path)), HOST, port)
+        lambda: Client(handshake_request(port, path, host=HOST)), HOST, port)
     await asyncio.wait_for(client.upgraded, 10)
     return client
 
@@ -186,7 +177,7 @@ class Target:
         deadline = time.monotonic() + 30
         while True:
             try:
-                fanout._health(HOST, self.port)
+                health(self.port, HOST)
                 return
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:

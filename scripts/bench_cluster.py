@@ -61,6 +61,17 @@ sys.path.insert(0, HERE)
 import bench_fanout as fanout  # noqa: E402  (puts the project root on sys.path)
 
 from marketstream.upstream.cluster import key_slot  # noqa: E402
+from marketstream.testing import (  # noqa: E402
+    free_port,
+    handshake,
+    handshake_request,
+    health,
+    masked_frame,
+    percentile,
+    raise_fd_limit,
+    stop_process,
+    tree_cpu,
+)
 from tests.redis_topology import Cluster, find_redis7  # noqa: E402
 
 log = fanout.log
@@ -196,11 +207,11 @@ class StreamCounter(asyncio.Protocol):
 def receiver_process(host: str, port: int, plans: list[tuple[bytes, bytes]], control: Any) -> None:
     """One receiver process: connect ``plans`` (handshake request, subscribe
     frame), then obey ``control``: ``mark``, ``count``, ``finish``."""
-    fanout.raise_fd_limit()
+    raise_fd_limit()
     sockets = []
     try:
         for request, subscribe in plans:
-            sock = fanout.handshake((host, port), request)
+            sock = handshake((host, port), request)
             sock.sendall(subscribe)
             sockets.append(sock)
     except Exception as exc:  # report, do not hang the parent
@@ -255,9 +266,9 @@ class StreamReceiver:
         for c in range(args.connections):
             names = [fanout.stream_name(k)
                      for k in fanout.connection_streams(c, args.per_conn, args.streams)]
-            subscribe = fanout.masked_frame(json.dumps(
+            subscribe = masked_frame(json.dumps(
                 {"method": "SUBSCRIBE", "params": names, "id": c + 1}, separators=(",", ":")))
-            plans[c % self.processes].append((fanout.handshake_request(host, port), subscribe))
+            plans[c % self.processes].append((handshake_request(port, host=host), subscribe))
         ctx = multiprocessing.get_context("fork")
         for part in plans:
             parent, child = ctx.Pipe()
@@ -299,8 +310,8 @@ class StreamReceiver:
         for proc, _ in self.children:
             proc.join(10)
         return {"received": sum(per_stream.values()), "per_stream": dict(per_stream),
-                "samples": len(samples), "p50": fanout.percentile(samples, 0.50),
-                "p99": fanout.percentile(samples, 0.99),
+                "samples": len(samples), "p50": percentile(samples, 0.50),
+                "p99": percentile(samples, 0.99),
                 "max": max(samples) if samples else None}
 
     def kill(self) -> None:
@@ -317,12 +328,12 @@ def _info_calls(node: Any, command: str) -> int:
 
 
 def _health_nodes(host: str, port: int) -> dict[str, dict[str, Any]]:
-    return fanout._health(host, port).get("redis", {}).get("nodes", {})
+    return health(port, host).get("redis", {}).get("nodes", {})
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """One benchmark run; its figures (``shards``: one dict per primary)."""
-    hard = fanout.raise_fd_limit()
+    hard = raise_fd_limit()
     if 2 * args.connections + 200 > hard:
         log("warning: open-file limit %d is low for %d connections" % (hard, args.connections))
     can_pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) > 1
@@ -335,13 +346,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         log("cluster of %d nodes settled in %.1fs" % (len(cluster.nodes),
                                                       time.monotonic() - started))
         nodes, owner, ranges = shard_map(cluster, args.streams)
-        host, port = "127.0.0.1", fanout.free_port()
+        host, port = "127.0.0.1", free_port()
         server = fanout.start_server("marketstream", args, host, port, cluster.url, can_pin)
         proc = psutil.Process(server.pid)
         deadline = time.monotonic() + 30
         while True:
             try:
-                fanout._health(host, port)
+                health(port, host)
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
@@ -391,7 +402,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             node.call("CONFIG", "RESETSTAT")
         health_before = _health_nodes(host, port)
         await receiver.mark()
-        cpu_before = fanout.tree_cpu(proc)
+        cpu_before = tree_cpu(proc)
         pipe_out, pipe_in = multiprocessing.Pipe(duplex=False)
         publishing = multiprocessing.get_context("spawn").Process(
             target=publisher,
@@ -428,7 +439,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 break
             await asyncio.sleep(0.05)
         drain_seconds = time.monotonic() - published_at
-        cpu = fanout.tree_cpu(proc) - cpu_before
+        cpu = tree_cpu(proc) - cpu_before
         health_after = _health_nodes(host, port)
         shard_channels = []
         for node in nodes:
@@ -495,7 +506,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if receiver is not None:
             receiver.kill()
-        fanout.stop_process(server)
+        stop_process(server)
         if cluster is not None:
             cluster.stop()
 

@@ -55,30 +55,37 @@ marketstream server it starts, e.g. ``--set server.fast_handshake=false``.
 
 import argparse
 import asyncio
-import base64
 import hashlib
 import json
 import multiprocessing
 import os
-import resource
 import shutil
 import signal
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import psutil
 import redis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from marketstream.server.embedded import RedisServer, free_port  # noqa: E402
-from marketstream.server.net.workers import die_with_parent  # noqa: E402
+from marketstream.testing import (  # noqa: E402
+    RedisServer,
+    die_with_parent,
+    free_port,
+    handshake,
+    handshake_request,
+    health,
+    masked_frame,
+    percentile,
+    raise_fd_limit,
+    stop_process,
+    tree_cpu,
+    tree_rss,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WSBLAST_SOURCE = os.path.join(HERE, "wsblast.c")
@@ -124,57 +131,6 @@ def connection_streams(c, per_conn, streams):
 
 def log(*args):
     print(*args, file=sys.stderr, flush=True)
-
-
-def stop_process(proc, timeout=20):
-    """SIGTERM ``proc`` (a Popen, or None), SIGKILL it if it has not exited
-    within ``timeout`` seconds, and reap it."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def raise_fd_limit():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-def masked_frame(text):
-    data = text.encode()
-    mask = os.urandom(4)
-    head = struct.pack("!BB", 0x81, 0x80 | len(data)) if len(data) < 126 else \
-        struct.pack("!BBH", 0x81, 0x80 | 126, len(data))
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-
-
-def percentile(values, q):
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def tree_rss(proc):
-    procs = [proc] + proc.children(recursive=True)
-    return sum(p.memory_info().rss for p in procs if p.is_running())
-
-
-def tree_cpu(proc):
-    total = 0.0
-    for p in [proc] + proc.children(recursive=True):
-        try:
-            times = p.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 # --- publisher ---------------------------------------------------------------
@@ -278,30 +234,6 @@ class Counter(asyncio.Protocol):
             Counter.samples.append((time.time_ns() - sent) / 1e6)
 
 
-def handshake_request(host, port, path="/ws"):
-    key = base64.b64encode(os.urandom(16)).decode()
-    return ("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            % (path, host, port, key)).encode()
-
-
-def handshake(address, request):
-    """One blocking WebSocket handshake: the cheapest sequential client."""
-    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
-    sock.connect(address)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(request)
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise RuntimeError("connection closed during the handshake")
-        head += chunk
-    if not head.startswith(b"HTTP/1.1 101"):
-        raise RuntimeError("handshake refused: %r" % head[:60])
-    return sock
-
-
 class PythonReceiver:
     """asyncio connections counting bytes (frames of one known size)."""
 
@@ -316,7 +248,7 @@ class PythonReceiver:
         plans = []
         for c in range(args.connections):
             names = [stream_name(k) for k in connection_streams(c, args.per_conn, args.streams)]
-            plans.append((handshake_request(host, port), masked_frame(json.dumps(
+            plans.append((handshake_request(port, host=host), masked_frame(json.dumps(
                 {"method": "SUBSCRIBE", "params": names, "id": c + 1}, separators=(",", ":")))))
         sockets = []
         for request, subscribe in plans:
@@ -431,17 +363,12 @@ class BlastReceiver:
 
 # --- one run -----------------------------------------------------------------
 
-def _health(host, port):
-    with urllib.request.urlopen("http://%s:%d/health" % (host, port), timeout=2) as response:
-        return json.loads(response.read())
-
-
 def worker_connections(host, port, processes, tries=200):
     """Connections per worker (from /health, which any worker may answer)."""
     seen = {}
     for _ in range(tries):
         try:
-            body = _health(host, port)
+            body = health(port, host)
         except OSError:
             continue
         seen[body["pid"]] = body.get("connections")
@@ -502,7 +429,7 @@ async def run(args, kind="marketstream", recoverable=False):
             deadline = time.monotonic() + 20
             while True:
                 try:
-                    _health(host, port)
+                    health(port, host)
                     break
                 except OSError:
                     if time.monotonic() > deadline or server.poll() is not None:

@@ -78,10 +78,19 @@ import redis
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_fanout as fanout  # noqa: E402  (puts the project root on sys.path)
-from bench_fanout import (die_with_parent, free_port, handshake_request,  # noqa: E402
-                          log, masked_frame, raise_fd_limit, stream_name, stream_names,
-                          tree_cpu)
-from marketstream.server.embedded import RedisServer  # noqa: E402
+from bench_fanout import log, stream_name, stream_names  # noqa: E402
+
+from marketstream.testing import (  # noqa: E402
+    RedisServer,
+    die_with_parent,
+    free_port,
+    handshake_request,
+    health,
+    masked_frame,
+    percentile,
+    raise_fd_limit,
+    tree_cpu,
+)
 
 TOKEN = b'{"stream"'
 E_KEY = b'"E":'
@@ -119,10 +128,6 @@ def weighted_percentile(pairs: list[tuple[float, int]], q: float) -> float | Non
         if seen > want:
             return value
     return pairs[-1][0]
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    return fanout.percentile(values, q)
 
 
 def ms(value: float | None, digits: int = 1) -> float | None:
@@ -393,7 +398,7 @@ async def _live_main(host: str, port: int, count: int, per_conn: int, streams: i
     plans = []
     for c in range(count):
         names = [stream_name(k) for k in fanout.connection_streams(c, per_conn, streams)]
-        plans.append((handshake_request(host, port), masked_frame(json.dumps(
+        plans.append((handshake_request(port, host=host), masked_frame(json.dumps(
             {"method": "SUBSCRIBE", "params": names, "id": c + 1}, separators=(",", ":")))))
     cpu0 = time.process_time()
     started = time.monotonic()
@@ -529,7 +534,7 @@ def commandstats(client: redis.Redis) -> dict[str, int]:
 def health_stats(host: str, port: int) -> dict[str, Any]:
     """The server's counters (``/health``), or {} if it does not answer."""
     try:
-        return fanout._health(host, port)["stats"]
+        return health(port, host)["stats"]
     except (OSError, KeyError, ValueError):
         return {}
 
@@ -540,10 +545,11 @@ def resume_request(host: str, port: int, form: str, names: list[str],
     if form == "url":
         query = "streams=%s&since=%s" % ("/".join(names), ",".join(
             "%s:%d" % (name, since[name.encode()]) for name in names if name.encode() in since))
-        return handshake_request(host, port, "/stream?" + query), b""
+        return handshake_request(port, "/stream?" + query, host=host), b""
     message = {"method": "SUBSCRIBE", "params": names, "id": c + 1,
                "since": {name: since[name.encode()] for name in names if name.encode() in since}}
-    return handshake_request(host, port), masked_frame(json.dumps(message, separators=(",", ":")))
+    return handshake_request(port, host=host), masked_frame(
+        json.dumps(message, separators=(",", ":")))
 
 
 class PySpy:
@@ -640,7 +646,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         deadline = time.monotonic() + 20
         while True:
             try:
-                fanout._health(host, port)
+                health(port, host)
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
@@ -657,7 +663,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             host, port, args.live, args.live_per_conn, args.streams, args.loop, child_pipe))
         live_proc.start()
         states = [ResumeState(args.streams) for _ in range(args.resuming)]
-        plans = [(handshake_request(host, port), masked_frame(json.dumps(
+        plans = [(handshake_request(port, host=host), masked_frame(json.dumps(
             {"method": "SUBSCRIBE", "params": names, "id": c + 1}, separators=(",", ":"))))
             for c in range(args.resuming)]
         started = time.monotonic()

@@ -92,8 +92,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_fanout as fanout  # noqa: E402  (puts the project root on sys.path)
 
-from marketstream.server.embedded import RedisServer, free_port  # noqa: E402
-from marketstream.server.net.workers import die_with_parent  # noqa: E402
+from marketstream.testing import (  # noqa: E402
+    RedisServer,
+    die_with_parent,
+    free_port,
+    handshake_request,
+    health,
+    masked_frame,
+    percentile,
+    raise_fd_limit,
+    stop_process,
+    tree_cpu,
+    tree_rss,
+)
 
 ROOT = fanout.ROOT
 log = fanout.log
@@ -260,7 +271,7 @@ def client_process(host: str, port: int, plans: list[tuple[bytes, bytes]], timeo
                    control: Any) -> None:
     """Open every planned connection when told to, report per-client times,
     hold the connections until told to close them."""
-    fanout.raise_fd_limit()
+    raise_fd_limit()
     try:
         import uvloop
         uvloop.install()
@@ -333,11 +344,11 @@ class Clients:
 
     def __init__(self, host: str, port: int, args: argparse.Namespace) -> None:
         plans: list[list[tuple[bytes, bytes]]] = [[] for _ in range(args.client_processes)]
-        request = fanout.handshake_request(host, port, args.path)
+        request = handshake_request(port, args.path, host=host)
         for c in range(args.connections):
             names = [fanout.stream_name(k)
                      for k in fanout.connection_streams(c, args.per_conn, args.streams)]
-            subscribe = fanout.masked_frame(json.dumps(
+            subscribe = masked_frame(json.dumps(
                 {"method": "SUBSCRIBE", "params": names, "id": c + 1}, separators=(",", ":")))
             plans[c % args.client_processes].append((request, subscribe))
         ctx = multiprocessing.get_context("fork")
@@ -472,7 +483,7 @@ def _wait_health(host: str, port: int, proc: subprocess.Popen, what: str) -> Non
     deadline = time.monotonic() + 30
     while True:
         try:
-            fanout._health(host, port)
+            health(port, host)
             return
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
@@ -520,13 +531,9 @@ def per_second(times: list[float]) -> list[int]:
     return counts
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    return fanout.percentile(values, q)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """One storm; its figures."""
-    hard = fanout.raise_fd_limit()
+    hard = raise_fd_limit()
     if args.connections + 1000 > hard:
         log("warning: open-file limit %d is low for %d connections" % (hard, args.connections))
     can_pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) > 1
@@ -564,8 +571,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         clients = Clients(host, target_port, args)
         time.sleep(args.settle)
-        rss_before = fanout.tree_rss(proc)
-        nginx_rss_before = fanout.tree_rss(nginx_proc) if nginx_proc else None
+        rss_before = tree_rss(proc)
+        nginx_rss_before = tree_rss(nginx_proc) if nginx_proc else None
         if args.py_spy:
             spy = subprocess.Popen(
                 ["py-spy", "record", "--pid", str(server.pid), "--rate", "250", "--format",
@@ -573,16 +580,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # attached
         counters_before = netstat()
-        cpu_before = fanout.tree_cpu(proc)
+        cpu_before = tree_cpu(proc)
         clients_cpu_before = clients.cpu()
-        nginx_cpu_before = fanout.tree_cpu(nginx_proc) if nginx_proc else None
+        nginx_cpu_before = tree_cpu(nginx_proc) if nginx_proc else None
         log("storm: %d clients from %d processes" % (args.connections, args.client_processes))
         clients.go()
         reports = clients.results(args.timeout)
         storm_end = time.monotonic()
-        cpu_storm = fanout.tree_cpu(proc) - cpu_before
+        cpu_storm = tree_cpu(proc) - cpu_before
         clients_cpu = clients.cpu() - clients_cpu_before
-        nginx_cpu = fanout.tree_cpu(nginx_proc) - nginx_cpu_before if nginx_proc else None
+        nginx_cpu = tree_cpu(nginx_proc) - nginx_cpu_before if nginx_proc else None
         counters_after = netstat()
         if spy is not None:
             spy.send_signal(signal.SIGINT)
@@ -615,10 +622,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         published = pipe_out.recv() if pipe_out.poll(10) else None
         publishing.join(10)
         time.sleep(args.idle_wait)
-        rss_after = fanout.tree_rss(proc)
-        nginx_rss_after = fanout.tree_rss(nginx_proc) if nginx_proc else None
-        health = fanout._health(host, port) if not args.reference else {}
-        open_now = health.get("connections")
+        rss_after = tree_rss(proc)
+        nginx_rss_after = tree_rss(nginx_proc) if nginx_proc else None
+        health_body = health(port, host) if not args.reference else {}
+        open_now = health_body.get("connections")
         if args.processes > 1 and not args.reference:
             open_now = fanout.worker_connections(host, port, args.processes)
 
@@ -706,8 +713,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             publishing.join(5)
             if publishing.is_alive():
                 publishing.kill()
-        fanout.stop_process(nginx)
-        fanout.stop_process(server)
+        stop_process(nginx)
+        stop_process(server)
         if redis_server is not None:
             redis_server.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
+import functools
 import json
 import os
 import re
@@ -48,6 +48,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from marketstream.testing import die_with_parent, free_port, wait_until  # noqa: E402
 
 __all__ = ["Cluster", "Node", "SentinelSetup", "find_redis7", "free_port", "wait_for"]
 
@@ -100,35 +103,12 @@ def find_redis7() -> tuple[str, str] | tuple[None, str]:
                   "apt-get install redis-server, or set MARKETSTREAM_REDIS7_SERVER)")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _die_with_parent() -> None:
-    try:  # PR_SET_PDEATHSIG: no orphan servers if the test run is killed
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
 def wait_for(predicate: Callable[[], T | None], timeout: float, message: str,
              interval: float = 0.02) -> T:
-    """Poll ``predicate`` until it returns a true value; fail after ``timeout``."""
-    end = time.monotonic() + timeout
-    while True:
-        value: T | None
-        try:
-            value = predicate()
-        except (redis.RedisError, OSError):
-            value = None
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, message))
-        time.sleep(interval)
+    """Poll ``predicate`` until it returns a true value (a Redis or socket
+    error counts as not yet); fail after ``timeout``."""
+    return wait_until(predicate, timeout, interval, message,
+                      ignore=(redis.RedisError, OSError))
 
 
 # --- one server process ------------------------------------------------------
@@ -190,7 +170,8 @@ class Node:
                 self.process = subprocess.Popen(
                     argv, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT,
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                    preexec_fn=functools.partial(die_with_parent, signal.SIGKILL)
+                    if sys.platform == "linux" else None)
         self.paused = False
         return self
 

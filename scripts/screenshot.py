@@ -21,15 +21,12 @@ install).
 import argparse
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from marketstream.testing import free_port, health_status, stop_process, wait_until  # noqa: E402
 
 READY = """
 const client = window.marketstream;
@@ -42,28 +39,13 @@ return Boolean(book && book.bids.length >= 15 && book.asks.length >= 15
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
-    """Poll ``predicate`` until it is true (True) or ``timeout`` passes (False)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
-
-
-def healthy(port: int) -> bool:
+def wait_for(predicate, timeout: float) -> bool:
+    """Whether ``predicate`` became true within ``timeout`` seconds."""
     try:
-        with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
+        wait_until(predicate, timeout, interval=0.1)
+    except AssertionError:
         return False
+    return True
 
 
 def start_demo(port: int) -> subprocess.Popen:
@@ -133,7 +115,7 @@ def main(argv=None) -> int:
         port = free_port()
         demo = start_demo(port)
         url = "http://127.0.0.1:%d/" % port
-        if (not wait_for(lambda: demo.poll() is not None or healthy(port), 30)
+        if (not wait_for(lambda: demo.poll() is not None or health_status(port) == 200, 30)
                 or demo.poll() is not None):
             print("screenshot: the demo server did not start", file=sys.stderr)
             demo.kill()
@@ -151,13 +133,7 @@ def main(argv=None) -> int:
         return 0
     finally:
         driver.quit()
-        if demo is not None:
-            demo.send_signal(signal.SIGTERM)
-            try:
-                demo.wait(15)
-            except subprocess.TimeoutExpired:
-                demo.kill()
-                demo.wait()
+        stop_process(demo, 15)
 
 
 if __name__ == "__main__":

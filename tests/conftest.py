@@ -6,7 +6,7 @@ import gc
 import pytest
 import redis
 
-from marketstream.server.embedded import RedisServer
+from marketstream.testing import RedisServer
 from marketstream.server.app import Server
 from tests.helpers import make_settings
 

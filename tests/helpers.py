@@ -1,7 +1,9 @@
-"""Helpers shared by the tests: WebSocket clients and Redis checks."""
+"""What the test suite's fixtures and scenarios share: settings and servers
+of the suite, WebSocket clients on a server, Redis checks, scripts.  The
+generic tools (waiting, ports, raw frames and handshakes, /health) are
+marketstream.testing's."""
 
 import asyncio
-import base64
 import os
 import signal
 import socket
@@ -10,45 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import tornado.websocket
 import ujson
 
 from marketstream.server.config import load_settings
-from marketstream.server.embedded import free_port
-
-
-class _Deadline:
-    def __init__(self, timeout, message):
-        self.end = time.monotonic() + timeout
-        self.message = message
-
-    def done(self, value):
-        """True once ``value`` is truthy; raises when the time is up."""
-        if value:
-            return True
-        if time.monotonic() > self.end:
-            raise AssertionError("timed out waiting for %s" % self.message)
-        return False
-
-
-def wait_until(predicate, timeout=5.0, interval=0.01, message="condition"):
-    """Poll a synchronous predicate until it is true or fail after timeout."""
-    deadline = _Deadline(timeout, message)
-    while not deadline.done(value := predicate()):
-        time.sleep(interval)
-    return value
-
-
-async def async_wait_until(predicate, timeout=5.0, interval=0.01, message="condition"):
-    """Like wait_until, but yields to the event loop between polls."""
-    deadline = _Deadline(timeout, message)
-    while not deadline.done(value := predicate()):
-        await asyncio.sleep(interval)
-    return value
+from marketstream.testing import async_wait_until, free_port, health_status, wait_until
 
 
 def make_settings(redis_url, **overrides):
@@ -179,154 +149,6 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc.wait(10)
-
-
-def process_gone(pid):
-    """Whether process ``pid`` has exited (a zombie nobody reaped yet counts
-    as gone: a container's first process may never reap orphans)."""
-    try:
-        with open("/proc/%d/stat" % pid) as stat:
-            return stat.read().rpartition(")")[2].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
-
-
-def health_status(port):
-    """HTTP status of /health on 127.0.0.1:port, or None while nothing answers."""
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=2) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
-
-
-
-def handshake_request(port, path="/ws", headers=None):
-    """A WebSocket upgrade request (a fresh key) for 127.0.0.1:``port``."""
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1:%d" % port, "Upgrade: websocket",
-             "Connection: Upgrade", "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13"]
-    lines += ["%s: %s" % item for item in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-async def _socket(port, rcvbuf=None, source=None):
-    sock = socket.socket()
-    if source:
-        sock.bind((source, 0))
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    return sock
-
-
-async def raw_socket(port, path="/ws", rcvbuf=None, headers=None, source=None):
-    """A non-blocking socket past its WebSocket handshake (the 101 read),
-    and the bytes that came after the 101: no client library, no buffers
-    beside the kernel's.  Frames are sent with :func:`masked_frame`."""
-    loop = asyncio.get_running_loop()
-    sock = await _socket(port, rcvbuf, source)
-    await loop.sock_sendall(sock, handshake_request(port, path, headers))
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
-        assert chunk, "closed during the handshake"
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock, rest
-
-
-def masked_frame(payload, opcode=0x1):
-    """A client frame (masked, final) carrying ``payload``."""
-    if isinstance(payload, str):
-        payload = payload.encode()
-    mask = os.urandom(4)
-    length = len(payload)
-    if length < 126:
-        header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
-    elif length < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
-    else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
-    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def server_frames(data):
-    """The payloads of the unmasked server frames in ``data``, in order, and
-    the bytes after the last complete one."""
-    out = []
-    while len(data) >= 2:
-        length, at = data[1] & 0x7F, 2
-        if length == 126:
-            length, at = int.from_bytes(data[2:4], "big"), 4
-        elif length == 127:
-            length, at = int.from_bytes(data[2:10], "big"), 10
-        if len(data) < at + length:
-            break
-        out.append(bytes(data[at:at + length]))
-        data = data[at + length:]
-    return out, data
-
-
-class RawClient:
-    """A bare-bones WebSocket client over asyncio streams, for what a polite
-    client library will not do: never read, never answer pings, send
-    arbitrary frames.  Use only inside a running event loop."""
-
-    def __init__(self, reader, writer):
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, port, path="/ws", headers=None, rcvbuf=None, source=None):
-        sock = await _socket(port, rcvbuf, source)
-        reader, writer = await asyncio.open_connection(sock=sock, limit=2 ** 20)
-        writer.write(handshake_request(port, path, headers))
-        status = await reader.readuntil(b"\r\n\r\n")
-        assert status.startswith(b"HTTP/1.1 101"), status
-        return cls(reader, writer)
-
-    def send(self, payload, opcode=0x1):
-        self.writer.write(masked_frame(payload, opcode))
-
-    async def recv(self, timeout=5.0):
-        """The next frame as (opcode, payload); (None, b"") at EOF."""
-        async def read_frame():
-            try:
-                head = await self.reader.readexactly(2)
-            except asyncio.IncompleteReadError:
-                return None, b""
-            length = head[1] & 0x7F
-            if length == 126:
-                length = struct.unpack("!H", await self.reader.readexactly(2))[0]
-            elif length == 127:
-                length = struct.unpack("!Q", await self.reader.readexactly(8))[0]
-            return head[0] & 0x0F, await self.reader.readexactly(length)
-        return await asyncio.wait_for(read_frame(), timeout)
-
-    async def recv_close(self, timeout=10.0):
-        """Skip frames until a close frame; return (code, reason)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            opcode, payload = await self.recv(max(0.01, deadline - time.monotonic()))
-            if opcode is None:
-                return None, ""
-            if opcode == 0x8:
-                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
-                return code, payload[2:].decode()
-
-    def close(self):
-        self.writer.close()
 
 
 async def clients_on_every_worker(server, redis_client, stream, workers=2, timeout=20, least=1):

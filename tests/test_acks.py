@@ -9,8 +9,8 @@ import time
 import pytest
 import ujson
 
-from tests.helpers import (async_wait_until, connect, listeners, no_message, numsub, read,
-                           subscribed)
+from marketstream.testing import async_wait_until
+from tests.helpers import connect, listeners, no_message, numsub, read, subscribed
 from tests.server.test_metrics import Watch
 
 

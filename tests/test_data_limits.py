@@ -23,8 +23,8 @@ import ujson
 
 from marketstream.publisher import Publisher, stream_keys
 from tests.server.net.test_accept import descriptors  # noqa: F401 (a fixture)
-from tests.helpers import (RawClient, ServerProcess, async_wait_until, connect, listeners,
-                           raw_socket, read, send, subscribed)
+from marketstream.testing import RawClient, async_wait_until, raw_socket
+from tests.helpers import ServerProcess, connect, listeners, read, send, subscribed
 from tests.server.test_metrics import Watch
 
 

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from marketstream.server.embedded import free_port
-from tests.helpers import ROOT, ServerProcess, abort, async_wait_until, connect, wait_until
+from marketstream.testing import async_wait_until, free_port, wait_until
+from tests.helpers import ROOT, ServerProcess, abort, connect
 
 
 @pytest.fixture

@@ -20,8 +20,9 @@ import psutil
 import pytest
 import ujson
 
-from tests.helpers import (RawClient, ServerProcess, async_wait_until, handshake_request,
-                           masked_frame, raw_socket, wait_until)
+from marketstream.testing import (RawClient, async_wait_until, close_frame, handshake_request,
+                                  masked_frame, open_socket, raw_socket, until_closed, wait_until)
+from tests.helpers import ServerProcess
 
 FRAMES = {  # one client frame of each kind a flood is made of
     "ping": masked_frame(b"", opcode=0x9),
@@ -29,39 +30,6 @@ FRAMES = {  # one client frame of each kind a flood is made of
     "continuation": bytes([0x00, 0x80]) + os.urandom(4),  # an empty, non-final fragment
 }
 LIST = ujson.dumps({"method": "LIST_SUBSCRIPTIONS", "id": 1})
-
-
-async def open_socket(port, data=b"", source=None):
-    """A connected non-blocking socket that has sent ``data``."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    if source:
-        sock.bind((source, 0))
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    if data:
-        await loop.sock_sendall(sock, data)
-    return sock
-
-
-async def until_closed(sock, timeout):
-    """Read ``sock`` until the server closes it; the bytes read.  Fails
-    after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    data = b""
-    while True:
-        remaining = deadline - loop.time()
-        assert remaining > 0, "still open after %.1f s (read %r)" % (timeout, data[:100])
-        try:
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), remaining)
-        except ConnectionResetError:
-            return data
-        except asyncio.TimeoutError:
-            continue
-        if not chunk:
-            return data
-        data += chunk
 
 
 async def answer(port, headers=None, source=None, path="/ws"):
@@ -326,24 +294,6 @@ class Flood:
     async def stop(self):
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
-
-
-async def close_frame(sock, data, timeout):
-    """(close code, reason) of the server's close frame, reading a bare
-    socket past any other frame (pongs, replies)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        while len(data) >= 2:
-            head, length = data[0], data[1] & 0x7F  # server frames here are short
-            if len(data) < 2 + length:
-                break
-            payload, data = data[2:2 + length], data[2 + length:]
-            if head & 0x0F == 0x8:
-                return struct.unpack("!H", payload[:2])[0], payload[2:].decode()
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), deadline - loop.time())
-        assert chunk, "closed without a close frame"
-        data += chunk
 
 
 @pytest.mark.parametrize("kind", sorted(FRAMES))

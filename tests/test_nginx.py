@@ -23,8 +23,8 @@ import tornado.httpclient
 import tornado.websocket
 import ujson
 
-from marketstream.server.embedded import free_port
-from tests.helpers import ROOT, RawClient, ServerProcess, handshake_request, wait_until
+from marketstream.testing import RawClient, free_port, handshake_request, wait_until
+from tests.helpers import ROOT, ServerProcess
 
 NGINX = shutil.which("nginx") or next(
     (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(path, os.X_OK)), None)

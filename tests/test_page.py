@@ -14,7 +14,8 @@ import threading
 import pytest
 
 from marketstream.client import BookGap, Client, OrderBook
-from tests.helpers import ROOT, ServerProcess, health_status, numsub, wait_until
+from marketstream.testing import health_status, wait_until
+from tests.helpers import ROOT, ServerProcess, numsub
 
 selenium = pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402

@@ -3,18 +3,16 @@ signals, exit codes."""
 
 import asyncio
 import collections
-import json
 import re
 import signal
-import socket
 import time
 
 import psutil
 import pytest
 import tornado.websocket
 
-from marketstream.server.embedded import free_port
-from tests.helpers import ServerProcess, wait_until
+from marketstream.testing import free_port, health, wait_until
+from tests.helpers import ServerProcess
 
 @pytest.fixture
 def spawn():
@@ -156,23 +154,13 @@ def _serving(port):
         return False
 
 
-def _health_pid(port):
-    """One new connection: GET /health, the answering worker's pid."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        response = b""
-        while chunk := sock.recv(65536):
-            response += chunk
-    return json.loads(response.partition(b"\r\n\r\n")[2])["pid"]
-
-
 def test_workers_share_sequential_connections_evenly(spawn, redis_url):
     server = spawn("--redis-url", redis_url, "--processes", "2")
     server.wait_healthy()
     workers = {child.pid for child in psutil.Process(server.proc.pid).children()
                if "redis-server" not in child.name()}
     assert len(workers) == 2, server.output
-    counts = collections.Counter(_health_pid(server.port) for _ in range(1000))
+    counts = collections.Counter(health(server.port)["pid"] for _ in range(1000))
     assert set(counts) == workers, (counts, server.output)
     assert min(counts.values()) >= 450, counts  # at most 55/45
 
@@ -186,7 +174,7 @@ def test_second_server_on_the_same_port_fails_naming_it(spawn, redis_url):
     assert ("cannot listen on 127.0.0.1:%d: address already in use" % first.port
             in second.output), second.output
     # The first server kept every connection.
-    pids = {_health_pid(first.port) for _ in range(50)}
+    pids = {health(first.port)["pid"] for _ in range(50)}
     assert pids <= {child.pid for child in psutil.Process(first.proc.pid).children()}
     assert first.proc.poll() is None
 

@@ -22,7 +22,8 @@ import pytest
 
 from marketstream.server.embedded import find_redis_server
 from marketstream.demo.simulator import DEFAULT_MARKETS
-from tests.helpers import ROOT, ServerProcess, wait_until
+from marketstream.testing import wait_until
+from tests.helpers import ROOT, ServerProcess
 
 README = os.path.join(ROOT, "README.md")
 PERFORMANCE = os.path.join(ROOT, "docs", "performance.md")

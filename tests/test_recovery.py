@@ -29,7 +29,8 @@ from marketstream.wire.positions import MAX_POSITION
 from marketstream.wire.replies import GAP_REASONS
 from marketstream.publisher import AsyncPublisher, Publisher
 from marketstream.demo.simulator import Feed, encode
-from tests.helpers import abort, async_wait_until, connect, listeners, subscribed, ws_url
+from marketstream.testing import async_wait_until
+from tests.helpers import abort, connect, listeners, subscribed, ws_url
 
 
 # --- helpers -------------------------------------------------------------------

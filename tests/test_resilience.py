@@ -13,8 +13,8 @@ import tornado.httpclient
 import tornado.websocket
 import ujson
 
-from tests.helpers import (RawClient, ServerProcess, abort, async_wait_until, connect,
-                           raw_socket, read, send, subscribed)
+from marketstream.testing import RawClient, async_wait_until, raw_socket
+from tests.helpers import ServerProcess, abort, connect, read, send, subscribed
 
 
 async def health_status(server):

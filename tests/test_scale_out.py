@@ -33,7 +33,8 @@ import ujson
 from marketstream.publisher import Publisher
 from marketstream.upstream.clients import sync_client
 from marketstream.upstream.cluster import key_slot
-from tests.helpers import ROOT, ServerProcess, async_wait_until, wait_until
+from marketstream.testing import async_wait_until, wait_until
+from tests.helpers import ROOT, ServerProcess
 from tests.redis_topology import cluster, redis_cluster, redis_sentinel, sentinel  # noqa: F401
 
 # Short timers: a pub/sub link PINGs every 0.2 s and reconnects within 0.1 s.

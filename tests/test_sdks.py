@@ -15,7 +15,8 @@ import pytest
 import ujson
 
 from marketstream.publisher import Publisher
-from tests.helpers import ServerProcess, numsub, wait_until
+from marketstream.testing import async_wait_until, wait_until
+from tests.helpers import ServerProcess, numsub
 
 
 STREAM = "trade.SOL_USDC"
@@ -60,13 +61,6 @@ def check(trades):
     assert all(t["s"] == "SOL_USDC" and t["e"] == "trade" for t in trades)
 
 
-async def async_wait_until(predicate, timeout=10.0, message="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting for " + message
-        await asyncio.sleep(0.01)
-
-
 def base_url(server):
     return "ws://127.0.0.1:%d" % server.port
 
@@ -91,7 +85,7 @@ def test_binance_sdk_spot(server_process, redis_client, publish):
             connection.on("message", received.append, STREAM)
             await asyncio.to_thread(wait_subscribed, redis_client, server_process)
             publish()
-            await async_wait_until(lambda: len(received) >= COUNT, message="%d trades" % COUNT)
+            await async_wait_until(lambda: len(received) >= COUNT, 10.0, message="%d trades" % COUNT)
         finally:
             await connection.close_connection(close_session=True)
 

@@ -5,19 +5,17 @@ script runs as a child process too, exactly as a deployment would run it.
 """
 
 import importlib.util
-import json
 import os
 import re
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import redis
 
-from marketstream.server.embedded import free_port
-from tests.helpers import ROOT, ServerProcess, wait_until
+from marketstream.testing import free_port, health, wait_until
+from tests.helpers import ROOT, ServerProcess
 from tests.redis_topology import cluster, redis_cluster  # noqa: F401
 
 SCRIPT = os.path.join(ROOT, "scripts", "smoke_test.py")
@@ -29,11 +27,6 @@ def _clean_env(**extra):
     environ = {key: value for key, value in os.environ.items() if key not in ENV_KEYS}
     environ.update(extra)
     return environ
-
-
-def _health(port):
-    with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=2) as response:
-        return json.loads(response.read())
 
 
 @pytest.fixture
@@ -107,9 +100,9 @@ def test_all_steps_pass_with_flags(server, redis_url, redis_client):
     # (a channel nobody listens to lingers for up to a second) and the
     # WebSocket is gone.
     wait_until(lambda: numsub(redis_client, stream) == 0, 10, message="channel released")
-    wait_until(lambda: _health(server.port)["connections"] == 0,
+    wait_until(lambda: health(server.port)["connections"] == 0,
                message="the smoke client disconnected")
-    assert _health(server.port)["status"] == "ok"
+    assert health(server.port)["status"] == "ok"
 
 
 def test_all_steps_pass_from_the_environment(server, redis_url, redis_client):
@@ -202,7 +195,7 @@ def test_no_redis_url_is_a_usage_error(server):
     assert result.stdout == ""
     assert "--redis-url" in result.stderr and "REDIS_URL" in result.stderr
     assert "Traceback" not in result.stderr
-    assert _health(server.port)["connections"] == 0  # it did not even connect
+    assert health(server.port)["connections"] == 0  # it did not even connect
 
 
 def _published_during(redis_url, channel, action):

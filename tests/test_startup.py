@@ -10,8 +10,7 @@ import pytest
 import tornado.websocket
 import ujson
 
-from marketstream.server.embedded import RedisServer, free_port
-from tests.helpers import health_status, wait_until
+from marketstream.testing import RedisServer, free_port, health_status, wait_until
 from tests.test_process import spawn  # noqa: F401 (the fixture: server processes, stopped after)
 
 

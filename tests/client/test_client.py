@@ -13,7 +13,8 @@ from marketstream.client import (GAP, MESSAGE, SNAPSHOT, BookGap, Client, Connec
                                  OrderBook, StreamsRefused)
 from marketstream.demo.simulator import MarketSimulator
 from marketstream.publisher import AsyncPublisher, Publisher
-from tests.helpers import async_wait_until, listeners, subscribed, ws_url
+from marketstream.testing import async_wait_until
+from tests.helpers import listeners, subscribed, ws_url
 
 
 # --- helpers -------------------------------------------------------------------
@@ -170,7 +171,7 @@ async def test_client_without_reconnect_raises(server, redis_client):
 
 @pytest.mark.gen_test
 async def test_client_retries_until_the_server_is_up(server_factory, redis_client):
-    from marketstream.server.embedded import free_port
+    from marketstream.testing import free_port
     port = free_port()
     client = Client("ws://127.0.0.1:%d/ws" % port, ["trade.SOL_USDC"], backoff=(0.01, 0.05))
     collector = Collector(client)

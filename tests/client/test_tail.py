@@ -10,7 +10,8 @@ import pytest
 import ujson
 
 from marketstream.publisher import Publisher
-from tests.helpers import ROOT, ServerProcess, numsub, wait_until
+from marketstream.testing import wait_until
+from tests.helpers import ROOT, ServerProcess, numsub
 
 
 TAIL = os.path.join(os.path.dirname(sys.executable), "marketstream-tail")
@@ -120,7 +121,7 @@ def test_a_refused_stream_exits_2_with_the_servers_reason(server_process, tails,
 
 
 def test_says_why_it_cannot_connect(tails):
-    from marketstream.server.embedded import free_port
+    from marketstream.testing import free_port
     tail = tails("trade.SOL_USDC", "--url", "ws://127.0.0.1:%d/ws" % free_port(),
                  "--timeout", "1")
     assert tail.wait() == 0

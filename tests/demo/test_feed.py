@@ -19,13 +19,13 @@ import redis
 import redis.asyncio
 import ujson
 
-from marketstream.server.embedded import free_port
+from marketstream.testing import async_wait_until, free_port, wait_until
 from marketstream.demo.feed import DEFAULT_MARKETS, Feed, build_parser, main, redact, run_feed
 from marketstream.upstream.history import read_after, read_snapshot
 from marketstream.publisher import Publisher
 from marketstream.upstream.urls import redact_url
 from marketstream.wire.positions import split_position
-from tests.helpers import ROOT, async_wait_until, wait_until
+from tests.helpers import ROOT
 from tests.demo.test_simulator import Book
 
 

@@ -12,7 +12,6 @@ so the assertions are about what a client would see.
 from __future__ import annotations
 
 import json
-import struct
 from collections import deque
 
 import pytest
@@ -21,7 +20,8 @@ from hypothesis import strategies as st
 
 from marketstream.fanout.core import Core, History, Read, Want
 from marketstream.fanout.counters import Counters
-from marketstream.wire.frames import text_frame
+from marketstream.testing import read_frames
+from marketstream.wire.frames import OP_TEXT, text_frame
 from marketstream.wire.positions import split_position
 from marketstream.wire.replies import GAP_REASONS
 
@@ -82,23 +82,10 @@ def label(message: dict):
 
 
 def split_frames(data: bytes) -> list[bytes]:
-    """The payloads of the unmasked text frames in ``data``."""
-    out = []
-    i = 0
-    while i < len(data):
-        assert data[i] == 0x81, "not a final text frame"
-        n = data[i + 1]
-        i += 2
-        if n == 126:
-            (n,) = struct.unpack_from("!H", data, i)
-            i += 2
-        elif n == 127:
-            (n,) = struct.unpack_from("!Q", data, i)
-            i += 8
-        out.append(data[i:i + n])
-        i += n
-    assert i == len(data)
-    return out
+    """The payloads of the unmasked text frames in ``data`` (nothing else)."""
+    frames, rest = read_frames(data)
+    assert rest == b"" and all(opcode == OP_TEXT for opcode, _ in frames)
+    return [payload for _, payload in frames]
 
 
 def flush(core: Core) -> dict:

@@ -8,7 +8,8 @@ import tornado.websocket
 from marketstream.fanout.counters import Counters
 from marketstream.server.admission import HTTP_RESERVE, Admission
 from marketstream.server.config import load_settings
-from tests.helpers import abort, async_wait_until, connect, ws_url
+from marketstream.testing import async_wait_until
+from tests.helpers import abort, connect, ws_url
 
 
 def admission(open_connections=0, **overrides):

@@ -15,9 +15,9 @@ import ujson
 
 from marketstream.server.channels import ChannelManager
 from marketstream.wire.frames import text_frame
-from tests.helpers import (ServerProcess, abort, async_wait_until, clients_on_every_worker, connect,
-                           envelope, raw_socket, read, send, server_frames, subscribe_all,
-                           subscribed, wait_until)
+from marketstream.testing import async_wait_until, raw_socket, server_frames, wait_until
+from tests.helpers import (ServerProcess, abort, clients_on_every_worker, connect, envelope, read,
+                           send, subscribe_all, subscribed)
 
 
 def publish_burst(redis_client, messages):

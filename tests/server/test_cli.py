@@ -12,7 +12,8 @@ import pytest
 
 from marketstream.upstream import urls
 from marketstream.server.cli import build_parser, settings_from_args
-from tests.helpers import ROOT, wait_until
+from marketstream.testing import wait_until
+from tests.helpers import ROOT
 
 
 def settings(*flags, environ=None):

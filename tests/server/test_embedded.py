@@ -12,7 +12,8 @@ import pytest
 import redis
 
 from marketstream.server.embedded import RedisServer, find_redis_server
-from tests.helpers import ROOT, process_gone, wait_until
+from marketstream.testing import process_gone, wait_until
+from tests.helpers import ROOT
 
 
 def test_the_binary_can_be_named_by_the_environment(monkeypatch):

@@ -10,10 +10,9 @@ import tornado.httpclient
 import tornado.websocket
 import ujson
 
-from marketstream.server.embedded import free_port
-from tests.helpers import (abort, async_wait_until, connect, envelope, listeners, masked_frame,
-                           no_message, numsub, raw_socket, read, released, send, server_frames,
-                           subscribe_all, subscribed, ws_url)
+from marketstream.testing import async_wait_until, free_port, masked_frame, raw_socket, server_frames
+from tests.helpers import (abort, connect, envelope, listeners, no_message, numsub, read, released,
+                           send, subscribe_all, subscribed, ws_url)
 
 
 # --- delivery ----------------------------------------------------------------

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from marketstream.server.app import Server
-from tests.helpers import RawClient, async_wait_until, envelope, make_settings, read, send
+from marketstream.testing import RawClient, async_wait_until
+from tests.helpers import envelope, make_settings, read, send
 
 
 async def _scenario(redis_url, interval, timeout, run_for):

@@ -13,8 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from marketstream.server import metrics
 
-from tests.helpers import (RawClient, ServerProcess, clients_on_every_worker, connect, envelope,
-                           read, send, subscribed, wait_until, ws_url)
+from marketstream.testing import RawClient, wait_until
+from tests.helpers import (ServerProcess, clients_on_every_worker, connect, envelope, read, send,
+                           subscribed, ws_url)
 
 
 def parse(text):

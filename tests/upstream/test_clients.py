@@ -12,9 +12,8 @@ import redis
 import redis.asyncio
 import redis.cluster
 
-from marketstream.server.embedded import RedisServer
+from marketstream.testing import RedisServer, wait_until
 from marketstream.upstream.clients import async_client, sync_client
-from tests.helpers import wait_until
 from tests.redis_topology import cluster, redis_cluster, redis_sentinel, sentinel  # noqa: F401
 
 

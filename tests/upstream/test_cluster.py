@@ -12,7 +12,7 @@ from marketstream.upstream.clients import async_client, sync_client
 from marketstream.upstream.cluster import (SentinelWatcher, ShardedSubscriber, cluster_primaries,
                                            key_slot, sentinel_primary)
 from marketstream.upstream.urls import node_label
-from tests.helpers import async_wait_until
+from marketstream.testing import async_wait_until
 from tests.redis_topology import cluster, redis_cluster, redis_sentinel, sentinel  # noqa: F401
 
 FAST = dict(ping_interval=0.2, ping_timeout=0.5, connect_timeout=0.5, backoff_max=0.25)

@@ -10,7 +10,8 @@ import pytest
 
 from marketstream.server.channels import ChannelManager
 from marketstream.upstream.link import PubSubLink
-from tests.helpers import async_wait_until, released, subscribed
+from marketstream.testing import async_wait_until
+from tests.helpers import released, subscribed
 
 
 class Listener:

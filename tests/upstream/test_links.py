@@ -7,7 +7,8 @@ import pytest
 
 from marketstream.upstream.link import PubSubLink
 from marketstream.upstream.links import ClusterLink, SentinelLink, make_link
-from tests.helpers import async_wait_until, released, subscribed
+from marketstream.testing import async_wait_until
+from tests.helpers import released, subscribed
 from tests.upstream.test_link import Listener
 
 

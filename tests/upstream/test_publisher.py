@@ -18,10 +18,9 @@ import redis.asyncio.cluster
 import redis.cluster
 import ujson
 
-from marketstream.server.embedded import RedisServer
+from marketstream.testing import RedisServer, wait_until
 from marketstream.publisher import (SCRIPT, SCRIPT_SHA, AsyncPublisher, Publisher,
                                     check_stream_name, stream_keys)
-from tests.helpers import wait_until
 
 
 def _redis7_binary():

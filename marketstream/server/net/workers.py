@@ -37,17 +37,19 @@ log = logging.getLogger(__name__)
 _worker_id: int | None = None
 
 
-def die_with_parent() -> None:
-    """Have the kernel send SIGTERM to this process when its parent exits.
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` (SIGTERM) to this process when its
+    parent exits.
 
     Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere it does nothing.  The
     kernel ties this to the parent *thread*: start the child from a thread
     that lives as long as the child should::
 
         subprocess.Popen(args, preexec_fn=die_with_parent)
+        subprocess.Popen(args, preexec_fn=functools.partial(die_with_parent, signal.SIGKILL))
     """
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 

@@ -16,7 +16,8 @@ from marketstream.server.net import accept
 from marketstream.server.net.accept import Acceptor
 from marketstream.server.net.listen import bind_listeners
 from marketstream.server.app import Server
-from tests.helpers import async_wait_until, make_settings
+from marketstream.testing import async_wait_until
+from tests.helpers import make_settings
 from tests.server.net.test_upgrade import request
 
 

@@ -10,7 +10,7 @@ import pytest
 import tornado.iostream
 
 from marketstream.server.net import tornado_compat as compat
-from tests.helpers import async_wait_until
+from marketstream.testing import async_wait_until
 
 
 def test_the_installed_tornado_has_everything():

@@ -5,7 +5,6 @@ answer with nothing lost from the socket."""
 import asyncio
 import doctest
 import logging
-import os
 import socket
 
 from unittest import mock
@@ -19,8 +18,8 @@ import ujson
 
 from marketstream.server.handlers import StreamHandler
 from marketstream.server.net.upgrade import defer_accept, upgrade_request
-from tests.helpers import (RawClient, async_wait_until, connect, envelope, listeners, read, send,
-                           subscribed, ws_url)
+from marketstream.testing import RawClient, async_wait_until, masked_frame
+from tests.helpers import connect, envelope, listeners, read, send, subscribed, ws_url
 
 PATHS = frozenset(["/", "/ws", "/stream"])
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455, section 1.3
@@ -103,13 +102,6 @@ async def raw_exchange(server, data, read_head=True):
     return head, reader, writer
 
 
-def masked(text):
-    payload = text.encode()
-    mask = os.urandom(4)
-    return (bytes([0x81, 0x80 | len(payload)]) + mask
-            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-
-
 @pytest.mark.gen_test
 async def test_shortcut_answers_101_with_the_rfc_accept_value(server):
     head, reader, writer = await raw_exchange(server, request())
@@ -127,7 +119,7 @@ async def test_shortcut_answers_101_with_the_rfc_accept_value(server):
 async def test_frames_sent_with_the_request_are_not_lost(server, redis_client):
     """A client that pipelines its SUBSCRIBE behind the request: the shortcut
     reads the request only, and the frame reaches the WebSocket."""
-    subscribe = masked(ujson.dumps({"method": "SUBSCRIBE", "params": ["trade.ADA_USDT"], "id": 1}))
+    subscribe = masked_frame(ujson.dumps({"method": "SUBSCRIBE", "params": ["trade.ADA_USDT"], "id": 1}))
     head, reader, writer = await raw_exchange(server, request() + subscribe)
     assert head.startswith(b"HTTP/1.1 101")
     await listeners(server, "trade.ADA_USDT", 1)
@@ -218,7 +210,7 @@ async def test_other_requests_on_the_same_port_are_untouched(server):
 @pytest.mark.gen_test
 async def test_client_gone_right_after_its_request_leaves_nothing_behind(server, caplog):
     for _ in range(20):
-        subscribe = masked(ujson.dumps({"method": "SUBSCRIBE", "params": ["depth.LTC_USDT"]}))
+        subscribe = masked_frame(ujson.dumps({"method": "SUBSCRIBE", "params": ["depth.LTC_USDT"]}))
         sock = socket.create_connection(("127.0.0.1", server.settings.port))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         sock.sendall(request() + subscribe)

@@ -11,7 +11,8 @@ import textwrap
 
 import pytest
 
-from tests.helpers import ROOT, process_gone, wait_until
+from marketstream.testing import process_gone, wait_until
+from tests.helpers import ROOT
 
 
 _WORKERS = textwrap.dedent("""

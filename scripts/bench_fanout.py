@@ -66,6 +66,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import psutil
 import redis
@@ -103,39 +104,40 @@ RECOVERABLE_DATA = ('{"e":"trade","E":%d,"s":"%s","t":%d,'
 POSITION_DIGITS = 16  # positions start at Redis TIME in µs
 
 
-def stream_name(k):
+def stream_name(k: int) -> str:
     return "trade.SYM%d_USDC" % k
 
 
-def stream_names(streams):
+def stream_names(streams: int) -> list[str]:
     return [stream_name(k) for k in range(streams)]
 
 
-def padding(k, streams):
+def padding(k: int, streams: int) -> str:
     return "_" * (2 * (len(stream_name(streams - 1)) - len(stream_name(k))))
 
 
-def payload(k, seq, now_ns, streams):
+def payload(k: int, seq: int, now_ns: int, streams: int) -> str:
     name = stream_name(k)
     return PAYLOAD % (name, now_ns, name.split(".", 1)[1], SEQ_BASE + seq, padding(k, streams))
 
 
-def recoverable_data(k, seq, now_ns, streams):
+def recoverable_data(k: int, seq: int, now_ns: int, streams: int) -> str:
     name = stream_name(k)
     return RECOVERABLE_DATA % (now_ns, name.split(".", 1)[1], SEQ_BASE + seq, padding(k, streams))
 
 
-def connection_streams(c, per_conn, streams):
+def connection_streams(c: int, per_conn: int, streams: int) -> list[int]:
     return [(c * per_conn + j) % streams for j in range(per_conn)]
 
 
-def log(*args):
+def log(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
 # --- publisher ---------------------------------------------------------------
 
-def publisher(url, rate, duration, streams, recoverable, out):
+def publisher(url: str, rate: float, duration: float, streams: int, recoverable: bool,
+              out: Any) -> None:
     """Publish ``rate`` messages/s for ``duration`` s; send (sent, elapsed) to ``out``.
 
     Runs in a process of its own and writes pipelines of packed commands
@@ -178,7 +180,7 @@ def publisher(url, rate, duration, streams, recoverable, out):
 
 # --- receivers ---------------------------------------------------------------
 
-def wsblast_binary():
+def wsblast_binary() -> str | None:
     """The path of a wsblast built from scripts/wsblast.c (built once per
     source version into the user's cache directory), or None without a C
     compiler."""
@@ -212,14 +214,14 @@ class Counter(asyncio.Protocol):
     samples = None
     sampling = False
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.bytes = 0
         self.transport = None
 
-    def connection_made(self, transport):
+    def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
-    def data_received(self, data):
+    def data_received(self, data: bytes) -> None:
         start = self.bytes
         self.bytes += len(data)
         if not Counter.sampling:
@@ -239,12 +241,12 @@ class PythonReceiver:
 
     name = "python"
 
-    def __init__(self, frame_size):
+    def __init__(self, frame_size: int) -> None:
         Counter.frame_size = frame_size
         Counter.samples = []
         self.clients = []
 
-    async def connect(self, host, port, args):
+    async def connect(self, host: str, port: int, args: argparse.Namespace) -> None:
         plans = []
         for c in range(args.connections):
             names = [stream_name(k) for k in connection_streams(c, args.per_conn, args.streams)]
@@ -261,23 +263,23 @@ class PythonReceiver:
             _, protocol = await loop.create_connection(Counter, sock=sock)
             self.clients.append(protocol)
 
-    async def mark(self):
+    async def mark(self) -> None:
         for c in self.clients:
             c.bytes = 0
         Counter.samples = []
         Counter.sampling = True
         self.steady = 0
 
-    async def steady_from_now(self):
+    async def steady_from_now(self) -> None:
         self.steady = len(Counter.samples)
 
-    async def count(self):
+    async def count(self) -> int:
         return sum(c.bytes for c in self.clients) // Counter.frame_size
 
-    async def recent_p99(self):
+    async def recent_p99(self) -> float | None:
         return percentile(Counter.samples[-2000:], 0.99)
 
-    async def finish(self):
+    async def finish(self) -> dict[str, Any]:
         Counter.sampling = False
         received = await self.count()
         samples = Counter.samples
@@ -294,19 +296,19 @@ class BlastReceiver:
 
     name = "wsblast"
 
-    def __init__(self, binary, sampled):
+    def __init__(self, binary: str, sampled: int) -> None:
         self.binary = binary
         self.sampled = sampled
         self.proc = None
         self.last_count = 0
 
-    async def _line(self, timeout):
+    async def _line(self, timeout: float) -> str:
         line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
         if not line:
             raise RuntimeError("wsblast exited (code %s)" % self.proc.returncode)
         return line.decode().strip()
 
-    async def connect(self, host, port, args):
+    async def connect(self, host: str, port: int, args: argparse.Namespace) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             self.binary, host, str(port), "/ws", str(args.connections), str(args.streams),
             str(args.per_conn), str(min(self.sampled, args.connections)), "msg",
@@ -316,17 +318,17 @@ class BlastReceiver:
         if int(failed):
             raise RuntimeError("wsblast: %s of %d connections failed" % (failed, args.connections))
 
-    async def _send(self, command):
+    async def _send(self, command: bytes) -> None:
         self.proc.stdin.write(command + b"\n")
         await self.proc.stdin.drain()
 
-    async def mark(self):
+    async def mark(self) -> None:
         await self._send(b"M")
 
-    async def steady_from_now(self):
+    async def steady_from_now(self) -> None:
         await self._send(b"S")
 
-    async def count(self):
+    async def count(self) -> int:
         await self._send(b"C")
         while True:
             line = await self._line(10)
@@ -334,10 +336,10 @@ class BlastReceiver:
                 self.last_count = int(line.split()[1])
                 return self.last_count
 
-    async def recent_p99(self):
+    async def recent_p99(self) -> float | None:
         return None
 
-    async def finish(self):
+    async def finish(self) -> dict[str, Any]:
         self.proc.stdin.close()
         while True:
             line = await self._line(30)
@@ -356,14 +358,15 @@ class BlastReceiver:
                                if result.get("lat_samples_steady") else None),
                 "closed_by_server": result["closed_by_server"]}
 
-    def kill(self):
+    def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
 
 
 # --- one run -----------------------------------------------------------------
 
-def worker_connections(host, port, processes, tries=200):
+def worker_connections(host: str, port: int, processes: int,
+                       tries: int = 200) -> list[int | None]:
     """Connections per worker (from /health, which any worker may answer)."""
     seen = {}
     for _ in range(tries):
@@ -377,7 +380,8 @@ def worker_connections(host, port, processes, tries=200):
     return sorted(seen.values(), key=lambda n: -1 if n is None else n)
 
 
-def start_server(kind, args, host, port, redis_url, pin):
+def start_server(kind: str, args: argparse.Namespace, host: str, port: int, redis_url: str,
+                 pin: bool) -> subprocess.Popen[bytes]:
     if kind == "reference":
         command = [sys.executable, REFERENCE_SERVER, "--listen", "%s:%d" % (host, port),
                    "--redis-url", redis_url, "--loop", args.reference_loop,
@@ -398,7 +402,8 @@ def start_server(kind, args, host, port, redis_url, pin):
     return subprocess.Popen(command, cwd=ROOT, preexec_fn=die_with_parent)
 
 
-async def run(args, kind="marketstream", recoverable=False):
+async def run(args: argparse.Namespace, kind: str = "marketstream",
+              recoverable: bool = False) -> dict[str, Any]:
     """One benchmark run against ``kind`` (marketstream or reference); its figures."""
     hard = raise_fd_limit()
     if 2 * args.connections + 200 > hard:
@@ -544,7 +549,7 @@ async def run(args, kind="marketstream", recoverable=False):
         result = await receiver.finish()
         received = result["received"]
 
-        def ms(value):
+        def ms(value: float | None) -> float | None:
             return None if value is None else round(value, 2)
 
         figures.update({
@@ -598,11 +603,11 @@ COLUMNS = [("offered/s", "offered_deliveries_per_second", "{:,.0f}"),
            ("CPU %", "server_cpu_percent_of_one_core", "{:.0f}")]
 
 
-def variant_label(kind, recoverable):
+def variant_label(kind: str, recoverable: bool) -> str:
     return kind + (" (recoverable)" if recoverable else "")
 
 
-def median_figures(runs):
+def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The median of every numeric column over ``runs`` (one dict per run)."""
     merged = {}
     for _, key, _ in COLUMNS:
@@ -611,7 +616,7 @@ def median_figures(runs):
     return merged
 
 
-def table(rows):
+def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     """rows: (label, figures) -> a text table."""
     head = ["server"] + [title for title, _, _ in COLUMNS]
     lines = [head]
@@ -627,7 +632,8 @@ def table(rows):
                      for line in lines)
 
 
-def compare(args):
+def compare(args: argparse.Namespace) -> tuple[dict[tuple[str, bool], list[dict[str, Any]]],
+                                             dict[tuple[str, bool], dict[str, Any]]]:
     variants = [("marketstream", False), ("reference", False)]
     if args.recoverable:
         variants.append(("marketstream", True))
@@ -644,7 +650,7 @@ def compare(args):
 
 # --- command line ------------------------------------------------------------
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Fan-out benchmark for marketstream (and the reference server).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -704,7 +710,7 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.target and not args.redis_url:
@@ -718,7 +724,7 @@ def main(argv=None):
             import marketstream.publisher  # noqa: F401
         except ImportError as exc:
             parser.error("--recoverable needs marketstream.publisher (%s)" % exc)
-    def interrupted(signum, frame):
+    def interrupted(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # clean up: servers, receiver, redis-server
 
     signal.signal(signal.SIGTERM, interrupted)
@@ -745,7 +751,7 @@ def main(argv=None):
     return 0
 
 
-def print_figures(figures, as_json):
+def print_figures(figures: dict[str, Any], as_json: bool) -> None:
     """One JSON object, or one aligned line per figure."""
     if as_json:
         print(json.dumps(figures))

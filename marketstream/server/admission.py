@@ -88,7 +88,7 @@ _TOO_MANY_FROM_IP: Refusal = (429, "too many connections from your address",
                               "max_connections_per_ip")
 #: Connections taken up beyond ``max_connections`` (refused if they ask for
 #: a WebSocket): room for plain HTTP requests while the process is full.
-#: The server's open-file limit leaves room for them (server.py).
+#: The server's open-file limit leaves room for them (server/app.py).
 HTTP_RESERVE = 16
 
 

@@ -424,7 +424,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             if ws.stream is not None:
                 # A stream closed by an error keeps it, and its traceback's
                 # frames refer back to the stream: a reference cycle that
-                # only the (rarely run, see server.GC_THRESHOLDS) cycle
+                # only the (rarely run, see app.GC_THRESHOLDS) cycle
                 # collector would free.  Nothing reads it after this.
                 ws.stream.error = None
         if self.identity is not None:

@@ -50,9 +50,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from marketstream.upstream.publisher import AsyncPublisher
-from marketstream.demo.simulator import (DEFAULT_MARKETS, FORMATS, KINDS, MAX_LAG,  # noqa: F401
-                                    SNAPSHOT_INTERVAL, TICKER_INTERVAL, Feed, FeedEvent,
-                                    MarketSimulator, MarketSpec, encode, envelope, market_spec)
+from marketstream.demo.simulator import (DEFAULT_MARKETS, FORMATS, KINDS, Feed, FeedEvent,
+                                         MarketSimulator, MarketSpec, encode, envelope,
+                                         market_spec)
 from marketstream.upstream.clients import REDIS_ERRORS, async_client, check_redis
 from marketstream.upstream.urls import redact_url
 

@@ -42,8 +42,12 @@ class LogLimiter:
 
     __slots__ = ("logger", "interval", "clock", "_causes")
 
-    def __init__(self, logger: logging.Logger, interval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.logger = logger
         self.interval = interval
         self.clock = clock
@@ -66,8 +70,14 @@ class LogLimiter:
         state[0], state[1] = now, 0
         return held
 
-    def log(self, level: int, cause: str, msg: str, *args: object,
-            exc_info: bool | BaseException = False) -> bool:
+    def log(
+        self,
+        level: int,
+        cause: str,
+        msg: str,
+        *args: object,
+        exc_info: bool | BaseException = False,
+    ) -> bool:
         """Log ``msg % args`` at ``level`` unless ``cause`` was logged within
         the interval; True if the line was written."""
         if not self.logger.isEnabledFor(level):
@@ -99,8 +109,7 @@ class LimitFilter(logging.Filter):
     (True, 'Malformed HTTP message from 10.0.0.3 (1 more since the last line)')
     """
 
-    def __init__(self, interval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.limiter = LogLimiter(logging.getLogger(__name__), interval, clock)
 

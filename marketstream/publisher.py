@@ -23,5 +23,15 @@ from marketstream.upstream.publisher import (
     stream_keys,
 )
 
-__all__ = ["AsyncPublisher", "Publisher", "SCRIPT", "SCRIPT_SHA", "encode_json", "script_call",
-           "stream_keys", "check_stream_name", "MAX_HISTORY", "MAX_TTL"]
+__all__ = [
+    "AsyncPublisher",
+    "Publisher",
+    "SCRIPT",
+    "SCRIPT_SHA",
+    "encode_json",
+    "script_call",
+    "stream_keys",
+    "check_stream_name",
+    "MAX_HISTORY",
+    "MAX_TTL",
+]

@@ -50,16 +50,38 @@ from marketstream.server.embedded import RedisServer, free_port
 from marketstream.server.net.workers import die_with_parent
 from marketstream.wire.frames import OP_CLOSE, OP_TEXT
 
-__all__ = ["wait_until", "async_wait_until", "free_port", "RedisServer", "die_with_parent",
-           "masked_frame", "read_frames", "server_frames", "close_reason", "handshake_request",
-           "handshake", "open_socket", "raw_socket", "until_closed", "close_frame", "RawClient",
-           "health", "health_status", "process_gone", "stop_process", "raise_fd_limit",
-           "tree_rss", "tree_cpu", "percentile"]
+__all__ = [
+    "wait_until",
+    "async_wait_until",
+    "free_port",
+    "RedisServer",
+    "die_with_parent",
+    "masked_frame",
+    "read_frames",
+    "server_frames",
+    "close_reason",
+    "handshake_request",
+    "handshake",
+    "open_socket",
+    "raw_socket",
+    "until_closed",
+    "close_frame",
+    "RawClient",
+    "health",
+    "health_status",
+    "process_gone",
+    "stop_process",
+    "raise_fd_limit",
+    "tree_rss",
+    "tree_cpu",
+    "percentile",
+]
 
 T = TypeVar("T")
 
 
 # --- waiting -------------------------------------------------------------------
+
 
 class _Deadline:
     def __init__(self, timeout: float, message: str) -> None:
@@ -72,8 +94,9 @@ class _Deadline:
         if value:
             return True
         if time.monotonic() > self.end:
-            raise AssertionError("timed out after %.1fs waiting for %s"
-                                 % (self.timeout, self.message))
+            raise AssertionError(
+                "timed out after %.1fs waiting for %s" % (self.timeout, self.message)
+            )
         return False
 
 
@@ -84,9 +107,13 @@ def _poll(predicate: Callable[[], T], ignore: tuple[type[BaseException], ...]) -
         return None
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.01,
-               message: str = "condition",
-               ignore: tuple[type[BaseException], ...] = ()) -> T:
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float = 5.0,
+    interval: float = 0.01,
+    message: str = "condition",
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
     """Call ``predicate`` every ``interval`` seconds until it returns a true
     value, and return that; ``AssertionError`` (naming ``message``) after
     ``timeout`` seconds.  An exception of ``ignore`` counts as "not yet"::
@@ -104,9 +131,13 @@ def wait_until(predicate: Callable[[], T], timeout: float = 5.0, interval: float
         time.sleep(interval)
 
 
-async def async_wait_until(predicate: Callable[[], T], timeout: float = 5.0,
-                           interval: float = 0.01, message: str = "condition",
-                           ignore: tuple[type[BaseException], ...] = ()) -> T:
+async def async_wait_until(
+    predicate: Callable[[], T],
+    timeout: float = 5.0,
+    interval: float = 0.01,
+    message: str = "condition",
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
     """:func:`wait_until` inside an event loop: it yields to the loop
     between polls."""
     deadline = _Deadline(timeout, message)
@@ -118,6 +149,7 @@ async def async_wait_until(predicate: Callable[[], T], timeout: float = 5.0,
 
 
 # --- frames --------------------------------------------------------------------
+
 
 def masked_frame(payload: bytes | str, opcode: int = OP_TEXT, fin: bool = True) -> bytes:
     """A client frame (masked, as RFC 6455 requires of clients) carrying
@@ -145,12 +177,12 @@ def read_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
     while end - at >= 2:
         length, start = data[at + 1] & 0x7F, at + 2
         if length == 126:
-            length, start = int.from_bytes(data[at + 2:at + 4], "big"), at + 4
+            length, start = int.from_bytes(data[at + 2 : at + 4], "big"), at + 4
         elif length == 127:
-            length, start = int.from_bytes(data[at + 2:at + 10], "big"), at + 10
+            length, start = int.from_bytes(data[at + 2 : at + 10], "big"), at + 10
         if end < start + length:
             break
-        out.append((data[at] & 0x0F, bytes(data[start:start + length])))
+        out.append((data[at] & 0x0F, bytes(data[start : start + length])))
         at = start + length
     return out, bytes(data[at:])
 
@@ -170,16 +202,24 @@ def close_reason(payload: bytes) -> tuple[int | None, str]:
 
 # --- handshakes ----------------------------------------------------------------
 
-def handshake_request(port: int, path: str = "/ws", headers: Mapping[str, str] | None = None,
-                      host: str = "127.0.0.1") -> bytes:
+
+def handshake_request(
+    port: int, path: str = "/ws", headers: Mapping[str, str] | None = None, host: str = "127.0.0.1"
+) -> bytes:
     """A WebSocket upgrade request (a fresh key) for ``host:port``.
 
     >>> handshake_request(4000, "/stream?streams=trade.A_B").split(b"\\r\\n")[:3]
     [b'GET /stream?streams=trade.A_B HTTP/1.1', b'Host: 127.0.0.1:4000', b'Upgrade: websocket']
     """
     key = base64.b64encode(os.urandom(16)).decode()
-    lines = ["GET %s HTTP/1.1" % path, "Host: %s:%d" % (host, port), "Upgrade: websocket",
-             "Connection: Upgrade", "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13"]
+    lines = [
+        "GET %s HTTP/1.1" % path,
+        "Host: %s:%d" % (host, port),
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: " + key,
+        "Sec-WebSocket-Version: 13",
+    ]
     lines += ["%s: %s" % item for item in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
@@ -210,8 +250,13 @@ def handshake(address: tuple[str, int], request: bytes) -> socket.socket:
     return sock
 
 
-async def open_socket(port: int, data: bytes = b"", source: str | None = None,
-                      rcvbuf: int | None = None, host: str = "127.0.0.1") -> socket.socket:
+async def open_socket(
+    port: int,
+    data: bytes = b"",
+    source: str | None = None,
+    rcvbuf: int | None = None,
+    host: str = "127.0.0.1",
+) -> socket.socket:
     """A connected non-blocking socket to ``host:port`` (from address
     ``source``, with a receive buffer of ``rcvbuf`` bytes if given) that
     has sent ``data``."""
@@ -232,9 +277,13 @@ async def open_socket(port: int, data: bytes = b"", source: str | None = None,
     return sock
 
 
-async def raw_socket(port: int, path: str = "/ws", rcvbuf: int | None = None,
-                     headers: Mapping[str, str] | None = None,
-                     source: str | None = None) -> tuple[socket.socket, bytes]:
+async def raw_socket(
+    port: int,
+    path: str = "/ws",
+    rcvbuf: int | None = None,
+    headers: Mapping[str, str] | None = None,
+    source: str | None = None,
+) -> tuple[socket.socket, bytes]:
     """A non-blocking socket past its WebSocket handshake (the 101 read),
     and the bytes that came after the 101: no client library, no buffers
     beside the kernel's.  Send frames with :func:`masked_frame`."""
@@ -270,8 +319,9 @@ async def until_closed(sock: socket.socket, timeout: float) -> bytes:
         data += chunk
 
 
-async def close_frame(sock: socket.socket, data: bytes = b"",
-                      timeout: float = 10.0) -> tuple[int | None, str]:
+async def close_frame(
+    sock: socket.socket, data: bytes = b"", timeout: float = 10.0
+) -> tuple[int | None, str]:
     """``(code, reason)`` of the server's close frame, read from a bare
     non-blocking socket (``data``: bytes already read) past any other frame
     (pongs, replies).  ``AssertionError`` if the connection ends first."""
@@ -304,12 +354,17 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int, path: str = "/ws",
-                      headers: Mapping[str, str] | None = None, rcvbuf: int | None = None,
-                      source: str | None = None) -> RawClient:
+    async def connect(
+        cls,
+        port: int,
+        path: str = "/ws",
+        headers: Mapping[str, str] | None = None,
+        rcvbuf: int | None = None,
+        source: str | None = None,
+    ) -> RawClient:
         """Connect to 127.0.0.1:``port`` and finish the handshake."""
         sock = await open_socket(port, source=source, rcvbuf=rcvbuf)
-        reader, writer = await asyncio.open_connection(sock=sock, limit=2 ** 20)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=2**20)
         writer.write(handshake_request(port, path, headers))
         status = await reader.readuntil(b"\r\n\r\n")
         assert status.startswith(b"HTTP/1.1 101"), status
@@ -321,6 +376,7 @@ class RawClient:
 
     async def recv(self, timeout: float = 5.0) -> tuple[int | None, bytes]:
         """The next frame as (opcode, payload); (None, b"") at EOF."""
+
         async def read_frame() -> tuple[int | None, bytes]:
             try:
                 head = await self.reader.readexactly(2)
@@ -332,6 +388,7 @@ class RawClient:
             elif length == 127:
                 length = struct.unpack("!Q", await self.reader.readexactly(8))[0]
             return head[0] & 0x0F, await self.reader.readexactly(length)
+
         return await asyncio.wait_for(read_frame(), timeout)
 
     async def recv_close(self, timeout: float = 10.0) -> tuple[int | None, str]:
@@ -350,8 +407,13 @@ class RawClient:
 
 # --- health --------------------------------------------------------------------
 
-def health(port: int, host: str = "127.0.0.1", headers: Mapping[str, str] | None = None,
-           timeout: float = 2.0) -> dict[str, Any]:
+
+def health(
+    port: int,
+    host: str = "127.0.0.1",
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 2.0,
+) -> dict[str, Any]:
     """``GET /health`` as JSON (a direct request from this host gets the
     details: ``pid``, ``redis``, ``stats``).  Raises ``OSError`` while
     nothing answers, ``urllib.error.HTTPError`` (an ``OSError`` too) on
@@ -359,8 +421,9 @@ def health(port: int, host: str = "127.0.0.1", headers: Mapping[str, str] | None
 
         wait_until(lambda: health(port)["upstream_channels"] == 10, ignore=(OSError,))
     """
-    request = urllib.request.Request("http://%s:%d/health" % (host, port),
-                                     headers=dict(headers or {}))
+    request = urllib.request.Request(
+        "http://%s:%d/health" % (host, port), headers=dict(headers or {})
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         body: dict[str, Any] = json.loads(response.read())
         return body
@@ -369,8 +432,7 @@ def health(port: int, host: str = "127.0.0.1", headers: Mapping[str, str] | None
 def health_status(port: int, host: str = "127.0.0.1") -> int | None:
     """The HTTP status of ``GET /health``, or None while nothing answers."""
     try:
-        with urllib.request.urlopen("http://%s:%d/health" % (host, port),
-                                    timeout=2) as response:
+        with urllib.request.urlopen("http://%s:%d/health" % (host, port), timeout=2) as response:
             status: int = response.status
             return status
     except urllib.error.HTTPError as exc:
@@ -380,6 +442,7 @@ def health_status(port: int, host: str = "127.0.0.1") -> int | None:
 
 
 # --- processes -----------------------------------------------------------------
+
 
 def process_gone(pid: int) -> bool:
     """Whether process ``pid`` has exited (a zombie nobody reaped yet counts

@@ -152,7 +152,8 @@ class Client(asyncio.Protocol):
 async def open_client(port: int, path: str = "/ws") -> Client:
     loop = asyncio.get_running_loop()
     _, client = await loop.create_connection(
-        lambda: Client(handshake_request(port, path, host=HOST)), HOST, port)
+        lambda: Client(handshake_request(port, path, host=HOST)), HOST, port
+    )
     await asyncio.wait_for(client.upgraded, 10)
     return client
 
@@ -165,9 +166,19 @@ class Target:
         self.redis_server = RedisServer().start()
         self.redis = redis.Redis.from_url(self.redis_server.url)
         self.port = free_port()
-        command = [sys.executable, "-m", "marketstream", "--listen", "%s:%d" % (HOST, self.port),
-                   "--redis-url", self.redis_server.url, "--log-level", "WARNING",
-                   "--set", "server.max_connections=20000"]
+        command = [
+            sys.executable,
+            "-m",
+            "marketstream",
+            "--listen",
+            "%s:%d" % (HOST, self.port),
+            "--redis-url",
+            self.redis_server.url,
+            "--log-level",
+            "WARNING",
+            "--set",
+            "server.max_connections=20000",
+        ]
         for item in args.set:
             command += ["--set", item]
         self.proc = subprocess.Popen(command, cwd=ROOT, preexec_fn=die_with_parent)
@@ -185,7 +196,7 @@ class Target:
                 await asyncio.sleep(0.05)
 
     def rss_mb(self) -> float:
-        return round(self.ps.memory_info().rss / 2 ** 20, 1)
+        return round(self.ps.memory_info().rss / 2**20, 1)
 
     def peak_rss_mb(self) -> float:
         """The server's RSS high-water mark (VmHWM)."""
@@ -209,7 +220,7 @@ class Target:
         return len(self.redis.pubsub_channels(pattern))
 
     def redis_memory_mb(self) -> float:
-        return round(int(self.redis.info("memory")["used_memory"]) / 2 ** 20, 1)
+        return round(int(self.redis.info("memory")["used_memory"]) / 2**20, 1)
 
     def metric(self, line_start: str) -> float:
         """The value of the first /metrics sample that starts with ``line_start``."""
@@ -226,14 +237,16 @@ class Target:
         self.redis_server.stop()
 
 
-def subscribe_text(names: list[str], method: str = "SUBSCRIBE", request_id: int = 1,
-                   **extra: Any) -> str:
+def subscribe_text(
+    names: list[str], method: str = "SUBSCRIBE", request_id: int = 1, **extra: Any
+) -> str:
     message: dict[str, Any] = {"method": method, "params": names, "id": request_id}
     message.update(extra)
     return json.dumps(message, separators=(",", ":"))
 
 
 # --- the attacks -----------------------------------------------------------------
+
 
 async def attack_channels(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     rss_before, redis_before = target.rss_mb(), target.redis_memory_mb()
@@ -262,11 +275,17 @@ async def attack_channels(target: Target, args: argparse.Namespace) -> dict[str,
         if now != count:
             count, still, last_change = now, time.monotonic(), time.monotonic()
     figures = {
-        "attack": "channels", "connections": args.connections, "per_conn": args.per_conn,
-        "accepted": len(clients), "refused_by_status": refused,
-        "redis_channels": count, "seconds_until_settled": round(last_change - started, 2),
-        "server_rss_mb_before": rss_before, "server_rss_mb_after": target.rss_mb(),
-        "redis_memory_mb_before": redis_before, "redis_memory_mb_after": target.redis_memory_mb(),
+        "attack": "channels",
+        "connections": args.connections,
+        "per_conn": args.per_conn,
+        "accepted": len(clients),
+        "refused_by_status": refused,
+        "redis_channels": count,
+        "seconds_until_settled": round(last_change - started, 2),
+        "server_rss_mb_before": rss_before,
+        "server_rss_mb_after": target.rss_mb(),
+        "redis_memory_mb_before": redis_before,
+        "redis_memory_mb_after": target.redis_memory_mb(),
         "closed_by_server": sum(1 for c in clients if c.closed),
     }
     for client in clients:
@@ -290,9 +309,13 @@ async def hold_channels(target: Target, count: int) -> list[Client]:
 async def attack_churn(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     held = await hold_channels(target, args.held)
     clients = [await open_client(target.port) for _ in range(args.connections)]
-    texts = [(subscribe_text([stream("CU", c, j) for j in range(args.per_conn)]),
-              subscribe_text([stream("CU", c, j) for j in range(args.per_conn)], "UNSUBSCRIBE"))
-             for c in range(args.connections)]
+    texts = [
+        (
+            subscribe_text([stream("CU", c, j) for j in range(args.per_conn)]),
+            subscribe_text([stream("CU", c, j) for j in range(args.per_conn)], "UNSUBSCRIBE"),
+        )
+        for c in range(args.connections)
+    ]
     interval = 1.0 / args.rate
     stop = time.monotonic() + 1.0 + args.duration
     marks: dict[str, Any] = {}
@@ -320,9 +343,13 @@ async def attack_churn(target: Target, args: argparse.Namespace) -> dict[str, An
     cpu_percent = 100 * (marks["cpu1"] - marks["cpu0"]) / seconds
     calls = {k: marks["calls1"][k] - marks["calls0"][k] for k in marks["calls0"]}
     figures = {
-        "attack": "churn", "connections": args.connections, "per_conn": args.per_conn,
-        "held_channels": target.channels("trade.HD*"), "rate": args.rate,
-        "duration": round(seconds, 2), "messages_sent": sum(results[1:]),
+        "attack": "churn",
+        "connections": args.connections,
+        "per_conn": args.per_conn,
+        "held_channels": target.channels("trade.HD*"),
+        "rate": args.rate,
+        "duration": round(seconds, 2),
+        "messages_sent": sum(results[1:]),
         "server_cpu_percent": round(cpu_percent, 1),
         "server_cpu_percent_per_connection": round(cpu_percent / args.connections, 1),
         "redis_subscribe_calls": calls["subscribe"],
@@ -336,21 +363,29 @@ async def attack_churn(target: Target, args: argparse.Namespace) -> dict[str, An
 
 def publish_history(url: str, args: argparse.Namespace, names: list[str]) -> None:
     from marketstream.publisher import Publisher
+
     pad = "x" * max(0, args.size - 60)
     with Publisher(url, history=args.history, ttl=3600) as pub:
         for i in range(args.history):
             snapshot = bool(args.snapshot_every) and (i + 1) % args.snapshot_every == 0
-            pub.publish_many([(name, '{"e":"trade","t":%d,"x":"%s"}' % (i, pad),
-                               True if snapshot else None) for name in names])
+            pub.publish_many(
+                [
+                    (name, '{"e":"trade","t":%d,"x":"%s"}' % (i, pad), True if snapshot else None)
+                    for name in names
+                ]
+            )
 
 
 async def attack_resume(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     names = ["trade.RS%d_USDT" % k for k in range(args.streams)]
     started = time.monotonic()
     await asyncio.get_running_loop().run_in_executor(
-        None, publish_history, target.redis_server.url, args, names)
-    log("published %d messages in %.1f s" % (args.streams * args.history,
-                                             time.monotonic() - started))
+        None, publish_history, target.redis_server.url, args, names
+    )
+    log(
+        "published %d messages in %.1f s"
+        % (args.streams * args.history, time.monotonic() - started)
+    )
     clients = [await open_client(target.port) for _ in range(args.clients)]
     await asyncio.sleep(0.5)
     rss_before, peak_before = target.rss_mb(), target.peak_rss_mb()
@@ -367,22 +402,28 @@ async def attack_resume(target: Target, args: argparse.Namespace) -> dict[str, A
         if all(c.closed or (c.bytes and now - c.last_data > 1.0) for c in clients):
             break
     figures = {
-        "attack": "resume", "clients": args.clients, "streams": args.streams,
-        "history": args.history, "size": args.size, "snapshot_every": args.snapshot_every,
+        "attack": "resume",
+        "clients": args.clients,
+        "streams": args.streams,
+        "history": args.history,
+        "size": args.size,
+        "snapshot_every": args.snapshot_every,
         "request_bytes": frame_size(request.encode()),
-        "redis_bytes_sent_mb": round((target.redis_sent() - sent_before) / 2 ** 20, 1),
+        "redis_bytes_sent_mb": round((target.redis_sent() - sent_before) / 2**20, 1),
         "server_cpu_seconds": round(target.cpu() - cpu_before, 2),
         "server_rss_mb_before": rss_before,
         "server_rss_mb_peak": max(target.peak_rss_mb(), peak_before),
         "server_rss_mb_peak_before": peak_before,
         "server_rss_mb_after": target.rss_mb(),
-        "client_mb_received": [round(c.bytes / 2 ** 20, 2) for c in clients],
+        "client_mb_received": [round(c.bytes / 2**20, 2) for c in clients],
         "client_frames": [c.frames for c in clients],
         "client_gap_notices": [c.gaps for c in clients],
-        "client_closed": ["%s %s" % (c.close_code, c.close_reason) if c.closed else None
-                          for c in clients],
+        "client_closed": [
+            "%s %s" % (c.close_code, c.close_reason) if c.closed else None for c in clients
+        ],
         "server_slow_consumer_closes": int(
-            target.metric('marketstream_dropped_total{cause="slow_consumer"}') - slow_before),
+            target.metric('marketstream_dropped_total{cause="slow_consumer"}') - slow_before
+        ),
     }
     for client in clients:
         client.transport.close()
@@ -405,32 +446,59 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="What one hostile client costs marketstream: channels, churn, resumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("attack", choices=sorted(ATTACKS), help="which attack to run")
-    parser.add_argument("--connections", type=int, default=98,
-                        help="channels, churn: connections from 127.0.0.1")
-    parser.add_argument("--per-conn", type=int, default=1024,
-                        help="channels, churn: streams per connection (one message)")
-    parser.add_argument("--rate", type=float, default=9.0,
-                        help="churn: messages a second per connection")
-    parser.add_argument("--duration", type=float, default=10.0,
-                        help="churn: seconds measured (after one of warm-up)")
-    parser.add_argument("--held", type=int, default=0,
-                        help="churn: channels other (idle) connections hold meanwhile")
+    parser.add_argument(
+        "--connections", type=int, default=98, help="channels, churn: connections from 127.0.0.1"
+    )
+    parser.add_argument(
+        "--per-conn",
+        type=int,
+        default=1024,
+        help="channels, churn: streams per connection (one message)",
+    )
+    parser.add_argument(
+        "--rate", type=float, default=9.0, help="churn: messages a second per connection"
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=10.0,
+        help="churn: seconds measured (after one of warm-up)",
+    )
+    parser.add_argument(
+        "--held",
+        type=int,
+        default=0,
+        help="churn: channels other (idle) connections hold meanwhile",
+    )
     parser.add_argument("--streams", type=int, default=200, help="resume: streams")
-    parser.add_argument("--history", type=int, default=1000,
-                        help="resume: messages published (and kept) per stream")
-    parser.add_argument("--size", type=int, default=380,
-                        help="resume: bytes of each message's data, about")
-    parser.add_argument("--snapshot-every", type=int, default=0,
-                        help="resume: every N-th message is also the snapshot (0: none)")
-    parser.add_argument("--clients", type=int, default=1,
-                        help="resume: clients resuming every stream at once")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds to wait for the attack to settle")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="a marketstream setting (repeatable), "
-                             "e.g. server.max_connections_per_ip=0")
+    parser.add_argument(
+        "--history", type=int, default=1000, help="resume: messages published (and kept) per stream"
+    )
+    parser.add_argument(
+        "--size", type=int, default=380, help="resume: bytes of each message's data, about"
+    )
+    parser.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=0,
+        help="resume: every N-th message is also the snapshot (0: none)",
+    )
+    parser.add_argument(
+        "--clients", type=int, default=1, help="resume: clients resuming every stream at once"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for the attack to settle"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a marketstream setting (repeatable), e.g. server.max_connections_per_ip=0",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of lines")
     return parser
 

@@ -83,6 +83,7 @@ E_RE = re.compile(rb'"E":(\d{19})')
 
 # --- the cluster ---------------------------------------------------------------
 
+
 def start_cluster(primaries: int, replicas: int) -> Cluster:
     """A settled cluster on loopback ports (started over on new ports when
     a port picked as free was taken before the node bound it)."""
@@ -107,15 +108,25 @@ def shard_map(cluster: Cluster, streams: int) -> tuple[list[Any], list[int], dic
     owner = []
     for k in range(streams):
         slot = key_slot(fanout.stream_name(k))
-        owner.append(next(i for i, n in enumerate(nodes)
-                          if any(a <= slot <= b for a, b in ranges[n])))
+        owner.append(
+            next(i for i, n in enumerate(nodes) if any(a <= slot <= b for a, b in ranges[n]))
+        )
     return nodes, owner, ranges
 
 
 # --- publisher -------------------------------------------------------------------
 
-def publisher(url: str, addrs: list[tuple[str, int]], owner: list[int], rate: float,
-              duration: float, streams: int, recoverable: bool, out: Any) -> None:
+
+def publisher(
+    url: str,
+    addrs: list[tuple[str, int]],
+    owner: list[int],
+    rate: float,
+    duration: float,
+    streams: int,
+    recoverable: bool,
+    out: Any,
+) -> None:
     """Publish ``rate`` messages/s for ``duration`` s; send ``(sent, elapsed,
     per-shard sent)`` to ``out``.  Plain: pipelines of SPUBLISH, one per
     primary; recoverable: :class:`~marketstream.publisher.Publisher`."""
@@ -126,6 +137,7 @@ def publisher(url: str, addrs: list[tuple[str, int]], owner: list[int], rate: fl
     pub = None
     if recoverable:
         from marketstream.publisher import Publisher
+
         pub = Publisher(url, history=1000, ttl=600)
     else:
         for host, port in addrs:
@@ -144,15 +156,22 @@ def publisher(url: str, addrs: list[tuple[str, int]], owner: list[int], rate: fl
         for seq in range(sent, due):
             per_shard[owner[seq % streams]] += 1
         if pub is not None:
-            pub.publish_many([(names[seq % streams],
-                               fanout.recoverable_data(seq % streams, seq, now_ns, streams))
-                              for seq in range(sent, due)])
+            pub.publish_many(
+                [
+                    (
+                        names[seq % streams],
+                        fanout.recoverable_data(seq % streams, seq, now_ns, streams),
+                    )
+                    for seq in range(sent, due)
+                ]
+            )
         else:
             batches: list[list[tuple[str, str, str]]] = [[] for _ in addrs]
             for seq in range(sent, due):
                 k = seq % streams
-                batches[owner[k]].append(("SPUBLISH", names[k],
-                                          fanout.payload(k, seq, now_ns, streams)))
+                batches[owner[k]].append(
+                    ("SPUBLISH", names[k], fanout.payload(k, seq, now_ns, streams))
+                )
             for conn, commands in zip(conns, batches):
                 if commands:
                     conn.send_packed_command(conn.pack_commands(commands))
@@ -170,6 +189,7 @@ def publisher(url: str, addrs: list[tuple[str, int]], owner: list[int], rate: fl
 
 
 # --- receiver: every frame counted per stream ------------------------------------
+
 
 class StreamCounter(asyncio.Protocol):
     """Counts frames per stream (by their ``"stream"`` field) and samples the
@@ -198,7 +218,7 @@ class StreamCounter(asyncio.Protocol):
         keep = len(buf) - TAIL
         for match in STREAM_RE.finditer(buf, max(0, keep - TAIL)):
             keep = max(keep, match.end())
-        self.tail = buf[max(keep, 0):]
+        self.tail = buf[max(keep, 0) :]
         at = E_RE.search(data)
         if at is not None:
             StreamCounter.samples.append((time.time_ns() - int(at.group(1))) / 1e6)
@@ -264,16 +284,20 @@ class StreamReceiver:
     async def connect(self, host: str, port: int, args: Any) -> None:
         plans: list[list[tuple[bytes, bytes]]] = [[] for _ in range(self.processes)]
         for c in range(args.connections):
-            names = [fanout.stream_name(k)
-                     for k in fanout.connection_streams(c, args.per_conn, args.streams)]
-            subscribe = masked_frame(json.dumps(
-                {"method": "SUBSCRIBE", "params": names, "id": c + 1}, separators=(",", ":")))
+            names = [
+                fanout.stream_name(k)
+                for k in fanout.connection_streams(c, args.per_conn, args.streams)
+            ]
+            subscribe = masked_frame(
+                json.dumps(
+                    {"method": "SUBSCRIBE", "params": names, "id": c + 1}, separators=(",", ":")
+                )
+            )
             plans[c % self.processes].append((handshake_request(port, host=host), subscribe))
         ctx = multiprocessing.get_context("fork")
         for part in plans:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=receiver_process, args=(host, port, part, child),
-                               daemon=True)
+            proc = ctx.Process(target=receiver_process, args=(host, port, part, child), daemon=True)
             proc.start()
             child.close()
             self.children.append((proc, parent))
@@ -309,10 +333,14 @@ class StreamReceiver:
             samples.extend(found)
         for proc, _ in self.children:
             proc.join(10)
-        return {"received": sum(per_stream.values()), "per_stream": dict(per_stream),
-                "samples": len(samples), "p50": percentile(samples, 0.50),
-                "p99": percentile(samples, 0.99),
-                "max": max(samples) if samples else None}
+        return {
+            "received": sum(per_stream.values()),
+            "per_stream": dict(per_stream),
+            "samples": len(samples),
+            "p50": percentile(samples, 0.50),
+            "p99": percentile(samples, 0.99),
+            "max": max(samples) if samples else None,
+        }
 
     def kill(self) -> None:
         for proc, _ in self.children:
@@ -321,6 +349,7 @@ class StreamReceiver:
 
 
 # --- one run ---------------------------------------------------------------------
+
 
 def _info_calls(node: Any, command: str) -> int:
     stats = node.client().info("commandstats")
@@ -343,8 +372,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         started = time.monotonic()
         cluster = start_cluster(args.primaries, args.replicas)
-        log("cluster of %d nodes settled in %.1fs" % (len(cluster.nodes),
-                                                      time.monotonic() - started))
+        log(
+            "cluster of %d nodes settled in %.1fs"
+            % (len(cluster.nodes), time.monotonic() - started)
+        )
         nodes, owner, ranges = shard_map(cluster, args.streams)
         host, port = "127.0.0.1", free_port()
         server = fanout.start_server("marketstream", args, host, port, cluster.url, can_pin)
@@ -387,7 +418,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             while True:
                 counts = []
                 for j in range(0, len(wanted[i]), 500):
-                    reply = client.execute_command("PUBSUB", "SHARDNUMSUB", *wanted[i][j:j + 500])
+                    reply = client.execute_command("PUBSUB", "SHARDNUMSUB", *wanted[i][j : j + 500])
                     counts += [int(n) for n in reply[1::2]]
                 if all(counts):
                     numsub_min[i] = min(counts) if counts else None
@@ -406,8 +437,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         pipe_out, pipe_in = multiprocessing.Pipe(duplex=False)
         publishing = multiprocessing.get_context("spawn").Process(
             target=publisher,
-            args=(cluster.url, [n.addr for n in nodes], owner, args.rate, args.duration,
-                  args.streams, args.recoverable, pipe_in))
+            args=(
+                cluster.url,
+                [n.addr for n in nodes],
+                owner,
+                args.rate,
+                args.duration,
+                args.streams,
+                args.recoverable,
+                pipe_in,
+            ),
+        )
         publishing.start()
         pipe_in.close()
         t0 = next_report = time.monotonic()
@@ -423,8 +463,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError("the publisher failed")
         sent, elapsed, sent_per_shard = pipe_out.recv()
         publishing.join()
-        per_stream_sent = [sent // args.streams + (1 if k < sent % args.streams else 0)
-                           for k in range(args.streams)]
+        per_stream_sent = [
+            sent // args.streams + (1 if k < sent % args.streams else 0)
+            for k in range(args.streams)
+        ]
         expected_per_stream = [per_stream_sent[k] * subscribers[k] for k in range(args.streams)]
         expected = sum(expected_per_stream)
         last, last_change = -1, time.monotonic()
@@ -456,34 +498,43 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             after = health_after.get(node.label, {})
             exp = sum(expected_per_stream[k] for k in mine)
             got = sum(per_stream.get(k, 0) for k in mine) if per_stream is not None else None
-            shards.append({
-                "node": node.label,
-                "slots": sum(b - a + 1 for a, b in ranges[node]),
-                "streams_owned": len(mine),
-                "shard_channels": shard_channels[i],
-                "shardnumsub_min": numsub_min[i],
-                "published": sent_per_shard[i],
-                "spublish_calls": _info_calls(node, "spublish"),
-                "evalsha_calls": _info_calls(node, "evalsha") if args.recoverable else None,
-                "server_received": (after.get("messages", 0) - before.get("messages", 0)
-                                    if after else None),
-                "server_channels": after.get("channels"),
-                "expected_deliveries": exp,
-                "received_deliveries": got if got is not None else exp,
-                "deliveries_measured": got is not None,
-                "loss_percent": round(100.0 * (exp - got) / exp, 3) if got is not None and exp
-                else None,
-            })
+            shards.append(
+                {
+                    "node": node.label,
+                    "slots": sum(b - a + 1 for a, b in ranges[node]),
+                    "streams_owned": len(mine),
+                    "shard_channels": shard_channels[i],
+                    "shardnumsub_min": numsub_min[i],
+                    "published": sent_per_shard[i],
+                    "spublish_calls": _info_calls(node, "spublish"),
+                    "evalsha_calls": _info_calls(node, "evalsha") if args.recoverable else None,
+                    "server_received": (
+                        after.get("messages", 0) - before.get("messages", 0) if after else None
+                    ),
+                    "server_channels": after.get("channels"),
+                    "expected_deliveries": exp,
+                    "received_deliveries": got if got is not None else exp,
+                    "deliveries_measured": got is not None,
+                    "loss_percent": round(100.0 * (exp - got) / exp, 3)
+                    if got is not None and exp
+                    else None,
+                }
+            )
 
         def ms(value: float | None) -> float | None:
             return None if value is None else round(value, 2)
 
         received = result["received"]
         return {
-            "primaries": len(nodes), "replicas_per_primary": args.replicas,
-            "connections": args.connections, "streams": args.streams,
-            "per_conn": args.per_conn, "rate": args.rate, "duration": args.duration,
-            "recoverable": args.recoverable, "receiver": receiver.name,
+            "primaries": len(nodes),
+            "replicas_per_primary": args.replicas,
+            "connections": args.connections,
+            "streams": args.streams,
+            "per_conn": args.per_conn,
+            "rate": args.rate,
+            "duration": args.duration,
+            "recoverable": args.recoverable,
+            "receiver": receiver.name,
             "server_cpus": args.server_cpu if can_pin else None,
             "load_cpus": args.load_cpu if can_pin else None,
             "connect_seconds": round(connect_seconds, 3),
@@ -494,13 +545,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "offered_deliveries_per_second": round(expected / elapsed),
             "sustained_deliveries_per_second": round(in_window / elapsed),
             "drain_seconds": round(drain_seconds, 2),
-            "loss_percent": round(100.0 * (expected - received) / expected, 3) if expected
-            else 0.0,
-            "latency_ms_p50": ms(result["p50"]), "latency_ms_p99": ms(result["p99"]),
-            "latency_ms_max": ms(result["max"]), "latency_samples": result["samples"],
+            "loss_percent": round(100.0 * (expected - received) / expected, 3) if expected else 0.0,
+            "latency_ms_p50": ms(result["p50"]),
+            "latency_ms_p99": ms(result["p99"]),
+            "latency_ms_max": ms(result["max"]),
+            "latency_samples": result["samples"],
             "server_cpu_seconds": round(cpu, 2),
-            "server_cpu_seconds_per_million": round(cpu / received * 1e6, 3) if received
-            else None,
+            "server_cpu_seconds_per_million": round(cpu / received * 1e6, 3) if received else None,
             "shards": shards,
         }
     finally:
@@ -513,11 +564,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 # --- output ----------------------------------------------------------------------
 
-SHARD_COLUMNS = [("node", "node"), ("slots", "slots"), ("streams", "streams_owned"),
-                 ("SHARDCHANNELS", "shard_channels"), ("NUMSUB", "shardnumsub_min"),
-                 ("published", "published"), ("SPUBLISH", "spublish_calls"),
-                 ("server rcvd", "server_received"), ("deliveries exp", "expected_deliveries"),
-                 ("deliveries rcvd", "received_deliveries"), ("loss %", "loss_percent")]
+SHARD_COLUMNS = [
+    ("node", "node"),
+    ("slots", "slots"),
+    ("streams", "streams_owned"),
+    ("SHARDCHANNELS", "shard_channels"),
+    ("NUMSUB", "shardnumsub_min"),
+    ("published", "published"),
+    ("SPUBLISH", "spublish_calls"),
+    ("server rcvd", "server_received"),
+    ("deliveries exp", "expected_deliveries"),
+    ("deliveries rcvd", "received_deliveries"),
+    ("loss %", "loss_percent"),
+]
 
 
 def shard_table(figures: dict[str, Any]) -> str:
@@ -529,9 +588,13 @@ def shard_table(figures: dict[str, Any]) -> str:
             value = shard.get(key)
             if key == "received_deliveries" and not shard["deliveries_measured"]:
                 value = f"({value:,})"
-            row.append("-" if value is None else
-                       f"{value:,}" if isinstance(value, int) and key != "node"
-                       else str(value))
+            row.append(
+                "-"
+                if value is None
+                else f"{value:,}"
+                if isinstance(value, int) and key != "node"
+                else str(value)
+            )
         rows.append(row)
     total: list[str] = ["total"]
     for _, key in SHARD_COLUMNS[1:]:
@@ -548,32 +611,55 @@ def shard_table(figures: dict[str, Any]) -> str:
             total.append("-")
     rows.append(total)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in rows
+    )
 
 
 def summary(figures: dict[str, Any]) -> str:
     f = figures
     lines = [
         "%d primaries (+%d replicas each); %d connections, %d streams, %d per connection; "
-        "%s publishing %g msg/s for %gs" % (
-            f["primaries"], f["replicas_per_primary"], f["connections"], f["streams"],
-            f["per_conn"], "recoverable" if f["recoverable"] else "plain SPUBLISH", f["rate"],
-            f["duration"]),
+        "%s publishing %g msg/s for %gs"
+        % (
+            f["primaries"],
+            f["replicas_per_primary"],
+            f["connections"],
+            f["streams"],
+            f["per_conn"],
+            "recoverable" if f["recoverable"] else "plain SPUBLISH",
+            f["rate"],
+            f["duration"],
+        ),
         shard_table(f),
         "published %d (%d/s); deliveries %d of %d (loss %.3f%%), offered %d/s, sustained %d/s, "
-        "drain %.2fs" % (f["published"], f["published_per_second"], f["received_deliveries"],
-                          f["expected_deliveries"], f["loss_percent"],
-                          f["offered_deliveries_per_second"],
-                          f["sustained_deliveries_per_second"], f["drain_seconds"]),
+        "drain %.2fs"
+        % (
+            f["published"],
+            f["published_per_second"],
+            f["received_deliveries"],
+            f["expected_deliveries"],
+            f["loss_percent"],
+            f["offered_deliveries_per_second"],
+            f["sustained_deliveries_per_second"],
+            f["drain_seconds"],
+        ),
         "latency p50 %s ms, p99 %s ms, max %s ms (%d samples); server CPU %.2fs (%s s per "
-        "million deliveries)" % (f["latency_ms_p50"], f["latency_ms_p99"], f["latency_ms_max"],
-                                 f["latency_samples"], f["server_cpu_seconds"],
-                                 f["server_cpu_seconds_per_million"]),
+        "million deliveries)"
+        % (
+            f["latency_ms_p50"],
+            f["latency_ms_p99"],
+            f["latency_ms_max"],
+            f["latency_samples"],
+            f["server_cpu_seconds"],
+            f["server_cpu_seconds_per_million"],
+        ),
     ]
     if any(not s["deliveries_measured"] for s in f["shards"]):
-        lines.append("(deliveries in parentheses: expected, not counted per stream by %s)"
-                     % f["receiver"])
+        lines.append(
+            "(deliveries in parentheses: expected, not counted per stream by %s)" % f["receiver"]
+        )
     return "\n".join(lines)
 
 
@@ -581,38 +667,71 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (every option shows its default in ``--help``)."""
     parser = argparse.ArgumentParser(
         description="Fan-out benchmark for marketstream on a Redis Cluster (sharded pub/sub).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     load = parser.add_argument_group("load")
     load.add_argument("--connections", type=int, default=1000, help="WebSocket connections")
     load.add_argument("--streams", type=int, default=1000, help="K streams in all")
-    load.add_argument("--per-conn", type=int, default=10,
-                      help="S streams per connection (connection c gets streams (c*S+j) %% K)")
+    load.add_argument(
+        "--per-conn",
+        type=int,
+        default=10,
+        help="S streams per connection (connection c gets streams (c*S+j) %% K)",
+    )
     load.add_argument("--rate", type=float, default=5000, help="messages/s published in all")
     load.add_argument("--duration", type=float, default=10, help="seconds of publishing")
-    load.add_argument("--recoverable", action="store_true",
-                      help="publish through marketstream.publisher.Publisher (Lua script, "
-                           "SPUBLISH, history) instead of plain SPUBLISH")
-    load.add_argument("--receiver", choices=("python", "wsblast"), default="python",
-                      help="python: processes counting every frame per stream (per-shard "
-                           "deliveries); wsblast: the C receiver (heavy loads; totals only)")
-    load.add_argument("--receiver-processes", type=int, default=2,
-                      help="processes of the python receiver")
-    load.add_argument("--sampled", type=int, default=100,
-                      help="wsblast connections that parse frames for latency samples")
+    load.add_argument(
+        "--recoverable",
+        action="store_true",
+        help="publish through marketstream.publisher.Publisher (Lua script, "
+        "SPUBLISH, history) instead of plain SPUBLISH",
+    )
+    load.add_argument(
+        "--receiver",
+        choices=("python", "wsblast"),
+        default="python",
+        help="python: processes counting every frame per stream (per-shard "
+        "deliveries); wsblast: the C receiver (heavy loads; totals only)",
+    )
+    load.add_argument(
+        "--receiver-processes", type=int, default=2, help="processes of the python receiver"
+    )
+    load.add_argument(
+        "--sampled",
+        type=int,
+        default=100,
+        help="wsblast connections that parse frames for latency samples",
+    )
     topo = parser.add_argument_group("cluster")
     topo.add_argument("--primaries", type=int, default=3, help="cluster primaries (shards)")
     topo.add_argument("--replicas", type=int, default=1, help="replicas per primary")
     servers = parser.add_argument_group("server")
-    servers.add_argument("--processes", type=int, default=1,
-                         help="marketstream worker processes (/health of one of them is read)")
-    servers.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                         help="a marketstream setting (repeatable)")
+    servers.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="marketstream worker processes (/health of one of them is read)",
+    )
+    servers.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a marketstream setting (repeatable)",
+    )
     pinning = parser.add_argument_group("CPU pinning (taskset)")
-    pinning.add_argument("--server-cpu", default="0", metavar="CPUS",
-                         help="CPU list for the server (taskset -c syntax)")
-    pinning.add_argument("--load-cpu", default="1", metavar="CPUS",
-                         help="CPU list for the cluster, the publisher, the receivers and "
-                              "this script")
+    pinning.add_argument(
+        "--server-cpu",
+        default="0",
+        metavar="CPUS",
+        help="CPU list for the server (taskset -c syntax)",
+    )
+    pinning.add_argument(
+        "--load-cpu",
+        default="1",
+        metavar="CPUS",
+        help="CPU list for the cluster, the publisher, the receivers and this script",
+    )
     pinning.add_argument("--no-pin", action="store_true", help="pin nothing")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser

@@ -95,12 +95,15 @@ REFERENCE_SERVER = os.path.join(HERE, "reference_server.py")
 # Stream names and subscriptions as wsblast makes them.  Every payload of a
 # run has one length (the "x" field pads short names), so the Python
 # receiver counts frames from bytes; "E" is the publish time in ns.
-SEQ_BASE = 10 ** 9
+SEQ_BASE = 10**9
 TS_WIDTH = 19
-PAYLOAD = ('{"stream":"%s","data":{"e":"trade","E":%d,"s":"%s","t":%d,'
-           '"p":"101.50","q":"0.300","T":1727866324088,"x":"%s"}}')
-RECOVERABLE_DATA = ('{"e":"trade","E":%d,"s":"%s","t":%d,'
-                    '"p":"101.50","q":"0.300","T":1727866324088,"x":"%s"}')
+PAYLOAD = (
+    '{"stream":"%s","data":{"e":"trade","E":%d,"s":"%s","t":%d,'
+    '"p":"101.50","q":"0.300","T":1727866324088,"x":"%s"}}'
+)
+RECOVERABLE_DATA = (
+    '{"e":"trade","E":%d,"s":"%s","t":%d,"p":"101.50","q":"0.300","T":1727866324088,"x":"%s"}'
+)
 POSITION_DIGITS = 16  # positions start at Redis TIME in µs
 
 
@@ -136,8 +139,10 @@ def log(*args: object) -> None:
 
 # --- publisher ---------------------------------------------------------------
 
-def publisher(url: str, rate: float, duration: float, streams: int, recoverable: bool,
-              out: Any) -> None:
+
+def publisher(
+    url: str, rate: float, duration: float, streams: int, recoverable: bool, out: Any
+) -> None:
     """Publish ``rate`` messages/s for ``duration`` s; send (sent, elapsed) to ``out``.
 
     Runs in a process of its own and writes pipelines of packed commands
@@ -150,6 +155,7 @@ def publisher(url: str, rate: float, duration: float, streams: int, recoverable:
     pub = None
     if recoverable:
         from marketstream.publisher import Publisher
+
         pub = Publisher(client, history=1000, ttl=600)
     total = int(duration * rate)
     start = time.monotonic()
@@ -161,13 +167,17 @@ def publisher(url: str, rate: float, duration: float, streams: int, recoverable:
             continue
         now_ns = time.time_ns()
         if pub is not None:
-            pub.publish_many([(names[seq % streams],
-                               recoverable_data(seq % streams, seq, now_ns, streams))
-                              for seq in range(sent, due)])
+            pub.publish_many(
+                [
+                    (names[seq % streams], recoverable_data(seq % streams, seq, now_ns, streams))
+                    for seq in range(sent, due)
+                ]
+            )
         else:
-            commands = [("PUBLISH", names[seq % streams],
-                         payload(seq % streams, seq, now_ns, streams))
-                        for seq in range(sent, due)]
+            commands = [
+                ("PUBLISH", names[seq % streams], payload(seq % streams, seq, now_ns, streams))
+                for seq in range(sent, due)
+            ]
             conn.send_packed_command(conn.pack_commands(commands))
             for _ in commands:
                 conn.read_response()
@@ -180,6 +190,7 @@ def publisher(url: str, rate: float, duration: float, streams: int, recoverable:
 
 # --- receivers ---------------------------------------------------------------
 
+
 def wsblast_binary() -> str | None:
     """The path of a wsblast built from scripts/wsblast.c (built once per
     source version into the user's cache directory), or None without a C
@@ -189,8 +200,9 @@ def wsblast_binary() -> str | None:
         return None
     with open(WSBLAST_SOURCE, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                         "marketstream-bench")
+    cache = os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "marketstream-bench"
+    )
     try:
         os.makedirs(cache, exist_ok=True)
     except OSError:
@@ -198,8 +210,9 @@ def wsblast_binary() -> str | None:
     binary = os.path.join(cache, "wsblast-" + digest)
     if not os.path.exists(binary):
         partial = "%s.%d" % (binary, os.getpid())
-        result = subprocess.run([compiler, "-O2", "-o", partial, WSBLAST_SOURCE],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [compiler, "-O2", "-o", partial, WSBLAST_SOURCE], capture_output=True, text=True
+        )
         if result.returncode != 0:
             log("cannot build wsblast:\n" + result.stderr)
             return None
@@ -230,7 +243,7 @@ class Counter(asyncio.Protocol):
         at = data.find(b'"E":', first, first + Counter.frame_size)
         if at >= 0 and at + 4 + TS_WIDTH <= len(data):
             try:
-                sent = int(data[at + 4:at + 4 + TS_WIDTH])
+                sent = int(data[at + 4 : at + 4 + TS_WIDTH])
             except ValueError:
                 return
             Counter.samples.append((time.time_ns() - sent) / 1e6)
@@ -250,8 +263,17 @@ class PythonReceiver:
         plans = []
         for c in range(args.connections):
             names = [stream_name(k) for k in connection_streams(c, args.per_conn, args.streams)]
-            plans.append((handshake_request(port, host=host), masked_frame(json.dumps(
-                {"method": "SUBSCRIBE", "params": names, "id": c + 1}, separators=(",", ":")))))
+            plans.append(
+                (
+                    handshake_request(port, host=host),
+                    masked_frame(
+                        json.dumps(
+                            {"method": "SUBSCRIBE", "params": names, "id": c + 1},
+                            separators=(",", ":"),
+                        )
+                    ),
+                )
+            )
         sockets = []
         for request, subscribe in plans:
             sock = handshake((host, port), request)
@@ -285,10 +307,14 @@ class PythonReceiver:
         samples = Counter.samples
         for c in self.clients:
             c.transport.close()
-        return {"received": received, "samples": len(samples),
-                "p50": percentile(samples, 0.50), "p99": percentile(samples, 0.99),
-                "max": max(samples) if samples else None,
-                "p99_steady": percentile(samples[getattr(self, "steady", 0):], 0.99)}
+        return {
+            "received": received,
+            "samples": len(samples),
+            "p50": percentile(samples, 0.50),
+            "p99": percentile(samples, 0.99),
+            "max": max(samples) if samples else None,
+            "p99_steady": percentile(samples[getattr(self, "steady", 0) :], 0.99),
+        }
 
 
 class BlastReceiver:
@@ -310,9 +336,19 @@ class BlastReceiver:
 
     async def connect(self, host: str, port: int, args: argparse.Namespace) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            self.binary, host, str(port), "/ws", str(args.connections), str(args.streams),
-            str(args.per_conn), str(min(self.sampled, args.connections)), "msg",
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=die_with_parent)
+            self.binary,
+            host,
+            str(port),
+            "/ws",
+            str(args.connections),
+            str(args.streams),
+            str(args.per_conn),
+            str(min(self.sampled, args.connections)),
+            "msg",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            preexec_fn=die_with_parent,
+        )
         ready = await self._line(max(60, args.connections / 100))
         _, ok, failed = ready.split()
         if int(failed):
@@ -350,13 +386,17 @@ class BlastReceiver:
         if result["closed_by_server"]:
             log("wsblast: %d connections closed by the server" % result["closed_by_server"])
         has = result["lat_samples"] > 0
-        return {"received": result["received"], "samples": result["lat_samples"],
-                "p50": result["lat_ms_p50"] if has else None,
-                "p99": result["lat_ms_p99"] if has else None,
-                "max": result["lat_ms_max"] if has else None,
-                "p99_steady": (result["lat_ms_p99_steady"]
-                               if result.get("lat_samples_steady") else None),
-                "closed_by_server": result["closed_by_server"]}
+        return {
+            "received": result["received"],
+            "samples": result["lat_samples"],
+            "p50": result["lat_ms_p50"] if has else None,
+            "p99": result["lat_ms_p99"] if has else None,
+            "max": result["lat_ms_max"] if has else None,
+            "p99_steady": (
+                result["lat_ms_p99_steady"] if result.get("lat_samples_steady") else None
+            ),
+            "closed_by_server": result["closed_by_server"],
+        }
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -365,8 +405,8 @@ class BlastReceiver:
 
 # --- one run -----------------------------------------------------------------
 
-def worker_connections(host: str, port: int, processes: int,
-                       tries: int = 200) -> list[int | None]:
+
+def worker_connections(host: str, port: int, processes: int, tries: int = 200) -> list[int | None]:
     """Connections per worker (from /health, which any worker may answer)."""
     seen = {}
     for _ in range(tries):
@@ -380,21 +420,44 @@ def worker_connections(host: str, port: int, processes: int,
     return sorted(seen.values(), key=lambda n: -1 if n is None else n)
 
 
-def start_server(kind: str, args: argparse.Namespace, host: str, port: int, redis_url: str,
-                 pin: bool) -> subprocess.Popen[bytes]:
+def start_server(
+    kind: str, args: argparse.Namespace, host: str, port: int, redis_url: str, pin: bool
+) -> subprocess.Popen[bytes]:
     if kind == "reference":
-        command = [sys.executable, REFERENCE_SERVER, "--listen", "%s:%d" % (host, port),
-                   "--redis-url", redis_url, "--loop", args.reference_loop,
-                   "--max-buffer", str(args.reference_max_buffer)]
+        command = [
+            sys.executable,
+            REFERENCE_SERVER,
+            "--listen",
+            "%s:%d" % (host, port),
+            "--redis-url",
+            redis_url,
+            "--loop",
+            args.reference_loop,
+            "--max-buffer",
+            str(args.reference_max_buffer),
+        ]
     else:
-        command = [sys.executable, "-m", "marketstream", "--listen", "%s:%d" % (host, port),
-                   "--redis-url", redis_url, "--log-level", "WARNING",
-                   "--processes", str(args.processes),
-                   "--set", "server.max_connections=%d" % (args.connections + 100),
-                   # Every client comes from one address.
-                   "--set", "server.max_connections_per_ip=0",
-                   # The receivers answer no pings: keepalive would close them.
-                   "--set", "server.ping_interval=0"]
+        command = [
+            sys.executable,
+            "-m",
+            "marketstream",
+            "--listen",
+            "%s:%d" % (host, port),
+            "--redis-url",
+            redis_url,
+            "--log-level",
+            "WARNING",
+            "--processes",
+            str(args.processes),
+            "--set",
+            "server.max_connections=%d" % (args.connections + 100),
+            # Every client comes from one address.
+            "--set",
+            "server.max_connections_per_ip=0",
+            # The receivers answer no pings: keepalive would close them.
+            "--set",
+            "server.ping_interval=0",
+        ]
         for item in args.set:
             command += ["--set", item]
     if pin:
@@ -402,8 +465,9 @@ def start_server(kind: str, args: argparse.Namespace, host: str, port: int, redi
     return subprocess.Popen(command, cwd=ROOT, preexec_fn=die_with_parent)
 
 
-async def run(args: argparse.Namespace, kind: str = "marketstream",
-              recoverable: bool = False) -> dict[str, Any]:
+async def run(
+    args: argparse.Namespace, kind: str = "marketstream", recoverable: bool = False
+) -> dict[str, Any]:
     """One benchmark run against ``kind`` (marketstream or reference); its figures."""
     hard = raise_fd_limit()
     if 2 * args.connections + 200 > hard:
@@ -441,13 +505,19 @@ async def run(args: argparse.Namespace, kind: str = "marketstream",
                         raise RuntimeError("%s server did not start" % kind) from None
                     await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)
-        figures = {"server": kind, "recoverable": recoverable,
-                   "connections": args.connections, "streams": args.streams,
-                   "per_conn": args.per_conn, "rate": args.rate, "duration": args.duration,
-                   "processes": args.processes if kind == "marketstream" else None,
-                   "server_cpus": args.server_cpu if pin_server else None,
-                   "load_cpus": args.load_cpu if can_pin else None,
-                   "server_settings": args.set if kind == "marketstream" else None}
+        figures = {
+            "server": kind,
+            "recoverable": recoverable,
+            "connections": args.connections,
+            "streams": args.streams,
+            "per_conn": args.per_conn,
+            "rate": args.rate,
+            "duration": args.duration,
+            "processes": args.processes if kind == "marketstream" else None,
+            "server_cpus": args.server_cpu if pin_server else None,
+            "load_cpus": args.load_cpu if can_pin else None,
+            "server_settings": args.set if kind == "marketstream" else None,
+        }
         rss_idle = tree_rss(proc) if proc else None
 
         subscribers = [0] * args.streams
@@ -473,15 +543,17 @@ async def run(args: argparse.Namespace, kind: str = "marketstream",
         connect_time = time.monotonic() - started
         figures["connect_seconds"] = round(connect_time, 3)
         figures["handshakes_per_second"] = round(args.connections / connect_time)
-        log("%s: connected %d in %.2fs (%.0f/s)" % (kind, args.connections, connect_time,
-                                                   args.connections / connect_time))
+        log(
+            "%s: connected %d in %.2fs (%.0f/s)"
+            % (kind, args.connections, connect_time, args.connections / connect_time)
+        )
 
         client = redis.Redis.from_url(redis_url)
         deadline = time.monotonic() + 60
         while True:
             counts = {}
             for i in range(0, len(wanted), 500):
-                counts.update(client.pubsub_numsub(*wanted[i:i + 500]))
+                counts.update(client.pubsub_numsub(*wanted[i : i + 500]))
             if all(counts.get(name.encode(), 0) >= 1 for name in wanted):
                 break
             if time.monotonic() > deadline:
@@ -491,10 +563,11 @@ async def run(args: argparse.Namespace, kind: str = "marketstream",
         await asyncio.sleep(1.0)  # let the server settle after the handshakes
         if proc:
             rss_conn = tree_rss(proc)
-            figures["rss_idle_mb"] = round(rss_idle / 2 ** 20, 1)
-            figures["rss_connected_mb"] = round(rss_conn / 2 ** 20, 1)
+            figures["rss_idle_mb"] = round(rss_idle / 2**20, 1)
+            figures["rss_connected_mb"] = round(rss_conn / 2**20, 1)
             figures["rss_per_connection_kb"] = round(
-                (rss_conn - rss_idle) / args.connections / 1024, 2)
+                (rss_conn - rss_idle) / args.connections / 1024, 2
+            )
         if kind == "marketstream" and args.processes > 1:
             figures["worker_connections"] = worker_connections(host, port, args.processes)
         if args.idle:
@@ -505,7 +578,8 @@ async def run(args: argparse.Namespace, kind: str = "marketstream",
         pipe_out, pipe_in = multiprocessing.Pipe(duplex=False)
         publishing = multiprocessing.get_context("spawn").Process(
             target=publisher,
-            args=(redis_url, args.rate, args.duration, args.streams, recoverable, pipe_in))
+            args=(redis_url, args.rate, args.duration, args.streams, recoverable, pipe_in),
+        )
         publishing.start()
         pipe_in.close()
         peak = 0
@@ -523,8 +597,10 @@ async def run(args: argparse.Namespace, kind: str = "marketstream",
             if proc:
                 peak = max(peak, tree_rss(proc))
             lag = await receiver.recent_p99()
-            log("t=%4.1fs received %9d deliveries%s" % (
-                next_report - t0, received, "" if lag is None else "  p99 now %.1f ms" % lag))
+            log(
+                "t=%4.1fs received %9d deliveries%s"
+                % (next_report - t0, received, "" if lag is None else "  p99 now %.1f ms" % lag)
+            )
         published_at = time.monotonic()
         in_window = await receiver.count()
         if not pipe_out.poll():
@@ -552,35 +628,40 @@ async def run(args: argparse.Namespace, kind: str = "marketstream",
         def ms(value: float | None) -> float | None:
             return None if value is None else round(value, 2)
 
-        figures.update({
-            "published": sent,
-            "published_per_second": round(sent / elapsed),
-            "offered_deliveries_per_second": round(expected / elapsed),
-            "expected_deliveries": expected,
-            "received_deliveries": received,
-            "delivered_per_second": round(received / elapsed),
-            # What the server kept up with: received while publishing went
-            # on, and how long the rest took to arrive after it stopped.
-            "sustained_deliveries_per_second": round(in_window / elapsed),
-            "drain_seconds": round(drain_seconds, 2),
-            "loss_percent": round(100.0 * (expected - received) / expected, 3) if expected else 0.0,
-            "latency_ms_p50": ms(result["p50"]),
-            "latency_ms_p99": ms(result["p99"]),
-            "latency_ms_max": ms(result["max"]),
-            "latency_samples": result["samples"],
-            # After the first --warmup seconds: the load switched on at once
-            # is a transient of its own (the table shows both).
-            "latency_ms_p99_steady": None if warming else ms(result.get("p99_steady")),
-        })
+        figures.update(
+            {
+                "published": sent,
+                "published_per_second": round(sent / elapsed),
+                "offered_deliveries_per_second": round(expected / elapsed),
+                "expected_deliveries": expected,
+                "received_deliveries": received,
+                "delivered_per_second": round(received / elapsed),
+                # What the server kept up with: received while publishing went
+                # on, and how long the rest took to arrive after it stopped.
+                "sustained_deliveries_per_second": round(in_window / elapsed),
+                "drain_seconds": round(drain_seconds, 2),
+                "loss_percent": round(100.0 * (expected - received) / expected, 3)
+                if expected
+                else 0.0,
+                "latency_ms_p50": ms(result["p50"]),
+                "latency_ms_p99": ms(result["p99"]),
+                "latency_ms_max": ms(result["max"]),
+                "latency_samples": result["samples"],
+                # After the first --warmup seconds: the load switched on at once
+                # is a transient of its own (the table shows both).
+                "latency_ms_p99_steady": None if warming else ms(result.get("p99_steady")),
+            }
+        )
         if result.get("closed_by_server"):
             figures["closed_by_server"] = result["closed_by_server"]
         if proc:
-            figures["rss_peak_mb"] = round(max(peak, tree_rss(proc)) / 2 ** 20, 1)
+            figures["rss_peak_mb"] = round(max(peak, tree_rss(proc)) / 2**20, 1)
             cpu = cpu_after - cpu_before
             figures["server_cpu_seconds"] = round(cpu, 2)
             figures["server_cpu_percent_of_one_core"] = round(100 * cpu / (elapsed + drain_seconds))
             figures["server_cpu_seconds_per_million"] = (
-                round(cpu / received * 1e6, 3) if received else None)
+                round(cpu / received * 1e6, 3) if received else None
+            )
         return figures
     finally:
         if receiver is not None and isinstance(receiver, BlastReceiver):
@@ -592,15 +673,17 @@ async def run(args: argparse.Namespace, kind: str = "marketstream",
 
 # --- side by side ------------------------------------------------------------
 
-COLUMNS = [("offered/s", "offered_deliveries_per_second", "{:,.0f}"),
-           ("sustained/s", "sustained_deliveries_per_second", "{:,.0f}"),
-           ("loss %", "loss_percent", "{:.3f}"),
-           ("p50 ms", "latency_ms_p50", "{:.1f}"),
-           ("p99 ms", "latency_ms_p99", "{:.1f}"),
-           ("p99 steady", "latency_ms_p99_steady", "{:.1f}"),
-           ("drain s", "drain_seconds", "{:.2f}"),
-           ("CPU s/M", "server_cpu_seconds_per_million", "{:.3f}"),
-           ("CPU %", "server_cpu_percent_of_one_core", "{:.0f}")]
+COLUMNS = [
+    ("offered/s", "offered_deliveries_per_second", "{:,.0f}"),
+    ("sustained/s", "sustained_deliveries_per_second", "{:,.0f}"),
+    ("loss %", "loss_percent", "{:.3f}"),
+    ("p50 ms", "latency_ms_p50", "{:.1f}"),
+    ("p99 ms", "latency_ms_p99", "{:.1f}"),
+    ("p99 steady", "latency_ms_p99_steady", "{:.1f}"),
+    ("drain s", "drain_seconds", "{:.2f}"),
+    ("CPU s/M", "server_cpu_seconds_per_million", "{:.3f}"),
+    ("CPU %", "server_cpu_percent_of_one_core", "{:.0f}"),
+]
 
 
 def variant_label(kind: str, recoverable: bool) -> str:
@@ -627,13 +710,18 @@ def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
             line.append("-" if value is None else fmt.format(value))
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                               for i, (cell, w) in enumerate(zip(line, widths)))
-                     for line in lines)
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths))
+        )
+        for line in lines
+    )
 
 
-def compare(args: argparse.Namespace) -> tuple[dict[tuple[str, bool], list[dict[str, Any]]],
-                                             dict[tuple[str, bool], dict[str, Any]]]:
+def compare(
+    args: argparse.Namespace,
+) -> tuple[dict[tuple[str, bool], list[dict[str, Any]]], dict[tuple[str, bool], dict[str, Any]]]:
     variants = [("marketstream", False), ("reference", False)]
     if args.recoverable:
         variants.append(("marketstream", True))
@@ -650,63 +738,119 @@ def compare(args: argparse.Namespace) -> tuple[dict[tuple[str, bool], list[dict[
 
 # --- command line ------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Fan-out benchmark for marketstream (and the reference server).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     load = parser.add_argument_group("load")
     load.add_argument("--connections", type=int, default=1000, help="WebSocket connections")
     load.add_argument("--streams", type=int, default=10, help="K streams in all")
-    load.add_argument("--per-conn", type=int, default=1,
-                      help="S streams per connection (connection c gets streams (c*S+j) %% K)")
+    load.add_argument(
+        "--per-conn",
+        type=int,
+        default=1,
+        help="S streams per connection (connection c gets streams (c*S+j) %% K)",
+    )
     load.add_argument("--rate", type=float, default=4000, help="messages/s published in all")
     load.add_argument("--duration", type=float, default=10, help="seconds of publishing")
-    load.add_argument("--warmup", type=float, default=2.0,
-                      help="seconds of publishing after which latency samples also count "
-                           "for the steady-state p99 ('p99 steady'; 0: none)")
-    load.add_argument("--recoverable", action="store_true",
-                      help="publish through marketstream.publisher.Publisher (positions, "
-                           "history); with --compare, also run marketstream with plain publishing")
-    load.add_argument("--idle", action="store_true",
-                      help="connect and measure memory only, publish nothing")
-    load.add_argument("--receiver", choices=("auto", "wsblast", "python"), default="auto",
-                      help="wsblast: the C receiver (built with cc on first use); python: an "
-                           "asyncio client (light loads only); auto: wsblast when cc exists")
-    load.add_argument("--sampled", type=int, default=100,
-                      help="wsblast connections that parse frames for latency samples")
+    load.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        help="seconds of publishing after which latency samples also count "
+        "for the steady-state p99 ('p99 steady'; 0: none)",
+    )
+    load.add_argument(
+        "--recoverable",
+        action="store_true",
+        help="publish through marketstream.publisher.Publisher (positions, "
+        "history); with --compare, also run marketstream with plain publishing",
+    )
+    load.add_argument(
+        "--idle", action="store_true", help="connect and measure memory only, publish nothing"
+    )
+    load.add_argument(
+        "--receiver",
+        choices=("auto", "wsblast", "python"),
+        default="auto",
+        help="wsblast: the C receiver (built with cc on first use); python: an "
+        "asyncio client (light loads only); auto: wsblast when cc exists",
+    )
+    load.add_argument(
+        "--sampled",
+        type=int,
+        default=100,
+        help="wsblast connections that parse frames for latency samples",
+    )
     servers = parser.add_argument_group("server")
-    servers.add_argument("--reference", action="store_true",
-                         help="run against scripts/reference_server.py instead of marketstream")
-    servers.add_argument("--compare", action="store_true",
-                         help="run marketstream and the reference server back to back, "
-                              "print a table side by side")
-    servers.add_argument("--repeat", type=int, default=1,
-                         help="with --compare: runs per server (alternating); the table shows "
-                              "medians")
+    servers.add_argument(
+        "--reference",
+        action="store_true",
+        help="run against scripts/reference_server.py instead of marketstream",
+    )
+    servers.add_argument(
+        "--compare",
+        action="store_true",
+        help="run marketstream and the reference server back to back, print a table side by side",
+    )
+    servers.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="with --compare: runs per server (alternating); the table shows medians",
+    )
     servers.add_argument("--processes", type=int, default=1, help="marketstream worker processes")
-    servers.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                         help="a marketstream setting (repeatable), "
-                              "e.g. server.fast_handshake=false")
-    servers.add_argument("--reference-loop", choices=("auto", "uvloop", "asyncio"),
-                         default="auto", help="the reference server's event loop")
-    servers.add_argument("--reference-max-buffer", type=int, default=1048576, metavar="BYTES",
-                         help="the reference server drops a client with more unsent "
-                              "(marketstream's limits.max_buffer_bytes default)")
-    servers.add_argument("--target", metavar="URL",
-                         help="ws://host:port of a running server instead of starting one "
-                              "(needs --redis-url; server CPU and memory are not measured)")
-    servers.add_argument("--redis-url", metavar="URL",
-                         help="Redis to publish to (default: a private redis-server started "
-                              "for the run)")
+    servers.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a marketstream setting (repeatable), e.g. server.fast_handshake=false",
+    )
+    servers.add_argument(
+        "--reference-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="the reference server's event loop",
+    )
+    servers.add_argument(
+        "--reference-max-buffer",
+        type=int,
+        default=1048576,
+        metavar="BYTES",
+        help="the reference server drops a client with more unsent "
+        "(marketstream's limits.max_buffer_bytes default)",
+    )
+    servers.add_argument(
+        "--target",
+        metavar="URL",
+        help="ws://host:port of a running server instead of starting one "
+        "(needs --redis-url; server CPU and memory are not measured)",
+    )
+    servers.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="Redis to publish to (default: a private redis-server started for the run)",
+    )
     pinning = parser.add_argument_group("CPU pinning (taskset)")
-    pinning.add_argument("--server-cpu", default="0", metavar="CPUS",
-                         help="CPU list for the server (taskset -c syntax)")
-    pinning.add_argument("--load-cpu", default="1", metavar="CPUS",
-                         help="CPU list for this script, the receiver, the publisher and redis")
-    pinning.add_argument("--no-pin", action="store_true",
-                         help="pin nothing: everything shares every CPU")
-    parser.add_argument("--json", action="store_true",
-                        help="print JSON instead of a table")
+    pinning.add_argument(
+        "--server-cpu",
+        default="0",
+        metavar="CPUS",
+        help="CPU list for the server (taskset -c syntax)",
+    )
+    pinning.add_argument(
+        "--load-cpu",
+        default="1",
+        metavar="CPUS",
+        help="CPU list for this script, the receiver, the publisher and redis",
+    )
+    pinning.add_argument(
+        "--no-pin", action="store_true", help="pin nothing: everything shares every CPU"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -724,6 +868,7 @@ def main(argv: list[str] | None = None) -> int:
             import marketstream.publisher  # noqa: F401
         except ImportError as exc:
             parser.error("--recoverable needs marketstream.publisher (%s)" % exc)
+
     def interrupted(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # clean up: servers, receiver, redis-server
 
@@ -739,12 +884,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         rows = [(variant_label(*variant), figures) for variant, figures in medians.items()]
         if args.json:
-            print(json.dumps({"runs": {variant_label(*v): r for v, r in runs.items()},
-                              "medians": {label: f for label, f in rows}}))
+            print(
+                json.dumps(
+                    {
+                        "runs": {variant_label(*v): r for v, r in runs.items()},
+                        "medians": {label: f for label, f in rows},
+                    }
+                )
+            )
         else:
-            print("%d connections, %d streams, %d per connection, %g msg/s for %gs%s" % (
-                args.connections, args.streams, args.per_conn, args.rate, args.duration,
-                "; medians of %d runs each" % args.repeat if args.repeat > 1 else ""))
+            print(
+                "%d connections, %d streams, %d per connection, %g msg/s for %gs%s"
+                % (
+                    args.connections,
+                    args.streams,
+                    args.per_conn,
+                    args.rate,
+                    args.duration,
+                    "; medians of %d runs each" % args.repeat if args.repeat > 1 else "",
+                )
+            )
             print(table(rows))
     else:
         print_figures(figures, args.json)

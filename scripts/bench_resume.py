@@ -136,6 +136,7 @@ def ms(value: float | None, digits: int = 1) -> float | None:
 
 # --- WebSocket clients ---------------------------------------------------------
 
+
 class WSClient(asyncio.Protocol):
     """A minimal WebSocket client: sends ``request`` (the handshake), then
     ``subscribe`` (a masked frame, may be empty) once the 101 arrived; the
@@ -172,7 +173,7 @@ class WSClient(asyncio.Protocol):
                 self.opened.set_exception(RuntimeError("handshake refused: %r" % self.head[:60]))
             self.transport.close()
             return
-        rest = self.head[end + 4:]
+        rest = self.head[end + 4 :]
         self.head = b""
         self.open = True
         if self.subscribe:
@@ -218,7 +219,7 @@ class LiveClient(WSClient):
         at = data.find(E_KEY)
         if at >= 0 and at + 4 + TS_WIDTH <= len(data):
             try:
-                sent = int(data[at + 4:at + 4 + TS_WIDTH])
+                sent = int(data[at + 4 : at + 4 + TS_WIDTH])
             except ValueError:
                 return
             RECV.append(now)
@@ -233,7 +234,7 @@ class LiveClient(WSClient):
             return None
         end = self.tail.find(b",", at)
         try:
-            return int(self.tail[at + 4:end])
+            return int(self.tail[at + 4 : end])
         except ValueError:
             return None
 
@@ -244,7 +245,7 @@ def _t_after(data: bytes, at: int) -> int | None:
     if t < 0 or end < 0:
         return None
     try:
-        return int(data[t + 4:end])
+        return int(data[t + 4 : end])
     except ValueError:
         return None
 
@@ -258,8 +259,14 @@ class ResumingClient(WSClient):
     continuity (duplicates, missing positions) and, after a resume, when it
     caught up on each stream."""
 
-    def __init__(self, request: bytes, subscribe: bytes, state: ResumeState,
-                 linger0: bool = False, mode: int = COUNT) -> None:
+    def __init__(
+        self,
+        request: bytes,
+        subscribe: bytes,
+        state: ResumeState,
+        linger0: bool = False,
+        mode: int = COUNT,
+    ) -> None:
         super().__init__(request, subscribe, linger0)
         self.state = state
         self.mode = mode
@@ -308,7 +315,7 @@ class ResumingClient(WSClient):
             else:
                 if size - pos < 10:
                     break
-                n = int.from_bytes(buf[pos + 2:pos + 10], "big")
+                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
                 start = pos + 10
             end = start + n
             if end > size:
@@ -323,9 +330,24 @@ class ResumeState:
     """What one resuming client knows: last positions, and after the resume
     the continuity and catch-up figures.  Survives the reconnect."""
 
-    __slots__ = ("last", "since", "resumed", "storm_ns", "caught", "caught_ns", "duplicates",
-                 "missing", "gap_notices", "pre_anomalies", "frames", "nstreams", "target",
-                 "replayed", "replayed_ns", "first_ns")
+    __slots__ = (
+        "last",
+        "since",
+        "resumed",
+        "storm_ns",
+        "caught",
+        "caught_ns",
+        "duplicates",
+        "missing",
+        "gap_notices",
+        "pre_anomalies",
+        "frames",
+        "nstreams",
+        "target",
+        "replayed",
+        "replayed_ns",
+        "first_ns",
+    )
 
     def __init__(self, nstreams: int) -> None:
         self.nstreams = nstreams
@@ -340,20 +362,20 @@ class ResumeState:
         self.gap_notices = 0
         self.pre_anomalies = 0
         self.frames = 0
-        self.target: dict[bytes, int] = {}    # the latest position when the storm began
+        self.target: dict[bytes, int] = {}  # the latest position when the storm began
         self.replayed: dict[bytes, int] = {}
         self.replayed_ns: int | None = None
-        self.first_ns: int | None = None      # the first frame after the resume
+        self.first_ns: int | None = None  # the first frame after the resume
 
     def frame(self, buf: bytes, start: int, end: int, now: int) -> None:
         self.frames += 1
-        name = buf[start + 11:buf.index(b'"', start + 11)]
+        name = buf[start + 11 : buf.index(b'"', start + 11)]
         at = buf.rfind(SEQ_KEY, start, end)
         if at < 0:
             if buf.find(GAP, start, end) >= 0:
                 self.gap_notices += 1
             return
-        seq = int(buf[at + 7:end - 1])
+        seq = int(buf[at + 7 : end - 1])
         if self.resumed and self.first_ns is None:
             self.first_ns = now
         last = self.last.get(name)
@@ -375,7 +397,7 @@ class ResumeState:
                 self.replayed_ns = now
         if self.resumed and name not in self.caught:
             e = buf.find(E_KEY, start, end)
-            if e >= 0 and int(buf[e + 4:e + 4 + TS_WIDTH]) >= self.storm_ns:
+            if e >= 0 and int(buf[e + 4 : e + 4 + TS_WIDTH]) >= self.storm_ns:
                 self.caught[name] = now
                 if len(self.caught) == self.nstreams:
                     self.caught_ns = now
@@ -383,23 +405,34 @@ class ResumeState:
 
 # --- live clients in a process of their own -----------------------------------
 
-def live_process(host: str, port: int, count: int, per_conn: int, streams: int, loop_kind: str,
-                 pipe: Any) -> None:
+
+def live_process(
+    host: str, port: int, count: int, per_conn: int, streams: int, loop_kind: str, pipe: Any
+) -> None:
     """Run ``count`` live clients; answer the parent's commands on ``pipe``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     set_loop(loop_kind)
     asyncio.run(_live_main(host, port, count, per_conn, streams, pipe))
 
 
-async def _live_main(host: str, port: int, count: int, per_conn: int, streams: int,
-                     pipe: Any) -> None:
+async def _live_main(
+    host: str, port: int, count: int, per_conn: int, streams: int, pipe: Any
+) -> None:
     loop = asyncio.get_running_loop()
     clients: list[LiveClient] = []
     plans = []
     for c in range(count):
         names = [stream_name(k) for k in fanout.connection_streams(c, per_conn, streams)]
-        plans.append((handshake_request(port, host=host), masked_frame(json.dumps(
-            {"method": "SUBSCRIBE", "params": names, "id": c + 1}, separators=(",", ":")))))
+        plans.append(
+            (
+                handshake_request(port, host=host),
+                masked_frame(
+                    json.dumps(
+                        {"method": "SUBSCRIBE", "params": names, "id": c + 1}, separators=(",", ":")
+                    )
+                ),
+            )
+        )
     cpu0 = time.process_time()
     started = time.monotonic()
     await _open_all(loop, host, port, plans, LiveClient, clients)
@@ -416,10 +449,12 @@ async def _live_main(host: str, port: int, count: int, per_conn: int, streams: i
             pipe.send(_window_stats(arg))
         elif command == "finish":
             closed = sum(1 for c in clients if c.closed)
-            result = {"received": sum(c.count for c in clients), "closed_by_server": closed,
-                      "expected": sum(_expected(c, i, per_conn, streams)
-                                      for i, c in enumerate(clients)),
-                      "cpu_seconds": time.process_time() - cpu0}
+            result = {
+                "received": sum(c.count for c in clients),
+                "closed_by_server": closed,
+                "expected": sum(_expected(c, i, per_conn, streams) for i, c in enumerate(clients)),
+                "cpu_seconds": time.process_time() - cpu0,
+            }
             for c in clients:
                 c.transport.abort()
             pipe.send(result)
@@ -448,24 +483,36 @@ def _window_stats(windows: list[tuple[str, int, int]]) -> dict[str, dict[str, An
     out = {}
     for name, lo, hi in windows:
         pairs = [(LAT[i] / 1e6, NFR[i]) for i in range(len(RECV)) if lo <= RECV[i] < hi]
-        out[name] = {"latency_ms_p50": ms(weighted_percentile(pairs, 0.50), 2),
-                     "latency_ms_p99": ms(weighted_percentile(pairs, 0.99), 2),
-                     "latency_ms_max": ms(max((v for v, _ in pairs), default=None), 2),
-                     "frames": sum(n for _, n in pairs),
-                     "seconds": round((hi - lo) / 1e9, 3)}
+        out[name] = {
+            "latency_ms_p50": ms(weighted_percentile(pairs, 0.50), 2),
+            "latency_ms_p99": ms(weighted_percentile(pairs, 0.99), 2),
+            "latency_ms_max": ms(max((v for v, _ in pairs), default=None), 2),
+            "frames": sum(n for _, n in pairs),
+            "seconds": round((hi - lo) / 1e9, 3),
+        }
     return out
 
 
-async def _open_all(loop: asyncio.AbstractEventLoop, host: str, port: int,
-                    plans: list[tuple[bytes, bytes]], factory: Any, out: list,
-                    batch: int = 200, **kwargs: Any) -> None:
+async def _open_all(
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    plans: list[tuple[bytes, bytes]],
+    factory: Any,
+    out: list,
+    batch: int = 200,
+    **kwargs: Any,
+) -> None:
     """Open connections ``batch`` at a time (all at once with batch=0)."""
     step = batch or len(plans)
     for i in range(0, len(plans), step):
         opened = []
-        for request, subscribe in plans[i:i + step]:
-            opened.append(loop.create_connection(
-                lambda r=request, s=subscribe: factory(r, s, **kwargs), host, port))
+        for request, subscribe in plans[i : i + step]:
+            opened.append(
+                loop.create_connection(
+                    lambda r=request, s=subscribe: factory(r, s, **kwargs), host, port
+                )
+            )
         pairs = await asyncio.gather(*opened)
         protocols = [p for _, p in pairs]
         await asyncio.gather(*(p.opened for p in protocols))
@@ -474,13 +521,16 @@ async def _open_all(loop: asyncio.AbstractEventLoop, host: str, port: int,
 
 # --- publisher -------------------------------------------------------------------
 
-def publisher_process(url: str, rate: float, tick: float, streams: int, history: int,
-                      stop: Any, out: Any) -> None:
+
+def publisher_process(
+    url: str, rate: float, tick: float, streams: int, history: int, stop: Any, out: Any
+) -> None:
     """Publish ``rate`` messages/s (``tick`` s apart, round robin over the
     streams) through marketstream's Publisher until ``stop`` is set; send
     the count, elapsed time and last position per stream to ``out``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from marketstream.publisher import Publisher
+
     client = redis.Redis.from_url(url)
     pub = Publisher(client, history=history, ttl=600)
     names = stream_names(streams)
@@ -492,8 +542,10 @@ def publisher_process(url: str, rate: float, tick: float, streams: int, history:
         due = int((time.monotonic() - start) * rate)
         if due > sent:
             now_ns = time.time_ns()
-            batch = [(names[i % streams], fanout.recoverable_data(i % streams, i, now_ns, streams))
-                     for i in range(sent, due)]
+            batch = [
+                (names[i % streams], fanout.recoverable_data(i % streams, i, now_ns, streams))
+                for i in range(sent, due)
+            ]
             for i, position in zip(range(sent, due), pub.publish_many(batch)):
                 last[i % streams] = position
             sent = due
@@ -508,6 +560,7 @@ def publisher_process(url: str, rate: float, tick: float, streams: int, history:
 
 
 # --- the run ------------------------------------------------------------------------
+
 
 def run_delay(pid: int) -> float:
     """Seconds the threads of ``pid`` have waited on a run queue (for a CPU
@@ -539,17 +592,27 @@ def health_stats(host: str, port: int) -> dict[str, Any]:
         return {}
 
 
-def resume_request(host: str, port: int, form: str, names: list[str],
-                   since: dict[bytes, int], c: int) -> tuple[bytes, bytes]:
+def resume_request(
+    host: str, port: int, form: str, names: list[str], since: dict[bytes, int], c: int
+) -> tuple[bytes, bytes]:
     """(handshake, subscribe frame) of a resuming client."""
     if form == "url":
-        query = "streams=%s&since=%s" % ("/".join(names), ",".join(
-            "%s:%d" % (name, since[name.encode()]) for name in names if name.encode() in since))
+        query = "streams=%s&since=%s" % (
+            "/".join(names),
+            ",".join(
+                "%s:%d" % (name, since[name.encode()]) for name in names if name.encode() in since
+            ),
+        )
         return handshake_request(port, "/stream?" + query, host=host), b""
-    message = {"method": "SUBSCRIBE", "params": names, "id": c + 1,
-               "since": {name: since[name.encode()] for name in names if name.encode() in since}}
+    message = {
+        "method": "SUBSCRIBE",
+        "params": names,
+        "id": c + 1,
+        "since": {name: since[name.encode()] for name in names if name.encode() in since},
+    }
     return handshake_request(port, host=host), masked_frame(
-        json.dumps(message, separators=(",", ":")))
+        json.dumps(message, separators=(",", ":"))
+    )
 
 
 class PySpy:
@@ -565,11 +628,26 @@ class PySpy:
     def start(self) -> None:
         binary = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
         fmt = {"svg": "flamegraph", "json": "speedscope"}.get(
-            self.path.removesuffix(".before").rsplit(".", 1)[-1], "raw")
+            self.path.removesuffix(".before").rsplit(".", 1)[-1], "raw"
+        )
         self.proc = subprocess.Popen(
-            [binary, "record", "-p", str(self.pid), "-o", self.path, "-r", str(self.rate),
-             "-f", fmt, "--nonblocking"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
+            [
+                binary,
+                "record",
+                "-p",
+                str(self.pid),
+                "-o",
+                self.path,
+                "-r",
+                str(self.rate),
+                "-f",
+                fmt,
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=die_with_parent,
+        )
 
     def stop(self) -> None:
         """Stop recording (py-spy writes its file); sets ``error`` if it failed."""
@@ -610,13 +688,28 @@ def summarize_profile(path: str, rate: int, seconds: float, top: int = 12) -> di
         chosen = sorted(items, key=lambda kv: -kv[1])[:top]
         return [(name, round(n / rate, 3)) for name, n in chosen]
 
-    return {"window_seconds": round(seconds, 2), "sampled_seconds": round(total / rate, 2),
-            "self_seconds": ranked(self_counts),
-            "total_seconds": ranked(total_counts, [
-                "ChannelManager._flush", "Core.take_batch", "StreamHandler.write_frames",
-                "PubSubLink._read_loop", "ChannelManager.on_message", "Core._enqueue",
-                "ChannelManager._read", "Core.read_done", "Core._catch_up", "text_frame",
-                "StreamHandler.on_message", "ChannelManager.subscribe"])}
+    return {
+        "window_seconds": round(seconds, 2),
+        "sampled_seconds": round(total / rate, 2),
+        "self_seconds": ranked(self_counts),
+        "total_seconds": ranked(
+            total_counts,
+            [
+                "ChannelManager._flush",
+                "Core.take_batch",
+                "StreamHandler.write_frames",
+                "PubSubLink._read_loop",
+                "ChannelManager.on_message",
+                "Core._enqueue",
+                "ChannelManager._read",
+                "Core.read_done",
+                "Core._catch_up",
+                "text_frame",
+                "StreamHandler.on_message",
+                "ChannelManager.subscribe",
+            ],
+        ),
+    }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -627,11 +720,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if can_pin:
         os.sched_setaffinity(0, {int(c) for c in args.load_cpu.split(",")})
     figures: dict[str, Any] = {
-        "resuming": args.resuming, "live": args.live, "streams": args.streams,
-        "live_per_conn": args.live_per_conn, "rate": args.rate, "tick": args.tick,
-        "outage": args.outage, "form": args.form, "client_loop": loop_name,
+        "resuming": args.resuming,
+        "live": args.live,
+        "streams": args.streams,
+        "live_per_conn": args.live_per_conn,
+        "rate": args.rate,
+        "tick": args.tick,
+        "outage": args.outage,
+        "form": args.form,
+        "client_loop": loop_name,
         "server_cpus": args.server_cpu if can_pin else None,
-        "load_cpus": args.load_cpu if can_pin else None, "server_settings": args.set}
+        "load_cpus": args.load_cpu if can_pin else None,
+        "server_settings": args.set,
+    }
     redis_server = RedisServer().start()
     server = live_proc = publishing = None
     stop = multiprocessing.get_context("spawn").Event()
@@ -639,8 +740,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     resumers: list[ResumingClient] = []
     try:
         host, port = "127.0.0.1", free_port()
-        ns = argparse.Namespace(processes=1, set=args.set, server_cpu=args.server_cpu,
-                                connections=args.live + 2 * args.resuming)
+        ns = argparse.Namespace(
+            processes=1,
+            set=args.set,
+            server_cpu=args.server_cpu,
+            connections=args.live + 2 * args.resuming,
+        )
         server = fanout.start_server("marketstream", ns, host, port, redis_server.url, can_pin)
         proc = psutil.Process(server.pid)
         deadline = time.monotonic() + 20
@@ -659,21 +764,37 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # Phase 1: connect.  Live clients in a process of their own.
         ctx = multiprocessing.get_context("spawn")
         live_pipe, child_pipe = ctx.Pipe()
-        live_proc = ctx.Process(target=live_process, args=(
-            host, port, args.live, args.live_per_conn, args.streams, args.loop, child_pipe))
+        live_proc = ctx.Process(
+            target=live_process,
+            args=(host, port, args.live, args.live_per_conn, args.streams, args.loop, child_pipe),
+        )
         live_proc.start()
         states = [ResumeState(args.streams) for _ in range(args.resuming)]
-        plans = [(handshake_request(port, host=host), masked_frame(json.dumps(
-            {"method": "SUBSCRIBE", "params": names, "id": c + 1}, separators=(",", ":"))))
-            for c in range(args.resuming)]
+        plans = [
+            (
+                handshake_request(port, host=host),
+                masked_frame(
+                    json.dumps(
+                        {"method": "SUBSCRIBE", "params": names, "id": c + 1}, separators=(",", ":")
+                    )
+                ),
+            )
+            for c in range(args.resuming)
+        ]
         started = time.monotonic()
         opened: list[ResumingClient] = []
         for i in range(0, len(plans), 200):
             batch = []
             for c in range(i, min(i + 200, len(plans))):
-                batch.append(loop.create_connection(
-                    lambda r=plans[c][0], s=plans[c][1], st=states[c]: ResumingClient(
-                        r, s, st, linger0=True), host, port))
+                batch.append(
+                    loop.create_connection(
+                        lambda r=plans[c][0], s=plans[c][1], st=states[c]: ResumingClient(
+                            r, s, st, linger0=True
+                        ),
+                        host,
+                        port,
+                    )
+                )
             protocols = [p for _, p in await asyncio.gather(*batch)]
             await asyncio.gather(*(p.opened for p in protocols))
             opened.extend(protocols)
@@ -689,13 +810,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError("streams not subscribed upstream")
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
-        log("connected %d live + %d resuming clients in %.1fs" % (
-            args.live, args.resuming, figures["connect_seconds"]))
+        log(
+            "connected %d live + %d resuming clients in %.1fs"
+            % (args.live, args.resuming, figures["connect_seconds"])
+        )
 
         # Phase 2: publish; baseline.
         pub_out, pub_in = ctx.Pipe(duplex=False)
-        publishing = ctx.Process(target=publisher_process, args=(
-            redis_server.url, args.rate, args.tick, args.streams, args.history, stop, pub_in))
+        publishing = ctx.Process(
+            target=publisher_process,
+            args=(redis_server.url, args.rate, args.tick, args.streams, args.history, stop, pub_in),
+        )
         publishing.start()
         await asyncio.sleep(args.warmup)
         live_pipe.send(("cpu", None))
@@ -760,15 +885,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             state.resumed = True
             state.storm_ns = storm_ns
             state.target = target
-        requests = [resume_request(host, port, args.form, names, s.since, c)
-                    for c, s in enumerate(states)]
+        requests = [
+            resume_request(host, port, args.form, names, s.since, c) for c, s in enumerate(states)
+        ]
         # The verified clients are spread evenly over the reconnect order.
         every = args.resuming / min(args.verified or args.resuming, args.resuming)
         picked = {int(i * every) for i in range(round(args.resuming / every))}
-        connecting = [loop.create_connection(
-            lambda r=req, s=sub, st=state, m=(PARSE if c in picked else COUNT): ResumingClient(
-                r, s, st, mode=m), host, port)
-            for c, ((req, sub), state) in enumerate(zip(requests, states))]
+        connecting = [
+            loop.create_connection(
+                lambda r=req, s=sub, st=state, m=(PARSE if c in picked else COUNT): ResumingClient(
+                    r, s, st, mode=m
+                ),
+                host,
+                port,
+            )
+            for c, ((req, sub), state) in enumerate(zip(requests, states))
+        ]
         results = await asyncio.gather(*connecting, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         resumers = [p for t in results if not isinstance(t, BaseException) for p in [t[1]]]
@@ -793,15 +925,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 break
             await asyncio.sleep(0.005)
         all_caught_ns = time.time_ns()
-        log("storm: %d of %d verified resuming clients caught up in %.0f ms" % (
-            sum(1 for r in checked if r.state.caught_ns is not None), len(checked),
-            (all_caught_ns - storm_ns) / 1e6))
+        log(
+            "storm: %d of %d verified resuming clients caught up in %.0f ms"
+            % (
+                sum(1 for r in checked if r.state.caught_ns is not None),
+                len(checked),
+                (all_caught_ns - storm_ns) / 1e6,
+            )
+        )
         storm_end = max(all_caught_ns, storm_ns + int(args.storm_window * 1e9))
         while time.time_ns() < storm_end + verify_ns and any(r.mode == PARSE for r in checked):
             now = time.time_ns()
             for r in checked:
-                if r.mode == PARSE and r.state.caught_ns is not None and \
-                        now - r.state.caught_ns > verify_ns:
+                if (
+                    r.mode == PARSE
+                    and r.state.caught_ns is not None
+                    and now - r.state.caught_ns > verify_ns
+                ):
                     r.mode = COUNT
             await asyncio.sleep(0.01)
         while time.time_ns() < storm_end:
@@ -821,7 +961,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     figures["py_spy_error"] = spy.error
                 elif not args.py_spy.endswith((".svg", ".json")):
                     figures["py_spy_" + window] = summarize_profile(
-                        spy.path, args.py_spy_rate, spied[window])
+                        spy.path, args.py_spy_rate, spied[window]
+                    )
 
         # Stop publishing, let the live clients drain, collect.
         stop.set()
@@ -834,8 +975,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             still = still + 1 if count == last_count else 0
             last_count = count
             await asyncio.sleep(0.05)
-        live_pipe.send(("windows", [("before", base_lo, track_ns), ("outage", drop_ns, storm_ns),
-                                    ("storm", storm_ns, storm_end)]))
+        live_pipe.send(
+            (
+                "windows",
+                [
+                    ("before", base_lo, track_ns),
+                    ("outage", drop_ns, storm_ns),
+                    ("storm", storm_ns, storm_end),
+                ],
+            )
+        )
         windows = live_pipe.recv()
         live_pipe.send(("finish", None))
         live_result = live_pipe.recv()
@@ -843,80 +992,102 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         checked_states = [r.state for r in checked]
         catch = [(s.caught_ns - storm_ns) / 1e6 for s in checked_states if s.caught_ns is not None]
-        replay = [(s.replayed_ns - storm_ns) / 1e6 for s in checked_states
-                  if s.replayed_ns is not None]
+        replay = [
+            (s.replayed_ns - storm_ns) / 1e6 for s in checked_states if s.replayed_ns is not None
+        ]
         first = [(s.first_ns - storm_ns) / 1e6 for s in checked_states if s.first_ns is not None]
-        seconds = {"before": (track_ns - base_lo) / 1e9, "baseline": (drop_ns - base_lo) / 1e9,
-                   "outage": (storm_ns - drop_ns) / 1e9,
-                   "storm": (storm_end - storm_ns) / 1e9}
+        seconds = {
+            "before": (track_ns - base_lo) / 1e9,
+            "baseline": (drop_ns - base_lo) / 1e9,
+            "outage": (storm_ns - drop_ns) / 1e9,
+            "storm": (storm_end - storm_ns) / 1e9,
+        }
         delta = {k: stats_after[k] - stats_before[k] for k in HISTORY_COMMANDS}
         reads = delta["xrange"] + delta["xrevrange"]
-        figures.update({
-            "published": published["sent"],
-            "published_per_second": round(published["sent"] / published["elapsed"]),
-            "reconnect_failures": len(failed),
-            "reconnect_handshakes_ms": round((connected_ns - storm_ns) / 1e6, 1),
-            "verified_clients": len(checked),
-            "caught_up": len(catch),
-            "unverified_without_data": sum(1 for r in resumers if r not in checked
-                                           and r.bytes == 0),
-            "catch_up_ms_p50": ms(percentile(catch, 0.50)),
-            "catch_up_ms_p99": ms(percentile(catch, 0.99)),
-            "catch_up_ms_max": ms(max(catch) if catch else None),
-            "all_caught_up_ms": ms((all_caught_ns - storm_ns) / 1e6)
-            if len(catch) == len(checked) else None,
-            "first_frame_ms_p50": ms(percentile(first, 0.50)),
-            "first_frame_ms_max": ms(max(first) if first else None),
-            # Until every position published before the storm began arrived
-            # (no wait for the next live message).
-            "replayed_ms_p50": ms(percentile(replay, 0.50)),
-            "replayed_ms_p99": ms(percentile(replay, 0.99)),
-            "replayed_ms_max": ms(max(replay) if replay else None),
-            "missed_per_client": round(statistics.mean(
-                sum(latest[k] - s.since[name.encode()] for k, name in enumerate(names))
-                for s in states)),
-            "gap_notices": sum(s.gap_notices for s in states),
-            "duplicates": sum(s.duplicates for s in states),
-            "missing_positions": sum(s.missing for s in states),
-            "tracking_anomalies": pre_anomalies,
-            "live_latency_before": windows["before"],
-            "live_latency_outage": windows["outage"],
-            "live_latency_storm": windows["storm"],
-            "live_expected": live_result["expected"],
-            "live_received": live_result["received"],
-            "live_closed_by_server": live_result["closed_by_server"],
-            "redis_calls_storm": delta,
-            "history_reads": reads,
-            "history_reads_per_stream": round(reads / args.streams, 1),
-            "history_reads_if_per_client": args.resuming * args.streams,
-            "server_replayed": health_after.get("replayed", 0) - health_before.get("replayed", 0),
-            "server_gap_notices": (health_after.get("gap_notices", 0)
-                                   - health_before.get("gap_notices", 0)),
-            "server_cpu_percent_before": round(100 * (cpu["drop"] - cpu["start"])
-                                               / ((drop_ns - base_lo) / 1e9)),
-            "server_cpu_percent_outage": round(100 * (cpu["storm"] - cpu["drop"])
-                                               / seconds["outage"]),
-            "server_cpu_seconds_storm": round(cpu["end"] - cpu["storm"], 2),
-            "server_cpu_percent_storm": round(100 * (cpu["end"] - cpu["storm"])
-                                              / seconds["storm"]),
-            "storm_window_seconds": round(seconds["storm"], 2),
-            # Time the server was ready to run but waited for its CPU (other
-            # work on a shared machine), per second of each phase.
-            "server_cpu_wait_percent_before": round(100 * (waited["drop"] - waited["start"])
-                                                    / seconds["baseline"]),
-            "server_cpu_wait_percent_storm": round(100 * (waited["end"] - waited["storm"])
-                                                   / seconds["storm"]),
-            # The load core's clients: near 100% means they, not the server,
-            # set the figures.
-            "resuming_clients_cpu_percent_storm": round(100 * (own_cpu_end - own_cpu_storm)
-                                                        / seconds["storm"]),
-            "live_clients_cpu_percent_storm": round(100 * (live_cpu - live_cpu_storm)
-                                                    / seconds["storm"]),
-            "resuming_clients_cpu_percent_before": round(100 * (own_cpu_drop - own_cpu_base)
-                                                         / seconds["baseline"]),
-            "live_clients_cpu_percent_before": round(100 * (live_cpu_drop - live_cpu_base)
-                                                     / seconds["baseline"]),
-        })
+        figures.update(
+            {
+                "published": published["sent"],
+                "published_per_second": round(published["sent"] / published["elapsed"]),
+                "reconnect_failures": len(failed),
+                "reconnect_handshakes_ms": round((connected_ns - storm_ns) / 1e6, 1),
+                "verified_clients": len(checked),
+                "caught_up": len(catch),
+                "unverified_without_data": sum(
+                    1 for r in resumers if r not in checked and r.bytes == 0
+                ),
+                "catch_up_ms_p50": ms(percentile(catch, 0.50)),
+                "catch_up_ms_p99": ms(percentile(catch, 0.99)),
+                "catch_up_ms_max": ms(max(catch) if catch else None),
+                "all_caught_up_ms": ms((all_caught_ns - storm_ns) / 1e6)
+                if len(catch) == len(checked)
+                else None,
+                "first_frame_ms_p50": ms(percentile(first, 0.50)),
+                "first_frame_ms_max": ms(max(first) if first else None),
+                # Until every position published before the storm began arrived
+                # (no wait for the next live message).
+                "replayed_ms_p50": ms(percentile(replay, 0.50)),
+                "replayed_ms_p99": ms(percentile(replay, 0.99)),
+                "replayed_ms_max": ms(max(replay) if replay else None),
+                "missed_per_client": round(
+                    statistics.mean(
+                        sum(latest[k] - s.since[name.encode()] for k, name in enumerate(names))
+                        for s in states
+                    )
+                ),
+                "gap_notices": sum(s.gap_notices for s in states),
+                "duplicates": sum(s.duplicates for s in states),
+                "missing_positions": sum(s.missing for s in states),
+                "tracking_anomalies": pre_anomalies,
+                "live_latency_before": windows["before"],
+                "live_latency_outage": windows["outage"],
+                "live_latency_storm": windows["storm"],
+                "live_expected": live_result["expected"],
+                "live_received": live_result["received"],
+                "live_closed_by_server": live_result["closed_by_server"],
+                "redis_calls_storm": delta,
+                "history_reads": reads,
+                "history_reads_per_stream": round(reads / args.streams, 1),
+                "history_reads_if_per_client": args.resuming * args.streams,
+                "server_replayed": health_after.get("replayed", 0)
+                - health_before.get("replayed", 0),
+                "server_gap_notices": (
+                    health_after.get("gap_notices", 0) - health_before.get("gap_notices", 0)
+                ),
+                "server_cpu_percent_before": round(
+                    100 * (cpu["drop"] - cpu["start"]) / ((drop_ns - base_lo) / 1e9)
+                ),
+                "server_cpu_percent_outage": round(
+                    100 * (cpu["storm"] - cpu["drop"]) / seconds["outage"]
+                ),
+                "server_cpu_seconds_storm": round(cpu["end"] - cpu["storm"], 2),
+                "server_cpu_percent_storm": round(
+                    100 * (cpu["end"] - cpu["storm"]) / seconds["storm"]
+                ),
+                "storm_window_seconds": round(seconds["storm"], 2),
+                # Time the server was ready to run but waited for its CPU (other
+                # work on a shared machine), per second of each phase.
+                "server_cpu_wait_percent_before": round(
+                    100 * (waited["drop"] - waited["start"]) / seconds["baseline"]
+                ),
+                "server_cpu_wait_percent_storm": round(
+                    100 * (waited["end"] - waited["storm"]) / seconds["storm"]
+                ),
+                # The load core's clients: near 100% means they, not the server,
+                # set the figures.
+                "resuming_clients_cpu_percent_storm": round(
+                    100 * (own_cpu_end - own_cpu_storm) / seconds["storm"]
+                ),
+                "live_clients_cpu_percent_storm": round(
+                    100 * (live_cpu - live_cpu_storm) / seconds["storm"]
+                ),
+                "resuming_clients_cpu_percent_before": round(
+                    100 * (own_cpu_drop - own_cpu_base) / seconds["baseline"]
+                ),
+                "live_clients_cpu_percent_before": round(
+                    100 * (live_cpu_drop - live_cpu_base) / seconds["baseline"]
+                ),
+            }
+        )
         return figures
     finally:
         stop.set()
@@ -941,30 +1112,41 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 # --- command line ----------------------------------------------------------------
 
-SUMMARY = [("all caught up ms", "all_caught_up_ms"), ("catch-up p50 ms", "catch_up_ms_p50"),
-           ("catch-up p99 ms", "catch_up_ms_p99"), ("catch-up max ms", "catch_up_ms_max"),
-           ("live p50 before ms", ("live_latency_before", "latency_ms_p50")),
-           ("live p99 before ms", ("live_latency_before", "latency_ms_p99")),
-           ("live p50 storm ms", ("live_latency_storm", "latency_ms_p50")),
-           ("live p99 storm ms", ("live_latency_storm", "latency_ms_p99")),
-           ("live p99 outage ms", ("live_latency_outage", "latency_ms_p99")),
-           ("history reads", "history_reads"), ("gap notices", "gap_notices"),
-           ("duplicates", "duplicates"), ("missing positions", "missing_positions"),
-           ("server CPU % storm", "server_cpu_percent_storm"),
-           ("server CPU s storm", "server_cpu_seconds_storm"),
-           ("server CPU % before", "server_cpu_percent_before")]
+SUMMARY = [
+    ("all caught up ms", "all_caught_up_ms"),
+    ("catch-up p50 ms", "catch_up_ms_p50"),
+    ("catch-up p99 ms", "catch_up_ms_p99"),
+    ("catch-up max ms", "catch_up_ms_max"),
+    ("live p50 before ms", ("live_latency_before", "latency_ms_p50")),
+    ("live p99 before ms", ("live_latency_before", "latency_ms_p99")),
+    ("live p50 storm ms", ("live_latency_storm", "latency_ms_p50")),
+    ("live p99 storm ms", ("live_latency_storm", "latency_ms_p99")),
+    ("live p99 outage ms", ("live_latency_outage", "latency_ms_p99")),
+    ("history reads", "history_reads"),
+    ("gap notices", "gap_notices"),
+    ("duplicates", "duplicates"),
+    ("missing positions", "missing_positions"),
+    ("server CPU % storm", "server_cpu_percent_storm"),
+    ("server CPU s storm", "server_cpu_seconds_storm"),
+    ("server CPU % before", "server_cpu_percent_before"),
+]
 
 
 def code_version() -> dict[str, Any]:
     """The commit measured, and the package's files that differ from it."""
+
     def git(*words: str) -> str:
         try:
-            return subprocess.run(["git", *words], cwd=fanout.ROOT, capture_output=True,
-                                  text=True, timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", *words], cwd=fanout.ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
-    return {"commit": git("rev-parse", "--short", "HEAD") or None,
-            "modified": git("diff", "--name-only", "HEAD", "--", "marketstream").split()}
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or None,
+        "modified": git("diff", "--name-only", "HEAD", "--", "marketstream").split(),
+    }
 
 
 def pick(figures: dict[str, Any], key: Any) -> Any:
@@ -979,72 +1161,131 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for label, key in SUMMARY:
         values = [pick(r, key) for r in runs]
         numbers = [v for v in values if isinstance(v, (int, float))]
-        out[label] = statistics.median(numbers) if len(numbers) == len(values) and numbers \
-            else None
+        out[label] = statistics.median(numbers) if len(numbers) == len(values) and numbers else None
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Reconnect-storm benchmark for marketstream: resuming clients catch up "
-                    "from the history while live clients keep receiving.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "from the history while live clients keep receiving.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     load = parser.add_argument_group("load")
-    load.add_argument("--resuming", type=int, default=1000,
-                      help="clients dropped and resumed at once (each on every stream)")
+    load.add_argument(
+        "--resuming",
+        type=int,
+        default=1000,
+        help="clients dropped and resumed at once (each on every stream)",
+    )
     load.add_argument("--live", type=int, default=1000, help="clients that stay connected")
     load.add_argument("--streams", type=int, default=10, help="recoverable streams")
-    load.add_argument("--live-per-conn", type=int, default=0,
-                      help="streams per live client (client c gets streams (c*S+j) %% K); "
-                           "0: every stream")
+    load.add_argument(
+        "--live-per-conn",
+        type=int,
+        default=0,
+        help="streams per live client (client c gets streams (c*S+j) %% K); 0: every stream",
+    )
     load.add_argument("--rate", type=float, default=500, help="messages/s published in all")
-    load.add_argument("--tick", type=float, default=0.01,
-                      help="seconds between the publisher's pipelines (rate*tick messages each)")
+    load.add_argument(
+        "--tick",
+        type=float,
+        default=0.01,
+        help="seconds between the publisher's pipelines (rate*tick messages each)",
+    )
     load.add_argument("--history", type=int, default=1000, help="history kept per stream")
-    load.add_argument("--verified", type=int, default=0,
-                      help="resuming clients that parse and check every frame after the "
-                           "resume (the catch-up figures are theirs); the others only read "
-                           "and count bytes, so the clients cost less than the server; "
-                           "0: all")
-    load.add_argument("--form", choices=("json", "url"), default="json",
-                      help="resume with SUBSCRIBE ... since (json) or /stream?...&since= (url)")
+    load.add_argument(
+        "--verified",
+        type=int,
+        default=0,
+        help="resuming clients that parse and check every frame after the "
+        "resume (the catch-up figures are theirs); the others only read "
+        "and count bytes, so the clients cost less than the server; "
+        "0: all",
+    )
+    load.add_argument(
+        "--form",
+        choices=("json", "url"),
+        default="json",
+        help="resume with SUBSCRIBE ... since (json) or /stream?...&since= (url)",
+    )
     timing = parser.add_argument_group("phases (seconds)")
-    timing.add_argument("--warmup", type=float, default=1.0,
-                        help="publishing before the baseline starts")
-    timing.add_argument("--baseline", type=float, default=3.0,
-                        help="live latency measured before the drop")
-    timing.add_argument("--outage", type=float, default=1.0,
-                        help="time between the drop and the reconnect")
-    timing.add_argument("--storm-window", type=float, default=2.0,
-                        help="live latency 'during the storm': from the reconnect until every "
-                             "client caught up, at least this long")
-    timing.add_argument("--verify", type=float, default=0.5,
-                        help="a resuming client keeps checking positions this long after it "
-                             "caught up")
-    timing.add_argument("--timeout", type=float, default=30.0,
-                        help="give up waiting for clients to catch up after this long")
+    timing.add_argument(
+        "--warmup", type=float, default=1.0, help="publishing before the baseline starts"
+    )
+    timing.add_argument(
+        "--baseline", type=float, default=3.0, help="live latency measured before the drop"
+    )
+    timing.add_argument(
+        "--outage", type=float, default=1.0, help="time between the drop and the reconnect"
+    )
+    timing.add_argument(
+        "--storm-window",
+        type=float,
+        default=2.0,
+        help="live latency 'during the storm': from the reconnect until every "
+        "client caught up, at least this long",
+    )
+    timing.add_argument(
+        "--verify",
+        type=float,
+        default=0.5,
+        help="a resuming client keeps checking positions this long after it caught up",
+    )
+    timing.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="give up waiting for clients to catch up after this long",
+    )
     runs = parser.add_argument_group("runs")
-    runs.add_argument("--repeat", type=int, default=1,
-                      help="runs one after the other; prints each and the medians")
-    runs.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
-                      help="the clients' event loop (auto: uvloop when installed)")
-    runs.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                      help="a marketstream setting (repeatable), e.g. recovery.max_replay=500")
-    runs.add_argument("--py-spy", metavar="FILE",
-                      help="record the server with py-spy during the baseline (FILE.before) "
-                           "and from the end of the outage to the end of the storm window "
-                           "(FILE); .txt: collapsed stacks, summarized in the output; .svg "
-                           "flame graph; .json speedscope")
+    runs.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs one after the other; prints each and the medians",
+    )
+    runs.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="the clients' event loop (auto: uvloop when installed)",
+    )
+    runs.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a marketstream setting (repeatable), e.g. recovery.max_replay=500",
+    )
+    runs.add_argument(
+        "--py-spy",
+        metavar="FILE",
+        help="record the server with py-spy during the baseline (FILE.before) "
+        "and from the end of the outage to the end of the storm window "
+        "(FILE); .txt: collapsed stacks, summarized in the output; .svg "
+        "flame graph; .json speedscope",
+    )
     runs.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per second")
     pinning = parser.add_argument_group("CPU pinning (taskset)")
-    pinning.add_argument("--server-cpu", default="0", metavar="CPUS",
-                         help="CPU list for the server (taskset -c syntax)")
-    pinning.add_argument("--load-cpu", default="1", metavar="CPUS",
-                         help="CPU list for the clients, the publisher and redis")
-    pinning.add_argument("--no-pin", action="store_true",
-                         help="pin nothing: everything shares every CPU")
-    parser.add_argument("--json", action="store_true",
-                        help="print JSON (with --repeat: the runs and the medians)")
+    pinning.add_argument(
+        "--server-cpu",
+        default="0",
+        metavar="CPUS",
+        help="CPU list for the server (taskset -c syntax)",
+    )
+    pinning.add_argument(
+        "--load-cpu",
+        default="1",
+        metavar="CPUS",
+        help="CPU list for the clients, the publisher and redis",
+    )
+    pinning.add_argument(
+        "--no-pin", action="store_true", help="pin nothing: everything shares every CPU"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON (with --repeat: the runs and the medians)"
+    )
     return parser
 
 
@@ -1082,8 +1323,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     if args.json:
-        print(json.dumps(results[0] if args.repeat == 1 else
-                         {"runs": results, "medians": medians(results)}))
+        print(
+            json.dumps(
+                results[0] if args.repeat == 1 else {"runs": results, "medians": medians(results)}
+            )
+        )
     elif args.repeat == 1:
         figures = results[0]
         width = max(len(key) for key in figures)

@@ -108,13 +108,21 @@ from marketstream.testing import (  # noqa: E402
 
 ROOT = fanout.ROOT
 log = fanout.log
-NETSTAT_KEYS = ("ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPReqQFullDoCookies",
-                "SyncookiesSent", "SyncookiesFailed")
+NETSTAT_KEYS = (
+    "ListenOverflows",
+    "ListenDrops",
+    "TCPReqQFullDrop",
+    "TCPReqQFullDoCookies",
+    "SyncookiesSent",
+    "SyncookiesFailed",
+)
 NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+)
 
 
 # --- machine counters ----------------------------------------------------------
+
 
 def netstat() -> dict[str, int]:
     """The ``TcpExt`` counters of ``/proc/net/netstat`` named in NETSTAT_KEYS."""
@@ -175,6 +183,7 @@ def log_lines(path: str) -> list[str]:
 
 # --- publisher -----------------------------------------------------------------
 
+
 def publisher(url: str, streams: int, tick: float, stop: Any, out: Any) -> None:
     """One message on every stream each ``tick`` s until ``stop`` is set;
     sends the number published to ``out``."""
@@ -185,8 +194,10 @@ def publisher(url: str, streams: int, tick: float, stop: Any, out: Any) -> None:
     next_tick = time.monotonic()
     while not stop.is_set():
         now_ns = time.time_ns()
-        commands = [("PUBLISH", names[k], fanout.payload(k, seq + k, now_ns, streams))
-                    for k in range(streams)]
+        commands = [
+            ("PUBLISH", names[k], fanout.payload(k, seq + k, now_ns, streams))
+            for k in range(streams)
+        ]
         conn.send_packed_command(conn.pack_commands(commands))
         for _ in commands:
             conn.read_response()
@@ -213,8 +224,19 @@ class StormClient(asyncio.Protocol):
     waits for the first message.  Times are ``time.monotonic()`` (the same
     clock in every process)."""
 
-    __slots__ = ("request", "subscribe", "transport", "head", "state", "t_connected",
-                 "t_upgraded", "t_served", "status", "error", "done")
+    __slots__ = (
+        "request",
+        "subscribe",
+        "transport",
+        "head",
+        "state",
+        "t_connected",
+        "t_upgraded",
+        "t_served",
+        "status",
+        "error",
+        "done",
+    )
 
     def __init__(self, request: bytes, subscribe: bytes, done: Any) -> None:
         self.request = request
@@ -249,7 +271,7 @@ class StormClient(asyncio.Protocol):
             self.t_upgraded = time.monotonic()
             self.state = UPGRADED
             self.transport.write(self.subscribe)
-            data = self.head[end + 4:]
+            data = self.head[end + 4 :]
             self.head = b""
             if not data:
                 return
@@ -267,21 +289,24 @@ class StormClient(asyncio.Protocol):
         self.done()
 
 
-def client_process(host: str, port: int, plans: list[tuple[bytes, bytes]], timeout: float,
-                   control: Any) -> None:
+def client_process(
+    host: str, port: int, plans: list[tuple[bytes, bytes]], timeout: float, control: Any
+) -> None:
     """Open every planned connection when told to, report per-client times,
     hold the connections until told to close them."""
     raise_fd_limit()
     try:
         import uvloop
+
         uvloop.install()
     except ImportError:
         pass
     asyncio.run(_clients(host, port, plans, timeout, control))
 
 
-async def _clients(host: str, port: int, plans: list[tuple[bytes, bytes]], timeout: float,
-                   control: Any) -> None:
+async def _clients(
+    host: str, port: int, plans: list[tuple[bytes, bytes]], timeout: float, control: Any
+) -> None:
     loop = asyncio.get_running_loop()
     remaining = len(plans)
     all_done = loop.create_future()
@@ -320,8 +345,9 @@ async def _clients(host: str, port: int, plans: list[tuple[bytes, bytes]], timeo
         if client.state in (WAITING, UPGRADED):
             client.state = FAILED
             client.error = "not served within %gs" % timeout
-    control.send((start, [(c.t_connected, c.t_upgraded, c.t_served, c.status, c.error)
-                          for c in clients]))
+    control.send(
+        (start, [(c.t_connected, c.t_upgraded, c.t_served, c.status, c.error) for c in clients])
+    )
     await commands.get()  # "close"
     linger = struct.pack("ii", 1, 0)
     for client in clients:
@@ -346,17 +372,23 @@ class Clients:
         plans: list[list[tuple[bytes, bytes]]] = [[] for _ in range(args.client_processes)]
         request = handshake_request(port, args.path, host=host)
         for c in range(args.connections):
-            names = [fanout.stream_name(k)
-                     for k in fanout.connection_streams(c, args.per_conn, args.streams)]
-            subscribe = masked_frame(json.dumps(
-                {"method": "SUBSCRIBE", "params": names, "id": c + 1}, separators=(",", ":")))
+            names = [
+                fanout.stream_name(k)
+                for k in fanout.connection_streams(c, args.per_conn, args.streams)
+            ]
+            subscribe = masked_frame(
+                json.dumps(
+                    {"method": "SUBSCRIBE", "params": names, "id": c + 1}, separators=(",", ":")
+                )
+            )
             plans[c % args.client_processes].append((request, subscribe))
         ctx = multiprocessing.get_context("fork")
         self.children: list[tuple[Any, Any]] = []
         for part in plans:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=client_process,
-                               args=(host, port, part, args.timeout, child), daemon=True)
+            proc = ctx.Process(
+                target=client_process, args=(host, port, part, args.timeout, child), daemon=True
+            )
             proc.start()
             child.close()
             self.children.append((proc, parent))
@@ -401,15 +433,36 @@ class Clients:
 
 # --- servers -------------------------------------------------------------------
 
+
 def server_command(args: argparse.Namespace, host: str, port: int, redis_url: str) -> list[str]:
     if args.reference:
-        return [sys.executable, fanout.REFERENCE_SERVER, "--listen", "%s:%d" % (host, port),
-                "--redis-url", redis_url, "--backlog", str(args.reference_backlog)]
-    command = [sys.executable, "-m", "marketstream", "--listen", "%s:%d" % (host, port),
-               "--redis-url", redis_url, "--log-level", "WARNING",
-               "--processes", str(args.processes),
-               "--set", "server.max_connections=%d" % (args.connections + 100),
-               "--set", "server.max_connections_per_ip=0"]  # every client has one address
+        return [
+            sys.executable,
+            fanout.REFERENCE_SERVER,
+            "--listen",
+            "%s:%d" % (host, port),
+            "--redis-url",
+            redis_url,
+            "--backlog",
+            str(args.reference_backlog),
+        ]
+    command = [
+        sys.executable,
+        "-m",
+        "marketstream",
+        "--listen",
+        "%s:%d" % (host, port),
+        "--redis-url",
+        redis_url,
+        "--log-level",
+        "WARNING",
+        "--processes",
+        str(args.processes),
+        "--set",
+        "server.max_connections=%d" % (args.connections + 100),
+        "--set",
+        "server.max_connections_per_ip=0",
+    ]  # every client has one address
     for item in args.set:
         command += ["--set", item]
     return command
@@ -427,24 +480,28 @@ def nginx_site(upstream_port: int, listen_port: int, backlog: int | None) -> str
     address, and ``backlog`` if given (0: none, nginx's default)."""
     with open(os.path.join(ROOT, "conf", "nginx.conf")) as f:
         site = f.read()
-    site, count = re.subn(r"(    server 127\.0\.0\.1:\d+;\n)+",
-                          "    server 127.0.0.1:%d;\n" % upstream_port, site)
+    site, count = re.subn(
+        r"(    server 127\.0\.0\.1:\d+;\n)+", "    server 127.0.0.1:%d;\n" % upstream_port, site
+    )
     if count != 1:
         raise RuntimeError("conf/nginx.conf: no upstream server lines found")
+
     def listen(match: re.Match) -> str:
         shipped = match.group(1) or ""
         option = shipped if backlog is None else " backlog=%d" % backlog if backlog else ""
         return "    listen 127.0.0.1:%d default_server%s;" % (listen_port, option)
 
-    site, count = re.subn(r"^    listen 80 default_server( backlog=\d+)?;$", listen, site,
-                          flags=re.M)
+    site, count = re.subn(
+        r"^    listen 80 default_server( backlog=\d+)?;$", listen, site, flags=re.M
+    )
     if count != 1:
         raise RuntimeError("conf/nginx.conf: no 'listen 80 default_server;' line found")
     return site
 
 
-def start_nginx(args: argparse.Namespace, upstream_port: int, pin: bool
-                ) -> tuple[subprocess.Popen, int, str]:
+def start_nginx(
+    args: argparse.Namespace, upstream_port: int, pin: bool
+) -> tuple[subprocess.Popen, int, str]:
     """nginx in a private prefix; ``(process, port, error log path)``."""
     if NGINX is None:
         raise RuntimeError("--nginx: nginx is not installed")
@@ -465,17 +522,20 @@ def start_nginx(args: argparse.Namespace, upstream_port: int, pin: bool
     with open(conf, "w") as f:
         if os.geteuid() == 0:
             f.write("user root;\n")
-        f.write("worker_processes %d;\nworker_rlimit_nofile %d;\npid %s/nginx.pid;\n"
-                "error_log %s/logs/error.log warn;\nevents { worker_connections %d; }\nhttp {\n"
-                "  access_log off;\n  client_body_temp_path %s/tmp;\n  proxy_temp_path %s/tmp;\n"
-                % (workers, per_worker + 50, prefix, prefix, per_worker, prefix, prefix))
+        f.write(
+            "worker_processes %d;\nworker_rlimit_nofile %d;\npid %s/nginx.pid;\n"
+            "error_log %s/logs/error.log warn;\nevents { worker_connections %d; }\nhttp {\n"
+            "  access_log off;\n  client_body_temp_path %s/tmp;\n  proxy_temp_path %s/tmp;\n"
+            % (workers, per_worker + 50, prefix, prefix, per_worker, prefix, prefix)
+        )
         f.write(nginx_site(upstream_port, port, args.nginx_backlog))
         f.write("\n}\n")
     command = [NGINX, "-p", prefix, "-c", conf, "-g", "daemon off;"]
     if pin:
         command = ["taskset", "-c", args.load_cpu] + command
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            preexec_fn=die_with_parent)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+    )
     return proc, port, os.path.join(prefix, "logs", "error.log")
 
 
@@ -493,6 +553,7 @@ def _wait_health(host: str, port: int, proc: subprocess.Popen, what: str) -> Non
 
 # --- profile ---------------------------------------------------------------------
 
+
 def profile_summary(path: str, top: int = 15) -> dict[str, list[tuple[str, float]]]:
     """Top functions of a py-spy ``--format raw`` file: by own samples
     (``self``) and by samples with the function on the stack (``total``),
@@ -507,21 +568,22 @@ def profile_summary(path: str, top: int = 15) -> dict[str, list[tuple[str, float
                 continue
             n = int(count)
             samples += n
-            frames = [re.sub(r" \(.*?/([^/]+:\d+)\)$", r" (\1)", fr)
-                      for fr in stack.split(";")]
+            frames = [re.sub(r" \(.*?/([^/]+:\d+)\)$", r" (\1)", fr) for fr in stack.split(";")]
             names = [re.sub(r":\d+\)$", ")", fr) for fr in frames]
             own[names[-1]] += n
             for name in set(names):
                 total[name] += n
     if not samples:
         return {"self": [], "total": []}
-    return {"samples": samples,
-            "self": [(name, round(100.0 * n / samples, 1)) for name, n in own.most_common(top)],
-            "total": [(name, round(100.0 * n / samples, 1))
-                      for name, n in total.most_common(top)]}
+    return {
+        "samples": samples,
+        "self": [(name, round(100.0 * n / samples, 1)) for name, n in own.most_common(top)],
+        "total": [(name, round(100.0 * n / samples, 1)) for name, n in total.most_common(top)],
+    }
 
 
 # --- one run -----------------------------------------------------------------------
+
 
 def per_second(times: list[float]) -> list[int]:
     """How many of ``times`` (seconds) fall in each second from 0."""
@@ -545,16 +607,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     server_log = os.path.join(workdir, "server.log")
     try:
         tw_at_start = wait_time_wait(args.time_wait_limit, 75.0)
-        machine = {"load_average_1min": round(os.getloadavg()[0], 2),
-                   "tcp_sockets_in_use": sockstat("inuse")}
+        machine = {
+            "load_average_1min": round(os.getloadavg()[0], 2),
+            "tcp_sockets_in_use": sockstat("inuse"),
+        }
         redis_server = RedisServer().start()
         host, port = "127.0.0.1", free_port()
         command = server_command(args, host, port, redis_server.url)
         if can_pin:
             command = ["taskset", "-c", args.server_cpu] + command
         with open(server_log, "wb") as out:
-            server = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                      preexec_fn=die_with_parent)
+            server = subprocess.Popen(
+                command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+            )
         _wait_health(host, port, server, "the server")
         target_port, nginx_log = port, None
         if args.nginx:
@@ -565,7 +630,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         pipe_out, pipe_in = multiprocessing.Pipe(duplex=False)
         publishing = multiprocessing.get_context("spawn").Process(
-            target=publisher, args=(redis_server.url, args.streams, args.tick, stop, pipe_in))
+            target=publisher, args=(redis_server.url, args.streams, args.tick, stop, pipe_in)
+        )
         publishing.start()
         pipe_in.close()
 
@@ -575,9 +641,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         nginx_rss_before = tree_rss(nginx_proc) if nginx_proc else None
         if args.py_spy:
             spy = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(server.pid), "--rate", "250", "--format",
-                 "raw", "--nonblocking", "--subprocesses", "-o", args.py_spy],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(server.pid),
+                    "--rate",
+                    "250",
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--subprocesses",
+                    "-o",
+                    args.py_spy,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             time.sleep(1.0)  # attached
         counters_before = netstat()
         cpu_before = tree_cpu(proc)
@@ -630,8 +710,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             open_now = fanout.worker_connections(host, port, args.processes)
 
         lines = log_lines(server_log)
-        error_lines = [line for line in lines
-                       if re.search(r"\b(ERROR|CRITICAL)\b|Traceback", line)]
+        error_lines = [line for line in lines if re.search(r"\b(ERROR|CRITICAL)\b|Traceback", line)]
         nginx_levels: collections.Counter = collections.Counter()
         nginx_lines = log_lines(nginx_log) if nginx_log else []
         for line in nginx_lines:
@@ -648,10 +727,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "server": "reference" if args.reference else "marketstream",
             "processes": None if args.reference else args.processes,
             "nginx": bool(args.nginx),
-            "nginx_backlog": (None if not args.nginx else args.nginx_backlog
-                              if args.nginx_backlog is not None else shipped_nginx_backlog()),
-            "connections": n, "streams": args.streams, "per_conn": args.per_conn,
-            "tick": args.tick, "client_processes": args.client_processes,
+            "nginx_backlog": (
+                None
+                if not args.nginx
+                else args.nginx_backlog
+                if args.nginx_backlog is not None
+                else shipped_nginx_backlog()
+            ),
+            "connections": n,
+            "streams": args.streams,
+            "per_conn": args.per_conn,
+            "tick": args.tick,
+            "client_processes": args.client_processes,
             "server_cpus": args.server_cpu if can_pin else None,
             "load_cpus": args.load_cpu if can_pin else None,
             "server_settings": None if args.reference else args.set,
@@ -671,8 +758,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "refused_by_status": {str(k): v for k, v in statuses.items() if k != 101},
             "failed": sum(errors.values()),
             "failures": dict(errors.most_common(5)),
-            "netstat": {key: counters_after.get(key, 0) - counters_before.get(key, 0)
-                        for key in NETSTAT_KEYS if key in counters_after},
+            "netstat": {
+                key: counters_after.get(key, 0) - counters_before.get(key, 0)
+                for key in NETSTAT_KEYS
+                if key in counters_after
+            },
             "server_log_lines": len(lines),
             "server_error_lines": len(error_lines),
             "server_log_sample": lines[:5],
@@ -691,13 +781,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "nginx_cpu_seconds_storm": round(nginx_cpu, 2) if nginx_cpu is not None else None,
             "published": published,
             "open_connections_after": open_now,
-            "rss_before_mb": round(rss_before / 2 ** 20, 1),
-            "rss_idle_after_mb": round(rss_after / 2 ** 20, 1),
+            "rss_before_mb": round(rss_before / 2**20, 1),
+            "rss_idle_after_mb": round(rss_after / 2**20, 1),
             "rss_per_connection_kb": round((rss_after - rss_before) / n / 1024, 2),
         }
         if nginx_proc:
             figures["nginx_rss_per_connection_kb"] = round(
-                (nginx_rss_after - nginx_rss_before) / n / 1024, 2)
+                (nginx_rss_after - nginx_rss_before) / n / 1024, 2
+            )
         if args.py_spy:
             figures["profile"] = profile_summary(args.py_spy)
         clients.close()
@@ -722,11 +813,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 # --- output ------------------------------------------------------------------------
 
-MEDIAN_KEYS = ("served", "served_seconds_p50", "served_seconds_p99", "served_seconds_max",
-               "upgraded_seconds_max", "connected_seconds_max", "connects_after_1s", "refused",
-               "failed", "server_error_lines", "server_cpu_seconds_storm",
-               "clients_cpu_seconds_storm", "nginx_cpu_seconds_storm", "rss_per_connection_kb",
-               "nginx_rss_per_connection_kb")
+MEDIAN_KEYS = (
+    "served",
+    "served_seconds_p50",
+    "served_seconds_p99",
+    "served_seconds_max",
+    "upgraded_seconds_max",
+    "connected_seconds_max",
+    "connects_after_1s",
+    "refused",
+    "failed",
+    "server_error_lines",
+    "server_cpu_seconds_storm",
+    "clients_cpu_seconds_storm",
+    "nginx_cpu_seconds_storm",
+    "rss_per_connection_kb",
+    "nginx_rss_per_connection_kb",
+)
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -735,8 +838,10 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in MEDIAN_KEYS:
         values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
         out[key] = round(statistics.median(values), 3) if values else None
-    out["netstat"] = {key: round(statistics.median(r["netstat"].get(key, 0) for r in runs), 1)
-                      for key in runs[0]["netstat"]}
+    out["netstat"] = {
+        key: round(statistics.median(r["netstat"].get(key, 0) for r in runs), 1)
+        for key in runs[0]["netstat"]
+    }
     return out
 
 
@@ -749,62 +854,131 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (every option shows its default in ``--help``)."""
     parser = argparse.ArgumentParser(
         description="Connect-storm benchmark: N clients connect and subscribe at once.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     load = parser.add_argument_group("load")
-    load.add_argument("--connections", type=int, default=10000,
-                      help="clients that connect at once")
+    load.add_argument("--connections", type=int, default=10000, help="clients that connect at once")
     load.add_argument("--streams", type=int, default=100, help="K streams in all")
-    load.add_argument("--per-conn", type=int, default=1,
-                      help="S streams per client (client c gets streams (c*S+j) %% K)")
-    load.add_argument("--tick", type=float, default=0.1,
-                      help="seconds between two messages on each stream (what a served "
-                           "client may wait for its first message)")
-    load.add_argument("--client-processes", type=int, default=4,
-                      help="client processes (asyncio each) sharing the connections")
+    load.add_argument(
+        "--per-conn",
+        type=int,
+        default=1,
+        help="S streams per client (client c gets streams (c*S+j) %% K)",
+    )
+    load.add_argument(
+        "--tick",
+        type=float,
+        default=0.1,
+        help="seconds between two messages on each stream (what a served "
+        "client may wait for its first message)",
+    )
+    load.add_argument(
+        "--client-processes",
+        type=int,
+        default=4,
+        help="client processes (asyncio each) sharing the connections",
+    )
     load.add_argument("--path", default="/ws", help="WebSocket path")
-    load.add_argument("--target", type=float, default=3.0,
-                      help="seconds: served_within_target counts the clients served by then")
-    load.add_argument("--timeout", type=float, default=30.0,
-                      help="seconds after which an unserved client counts as failed")
-    load.add_argument("--settle", type=float, default=1.0,
-                      help="seconds between starting the clients' processes and the storm")
-    load.add_argument("--idle-wait", type=float, default=2.0,
-                      help="seconds without publishing before the idle memory is measured")
-    load.add_argument("--time-wait-limit", type=int, default=2000,
-                      help="before a run, wait (up to 75 s) until fewer sockets than this are "
-                           "in TIME_WAIT on the machine (a run through nginx leaves one per "
-                           "client)")
+    load.add_argument(
+        "--target",
+        type=float,
+        default=3.0,
+        help="seconds: served_within_target counts the clients served by then",
+    )
+    load.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds after which an unserved client counts as failed",
+    )
+    load.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        help="seconds between starting the clients' processes and the storm",
+    )
+    load.add_argument(
+        "--idle-wait",
+        type=float,
+        default=2.0,
+        help="seconds without publishing before the idle memory is measured",
+    )
+    load.add_argument(
+        "--time-wait-limit",
+        type=int,
+        default=2000,
+        help="before a run, wait (up to 75 s) until fewer sockets than this are "
+        "in TIME_WAIT on the machine (a run through nginx leaves one per "
+        "client)",
+    )
     servers = parser.add_argument_group("server")
     servers.add_argument("--processes", type=int, default=1, help="marketstream worker processes")
-    servers.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                         help="a marketstream setting (repeatable)")
-    servers.add_argument("--reference", action="store_true",
-                         help="run scripts/reference_server.py instead of marketstream")
-    servers.add_argument("--compare", action="store_true",
-                         help="run marketstream and the reference server alternately, "
-                              "--repeat times each, and give the medians of each")
-    servers.add_argument("--reference-backlog", type=int, default=65535,
-                         help="the reference server's listen backlog (the kernel caps it at "
-                              "net.core.somaxconn)")
-    servers.add_argument("--nginx", action="store_true",
-                         help="put nginx (the conf/nginx.conf site) in front of the server")
-    servers.add_argument("--nginx-workers", type=int, default=1,
-                         help="nginx worker_processes (more when one worker's open-file "
-                              "limit cannot hold two descriptors per client)")
-    servers.add_argument("--nginx-backlog", type=int, default=None,
-                         help="nginx's listen backlog (default: the shipped conf/nginx.conf's; "
-                              "0: nginx's own default, 511 on Linux)")
-    servers.add_argument("--py-spy", metavar="FILE",
-                         help="record the server with py-spy during the storm (raw format) "
-                              "and add a summary of where its time went")
+    servers.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a marketstream setting (repeatable)",
+    )
+    servers.add_argument(
+        "--reference",
+        action="store_true",
+        help="run scripts/reference_server.py instead of marketstream",
+    )
+    servers.add_argument(
+        "--compare",
+        action="store_true",
+        help="run marketstream and the reference server alternately, "
+        "--repeat times each, and give the medians of each",
+    )
+    servers.add_argument(
+        "--reference-backlog",
+        type=int,
+        default=65535,
+        help="the reference server's listen backlog (the kernel caps it at net.core.somaxconn)",
+    )
+    servers.add_argument(
+        "--nginx",
+        action="store_true",
+        help="put nginx (the conf/nginx.conf site) in front of the server",
+    )
+    servers.add_argument(
+        "--nginx-workers",
+        type=int,
+        default=1,
+        help="nginx worker_processes (more when one worker's open-file "
+        "limit cannot hold two descriptors per client)",
+    )
+    servers.add_argument(
+        "--nginx-backlog",
+        type=int,
+        default=None,
+        help="nginx's listen backlog (default: the shipped conf/nginx.conf's; "
+        "0: nginx's own default, 511 on Linux)",
+    )
+    servers.add_argument(
+        "--py-spy",
+        metavar="FILE",
+        help="record the server with py-spy during the storm (raw format) "
+        "and add a summary of where its time went",
+    )
     pinning = parser.add_argument_group("CPU pinning (taskset)")
-    pinning.add_argument("--server-cpu", default="0", metavar="CPUS",
-                         help="CPU list for the server (taskset -c syntax)")
-    pinning.add_argument("--load-cpu", default="1", metavar="CPUS",
-                         help="CPU list for the clients, Redis, the publisher and nginx")
+    pinning.add_argument(
+        "--server-cpu",
+        default="0",
+        metavar="CPUS",
+        help="CPU list for the server (taskset -c syntax)",
+    )
+    pinning.add_argument(
+        "--load-cpu",
+        default="1",
+        metavar="CPUS",
+        help="CPU list for the clients, Redis, the publisher and nginx",
+    )
     pinning.add_argument("--no-pin", action="store_true", help="pin nothing")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="runs; with more than one, the medians are added")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs; with more than one, the medians are added"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
@@ -813,10 +987,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the storm ``--repeat`` times; print the figures (and medians)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if min(args.connections, args.streams, args.per_conn, args.client_processes,
-           args.repeat) < 1:
-        parser.error("--connections, --streams, --per-conn, --client-processes and --repeat "
-                     "must be at least 1")
+    if min(args.connections, args.streams, args.per_conn, args.client_processes, args.repeat) < 1:
+        parser.error(
+            "--connections, --streams, --per-conn, --client-processes and --repeat "
+            "must be at least 1"
+        )
     if args.reference and args.processes != 1:
         parser.error("--processes is marketstream's: not with --reference")
     if args.reference and args.compare:
@@ -826,30 +1001,42 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt  # clean up: servers, nginx, clients, redis-server
 
     signal.signal(signal.SIGTERM, interrupted)
-    variants = [("marketstream", False), ("reference", True)] if args.compare else [
-        ("reference" if args.reference else "marketstream", args.reference)]
+    variants = (
+        [("marketstream", False), ("reference", True)]
+        if args.compare
+        else [("reference" if args.reference else "marketstream", args.reference)]
+    )
     by_variant: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in variants}
     try:
         for i in range(args.repeat):
             # Alternate the order so a drift of the machine hits both alike.
-            for label, reference in (variants if i % 2 == 0 else variants[::-1]):
+            for label, reference in variants if i % 2 == 0 else variants[::-1]:
                 log("--- run %d/%d: %s" % (i + 1, args.repeat, label))
                 figures = run(argparse.Namespace(**dict(vars(args), reference=reference)))
-                log("served %d/%d, last after %ss, refused %d, failed %d" % (
-                    figures["served"], args.connections, figures["served_seconds_max"],
-                    figures["refused"], figures["failed"]))
+                log(
+                    "served %d/%d, last after %ss, refused %d, failed %d"
+                    % (
+                        figures["served"],
+                        args.connections,
+                        figures["served_seconds_max"],
+                        figures["refused"],
+                        figures["failed"],
+                    )
+                )
                 by_variant[label].append(figures)
     except KeyboardInterrupt:
         return 130
     if args.compare:
-        output = {label: {"runs": found, "medians": medians(found)}
-                  for label, found in by_variant.items()}
+        output = {
+            label: {"runs": found, "medians": medians(found)} for label, found in by_variant.items()
+        }
         if args.json:
             print(json.dumps(output))
         else:
             for label, found in output.items():
-                print("=== %s: medians of %d runs\n%s" % (label, args.repeat,
-                                                         text(found["medians"])))
+                print(
+                    "=== %s: medians of %d runs\n%s" % (label, args.repeat, text(found["medians"]))
+                )
         return 0
     runs = by_variant[variants[0][0]]
     if args.repeat == 1:

@@ -55,8 +55,8 @@ from marketstream.testing import die_with_parent, free_port, wait_until  # noqa:
 __all__ = ["Cluster", "Node", "SentinelSetup", "find_redis7", "free_port", "wait_for"]
 
 HOST = "127.0.0.1"
-NODE_TIMEOUT_MS = 500       # cluster-node-timeout: a failover takes ~1-2 s
-DOWN_AFTER_MS = 500         # sentinel down-after-milliseconds
+NODE_TIMEOUT_MS = 500  # cluster-node-timeout: a failover takes ~1-2 s
+DOWN_AFTER_MS = 500  # sentinel down-after-milliseconds
 FAILOVER_TIMEOUT_MS = 2000  # sentinel failover-timeout
 SERVICE = "mymaster"
 DEFAULT_PORTS = {"cluster": 7000, "sentinel": 6380}
@@ -66,10 +66,12 @@ T = TypeVar("T")
 
 # --- binaries ----------------------------------------------------------------
 
+
 def _version(binary: str) -> int:
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
-                             timeout=5).stdout
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=5
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return 0
     match = re.search(r"v=(\d+)\.", out)
@@ -96,22 +98,26 @@ def find_redis7() -> tuple[str, str] | tuple[None, str]:
         if _version(server) >= 7:
             cli = os.path.join(os.path.dirname(server), "redis-cli")
             if not os.access(cli, os.X_OK):
-                return None, ("redis-cli is missing beside %s (it comes with Debian's "
-                              "redis-server)" % server)
+                return None, (
+                    "redis-cli is missing beside %s (it comes with Debian's redis-server)" % server
+                )
             return server, cli
-    return None, ("no redis-server >= 7 found (sharded pub/sub needs 7; Debian: "
-                  "apt-get install redis-server, or set MARKETSTREAM_REDIS7_SERVER)")
+    return None, (
+        "no redis-server >= 7 found (sharded pub/sub needs 7; Debian: "
+        "apt-get install redis-server, or set MARKETSTREAM_REDIS7_SERVER)"
+    )
 
 
-def wait_for(predicate: Callable[[], T | None], timeout: float, message: str,
-             interval: float = 0.02) -> T:
+def wait_for(
+    predicate: Callable[[], T | None], timeout: float, message: str, interval: float = 0.02
+) -> T:
     """Poll ``predicate`` until it returns a true value (a Redis or socket
     error counts as not yet); fail after ``timeout``."""
-    return wait_until(predicate, timeout, interval, message,
-                      ignore=(redis.RedisError, OSError))
+    return wait_until(predicate, timeout, interval, message, ignore=(redis.RedisError, OSError))
 
 
 # --- one server process ------------------------------------------------------
+
 
 class Node:
     """One redis-server (data node or sentinel) on 127.0.0.1.
@@ -119,9 +125,16 @@ class Node:
     ``detached``: the server outlives this process (a session of its own;
     :func:`stop_pid` stops it later).  Otherwise it dies with its parent."""
 
-    def __init__(self, binary: str, directory: str, args: list[str], port: int | None = None,
-                 sentinel: bool = False, config: str | None = None,
-                 detached: bool = False) -> None:
+    def __init__(
+        self,
+        binary: str,
+        directory: str,
+        args: list[str],
+        port: int | None = None,
+        sentinel: bool = False,
+        config: str | None = None,
+        detached: bool = False,
+    ) -> None:
         self.binary = binary
         self.dir = directory
         self.port = port or free_port()
@@ -158,20 +171,45 @@ class Node:
                     f.write(self.config or "")
             argv = [self.binary, path, "--sentinel"]
         else:
-            argv = [self.binary, "--port", str(self.port), "--bind", HOST, "--dir", self.dir,
-                    "--save", "", "--appendonly", "no", "--daemonize", "no",
-                    "--loglevel", "warning", *self.args]
+            argv = [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                HOST,
+                "--dir",
+                self.dir,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+                *self.args,
+            ]
         with open(os.path.join(self.dir, "log"), "ab") as log:
             if self.detached:
                 self.process = subprocess.Popen(
-                    argv, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, start_new_session=True)
+                    argv,
+                    cwd=self.dir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             else:
                 self.process = subprocess.Popen(
-                    argv, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log,
+                    argv,
+                    cwd=self.dir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
                     stderr=subprocess.STDOUT,
                     preexec_fn=functools.partial(die_with_parent, signal.SIGKILL)
-                    if sys.platform == "linux" else None)
+                    if sys.platform == "linux"
+                    else None,
+                )
         self.paused = False
         return self
 
@@ -182,6 +220,7 @@ class Node:
             with socket.create_connection(self.addr, timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
                 return sock.recv(16).startswith(b"+PONG")
+
         return wait_for(ready, timeout, "%s to answer PING" % self.label)
 
     def log_tail(self, lines: int = 20) -> str:
@@ -239,6 +278,7 @@ class Node:
 
 # --- Redis Cluster -------------------------------------------------------------
 
+
 class Cluster:
     """3 primaries + 3 replicas with a short ``cluster-node-timeout``.
 
@@ -246,26 +286,50 @@ class Cluster:
     None); ``port``: the first node's port, the others follow (None: any
     free ports)."""
 
-    def __init__(self, server: str, cli: str, primaries: int = 3, replicas: int = 1,
-                 directory: str | None = None, port: int | None = None,
-                 detached: bool = False) -> None:
+    def __init__(
+        self,
+        server: str,
+        cli: str,
+        primaries: int = 3,
+        replicas: int = 1,
+        directory: str | None = None,
+        port: int | None = None,
+        detached: bool = False,
+    ) -> None:
         self.server = server
         self.cli = cli
         self.dir = directory or tempfile.mkdtemp(prefix="marketstream-cluster-")
         self.nodes = []
         for i in range(primaries * (1 + replicas)):
             node_port = port + i if port else free_port()
-            self.nodes.append(Node(server, os.path.join(self.dir, str(i)), [
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-                "--cluster-port", str(node_port + 10000 if port else free_port()),
-                "--cluster-replica-validity-factor", "0",   # any replica may take over
-                "--cluster-allow-replica-migration", "no",  # keep the layout predictable
-                "--repl-diskless-sync", "yes",
-                "--repl-diskless-sync-delay", "0",
-                "--appendonly", "no",
-            ], port=node_port, detached=detached))
+            self.nodes.append(
+                Node(
+                    server,
+                    os.path.join(self.dir, str(i)),
+                    [
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        str(NODE_TIMEOUT_MS),
+                        "--cluster-port",
+                        str(node_port + 10000 if port else free_port()),
+                        "--cluster-replica-validity-factor",
+                        "0",  # any replica may take over
+                        "--cluster-allow-replica-migration",
+                        "no",  # keep the layout predictable
+                        "--repl-diskless-sync",
+                        "yes",
+                        "--repl-diskless-sync-delay",
+                        "0",
+                        "--appendonly",
+                        "no",
+                    ],
+                    port=node_port,
+                    detached=detached,
+                )
+            )
         self.replicas = replicas
         self.startup_seconds: float | None = None
 
@@ -285,12 +349,23 @@ class Cluster:
         for node in self.nodes:
             node.wait_ready()
         result = subprocess.run(
-            [self.cli, "--cluster", "create", *("%s:%d" % n.addr for n in self.nodes),
-             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
-            capture_output=True, text=True, timeout=timeout)
+            [
+                self.cli,
+                "--cluster",
+                "create",
+                *("%s:%d" % n.addr for n in self.nodes),
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if result.returncode != 0:
-            raise RuntimeError("redis-cli --cluster create failed:\n%s%s"
-                               % (result.stdout, result.stderr))
+            raise RuntimeError(
+                "redis-cli --cluster create failed:\n%s%s" % (result.stdout, result.stderr)
+            )
         self.wait_settled(timeout)
         self.startup_seconds = time.monotonic() - began
         return self
@@ -337,8 +412,11 @@ class Cluster:
         out = []
         for node in self.live_nodes():
             info = node.client().info("replication")
-            if (info.get("role") == "slave" and int(info.get("master_port", 0)) == primary.port
-                    and info.get("master_link_status") == "up"):
+            if (
+                info.get("role") == "slave"
+                and int(info.get("master_port", 0)) == primary.port
+                and info.get("master_link_status") == "up"
+            ):
                 out.append(node)
         return out
 
@@ -382,8 +460,11 @@ class Cluster:
                 node.start()
                 node.wait_ready()
         self.wait_settled(timeout)
-        wait_for(lambda: all(self.replicas_of(p) for p in self.primaries()), timeout,
-                 "every primary to have an in-sync replica")
+        wait_for(
+            lambda: all(self.replicas_of(p) for p in self.primaries()),
+            timeout,
+            "every primary to have an in-sync replica",
+        )
 
     def migrate_slot(self, slot: int, target: Node) -> None:
         """Move ``slot`` (and its keys) to the primary ``target`` the way
@@ -410,6 +491,7 @@ class Cluster:
 
 # --- Sentinel -----------------------------------------------------------------
 
+
 class SentinelSetup:
     """One primary, one replica and three sentinels (quorum 2).
 
@@ -417,15 +499,28 @@ class SentinelSetup:
     replica's is the next, the sentinels' 20000 above them (None: any free
     ports)."""
 
-    def __init__(self, server: str, service: str = SERVICE, directory: str | None = None,
-                 port: int | None = None, detached: bool = False) -> None:
+    def __init__(
+        self,
+        server: str,
+        service: str = SERVICE,
+        directory: str | None = None,
+        port: int | None = None,
+        detached: bool = False,
+    ) -> None:
         self.server = server
         self.service = service
         self.dir = directory or tempfile.mkdtemp(prefix="marketstream-sentinel-")
         common = ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
-        self.data = [Node(server, os.path.join(self.dir, "data%d" % i), common,
-                          port=port + i if port else None, detached=detached)
-                     for i in range(2)]
+        self.data = [
+            Node(
+                server,
+                os.path.join(self.dir, "data%d" % i),
+                common,
+                port=port + i if port else None,
+                detached=detached,
+            )
+            for i in range(2)
+        ]
         self.data[1].args += ["--replicaof", HOST, str(self.data[0].port)]
         ids = [os.urandom(20).hex() for _ in range(3)]
         ports = [port + 20000 + i if port else free_port() for i in range(3)]
@@ -445,11 +540,22 @@ class SentinelSetup:
                 # Known from the start: no 2 s wait for the hello messages.
                 "sentinel known-replica %s %s %d" % (service, HOST, self.data[1].port),
             ]
-            lines += ["sentinel known-sentinel %s %s %d %s" % (service, HOST, ports[j], ids[j])
-                      for j in range(3) if j != i]
-            self.sentinels.append(Node(server, os.path.join(self.dir, "sentinel%d" % i), [],
-                                       port=ports[i], sentinel=True,
-                                       config="\n".join(lines) + "\n", detached=detached))
+            lines += [
+                "sentinel known-sentinel %s %s %d %s" % (service, HOST, ports[j], ids[j])
+                for j in range(3)
+                if j != i
+            ]
+            self.sentinels.append(
+                Node(
+                    server,
+                    os.path.join(self.dir, "sentinel%d" % i),
+                    [],
+                    port=ports[i],
+                    sentinel=True,
+                    config="\n".join(lines) + "\n",
+                    detached=detached,
+                )
+            )
         self.startup_seconds: float | None = None
 
     @property
@@ -487,8 +593,11 @@ class SentinelSetup:
 
     def primary(self) -> Node | None:
         """The data Node every sentinel names as the primary (and that says so)."""
-        answers = {tuple(s.call("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service))
-                   for s in self.sentinels if s.running}
+        answers = {
+            tuple(s.call("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service))
+            for s in self.sentinels
+            if s.running
+        }
         if len(answers) != 1:
             return None
         host, port = answers.pop()
@@ -513,15 +622,21 @@ class SentinelSetup:
             if len(sentinel.call("SENTINEL", "SENTINELS", self.service)) != 2:
                 return False
         info = primary.client().info("replication")
-        if not any(str(info.get("slave%d" % i, {}).get("state")) == "online"
-                   for i in range(int(info.get("connected_slaves", 0)))):
+        if not any(
+            str(info.get("slave%d" % i, {}).get("state")) == "online"
+            for i in range(int(info.get("connected_slaves", 0)))
+        ):
             return False
         return any(self._good_replicas(s) for s in self.sentinels)
 
     def wait_ready(self, timeout: float = 20.0) -> float:
         began = time.monotonic()
-        wait_for(self.ready, timeout, "the sentinels to agree on a primary with a good replica",
-                 interval=0.05)
+        wait_for(
+            self.ready,
+            timeout,
+            "the sentinels to agree on a primary with a good replica",
+            interval=0.05,
+        )
         return time.monotonic() - began
 
     def heal(self, timeout: float = 20.0) -> None:
@@ -552,6 +667,7 @@ class SentinelSetup:
                 except redis.ResponseError:
                     continue
             return None
+
         wait_for(accepted, timeout, "a sentinel to accept SENTINEL FAILOVER", interval=0.1)
         new = wait_for(lambda: self._promoted(old), timeout, "the sentinels to promote the replica")
         return old, new
@@ -563,8 +679,12 @@ class SentinelSetup:
         if old is None:
             raise RuntimeError("no primary to kill")
         old.kill()
-        new = wait_for(lambda: self._promoted(old), timeout, "the sentinels to promote the replica",
-                       interval=0.02)
+        new = wait_for(
+            lambda: self._promoted(old),
+            timeout,
+            "the sentinels to promote the replica",
+            interval=0.02,
+        )
         return old, new
 
     def _promoted(self, old: Node | None) -> Node | None:
@@ -573,6 +693,7 @@ class SentinelSetup:
 
 
 # --- the command ----------------------------------------------------------------
+
 
 def default_dir(kind: str) -> str:
     """Where ``kind``'s files go unless ``--dir`` says otherwise."""
@@ -644,19 +765,36 @@ def up(kind: str, directory: str, port: int | None) -> int:
         topology = SentinelSetup(server, directory=directory, port=port, detached=True)
     try:
         topology.start()
-    except (AssertionError, RuntimeError, OSError, redis.RedisError,
-            subprocess.SubprocessError) as exc:
-        logs = "".join("%s:\n%s" % (node.label, node.log_tail(5)) for node in topology.nodes
-                       if node.log_tail(5))
+    except (
+        AssertionError,
+        RuntimeError,
+        OSError,
+        redis.RedisError,
+        subprocess.SubprocessError,
+    ) as exc:
+        logs = "".join(
+            "%s:\n%s" % (node.label, node.log_tail(5))
+            for node in topology.nodes
+            if node.log_tail(5)
+        )
         topology.stop()
         print("redis_local: the %s did not start: %s\n%s" % (kind, exc, logs), file=sys.stderr)
         return 1
     pids = [node.process.pid for node in topology.nodes if node.process is not None]
     with open(_state_path(directory), "w") as handle:
-        json.dump({"kind": kind, "url": topology.url, "pids": pids,
-                   "ports": [node.port for node in topology.nodes]}, handle)
-    print("a local Redis %s runs on %s (files in %s)" % (
-        kind, ", ".join(str(node.port) for node in topology.nodes), directory))
+        json.dump(
+            {
+                "kind": kind,
+                "url": topology.url,
+                "pids": pids,
+                "ports": [node.port for node in topology.nodes],
+            },
+            handle,
+        )
+    print(
+        "a local Redis %s runs on %s (files in %s)"
+        % (kind, ", ".join(str(node.port) for node in topology.nodes), directory)
+    )
     _print_url(topology.url, kind, directory)
     return 0
 
@@ -679,24 +817,31 @@ def down(directory: str) -> int:
         print("redis_local: could not stop pids %s" % stuck, file=sys.stderr)
         return 1
     shutil.rmtree(directory, ignore_errors=True)
-    print("stopped the local Redis %s (%d servers) and removed %s"
-          % (state["kind"], len(state["pids"]), directory))
+    print(
+        "stopped the local Redis %s (%d servers) and removed %s"
+        % (state["kind"], len(state["pids"]), directory)
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Start or stop a local Redis Cluster (3 primaries + 3 replicas) or "
-                    "Sentinel set-up (a primary, a replica, 3 sentinels) on Redis 7.")
+        "Sentinel set-up (a primary, a replica, 3 sentinels) on Redis 7."
+    )
     parser.add_argument("kind", choices=("cluster", "sentinel"), help="which set-up")
-    parser.add_argument("action", choices=("up", "down"),
-                        help="up: start it and print its REDIS_URL; down: stop it")
-    parser.add_argument("--dir", help="where its files go (default: %s)"
-                        % default_dir("<kind>"))
-    parser.add_argument("--port", type=int, metavar="PORT",
-                        help="cluster: first node's port, the others follow (default: 7000); "
-                             "sentinel: the primary's, the replica's next, the sentinels' "
-                             "20000 above (default: 6380); 0: any free ports")
+    parser.add_argument(
+        "action", choices=("up", "down"), help="up: start it and print its REDIS_URL; down: stop it"
+    )
+    parser.add_argument("--dir", help="where its files go (default: %s)" % default_dir("<kind>"))
+    parser.add_argument(
+        "--port",
+        type=int,
+        metavar="PORT",
+        help="cluster: first node's port, the others follow (default: 7000); "
+        "sentinel: the primary's, the replica's next, the sentinels' "
+        "20000 above (default: 6380); 0: any free ports",
+    )
     return parser
 
 

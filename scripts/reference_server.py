@@ -183,7 +183,7 @@ class Client(asyncio.Protocol):
                 if len(self.buffer) > 16384:
                     self.transport.close()
                 return
-            head, self.buffer = self.buffer[:end].decode("latin1"), self.buffer[end + 4:]
+            head, self.buffer = self.buffer[:end].decode("latin1"), self.buffer[end + 4 :]
             self.request(head)
             if not self.upgraded:
                 return
@@ -198,23 +198,32 @@ class Client(asyncio.Protocol):
             headers[name.strip().lower()] = value.strip()
         path = parts[1] if len(parts) > 1 else "/"
         if path.startswith("/health"):
-            body = json.dumps({"status": "ok", "pid": os.getpid(),
-                               "connections": len(self.hub.clients),
-                               "streams": len(self.hub.streams)}).encode()
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-                                 % (len(body), body))
+            body = json.dumps(
+                {
+                    "status": "ok",
+                    "pid": os.getpid(),
+                    "connections": len(self.hub.clients),
+                    "streams": len(self.hub.streams),
+                }
+            ).encode()
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
             self.transport.close()
             return
         key = headers.get("sec-websocket-key")
         if headers.get("upgrade", "").lower() != "websocket" or not key:
-            self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
-                                 b"Connection: close\r\n\r\n")
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
             self.transport.close()
             return
         accept = base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest())
-        self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                             b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept)
+        self.transport.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept
+        )
         self.upgraded = True
         self.hub.clients.add(self)
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
@@ -241,9 +250,9 @@ class Client(asyncio.Protocol):
             masked = b1 & 0x80
             if len(buf) - at < n + (4 if masked else 0):
                 break
-            payload = buf[at + 4:at + 4 + n] if masked else buf[at:at + n]
+            payload = buf[at + 4 : at + 4 + n] if masked else buf[at : at + n]
             if masked:
-                mask = buf[at:at + 4]
+                mask = buf[at : at + 4]
                 key = int.from_bytes((mask * (n // 4 + 1))[:n], "big") if n else 0
                 payload = (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
                 at += 4
@@ -272,8 +281,9 @@ class Client(asyncio.Protocol):
         else:
             return
         if self.hub.acks:
-            self.transport.write(text_frame(json.dumps(
-                {"result": None, "id": request.get("id")}).encode()))
+            self.transport.write(
+                text_frame(json.dumps({"result": None, "id": request.get("id")}).encode())
+            )
 
     def drop(self):
         self.transport.abort()
@@ -290,15 +300,20 @@ async def serve(host, port, redis_url, acks=False, max_buffer=8 << 20, backlog=4
     hub = Hub(loop, acks=acks, max_buffer=max_buffer)
     url = urllib.parse.urlsplit(redis_url)
     _, hub.redis = await loop.create_connection(
-        lambda: RedisSubscriber(hub), url.hostname or "127.0.0.1", url.port or 6379)
+        lambda: RedisSubscriber(hub), url.hostname or "127.0.0.1", url.port or 6379
+    )
     if url.password:
         hub.redis.send(_command("AUTH", urllib.parse.unquote(url.password)))
-    server = await loop.create_server(lambda: Client(hub), host, port, backlog=backlog,
-                                      reuse_address=True)
+    server = await loop.create_server(
+        lambda: Client(hub), host, port, backlog=backlog, reuse_address=True
+    )
     bound = server.sockets[0].getsockname()[1]
-    print("reference server listening on ws://%s:%d/ (pid %d, %s)"
-          % (host, bound, os.getpid(), type(loop).__module__.split(".")[0]),
-          file=sys.stderr, flush=True)
+    print(
+        "reference server listening on ws://%s:%d/ (pid %d, %s)"
+        % (host, bound, os.getpid(), type(loop).__module__.split(".")[0]),
+        file=sys.stderr,
+        flush=True,
+    )
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
@@ -313,17 +328,35 @@ async def serve(host, port, redis_url, acks=False, max_buffer=8 << 20, backlog=4
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Minimal Redis pub/sub to WebSocket fan-out server (benchmark yardstick).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--listen", default="127.0.0.1:4100", metavar="HOST:PORT",
-                        help="address to listen on (port 0: any free port)")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
-                        help="Redis to subscribe (redis:// only; channel name = stream name)")
-    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
-                        help="event loop; auto: uvloop when installed")
-    parser.add_argument("--acks", action="store_true",
-                        help='reply {"result":null,"id":n} to requests')
-    parser.add_argument("--max-buffer", type=int, default=8 << 20, metavar="BYTES",
-                        help="drop a client whose unsent data passes this")
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--listen",
+        default="127.0.0.1:4100",
+        metavar="HOST:PORT",
+        help="address to listen on (port 0: any free port)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/0",
+        help="Redis to subscribe (redis:// only; channel name = stream name)",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop; auto: uvloop when installed",
+    )
+    parser.add_argument(
+        "--acks", action="store_true", help='reply {"result":null,"id":n} to requests'
+    )
+    parser.add_argument(
+        "--max-buffer",
+        type=int,
+        default=8 << 20,
+        metavar="BYTES",
+        help="drop a client whose unsent data passes this",
+    )
     parser.add_argument("--backlog", type=int, default=socket.SOMAXCONN, help="listen backlog")
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
@@ -331,13 +364,22 @@ def main(argv=None):
     if args.loop != "asyncio":
         try:
             import uvloop
+
             runner = uvloop.run
         except ImportError:
             if args.loop == "uvloop":
                 parser.error("uvloop is not installed (pip install uvloop)")
     try:
-        return runner(serve(host.strip("[]") or "0.0.0.0", int(port), args.redis_url,
-                            args.acks, args.max_buffer, args.backlog))
+        return runner(
+            serve(
+                host.strip("[]") or "0.0.0.0",
+                int(port),
+                args.redis_url,
+                args.acks,
+                args.max_buffer,
+                args.backlog,
+            )
+        )
     except KeyboardInterrupt:
         return 130
 

@@ -50,12 +50,19 @@ def wait_for(predicate, timeout: float) -> bool:
 
 def start_demo(port: int) -> subprocess.Popen:
     """``python -m marketstream --demo`` on 127.0.0.1:``port``."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("REDIS_URL", "WS_STREAM_URL", "MARKETSTREAM_CONFIG")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "WS_STREAM_URL", "MARKETSTREAM_CONFIG")
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "marketstream", "--demo", "--listen", "127.0.0.1:%d" % port],
-        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def browser(chromium: str, chromedriver: str, width: int, height: int):
@@ -65,13 +72,20 @@ def browser(chromium: str, chromedriver: str, width: int, height: int):
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                     "--disable-gpu", "--hide-scrollbars", "--window-size=%d,%d" % (width, height)):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=%d,%d" % (width, height),
+    ):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {"width": width, "height": height, "deviceScaleFactor": 1,
-                            "mobile": False})
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+    )
     return driver
 
 
@@ -80,29 +94,42 @@ def missing_tools(chromium: str, chromedriver: str) -> str | None:
     try:
         import selenium  # noqa: F401
     except ImportError:
-        return ("selenium is not installed: pip install -e '.[test]' (the test extra; "
-                "or pip install 'selenium>=4.20')")
-    for name, path, package in (("chromium", chromium, "chromium"),
-                                ("chromedriver", chromedriver, "chromium-driver")):
+        return (
+            "selenium is not installed: pip install -e '.[test]' (the test extra; "
+            "or pip install 'selenium>=4.20')"
+        )
+    for name, path, package in (
+        ("chromium", chromium, "chromium"),
+        ("chromedriver", chromedriver, "chromium-driver"),
+    ):
         if not os.access(path, os.X_OK):
-            return ("%s not found at %s: apt-get install %s (or --%s PATH)"
-                    % (name, path, package, name))
+            return "%s not found at %s: apt-get install %s (or --%s PATH)" % (
+                name,
+                path,
+                package,
+                name,
+            )
     return None
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default=os.path.join(ROOT, "docs", "demo.png"),
-                        help="where to save the PNG (default: docs/demo.png)")
+    parser.add_argument(
+        "--output",
+        default=os.path.join(ROOT, "docs", "demo.png"),
+        help="where to save the PNG (default: docs/demo.png)",
+    )
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--url", help="page of a running server (default: start the demo)")
-    parser.add_argument("--trades", type=int, default=28,
-                        help="trades on the tape before the shot (default: 28)")
+    parser.add_argument(
+        "--trades", type=int, default=28, help="trades on the tape before the shot (default: 28)"
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for data")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
-    parser.add_argument("--chromedriver",
-                        default=shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    parser.add_argument(
+        "--chromedriver", default=shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    )
     args = parser.parse_args(argv)
     missing = missing_tools(args.chromium, args.chromedriver)
     if missing:
@@ -115,8 +142,10 @@ def main(argv=None) -> int:
         port = free_port()
         demo = start_demo(port)
         url = "http://127.0.0.1:%d/" % port
-        if (not wait_for(lambda: demo.poll() is not None or health_status(port) == 200, 30)
-                or demo.poll() is not None):
+        if (
+            not wait_for(lambda: demo.poll() is not None or health_status(port) == 200, 30)
+            or demo.poll() is not None
+        ):
             print("screenshot: the demo server did not start", file=sys.stderr)
             demo.kill()
             return 1
@@ -124,8 +153,9 @@ def main(argv=None) -> int:
     try:
         driver.get(url)
         if not wait_for(lambda: driver.execute_script(READY, args.trades), args.timeout):
-            print("screenshot: no live data on %s within %gs" % (url, args.timeout),
-                  file=sys.stderr)
+            print(
+                "screenshot: no live data on %s within %gs" % (url, args.timeout), file=sys.stderr
+            )
             return 1
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         driver.save_screenshot(args.output)

@@ -83,7 +83,7 @@ POLL_INTERVAL = 0.02
 # The positions step: messages before the disconnect, missed while away.
 POSITIONED = 5
 MISSED = 3
-HISTORY = 100    # capped history of the smoke stream
+HISTORY = 100  # capped history of the smoke stream
 HISTORY_TTL = 60  # seconds; the keys are also deleted at the end
 
 
@@ -183,7 +183,9 @@ class Connection:
     def closed_detail(self):
         ws = self.ws
         return "the server closed the connection (code %s%s)" % (
-            ws.close_code, ", %s" % ws.close_reason if ws.close_reason else "")
+            ws.close_code,
+            ", %s" % ws.close_reason if ws.close_reason else "",
+        )
 
     async def next_frame(self, deadline, what):
         """The next text frame; StepFailed at ``deadline`` or on close."""
@@ -248,13 +250,16 @@ class Smoke:
 
     def _redis(self):
         if self.redis is None:
-            self.redis = sync_client(self.redis_url, socket_timeout=self.timeout,
-                                           socket_connect_timeout=self.timeout)
+            self.redis = sync_client(
+                self.redis_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+            )
         return self.redis
 
     def _redis_failed(self, what, exc):
-        return StepFailed("%sRedis %s: %s" % (what + " " if what else "",
-                                               redact_url(self.redis_url), _error_text(exc)))
+        return StepFailed(
+            "%sRedis %s: %s"
+            % (what + " " if what else "", redact_url(self.redis_url), _error_text(exc))
+        )
 
     @property
     def sharded(self):
@@ -272,8 +277,9 @@ class Smoke:
                 # Ask the primary that owns the channel's slot (summing over
                 # every node, as redis-py would, gives 0).
                 node = client.get_node_from_key(self.stream)
-                return client.execute_command("PUBSUB SHARDNUMSUB", self.stream,
-                                              target_nodes=node)[0][1]
+                return client.execute_command("PUBSUB SHARDNUMSUB", self.stream, target_nodes=node)[
+                    0
+                ][1]
             return client.pubsub_numsub(self.stream)[0][1]
         except redis.RedisError as exc:
             raise self._redis_failed("", exc) from None
@@ -284,16 +290,21 @@ class Smoke:
         return (client.spublish if self.sharded else client.publish)(self.stream, payload)
 
     async def _open(self):
-        request = tornado.httpclient.HTTPRequest(self.ws_url, connect_timeout=self.timeout,
-                                                 request_timeout=self.timeout)
+        request = tornado.httpclient.HTTPRequest(
+            self.ws_url, connect_timeout=self.timeout, request_timeout=self.timeout
+        )
         try:
             ws = await asyncio.wait_for(tornado.websocket.websocket_connect(request), self.timeout)
         except asyncio.TimeoutError:
-            raise StepFailed("%s: no handshake within %.1fs"
-                             % (self.ws_url, self.timeout)) from None
+            raise StepFailed(
+                "%s: no handshake within %.1fs" % (self.ws_url, self.timeout)
+            ) from None
         except tornado.httpclient.HTTPClientError as exc:
-            body = exc.response.body[:200].decode("utf-8", "replace") if (
-                exc.response is not None and exc.response.body) else ""
+            body = (
+                exc.response.body[:200].decode("utf-8", "replace")
+                if (exc.response is not None and exc.response.body)
+                else ""
+            )
             raise StepFailed("%s: handshake refused: %s %s" % (self.ws_url, exc, body)) from None
         except (OSError, tornado.websocket.WebSocketError) as exc:
             raise StepFailed("%s: %s" % (self.ws_url, _error_text(exc))) from None
@@ -322,8 +333,11 @@ class Smoke:
                             message = json.loads(frame)
                         except ValueError:
                             message = None
-                        if (isinstance(message, dict) and message.get("id") == list_id
-                                and "stream" not in message):
+                        if (
+                            isinstance(message, dict)
+                            and message.get("id") == list_id
+                            and "stream" not in message
+                        ):
                             listed = message.get("result")
                             if not isinstance(listed, list):
                                 raise StepFailed("LIST_SUBSCRIPTIONS answered %s" % frame[:300])
@@ -340,14 +354,18 @@ class Smoke:
                     count = self.numsub()
                     if done(count):
                         asked = True
-                        await conn.ws.write_message(json.dumps(
-                            {"method": "LIST_SUBSCRIPTIONS", "id": list_id}))
+                        await conn.ws.write_message(
+                            json.dumps({"method": "LIST_SUBSCRIPTIONS", "id": list_id})
+                        )
                 if time.monotonic() > deadline:
                     if asked:
-                        raise StepFailed("no answer to LIST_SUBSCRIPTIONS within %.1fs"
-                                         % self.timeout)
-                    raise StepFailed("PUBSUB %s %s is %d after %.1fs: %s"
-                                     % (self.numsub_name, self.stream, count, self.timeout, what))
+                        raise StepFailed(
+                            "no answer to LIST_SUBSCRIPTIONS within %.1fs" % self.timeout
+                        )
+                    raise StepFailed(
+                        "PUBSUB %s %s is %d after %.1fs: %s"
+                        % (self.numsub_name, self.stream, count, self.timeout, what)
+                    )
                 await asyncio.sleep(POLL_INTERVAL)
         finally:
             # Put back what was not ours, in order, ahead of anything newer.
@@ -363,7 +381,8 @@ class Smoke:
         url = health_url(self.ws_url)
         try:
             response = await tornado.httpclient.AsyncHTTPClient().fetch(
-                url, raise_error=False, connect_timeout=self.timeout, request_timeout=self.timeout)
+                url, raise_error=False, connect_timeout=self.timeout, request_timeout=self.timeout
+            )
         except (OSError, tornado.httpclient.HTTPClientError) as exc:
             raise StepFailed("GET %s: %s" % (url, _error_text(exc))) from None
         if response.code == 599:
@@ -374,15 +393,19 @@ class Smoke:
         except ValueError:
             status = None
         if response.code != 200:
-            raise StepFailed("GET %s: HTTP %d %s" % (url, response.code,
-                                                     body[:300].decode("utf-8", "replace")))
+            raise StepFailed(
+                "GET %s: HTTP %d %s" % (url, response.code, body[:300].decode("utf-8", "replace"))
+            )
         if not isinstance(status, dict):
-            raise StepFailed("GET %s: HTTP 200 but the body is not a JSON object: %r"
-                             % (url, body[:200]))
+            raise StepFailed(
+                "GET %s: HTTP 200 but the body is not a JSON object: %r" % (url, body[:200])
+            )
         detail = "%s HTTP 200, status %s" % (url, status.get("status"))
         if "connections" in status:
-            detail += ", %s client(s), %s stream(s)" % (status.get("connections"),
-                                                        status.get("streams"))
+            detail += ", %s client(s), %s stream(s)" % (
+                status.get("connections"),
+                status.get("streams"),
+            )
         return detail
 
     async def connect(self):
@@ -392,23 +415,36 @@ class Smoke:
 
     async def subscribe(self):
         self.baseline = self.numsub()
-        await self.conn.ws.write_message(json.dumps(
-            {"method": "SUBSCRIBE", "params": [self.stream], "id": 1}))
+        await self.conn.ws.write_message(
+            json.dumps({"method": "SUBSCRIBE", "params": [self.stream], "id": 1})
+        )
         count, acked, listed = await self._await_numsub(
-            self.conn, lambda n: n > self.baseline and n >= 1, 1,
+            self.conn,
+            lambda n: n > self.baseline and n >= 1,
+            1,
             "the server did not subscribe the Redis channel (invalid stream name? "
-            "is the server on this Redis?)")
+            "is the server on this Redis?)",
+        )
         if self.stream not in listed:
             raise StepFailed("LIST_SUBSCRIPTIONS does not list %s: %s" % (self.stream, listed))
         return "%s subscribed in Redis %s (PUBSUB %s %d -> %d%s)" % (
-            self.stream, redact_url(self.redis_url), self.numsub_name, self.baseline, count,
-            ", acknowledged" if acked else "")
+            self.stream,
+            redact_url(self.redis_url),
+            self.numsub_name,
+            self.baseline,
+            count,
+            ", acknowledged" if acked else "",
+        )
 
     async def deliver(self):
         probe_id = os.urandom(8).hex()
-        probe = json.dumps({"stream": self.stream, "data": {
-            "e": "smoke", "id": probe_id, "E": int(time.time() * 1_000_000)}},
-            separators=(",", ":")).encode()
+        probe = json.dumps(
+            {
+                "stream": self.stream,
+                "data": {"e": "smoke", "id": probe_id, "E": int(time.time() * 1_000_000)},
+            },
+            separators=(",", ":"),
+        ).encode()
         started = time.monotonic()
         deadline = started + self.timeout
         try:
@@ -418,60 +454,83 @@ class Smoke:
         ignored = 0
         while True:
             frame = await self.conn.next_frame(
-                deadline, "the probe did not arrive within %.1fs (%d Redis subscriber(s) got it, "
-                          "%d unrelated frame(s) ignored)" % (self.timeout, receivers, ignored))
+                deadline,
+                "the probe did not arrive within %.1fs (%d Redis subscriber(s) got it, "
+                "%d unrelated frame(s) ignored)" % (self.timeout, receivers, ignored),
+            )
             elapsed = time.monotonic() - started
             data = frame.encode("utf-8") if isinstance(frame, str) else frame
             if data == probe:
                 return "probe arrived byte-identical in %.1f ms%s" % (
-                    elapsed * 1000, " (%d unrelated frame(s) ignored)" % ignored if ignored else "")
+                    elapsed * 1000,
+                    " (%d unrelated frame(s) ignored)" % ignored if ignored else "",
+                )
             if probe_id.encode() in data:
-                received = data[:len(probe) + 200].decode("utf-8", "replace")
-                raise StepFailed("the probe arrived altered: sent %s, received %s"
-                                 % (probe.decode(), received))
+                received = data[: len(probe) + 200].decode("utf-8", "replace")
+                raise StepFailed(
+                    "the probe arrived altered: sent %s, received %s" % (probe.decode(), received)
+                )
             ignored += 1  # a gap notice, an acknowledgement, anything else
 
     async def unsubscribe(self):
-        await self.conn.ws.write_message(json.dumps(
-            {"method": "UNSUBSCRIBE", "params": [self.stream], "id": 2}))
+        await self.conn.ws.write_message(
+            json.dumps({"method": "UNSUBSCRIBE", "params": [self.stream], "id": 2})
+        )
         count, acked, listed = await self._await_numsub(
-            self.conn, lambda n: n <= self.baseline, 2,
-            "the server did not release the Redis channel")
+            self.conn,
+            lambda n: n <= self.baseline,
+            2,
+            "the server did not release the Redis channel",
+        )
         if self.stream in listed:
             raise StepFailed("LIST_SUBSCRIPTIONS still lists %s" % self.stream)
         return "Redis channel %s released (PUBSUB %s %d%s)" % (
-            self.stream, self.numsub_name, count, ", acknowledged" if acked else "")
+            self.stream,
+            self.numsub_name,
+            count,
+            ", acknowledged" if acked else "",
+        )
 
     async def close(self):
         self.closed_by_us = True
         code = await self.conn.close(self.timeout)
         if code is None:
-            raise StepFailed("the server did not answer the close frame within %.1fs"
-                             % self.timeout)
+            raise StepFailed(
+                "the server did not answer the close frame within %.1fs" % self.timeout
+            )
         if code != 1000:
             ws = self.conn.ws
-            raise StepFailed("the server answered with close code %s%s" % (
-                code, " (%s)" % ws.close_reason if ws.close_reason else ""))
+            raise StepFailed(
+                "the server answered with close code %s%s"
+                % (code, " (%s)" % ws.close_reason if ws.close_reason else "")
+            )
         return "close code 1000 echoed"
 
     # --- positions and resume -----------------------------------------------
 
     async def positions(self):
         if not is_smoke_stream(self.stream):
-            raise StepSkipped("not run on %s, a live stream (--force): it would add "
-                              "positions and history to it" % self.stream)
+            raise StepSkipped(
+                "not run on %s, a live stream (--force): it would add "
+                "positions and history to it" % self.stream
+            )
         try:
             from marketstream.publisher import Publisher
         except ImportError:
-            raise StepSkipped("not supported by this installation "
-                              "(marketstream.publisher is missing)") from None
+            raise StepSkipped(
+                "not supported by this installation (marketstream.publisher is missing)"
+            ) from None
         publisher = Publisher(self._redis(), history=HISTORY, ttl=HISTORY_TTL)
         run_id = os.urandom(8).hex()
         counter = iter(range(1, 1_000_000))
 
         def publish():
-            data = {"e": "smoke", "id": run_id, "i": next(counter),
-                    "E": int(time.time() * 1_000_000)}
+            data = {
+                "e": "smoke",
+                "id": run_id,
+                "i": next(counter),
+                "E": int(time.time() * 1_000_000),
+            }
             self.wrote_history = True
             try:
                 return publisher.publish(self.stream, data), data
@@ -483,14 +542,22 @@ class Smoke:
         # timeout, a server that drops messages with positions (it does not
         # know them) from a slow one: Redis and the server keep the order.
         first = await self._open()
-        await first.ws.write_message(json.dumps(
-            {"method": "SUBSCRIBE", "params": [self.stream], "id": 11}))
-        await self._await_numsub(first, lambda n: n > self.baseline and n >= 1, 11,
-                                 "the server did not subscribe the Redis channel")
+        await first.ws.write_message(
+            json.dumps({"method": "SUBSCRIBE", "params": [self.stream], "id": 11})
+        )
+        await self._await_numsub(
+            first,
+            lambda n: n > self.baseline and n >= 1,
+            11,
+            "the server did not subscribe the Redis channel",
+        )
         sent = [publish()]
         try:
-            self.publish_plain(json.dumps(
-                {"stream": self.stream, "data": {"e": "smoke", "id": run_id, "fence": True}}))
+            self.publish_plain(
+                json.dumps(
+                    {"stream": self.stream, "data": {"e": "smoke", "id": run_id, "fence": True}}
+                )
+            )
         except redis.RedisError as exc:
             raise self._redis_failed("PUBLISH to", exc) from None
         sent += [publish() for _ in range(POSITIONED - 1)]
@@ -499,8 +566,9 @@ class Smoke:
             raise StepFailed("the publisher's positions do not rise by 1: %s" % seqs)
         await self._expect(first, run_id, sent, "live", first_frame=True)
         if await first.close(self.timeout) is None:
-            raise StepFailed("the server did not answer the close frame within %.1fs"
-                             % self.timeout)
+            raise StepFailed(
+                "the server did not answer the close frame within %.1fs" % self.timeout
+            )
 
         # 2. Missed while disconnected, then resumed with "since" (behind a
         # load balancer possibly on another instance), followed by live
@@ -510,30 +578,46 @@ class Smoke:
         missed = [publish() for _ in range(MISSED)]
         last = seqs[-1]
         second = await self._open()
-        await second.ws.write_message(json.dumps(
-            {"method": "SUBSCRIBE", "params": [self.stream], "id": 12,
-             "since": {self.stream: last}}))
-        await self._await_numsub(second, lambda n: n > self.baseline and n >= 1, 12,
-                                 "the server did not subscribe the Redis channel")
+        await second.ws.write_message(
+            json.dumps(
+                {
+                    "method": "SUBSCRIBE",
+                    "params": [self.stream],
+                    "id": 12,
+                    "since": {self.stream: last},
+                }
+            )
+        )
+        await self._await_numsub(
+            second,
+            lambda n: n > self.baseline and n >= 1,
+            12,
+            "the server did not subscribe the Redis channel",
+        )
         live = [publish()]
-        await self._expect(second, run_id, missed + live, "resumed with since=%d" % last,
-                           early=live[0])
+        await self._expect(
+            second, run_id, missed + live, "resumed with since=%d" % last, early=live[0]
+        )
         if await second.close(self.timeout) is None:
-            raise StepFailed("the server did not answer the close frame within %.1fs"
-                             % self.timeout)
-        return ("%d messages with positions %d..%d, rising by 1; after a disconnect the %d "
-                "missed (%d..%d) arrived exactly once on resume with since=%d, then live %d"
-                % (POSITIONED, seqs[0], last, MISSED, missed[0][0], missed[-1][0], last,
-                   live[0][0]))
+            raise StepFailed(
+                "the server did not answer the close frame within %.1fs" % self.timeout
+            )
+        return (
+            "%d messages with positions %d..%d, rising by 1; after a disconnect the %d "
+            "missed (%d..%d) arrived exactly once on resume with since=%d, then live %d"
+            % (POSITIONED, seqs[0], last, MISSED, missed[0][0], missed[-1][0], last, live[0][0])
+        )
 
     async def _await_released(self):
         """Wait until no client of this run holds the Redis channel."""
         deadline = time.monotonic() + self.timeout
         while (count := self.numsub()) > self.baseline:
             if time.monotonic() > deadline:
-                raise StepFailed("PUBSUB %s %s is %d %.1fs after the disconnect: the server did "
-                                 "not release the Redis channel" % (self.numsub_name, self.stream,
-                                                                    count, self.timeout))
+                raise StepFailed(
+                    "PUBSUB %s %s is %d %.1fs after the disconnect: the server did "
+                    "not release the Redis channel"
+                    % (self.numsub_name, self.stream, count, self.timeout)
+                )
             await asyncio.sleep(POLL_INTERVAL)
 
     async def _expect(self, conn, run_id, sent, what, first_frame=False, early=None):
@@ -551,8 +635,10 @@ class Smoke:
         for index, (seq, data) in enumerate(sent):
             while True:
                 frame = await conn.next_frame(
-                    deadline, "%s: %d of %d message(s) arrived within %.1fs"
-                    % (what, index, len(sent), self.timeout))
+                    deadline,
+                    "%s: %d of %d message(s) arrived within %.1fs"
+                    % (what, index, len(sent), self.timeout),
+                )
                 raw = frame.encode("utf-8") if isinstance(frame, str) else frame
                 try:
                     message = json.loads(raw)
@@ -570,18 +656,23 @@ class Smoke:
                 check_support = first_frame and index == 0
                 if got.get("fence"):
                     if check_support:
-                        raise StepSkipped(unsupported % "it dropped a message published with a "
-                                          "position, and delivered a plain one sent after it")
+                        raise StepSkipped(
+                            unsupported % "it dropped a message published with a "
+                            "position, and delivered a plain one sent after it"
+                        )
                     continue
                 if "seq" not in message and check_support:
-                    raise StepSkipped(unsupported % "frames carry no \"seq\"")
+                    raise StepSkipped(unsupported % 'frames carry no "seq"')
                 if early is not None and early != (seq, data) and got == early[1]:
-                    raise StepFailed("%s: %d of %d missed message(s) arrived before the live "
-                                     "one at position %d" % (what, index, len(sent) - 1,
-                                                             early[0]))
+                    raise StepFailed(
+                        "%s: %d of %d missed message(s) arrived before the live "
+                        "one at position %d" % (what, index, len(sent) - 1, early[0])
+                    )
                 if message.get("seq") != seq or got != data:
-                    raise StepFailed("%s: expected position %d (message %d), got %s"
-                                     % (what, seq, data["i"], raw[:300].decode("utf-8", "replace")))
+                    raise StepFailed(
+                        "%s: expected position %d (message %d), got %s"
+                        % (what, seq, data["i"], raw[:300].decode("utf-8", "replace"))
+                    )
                 break
 
     # --- driver --------------------------------------------------------------
@@ -620,6 +711,7 @@ class Smoke:
             try:
                 if self.wrote_history and is_smoke_stream(self.stream):
                     from marketstream.publisher import stream_keys
+
                     self.redis.delete(*stream_keys(self.stream))
             except (redis.RedisError, ImportError):
                 pass  # they expire on their own
@@ -632,21 +724,34 @@ class Smoke:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Smoke-test a running marketstream server: health, connect, subscribe, "
-                    "deliver, unsubscribe, close, positions. Exit code 0 when all pass, "
-                    "1 when one fails, 2 for a usage error.")
-    parser.add_argument("--ws-url", default=os.environ.get("WS_STREAM_URL") or DEFAULT_WS,
-                        help="ws://host:port/path or host:port (then ws://host:port/ws); "
-                             "default: $WS_STREAM_URL, else %s" % DEFAULT_WS)
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL") or None,
-                        help="the Redis the server listens to (required; default: $REDIS_URL)")
-    parser.add_argument("--stream", default=None,
-                        help="stream to test with; its market must start with %s "
-                             "(default: a random trade.%s_<HEX>)"
-                             % (SMOKE_MARKET_PREFIX, SMOKE_MARKET_PREFIX))
-    parser.add_argument("--force", action="store_true",
-                        help="allow a --stream that looks live (the probe is published into it)")
-    parser.add_argument("--timeout", type=float, default=5.0,
-                        help="deadline of each wait in seconds (default: 5)")
+        "deliver, unsubscribe, close, positions. Exit code 0 when all pass, "
+        "1 when one fails, 2 for a usage error."
+    )
+    parser.add_argument(
+        "--ws-url",
+        default=os.environ.get("WS_STREAM_URL") or DEFAULT_WS,
+        help="ws://host:port/path or host:port (then ws://host:port/ws); "
+        "default: $WS_STREAM_URL, else %s" % DEFAULT_WS,
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL") or None,
+        help="the Redis the server listens to (required; default: $REDIS_URL)",
+    )
+    parser.add_argument(
+        "--stream",
+        default=None,
+        help="stream to test with; its market must start with %s "
+        "(default: a random trade.%s_<HEX>)" % (SMOKE_MARKET_PREFIX, SMOKE_MARKET_PREFIX),
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="allow a --stream that looks live (the probe is published into it)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="deadline of each wait in seconds (default: 5)"
+    )
     return parser
 
 
@@ -657,13 +762,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
     if not args.redis_url:
-        parser.error("no Redis URL: pass --redis-url URL or set REDIS_URL to the Redis the "
-                     "server listens to (marketstream --demo prints its URL)")
+        parser.error(
+            "no Redis URL: pass --redis-url URL or set REDIS_URL to the Redis the "
+            "server listens to (marketstream --demo prints its URL)"
+        )
     stream = args.stream or default_stream()
     if not is_smoke_stream(stream) and not args.force:
-        parser.error("--stream %s looks like a live stream: the probe would be published into "
-                     "it. Use a market starting with %s (e.g. trade.%s_PROBE), or add --force"
-                     % (stream, SMOKE_MARKET_PREFIX, SMOKE_MARKET_PREFIX))
+        parser.error(
+            "--stream %s looks like a live stream: the probe would be published into "
+            "it. Use a market starting with %s (e.g. trade.%s_PROBE), or add --force"
+            % (stream, SMOKE_MARKET_PREFIX, SMOKE_MARKET_PREFIX)
+        )
     try:
         ws_url = ws_url_from(args.ws_url)
     except ValueError as exc:

@@ -62,8 +62,6 @@ def server(io_loop, server_factory):
     return io_loop.run_sync(server_factory)
 
 
-
-
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     """Collect garbage before pytest formats a failure.

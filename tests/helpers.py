@@ -48,8 +48,10 @@ def numsub(redis_client, channel):
 
 async def subscribed(redis_client, *channels, count=1):
     for channel in channels:
-        await async_wait_until(lambda channel=channel: numsub(redis_client, channel) == count,
-                               message="%s subscribed upstream" % channel)
+        await async_wait_until(
+            lambda channel=channel: numsub(redis_client, channel) == count,
+            message="%s subscribed upstream" % channel,
+        )
 
 
 async def subscribe_all(server, redis_client, clients, stream):
@@ -63,14 +65,18 @@ async def subscribe_all(server, redis_client, clients, stream):
 
 async def listeners(server, stream, count):
     """Wait until ``count`` connections of ``server`` listen to ``stream``."""
-    await async_wait_until(lambda: len(server.manager.streams.get(stream, ())) == count,
-                           message="%d listeners on %s" % (count, stream))
+    await async_wait_until(
+        lambda: len(server.manager.streams.get(stream, ())) == count,
+        message="%d listeners on %s" % (count, stream),
+    )
 
 
 async def released(redis_client, *channels):
     for channel in channels:
-        await async_wait_until(lambda channel=channel: numsub(redis_client, channel) == 0,
-                               message="%s released upstream" % channel)
+        await async_wait_until(
+            lambda channel=channel: numsub(redis_client, channel) == 0,
+            message="%s released upstream" % channel,
+        )
 
 
 async def read(ws, timeout=5.0):
@@ -106,12 +112,20 @@ class ServerProcess:
 
     def __init__(self, *args, env=None, port=None):
         self.port = port or free_port()
-        environ = {k: v for k, v in os.environ.items()
-                   if k not in ("REDIS_URL", "WS_STREAM_URL", "MARKETSTREAM_CONFIG")}
+        environ = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("REDIS_URL", "WS_STREAM_URL", "MARKETSTREAM_CONFIG")
+        }
         environ.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "marketstream", "--listen", "127.0.0.1:%d" % self.port, *args],
-            cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=ROOT,
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -125,20 +139,31 @@ class ServerProcess:
         return "".join(self.lines)
 
     def wait_listening(self, timeout=15):
-        wait_until(lambda: "listening on" in self.output or self.proc.poll() is not None,
-                   timeout, message="server start")
+        wait_until(
+            lambda: "listening on" in self.output or self.proc.poll() is not None,
+            timeout,
+            message="server start",
+        )
         assert self.proc.poll() is None, self.output
 
     def wait_healthy(self, timeout=20):
         """Wait until GET /health answers 200 (or the process exits)."""
-        wait_until(lambda: self.proc.poll() is not None or health_status(self.port) == 200,
-                   timeout, interval=0.05, message="GET /health -> 200")
+        wait_until(
+            lambda: self.proc.poll() is not None or health_status(self.port) == 200,
+            timeout,
+            interval=0.05,
+            message="GET /health -> 200",
+        )
         assert self.proc.poll() is None, "server exited early:\n" + self.output
 
     def redis_children(self):
         import psutil
-        return [child for child in psutil.Process(self.proc.pid).children(recursive=True)
-                if "redis-server" in child.name()]
+
+        return [
+            child
+            for child in psutil.Process(self.proc.pid).children(recursive=True)
+            if "redis-server" in child.name()
+        ]
 
     def stop(self, timeout=10):
         """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
@@ -175,8 +200,10 @@ async def clients_on_every_worker(server, redis_client, stream, workers=2, timeo
     clients = []
     deadline = time.monotonic() + timeout
     while redis_client.pubsub_numsub(stream)[0][1] < workers or len(clients) < least:
-        assert time.monotonic() < deadline, (
-            "connections never reached all %d workers:\n%s" % (workers, server.output))
+        assert time.monotonic() < deadline, "connections never reached all %d workers:\n%s" % (
+            workers,
+            server.output,
+        )
         clients.extend(await asyncio.gather(*(one() for _ in range(10))))
     return clients
 
@@ -184,6 +211,7 @@ async def clients_on_every_worker(server, redis_client, stream, workers=2, timeo
 def load_script(path):
     """The module of a script in scripts/ (imported, not run)."""
     import importlib.util
+
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -197,8 +225,14 @@ def assert_options_documented(path, options):
     for action in load_script(path).build_parser()._actions:
         if action.dest != "help":
             assert action.help, "%s has no help text" % action.option_strings
-    text = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=60, check=True).stdout
+    text = subprocess.run(
+        [sys.executable, path, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=True,
+    ).stdout
     for option in options:
-        entry = text[text.index("\n  " + option):].split("\n  -", 2)[1]
+        entry = text[text.index("\n  " + option) :].split("\n  -", 2)[1]
         assert "default:" in entry, (option, entry)

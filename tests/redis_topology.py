@@ -32,8 +32,16 @@ import pytest
 
 from tests.helpers import ROOT, load_script
 
-__all__ = ["Cluster", "Node", "SentinelSetup", "cluster", "find_redis7", "redis_cluster",
-           "redis_sentinel", "sentinel"]
+__all__ = [
+    "Cluster",
+    "Node",
+    "SentinelSetup",
+    "cluster",
+    "find_redis7",
+    "redis_cluster",
+    "redis_sentinel",
+    "sentinel",
+]
 
 _local = load_script(os.path.join(ROOT, "scripts", "redis_local.py"))
 Cluster = _local.Cluster

@@ -28,15 +28,15 @@ async def test_acks_true_turns_replies_on_for_that_connection_only(server, redis
     asking, other = await connect(server), await connect(server)
     await request(asking, "SUBSCRIBE", ["trade.ACK_USDT"], 1, acks=True)
     assert ujson.loads(await read(asking)) == {"result": None, "id": 1}
-    assert numsub(redis_client, "trade.ACK_USDT") == 1   # the reply waited for Redis
-    await request(asking, "UNSUBSCRIBE", ["trade.ACK_USDT"], 2)   # on from then on
+    assert numsub(redis_client, "trade.ACK_USDT") == 1  # the reply waited for Redis
+    await request(asking, "UNSUBSCRIBE", ["trade.ACK_USDT"], 2)  # on from then on
     assert ujson.loads(await read(asking)) == {"result": None, "id": 2}
 
     await request(other, "SUBSCRIBE", ["trade.ACK_USDT", "trades.ACK_USDT"], 1)
     await listeners(server, "trade.ACK_USDT", 1)
     await subscribed(redis_client, "trade.ACK_USDT")
     redis_client.publish("trade.ACK_USDT", '{"stream":"trade.ACK_USDT","data":{"e":"trade"}}')
-    assert ujson.loads(await read(other))["data"] == {"e": "trade"}   # no reply before it
+    assert ujson.loads(await read(other))["data"] == {"e": "trade"}  # no reply before it
     await no_message(asking)
 
 
@@ -45,25 +45,35 @@ async def test_a_bad_acks_value_is_an_invalid_request(server):
     ws = await connect(server)
     await request(ws, "SUBSCRIBE", ["trade.ACK_USDT"], 1, acks="yes")
     await request(ws, "LIST_SUBSCRIPTIONS", request_id=2)
-    assert ujson.loads(await read(ws)) == {"result": [], "id": 2}   # acks off: no error reply
+    assert ujson.loads(await read(ws)) == {"result": [], "id": 2}  # acks off: no error reply
     assert server.counters.invalid_frames == 1
 
 
 @pytest.mark.gen_test
 async def test_some_good_some_bad_says_which_were_subscribed_and_which_refused(server_factory):
-    server = await server_factory(protocol__acks="true",
-                                  limits__max_streams_per_connection=3)
+    server = await server_factory(protocol__acks="true", limits__max_streams_per_connection=3)
     ws = await connect(server)
-    await request(ws, "SUBSCRIBE", ["trade.A_USDT", "trades.A_USDT", "trade.a_usdt",
-                                    "ausdt@trade", "trade.A_USDT", "depth.A_USDT"])
+    await request(
+        ws,
+        "SUBSCRIBE",
+        [
+            "trade.A_USDT",
+            "trades.A_USDT",
+            "trade.a_usdt",
+            "ausdt@trade",
+            "trade.A_USDT",
+            "depth.A_USDT",
+        ],
+    )
     error = ujson.loads(await read(ws))["error"]
     assert error["code"] == 2
     assert error["subscribed"] == ["trade.A_USDT", "depth.A_USDT"]
     assert error["refused"] == {
         "trades.A_USDT": "unknown stream type 'trades' (allowed: depth, trade, ticker, "
-                         "bookTicker, kline)",
+        "bookTicker, kline)",
         "trade.a_usdt": "invalid market 'a_usdt' (must match ^[A-Z0-9]+_[A-Z0-9]+$)",
-        "ausdt@trade": "stream name must be <type>.<MARKET>, e.g. trade.BTC_USDT"}
+        "ausdt@trade": "stream name must be <type>.<MARKET>, e.g. trade.BTC_USDT",
+    }
     assert "trades.A_USDT: unknown stream type 'trades'" in error["msg"]
     # One stream left of three: the second is refused for the limit.
     await request(ws, "SUBSCRIBE", ["ticker.A_USDT", "trade.A_USDT", "kline.1m.A_USDT"], 2)
@@ -77,10 +87,18 @@ async def test_some_good_some_bad_says_which_were_subscribed_and_which_refused(s
     await request(ws, "SUBSCRIBE", ["bookTicker.A_USDT"], 4)
     assert ujson.loads(await read(ws)) == {"result": None, "id": 4}
     await request(ws, "LIST_SUBSCRIPTIONS", request_id=5)
-    assert ujson.loads(await read(ws))["result"] == ["trade.A_USDT", "depth.A_USDT",
-                                                     "bookTicker.A_USDT"]
-    assert server.counters.rejected == {"invalid_name": 1, "unknown_type": 2,
-                                        "unknown_market": 1, "too_many_streams": 1, "max_channels": 0}
+    assert ujson.loads(await read(ws))["result"] == [
+        "trade.A_USDT",
+        "depth.A_USDT",
+        "bookTicker.A_USDT",
+    ]
+    assert server.counters.rejected == {
+        "invalid_name": 1,
+        "unknown_type": 2,
+        "unknown_market": 1,
+        "too_many_streams": 1,
+        "max_channels": 0,
+    }
 
 
 @pytest.mark.gen_test
@@ -120,7 +138,9 @@ async def test_replies_come_in_the_order_of_the_requests(server_factory, redis_c
     # Carried out at once, while Redis is paused.
     await async_wait_until(
         lambda: server.manager.subscriptions(handler) == ["trade.PAUSE_B"],
-        timeout=1.0, message="requests carried out during the pause")
+        timeout=1.0,
+        message="requests carried out during the pause",
+    )
     assert time.monotonic() - paused_at < 1.0
     replies = [ujson.loads(await read(ws, timeout=10)) for _ in range(5)]
     assert [reply["id"] for reply in replies] == [1, 2, 3, None, 4]
@@ -134,20 +154,20 @@ async def test_replies_come_in_the_order_of_the_requests(server_factory, redis_c
 
 
 @pytest.mark.gen_test
-async def test_refused_names_are_logged_at_info_at_most_once_a_second_and_counted(
-        server, caplog):
+async def test_refused_names_are_logged_at_info_at_most_once_a_second_and_counted(server, caplog):
     caplog.set_level(logging.INFO, logger="marketstream.server.handlers")
     watch = await Watch(server).start()
     ws = await connect(server)
-    for i in range(20):   # acks off: the client hears nothing, the log does
+    for i in range(20):  # acks off: the client hears nothing, the log does
         await request(ws, "SUBSCRIBE", ["trades.L%d_USDT" % i, "trade.l_usdt"], i)
     await async_wait_until(lambda: server.counters.rejected_streams == 40, message="counted")
     lines = [r.getMessage() for r in caplog.records if "refused stream" in r.getMessage()]
     assert lines[0].startswith("refused stream 'trades.L0_USDT' from 127.0.0.1:")
-    assert lines[0].endswith("unknown stream type 'trades' (allowed: depth, trade, ticker, "
-                             "bookTicker, kline)")
+    assert lines[0].endswith(
+        "unknown stream type 'trades' (allowed: depth, trade, ticker, bookTicker, kline)"
+    )
     assert all(r.levelno == logging.INFO for r in caplog.records if "refused" in r.getMessage())
-    assert len(lines) <= 2   # forty refusals in (most likely) well under two seconds
+    assert len(lines) <= 2  # forty refusals in (most likely) well under two seconds
     await watch.moved("marketstream_rejected_streams_total{cause=unknown_type}", 20)
     await watch.moved("marketstream_rejected_streams_total{cause=unknown_market}", 20)
     await watch.moved("marketstream_dropped_total{cause=rejected_stream}", 40)

@@ -16,17 +16,34 @@ REDIS7, WHY = find_redis7()
 
 
 def bench(*args, timeout=120):
-    result = subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True,
-                            timeout=timeout, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, BENCH, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     return result
 
 
 @pytest.mark.skipif(REDIS7 is None, reason=str(WHY))
 def test_tiny_run_counts_every_delivery_per_shard():
-    figures = json.loads(bench(
-        "--connections", "20", "--streams", "30", "--per-conn", "3", "--rate", "300",
-        "--duration", "1", "--replicas", "0", "--receiver-processes", "2", "--json").stdout)
+    figures = json.loads(
+        bench(
+            "--connections",
+            "20",
+            "--streams",
+            "30",
+            "--per-conn",
+            "3",
+            "--rate",
+            "300",
+            "--duration",
+            "1",
+            "--replicas",
+            "0",
+            "--receiver-processes",
+            "2",
+            "--json",
+        ).stdout
+    )
     shards = figures["shards"]
     assert len(shards) == figures["primaries"] == 3
     assert sum(s["slots"] for s in shards) == 16384
@@ -49,8 +66,10 @@ def test_tiny_run_counts_every_delivery_per_shard():
 
 def test_frames_cut_anywhere_are_counted_once_per_stream():
     module = load_script(BENCH)
-    frames = b"".join(b'\x81\x40{"stream":"trade.SYM%d_USDC","data":{"E":%d}}'
-                      % (k, 1727866324088000000 + k) for k in (7, 12345, 7, 0))
+    frames = b"".join(
+        b'\x81\x40{"stream":"trade.SYM%d_USDC","data":{"E":%d}}' % (k, 1727866324088000000 + k)
+        for k in (7, 12345, 7, 0)
+    )
     for cut in range(1, len(frames)):
         module.StreamCounter.counts.clear()
         module.StreamCounter.sampling = True
@@ -62,6 +81,20 @@ def test_frames_cut_anywhere_are_counted_once_per_stream():
 
 
 def test_every_option_has_help_and_shows_its_default():
-    assert_options_documented(BENCH, (
-        "--connections", "--streams", "--per-conn", "--rate", "--duration", "--recoverable",
-        "--primaries", "--replicas", "--server-cpu", "--load-cpu", "--no-pin", "--json"))
+    assert_options_documented(
+        BENCH,
+        (
+            "--connections",
+            "--streams",
+            "--per-conn",
+            "--rate",
+            "--duration",
+            "--recoverable",
+            "--primaries",
+            "--replicas",
+            "--server-cpu",
+            "--load-cpu",
+            "--no-pin",
+            "--json",
+        ),
+    )

@@ -11,14 +11,35 @@ import pytest
 from tests.helpers import ROOT, assert_options_documented, load_script
 
 BENCH = os.path.join(ROOT, "scripts", "bench_resume.py")
-TINY = ("--resuming", "30", "--live", "20", "--streams", "4", "--rate", "200",
-        "--warmup", "0.3", "--baseline", "0.6", "--outage", "0.3", "--storm-window", "0.3",
-        "--verify", "0.2", "--timeout", "20", "--json")
+TINY = (
+    "--resuming",
+    "30",
+    "--live",
+    "20",
+    "--streams",
+    "4",
+    "--rate",
+    "200",
+    "--warmup",
+    "0.3",
+    "--baseline",
+    "0.6",
+    "--outage",
+    "0.3",
+    "--storm-window",
+    "0.3",
+    "--verify",
+    "0.2",
+    "--timeout",
+    "20",
+    "--json",
+)
 
 
 def bench(*args, timeout=120):
-    result = subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True,
-                            timeout=timeout, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, BENCH, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -45,9 +66,22 @@ def test_tiny_storm_every_client_catches_up_exactly(form):
 
 
 def test_every_option_has_help_and_shows_its_default():
-    assert_options_documented(BENCH, (
-        "--resuming", "--live", "--streams", "--rate", "--outage", "--form", "--server-cpu",
-        "--load-cpu", "--no-pin", "--json", "--py-spy"))
+    assert_options_documented(
+        BENCH,
+        (
+            "--resuming",
+            "--live",
+            "--streams",
+            "--rate",
+            "--outage",
+            "--form",
+            "--server-cpu",
+            "--load-cpu",
+            "--no-pin",
+            "--json",
+            "--py-spy",
+        ),
+    )
 
 
 def test_weighted_percentile_counts_every_frame_of_a_read():

@@ -13,32 +13,74 @@ BENCH = os.path.join(ROOT, "scripts", "bench_fanout.py")
 
 
 def bench(*args, timeout=120):
-    result = subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True,
-                            timeout=timeout, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, BENCH, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     return result
 
 
 def test_bench_small_run_reports_figures():
-    figures = json.loads(bench(
-        "--connections", "20", "--streams", "4", "--per-conn", "2", "--rate", "200",
-        "--duration", "1", "--warmup", "0.5", "--json", "--receiver", "python",
-        "--set", "server.fast_handshake=false").stdout)
+    figures = json.loads(
+        bench(
+            "--connections",
+            "20",
+            "--streams",
+            "4",
+            "--per-conn",
+            "2",
+            "--rate",
+            "200",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.5",
+            "--json",
+            "--receiver",
+            "python",
+            "--set",
+            "server.fast_handshake=false",
+        ).stdout
+    )
     assert figures["expected_deliveries"] == figures["received_deliveries"] > 0
     assert figures["loss_percent"] == 0
-    for key in ("latency_ms_p50", "latency_ms_p99", "latency_ms_p99_steady",
-                "rss_per_connection_kb",
-                "server_cpu_seconds", "server_cpu_seconds_per_million", "handshakes_per_second",
-                "sustained_deliveries_per_second", "drain_seconds", "published_per_second"):
+    for key in (
+        "latency_ms_p50",
+        "latency_ms_p99",
+        "latency_ms_p99_steady",
+        "rss_per_connection_kb",
+        "server_cpu_seconds",
+        "server_cpu_seconds_per_million",
+        "handshakes_per_second",
+        "sustained_deliveries_per_second",
+        "drain_seconds",
+        "published_per_second",
+    ):
         assert figures[key] is not None, key
 
 
 def test_side_by_side_with_the_reference_server_and_recoverable_publishing():
-    output = json.loads(bench(
-        "--connections", "30", "--streams", "10", "--per-conn", "3", "--rate", "300",
-        # The warm-up ends with the first progress report: both commands
-        # reach the receiver at once.
-        "--duration", "2", "--warmup", "1", "--compare", "--recoverable", "--json").stdout)
+    output = json.loads(
+        bench(
+            "--connections",
+            "30",
+            "--streams",
+            "10",
+            "--per-conn",
+            "3",
+            "--rate",
+            "300",
+            # The warm-up ends with the first progress report: both commands
+            # reach the receiver at once.
+            "--duration",
+            "2",
+            "--warmup",
+            "1",
+            "--compare",
+            "--recoverable",
+            "--json",
+        ).stdout
+    )
     runs = output["runs"]
     assert set(runs) == {"marketstream", "reference", "marketstream (recoverable)"}
     for label, [figures] in runs.items():
@@ -49,32 +91,76 @@ def test_side_by_side_with_the_reference_server_and_recoverable_publishing():
 
 
 def test_every_option_has_help_and_shows_its_default():
-    assert_options_documented(BENCH, (
-        "--connections", "--duration", "--server-cpu", "--load-cpu", "--no-pin", "--json",
-        "--redis-url", "--streams", "--per-conn", "--rate"))
+    assert_options_documented(
+        BENCH,
+        (
+            "--connections",
+            "--duration",
+            "--server-cpu",
+            "--load-cpu",
+            "--no-pin",
+            "--json",
+            "--redis-url",
+            "--streams",
+            "--per-conn",
+            "--rate",
+        ),
+    )
 
 
 def test_a_target_run_does_not_claim_to_pin_the_server(redis_url):
     server = ServerProcess("--redis-url", redis_url)
     try:
         server.wait_healthy()
-        figures = json.loads(bench(
-            "--target", "ws://127.0.0.1:%d/ws" % server.port, "--redis-url", redis_url,
-            "--connections", "10", "--streams", "2", "--rate", "100", "--duration", "1",
-            "--receiver", "python", "--json").stdout)
+        figures = json.loads(
+            bench(
+                "--target",
+                "ws://127.0.0.1:%d/ws" % server.port,
+                "--redis-url",
+                redis_url,
+                "--connections",
+                "10",
+                "--streams",
+                "2",
+                "--rate",
+                "100",
+                "--duration",
+                "1",
+                "--receiver",
+                "python",
+                "--json",
+            ).stdout
+        )
     finally:
         server.stop()
     assert figures["server_cpus"] is None and "pinned" not in figures
     assert figures["received_deliveries"] == figures["expected_deliveries"] > 0
 
 
-@pytest.mark.skipif(not any(os.path.exists(os.path.join(d, "cc"))
-                            for d in os.environ.get("PATH", "").split(os.pathsep)),
-                    reason="no C compiler for wsblast")
+@pytest.mark.skipif(
+    not any(
+        os.path.exists(os.path.join(d, "cc")) for d in os.environ.get("PATH", "").split(os.pathsep)
+    ),
+    reason="no C compiler for wsblast",
+)
 def test_wsblast_receiver_is_built_and_counts_every_frame():
-    figures = json.loads(bench(
-        "--connections", "40", "--streams", "20", "--per-conn", "5", "--rate", "400",
-        "--duration", "1", "--receiver", "wsblast", "--json").stdout)
+    figures = json.loads(
+        bench(
+            "--connections",
+            "40",
+            "--streams",
+            "20",
+            "--per-conn",
+            "5",
+            "--rate",
+            "400",
+            "--duration",
+            "1",
+            "--receiver",
+            "wsblast",
+            "--json",
+        ).stdout
+    )
     assert figures["receiver"] == "wsblast"
     assert figures["received_deliveries"] == figures["expected_deliveries"] > 0
     assert figures["latency_samples"] > 0

@@ -13,15 +13,32 @@ import pytest
 from tests.helpers import ROOT, assert_options_documented, load_script
 
 BENCH = os.path.join(ROOT, "scripts", "bench_storm.py")
-TINY = ("--connections", "60", "--client-processes", "2", "--streams", "5", "--tick", "0.02",
-        "--settle", "0.2", "--idle-wait", "0.2", "--timeout", "20", "--time-wait-limit", "1000000",
-        "--json")
+TINY = (
+    "--connections",
+    "60",
+    "--client-processes",
+    "2",
+    "--streams",
+    "5",
+    "--tick",
+    "0.02",
+    "--settle",
+    "0.2",
+    "--idle-wait",
+    "0.2",
+    "--timeout",
+    "20",
+    "--time-wait-limit",
+    "1000000",
+    "--json",
+)
 HAS_NGINX = shutil.which("nginx") or os.access("/usr/sbin/nginx", os.X_OK)
 
 
 def bench(*args, timeout=120):
-    result = subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True,
-                            timeout=timeout, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, BENCH, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -73,7 +90,22 @@ def test_tiny_storm_against_the_reference_server():
 
 
 def test_every_option_has_help_and_shows_its_default():
-    assert_options_documented(BENCH, (
-        "--connections", "--streams", "--per-conn", "--tick", "--client-processes", "--processes",
-        "--nginx", "--nginx-backlog", "--server-cpu", "--load-cpu", "--no-pin", "--json",
-        "--py-spy", "--repeat"))
+    assert_options_documented(
+        BENCH,
+        (
+            "--connections",
+            "--streams",
+            "--per-conn",
+            "--tick",
+            "--client-processes",
+            "--processes",
+            "--nginx",
+            "--nginx-backlog",
+            "--server-cpu",
+            "--load-cpu",
+            "--no-pin",
+            "--json",
+            "--py-spy",
+            "--repeat",
+        ),
+    )

@@ -21,15 +21,27 @@ DASHBOARD = os.path.join(ROOT, "conf", "grafana-dashboard.json")
 # Labels Prometheus adds to every series it scrapes.
 TARGET_LABELS = {"instance", "job"}
 # What Grafana puts in place of its variables before it sends a query.
-VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h",
-             "$instance": ".*", "${instance}": ".*"}
+VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "1m",
+    "$__range": "1h",
+    "$instance": ".*",
+    "${instance}": ".*",
+}
 # What the dashboard must show (the operator's first look).
-REQUIRED = {"marketstream_connections", "marketstream_deliveries_total",
-            "marketstream_bytes_sent_total", "marketstream_dropped_total",
-            "marketstream_refused_handshakes_total", "marketstream_redis_link_up",
-            "marketstream_redis_reconnects_total", "marketstream_gap_notices_total",
-            "marketstream_batch_latency_seconds_bucket",
-            "marketstream_publish_latency_seconds_bucket", "marketstream_batch_size_bucket"}
+REQUIRED = {
+    "marketstream_connections",
+    "marketstream_deliveries_total",
+    "marketstream_bytes_sent_total",
+    "marketstream_dropped_total",
+    "marketstream_refused_handshakes_total",
+    "marketstream_redis_link_up",
+    "marketstream_redis_reconnects_total",
+    "marketstream_gap_notices_total",
+    "marketstream_batch_latency_seconds_bucket",
+    "marketstream_publish_latency_seconds_bucket",
+    "marketstream_batch_size_bucket",
+}
 
 
 def load():
@@ -105,7 +117,8 @@ def unknown(expr, exported):
 
 async def scrape(port):
     response = await tornado.httpclient.AsyncHTTPClient().fetch(
-        "http://127.0.0.1:%d/metrics" % port)
+        "http://127.0.0.1:%d/metrics" % port
+    )
     exported = {}
     for family in text_string_to_metric_families(response.body.decode()):
         for sample in family.samples:  # with _total, _bucket, _sum, _count
@@ -139,7 +152,9 @@ def test_dashboard_is_an_importable_grafana_dashboard():
         refs = [target["refId"] for target in panel["targets"]]
         assert len(set(refs)) == len(refs), panel["title"]
         for target in panel["targets"]:
-            assert target["expr"] and target.get("datasource", {"uid": "$datasource"})["uid"] in uses
+            assert (
+                target["expr"] and target.get("datasource", {"uid": "$datasource"})["uid"] in uses
+            )
     for variable in variables.values():
         if variable["type"] == "query":
             assert variable["datasource"]["uid"] in uses
@@ -147,12 +162,19 @@ def test_dashboard_is_an_importable_grafana_dashboard():
 
 def test_the_check_finds_what_a_server_does_not_export():
     exported = {"marketstream_dropped_total": {"cause"}}
-    assert unknown('sum by (cause) (rate(marketstream_dropped_total{instance=~"$instance"}'
-                   '[$__rate_interval]))', exported) == ([], [])
+    assert unknown(
+        'sum by (cause) (rate(marketstream_dropped_total{instance=~"$instance"}'
+        "[$__rate_interval]))",
+        exported,
+    ) == ([], [])
     assert unknown("rate(marketstream_droped_total[1m])", exported) == (
-        ["marketstream_droped_total"], [])
+        ["marketstream_droped_total"],
+        [],
+    )
     assert unknown("sum by (reason) (rate(marketstream_dropped_total[1m]))", exported) == (
-        [], ["reason"])
+        [],
+        ["reason"],
+    )
     with pytest.raises(ValueError):
         names_and_labels("rate(marketstream_dropped_total)")  # not a range vector
 
@@ -167,7 +189,8 @@ async def test_every_dashboard_query_names_what_the_server_exports(server):
         used |= names
         missing, labels = unknown(expr, exported)
         if missing or labels:
-            problems.append("%s: metrics %s, labels %s not exported: %s"
-                            % (where, missing, labels, expr))
+            problems.append(
+                "%s: metrics %s, labels %s not exported: %s" % (where, missing, labels, expr)
+            )
     assert not problems, "\n".join(problems)
     assert not REQUIRED - used, sorted(REQUIRED - used)

@@ -39,6 +39,7 @@ def calls(redis_client, *commands):
 
 # --- connections and channels from one address --------------------------------------
 
+
 @pytest.mark.gen_test(timeout=120)
 async def test_one_address_gets_500_connections_by_default_then_429(server, descriptors):
     """The attack opened 98 connections from one address (no limit by
@@ -62,7 +63,8 @@ async def test_one_address_gets_500_connections_by_default_then_429(server, desc
 
 @pytest.mark.gen_test(timeout=60)
 async def test_the_channel_cap_refuses_new_streams_with_an_error_and_counts_them(
-        server_factory, redis_client):
+    server_factory, redis_client
+):
     server = await server_factory(limits__max_channels=4, protocol__acks="true")
     names = ["trade.CAP%d%s_USDT" % (i, tag()) for i in range(6)]
     watch = await Watch(server).start()
@@ -75,25 +77,33 @@ async def test_the_channel_cap_refuses_new_streams_with_an_error_and_counts_them
     reply = json.loads(await read(second))
     assert reply["id"] == 2 and reply["error"]["code"] == 2
     assert reply["error"]["msg"] == "; ".join(
-        "%s: too many streams on this server" % name for name in names[4:])
+        "%s: too many streams on this server" % name for name in names[4:]
+    )
     await send(second, "LIST_SUBSCRIPTIONS", request_id=3)
     assert json.loads(await read(second)) == {"result": names[1:4], "id": 3}
     assert sorted(redis_client.pubsub_channels("trade.CAP*")) == sorted(
-        name.encode() for name in names[:4])
+        name.encode() for name in names[:4]
+    )
     assert server.counters.rejected["max_channels"] == 2
-    await watch.moved('marketstream_rejected_streams_total{cause=max_channels}', 2)
+    await watch.moved("marketstream_rejected_streams_total{cause=max_channels}", 2)
     # The first client leaves: its own channel lingers, and gives way to a new one.
     first.close()
     await async_wait_until(lambda: len(server.manager.connections) == 1)
     await send(second, "SUBSCRIBE", names[4:5], 4)
     assert json.loads(await read(second)) == {"result": None, "id": 4}
-    await async_wait_until(lambda: sorted(redis_client.pubsub_channels("trade.CAP*")) == sorted(
-        name.encode() for name in names[1:5]), message="names[0] released for names[4]")
+    await async_wait_until(
+        lambda: (
+            sorted(redis_client.pubsub_channels("trade.CAP*"))
+            == sorted(name.encode() for name in names[1:5])
+        ),
+        message="names[0] released for names[4]",
+    )
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_many_connections_of_many_streams_stop_at_the_channel_cap(server_factory,
-                                                                        redis_client):
+async def test_many_connections_of_many_streams_stop_at_the_channel_cap(
+    server_factory, redis_client
+):
     """The measured attack (98 connections x 1,024 streams = 100,352 Redis
     channels in 3.1 s), scaled down: 6 connections x 200 streams against a
     cap of 500.  Without acks the refused streams are ignored like invalid
@@ -102,12 +112,25 @@ async def test_many_connections_of_many_streams_stop_at_the_channel_cap(server_f
     prefix = "trade.ATK%s" % tag()
     clients = [await RawClient.connect(server.settings.port) for _ in range(6)]
     for c, client in enumerate(clients):
-        client.send(ujson.dumps({"method": "SUBSCRIBE", "id": c, "params": [
-            "%sC%dS%d_USDT" % (prefix, c, j) for j in range(200)]}))
-    await async_wait_until(lambda: server.counters.rejected["max_channels"] == 700,
-                           timeout=20, message="700 streams refused")
-    await async_wait_until(lambda: len(redis_client.pubsub_channels(prefix + "*")) == 500,
-                           timeout=20, message="500 channels subscribed")
+        client.send(
+            ujson.dumps(
+                {
+                    "method": "SUBSCRIBE",
+                    "id": c,
+                    "params": ["%sC%dS%d_USDT" % (prefix, c, j) for j in range(200)],
+                }
+            )
+        )
+    await async_wait_until(
+        lambda: server.counters.rejected["max_channels"] == 700,
+        timeout=20,
+        message="700 streams refused",
+    )
+    await async_wait_until(
+        lambda: len(redis_client.pubsub_channels(prefix + "*")) == 500,
+        timeout=20,
+        message="500 channels subscribed",
+    )
     assert sum(len(streams) for streams in server.manager.connections.values()) == 500
     # Valid names, refused for the cap: counted with the other refused streams.
     assert server.counters.rejected_streams == 700
@@ -140,8 +163,11 @@ async def test_subscribe_unsubscribe_churn_costs_redis_nothing(server_factory, r
     assert calls(redis_client, "subscribe", "unsubscribe") == before
     # Once nobody wants them, the channels are released after all.
     ws.close()
-    await async_wait_until(lambda: redis_client.pubsub_channels("trade.CH*") == [], timeout=10,
-                           message="channels released")
+    await async_wait_until(
+        lambda: redis_client.pubsub_channels("trade.CH*") == [],
+        timeout=10,
+        message="channels released",
+    )
     assert calls(redis_client, "unsubscribe")["unsubscribe"] > before["unsubscribe"]
 
 
@@ -153,10 +179,10 @@ STREAMS, HISTORY, PAD = 120, 200, "x" * 380
 def publish_histories(redis_url, names):
     with Publisher(redis_url, history=HISTORY, ttl=600) as pub:
         for i in range(HISTORY):
-            pub.publish_many([(name, '{"e":"trade","t":%d,"x":"%s"}' % (i, PAD))
-                              for name in names])
-        latest = pub.publish_many([(name, '{"e":"trade","t":%d,"x":"%s"}' % (HISTORY, PAD))
-                                   for name in names])
+            pub.publish_many([(name, '{"e":"trade","t":%d,"x":"%s"}' % (i, PAD)) for name in names])
+        latest = pub.publish_many(
+            [(name, '{"e":"trade","t":%d,"x":"%s"}' % (HISTORY, PAD)) for name in names]
+        )
     return dict(zip(names, latest))
 
 
@@ -183,8 +209,14 @@ def test_five_clients_resuming_everything_from_zero_cost_what_they_can_be_sent(r
             await asyncio.sleep(0.5)
             rss_before = proc.memory_info().rss
             sent_before = int(client.info("stats")["total_net_output_bytes"])
-            request = json.dumps({"method": "SUBSCRIBE", "params": names, "id": 1,
-                                  "since": {name: 0 for name in names}})
+            request = json.dumps(
+                {
+                    "method": "SUBSCRIBE",
+                    "params": names,
+                    "id": 1,
+                    "since": {name: 0 for name in names},
+                }
+            )
             assert len(request) > 5000
             for raw in clients:
                 raw.send(request)
@@ -192,7 +224,7 @@ def test_five_clients_resuming_everything_from_zero_cost_what_they_can_be_sent(r
             redis_sent = int(client.info("stats")["total_net_output_bytes"]) - sent_before
             grown = proc.memory_info().rss - rss_before
             for frames, size in got:
-                assert size <= 600_000          # half of max_buffer_bytes, and the frame headers
+                assert size <= 600_000  # half of max_buffer_bytes, and the frame headers
                 for name in names:
                     mine = frames[name]
                     assert mine[0] == "gap", mine[:3]
@@ -207,7 +239,7 @@ def test_five_clients_resuming_everything_from_zero_cost_what_they_can_be_sent(r
             return redis_sent, grown
 
         redis_sent, grown = asyncio.run(scenario())
-        assert redis_sent < 4_000_000, redis_sent     # 11 MB stored, 5 clients
+        assert redis_sent < 4_000_000, redis_sent  # 11 MB stored, 5 clients
         assert grown < 8_000_000, grown
         assert "slow consumer" not in server.output
         assert "failed" not in server.output, server.output
@@ -247,8 +279,9 @@ async def read_reply(raw):
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_a_resume_on_many_streams_reads_the_history_a_few_at_a_time(server, redis_client,
-                                                                           redis_url, caplog):
+async def test_a_resume_on_many_streams_reads_the_history_a_few_at_a_time(
+    server, redis_client, redis_url, caplog
+):
     """200 streams resumed at once made 200 history reads at once; past
     redis-py's pool of 100 connections they failed and were retried, with
     a warning per stream and per retry.  Reads run a few at a time."""
@@ -258,8 +291,16 @@ async def test_a_resume_on_many_streams_reads_the_history_a_few_at_a_time(server
         latest = dict(zip(names, pub.publish_many([(name, {"e": "trade"}) for name in names])))
     caplog.set_level(logging.WARNING, "marketstream")
     raw = await RawClient.connect(server.settings.port)
-    raw.send(json.dumps({"method": "SUBSCRIBE", "params": names, "id": 1,
-                         "since": {name: latest[name] - 1 for name in names}}))
+    raw.send(
+        json.dumps(
+            {
+                "method": "SUBSCRIBE",
+                "params": names,
+                "id": 1,
+                "since": {name: latest[name] - 1 for name in names},
+            }
+        )
+    )
     seen = {}
     while len(seen) < len(names):
         opcode, payload = await raw.recv(10)
@@ -273,9 +314,11 @@ async def test_a_resume_on_many_streams_reads_the_history_a_few_at_a_time(server
 
 # --- payloads that would land on another stream -------------------------------------
 
+
 @pytest.mark.gen_test(timeout=60)
-async def test_payloads_that_are_not_the_channels_own_never_reach_clients(server, redis_client,
-                                                                          caplog):
+async def test_payloads_that_are_not_the_channels_own_never_reach_clients(
+    server, redis_client, caplog
+):
     """A publisher (or anyone who can write to Redis) sent ``@<seq> ``
     followed by invalid UTF-8 or a second ``"stream"``, and clients got it
     (a browser's ``JSON.parse`` takes the last ``"stream"``: the frame
@@ -311,8 +354,11 @@ async def test_payloads_that_are_not_the_channels_own_never_reach_clients(server
         redis_client.publish(name, payload.replace(b"%s", name.encode()))
     probe = Publisher(redis_client).publish(name, {"e": "trade", "stream": "inside data is data"})
     message = json.loads(await read(ws))
-    assert message == {"stream": name, "data": {"e": "trade", "stream": "inside data is data"},
-                       "seq": probe}
+    assert message == {
+        "stream": name,
+        "data": {"e": "trade", "stream": "inside data is data"},
+        "seq": probe,
+    }
     assert server.counters.dropped_malformed == len(malformed)
     assert server.counters.dropped_wrong_stream == len(wrong)
     await watch.moved("marketstream_dropped_total{cause=malformed_payload}", len(malformed))
@@ -322,8 +368,7 @@ async def test_payloads_that_are_not_the_channels_own_never_reach_clients(server
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_stored_messages_that_are_not_the_streams_own_are_not_replayed(server,
-                                                                             redis_client):
+async def test_stored_messages_that_are_not_the_streams_own_are_not_replayed(server, redis_client):
     """What the history holds is checked like what is published: an entry
     written with another stream's frame is not replayed."""
     name = "trade.HST%s_USDT" % tag()
@@ -331,8 +376,11 @@ async def test_stored_messages_that_are_not_the_streams_own_are_not_replayed(ser
         first = pub.publish(name, {"t": 1})
     bad = first + 1
     log_key = stream_keys(name)[1]
-    redis_client.xadd(log_key, {"p": b'@%d {"stream":"depth.X_Y","data":{},"seq":%d}'
-                                % (bad, bad)}, id="%d-0" % bad)
+    redis_client.xadd(
+        log_key,
+        {"p": b'@%d {"stream":"depth.X_Y","data":{},"seq":%d}' % (bad, bad)},
+        id="%d-0" % bad,
+    )
     redis_client.set(stream_keys(name)[0], bad)
     with Publisher(redis_client) as pub:
         last = pub.publish(name, {"t": 3})

@@ -87,8 +87,11 @@ def command_line(env):
         if word.startswith("$"):
             args += env.get(word[1:], "").split()
         else:
-            args.append(word.replace("/etc/marketstream/marketstream.ini",
-                                     os.path.join(CONF, "marketstream.ini")))
+            args.append(
+                word.replace(
+                    "/etc/marketstream/marketstream.ini", os.path.join(CONF, "marketstream.ini")
+                )
+            )
     return args
 
 
@@ -134,15 +137,23 @@ def test_the_unit_says_how_to_build_the_package_it_installs(tmp_path):
     installed = re.search(r"/opt/marketstream/bin/pip install (dist/\S+\.tar\.gz)", unit).group(1)
     # The build as the unit says, offline (the build backend is installed).
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation",
-                    "--outdir", str(dist), ROOT], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(dist), ROOT],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     built = glob.glob(os.path.join(str(tmp_path), installed))
     assert len(built) == 1, os.listdir(dist)
     # It holds the whole package: the Lua script and the static files too.
     with tarfile.open(built[0]) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    for name in ("server/app.py", "wire/recovery.lua", "server/static/marketstream.js",
-                 "server/static/index.html"):
+    for name in (
+        "server/app.py",
+        "wire/recovery.lua",
+        "server/static/marketstream.js",
+        "server/static/index.html",
+    ):
         assert "marketstream/" + name in names, name
 
 
@@ -163,8 +174,12 @@ def test_nginx_upstream_lists_exactly_the_instances():
 def test_install_lines_name_files_that_exist():
     unit = read(UNIT)
     named = set(re.findall(r"\bconf/[\w.@-]+", unit))
-    assert {"conf/marketstream@.service", "conf/marketstream.ini", "conf/marketstream-1.env",
-            "conf/marketstream-2.env"} <= named
+    assert {
+        "conf/marketstream@.service",
+        "conf/marketstream.ini",
+        "conf/marketstream-1.env",
+        "conf/marketstream-2.env",
+    } <= named
     for name in named:
         assert os.path.exists(os.path.join(ROOT, name)), name
     assert "enable --now marketstream@1 marketstream@2" in unit
@@ -174,18 +189,22 @@ def test_install_lines_name_files_that_exist():
 @pytest.mark.parametrize("instance", ["1", "2"])
 def test_systemd_unit_verifies(tmp_path, instance):
     unit = read(UNIT)
-    executable = shutil.which("marketstream") or os.path.join(os.path.dirname(sys.executable),
-                                                              "marketstream")
+    executable = shutil.which("marketstream") or os.path.join(
+        os.path.dirname(sys.executable), "marketstream"
+    )
     assert os.access(executable, os.X_OK), "install the package first (pip install -e .)"
     assert unit.count("/opt/marketstream/bin/marketstream ") == 1
     unit = unit.replace("/opt/marketstream/bin/marketstream ", executable + " ")
     (tmp_path / "marketstream@.service").write_text(unit)
     # Verifying an instance loads the template with %i filled in.
-    result = subprocess.run([SYSTEMD_ANALYZE, "verify", str(tmp_path / ("marketstream@%s.service"
-                                                                          % instance))],
-                            capture_output=True, text=True)
-    problems = [line for line in (result.stdout + result.stderr).splitlines()
-                if "marketstream@" in line]
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(tmp_path / ("marketstream@%s.service" % instance))],
+        capture_output=True,
+        text=True,
+    )
+    problems = [
+        line for line in (result.stdout + result.stderr).splitlines() if "marketstream@" in line
+    ]
     assert result.returncode == 0 and not problems, problems
 
 
@@ -194,6 +213,9 @@ def test_systemd_verify_catches_a_broken_unit(tmp_path):
     # The check above is not vacuous: a mistyped value is reported.
     unit = read(UNIT).replace("Type=simple", "Type=simpel")
     (tmp_path / "marketstream@.service").write_text(unit)
-    result = subprocess.run([SYSTEMD_ANALYZE, "verify", str(tmp_path / "marketstream@1.service")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(tmp_path / "marketstream@1.service")],
+        capture_output=True,
+        text=True,
+    )
     assert "simpel" in result.stdout + result.stderr

@@ -40,16 +40,20 @@ def _get(url):
 
 def test_demo_banner_gives_redis_url_page_and_a_smoke_test_that_passes(spawn):
     server = spawn("--demo")
-    wait_until(lambda: "Check it:" in server.output or server.proc.poll() is not None, 20,
-               message="demo banner")
+    wait_until(
+        lambda: "Check it:" in server.output or server.proc.poll() is not None,
+        20,
+        message="demo banner",
+    )
     redis_url = re.search(r"Redis:\s+(redis://\S+)", server.output).group(1)
     assert "Page:      http://127.0.0.1:%d/" % server.port in server.output
     command = re.search(r"Check it:\s+(python .*)", server.output).group(1).split()
     assert command[:2] == ["python", "scripts/smoke_test.py"]
     assert redis_url in command
     # The line as printed runs as printed (from the project directory).
-    done = subprocess.run([sys.executable] + command[1:], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable] + command[1:], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -20,8 +20,17 @@ import psutil
 import pytest
 import ujson
 
-from marketstream.testing import (RawClient, async_wait_until, close_frame, handshake_request,
-                                  masked_frame, open_socket, raw_socket, until_closed, wait_until)
+from marketstream.testing import (
+    RawClient,
+    async_wait_until,
+    close_frame,
+    handshake_request,
+    masked_frame,
+    open_socket,
+    raw_socket,
+    until_closed,
+    wait_until,
+)
 from tests.helpers import ServerProcess
 
 FRAMES = {  # one client frame of each kind a flood is made of
@@ -61,9 +70,11 @@ SLOW_REQUESTS = {
 @pytest.mark.parametrize("sent", sorted(SLOW_REQUESTS))
 @pytest.mark.gen_test(timeout=60)
 async def test_a_connection_that_does_not_finish_its_handshake_in_time_is_closed(
-        server_factory, fast_handshake, sent):
-    server = await server_factory(server__handshake_timeout=1,
-                                  server__fast_handshake=fast_handshake)
+    server_factory, fast_handshake, sent
+):
+    server = await server_factory(
+        server__handshake_timeout=1, server__fast_handshake=fast_handshake
+    )
     port = server.settings.port
     started = time.monotonic()
     slow = await open_socket(port, SLOW_REQUESTS[sent])
@@ -115,12 +126,15 @@ def test_slow_handshakes_do_not_hold_descriptors(redis_url):
             sock = socket.create_connection(("127.0.0.1", server.port))
             sock.setblocking(False)
             sockets.append(sock)
-        wait_until(lambda: process.num_fds() >= baseline + 250, timeout=20,
-                   message="the slow connections accepted")
+        wait_until(
+            lambda: process.num_fds() >= baseline + 250,
+            timeout=20,
+            message="the slow connections accepted",
+        )
         for index in range(1, 60):
             for sock in sockets:
                 try:
-                    sock.send(request[index:index + 1])
+                    sock.send(request[index : index + 1])
                 except OSError:
                     pass
             if process.num_fds() <= baseline + 5:
@@ -134,6 +148,7 @@ def test_slow_handshakes_do_not_hold_descriptors(redis_url):
             client.send(LIST)
             assert ujson.loads((await client.recv())[1]) == {"result": [], "id": 1}
             client.close()
+
         asyncio.run(real_client())
     finally:
         for sock in sockets:
@@ -143,15 +158,17 @@ def test_slow_handshakes_do_not_hold_descriptors(redis_url):
 
 @pytest.mark.gen_test(timeout=60)
 async def test_handshaking_connections_count_toward_the_connection_limits(server_factory):
-    server = await server_factory(server__max_connections=3, server__max_connections_per_ip=2,
-                                  server__handshake_timeout=60)
+    server = await server_factory(
+        server__max_connections=3, server__max_connections_per_ip=2, server__handshake_timeout=60
+    )
     port = server.settings.port
     admission = server.app.context.admission
     # Two silent connections from 127.0.0.1: its share, though neither is open.
     silent = [await open_socket(port) for _ in range(2)]
     # (Silent connections wait in the kernel for a second first: TCP_DEFER_ACCEPT.)
-    await async_wait_until(lambda: admission.handshaking == 2, timeout=15,
-                           message="two handshaking")
+    await async_wait_until(
+        lambda: admission.handshaking == 2, timeout=15, message="two handshaking"
+    )
     status, _ = await answer(port)
     assert status.startswith("HTTP/1.1 429"), status
     # Another address may connect: the third connection of the process ...
@@ -164,8 +181,9 @@ async def test_handshaking_connections_count_toward_the_connection_limits(server
     assert server.counters.refused["max_connections"] == 1
     for sock in silent:
         sock.close()
-    await async_wait_until(lambda: admission.handshaking == 0, timeout=15,
-                           message="silent ones gone")
+    await async_wait_until(
+        lambda: admission.handshaking == 0, timeout=15, message="silent ones gone"
+    )
     status, fourth = await answer(port)
     assert status.startswith("HTTP/1.1 101"), status
     third.close(), fourth.close()
@@ -176,12 +194,14 @@ async def test_one_address_cannot_hold_more_handshakes_than_its_share(server_fac
     """Past max_connections_per_ip handshakes in flight, an address's new
     connections are answered 429 at once, before anything is read: its
     descriptors stay bounded however many it opens."""
-    server = await server_factory(server__max_connections_per_ip=5,
-                                  server__handshake_timeout=60)
+    server = await server_factory(server__max_connections_per_ip=5, server__handshake_timeout=60)
     port = server.settings.port
     silent = [await open_socket(port) for _ in range(5)]
-    await async_wait_until(lambda: server.app.context.admission.handshaking == 5, timeout=15,
-                           message="five handshaking")
+    await async_wait_until(
+        lambda: server.app.context.admission.handshaking == 5,
+        timeout=15,
+        message="five handshaking",
+    )
     more = [await open_socket(port) for _ in range(20)]
     for sock in more:
         assert (await until_closed(sock, timeout=10)).startswith(b"HTTP/1.1 429")
@@ -193,11 +213,16 @@ async def test_one_address_cannot_hold_more_handshakes_than_its_share(server_fac
 
 # --- 2. request bodies ------------------------------------------------------------
 
-@pytest.mark.parametrize("head", [
-    b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 67108864\r\n\r\n",
-    b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
-    b"GET /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 4097\r\n\r\n",
-], ids=["64 MB", "chunked", "just over"])
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 67108864\r\n\r\n",
+        b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 4097\r\n\r\n",
+    ],
+    ids=["64 MB", "chunked", "just over"],
+)
 @pytest.mark.gen_test(timeout=30)
 async def test_a_request_body_is_refused_before_it_is_read(server, head):
     sock = await open_socket(server.settings.port, head)
@@ -209,9 +234,11 @@ async def test_a_request_body_is_refused_before_it_is_read(server, head):
 
 @pytest.mark.gen_test(timeout=30)
 async def test_a_small_body_still_gets_the_endpoints_own_answer(server):
-    sock = await open_socket(server.settings.port,
-                             b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
-                             b"Connection: close\r\n\r\n0123456789")
+    sock = await open_socket(
+        server.settings.port,
+        b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+        b"Connection: close\r\n\r\n0123456789",
+    )
     answered = await until_closed(sock, timeout=10)
     assert answered.startswith(b"HTTP/1.1 405"), answered  # /health takes GET
     sock.close()
@@ -232,8 +259,9 @@ def test_request_bodies_do_not_grow_the_server(redis_url):
         def post():
             sock = socket.create_connection(("127.0.0.1", server.port))
             sock.settimeout(10)
-            sock.sendall(b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-                         % (64 << 20))
+            sock.sendall(
+                b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (64 << 20)
+            )
             block = b"x" * (1 << 20)
             try:
                 for _ in range(63):
@@ -261,6 +289,7 @@ def test_request_bodies_do_not_grow_the_server(redis_url):
 
 
 # --- 3. floods of frames -------------------------------------------------------------
+
 
 class Flood:
     """Writes a frame over and over on a bare socket until stopped or the
@@ -377,6 +406,7 @@ async def test_nothing_but_a_close_frame_is_handled_after_the_servers_close_fram
 
 # --- 4. log floods ---------------------------------------------------------------
 
+
 def a_line_a_second(lines, started):
     """Whether ``lines`` (a cause's log lines since ``started``, a
     time.monotonic()) are at least one and at most one a second."""
@@ -424,8 +454,7 @@ async def test_refusals_and_rate_limits_are_logged_once_a_second(server_factory,
     messages = [r.getMessage() for r in caplog.records]
     origin = [m for m in messages if "not allowed" in m]
     limited = [m for m in messages if "rate limit exceeded" in m]
-    assert a_line_a_second(origin, started) and a_line_a_second(limited, started), (origin,
-                                                                                 limited)
+    assert a_line_a_second(origin, started) and a_line_a_second(limited, started), (origin, limited)
 
 
 def test_tornados_own_lines_about_bad_requests_are_limited_too(redis_url):
@@ -448,6 +477,7 @@ def test_tornados_own_lines_about_bad_requests_are_limited_too(redis_url):
 
 # --- 5. proxy headers --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fast_handshake", ["true", "false"])
 @pytest.mark.gen_test(timeout=60)
 async def test_proxy_headers_count_only_from_trusted_proxies(server_factory, fast_handshake):
@@ -455,14 +485,23 @@ async def test_proxy_headers_count_only_from_trusted_proxies(server_factory, fas
     max_connections_per_ip was 5: from a peer not in trusted_proxies the
     headers are ignored, and the peer's address is the identity and the
     key of the per-IP limit."""
-    server = await server_factory(server__xheaders="true", server__max_connections_per_ip=5,
-                                  server__fast_handshake=fast_handshake)
+    server = await server_factory(
+        server__xheaders="true",
+        server__max_connections_per_ip=5,
+        server__fast_handshake=fast_handshake,
+    )
     port = server.settings.port
     answers, sockets = [], []
     for index in range(8):
-        status, sock = await answer(port, source="127.0.0.2", headers={
-            "X-Real-IP": "203.0.113.%d" % index, "X-Forwarded-For": "203.0.113.%d" % index,
-            "X-Real-Port": "4444"})
+        status, sock = await answer(
+            port,
+            source="127.0.0.2",
+            headers={
+                "X-Real-IP": "203.0.113.%d" % index,
+                "X-Forwarded-For": "203.0.113.%d" % index,
+                "X-Real-Port": "4444",
+            },
+        )
         answers.append(status.split()[1])
         sockets.append(sock)
     assert answers == ["101"] * 5 + ["429"] * 3, answers
@@ -470,28 +509,37 @@ async def test_proxy_headers_count_only_from_trusted_proxies(server_factory, fas
     identities = {conn.identity for conn in server.manager.connections}
     assert identities == {"127.0.0.2:%d" % sock.getsockname()[1] for sock in sockets[:5]}
     # The trusted proxy (127.0.0.1 by default) still speaks for its clients.
-    status, proxied = await answer(port, headers={"X-Real-IP": "203.0.113.9",
-                                                  "X-Real-Port": "4444"})
+    status, proxied = await answer(
+        port, headers={"X-Real-IP": "203.0.113.9", "X-Real-Port": "4444"}
+    )
     assert status.startswith("HTTP/1.1 101")
-    await async_wait_until(lambda: "203.0.113.9:4444" in {
-        conn.identity for conn in server.manager.connections})
+    await async_wait_until(
+        lambda: "203.0.113.9:4444" in {conn.identity for conn in server.manager.connections}
+    )
     for sock in sockets + [proxied]:
         sock.close()
 
 
 @pytest.mark.gen_test(timeout=30)
 async def test_trusted_proxies_take_networks(server_factory):
-    server = await server_factory(server__xheaders="true",
-                                  server__trusted_proxies="::1, 127.0.0.0/30")
-    status, sock = await answer(server.settings.port, source="127.0.0.2",
-                                headers={"X-Real-IP": "198.51.100.4"})
+    server = await server_factory(
+        server__xheaders="true", server__trusted_proxies="::1, 127.0.0.0/30"
+    )
+    status, sock = await answer(
+        server.settings.port, source="127.0.0.2", headers={"X-Real-IP": "198.51.100.4"}
+    )
     assert status.startswith("HTTP/1.1 101")
-    await async_wait_until(lambda: [conn.identity for conn in server.manager.connections] == [
-        "198.51.100.4:%d" % sock.getsockname()[1]])
+    await async_wait_until(
+        lambda: (
+            [conn.identity for conn in server.manager.connections]
+            == ["198.51.100.4:%d" % sock.getsockname()[1]]
+        )
+    )
     sock.close()
 
 
 # --- 11. what /health tells whom ---------------------------------------------------
+
 
 async def health(port, headers=None, source=None):
     request = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
@@ -518,6 +566,7 @@ async def test_health_details_only_for_a_local_tool(server):
 
 # --- memory per connection ---------------------------------------------------------
 
+
 @pytest.mark.gen_test
 async def test_the_frame_budget_costs_an_idle_connection_next_to_nothing(server):
     """The budget lives in slots: the protocol object's attributes stay
@@ -528,6 +577,7 @@ async def test_the_frame_budget_costs_an_idle_connection_next_to_nothing(server)
     import inspect
 
     from marketstream.server.handlers import _Protocol
+
     clients = [await RawClient.connect(server.settings.port) for _ in range(5)]
     for client in clients:
         client.send(LIST)

@@ -26,12 +26,20 @@ ALLOWED = {
     "marketstream.upstream": {"marketstream.wire"},
     "marketstream.client": {"marketstream.wire"},
     "marketstream.demo": {"marketstream.wire", "marketstream.upstream"},
-    "marketstream.server": {"marketstream.wire", "marketstream.fanout", "marketstream.upstream",
-                            "marketstream.demo"},
+    "marketstream.server": {
+        "marketstream.wire",
+        "marketstream.fanout",
+        "marketstream.upstream",
+        "marketstream.demo",
+    },
     # Below Tornado: what a connection may do (admission), never the
     # handlers, the manager or the app.
-    "marketstream.server.net": {"marketstream.wire", "marketstream.server.admission",
-                                "marketstream.server.config", "marketstream.fanout"},
+    "marketstream.server.net": {
+        "marketstream.wire",
+        "marketstream.server.admission",
+        "marketstream.server.config",
+        "marketstream.fanout",
+    },
     "marketstream.publisher": {"marketstream.upstream"},
     "marketstream.__main__": {"marketstream.server"},
     "marketstream.testing": {"marketstream.wire", "marketstream.server"},
@@ -88,17 +96,26 @@ def imports_of(name, path):
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")
-                anchor = anchor[:len(anchor) - node.level + 1]
+                anchor = anchor[: len(anchor) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             for alias in node.names:
                 full = "%s.%s" % (base, alias.name)
                 found.add(full if full in MODULES else base)
         elif isinstance(node, ast.Call):
             func = node.func
-            called = (func.attr if isinstance(func, ast.Attribute)
-                      else func.id if isinstance(func, ast.Name) else "")
-            if called in ("import_module", "__import__") and node.args and isinstance(
-                    node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            called = (
+                func.attr
+                if isinstance(func, ast.Attribute)
+                else func.id
+                if isinstance(func, ast.Name)
+                else ""
+            )
+            if (
+                called in ("import_module", "__import__")
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
                 found.add(node.args[0].value)
     return found
 
@@ -126,18 +143,25 @@ def test_every_module_imports_only_what_its_layer_may(name):
         layer = "marketstream.loglimit"  # the root imports nothing of marketstream
     assert layer is not None, "%s belongs to no layer: add it to ALLOWED" % name
     allowed = ALLOWED[layer] | {layer, "marketstream.loglimit"}
-    wrong = sorted(target for target in GRAPH[name]
-                   if target.startswith("marketstream.") and not within(target, allowed))
+    wrong = sorted(
+        target
+        for target in GRAPH[name]
+        if target.startswith("marketstream.") and not within(target, allowed)
+    )
     assert not wrong, "%s (layer %s) imports %s" % (name, layer, wrong)
-    banned = set().union(*(libraries for prefix, libraries in FORBIDDEN.items()
-                           if within(name, [prefix])))
+    banned = set().union(
+        *(libraries for prefix, libraries in FORBIDDEN.items() if within(name, [prefix]))
+    )
     bad = sorted(target for target in GRAPH[name] if target.split(".")[0] in banned)
     assert not bad, "%s (layer %s) imports %s" % (name, layer, bad)
 
 
 def test_nothing_in_the_package_imports_the_test_toolkit():
-    users = sorted(name for name, targets in GRAPH.items()
-                   if "marketstream.testing" in targets and name != "marketstream.testing")
+    users = sorted(
+        name
+        for name, targets in GRAPH.items()
+        if "marketstream.testing" in targets and name != "marketstream.testing"
+    )
     assert not users
 
 
@@ -181,13 +205,21 @@ def test_no_import_cycles():
 def test_the_checks_catch_a_cycle_and_a_layer_breach(monkeypatch):
     """The checks above are not vacuous: a cycle and an upward import,
     planted in the graph, are found."""
-    monkeypatch.setitem(GRAPH, "marketstream.wire.frames",
-                        GRAPH["marketstream.wire.frames"] | {"marketstream.wire.requests"})
-    monkeypatch.setitem(GRAPH, "marketstream.wire.requests",
-                        GRAPH["marketstream.wire.requests"] | {"marketstream.wire.frames",
-                                                               "marketstream.fanout.core"})
-    assert any({"marketstream.wire.frames", "marketstream.wire.requests"} <= set(component)
-               for component in cycles())
+    monkeypatch.setitem(
+        GRAPH,
+        "marketstream.wire.frames",
+        GRAPH["marketstream.wire.frames"] | {"marketstream.wire.requests"},
+    )
+    monkeypatch.setitem(
+        GRAPH,
+        "marketstream.wire.requests",
+        GRAPH["marketstream.wire.requests"]
+        | {"marketstream.wire.frames", "marketstream.fanout.core"},
+    )
+    assert any(
+        {"marketstream.wire.frames", "marketstream.wire.requests"} <= set(component)
+        for component in cycles()
+    )
     with pytest.raises(AssertionError, match="imports"):
         test_every_module_imports_only_what_its_layer_may("marketstream.wire.requests")
 
@@ -205,30 +237,41 @@ def test_the_module_map_names_every_module():
             assert text and "Imports:" in text, name
 
 
-@pytest.mark.parametrize("module, absent", [
-    ("marketstream.wire", ("tornado", "redis", "prometheus_client")),
-    ("marketstream.wire.positions", ("tornado", "redis", "prometheus_client")),
-    ("marketstream.fanout", ("tornado", "redis", "prometheus_client")),
-    ("marketstream.fanout.core", ("tornado", "redis", "prometheus_client")),
-    ("marketstream.upstream.urls", ("tornado", "redis", "prometheus_client")),
-    ("marketstream.upstream.link", ("tornado", "prometheus_client")),
-    ("marketstream.client", ("redis", "prometheus_client")),
-    ("marketstream.demo.simulator", ("tornado", "redis", "prometheus_client")),
-    ("marketstream.publisher", ("tornado", "prometheus_client")),
-])
+@pytest.mark.parametrize(
+    "module, absent",
+    [
+        ("marketstream.wire", ("tornado", "redis", "prometheus_client")),
+        ("marketstream.wire.positions", ("tornado", "redis", "prometheus_client")),
+        ("marketstream.fanout", ("tornado", "redis", "prometheus_client")),
+        ("marketstream.fanout.core", ("tornado", "redis", "prometheus_client")),
+        ("marketstream.upstream.urls", ("tornado", "redis", "prometheus_client")),
+        ("marketstream.upstream.link", ("tornado", "prometheus_client")),
+        ("marketstream.client", ("redis", "prometheus_client")),
+        ("marketstream.demo.simulator", ("tornado", "redis", "prometheus_client")),
+        ("marketstream.publisher", ("tornado", "prometheus_client")),
+    ],
+)
 def test_importing_a_layer_loads_only_what_it_may(module, absent):
     """For real, in a fresh interpreter: what importing ``module`` loads.
     (``marketstream.client`` loads Tornado: its Client is a Tornado
     WebSocket client; its book and messages import none themselves.)"""
-    code = ("import sys, %s; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
-            % module)
-    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, check=True, timeout=60).stdout.split()
+    code = (
+        "import sys, %s; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))" % module
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
     assert not set(absent) & set(loaded), sorted(set(absent) & set(loaded))
 
 
 def test_every_name_a_module_exports_exists():
     import importlib
+
     for name in sorted(MODULES):
         module = importlib.import_module(name)
         for exported in getattr(module, "__all__", ()):

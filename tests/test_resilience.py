@@ -19,8 +19,9 @@ from tests.helpers import ServerProcess, abort, connect, read, send, subscribed
 
 async def health_status(server):
     client = tornado.httpclient.AsyncHTTPClient()
-    response = await client.fetch("http://127.0.0.1:%d/health" % server.settings.port,
-                                  raise_error=False)
+    response = await client.fetch(
+        "http://127.0.0.1:%d/health" % server.settings.port, raise_error=False
+    )
     return response.code
 
 
@@ -44,7 +45,11 @@ async def drain(ws, received, index, count, timeout=30):
     while received[index] < count:
         frame = await asyncio.wait_for(ws.read_message(), timeout)
         assert frame is not None, "reader closed after %d of %d (code %s, %r)" % (
-            received[index], count, ws.close_code, ws.close_reason)
+            received[index],
+            count,
+            ws.close_code,
+            ws.close_reason,
+        )
         assert ujson.loads(frame)["data"]["t"] == received[index]
         received[index] += 1
 
@@ -62,15 +67,20 @@ async def publish_paced(redis_url, stream, count, filler, received):
     publisher = redis.asyncio.Redis.from_url(redis_url)
     try:
         for t in range(count):
-            await async_wait_until(lambda t=t: min(received) >= t - WINDOW, 30,
-                                   message="the readers to reach message %d" % (t - WINDOW))
-            await publisher.publish(stream, '{"stream":"%s","data":{"e":"depth","t":%d,"f":"%s"}}'
-                                    % (stream, t, filler))
+            await async_wait_until(
+                lambda t=t: min(received) >= t - WINDOW,
+                30,
+                message="the readers to reach message %d" % (t - WINDOW),
+            )
+            await publisher.publish(
+                stream, '{"stream":"%s","data":{"e":"depth","t":%d,"f":"%s"}}' % (stream, t, filler)
+            )
     finally:
         await publisher.aclose()
 
 
 # --- Redis outages -------------------------------------------------------------
+
 
 @pytest.mark.gen_test(timeout=60)
 async def test_redis_killed_and_restarted(server, redis_server, redis_client):
@@ -119,13 +129,16 @@ async def test_subscriber_killed_by_redis(server, redis_client):
     gap = await read_until_gap(ws)
     assert gap["stream"] == "trade.KILL_USDT"
     await subscribed(redis_client, "trade.KILL_USDT")
-    redis_client.publish("trade.KILL_USDT", '{"stream":"trade.KILL_USDT","data":{"e":"trade","t":7}}')
+    redis_client.publish(
+        "trade.KILL_USDT", '{"stream":"trade.KILL_USDT","data":{"e":"trade","t":7}}'
+    )
     assert ujson.loads(await read(ws))["data"]["t"] == 7
     assert server.counters.reconnects == 1
     assert await health_status(server) == 200
 
 
 # --- slow consumers --------------------------------------------------------------
+
 
 def test_stalled_client_is_closed_and_others_get_everything(redis_url):
     server = ServerProcess("--redis-url", redis_url)  # default cap: 1 MiB per client
@@ -136,17 +149,25 @@ def test_stalled_client_is_closed_and_others_get_everything(redis_url):
 
         async def scenario():
             # Subscribed when the handshake ends: nothing published later is missed.
-            readers = [await tornado.websocket.websocket_connect(
-                "ws://127.0.0.1:%d/stream?streams=depth.BIG_USDT" % server.port) for _ in range(3)]
+            readers = [
+                await tornado.websocket.websocket_connect(
+                    "ws://127.0.0.1:%d/stream?streams=depth.BIG_USDT" % server.port
+                )
+                for _ in range(3)
+            ]
             stalled = await RawClient.connect(server.port, rcvbuf=4096)
             stalled.send('{"method":"SUBSCRIBE","params":["depth.BIG_USDT"],"id":1}')
-            await async_wait_until(lambda: client.pubsub_numsub("depth.BIG_USDT")[0][1] == 1, 10,
-                                   message="subscribed upstream")
+            await async_wait_until(
+                lambda: client.pubsub_numsub("depth.BIG_USDT")[0][1] == 1,
+                10,
+                message="subscribed upstream",
+            )
             rss_before = proc.memory_info().rss
             count = 600  # 12 MB in all: far past the 1 MiB cap of the stalled client
             received = [0] * len(readers)
-            tasks = [asyncio.ensure_future(drain(ws, received, i, count))
-                     for i, ws in enumerate(readers)]
+            tasks = [
+                asyncio.ensure_future(drain(ws, received, i, count)) for i, ws in enumerate(readers)
+            ]
             await publish_paced(redis_url, "depth.BIG_USDT", count, "x" * 20_000, received)
             await asyncio.gather(*tasks)
             growth = proc.memory_info().rss - rss_before
@@ -156,7 +177,7 @@ def test_stalled_client_is_closed_and_others_get_everything(redis_url):
             return growth, code, reason
 
         growth, code, reason = asyncio.run(scenario())
-        assert growth < 40 * 2 ** 20, "server RSS grew %d bytes" % growth
+        assert growth < 40 * 2**20, "server RSS grew %d bytes" % growth
         # The close frame queues behind the unread data, so the client may
         # see only the TCP close; when it does see the frame, it says why.
         assert (code, reason) in ((1008, "slow consumer"), (None, ""))
@@ -168,6 +189,7 @@ def test_stalled_client_is_closed_and_others_get_everything(redis_url):
 
 # --- bad input -------------------------------------------------------------------
 
+
 def random_frame(rng):
     choice = rng.random()
     if choice < 0.2:
@@ -175,22 +197,34 @@ def random_frame(rng):
     if choice < 0.3:
         return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300)))
     methods = ["SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS", "subscribe", "", 7, None]
-    params = [["trade.SOL_USDC"], ["trade.FUZZ_%d" % rng.randrange(10)], [], "x", [1], None,
-              ["depth." + "A" * rng.randrange(300)], [{"a": 1}]]
+    params = [
+        ["trade.SOL_USDC"],
+        ["trade.FUZZ_%d" % rng.randrange(10)],
+        [],
+        "x",
+        [1],
+        None,
+        ["depth." + "A" * rng.randrange(300)],
+        [{"a": 1}],
+    ]
     message = {}
     for key, values in (("method", methods), ("params", params), ("id", [1, "1", None, True, 2.5])):
         if rng.random() < 0.9:
             message[key] = rng.choice(values)
     text = ujson.dumps(message)
     if rng.random() < 0.2:
-        text = text[:rng.randrange(len(text) + 1)]
+        text = text[: rng.randrange(len(text) + 1)]
     return text
 
 
 @pytest.mark.gen_test(timeout=60)
 async def test_random_frames_never_harm_a_clean_client(server_factory, redis_client):
-    server = await server_factory(limits__messages_per_second=1000000, limits__messages_burst=1000000,
-                                  limits__frames_per_second=1000000, limits__frames_burst=1000000)
+    server = await server_factory(
+        limits__messages_per_second=1000000,
+        limits__messages_burst=1000000,
+        limits__frames_per_second=1000000,
+        limits__frames_burst=1000000,
+    )
     clean = await connect(server)
     await send(clean, "SUBSCRIBE", ["trade.SOL_USDC"])
     await subscribed(redis_client, "trade.SOL_USDC")
@@ -202,8 +236,10 @@ async def test_random_frames_never_harm_a_clean_client(server_factory, redis_cli
         frame = random_frame(rng)
         await ws.write_message(frame, binary=isinstance(frame, bytes))
         if i % 15 == 0:
-            redis_client.publish("trade.SOL_USDC",
-                                 '{"stream":"trade.SOL_USDC","data":{"e":"trade","t":%d}}' % published)
+            redis_client.publish(
+                "trade.SOL_USDC",
+                '{"stream":"trade.SOL_USDC","data":{"e":"trade","t":%d}}' % published,
+            )
             published += 1
     got = [ujson.loads(await read(clean))["data"]["t"] for _ in range(published)]
     assert got == list(range(published))
@@ -233,14 +269,19 @@ async def test_no_leaks_after_many_connection_cycles(server, redis_client):
 
     for start in range(0, 4000, 20):
         await asyncio.gather(*(cycle(i) for i in range(start, start + 20)))
-    await async_wait_until(lambda: not server.manager.connections, timeout=20,
-                           message="all connections gone")
+    await async_wait_until(
+        lambda: not server.manager.connections, timeout=20, message="all connections gone"
+    )
     assert server.manager.streams == {}
-    await async_wait_until(lambda: redis_client.pubsub_channels("*LEAK*") == [], timeout=10,
-                           message="upstream channels released")
+    await async_wait_until(
+        lambda: redis_client.pubsub_channels("*LEAK*") == [],
+        timeout=10,
+        message="upstream channels released",
+    )
 
 
 # --- limits ----------------------------------------------------------------------
+
 
 @pytest.mark.gen_test
 async def test_streams_per_connection_limit(server_factory):
@@ -328,22 +369,36 @@ def test_a_closed_slow_consumer_leaves_no_kernel_memory_behind(redis_url):
         async def scenario():
             stalled = await RawClient.connect(server.port, rcvbuf=4096)
             stalled.send('{"method":"SUBSCRIBE","params":["depth.STALL_USDT"],"id":1}')
-            await async_wait_until(lambda: client.pubsub_numsub("depth.STALL_USDT")[0][1] == 1,
-                                   message="subscribed upstream")
+            await async_wait_until(
+                lambda: client.pubsub_numsub("depth.STALL_USDT")[0][1] == 1,
+                message="subscribed upstream",
+            )
             filler = "x" * 50_000
             for t in range(200):  # 10 MB: past the 1 MiB cap and the kernel's buffers
-                client.publish("depth.STALL_USDT", '{"stream":"depth.STALL_USDT","data":'
-                               '{"e":"depth","t":%d,"f":"%s"}}' % (t, filler))
+                client.publish(
+                    "depth.STALL_USDT",
+                    '{"stream":"depth.STALL_USDT","data":'
+                    '{"e":"depth","t":%d,"f":"%s"}}' % (t, filler),
+                )
                 if "slow consumer" in server.output:
                     break
-            await async_wait_until(lambda: "slow consumer" in server.output, 10,
-                                   message="slow consumer closed")
+            await async_wait_until(
+                lambda: "slow consumer" in server.output, 10, message="slow consumer closed"
+            )
             # Tornado waits 5 s for the close handshake, then drops the
             # connection; the client still reads nothing.
             await async_wait_until(
-                lambda: not any(queued for state, queued in _server_side_sockets(server.port)
-                                if state != "0A"),  # 0A: the listening socket
-                12, interval=0.2, message="the server's socket and its queued bytes released")
+                lambda: (
+                    not any(
+                        queued
+                        for state, queued in _server_side_sockets(server.port)
+                        if state != "0A"
+                    )
+                ),  # 0A: the listening socket
+                12,
+                interval=0.2,
+                message="the server's socket and its queued bytes released",
+            )
             stalled.close()
 
         asyncio.run(scenario())
@@ -375,42 +430,61 @@ def test_two_hundred_stalled_clients_release_their_kernel_memory(redis_url):
 
         async def scenario():
             base = _tcp_memory_pages()
-            readers = [await tornado.websocket.websocket_connect(
-                "ws://127.0.0.1:%d/stream?streams=%s" % (server.port, stream)) for _ in range(3)]
+            readers = [
+                await tornado.websocket.websocket_connect(
+                    "ws://127.0.0.1:%d/stream?streams=%s" % (server.port, stream)
+                )
+                for _ in range(3)
+            ]
             # Bare sockets that are never read: an asyncio stream would go on
             # reading each into the test's memory (up to 2 MiB apiece, 400 MB
             # for 200), and that work in this process starved the readers.
-            stalled = [(await raw_socket(server.port, "/stream?streams=%s" % stream,
-                                         rcvbuf=4096))[0] for _ in range(200)]
+            stalled = [
+                (await raw_socket(server.port, "/stream?streams=%s" % stream, rcvbuf=4096))[0]
+                for _ in range(200)
+            ]
             await async_wait_until(
-                lambda: client.pubsub_numsub(stream)[0][1] == 1
-                and "connect" in server.output, message="subscribed")
+                lambda: client.pubsub_numsub(stream)[0][1] == 1 and "connect" in server.output,
+                message="subscribed",
+            )
             count = 400  # 8 MB: past every stalled client's 1 MiB cap and kernel buffers
             received = [0] * len(readers)
-            tasks = [asyncio.ensure_future(drain(ws, received, i, count))
-                     for i, ws in enumerate(readers)]
+            tasks = [
+                asyncio.ensure_future(drain(ws, received, i, count)) for i, ws in enumerate(readers)
+            ]
             await publish_paced(redis_url, stream, count, "x" * 20_000, received)
             await asyncio.gather(*tasks)  # the readers got everything, in order
+
             def slow_consumers():  # (logged once a second: counted in /health)
                 with urllib.request.urlopen("http://127.0.0.1:%d/health" % server.port) as reply:
                     return ujson.loads(reply.read())["stats"]["closed"]["slow_consumer"]
-            await async_wait_until(lambda: slow_consumers() >= 200, 30,
-                                   message="200 slow consumers closed")
+
+            await async_wait_until(
+                lambda: slow_consumers() >= 200, 30, message="200 slow consumers closed"
+            )
             held = _tcp_memory_pages()
             # Tornado waits 5 s for a close handshake, then resets (SO_LINGER 0).
             # (Not the listener, nor a TIME-WAIT a /health request above
             # left: those hold no buffers.)
             await async_wait_until(
-                lambda: len([s for s in _server_side_sockets(server.port)
-                             if s[0] not in ("0A", "06")]) <= len(readers), 20, interval=0.2,
-                message="no stalled client's socket left on the server side")
+                lambda: (
+                    len([s for s in _server_side_sockets(server.port) if s[0] not in ("0A", "06")])
+                    <= len(readers)
+                ),
+                20,
+                interval=0.2,
+                message="no stalled client's socket left on the server side",
+            )
             # The kernel's TCP memory is counted for the whole machine, where
             # other work comes and goes: most of what the stalled clients
             # held (megabytes each) must be gone, not every page.
             limit = base + max(1024, (held - base) // 4)
-            await async_wait_until(lambda: _tcp_memory_pages() <= limit, 20, interval=0.2,
-                                   message="TCP memory back near its base (%d pages, %d held)"
-                                   % (base, held))
+            await async_wait_until(
+                lambda: _tcp_memory_pages() <= limit,
+                20,
+                interval=0.2,
+                message="TCP memory back near its base (%d pages, %d held)" % (base, held),
+            )
             for sock in stalled:
                 sock.close()
             for ws in readers:

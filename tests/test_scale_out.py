@@ -62,12 +62,13 @@ def start_server(server_on):
 
 # --- clients ---------------------------------------------------------------------
 
+
 class Client:
     """A WebSocket client that reads every frame in the background::
 
-        client = await Client.connect(server, names)
-        client.items(name)    # [(i, seq or None)] of the data frames, in arrival order
-        client.gaps(name)     # the gap notices
+    client = await Client.connect(server, names)
+    client.items(name)    # [(i, seq or None)] of the data frames, in arrival order
+    client.gaps(name)     # the gap notices
     """
 
     def __init__(self, ws):
@@ -79,7 +80,8 @@ class Client:
     @classmethod
     async def connect(cls, server, names):
         ws = await tornado.websocket.websocket_connect(
-            "ws://127.0.0.1:%d/ws" % server.settings.port)
+            "ws://127.0.0.1:%d/ws" % server.settings.port
+        )
         client = cls(ws)
         await ws.write_message(ujson.dumps({"method": "SUBSCRIBE", "params": list(names), "id": 1}))
         return client
@@ -95,8 +97,11 @@ class Client:
                 self.frames[message["stream"]].append((time.monotonic(), text, message))
 
     def items(self, name):
-        return [(m["data"]["i"], m.get("seq")) for _, _, m in self.frames[name]
-                if m["data"].get("e") != "gap"]
+        return [
+            (m["data"]["i"], m.get("seq"))
+            for _, _, m in self.frames[name]
+            if m["data"].get("e") != "gap"
+        ]
 
     def gaps(self, name):
         return [(when, m) for when, _, m in self.frames[name] if m["data"].get("e") == "gap"]
@@ -110,15 +115,19 @@ async def subscribed(server, clients, names):
     confirmed each channel."""
     names = set(names)
     await async_wait_until(
-        lambda: all(len(server.manager.streams.get(n, ())) == len(clients) for n in names)
-        and names <= server.manager.upstream_channels,
-        message="%d stream(s) subscribed upstream" % len(names))
+        lambda: (
+            all(len(server.manager.streams.get(n, ())) == len(clients) for n in names)
+            and names <= server.manager.upstream_channels
+        ),
+        message="%d stream(s) subscribed upstream" % len(names),
+    )
 
 
 async def http(server, path):
     """``(status, body text)`` of a GET on the server."""
     response = await tornado.httpclient.AsyncHTTPClient().fetch(
-        "http://127.0.0.1:%d%s" % (server.settings.port, path), raise_error=False)
+        "http://127.0.0.1:%d%s" % (server.settings.port, path), raise_error=False
+    )
     return response.code, response.body.decode()
 
 
@@ -141,11 +150,16 @@ async def health(server):
 async def link_up(server):
     """``{node: value}`` of ``marketstream_redis_link_up`` in /metrics."""
     _, text = await http(server, "/metrics")
-    return {node: float(value) for node, value in
-            re.findall(r'^marketstream_redis_link_up\{node="([^"]+)"\} (\S+)$', text, re.M)}
+    return {
+        node: float(value)
+        for node, value in re.findall(
+            r'^marketstream_redis_link_up\{node="([^"]+)"\} (\S+)$', text, re.M
+        )
+    }
 
 
 # --- publishers --------------------------------------------------------------------
+
 
 def plain_envelope(stream, i):
     return ujson.dumps({"stream": stream, "data": {"e": "trade", "i": i}})
@@ -174,9 +188,9 @@ class Feeder(threading.Thread):
         self.failed = []
         self.errors = collections.Counter()
         self.halt = threading.Event()
-        self.hold = threading.Event()     # pause asked
-        self.idle = threading.Event()     # paused, client closed
-        self.go = threading.Event()       # resume asked
+        self.hold = threading.Event()  # pause asked
+        self.idle = threading.Event()  # paused, client closed
+        self.go = threading.Event()  # resume asked
 
     def _sender(self):
         if self.recoverable:
@@ -231,8 +245,11 @@ class Feeder(threading.Thread):
 
 async def flowing(client, feeder, count=10, timeout=5.0):
     """Wait until ``client`` received ``count`` messages of ``feeder``."""
-    await async_wait_until(lambda: len(client.items(feeder.stream)) >= count, timeout=timeout,
-                           message="%s flowing" % feeder.stream)
+    await async_wait_until(
+        lambda: len(client.items(feeder.stream)) >= count,
+        timeout=timeout,
+        message="%s flowing" % feeder.stream,
+    )
 
 
 async def resumed(client, feeder, since, within=RESUME_WITHIN, grace=3.0):
@@ -244,17 +261,29 @@ async def resumed(client, feeder, since, within=RESUME_WITHIN, grace=3.0):
     while True:
         first = feeder.acked_after(since)
         if first is not None:
-            arrivals = [when for when, _, m in client.frames[feeder.stream]
-                        if m["data"].get("e") != "gap" and m["data"]["i"] >= first]
+            arrivals = [
+                when
+                for when, _, m in client.frames[feeder.stream]
+                if m["data"].get("e") != "gap" and m["data"]["i"] >= first
+            ]
             if arrivals:
                 took = arrivals[0] - since
                 assert took < within, "%s resumed %.2fs after the topology settled" % (
-                    feeder.stream, took)
+                    feeder.stream,
+                    took,
+                )
                 return took
         assert time.monotonic() < end, (
             "%s never resumed (errors: %r; first acked after: %r, last acked: %r; "
-            "last received: %r)" % (feeder.stream, feeder.errors, first, feeder.acked[-1:],
-                                    client.frames[feeder.stream][-3:]))
+            "last received: %r)"
+            % (
+                feeder.stream,
+                feeder.errors,
+                first,
+                feeder.acked[-1:],
+                client.frames[feeder.stream][-3:],
+            )
+        )
         await asyncio.sleep(0.01)
 
 
@@ -263,8 +292,11 @@ async def drained(client, feeders, timeout=5.0):
     of each reached ``client``."""
     for feeder in feeders:
         last = feeder.acked[-1][0]
-        await async_wait_until(lambda f=feeder, n=last: any(i == n for i, _ in client.items(f.stream)),
-                               timeout=timeout, message="the last message of %s" % feeder.stream)
+        await async_wait_until(
+            lambda f=feeder, n=last: any(i == n for i, _ in client.items(f.stream)),
+            timeout=timeout,
+            message="the last message of %s" % feeder.stream,
+        )
 
 
 def logged(url, stream):
@@ -274,7 +306,7 @@ def logged(url, stream):
     out = []
     for _, fields in entries:
         payload = fields[b"p"]
-        out.append(ujson.loads(payload[payload.index(b" ") + 1:])["data"]["i"])
+        out.append(ujson.loads(payload[payload.index(b" ") + 1 :])["data"]["i"])
     return out
 
 
@@ -297,7 +329,9 @@ def assert_recoverable(client, feeder, url=None):
     gaps = client.gaps(name)
     if not gaps:
         assert not missing, "%s: acknowledged messages lost without a gap notice: %r" % (
-            name, missing)
+            name,
+            missing,
+        )
         seqs = [seq for _, seq in got]
         holes = [(a, b) for a, b in zip(seqs, seqs[1:]) if b != a + 1]
         assert not holes, "%s: positions do not rise by 1: %r" % (name, holes)
@@ -327,6 +361,7 @@ def assert_plain(client, feeder, gap_expected, reason="shard_interrupted"):
 
 
 # --- cluster helpers --------------------------------------------------------------------
+
 
 def owner_of(slot, primaries):
     for node, ranges in primaries.items():
@@ -360,8 +395,12 @@ def our_pubsub_connections(node):
     """CLIENT LIST entries (dicts) of pub/sub connections this test process
     has open to ``node``."""
     import psutil
-    ports = {c.laddr.port for c in psutil.Process().net_connections(kind="tcp")
-             if c.raddr and c.raddr.port == node.port}
+
+    ports = {
+        c.laddr.port
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == node.port
+    }
     out = []
     for line in node.call("CLIENT", "LIST", "TYPE", "pubsub").splitlines():
         fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
@@ -371,6 +410,7 @@ def our_pubsub_connections(node):
 
 
 # --- Redis Cluster ------------------------------------------------------------------------
+
 
 @pytest.mark.gen_test(timeout=60)
 async def test_cluster_delivery_in_order_one_link_per_primary(cluster, start_server):
@@ -382,7 +422,7 @@ async def test_cluster_delivery_in_order_one_link_per_primary(cluster, start_ser
     prefix = token()
     primaries = cluster.primaries()
     per_shard = 334
-    by_shard = {node: [] for node in primaries}   # 334 streams on each primary
+    by_shard = {node: [] for node in primaries}  # 334 streams on each primary
     n = 0
     while any(len(names) < per_shard for names in by_shard.values()):
         name = "trade.%s%d_USDT" % (prefix, n)
@@ -398,8 +438,10 @@ async def test_cluster_delivery_in_order_one_link_per_primary(cluster, start_ser
     rounds = 3
 
     def publish():
-        with contextlib.closing(Publisher(cluster.url, history=100, ttl=600)) as publisher, \
-                contextlib.closing(sync_client(cluster.url)) as plain:
+        with (
+            contextlib.closing(Publisher(cluster.url, history=100, ttl=600)) as publisher,
+            contextlib.closing(sync_client(cluster.url)) as plain,
+        ):
             assert publisher.sharded
             for i in range(rounds):
                 for name in names:
@@ -407,11 +449,14 @@ async def test_cluster_delivery_in_order_one_link_per_primary(cluster, start_ser
                         publisher.publish(name, {"e": "trade", "i": i})
                     else:
                         assert plain.spublish(name, plain_envelope(name, i)) == 1
+
     await in_thread(publish)
 
     await async_wait_until(
         lambda: all(len(c.items(name)) == rounds for c in clients for name in names),
-        timeout=20, message="every message delivered to every client")
+        timeout=20,
+        message="every message delivered to every client",
+    )
     for client in clients:
         for name in names:
             items = client.items(name)
@@ -452,15 +497,18 @@ async def test_cluster_slot_migration_while_publishing(cluster, start_server):
     back within 2 s of the cluster settling."""
     server = await start_server(cluster.url)
     prefix = token()
-    busy = "trade.%sR_USDT" % prefix          # recoverable, in the slot that moves
+    busy = "trade.%sR_USDT" % prefix  # recoverable, in the slot that moves
     slot = key_slot(busy)
-    plain = name_in_slot(slot, prefix)        # plain, same slot
+    plain = name_in_slot(slot, prefix)  # plain, same slot
     source = cluster.owner(slot)
     others = [node for node in cluster.primaries() if node is not source]
     target = others[0]
     control = name_on(cluster, others[1], prefix, "depth")  # on an untouched shard
-    feeders = [Feeder(cluster.url, busy, True), Feeder(cluster.url, plain, False),
-               Feeder(cluster.url, control, True)]
+    feeders = [
+        Feeder(cluster.url, busy, True),
+        Feeder(cluster.url, plain, False),
+        Feeder(cluster.url, control, True),
+    ]
     names = [f.stream for f in feeders]
     clients = [await Client.connect(server, names) for _ in range(2)]
     await subscribed(server, clients, names)
@@ -477,8 +525,11 @@ async def test_cluster_slot_migration_while_publishing(cluster, start_server):
         assert cluster.owner(slot) is target
         for client in clients:
             await resumed(client, feeders[0], settled)
-            await async_wait_until(lambda c=client: c.gaps(plain), timeout=RESUME_WITHIN,
-                                   message="the gap notice on the plain stream")
+            await async_wait_until(
+                lambda c=client: c.gaps(plain),
+                timeout=RESUME_WITHIN,
+                message="the gap notice on the plain stream",
+            )
             await resumed(client, feeders[1], settled)
     finally:
         for feeder in feeders:
@@ -486,7 +537,7 @@ async def test_cluster_slot_migration_while_publishing(cluster, start_server):
     for client in clients:
         await drained(client, feeders)
         assert not client.closed
-        assert_recoverable(client, feeders[0])      # no gap notice allowed: nothing was lost
+        assert_recoverable(client, feeders[0])  # no gap notice allowed: nothing was lost
         assert_plain(client, feeders[1], gap_expected=True)
         assert_recoverable(client, feeders[2])
     assert server.manager.link.sub.node_of(busy) == target.label
@@ -505,10 +556,12 @@ async def test_cluster_primary_killed_replica_promoted(cluster, start_server):
     primaries = list(cluster.primaries())
     victim, spare = primaries[0], primaries[1]
 
-    feeders = [Feeder(cluster.url, name_on(cluster, victim, prefix, "trade"), True),
-               Feeder(cluster.url, name_on(cluster, victim, prefix, "depth"), False),
-               Feeder(cluster.url, name_on(cluster, spare, prefix, "trade"), True),
-               Feeder(cluster.url, name_on(cluster, spare, prefix, "depth"), False)]
+    feeders = [
+        Feeder(cluster.url, name_on(cluster, victim, prefix, "trade"), True),
+        Feeder(cluster.url, name_on(cluster, victim, prefix, "depth"), False),
+        Feeder(cluster.url, name_on(cluster, spare, prefix, "trade"), True),
+        Feeder(cluster.url, name_on(cluster, spare, prefix, "depth"), False),
+    ]
     names = [f.stream for f in feeders]
     clients = [await Client.connect(server, names) for _ in range(2)]
     await subscribed(server, clients, names)
@@ -521,8 +574,9 @@ async def test_cluster_primary_killed_replica_promoted(cluster, start_server):
 
         victim.kill()
         # The dead shard is down in /health (503) and in the metrics.
-        code, body = await poll(lambda: health(server), lambda r: r[0] == 503,
-                                                  timeout=2, message="/health 503")
+        code, body = await poll(
+            lambda: health(server), lambda r: r[0] == 503, timeout=2, message="/health 503"
+        )
         assert body["redis"]["nodes"][victim.label]["state"] == "down", body
         assert body["redis"]["nodes"][spare.label]["state"] == "up", body
         links = await link_up(server)
@@ -534,11 +588,18 @@ async def test_cluster_primary_killed_replica_promoted(cluster, start_server):
         assert promoted is not victim
         for client in clients:
             await resumed(client, feeders[0], settled)
-            await async_wait_until(lambda c=client: c.gaps(names[1]), timeout=RESUME_WITHIN,
-                                   message="the gap notice on the plain stream")
+            await async_wait_until(
+                lambda c=client: c.gaps(names[1]),
+                timeout=RESUME_WITHIN,
+                message="the gap notice on the plain stream",
+            )
             await resumed(client, feeders[1], settled)
-        code, body = await poll(lambda: health(server), lambda r: r[0] == 200,
-                                                  timeout=RESUME_WITHIN, message="/health 200")
+        code, body = await poll(
+            lambda: health(server),
+            lambda r: r[0] == 200,
+            timeout=RESUME_WITHIN,
+            message="/health 200",
+        )
         nodes = body["redis"]["nodes"]
         assert victim.label not in nodes and nodes[promoted.label]["state"] == "up", nodes
         links = await link_up(server)
@@ -569,8 +630,10 @@ async def test_cluster_silent_shard_counts_as_down(cluster, start_server):
     plain = name_on(cluster, victim, prefix, "depth")
     client = await Client.connect(server, [recoverable, plain])
     await subscribed(server, [client], [recoverable, plain])
-    with contextlib.closing(Publisher(cluster.url, history=100, ttl=600)) as publisher, \
-            contextlib.closing(sync_client(cluster.url)) as plain_client:
+    with (
+        contextlib.closing(Publisher(cluster.url, history=100, ttl=600)) as publisher,
+        contextlib.closing(sync_client(cluster.url)) as plain_client,
+    ):
         for i in range(3):
             await in_thread(publisher.publish, recoverable, {"e": "trade", "i": i})
             await in_thread(plain_client.spublish, plain, plain_envelope(plain, i))
@@ -584,7 +647,8 @@ async def test_cluster_silent_shard_counts_as_down(cluster, start_server):
         paused = time.monotonic()
         try:
             code, body = await poll(
-                lambda: health(server), lambda r: r[0] == 503, timeout=4, message="/health 503")
+                lambda: health(server), lambda r: r[0] == 503, timeout=4, message="/health 503"
+            )
             detected = time.monotonic() - paused
             assert body["redis"]["nodes"][victim.label]["state"] == "down", body
             assert (await link_up(server))[victim.label] == 0.0
@@ -600,14 +664,19 @@ async def test_cluster_silent_shard_counts_as_down(cluster, start_server):
             for replica in replicas:
                 replica.resume()
         await in_thread(cluster.wait_settled)
-        await poll(lambda: health(server), lambda r: r[0] == 200,
-                                     timeout=5, message="/health 200 after the shard is back")
+        await poll(
+            lambda: health(server),
+            lambda r: r[0] == 200,
+            timeout=5,
+            message="/health 200 after the shard is back",
+        )
         for i in range(3, 6):
             await in_thread(publisher.publish, recoverable, {"e": "trade", "i": i})
             await in_thread(plain_client.spublish, plain, plain_envelope(plain, i))
     await async_wait_until(lambda: len(client.items(recoverable)) == 6, message="delivered again")
-    await async_wait_until(lambda: any(i == 5 for i, _ in client.items(plain)),
-                           message="plain delivered again")
+    await async_wait_until(
+        lambda: any(i == 5 for i, _ in client.items(plain)), message="plain delivered again"
+    )
     assert [i for i, _ in client.items(recoverable)] == list(range(6))
     assert not client.gaps(recoverable)
     assert client.gaps(plain), "the plain stream of the silent shard got no gap notice"
@@ -627,14 +696,37 @@ async def test_feed_on_cluster(cluster, start_server):
     client = await Client.connect(server, names)
     await subscribed(server, [client], names)
     feed = subprocess.Popen(
-        [sys.executable, "-m", "marketstream.demo.feed", "--redis-url", cluster.url, "--markets", market,
-         "--rate", "50", "--duration", "20", "--seed", "1"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "marketstream.demo.feed",
+            "--redis-url",
+            cluster.url,
+            "--markets",
+            market,
+            "--rate",
+            "50",
+            "--duration",
+            "20",
+            "--seed",
+            "1",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         await async_wait_until(
-            lambda: len(client.frames[names[0]]) >= 5 and len(client.frames[names[1]]) >= 5
-            and client.frames[names[2]] or feed.poll() is not None,
-            timeout=10, message="frames from marketstream-feed")
+            lambda: (
+                len(client.frames[names[0]]) >= 5
+                and len(client.frames[names[1]]) >= 5
+                and client.frames[names[2]]
+                or feed.poll() is not None
+            ),
+            timeout=10,
+            message="frames from marketstream-feed",
+        )
         assert feed.poll() is None, feed.communicate()[0]
     finally:
         feed.terminate()
@@ -650,6 +742,7 @@ async def test_feed_on_cluster(cluster, start_server):
 
 # --- Sentinel --------------------------------------------------------------------------------
 
+
 def replicated(sentinel):
     """Wait until the primary's replica holds every write (so a failover
     loses nothing)."""
@@ -657,13 +750,16 @@ def replicated(sentinel):
 
     def caught_up():
         offset = primary.client().info("replication")["master_repl_offset"]
-        return all(node.client().info("replication").get("slave_repl_offset", -1) >= offset
-                   for node in sentinel.data if node is not primary and node.running)
+        return all(
+            node.client().info("replication").get("slave_repl_offset", -1) >= offset
+            for node in sentinel.data
+            if node is not primary and node.running
+        )
+
     wait_until(caught_up, timeout=5, message="the replica caught up")
 
 
-async def _sentinel_failover(sentinel, start_server, break_it, pause_publishers=False,
-                             grace=3.0):
+async def _sentinel_failover(sentinel, start_server, break_it, pause_publishers=False, grace=3.0):
     """Clients on a server on ``redis+sentinel://`` while a recoverable and
     a plain stream are published, then ``break_it()`` (a failover): the
     server resubscribes on the new primary within 2 s of the promotion,
@@ -672,8 +768,10 @@ async def _sentinel_failover(sentinel, start_server, break_it, pause_publishers=
     publishers are made after it)."""
     server = await start_server(sentinel.url)
     prefix = token()
-    feeders = [Feeder(sentinel.url, "trade.%sR_USDT" % prefix, True, sharded=False),
-               Feeder(sentinel.url, "depth.%sP_USDT" % prefix, False, sharded=False)]
+    feeders = [
+        Feeder(sentinel.url, "trade.%sR_USDT" % prefix, True, sharded=False),
+        Feeder(sentinel.url, "depth.%sP_USDT" % prefix, False, sharded=False),
+    ]
     names = [f.stream for f in feeders]
     clients = [await Client.connect(server, names) for _ in range(2)]
     await subscribed(server, clients, names)
@@ -694,12 +792,20 @@ async def _sentinel_failover(sentinel, start_server, break_it, pause_publishers=
         for feeder in feeders:
             feeder.resume()
         await async_wait_until(
-            lambda: server.manager.link.node == new.label and set(names)
-            <= server.manager.upstream_channels, timeout=RESUME_WITHIN,
-            message="the server resubscribed on the new primary %s" % new.label)
+            lambda: (
+                server.manager.link.node == new.label
+                and set(names) <= server.manager.upstream_channels
+            ),
+            timeout=RESUME_WITHIN,
+            message="the server resubscribed on the new primary %s" % new.label,
+        )
         took = time.monotonic() - promoted
-        code, body = await poll(lambda: health(server), lambda r: r[0] == 200,
-                                timeout=RESUME_WITHIN, message="/health 200")
+        code, body = await poll(
+            lambda: health(server),
+            lambda r: r[0] == 200,
+            timeout=RESUME_WITHIN,
+            message="/health 200",
+        )
         assert body["redis"]["node"] == new.label, body
         assert await link_up(server) == {new.label: 1.0}
         # What the publisher sends after the promotion reaches the clients.
@@ -725,8 +831,9 @@ async def _sentinel_failover(sentinel, start_server, break_it, pause_publishers=
 async def test_sentinel_forced_failover(sentinel, start_server):
     """SENTINEL FAILOVER: the server moves to the new primary within 2 s; a
     publisher made after the promotion reaches the clients."""
-    took = await _sentinel_failover(sentinel, start_server, sentinel.failover,
-                                    pause_publishers=True)
+    took = await _sentinel_failover(
+        sentinel, start_server, sentinel.failover, pause_publishers=True
+    )
     assert took < RESUME_WITHIN
 
 
@@ -764,8 +871,10 @@ async def test_sentinel_lost_writes_get_the_gap_notice(sentinel, start_server):
         replica.call("REPLICAOF", "127.0.0.1", 1)  # cut off: later writes stay on the primary
         killed = False
         try:
-            lost = [await in_thread(publisher.publish, name, {"e": "trade", "i": i})
-                    for i in range(3, 6)]
+            lost = [
+                await in_thread(publisher.publish, name, {"e": "trade", "i": i})
+                for i in range(3, 6)
+            ]
             await async_wait_until(lambda: len(client.items(name)) == 6, message="live")
             await in_thread(sentinel.kill_primary)
             killed = True
@@ -779,6 +888,7 @@ async def test_sentinel_lost_writes_get_the_gap_notice(sentinel, start_server):
                     return await in_thread(publisher.publish, name, {"e": "trade", "i": 6})
                 except Exception:
                     await asyncio.sleep(0.05)
+
         seq = await publish_after()
         if seq is None or seq > lost[-1]:
             raise RuntimeError("the promoted replica had the writes after all: nothing to test")
@@ -795,8 +905,10 @@ async def test_sentinel_lost_writes_get_the_gap_notice(sentinel, start_server):
                 await in_thread(publisher.publish, name, {"e": "trade", "i": i})
     assert not client.closed
     gaps = client.gaps(name)
-    assert gaps, ("positions %r were reused after the failover without a gap notice: %r"
-                  % (lost, client.items(name)))
+    assert gaps, "positions %r were reused after the failover without a gap notice: %r" % (
+        lost,
+        client.items(name),
+    )
     assert {gap["data"]["reason"] for _, gap in gaps} == {"lost_writes"}, gaps
     # The gap notice comes before the first message of the new history.
     after = [when for when, _, m in client.frames[name] if m["data"].get("i", 0) >= 6][0]
@@ -805,16 +917,28 @@ async def test_sentinel_lost_writes_get_the_gap_notice(sentinel, start_server):
 
 # --- configuration ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("url", ["redis+cluster://", "redis+cluster:///", "bogus://127.0.0.1:6379",
-                                 "redis+sentinel://127.0.0.1:26379"])
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://",
+        "redis+cluster:///",
+        "bogus://127.0.0.1:6379",
+        "redis+sentinel://127.0.0.1:26379",
+    ],
+)
 def test_bad_redis_url_stops_start_up(url):
     """A bad [redis] url / REDIS_URL stops the server (and the feed) with
     exit code 2 and a message naming the setting."""
     by_flag = ServerProcess("--redis-url", url)
     by_env = ServerProcess(env={"REDIS_URL": url})
-    feed = subprocess.run([sys.executable, "-m", "marketstream.demo.feed", "--redis-url", url,
-                           "--duration", "1"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=30)
+    feed = subprocess.run(
+        [sys.executable, "-m", "marketstream.demo.feed", "--redis-url", url, "--duration", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     for process in (by_flag, by_env):
         try:
             assert process.proc.wait(15) == 2, process.output

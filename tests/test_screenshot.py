@@ -15,10 +15,10 @@ def run(*args, hide_selenium=False):
     code = "import runpy, sys\n"
     if hide_selenium:
         code += "sys.modules['selenium'] = None\n"
-    code += "sys.argv = %r\nrunpy.run_path(%r, run_name='__main__')\n" % (
-        [SCRIPT, *args], SCRIPT)
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    code += "sys.argv = %r\nrunpy.run_path(%r, run_name='__main__')\n" % ([SCRIPT, *args], SCRIPT)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_without_selenium_the_error_names_the_extra():

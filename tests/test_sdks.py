@@ -37,8 +37,16 @@ def publish(request, redis_client):
     through the recoverable publisher (frames then carry ``seq``)."""
 
     def data(t):
-        return {"e": "trade", "E": 1_700_000_000_000_000 + t, "s": "SOL_USDC", "t": t,
-                "p": "150.%03d" % t, "q": "1.000", "m": t % 2 == 0, "T": 1_700_000_000_000 + t}
+        return {
+            "e": "trade",
+            "E": 1_700_000_000_000_000 + t,
+            "s": "SOL_USDC",
+            "t": t,
+            "p": "150.%03d" % t,
+            "q": "1.000",
+            "m": t % 2 == 0,
+            "T": 1_700_000_000_000 + t,
+        }
 
     def run():
         if request.param == "plain":
@@ -47,12 +55,16 @@ def publish(request, redis_client):
         else:
             with Publisher(redis_client, history=100) as pub:
                 pub.publish_many([(STREAM, data(t)) for t in range(COUNT)])
+
     return run
 
 
 def wait_subscribed(redis_client, server, timeout=10):
-    wait_until(lambda: numsub(redis_client, STREAM) == 1, timeout,
-               message="%s subscribed (server output:\n%s)" % (STREAM, server.output))
+    wait_until(
+        lambda: numsub(redis_client, STREAM) == 1,
+        timeout,
+        message="%s subscribed (server output:\n%s)" % (STREAM, server.output),
+    )
 
 
 def check(trades):
@@ -67,6 +79,7 @@ def base_url(server):
 
 # --- binance-sdk-spot (Binance's official modular SDK, aiohttp) --------------------
 
+
 def test_binance_sdk_spot(server_process, redis_client, publish):
     from binance_common.configuration import ConfigurationWebSocketStreams
     from binance_sdk_spot.spot import Spot
@@ -76,8 +89,9 @@ def test_binance_sdk_spot(server_process, redis_client, publish):
     async def run():
         # stream_url is the base; the SDK appends /stream and sends
         # {"method":"SUBSCRIBE","params":[...],"id":"<uuid>"}.
-        client = Spot(config_ws_streams=ConfigurationWebSocketStreams(
-            stream_url=base_url(server_process)))
+        client = Spot(
+            config_ws_streams=ConfigurationWebSocketStreams(stream_url=base_url(server_process))
+        )
         connection = await client.websocket_streams.create_connection()
         assert connection is not None and connection.connections, "SDK did not connect"
         try:
@@ -85,7 +99,9 @@ def test_binance_sdk_spot(server_process, redis_client, publish):
             connection.on("message", received.append, STREAM)
             await asyncio.to_thread(wait_subscribed, redis_client, server_process)
             publish()
-            await async_wait_until(lambda: len(received) >= COUNT, 10.0, message="%d trades" % COUNT)
+            await async_wait_until(
+                lambda: len(received) >= COUNT, 10.0, message="%d trades" % COUNT
+            )
         finally:
             await connection.close_connection(close_session=True)
 
@@ -96,14 +112,18 @@ def test_binance_sdk_spot(server_process, redis_client, publish):
 
 # --- binance-connector (SpotWebsocketStreamClient, websocket-client threads) -------
 
+
 def test_binance_connector(server_process, redis_client, publish):
     from binance.websocket.spot.websocket_stream import SpotWebsocketStreamClient
 
     received = []
-    client = SpotWebsocketStreamClient(stream_url=base_url(server_process), is_combined=True,
-                                       on_message=lambda _, text: received.append(ujson.loads(text)))
+    client = SpotWebsocketStreamClient(
+        stream_url=base_url(server_process),
+        is_combined=True,
+        on_message=lambda _, text: received.append(ujson.loads(text)),
+    )
     try:
-        client.subscribe(STREAM)   # {"method":"SUBSCRIBE","params":[...],"id":<ms timestamp>}
+        client.subscribe(STREAM)  # {"method":"SUBSCRIBE","params":[...],"id":<ms timestamp>}
         wait_subscribed(redis_client, server_process)
         publish()
         wait_until(lambda: len(received) >= COUNT, 10, message="%d trades" % COUNT)
@@ -115,13 +135,14 @@ def test_binance_connector(server_process, redis_client, publish):
 
 # --- python-binance (BinanceSocketManager.multiplex_socket, websockets) -------------
 
+
 def test_python_binance_multiplex_socket(server_process, redis_client, publish):
     from binance import AsyncClient, BinanceSocketManager
 
     received = []
 
     async def run():
-        client = AsyncClient()   # no keys: public streams only; makes no request
+        client = AsyncClient()  # no keys: public streams only; makes no request
         try:
             manager = BinanceSocketManager(client)
             # The spot stream base URL; multiplex_socket connects to
@@ -148,6 +169,7 @@ def test_python_binance_multiplex_socket(server_process, redis_client, publish):
 
 
 # --- backpack-exchange-sdk (WebSocketClient, websocket-client thread) ---------------
+
 
 def test_backpack_exchange_sdk(server_process, redis_client, publish):
     from backpack_exchange_sdk.websocket import WebSocketClient
@@ -180,4 +202,4 @@ def test_backpack_exchange_sdk(server_process, redis_client, publish):
         wait_until(lambda: len(received) >= COUNT, 10, message="%d trades" % COUNT)
     finally:
         client.close()
-    check(received)   # the callback gets the data objects
+    check(received)  # the callback gets the data objects

@@ -54,9 +54,15 @@ def server(start_server):
 
 def run_smoke(*args, env=None, timeout=60):
     started = time.monotonic()
-    result = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=_clean_env(**(env or {})),
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, SCRIPT, *args],
+        cwd=ROOT,
+        env=_clean_env(**(env or {})),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     result.elapsed = time.monotonic() - started
     return result
 
@@ -77,7 +83,9 @@ def assert_all_pass(result, forced=False):
         assert re.fullmatch(
             r"PASS positions: 5 messages with positions (\d+)\.\.(\d+), rising by 1; after a "
             r"disconnect the 3 missed \((\d+)\.\.(\d+)\) arrived exactly once on resume with "
-            r"since=\d+, then live (\d+)", lines[-1]), lines[-1]
+            r"since=\d+, then live (\d+)",
+            lines[-1],
+        ), lines[-1]
     assert "Traceback" not in output
     return lines
 
@@ -92,16 +100,25 @@ def numsub(redis_client, channel):
 
 def test_all_steps_pass_with_flags(server, redis_url, redis_client):
     stream = "trade.SMOKETEST_%s" % os.urandom(4).hex().upper()
-    result = run_smoke("--ws-url", "ws://127.0.0.1:%d/ws" % server.port, "--redis-url", redis_url,
-                       "--stream", stream, "--timeout", "5")
+    result = run_smoke(
+        "--ws-url",
+        "ws://127.0.0.1:%d/ws" % server.port,
+        "--redis-url",
+        redis_url,
+        "--stream",
+        stream,
+        "--timeout",
+        "5",
+    )
     lines = assert_all_pass(result)
     assert stream in lines[STEPS.index("subscribe")]
     # The script left nothing behind: the server released the Redis channel
     # (a channel nobody listens to lingers for up to a second) and the
     # WebSocket is gone.
     wait_until(lambda: numsub(redis_client, stream) == 0, 10, message="channel released")
-    wait_until(lambda: health(server.port)["connections"] == 0,
-               message="the smoke client disconnected")
+    wait_until(
+        lambda: health(server.port)["connections"] == 0, message="the smoke client disconnected"
+    )
     assert health(server.port)["status"] == "ok"
 
 
@@ -112,14 +129,18 @@ def test_all_steps_pass_from_the_environment(server, redis_url, redis_client):
     assert "ws://127.0.0.1:%d/ws" % server.port in result.stdout
     # The probe went to a random stream of its own, released at the end.
     assert re.search(r"trade\.SMOKETEST_[0-9A-F]{8} subscribed", lines[STEPS.index("subscribe")])
-    wait_until(lambda: not redis_client.pubsub_channels("trade.SMOKETEST_*"), 10,
-               message="channel released")
+    wait_until(
+        lambda: not redis_client.pubsub_channels("trade.SMOKETEST_*"),
+        10,
+        message="channel released",
+    )
     assert history_keys(redis_client) == []  # the positions check leaves no keys
 
 
 def test_bind_address_in_the_environment_means_this_host(server, redis_url):
-    result = run_smoke(env={"WS_STREAM_URL": "ws://0.0.0.0:%d/ws" % server.port,
-                            "REDIS_URL": redis_url})
+    result = run_smoke(
+        env={"WS_STREAM_URL": "ws://0.0.0.0:%d/ws" % server.port, "REDIS_URL": redis_url}
+    )
     assert_all_pass(result)
 
 
@@ -133,25 +154,38 @@ def test_all_steps_pass_with_acknowledgements_on(start_server, redis_url):
 def test_a_server_that_cannot_resume_fails_at_positions(start_server, redis_url):
     # It replays at most 2 messages: the 3 missed ones come as a gap notice.
     server = start_server("--set", "recovery.max_replay=2")
-    result = run_smoke("--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url,
-                       "--timeout", "2")
+    result = run_smoke(
+        "--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url, "--timeout", "2"
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     lines = result.stdout.splitlines()
     assert [line.split(":", 1)[0] for line in lines] == (
-        ["PASS " + step for step in STEPS[:-1]] + ["FAIL positions"]), output
+        ["PASS " + step for step in STEPS[:-1]] + ["FAIL positions"]
+    ), output
     assert "resumed with since=" in lines[-1] and "gap notice" in lines[-1], output
     assert "Traceback" not in output
 
 
 def test_invalid_stream_fails_at_subscribe(start_server, redis_url):
     server = start_server("--acks")  # the server says why
-    result = run_smoke("--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url,
-                       "--stream", "trade.SMOKETEST_lower", "--timeout", "2")
+    result = run_smoke(
+        "--ws-url",
+        "127.0.0.1:%d" % server.port,
+        "--redis-url",
+        redis_url,
+        "--stream",
+        "trade.SMOKETEST_lower",
+        "--timeout",
+        "2",
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert [line.split(":", 1)[0] for line in lines] == ["PASS health", "PASS connect",
-                                                         "FAIL subscribe"]
+    assert [line.split(":", 1)[0] for line in lines] == [
+        "PASS health",
+        "PASS connect",
+        "FAIL subscribe",
+    ]
     assert "invalid market" in lines[-1]
     assert "Traceback" not in result.stdout + result.stderr
 
@@ -159,8 +193,9 @@ def test_invalid_stream_fails_at_subscribe(start_server, redis_url):
 def test_server_on_another_redis_fails_at_subscribe(start_server, redis_url):
     # A server on its own embedded Redis never subscribes in ours.
     server = start_server(redis=False)
-    result = run_smoke("--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url,
-                       "--timeout", "1")
+    result = run_smoke(
+        "--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url, "--timeout", "1"
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout.splitlines()[-1].startswith("FAIL subscribe: PUBSUB NUMSUB")
     assert "Traceback" not in result.stdout + result.stderr
@@ -168,8 +203,9 @@ def test_server_on_another_redis_fails_at_subscribe(start_server, redis_url):
 
 def test_nothing_listening_fails_cleanly(redis_url):
     port = free_port()
-    result = run_smoke("--ws-url", "ws://127.0.0.1:%d/ws" % port, "--redis-url", redis_url,
-                       "--timeout", "2")
+    result = run_smoke(
+        "--ws-url", "ws://127.0.0.1:%d/ws" % port, "--redis-url", redis_url, "--timeout", "2"
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert result.stdout.splitlines() == [result.stdout.strip()]  # one line, then stop
@@ -180,8 +216,14 @@ def test_nothing_listening_fails_cleanly(redis_url):
 
 
 def test_unreachable_redis_fails_cleanly(server):
-    result = run_smoke("--ws-url", "127.0.0.1:%d" % server.port,
-                       "--redis-url", "redis://127.0.0.1:%d/0" % free_port(), "--timeout", "2")
+    result = run_smoke(
+        "--ws-url",
+        "127.0.0.1:%d" % server.port,
+        "--redis-url",
+        "redis://127.0.0.1:%d/0" % free_port(),
+        "--timeout",
+        "2",
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert result.stdout.splitlines()[-1].startswith("FAIL subscribe: Redis ")
@@ -223,9 +265,18 @@ def _published_during(redis_url, channel, action):
 
 
 def test_live_looking_stream_is_refused_without_force(server, redis_url):
-    result, published = _published_during(redis_url, "trade.SOL_USDC", lambda: run_smoke(
-        "--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url,
-        "--stream", "trade.SOL_USDC"))
+    result, published = _published_during(
+        redis_url,
+        "trade.SOL_USDC",
+        lambda: run_smoke(
+            "--ws-url",
+            "127.0.0.1:%d" % server.port,
+            "--redis-url",
+            redis_url,
+            "--stream",
+            "trade.SOL_USDC",
+        ),
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "trade.SOL_USDC looks like a live stream" in result.stderr
     assert "--force" in result.stderr and "SMOKETEST" in result.stderr
@@ -235,9 +286,19 @@ def test_live_looking_stream_is_refused_without_force(server, redis_url):
 
 def test_live_looking_stream_with_force(server, redis_url, redis_client):
     stream = "trade.SMOKEFORCED_USDC"
-    result, published = _published_during(redis_url, stream, lambda: run_smoke(
-        "--ws-url", "127.0.0.1:%d" % server.port, "--redis-url", redis_url,
-        "--stream", stream, "--force"))
+    result, published = _published_during(
+        redis_url,
+        stream,
+        lambda: run_smoke(
+            "--ws-url",
+            "127.0.0.1:%d" % server.port,
+            "--redis-url",
+            redis_url,
+            "--stream",
+            stream,
+            "--force",
+        ),
+    )
     lines = assert_all_pass(result, forced=True)
     assert "a live stream (--force)" in lines[-1]
     # Only the one plain probe went into it: no positions, no history keys.
@@ -247,8 +308,14 @@ def test_live_looking_stream_with_force(server, redis_url, redis_client):
 
 def test_redis_password_is_redacted(server, redis_url):
     port = free_port()
-    result = run_smoke("--ws-url", "127.0.0.1:%d" % server.port,
-                       "--redis-url", "redis://smoke:s3cret@127.0.0.1:%d/0" % port, "--timeout", "2")
+    result = run_smoke(
+        "--ws-url",
+        "127.0.0.1:%d" % server.port,
+        "--redis-url",
+        "redis://smoke:s3cret@127.0.0.1:%d/0" % port,
+        "--timeout",
+        "2",
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "smoke:***@127.0.0.1:%d" % port in result.stdout.splitlines()[-1]
@@ -263,40 +330,50 @@ def smoke_module():
     return module
 
 
-@pytest.mark.parametrize("value, expected", [
-    ("127.0.0.1:4000", "ws://127.0.0.1:4000/ws"),
-    ("0.0.0.0:4000", "ws://127.0.0.1:4000/ws"),
-    ("stream.example.com:80", "ws://stream.example.com:80/ws"),
-    ("ws://0.0.0.0:4000/ws", "ws://127.0.0.1:4000/ws"),
-    ("ws://10.0.0.5:4000/stream-ws", "ws://10.0.0.5:4000/stream-ws"),
-    ("wss://stream.example.com/ws", "wss://stream.example.com/ws"),
-    ("ws://[::]:4000/ws", "ws://[::1]:4000/ws"),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("127.0.0.1:4000", "ws://127.0.0.1:4000/ws"),
+        ("0.0.0.0:4000", "ws://127.0.0.1:4000/ws"),
+        ("stream.example.com:80", "ws://stream.example.com:80/ws"),
+        ("ws://0.0.0.0:4000/ws", "ws://127.0.0.1:4000/ws"),
+        ("ws://10.0.0.5:4000/stream-ws", "ws://10.0.0.5:4000/stream-ws"),
+        ("wss://stream.example.com/ws", "wss://stream.example.com/ws"),
+        ("ws://[::]:4000/ws", "ws://[::1]:4000/ws"),
+    ],
+)
 def test_ws_url_forms(smoke_module, value, expected):
     assert smoke_module.ws_url_from(value) == expected
 
 
-@pytest.mark.parametrize("ws_url, expected", [
-    ("ws://127.0.0.1:4000/ws", "http://127.0.0.1:4000/health"),
-    ("wss://stream.example.com/ws", "https://stream.example.com/health"),
-])
+@pytest.mark.parametrize(
+    "ws_url, expected",
+    [
+        ("ws://127.0.0.1:4000/ws", "http://127.0.0.1:4000/health"),
+        ("wss://stream.example.com/ws", "https://stream.example.com/health"),
+    ],
+)
 def test_health_url(smoke_module, ws_url, expected):
     assert smoke_module.health_url(ws_url) == expected
 
 
-@pytest.mark.parametrize("name, smoke", [
-    ("trade.SMOKETEST_1A2B3C4D", True),
-    ("kline.1m.SMOKETEST_PROBE", True),
-    ("trade.SOL_USDC", False),
-    ("trade.SMOKE_TEST", False),
-    ("trade.SMOKE1A2B_TEST", False),
-])
+@pytest.mark.parametrize(
+    "name, smoke",
+    [
+        ("trade.SMOKETEST_1A2B3C4D", True),
+        ("kline.1m.SMOKETEST_PROBE", True),
+        ("trade.SOL_USDC", False),
+        ("trade.SMOKE_TEST", False),
+        ("trade.SMOKE1A2B_TEST", False),
+    ],
+)
 def test_smoke_stream_marker(smoke_module, name, smoke):
     assert smoke_module.is_smoke_stream(name) is smoke
 
 
 def test_default_stream_passes_the_servers_default_rules(smoke_module):
     from marketstream.wire.requests import StreamRules
+
     names = {smoke_module.default_stream() for _ in range(20)}
     assert len(names) == 20
     for name in names:
@@ -318,5 +395,6 @@ def test_all_steps_pass_on_redis_cluster(cluster):
 
 def test_docstring_examples(smoke_module):
     import doctest
+
     result = doctest.testmod(smoke_module)
     assert result.attempted >= 5 and result.failed == 0

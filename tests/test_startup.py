@@ -26,8 +26,9 @@ async def subscribe(port, stream):
     """A client that subscribed ``stream``; the reply is an error while
     Redis has not confirmed it (acks asked for on this connection)."""
     ws = await tornado.websocket.websocket_connect("ws://127.0.0.1:%d/ws" % port)
-    await ws.write_message(ujson.dumps({"method": "SUBSCRIBE", "params": [stream], "id": 1,
-                                        "acks": True}))
+    await ws.write_message(
+        ujson.dumps({"method": "SUBSCRIBE", "params": [stream], "id": 1, "acks": True})
+    )
     return ws
 
 
@@ -46,6 +47,7 @@ async def publish_until_received(redis_server, stream, clients):
     """Publish ``stream``'s probe until every client got it: the server
     subscribes its channel a moment after Redis answers."""
     import redis
+
     client = redis.Redis.from_url(redis_server.url)
     payload = '{"stream":"%s","data":{"e":"trade","t":1}}' % stream
     tasks = [asyncio.ensure_future(next_data(ws, timeout=30)) for ws in clients]
@@ -67,35 +69,44 @@ def waiting_lines(server):
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_redis_down_at_start_is_waited_for_and_clients_get_their_streams(spawn, late_redis,
-                                                                         processes):
+def test_redis_down_at_start_is_waited_for_and_clients_get_their_streams(
+    spawn, late_redis, processes
+):
     url = "redis://127.0.0.1:%d/0" % late_redis.port
     server = spawn("--processes", str(processes), env={"REDIS_URL": url})
-    wait_until(lambda: server.output.count("listening on") == processes
-               or server.proc.poll() is not None, 20, message="listening without Redis")
+    wait_until(
+        lambda: server.output.count("listening on") == processes or server.proc.poll() is not None,
+        20,
+        message="listening without Redis",
+    )
     assert server.proc.poll() is None, server.output
     wait_until(lambda: health_status(server.port) == 503, 10, message="/health 503")
     wait_until(lambda: len(waiting_lines(server)) == processes, 10, message="the waiting line")
-    assert ("waiting for Redis at %s (environment REDIS_URL), retrying until it answers"
-            % url) in waiting_lines(server)[0], server.output
+    assert (
+        "waiting for Redis at %s (environment REDIS_URL), retrying until it answers" % url
+    ) in waiting_lines(server)[0], server.output
 
     async def scenario():
         # Clients that connect while Redis is down (on every worker).
         clients = [await subscribe(server.port, "trade.LATE_USDT") for _ in range(6)]
-        await asyncio.sleep(1.5)   # a few more retries: still one line per worker
+        await asyncio.sleep(1.5)  # a few more retries: still one line per worker
         assert len(waiting_lines(server)) == processes, server.output
         assert server.proc.poll() is None
         late_redis.start()
-        wait_until(lambda: all(health_status(server.port) == 200 for _ in range(10)), 20,
-                   message="/health 200 from every worker")
+        wait_until(
+            lambda: all(health_status(server.port) == 200 for _ in range(10)),
+            20,
+            message="/health 200 from every worker",
+        )
         got = await publish_until_received(late_redis, "trade.LATE_USDT", clients)
         assert [m["data"] for m in got] == [{"e": "trade", "t": 1}] * len(clients)
         for ws in clients:
             ws.close()
 
     asyncio.run(scenario())
-    assert collections.Counter("answers after" in line for line in server.lines)[True] \
-        == processes, server.output
+    assert (
+        collections.Counter("answers after" in line for line in server.lines)[True] == processes
+    ), server.output
     assert "Traceback" not in server.output
     server.stop()
     assert server.proc.returncode == 0, server.output
@@ -104,8 +115,13 @@ def test_redis_down_at_start_is_waited_for_and_clients_get_their_streams(spawn, 
 def test_workers_that_cannot_reach_redis_stop_together(spawn):
     """With processes > 1, a worker past [redis] startup_timeout is not
     restarted: the command exits 1."""
-    server = spawn("--processes", "2", "--set", "redis.startup_timeout=1",
-                   env={"REDIS_URL": "redis://127.0.0.1:%d/0" % free_port()})
+    server = spawn(
+        "--processes",
+        "2",
+        "--set",
+        "redis.startup_timeout=1",
+        env={"REDIS_URL": "redis://127.0.0.1:%d/0" % free_port()},
+    )
     assert server.proc.wait(30) == 1, server.output
     assert "did not answer within [redis] startup_timeout = 1s" in server.output
     assert "restarting" not in server.output and "Traceback" not in server.output

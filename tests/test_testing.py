@@ -36,7 +36,7 @@ def unmask(frame):
         length, at = struct.unpack("!H", frame[2:4])[0], 4
     elif length == 127:
         length, at = struct.unpack("!Q", frame[2:10])[0], 10
-    mask, body = frame[at:at + 4], frame[at + 4:]
+    mask, body = frame[at : at + 4], frame[at + 4 :]
     assert len(body) == length
     return frame[0], bytes(b ^ mask[i % 4] for i, b in enumerate(body))
 
@@ -52,7 +52,7 @@ def test_masked_frames_of_every_length_class(length):
 def test_read_frames_keeps_a_partial_frame_for_later(cut):
     big, small = text_frame(b"y" * 300), text_frame(b"hi")
     data = small + big
-    frames, rest = read_frames(data[:len(small) + cut])
+    frames, rest = read_frames(data[: len(small) + cut])
     assert frames == [(OP_TEXT, b"hi")] and rest == big[:cut]
     assert server_frames(rest + big[cut:]) == ([b"y" * 300], b"")
     assert close_reason(b"\x03\xe8") == (1000, "") and close_reason(b"") == (None, "")
@@ -69,6 +69,7 @@ def test_waiting_returns_the_value_or_says_what_it_waited_for():
         if isinstance(value, Exception):
             raise value
         return value
+
     assert wait_until(flaky, ignore=(OSError,)) == "up"
     with pytest.raises(ValueError):
         wait_until(lambda: int("x"), ignore=(OSError,))

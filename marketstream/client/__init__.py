@@ -50,5 +50,15 @@ from marketstream.client.book import BookGap, OrderBook
 from marketstream.client.client import NORMAL_CLOSURE, Client, ConnectionLost, StreamsRefused
 from marketstream.client.messages import GAP, MESSAGE, SNAPSHOT, Message
 
-__all__ = ["Client", "Message", "OrderBook", "BookGap", "ConnectionLost", "StreamsRefused",
-           "MESSAGE", "SNAPSHOT", "GAP", "NORMAL_CLOSURE"]
+__all__ = [
+    "Client",
+    "Message",
+    "OrderBook",
+    "BookGap",
+    "ConnectionLost",
+    "StreamsRefused",
+    "MESSAGE",
+    "SNAPSHOT",
+    "GAP",
+    "NORMAL_CLOSURE",
+]

@@ -79,10 +79,10 @@ class OrderBook:
     def __init__(self) -> None:
         self._bids: dict[Decimal, list[str]] = {}
         self._asks: dict[Decimal, list[str]] = {}
-        self.u: int | None = None      # last update id applied
-        self.seq: int | None = None    # last position applied (None: not known)
+        self.u: int | None = None  # last update id applied
+        self.seq: int | None = None  # last position applied (None: not known)
         self.synced = False
-        self._first = False               # the next diff is the first after a snapshot
+        self._first = False  # the next diff is the first after a snapshot
 
     @classmethod
     def empty(cls) -> "OrderBook":
@@ -118,7 +118,7 @@ class OrderBook:
                 raise BookGap("depth: expected position %d, got %d" % (self.seq + 1, seq))
         if last_id <= u:
             if seq is not None and self.seq is not None:
-                self.seq = seq   # a position without news for the book
+                self.seq = seq  # a position without news for the book
             return False
         if (first_id > u + 1) or (not self._first and first_id != u + 1):
             self.synced = False
@@ -168,4 +168,9 @@ class OrderBook:
 
     def __repr__(self) -> str:
         return "<OrderBook u=%s seq=%s %d bids %d asks%s>" % (
-            self.u, self.seq, len(self._bids), len(self._asks), "" if self.synced else " unsynced")
+            self.u,
+            self.seq,
+            len(self._bids),
+            len(self._asks),
+            "" if self.synced else " unsynced",
+        )

@@ -26,6 +26,7 @@ NORMAL_CLOSURE = CLOSE_NORMAL
 
 log = logging.getLogger(__name__)
 
+
 class ConnectionLost(ConnectionError):
     """The connection dropped and the client was made with ``reconnect=False``."""
 
@@ -38,14 +39,20 @@ class StreamsRefused(ValueError):
     ask for the refused ones again."""
 
     def __init__(self, refused: dict[str, str]) -> None:
-        super().__init__("the server refused %s" % "; ".join(
-            "%s: %s" % item for item in refused.items()))
+        super().__init__(
+            "the server refused %s" % "; ".join("%s: %s" % item for item in refused.items())
+        )
         self.refused = refused
 
 
 def _gap_message(stream: str, reason: str, msg: str, **extra: Any) -> Message:
-    data = {"e": "gap", "s": stream.rsplit(".", 1)[-1], "E": int(time.time() * 1_000_000),
-            "reason": reason, "msg": msg}
+    data = {
+        "e": "gap",
+        "s": stream.rsplit(".", 1)[-1],
+        "E": int(time.time() * 1_000_000),
+        "reason": reason,
+        "msg": msg,
+    }
     data.update(extra)
     raw = ujson.dumps({"stream": stream, "data": data}, escape_forward_slashes=False)
     return Message(stream, data, None, GAP, raw)
@@ -89,13 +96,19 @@ class Client:
                 print(msg.stream, msg.seq, msg.data["p"])
     """
 
-    def __init__(self, url: str, streams: Iterable[str],
-                 snapshot: bool | Iterable[str] = False,
-                 reconnect: bool = True, backoff: tuple[float, float] = (0.1, 5.0),
-                 since: dict[str, int] | None = None,
-                 on_state: Callable[[str], None] | None = None,
-                 connect_timeout: float = 10.0, ping_interval: float | None = 20.0,
-                 close_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        streams: Iterable[str],
+        snapshot: bool | Iterable[str] = False,
+        reconnect: bool = True,
+        backoff: tuple[float, float] = (0.1, 5.0),
+        since: dict[str, int] | None = None,
+        on_state: Callable[[str], None] | None = None,
+        connect_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        close_timeout: float = 2.0,
+    ) -> None:
         self.url = url
         self.streams = list(dict.fromkeys(streams))
         if not self.streams:
@@ -119,7 +132,7 @@ class Client:
         self.resumes = 0
         self.gaps = 0
         self.duplicates = 0
-        self.refused: dict[str, str] = {}   # streams the server refused -> its reason
+        self.refused: dict[str, str] = {}  # streams the server refused -> its reason
         self.disconnect_reason: str | None = None
         self._refusal: StreamsRefused | None = None  # raised by the iteration, once
         self._ws: tornado.websocket.WebSocketClientConnection | None = None
@@ -128,7 +141,7 @@ class Client:
         self._request_id = 0
         self._pending: collections.deque[Message] = collections.deque()
         self._after_gap: set[str] = set()
-        self._seen: set[str] = set()   # streams that delivered something on this client
+        self._seen: set[str] = set()  # streams that delivered something on this client
         self._plain: set[str] = set()  # streams whose last message had no seq
 
     # -- life cycle --------------------------------------------------------
@@ -151,7 +164,8 @@ class Client:
         Raises OSError / WebSocketError / HTTPClientError when it fails."""
         self._set_state("connecting")
         request = tornado.httpclient.HTTPRequest(
-            self.url, connect_timeout=self.connect_timeout, request_timeout=self.connect_timeout)
+            self.url, connect_timeout=self.connect_timeout, request_timeout=self.connect_timeout
+        )
         ws = await tornado.websocket.websocket_connect(request, ping_interval=self.ping_interval)
         if self._closed:
             ws.close(NORMAL_CLOSURE)
@@ -164,8 +178,12 @@ class Client:
         snapshot = [s for s in self.streams if s in self.snapshot_streams and s not in since]
         self._request_id += 1
         # Acknowledgements on this connection: a refused stream is reported.
-        request_body: dict[str, Any] = {"method": "SUBSCRIBE", "params": self.streams,
-                                        "id": self._request_id, "acks": True}
+        request_body: dict[str, Any] = {
+            "method": "SUBSCRIBE",
+            "params": self.streams,
+            "id": self._request_id,
+            "acks": True,
+        }
         if since:
             request_body["since"] = since
         if snapshot:
@@ -178,8 +196,13 @@ class Client:
             # Plain streams cannot be replayed: say so.
             for stream in self.streams:
                 if stream in self._seen and stream not in since and stream not in snapshot:
-                    self._report(_gap_message(stream, "reconnected", "reconnected; updates "
-                                              "published meanwhile may have been missed"))
+                    self._report(
+                        _gap_message(
+                            stream,
+                            "reconnected",
+                            "reconnected; updates published meanwhile may have been missed",
+                        )
+                    )
         await ws.write_message(ujson.dumps(request_body, escape_forward_slashes=False))
         self._set_state("connected")
 
@@ -223,7 +246,7 @@ class Client:
     def delay(self, attempt: int) -> float:
         """Seconds to wait before reconnection attempt ``attempt`` (0-based)."""
         low, high = self.backoff
-        return min(high, low * 2.0 ** attempt) * random.uniform(0.5, 1.0)
+        return min(high, low * 2.0**attempt) * random.uniform(0.5, 1.0)
 
     async def _ensure_connected(self) -> None:
         while self._ws is None:
@@ -239,14 +262,17 @@ class Client:
                 await self.connect()
             except ConnectionLost:
                 raise StopAsyncIteration from None
-            except (OSError, tornado.websocket.WebSocketError,
-                    tornado.httpclient.HTTPClientError, asyncio.TimeoutError) as exc:
+            except (
+                OSError,
+                tornado.websocket.WebSocketError,
+                tornado.httpclient.HTTPClientError,
+                asyncio.TimeoutError,
+            ) as exc:
                 self._attempt += 1
                 if not self.reconnect:
                     raise
                 log.info("cannot connect to %s (%s); retrying", self.url, exc)
-                self.disconnect_reason = "cannot connect: %s" % (
-                    exc or type(exc).__name__)
+                self.disconnect_reason = "cannot connect: %s" % (exc or type(exc).__name__)
                 self._set_state("disconnected")
 
     # -- messages ----------------------------------------------------------
@@ -296,7 +322,7 @@ class Client:
         if not isinstance(obj.get("stream"), str):
             if isinstance(obj.get("error"), dict):
                 self._on_error(obj["error"])
-            return   # {"result": null, "id": n}: subscribed
+            return  # {"result": null, "id": n}: subscribed
         stream, data, seq = obj["stream"], obj.get("data"), obj.get("seq")
         self._seen.add(stream)
         if isinstance(data, dict) and data.get("e") == "gap" and seq is None:
@@ -321,13 +347,17 @@ class Client:
             self.duplicates += 1
             return
         if last is not None and seq != last + 1 and stream not in self._after_gap:
-            self._report(_gap_message(stream, "positions_missing",
-                                      "positions %d to %d missing" % (last + 1, seq - 1),
-                                      **{"from": last + 1, "to": seq - 1}))
+            self._report(
+                _gap_message(
+                    stream,
+                    "positions_missing",
+                    "positions %d to %d missing" % (last + 1, seq - 1),
+                    **{"from": last + 1, "to": seq - 1},
+                )
+            )
         self._after_gap.discard(stream)
         self.last_seq[stream] = seq
         self._pending.append(Message(stream, data, seq, MESSAGE, frame))
-
 
     def _on_error(self, error: dict[str, Any]) -> None:
         """An error reply: refused streams are dropped and raised by the
@@ -344,8 +374,9 @@ class Client:
         log.warning("the server answered: %s", error.get("msg", error))
 
 
-def _why_closed(ws: tornado.websocket.WebSocketClientConnection,
-                failure: BaseException | None) -> str:
+def _why_closed(
+    ws: tornado.websocket.WebSocketClientConnection, failure: BaseException | None
+) -> str:
     """Why ``ws`` ended, for people: the close code and reason, or the error."""
     if ws.close_code is not None:
         return "closed by the server: %d %s" % (ws.close_code, ws.close_reason or "")

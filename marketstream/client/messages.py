@@ -15,6 +15,7 @@ MESSAGE = "message"
 SNAPSHOT = "snapshot"
 GAP = "gap"
 
+
 class Message(NamedTuple):
     """One message of a stream.
 

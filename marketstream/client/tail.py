@@ -77,38 +77,70 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="marketstream-tail",
         description="Print live messages of marketstream streams as JSON lines, one line "
-                    "per frame as received; reconnects and resumes by itself.")
-    parser.add_argument("streams", nargs="+", metavar="STREAM",
-                        help="stream names, e.g. trade.SOL_USDC depth.BTC_USDT")
-    parser.add_argument("--url", default=DEFAULT_URL,
-                        help="WebSocket URL of the server (default: %(default)s)")
-    parser.add_argument("--snapshot", action="store_true",
-                        help="ask for each stream's snapshot first (streams that have one)")
-    parser.add_argument("--since", type=_since, action="append", default=[],
-                        metavar="STREAM:POSITION",
-                        help="resume STREAM after POSITION (repeatable)")
-    parser.add_argument("--count", type=_positive_int, metavar="N",
-                        help="exit after printing N lines")
-    parser.add_argument("--timeout", type=_positive, metavar="SECONDS",
-                        help="exit after this many seconds (status 1 if --count was not reached)")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="do not report connection states on standard error")
+        "per frame as received; reconnects and resumes by itself.",
+    )
+    parser.add_argument(
+        "streams",
+        nargs="+",
+        metavar="STREAM",
+        help="stream names, e.g. trade.SOL_USDC depth.BTC_USDT",
+    )
+    parser.add_argument(
+        "--url", default=DEFAULT_URL, help="WebSocket URL of the server (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="ask for each stream's snapshot first (streams that have one)",
+    )
+    parser.add_argument(
+        "--since",
+        type=_since,
+        action="append",
+        default=[],
+        metavar="STREAM:POSITION",
+        help="resume STREAM after POSITION (repeatable)",
+    )
+    parser.add_argument(
+        "--count", type=_positive_int, metavar="N", help="exit after printing N lines"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive,
+        metavar="SECONDS",
+        help="exit after this many seconds (status 1 if --count was not reached)",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="do not report connection states on standard error",
+    )
     return parser
 
 
-async def tail(args: argparse.Namespace, out: TextIO | None = None,
-               err: TextIO | None = None) -> int:
+async def tail(
+    args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     """Run the command with parsed ``args``; returns the exit status."""
     out = out or sys.stdout
     err = err or sys.stderr
 
     def on_state(state: str) -> None:
         why = client.disconnect_reason if state == "disconnected" else None
-        print("marketstream-tail: %s %s%s" % (state, args.url, ": " + why if why else ""),
-              file=err, flush=True)
+        print(
+            "marketstream-tail: %s %s%s" % (state, args.url, ": " + why if why else ""),
+            file=err,
+            flush=True,
+        )
 
-    client = Client(args.url, args.streams, snapshot=args.snapshot, since=dict(args.since),
-                    on_state=None if args.quiet else on_state)
+    client = Client(
+        args.url,
+        args.streams,
+        snapshot=args.snapshot,
+        since=dict(args.since),
+        on_state=None if args.quiet else on_state,
+    )
     printed = 0
     refused: list[StreamsRefused] = []
 
@@ -124,8 +156,11 @@ async def tail(args: argparse.Namespace, out: TextIO | None = None,
         except StreamsRefused as exc:
             refused.append(exc)
             for name, reason in exc.refused.items():
-                print("marketstream-tail: the server refused %s: %s" % (name, reason),
-                      file=err, flush=True)
+                print(
+                    "marketstream-tail: the server refused %s: %s" % (name, reason),
+                    file=err,
+                    flush=True,
+                )
 
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(run())
@@ -165,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         code = asyncio.run(tail(args))
     except KeyboardInterrupt:
         code = 0
-    except BrokenPipeError:   # e.g. piped into `head`
+    except BrokenPipeError:  # e.g. piped into `head`
         code = 0
     sys.exit(code)
 

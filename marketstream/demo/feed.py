@@ -50,24 +50,45 @@ from collections.abc import Iterable
 from typing import Any
 
 from marketstream.upstream.publisher import AsyncPublisher
-from marketstream.demo.simulator import (DEFAULT_MARKETS, FORMATS, KINDS, Feed, FeedEvent,
-                                         MarketSimulator, MarketSpec, encode, envelope,
-                                         market_spec)
+from marketstream.demo.simulator import (
+    DEFAULT_MARKETS,
+    FORMATS,
+    KINDS,
+    Feed,
+    FeedEvent,
+    MarketSimulator,
+    MarketSpec,
+    encode,
+    envelope,
+    market_spec,
+)
 from marketstream.upstream.clients import REDIS_ERRORS, async_client, check_redis
 from marketstream.upstream.urls import redact_url
 
-__all__ = ["DEFAULT_MARKETS", "FORMATS", "Feed", "MarketSimulator", "MarketSpec",
-           "build_parser", "encode", "envelope", "main", "market_spec", "redact", "run_feed"]
+__all__ = [
+    "DEFAULT_MARKETS",
+    "FORMATS",
+    "Feed",
+    "MarketSimulator",
+    "MarketSpec",
+    "build_parser",
+    "encode",
+    "envelope",
+    "main",
+    "market_spec",
+    "redact",
+    "run_feed",
+]
 
 log = logging.getLogger(__name__)
 
 SUMMARY_INTERVAL = 10.0  # seconds between summary log lines
-RETRY_INTERVAL = 1.0     # seconds between attempts while Redis is unavailable
-MIN_STEP = 0.005         # shortest sleep of the scheduler: batches high rates
-DEFAULT_HISTORY = 1000   # messages kept per stream
-DEFAULT_TTL = 3600       # seconds the keys of an idle stream live
+RETRY_INTERVAL = 1.0  # seconds between attempts while Redis is unavailable
+MIN_STEP = 0.005  # shortest sleep of the scheduler: batches high rates
+DEFAULT_HISTORY = 1000  # messages kept per stream
+DEFAULT_TTL = 3600  # seconds the keys of an idle stream live
 
-redact = redact_url      # the name this module used to export
+redact = redact_url  # the name this module used to export
 
 
 async def _wait(stop: asyncio.Event, timeout: float) -> bool:
@@ -80,7 +101,6 @@ async def _wait(stop: asyncio.Event, timeout: float) -> bool:
     return stop.is_set()
 
 
-
 def _cancel_requested() -> bool:
     """True once this task was asked to stop (Python 3.11+), even if a
     library on the way swallowed the CancelledError or turned it into a
@@ -89,11 +109,19 @@ def _cancel_requested() -> bool:
     return bool(cancelling and cancelling())
 
 
-async def run_feed(redis_url: str, markets: Iterable[str] | str = DEFAULT_MARKETS,
-                   rate: float = 10.0, fmt: str = "envelope", duration: float | None = None,
-                   seed: int | None = None, stop: asyncio.Event | None = None,
-                   log: logging.Logger | None = None, recoverable: bool | None = None,
-                   history: int = DEFAULT_HISTORY, ttl: int = DEFAULT_TTL) -> dict[str, int]:
+async def run_feed(
+    redis_url: str,
+    markets: Iterable[str] | str = DEFAULT_MARKETS,
+    rate: float = 10.0,
+    fmt: str = "envelope",
+    duration: float | None = None,
+    seed: int | None = None,
+    stop: asyncio.Event | None = None,
+    log: logging.Logger | None = None,
+    recoverable: bool | None = None,
+    history: int = DEFAULT_HISTORY,
+    ttl: int = DEFAULT_TTL,
+) -> dict[str, int]:
     """Publish synthetic market data to Redis until ``duration`` seconds
     have passed or the asyncio.Event ``stop`` is set (else forever, or
     until cancelled)::
@@ -115,8 +143,9 @@ async def run_feed(redis_url: str, markets: Iterable[str] | str = DEFAULT_MARKET
     if recoverable is None:
         recoverable = fmt == "envelope"
     if recoverable and fmt != "envelope":
-        raise ValueError("recoverable publishing sends envelopes; fmt %r needs recoverable=False"
-                         % (fmt,))
+        raise ValueError(
+            "recoverable publishing sends envelopes; fmt %r needs recoverable=False" % (fmt,)
+        )
     if isinstance(markets, str):
         markets = [m.strip() for m in markets.split(",") if m.strip()]
     loop = asyncio.get_running_loop()
@@ -129,12 +158,18 @@ async def run_feed(redis_url: str, markets: Iterable[str] | str = DEFAULT_MARKET
     reported, last_summary = dict(counts), start
     url = redact_url(redis_url)
     client = async_client(redis_url, socket_connect_timeout=5, socket_timeout=5)
-    sink: AsyncPublisher | _Plain = (AsyncPublisher(client, history=history, ttl=ttl)
-                                     if recoverable else _Plain(client, feed))
-    log.info("publishing %s (%s, %g trade+depth events/s per market, tickers every "
-             "second) to %s", ", ".join(feed.markets),
-             "recoverable, history %d, ttl %ds" % (history, ttl) if recoverable
-             else "plain PUBLISH, format %s" % fmt, feed.rate, url)
+    sink: AsyncPublisher | _Plain = (
+        AsyncPublisher(client, history=history, ttl=ttl) if recoverable else _Plain(client, feed)
+    )
+    log.info(
+        "publishing %s (%s, %g trade+depth events/s per market, tickers every second) to %s",
+        ", ".join(feed.markets),
+        "recoverable, history %d, ttl %ds" % (history, ttl)
+        if recoverable
+        else "plain PUBLISH, format %s" % fmt,
+        feed.rate,
+        url,
+    )
     try:
         while True:
             if _cancel_requested():
@@ -149,8 +184,13 @@ async def run_feed(redis_url: str, markets: Iterable[str] | str = DEFAULT_MARKET
                 except REDIS_ERRORS as exc:
                     if _cancel_requested():
                         raise asyncio.CancelledError() from exc
-                    log.warning("Redis at %s unavailable (%s): %d message(s) dropped; "
-                                "retrying every %gs", url, exc, len(batch), RETRY_INTERVAL)
+                    log.warning(
+                        "Redis at %s unavailable (%s): %d message(s) dropped; retrying every %gs",
+                        url,
+                        exc,
+                        len(batch),
+                        RETRY_INTERVAL,
+                    )
                     if not await _reconnect(client, stop, deadline, loop, log):
                         break
                     log.warning("Redis at %s is back: publishing again", url)
@@ -163,15 +203,17 @@ async def run_feed(redis_url: str, markets: Iterable[str] | str = DEFAULT_MARKET
                 break
             now = loop.time()
             if now - last_summary >= SUMMARY_INTERVAL:
-                log.info("published %s in the last %.0fs", _summary(counts, reported),
-                         now - last_summary)
+                log.info(
+                    "published %s in the last %.0fs", _summary(counts, reported), now - last_summary
+                )
                 reported, last_summary = dict(counts), now
             wake = feed.next_due() if deadline is None else min(feed.next_due(), deadline)
             await _wait(stop, max(MIN_STEP, wake - now))
     finally:
         await client.aclose()
-    log.info("feed stopped after %.1fs: published %s in total",
-             loop.time() - start, _summary(counts))
+    log.info(
+        "feed stopped after %.1fs: published %s in total", loop.time() - start, _summary(counts)
+    )
     return counts
 
 
@@ -193,15 +235,27 @@ async def _publish(sink: AsyncPublisher | _Plain, batch: list[FeedEvent]) -> Non
     if isinstance(sink, _Plain):
         await sink.publish_many(batch)
         return
-    await sink.publish_many([
-        (event.channel, encode(event.data),
-         event.snapshot if event.snapshot is None or event.snapshot is True
-         else encode(event.snapshot))
-        for event in batch])
+    await sink.publish_many(
+        [
+            (
+                event.channel,
+                encode(event.data),
+                event.snapshot
+                if event.snapshot is None or event.snapshot is True
+                else encode(event.snapshot),
+            )
+            for event in batch
+        ]
+    )
 
 
-async def _reconnect(client: Any, stop: asyncio.Event, deadline: float | None,
-                     loop: asyncio.AbstractEventLoop, log: logging.Logger) -> bool:
+async def _reconnect(
+    client: Any,
+    stop: asyncio.Event,
+    deadline: float | None,
+    loop: asyncio.AbstractEventLoop,
+    log: logging.Logger,
+) -> bool:
     """PING every second until Redis answers (True) or the feed is to stop."""
     while True:
         timeout = RETRY_INTERVAL
@@ -223,6 +277,7 @@ def _summary(counts: dict[str, int], since: dict[str, int] | None = None) -> str
 
 
 # -- command line -------------------------------------------------------------
+
 
 def _positive(text: str) -> float:
     value = float(text)
@@ -260,29 +315,64 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="marketstream-feed",
         description="Publish realistic synthetic trades, depth diffs and tickers to Redis "
-                    "pub/sub (channels trade.<MARKET>, depth.<MARKET>, ticker.<MARKET>).")
-    parser.add_argument("--redis-url", metavar="URL",
-                        default=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
-                        help="Redis to publish to (default: $REDIS_URL, else %(default)s)")
-    parser.add_argument("--markets", type=_markets, default=DEFAULT_MARKETS, metavar="LIST",
-                        help="comma-separated markets (default: %s)" % ",".join(DEFAULT_MARKETS))
-    parser.add_argument("--rate", type=_non_negative, default=10.0, metavar="N",
-                        help="trade + depth events per second and market (default: 10); "
-                             "tickers come once a second regardless")
-    parser.add_argument("--format", choices=FORMATS, default="envelope", dest="fmt",
-                        help="publish {stream, data} envelopes or bare data objects "
-                             "(default: envelope; data implies --plain)")
-    parser.add_argument("--plain", action="store_true",
-                        help="PUBLISH plain payloads without positions, history or snapshots "
-                             "(default: recoverable publishing)")
-    parser.add_argument("--history", type=_count, default=DEFAULT_HISTORY, metavar="N",
-                        help="messages Redis keeps per stream for resuming clients "
-                             "(default: %(default)s)")
-    parser.add_argument("--ttl", type=_count, default=DEFAULT_TTL, metavar="SECONDS",
-                        help="seconds an idle stream's history and snapshot live, 0 = forever "
-                             "(default: %(default)s)")
-    parser.add_argument("--duration", type=_positive, metavar="SECONDS",
-                        help="stop after this many seconds (default: run until interrupted)")
+        "pub/sub (channels trade.<MARKET>, depth.<MARKET>, ticker.<MARKET>).",
+    )
+    parser.add_argument(
+        "--redis-url",
+        metavar="URL",
+        default=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
+        help="Redis to publish to (default: $REDIS_URL, else %(default)s)",
+    )
+    parser.add_argument(
+        "--markets",
+        type=_markets,
+        default=DEFAULT_MARKETS,
+        metavar="LIST",
+        help="comma-separated markets (default: %s)" % ",".join(DEFAULT_MARKETS),
+    )
+    parser.add_argument(
+        "--rate",
+        type=_non_negative,
+        default=10.0,
+        metavar="N",
+        help="trade + depth events per second and market (default: 10); "
+        "tickers come once a second regardless",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="envelope",
+        dest="fmt",
+        help="publish {stream, data} envelopes or bare data objects "
+        "(default: envelope; data implies --plain)",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="PUBLISH plain payloads without positions, history or snapshots "
+        "(default: recoverable publishing)",
+    )
+    parser.add_argument(
+        "--history",
+        type=_count,
+        default=DEFAULT_HISTORY,
+        metavar="N",
+        help="messages Redis keeps per stream for resuming clients (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ttl",
+        type=_count,
+        default=DEFAULT_TTL,
+        metavar="SECONDS",
+        help="seconds an idle stream's history and snapshot live, 0 = forever "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=_positive,
+        metavar="SECONDS",
+        help="stop after this many seconds (default: run until interrupted)",
+    )
     parser.add_argument("--seed", type=int, help="random seed for reproducible data")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser
@@ -297,7 +387,7 @@ async def _main(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
             handled.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):
-            pass   # not on this platform / not in the main thread
+            pass  # not on this platform / not in the main thread
     try:
         try:
             await asyncio.to_thread(check_redis, args.redis_url)
@@ -307,10 +397,18 @@ async def _main(args: argparse.Namespace) -> int:
         except REDIS_ERRORS as exc:
             log.error("cannot reach Redis at %s: %s", redact_url(args.redis_url), exc)
             return 1
-        await run_feed(args.redis_url, markets=args.markets, rate=args.rate, fmt=args.fmt,
-                       duration=args.duration, seed=args.seed, stop=stop,
-                       recoverable=not args.plain and args.fmt == "envelope",
-                       history=args.history, ttl=args.ttl)
+        await run_feed(
+            args.redis_url,
+            markets=args.markets,
+            rate=args.rate,
+            fmt=args.fmt,
+            duration=args.duration,
+            seed=args.seed,
+            stop=stop,
+            recoverable=not args.plain and args.fmt == "envelope",
+            history=args.history,
+            ttl=args.ttl,
+        )
         return 0
     finally:
         for sig in handled:
@@ -321,13 +419,16 @@ def main(argv: list[str] | None = None) -> None:
     """The ``marketstream-feed`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.verbose:
         log.setLevel(logging.DEBUG)
     try:
         code = asyncio.run(_main(args))
-    except KeyboardInterrupt:   # a second Ctrl-C, or one before the loop ran
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop ran
         code = 0
     sys.exit(code)
 

@@ -40,17 +40,28 @@ from typing import Any, NamedTuple
 
 import ujson
 
-__all__ = ["DEFAULT_MARKETS", "FORMATS", "KINDS", "Feed", "FeedEvent", "MarketSimulator",
-           "MarketSpec", "SNAPSHOT_INTERVAL", "encode", "envelope", "market_spec"]
+__all__ = [
+    "DEFAULT_MARKETS",
+    "FORMATS",
+    "KINDS",
+    "Feed",
+    "FeedEvent",
+    "MarketSimulator",
+    "MarketSpec",
+    "SNAPSHOT_INTERVAL",
+    "encode",
+    "envelope",
+    "market_spec",
+]
 
 DEFAULT_MARKETS = ("BTC_USDT", "ETH_USDT", "SOL_USDT", "SOL_USDC")
 FORMATS = ("envelope", "data")
 KINDS = ("trade", "depth", "ticker")
 
-SIGMA = 1e-4             # relative standard deviation of the price per trade
-TICKER_INTERVAL = 1.0    # seconds between tickers of one market
+SIGMA = 1e-4  # relative standard deviation of the price per trade
+TICKER_INTERVAL = 1.0  # seconds between tickers of one market
 SNAPSHOT_INTERVAL = 0.5  # a depth diff carries the full book at least this often
-MAX_LAG = 1.0            # a schedule further behind skips ahead instead of bursting
+MAX_LAG = 1.0  # a schedule further behind skips ahead instead of bursting
 
 
 @dataclass(frozen=True)
@@ -116,10 +127,10 @@ class MarketSimulator:
     fills it, applying every diff in order reproduces it.
     """
 
-    MIN_LEVELS = 10      # refill a side that has fewer levels ...
-    TARGET_LEVELS = 20   # ... up to this many
-    MAX_LEVELS = 30      # trim the farthest levels beyond this
-    MAX_DISTANCE = 80    # in grid steps from the touch; farther levels are cancelled
+    MIN_LEVELS = 10  # refill a side that has fewer levels ...
+    TARGET_LEVELS = 20  # ... up to this many
+    MAX_LEVELS = 30  # trim the farthest levels beyond this
+    MAX_DISTANCE = 80  # in grid steps from the touch; farther levels are cancelled
 
     def __init__(self, market: str, seed: int | None = None) -> None:
         self.market = market
@@ -127,22 +138,22 @@ class MarketSimulator:
         self.price_decimals = self.spec.price_decimals
         self.qty_decimals = self.spec.qty_decimals
         self._rng = random.Random(None if seed is None else "%s:%s" % (seed, market))
-        self._tick_scale: int = 10 ** self.price_decimals
-        self._lot_scale: int = 10 ** self.qty_decimals
-        self._mid: float = self.spec.price * self._tick_scale   # in ticks
+        self._tick_scale: int = 10**self.price_decimals
+        self._lot_scale: int = 10**self.qty_decimals
+        self._mid: float = self.spec.price * self._tick_scale  # in ticks
         # Book levels sit on offsets of a grid of about 0.002 % of the price.
         self._grid = max(1, round(self._mid * 2e-5))
-        self._bids: dict[int, int] = {}   # price in ticks -> quantity in lots, as published
+        self._bids: dict[int, int] = {}  # price in ticks -> quantity in lots, as published
         self._asks: dict[int, int] = {}
         self._trade_id = 0
         self._update_id = 0
-        self._order_id = self._rng.randrange(10 ** 9, 5 * 10 ** 9)
+        self._order_id = self._rng.randrange(10**9, 5 * 10**9)
         self._open: int | None = None
         self._high: int | None = None
         self._low: int | None = None
         self._last: int | None = None
-        self._volume = 0         # lots
-        self._quote_volume = 0   # ticks * lots
+        self._volume = 0  # lots
+        self._quote_volume = 0  # ticks * lots
         self._trades = 0
 
     # -- prices and quantities -------------------------------------------
@@ -186,9 +197,18 @@ class MarketSimulator:
         self._volume += lots
         self._quote_volume += price * lots
         self._trades += 1
-        return {"e": "trade", "E": now_us, "s": self.market, "t": self._trade_id,
-                "p": self.price(price), "q": self.qty(lots), "b": buyer, "a": seller,
-                "m": buyer_is_maker, "T": now_us // 1000}
+        return {
+            "e": "trade",
+            "E": now_us,
+            "s": self.market,
+            "t": self._trade_id,
+            "p": self.price(price),
+            "q": self.qty(lots),
+            "b": buyer,
+            "a": seller,
+            "m": buyer_is_maker,
+            "T": now_us // 1000,
+        }
 
     def depth(self, now_us: int) -> dict[str, Any]:
         """The order book's changes: levels the price moved through are
@@ -209,7 +229,7 @@ class MarketSimulator:
             limit = self.MAX_DISTANCE * self._grid
             for price in [p for p in book if abs(p - touch) > limit]:
                 del book[price]
-            for price in sorted(book, reverse=not is_bid)[:max(0, len(book) - self.MAX_LEVELS)]:
+            for price in sorted(book, reverse=not is_bid)[: max(0, len(book) - self.MAX_LEVELS)]:
                 del book[price]
 
         bid_changes = self._diff(self._bids, bids, reverse=True)
@@ -223,10 +243,16 @@ class MarketSimulator:
 
         first = self._update_id + 1
         self._update_id += len(bid_changes) + len(ask_changes)
-        return {"e": "depth", "E": now_us, "s": self.market, "T": now_us,
-                "U": first, "u": self._update_id,
-                "b": [[self.price(p), self.qty(q)] for p, q in bid_changes],
-                "a": [[self.price(p), self.qty(q)] for p, q in ask_changes]}
+        return {
+            "e": "depth",
+            "E": now_us,
+            "s": self.market,
+            "T": now_us,
+            "U": first,
+            "u": self._update_id,
+            "b": [[self.price(p), self.qty(q)] for p, q in bid_changes],
+            "a": [[self.price(p), self.qty(q)] for p, q in ask_changes],
+        }
 
     def ticker(self, now_us: int) -> dict[str, Any]:
         """Statistics over the trades since start (before the first trade
@@ -238,11 +264,18 @@ class MarketSimulator:
             open_, high, low = self._open, self._high, self._low
         # Quote volume in ticks * lots, rounded half up to the tick.
         quote = (self._quote_volume + self._lot_scale // 2) // self._lot_scale
-        return {"e": "ticker", "E": now_us, "s": self.market,
-                "o": self.price(open_), "c": self.price(current),
-                "h": self.price(high), "l": self.price(low),
-                "v": _decimal(self._volume, self.qty_decimals),
-                "V": _decimal(quote, self.price_decimals), "n": self._trades}
+        return {
+            "e": "ticker",
+            "E": now_us,
+            "s": self.market,
+            "o": self.price(open_),
+            "c": self.price(current),
+            "h": self.price(high),
+            "l": self.price(low),
+            "v": _decimal(self._volume, self.qty_decimals),
+            "V": _decimal(quote, self.price_decimals),
+            "n": self._trades,
+        }
 
     def snapshot(self) -> dict[str, Any]:
         """The whole book as published so far, best levels first: the state
@@ -252,10 +285,15 @@ class MarketSimulator:
             {"e": "depthSnapshot", "s": "SOL_USDC", "u": 1003,
              "b": [["149.990", "3.100"], ...], "a": [["150.000", "0.750"], ...]}
         """
-        return {"e": "depthSnapshot", "s": self.market, "u": self._update_id,
-                "b": [[self.price(p), self.qty(self._bids[p])]
-                      for p in sorted(self._bids, reverse=True)],
-                "a": [[self.price(p), self.qty(self._asks[p])] for p in sorted(self._asks)]}
+        return {
+            "e": "depthSnapshot",
+            "s": self.market,
+            "u": self._update_id,
+            "b": [
+                [self.price(p), self.qty(self._bids[p])] for p in sorted(self._bids, reverse=True)
+            ],
+            "a": [[self.price(p), self.qty(self._asks[p])] for p in sorted(self._asks)],
+        }
 
     # -- order book ----------------------------------------------------------
 
@@ -264,8 +302,9 @@ class MarketSimulator:
         levels = sorted(book, reverse=is_bid)
         return levels[min(len(levels) - 1, int(self._rng.expovariate(0.5)))]
 
-    def _add_level(self, book: dict[int, int], is_bid: bool, center: int,
-                   mean_offset: float = 3.0) -> None:
+    def _add_level(
+        self, book: dict[int, int], is_bid: bool, center: int, mean_offset: float = 3.0
+    ) -> None:
         offset = int(self._rng.expovariate(1.0 / mean_offset)) * self._grid
         price = center - 1 - offset if is_bid else center + offset
         if price >= 1:
@@ -275,11 +314,11 @@ class MarketSimulator:
         is_bid = self._rng.random() < 0.5
         book = bids if is_bid else asks
         action = self._rng.random()
-        if book and action < 0.55:      # a level's quantity changes
+        if book and action < 0.55:  # a level's quantity changes
             book[self._near_top(book, is_bid)] = self._lots(5000.0, 1.0)
         elif not book or action < 0.85:  # a new level
             self._add_level(book, is_bid, center)
-        else:                            # a level is cancelled
+        else:  # a level is cancelled
             del book[self._near_top(book, is_bid)]
 
     @staticmethod
@@ -319,9 +358,15 @@ class Feed:
     snapshot (``True``).
     """
 
-    def __init__(self, markets: Iterable[str] = DEFAULT_MARKETS, rate: float = 10.0,
-                 fmt: str = "envelope", seed: int | None = None, start: float = 0.0,
-                 snapshot_interval: float = SNAPSHOT_INTERVAL) -> None:
+    def __init__(
+        self,
+        markets: Iterable[str] = DEFAULT_MARKETS,
+        rate: float = 10.0,
+        fmt: str = "envelope",
+        seed: int | None = None,
+        start: float = 0.0,
+        snapshot_interval: float = SNAPSHOT_INTERVAL,
+    ) -> None:
         if fmt not in FORMATS:
             raise ValueError("format must be one of %s, not %r" % (", ".join(FORMATS), fmt))
         if rate < 0:
@@ -348,8 +393,7 @@ class Feed:
 
     def encode(self, event: FeedEvent) -> str:
         """``event`` as a plain payload in this feed's format."""
-        return encode(envelope(event.channel, event.data) if self.fmt == "envelope"
-                      else event.data)
+        return encode(envelope(event.channel, event.data) if self.fmt == "envelope" else event.data)
 
     def due(self, now: float, offset_us: float = 0) -> list[tuple[str, str, str]]:
         """Messages due up to ``now`` as ``(kind, channel, payload)``."""
@@ -376,8 +420,9 @@ class Feed:
                     kind, when = "ticker", at_ticker
                     at_ticker += TICKER_INTERVAL
                 # Event times never go back, even if the clocks' offset wobbles.
-                now_us = self._last_us[market] = max(self._last_us[market],
-                                                     int(when * 1e6 + offset_us))
+                now_us = self._last_us[market] = max(
+                    self._last_us[market], int(when * 1e6 + offset_us)
+                )
                 snapshot: Any = None
                 if kind == "trade":
                     data = sim.trade(now_us)

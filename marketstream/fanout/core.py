@@ -58,6 +58,7 @@ from marketstream.wire.positions import split_position
 
 __all__ = ["Core", "Want", "Read", "History"]
 
+
 class Connection(Hashable, Protocol):
     """What the core delivers to (the WebSocket handler)."""
 
@@ -67,9 +68,9 @@ class Connection(Hashable, Protocol):
 class Want(NamedTuple):
     """What a connection asked for when subscribing a stream."""
 
-    since: int | None = None     # resume after this position
-    snapshot: bool = False       # start from the stream's snapshot
-    repair: bool = False         # the server's own catch-up after a link outage
+    since: int | None = None  # resume after this position
+    snapshot: bool = False  # start from the stream's snapshot
+    repair: bool = False  # the server's own catch-up after a link outage
 
 
 class Read(NamedTuple):
@@ -80,8 +81,8 @@ class Read(NamedTuple):
     stream: str
     after: int | None
     snapshot: bool
-    token: int = 0               # pass it back to read_done / read_failed
-    max_bytes: int = 0           # read about this many bytes of history and snapshot at most
+    token: int = 0  # pass it back to read_done / read_failed
+    max_bytes: int = 0  # read about this many bytes of history and snapshot at most
 
 
 class History(NamedTuple):
@@ -103,11 +104,11 @@ class History(NamedTuple):
 
 @dataclass
 class _Recovery:
-    waiting: dict[Connection, Want] = field(default_factory=dict)   # read not started
-    reading: dict[Connection, Want] = field(default_factory=dict)   # read in flight
+    waiting: dict[Connection, Want] = field(default_factory=dict)  # read not started
+    reading: dict[Connection, Want] = field(default_factory=dict)  # read in flight
     buffer: list[tuple[int | None, bytes]] = field(default_factory=list)  # since the read began
     in_flight: bool = False
-    token: int = 0                                 # which read is in flight
+    token: int = 0  # which read is in flight
     shares: dict[Connection, int] = field(default_factory=dict)  # bytes each reader may be sent
 
 
@@ -130,41 +131,46 @@ REPLAY_BYTES = 512 * 1024
 class Core:
     """Registry and fan-out of one process (see the module docstring)."""
 
-    def __init__(self, counters: Counters, payload_format: str = "envelope",
-                 max_replay: int = 1000,
-                 on_malformed: Callable[[bytes, bytes, str], None] | None = None,
-                 replay_bytes: int = REPLAY_BYTES, max_channels: int = 0,
-                 linger: bool = False) -> None:
+    def __init__(
+        self,
+        counters: Counters,
+        payload_format: str = "envelope",
+        max_replay: int = 1000,
+        on_malformed: Callable[[bytes, bytes, str], None] | None = None,
+        replay_bytes: int = REPLAY_BYTES,
+        max_channels: int = 0,
+        linger: bool = False,
+    ) -> None:
         self.counters = counters
         self.on_malformed = on_malformed
         self.wrap = payload_format == "data"
         self.max_replay = max_replay
         self.replay_bytes = replay_bytes
-        self.max_channels = max_channels      # 0: no cap
+        self.max_channels = max_channels  # 0: no cap
         self.linger = linger
-        self.streams: dict[str, dict[Connection, None]] = {}      # live listeners per stream
+        self.streams: dict[str, dict[Connection, None]] = {}  # live listeners per stream
         self.connections: dict[Connection, dict[str, None]] = {}  # streams per connection
-        self.pending: dict[Connection, list[bytes]] = {}          # frames of the current batch
+        self.pending: dict[Connection, list[bytes]] = {}  # frames of the current batch
         self.batch_messages = 0
-        self.last_seq: dict[str, int] = {}    # last position delivered live, per stream
+        self.last_seq: dict[str, int] = {}  # last position delivered live, per stream
         self.recovering: dict[str, _Recovery] = {}
-        self.confirmed: set[str] = set()      # channels Redis confirmed on the live link
-        self._resync: set[str] = set()        # channels to catch up once resubscribed
+        self.confirmed: set[str] = set()  # channels Redis confirmed on the live link
+        self._resync: set[str] = set()  # channels to catch up once resubscribed
         # Connections just caught up from the history, per stream: the
         # position each holds.  A live message at or below it was already
         # delivered from the history (the read and the pub/sub link are two
         # Redis connections, so it may still be on its way): skip it for them.
         self._holding: dict[str, dict[Connection, int]] = {}
-        self._live_seq: dict[str, int] = {}   # last position seen on the link, per stream
+        self._live_seq: dict[str, int] = {}  # last position seen on the link, per stream
         self._reads = 0
         # Per connection with catch-ups in progress: [bytes it may still be
         # sent, streams waiting for their read, reads in flight].
         self._budgets: dict[Connection, list[int]] = {}
-        self._channels: set[str] = set()      # what the link must hold (see wanted())
-        self._changes: dict[str, bool] = {}   # channel -> wanted, since the link last took them
-        self.lingering: dict[str, int] = {}   # unwanted channels kept a moment -> their sweep
+        self._channels: set[str] = set()  # what the link must hold (see wanted())
+        self._changes: dict[str, bool] = {}  # channel -> wanted, since the link last took them
+        self.lingering: dict[str, int] = {}  # unwanted channels kept a moment -> their sweep
         self._sweep = 0
-        self.wanted_changed = False           # the shell syncs upstream when set
+        self.wanted_changed = False  # the shell syncs upstream when set
 
     # --- registry ---------------------------------------------------------
 
@@ -197,7 +203,7 @@ class Core:
             return []
         for name in list(islice(self.lingering, over)):
             self._release(name)
-        return new[max(0, self.max_channels - len(self._channels)):]
+        return new[max(0, self.max_channels - len(self._channels)) :]
 
     def release_lingering(self) -> None:
         """Release the channels that have lingered since before the
@@ -224,8 +230,9 @@ class Core:
         self._changes[name] = False
         self.wanted_changed = True
 
-    def subscribe(self, conn: Connection, names: list[str],
-                  wants: dict[str, Want] | None = None) -> list[str]:
+    def subscribe(
+        self, conn: Connection, names: list[str], wants: dict[str, Want] | None = None
+    ) -> list[str]:
         """Add ``conn`` to each stream; returns the streams newly added.
         A stream with a :class:`Want` in ``wants`` is recovered first."""
         mine = self.connections.setdefault(conn, {})
@@ -323,8 +330,9 @@ class Core:
         else:
             budget[1] += 1
 
-    def _budget_moved(self, conn: Connection, waiting: int, reading: int,
-                      bytes_back: int = 0) -> None:
+    def _budget_moved(
+        self, conn: Connection, waiting: int, reading: int, bytes_back: int = 0
+    ) -> None:
         """``conn`` has ``waiting`` more streams waiting for their read and
         ``reading`` more reads in flight, and ``bytes_back`` of its budget
         back; its budget is forgotten once it has neither."""
@@ -431,8 +439,15 @@ class Core:
             sinces = [w.since for w in recovery.reading.values() if w.since is not None]
             snapshot = any(w.snapshot for w in recovery.reading.values())
             # A resume the history cannot cover falls back to the snapshot.
-            reads.append(Read(name, min(sinces) if sinces else None, snapshot or bool(sinces),
-                              recovery.token, max(shares.values())))
+            reads.append(
+                Read(
+                    name,
+                    min(sinces) if sinces else None,
+                    snapshot or bool(sinces),
+                    recovery.token,
+                    max(shares.values()),
+                )
+            )
         return reads
 
     def read_failed(self, name: str, token: int | None = None) -> None:
@@ -466,8 +481,7 @@ class Core:
             """The gap notice's frame for ``reason`` (built once per read)."""
             notice = gaps.get(reason)
             if notice is None:
-                notice = gaps[reason] = text_frame(
-                    replies.gap_notice(name, reason=reason))
+                notice = gaps[reason] = text_frame(replies.gap_notice(name, reason=reason))
             return notice
 
         counters = self.counters
@@ -483,7 +497,8 @@ class Core:
             if done[4] > allowed:  # it is not: what fits
                 key = (want, allowed)
                 done = built.get(key) or built.setdefault(
-                    key, self._joined(name, want, framed, buffer, gap, allowed))
+                    key, self._joined(name, want, framed, buffer, gap, allowed)
+                )
             data, count, position, counts, size = done
             counters.replayed += counts[0]
             counters.snapshots_sent += counts[1]
@@ -536,9 +551,15 @@ class Core:
                 self._dropped(channel, snapshot[1], problem)
         return History(latest, framed_snapshot, checked, oldest, skipped)
 
-    def _joined(self, name: str, want: Want, history: History,
-                buffer: list[tuple[int | None, bytes]], gap: Callable[[str], bytes],
-                share: int | None) -> tuple[bytes, int, int, tuple[int, int, int], int]:
+    def _joined(
+        self,
+        name: str,
+        want: Want,
+        history: History,
+        buffer: list[tuple[int | None, bytes]],
+        gap: Callable[[str], bytes],
+        share: int | None,
+    ) -> tuple[bytes, int, int, tuple[int, int, int], int]:
         """:meth:`_catch_up` with the live frames of ``buffer`` after it, as
         (bytes, frames, position, counts, bytes of the catch-up alone)."""
         frames, last, counts, size = self._catch_up(name, want, history, gap, share)
@@ -549,8 +570,14 @@ class Core:
                     last = seq
         return b"".join(frames), len(frames), last, counts, size
 
-    def _catch_up(self, name: str, want: Want, history: History,
-                  gap: Callable[[str], bytes], share: int | None) -> _Catchup:
+    def _catch_up(
+        self,
+        name: str,
+        want: Want,
+        history: History,
+        gap: Callable[[str], bytes],
+        share: int | None,
+    ) -> _Catchup:
         """What one connection gets before joining the live stream, in at
         most ``share`` bytes (None: no bound).  ``history`` holds
         WebSocket frames; ``gap(reason)`` is the gap notice's frame.
@@ -572,11 +599,13 @@ class Core:
             return _Catchup([], 0, (0, 0, 0), 0)
         covered = False
         if want.since is not None and (
-                self._covers(entries, want.since, latest) if want.since < latest
-                # A position ahead of the latest one is not from this
-                # history: positions went back (a failover lost writes), and
-                # what the client holds says nothing of what it missed.
-                else want.since == latest):
+            self._covers(entries, want.since, latest)
+            if want.since < latest
+            # A position ahead of the latest one is not from this
+            # history: positions went back (a failover lost writes), and
+            # what the client holds says nothing of what it missed.
+            else want.since == latest
+        ):
             last = min(want.since, latest)
             out = [frame for seq, frame in entries if seq > last and frame]
             size = sum(map(len, out))
@@ -585,10 +614,10 @@ class Core:
                     last = entries[-1][0]
                 return _Catchup(out, last, (len(out), 0, 0), size)
             covered = True  # the history has it all, but not the room to send it
-        head = [] if want.since is None else [
-            gap(self._gap_reason(want, latest, oldest, covered))]
+        head = [] if want.since is None else [gap(self._gap_reason(want, latest, oldest, covered))]
         usable = snapshot is not None and (
-            snapshot[0] >= latest or self._covers(entries, snapshot[0], latest))
+            snapshot[0] >= latest or self._covers(entries, snapshot[0], latest)
+        )
         if snapshot is not None and usable:
             after = [frame for seq, frame in entries if seq > snapshot[0] and frame]
             out = head + [snapshot[1]] + after
@@ -611,7 +640,7 @@ class Core:
         room = (share if share is not None else -1) - len(head[0])
         newest: list[bytes] = []
         last = 0
-        for seq, frame in reversed(entries[-self.max_replay:] if self.max_replay else []):
+        for seq, frame in reversed(entries[-self.max_replay :] if self.max_replay else []):
             if share is not None and len(frame) > room:
                 break
             if frame:
@@ -619,8 +648,9 @@ class Core:
                 room -= len(frame)
             last = max(last, seq)
         newest.reverse()
-        return _Catchup(head + newest, last, (len(newest), 0, 1),
-                        len(head[0]) + sum(map(len, newest)))
+        return _Catchup(
+            head + newest, last, (len(newest), 0, 1), len(head[0]) + sum(map(len, newest))
+        )
 
     def _gap_reason(self, want: Want, latest: int, oldest: int | None, covered: bool) -> str:
         """Why the history cannot take ``want.since`` to ``latest``
@@ -699,11 +729,11 @@ class Core:
         they accept the new positions."""
         self._holding.pop(name, None)
         self.counters.gap_notices += len(listeners)
-        self._enqueue(listeners,
-                      text_frame(replies.gap_notice(name, reason="lost_writes")))
+        self._enqueue(listeners, text_frame(replies.gap_notice(name, reason="lost_writes")))
 
-    def _not_holding(self, name: str, holding: dict[Connection, int],
-                     listeners: dict[Connection, None], seq: int) -> dict[Connection, None]:
+    def _not_holding(
+        self, name: str, holding: dict[Connection, int], listeners: dict[Connection, None], seq: int
+    ) -> dict[Connection, None]:
         """``listeners`` without those that already hold position ``seq``;
         forgets the holdings the live stream has passed."""
         for conn, position in list(holding.items()):

@@ -19,27 +19,55 @@ from __future__ import annotations
 __all__ = ["Counters", "CLOSE_CAUSES", "REFUSAL_CAUSES", "IGNORED_CAUSES", "REJECT_CAUSES"]
 
 #: Why the server closed a client.
-CLOSE_CAUSES = ("rate_limit", "slow_consumer", "ping_timeout",
-                "frame_rate_limit")
+CLOSE_CAUSES = ("rate_limit", "slow_consumer", "ping_timeout", "frame_rate_limit")
 #: Why a handshake was refused.
-REFUSAL_CAUSES = ("origin", "max_connections", "max_connections_per_ip",
-                  "handshake_timeout", "body_too_large")
+REFUSAL_CAUSES = (
+    "origin",
+    "max_connections",
+    "max_connections_per_ip",
+    "handshake_timeout",
+    "body_too_large",
+)
 #: Why part of a client request was ignored (or answered with an error).
 IGNORED_CAUSES = ("bad_since", "bad_snapshot")
 #: Why a stream a client asked for was refused (``rejected_streams`` by cause).
-REJECT_CAUSES = ("invalid_name", "unknown_type", "unknown_market", "too_many_streams",
-                 "max_channels")
+REJECT_CAUSES = (
+    "invalid_name",
+    "unknown_type",
+    "unknown_market",
+    "too_many_streams",
+    "max_channels",
+)
 
 
 class Counters:
     """Everything the process counts (monotonic, except the lists the
     exporter drains)."""
 
-    TOTALS = ("messages_in", "deliveries", "bytes_sent", "batches", "dropped_malformed",
-              "dropped_no_listener", "reconnects", "invalid_frames", "rejected_streams",
-              "replayed", "snapshots_sent", "gap_notices", "dropped_wrong_stream")
-    __slots__ = TOTALS + ("batch_sizes", "closed", "refused", "ignored", "rejected",
-                          "batch_latencies", "publish_latencies")
+    TOTALS = (
+        "messages_in",
+        "deliveries",
+        "bytes_sent",
+        "batches",
+        "dropped_malformed",
+        "dropped_no_listener",
+        "reconnects",
+        "invalid_frames",
+        "rejected_streams",
+        "replayed",
+        "snapshots_sent",
+        "gap_notices",
+        "dropped_wrong_stream",
+    )
+    __slots__ = TOTALS + (
+        "batch_sizes",
+        "closed",
+        "refused",
+        "ignored",
+        "rejected",
+        "batch_latencies",
+        "publish_latencies",
+    )
 
     # The totals, set to 0 in __init__ (declared for type checkers).
     messages_in: int
@@ -71,6 +99,10 @@ class Counters:
     def as_dict(self) -> dict[str, object]:
         """A snapshot for ``/health``."""
         totals: dict[str, object] = {name: getattr(self, name) for name in self.TOTALS}
-        totals.update(closed=dict(self.closed), refused=dict(self.refused),
-                      ignored=dict(self.ignored), rejected=dict(self.rejected))
+        totals.update(
+            closed=dict(self.closed),
+            refused=dict(self.refused),
+            ignored=dict(self.ignored),
+            rejected=dict(self.rejected),
+        )
         return totals

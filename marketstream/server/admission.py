@@ -84,8 +84,11 @@ __all__ = ["Admission", "Refusal", "HTTP_RESERVE"]
 Refusal = tuple[int, str, str]
 
 _TOO_MANY: Refusal = (503, "too many connections", "max_connections")
-_TOO_MANY_FROM_IP: Refusal = (429, "too many connections from your address",
-                              "max_connections_per_ip")
+_TOO_MANY_FROM_IP: Refusal = (
+    429,
+    "too many connections from your address",
+    "max_connections_per_ip",
+)
 #: Connections taken up beyond ``max_connections`` (refused if they ask for
 #: a WebSocket): room for plain HTTP requests while the process is full.
 #: The server's open-file limit leaves room for them (server/app.py).
@@ -95,8 +98,9 @@ HTTP_RESERVE = 16
 class Admission:
     """Origin rules, trusted proxies and connection limits of one process."""
 
-    def __init__(self, server: ServerSettings, counters: Counters,
-                 open_connections: Callable[[], int]) -> None:
+    def __init__(
+        self, server: ServerSettings, counters: Counters, open_connections: Callable[[], int]
+    ) -> None:
         self.counters = counters
         self.open_connections = open_connections
         self.allowed_origins = frozenset(o.rstrip("/").lower() for o in server.allowed_origins)
@@ -111,7 +115,8 @@ class Admission:
         # handshake); only networks need the ipaddress module.
         networks = server.trusted_proxies
         self._trusted_addresses = frozenset(
-            str(n.network_address) for n in networks if n.num_addresses == 1)
+            str(n.network_address) for n in networks if n.num_addresses == 1
+        )
         self._trusted_networks = tuple(n for n in networks if n.num_addresses > 1)
         # Connections still handshaking, in the order they came (so their
         # deadlines rise): key -> (deadline, the IP they count under or None).
@@ -137,8 +142,9 @@ class Admission:
         mapped = getattr(address, "ipv4_mapped", None)
         if mapped is not None:  # an IPv4 client on an IPv6 socket
             address = mapped
-        return (str(address) in self._trusted_addresses
-                or any(address in network for network in self._trusted_networks))
+        return str(address) in self._trusted_addresses or any(
+            address in network for network in self._trusted_networks
+        )
 
     def proxied(self, peer_ip: str) -> bool:
         """Whether a connection from ``peer_ip`` comes through a proxy whose

@@ -43,8 +43,16 @@ from marketstream.server.net.workers import worker_id
 from marketstream.upstream.clients import REDIS_ERRORS
 from marketstream.wire.frames import CLOSE_GOING_AWAY
 
-__all__ = ["make_app", "Server", "RedisUnavailable", "run_loop",
-           "listening_sockets", "bound_port", "EXIT_CANNOT_START", "GC_THRESHOLDS"]
+__all__ = [
+    "make_app",
+    "Server",
+    "RedisUnavailable",
+    "run_loop",
+    "listening_sockets",
+    "bound_port",
+    "EXIT_CANNOT_START",
+    "GC_THRESHOLDS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +70,11 @@ def make_app(settings: Settings, manager: ChannelManager | None = None) -> Strea
     share."""
     context = Context(settings, manager)
     exporter = Exporter(context.manager, context.counters)
-    app = StreamApplication(routes(context, exporter),
-                                  websocket_max_message_size=settings.limits.max_frame_bytes,
-                                  log_function=log_request)
+    app = StreamApplication(
+        routes(context, exporter),
+        websocket_max_message_size=settings.limits.max_frame_bytes,
+        log_function=log_request,
+    )
     app.context = context
     app.exporter = exporter
     return app
@@ -98,8 +108,12 @@ def _fit_connection_limit(settings: Settings) -> Settings:
         return settings
     fit = max(1, soft - 64)
     if settings.server.max_connections > fit:
-        log.warning("max_connections lowered from %d to %d to fit the open-file limit (%d)",
-                    settings.server.max_connections, fit, soft)
+        log.warning(
+            "max_connections lowered from %d to %d to fit the open-file limit (%d)",
+            settings.server.max_connections,
+            fit,
+            soft,
+        )
         return settings.replace("server", max_connections=fit)
     return settings
 
@@ -137,15 +151,19 @@ class Server:
         If Redis does not answer, serve all the same and keep trying in the
         background (see :meth:`_wait_for_redis`)."""
         settings = self.settings = _fit_connection_limit(self.settings)
-        manager = self.manager = ChannelManager.install(ChannelManager(
-            settings.redis.url, payload_format=settings.redis.format,
-            ping_interval=settings.redis.health_interval,
-            ping_timeout=settings.redis.health_timeout,
-            backoff_max=settings.redis.reconnect_max_delay,
-            min_flush_interval=settings.server.min_flush_interval,
-            max_replay=settings.recovery.max_replay,
-            replay_bytes=settings.limits.max_buffer_bytes // 2,
-            max_channels=settings.limits.max_channels))
+        manager = self.manager = ChannelManager.install(
+            ChannelManager(
+                settings.redis.url,
+                payload_format=settings.redis.format,
+                ping_interval=settings.redis.health_interval,
+                ping_timeout=settings.redis.health_timeout,
+                backoff_max=settings.redis.reconnect_max_delay,
+                min_flush_interval=settings.server.min_flush_interval,
+                max_replay=settings.recovery.max_replay,
+                replay_bytes=settings.limits.max_buffer_bytes // 2,
+                max_channels=settings.limits.max_channels,
+            )
+        )
         timeout = settings.redis.startup_timeout
         failed = await self._connect_redis(min(CONNECT_ATTEMPT, timeout or CONNECT_ATTEMPT))
         app = self.app = make_app(settings, manager)
@@ -157,8 +175,11 @@ class Server:
                 context.manager.remove(conn)
 
         keepalive = self.keepalive = Keepalive(
-            lambda: context.manager.connections, settings.server.ping_interval,
-            settings.server.ping_timeout, on_timeout=timed_out)
+            lambda: context.manager.connections,
+            settings.server.ping_interval,
+            settings.server.ping_timeout,
+            on_timeout=timed_out,
+        )
         keepalive.start()
         app.exporter.start()
         websocket = None
@@ -169,17 +190,30 @@ class Server:
         # decides; Tornado's xheaders would trust any peer).  Tornado's own
         # timeouts bound a kept-alive connection between requests and a body.
         http_server = self.http_server = StreamServer(
-            app, admission=context.admission, handshake_timeout=timeout,
-            log_limiter=context.log_limiter, websocket=websocket,
-            accept_limit=settings.server.max_connections, idle_connection_timeout=timeout,
-            body_timeout=timeout, max_body_size=MAX_BODY_BYTES)
+            app,
+            admission=context.admission,
+            handshake_timeout=timeout,
+            log_limiter=context.log_limiter,
+            websocket=websocket,
+            accept_limit=settings.server.max_connections,
+            idle_connection_timeout=timeout,
+            body_timeout=timeout,
+            max_body_size=MAX_BODY_BYTES,
+        )
         sockets = sockets or listening_sockets(settings)[0]
         settings = self.settings = bound_port(settings, sockets)
         http_server.add_sockets(sockets)
         worker = worker_id()
-        log.info("marketstream %s listening on ws://%s:%d%s (pid %d%s, Redis %s)", __version__,
-                 settings.host, settings.port, settings.ws_path or "/", os.getpid(),
-                 "" if worker is None else ", worker %d" % worker, manager.redacted_url())
+        log.info(
+            "marketstream %s listening on ws://%s:%d%s (pid %d%s, Redis %s)",
+            __version__,
+            settings.host,
+            settings.port,
+            settings.ws_path or "/",
+            os.getpid(),
+            "" if worker is None else ", worker %d" % worker,
+            manager.redacted_url(),
+        )
         if failed is not None:
             self._redis_wait = asyncio.ensure_future(self._wait_for_redis(failed))
 
@@ -213,23 +247,32 @@ class Server:
             if timeout and waited >= timeout:
                 self.failure = RedisUnavailable(
                     "Redis at %s (%s) did not answer within [redis] startup_timeout = %gs: %s"
-                    % (url, source, timeout, error))
+                    % (url, source, timeout, error)
+                )
                 log.error("cannot start: %s", self.failure)
                 if self._stop_requested is not None:
                     self._stop_requested.set()
                 return
-            limiter.log(logging.WARNING, "waiting",
-                        "waiting for Redis at %s (%s), retrying %s; meanwhile clients are "
-                        "served and /health answers 503 (%s)", url, source,
-                        "for up to %gs ([redis] startup_timeout)" % timeout if timeout
-                        else "until it answers", error)
+            limiter.log(
+                logging.WARNING,
+                "waiting",
+                "waiting for Redis at %s (%s), retrying %s; meanwhile clients are "
+                "served and /health answers 503 (%s)",
+                url,
+                source,
+                "for up to %gs ([redis] startup_timeout)" % timeout
+                if timeout
+                else "until it answers",
+                error,
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, settings.redis.reconnect_max_delay)
             left = timeout - (loop.time() - began) if timeout else CONNECT_ATTEMPT
             failed = await self._connect_redis(max(0.1, min(CONNECT_ATTEMPT, left)))
             if failed is None:
-                log.warning("Redis at %s answers after %.1fs: serving streams", url,
-                            loop.time() - began)
+                log.warning(
+                    "Redis at %s answers after %.1fs: serving streams", url, loop.time() - began
+                )
                 return
             error = failed
 
@@ -265,8 +308,9 @@ class Server:
             task.cancel()
         if self.http_server is not None:
             try:
-                await asyncio.wait_for(self.http_server.close_all_connections(),
-                                       max(0.1, deadline - loop.time()))
+                await asyncio.wait_for(
+                    self.http_server.close_all_connections(), max(0.1, deadline - loop.time())
+                )
             except asyncio.TimeoutError:
                 pass
         if self.manager is not None:
@@ -311,8 +355,10 @@ def run_loop(settings: Settings, coroutine: Coroutine[Any, Any, None]) -> None:
             import uvloop
         except ImportError:
             coroutine.close()
-            raise RuntimeError("[server] event_loop = uvloop, but uvloop is not installed "
-                               "(pip install 'marketstream[uvloop]')") from None
+            raise RuntimeError(
+                "[server] event_loop = uvloop, but uvloop is not installed "
+                "(pip install 'marketstream[uvloop]')"
+            ) from None
         uvloop.run(coroutine)
     else:
         asyncio.run(coroutine)

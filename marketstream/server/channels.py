@@ -87,28 +87,48 @@ class ChannelManager:
         """Forget the installed manager (tests make one per event loop)."""
         cls._instance = None
 
-    def __init__(self, redis_url: str, payload_format: str = "envelope",
-                 ping_interval: float = 1.0, ping_timeout: float = 2.0,
-                 backoff_min: float = 0.05, backoff_max: float = 1.0,
-                 min_flush_interval: float = 0.0, counters: Counters | None = None,
-                 max_replay: int = 1000, replay_bytes: int = REPLAY_BYTES,
-                 max_channels: int = 0, linger: float = 1.0) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        payload_format: str = "envelope",
+        ping_interval: float = 1.0,
+        ping_timeout: float = 2.0,
+        backoff_min: float = 0.05,
+        backoff_max: float = 1.0,
+        min_flush_interval: float = 0.0,
+        counters: Counters | None = None,
+        max_replay: int = 1000,
+        replay_bytes: int = REPLAY_BYTES,
+        max_channels: int = 0,
+        linger: float = 1.0,
+    ) -> None:
         self.redis_url = redis_url
         self.min_flush_interval = min_flush_interval
         self.max_replay = max_replay
         self.linger = linger
         self.counters = counters if counters is not None else Counters()
-        self.core = Core(self.counters, payload_format, max_replay, self._log_malformed,
-                         replay_bytes=replay_bytes, max_channels=max_channels,
-                         linger=linger > 0)
-        self.link = make_link(redis_url, self, ping_interval=ping_interval,
-                              ping_timeout=ping_timeout, backoff_min=backoff_min,
-                              backoff_max=backoff_max)
+        self.core = Core(
+            self.counters,
+            payload_format,
+            max_replay,
+            self._log_malformed,
+            replay_bytes=replay_bytes,
+            max_channels=max_channels,
+            linger=linger > 0,
+        )
+        self.link = make_link(
+            redis_url,
+            self,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            backoff_min=backoff_min,
+            backoff_max=backoff_max,
+        )
         self._confirmations = Confirmations()  # acknowledgements waiting for Redis
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._last_flush = 0.0
         self._batch_start: float | None = None  # when the batch's first frame was queued
-        self._published: int | None = None      # the publisher's E of its first message (µs)
+        self._published: int | None = None  # the publisher's E of its first message (µs)
         self._log_limit = LogLimiter(log)  # publishers' errors, at most a line a second each
         self._linger_handle: asyncio.TimerHandle | None = None
         self._reads_handle: asyncio.Handle | None = None
@@ -184,8 +204,9 @@ class ChannelManager:
         """Track a new connection (before it subscribes to anything)."""
         self.core.register(conn)
 
-    def subscribe(self, conn: Connection, names: Iterable[str],
-                  wants: dict[str, Want] | None = None) -> list[str]:
+    def subscribe(
+        self, conn: Connection, names: Iterable[str], wants: dict[str, Want] | None = None
+    ) -> list[str]:
         """Add ``conn`` to each stream; returns the streams newly added.
         Streams with a :class:`~marketstream.fanout.core.Want` (``since``,
         ``snapshot``) are caught up from the history first."""
@@ -234,7 +255,8 @@ class ChannelManager:
         core = self.core
         confirmed = core.confirmed
         return await self._confirmations.wait(
-            names, lambda name: core.is_wanted(name) and name not in confirmed, timeout)
+            names, lambda name: core.is_wanted(name) and name not in confirmed, timeout
+        )
 
     # --- what the link reports (see marketstream.upstream.link.Listener) --------------
 
@@ -281,15 +303,25 @@ class ChannelManager:
     def _log_malformed(self, channel: bytes, payload: bytes, problem: str) -> None:
         # A broken publisher must not flood the log: a line a second per cause.
         if problem == WRONG_STREAM:
-            self._log_limit.log(logging.WARNING, problem,
-                                "dropped a payload on %r whose \"stream\" is not the channel "
-                                "(missing, another or repeated; %d so far): %.80r", channel,
-                                self.counters.dropped_wrong_stream, payload)
+            self._log_limit.log(
+                logging.WARNING,
+                problem,
+                'dropped a payload on %r whose "stream" is not the channel '
+                "(missing, another or repeated; %d so far): %.80r",
+                channel,
+                self.counters.dropped_wrong_stream,
+                payload,
+            )
         else:
-            self._log_limit.log(logging.WARNING, problem,
-                                "dropped a payload on %r that is not a JSON object (or not "
-                                "what the recovery script publishes; %d so far): %.80r",
-                                channel, self.counters.dropped_malformed, payload)
+            self._log_limit.log(
+                logging.WARNING,
+                problem,
+                "dropped a payload on %r that is not a JSON object (or not "
+                "what the recovery script publishes; %d so far): %.80r",
+                channel,
+                self.counters.dropped_malformed,
+                payload,
+            )
 
     # --- history reads ---------------------------------------------------------
 
@@ -324,12 +356,16 @@ class ChannelManager:
             if self._commands is None:
                 self._commands = async_client(self.redis_url)
             latest, snapshot, entries, skipped = await history.read_recent(
-                self._commands, name, read.after, read.snapshot, self.max_replay,
-                read.max_bytes)
+                self._commands, name, read.after, read.snapshot, self.max_replay, read.max_bytes
+            )
             oldest = None
             after = read.after
-            if latest is not None and after is not None and after < latest and not (
-                    entries and entries[0][0] <= after + 1):
+            if (
+                latest is not None
+                and after is not None
+                and after < latest
+                and not (entries and entries[0][0] <= after + 1)
+            ):
                 # The entries do not reach back to it: the gap notice says
                 # whether the history does (one command, only then).
                 oldest = await history.oldest_position(self._commands, name)
@@ -337,13 +373,19 @@ class ChannelManager:
             self.core.read_failed(name, read.token)
             raise
         except REDIS_ERRORS as exc:
-            self._log_limit.log(logging.WARNING, "history_read",
-                                "reading the history of %s failed (%s); retrying", name, exc)
+            self._log_limit.log(
+                logging.WARNING,
+                "history_read",
+                "reading the history of %s failed (%s); retrying",
+                name,
+                exc,
+            )
             self.core.read_failed(name, read.token)
             asyncio.get_running_loop().call_later(0.2, self._start_reads)
             return False
         done = self.core.read_done(
-            name, History(latest, snapshot, entries, oldest, skipped), read.token)
+            name, History(latest, snapshot, entries, oldest, skipped), read.token
+        )
         if done and self._flush_handle is None:
             self._schedule_flush()
         return True

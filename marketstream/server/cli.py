@@ -66,35 +66,57 @@ Redis URL forms (--redis-url, REDIS_URL or [redis] url):
   rediss+cluster://...                             the same, TLS
 """
 
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``marketstream`` command line."""
     parser = argparse.ArgumentParser(
         prog="marketstream",
         description="Stream market data from Redis pub/sub to WebSocket clients.",
-        epilog=REDIS_URL_FORMS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="FILE",
-                        help="INI file (default: $MARKETSTREAM_CONFIG, else built-in defaults)")
-    parser.add_argument("--listen", metavar="ADDR",
-                        help="host:port or ws://host:port/path (overrides WS_STREAM_URL)")
-    parser.add_argument("--redis-url", metavar="URL",
-                        help="Redis to read from, in any of the forms below (overrides "
-                             "REDIS_URL); empty: start an embedded redis-server")
+        epilog=REDIS_URL_FORMS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="INI file (default: $MARKETSTREAM_CONFIG, else built-in defaults)",
+    )
+    parser.add_argument(
+        "--listen",
+        metavar="ADDR",
+        help="host:port or ws://host:port/path (overrides WS_STREAM_URL)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="Redis to read from, in any of the forms below (overrides "
+        "REDIS_URL); empty: start an embedded redis-server",
+    )
     parser.add_argument("--processes", metavar="N", help="worker processes (0: one per core)")
-    parser.add_argument("--acks", action="store_const", const="true",
-                        help="reply to requests Binance-style")
+    parser.add_argument(
+        "--acks", action="store_const", const="true", help="reply to requests Binance-style"
+    )
     parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="set any configuration key (repeatable)")
-    parser.add_argument("--demo", action="store_true",
-                        help="run with an embedded Redis and the demo feed, on "
-                             "127.0.0.1:4000 unless --listen, WS_STREAM_URL or the config "
-                             "file says where")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="set any configuration key (repeatable)",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="run with an embedded Redis and the demo feed, on "
+        "127.0.0.1:4000 unless --listen, WS_STREAM_URL or the config "
+        "file says where",
+    )
     parser.add_argument("--version", action="version", version="marketstream " + __version__)
     return parser
 
 
-def settings_from_args(args: argparse.Namespace,
-                       environ: Mapping[str, str] | None = None) -> Settings:
+def settings_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> Settings:
     """Settings for parsed command-line ``args``; raises ConfigError."""
     overrides: dict[str, str] = {}
     for item in args.set:
@@ -102,9 +124,13 @@ def settings_from_args(args: argparse.Namespace,
         if not sep or "." not in key:
             raise ConfigError("command line: --set expects SECTION.KEY=VALUE, got %r" % item)
         overrides[key.strip()] = value
-    flags = {"server.listen": args.listen, "redis.url": args.redis_url,
-             "server.processes": args.processes, "protocol.acks": args.acks,
-             "logging.level": args.log_level}
+    flags = {
+        "server.listen": args.listen,
+        "redis.url": args.redis_url,
+        "server.processes": args.processes,
+        "protocol.acks": args.acks,
+        "logging.level": args.log_level,
+    }
     overrides.update({key: value for key, value in flags.items() if value is not None})
     environ = dict(os.environ if environ is None else environ)
     if args.demo:
@@ -126,8 +152,9 @@ def configure_logging(settings: Settings) -> None:
         logging.config.fileConfig(settings.logging.config_file, disable_existing_loggers=False)
         _limit_tornado_logs()
         return
-    logging.basicConfig(level=settings.logging.level, format=settings.logging.format,
-                        stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=settings.logging.level, format=settings.logging.format, stream=sys.stderr, force=True
+    )
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
     _limit_tornado_logs()
 
@@ -143,24 +170,29 @@ def _demo_banner(settings: Settings) -> None:
     base = "%s:%d" % ("[%s]" % host if ":" in host else host, settings.port)
     ws_url = "ws://%s%s" % (base, settings.ws_path or "/ws")
     page = ("  Page:      http://%s/\n" % base) if settings.server.demo_page else ""
-    print("\nmarketstream demo is running.\n"
-          "%s"
-          "  WebSocket: %s\n"
-          "  Subscribe: {\"method\":\"SUBSCRIBE\",\"params\":[\"trade.BTC_USDT\","
-          "\"depth.BTC_USDT\",\"ticker.BTC_USDT\"],\"id\":1}\n"
-          "  Health:    http://%s/health\n"
-          "  Redis:     %s\n"
-          "  Publish:   export REDIS_URL=%s   (in another shell, for the README's examples)\n"
-          "  Check it:  python scripts/smoke_test.py --ws-url %s --redis-url %s\n"
-          "Press Ctrl-C to stop.\n" % (page, ws_url, base, settings.redis.url, settings.redis.url,
-                                       ws_url, settings.redis.url), flush=True)
+    print(
+        "\nmarketstream demo is running.\n"
+        "%s"
+        "  WebSocket: %s\n"
+        '  Subscribe: {"method":"SUBSCRIBE","params":["trade.BTC_USDT",'
+        '"depth.BTC_USDT","ticker.BTC_USDT"],"id":1}\n'
+        "  Health:    http://%s/health\n"
+        "  Redis:     %s\n"
+        "  Publish:   export REDIS_URL=%s   (in another shell, for the README's examples)\n"
+        "  Check it:  python scripts/smoke_test.py --ws-url %s --redis-url %s\n"
+        "Press Ctrl-C to stop.\n"
+        % (page, ws_url, base, settings.redis.url, settings.redis.url, ws_url, settings.redis.url),
+        flush=True,
+    )
 
 
-async def _serve(settings: Settings, demo: bool = False,
-                 sockets: list[socket.socket] | None = None) -> None:
+async def _serve(
+    settings: Settings, demo: bool = False, sockets: list[socket.socket] | None = None
+) -> None:
     server = Server(settings)
     if demo:
         from marketstream.demo.feed import run_feed
+
         server.add_task(run_feed(settings.redis.url))
     run = asyncio.ensure_future(server.run(sockets))
     if demo:
@@ -192,8 +224,11 @@ def main(argv: list[str] | None = None) -> None:
         if not settings.redis.url:
             embedded = RedisServer().start()
             settings = settings.replace("redis", url=embedded.url)
-            log.warning("no Redis configured: started an embedded redis-server at %s "
-                        "(publish there; set REDIS_URL in production)", embedded.url)
+            log.warning(
+                "no Redis configured: started an embedded redis-server at %s "
+                "(publish there; set REDIS_URL in production)",
+                embedded.url,
+            )
         if processes == 1:
             run_loop(settings, _serve(settings, args.demo, groups[0]))
         else:
@@ -207,9 +242,14 @@ def main(argv: list[str] | None = None) -> None:
                 return 0
 
             try:
-                code = supervise(processes, worker, grace=settings.server.shutdown_timeout,
-                                 on_exit=metrics.mark_process_dead, listeners=groups,
-                                 fatal=EXIT_CANNOT_START)
+                code = supervise(
+                    processes,
+                    worker,
+                    grace=settings.server.shutdown_timeout,
+                    on_exit=metrics.mark_process_dead,
+                    listeners=groups,
+                    fatal=EXIT_CANNOT_START,
+                )
             finally:
                 metrics.disable_multiprocess(metrics_dir)
     except RedisUnavailable:

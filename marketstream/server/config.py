@@ -66,6 +66,7 @@ def _int(minimum: int | None = None, maximum: int | None = None) -> Parser[int]:
         if maximum is not None and value > maximum:
             raise ValueError("must be <= %d, got %d" % (maximum, value))
         return value
+
     return parse
 
 
@@ -80,6 +81,7 @@ def _float(minimum: float | None = None) -> Parser[float]:
         if minimum is not None and value < minimum:
             raise ValueError("must be >= %s, got %s" % (minimum, value))
         return value
+
     return parse
 
 
@@ -108,6 +110,7 @@ def _choice(*choices: str) -> Parser[str]:
         if value not in choices:
             raise ValueError("expected one of %s, got %r" % (", ".join(choices), text))
         return value
+
     return parse
 
 
@@ -128,6 +131,7 @@ def _redis_url(text: str) -> str:
     value = text.strip()
     if value:
         from marketstream.upstream.urls import parse_redis_url
+
         parse_redis_url(value)  # raises ValueError saying what is wrong
     return value
 
@@ -152,8 +156,10 @@ def parse_listen(text: str) -> tuple[str, int, str]:
         value = "ws://" + value
     parts = urllib.parse.urlsplit(value)
     if parts.scheme != "ws":
-        raise ValueError("expected host:port or ws://host:port/path, got %r "
-                         "(the server speaks plain ws://; terminate TLS in a proxy)" % text)
+        raise ValueError(
+            "expected host:port or ws://host:port/path, got %r "
+            "(the server speaks plain ws://; terminate TLS in a proxy)" % text
+        )
     try:
         port = parts.port
     except ValueError:
@@ -166,6 +172,7 @@ def parse_listen(text: str) -> tuple[str, int, str]:
 
 
 # --- schema ------------------------------------------------------------------
+
 
 def setting(default: str, parse: Parser[T]) -> T:
     """A settings field: its default as written in the INI, and its parser.
@@ -285,8 +292,14 @@ SCHEMA: dict[str, dict[str, Mapping[str, Any]]] = {
 }
 
 
-def _apply(raw: dict[str, dict[str, str]], sources: dict[str, str], section: str, key: str,
-           text: str, origin: str) -> None:
+def _apply(
+    raw: dict[str, dict[str, str]],
+    sources: dict[str, str],
+    section: str,
+    key: str,
+    text: str,
+    origin: str,
+) -> None:
     if section not in SCHEMA:
         raise ConfigError("%s: unknown section [%s]" % (origin, section))
     if key not in SCHEMA[section]:
@@ -298,12 +311,19 @@ def _apply(raw: dict[str, dict[str, str]], sources: dict[str, str], section: str
 def _describe_ini_error(path: str, exc: configparser.Error) -> str:
     """configparser's exception as "file, line N, [section] key: problem"."""
     if isinstance(exc, configparser.MissingSectionHeaderError):
-        return ("%s, line %d: %r comes before any [section] header"
-                % (path, exc.lineno, exc.line.strip()))
+        return "%s, line %d: %r comes before any [section] header" % (
+            path,
+            exc.lineno,
+            exc.line.strip(),
+        )
     if isinstance(exc, configparser.DuplicateOptionError):
         # lineno is Optional in the stubs; it is always set for a file read
-        return ("%s, line %s: [%s] %s: duplicate key (set it once)"
-                % (path, exc.lineno, exc.section, exc.option))
+        return "%s, line %s: [%s] %s: duplicate key (set it once)" % (
+            path,
+            exc.lineno,
+            exc.section,
+            exc.option,
+        )
     if isinstance(exc, configparser.DuplicateSectionError):
         return "%s, line %s: [%s]: duplicate section" % (path, exc.lineno, exc.section)
     if isinstance(exc, configparser.ParsingError):
@@ -312,8 +332,11 @@ def _describe_ini_error(path: str, exc: configparser.Error) -> str:
             line = ast.literal_eval(line)
         except (ValueError, SyntaxError):
             pass
-        return ("%s, line %d: %s is not \"key = value\" (only \"=\" separates a key "
-                "from its value)" % (path, lineno, line.strip()))
+        return '%s, line %d: %s is not "key = value" (only "=" separates a key from its value)' % (
+            path,
+            lineno,
+            line.strip(),
+        )
     detail = " ".join(line.strip() for line in str(exc).splitlines())
     return "%s: %s" % (path, detail)
 
@@ -329,8 +352,9 @@ def read_ini(path: str) -> dict[str, dict[str, str]]:
     """Parse an INI file into {section: {key: text}}, or raise ConfigError."""
     # Only "=" separates a key from its value: with ":" as well, a line like
     # "listen 0.0.0.0:4000" (its "=" forgotten) would read as key "listen 0.0.0.0".
-    parser = _CaseSensitiveParser(interpolation=None, inline_comment_prefixes=(";",),
-                                  delimiters=("=",))
+    parser = _CaseSensitiveParser(
+        interpolation=None, inline_comment_prefixes=(";",), delimiters=("=",)
+    )
     try:
         with open(path, encoding="utf-8") as handle:
             parser.read_file(handle)
@@ -351,8 +375,11 @@ def read_ini(path: str) -> dict[str, dict[str, str]]:
     return sections
 
 
-def load_settings(config_file: str | None = None, environ: Mapping[str, str] | None = None,
-                  overrides: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+) -> Settings:
     """Build :class:`Settings` from all sources.
 
     ``config_file``: path of an INI file, or None to use
@@ -360,8 +387,10 @@ def load_settings(config_file: str | None = None, environ: Mapping[str, str] | N
     ``"section.key"`` to text, from command-line flags.
     """
     environ = os.environ if environ is None else environ
-    raw = {section: {key: spec["default"] for key, spec in keys.items()}
-           for section, keys in SCHEMA.items()}
+    raw = {
+        section: {key: spec["default"] for key, spec in keys.items()}
+        for section, keys in SCHEMA.items()
+    }
     sources = {"%s.%s" % (s, k): "default" for s, keys in SCHEMA.items() for k in keys}
 
     config_file = config_file or environ.get("MARKETSTREAM_CONFIG") or None
@@ -371,8 +400,9 @@ def load_settings(config_file: str | None = None, environ: Mapping[str, str] | N
                 _apply(raw, sources, section, key, text, config_file)
 
     if environ.get("WS_STREAM_URL"):
-        _apply(raw, sources, "server", "listen", environ["WS_STREAM_URL"],
-               "environment WS_STREAM_URL")
+        _apply(
+            raw, sources, "server", "listen", environ["WS_STREAM_URL"], "environment WS_STREAM_URL"
+        )
     if environ.get("REDIS_URL"):
         _apply(raw, sources, "redis", "url", environ["REDIS_URL"], "environment REDIS_URL")
 

@@ -59,8 +59,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 class RedisServer:
     """A redis-server child on 127.0.0.1 without persistence."""
 
-    def __init__(self, port: int | None = None, binary: str | None = None,
-                 host: str = "127.0.0.1", extra_args: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        binary: str | None = None,
+        host: str = "127.0.0.1",
+        extra_args: Iterable[str] = (),
+    ) -> None:
         found = binary or find_redis_server()
         if not found:
             raise RuntimeError(
@@ -93,13 +98,20 @@ class RedisServer:
             port = self.port or free_port(self.host)
             args = [
                 self.binary,
-                "--port", str(port),
-                "--bind", self.host,
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", directory,
-                "--daemonize", "no",
-                "--loglevel", "warning",
+                "--port",
+                str(port),
+                "--bind",
+                self.host,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                directory,
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
             ] + self.extra_args
             self.process = subprocess.Popen(
                 args,

@@ -56,8 +56,10 @@ __all__ = ["StreamHandler", "Context", "STATIC_DIR"]
 log = logging.getLogger(__name__)
 
 
-_SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-              b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n")
+_SWITCHING = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+)
 
 _NO_HEADERS = HTTPHeaders()
 _LINGER_0 = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets
@@ -75,8 +77,9 @@ class Context:
         self.settings = settings
         self.manager = manager or ChannelManager.instance()
         self.counters = self.manager.counters
-        self.admission = Admission(settings.server, self.counters,
-                                   lambda: len(self.manager.connections))
+        self.admission = Admission(
+            settings.server, self.counters, lambda: len(self.manager.connections)
+        )
         self.rules = requests.StreamRules.from_settings(settings.protocol)
         self.acks = settings.protocol.acks
         self.log_limit = LogLimiter(log)  # for what a client can cause (refused streams)
@@ -143,8 +146,8 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         limits = self.handler.context.limits
         now = time.monotonic()
         allowed, self.frame_tokens = requests.take_token(
-            self.frame_tokens, self.frame_time, now, limits.frames_per_second,
-            limits.frames_burst)
+            self.frame_tokens, self.frame_time, now, limits.frames_per_second, limits.frames_burst
+        )
         self.frame_time = now
         if not allowed:
             if self.server_terminated:
@@ -163,6 +166,7 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         def signal() -> None:
             if not closed.done():
                 closed.set_result(None)
+
         stream.set_close_callback(signal)
         await closed
 
@@ -174,8 +178,11 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
                 data[2:].decode("utf-8")
             except UnicodeDecodeError:  # Tornado would raise in its frame loop
                 self.handler.context.log_limiter.log(
-                    logging.WARNING, "bad_close_frame",
-                    "closing %s: close frame with an invalid UTF-8 reason", self.handler.identity)
+                    logging.WARNING,
+                    "bad_close_frame",
+                    "closing %s: close frame with an invalid UTF-8 reason",
+                    self.handler.identity,
+                )
                 self._abort()
                 return None
         return getattr(super(), compat.HANDLE_MESSAGE)(opcode, data)
@@ -192,9 +199,13 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         handler: Any = self.handler
         handler.frame_loop = None
         if not task.cancelled() and task.exception() is not None:
-            handler.context.log_limiter.log(logging.ERROR, "frame_loop_failed",
-                                            "frame loop of %s failed", self.handler,
-                                            exc_info=task.exception())
+            handler.context.log_limiter.log(
+                logging.ERROR,
+                "frame_loop_failed",
+                "frame loop of %s failed",
+                self.handler,
+                exc_info=task.exception(),
+            )
             self._abort()
 
     # The socket :meth:`StreamHandler.write_frames` may write to directly,
@@ -254,8 +265,9 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if refusal is not None:
             status, reason, cause = refusal
             admission.refused(cause)
-            ctx.log_limiter.log(logging.WARNING, cause, "refused %s: %s",
-                                self.request.remote_ip, reason)
+            ctx.log_limiter.log(
+                logging.WARNING, cause, "refused %s: %s", self.request.remote_ip, reason
+            )
             self.set_status(status)
             self.finish(reason)
 
@@ -283,8 +295,13 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if admission.origin_allowed(origin):
             return True
         admission.refused("origin")
-        self.context.log_limiter.log(logging.WARNING, "origin", "refused %s: origin %r not allowed",
-                                     self.request.remote_ip, origin[:200])
+        self.context.log_limiter.log(
+            logging.WARNING,
+            "origin",
+            "refused %s: origin %r not allowed",
+            self.request.remote_ip,
+            origin[:200],
+        )
         return False
 
     def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
@@ -298,8 +315,11 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             return ws
         if ctx.ws_params is None:  # the same for every connection: share one
             ctx.ws_params = compat.websocket_params(
-                self.ping_interval, self.ping_timeout, self.max_message_size,
-                self.get_compression_options())
+                self.ping_interval,
+                self.ping_timeout,
+                self.max_message_size,
+                self.get_compression_options(),
+            )
         return _Protocol(self, False, ctx.ws_params)
 
     def switch_protocols(self, stream: IOStream, key: str) -> None:
@@ -351,6 +371,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             self._handle(requests.parse_stream_query(initial, since, snapshot), reply=False)
 
     if compat.OK:
+
         def _detach_stream(self) -> IOStream:
             # Tornado's version also shadows seven HTTP methods with instance
             # attributes, which turns every handler's compact attribute
@@ -382,13 +403,18 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         ctx = self.context
         now = time.monotonic()
         allowed, self._tokens = requests.take_token(
-            self._tokens, self._tokens_at, now, ctx.limits.messages_per_second,
-            ctx.limits.messages_burst)
+            self._tokens,
+            self._tokens_at,
+            now,
+            ctx.limits.messages_per_second,
+            ctx.limits.messages_burst,
+        )
         self._tokens_at = now
         if not allowed:
             ctx.counters.closed["rate_limit"] += 1
-            ctx.log_limiter.log(logging.WARNING, "rate_limit",
-                                "closing %s: rate limit exceeded", self.identity)
+            ctx.log_limiter.log(
+                logging.WARNING, "rate_limit", "closing %s: rate limit exceeded", self.identity
+            )
             self.close(CLOSE_POLICY, "rate limit exceeded")
             return None
         request = requests.parse_request(message)
@@ -407,8 +433,9 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         allows (its protocol keeps the count): close with 1008."""
         ctx = self.context
         ctx.counters.closed["frame_rate_limit"] += 1
-        ctx.log_limiter.log(logging.WARNING, "frame_rate_limit",
-                            "closing %s: frame rate exceeded", self.identity)
+        ctx.log_limiter.log(
+            logging.WARNING, "frame_rate_limit", "closing %s: frame rate exceeded", self.identity
+        )
         ctx.manager.remove(self)  # nothing more for it
         self.close_for(CLOSE_POLICY, "frame rate exceeded", reset=True)
 
@@ -429,9 +456,12 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                 ws.stream.error = None
         if self.identity is not None:
             code = self.close_code
-            log.info("disconnect %s %s duration=%.1fs", self.identity,
-                     "no close frame" if code is None else "code=%d" % code,
-                     time.monotonic() - self._opened_at)
+            log.info(
+                "disconnect %s %s duration=%.1fs",
+                self.identity,
+                "no close frame" if code is None else "code=%d" % code,
+                time.monotonic() - self._opened_at,
+            )
         self._ws = None
 
     # --- requests ------------------------------------------------------------
@@ -456,8 +486,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if request.method == requests.UNSUBSCRIBE:
             manager.unsubscribe(self, valid)
             if reply:
-                self._answer(replies.encode_outcome(request.id, "unsubscribed", valid,
-                                                     refused, []))
+                self._answer(replies.encode_outcome(request.id, "unsubscribed", valid, refused, []))
             return
         current = manager.connections.get(self, {})
         new = [name for name in valid if name not in current]
@@ -466,8 +495,9 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         if len(new) > room:
             over = new[room:]
             for name in over:
-                self._refuse(name, "too_many_streams", "too many streams (limit %d)" % limit,
-                             refused)
+                self._refuse(
+                    name, "too_many_streams", "too many streams (limit %d)" % limit, refused
+                )
             new = new[:room]
             dropped = frozenset(over)
             valid = [name for name in valid if name not in dropped]
@@ -487,19 +517,31 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         manager.subscribe(self, new, self._wants(request, new))
         if reply:
             pending = self._acks
-            self._later(self._ack_when_subscribed(
-                pending if isinstance(pending, asyncio.Future) else None,
-                request.id, new, valid, refused, problems))
+            self._later(
+                self._ack_when_subscribed(
+                    pending if isinstance(pending, asyncio.Future) else None,
+                    request.id,
+                    new,
+                    valid,
+                    refused,
+                    problems,
+                )
+            )
 
-    def _refuse(self, name: str, cause: str, reason: str,
-                refused: list[tuple[str, str]]) -> None:
+    def _refuse(self, name: str, cause: str, reason: str, refused: list[tuple[str, str]]) -> None:
         """Count and log (rate-limited) a stream not subscribed; add it to
         ``refused`` for the reply."""
         ctx = self.context
         ctx.counters.rejected_streams += 1
         ctx.counters.rejected[cause] += 1
-        ctx.log_limit.log(logging.INFO, "rejected_stream", "refused stream %.100r from %s: %s",
-                          name, self.identity, reason)
+        ctx.log_limit.log(
+            logging.INFO,
+            "rejected_stream",
+            "refused stream %.100r from %s: %s",
+            name,
+            self.identity,
+            reason,
+        )
         refused.append((name, reason))
 
     def _answer(self, text: str) -> None:
@@ -544,18 +586,26 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                 wants[name] = Want(position, wanted)
         return wants
 
-    async def _ack_when_subscribed(self, previous: asyncio.Future[None] | None,
-                                   request_id: requests.RequestId, names: list[str],
-                                   subscribed: list[str], refused: list[tuple[str, str]],
-                                   problems: list[str]) -> None:
+    async def _ack_when_subscribed(
+        self,
+        previous: asyncio.Future[None] | None,
+        request_id: requests.RequestId,
+        names: list[str],
+        subscribed: list[str],
+        refused: list[tuple[str, str]],
+        problems: list[str],
+    ) -> None:
         if not await self.context.manager.wait_subscribed(names):
-            problems = problems + ["Redis has not confirmed the subscription yet (the "
-                                   "streams are delivered once it does)"]
+            problems = problems + [
+                "Redis has not confirmed the subscription yet (the "
+                "streams are delivered once it does)"
+            ]
         if previous is not None:
             await asyncio.wait([previous])
         if self._ws is not None:
-            self._reply(replies.encode_outcome(request_id, "subscribed", subscribed, refused,
-                                                problems))
+            self._reply(
+                replies.encode_outcome(request_id, "subscribed", subscribed, refused, problems)
+            )
 
     def _reply(self, text: str) -> None:
         self.write_frames(text_frame(text.encode()))
@@ -601,8 +651,12 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         stream = ws.stream
         # A closed stream has no socket (and no write buffer): the check
         # comes first, and IOStream.write below raises StreamClosedError.
-        if _DIRECT and (sock := stream.socket) is not None and type(stream) in _PLAIN \
-                and not _queued_bytes(stream):
+        if (
+            _DIRECT
+            and (sock := stream.socket) is not None
+            and type(stream) in _PLAIN
+            and not _queued_bytes(stream)
+        ):
             sent = _send(sock, data)
             if sent == len(data):
                 ws.direct = sock  # the buffer is empty: go straight to the kernel again
@@ -623,9 +677,13 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
 
     def _slow_consumer(self) -> None:
         self.context.counters.closed["slow_consumer"] += 1
-        self.context.log_limiter.log(logging.WARNING, "slow_consumer",
-                                     "closing %s: slow consumer (over %d bytes queued)",
-                                     self.identity, self.context.limits.max_buffer_bytes)
+        self.context.log_limiter.log(
+            logging.WARNING,
+            "slow_consumer",
+            "closing %s: slow consumer (over %d bytes queued)",
+            self.identity,
+            self.context.limits.max_buffer_bytes,
+        )
         self.context.manager.remove(self)  # nothing more for it
         self.close_for(CLOSE_POLICY, "slow consumer", reset=True)
 

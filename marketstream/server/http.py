@@ -50,8 +50,9 @@ class HealthHandler(tornado.web.RequestHandler):
             body["pid"] = os.getpid()
             body.update(details)
         else:
-            body.update((key, details[key]) for key in ("connections", "streams",
-                                                        "upstream_channels"))
+            body.update(
+                (key, details[key]) for key in ("connections", "streams", "upstream_channels")
+            )
         self.set_status(200 if healthy else 503)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
@@ -63,8 +64,9 @@ class HealthHandler(tornado.web.RequestHandler):
         if not (isinstance(address, tuple) and address and isinstance(address[0], str)):
             return False
         headers = self.request.headers
-        return (self.context.admission.trusted(address[0])
-                and not any(name in headers for name in _FORWARDED))
+        return self.context.admission.trusted(address[0]) and not any(
+            name in headers for name in _FORWARDED
+        )
 
 
 class MetricsHandler(tornado.web.RequestHandler):
@@ -75,6 +77,7 @@ class MetricsHandler(tornado.web.RequestHandler):
 
     def get(self) -> None:
         from marketstream.server.metrics import CONTENT_TYPE_LATEST
+
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(self.exporter.render())
 
@@ -85,8 +88,15 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     status = handler.get_status()
     request = handler.request
     level = logging.ERROR if status >= 500 and status != 503 else logging.DEBUG
-    access_log.log(level, "%d %s %s (%s) %.1fms", status, request.method, request.uri,
-                   request.remote_ip, 1000.0 * request.request_time())
+    access_log.log(
+        level,
+        "%d %s %s (%s) %.1fms",
+        status,
+        request.method,
+        request.uri,
+        request.remote_ip,
+        1000.0 * request.request_time(),
+    )
 
 
 def ws_paths(settings: Any) -> list[str]:
@@ -100,7 +110,8 @@ def ws_paths(settings: Any) -> list[str]:
 def routes(context: Context, exporter: Any = None) -> list[tuple[str, type, dict[str, Any]]]:
     """The URL map for one process."""
     table: list[tuple[str, type, dict[str, Any]]] = [
-        (path, StreamHandler, {"context": context}) for path in ws_paths(context.settings)]
+        (path, StreamHandler, {"context": context}) for path in ws_paths(context.settings)
+    ]
     table.append(("/health", HealthHandler, {"context": context}))
     table.append((r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}))
     if exporter is not None:

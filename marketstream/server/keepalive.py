@@ -62,8 +62,13 @@ class Keepalive:
     ones that do not answer in time; ``on_timeout(conn)`` runs before each
     such close (counting, unregistering)."""
 
-    def __init__(self, connections: Callable[[], Iterable[Pingable]], interval: float,
-                 timeout: float, on_timeout: Callable[[Pingable], None] | None = None) -> None:
+    def __init__(
+        self,
+        connections: Callable[[], Iterable[Pingable]],
+        interval: float,
+        timeout: float,
+        on_timeout: Callable[[Pingable], None] | None = None,
+    ) -> None:
         self.connections = connections
         self.interval = interval
         self.timeout = timeout
@@ -117,8 +122,13 @@ class Keepalive:
         for conn in list(self.connections()):
             sent = conn.ping_sent
             if sent and sent <= limit:
-                self._log.log(logging.INFO, "ping_timeout", "closing %s: no pong within %.1fs",
-                              conn.identity, self.timeout)
+                self._log.log(
+                    logging.INFO,
+                    "ping_timeout",
+                    "closing %s: no pong within %.1fs",
+                    conn.identity,
+                    self.timeout,
+                )
                 if self.on_timeout is not None:
                     self.on_timeout(conn)
                 # A silent peer will not read what is queued: reset, so

@@ -46,9 +46,17 @@ import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
-                               Histogram, disable_created_metrics, generate_latest,
-                               multiprocess, values)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+    values,
+)
 
 if TYPE_CHECKING:
     import tornado.ioloop
@@ -56,8 +64,14 @@ if TYPE_CHECKING:
     from marketstream.server.channels import ChannelManager
     from marketstream.fanout.counters import Counters
 
-__all__ = ["Exporter", "enable_multiprocess", "disable_multiprocess", "mark_process_dead",
-           "observe_all", "CONTENT_TYPE_LATEST"]
+__all__ = [
+    "Exporter",
+    "enable_multiprocess",
+    "disable_multiprocess",
+    "mark_process_dead",
+    "observe_all",
+    "CONTENT_TYPE_LATEST",
+]
 
 # The *_created series (a timestamp per counter) are noise on a dashboard.
 disable_created_metrics()
@@ -65,8 +79,24 @@ disable_created_metrics()
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 #: Seconds: in-server waits are ~0.1-1 ms, publish -> delivery adds Redis and
 #: the network; the top buckets catch a stalled server or a skewed clock.
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -143,60 +173,108 @@ class Exporter:
         self._seen: dict[str, int] = {}
         self._nodes: set[str] = set()
         r = self.registry
-        self.connections = Gauge("marketstream_connections", "Open client connections",
-                                 registry=r, multiprocess_mode="livesum")
-        self.subscriptions = Gauge("marketstream_subscriptions",
-                                   "Connection-stream subscriptions", registry=r,
-                                   multiprocess_mode="livesum")
-        self.upstream = Gauge("marketstream_upstream_channels", "Redis channels subscribed",
-                              registry=r, multiprocess_mode="livesum")
-        self.redis_connected = Gauge("marketstream_redis_connected",
-                                     "1 while the Redis pub/sub connection is live",
-                                     registry=r, multiprocess_mode="livemin")
-        self.link_up = Gauge("marketstream_redis_link_up",
-                             "1 while the pub/sub link to this Redis node is live "
-                             "(one per Cluster primary)", ["node"], registry=r,
-                             multiprocess_mode="livemin")
-        self.messages = Counter("marketstream_redis_messages", "Messages read from Redis",
-                                registry=r)
-        self.deliveries = Counter("marketstream_deliveries",
-                                  "Frames queued to clients (messages x subscribers)", registry=r)
-        self.bytes_sent = Counter("marketstream_bytes_sent",
-                                  "Bytes of market data written to clients", registry=r)
-        self.batches = Counter("marketstream_batches",
-                               "Delivery batches (one write per client each)", registry=r)
-        self.batch_size = Histogram("marketstream_batch_size", "Messages per delivery batch",
-                                    buckets=BATCH_BUCKETS, registry=r)
+        self.connections = Gauge(
+            "marketstream_connections",
+            "Open client connections",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.subscriptions = Gauge(
+            "marketstream_subscriptions",
+            "Connection-stream subscriptions",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.upstream = Gauge(
+            "marketstream_upstream_channels",
+            "Redis channels subscribed",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.redis_connected = Gauge(
+            "marketstream_redis_connected",
+            "1 while the Redis pub/sub connection is live",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.link_up = Gauge(
+            "marketstream_redis_link_up",
+            "1 while the pub/sub link to this Redis node is live (one per Cluster primary)",
+            ["node"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.messages = Counter(
+            "marketstream_redis_messages", "Messages read from Redis", registry=r
+        )
+        self.deliveries = Counter(
+            "marketstream_deliveries",
+            "Frames queued to clients (messages x subscribers)",
+            registry=r,
+        )
+        self.bytes_sent = Counter(
+            "marketstream_bytes_sent", "Bytes of market data written to clients", registry=r
+        )
+        self.batches = Counter(
+            "marketstream_batches", "Delivery batches (one write per client each)", registry=r
+        )
+        self.batch_size = Histogram(
+            "marketstream_batch_size",
+            "Messages per delivery batch",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.batch_latency = Histogram(
             "marketstream_batch_latency_seconds",
             "Seconds from the first message of a delivery batch read from Redis (or queued "
             "from history) to the end of the flush that wrote the batch to the clients' "
             "sockets: one observation per batch, the wait of its oldest message, not "
-            "weighted by the batch's messages", buckets=LATENCY_BUCKETS, registry=r)
+            "weighted by the batch's messages",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.publish_latency = Histogram(
             "marketstream_publish_latency_seconds",
             "Seconds from the publisher's timestamp (the payload's E, microseconds since "
             "the epoch) to the end of the flush that wrote the message to the clients' "
             "sockets: one sample per batch, its first message, when that carries E "
             "(includes Redis, the network and any clock skew; a clock ahead counts as 0)",
-            buckets=LATENCY_BUCKETS, registry=r)
-        self.dropped = Counter("marketstream_dropped", "Messages dropped, by cause",
-                               ["cause"], registry=r)
-        self.reconnects = Counter("marketstream_redis_reconnects",
-                                  "Reconnections of the Redis pub/sub connection", registry=r)
-        self.replayed = Counter("marketstream_recovery_replayed",
-                                "Messages replayed from history to resuming clients", registry=r)
-        self.snapshots = Counter("marketstream_recovery_snapshots",
-                                 "Snapshots sent to subscribing clients", registry=r)
-        self.gap_notices = Counter("marketstream_gap_notices",
-                                   "Gap notices sent to clients (updates missed)", registry=r)
-        self.refused = Counter("marketstream_refused_handshakes",
-                               "WebSocket handshakes refused, by cause", ["cause"], registry=r)
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.dropped = Counter(
+            "marketstream_dropped", "Messages dropped, by cause", ["cause"], registry=r
+        )
+        self.reconnects = Counter(
+            "marketstream_redis_reconnects",
+            "Reconnections of the Redis pub/sub connection",
+            registry=r,
+        )
+        self.replayed = Counter(
+            "marketstream_recovery_replayed",
+            "Messages replayed from history to resuming clients",
+            registry=r,
+        )
+        self.snapshots = Counter(
+            "marketstream_recovery_snapshots", "Snapshots sent to subscribing clients", registry=r
+        )
+        self.gap_notices = Counter(
+            "marketstream_gap_notices", "Gap notices sent to clients (updates missed)", registry=r
+        )
+        self.refused = Counter(
+            "marketstream_refused_handshakes",
+            "WebSocket handshakes refused, by cause",
+            ["cause"],
+            registry=r,
+        )
         for cause in counters.refused:
             self.refused.labels(cause)
-        self.rejected = Counter("marketstream_rejected_streams",
-                                "Streams refused to clients (not subscribed), by cause",
-                                ["cause"], registry=r)
+        self.rejected = Counter(
+            "marketstream_rejected_streams",
+            "Streams refused to clients (not subscribed), by cause",
+            ["cause"],
+            registry=r,
+        )
         for cause in counters.rejected:
             self.rejected.labels(cause)
         for cause in self._drop_counts():
@@ -265,6 +343,7 @@ class Exporter:
     def start(self, interval: float = 1.0) -> None:
         """Sync every ``interval`` seconds on the running IOLoop."""
         import tornado.ioloop
+
         self._timer = tornado.ioloop.PeriodicCallback(self.sync, interval * 1000)
         self._timer.start()
 
@@ -282,4 +361,3 @@ class Exporter:
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
-

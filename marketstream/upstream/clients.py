@@ -153,16 +153,15 @@ def sync_client(url: str | RedisURL, **kwargs: Any) -> redis.Redis | redis.clust
         host, port = desc.seeds[0]
         return redis.Redis(host=host, port=port, db=desc.db, **conn)
     if desc.mode == "sentinel":
-        sentinel = _Sentinel(list(desc.seeds), sentinel_kwargs=desc.sentinel_kwargs(),
-                                           **conn)
-        return sentinel.master_for(_service(desc), db=desc.db,
-                                   connection_pool_class=_FollowingPool)
+        sentinel = _Sentinel(list(desc.seeds), sentinel_kwargs=desc.sentinel_kwargs(), **conn)
+        return sentinel.master_for(_service(desc), db=desc.db, connection_pool_class=_FollowingPool)
     nodes = [redis.cluster.ClusterNode(host, port) for host, port in desc.seeds]
     return redis.cluster.RedisCluster(startup_nodes=nodes, **conn)
 
 
-def async_client(url: str | RedisURL,
-                 **kwargs: Any) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
+def async_client(
+    url: str | RedisURL, **kwargs: Any
+) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
     """An asyncio redis-py client for ``url`` (``redis.asyncio.Redis``, the
     Sentinel primary's ``redis.asyncio.Redis`` from
     ``redis.asyncio.sentinel.Sentinel.master_for``, or
@@ -182,10 +181,10 @@ def async_client(url: str | RedisURL,
         host, port = desc.seeds[0]
         return redis.asyncio.Redis(host=host, port=port, db=desc.db, **conn)
     if desc.mode == "sentinel":
-        sentinel = _AsyncSentinel(list(desc.seeds),
-                                                   sentinel_kwargs=desc.sentinel_kwargs(), **conn)
-        return sentinel.master_for(_service(desc), db=desc.db,
-                                   connection_pool_class=_AsyncFollowingPool)
+        sentinel = _AsyncSentinel(list(desc.seeds), sentinel_kwargs=desc.sentinel_kwargs(), **conn)
+        return sentinel.master_for(
+            _service(desc), db=desc.db, connection_pool_class=_AsyncFollowingPool
+        )
     nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in desc.seeds]
     return redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, **conn)
 

@@ -65,45 +65,66 @@ from marketstream.upstream.clients import REDIS_ERRORS
 from marketstream.upstream.confirmations import Confirmations
 from marketstream.upstream.urls import RedisURL, node_label, parse_redis_url
 
-__all__ = ["SentinelWatcher", "ShardedSubscriber", "cluster_primaries", "cluster_topology",
-           "key_slot", "sentinel_primary"]
+__all__ = [
+    "SentinelWatcher",
+    "ShardedSubscriber",
+    "cluster_primaries",
+    "cluster_topology",
+    "key_slot",
+    "sentinel_primary",
+]
 
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
-Ranges = dict[Address, list[tuple[int, int]]]   # primary -> its slot ranges [(start, end)]
+Ranges = dict[Address, list[tuple[int, int]]]  # primary -> its slot ranges [(start, end)]
 SLOTS = 16384
 
 
 def key_slot(name: str | bytes) -> int:
     """The Redis Cluster slot of a key or sharded channel::
 
-        >>> key_slot("trade.SOL_USDC") == key_slot("{trade.SOL_USDC}:seq")
-        True
+    >>> key_slot("trade.SOL_USDC") == key_slot("{trade.SOL_USDC}:seq")
+    True
     """
     return _key_slot(name.encode() if isinstance(name, str) else name)
 
 
 # --- connections ---------------------------------------------------------------
 
-_DROP = ("max_connections", "health_check_interval", "protocol", "socket_timeout",
-         "decode_responses", "db")
+_DROP = (
+    "max_connections",
+    "health_check_interval",
+    "protocol",
+    "socket_timeout",
+    "decode_responses",
+    "db",
+)
 
 
-def _connection(addr: Address, conn_kwargs: dict[str, Any],
-                timeout: float | None) -> redis.asyncio.Connection:
+def _connection(
+    addr: Address, conn_kwargs: dict[str, Any], timeout: float | None
+) -> redis.asyncio.Connection:
     """A raw RESP2 connection (not yet connected) to ``addr``; no read
     timeout, no retries: the caller owns liveness and reconnects."""
     kwargs: dict[str, Any] = dict(socket_connect_timeout=timeout, socket_keepalive=True)
     kwargs.update((k, v) for k, v in conn_kwargs.items() if k not in _DROP)
     cls: type[redis.asyncio.Connection]
     cls = redis.asyncio.SSLConnection if kwargs.pop("ssl", False) else redis.asyncio.Connection
-    return cls(host=addr[0], port=addr[1], socket_timeout=None, retry=Retry(NoBackoff(), 0),
-               health_check_interval=0, protocol=2, **kwargs)
+    return cls(
+        host=addr[0],
+        port=addr[1],
+        socket_timeout=None,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+        protocol=2,
+        **kwargs,
+    )
 
 
-async def _ask(addr: Address, conn_kwargs: dict[str, Any], timeout: float,
-               *commands: tuple[str, ...]) -> list[Any]:
+async def _ask(
+    addr: Address, conn_kwargs: dict[str, Any], timeout: float, *commands: tuple[str, ...]
+) -> list[Any]:
     """Send ``commands`` to ``addr`` on a fresh connection; the replies (an
     error reply comes back as its ResponseError)."""
     conn = _connection(addr, conn_kwargs, timeout)
@@ -166,8 +187,9 @@ def _parse_slots(reply: list[Any], asked: Address) -> tuple[Ranges, list[Address
     return primaries, nodes
 
 
-async def cluster_topology(addr: Address, *, timeout: float = 1.0,
-                           **conn_kwargs: Any) -> tuple[Ranges, list[Address]]:
+async def cluster_topology(
+    addr: Address, *, timeout: float = 1.0, **conn_kwargs: Any
+) -> tuple[Ranges, list[Address]]:
     """Ask one node: ``({primary: sorted [(start, end)]}, [every node seen])``.
 
     Uses CLUSTER SHARDS (Redis >= 7), else CLUSTER SLOTS.  Raises RedisError
@@ -188,8 +210,9 @@ async def cluster_topology(addr: Address, *, timeout: float = 1.0,
     return primaries, list(dict.fromkeys(nodes))
 
 
-async def cluster_primaries(seeds: Iterable[Address], *, timeout: float = 1.0,
-                            **conn_kwargs: Any) -> Ranges:
+async def cluster_primaries(
+    seeds: Iterable[Address], *, timeout: float = 1.0, **conn_kwargs: Any
+) -> Ranges:
     """The primaries of a cluster and the slot ranges each owns, asked of
     the first seed that answers::
 
@@ -210,9 +233,15 @@ async def cluster_primaries(seeds: Iterable[Address], *, timeout: float = 1.0,
     raise redis.exceptions.ConnectionError("no cluster seed answered (%s)" % "; ".join(errors))
 
 
-async def sentinel_primary(seeds: Iterable[Address], service: str, *, timeout: float = 1.0,
-                           verify: bool = True, sentinel_kwargs: dict[str, Any] | None = None,
-                           **conn_kwargs: Any) -> Address:
+async def sentinel_primary(
+    seeds: Iterable[Address],
+    service: str,
+    *,
+    timeout: float = 1.0,
+    verify: bool = True,
+    sentinel_kwargs: dict[str, Any] | None = None,
+    **conn_kwargs: Any,
+) -> Address:
     """The primary's address of ``service`` as the sentinels name it::
 
         host, port = await sentinel_primary([("127.0.0.1", 26379)], "mymaster")
@@ -225,8 +254,12 @@ async def sentinel_primary(seeds: Iterable[Address], service: str, *, timeout: f
     for addr in seeds:
         addr = (addr[0], int(addr[1]))
         try:
-            (reply,) = await _ask(addr, sentinel_kwargs or {}, timeout,
-                                  ("SENTINEL", "GET-MASTER-ADDR-BY-NAME", service))
+            (reply,) = await _ask(
+                addr,
+                sentinel_kwargs or {},
+                timeout,
+                ("SENTINEL", "GET-MASTER-ADDR-BY-NAME", service),
+            )
             if isinstance(reply, ResponseError):
                 raise reply
             if not reply:
@@ -238,13 +271,15 @@ async def sentinel_primary(seeds: Iterable[Address], service: str, *, timeout: f
                     raise role
                 if _text(role[0]) != "master":
                     raise redis.exceptions.ConnectionError(
-                        "%s named %s, which is a %s" % (node_label(addr), node_label(primary),
-                                                        _text(role[0])))
+                        "%s named %s, which is a %s"
+                        % (node_label(addr), node_label(primary), _text(role[0]))
+                    )
             return primary
         except REDIS_ERRORS as exc:
             errors.append("%s: %s" % (node_label(addr), exc or type(exc).__name__))
     raise redis.exceptions.ConnectionError(
-        "no sentinel could name the primary of %r (%s)" % (service, "; ".join(errors)))
+        "no sentinel could name the primary of %r (%s)" % (service, "; ".join(errors))
+    )
 
 
 class SentinelWatcher:
@@ -265,10 +300,17 @@ class SentinelWatcher:
     nothing, so follow this event rather than waiting for the link to fail.
     """
 
-    def __init__(self, seeds: Iterable[Address], service: str,
-                 on_switch: Callable[[Address], Any], *,
-                 sentinel_kwargs: dict[str, Any] | None = None, connect_timeout: float = 1.0,
-                 backoff_min: float = 0.05, backoff_max: float = 1.0):
+    def __init__(
+        self,
+        seeds: Iterable[Address],
+        service: str,
+        on_switch: Callable[[Address], Any],
+        *,
+        sentinel_kwargs: dict[str, Any] | None = None,
+        connect_timeout: float = 1.0,
+        backoff_min: float = 0.05,
+        backoff_max: float = 1.0,
+    ):
         self.seeds = [(host, int(port)) for host, port in seeds]
         self.service = service
         self.on_switch = on_switch
@@ -342,25 +384,39 @@ _SSUB, _SUNSUB, _PING = 0, 1, 2
 class _Link:
     """One pub/sub connection to one primary."""
 
-    __slots__ = ("addr", "label", "conn", "state", "assigned", "bnames", "pending", "last_pong",
-                 "task", "retired", "messages", "dropped", "connects", "seen")
+    __slots__ = (
+        "addr",
+        "label",
+        "conn",
+        "state",
+        "assigned",
+        "bnames",
+        "pending",
+        "last_pong",
+        "task",
+        "retired",
+        "messages",
+        "dropped",
+        "connects",
+        "seen",
+    )
 
     def __init__(self, addr: Address) -> None:
         self.addr = addr
         self.label = node_label(addr)
         self.conn: redis.asyncio.Connection | None = None
-        self.state = "connecting"   # "up", "down"
+        self.state = "connecting"  # "up", "down"
         self.assigned: dict[str, int] = {}  # channel -> slot, SSUBSCRIBE sent on this connection
-        self.bnames: set[bytes] = set()     # the same channels as bytes (the reader's filter)
+        self.bnames: set[bytes] = set()  # the same channels as bytes (the reader's filter)
         # [kind, slot, names, replies left, resubscribed]
         self.pending: collections.deque[list[Any]] = collections.deque()
         self.last_pong = 0.0
         self.task: asyncio.Task[None] | None = None
         self.retired = False
-        self.messages = 0           # messages delivered from this shard
-        self.dropped = 0            # messages for channels no longer on this link
+        self.messages = 0  # messages delivered from this shard
+        self.dropped = 0  # messages for channels no longer on this link
         self.connects = 0
-        self.seen = 0               # messages at the previous PING tick
+        self.seen = 0  # messages at the previous PING tick
 
 
 class ShardedSubscriber:
@@ -383,13 +439,21 @@ class ShardedSubscriber:
     ``refresh_interval`` seconds regardless.
     """
 
-    def __init__(self, seeds: Iterable[Address], on_message: Callable[[bytes, bytes], Any],
-                 on_resubscribed: Callable[[list[str]], Any] | None = None,
-                 on_health: Callable[[str, str], Any] | None = None, *,
-                 connection_kwargs: dict[str, Any] | None = None, ping_interval: float = 1.0,
-                 ping_timeout: float = 2.0, connect_timeout: float = 1.0,
-                 refresh_interval: float = 5.0, backoff_min: float = 0.05,
-                 backoff_max: float = 0.5):
+    def __init__(
+        self,
+        seeds: Iterable[Address],
+        on_message: Callable[[bytes, bytes], Any],
+        on_resubscribed: Callable[[list[str]], Any] | None = None,
+        on_health: Callable[[str, str], Any] | None = None,
+        *,
+        connection_kwargs: dict[str, Any] | None = None,
+        ping_interval: float = 1.0,
+        ping_timeout: float = 2.0,
+        connect_timeout: float = 1.0,
+        refresh_interval: float = 5.0,
+        backoff_min: float = 0.05,
+        backoff_max: float = 0.5,
+    ):
         self.seeds = [(host, int(port)) for host, port in seeds]
         if not self.seeds:
             raise ValueError("ShardedSubscriber needs at least one seed node")
@@ -404,19 +468,19 @@ class ShardedSubscriber:
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
 
-        self._wanted: dict[str, int] = {}          # channel -> slot
-        self._assigned: dict[str, _Link] = {}      # channel -> link SSUBSCRIBE went to
-        self._unassigned: dict[str, None] = {}     # wanted, not yet sent anywhere
-        self._drops: dict[str, None] = {}          # unsubscribed, maybe still on a link
+        self._wanted: dict[str, int] = {}  # channel -> slot
+        self._assigned: dict[str, _Link] = {}  # channel -> link SSUBSCRIBE went to
+        self._unassigned: dict[str, None] = {}  # wanted, not yet sent anywhere
+        self._drops: dict[str, None] = {}  # unsubscribed, maybe still on a link
         self._confirmed: set[str] = set()
-        self._interrupted: set[str] = set()        # confirmed once, lost since
-        self._stranded: set[str] = set()           # wanted, owner unknown or unreachable
+        self._interrupted: set[str] = set()  # confirmed once, lost since
+        self._stranded: set[str] = set()  # wanted, owner unknown or unreachable
         self._confirmations = Confirmations()
         self._links: dict[Address, _Link] = {}
         self._owner: list[Address | None] = [None] * SLOTS
-        self._nodes: list[Address] = []            # every node seen in the last topology
-        self._moved: dict[int, int] = {}           # slot -> MOVED hops in a row
-        self._rescan = False                       # owners changed: check every assignment
+        self._nodes: list[Address] = []  # every node seen in the last topology
+        self._moved: dict[int, int] = {}  # slot -> MOVED hops in a row
+        self._rescan = False  # owners changed: check every assignment
         self._refresh_wanted = False
         self._refresh_delay = backoff_min
         self._last_refresh = 0.0
@@ -428,15 +492,20 @@ class ShardedSubscriber:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def from_url(cls, url: str | RedisURL, on_message: Callable[[bytes, bytes], Any],
-                 on_resubscribed: Callable[[list[str]], Any] | None = None,
-                 on_health: Callable[[str, str], Any] | None = None,
-                 **kwargs: Any) -> ShardedSubscriber:
+    def from_url(
+        cls,
+        url: str | RedisURL,
+        on_message: Callable[[bytes, bytes], Any],
+        on_resubscribed: Callable[[list[str]], Any] | None = None,
+        on_health: Callable[[str, str], Any] | None = None,
+        **kwargs: Any,
+    ) -> ShardedSubscriber:
         """A subscriber for a ``redis+cluster://`` URL (str or RedisURL)."""
         desc = url if isinstance(url, RedisURL) else parse_redis_url(url)
         if desc.mode != "cluster":
-            raise ValueError("ShardedSubscriber needs a redis+cluster:// URL, not %s"
-                             % desc.redact())
+            raise ValueError(
+                "ShardedSubscriber needs a redis+cluster:// URL, not %s" % desc.redact()
+            )
         kwargs.setdefault("connection_kwargs", desc.connection_kwargs())
         return cls(desc.seeds, on_message, on_resubscribed, on_health, **kwargs)
 
@@ -455,18 +524,22 @@ class ShardedSubscriber:
                 await self.stop()
                 raise redis.exceptions.ConnectionError(
                     "no Redis Cluster node answered (seeds: %s)"
-                    % ", ".join(map(node_label, self.seeds)))
+                    % ", ".join(map(node_label, self.seeds))
+                )
             await asyncio.sleep(self.backoff_max)
-        self._tasks = [asyncio.ensure_future(self._sync_loop()),
-                       asyncio.ensure_future(self._ping_loop())]
+        self._tasks = [
+            asyncio.ensure_future(self._sync_loop()),
+            asyncio.ensure_future(self._ping_loop()),
+        ]
         while not all(link.state == "up" for link in self._links.values()):
             if loop.time() > deadline:
                 if not any(link.state == "up" for link in self._links.values()):
                     await self.stop()
                     raise redis.exceptions.ConnectionError("no Redis Cluster primary reachable")
-                log.warning("starting with unreachable shard(s): %s",
-                            ", ".join(link.label for link in self._links.values()
-                                      if link.state != "up"))
+                log.warning(
+                    "starting with unreachable shard(s): %s",
+                    ", ".join(link.label for link in self._links.values() if link.state != "up"),
+                )
                 break
             await asyncio.sleep(0.01)
 
@@ -502,8 +575,7 @@ class ShardedSubscriber:
         if not self._running or self._stranded:
             return False
         now = time.monotonic()
-        return all(self._link_healthy(link, now) for link in self._links.values()
-                   if link.assigned)
+        return all(self._link_healthy(link, now) for link in self._links.values() if link.assigned)
 
     @property
     def links(self) -> dict[str, bool]:
@@ -525,14 +597,18 @@ class ShardedSubscriber:
         """Per node: role, state (up/down/connecting), channels, messages,
         seconds since the last PONG."""
         now = time.monotonic()
-        return {link.label: {
-            "role": "primary",
-            "state": ("up" if self._link_healthy(link, now) else "down")
-            if link.state != "connecting" else "connecting",
-            "channels": len(link.assigned),
-            "messages": link.messages,
-            "last_pong_seconds_ago": round(now - link.last_pong, 3) if link.last_pong else None,
-        } for link in self._links.values()}
+        return {
+            link.label: {
+                "role": "primary",
+                "state": ("up" if self._link_healthy(link, now) else "down")
+                if link.state != "connecting"
+                else "connecting",
+                "channels": len(link.assigned),
+                "messages": link.messages,
+                "last_pong_seconds_ago": round(now - link.last_pong, 3) if link.last_pong else None,
+            }
+            for link in self._links.values()
+        }
 
     # --- subscriptions -------------------------------------------------------------
 
@@ -570,7 +646,8 @@ class ShardedSubscriber:
         """Wait until every wanted channel in ``names`` is confirmed by its
         shard; False on timeout."""
         return await self._confirmations.wait(
-            names, lambda name: name in self._wanted and name not in self._confirmed, timeout)
+            names, lambda name: name in self._wanted and name not in self._confirmed, timeout
+        )
 
     def _resolve(self, name: str, ok: bool = True) -> None:
         self._confirmations.resolve(name, ok)
@@ -589,8 +666,9 @@ class ShardedSubscriber:
         self.refreshes += 1
         for addr in dict.fromkeys(candidates):
             try:
-                primaries, nodes = await cluster_topology(addr, timeout=self.connect_timeout,
-                                                          **self.connection_kwargs)
+                primaries, nodes = await cluster_topology(
+                    addr, timeout=self.connect_timeout, **self.connection_kwargs
+                )
             except REDIS_ERRORS as exc:
                 log.debug("topology from %s failed: %s", node_label(addr), exc)
                 continue
@@ -605,7 +683,7 @@ class ShardedSubscriber:
         owner: list[Address | None] = [None] * SLOTS
         for addr, ranges in primaries.items():
             for start, end in ranges:
-                owner[start:end + 1] = [addr] * (end - start + 1)
+                owner[start : end + 1] = [addr] * (end - start + 1)
         if owner != self._owner:
             self._owner = owner
             self._rescan = True
@@ -788,14 +866,19 @@ class ShardedSubscriber:
                 log.exception("unexpected error reading from %s", link.label)
                 await self._lost(link, conn, exc)
 
-    async def _lost(self, link: _Link, conn: redis.asyncio.Connection | None,
-                    reason: BaseException | str) -> None:
+    async def _lost(
+        self, link: _Link, conn: redis.asyncio.Connection | None, reason: BaseException | str
+    ) -> None:
         if link.conn is not conn or conn is None:
             return
         link.conn = None
         link.state = "down"
-        log.warning("pub/sub link to %s lost (%s); %d channel(s) to place again", link.label,
-                    reason or "no PING reply", len(link.assigned))
+        log.warning(
+            "pub/sub link to %s lost (%s); %d channel(s) to place again",
+            link.label,
+            reason or "no PING reply",
+            len(link.assigned),
+        )
         self._release(link)
         self._notify_health(link, "down")
         self._request_refresh()
@@ -916,8 +999,12 @@ class ShardedSubscriber:
                 self._stranded.update(n for n in names if n in self._wanted)
                 self._request_refresh()  # learn the rest of the new layout too
                 return
-        log.warning("%s refused SSUBSCRIBE for slot %d (%s); reading the topology again",
-                    link.label, slot, exc)
+        log.warning(
+            "%s refused SSUBSCRIBE for slot %d (%s); reading the topology again",
+            link.label,
+            slot,
+            exc,
+        )
         self._owner[slot] = None
         self._request_refresh()
 

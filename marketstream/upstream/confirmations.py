@@ -11,17 +11,18 @@ __all__ = ["Confirmations"]
 class Confirmations:
     """Futures waiting for Redis to confirm channel subscriptions::
 
-        confirmations = Confirmations()
-        ok = await confirmations.wait(["trade.SOL_USDC"], lambda name: not confirmed(name))
-        confirmations.resolve("trade.SOL_USDC")   # Redis said "subscribe"
-        confirmations.fail_all()                  # the link was lost: False to everyone
+    confirmations = Confirmations()
+    ok = await confirmations.wait(["trade.SOL_USDC"], lambda name: not confirmed(name))
+    confirmations.resolve("trade.SOL_USDC")   # Redis said "subscribe"
+    confirmations.fail_all()                  # the link was lost: False to everyone
     """
 
     def __init__(self) -> None:
         self._waiters: dict[str, list[asyncio.Future[bool]]] = {}
 
-    async def wait(self, names: Iterable[str], pending: Callable[[str], bool],
-                   timeout: float = 5.0) -> bool:
+    async def wait(
+        self, names: Iterable[str], pending: Callable[[str], bool], timeout: float = 5.0
+    ) -> bool:
         """Wait until every name for which ``pending(name)`` is true now is
         resolved; False if one failed or ``timeout`` passed first."""
         loop = asyncio.get_running_loop()

@@ -39,6 +39,7 @@ __all__ = ["latest_position", "oldest_position", "read_after", "read_recent", "r
 #: the first page of :func:`read_recent`).
 FIRST_GUESS = 256
 
+
 def _bytes(value: Any) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else value
 
@@ -57,8 +58,9 @@ def _entries(raw: list[Any], latest: int) -> list[tuple[int, bytes]]:
     return frames
 
 
-async def read_after(client: Any, stream: str, after_seq: int,
-                     limit: int) -> tuple[list[tuple[int, bytes]], bool]:
+async def read_after(
+    client: Any, stream: str, after_seq: int, limit: int
+) -> tuple[list[tuple[int, bytes]], bool]:
     """The messages of ``stream`` after position ``after_seq``, and whether
     they are complete.
 
@@ -107,20 +109,22 @@ async def read_after(client: Any, stream: str, after_seq: int,
     frames = _entries(raw, latest)
     missing = latest - after_seq
     if missing <= limit:
-        covered = (len(frames) == missing and frames[0][0] == after_seq + 1
-                   and frames[-1][0] == latest)
+        covered = (
+            len(frames) == missing and frames[0][0] == after_seq + 1 and frames[-1][0] == latest
+        )
         return frames, covered
     if limit == 0:
         return [], False
-    raw = await client.xrevrange(log_key, max="%d-0" % latest,
-                                 min="%d-0" % (after_seq + 1), count=limit)
+    raw = await client.xrevrange(
+        log_key, max="%d-0" % latest, min="%d-0" % (after_seq + 1), count=limit
+    )
     raw.reverse()
     return _entries(raw, latest), False
 
 
-async def read_recent(client: Any, stream: str, after: int | None, snapshot: bool, limit: int,
-                      max_bytes: int) -> tuple[int | None, tuple[int, bytes] | None,
-                                                list[tuple[int, bytes]], bool]:
+async def read_recent(
+    client: Any, stream: str, after: int | None, snapshot: bool, limit: int, max_bytes: int
+) -> tuple[int | None, tuple[int, bytes] | None, list[tuple[int, bytes]], bool]:
     """What a catch-up needs, read newest first and bounded in bytes:
     ``(latest, snapshot, frames, snapshot_skipped)``.
 
@@ -186,10 +190,12 @@ async def read_recent(client: Any, stream: str, after: int | None, snapshot: boo
                 break
         else:
             if len(page) == count and frames:  # more may be there
-                count = min(limit - len(frames),
-                            (max_bytes - size) * len(frames) // max(1, size) + 1)
-                page = await client.xrevrange(log_key, max="%d-0" % (frames[-1][0] - 1),
-                                              min="%d-0" % (floor + 1), count=count)
+                count = min(
+                    limit - len(frames), (max_bytes - size) * len(frames) // max(1, size) + 1
+                )
+                page = await client.xrevrange(
+                    log_key, max="%d-0" % (frames[-1][0] - 1), min="%d-0" % (floor + 1), count=count
+                )
                 continue
         break
     frames.reverse()

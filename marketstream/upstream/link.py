@@ -97,10 +97,16 @@ def widen_reads(conn: Any, size: int = READ_SIZE) -> bool:
 class PubSubLink:
     """One pub/sub connection to one Redis server (see the module docstring)."""
 
-    def __init__(self, url: str, listener: Listener, ping_interval: float = 1.0,
-                 ping_timeout: float = 2.0, backoff_min: float = 0.05,
-                 backoff_max: float = 1.0,
-                 resolve: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        listener: Listener,
+        ping_interval: float = 1.0,
+        ping_timeout: float = 2.0,
+        backoff_min: float = 0.05,
+        backoff_max: float = 1.0,
+        resolve: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    ) -> None:
         self.url = url
         self.listener = listener
         self.resolve = resolve  # where to connect, asked at every (re)connect
@@ -126,9 +132,11 @@ class PubSubLink:
         """Connect and start reading; raise if Redis is unreachable."""
         self._running = True
         await asyncio.wait_for(self._connect(), timeout)
-        self._tasks = [asyncio.ensure_future(self._read_loop()),
-                       asyncio.ensure_future(self._sync_loop()),
-                       asyncio.ensure_future(self._ping_loop())]
+        self._tasks = [
+            asyncio.ensure_future(self._read_loop()),
+            asyncio.ensure_future(self._sync_loop()),
+            asyncio.ensure_future(self._ping_loop()),
+        ]
 
     async def stop(self) -> None:
         """Stop the tasks and close the connection."""
@@ -160,14 +168,19 @@ class PubSubLink:
     @property
     def healthy(self) -> bool:
         """True while the connection answered a PING recently."""
-        return (self._connected.is_set()
-                and time.monotonic() - self._last_pong < self.ping_interval + self.ping_timeout)
+        return (
+            self._connected.is_set()
+            and time.monotonic() - self._last_pong < self.ping_interval + self.ping_timeout
+        )
 
     def health(self) -> dict[str, Any]:
-        return {"connected": self._connected.is_set(),
-                "node": self.node,
-                "last_pong_seconds_ago": round(time.monotonic() - self._last_pong, 3)
-                if self._last_pong else None}
+        return {
+            "connected": self._connected.is_set(),
+            "node": self.node,
+            "last_pong_seconds_ago": round(time.monotonic() - self._last_pong, 3)
+            if self._last_pong
+            else None,
+        }
 
     @property
     def links(self) -> dict[str, bool]:
@@ -200,17 +213,24 @@ class PubSubLink:
             await pool.disconnect()
         # The reader blocks on this connection indefinitely: no read timeout;
         # liveness is checked with PING by _ping_loop.  Reconnects are ours.
-        kwargs.update(socket_timeout=None, socket_keepalive=True,
-                      retry=Retry(NoBackoff(), 0), health_check_interval=0,
-                      protocol=2)  # RESP2: messages come back from read_response
+        kwargs.update(
+            socket_timeout=None,
+            socket_keepalive=True,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            protocol=2,
+        )  # RESP2: messages come back from read_response
         kwargs.setdefault("socket_connect_timeout", 5)
         kwargs.pop("decode_responses", None)
         conn = connection_class(**kwargs)
         await conn.connect()
         self.widened = widen_reads(conn)
         self._conn = conn
-        self.node = ("unix:" + kwargs["path"] if kwargs.get("path") else
-                     node_label((kwargs.get("host", "localhost"), int(kwargs.get("port", 6379)))))
+        self.node = (
+            "unix:" + kwargs["path"]
+            if kwargs.get("path")
+            else node_label((kwargs.get("host", "localhost"), int(kwargs.get("port", 6379))))
+        )
         self._upstream = set(self.listener.wanted())
         if self._upstream:
             await conn.send_command("SUBSCRIBE", *self._upstream, check_health=False)
@@ -230,24 +250,33 @@ class PubSubLink:
                 # The first failures, then one line in ten: an outage or a
                 # failover must not flood the log.
                 level = logging.WARNING if attempt <= 3 or attempt % 10 == 0 else logging.DEBUG
-                log.log(level, "Redis pub/sub reconnect attempt %d failed (%s); retrying in %.2fs",
-                        attempt, exc, wait)
+                log.log(
+                    level,
+                    "Redis pub/sub reconnect attempt %d failed (%s); retrying in %.2fs",
+                    attempt,
+                    exc,
+                    wait,
+                )
                 await asyncio.sleep(wait)
                 delay *= 2
                 continue
             self.reconnects += 1
             self.listener.on_restored(set(self._upstream))
-            log.warning("Redis pub/sub reconnected to %s after %d attempt(s); "
-                        "resubscribed %d channel(s)", self.redacted_url(), attempt,
-                        len(self._upstream))
+            log.warning(
+                "Redis pub/sub reconnected to %s after %d attempt(s); resubscribed %d channel(s)",
+                self.redacted_url(),
+                attempt,
+                len(self._upstream),
+            )
             return
 
     async def _lost(self, exc: BaseException | None) -> None:
         if not self._connected.is_set():
             return
         self._connected.clear()
-        log.warning("Redis pub/sub connection to %s lost (%s)", self.redacted_url(),
-                    exc or "no PING reply")
+        log.warning(
+            "Redis pub/sub connection to %s lost (%s)", self.redacted_url(), exc or "no PING reply"
+        )
         conn, self._conn = self._conn, None
         self.listener.on_lost()
         if conn is not None:

@@ -72,40 +72,81 @@ class Link(Protocol):
     def redacted_url(self) -> str: ...
 
 
-def make_link(url: str, listener: ClusterListener, ping_interval: float = 1.0,
-              ping_timeout: float = 2.0, backoff_min: float = 0.05,
-              backoff_max: float = 1.0) -> Link:
+def make_link(
+    url: str,
+    listener: ClusterListener,
+    ping_interval: float = 1.0,
+    ping_timeout: float = 2.0,
+    backoff_min: float = 0.05,
+    backoff_max: float = 1.0,
+) -> Link:
     """The link for ``url`` (see the module docstring)."""
     desc = parse_redis_url(url)
     if desc.mode == "cluster":
-        return ClusterLink(desc, listener, ping_interval=ping_interval,
-                           ping_timeout=ping_timeout, backoff_min=backoff_min,
-                           backoff_max=backoff_max)
+        return ClusterLink(
+            desc,
+            listener,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            backoff_min=backoff_min,
+            backoff_max=backoff_max,
+        )
     if desc.mode == "sentinel":
-        return SentinelLink(desc, listener, ping_interval=ping_interval,
-                            ping_timeout=ping_timeout, backoff_min=backoff_min,
-                            backoff_max=backoff_max)
-    return PubSubLink(url, listener, ping_interval=ping_interval, ping_timeout=ping_timeout,
-                      backoff_min=backoff_min, backoff_max=backoff_max)
+        return SentinelLink(
+            desc,
+            listener,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            backoff_min=backoff_min,
+            backoff_max=backoff_max,
+        )
+    return PubSubLink(
+        url,
+        listener,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        backoff_min=backoff_min,
+        backoff_max=backoff_max,
+    )
 
 
 class SentinelLink(PubSubLink):
     """A pub/sub link to the primary the sentinels name."""
 
-    def __init__(self, desc: RedisURL, listener: Listener, ping_interval: float = 1.0,
-                 ping_timeout: float = 2.0, backoff_min: float = 0.05,
-                 backoff_max: float = 1.0) -> None:
-        super().__init__(desc.url, listener, ping_interval=ping_interval,
-                         ping_timeout=ping_timeout, backoff_min=backoff_min,
-                         backoff_max=backoff_max, resolve=self._primary)
+    def __init__(
+        self,
+        desc: RedisURL,
+        listener: Listener,
+        ping_interval: float = 1.0,
+        ping_timeout: float = 2.0,
+        backoff_min: float = 0.05,
+        backoff_max: float = 1.0,
+    ) -> None:
+        super().__init__(
+            desc.url,
+            listener,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            backoff_min=backoff_min,
+            backoff_max=backoff_max,
+            resolve=self._primary,
+        )
         self.desc = desc
-        self.watch = SentinelWatcher(desc.seeds, desc.service_name or "", self._switched,
-                                     sentinel_kwargs=desc.sentinel_kwargs())
+        self.watch = SentinelWatcher(
+            desc.seeds,
+            desc.service_name or "",
+            self._switched,
+            sentinel_kwargs=desc.sentinel_kwargs(),
+        )
         self._announced: tuple[str, int] | None = None
 
     def _switched(self, primary: tuple[str, int]) -> None:
-        log.warning("sentinels name a new primary for %s: %s:%d; moving there",
-                    self.desc.service_name, primary[0], primary[1])
+        log.warning(
+            "sentinels name a new primary for %s: %s:%d; moving there",
+            self.desc.service_name,
+            primary[0],
+            primary[1],
+        )
         # Connect to the announced primary: a sentinel asked right now may
         # not have heard of the switch yet, and after a forced failover the
         # old primary still answers as a primary for seconds.
@@ -117,9 +158,12 @@ class SentinelLink(PubSubLink):
         if self._announced is not None:
             (host, port), self._announced = self._announced, None
         else:
-            host, port = await sentinel_primary(desc.seeds, desc.service_name or "",
-                                                sentinel_kwargs=desc.sentinel_kwargs(),
-                                                **desc.connection_kwargs())
+            host, port = await sentinel_primary(
+                desc.seeds,
+                desc.service_name or "",
+                sentinel_kwargs=desc.sentinel_kwargs(),
+                **desc.connection_kwargs(),
+            )
         kwargs = desc.connection_kwargs()
         kwargs.update(host=host, port=port, db=desc.db)
         return kwargs
@@ -136,15 +180,27 @@ class SentinelLink(PubSubLink):
 class ClusterLink:
     """The link interface over a :class:`~marketstream.upstream.cluster.ShardedSubscriber`."""
 
-    def __init__(self, desc: RedisURL, listener: ClusterListener, ping_interval: float = 1.0,
-                 ping_timeout: float = 2.0, backoff_min: float = 0.05,
-                 backoff_max: float = 1.0) -> None:
+    def __init__(
+        self,
+        desc: RedisURL,
+        listener: ClusterListener,
+        ping_interval: float = 1.0,
+        ping_timeout: float = 2.0,
+        backoff_min: float = 0.05,
+        backoff_max: float = 1.0,
+    ) -> None:
         self.url = desc.url
         self.listener = listener
         self.sub = ShardedSubscriber.from_url(
-            desc, listener.on_message, self._resubscribed, self._health,
-            ping_interval=ping_interval, ping_timeout=ping_timeout,
-            backoff_min=backoff_min, backoff_max=min(backoff_max, 0.5))
+            desc,
+            listener.on_message,
+            self._resubscribed,
+            self._health,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            backoff_min=backoff_min,
+            backoff_max=min(backoff_max, 0.5),
+        )
         self._wanted: set[str] = set()
         self._tasks: set[asyncio.Future[None]] = set()
 
@@ -193,8 +249,12 @@ class ClusterLink:
         self.listener.on_interrupted(channels)
 
     def _health(self, node: str, state: str) -> None:
-        log.log(logging.WARNING if state != "up" else logging.INFO,
-                "Redis Cluster node %s is %s", node, state)
+        log.log(
+            logging.WARNING if state != "up" else logging.INFO,
+            "Redis Cluster node %s is %s",
+            node,
+            state,
+        )
 
     @property
     def connected(self) -> bool:

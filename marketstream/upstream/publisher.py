@@ -69,8 +69,18 @@ from marketstream.wire.positions import (
 )
 from marketstream.upstream.clients import async_client, sync_client
 
-__all__ = ["AsyncPublisher", "Publisher", "SCRIPT", "SCRIPT_SHA", "encode_json", "script_call",
-           "stream_keys", "check_stream_name", "MAX_HISTORY", "MAX_TTL"]
+__all__ = [
+    "AsyncPublisher",
+    "Publisher",
+    "SCRIPT",
+    "SCRIPT_SHA",
+    "encode_json",
+    "script_call",
+    "stream_keys",
+    "check_stream_name",
+    "MAX_HISTORY",
+    "MAX_TTL",
+]
 
 SCRIPT: str = Path(SCRIPT_PATH).read_text(encoding="utf-8")
 """The text of ``recovery.lua``."""
@@ -78,8 +88,9 @@ SCRIPT: str = Path(SCRIPT_PATH).read_text(encoding="utf-8")
 SCRIPT_SHA: str = hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest()
 """Its SHA1, as ``SCRIPT LOAD`` returns it."""
 
-JSONInput = (str | bytes | bytearray | memoryview | dict[str, Any] | list[Any] | int | float
-             | bool | None)
+JSONInput = (
+    str | bytes | bytearray | memoryview | dict[str, Any] | list[Any] | int | float | bool | None
+)
 Message = tuple[Any, ...]  # (stream, data) or (stream, data, snapshot)
 #: ``(keys, args)`` of one call of the script.
 ScriptCall = tuple[tuple[str, str, str], list[Any]]
@@ -105,8 +116,14 @@ def encode_json(value: JSONInput) -> str | bytes:
     return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False)
 
 
-def script_call(stream: str, data: JSONInput, snapshot: Any = None, history: int = 1000,
-                ttl: int = 3600, sharded: bool = False) -> ScriptCall:
+def script_call(
+    stream: str,
+    data: JSONInput,
+    snapshot: Any = None,
+    history: int = 1000,
+    ttl: int = 3600,
+    sharded: bool = False,
+) -> ScriptCall:
     """``(keys, args)`` of the script call publishing ``data`` on ``stream``.
 
     ``snapshot``: None/False (none), True (this message), or the snapshot's
@@ -120,8 +137,15 @@ def script_call(stream: str, data: JSONInput, snapshot: Any = None, history: int
         mode, snapdata = "self", ""
     else:
         mode, snapdata = "data", _json_object(snapshot, "snapshot")
-    return keys, [stream, _json_object(data, "data"), history, ttl, mode, snapdata,
-                  "spublish" if sharded else "publish"]
+    return keys, [
+        stream,
+        _json_object(data, "data"),
+        history,
+        ttl,
+        mode,
+        snapdata,
+        "spublish" if sharded else "publish",
+    ]
 
 
 def _json_object(value: JSONInput, what: str) -> str | bytes:
@@ -140,12 +164,15 @@ def _json_object(value: JSONInput, what: str) -> str | bytes:
     text = encode_json(value) if isinstance(value, (str, bytes, bytearray, memoryview)) else None
     try:
         ok = text is not None and is_json_object(
-            text.encode("utf-8") if isinstance(text, str) else text)
+            text.encode("utf-8") if isinstance(text, str) else text
+        )
     except UnicodeEncodeError:
         ok = False
     if not ok or text is None:
-        raise ValueError("%s must be one JSON object (a dict, or its JSON text in UTF-8), "
-                         "not %.60r" % (what, value))
+        raise ValueError(
+            "%s must be one JSON object (a dict, or its JSON text in UTF-8), "
+            "not %.60r" % (what, value)
+        )
     return text
 
 
@@ -172,8 +199,13 @@ class Publisher:
     :meth:`close`.
     """
 
-    def __init__(self, url_or_client: str | Any, history: int = 1000, ttl: int = 3600,
-                 sharded: bool | None = None) -> None:
+    def __init__(
+        self,
+        url_or_client: str | Any,
+        history: int = 1000,
+        ttl: int = 3600,
+        sharded: bool | None = None,
+    ) -> None:
         self.history, self.ttl = _check_limits(history, ttl)
         if isinstance(url_or_client, str):
             self.client = sync_client(url_or_client)
@@ -194,8 +226,10 @@ class Publisher:
     def publish_many(self, messages: Iterable[Message]) -> list[int]:
         """Publish ``(stream, data[, snapshot])`` tuples in order, in one
         pipeline (one round trip); returns their positions."""
-        calls = [script_call(*_unpack(m), history=self.history, ttl=self.ttl,
-                             sharded=self.sharded) for m in messages]
+        calls = [
+            script_call(*_unpack(m), history=self.history, ttl=self.ttl, sharded=self.sharded)
+            for m in messages
+        ]
         if not calls:
             return []
         results = self._run_pipeline(calls)
@@ -229,12 +263,17 @@ class Publisher:
 class AsyncPublisher:
     """:class:`Publisher` for asyncio (``redis.asyncio`` clients)::
 
-        async with AsyncPublisher("redis://127.0.0.1:6379/0", history=500) as pub:
-            seq = await pub.publish("trade.SOL_USDC", {"e": "trade"})
+    async with AsyncPublisher("redis://127.0.0.1:6379/0", history=500) as pub:
+        seq = await pub.publish("trade.SOL_USDC", {"e": "trade"})
     """
 
-    def __init__(self, url_or_client: str | Any, history: int = 1000, ttl: int = 3600,
-                 sharded: bool | None = None) -> None:
+    def __init__(
+        self,
+        url_or_client: str | Any,
+        history: int = 1000,
+        ttl: int = 3600,
+        sharded: bool | None = None,
+    ) -> None:
         self.history, self.ttl = _check_limits(history, ttl)
         if isinstance(url_or_client, str):
             self.client = async_client(url_or_client)
@@ -254,8 +293,10 @@ class AsyncPublisher:
 
     async def publish_many(self, messages: Iterable[Message]) -> list[int]:
         """Like :meth:`Publisher.publish_many`."""
-        calls = [script_call(*_unpack(m), history=self.history, ttl=self.ttl,
-                             sharded=self.sharded) for m in messages]
+        calls = [
+            script_call(*_unpack(m), history=self.history, ttl=self.ttl, sharded=self.sharded)
+            for m in messages
+        ]
         if not calls:
             return []
         results = await self._run_pipeline(calls)

@@ -52,9 +52,11 @@ _SCHEMES = {
     "rediss+cluster": ("cluster", True),
 }
 
-_FORMS = ("redis://host:port/db, rediss://..., unix:///path/to/socket, "
-          "redis+sentinel://host:port[,host:port...]/<service_name>[/db], "
-          "redis+cluster://host:port[,host:port...] (rediss+... for TLS)")
+_FORMS = (
+    "redis://host:port/db, rediss://..., unix:///path/to/socket, "
+    "redis+sentinel://host:port[,host:port...]/<service_name>[/db], "
+    "redis+cluster://host:port[,host:port...] (rediss+... for TLS)"
+)
 
 
 def _bool(value: str) -> bool:
@@ -138,8 +140,8 @@ class RedisURL:
     def redact(self) -> str:
         """The URL with its passwords replaced by ``***`` (for logs)::
 
-            >>> parse_redis_url("redis://:pw@h:1/0").redact()
-            'redis://:***@h:1/0'
+        >>> parse_redis_url("redis://:pw@h:1/0").redact()
+        'redis://:***@h:1/0'
         """
         userinfo = ""
         if self.username is not None or self.password is not None:
@@ -157,8 +159,10 @@ class RedisURL:
                 location += "/%d" % self.db
         elif self.mode == "single" and self.path is None:
             location += "/%d" % self.db
-        query = [(name, "***" if name in _SECRET_OPTIONS else _format_option(value))
-                 for name, value in self.options]
+        query = [
+            (name, "***" if name in _SECRET_OPTIONS else _format_option(value))
+            for name, value in self.options
+        ]
         if self.path is not None and self.db:
             query.append(("db", str(self.db)))
         text = "%s://%s%s" % (self.scheme, userinfo, location)
@@ -205,8 +209,8 @@ class RedisURL:
 def node_label(addr: tuple[str, int]) -> str:
     """``"host:port"`` (``"[v6]:port"``), the node label of health and metrics::
 
-        >>> node_label(("10.0.0.1", 7000)), node_label(("::1", 6379))
-        ('10.0.0.1:7000', '[::1]:6379')
+    >>> node_label(("10.0.0.1", 7000)), node_label(("::1", 6379))
+    ('10.0.0.1:7000', '[::1]:6379')
     """
     host, port = addr
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
@@ -225,7 +229,7 @@ def _parse_addr(text: str, default_port: int, mode: str) -> tuple[str, int]:
         close = text.find("]")
         if close < 0:
             raise ValueError("unclosed '[' in host %r" % text)
-        host, rest = text[1:close], text[close + 1:]
+        host, rest = text[1:close], text[close + 1 :]
         if rest and not rest.startswith(":"):
             raise ValueError("bad host %r" % text)
         port_text = rest[1:] if rest else ""
@@ -264,12 +268,13 @@ def parse_redis_url(url: str) -> RedisURL:
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in _SCHEMES:
-        raise ValueError("unsupported Redis URL scheme %r in %r (expected %s)"
-                         % (scheme if sep else url, redact_url(url), _FORMS))
+        raise ValueError(
+            "unsupported Redis URL scheme %r in %r (expected %s)"
+            % (scheme if sep else url, redact_url(url), _FORMS)
+        )
     mode, tls = _SCHEMES[scheme]
     if "#" in rest:
-        raise ValueError("a Redis URL has no #fragment (a '#' in a password must be "
-                         "written %23)")
+        raise ValueError("a Redis URL has no #fragment (a '#' in a password must be written %23)")
     rest, _, query = rest.partition("?")
     if scheme == "unix":
         netloc, path = ("", rest) if rest.startswith("/") else rest.partition("/")[::2]
@@ -290,17 +295,23 @@ def parse_redis_url(url: str) -> RedisURL:
     for name, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
         parser = _OPTIONS.get(name)
         if parser is None:
-            raise ValueError("unknown option %r in the Redis URL query (known: %s)"
-                             % (name, ", ".join(sorted(_OPTIONS))))
+            raise ValueError(
+                "unknown option %r in the Redis URL query (known: %s)"
+                % (name, ", ".join(sorted(_OPTIONS)))
+            )
         try:
             options[name] = parser(value)
         except ValueError:
-            raise ValueError("invalid value %r for option %r in the Redis URL"
-                             % ("***" if name in _SECRET_OPTIONS else value, name)) from None
+            raise ValueError(
+                "invalid value %r for option %r in the Redis URL"
+                % ("***" if name in _SECRET_OPTIONS else value, name)
+            ) from None
     if not tls and any(name.startswith("ssl_") for name in options):
-        raise ValueError("ssl_* options need a TLS URL (%s://)"
-                         % scheme.replace("redis", "rediss", 1)
-                         if scheme != "unix" else "ssl_* options do not apply to unix://")
+        raise ValueError(
+            "ssl_* options need a TLS URL (%s://)" % scheme.replace("redis", "rediss", 1)
+            if scheme != "unix"
+            else "ssl_* options do not apply to unix://"
+        )
     if mode != "sentinel" and any(name.startswith("sentinel_") for name in options):
         raise ValueError("sentinel_* options apply only to redis+sentinel:// URLs")
 
@@ -310,15 +321,19 @@ def parse_redis_url(url: str) -> RedisURL:
     db = 0
     if scheme == "unix":
         if hosts:
-            raise ValueError("a unix:// URL names a socket path, not a host (unix:///path/to/redis.sock)")
+            raise ValueError(
+                "a unix:// URL names a socket path, not a host (unix:///path/to/redis.sock)"
+            )
         if path in ("", "/"):
             raise ValueError("a unix:// URL needs a socket path (unix:///path/to/redis.sock)")
         socket_path = unquote(path)
         db = options.get("db", 0)
     elif mode == "single":
         if "," in hosts:
-            raise ValueError("%s:// takes one host; several hosts need redis+sentinel:// or "
-                             "redis+cluster://" % scheme)
+            raise ValueError(
+                "%s:// takes one host; several hosts need redis+sentinel:// or "
+                "redis+cluster://" % scheme
+            )
         seeds = (_parse_addr(hosts, 6379, mode),)
         db_text = path.strip("/")
         if "db" in options:
@@ -328,20 +343,26 @@ def parse_redis_url(url: str) -> RedisURL:
     else:
         default_port = 26379 if mode == "sentinel" else 6379
         if not hosts:
-            raise ValueError("a %s URL needs at least one host:port (%s://host:port[,host:port...])"
-                             % (mode, scheme))
+            raise ValueError(
+                "a %s URL needs at least one host:port (%s://host:port[,host:port...])"
+                % (mode, scheme)
+            )
         seeds = tuple(_parse_addr(part.strip(), default_port, mode) for part in hosts.split(","))
         if len(set(seeds)) != len(seeds):
             raise ValueError("a host is listed twice in the %s URL" % mode)
         parts = path.split("/")[1:] if path else []
         if mode == "sentinel":
             if not parts or not parts[0]:
-                raise ValueError("a sentinel URL needs the service name: "
-                                 "%s://host:port[,host:port...]/<service_name>[/db]" % scheme)
+                raise ValueError(
+                    "a sentinel URL needs the service name: "
+                    "%s://host:port[,host:port...]/<service_name>[/db]" % scheme
+                )
             service = unquote(parts[0])
             if len(parts) > 2:
-                raise ValueError("too many path parts in the sentinel URL %r "
-                                 "(expected /<service_name>[/db])" % path)
+                raise ValueError(
+                    "too many path parts in the sentinel URL %r "
+                    "(expected /<service_name>[/db])" % path
+                )
             if len(parts) == 2 and parts[1]:
                 db = _parse_db(parts[1], "the sentinel URL")
             if "db" in options:
@@ -349,12 +370,24 @@ def parse_redis_url(url: str) -> RedisURL:
         else:
             tail = "/".join(parts)
             if tail not in ("", "0") or options.get("db", 0):
-                raise ValueError("a cluster URL cannot select a database (got /%s): Redis Cluster "
-                                 "has only db 0" % (tail or options.get("db")))
+                raise ValueError(
+                    "a cluster URL cannot select a database (got /%s): Redis Cluster "
+                    "has only db 0" % (tail or options.get("db"))
+                )
     options.pop("db", None)
-    return RedisURL(mode=mode, scheme=scheme, seeds=seeds, path=socket_path, service_name=service,
-                    db=db, username=username, password=password, tls=tls,
-                    options=tuple(sorted(options.items())), url=url)
+    return RedisURL(
+        mode=mode,
+        scheme=scheme,
+        seeds=seeds,
+        path=socket_path,
+        service_name=service,
+        db=db,
+        username=username,
+        password=password,
+        tls=tls,
+        options=tuple(sorted(options.items())),
+        url=url,
+    )
 
 
 _MASK = "***"
@@ -383,14 +416,17 @@ def redact_url(url: str) -> str:
     """
     try:
         parts = urlsplit(url)
-    except ValueError:      # e.g. an unbalanced "[" in the host
+    except ValueError:  # e.g. an unbalanced "[" in the host
         head, sep, _ = url.rpartition("@")
         if not sep:
             return url
         scheme, slashes, userinfo = head.partition("//")
-        return "%s%s%s@%s" % (scheme, slashes,
-                              userinfo.partition(":")[0] + ":" + _MASK,
-                              url.rpartition("@")[2])
+        return "%s%s%s@%s" % (
+            scheme,
+            slashes,
+            userinfo.partition(":")[0] + ":" + _MASK,
+            url.rpartition("@")[2],
+        )
     netloc = parts.netloc
     userinfo, at, hostport = netloc.rpartition("@")
     if at and ":" in userinfo:
@@ -398,8 +434,9 @@ def redact_url(url: str) -> str:
     query = parts.query
     if "password" in query.lower():
         pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(key, _MASK if "password" in key.lower() else value)
-                           for key, value in pairs], safe="*")
+        query = urlencode(
+            [(key, _MASK if "password" in key.lower() else value) for key, value in pairs], safe="*"
+        )
     if netloc == parts.netloc and query == parts.query:
         return url
     return urlunsplit(parts._replace(netloc=netloc, query=query))

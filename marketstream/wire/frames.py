@@ -12,8 +12,18 @@ b'\\x81\\r{"e":"trade"}'
 
 import struct
 
-__all__ = ["text_frame", "CLOSE_NORMAL", "CLOSE_GOING_AWAY", "CLOSE_POLICY", "CLOSE_TOO_BIG",
-           "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG"]
+__all__ = [
+    "text_frame",
+    "CLOSE_NORMAL",
+    "CLOSE_GOING_AWAY",
+    "CLOSE_POLICY",
+    "CLOSE_TOO_BIG",
+    "OP_TEXT",
+    "OP_BINARY",
+    "OP_CLOSE",
+    "OP_PING",
+    "OP_PONG",
+]
 
 #: Close codes (RFC 6455 7.4.1): a normal closure (what clients send when
 #: they close) ...

@@ -23,8 +23,16 @@ import orjson
 
 from marketstream.wire.positions import FRAME_DATA, FRAME_END, FRAME_START, MAX_POSITION
 
-__all__ = ["is_json_object", "wrap_data", "envelope_problem", "frame_problem", "MALFORMED",
-           "WRONG_STREAM", "publish_time", "STAMP_SEARCH"]
+__all__ = [
+    "is_json_object",
+    "wrap_data",
+    "envelope_problem",
+    "frame_problem",
+    "MALFORMED",
+    "WRONG_STREAM",
+    "publish_time",
+    "STAMP_SEARCH",
+]
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -137,7 +145,7 @@ def frame_problem(channel: bytes, seq: int, frame: bytes) -> str | None:
     head = FRAME_START + channel + FRAME_DATA
     tail = FRAME_END % seq
     if frame.startswith(head) and frame.endswith(tail) and seq <= MAX_POSITION:
-        if is_json_object(frame[len(head):len(frame) - len(tail)]):
+        if is_json_object(frame[len(head) : len(frame) - len(tail)]):
             return None
         return MALFORMED
     if frame.startswith(FRAME_START) and not frame.startswith(channel + b'"', len(FRAME_START)):

@@ -26,11 +26,21 @@ b'{"stream":"t.A_B","data":{"p":"1"},"seq":7}'
 
 import os
 
-__all__ = ["MAX_POSITION", "MAX_HISTORY", "MAX_TTL", "SCRIPT_PATH", "split_position",
-           "stream_keys", "check_stream_name", "FRAME_START", "FRAME_DATA", "FRAME_END"]
+__all__ = [
+    "MAX_POSITION",
+    "MAX_HISTORY",
+    "MAX_TTL",
+    "SCRIPT_PATH",
+    "split_position",
+    "stream_keys",
+    "check_stream_name",
+    "FRAME_START",
+    "FRAME_DATA",
+    "FRAME_END",
+]
 
 #: Positions are below 2^53 (exact in JavaScript).
-MAX_POSITION = 2 ** 53 - 1
+MAX_POSITION = 2**53 - 1
 
 #: The recovery script's bounds: messages kept per stream, and seconds of ttl.
 MAX_HISTORY = 1_000_000
@@ -64,8 +74,7 @@ def split_position(payload: bytes) -> tuple[int | None, bytes]:
     digits = payload[1:space]
     if space < 0 or not digits.isdigit():
         return None, payload
-    return int(digits), payload[space + 1:]
-
+    return int(digits), payload[space + 1 :]
 
 
 def check_stream_name(stream: object) -> str:
@@ -79,10 +88,15 @@ def check_stream_name(stream: object) -> str:
     ...
     ValueError: invalid stream name 'trade SOL': non-empty, without whitespace, ...
     """
-    if not isinstance(stream, str) or not stream or any(
-            c in _FORBIDDEN or c.isspace() or c < " " for c in stream):
-        raise ValueError("invalid stream name %r: non-empty, without whitespace, '\"', '\\\\', "
-                         "'{', '}' or '/'" % (stream,))
+    if (
+        not isinstance(stream, str)
+        or not stream
+        or any(c in _FORBIDDEN or c.isspace() or c < " " for c in stream)
+    ):
+        raise ValueError(
+            "invalid stream name %r: non-empty, without whitespace, '\"', '\\\\', "
+            "'{', '}' or '/'" % (stream,)
+        )
     return stream
 
 

@@ -16,8 +16,14 @@ import ujson
 
 from marketstream.wire.requests import ERROR_INVALID_REQUEST, MAX_STREAM_NAME, RequestId
 
-__all__ = ["encode_result", "encode_error", "encode_outcome", "MAX_REFUSALS_LISTED",
-           "gap_notice", "GAP_REASONS"]
+__all__ = [
+    "encode_result",
+    "encode_error",
+    "encode_outcome",
+    "MAX_REFUSALS_LISTED",
+    "gap_notice",
+    "GAP_REASONS",
+]
 
 
 def encode_result(request_id: RequestId, result: object = None) -> str:
@@ -35,8 +41,13 @@ def encode_error(request_id: RequestId, code: int, msg: str) -> str:
 MAX_REFUSALS_LISTED = 100
 
 
-def encode_outcome(request_id: RequestId, accepted_key: str, accepted: list[str],
-                   refused: list[tuple[str, str]], problems: list[str]) -> str:
+def encode_outcome(
+    request_id: RequestId,
+    accepted_key: str,
+    accepted: list[str],
+    refused: list[tuple[str, str]],
+    problems: list[str],
+) -> str:
     """The acknowledgement of a SUBSCRIBE or UNSUBSCRIBE, as text.
 
     Everything done as asked: ``{"result": null, "id": n}`` (Binance's
@@ -61,8 +72,11 @@ def encode_outcome(request_id: RequestId, accepted_key: str, accepted: list[str]
     if len(refused) > 10:
         texts.append("%d more streams refused" % (len(refused) - 10))
     texts.extend(problems[:10])
-    error: dict[str, object] = {"code": ERROR_INVALID_REQUEST, "msg": "; ".join(texts),
-                                accepted_key: accepted}
+    error: dict[str, object] = {
+        "code": ERROR_INVALID_REQUEST,
+        "msg": "; ".join(texts),
+        accepted_key: accepted,
+    }
     if refused:
         listed = refused[:MAX_REFUSALS_LISTED]
         error["refused"] = {name[:MAX_STREAM_NAME]: reason for name, reason in listed}
@@ -76,26 +90,25 @@ def encode_outcome(request_id: RequestId, accepted_key: str, accepted: list[str]
 GAP_REASONS = {
     # Plain streams (no positions): what was published meanwhile is gone.
     "link_outage": "the server's Redis connection was lost and restored; "
-                   "updates published meanwhile were missed",
+    "updates published meanwhile were missed",
     "shard_interrupted": "the stream's Redis Cluster shard was cut off (slot moved, failover "
-                         "or lost link) and the stream subscribed again; updates published "
-                         "meanwhile were missed",
+    "or lost link) and the stream subscribed again; updates published "
+    "meanwhile were missed",
     # Recoverable streams: what the history could not give back.
-    "history_lost": "the stream's history is gone (expired, or lost by Redis); "
-                    "updates were missed",
+    "history_lost": "the stream's history is gone (expired, or lost by Redis); updates were missed",
     "history_trimmed": "the stream's history no longer reaches back to the position asked for; "
-                       "updates were missed",
+    "updates were missed",
     "max_replay": "the position asked for is further behind than the server replays "
-                  "([recovery] max_replay); updates were missed",
+    "([recovery] max_replay); updates were missed",
     "replay_too_large": "what was missed since the position asked for is more than the "
-                        "connection may be sent at once (half of [limits] max_buffer_bytes); "
-                        "updates were missed",
+    "connection may be sent at once (half of [limits] max_buffer_bytes); "
+    "updates were missed",
     "snapshot_too_large": "the stream's snapshot is more than the connection may be sent at "
-                          "once (half of [limits] max_buffer_bytes); subscribe to it alone",
+    "once (half of [limits] max_buffer_bytes); subscribe to it alone",
     "since_ahead": "the position asked for is ahead of the stream's latest: positions "
-                   "started over (a Redis failover lost writes) or come from another history",
+    "started over (a Redis failover lost writes) or come from another history",
     "lost_writes": "the stream's positions went back (a Redis failover lost its latest writes); "
-                   "positions start over",
+    "positions start over",
 }
 
 
@@ -111,6 +124,14 @@ def gap_notice(stream: str, now: float | None = None, reason: str = "link_outage
     now_us = int((time.time() if now is None else now) * 1_000_000)
     market = stream.rsplit(".", 1)[-1]
     return ujson.dumps(
-        {"stream": stream, "data": {"e": "gap", "s": market, "E": now_us, "reason": reason,
-                                    "msg": GAP_REASONS[reason]}}
+        {
+            "stream": stream,
+            "data": {
+                "e": "gap",
+                "s": market,
+                "E": now_us,
+                "reason": reason,
+                "msg": GAP_REASONS[reason],
+            },
+        }
     ).encode()

@@ -27,9 +27,20 @@ import ujson
 from marketstream.wire.positions import MAX_POSITION
 
 __all__ = [
-    "SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS", "METHODS",
-    "ERROR_INVALID_REQUEST", "ERROR_INVALID_JSON", "MAX_STREAM_NAME", "RequestId",
-    "Request", "Invalid", "parse_request", "parse_stream_query", "StreamRules", "take_token",
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "LIST_SUBSCRIPTIONS",
+    "METHODS",
+    "ERROR_INVALID_REQUEST",
+    "ERROR_INVALID_JSON",
+    "MAX_STREAM_NAME",
+    "RequestId",
+    "Request",
+    "Invalid",
+    "parse_request",
+    "parse_stream_query",
+    "StreamRules",
+    "take_token",
 ]
 
 SUBSCRIBE = "SUBSCRIBE"
@@ -85,7 +96,7 @@ def _valid_id(value: object) -> bool:
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
-        return -2 ** 63 <= value < 2 ** 64
+        return -(2**63) <= value < 2**64
     return isinstance(value, float) and math.isfinite(value)
 
 
@@ -146,15 +157,19 @@ def _parse_since(value: object, problems: list[Problem]) -> dict[str, int] | Non
     for stream, position in value.items():
         checked = _position(position)
         if checked is None:
-            problems.append(("bad_since", "since %.100s: not a position (an integer "
-                             "0..2^53-1): %.40r" % (stream, position)))
+            problems.append(
+                (
+                    "bad_since",
+                    "since %.100s: not a position (an integer "
+                    "0..2^53-1): %.40r" % (stream, position),
+                )
+            )
         else:
             since[stream] = checked
     return since or None
 
 
-def _parse_snapshot(value: object,
-                    problems: list[Problem]) -> bool | tuple[str, ...] | None:
+def _parse_snapshot(value: object, problems: list[Problem]) -> bool | tuple[str, ...] | None:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
@@ -230,15 +245,18 @@ class StreamRules:
     #: in ``marketstream_rejected_streams_total``.
     CAUSES = ("invalid_name", "unknown_type", "unknown_market")
 
-    def __init__(self,
-                 types: Iterable[str] = ("depth", "trade", "ticker", "bookTicker", "kline"),
-                 markets: Iterable[str] = (),
-                 market_pattern: str | re.Pattern[str] = r"^[A-Z0-9]+_[A-Z0-9]+$") -> None:
+    def __init__(
+        self,
+        types: Iterable[str] = ("depth", "trade", "ticker", "bookTicker", "kline"),
+        markets: Iterable[str] = (),
+        market_pattern: str | re.Pattern[str] = r"^[A-Z0-9]+_[A-Z0-9]+$",
+    ) -> None:
         types = tuple(types)
         self.types = frozenset(types)
         self.markets = frozenset(markets)
-        self.market_pattern = (re.compile(market_pattern) if isinstance(market_pattern, str)
-                               else market_pattern)
+        self.market_pattern = (
+            re.compile(market_pattern) if isinstance(market_pattern, str) else market_pattern
+        )
         self._allowed_types = ", ".join(dict.fromkeys(types))
         # Names accepted before (at most ACCEPTED_CACHE): a client that
         # subscribes the same 1024 streams again and again costs a set
@@ -268,14 +286,18 @@ class StreamRules:
             return "invalid_name", "stream name must be <type>.<MARKET>, e.g. trade.BTC_USDT"
         if parts[0] not in self.types:
             return "unknown_type", "unknown stream type %r (allowed: %s)" % (
-                parts[0], self._allowed_types)
+                parts[0],
+                self._allowed_types,
+            )
         market = parts[-1]
         if self.markets:
             if market not in self.markets:
                 return "unknown_market", "unknown market %r" % market
         elif not self.market_pattern.fullmatch(market):
             return "unknown_market", "invalid market %r (must match %s)" % (
-                market, self.market_pattern.pattern)
+                market,
+                self.market_pattern.pattern,
+            )
         for middle in parts[1:-1]:
             if not _MIDDLE_PART.fullmatch(middle):
                 return "invalid_name", "invalid stream name"
@@ -285,8 +307,9 @@ class StreamRules:
         return None
 
 
-def take_token(tokens: float, last: float, now: float, rate: float,
-               burst: float) -> tuple[bool, float]:
+def take_token(
+    tokens: float, last: float, now: float, rate: float, burst: float
+) -> tuple[bool, float]:
     """Token bucket step: ``(allowed, tokens)`` after one message at ``now``.
 
     ``tokens`` and ``last`` are the bucket's level and the time it was last

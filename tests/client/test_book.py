@@ -15,19 +15,35 @@ def test_docstring_examples():
 
 
 def snapshot(u, bids=(), asks=()):
-    return {"e": "depthSnapshot", "s": "X_Y", "u": u, "b": [list(level) for level in bids],
-            "a": [list(level) for level in asks]}
+    return {
+        "e": "depthSnapshot",
+        "s": "X_Y",
+        "u": u,
+        "b": [list(level) for level in bids],
+        "a": [list(level) for level in asks],
+    }
 
 
 def diff(first, last, bids=(), asks=()):
-    return {"e": "depth", "s": "X_Y", "U": first, "u": last, "b": [list(level) for level in bids],
-            "a": [list(level) for level in asks]}
+    return {
+        "e": "depth",
+        "s": "X_Y",
+        "U": first,
+        "u": last,
+        "b": [list(level) for level in bids],
+        "a": [list(level) for level in asks],
+    }
 
 
 def test_book_orders_by_decimal_value_and_keeps_strings():
     book = OrderBook()
-    book.apply_snapshot(snapshot(1, bids=[("9.5", "1"), ("10.00", "2.50"), ("100", "3")],
-                                 asks=[("1000.1", "1"), ("101", "1"), ("99.999", "0.001")]))
+    book.apply_snapshot(
+        snapshot(
+            1,
+            bids=[("9.5", "1"), ("10.00", "2.50"), ("100", "3")],
+            asks=[("1000.1", "1"), ("101", "1"), ("99.999", "0.001")],
+        )
+    )
     assert book.bids() == [["100", "3"], ["10.00", "2.50"], ["9.5", "1"]]
     assert book.asks() == [["99.999", "0.001"], ["101", "1"], ["1000.1", "1"]]
     assert book.bids(1) == [["100", "3"]]
@@ -48,9 +64,9 @@ def test_book_applies_diffs_and_removes_levels():
 def test_book_first_diff_may_straddle_the_snapshot():
     book = OrderBook()
     book.apply_snapshot(snapshot(10, bids=[("1", "1")]))
-    assert book.apply(diff(3, 9, bids=[("1", "9")])) is False    # already in the snapshot
+    assert book.apply(diff(3, 9, bids=[("1", "9")])) is False  # already in the snapshot
     assert book.bids() == [["1", "1"]]
-    assert book.apply(diff(8, 12, bids=[("2", "1")]))            # U <= 11 <= u
+    assert book.apply(diff(8, 12, bids=[("2", "1")]))  # U <= 11 <= u
     assert book.apply(diff(13, 13, bids=[("3", "1")]))
     assert [p for p, _ in book.bids()] == ["3", "2", "1"] and book.u == 13
 
@@ -62,7 +78,7 @@ def test_book_gap_after_snapshot(first):
     with pytest.raises(BookGap):
         book.apply(diff(first, first + 2))
     assert not book.synced
-    with pytest.raises(BookGap):           # unusable until the next snapshot
+    with pytest.raises(BookGap):  # unusable until the next snapshot
         book.apply(diff(11, 11))
     book.apply_snapshot(snapshot(30, bids=[("5", "1")]))
     assert book.apply(diff(31, 31, bids=[("6", "1")])) and book.synced
@@ -84,13 +100,12 @@ def test_book_needs_a_snapshot_first():
 
 def test_book_continuity_by_seq():
     book = OrderBook()
-    book.apply_message(Message(
-        "depth.X_Y", snapshot(10, asks=[("2", "1")]), 500, SNAPSHOT, ""))
+    book.apply_message(Message("depth.X_Y", snapshot(10, asks=[("2", "1")]), 500, SNAPSHOT, ""))
     assert book.seq == 500
     assert book.apply(diff(11, 11, asks=[("3", "1")]), seq=501)
-    assert book.apply(diff(12, 12), seq=501) is False       # a repeated position
+    assert book.apply(diff(12, 12), seq=501) is False  # a repeated position
     with pytest.raises(BookGap, match="expected position 502, got 503"):
-        book.apply(diff(12, 12), seq=503)                   # update ids fine, a position missing
+        book.apply(diff(12, 12), seq=503)  # update ids fine, a position missing
     assert not book.synced
 
 

@@ -9,8 +9,16 @@ import struct
 import pytest
 import ujson
 
-from marketstream.client import (GAP, MESSAGE, SNAPSHOT, BookGap, Client, ConnectionLost,
-                                 OrderBook, StreamsRefused)
+from marketstream.client import (
+    GAP,
+    MESSAGE,
+    SNAPSHOT,
+    BookGap,
+    Client,
+    ConnectionLost,
+    OrderBook,
+    StreamsRefused,
+)
 from marketstream.demo.simulator import MarketSimulator
 from marketstream.publisher import AsyncPublisher, Publisher
 from marketstream.testing import async_wait_until
@@ -19,16 +27,24 @@ from tests.helpers import listeners, subscribed, ws_url
 
 # --- helpers -------------------------------------------------------------------
 
+
 def feed_book(sim):
     """The simulator's own book in the published form, best first."""
-    return {"bids": [[sim.price(p), sim.qty(q)] for p, q in sorted(sim._bids.items(), reverse=True)],
-            "asks": [[sim.price(p), sim.qty(q)] for p, q in sorted(sim._asks.items())]}
+    return {
+        "bids": [[sim.price(p), sim.qty(q)] for p, q in sorted(sim._bids.items(), reverse=True)],
+        "asks": [[sim.price(p), sim.qty(q)] for p, q in sorted(sim._asks.items())],
+    }
 
 
 def depth_snapshot(sim):
     book = feed_book(sim)
-    return {"e": "depthSnapshot", "s": sim.market, "u": sim._update_id,
-            "b": book["bids"], "a": book["asks"]}
+    return {
+        "e": "depthSnapshot",
+        "s": sim.market,
+        "u": sim._update_id,
+        "b": book["bids"],
+        "a": book["asks"],
+    }
 
 
 def kick(server, rst):
@@ -39,7 +55,9 @@ def kick(server, rst):
         if ws is None or ws.stream is None:
             continue
         if rst:
-            ws.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ws.stream.socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
             ws.stream.close()
         else:
             conn.close(1001, "kicked")
@@ -102,6 +120,7 @@ def plain(stream, **data):
 
 # --- plain streams -------------------------------------------------------------
 
+
 @pytest.mark.gen_test
 async def test_client_receives_plain_messages_in_order(server, redis_client):
     client, collector = await connected_client(server, redis_client, ["trade.SOL_USDC"])
@@ -122,12 +141,20 @@ async def test_client_drops_repeated_positions_and_reports_jumps(server, redis_c
     # Frames that carry "seq" (published here as envelopes, passed through).
     client, collector = await connected_client(server, redis_client, ["trade.SOL_USDC"])
     for seq in (1, 2, 2, 3, 6, 5, 7):
-        redis_client.publish("trade.SOL_USDC", ujson.dumps(
-            {"stream": "trade.SOL_USDC", "data": {"e": "trade", "t": seq}, "seq": seq}))
+        redis_client.publish(
+            "trade.SOL_USDC",
+            ujson.dumps({"stream": "trade.SOL_USDC", "data": {"e": "trade", "t": seq}, "seq": seq}),
+        )
     await async_wait_until(lambda: client.last_seq.get("trade.SOL_USDC") == 7, message="seq 7")
     kinds = [(m.kind, m.seq) for m in collector.messages]
-    assert kinds == [(MESSAGE, 1), (MESSAGE, 2), (MESSAGE, 3), (GAP, None), (MESSAGE, 6),
-                     (MESSAGE, 7)]
+    assert kinds == [
+        (MESSAGE, 1),
+        (MESSAGE, 2),
+        (MESSAGE, 3),
+        (GAP, None),
+        (MESSAGE, 6),
+        (MESSAGE, 7),
+    ]
     gap = collector.messages[3].data
     assert (gap["e"], gap["from"], gap["to"]) == ("gap", 4, 5)
     assert (gap["reason"], gap["msg"]) == ("positions_missing", "positions 4 to 5 missing")
@@ -150,8 +177,14 @@ async def test_resync_of_a_plain_stream_does_nothing(server, redis_client):
 @pytest.mark.gen_test
 async def test_server_gap_notice_is_a_gap_message(server, redis_client):
     client, collector = await connected_client(server, redis_client, ["ticker.ETH_USDT"])
-    notice = plain("ticker.ETH_USDT", e="gap", s="ETH_USDT", E=1, reason="link_outage",
-                   msg="the server's Redis connection was lost and restored")
+    notice = plain(
+        "ticker.ETH_USDT",
+        e="gap",
+        s="ETH_USDT",
+        E=1,
+        reason="link_outage",
+        msg="the server's Redis connection was lost and restored",
+    )
     redis_client.publish("ticker.ETH_USDT", notice)
     await async_wait_until(lambda: collector.messages, message="gap notice")
     assert collector.messages[0].kind == GAP and collector.messages[0].raw == notice
@@ -172,6 +205,7 @@ async def test_client_without_reconnect_raises(server, redis_client):
 @pytest.mark.gen_test
 async def test_client_retries_until_the_server_is_up(server_factory, redis_client):
     from marketstream.testing import free_port
+
     port = free_port()
     client = Client("ws://127.0.0.1:%d/ws" % port, ["trade.SOL_USDC"], backoff=(0.01, 0.05))
     collector = Collector(client)
@@ -209,9 +243,13 @@ async def test_plain_streams_survive_100_forced_disconnects(server, redis_client
         # Each round: connected, something new on every stream, then a kick at a random moment.
         seen = len(collector.messages)
         await async_wait_until(
-            lambda seen=seen: client.connected and {
-                m.stream for m in collector.messages[seen:] if m.kind == MESSAGE} == set(streams),
-            message="messages after reconnection %d" % kick_no)
+            lambda seen=seen: (
+                client.connected
+                and {m.stream for m in collector.messages[seen:] if m.kind == MESSAGE}
+                == set(streams)
+            ),
+            message="messages after reconnection %d" % kick_no,
+        )
         await asyncio.sleep(rng.random() * 0.005)
         kick(server, rst=kick_no % 2 == 0)
     await async_wait_until(lambda: client.connects == 101, message="last reconnection")
@@ -220,11 +258,12 @@ async def test_plain_streams_survive_100_forced_disconnects(server, redis_client
     stop.set()
     await publisher
     final = counter
-    for stream in streams:   # a marker that must arrive after the last reconnection
+    for stream in streams:  # a marker that must arrive after the last reconnection
         redis_client.publish(stream, plain(stream, e="trade", t=final + 1))
     await async_wait_until(
         lambda: all(any(m.data["t"] == final + 1 for m in collector.of(s)) for s in streams),
-        message="the last messages")
+        message="the last messages",
+    )
     await collector.stop()
     assert client.reconnects == 100 and client.resumes == 0
     for stream in streams:
@@ -237,23 +276,27 @@ async def test_plain_streams_survive_100_forced_disconnects(server, redis_client
 
 # --- refusals, closing, why a connection ended ------------------------------------
 
+
 @pytest.mark.gen_test
 async def test_refused_streams_raise_with_the_servers_reason_and_the_others_go_on(
-        server, redis_client):
+    server, redis_client
+):
     """acks off on the server: the client asks for them on its connection."""
     client = Client(ws_url(server), ["trade.OK_USDT", "trades.OK_USDT", "trade.ok_usdt"])
     with pytest.raises(StreamsRefused) as refused:
         await asyncio.wait_for(client.__anext__(), 10)
-    expected = {"trades.OK_USDT": "unknown stream type 'trades' (allowed: depth, trade, "
-                                  "ticker, bookTicker, kline)",
-                "trade.ok_usdt": "invalid market 'ok_usdt' (must match ^[A-Z0-9]+_[A-Z0-9]+$)"}
+    expected = {
+        "trades.OK_USDT": "unknown stream type 'trades' (allowed: depth, trade, "
+        "ticker, bookTicker, kline)",
+        "trade.ok_usdt": "invalid market 'ok_usdt' (must match ^[A-Z0-9]+_[A-Z0-9]+$)",
+    }
     assert refused.value.refused == expected == client.refused
     assert "trades.OK_USDT: unknown stream type 'trades'" in str(refused.value)
     assert client.streams == ["trade.OK_USDT"]
     await listeners(server, "trade.OK_USDT", 1)
     await subscribed(redis_client, "trade.OK_USDT")
     redis_client.publish("trade.OK_USDT", plain("trade.OK_USDT", e="trade", t=1))
-    message = await asyncio.wait_for(client.__anext__(), 10)   # iterating again goes on
+    message = await asyncio.wait_for(client.__anext__(), 10)  # iterating again goes on
     assert message.data == {"e": "trade", "t": 1}
     await client.close()
 
@@ -270,7 +313,7 @@ async def test_async_with_after_a_break_closes_with_a_close_frame(server, redis_
 
     publisher = asyncio.ensure_future(publish())
     async with Client(ws_url(server), ["trade.BYE_USDT"]) as client:
-        first = await client.__anext__()   # as a loop that breaks after one
+        first = await client.__anext__()  # as a loop that breaks after one
     await publisher
     assert first.data["t"] == 0 and client.state == "closed"
     await async_wait_until(lambda: not server.manager.connections, message="connection gone")
@@ -281,23 +324,30 @@ async def test_async_with_after_a_break_closes_with_a_close_frame(server, redis_
 @pytest.mark.gen_test
 async def test_disconnect_reason_says_why(server, redis_client):
     states = []
-    client = Client(ws_url(server), ["trade.WHY_USDT"], backoff=(0.005, 0.05),
-                    on_state=lambda state: states.append((state, client.disconnect_reason)))
+    client = Client(
+        ws_url(server),
+        ["trade.WHY_USDT"],
+        backoff=(0.005, 0.05),
+        on_state=lambda state: states.append((state, client.disconnect_reason)),
+    )
     collector = Collector(client)
     await listeners(server, "trade.WHY_USDT", 1)
-    kick(server, rst=False)                         # close 1001 "kicked"
+    kick(server, rst=False)  # close 1001 "kicked"
     await async_wait_until(lambda: client.connects == 2, message="reconnected")
     await listeners(server, "trade.WHY_USDT", 1)
-    kick(server, rst=True)                          # no close frame
+    kick(server, rst=True)  # no close frame
     await async_wait_until(lambda: client.connects == 3, message="reconnected again")
     await collector.stop()
     reasons = [reason for state, reason in states if state == "disconnected"]
     assert reasons[0] == "closed by the server: 1001 kicked"
-    assert reasons[1] in ("connection lost (no close frame)",
-                          "connection failed: Stream is closed"), reasons
+    assert reasons[1] in (
+        "connection lost (no close frame)",
+        "connection failed: Stream is closed",
+    ), reasons
 
 
 # --- the feed's order book -------------------------------------------------------
+
 
 @pytest.mark.gen_test
 async def test_book_from_plain_feed_equals_feed_book(server, redis_client):
@@ -305,10 +355,12 @@ async def test_book_from_plain_feed_equals_feed_book(server, redis_client):
     sim = MarketSimulator("SOL_USDC", seed=3)
     client, collector = await connected_client(server, redis_client, ["depth.SOL_USDC"])
     for i in range(300):
-        redis_client.publish("depth.SOL_USDC", ujson.dumps(
-            {"stream": "depth.SOL_USDC", "data": sim.depth(1_000_000 * i)}))
+        redis_client.publish(
+            "depth.SOL_USDC",
+            ujson.dumps({"stream": "depth.SOL_USDC", "data": sim.depth(1_000_000 * i)}),
+        )
         if i % 3 == 0:
-            sim.trade(1_000_000 * i)   # moves the price
+            sim.trade(1_000_000 * i)  # moves the price
     await async_wait_until(lambda: len(collector.messages) == 300, message="300 diffs")
     book = OrderBook.empty()
     for msg in collector.messages:
@@ -320,6 +372,7 @@ async def test_book_from_plain_feed_equals_feed_book(server, redis_client):
 
 # --- recoverable streams (server-side recovery) -----------------------------------
 
+
 @pytest.mark.gen_test
 async def test_recoverable_frames_carry_seq(server, redis_client):
     client, collector = await connected_client(server, redis_client, ["trade.SOL_USDC"])
@@ -328,7 +381,8 @@ async def test_recoverable_frames_carry_seq(server, redis_client):
     await async_wait_until(lambda: len(collector.messages) == 5, message="5 messages")
     assert [m.seq for m in collector.messages] == seqs
     assert collector.messages[0].raw == (
-        '{"stream":"trade.SOL_USDC","data":{"e":"trade","t":0},"seq":%d}' % seqs[0])
+        '{"stream":"trade.SOL_USDC","data":{"e":"trade","t":0},"seq":%d}' % seqs[0]
+    )
     await collector.stop()
 
 
@@ -339,14 +393,19 @@ async def test_snapshot_then_diffs_build_the_feed_book(server, redis_client):
         for i in range(50):
             last = pub.publish("depth.BTC_USDT", sim.depth(i), snapshot=None)
         pub.publish("depth.BTC_USDT", sim.depth(50), snapshot=depth_snapshot(sim))
-        client, collector = await connected_client(server, redis_client, ["depth.BTC_USDT"],
-                                                   snapshot=True)
+        client, collector = await connected_client(
+            server, redis_client, ["depth.BTC_USDT"], snapshot=True
+        )
         await async_wait_until(lambda: collector.messages, message="the snapshot")
         first = collector.messages[0]
-        assert first.kind == SNAPSHOT and first.seq == last + 1 and first.data["e"] == "depthSnapshot"
+        assert (
+            first.kind == SNAPSHOT and first.seq == last + 1 and first.data["e"] == "depthSnapshot"
+        )
         for i in range(51, 100):
             last = pub.publish("depth.BTC_USDT", sim.depth(i))
-    await async_wait_until(lambda: client.last_seq.get("depth.BTC_USDT") == last, message="last diff")
+    await async_wait_until(
+        lambda: client.last_seq.get("depth.BTC_USDT") == last, message="last diff"
+    )
     book = OrderBook()
     for msg in collector.messages:
         book.apply_message(msg)
@@ -366,8 +425,9 @@ async def test_resume_under_100_forced_disconnects(server, redis_client, redis_u
     published = {stream: [] for stream in trades + [depth]}
     # The depth stream has a snapshot before the client arrives.
     published[depth].append(await pub.publish(depth, sim.depth(0), snapshot=depth_snapshot(sim)))
-    client, collector = await connected_client(server, redis_client, trades + [depth],
-                                               snapshot=[depth])
+    client, collector = await connected_client(
+        server, redis_client, trades + [depth], snapshot=[depth]
+    )
     rng = random.Random(5)
     stop = asyncio.Event()
 
@@ -388,7 +448,8 @@ async def test_resume_under_100_forced_disconnects(server, redis_client, redis_u
             seen = len(collector.messages)
             await async_wait_until(
                 lambda seen=seen: client.connected and len(collector.messages) > seen,
-                message="messages after reconnection %d" % kick_no)
+                message="messages after reconnection %d" % kick_no,
+            )
             await asyncio.sleep(rng.random() * 0.005)
             kick(server, rst=kick_no % 2 == 0)
         await async_wait_until(lambda: client.connects == 101, message="last reconnection")
@@ -397,7 +458,9 @@ async def test_resume_under_100_forced_disconnects(server, redis_client, redis_u
         await publisher
     await async_wait_until(
         lambda: all(client.last_seq.get(s) == published[s][-1] for s in published),
-        timeout=20, message="every last position")
+        timeout=20,
+        message="every last position",
+    )
     await collector.stop()
     await pub.aclose()
 
@@ -440,8 +503,11 @@ async def test_resync_after_book_gap_gets_a_fresh_snapshot(server, redis_client)
     with Publisher(redis_client, history=1000) as pub:
         for i in range(100):
             snap = depth_snapshot_after(sim, i) if i % 10 == 0 else None
-            last = pub.publish("depth.ETH_USDT", sim.depth(i) if snap is None else snap[0],
-                               snapshot=None if snap is None else snap[1])
+            last = pub.publish(
+                "depth.ETH_USDT",
+                sim.depth(i) if snap is None else snap[0],
+                snapshot=None if snap is None else snap[1],
+            )
             await asyncio.sleep(0.001)
     await async_wait_until(lambda: book.seq == last, message="book at the last position")
     await client.close()

@@ -29,20 +29,24 @@ from tests.helpers import ROOT
 from tests.demo.test_simulator import Book
 
 
-
-@pytest.mark.parametrize("url, shown", [
-    ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
-    ("redis://user:secret@host:6379/0", "redis://user:***@host:6379/0"),
-    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
-    ("redis://user@host/0", "redis://user@host/0"),
-    ("rediss://u:p@ss:w@[::1]:6380/2", "rediss://u:***@[::1]:6380/2"),
-    ("redis://host/0?password=secret&db=1", "redis://host/0?password=***&db=1"),
-    ("redis+sentinel://:pw@s1:26379,s2:26379/mymaster/0",
-     "redis+sentinel://:***@s1:26379,s2:26379/mymaster/0"),
-    ("redis+cluster://u:pw@n1:7000,n2:7001", "redis+cluster://u:***@n1:7000,n2:7001"),
-    ("unix://:pw@/run/redis.sock?db=0", "unix://:***@/run/redis.sock?db=0"),
-    ("redis://u:pw@[::1", "redis://u:***@[::1"),
-])
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
+        ("redis://user:secret@host:6379/0", "redis://user:***@host:6379/0"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://user@host/0", "redis://user@host/0"),
+        ("rediss://u:p@ss:w@[::1]:6380/2", "rediss://u:***@[::1]:6380/2"),
+        ("redis://host/0?password=secret&db=1", "redis://host/0?password=***&db=1"),
+        (
+            "redis+sentinel://:pw@s1:26379,s2:26379/mymaster/0",
+            "redis+sentinel://:***@s1:26379,s2:26379/mymaster/0",
+        ),
+        ("redis+cluster://u:pw@n1:7000,n2:7001", "redis+cluster://u:***@n1:7000,n2:7001"),
+        ("unix://:pw@/run/redis.sock?db=0", "unix://:***@/run/redis.sock?db=0"),
+        ("redis://u:pw@[::1", "redis://u:***@[::1"),
+    ],
+)
 def test_redact(url, shown):
     """One redaction for the whole package: the user stays, the password goes."""
     assert redact_url(url) == redact(url) == shown
@@ -50,6 +54,7 @@ def test_redact(url, shown):
 
 
 # -- depth snapshots + diffs == the simulator's book --------------------------------------
+
 
 def rebuild(snapshot_frame, frames):
     """A client's book: the snapshot, then the diffs after it (U/u checked)."""
@@ -67,12 +72,15 @@ def rebuild(snapshot_frame, frames):
 
 
 def as_book(snapshot):
-    return ({Decimal(p): Decimal(q) for p, q in snapshot["b"]},
-            {Decimal(p): Decimal(q) for p, q in snapshot["a"]})
+    return (
+        {Decimal(p): Decimal(q) for p, q in snapshot["b"]},
+        {Decimal(p): Decimal(q) for p, q in snapshot["a"]},
+    )
 
 
-def test_snapshot_plus_diffs_equals_the_simulators_book_at_the_same_position(redis_client,
-                                                                             redis_url):
+def test_snapshot_plus_diffs_equals_the_simulators_book_at_the_same_position(
+    redis_client, redis_url
+):
     """The feed's schedule published through the recovery script; at many
     moments a client starting from the stored snapshot and the history holds
     exactly the simulator's book at the latest position."""
@@ -80,7 +88,7 @@ def test_snapshot_plus_diffs_equals_the_simulators_book_at_the_same_position(red
     stream = "depth." + market
     feed = Feed((market,), rate=400, seed=21, start=0.0)
     sim = feed.simulators[market]
-    books = {}   # u -> the simulator's book right after the diff ending at u
+    books = {}  # u -> the simulator's book right after the diff ending at u
     depth = sim.depth
 
     def recording_depth(now_us):
@@ -104,8 +112,9 @@ def test_snapshot_plus_diffs_equals_the_simulators_book_at_the_same_position(red
     while now < 4.0:
         now += 0.05
         events = feed.events(now)
-        publisher.publish_many([
-            (e.channel, e.data, e.snapshot) for e in events if e.kind == "depth"])
+        publisher.publish_many(
+            [(e.channel, e.data, e.snapshot) for e in events if e.kind == "depth"]
+        )
         if not any(e.kind == "depth" for e in events):
             continue
         (snap_seq, snap_frame), frames, covered = asyncio.run(client_view())
@@ -125,20 +134,28 @@ def test_run_feed_stores_snapshots_and_history(redis_client, redis_url):
     snapshots; the keys get the feed's TTL."""
     for kind in ("trade", "depth", "ticker"):
         redis_client.delete(*("{%s.BTC_USDT}:%s" % (kind, key) for key in ("seq", "log", "snap")))
-    counts = asyncio.run(run_feed(redis_url, markets=("BTC_USDT",), rate=300, duration=1.5,
-                                  seed=5, history=100000, ttl=120))
+    counts = asyncio.run(
+        run_feed(
+            redis_url,
+            markets=("BTC_USDT",),
+            rate=300,
+            duration=1.5,
+            seed=5,
+            history=100000,
+            ttl=120,
+        )
+    )
     assert counts["depth"] > 50
 
     async def read(stream):
         client = redis.asyncio.Redis.from_url(redis_url)
         try:
-            return await read_snapshot(client, stream), await read_after(client, stream, 0,
-                                                                         100000)
+            return await read_snapshot(client, stream), await read_after(client, stream, 0, 100000)
         finally:
             await client.aclose()
 
     (snap_seq, snap_frame), (frames, covered) = asyncio.run(read("depth.BTC_USDT"))
-    assert not covered   # position 0 is long before this stream's first position
+    assert not covered  # position 0 is long before this stream's first position
     assert len(frames) == counts["depth"]
     assert [s for s, _ in frames] == list(range(frames[0][0], frames[0][0] + len(frames)))
     up_to = [(s, f) for s, f in frames if s <= snap_seq]
@@ -160,6 +177,7 @@ def test_run_feed_stores_snapshots_and_history(redis_client, redis_url):
 
 
 # -- run_feed against Redis ----------------------------------------------------------
+
 
 def subscribe(client, *channels):
     pubsub = client.pubsub()
@@ -191,7 +209,7 @@ def collect(pubsub, count, timeout=5.0):
 
     def enough():
         message = pubsub.get_message(timeout=0.05)
-        while message is not None:   # drain what has arrived
+        while message is not None:  # drain what has arrived
             if message["type"] == "message":
                 received.append((message["channel"].decode(), parse(message["data"])))
             message = pubsub.get_message(timeout=0)
@@ -207,8 +225,9 @@ def test_run_feed_publishes_envelopes(redis_client, redis_url):
     pubsub = subscribe(redis_client, *channels)
     try:
         started = time.monotonic()
-        counts = asyncio.run(run_feed(redis_url, markets=("BTC_USDT",), rate=200,
-                                      duration=1.5, seed=7))
+        counts = asyncio.run(
+            run_feed(redis_url, markets=("BTC_USDT",), rate=200, duration=1.5, seed=7)
+        )
         assert 1.4 < time.monotonic() - started < 4
         assert counts["trade"] > 50 and counts["depth"] > 50 and counts["ticker"] == 1
         received = collect(pubsub, sum(counts.values()))
@@ -243,8 +262,9 @@ def test_run_feed_publishes_envelopes(redis_client, redis_url):
 def test_run_feed_data_format(redis_client, redis_url):
     pubsub = subscribe(redis_client, "trade.SOL_USDC", "depth.SOL_USDC", "trade.ETH_USDT")
     try:
-        counts = asyncio.run(run_feed(redis_url, markets="SOL_USDC", rate=100,
-                                      fmt="data", duration=0.5))
+        counts = asyncio.run(
+            run_feed(redis_url, markets="SOL_USDC", rate=100, fmt="data", duration=0.5)
+        )
         assert counts["trade"] and counts["depth"]
         received = collect(pubsub, counts["trade"] + counts["depth"])
     finally:
@@ -260,8 +280,9 @@ def test_run_feed_stops_on_event_and_closes_its_connection(redis_client, redis_u
     async def scenario():
         stop = asyncio.Event()
         task = asyncio.ensure_future(run_feed(redis_url, rate=50, stop=stop))
-        await async_wait_until(lambda: len(redis_client.client_list()) > baseline,
-                               message="the feed connected")
+        await async_wait_until(
+            lambda: len(redis_client.client_list()) > baseline, message="the feed connected"
+        )
         started = time.monotonic()
         stop.set()
         counts = await asyncio.wait_for(task, 5)
@@ -271,8 +292,9 @@ def test_run_feed_stops_on_event_and_closes_its_connection(redis_client, redis_u
     counts = asyncio.run(scenario())
     assert set(counts) == {"trade", "depth", "ticker"}
     assert counts["trade"] + counts["depth"] > 0
-    wait_until(lambda: len(redis_client.client_list()) == baseline,
-               message="the feed's connection closed")
+    wait_until(
+        lambda: len(redis_client.client_list()) == baseline, message="the feed's connection closed"
+    )
 
 
 def test_run_feed_task_can_be_cancelled(redis_client, redis_url):
@@ -280,13 +302,16 @@ def test_run_feed_task_can_be_cancelled(redis_client, redis_url):
 
     async def scenario():
         task = asyncio.ensure_future(run_feed(redis_url, markets=("SOL_USDC",), rate=50))
-        await async_wait_until(lambda: len(redis_client.client_list()) > baseline,
-                               message="the feed connected")
+        await async_wait_until(
+            lambda: len(redis_client.client_list()) > baseline, message="the feed connected"
+        )
         task.cancel()
         done, _ = await asyncio.wait((task,), timeout=5)
         assert done and task.cancelled(), "the feed went on after cancel()"
-        await async_wait_until(lambda: len(redis_client.client_list()) == baseline,
-                               message="the feed's connection closed")
+        await async_wait_until(
+            lambda: len(redis_client.client_list()) == baseline,
+            message="the feed's connection closed",
+        )
 
     asyncio.run(scenario())
 
@@ -307,8 +332,9 @@ def test_run_feed_stops_even_if_a_publish_swallows_the_cancel(redis_url):
     async def scenario():
         stop = asyncio.Event()  # ends the feed if the test fails
         with mock.patch("marketstream.demo.feed._publish", swallowing_publish):
-            task = asyncio.ensure_future(run_feed(redis_url, markets=("SOL_USDC",), rate=50,
-                                                  stop=stop))
+            task = asyncio.ensure_future(
+                run_feed(redis_url, markets=("SOL_USDC",), rate=50, stop=stop)
+            )
             try:
                 await async_wait_until(lambda: entered, message="a publish started")
                 task.cancel()
@@ -350,8 +376,9 @@ def test_run_feed_survives_a_redis_outage(redis_server, redis_url):
 
     async def scenario():
         stop = asyncio.Event()
-        task = asyncio.ensure_future(run_feed(redis_url, markets=("BTC_USDT",), rate=100,
-                                              stop=stop, log=logger))
+        task = asyncio.ensure_future(
+            run_feed(redis_url, markets=("BTC_USDT",), rate=100, stop=stop, log=logger)
+        )
         client = redis.asyncio.Redis.from_url(redis_url)
         pubsub = client.pubsub()
         await pubsub.subscribe("trade.BTC_USDT")
@@ -362,11 +389,16 @@ def test_run_feed_survives_a_redis_outage(redis_server, redis_url):
         redis_server.kill()
         # redis-py retries a command itself (with backoff) before it gives
         # up: allow for that on a busy machine.
-        await async_wait_until(lambda: any("unavailable" in m for m in records.messages()),
-                               20, message="a warning about Redis")
+        await async_wait_until(
+            lambda: any("unavailable" in m for m in records.messages()),
+            20,
+            message="a warning about Redis",
+        )
         await async_wait_until(
             lambda: any("still unavailable" in m for m in records.messages(logging.DEBUG)),
-            20, message="a retry")
+            20,
+            message="a retry",
+        )
         assert not task.done()
 
         # Not in a worker thread: redis-server is told to die with the thread
@@ -395,6 +427,7 @@ def test_run_feed_survives_a_redis_outage(redis_server, redis_url):
 
 # -- the command line -------------------------------------------------------------------
 
+
 def feed_command(*args):
     return [sys.executable, "-m", "marketstream.demo.feed", *args]
 
@@ -410,9 +443,15 @@ def test_cli_publishes_for_a_duration(redis_client, redis_url):
     try:
         started = time.monotonic()
         result = subprocess.run(
-            feed_command("--redis-url", redis_url, "--duration", "1", "--rate", "20",
-                         "--markets", "SOL_USDC"),
-            cwd=ROOT, env=feed_env(), capture_output=True, text=True, timeout=30)
+            feed_command(
+                "--redis-url", redis_url, "--duration", "1", "--rate", "20", "--markets", "SOL_USDC"
+            ),
+            cwd=ROOT,
+            env=feed_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert result.returncode == 0, result.stderr
         assert time.monotonic() - started < 15
         summary = re.search(r"published (\d+) trades, (\d+) depth diffs", result.stderr)
@@ -423,15 +462,22 @@ def test_cli_publishes_for_a_duration(redis_client, redis_url):
     finally:
         pubsub.close()
     assert "publishing SOL_USDC" in result.stderr and redis_url in result.stderr
-    assert all(channel.endswith(".SOL_USDC") and message["stream"] == channel
-               for channel, message in received)
+    assert all(
+        channel.endswith(".SOL_USDC") and message["stream"] == channel
+        for channel, message in received
+    )
 
 
 def test_cli_unreachable_redis_exits_1():
     url = "redis://127.0.0.1:%d/0" % free_port()
-    result = subprocess.run(feed_command("--redis-url", url, "--duration", "1"),
-                            cwd=ROOT, env=feed_env(), capture_output=True, text=True,
-                            timeout=30)
+    result = subprocess.run(
+        feed_command("--redis-url", url, "--duration", "1"),
+        cwd=ROOT,
+        env=feed_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 1
     assert "cannot reach Redis at %s" % url in result.stderr
     assert "Traceback" not in result.stderr
@@ -442,11 +488,18 @@ def test_cli_exits_0_on_signal(redis_client, redis_url, sig):
     pubsub = subscribe(redis_client, "trade.ETH_USDT", "depth.ETH_USDT")
     process = subprocess.Popen(
         feed_command("--redis-url", redis_url, "--rate", "50", "--markets", "ETH_USDT"),
-        cwd=ROOT, env=feed_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True)
+        cwd=ROOT,
+        env=feed_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        wait_until(lambda: pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05),
-                   timeout=15, message="a message from the feed")
+        wait_until(
+            lambda: pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05),
+            timeout=15,
+            message="a message from the feed",
+        )
         process.send_signal(sig)
         _, stderr = process.communicate(timeout=10)
     finally:
@@ -458,8 +511,16 @@ def test_cli_exits_0_on_signal(redis_client, redis_url, sig):
     assert "feed stopped after" in stderr and "Traceback" not in stderr
 
 
-@pytest.mark.parametrize("args", [["--rate", "-1"], ["--format", "xml"], ["--markets", " , "],
-                                  ["--duration", "0"], ["--seed", "x"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--rate", "-1"],
+        ["--format", "xml"],
+        ["--markets", " , "],
+        ["--duration", "0"],
+        ["--seed", "x"],
+    ],
+)
 def test_cli_rejects_bad_arguments(args, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -471,8 +532,12 @@ def test_cli_defaults(monkeypatch):
     monkeypatch.setenv("REDIS_URL", "redis://10.0.0.5:6380/1")
     args = build_parser().parse_args([])
     assert args.redis_url == "redis://10.0.0.5:6380/1"
-    assert (args.markets, args.rate, args.fmt, args.duration) == (DEFAULT_MARKETS, 10.0,
-                                                                 "envelope", None)
+    assert (args.markets, args.rate, args.fmt, args.duration) == (
+        DEFAULT_MARKETS,
+        10.0,
+        "envelope",
+        None,
+    )
     monkeypatch.delenv("REDIS_URL")
     assert build_parser().parse_args([]).redis_url == "redis://127.0.0.1:6379/0"
     args = build_parser().parse_args(["--markets", "BTC_USDT, SOL_USDC,BTC_USDT", "-v"])
@@ -483,12 +548,30 @@ def test_cli_plain_publishes_envelopes_without_positions(redis_client, redis_url
     pubsub = subscribe(redis_client, "trade.ETH_USDT")
     try:
         result = subprocess.run(
-            feed_command("--redis-url", redis_url, "--duration", "1", "--rate", "40",
-                         "--markets", "ETH_USDT", "--plain", "--seed", "1"),
-            cwd=ROOT, env=feed_env(), capture_output=True, text=True, timeout=30)
+            feed_command(
+                "--redis-url",
+                redis_url,
+                "--duration",
+                "1",
+                "--rate",
+                "40",
+                "--markets",
+                "ETH_USDT",
+                "--plain",
+                "--seed",
+                "1",
+            ),
+            cwd=ROOT,
+            env=feed_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert result.returncode == 0, result.stderr
-        message = wait_until(lambda: pubsub.get_message(ignore_subscribe_messages=True,
-                                                        timeout=0.05), message="a trade")
+        message = wait_until(
+            lambda: pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05),
+            message="a trade",
+        )
     finally:
         pubsub.close()
     assert message["data"].startswith(b'{"stream":"trade.ETH_USDT","data":{')
@@ -498,9 +581,26 @@ def test_cli_plain_publishes_envelopes_without_positions(redis_client, redis_url
 def test_cli_history_and_ttl(redis_client, redis_url):
     redis_client.delete("{trade.DOT_USDT}:log")
     result = subprocess.run(
-        feed_command("--redis-url", redis_url, "--duration", "1", "--rate", "200",
-                     "--markets", "DOT_USDT", "--history", "7", "--ttl", "90"),
-        cwd=ROOT, env=feed_env(), capture_output=True, text=True, timeout=30)
+        feed_command(
+            "--redis-url",
+            redis_url,
+            "--duration",
+            "1",
+            "--rate",
+            "200",
+            "--markets",
+            "DOT_USDT",
+            "--history",
+            "7",
+            "--ttl",
+            "90",
+        ),
+        cwd=ROOT,
+        env=feed_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     assert redis_client.xlen("{trade.DOT_USDT}:log") == 7
     assert 0 < redis_client.ttl("{trade.DOT_USDT}:log") <= 90

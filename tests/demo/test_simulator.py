@@ -8,17 +8,46 @@ from decimal import Decimal
 import pytest
 import ujson
 
-from marketstream.demo.simulator import (DEFAULT_MARKETS, MAX_LAG, SNAPSHOT_INTERVAL, Feed,
-                                    FeedEvent, MarketSimulator, encode, envelope, market_spec)
+from marketstream.demo.simulator import (
+    DEFAULT_MARKETS,
+    MAX_LAG,
+    SNAPSHOT_INTERVAL,
+    Feed,
+    FeedEvent,
+    MarketSimulator,
+    encode,
+    envelope,
+    market_spec,
+)
 
 DECIMALS = {"BTC_USDT": (2, 5), "ETH_USDT": (2, 4), "SOL_USDT": (3, 3), "SOL_USDC": (3, 3)}
 START = {"BTC_USDT": 65000, "ETH_USDT": 3400, "SOL_USDT": 150, "SOL_USDC": 150}
 
-TRADE_KEYS = {"e": str, "E": int, "s": str, "t": int, "p": str, "q": str, "b": int, "a": int,
-              "m": bool, "T": int}
+TRADE_KEYS = {
+    "e": str,
+    "E": int,
+    "s": str,
+    "t": int,
+    "p": str,
+    "q": str,
+    "b": int,
+    "a": int,
+    "m": bool,
+    "T": int,
+}
 DEPTH_KEYS = {"e": str, "E": int, "s": str, "T": int, "U": int, "u": int, "b": list, "a": list}
-TICKER_KEYS = {"e": str, "E": int, "s": str, "o": str, "c": str, "h": str, "l": str, "v": str,
-               "V": str, "n": int}
+TICKER_KEYS = {
+    "e": str,
+    "E": int,
+    "s": str,
+    "o": str,
+    "c": str,
+    "h": str,
+    "l": str,
+    "v": str,
+    "V": str,
+    "n": int,
+}
 
 NOW_US = 1_718_000_000_000_000
 
@@ -70,10 +99,13 @@ class Book:
     def check(self):
         assert self.bids and self.asks, "a side of the book is empty"
         assert max(self.bids) < min(self.asks), "crossed book: %s >= %s" % (
-            max(self.bids), min(self.asks))
+            max(self.bids),
+            min(self.asks),
+        )
 
 
 # -- the simulator ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("market", DEFAULT_MARKETS)
 def test_trades(market):
@@ -171,9 +203,9 @@ def test_ticker_statistics(market):
 
     sim2, messages = simulate(market, 3000, seed=4, trade_share=0.7)
     trades = [m for m in messages if m["e"] == "trade"]
-    ticker = sim2.ticker(NOW_US + 10 ** 9)
+    ticker = sim2.ticker(NOW_US + 10**9)
     assert_shape(ticker, TICKER_KEYS)
-    assert (ticker["e"], ticker["s"], ticker["E"]) == ("ticker", market, NOW_US + 10 ** 9)
+    assert (ticker["e"], ticker["s"], ticker["E"]) == ("ticker", market, NOW_US + 10**9)
     price_format = decimal_pattern(DECIMALS[market][0])
     for key in "ochlV":
         assert price_format.match(ticker[key]), (key, ticker[key])
@@ -200,8 +232,9 @@ def test_seed_reproducibility():
     assert run("SOL_USDC", 42) == run("SOL_USDC", 42)
     assert run("SOL_USDC", 42) != run("SOL_USDC", 43)
     # One seed for several markets still gives each its own walk.
-    assert ([m["p"] for m in run("SOL_USDC", 42) if m["e"] == "trade"]
-            != [m["p"] for m in run("SOL_USDT", 42) if m["e"] == "trade"])
+    assert [m["p"] for m in run("SOL_USDC", 42) if m["e"] == "trade"] != [
+        m["p"] for m in run("SOL_USDT", 42) if m["e"] == "trade"
+    ]
     # Without a seed, runs differ.
     a, b = MarketSimulator("BTC_USDT"), MarketSimulator("BTC_USDT")
     assert [a.trade(0)["p"] for _ in range(20)] != [b.trade(0)["p"] for _ in range(20)]
@@ -216,7 +249,8 @@ def test_unknown_market_gets_a_deterministic_plausible_start():
     trade = sim.trade(NOW_US)
     assert decimal_pattern(spec.price_decimals).match(trade["p"])
     assert abs(Decimal(trade["p"]) - Decimal(str(spec.price))) / Decimal(str(spec.price)) < Decimal(
-        "0.01")
+        "0.01"
+    )
     book = Book()
     for _ in range(500):
         sim.trade(NOW_US)
@@ -235,6 +269,7 @@ def test_envelope_and_compact_encoding():
 
 # -- the scheduler -----------------------------------------------------------------
 
+
 def test_feed_schedule_rate_split_and_tickers():
     feed = Feed(("BTC_USDT", "SOL_USDC"), rate=100, seed=9, start=0.0)
     messages = []
@@ -252,7 +287,7 @@ def test_feed_schedule_rate_split_and_tickers():
         assert message["stream"] == channel and message["data"]["e"] == kind
         market = channel.split(".", 1)[1]
         assert message["data"]["E"] >= last_e.get(market, 0)
-        assert NOW_US <= message["data"]["E"] <= NOW_US + 10 ** 7
+        assert NOW_US <= message["data"]["E"] <= NOW_US + 10**7
         last_e[market] = message["data"]["E"]
     for market in ("BTC_USDT", "SOL_USDC"):
         trades, depth = counts["trade." + market], counts["depth." + market]
@@ -264,7 +299,7 @@ def test_feed_schedule_rate_split_and_tickers():
 def test_feed_skips_ahead_instead_of_bursting():
     feed = Feed(("BTC_USDT",), rate=100, seed=1, start=0.0)
     feed.due(1.0)
-    burst = feed.due(101.0)   # 100 s late, e.g. Redis was away
+    burst = feed.due(101.0)  # 100 s late, e.g. Redis was away
     assert len(burst) < 100 * (MAX_LAG + 0.5) + 5
 
 
@@ -282,6 +317,7 @@ def test_feed_data_format_and_validation():
 
 
 # -- full-book snapshots ------------------------------------------------------------------
+
 
 def test_snapshot_is_the_book_built_from_every_diff_so_far():
     sim = MarketSimulator("BTC_USDT", seed=8)
@@ -325,8 +361,9 @@ def test_feed_events_carry_snapshots():
             stamps.setdefault(event.channel, []).append(now)
     assert all(isinstance(e, FeedEvent) for e in events)
     for market in ("BTC_USDT", "SOL_USDC"):
-        depth = list(zip([e for e in events if e.channel == "depth." + market],
-                         stamps["depth." + market]))
+        depth = list(
+            zip([e for e in events if e.channel == "depth." + market], stamps["depth." + market])
+        )
         assert isinstance(depth[0][0].snapshot, dict), "the first diff carries the book"
         with_snapshot = [t for e, t in depth if e.snapshot is not None]
         gaps = [b - a for a, b in zip(with_snapshot, with_snapshot[1:])]
@@ -347,4 +384,5 @@ def test_due_is_events_encoded_for_plain_publish():
         now = step * 0.01
         events = b.events(now, offset_us=NOW_US)
         assert a.due(now, offset_us=NOW_US) == [
-            (e.kind, e.channel, encode(envelope(e.channel, e.data))) for e in events]
+            (e.kind, e.channel, encode(envelope(e.channel, e.data))) for e in events
+        ]

@@ -101,8 +101,9 @@ class Feed:
     from ``base`` up by one, a history capped at ``history`` entries and an
     optional snapshot, stored after every ``snapshot_every``-th position."""
 
-    def __init__(self, name: str = S, base: int = 1, history: int = 10_000,
-                 snapshot_every: int | None = None) -> None:
+    def __init__(
+        self, name: str = S, base: int = 1, history: int = 10_000, snapshot_every: int | None = None
+    ) -> None:
         self.name = name
         self.base = base
         self.cap = history
@@ -133,8 +134,11 @@ class Feed:
         return b'{"stream":"%s","data":{"i":%d}}' % (self.name.encode(), self.plain_count)
 
     def store_snapshot(self, seq: int) -> None:
-        self.snapshot = (seq, b'{"stream":"%s","data":{"e":"snap","at":%d},"seq":%d}'
-                         % (self.name.encode(), seq, seq))
+        self.snapshot = (
+            seq,
+            b'{"stream":"%s","data":{"e":"snap","at":%d},"seq":%d}'
+            % (self.name.encode(), seq, seq),
+        )
 
     def trim(self, keep: int) -> None:
         while len(self.log) > keep:
@@ -236,9 +240,9 @@ def test_subscribe_changes_wanted_only_for_a_new_channel():
     assert core.wanted() == {S, T}
     assert core.wanted_changed
     core.wanted_changed = False
-    assert core.subscribe(b, [S]) == [S]          # a second listener: no upstream change
+    assert core.subscribe(b, [S]) == [S]  # a second listener: no upstream change
     assert not core.wanted_changed
-    assert core.subscribe(a, [S]) == []           # a duplicate is ignored
+    assert core.subscribe(a, [S]) == []  # a duplicate is ignored
     assert core.subscriptions(a) == [S, T]
     assert core.subscriptions(Conn("stranger")) == []
 
@@ -251,7 +255,7 @@ def test_unsubscribe_and_remove_change_wanted_when_the_last_listener_goes():
     core.wanted_changed = False
     assert core.unsubscribe(a, [S, "unknown.X_Y"]) == [S]
     assert core.wanted() == {S, T} and not core.wanted_changed
-    assert core.unsubscribe(a, [S]) == []          # already gone
+    assert core.unsubscribe(a, [S]) == []  # already gone
     assert core.unsubscribe(Conn("stranger"), [S]) == []
     core.remove(b)
     assert core.wanted() == {T} and core.wanted_changed
@@ -259,7 +263,7 @@ def test_unsubscribe_and_remove_change_wanted_when_the_last_listener_goes():
     core.remove(a)
     assert core.wanted() == set() and core.wanted_changed
     assert core.connections == {} and core.streams == {}
-    core.remove(a)                                 # twice is harmless
+    core.remove(a)  # twice is harmless
 
 
 def test_remove_drops_the_frames_queued_for_the_connection():
@@ -329,8 +333,7 @@ def test_a_batch_is_one_write_per_connection_with_frames_in_arrival_order():
     core.subscribe(a, [S, T])
     core.subscribe(b, [T])
     s, t = Feed(S), Feed(T)
-    payloads = [(S, s.publish()[1]), (T, t.publish()[1]), (S, s.publish()[1]),
-                (T, t.publish()[1])]
+    payloads = [(S, s.publish()[1]), (T, t.publish()[1]), (S, s.publish()[1]), (T, t.publish()[1])]
     for name, payload in payloads:
         core.on_message(name.encode(), payload)
     batch = flush(core)
@@ -363,7 +366,7 @@ def test_a_positioned_payload_loses_its_prefix_and_its_position_is_tracked():
     assert core.take_batch()[a] == text_frame(frame)
     assert core.last_seq[S] == 42
     core.on_message(S.encode(), b'{"stream":"trade.SOL_USDC","data":{"i":1}}')
-    assert core.last_seq[S] == 42          # a plain message has no position
+    assert core.last_seq[S] == 42  # a plain message has no position
 
 
 def test_the_data_format_wraps_plain_payloads_only():
@@ -374,7 +377,9 @@ def test_the_data_format_wraps_plain_payloads_only():
     frame = b'{"stream":"trade.SOL_USDC","data":{"i":7},"seq":7}'
     core.on_message(S.encode(), b"@7 " + frame)
     assert split_frames(core.take_batch()[a]) == [
-        b'{"stream":"trade.SOL_USDC","data":{"e":"trade","p":"1.5"}}', frame]
+        b'{"stream":"trade.SOL_USDC","data":{"e":"trade","p":"1.5"}}',
+        frame,
+    ]
 
 
 def test_the_envelope_format_passes_plain_payloads_through():
@@ -387,14 +392,27 @@ def test_the_envelope_format_passes_plain_payloads_through():
 
 
 @pytest.mark.parametrize("payload_format", ["envelope", "data"])
-@pytest.mark.parametrize("payload", [
-    b"", b"not json", b"[1,2]", b'{"a":1', b"1", b'"text"', b"@", b"@12", b"@ {}",
-    b"@x1 {}", b"@-1 {}", b"@" + b"9" * 30 + b" {}", b"\xff\xfe",
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"not json",
+        b"[1,2]",
+        b'{"a":1',
+        b"1",
+        b'"text"',
+        b"@",
+        b"@12",
+        b"@ {}",
+        b"@x1 {}",
+        b"@-1 {}",
+        b"@" + b"9" * 30 + b" {}",
+        b"\xff\xfe",
+    ],
+)
 def test_a_malformed_payload_is_dropped_counted_and_reported(payload, payload_format):
     seen = []
-    core = Core(Counters(), payload_format,
-                on_malformed=lambda c, p, why: seen.append((c, p, why)))
+    core = Core(Counters(), payload_format, on_malformed=lambda c, p, why: seen.append((c, p, why)))
     a = Conn("a")
     core.subscribe(a, [S])
     assert core.on_message(S.encode(), payload) is False
@@ -410,7 +428,7 @@ def test_a_malformed_payload_during_a_read_is_not_buffered():
     a = Conn("a")
     subscribed(core, a, S, Want(since=0))
     read = one_read(core)
-    history = feed.read(read, core.max_replay)      # before anything was published
+    history = feed.read(read, core.max_replay)  # before anything was published
     core.on_message(S.encode(), b"garbage")
     live(core, feed, 1)
     finish(core, read, history)
@@ -432,11 +450,11 @@ def test_a_plain_stream_gets_one_gap_notice_per_listener_after_an_outage():
     flush(core)
     core.link_lost()
     assert core.confirmed == set()
-    s.publish_plain()                               # lost in the outage
+    s.publish_plain()  # lost in the outage
     core.link_restored({S, T})
     core.upstream_confirmed(S)
     core.upstream_confirmed(T)
-    core.upstream_confirmed(S)                      # a repeated confirmation: no second notice
+    core.upstream_confirmed(S)  # a repeated confirmation: no second notice
     core.on_message(S.encode(), s.publish_plain())
     flush(core)
     assert a.labels() == b.labels() == [("plain", 1), "gap", ("plain", 3)]
@@ -446,7 +464,7 @@ def test_a_plain_stream_gets_one_gap_notice_per_listener_after_an_outage():
     assert notice["stream"] == S and notice["data"]["s"] == "SOL_USDC"
     assert notice["data"]["reason"] == "link_outage"
     assert notice["data"]["msg"] == GAP_REASONS["link_outage"]
-    assert core.start_reads() == []                 # nothing to read for plain streams
+    assert core.start_reads() == []  # nothing to read for plain streams
 
 
 def test_a_channel_subscribed_during_the_outage_gets_no_gap_notice():
@@ -473,11 +491,11 @@ def test_a_recoverable_stream_catches_up_after_an_outage_without_a_gap_notice():
     flush(core)
     core.link_lost()
     for _ in range(3):
-        feed.publish()                              # published while the link was down
+        feed.publish()  # published while the link was down
     core.link_restored({S})
-    assert core.start_reads() == []                 # not confirmed yet
+    assert core.start_reads() == []  # not confirmed yet
     core.upstream_confirmed(S)
-    assert S not in core.streams                    # the listeners wait for the history
+    assert S not in core.streams  # the listeners wait for the history
     assert S in core.wanted()
     read = one_read(core)
     assert asked(read) == (S, 5, True)
@@ -499,7 +517,7 @@ def test_an_outage_the_history_cannot_cover_gives_the_gap_notice_then_the_snapsh
     live(core, feed, 2)
     flush(core)
     core.link_lost()
-    for _ in range(8):                              # 3..10; history holds 8..10, snapshot at 8
+    for _ in range(8):  # 3..10; history holds 8..10, snapshot at 8
         feed.publish()
     core.link_restored({S})
     core.upstream_confirmed(S)
@@ -517,7 +535,7 @@ def test_an_interrupted_plain_channel_gets_one_gap_notice_and_others_are_untouch
     subscribed(core, a, S)
     subscribed(core, b, T)
     core.on_message(S.encode(), s.publish_plain())
-    core.channels_interrupted([S])                 # its slot moved to another shard
+    core.channels_interrupted([S])  # its slot moved to another shard
     core.on_message(S.encode(), s.publish_plain())
     core.on_message(T.encode(), t.publish_plain())
     flush(core)
@@ -535,7 +553,7 @@ def test_an_interrupted_recoverable_channel_is_caught_up_from_the_history():
     subscribed(core, a)
     live(core, feed, 3)
     core.channels_interrupted([S])
-    for _ in range(2):                              # 4, 5 published during the move
+    for _ in range(2):  # 4, 5 published during the move
         feed.publish()
     read = one_read(core)
     assert asked(read) == (S, 3, True)
@@ -554,12 +572,12 @@ def test_an_interruption_during_a_read_redoes_the_read():
     a = Conn("a")
     subscribed(core, a, S, Want(since=1))
     one_read(core)
-    live(core, feed, 1)                             # 5, buffered
+    live(core, feed, 1)  # 5, buffered
     core.channels_interrupted([S])
-    feed.publish()                                  # 6, lost with the old shard
+    feed.publish()  # 6, lost with the old shard
     again = one_read(core)
     assert asked(again) == (S, 1, True)
-    live(core, feed, 1)                             # 7 on the new shard
+    live(core, feed, 1)  # 7 on the new shard
     finish(core, again, feed.read(again, core.max_replay))
     flush(core)
     assert a.labels() == [2, 3, 4, 5, 6, 7]
@@ -573,13 +591,13 @@ def test_an_interruption_during_a_read_ignores_the_old_reads_answer():
     a = Conn("a")
     subscribed(core, a, S, Want(since=1))
     first = one_read(core)
-    old = feed.read(first, core.max_replay)        # latest 4
+    old = feed.read(first, core.max_replay)  # latest 4
     core.channels_interrupted([S])
-    feed.publish()                                  # 5, lost with the old shard
+    feed.publish()  # 5, lost with the old shard
     second = one_read(core)
-    live(core, feed, 1)                             # 6 during the second read
+    live(core, feed, 1)  # 6 during the second read
     fresh = feed.read(second, core.max_replay)
-    finish(core, first, old)                        # the old read's answer comes first
+    finish(core, first, old)  # the old read's answer comes first
     finish(core, second, fresh)
     flush(core)
     assert a.labels() == [2, 3, 4, 5, 6]
@@ -601,7 +619,7 @@ def test_resume_covered_by_the_history_gets_exactly_the_missed_messages():
     assert a not in core.streams[S]
     read = one_read(core)
     assert asked(read) == (S, 6, True)
-    assert core.start_reads() == []                 # one read in flight per stream
+    assert core.start_reads() == []  # one read in flight per stream
     history = feed.read(read, core.max_replay)
     assert finish(core, read, history) is True
     flush(core)
@@ -623,7 +641,7 @@ def test_resume_at_the_latest_position_gets_live_messages_only():
     a = Conn("a")
     subscribed(core, a, S, Want(since=10))
     read = one_read(core)
-    live(core, feed, 1)                             # 11 arrives during the read
+    live(core, feed, 1)  # 11 arrives during the read
     assert finish(core, read, History(10, None, [])) is True
     live(core, feed, 1)
     flush(core)
@@ -672,10 +690,10 @@ def test_resume_ahead_of_the_latest_position_keeps_the_messages_buffered_during_
     a = Conn("a")
     subscribed(core, a, S, Want(since=500))
     read = one_read(core)
-    history = feed.read(read, core.max_replay)     # latest 10
-    live(core, feed, 2)                             # 11, 12 arrive during the read
+    history = feed.read(read, core.max_replay)  # latest 10
+    live(core, feed, 2)  # 11, 12 arrive during the read
     finish(core, read, history)
-    live(core, feed, 2)                             # 13, 14 live
+    live(core, feed, 2)  # 13, 14 live
     flush(core)
     assert a.labels() == ["gap", 11, 12, 13, 14]
 
@@ -683,16 +701,16 @@ def test_resume_ahead_of_the_latest_position_keeps_the_messages_buffered_during_
 def test_resume_not_covered_gets_the_gap_notice_the_snapshot_and_what_follows_it():
     core = make_core()
     feed = Feed(history=5, snapshot_every=7)
-    for _ in range(10):                             # history 6..10, snapshot at 7
+    for _ in range(10):  # history 6..10, snapshot at 7
         feed.publish()
     a = Conn("a")
     subscribed(core, a, S, Want(since=2))
     read = one_read(core)
     assert asked(read) == (S, 2, True)
-    live(core, feed, 1)                             # 11 during the read, not in the history
+    live(core, feed, 1)  # 11 during the read, not in the history
     history = feed.read(read, core.max_replay)
     assert history.snapshot[0] == 7
-    live(core, feed, 1)                             # 12 after the read
+    live(core, feed, 1)  # 12 after the read
     finish(core, read, history)
     live(core, feed, 1)
     flush(core)
@@ -705,7 +723,7 @@ def test_resume_not_covered_gets_the_gap_notice_the_snapshot_and_what_follows_it
 def test_resume_not_covered_without_snapshot_gets_what_the_history_holds():
     core = make_core()
     feed = Feed(history=4)
-    for _ in range(10):                             # history holds 7..10
+    for _ in range(10):  # history holds 7..10
         feed.publish()
     a = Conn("a")
     subscribed(core, a, S, Want(since=3))
@@ -719,11 +737,11 @@ def test_resume_not_covered_without_snapshot_gets_what_the_history_holds():
 
 def test_resume_more_than_max_replay_behind_gets_at_most_max_replay_messages():
     core = make_core(max_replay=3)
-    feed = Feed()                                   # the whole history is kept
+    feed = Feed()  # the whole history is kept
     for _ in range(10):
         feed.publish()
     a = Conn("a")
-    subscribed(core, a, S, Want(since=2))           # 8 behind, 3 allowed
+    subscribed(core, a, S, Want(since=2))  # 8 behind, 3 allowed
     read = one_read(core)
     history = feed.read(read, core.max_replay)
     finish(core, read, history)
@@ -735,11 +753,11 @@ def test_resume_more_than_max_replay_behind_gets_at_most_max_replay_messages():
 
 def test_resume_more_than_max_replay_behind_a_trimmed_history_is_history_trimmed():
     core = make_core(max_replay=3)
-    feed = Feed(history=5)                          # 6..10 kept
+    feed = Feed(history=5)  # 6..10 kept
     for _ in range(10):
         feed.publish()
     a = Conn("a")
-    subscribed(core, a, S, Want(since=2))           # 8 behind, 3 allowed, 3..5 gone anyway
+    subscribed(core, a, S, Want(since=2))  # 8 behind, 3 allowed, 3..5 gone anyway
     read = one_read(core)
     finish(core, read, feed.read(read, core.max_replay))
     flush(core)
@@ -752,7 +770,7 @@ def test_resume_not_covered_with_a_snapshot_the_history_cannot_reach_is_the_hist
     feed = Feed(history=3)
     for _ in range(10):
         feed.publish()
-    feed.store_snapshot(4)                          # older than the history (8..10)
+    feed.store_snapshot(4)  # older than the history (8..10)
     a = Conn("a")
     subscribed(core, a, S, Want(since=1))
     read = one_read(core)
@@ -765,7 +783,7 @@ def test_resume_not_covered_with_a_snapshot_the_history_cannot_reach_is_the_hist
 def test_resume_after_a_history_reset_gets_the_gap_notice_and_a_jump_forward():
     core = make_core()
     feed = Feed(base=1_700_000_000_000_000, snapshot_every=None)
-    for _ in range(5):                              # the stream restarted at a TIME position
+    for _ in range(5):  # the stream restarted at a TIME position
         feed.publish()
     feed.store_snapshot(feed.latest)
     a = Conn("a")
@@ -788,10 +806,13 @@ def outage(core: Core, name: str = S) -> Read:
     return one_read(core)
 
 
-@pytest.mark.parametrize("history, reason", [
-    (None, "history_lost"),                         # Redis restarted without its data
-    (3, "lost_writes"),                             # a failover lost 4 and 5
-])
+@pytest.mark.parametrize(
+    "history, reason",
+    [
+        (None, "history_lost"),  # Redis restarted without its data
+        (3, "lost_writes"),  # a failover lost 4 and 5
+    ],
+)
 def test_an_outage_the_history_cannot_repair_says_why(history, reason):
     core = make_core()
     feed = Feed()
@@ -805,7 +826,7 @@ def test_an_outage_the_history_cannot_repair_says_why(history, reason):
     assert a.labels() == [1, 2, 3, 4, 5, "gap"]
     assert a.reasons() == [reason]
     if history:
-        live(core, feed, 1)                         # a new 4: one notice for the restart
+        live(core, feed, 1)  # a new 4: one notice for the restart
         flush(core)
         assert a.labels()[-2:] == ["gap", 4]
         assert a.reasons() == [reason]
@@ -817,7 +838,7 @@ def test_a_live_position_at_or_below_one_delivered_gives_lost_writes():
     a = Conn("a")
     subscribed(core, a)
     live(core, feed, 5)
-    feed.latest = 3                                 # positions start over at 4
+    feed.latest = 3  # positions start over at 4
     live(core, feed, 1)
     flush(core)
     assert a.labels() == [1, 2, 3, 4, 5, "gap", 4]
@@ -827,15 +848,15 @@ def test_a_live_position_at_or_below_one_delivered_gives_lost_writes():
 def test_snapshot_on_subscribe_gives_the_snapshot_then_every_later_message():
     core = make_core()
     feed = Feed(snapshot_every=5)
-    for _ in range(8):                              # snapshot at 5
+    for _ in range(8):  # snapshot at 5
         feed.publish()
     a = Conn("a")
     subscribed(core, a, S, Want(snapshot=True))
     read = one_read(core)
     assert asked(read) == (S, None, True)
-    live(core, feed, 1)                             # 9 during the read
+    live(core, feed, 1)  # 9 during the read
     history = feed.read(read, core.max_replay)
-    live(core, feed, 1)                             # 10 after it
+    live(core, feed, 1)  # 10 after it
     finish(core, read, history)
     live(core, feed, 1)
     flush(core)
@@ -899,12 +920,12 @@ def test_recovery_on_a_plain_stream_is_a_plain_subscribe(want):
     a = Conn("a")
     subscribed(core, a, S, want)
     read = one_read(core)
-    core.on_message(S.encode(), feed.publish_plain())   # during the read
+    core.on_message(S.encode(), feed.publish_plain())  # during the read
     history = feed.read(read, core.max_replay)
     assert history == History(None, None, [])
-    core.on_message(S.encode(), feed.publish_plain())   # after the read
+    core.on_message(S.encode(), feed.publish_plain())  # after the read
     finish(core, read, history)
-    core.on_message(S.encode(), feed.publish_plain())   # live
+    core.on_message(S.encode(), feed.publish_plain())  # live
     flush(core)
     assert a.labels() == [("plain", 1), ("plain", 2), ("plain", 3)]
     assert core.counters.gap_notices == 0
@@ -920,10 +941,10 @@ def test_live_messages_during_the_read_are_deduplicated_against_the_history():
     core.register(a)
     core.subscribe(a, [S], {S: Want(since=2)})
     read = one_read(core)
-    live(core, feed, 2)                             # 5, 6: in the buffer and in the history
+    live(core, feed, 2)  # 5, 6: in the buffer and in the history
     history = feed.read(read, core.max_replay)
     assert [seq for seq, _ in history.entries] == [3, 4, 5, 6]
-    live(core, feed, 2)                             # 7, 8: in the buffer only
+    live(core, feed, 2)  # 7, 8: in the buffer only
     assert finish(core, read, history) is True
     live(core, feed, 1)
     flush(core)
@@ -958,10 +979,10 @@ def test_when_every_reader_leaves_the_channel_is_dropped_after_the_read():
     read = one_read(core)
     core.unsubscribe(a, [S])
     core.wanted_changed = False
-    assert S in core.wanted()                       # the read still needs the channel
+    assert S in core.wanted()  # the read still needs the channel
     finish(core, read, feed.read(read, core.max_replay))
     assert S not in core.wanted()
-    assert core.wanted_changed                      # the shell must unsubscribe upstream
+    assert core.wanted_changed  # the shell must unsubscribe upstream
 
 
 def test_when_every_reader_leaves_and_the_read_fails_the_channel_is_dropped():
@@ -996,14 +1017,14 @@ def test_a_failed_read_is_retried_for_the_same_connections():
     a = Conn("a")
     subscribed(core, a, S, Want(since=2))
     read = one_read(core)
-    live(core, feed, 1)                             # 6, buffered for the failed read
+    live(core, feed, 1)  # 6, buffered for the failed read
     fail(core, read)
     assert S in core.wanted() and a not in core.streams.get(S, {})
-    assert finish(core, read, History(6, None, [])) is False   # no read in flight
-    live(core, feed, 1)                             # 7 while nothing is in flight
+    assert finish(core, read, History(6, None, [])) is False  # no read in flight
+    live(core, feed, 1)  # 7 while nothing is in flight
     retry = one_read(core)
     assert asked(retry) == asked(read)
-    live(core, feed, 1)                             # 8 during the retry
+    live(core, feed, 1)  # 8 during the retry
     finish(core, retry, feed.read(retry, core.max_replay))
     live(core, feed, 1)
     flush(core)
@@ -1018,13 +1039,13 @@ def test_a_read_that_ends_after_the_link_dropped_is_ignored_and_redone():
     a = Conn("a")
     subscribed(core, a, S, Want(since=2))
     read = one_read(core)
-    live(core, feed, 1)                             # 6 during the read
+    live(core, feed, 1)  # 6 during the read
     history = feed.read(read, core.max_replay)
     core.link_lost()
     assert finish(core, read, history) is False
     flush(core)
     assert a.got == []
-    for _ in range(3):                              # 7..9 while the link is down
+    for _ in range(3):  # 7..9 while the link is down
         feed.publish()
     assert core.start_reads() == []
     core.link_restored({S})
@@ -1045,16 +1066,16 @@ def test_a_stale_read_finishing_during_the_next_read_is_not_taken_for_it():
     a = Conn("a")
     subscribed(core, a, S, Want(since=2))
     first = one_read(core)
-    stale = feed.read(first, core.max_replay)      # latest 5
+    stale = feed.read(first, core.max_replay)  # latest 5
     core.link_lost()
-    for _ in range(3):                              # 6..8 while the link is down
+    for _ in range(3):  # 6..8 while the link is down
         feed.publish()
     core.link_restored({S})
     core.upstream_confirmed(S)
     second = one_read(core)
-    live(core, feed, 1)                             # 9 during the second read
+    live(core, feed, 1)  # 9 during the second read
     fresh = feed.read(second, core.max_replay)
-    finish(core, first, stale)                      # the first read's late answer
+    finish(core, first, stale)  # the first read's late answer
     finish(core, second, fresh)
     flush(core)
     assert a.positions() == [3, 4, 5, 6, 7, 8, 9]
@@ -1067,19 +1088,24 @@ def test_several_connections_with_different_positions_share_one_read():
     subscribed(core, other)
     live(core, feed, 10)
     flush(core)
-    wants = {"s2": Want(since=2), "s7": Want(since=7), "s10": Want(since=10),
-             "snap": Want(snapshot=True), "both": Want(since=5, snapshot=True)}
+    wants = {
+        "s2": Want(since=2),
+        "s7": Want(since=7),
+        "s10": Want(since=10),
+        "snap": Want(snapshot=True),
+        "both": Want(since=5, snapshot=True),
+    }
     conns = {key: Conn(key) for key in wants}
     for key, conn in conns.items():
         core.register(conn)
         core.subscribe(conn, [S], {S: wants[key]})
     reads = core.start_reads()
     assert [asked(r) for r in reads] == [(S, 2, True)]
-    live(core, feed, 1)                             # 11 during the read
+    live(core, feed, 1)  # 11 during the read
     history = feed.read(reads[0], core.max_replay)
-    live(core, feed, 1)                             # 12
+    live(core, feed, 1)  # 12
     finish(core, reads[0], history)
-    live(core, feed, 1)                             # 13
+    live(core, feed, 1)  # 13
     flush(core)
     assert conns["s2"].labels() == list(range(3, 14))
     assert conns["s7"].labels() == list(range(8, 14))
@@ -1122,10 +1148,10 @@ def test_a_connection_that_subscribes_during_a_read_is_served_by_the_next_read()
     a, b = Conn("a"), Conn("b")
     subscribed(core, a, S, Want(since=4))
     first = one_read(core)
-    live(core, feed, 1)                             # 6
+    live(core, feed, 1)  # 6
     subscribed(core, b, S, Want(since=1))
-    assert core.start_reads() == []                 # the first read is still in flight
-    live(core, feed, 1)                             # 7
+    assert core.start_reads() == []  # the first read is still in flight
+    live(core, feed, 1)  # 7
     history = feed.read(first, core.max_replay)
     finish(core, first, history)
     flush(core)
@@ -1133,7 +1159,7 @@ def test_a_connection_that_subscribes_during_a_read_is_served_by_the_next_read()
     assert S in core.recovering
     second = one_read(core)
     assert asked(second) == (S, 1, True)
-    live(core, feed, 1)                             # 8: a is live, b is reading
+    live(core, feed, 1)  # 8: a is live, b is reading
     finish(core, second, feed.read(second, core.max_replay))
     live(core, feed, 1)
     flush(core)
@@ -1170,7 +1196,7 @@ def test_listeners_that_joined_by_recovery_are_repaired_after_an_outage():
     read = one_read(core)
     finish(core, read, feed.read(read, core.max_replay))
     core.link_lost()
-    feed.publish()                                  # 6 while the link is down
+    feed.publish()  # 6 while the link is down
     core.link_restored({S})
     core.upstream_confirmed(S)
     for read in core.start_reads():
@@ -1202,16 +1228,16 @@ def test_a_stale_position_of_departed_listeners_is_not_used_for_repair():
     feed = Feed(snapshot_every=5)
     a = Conn("a")
     subscribed(core, a)
-    live(core, feed, 2)                             # last_seq 2
+    live(core, feed, 2)  # last_seq 2
     core.remove(a)
-    for _ in range(8):                              # 3..10, nobody listens; snapshot at 10
+    for _ in range(8):  # 3..10, nobody listens; snapshot at 10
         feed.publish()
     b = Conn("b")
     subscribed(core, b, S, Want(snapshot=True))
     read = one_read(core)
     finish(core, read, feed.read(read, core.max_replay))
     core.link_lost()
-    feed.publish()                                  # 11 during the outage
+    feed.publish()  # 11 during the outage
     core.link_restored({S})
     core.upstream_confirmed(S)
     for read in core.start_reads():
@@ -1230,7 +1256,7 @@ def test_a_live_message_arriving_after_the_read_that_held_it_is_not_repeated():
     a = Conn("a")
     subscribed(core, a, S, Want(since=1))
     read = one_read(core)
-    _, late = feed.publish()                        # 4, still on its way over pub/sub
+    _, late = feed.publish()  # 4, still on its way over pub/sub
     finish(core, read, feed.read(read, core.max_replay))
     core.on_message(S.encode(), late)
     live(core, feed, 1)
@@ -1245,9 +1271,9 @@ def test_a_subscribe_and_unsubscribe_the_link_has_not_seen_cost_it_nothing():
     core = make_core(linger=True)
     a = Conn("a")
     core.subscribe(a, [S])
-    core.unsubscribe(a, [S])                        # before the link took the change
+    core.unsubscribe(a, [S])  # before the link took the change
     assert core.wanted() == set() and core.lingering == {}
-    assert core.take_changes() == {S: False}        # the link has nothing to unsubscribe
+    assert core.take_changes() == {S: False}  # the link has nothing to unsubscribe
 
 
 def test_a_channel_whose_last_listener_left_lingers_until_the_second_sweep():
@@ -1259,11 +1285,11 @@ def test_a_channel_whose_last_listener_left_lingers_until_the_second_sweep():
     core.unsubscribe(a, [S])
     core.remove(a)
     assert core.wanted() == {S, T} and list(core.lingering) == [S, T]
-    assert core.take_changes() == {}                # nothing for Redis to do yet
-    core.subscribe(b, [S])                          # back within the moment
+    assert core.take_changes() == {}  # nothing for Redis to do yet
+    core.subscribe(b, [S])  # back within the moment
     assert core.take_changes() == {} and list(core.lingering) == [T]
     assert core.is_wanted(S) and S in core.confirmed  # an acknowledgement needs no wait
-    core.release_lingering()                        # T lingered since before no sweep
+    core.release_lingering()  # T lingered since before no sweep
     assert core.wanted() == {S, T}
     core.release_lingering()
     assert core.wanted() == {S} and core.take_changes() == {T: False}
@@ -1290,9 +1316,9 @@ def test_the_channel_cap_refuses_new_channels_and_lingering_ones_give_way():
     assert core.over_channel_cap(names) == names[3:]
     core.subscribe(a, names[:3])
     core.take_changes()
-    assert core.over_channel_cap([names[0]]) == []     # an existing channel needs no room
+    assert core.over_channel_cap([names[0]]) == []  # an existing channel needs no room
     assert core.over_channel_cap(names[3:]) == names[3:]
-    core.unsubscribe(a, names[:2])                  # two lingering channels
+    core.unsubscribe(a, names[:2])  # two lingering channels
     assert len(core.wanted()) == 3
     assert core.over_channel_cap([names[3]]) == []  # the oldest lingering one gives way
     assert core.wanted() == {names[1], names[2]}
@@ -1302,15 +1328,16 @@ def test_the_channel_cap_refuses_new_channels_and_lingering_ones_give_way():
     assert core.wanted() == {names[2], names[3]}
     core.subscribe(b, [names[4]])
     assert core.over_channel_cap(["trade.KX_USDT"]) == ["trade.KX_USDT"]
-    assert make_core().over_channel_cap(names) == []   # 0: no cap
+    assert make_core().over_channel_cap(names) == []  # 0: no cap
 
 
 def big_feed(name: str, count: int, size: int = 400, **kwargs) -> Feed:
     """A feed whose frames are ``size`` bytes or so."""
     feed = Feed(name, **kwargs)
     pad = b"x" * size
-    feed.frame = lambda seq: b'{"stream":"%s","data":{"i":%d,"x":"%s"},"seq":%d}' % (
-        name.encode(), seq, pad, seq)
+    feed.frame = lambda seq: (
+        b'{"stream":"%s","data":{"i":%d,"x":"%s"},"seq":%d}' % (name.encode(), seq, pad, seq)
+    )
     for _ in range(count):
         feed.publish()
     return feed
@@ -1339,7 +1366,7 @@ def test_a_resume_far_behind_on_many_streams_is_bounded_by_the_connection_budget
         read_bytes += sum(stored_size(seq, frame) for seq, frame in history.entries)
         finish(core, read, history)
     flush(core)
-    assert read_bytes <= budget + 10 * 500          # at most one message over per read
+    assert read_bytes <= budget + 10 * 500  # at most one message over per read
     sent = sum(map(len, a.writes))
     assert 0.5 * budget < sent <= budget
     for name in names:
@@ -1350,7 +1377,7 @@ def test_a_resume_far_behind_on_many_streams_is_bounded_by_the_connection_budget
     assert core._budgets == {} and core.recovering == {}
     live(core, feeds[names[0]], 1)
     flush(core)
-    assert a.labels(names[0])[-1] == 201            # then live
+    assert a.labels(names[0])[-1] == 201  # then live
 
 
 def test_a_client_far_behind_does_not_cost_a_client_just_behind_its_replay():
@@ -1372,10 +1399,13 @@ def test_a_client_far_behind_does_not_cost_a_client_just_behind_its_replay():
 
 def test_a_snapshot_that_fits_follows_the_gap_notice_and_one_that_does_not_is_not_read():
     core = make_core(replay_bytes=3_000)
-    small = big_feed(S, 50, snapshot_every=50)          # snapshot at the latest position
+    small = big_feed(S, 50, snapshot_every=50)  # snapshot at the latest position
     large = big_feed(T, 50)
-    large.snapshot = (50, b'{"stream":"%s","data":{"e":"snap","at":50,"x":"%s"},"seq":50}'
-                      % (T.encode(), b"y" * 5000))
+    large.snapshot = (
+        50,
+        b'{"stream":"%s","data":{"e":"snap","at":50,"x":"%s"},"seq":50}'
+        % (T.encode(), b"y" * 5000),
+    )
     a, b = Conn("a"), Conn("b")
     subscribed(core, a, S, Want(since=1))
     subscribed(core, b, T, Want(since=1))
@@ -1387,9 +1417,9 @@ def test_a_snapshot_that_fits_follows_the_gap_notice_and_one_that_does_not_is_no
     finish(core, reads[T], history)
     flush(core)
     assert a.labels() == ["gap", ("snap", 50)]
-    assert b.labels()[0] == "gap" and b.labels()[-1] == 50   # the newest that fit
+    assert b.labels()[0] == "gap" and b.labels()[-1] == 50  # the newest that fit
     c = [conn for conn in core.streams[T] if conn.name == "c"][0]
-    assert c.labels() == ["gap"]                    # its snapshot did not fit: it is told
+    assert c.labels() == ["gap"]  # its snapshot did not fit: it is told
 
 
 def test_a_connection_may_use_what_its_other_reads_left_over():
@@ -1424,7 +1454,7 @@ def test_budgets_are_forgotten_when_reads_fail_or_connections_leave():
     assert sorted(core._budgets[a]) == [0, 0, 2] and core._budgets[b][2] == 1
     fail(core, reads[0])
     core.link_lost()
-    assert core._budgets[a] == [1_000, 2, 0]        # shares back, both streams wait again
+    assert core._budgets[a] == [1_000, 2, 0]  # shares back, both streams wait again
     core.remove(a)
     core.unsubscribe(b, [S])
     assert core._budgets == {}
@@ -1439,15 +1469,18 @@ def watched_core() -> tuple[Core, Conn, list[str]]:
     return core, a, seen
 
 
-@pytest.mark.parametrize("frame", [
-    b'{"stream":"trade.SOL_USDC","data":{"i":5},"stream":"depth.BTC_USDT","seq":5}',
-    b'{"stream":"trade.SOL_USDC","data":{"i":"\xff"},"seq":5}',
-    b'{"stream":"trade.SOL_USDC","data":[5],"seq":5}',
-    b'{"stream":"trade.SOL_USDC","data":{"i":5},"seq":6}',
-    b'{"stream":"trade.SOL_USDC","data":{"i":5},"seq":5,"x":1}',
-    b'{"stream":"trade.SOL_USDC","data":{"i":5}}',
-    b'{"data":{"i":5},"stream":"trade.SOL_USDC","seq":5}',
-])
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b'{"stream":"trade.SOL_USDC","data":{"i":5},"stream":"depth.BTC_USDT","seq":5}',
+        b'{"stream":"trade.SOL_USDC","data":{"i":"\xff"},"seq":5}',
+        b'{"stream":"trade.SOL_USDC","data":[5],"seq":5}',
+        b'{"stream":"trade.SOL_USDC","data":{"i":5},"seq":6}',
+        b'{"stream":"trade.SOL_USDC","data":{"i":5},"seq":5,"x":1}',
+        b'{"stream":"trade.SOL_USDC","data":{"i":5}}',
+        b'{"data":{"i":5},"stream":"trade.SOL_USDC","seq":5}',
+    ],
+)
 def test_a_positioned_payload_is_checked_like_a_plain_one(frame):
     core, a, seen = watched_core()
     assert core.on_message(S.encode(), b"@5 " + frame) is False
@@ -1457,10 +1490,13 @@ def test_a_positioned_payload_is_checked_like_a_plain_one(frame):
 
 
 @pytest.mark.parametrize("payload_format", ["envelope", "data"])
-@pytest.mark.parametrize("payload", [
-    b'@5 {"stream":"depth.BTC_USDT","data":{"i":5},"seq":5}',
-    b'@5 {"stream":"trade.SOL_USDCX","data":{"i":5},"seq":5}',
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'@5 {"stream":"depth.BTC_USDT","data":{"i":5},"seq":5}',
+        b'@5 {"stream":"trade.SOL_USDCX","data":{"i":5},"seq":5}',
+    ],
+)
 def test_a_positioned_frame_of_another_stream_is_dropped(payload, payload_format):
     core = make_core(payload_format=payload_format)
     a = Conn("a")
@@ -1469,19 +1505,22 @@ def test_a_positioned_frame_of_another_stream_is_dropped(payload, payload_format
     assert core.counters.dropped_wrong_stream == 1 and core.take_batch() == {}
 
 
-@pytest.mark.parametrize("payload", [
-    b'{"stream":"depth.BTC_USDT","data":{}}',
-    b'{"data":{}}',
-    b'{"stream":"trade.SOL_USDC","data":{},"stream":"depth.BTC_USDT"}',
-    b'{"stream":"depth.BTC_USDT","data":{},"stream":"trade.SOL_USDC"}',
-    b'{"stream":"trade.SOL_USDC","data":{},"str\\u0065am":"depth.BTC_USDT"}',
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"stream":"depth.BTC_USDT","data":{}}',
+        b'{"data":{}}',
+        b'{"stream":"trade.SOL_USDC","data":{},"stream":"depth.BTC_USDT"}',
+        b'{"stream":"depth.BTC_USDT","data":{},"stream":"trade.SOL_USDC"}',
+        b'{"stream":"trade.SOL_USDC","data":{},"str\\u0065am":"depth.BTC_USDT"}',
+    ],
+)
 def test_an_envelope_whose_stream_is_not_the_channel_is_dropped(payload):
     core, a, seen = watched_core()
     assert core.on_message(S.encode(), payload) is False
     assert core.counters.dropped_wrong_stream == 1 and seen == ["wrong_stream"]
     good = b'{"stream":"trade.SOL_USDC","data":{"p":"\\u00e9","stream":"x"},"x":"stream"}'
-    assert core.on_message(S.encode(), good) is True   # "stream" inside data is data
+    assert core.on_message(S.encode(), good) is True  # "stream" inside data is data
     assert split_frames(core.take_batch()[a]) == [good]
 
 
@@ -1491,17 +1530,18 @@ def test_stored_frames_that_fail_the_check_are_not_replayed():
     for _ in range(5):
         feed.publish()
     feed.log[2] = (3, b'{"stream":"depth.BTC_USDT","data":{"i":3},"seq":3}')  # another stream's
-    feed.log[3] = (4, b'{"stream":"trade.SOL_USDC","data":{"i":4},"seq":4')   # cut short
+    feed.log[3] = (4, b'{"stream":"trade.SOL_USDC","data":{"i":4},"seq":4')  # cut short
     a = Conn("a")
     subscribed(core, a, S, Want(since=1))
     read = one_read(core)
     finish(core, read, feed.read(read, core.max_replay))
     flush(core)
-    assert a.labels() == [2, 5]                     # as live delivery would have dropped them
+    assert a.labels() == [2, 5]  # as live delivery would have dropped them
     assert core.counters.dropped_wrong_stream == 1 and core.counters.dropped_malformed == 1
 
 
 # --- property: resume under random interleavings -------------------------------------
+
 
 class Run:
     """A random interleaving of publishes, pub/sub deliveries, subscribes,
@@ -1520,13 +1560,13 @@ class Run:
         self.outages = 0
         self.read: Read | None = None
         self.history: History | None = None
-        self.barrier = 0                           # messages published before the read ran
+        self.barrier = 0  # messages published before the read ran
         self.stale: list[tuple[Read, History | None]] = []  # reads the link loss overtook
         self.clients: list[tuple[Conn, Want | None]] = []
-        self.reading: list[int] = []               # indexes of clients in the read
+        self.reading: list[int] = []  # indexes of clients in the read
         self.waiting: list[int] = []
         self.covered: dict[int, bool | None] = {}  # client -> history covered it (None: plain)
-        self.gaps_allowed: dict[int, int] = {}     # client -> outages it had no position in
+        self.gaps_allowed: dict[int, int] = {}  # client -> outages it had no position in
 
     def publish(self) -> None:
         payload = self.feed.publish()[1]
@@ -1553,7 +1593,7 @@ class Run:
         if self.read is not None or self.down:
             assert reads == []
             return
-        if self.outages:                           # repairs join the waiting: not modelled
+        if self.outages:  # repairs join the waiting: not modelled
             if reads:
                 assert len(reads) == 1
                 self.read = reads[0]
@@ -1579,9 +1619,15 @@ class Run:
         for i in self.reading:
             since = self.clients[i][1].since
             if since is not None:
-                self.covered[i] = None if latest is None else since >= latest or (
-                    latest - since <= self.core.max_replay
-                    and all(p in held for p in range(since + 1, latest + 1)))
+                self.covered[i] = (
+                    None
+                    if latest is None
+                    else since >= latest
+                    or (
+                        latest - since <= self.core.max_replay
+                        and all(p in held for p in range(since + 1, latest + 1))
+                    )
+                )
 
     def done(self) -> None:
         if self.history is None:
@@ -1598,7 +1644,7 @@ class Run:
         self.core.link_lost()
         self.down = True
         self.outages += 1
-        self.pubsub.clear()                        # what was on its way is gone
+        self.pubsub.clear()  # what was on its way is gone
         if self.read is not None:
             self.stale.append((self.read, self.history))
             self.read = self.history = None
@@ -1611,7 +1657,7 @@ class Run:
         self.down = False
         flush(self.core)
         for i, (conn, _) in enumerate(self.clients):
-            if not conn.positions():    # nothing tells the core the stream has positions
+            if not conn.positions():  # nothing tells the core the stream has positions
                 self.gaps_allowed[i] = self.gaps_allowed.get(i, 0) + 1
         channels = self.core.wanted()
         self.core.link_restored(channels)
@@ -1627,9 +1673,16 @@ class Run:
             finish(self.core, read, history)
 
     def step(self, kind: str) -> None:
-        {"pub": self.publish, "deliver": self.deliver, "start": self.start,
-         "exec": self.execute, "done": self.done, "lose": self.lose,
-         "restore": self.restore, "late": self.late}[kind]()
+        {
+            "pub": self.publish,
+            "deliver": self.deliver,
+            "start": self.start,
+            "exec": self.execute,
+            "done": self.done,
+            "lose": self.lose,
+            "restore": self.restore,
+            "late": self.late,
+        }[kind]()
 
     def drain(self) -> None:
         self.restore()
@@ -1654,13 +1707,16 @@ def check_run(run: Run) -> None:
     for i, (conn, want) in enumerate(run.clients):
         labels = conn.labels()
         positions = conn.positions()
-        assert positions == list(range(positions[0], positions[0] + len(positions))) \
-            if positions else True, (i, want, labels)
+        assert (
+            positions == list(range(positions[0], positions[0] + len(positions)))
+            if positions
+            else True
+        ), (i, want, labels)
         if positions:
             assert positions[-1] == end, (i, want, labels)
         gaps = labels.count("gap")
         if want is not None and want.since is not None:
-            if run.covered[i] is None:          # no positions at read time: plain
+            if run.covered[i] is None:  # no positions at read time: plain
                 assert gaps == 0, (i, want, labels)
             elif run.covered[i]:
                 assert labels == list(range(want.since + 1, end + 1)), (i, want, labels)
@@ -1693,15 +1749,17 @@ def check_outage_run(run: Run) -> None:
             else:
                 segments[-1].append(item[1] if isinstance(item, tuple) else item)
         for segment in segments:
-            assert segment == list(range(segment[0], segment[0] + len(segment))) \
-                if segment else True, where
+            assert (
+                segment == list(range(segment[0], segment[0] + len(segment))) if segment else True
+            ), where
         if positions:
             assert positions[-1] == end, where
         if end is None:
             assert positions == [], where
         elif want is not None and want.since is not None and "gap" not in labels:
             assert positions == list(range(want.since + 1, end + 1)) or (
-                positions == list(range(run.feed.base, end + 1))), where
+                positions == list(range(run.feed.base, end + 1))
+            ), where
 
 
 def actions(since_low: int, outages: bool = False):
@@ -1743,10 +1801,12 @@ def play(run: Run, steps: list, clamp_since: bool) -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(base=st.sampled_from([1, 1_700_000_000_000_000]),
-       before=st.integers(0, 30),
-       snapshot_every=st.one_of(st.none(), st.integers(1, 8)),
-       steps=actions(0))
+@given(
+    base=st.sampled_from([1, 1_700_000_000_000_000]),
+    before=st.integers(0, 30),
+    snapshot_every=st.one_of(st.none(), st.integers(1, 8)),
+    steps=actions(0),
+)
 def test_property_resume_covered_by_the_history_is_exact(base, before, snapshot_every, steps):
     feed = Feed(base=base, snapshot_every=snapshot_every)
     for _ in range(before):
@@ -1758,16 +1818,25 @@ def test_property_resume_covered_by_the_history_is_exact(base, before, snapshot_
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@example(base=1, before=10, history=3, max_replay=100, snapshot_every=None,
-         steps=[("sub", ("since", 9)), "start", "exec", "done"])
-@given(base=st.sampled_from([1, 1_700_000_000_000_000]),
-       before=st.integers(0, 30),
-       history=st.integers(0, 30),
-       max_replay=st.integers(0, 30),
-       snapshot_every=st.one_of(st.none(), st.integers(1, 8)),
-       steps=actions(0))
-def test_property_resume_never_repeats_or_reorders(base, before, history, max_replay,
-                                                     snapshot_every, steps):
+@example(
+    base=1,
+    before=10,
+    history=3,
+    max_replay=100,
+    snapshot_every=None,
+    steps=[("sub", ("since", 9)), "start", "exec", "done"],
+)
+@given(
+    base=st.sampled_from([1, 1_700_000_000_000_000]),
+    before=st.integers(0, 30),
+    history=st.integers(0, 30),
+    max_replay=st.integers(0, 30),
+    snapshot_every=st.one_of(st.none(), st.integers(1, 8)),
+    steps=actions(0),
+)
+def test_property_resume_never_repeats_or_reorders(
+    base, before, history, max_replay, snapshot_every, steps
+):
     feed = Feed(base=base, history=history, snapshot_every=snapshot_every)
     for _ in range(before):
         feed.publish()
@@ -1777,15 +1846,32 @@ def test_property_resume_never_repeats_or_reorders(base, before, history, max_re
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@example(base=1, before=5, snapshot_every=None,
-         steps=[("sub", ("since", 3)), "start", "exec", "done", "lose", "pub", "restore",
-                "start", "exec", "done"])
-@given(base=st.sampled_from([1, 1_700_000_000_000_000]),
-       before=st.integers(0, 20),
-       snapshot_every=st.one_of(st.none(), st.integers(1, 8)),
-       steps=actions(0, outages=True))
+@example(
+    base=1,
+    before=5,
+    snapshot_every=None,
+    steps=[
+        ("sub", ("since", 3)),
+        "start",
+        "exec",
+        "done",
+        "lose",
+        "pub",
+        "restore",
+        "start",
+        "exec",
+        "done",
+    ],
+)
+@given(
+    base=st.sampled_from([1, 1_700_000_000_000_000]),
+    before=st.integers(0, 20),
+    snapshot_every=st.one_of(st.none(), st.integers(1, 8)),
+    steps=actions(0, outages=True),
+)
 def test_property_link_outages_covered_by_the_history_lose_and_repeat_nothing(
-        base, before, snapshot_every, steps):
+    base, before, snapshot_every, steps
+):
     feed = Feed(base=base, snapshot_every=snapshot_every)
     for _ in range(before):
         feed.publish()

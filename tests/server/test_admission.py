@@ -91,7 +91,9 @@ async def test_connection_limits(server_factory):
 
 @pytest.mark.gen_test
 async def test_allowed_origins(server_factory):
-    server = await server_factory(server__allowed_origins="https://exchange.example, https://app.example")
+    server = await server_factory(
+        server__allowed_origins="https://exchange.example, https://app.example"
+    )
 
     def request(origin):
         headers = {"Origin": origin} if origin else {}
@@ -104,5 +106,8 @@ async def test_allowed_origins(server_factory):
     assert refused.value.code == 403
 
     open_server = await server_factory()
-    await tornado.websocket.websocket_connect(tornado.httpclient.HTTPRequest(
-        ws_url(open_server), headers={"Origin": "https://anywhere.example"}))
+    await tornado.websocket.websocket_connect(
+        tornado.httpclient.HTTPRequest(
+            ws_url(open_server), headers={"Origin": "https://anywhere.example"}
+        )
+    )

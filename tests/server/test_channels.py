@@ -16,8 +16,17 @@ import ujson
 from marketstream.server.channels import ChannelManager
 from marketstream.wire.frames import text_frame
 from marketstream.testing import async_wait_until, raw_socket, server_frames, wait_until
-from tests.helpers import (ServerProcess, abort, clients_on_every_worker, connect, envelope, read,
-                           send, subscribe_all, subscribed)
+from tests.helpers import (
+    ServerProcess,
+    abort,
+    clients_on_every_worker,
+    connect,
+    envelope,
+    read,
+    send,
+    subscribe_all,
+    subscribed,
+)
 
 
 def publish_burst(redis_client, messages):
@@ -133,9 +142,13 @@ async def test_failing_connection_in_a_batch_does_not_stop_the_others(redis_url,
 
 # --- worker processes --------------------------------------------------------
 
+
 def worker_pids(server):
-    return sorted(child.pid for child in psutil.Process(server.proc.pid).children()
-                  if "redis" not in child.name())
+    return sorted(
+        child.pid
+        for child in psutil.Process(server.proc.pid).children()
+        if "redis" not in child.name()
+    )
 
 
 def test_two_workers_both_deliver_and_a_killed_worker_comes_back(redis_url):
@@ -157,11 +170,21 @@ def test_two_workers_both_deliver_and_a_killed_worker_comes_back(redis_url):
 
         victim = worker_pids(server)[0]
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: re.search(r"worker \d \(pid %d\) was killed by signal 9; restarting" % victim,
-                                     server.output), 10, message="restart logged")
-        wait_until(lambda: len(worker_pids(server)) == 2 and victim not in worker_pids(server), 10,
-                   message="replacement worker")
-        wait_until(lambda: server.output.count("listening on") == 3, 10, message="replacement serving")
+        wait_until(
+            lambda: re.search(
+                r"worker \d \(pid %d\) was killed by signal 9; restarting" % victim, server.output
+            ),
+            10,
+            message="restart logged",
+        )
+        wait_until(
+            lambda: len(worker_pids(server)) == 2 and victim not in worker_pids(server),
+            10,
+            message="replacement worker",
+        )
+        wait_until(
+            lambda: server.output.count("listening on") == 3, 10, message="replacement serving"
+        )
 
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(20) == 0, server.output
@@ -189,8 +212,7 @@ async def test_min_flush_interval_coalesces_writes(redis_url, redis_client):
 
 
 @pytest.mark.gen_test
-async def test_a_flush_between_a_stream_closing_and_on_close_is_quiet(server, redis_client,
-                                                                      caplog):
+async def test_a_flush_between_a_stream_closing_and_on_close_is_quiet(server, redis_client, caplog):
     """A client resets its connection: Tornado closes the stream at once but
     runs on_close a turn later.  A flush in between skips that client
     without an error, and the others get their frames."""
@@ -198,16 +220,17 @@ async def test_a_flush_between_a_stream_closing_and_on_close_is_quiet(server, re
     await subscribe_all(server, redis_client, clients, "trade.GONE_USDT")
     gone = next(iter(server.manager.connections))
     gone.ws_connection.stream.close()
-    server.manager.on_message(b"trade.GONE_USDT",
-                              envelope("trade.GONE_USDT", t=1).encode())
+    server.manager.on_message(b"trade.GONE_USDT", envelope("trade.GONE_USDT", t=1).encode())
     server.manager._flush()  # before on_close has run
     assert len(server.manager.connections) == 2
-    survivor = next(ws for ws in clients
-                    if ":%d" % ws.protocol.stream.socket.getsockname()[1] not in gone.identity)
+    survivor = next(
+        ws
+        for ws in clients
+        if ":%d" % ws.protocol.stream.socket.getsockname()[1] not in gone.identity
+    )
     assert ujson.loads(await read(survivor))["data"]["t"] == 1
     await async_wait_until(lambda: len(server.manager.connections) == 1)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -21,8 +21,14 @@ def settings(*flags, environ=None):
 
 
 def test_help_lists_every_redis_url_form():
-    text = subprocess.run([sys.executable, "-m", "marketstream", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60, check=True).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "marketstream", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     text = " ".join(text.split())  # argparse wraps the help text
     for scheme in urls._SCHEMES:
         assert "%s://" % scheme in text, scheme
@@ -37,7 +43,10 @@ def test_the_demo_listens_on_localhost_unless_told_otherwise(tmp_path):
     # A demo goes wherever it is told, by flag, environment or file.
     assert settings("--demo", "--listen", "0.0.0.0:4100").host == "0.0.0.0"
     assert settings("--demo", "--listen", "ws://0.0.0.0:4100/feed").server.listen == (
-        "0.0.0.0", 4100, "/feed")
+        "0.0.0.0",
+        4100,
+        "/feed",
+    )
     assert settings("--demo", environ={"WS_STREAM_URL": "0.0.0.0:4200"}).host == "0.0.0.0"
     config = tmp_path / "demo.ini"
     config.write_text("[server]\nlisten = 0.0.0.0:4300\n")
@@ -59,16 +68,27 @@ def test_the_demo_process_accepts_no_connection_from_elsewhere():
     # The default port, for real: skipped when something else holds it.
     if not _free_on_any_address(4000):
         pytest.skip("port 4000 is in use")
-    environ = {k: v for k, v in os.environ.items()
-               if k not in ("REDIS_URL", "WS_STREAM_URL", "MARKETSTREAM_CONFIG")}
-    demo = subprocess.Popen([sys.executable, "-m", "marketstream", "--demo"], cwd=ROOT,
-                            env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "WS_STREAM_URL", "MARKETSTREAM_CONFIG")
+    }
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "marketstream", "--demo"],
+        cwd=ROOT,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     threading.Thread(target=lambda: lines.extend(demo.stdout), daemon=True).start()
     try:
-        wait_until(lambda: "Press Ctrl-C" in "".join(lines) or demo.poll() is not None, 60,
-                   message="the demo banner")
+        wait_until(
+            lambda: "Press Ctrl-C" in "".join(lines) or demo.poll() is not None,
+            60,
+            message="the demo banner",
+        )
         output = "".join(lines)
         if demo.poll() is not None and "address already in use" in output:
             pytest.skip("port 4000 was taken meanwhile")

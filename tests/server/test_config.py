@@ -29,6 +29,7 @@ def ini(tmp_path):
         path = tmp_path / (name or "conf%d.ini" % count[0])
         path.write_text(text, encoding="utf-8")
         return str(path)
+
     return write
 
 
@@ -121,15 +122,18 @@ def test_listen_from_file(ini):
     assert s.sources["server.processes"] == "default"
 
 
-@pytest.mark.parametrize("value, listen", [
-    ("0.0.0.0:4100", ("0.0.0.0", 4100, "")),
-    ("127.0.0.1:4101", ("127.0.0.1", 4101, "")),
-    ("ws://10.1.2.3:4102/stream-ws", ("10.1.2.3", 4102, "/stream-ws")),
-    ("ws://0.0.0.0:4103/ws", ("0.0.0.0", 4103, "/ws")),
-    ("ws://0.0.0.0:4104/ws/", ("0.0.0.0", 4104, "/ws")),
-    ("ws://0.0.0.0:4105/", ("0.0.0.0", 4105, "")),
-    ("[::1]:4106", ("::1", 4106, "")),
-])
+@pytest.mark.parametrize(
+    "value, listen",
+    [
+        ("0.0.0.0:4100", ("0.0.0.0", 4100, "")),
+        ("127.0.0.1:4101", ("127.0.0.1", 4101, "")),
+        ("ws://10.1.2.3:4102/stream-ws", ("10.1.2.3", 4102, "/stream-ws")),
+        ("ws://0.0.0.0:4103/ws", ("0.0.0.0", 4103, "/ws")),
+        ("ws://0.0.0.0:4104/ws/", ("0.0.0.0", 4104, "/ws")),
+        ("ws://0.0.0.0:4105/", ("0.0.0.0", 4105, "")),
+        ("[::1]:4106", ("::1", 4106, "")),
+    ],
+)
 def test_ws_stream_url_forms(value, listen):
     s = load_settings(environ={"WS_STREAM_URL": value})
     assert s.server.listen == listen
@@ -244,11 +248,18 @@ def test_processes_flag(ini):
 
 
 def test_set_any_key():
-    s = from_flags("--set", "protocol.markets=SOL_USDC, BTC_USDT",
-                   "--set", "limits.max_frame_bytes=1024",
-                   "--set", "logging.format=%(message)s a=b",
-                   "--set", "redis.format=data",
-                   "--set", "server.allowed_origins=https://a.example,https://b.example")
+    s = from_flags(
+        "--set",
+        "protocol.markets=SOL_USDC, BTC_USDT",
+        "--set",
+        "limits.max_frame_bytes=1024",
+        "--set",
+        "logging.format=%(message)s a=b",
+        "--set",
+        "redis.format=data",
+        "--set",
+        "server.allowed_origins=https://a.example,https://b.example",
+    )
     assert s.protocol.markets == ("SOL_USDC", "BTC_USDT")
     assert s.limits.max_frame_bytes == 1024
     assert s.logging.format == "%(message)s a=b"
@@ -264,8 +275,11 @@ def test_log_level_flag():
 
 def test_overrides_beat_file_and_environment(ini):
     path = ini("[server]\nlisten = 127.0.0.1:5001\n")
-    s = load_settings(path, environ={"WS_STREAM_URL": "127.0.0.2:5002"},
-                      overrides={"server.listen": "127.0.0.3:5003"})
+    s = load_settings(
+        path,
+        environ={"WS_STREAM_URL": "127.0.0.2:5002"},
+        overrides={"server.listen": "127.0.0.3:5003"},
+    )
     assert s.server.listen == ("127.0.0.3", 5003, "")
 
 
@@ -278,31 +292,38 @@ def test_parse_listen():
 # --- errors ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, section, key", [
-    ("[server]\nlistn = 0.0.0.0:4000\n", "server", "listn"),
-    ("[server]\nListen = 0.0.0.0:4000\n", "server", "Listen"),
-    ("[redis]\nlisten = 0.0.0.0:4000\n", "redis", "listen"),
-    ("[server]\nprocesses = many\n", "server", "processes"),
-    ("[server]\nprocesses = 1.5\n", "server", "processes"),
-    ("[server]\nprocesses = -1\n", "server", "processes"),
-    ("[server]\nprocesses = 257\n", "server", "processes"),
-    ("[limits]\nmax_frame_bytes = 8\n", "limits", "max_frame_bytes"),
-    ("[server]\nshutdown_timeout = soon\n", "server", "shutdown_timeout"),
-    ("[server]\nxheaders = maybe\n", "server", "xheaders"),
-    ("[protocol]\nacks = 2\n", "protocol", "acks"),
-    ("[redis]\nformat = xml\n", "redis", "format"),
-    ("[logging]\nlevel = LOUD\n", "logging", "level"),
-    ("[redis]\nurl = http://localhost:6379\n", "redis", "url"),
-    ("[redis]\nurl = localhost:6379\n", "redis", "url"),
-    ("[server]\nlisten = 0.0.0.0\n", "server", "listen"),
-    ("[server]\nlisten = 0.0.0.0:notaport\n", "server", "listen"),
-    ("[server]\nlisten = 0.0.0.0:99999\n", "server", "listen"),
-    ("[server]\nlisten = wss://0.0.0.0:4000/ws\n", "server", "listen"),
-    ("[protocol]\nmarket_pattern = [A-Z\n", "protocol", "market_pattern"),
-    ("[protocol]\nmarket_pattern = (?P<x\n", "protocol", "market_pattern"),
-    ("[server]\nlisten = 1.2.3.4:1\nlisten = 1.2.3.4:2\n", "server", "listen"),  # malformed: duplicate
-    ("[sever]\nlisten = 0.0.0.0:4000\n", "sever", "listen"),  # unknown section
-])
+@pytest.mark.parametrize(
+    "text, section, key",
+    [
+        ("[server]\nlistn = 0.0.0.0:4000\n", "server", "listn"),
+        ("[server]\nListen = 0.0.0.0:4000\n", "server", "Listen"),
+        ("[redis]\nlisten = 0.0.0.0:4000\n", "redis", "listen"),
+        ("[server]\nprocesses = many\n", "server", "processes"),
+        ("[server]\nprocesses = 1.5\n", "server", "processes"),
+        ("[server]\nprocesses = -1\n", "server", "processes"),
+        ("[server]\nprocesses = 257\n", "server", "processes"),
+        ("[limits]\nmax_frame_bytes = 8\n", "limits", "max_frame_bytes"),
+        ("[server]\nshutdown_timeout = soon\n", "server", "shutdown_timeout"),
+        ("[server]\nxheaders = maybe\n", "server", "xheaders"),
+        ("[protocol]\nacks = 2\n", "protocol", "acks"),
+        ("[redis]\nformat = xml\n", "redis", "format"),
+        ("[logging]\nlevel = LOUD\n", "logging", "level"),
+        ("[redis]\nurl = http://localhost:6379\n", "redis", "url"),
+        ("[redis]\nurl = localhost:6379\n", "redis", "url"),
+        ("[server]\nlisten = 0.0.0.0\n", "server", "listen"),
+        ("[server]\nlisten = 0.0.0.0:notaport\n", "server", "listen"),
+        ("[server]\nlisten = 0.0.0.0:99999\n", "server", "listen"),
+        ("[server]\nlisten = wss://0.0.0.0:4000/ws\n", "server", "listen"),
+        ("[protocol]\nmarket_pattern = [A-Z\n", "protocol", "market_pattern"),
+        ("[protocol]\nmarket_pattern = (?P<x\n", "protocol", "market_pattern"),
+        (
+            "[server]\nlisten = 1.2.3.4:1\nlisten = 1.2.3.4:2\n",
+            "server",
+            "listen",
+        ),  # malformed: duplicate
+        ("[sever]\nlisten = 0.0.0.0:4000\n", "sever", "listen"),  # unknown section
+    ],
+)
 def test_bad_file_names_file_section_and_key(ini, text, section, key):
     path = ini(text)
     with pytest.raises(ConfigError) as error:
@@ -313,10 +334,13 @@ def test_bad_file_names_file_section_and_key(ini, text, section, key):
     assert key in message
 
 
-@pytest.mark.parametrize("text", [
-    "[bogus]\n",  # an empty unknown section is still a mistake
-    "[DEFAULT]\nprocesses = 2\n",  # configparser's DEFAULT section is not in the schema
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[bogus]\n",  # an empty unknown section is still a mistake
+        "[DEFAULT]\nprocesses = 2\n",  # configparser's DEFAULT section is not in the schema
+    ],
+)
 def test_unknown_sections_without_a_known_key_are_errors(ini, text):
     path = ini(text)
     with pytest.raises(ConfigError) as error:
@@ -348,17 +372,20 @@ def test_bad_marketstream_config_names_the_file(tmp_path):
     assert all(part in str(error.value) for part in (str(path), "limits", "messages_burst"))
 
 
-@pytest.mark.parametrize("flags, parts", [
-    (["--processes", "many"], ["command line", "server", "processes"]),
-    (["--listen", "0.0.0.0"], ["command line", "server", "listen"]),
-    (["--redis-url", "http://x:1"], ["command line", "redis", "url"]),
-    (["--log-level", "LOUD"], ["command line", "logging", "level"]),
-    (["--set", "server.processes=many"], ["command line", "server", "processes"]),
-    (["--set", "server.nokey=1"], ["command line", "server", "nokey"]),
-    (["--set", "nosection.key=1"], ["command line", "nosection"]),
-    (["--set", "server.processes"], ["command line", "server.processes"]),
-    (["--set", "processes=2"], ["command line", "processes=2"]),
-])
+@pytest.mark.parametrize(
+    "flags, parts",
+    [
+        (["--processes", "many"], ["command line", "server", "processes"]),
+        (["--listen", "0.0.0.0"], ["command line", "server", "listen"]),
+        (["--redis-url", "http://x:1"], ["command line", "redis", "url"]),
+        (["--log-level", "LOUD"], ["command line", "logging", "level"]),
+        (["--set", "server.processes=many"], ["command line", "server", "processes"]),
+        (["--set", "server.nokey=1"], ["command line", "server", "nokey"]),
+        (["--set", "nosection.key=1"], ["command line", "nosection"]),
+        (["--set", "server.processes"], ["command line", "server.processes"]),
+        (["--set", "processes=2"], ["command line", "processes=2"]),
+    ],
+)
 def test_flag_errors_name_the_flag_section_and_key(flags, parts):
     with pytest.raises(ConfigError) as error:
         from_flags(*flags)
@@ -377,11 +404,14 @@ def test_unreadable_files(tmp_path):
     assert str(tmp_path) in str(error.value)
 
 
-@pytest.mark.parametrize("text", [
-    "listen = 0.0.0.0:4000\n",  # no section header
-    "[server\nlisten = 0.0.0.0:4000\n",  # broken section header
-    "[server]\n[server]\n",  # duplicate section
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "listen = 0.0.0.0:4000\n",  # no section header
+        "[server\nlisten = 0.0.0.0:4000\n",  # broken section header
+        "[server]\n[server]\n",  # duplicate section
+    ],
+)
 def test_malformed_ini_names_the_file(ini, text):
     path = ini(text)
     with pytest.raises(ConfigError) as error:
@@ -413,8 +443,14 @@ def test_invalid_utf8_file_is_a_config_error(tmp_path):
 
 def run_marketstream(*args):
     environ = {k: v for k, v in os.environ.items() if k not in CONFIG_ENV}
-    return subprocess.run([sys.executable, "-m", "marketstream", *args], cwd=ROOT, env=environ,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "marketstream", *args],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_command_exits_2_for_a_bad_file(tmp_path):
@@ -442,12 +478,19 @@ def test_a_ping_timeout_longer_than_the_interval_is_accepted(tmp_path):
     assert (settings.server.ping_interval, settings.server.ping_timeout) == (5, 10)
 
 
-@pytest.mark.parametrize("text, line, words", [
-    ("listen = 0.0.0.0:4000\n", 1, ["before any [section] header", "listen"]),
-    ("[server]\nlisten 0.0.0.0:4000\n", 2, ["listen 0.0.0.0:4000", 'only "="']),
-    ("[server]\nlisten = 1.2.3.4:1\n\nlisten = 1.2.3.4:2\n", 4, ["[server] listen", "duplicate key"]),
-    ("[server]\nprocesses = 1\n[server]\n", 3, ["[server]", "duplicate section"]),
-])
+@pytest.mark.parametrize(
+    "text, line, words",
+    [
+        ("listen = 0.0.0.0:4000\n", 1, ["before any [section] header", "listen"]),
+        ("[server]\nlisten 0.0.0.0:4000\n", 2, ["listen 0.0.0.0:4000", 'only "="']),
+        (
+            "[server]\nlisten = 1.2.3.4:1\n\nlisten = 1.2.3.4:2\n",
+            4,
+            ["[server] listen", "duplicate key"],
+        ),
+        ("[server]\nprocesses = 1\n[server]\n", 3, ["[server]", "duplicate section"]),
+    ],
+)
 def test_malformed_files_name_file_line_section_and_key(tmp_path, text, line, words):
     path = tmp_path / "bad.ini"
     path.write_text(text)
@@ -460,8 +503,9 @@ def test_malformed_files_name_file_line_section_and_key(tmp_path, text, line, wo
     assert "\\n" not in message and "Error" not in message
 
 
-@pytest.mark.parametrize("url", ["http://0.0.0.0:4000", "https://0.0.0.0:4000/ws",
-                                 "wss://0.0.0.0:4000/ws"])
+@pytest.mark.parametrize(
+    "url", ["http://0.0.0.0:4000", "https://0.0.0.0:4000/ws", "wss://0.0.0.0:4000/ws"]
+)
 def test_ws_stream_url_must_be_ws_or_host_port(url):
     with pytest.raises(ConfigError, match="environment WS_STREAM_URL.*listen.*ws://"):
         load_settings(None, environ={"WS_STREAM_URL": url})

@@ -57,12 +57,18 @@ _PARENT = textwrap.dedent("""
 
 
 def test_the_server_dies_with_the_process_that_started_it():
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT], cwd=ROOT, text=True, stdout=subprocess.PIPE
+    )
     try:
         child = int(parent.stdout.readline())
         os.kill(parent.pid, signal.SIGKILL)  # no chance to clean up
-        wait_until(lambda: process_gone(child), 20, interval=0.05, message="the orphaned redis-server to exit")
+        wait_until(
+            lambda: process_gone(child),
+            20,
+            interval=0.05,
+            message="the orphaned redis-server to exit",
+        )
     finally:
         parent.kill()
         parent.wait()

@@ -10,12 +10,31 @@ import tornado.httpclient
 import tornado.websocket
 import ujson
 
-from marketstream.testing import async_wait_until, free_port, masked_frame, raw_socket, server_frames
-from tests.helpers import (abort, connect, envelope, listeners, no_message, numsub, read, released,
-                           send, subscribe_all, subscribed, ws_url)
+from marketstream.testing import (
+    async_wait_until,
+    free_port,
+    masked_frame,
+    raw_socket,
+    server_frames,
+)
+from tests.helpers import (
+    abort,
+    connect,
+    envelope,
+    listeners,
+    no_message,
+    numsub,
+    read,
+    released,
+    send,
+    subscribe_all,
+    subscribed,
+    ws_url,
+)
 
 
 # --- delivery ----------------------------------------------------------------
+
 
 @pytest.mark.gen_test
 async def test_envelope_delivered_byte_for_byte(server, redis_client):
@@ -132,8 +151,9 @@ async def test_fifty_clients_get_exactly_one_copy(server, redis_client):
 
 @pytest.mark.parametrize("fast_handshake", ["true", "false"])
 @pytest.mark.gen_test(timeout=30)
-async def test_open_connections_keep_no_handshake_state(server_factory, redis_client,
-                                                        fast_handshake):
+async def test_open_connections_keep_no_handshake_state(
+    server_factory, redis_client, fast_handshake
+):
     """Per-connection memory: once open, a connection holds no HTTP
     connection objects, parsed headers or handshake coroutines, and it
     still reads frames, delivers and closes (through the handshake
@@ -157,8 +177,9 @@ async def test_open_connections_keep_no_handshake_state(server_factory, redis_cl
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_idle_connections_keep_no_empty_write_buffers_or_ack_sets(server_factory,
-                                                                        redis_client):
+async def test_idle_connections_keep_no_empty_write_buffers_or_ack_sets(
+    server_factory, redis_client
+):
     """Per-connection memory: an open connection that keeps up has no write
     buffer and write-future queue of its own (two deques, ~1.5 KB) and no
     set of acknowledgements in flight (216 bytes) once they are sent."""
@@ -180,8 +201,9 @@ async def test_idle_connections_keep_no_empty_write_buffers_or_ack_sets(server_f
     before = containers()
     # Bare sockets: a client library's own buffers would be counted too.
     clients = [await raw_socket(server.settings.port) for _ in range(40)]
-    subscribe = masked_frame(ujson.dumps({"method": "SUBSCRIBE", "params": ["trade.XRP_USDT"],
-                                          "id": 1}))
+    subscribe = masked_frame(
+        ujson.dumps({"method": "SUBSCRIBE", "params": ["trade.XRP_USDT"], "id": 1})
+    )
     for sock, _ in clients:
         await loop.sock_sendall(sock, subscribe)
     for sock, data in clients:
@@ -200,12 +222,21 @@ async def test_junk_frames_are_ignored_and_counted(server, redis_client):
     ws = await connect(server)
     other = await connect(server)
     await send(other, "SUBSCRIBE", ["trade.SOL_USDC"])
-    junk = ["not json", "[1,2]", "42", '"str"', "null", "{}", '{"method":"SUBSCRIBE"}',
-            '{"method":"SUBSCRIBE","params":"trade.SOL_USDC","id":1}',
-            '{"method":"SUBSCRIBE","params":[1,2],"id":1}',
-            '{"method":"DELETE","params":["trade.SOL_USDC"],"id":1}',
-            '{"method":7,"params":["trade.SOL_USDC"],"id":1}',
-            '{"method":"SUBSCRIBE","params":["trade.sol_usdc"],"id":1}', "{" * 5000]
+    junk = [
+        "not json",
+        "[1,2]",
+        "42",
+        '"str"',
+        "null",
+        "{}",
+        '{"method":"SUBSCRIBE"}',
+        '{"method":"SUBSCRIBE","params":"trade.SOL_USDC","id":1}',
+        '{"method":"SUBSCRIBE","params":[1,2],"id":1}',
+        '{"method":"DELETE","params":["trade.SOL_USDC"],"id":1}',
+        '{"method":7,"params":["trade.SOL_USDC"],"id":1}',
+        '{"method":"SUBSCRIBE","params":["trade.sol_usdc"],"id":1}',
+        "{" * 5000,
+    ]
     for frame in junk:
         await ws.write_message(frame)
     await ws.write_message(b"\x00\x01binary", binary=True)
@@ -245,7 +276,11 @@ async def test_acks_in_binance_shapes(server_factory, redis_client):
     assert numsub(redis_client, "trade.SOL_USDC") == 1
     await send(ws, "SUBSCRIBE", ["nope.SOL_USDC", "depth.SOL_USDC"], request_id=2)
     reply = ujson.loads(await read(ws))
-    assert reply["id"] == 2 and reply["error"]["code"] == 2 and "nope.SOL_USDC" in reply["error"]["msg"]
+    assert (
+        reply["id"] == 2
+        and reply["error"]["code"] == 2
+        and "nope.SOL_USDC" in reply["error"]["msg"]
+    )
     await send(ws, "UNSUBSCRIBE", ["depth.SOL_USDC"], request_id=3)
     assert ujson.loads(await read(ws)) == {"result": None, "id": 3}
     await ws.write_message("garbage")
@@ -256,6 +291,7 @@ async def test_acks_in_binance_shapes(server_factory, redis_client):
 
 
 # --- identity and HTTP -------------------------------------------------------
+
 
 @pytest.mark.gen_test
 async def test_identity_is_peer_address(server, caplog):
@@ -277,26 +313,33 @@ async def test_identity_behind_proxy_uses_forwarded_ip_and_stays_unique(server_f
     server = await server_factory(server__xheaders="true")
     headers = {"X-Real-IP": "203.0.113.7"}
     a = await tornado.websocket.websocket_connect(
-        tornado.httpclient.HTTPRequest(ws_url(server), headers=headers))
+        tornado.httpclient.HTTPRequest(ws_url(server), headers=headers)
+    )
     b = await tornado.websocket.websocket_connect(
-        tornado.httpclient.HTTPRequest(ws_url(server), headers=headers))
+        tornado.httpclient.HTTPRequest(ws_url(server), headers=headers)
+    )
     await async_wait_until(lambda: len(server.manager.connections) == 2)
     identities = sorted(conn.identity for conn in server.manager.connections)
     assert all(identity.startswith("203.0.113.7:") for identity in identities)
     assert identities[0] != identities[1]
     a.close(), b.close()
     # With the client's port from the proxy, the identity is the client's own.
-    c = await tornado.websocket.websocket_connect(tornado.httpclient.HTTPRequest(
-        ws_url(server), headers={"X-Real-IP": "203.0.113.8", "X-Real-Port": "51234"}))
-    await async_wait_until(lambda: any(conn.identity == "203.0.113.8:51234"
-                                       for conn in server.manager.connections))
+    c = await tornado.websocket.websocket_connect(
+        tornado.httpclient.HTTPRequest(
+            ws_url(server), headers={"X-Real-IP": "203.0.113.8", "X-Real-Port": "51234"}
+        )
+    )
+    await async_wait_until(
+        lambda: any(conn.identity == "203.0.113.8:51234" for conn in server.manager.connections)
+    )
     c.close()
 
 
 @pytest.mark.gen_test
 async def test_proxy_headers_ignored_unless_trusted(server):
     ws = await tornado.websocket.websocket_connect(
-        tornado.httpclient.HTTPRequest(ws_url(server), headers={"X-Real-IP": "203.0.113.7"}))
+        tornado.httpclient.HTTPRequest(ws_url(server), headers={"X-Real-IP": "203.0.113.7"})
+    )
     await async_wait_until(lambda: server.manager.connections)
     assert list(server.manager.connections)[0].identity.startswith("127.0.0.1:")
     ws.close()
@@ -325,14 +368,16 @@ async def test_closed_connections_are_freed_without_the_cycle_collector(server):
     import weakref
 
     from marketstream.server.app import GC_THRESHOLDS
+
     assert GC_THRESHOLDS[0] > 700  # what makes this test matter
     clients = [await connect(server) for _ in range(20)]
     for ws in clients:
         ws.write_message(ujson.dumps({"method": "SUBSCRIBE", "params": ["trade.FREE_USDT"]}))
     await listeners(server, "trade.FREE_USDT", 20)
     handlers = list(server.manager.connections)
-    refs = [weakref.ref(obj) for h in handlers
-            for obj in (h, h.ws_connection, h.ws_connection.stream)]
+    refs = [
+        weakref.ref(obj) for h in handlers for obj in (h, h.ws_connection, h.ws_connection.stream)
+    ]
     del handlers
     gc.collect()
     gc.disable()
@@ -343,8 +388,11 @@ async def test_closed_connections_are_freed_without_the_cycle_collector(server):
             else:
                 ws.close()
         await async_wait_until(lambda: not server.manager.connections)
-        await async_wait_until(lambda: all(ref() is None for ref in refs), timeout=5,
-                               message="closed connections freed by reference counting")
+        await async_wait_until(
+            lambda: all(ref() is None for ref in refs),
+            timeout=5,
+            message="closed connections freed by reference counting",
+        )
         await asyncio.sleep(0)
     finally:
         gc.enable()

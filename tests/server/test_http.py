@@ -39,6 +39,7 @@ def test_the_url_map(redis_url):
 
     class Context:  # what routes() reads of one
         pass
+
     context = Context()
     context.settings = settings
     table = {path: handler for path, handler, _ in routes(context, exporter=object())}

@@ -25,8 +25,9 @@ async def _scenario(redis_url, interval, timeout, run_for):
     """Run a polite and a silent client for ``run_for`` seconds; return
     (polite still open, seconds until the silent one was closed, its close code
     and reason)."""
-    server = Server(make_settings(redis_url, server__ping_interval=interval,
-                                  server__ping_timeout=timeout))
+    server = Server(
+        make_settings(redis_url, server__ping_interval=interval, server__ping_timeout=timeout)
+    )
     await server.start()
     try:
         port = server.settings.port
@@ -34,8 +35,9 @@ async def _scenario(redis_url, interval, timeout, run_for):
         await send(polite, "SUBSCRIBE", ["trade.KEEP_ALIVE"])
         silent = await RawClient.connect(port)
         started = time.monotonic()
-        await async_wait_until(lambda: len(server.manager.connections) == 2,
-                               message="both clients registered")
+        await async_wait_until(
+            lambda: len(server.manager.connections) == 2, message="both clients registered"
+        )
         code, reason = await silent.recv_close(timeout=run_for + 5)
         silent_closed_after = time.monotonic() - started
         silent.close()
@@ -45,13 +47,16 @@ async def _scenario(redis_url, interval, timeout, run_for):
         # Still open, still served: a message published now arrives.
         alive = polite.protocol is not None and polite.close_code is None
         if alive:
-            await async_wait_until(lambda: "trade.KEEP_ALIVE" in server.manager.streams,
-                                   message="polite client subscribed")
+            await async_wait_until(
+                lambda: "trade.KEEP_ALIVE" in server.manager.streams,
+                message="polite client subscribed",
+            )
             client = redis.Redis.from_url(redis_url)
             try:
                 await async_wait_until(
                     lambda: client.publish("trade.KEEP_ALIVE", envelope("trade.KEEP_ALIVE", t=1)),
-                    message="publish reaches the server")
+                    message="publish reaches the server",
+                )
             finally:
                 client.close()
             assert "trade.KEEP_ALIVE" in await read(polite)
@@ -64,7 +69,9 @@ async def _scenario(redis_url, interval, timeout, run_for):
 def _check(result, interval, timeout):
     alive, closed_after, code, reason = result
     assert alive, "a client that answers pings was closed (interval %s, timeout %s)" % (
-        interval, timeout)
+        interval,
+        timeout,
+    )
     assert (code, reason) == (1001, "ping timeout")
     # First ping at ~interval, closed when it is timeout old; allow one more
     # sweep and scheduling noise on a busy machine.
@@ -78,8 +85,11 @@ def test_polite_client_stays_silent_one_goes(redis_url, interval, timeout):
     _check(asyncio.run(_scenario(redis_url, interval, timeout, run_for)), interval, timeout)
 
 
-@settings(max_examples=8, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(interval=st.floats(0.05, 0.4), ratio=st.floats(0.25, 4.0))
 def test_any_interval_and_timeout_ratio(redis_url, interval, ratio):
     timeout = max(0.1, round(interval * ratio, 3))
@@ -107,8 +117,9 @@ def test_shipped_defaults_keep_healthy_clients_beyond_two_intervals(redis_url):
             code, reason = await silent.recv_close(timeout=server_run)
             closed_after = time.monotonic() - started
             await asyncio.sleep(max(0.0, server_run - (time.monotonic() - started)))
-            assert polite.close_code is None and polite.protocol is not None, \
+            assert polite.close_code is None and polite.protocol is not None, (
                 "the polite client was closed after %.0f s" % (time.monotonic() - started)
+            )
             assert server.counters.closed["ping_timeout"] == 1
             polite.close()
             return code, reason, closed_after

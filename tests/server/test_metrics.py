@@ -14,23 +14,33 @@ from prometheus_client.parser import text_string_to_metric_families
 from marketstream.server import metrics
 
 from marketstream.testing import RawClient, wait_until
-from tests.helpers import (ServerProcess, clients_on_every_worker, connect, envelope, read, send,
-                           subscribed, ws_url)
+from tests.helpers import (
+    ServerProcess,
+    clients_on_every_worker,
+    connect,
+    envelope,
+    read,
+    send,
+    subscribed,
+    ws_url,
+)
 
 
 def parse(text):
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            key = sample.name + "".join("{%s=%s}" % item for item in sorted(sample.labels.items())
-                                        if item[0] != "pid")
+            key = sample.name + "".join(
+                "{%s=%s}" % item for item in sorted(sample.labels.items()) if item[0] != "pid"
+            )
             samples[key] = samples.get(key, 0) + sample.value
     return samples
 
 
 async def scrape(port):
     response = await tornado.httpclient.AsyncHTTPClient().fetch(
-        "http://127.0.0.1:%d/metrics" % port)
+        "http://127.0.0.1:%d/metrics" % port
+    )
     assert response.headers["Content-Type"].startswith("text/plain")
     return parse(response.body.decode())
 
@@ -54,7 +64,9 @@ class Watch:
             if (delta == expected) if expected is not None else delta > 0:
                 return delta
             if time.monotonic() > deadline:
-                raise AssertionError("%s moved by %s, expected %s" % (name, delta, expected or "> 0"))
+                raise AssertionError(
+                    "%s moved by %s, expected %s" % (name, delta, expected or "> 0")
+                )
             await asyncio.sleep(0.05)
 
 
@@ -79,15 +91,16 @@ async def test_delivery_metrics_move(server, redis_client):
     await watch.moved("marketstream_batch_size_count", batches)
     await watch.moved("marketstream_batch_size_sum", 3)
     redis_client.publish("trade.M_USDT", "not json")
-    await watch.moved('marketstream_dropped_total{cause=malformed_payload}', 1)
+    await watch.moved("marketstream_dropped_total{cause=malformed_payload}", 1)
     ws.close()
     await watch.moved("marketstream_connections", 0)
     await watch.moved("marketstream_subscriptions", 0)
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_publish_latency_lands_in_the_bucket_of_the_publishers_timestamp(server,
-                                                                               redis_client):
+async def test_publish_latency_lands_in_the_bucket_of_the_publishers_timestamp(
+    server, redis_client
+):
     ws = await connect(server)
     await send(ws, "SUBSCRIBE", ["trade.LAT_USDT"])
     await subscribed(redis_client, "trade.LAT_USDT")
@@ -106,8 +119,10 @@ async def test_publish_latency_lands_in_the_bucket_of_the_publishers_timestamp(s
     await watch.moved("marketstream_publish_latency_seconds_bucket{le=5.0}", 1)
     await watch.moved("marketstream_publish_latency_seconds_bucket{le=2.5}", 0)
     after = await scrape(server.settings.port)
-    seconds = (after["marketstream_publish_latency_seconds_sum"]
-               - watch.before["marketstream_publish_latency_seconds_sum"])
+    seconds = (
+        after["marketstream_publish_latency_seconds_sum"]
+        - watch.before["marketstream_publish_latency_seconds_sum"]
+    )
     assert 3.5 <= seconds < time.time() - published, seconds
 
 
@@ -135,21 +150,25 @@ async def test_batch_latency_counts_batches_and_their_wait(server_factory, redis
 
 @pytest.mark.gen_test(timeout=60)
 async def test_client_misbehaviour_metrics_move(server_factory):
-    server = await server_factory(limits__messages_per_second=1, limits__messages_burst=3,
-                                  server__ping_interval=0.3, server__ping_timeout=0.2)
+    server = await server_factory(
+        limits__messages_per_second=1,
+        limits__messages_burst=3,
+        server__ping_interval=0.3,
+        server__ping_timeout=0.2,
+    )
     watch = await Watch(server).start()
     ws = await connect(server)
     await ws.write_message("junk")
-    await watch.moved('marketstream_dropped_total{cause=invalid_frame}', 1)
+    await watch.moved("marketstream_dropped_total{cause=invalid_frame}", 1)
     await send(ws, "SUBSCRIBE", ["nope.M_USDT"])
-    await watch.moved('marketstream_dropped_total{cause=rejected_stream}', 1)
+    await watch.moved("marketstream_dropped_total{cause=rejected_stream}", 1)
     await send(ws, "LIST_SUBSCRIPTIONS")
     await read(ws)
     await send(ws, "LIST_SUBSCRIPTIONS")  # the 4th message within a second
-    await watch.moved('marketstream_dropped_total{cause=rate_limit}', 1)
+    await watch.moved("marketstream_dropped_total{cause=rate_limit}", 1)
     silent = await RawClient.connect(server.settings.port)
     await silent.recv_close()
-    await watch.moved('marketstream_dropped_total{cause=ping_timeout}', 1)
+    await watch.moved("marketstream_dropped_total{cause=ping_timeout}", 1)
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -160,15 +179,15 @@ async def test_connection_level_metrics_move(server_factory):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
     assert (await reader.readline()).startswith(b"HTTP/1.1 413")
-    await watch.moved('marketstream_refused_handshakes_total{cause=body_too_large}', 1)
+    await watch.moved("marketstream_refused_handshakes_total{cause=body_too_large}", 1)
     silent = await asyncio.open_connection("127.0.0.1", port)
     assert await asyncio.wait_for(silent[0].read(), 10) == b""  # closed at its deadline
-    await watch.moved('marketstream_refused_handshakes_total{cause=handshake_timeout}', 1)
+    await watch.moved("marketstream_refused_handshakes_total{cause=handshake_timeout}", 1)
     flooder = await RawClient.connect(port)
     for _ in range(30):
         flooder.send(b"", opcode=0x9)
     assert (await flooder.recv_close())[0] == 1008
-    await watch.moved('marketstream_dropped_total{cause=frame_rate_limit}', 1)
+    await watch.moved("marketstream_dropped_total{cause=frame_rate_limit}", 1)
     writer.close(), silent[1].close(), flooder.close()
 
 
@@ -183,30 +202,36 @@ async def test_slow_consumer_metric_moves(server_factory, redis_client):
     for _ in range(100):  # 10 MB: past the kernel's socket buffers and the cap
         redis_client.publish("depth.SLOW_USDT", big)
         await asyncio.sleep(0)
-    await watch.moved('marketstream_dropped_total{cause=slow_consumer}', 1, timeout=15)
+    await watch.moved("marketstream_dropped_total{cause=slow_consumer}", 1, timeout=15)
     stalled.close()
 
 
 @pytest.mark.gen_test(timeout=60)
 async def test_refused_handshake_metrics_move(server_factory):
-    server = await server_factory(server__max_connections=2, server__max_connections_per_ip=1,
-                                  server__allowed_origins="https://ok.example")
+    server = await server_factory(
+        server__max_connections=2,
+        server__max_connections_per_ip=1,
+        server__allowed_origins="https://ok.example",
+    )
     watch = await Watch(server).start()
     with pytest.raises(tornado.httpclient.HTTPClientError):
-        await tornado.websocket.websocket_connect(tornado.httpclient.HTTPRequest(
-            ws_url(server), headers={"Origin": "https://evil.example"}))
-    await watch.moved('marketstream_refused_handshakes_total{cause=origin}', 1)
+        await tornado.websocket.websocket_connect(
+            tornado.httpclient.HTTPRequest(
+                ws_url(server), headers={"Origin": "https://evil.example"}
+            )
+        )
+    await watch.moved("marketstream_refused_handshakes_total{cause=origin}", 1)
     await connect(server)
     with pytest.raises(tornado.httpclient.HTTPClientError):
         await connect(server)
-    await watch.moved('marketstream_refused_handshakes_total{cause=max_connections_per_ip}', 1)
+    await watch.moved("marketstream_refused_handshakes_total{cause=max_connections_per_ip}", 1)
 
     server = await server_factory(server__max_connections=1)
     watch = await Watch(server).start()
     await connect(server)
     with pytest.raises(tornado.httpclient.HTTPClientError):
         await connect(server)
-    await watch.moved('marketstream_refused_handshakes_total{cause=max_connections}', 1)
+    await watch.moved("marketstream_refused_handshakes_total{cause=max_connections}", 1)
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -235,8 +260,7 @@ def test_metrics_add_up_over_worker_processes(redis_url):
 
         async def scenario():
             clients = await clients_on_every_worker(server, client, "trade.MPM_USDT", least=10)
-            client.publish("trade.MPM_USDT", envelope("trade.MPM_USDT",
-                                                      E=int(time.time() * 1e6)))
+            client.publish("trade.MPM_USDT", envelope("trade.MPM_USDT", E=int(time.time() * 1e6)))
             for ws in clients:
                 await read(ws)
             # Whichever worker answers, the figures are the sum of both.
@@ -244,16 +268,20 @@ def test_metrics_add_up_over_worker_processes(redis_url):
                 deadline = time.monotonic() + 5
                 while True:
                     samples = await scrape(server.port)
-                    if (samples.get("marketstream_connections") == len(clients)
-                            and samples.get("marketstream_deliveries_total") == len(clients)):
+                    if samples.get("marketstream_connections") == len(clients) and samples.get(
+                        "marketstream_deliveries_total"
+                    ) == len(clients):
                         break
                     assert time.monotonic() < deadline, samples
                     await asyncio.sleep(0.1)
             assert samples["marketstream_upstream_channels"] == 2
             assert samples["marketstream_redis_messages_total"] == 2
             # Histograms too: one batch per worker, each with the message's E.
-            assert (samples["marketstream_batch_latency_seconds_count"]
-                    == samples["marketstream_batches_total"] == 2)
+            assert (
+                samples["marketstream_batch_latency_seconds_count"]
+                == samples["marketstream_batches_total"]
+                == 2
+            )
             assert samples["marketstream_publish_latency_seconds_count"] == 2
 
         asyncio.run(scenario())
@@ -265,19 +293,27 @@ def test_metrics_add_up_over_worker_processes(redis_url):
 @pytest.mark.gen_test(timeout=60)
 async def test_recovery_metrics_move(server, redis_url):
     from marketstream.publisher import Publisher
+
     publisher = Publisher(redis_url, history=100, ttl=600)
     try:
-        first = publisher.publish("depth.METRICS_USDT", {"e": "depth", "U": 1, "u": 1},
-                                  snapshot={"e": "depthSnapshot", "u": 1, "b": [], "a": []})
+        first = publisher.publish(
+            "depth.METRICS_USDT",
+            {"e": "depth", "U": 1, "u": 1},
+            snapshot={"e": "depthSnapshot", "u": 1, "b": [], "a": []},
+        )
         publisher.publish("depth.METRICS_USDT", {"e": "depth", "U": 2, "u": 2})
         watch = await Watch(server).start()
         ws = await tornado.websocket.websocket_connect(
-            ws_url(server, "/stream?streams=depth.METRICS_USDT&snapshot=1"))
+            ws_url(server, "/stream?streams=depth.METRICS_USDT&snapshot=1")
+        )
         await read(ws)  # the snapshot
         await watch.moved("marketstream_recovery_snapshots_total", 1)
         ws2 = await tornado.websocket.websocket_connect(
-            ws_url(server, "/stream?streams=depth.METRICS_USDT&since=depth.METRICS_USDT:%d"
-                   % (first - 1)))
+            ws_url(
+                server,
+                "/stream?streams=depth.METRICS_USDT&since=depth.METRICS_USDT:%d" % (first - 1),
+            )
+        )
         await read(ws2)
         # One after the first client's snapshot, two for the resume.
         await watch.moved("marketstream_recovery_replayed_total", 3)
@@ -307,8 +343,11 @@ def test_observing_in_bulk_is_observing_each(processes):
         if directory:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-        found = {(family.name, sample.name[len(family.name):], sample.labels.get("le")):
-                 sample.value for family in registry.collect() for sample in family.samples}
+        found = {
+            (family.name, sample.name[len(family.name) :], sample.labels.get("le")): sample.value
+            for family in registry.collect()
+            for sample in family.samples
+        }
     finally:
         if directory:
             metrics.disable_multiprocess(directory)

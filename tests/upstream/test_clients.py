@@ -40,8 +40,10 @@ def test_single_server_clients(redis_url):
     client = sync_client(redis_url)
     try:
         assert isinstance(client, redis.Redis)
-        assert _sync_roundtrip(client, "trade.ONE_USDT", "publish", "subscribe",
-                               "get_message") == b"hello"
+        assert (
+            _sync_roundtrip(client, "trade.ONE_USDT", "publish", "subscribe", "get_message")
+            == b"hello"
+        )
     finally:
         client.close()
 
@@ -79,8 +81,10 @@ def test_sentinel_clients_reach_the_primary_and_follow_a_failover(sentinel):
     try:
         assert client.execute_command("ROLE")[0] == "master"
         assert client.connection_pool.get_master_address() == sentinel.primary().addr
-        assert _sync_roundtrip(client, "trade.HA_USDT", "publish", "subscribe",
-                               "get_message") == "hello"
+        assert (
+            _sync_roundtrip(client, "trade.HA_USDT", "publish", "subscribe", "get_message")
+            == "hello"
+        )
         client.set("before", "1")
         assert client.execute_command("WAIT", 1, 2000) == 1  # on the replica too
 
@@ -88,12 +92,18 @@ def test_sentinel_clients_reach_the_primary_and_follow_a_failover(sentinel):
         promoted = time.monotonic()
 
         def writes_reach_the_new_primary():
-            with contextlib.suppress(redis.ConnectionError, redis.ReadOnlyError,
-                                     redis.TimeoutError):
+            with contextlib.suppress(
+                redis.ConnectionError, redis.ReadOnlyError, redis.TimeoutError
+            ):
                 client.set("after", "2")
                 return new.call("GET", "after") == "2"
-        wait_until(writes_reach_the_new_primary, timeout=5, interval=0.05,
-                   message="the sentinel client to write to the new primary")
+
+        wait_until(
+            writes_reach_the_new_primary,
+            timeout=5,
+            interval=0.05,
+            message="the sentinel client to write to the new primary",
+        )
         assert time.monotonic() - promoted < 2.0
         assert new.call("GET", "before") == "1"  # replicated before the kill
     finally:
@@ -116,8 +126,12 @@ def test_cluster_clients_sharded_publish_and_subscribe(cluster):
     client = sync_client(cluster.url)
     try:
         assert isinstance(client, redis.cluster.RedisCluster)
-        assert _sync_roundtrip(client, "trade.SHARD_USDT", "spublish", "ssubscribe",
-                               "get_sharded_message") == b"hello"
+        assert (
+            _sync_roundtrip(
+                client, "trade.SHARD_USDT", "spublish", "ssubscribe", "get_sharded_message"
+            )
+            == b"hello"
+        )
     finally:
         client.close()
 

@@ -9,8 +9,13 @@ import time
 import pytest
 
 from marketstream.upstream.clients import async_client, sync_client
-from marketstream.upstream.cluster import (SentinelWatcher, ShardedSubscriber, cluster_primaries,
-                                           key_slot, sentinel_primary)
+from marketstream.upstream.cluster import (
+    SentinelWatcher,
+    ShardedSubscriber,
+    cluster_primaries,
+    key_slot,
+    sentinel_primary,
+)
 from marketstream.upstream.urls import node_label
 from marketstream.testing import async_wait_until
 from tests.redis_topology import cluster, redis_cluster, redis_sentinel, sentinel  # noqa: F401
@@ -27,9 +32,9 @@ class Recorder:
     """The subscriber's callbacks, recorded."""
 
     def __init__(self):
-        self.messages = collections.defaultdict(list)   # channel -> [payload]
-        self.resubscribed = []                          # (monotonic time, [channels])
-        self.health = []                                # (monotonic time, node, state)
+        self.messages = collections.defaultdict(list)  # channel -> [payload]
+        self.resubscribed = []  # (monotonic time, [channels])
+        self.health = []  # (monotonic time, node, state)
 
     def on_message(self, channel, payload):
         self.messages[channel.decode()].append(payload)
@@ -49,8 +54,9 @@ class Recorder:
     def subscriber(self, cluster, **kwargs):
         options = dict(FAST)
         options.update(kwargs)
-        return ShardedSubscriber(cluster.seeds, self.on_message, self.on_resubscribed,
-                                 self.on_health, **options)
+        return ShardedSubscriber(
+            cluster.seeds, self.on_message, self.on_resubscribed, self.on_health, **options
+        )
 
 
 def channels_on_every_shard(cluster, per_shard, prefix="trade"):
@@ -118,6 +124,7 @@ def assert_in_order(payloads):
 
 # --- slots and discovery --------------------------------------------------------
 
+
 def test_key_slot_matches_the_cluster(cluster):
     node = cluster.nodes[0]
     for name in ["trade.SOL_USDC", "depth.BTC_USDT", "{trade.SOL_USDC}:seq", "x{}y", "a{b}c", "é"]:
@@ -137,6 +144,7 @@ async def test_cluster_primaries_asks_the_first_seed_that_answers(cluster):
 
 
 # --- delivery ---------------------------------------------------------------------
+
 
 @pytest.mark.gen_test(timeout=60)
 async def test_channels_on_every_shard_delivered_once_and_in_order(cluster):
@@ -164,9 +172,13 @@ async def test_channels_on_every_shard_delivered_once_and_in_order(cluster):
                     for name in names:
                         pipe.spublish(name, str(i))
                     assert pipe.execute() == [1] * len(names)
+
         await in_thread(publish)
-        await async_wait_until(lambda: sum(map(len, rec.messages.values())) == rounds * len(names),
-                               timeout=10, message="every message delivered")
+        await async_wait_until(
+            lambda: sum(map(len, rec.messages.values())) == rounds * len(names),
+            timeout=10,
+            message="every message delivered",
+        )
         for name in names:
             assert rec.messages[name] == [str(i).encode() for i in range(rounds)]
         health = sub.health()
@@ -179,13 +191,15 @@ async def test_channels_on_every_shard_delivered_once_and_in_order(cluster):
         node = next(iter(by_shard))
         await async_wait_until(
             lambda: all(node.call("PUBSUB", "SHARDNUMSUB", n)[1] == 0 for n in names[:10]),
-            message="channels released upstream")
+            message="channels released upstream",
+        )
         assert not rec.resubscribed
     finally:
         await sub.stop()
 
 
 # --- topology changes ----------------------------------------------------------------
+
 
 @pytest.mark.gen_test(timeout=60)
 async def test_slot_migration_resubscribes_on_the_new_owner(cluster):
@@ -208,15 +222,20 @@ async def test_slot_migration_resubscribes_on_the_new_owner(cluster):
         moved = time.monotonic()
         await in_thread(cluster.wait_settled)
         settled = time.monotonic()
-        when = await async_wait_until(lambda: rec.resubscribed_at(busy, after=moved - 1),
-                                      timeout=5, message="resubscribed after the migration")
+        when = await async_wait_until(
+            lambda: rec.resubscribed_at(busy, after=moved - 1),
+            timeout=5,
+            message="resubscribed after the migration",
+        )
         assert when - settled < 2.0
         assert sub.node_of(busy) == target.label
         assert pubsub_clients(source) and len(pubsub_clients(target)) == 1  # still one link each
 
         count = len(rec.messages[busy])
-        await async_wait_until(lambda: len(rec.messages[busy]) > count + 20,
-                               message="delivery continues from the new owner")
+        await async_wait_until(
+            lambda: len(rec.messages[busy]) > count + 20,
+            message="delivery continues from the new owner",
+        )
         assert_in_order(rec.messages[busy])
         # Channels of other slots were not disturbed.
         assert all(busy in channels for _, channels in rec.resubscribed)
@@ -277,16 +296,21 @@ async def test_primary_killed_replica_promoted_resubscribes(cluster):
         assert any(node == victim.label and state == "down" for _, node, state in rec.health)
         await in_thread(cluster.wait_settled)
         settled = time.monotonic()
-        await async_wait_until(lambda: all(rec.resubscribed_at(n, killed) for n in lost),
-                               timeout=5, message="the lost shard's channels resubscribed")
+        await async_wait_until(
+            lambda: all(rec.resubscribed_at(n, killed) for n in lost),
+            timeout=5,
+            message="the lost shard's channels resubscribed",
+        )
         assert max(rec.resubscribed_at(n, killed) for n in lost) - settled < 2.0
         new_owner = cluster.owner(key_slot(busy))
         assert {sub.node_of(n) for n in lost} == {new_owner.label}
         # Only the dead shard's channels were interrupted.
         assert {n for _, ns in rec.resubscribed for n in ns} == set(lost)
         count = len(rec.messages[busy])
-        await async_wait_until(lambda: len(rec.messages[busy]) > count + 20,
-                               message="delivery continues from the promoted replica")
+        await async_wait_until(
+            lambda: len(rec.messages[busy]) > count + 20,
+            message="delivery continues from the promoted replica",
+        )
         assert_in_order(rec.messages[busy])
         await async_wait_until(lambda: sub.healthy, timeout=2, message="healthy again")
         assert victim.label not in sub.links
@@ -310,20 +334,30 @@ async def test_silent_shard_detected_by_ping(cluster):
         victim = next(iter(by_shard))
         victim.pause()  # SIGSTOP: the TCP connection stays open, nothing answers
         paused = time.monotonic()
-        await async_wait_until(lambda: not sub.links.get(victim.label, False), timeout=2,
-                               message="silent link counted as down")
+        await async_wait_until(
+            lambda: not sub.links.get(victim.label, False),
+            timeout=2,
+            message="silent link counted as down",
+        )
         detected = time.monotonic() - paused
         assert detected < sub.ping_interval * 2 + sub.ping_timeout + 0.3
         assert not sub.healthy
         down = await async_wait_until(
-            lambda: [t for t, node, state in rec.health if node == victim.label and state == "down"],
-            timeout=2, message="on_health(node, 'down')")
+            lambda: [
+                t for t, node, state in rec.health if node == victim.label and state == "down"
+            ],
+            timeout=2,
+            message="on_health(node, 'down')",
+        )
         assert down[0] - paused < 1.5
         # The cluster fails the silent node over; the subscriber follows.
         await in_thread(cluster.wait_settled)
         settled = time.monotonic()
-        await async_wait_until(lambda: all(rec.resubscribed_at(n, paused) for n in by_shard[victim]),
-                               timeout=5, message="resubscribed on the promoted replica")
+        await async_wait_until(
+            lambda: all(rec.resubscribed_at(n, paused) for n in by_shard[victim]),
+            timeout=5,
+            message="resubscribed on the promoted replica",
+        )
         assert max(rec.resubscribed_at(n, paused) for n in by_shard[victim]) - settled < 2.0
         await async_wait_until(lambda: sub.healthy, timeout=2, message="healthy again")
     finally:
@@ -338,6 +372,7 @@ async def test_start_fails_clearly_without_a_reachable_seed():
 
 
 # --- Sentinel -------------------------------------------------------------------------
+
 
 @pytest.mark.gen_test(timeout=60)
 async def test_sentinel_primary_follows_a_failover(sentinel):
@@ -367,12 +402,16 @@ async def test_sentinel_primary_follows_a_failover(sentinel):
 @pytest.mark.gen_test(timeout=60)
 async def test_sentinel_watcher_announces_the_new_primary(sentinel):
     switches = []
-    watcher = SentinelWatcher(sentinel.seeds + [("127.0.0.1", 1)], sentinel.service,
-                              lambda addr: switches.append((time.monotonic(), addr)))
+    watcher = SentinelWatcher(
+        sentinel.seeds + [("127.0.0.1", 1)],
+        sentinel.service,
+        lambda addr: switches.append((time.monotonic(), addr)),
+    )
     await watcher.start()
     try:
-        await async_wait_until(lambda: sum(watcher.connected.values()) == 3,
-                               message="watching every live sentinel")
+        await async_wait_until(
+            lambda: sum(watcher.connected.values()) == 3, message="watching every live sentinel"
+        )
         old, new = await in_thread(sentinel.failover)
         promoted = time.monotonic()
         await async_wait_until(lambda: switches, timeout=2, message="+switch-master")

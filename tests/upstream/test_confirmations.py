@@ -15,13 +15,15 @@ def test_a_wait_ends_when_every_pending_name_is_resolved():
         confirmations = Confirmations()
         pending = {"trade.A_B", "trade.C_D"}
         waiting = asyncio.ensure_future(
-            confirmations.wait(["trade.A_B", "trade.C_D", "trade.E_F"], pending.__contains__))
+            confirmations.wait(["trade.A_B", "trade.C_D", "trade.E_F"], pending.__contains__)
+        )
         await asyncio.sleep(0)
         confirmations.resolve("trade.A_B")
         await asyncio.sleep(0)
         assert not waiting.done()  # trade.C_D still pending; trade.E_F was not
         confirmations.resolve("trade.C_D")
         return await waiting
+
     assert run(scenario()) is True
 
 
@@ -39,4 +41,5 @@ def test_a_failure_a_timeout_or_a_lost_link_is_false():
         confirmations.fail_all()
         late = await confirmations.wait(["d"], lambda name: True, timeout=0.05)
         return await failed, await lost, late
+
     assert run(scenario()) == (False, False, False)

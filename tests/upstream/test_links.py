@@ -12,12 +12,15 @@ from tests.helpers import released, subscribed
 from tests.upstream.test_link import Listener
 
 
-@pytest.mark.parametrize("url, kind", [
-    ("redis://:secret@127.0.0.1:6390/0", PubSubLink),
-    ("unix://:secret@/run/redis.sock", PubSubLink),
-    ("redis+sentinel://:secret@127.0.0.1:26390,127.0.0.1:26391/prices", SentinelLink),
-    ("redis+cluster://:secret@127.0.0.1:7090,127.0.0.1:7091", ClusterLink),
-])
+@pytest.mark.parametrize(
+    "url, kind",
+    [
+        ("redis://:secret@127.0.0.1:6390/0", PubSubLink),
+        ("unix://:secret@/run/redis.sock", PubSubLink),
+        ("redis+sentinel://:secret@127.0.0.1:26390,127.0.0.1:26391/prices", SentinelLink),
+        ("redis+cluster://:secret@127.0.0.1:7090,127.0.0.1:7091", ClusterLink),
+    ],
+)
 def test_each_url_form_gets_its_link_and_hides_its_password(url, kind):
     link = make_link(url, Listener())
     assert type(link) is kind

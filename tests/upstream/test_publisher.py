@@ -19,13 +19,22 @@ import redis.cluster
 import ujson
 
 from marketstream.testing import RedisServer, wait_until
-from marketstream.publisher import (SCRIPT, SCRIPT_SHA, AsyncPublisher, Publisher,
-                                    check_stream_name, stream_keys)
+from marketstream.publisher import (
+    SCRIPT,
+    SCRIPT_SHA,
+    AsyncPublisher,
+    Publisher,
+    check_stream_name,
+    stream_keys,
+)
 
 
 def _redis7_binary():
-    for candidate in (os.environ.get("MARKETSTREAM_REDIS7_SERVER"), shutil.which("redis-server"),
-                      "/usr/bin/redis-server"):
+    for candidate in (
+        os.environ.get("MARKETSTREAM_REDIS7_SERVER"),
+        shutil.which("redis-server"),
+        "/usr/bin/redis-server",
+    ):
         if candidate and os.access(candidate, os.X_OK):
             out = subprocess.run([candidate, "--version"], capture_output=True, text=True).stdout
             version = out.split("v=", 1)[1].split()[0] if "v=" in out else "0"
@@ -68,12 +77,17 @@ def cluster7():
     binary = _redis7_binary()
     if binary is None:
         pytest.skip("needs redis-server >= 7")
-    server = RedisServer(binary=binary, extra_args=[
-        "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]).start()
+    server = RedisServer(
+        binary=binary,
+        extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
+    ).start()
     client = redis.Redis(port=server.port)
     client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-    wait_until(lambda: b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO"),
-               timeout=10, message="cluster state ok")
+    wait_until(
+        lambda: b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO"),
+        timeout=10,
+        message="cluster state ok",
+    )
     client.close()
     yield server
     server.stop()
@@ -111,7 +125,7 @@ def test_positions_rise_by_one_and_payload_is_prefix_plus_frame(r7):
         data = [{"e": "trade", "t": i, "s": "é/x"} for i in range(50)]
         seqs = [pub.publish("trade.SOL_USDC", d) for d in data]
     assert seqs == list(range(seqs[0], seqs[0] + 50))
-    assert all(type(s) is int and 0 < s < 2 ** 53 for s in seqs)
+    assert all(type(s) is int and 0 < s < 2**53 for s in seqs)
     payloads = drain(pubsub, 50)
     pubsub.close()
     for seq, d, payload in zip(seqs, data, payloads):
@@ -129,18 +143,39 @@ def test_encoded_json_passes_through_verbatim(r7):
     assert drain(pubsub, 3) == [
         ("@%d " % s1 + frame("trade.A_B", '{"p": "1.50",  "x":[1, 2]}', s1)).encode(),
         ("@%d " % s2 + frame("trade.A_B", '{"raw":true}', s2)).encode(),
-        ("@%d " % s3 + frame("trade.A_B", '{"e":"trade"}', s3)).encode()]
+        ("@%d " % s3 + frame("trade.A_B", '{"e":"trade"}', s3)).encode(),
+    ]
     pubsub.close()
-    assert r7.get("{trade.A_B}:snap") == ("@%d " % s3 + frame("trade.A_B", '{"book":[]}',
-                                                               s3)).encode()
+    assert (
+        r7.get("{trade.A_B}:snap") == ("@%d " % s3 + frame("trade.A_B", '{"book":[]}', s3)).encode()
+    )
 
 
-@pytest.mark.parametrize("data", [
-    "", "not json", "[1, 2]", '"text"', "1", "null", '{"p":1', '{"p":NaN}', '{"p":01}',
-    '{"p":1}, "stream": "trade.OTHER_X"', '{"p":1} {"q":2}', b'{"p":"\xff"}',
-    b'{"p":"caf\xe9"}', "{\"p\":\"\ud800\"}",
-    [1, "two"], 5, None, True, ("a",), memoryview(b"[]"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        "",
+        "not json",
+        "[1, 2]",
+        '"text"',
+        "1",
+        "null",
+        '{"p":1',
+        '{"p":NaN}',
+        '{"p":01}',
+        '{"p":1}, "stream": "trade.OTHER_X"',
+        '{"p":1} {"q":2}',
+        b'{"p":"\xff"}',
+        b'{"p":"caf\xe9"}',
+        '{"p":"\ud800"}',
+        [1, "two"],
+        5,
+        None,
+        True,
+        ("a",),
+        memoryview(b"[]"),
+    ],
+)
 def test_data_that_is_not_one_json_object_is_refused(data, r7):
     """What a server would drop (not one JSON object, or not UTF-8) never
     reaches Redis: neither as data nor as a snapshot."""
@@ -162,7 +197,8 @@ def test_history_is_trimmed_to_exactly_history_messages(r7):
     entries = r7.xrange("{trade.A_B}:log")
     assert [e[0] for e in entries] == [b"%d-0" % s for s in seqs[-5:]]
     assert [ujson.loads(e[1][b"p"].split(b" ", 1)[1])["data"]["i"] for e in entries] == list(
-        range(15, 20))
+        range(15, 20)
+    )
     assert all(e[1][b"p"].startswith(b"@%d " % s) for e, s in zip(entries, seqs[-5:]))
 
 
@@ -189,12 +225,22 @@ def test_snapshot_modes(r7):
     pub.publish("ticker.A_B", {"e": "ticker", "c": "1"})
     assert r7.get("{ticker.A_B}:snap") is None
     seq = pub.publish("ticker.A_B", {"e": "ticker", "c": "2"}, snapshot=True)
-    assert r7.get("{ticker.A_B}:snap") == (
-        "@%d " % seq + frame("ticker.A_B", '{"e":"ticker","c":"2"}', seq)).encode()
-    seq = pub.publish("depth.A_B", {"e": "depth", "U": 5, "u": 6},
-                      snapshot={"e": "depthSnapshot", "u": 6, "b": [["1", "2"]], "a": []})
-    assert r7.get("{depth.A_B}:snap") == ("@%d " % seq + frame(
-        "depth.A_B", '{"e":"depthSnapshot","u":6,"b":[["1","2"]],"a":[]}', seq)).encode()
+    assert (
+        r7.get("{ticker.A_B}:snap")
+        == ("@%d " % seq + frame("ticker.A_B", '{"e":"ticker","c":"2"}', seq)).encode()
+    )
+    seq = pub.publish(
+        "depth.A_B",
+        {"e": "depth", "U": 5, "u": 6},
+        snapshot={"e": "depthSnapshot", "u": 6, "b": [["1", "2"]], "a": []},
+    )
+    assert (
+        r7.get("{depth.A_B}:snap")
+        == (
+            "@%d " % seq
+            + frame("depth.A_B", '{"e":"depthSnapshot","u":6,"b":[["1","2"]],"a":[]}', seq)
+        ).encode()
+    )
     seq = pub.publish("depth.A_B", {"e": "depth"}, snapshot='{"already": "json"}')
     assert r7.get("{depth.A_B}:snap").endswith(b',"data":{"already": "json"},"seq":%d}' % seq)
     # A message without a snapshot leaves the stored one alone.
@@ -209,17 +255,19 @@ def test_lost_history_restarts_positions_above_every_earlier_one(r7, redis7_serv
     after_flush = pub.publish("trade.A_B", {"i": 3})
     assert after_flush > before[-1]
 
-    redis7_server.restart()   # no persistence: data and script cache are gone
+    redis7_server.restart()  # no persistence: data and script cache are gone
     wait_until(lambda: _pings(redis7_server.url), message="redis back")
     after_restart = pub.publish("trade.A_B", {"i": 4})
     assert after_restart > after_flush
     r7b = redis.Redis(port=redis7_server.port)
     r7b.script_flush()
     assert pub.publish_many([("trade.A_B", {"i": 5}), ("trade.A_B", {"i": 6})]) == [
-        after_restart + 1, after_restart + 2]
+        after_restart + 1,
+        after_restart + 2,
+    ]
     r7b.close()
     pub.close()
-    assert after_restart < 2 ** 53
+    assert after_restart < 2**53
     # Positions start near Redis TIME in microseconds.
     assert abs(after_restart / 1e6 - time.time()) < 60
 
@@ -261,12 +309,40 @@ def test_raw_evalsha_call_as_documented_for_other_languages(r7, redis7_server):
         reader = sock.makefile("rb")
         sock.sendall(resp("SCRIPT", "LOAD", SCRIPT))
         assert read_reply(reader) == SCRIPT_SHA.encode()
-        call = ("EVALSHA", SCRIPT_SHA, 3, "{trade.X_Y}:seq", "{trade.X_Y}:log", "{trade.X_Y}:snap",
-                "trade.X_Y", '{"e":"trade","p":"1.5"}', 1000, 3600, "", "", "publish")
+        call = (
+            "EVALSHA",
+            SCRIPT_SHA,
+            3,
+            "{trade.X_Y}:seq",
+            "{trade.X_Y}:log",
+            "{trade.X_Y}:snap",
+            "trade.X_Y",
+            '{"e":"trade","p":"1.5"}',
+            1000,
+            3600,
+            "",
+            "",
+            "publish",
+        )
         sock.sendall(resp(*call) + resp(*call))
         first, second = read_reply(reader), read_reply(reader)
-        sock.sendall(resp("EVALSHA", SCRIPT_SHA, 3, "{trade.X_Y}:seq", "{trade.X_Y}:log",
-                          "{trade.X_Y}:snap", "trade.X_Y", "{}", 1000, 3600, "", "", "shout"))
+        sock.sendall(
+            resp(
+                "EVALSHA",
+                SCRIPT_SHA,
+                3,
+                "{trade.X_Y}:seq",
+                "{trade.X_Y}:log",
+                "{trade.X_Y}:snap",
+                "trade.X_Y",
+                "{}",
+                1000,
+                3600,
+                "",
+                "",
+                "shout",
+            )
+        )
         assert read_reply(reader).startswith("-ERR marketstream: pubcmd")
         sock.sendall(resp("SCRIPT", "FLUSH") + resp(*call))
         assert read_reply(reader) == "+OK"
@@ -274,7 +350,8 @@ def test_raw_evalsha_call_as_documented_for_other_languages(r7, redis7_server):
     assert second == first + 1
     assert drain(pubsub, 2) == [
         ("@%d " % s + frame("trade.X_Y", '{"e":"trade","p":"1.5"}', s)).encode()
-        for s in (first, second)]
+        for s in (first, second)
+    ]
     pubsub.close()
     # Nothing of the failed calls was done.
     assert int(r7.get("{trade.X_Y}:seq")) == second
@@ -296,18 +373,20 @@ def test_the_script_refuses_keys_that_are_not_its_streams(r7):
     r7.script_load(SCRIPT)
 
     def call(stream, data='{"e":"x"}', history=1000, ttl=3600, keys=keys):
-        return r7.evalsha(SCRIPT_SHA, len(keys), *keys, stream, data, history, ttl, "self", "",
-                          "publish")
+        return r7.evalsha(
+            SCRIPT_SHA, len(keys), *keys, stream, data, history, ttl, "self", "", "publish"
+        )
 
     attacks = [
-        lambda: call("trade.ATTACK_X"),                        # the measured attack
+        lambda: call("trade.ATTACK_X"),  # the measured attack
         lambda: call(victim, keys=stream_keys("trade.ATTACK_X")[:2] + keys[2:]),
         lambda: call(victim, keys=keys[:2] + ("{depth.VICTIM_X}:snap2",)),
-        lambda: call(victim, keys=keys[:2]),                   # a key short
+        lambda: call(victim, keys=keys[:2]),  # a key short
         lambda: call(victim, keys=keys + ("{depth.VICTIM_X}:x",)),
         lambda: call(""),
-        lambda: call('depth.VICTIM_X","data":{},"x', keys=stream_keys(
-            'depth.VICTIM_X","data":{},"x')),                  # JSON injection by the name
+        lambda: call(
+            'depth.VICTIM_X","data":{},"x', keys=stream_keys('depth.VICTIM_X","data":{},"x')
+        ),  # JSON injection by the name
         lambda: call("depth.VICTIM}X", keys=stream_keys("depth.VICTIM}X")),
         lambda: call("depth.VICTIM\nX", keys=stream_keys("depth.VICTIM\nX")),
         lambda: call(victim, history=1_000_001),
@@ -343,8 +422,10 @@ def test_two_publishers_get_unique_consecutive_positions(redis7_server, r7):
     for name in ("a", "b"):
         assert results[name] == sorted(results[name])
     # The history holds each publisher's messages at the positions it got back.
-    log = {int(e[0].split(b"-")[0]): ujson.loads(e[1][b"p"].split(b" ", 1)[1])["data"]
-           for e in r7.xrange("{trade.A_B}:log")}
+    log = {
+        int(e[0].split(b"-")[0]): ujson.loads(e[1][b"p"].split(b" ", 1)[1])["data"]
+        for e in r7.xrange("{trade.A_B}:log")
+    }
     for name in ("a", "b"):
         assert [log[s] for s in results[name]] == [{"w": name, "i": i} for i in range(300)]
 
@@ -354,7 +435,8 @@ def test_sharded_publish_uses_spublish(r7):
     sharded = subscribed(r7, "trade.A_B", sharded=True)
     seq = Publisher(r7, sharded=True).publish("trade.A_B", {"x": 1})
     assert drain(sharded, 1, kind="smessage") == [
-        ("@%d " % seq + frame("trade.A_B", '{"x":1}', seq)).encode()]
+        ("@%d " % seq + frame("trade.A_B", '{"x":1}', seq)).encode()
+    ]
     assert plain.get_message(timeout=0.2) is None
     plain.close()
     sharded.close()
@@ -370,7 +452,8 @@ def test_cluster_client_publishes_sharded(cluster7):
     seqs += pub.publish_many([("depth.A_B", {"i": 1}), ("depth.A_B", {"i": 2}, {"s": 2})])
     assert seqs == list(range(seqs[0], seqs[0] + 3))
     assert [m.split(b" ", 1)[0] for m in drain(sharded, 3, kind="smessage")] == [
-        b"@%d" % s for s in seqs]
+        b"@%d" % s for s in seqs
+    ]
     assert client.get("{depth.A_B}:snap").startswith(b"@%d " % seqs[2])
     sharded.close()
     node.close()
@@ -384,8 +467,9 @@ def test_url_forms(redis7_server, r7):
     assert r7.xlen("{trade.U_RL}:log") == 2
 
 
-@pytest.mark.parametrize("name", ["", "trade SOL", "a\tb", 'a"b', "a\\b", "{a}", "a}b", "a/b",
-                                  None, 5, b"trade.A_B"])
+@pytest.mark.parametrize(
+    "name", ["", "trade SOL", "a\tb", 'a"b', "a\\b", "{a}", "a}b", "a/b", None, 5, b"trade.A_B"]
+)
 def test_bad_stream_names_are_refused(name, r7):
     with pytest.raises(ValueError):
         check_stream_name(name)
@@ -394,8 +478,17 @@ def test_bad_stream_names_are_refused(name, r7):
     assert r7.dbsize() == 0
 
 
-@pytest.mark.parametrize("kwargs", [{"history": -1}, {"ttl": -5}, {"history": 1.5},
-                                    {"ttl": "60"}, {"history": 1_000_001}, {"ttl": 31_536_001}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"history": -1},
+        {"ttl": -5},
+        {"history": 1.5},
+        {"ttl": "60"},
+        {"history": 1_000_001},
+        {"ttl": 31_536_001},
+    ],
+)
 def test_bad_limits_are_refused(kwargs, r7):
     with pytest.raises(ValueError):
         Publisher(r7, **kwargs)
@@ -405,8 +498,9 @@ def test_async_publisher(redis7_server, r7):
     async def scenario():
         async with AsyncPublisher(redis7_server.url, history=3, ttl=30) as pub:
             first = await pub.publish("ticker.A_B", {"e": "ticker"}, snapshot=True)
-            rest = await pub.publish_many([("ticker.A_B", '{"e":"ticker","n":%d}' % i)
-                                           for i in range(4)])
+            rest = await pub.publish_many(
+                [("ticker.A_B", '{"e":"ticker","n":%d}' % i) for i in range(4)]
+            )
         return [first] + rest
 
     seqs = asyncio.run(scenario())
@@ -423,7 +517,7 @@ def test_async_publisher_on_a_cluster_client(cluster7):
         assert pub.sharded
         seqs = [await pub.publish("trade.C_D", {"i": 0})]
         seqs += await pub.publish_many([("trade.C_D", {"i": 1})])
-        await pub.aclose()   # not its client: still open
+        await pub.aclose()  # not its client: still open
         assert await client.get("{trade.C_D}:seq") == b"%d" % seqs[-1]
         await client.aclose()
         return seqs
@@ -437,8 +531,18 @@ def test_throughput_against_plain_publish(r7):
     pipelined; the figure is printed (-s), the assert only guards a gross
     regression."""
     pub = Publisher(r7, history=1000, ttl=3600)
-    payload = {"e": "trade", "E": 1718000000123456, "s": "SOL_USDC", "t": 17, "p": "150.012",
-               "q": "2.310", "b": 1000042, "a": 1000039, "m": False, "T": 1718000000123}
+    payload = {
+        "e": "trade",
+        "E": 1718000000123456,
+        "s": "SOL_USDC",
+        "t": 17,
+        "p": "150.012",
+        "q": "2.310",
+        "b": 1000042,
+        "a": 1000039,
+        "m": False,
+        "T": 1718000000123,
+    }
     text = ujson.dumps({"stream": "trade.SOL_USDC", "data": payload})
     count = 2000
     started = time.perf_counter()
@@ -449,6 +553,8 @@ def test_throughput_against_plain_publish(r7):
     for _ in range(count):
         pub.publish("trade.SOL_USDC", payload)
     recoverable = count / (time.perf_counter() - started)
-    print("\nplain PUBLISH %.0f/s, Publisher.publish %.0f/s (%.0f%%)" % (
-        plain, recoverable, 100 * recoverable / plain))
+    print(
+        "\nplain PUBLISH %.0f/s, Publisher.publish %.0f/s (%.0f%%)"
+        % (plain, recoverable, 100 * recoverable / plain)
+    )
     assert recoverable > plain / 5

@@ -44,24 +44,27 @@ def decode_frame(data):
         assert length > 0xFFFF, "64-bit length must be minimal"
         offset = 10
     if masked:
-        key, offset = data[offset:offset + 4], offset + 4
-        body = bytes(b ^ key[i % 4] for i, b in enumerate(data[offset:offset + length]))
+        key, offset = data[offset : offset + 4], offset + 4
+        body = bytes(b ^ key[i % 4] for i, b in enumerate(data[offset : offset + length]))
     else:
-        body = data[offset:offset + length]
+        body = data[offset : offset + length]
     assert len(body) == length, "truncated frame"
-    return bool(fin), opcode, bool(masked), body, data[offset + length:]
+    return bool(fin), opcode, bool(masked), body, data[offset + length :]
 
 
-@pytest.mark.parametrize("length, header", [
-    (0, b"\x81\x00"),
-    (1, b"\x81\x01"),
-    (125, b"\x81\x7d"),
-    (126, b"\x81\x7e\x00\x7e"),
-    (127, b"\x81\x7e\x00\x7f"),
-    (65535, b"\x81\x7e\xff\xff"),
-    (65536, b"\x81\x7f\x00\x00\x00\x00\x00\x01\x00\x00"),
-    (70000, b"\x81\x7f" + struct.pack("!Q", 70000)),
-])
+@pytest.mark.parametrize(
+    "length, header",
+    [
+        (0, b"\x81\x00"),
+        (1, b"\x81\x01"),
+        (125, b"\x81\x7d"),
+        (126, b"\x81\x7e\x00\x7e"),
+        (127, b"\x81\x7e\x00\x7f"),
+        (65535, b"\x81\x7e\xff\xff"),
+        (65536, b"\x81\x7f\x00\x00\x00\x00\x00\x01\x00\x00"),
+        (70000, b"\x81\x7f" + struct.pack("!Q", 70000)),
+    ],
+)
 def test_text_frame_header(length, header):
     payload = payload_of(length)
     data = text_frame(payload)
@@ -85,12 +88,15 @@ _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 async def _tornado_reads(frames):
     """Serve a WebSocket handshake and then ``frames`` verbatim over a real
     local TCP socket; return what Tornado's client parser makes of them."""
+
     async def handle(reader, writer):
         request = await reader.readuntil(b"\r\n\r\n")
         key = re.search(rb"(?im)^sec-websocket-key:[ \t]*(\S+)", request).group(1)
         accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
         writer.write(b"".join(frames))
         writer.write(b"\x88\x02\x03\xe8")  # close 1000
         await writer.drain()
@@ -101,7 +107,8 @@ async def _tornado_reads(frames):
     port = server.sockets[0].getsockname()[1]
     try:
         client = await tornado.websocket.websocket_connect(
-            "ws://127.0.0.1:%d/" % port, max_message_size=1 << 20)
+            "ws://127.0.0.1:%d/" % port, max_message_size=1 << 20
+        )
         messages = []
         while True:
             message = await client.read_message()
@@ -117,7 +124,8 @@ async def _tornado_reads(frames):
 def test_tornado_parses_text_frames():
     payloads = [payload_of(length) for length in LENGTHS]
     messages, close_code = asyncio.run(
-        asyncio.wait_for(_tornado_reads([text_frame(p) for p in payloads]), timeout=10))
+        asyncio.wait_for(_tornado_reads([text_frame(p) for p in payloads]), timeout=10)
+    )
     assert close_code == 1000
     assert [type(m) for m in messages] == [str] * len(payloads)
     assert [len(m.encode()) for m in messages] == LENGTHS

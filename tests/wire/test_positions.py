@@ -17,7 +17,7 @@ from marketstream.wire.positions import (
 )
 
 
-@given(st.integers(min_value=0, max_value=2 ** 53), st.binary())
+@given(st.integers(min_value=0, max_value=2**53), st.binary())
 def test_split_position_reads_any_position(seq, frame):
     assert split_position(b"@%d %s" % (seq, frame)) == (seq, frame)
 
@@ -28,20 +28,28 @@ def test_split_position_other_payloads(payload):
     if seq is None:
         assert rest == payload
     else:
-        digits = payload[1:payload.index(b" ")]
+        digits = payload[1 : payload.index(b" ")]
         assert digits.isdigit() and int(digits) == seq
         assert payload == b"@" + digits + b" " + rest
     if payload[:1] != b"@":
         assert seq is None
 
 
-@pytest.mark.parametrize("payload", [b"", b"@", b"@ x", b"@12", b"@12x {}", b"@-1 {}",
-                                     b"@" + b"9" * 30 + b" {}", b'{"stream":"a"}'])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"@",
+        b"@ x",
+        b"@12",
+        b"@12x {}",
+        b"@-1 {}",
+        b"@" + b"9" * 30 + b" {}",
+        b'{"stream":"a"}',
+    ],
+)
 def test_split_position_malformed(payload):
     assert split_position(payload) == (None, payload)
-
-
-
 
 
 def test_the_script_writes_the_keys_and_frames_this_module_describes(redis_client):
@@ -52,8 +60,7 @@ def test_the_script_writes_the_keys_and_frames_this_module_describes(redis_clien
     pubsub = redis_client.pubsub()
     pubsub.subscribe(stream)
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"
-    seq = Publisher(redis_client, history=10, ttl=60).publish(
-        stream, '{"p":"1.5"}', snapshot=True)
+    seq = Publisher(redis_client, history=10, ttl=60).publish(stream, '{"p":"1.5"}', snapshot=True)
     assert 0 < seq <= MAX_POSITION
     published = pubsub.get_message(timeout=5)["data"]
     frame = FRAME_START + stream.encode() + FRAME_DATA + b'{"p":"1.5"}' + FRAME_END % seq

@@ -10,14 +10,20 @@ from marketstream.wire.replies import GAP_REASONS, encode_error, encode_result, 
 from tests.wire.strategies import strict_json
 
 
-
-@pytest.mark.parametrize("request_id, result, expected", [
-    (1, None, {"result": None, "id": 1}),
-    ("abc", None, {"result": None, "id": "abc"}),
-    (None, None, {"result": None, "id": None}),
-    (7, ["trade.SOL_USDC", "depth.BTC_USDT"], {"result": ["trade.SOL_USDC", "depth.BTC_USDT"], "id": 7}),
-    (8, [], {"result": [], "id": 8}),
-])
+@pytest.mark.parametrize(
+    "request_id, result, expected",
+    [
+        (1, None, {"result": None, "id": 1}),
+        ("abc", None, {"result": None, "id": "abc"}),
+        (None, None, {"result": None, "id": None}),
+        (
+            7,
+            ["trade.SOL_USDC", "depth.BTC_USDT"],
+            {"result": ["trade.SOL_USDC", "depth.BTC_USDT"], "id": 7},
+        ),
+        (8, [], {"result": [], "id": 8}),
+    ],
+)
 def test_encode_result(request_id, result, expected):
     text = encode_result(request_id, result)
     assert isinstance(text, str)
@@ -29,12 +35,15 @@ def test_encode_result_default_is_null():
     assert strict_json(encode_result(3)) == {"result": None, "id": 3}
 
 
-@pytest.mark.parametrize("request_id, code, msg", [
-    (1, 2, "params must not be empty"),
-    ("x", 3, "invalid JSON"),
-    (None, 2, "trade.sol: invalid market 'sol'; unknown method \"X\""),
-    (5, 2, "caf\u00e9 \u20ac \\ / \n"),
-])
+@pytest.mark.parametrize(
+    "request_id, code, msg",
+    [
+        (1, 2, "params must not be empty"),
+        ("x", 3, "invalid JSON"),
+        (None, 2, "trade.sol: invalid market 'sol'; unknown method \"X\""),
+        (5, 2, "caf\u00e9 \u20ac \\ / \n"),
+    ],
+)
 def test_encode_error(request_id, code, msg):
     text = encode_error(request_id, code, msg)
     assert isinstance(text, str)
@@ -42,9 +51,14 @@ def test_encode_error(request_id, code, msg):
     text.encode("utf-8")
 
 
-@pytest.mark.parametrize("stream, market", [
-    ("trade.SOL_USDC", "SOL_USDC"), ("kline.1m.BTC_USDT", "BTC_USDT"), ("depth.200ms.X1_Y2", "X1_Y2"),
-])
+@pytest.mark.parametrize(
+    "stream, market",
+    [
+        ("trade.SOL_USDC", "SOL_USDC"),
+        ("kline.1m.BTC_USDT", "BTC_USDT"),
+        ("depth.200ms.X1_Y2", "X1_Y2"),
+    ],
+)
 def test_gap_notice_shape(stream, market):
     notice = gap_notice(stream, now=1700000000.5)
     assert isinstance(notice, bytes) and is_json_object(notice)

@@ -37,8 +37,9 @@ def frame(**fields):
 
 def test_subscribe_keeps_every_param_in_order():
     streams = ["trade.SOL_USDC", "depth.BTC_USDT", "ticker.ETH_USDT", "kline.1m.SOL_USDC"]
-    assert parse_request(frame(method="SUBSCRIBE", params=streams, id=1)) == \
-        Request(SUBSCRIBE, tuple(streams), 1)
+    assert parse_request(frame(method="SUBSCRIBE", params=streams, id=1)) == Request(
+        SUBSCRIBE, tuple(streams), 1
+    )
 
 
 def test_unsubscribe_keeps_every_param_in_order():
@@ -53,16 +54,22 @@ def test_duplicate_params_are_kept_for_the_caller_to_handle():
     assert request == Request(SUBSCRIBE, ("trade.A_B", "trade.A_B"), 2)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('{"method":"LIST_SUBSCRIPTIONS","id":3}', Request(LIST_SUBSCRIPTIONS, (), 3)),
-    ('{"method":"LIST_SUBSCRIPTIONS","params":[],"id":4}', Request(LIST_SUBSCRIPTIONS, (), 4)),
-    ('{"method":"LIST_SUBSCRIPTIONS","params":["x"],"id":5}', Request(LIST_SUBSCRIPTIONS, ("x",), 5)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"method":"LIST_SUBSCRIPTIONS","id":3}', Request(LIST_SUBSCRIPTIONS, (), 3)),
+        ('{"method":"LIST_SUBSCRIPTIONS","params":[],"id":4}', Request(LIST_SUBSCRIPTIONS, (), 4)),
+        (
+            '{"method":"LIST_SUBSCRIPTIONS","params":["x"],"id":5}',
+            Request(LIST_SUBSCRIPTIONS, ("x",), 5),
+        ),
+    ],
+)
 def test_list_subscriptions_with_and_without_params(text, expected):
     assert parse_request(text) == expected
 
 
-@pytest.mark.parametrize("request_id", [0, -1, 7, 2 ** 40, 1.5, "req-1", "", None])
+@pytest.mark.parametrize("request_id", [0, -1, 7, 2**40, 1.5, "req-1", "", None])
 def test_accepted_ids(request_id):
     request = parse_request(frame(method="SUBSCRIBE", params=["trade.A_B"], id=request_id))
     assert isinstance(request, Request)
@@ -72,8 +79,9 @@ def test_accepted_ids(request_id):
 @pytest.mark.parametrize("method", [SUBSCRIBE, UNSUBSCRIBE])
 def test_a_request_without_id_is_served_like_id_null(method):
     # Backpack's SDK sends {"method":"SUBSCRIBE","params":[...]} with no id.
-    assert parse_request('{"method":"%s","params":["trade.SOL_USDC"]}' % method) == \
-        Request(method, ("trade.SOL_USDC",), None)
+    assert parse_request('{"method":"%s","params":["trade.SOL_USDC"]}' % method) == Request(
+        method, ("trade.SOL_USDC",), None
+    )
 
 
 def test_whitespace_and_key_order_do_not_matter():
@@ -91,67 +99,157 @@ def test_unknown_extra_keys_are_ignored():
 P = ["trade.A_B"]
 
 
-@pytest.mark.parametrize("text, reason, code, request_id", [
-    # not JSON at all
-    ("hello", "invalid JSON", ERROR_INVALID_JSON, None),
-    ("", "invalid JSON", ERROR_INVALID_JSON, None),
-    ('{"method":"SUBSCRIBE"', "invalid JSON", ERROR_INVALID_JSON, None),
-    ("{'method':'SUBSCRIBE','params':['trade.A_B'],'id':1}", "invalid JSON", ERROR_INVALID_JSON, None),
-    ('{"method":"SUBSCRIBE","params":["trade.A_B"],"id":1} trailing', "invalid JSON",
-     ERROR_INVALID_JSON, None),
-    # JSON, but not an object
-    ("[1,2]", "not a JSON object", ERROR_INVALID_REQUEST, None),
-    ('[{"method":"SUBSCRIBE","params":["trade.A_B"],"id":1}]', "not a JSON object",
-     ERROR_INVALID_REQUEST, None),
-    ("42", "not a JSON object", ERROR_INVALID_REQUEST, None),
-    ("-1.5", "not a JSON object", ERROR_INVALID_REQUEST, None),
-    ('"SUBSCRIBE"', "not a JSON object", ERROR_INVALID_REQUEST, None),
-    ("null", "not a JSON object", ERROR_INVALID_REQUEST, None),
-    ("true", "not a JSON object", ERROR_INVALID_REQUEST, None),
-    # method
-    (frame(params=P, id=1), "missing or invalid method", ERROR_INVALID_REQUEST, 1),
-    (frame(method=7, params=P, id=1), "missing or invalid method", ERROR_INVALID_REQUEST, 1),
-    (frame(method=None, params=P, id=1), "missing or invalid method", ERROR_INVALID_REQUEST, 1),
-    (frame(method=["SUBSCRIBE"], params=P, id="a"), "missing or invalid method",
-     ERROR_INVALID_REQUEST, "a"),
-    (frame(method="DELETE", params=P, id=1), "unknown method 'DELETE'", ERROR_INVALID_REQUEST, 1),
-    (frame(method="subscribe", params=P, id=1), "unknown method 'subscribe'", ERROR_INVALID_REQUEST, 1),
-    (frame(method="", params=P, id=2), "unknown method ''", ERROR_INVALID_REQUEST, 2),
-    # params
-    (frame(method="SUBSCRIBE", id=1), "params must be an array of strings", ERROR_INVALID_REQUEST, 1),
-    (frame(method="UNSUBSCRIBE", id=1), "params must be an array of strings", ERROR_INVALID_REQUEST, 1),
-    (frame(method="SUBSCRIBE", params="trade.A_B", id=1), "params must be an array of strings",
-     ERROR_INVALID_REQUEST, 1),
-    (frame(method="SUBSCRIBE", params={"0": "trade.A_B"}, id=1), "params must be an array of strings",
-     ERROR_INVALID_REQUEST, 1),
-    (frame(method="SUBSCRIBE", params=None, id=1), "params must be an array of strings",
-     ERROR_INVALID_REQUEST, 1),
-    (frame(method="SUBSCRIBE", params=["trade.A_B", 1], id=1), "params must be an array of strings",
-     ERROR_INVALID_REQUEST, 1),
-    (frame(method="SUBSCRIBE", params=[None], id=1), "params must be an array of strings",
-     ERROR_INVALID_REQUEST, 1),
-    (frame(method="SUBSCRIBE", params=[["trade.A_B"]], id=1), "params must be an array of strings",
-     ERROR_INVALID_REQUEST, 1),
-    (frame(method="LIST_SUBSCRIPTIONS", params="x", id=1), "params must be an array of strings",
-     ERROR_INVALID_REQUEST, 1),
-    (frame(method="SUBSCRIBE", params=[], id=1), "params must not be empty", ERROR_INVALID_REQUEST, 1),
-    (frame(method="UNSUBSCRIBE", params=[], id="u"), "params must not be empty",
-     ERROR_INVALID_REQUEST, "u"),
-    # id
-    (frame(method="SUBSCRIBE", params=P, id=True), "invalid id", ERROR_INVALID_REQUEST, None),
-    (frame(method="SUBSCRIBE", params=P, id=False), "invalid id", ERROR_INVALID_REQUEST, None),
-    (frame(method="SUBSCRIBE", params=P, id={}), "invalid id", ERROR_INVALID_REQUEST, None),
-    (frame(method="SUBSCRIBE", params=P, id={"n": 1}), "invalid id", ERROR_INVALID_REQUEST, None),
-    (frame(method="SUBSCRIBE", params=P, id=[1]), "invalid id", ERROR_INVALID_REQUEST, None),
-])
+@pytest.mark.parametrize(
+    "text, reason, code, request_id",
+    [
+        # not JSON at all
+        ("hello", "invalid JSON", ERROR_INVALID_JSON, None),
+        ("", "invalid JSON", ERROR_INVALID_JSON, None),
+        ('{"method":"SUBSCRIBE"', "invalid JSON", ERROR_INVALID_JSON, None),
+        (
+            "{'method':'SUBSCRIBE','params':['trade.A_B'],'id':1}",
+            "invalid JSON",
+            ERROR_INVALID_JSON,
+            None,
+        ),
+        (
+            '{"method":"SUBSCRIBE","params":["trade.A_B"],"id":1} trailing',
+            "invalid JSON",
+            ERROR_INVALID_JSON,
+            None,
+        ),
+        # JSON, but not an object
+        ("[1,2]", "not a JSON object", ERROR_INVALID_REQUEST, None),
+        (
+            '[{"method":"SUBSCRIBE","params":["trade.A_B"],"id":1}]',
+            "not a JSON object",
+            ERROR_INVALID_REQUEST,
+            None,
+        ),
+        ("42", "not a JSON object", ERROR_INVALID_REQUEST, None),
+        ("-1.5", "not a JSON object", ERROR_INVALID_REQUEST, None),
+        ('"SUBSCRIBE"', "not a JSON object", ERROR_INVALID_REQUEST, None),
+        ("null", "not a JSON object", ERROR_INVALID_REQUEST, None),
+        ("true", "not a JSON object", ERROR_INVALID_REQUEST, None),
+        # method
+        (frame(params=P, id=1), "missing or invalid method", ERROR_INVALID_REQUEST, 1),
+        (frame(method=7, params=P, id=1), "missing or invalid method", ERROR_INVALID_REQUEST, 1),
+        (frame(method=None, params=P, id=1), "missing or invalid method", ERROR_INVALID_REQUEST, 1),
+        (
+            frame(method=["SUBSCRIBE"], params=P, id="a"),
+            "missing or invalid method",
+            ERROR_INVALID_REQUEST,
+            "a",
+        ),
+        (
+            frame(method="DELETE", params=P, id=1),
+            "unknown method 'DELETE'",
+            ERROR_INVALID_REQUEST,
+            1,
+        ),
+        (
+            frame(method="subscribe", params=P, id=1),
+            "unknown method 'subscribe'",
+            ERROR_INVALID_REQUEST,
+            1,
+        ),
+        (frame(method="", params=P, id=2), "unknown method ''", ERROR_INVALID_REQUEST, 2),
+        # params
+        (
+            frame(method="SUBSCRIBE", id=1),
+            "params must be an array of strings",
+            ERROR_INVALID_REQUEST,
+            1,
+        ),
+        (
+            frame(method="UNSUBSCRIBE", id=1),
+            "params must be an array of strings",
+            ERROR_INVALID_REQUEST,
+            1,
+        ),
+        (
+            frame(method="SUBSCRIBE", params="trade.A_B", id=1),
+            "params must be an array of strings",
+            ERROR_INVALID_REQUEST,
+            1,
+        ),
+        (
+            frame(method="SUBSCRIBE", params={"0": "trade.A_B"}, id=1),
+            "params must be an array of strings",
+            ERROR_INVALID_REQUEST,
+            1,
+        ),
+        (
+            frame(method="SUBSCRIBE", params=None, id=1),
+            "params must be an array of strings",
+            ERROR_INVALID_REQUEST,
+            1,
+        ),
+        (
+            frame(method="SUBSCRIBE", params=["trade.A_B", 1], id=1),
+            "params must be an array of strings",
+            ERROR_INVALID_REQUEST,
+            1,
+        ),
+        (
+            frame(method="SUBSCRIBE", params=[None], id=1),
+            "params must be an array of strings",
+            ERROR_INVALID_REQUEST,
+            1,
+        ),
+        (
+            frame(method="SUBSCRIBE", params=[["trade.A_B"]], id=1),
+            "params must be an array of strings",
+            ERROR_INVALID_REQUEST,
+            1,
+        ),
+        (
+            frame(method="LIST_SUBSCRIPTIONS", params="x", id=1),
+            "params must be an array of strings",
+            ERROR_INVALID_REQUEST,
+            1,
+        ),
+        (
+            frame(method="SUBSCRIBE", params=[], id=1),
+            "params must not be empty",
+            ERROR_INVALID_REQUEST,
+            1,
+        ),
+        (
+            frame(method="UNSUBSCRIBE", params=[], id="u"),
+            "params must not be empty",
+            ERROR_INVALID_REQUEST,
+            "u",
+        ),
+        # id
+        (frame(method="SUBSCRIBE", params=P, id=True), "invalid id", ERROR_INVALID_REQUEST, None),
+        (frame(method="SUBSCRIBE", params=P, id=False), "invalid id", ERROR_INVALID_REQUEST, None),
+        (frame(method="SUBSCRIBE", params=P, id={}), "invalid id", ERROR_INVALID_REQUEST, None),
+        (
+            frame(method="SUBSCRIBE", params=P, id={"n": 1}),
+            "invalid id",
+            ERROR_INVALID_REQUEST,
+            None,
+        ),
+        (frame(method="SUBSCRIBE", params=P, id=[1]), "invalid id", ERROR_INVALID_REQUEST, None),
+    ],
+)
 def test_invalid_frames(text, reason, code, request_id):
     result = parse_request(text)
     assert isinstance(result, Invalid)
     assert result == Invalid(reason, code, request_id)
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00binary", b'{"method":"SUBSCRIBE","params":["trade.A_B"],"id":1}',
-                                  bytearray(b"{}"), memoryview(b"{}")])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00binary",
+        b'{"method":"SUBSCRIBE","params":["trade.A_B"],"id":1}',
+        bytearray(b"{}"),
+        memoryview(b"{}"),
+    ],
+)
 def test_binary_frames_are_invalid(data):
     assert parse_request(data) == Invalid("binary frame", ERROR_INVALID_JSON, None)
 
@@ -174,16 +272,19 @@ def _reply(result):
     return encode_error(result.id, result.code, result.reason)
 
 
-@pytest.mark.parametrize("text", [
-    '{"method":"LIST_SUBSCRIPTIONS","id":NaN}',
-    '{"method":"LIST_SUBSCRIPTIONS","id":Infinity}',
-    '{"method":"LIST_SUBSCRIPTIONS","id":-Infinity}',
-    '{"method":"LIST_SUBSCRIPTIONS","id":1e999}',
-    '{"method":"SUBSCRIBE","params":[],"id":NaN}',
-    '{"method":"LIST_SUBSCRIPTIONS","id":"\\ud800"}',
-    '{"method":"SUBSCRIBE","params":[],"id":"\\udc00x"}',
-    '{"method":"NOPE","id":"\\ud83d"}',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"method":"LIST_SUBSCRIPTIONS","id":NaN}',
+        '{"method":"LIST_SUBSCRIPTIONS","id":Infinity}',
+        '{"method":"LIST_SUBSCRIPTIONS","id":-Infinity}',
+        '{"method":"LIST_SUBSCRIPTIONS","id":1e999}',
+        '{"method":"SUBSCRIBE","params":[],"id":NaN}',
+        '{"method":"LIST_SUBSCRIPTIONS","id":"\\ud800"}',
+        '{"method":"SUBSCRIBE","params":[],"id":"\\udc00x"}',
+        '{"method":"NOPE","id":"\\ud83d"}',
+    ],
+)
 def test_the_reply_to_any_frame_is_strict_utf8_json(text):
     """Whatever parse_request returns, its reply (LIST_SUBSCRIPTIONS is
     always answered; errors when acks are on) must encode: the handler sends
@@ -197,6 +298,7 @@ def test_the_reply_to_any_frame_is_strict_utf8_json(text):
 
 # --- parse_request: fuzzing ----------------------------------------------------------
 
+
 def check_result(result):
     assert isinstance(result, (Request, Invalid))
     if isinstance(result, Request):
@@ -205,8 +307,9 @@ def check_result(result):
         assert all(isinstance(p, str) for p in result.params)
         if result.method in (SUBSCRIBE, UNSUBSCRIBE):
             assert result.params
-        assert result.id is None or (isinstance(result.id, (int, float, str))
-                                     and not isinstance(result.id, bool))
+        assert result.id is None or (
+            isinstance(result.id, (int, float, str)) and not isinstance(result.id, bool)
+        )
     else:
         assert isinstance(result.reason, str) and result.reason
         assert result.code in (ERROR_INVALID_REQUEST, ERROR_INVALID_JSON)
@@ -240,24 +343,42 @@ def test_fuzz_json_like_text_never_raises(text):
     check_result(parse_request(text))
 
 
-STREAMS = st.sampled_from(["trade.SOL_USDC", "depth.BTC_USDT", "kline.1m.SOL_USDC", "", "x"]) | st.text(max_size=12)
-METHOD_VALUES = st.sampled_from(sorted(METHODS)) | st.sampled_from(["subscribe", "", "LIST"]) | JSON_VALUES
+STREAMS = st.sampled_from(
+    ["trade.SOL_USDC", "depth.BTC_USDT", "kline.1m.SOL_USDC", "", "x"]
+) | st.text(max_size=12)
+METHOD_VALUES = (
+    st.sampled_from(sorted(METHODS)) | st.sampled_from(["subscribe", "", "LIST"]) | JSON_VALUES
+)
 PARAM_VALUES = st.lists(STREAMS, max_size=4) | st.lists(JSON_VALUES, max_size=3) | JSON_VALUES
-ID_VALUES = (st.none() | st.booleans() | st.integers(min_value=-10 ** 30, max_value=10 ** 30)
-             | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=10)
-             | st.dictionaries(st.text(max_size=3), SCALARS, max_size=2) | st.lists(SCALARS, max_size=2))
+ID_VALUES = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=10)
+    | st.dictionaries(st.text(max_size=3), SCALARS, max_size=2)
+    | st.lists(SCALARS, max_size=2)
+)
 REQUEST_LIKE = st.fixed_dictionaries(
-    {}, optional={"method": METHOD_VALUES, "params": PARAM_VALUES, "id": ID_VALUES,
-                  "extra": JSON_VALUES})
+    {},
+    optional={
+        "method": METHOD_VALUES,
+        "params": PARAM_VALUES,
+        "id": ID_VALUES,
+        "extra": JSON_VALUES,
+    },
+)
 
 
 def expected_outcome(message):
     """An independent model of parse_request for a dict: None if invalid, else
     (method, params, id)."""
     request_id = message.get("id")  # absent: served like null
-    if isinstance(request_id, bool) or not (request_id is None or isinstance(request_id, (int, float, str))):
+    if isinstance(request_id, bool) or not (
+        request_id is None or isinstance(request_id, (int, float, str))
+    ):
         return None
-    if isinstance(request_id, int) and not -2 ** 63 <= request_id < 2 ** 64:
+    if isinstance(request_id, int) and not -(2**63) <= request_id < 2**64:
         return None  # not echoed as a JSON number exactly: refused
     method = message.get("method")
     if method not in (SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS):
@@ -279,8 +400,11 @@ def test_fuzz_request_shaped_objects_match_a_model(message):
     if expected is None:
         assert isinstance(result, Invalid)
         if result.id is not None:  # an id is only reported when it was a valid one
-            assert result.id == pytest.approx(message["id"], rel=1e-15, abs=0) \
-                if isinstance(result.id, float) else result.id == message["id"]
+            assert (
+                result.id == pytest.approx(message["id"], rel=1e-15, abs=0)
+                if isinstance(result.id, float)
+                else result.id == message["id"]
+            )
     else:
         assert isinstance(result, Request)
         method, params, request_id = expected
@@ -296,25 +420,60 @@ def test_fuzz_request_shaped_objects_match_a_model(message):
 DEFAULT_TYPES = ("depth", "trade", "ticker", "bookTicker", "kline")
 
 
-@pytest.mark.parametrize("name", [
-    "trade.SOL_USDC", "depth.BTC_USDT", "ticker.ETH_USDT", "bookTicker.X1_Y2",
-    "kline.1m.SOL_USDC", "depth.200ms.SOL_USDC", "kline.1m.extra.A_B",
-    "trade." + "A" * 96 + "_" + "B" * 97,  # exactly 200 characters
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "trade.SOL_USDC",
+        "depth.BTC_USDT",
+        "ticker.ETH_USDT",
+        "bookTicker.X1_Y2",
+        "kline.1m.SOL_USDC",
+        "depth.200ms.SOL_USDC",
+        "kline.1m.extra.A_B",
+        "trade." + "A" * 96 + "_" + "B" * 97,  # exactly 200 characters
+    ],
+)
 def test_default_rules_accept(name):
     assert StreamRules().check(name) is None
 
 
-@pytest.mark.parametrize("name", [
-    "", "trade", "SOL_USDC", "trade.", ".SOL_USDC", "orders.SOL_USDC", "Trade.SOL_USDC",
-    "trade.sol_usdc", "trade.Sol_Usdc", "trade.SOLUSDC", "trade.SOL_", "trade._USDC", "trade.SOL_USDC_X",
-    "kline..SOL_USDC", "kline.1m..SOL_USDC", "kline.1-m.SOL_USDC", "trade.SOL_USDC.",
-    "trade." + "A" * 97 + "_" + "B" * 97,  # 201 characters
-    "trade." + "A" * 1000 + "_USDC",
-    "trade.SOL USDC", "trade. SOL_USDC", " trade.SOL_USDC", "trade.SOL_USDC ", "trade .SOL_USDC",
-    "trade.*", "*.SOL_USDC", "trade.SOL_*", "trade.?", "kline.*.SOL_USDC", "trade.SOL_USD\u0660",
-    "trade.SOL_USDC\x00", "kline.\uff11m.SOL_USDC",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "trade",
+        "SOL_USDC",
+        "trade.",
+        ".SOL_USDC",
+        "orders.SOL_USDC",
+        "Trade.SOL_USDC",
+        "trade.sol_usdc",
+        "trade.Sol_Usdc",
+        "trade.SOLUSDC",
+        "trade.SOL_",
+        "trade._USDC",
+        "trade.SOL_USDC_X",
+        "kline..SOL_USDC",
+        "kline.1m..SOL_USDC",
+        "kline.1-m.SOL_USDC",
+        "trade.SOL_USDC.",
+        "trade." + "A" * 97 + "_" + "B" * 97,  # 201 characters
+        "trade." + "A" * 1000 + "_USDC",
+        "trade.SOL USDC",
+        "trade. SOL_USDC",
+        " trade.SOL_USDC",
+        "trade.SOL_USDC ",
+        "trade .SOL_USDC",
+        "trade.*",
+        "*.SOL_USDC",
+        "trade.SOL_*",
+        "trade.?",
+        "kline.*.SOL_USDC",
+        "trade.SOL_USD\u0660",
+        "trade.SOL_USDC\x00",
+        "kline.\uff11m.SOL_USDC",
+    ],
+)
 def test_default_rules_reject(name):
     reason = StreamRules().check(name)
     assert isinstance(reason, str) and reason
@@ -370,8 +529,10 @@ def test_from_settings_defaults():
 
 
 def test_from_settings_with_overrides():
-    settings_ = load_settings(environ={}, overrides={
-        "protocol.stream_types": "trade, depth", "protocol.markets": "SOL_USDC"})
+    settings_ = load_settings(
+        environ={},
+        overrides={"protocol.stream_types": "trade, depth", "protocol.markets": "SOL_USDC"},
+    )
     rules = StreamRules.from_settings(settings_.protocol)
     assert rules.check("trade.SOL_USDC") is None
     assert rules.check("depth.SOL_USDC") is None
@@ -390,15 +551,25 @@ def model_accepts(name):
     if not name or len(name) > 200:
         return False
     parts = name.split(".")
-    return (len(parts) >= 2 and parts[0] in DEFAULT_TYPES
-            and MARKET_RULE.fullmatch(parts[-1]) is not None
-            and all(MIDDLE_RULE.fullmatch(p) for p in parts[1:-1]))
+    return (
+        len(parts) >= 2
+        and parts[0] in DEFAULT_TYPES
+        and MARKET_RULE.fullmatch(parts[-1]) is not None
+        and all(MIDDLE_RULE.fullmatch(p) for p in parts[1:-1])
+    )
 
 
-PART = (st.sampled_from(DEFAULT_TYPES + ("SOL_USDC", "BTC_USDT", "X1_Y2", "1m", "200ms", "", "*", "sol_usdc"))
-        | st.text(max_size=8)
-        | st.builds(lambda base, junk: base + junk, st.sampled_from(["SOL_USDC", "1m", "trade"]),
-                    st.text(max_size=2)))
+PART = (
+    st.sampled_from(
+        DEFAULT_TYPES + ("SOL_USDC", "BTC_USDT", "X1_Y2", "1m", "200ms", "", "*", "sol_usdc")
+    )
+    | st.text(max_size=8)
+    | st.builds(
+        lambda base, junk: base + junk,
+        st.sampled_from(["SOL_USDC", "1m", "trade"]),
+        st.text(max_size=2),
+    )
+)
 NAMES = st.lists(PART, min_size=1, max_size=5).map(".".join) | st.text()
 
 

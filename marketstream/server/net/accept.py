@@ -96,8 +96,12 @@ class Acceptor:
     ``accepted`` counts the connections accepted.
     """
 
-    def __init__(self, callback: Callable[[socket.socket, Any], None],
-                 batch: int = ACCEPT_BATCH, limit: int = 65536) -> None:
+    def __init__(
+        self,
+        callback: Callable[[socket.socket, Any], None],
+        batch: int = ACCEPT_BATCH,
+        limit: int = 65536,
+    ) -> None:
         if batch < 1 or limit < 1:
             raise ValueError("batch and limit must be at least 1")
         self.callback = callback
@@ -172,9 +176,13 @@ class Acceptor:
         now = self._loop.time()
         if self._warned_at is None or now - self._warned_at >= 60:
             self._warned_at = now
-            log.warning("cannot accept connections: %s; pausing %.1f s at a time until "
-                        "connections close (raise the open-file limit or lower "
-                        "[server] max_connections)", exc.strerror, PAUSE_ON_ERROR)
+            log.warning(
+                "cannot accept connections: %s; pausing %.1f s at a time until "
+                "connections close (raise the open-file limit or lower "
+                "[server] max_connections)",
+                exc.strerror,
+                PAUSE_ON_ERROR,
+            )
         self._stop_reading()
         self._loop.call_later(PAUSE_ON_ERROR, self._resume)
 

@@ -99,8 +99,9 @@ def _addresses(host: str | None, port: int) -> list[tuple[int, SockAddr]]:
     family = socket.AF_UNSPEC if socket.has_ipv6 else socket.AF_INET
     found: list[tuple[int, SockAddr]] = []
     for fam, _, _, _, sockaddr in sorted(
-            set(socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, flags)),
-            key=lambda info: info[0]):
+        set(socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, flags)),
+        key=lambda info: info[0],
+    ):
         address: SockAddr = sockaddr
         if fam not in (socket.AF_INET, socket.AF_INET6):
             continue
@@ -137,8 +138,9 @@ def _bind(sock: socket.socket, sockaddr: SockAddr, shown: str) -> None:
         raise OSError(exc.errno, "cannot listen on %s: %s" % (shown, exc.strerror)) from None
 
 
-def bind_listeners(host: str | None, port: int, count: int,
-                   backlog: int | None = None) -> list[list[socket.socket]]:
+def bind_listeners(
+    host: str | None, port: int, count: int, backlog: int | None = None
+) -> list[list[socket.socket]]:
     """``count`` groups of listening sockets on ``host:port``, one per worker.
 
     Every socket of every group is bound with ``SO_REUSEPORT`` to the same

@@ -48,10 +48,23 @@ import tornado.tcpserver
 import tornado.web
 import tornado.websocket
 
-__all__ = ["OK", "MISSING", "handle_connection", "LeanIOStream", "websocket_params",
-           "request_context", "apply_xheaders", "queued_bytes", "finish_http",
-           "prepare_switch", "release_response", "RECEIVE_FRAME_LOOP", "RECEIVE_FRAME",
-           "HANDLE_MESSAGE", "peer_address"]
+__all__ = [
+    "OK",
+    "MISSING",
+    "handle_connection",
+    "LeanIOStream",
+    "websocket_params",
+    "request_context",
+    "apply_xheaders",
+    "queued_bytes",
+    "finish_http",
+    "prepare_switch",
+    "release_response",
+    "RECEIVE_FRAME_LOOP",
+    "RECEIVE_FRAME",
+    "HANDLE_MESSAGE",
+    "peer_address",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +94,9 @@ def _writes_through(cls: type, *methods: str) -> bool:
     if not callable(getattr(cls, "_write_frame", None)):
         return False
     try:
-        return all("self._write_frame(" in inspect.getsource(getattr(cls, name))
-                   for name in methods)
+        return all(
+            "self._write_frame(" in inspect.getsource(getattr(cls, name)) for name in methods
+        )
     except (OSError, TypeError, AttributeError):
         return False
 
@@ -98,10 +112,12 @@ def _writes_only_in_write(cls: type) -> bool:
     except (OSError, TypeError, AttributeError):
         return False
     appends = ("self._write_buffer.append(", "self._write_futures.append(")
-    return (callable(getattr(cls, "_handle_write", None))
-            and all(whole.count(a) == 1 and a in write for a in appends)
-            and "self._write_buffer = _StreamBuffer()" in init
-            and "self._write_futures" in init)
+    return (
+        callable(getattr(cls, "_handle_write", None))
+        and all(whole.count(a) == 1 and a in write for a in appends)
+        and "self._write_buffer = _StreamBuffer()" in init
+        and "self._write_futures" in init
+    )
 
 
 def _check() -> list[str]:
@@ -111,16 +127,26 @@ def _check() -> list[str]:
         missing.append("tornado.iostream._StreamBuffer._size")
     ws = tornado.websocket
     params = getattr(ws, "_WebSocketParams", None)
-    if params is None or not {"ping_interval", "ping_timeout", "max_message_size",
-                              "compression_options"} <= set(
-                                  inspect.signature(params).parameters):
+    if params is None or not {
+        "ping_interval",
+        "ping_timeout",
+        "max_message_size",
+        "compression_options",
+    } <= set(inspect.signature(params).parameters):
         missing.append("tornado.websocket._WebSocketParams")
-    for name in (RECEIVE_FRAME_LOOP, RECEIVE_FRAME, HANDLE_MESSAGE, "_abort",
-                 "compute_accept_value", "start_pinging"):
+    for name in (
+        RECEIVE_FRAME_LOOP,
+        RECEIVE_FRAME,
+        HANDLE_MESSAGE,
+        "_abort",
+        "compute_accept_value",
+        "start_pinging",
+    ):
         if not callable(getattr(ws.WebSocketProtocol13, name, None)):
             missing.append("tornado.websocket.WebSocketProtocol13.%s" % name)
-    if not _writes_through(ws.WebSocketProtocol13, "write_message", "write_ping", "close",
-                           "_send_pong"):
+    if not _writes_through(
+        ws.WebSocketProtocol13, "write_message", "write_ping", "close", "_send_pong"
+    ):
         missing.append("tornado.websocket.WebSocketProtocol13._write_frame")
     if not callable(getattr(ws.WebSocketHandler, "_detach_stream", None)):
         missing.append("tornado.websocket.WebSocketHandler._detach_stream")
@@ -129,24 +155,37 @@ def _check() -> list[str]:
         missing.append("tornado.httpserver._HTTPRequestContext._apply_xheaders")
     if not _assigns(getattr(context, "__init__", None), "address", "remote_ip", "protocol"):
         missing.append("tornado.httpserver._HTTPRequestContext attributes")
-    if not (_assigns(tornado.http1connection.HTTP1Connection.__init__, "context")
-            and _assigns(tornado.http1connection.HTTP1ServerConnection.__init__, "stream")):
+    if not (
+        _assigns(tornado.http1connection.HTTP1Connection.__init__, "context")
+        and _assigns(tornado.http1connection.HTTP1ServerConnection.__init__, "stream")
+    ):
         missing.append("tornado.http1connection.HTTP1Connection.context")
-    if not _assigns(tornado.httpserver.HTTPServer.initialize, "request_callback",
-                    "xheaders", "protocol", "trusted_downstream"):
+    if not _assigns(
+        tornado.httpserver.HTTPServer.initialize,
+        "request_callback",
+        "xheaders",
+        "protocol",
+        "trusted_downstream",
+    ):
         missing.append("tornado.httpserver.HTTPServer attributes")
-    if not (_assigns(tornado.web.RequestHandler.__init__, "_headers_written", "_finished")
-            and _assigns(tornado.web.RequestHandler._execute, "_transforms")):
-        missing.append("tornado.web.RequestHandler state (_headers_written, _finished, "
-                       "_transforms)")
-    if not _assigns(tornado.web.RequestHandler.clear, "_headers", "_write_buffer",
-                    "_status_code", "_reason"):
+    if not (
+        _assigns(tornado.web.RequestHandler.__init__, "_headers_written", "_finished")
+        and _assigns(tornado.web.RequestHandler._execute, "_transforms")
+    ):
+        missing.append(
+            "tornado.web.RequestHandler state (_headers_written, _finished, _transforms)"
+        )
+    if not _assigns(
+        tornado.web.RequestHandler.clear, "_headers", "_write_buffer", "_status_code", "_reason"
+    ):
         missing.append("tornado.web.RequestHandler.clear state (_headers, _write_buffer, ...)")
     if not _writes_only_in_write(tornado.iostream.BaseIOStream):
         missing.append("tornado.iostream.BaseIOStream._write_buffer, _write_futures")
-    if list(inspect.signature(getattr(tornado.tcpserver.TCPServer, "_handle_connection",
-                                      lambda: None)).parameters) != [
-                                          "self", "connection", "address"]:
+    if list(
+        inspect.signature(
+            getattr(tornado.tcpserver.TCPServer, "_handle_connection", lambda: None)
+        ).parameters
+    ) != ["self", "connection", "address"]:
         missing.append("tornado.tcpserver.TCPServer._handle_connection")
     return missing
 
@@ -155,25 +194,37 @@ MISSING: list[str] = _check()
 OK: bool = not MISSING
 
 if not OK:
-    log.warning("Tornado %s lacks %s: serving through Tornado's public API only "
-                "(fast_handshake off)", tornado.version, ", ".join(MISSING))
+    log.warning(
+        "Tornado %s lacks %s: serving through Tornado's public API only (fast_handshake off)",
+        tornado.version,
+        ", ".join(MISSING),
+    )
 
 
 # --- the accessors --------------------------------------------------------------
 
-def websocket_params(ping_interval: float | None, ping_timeout: float | None,
-                     max_message_size: int, compression_options: Any) -> Any:
+
+def websocket_params(
+    ping_interval: float | None,
+    ping_timeout: float | None,
+    max_message_size: int,
+    compression_options: Any,
+) -> Any:
     """Tornado's per-connection protocol parameters (shareable: one object
     for every connection)."""
     return tornado.websocket._WebSocketParams(
-        ping_interval=ping_interval, ping_timeout=ping_timeout,
-        max_message_size=max_message_size, compression_options=compression_options)
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        max_message_size=max_message_size,
+        compression_options=compression_options,
+    )
 
 
 def request_context(server: tornado.httpserver.HTTPServer, stream: Any, address: Any) -> Any:
     """The request context Tornado's HTTP server would make for ``stream``."""
     return tornado.httpserver._HTTPRequestContext(
-        stream, address, server.protocol, server.trusted_downstream)
+        stream, address, server.protocol, server.trusted_downstream
+    )
 
 
 def apply_xheaders(context: Any, headers: Any) -> None:
@@ -192,7 +243,8 @@ def peer_address(connection: Any) -> Any:
 #: ``queued_bytes(stream)``: how many bytes wait in ``stream``'s write buffer.
 #: A C-level getter (no Python frame): it runs once per write.
 queued_bytes: Callable[[tornado.iostream.IOStream], int] = operator.attrgetter(
-    "_write_buffer._size")
+    "_write_buffer._size"
+)
 
 
 def prepare_switch(handler: tornado.web.RequestHandler) -> None:
@@ -244,8 +296,12 @@ class LeanIOStream(tornado.iostream.IOStream):
 
     def _handle_write(self) -> None:
         super()._handle_write()
-        if not self._write_futures and self._write_futures is not _NO_FUTURES \
-                and self._write_buffer is not None and not self._write_buffer:
+        if (
+            not self._write_futures
+            and self._write_futures is not _NO_FUTURES
+            and self._write_buffer is not None
+            and not self._write_buffer
+        ):
             self._write_buffer = _NO_BUFFER
             self._write_futures = _NO_FUTURES
 
@@ -267,12 +323,17 @@ def handle_connection(server: tornado.tcpserver.TCPServer) -> Callable[[Any, Any
 
     def handle(connection: Any, address: Any) -> None:
         try:
-            stream = LeanIOStream(connection, max_buffer_size=server.max_buffer_size,
-                                  read_chunk_size=server.read_chunk_size)
+            stream = LeanIOStream(
+                connection,
+                max_buffer_size=server.max_buffer_size,
+                read_chunk_size=server.read_chunk_size,
+            )
             future = server.handle_stream(stream, address)
             if future is not None:
                 tornado.ioloop.IOLoop.current().add_future(
-                    tornado.gen.convert_yielded(future), lambda f: f.result())
+                    tornado.gen.convert_yielded(future), lambda f: f.result()
+                )
         except Exception:
             log.error("Error in connection callback", exc_info=True)
+
     return handle

@@ -98,8 +98,9 @@ def defer_accept(sockets: Iterable[socket.socket], seconds: int = 1) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, option, seconds)
 
 
-def upgrade_request(data: bytes, paths: Collection[str]
-                    ) -> tuple[httputil.RequestStartLine, httputil.HTTPHeaders, int] | None:
+def upgrade_request(
+    data: bytes, paths: Collection[str]
+) -> tuple[httputil.RequestStartLine, httputil.HTTPHeaders, int] | None:
     """(start line, headers, length of the request) if ``data`` begins with a
     whole WebSocket upgrade request, version 13, for one of ``paths``, that
     carries nothing that needs Tornado's general handling; else None.
@@ -123,8 +124,11 @@ def upgrade_request(data: bytes, paths: Collection[str]
         start = httputil.parse_request_start_line(lines[0])
     except httputil.HTTPInputError:
         return None
-    if (start.method != "GET" or start.version != "HTTP/1.1"
-            or start.path.partition("?")[0] not in paths):
+    if (
+        start.method != "GET"
+        or start.version != "HTTP/1.1"
+        or start.path.partition("?")[0] not in paths
+    ):
         return None
     # Header lines, read more strictly than HTTP allows: a name that is not
     # a token, a folded line or a repeated header goes to Tornado's parser.
@@ -138,14 +142,18 @@ def upgrade_request(data: bytes, paths: Collection[str]
             return None
         fields[key] = (name, value.strip(" \t"))
     get = fields.get
-    if ((get("upgrade") or _NONE)[1].lower() != "websocket"
-            or (get("sec-websocket-version") or _NONE)[1] != "13"
-            or not (get("sec-websocket-key") or _NONE)[1] or not (get("host") or _NONE)[1]
-            # Tornado would negotiate these, or read a body.
-            or "sec-websocket-protocol" in fields or "content-length" in fields
-            or "transfer-encoding" in fields
-            or "upgrade" not in [t.strip(" \t").lower()
-                                 for t in (get("connection") or _NONE)[1].split(",")]):
+    if (
+        (get("upgrade") or _NONE)[1].lower() != "websocket"
+        or (get("sec-websocket-version") or _NONE)[1] != "13"
+        or not (get("sec-websocket-key") or _NONE)[1]
+        or not (get("host") or _NONE)[1]
+        # Tornado would negotiate these, or read a body.
+        or "sec-websocket-protocol" in fields
+        or "content-length" in fields
+        or "transfer-encoding" in fields
+        or "upgrade"
+        not in [t.strip(" \t").lower() for t in (get("connection") or _NONE)[1].split(",")]
+    ):
         return None
     headers = httputil.HTTPHeaders({name: value for name, value in fields.values()})
     return start, headers, end + len(_END)
@@ -197,18 +205,25 @@ class StreamServer(tornado.httpserver.HTTPServer):
     before the shortcut decides.
     """
 
-    def initialize(self, request_callback: Any, *args: Any,
-                   admission: Admission | None = None, handshake_timeout: float = 10.0,
-                   log_limiter: LogLimiter | None = None,
-                   websocket: tuple[Iterable[str], Callable[..., _Switching], dict[str, Any]]
-                   | None = None,
-                   accept_batch: int = ACCEPT_BATCH, accept_limit: int = 65536,
-                   **kwargs: Any) -> None:
+    def initialize(
+        self,
+        request_callback: Any,
+        *args: Any,
+        admission: Admission | None = None,
+        handshake_timeout: float = 10.0,
+        log_limiter: LogLimiter | None = None,
+        websocket: tuple[Iterable[str], Callable[..., _Switching], dict[str, Any]] | None = None,
+        accept_batch: int = ACCEPT_BATCH,
+        accept_limit: int = 65536,
+        **kwargs: Any,
+    ) -> None:
         if admission is None:
             raise TypeError("StreamServer needs admission")
         if kwargs.get("xheaders"):
-            raise TypeError("StreamServer applies proxy headers itself, from trusted proxies "
-                            "only ([server] xheaders, trusted_proxies): do not pass xheaders")
+            raise TypeError(
+                "StreamServer applies proxy headers itself, from trusted proxies "
+                "only ([server] xheaders, trusted_proxies): do not pass xheaders"
+            )
         super().initialize(request_callback, *args, **kwargs)
         self.admission = admission
         self.handshake_timeout = handshake_timeout
@@ -275,8 +290,9 @@ class StreamServer(tornado.httpserver.HTTPServer):
             self._sweeper = loop.call_at(deadline, self._sweep)
         return True
 
-    def _refuse(self, stream: tornado.iostream.IOStream, peer: str | None,
-                refusal: Refusal) -> None:
+    def _refuse(
+        self, stream: tornado.iostream.IOStream, peer: str | None, refusal: Refusal
+    ) -> None:
         """Answer a connection past a limit without reading its request, and close it."""
         status, reason, cause = refusal
         self.admission.refused(cause)
@@ -310,17 +326,25 @@ class StreamServer(tornado.httpserver.HTTPServer):
             cast(tornado.iostream.IOStream, stream).close()
         if expired:
             self.log_limiter.log(
-                logging.WARNING, "handshake_timeout",
-                "closed %d connection(s) that did not complete a request and handshake "
-                "within %g s", len(expired), self.handshake_timeout)
+                logging.WARNING,
+                "handshake_timeout",
+                "closed %d connection(s) that did not complete a request and handshake within %g s",
+                len(expired),
+                self.handshake_timeout,
+            )
         following = admission.next_deadline()
         if following is not None:
             self._sweeper = loop.call_at(max(following, now + SWEEP_INTERVAL), self._sweep)
 
-    def start_request(self, server_conn: object,
-                      request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
-        return _Gate(self, super().start_request(server_conn, request_conn), request_conn,
-                     getattr(server_conn, "stream", None))
+    def start_request(
+        self, server_conn: object, request_conn: httputil.HTTPConnection
+    ) -> httputil.HTTPMessageDelegate:
+        return _Gate(
+            self,
+            super().start_request(server_conn, request_conn),
+            request_conn,
+            getattr(server_conn, "stream", None),
+        )
 
     def on_close(self, server_conn: object) -> None:
         super().on_close(server_conn)
@@ -329,8 +353,12 @@ class StreamServer(tornado.httpserver.HTTPServer):
 
     # --- the shortcut -----------------------------------------------------------
 
-    def _await_request(self, websocket: _WebSocketRoute, stream: tornado.iostream.IOStream,
-                       address: tuple[Any, ...]) -> None:
+    def _await_request(
+        self,
+        websocket: _WebSocketRoute,
+        stream: tornado.iostream.IOStream,
+        address: tuple[Any, ...],
+    ) -> None:
         """Decide once the request arrives (or Tornado's path decides after
         :data:`REQUEST_WAIT`).  Nothing else watches the socket meanwhile.
 
@@ -359,8 +387,12 @@ class StreamServer(tornado.httpserver.HTTPServer):
         timer = loop.call_later(REQUEST_WAIT, expired)
         waiting[stream] = stop
 
-    def _switch(self, websocket: _WebSocketRoute, stream: tornado.iostream.IOStream,
-                address: tuple[Any, ...]) -> bool | str:
+    def _switch(
+        self,
+        websocket: _WebSocketRoute,
+        stream: tornado.iostream.IOStream,
+        address: tuple[Any, ...],
+    ) -> bool | str:
         """Take the handshake if it qualifies (True); False leaves the socket
         untouched, and so does ``_WAIT``: nothing has arrived yet."""
         paths, handler_class, handler_kwargs = websocket
@@ -394,7 +426,9 @@ class StreamServer(tornado.httpserver.HTTPServer):
         # Switched stands in for the HTTP connection (duck-typed, see its docstring).
         request = httputil.HTTPServerRequest(
             connection=cast(httputil.HTTPConnection, Switched(context)),
-            start_line=start, headers=headers)
+            start_line=start,
+            headers=headers,
+        )
         handler = handler_class(self.request_callback, request, **handler_kwargs)
         self.handshakes += 1
         handler.switch_protocols(stream, headers["Sec-WebSocket-Key"])
@@ -411,16 +445,24 @@ class _Gate(httputil.HTTPMessageDelegate):
 
     __slots__ = ("server", "delegate", "connection", "stream", "saved")
 
-    def __init__(self, server: StreamServer, delegate: httputil.HTTPMessageDelegate,
-                 connection: httputil.HTTPConnection, stream: Any) -> None:
+    def __init__(
+        self,
+        server: StreamServer,
+        delegate: httputil.HTTPMessageDelegate,
+        connection: httputil.HTTPConnection,
+        stream: Any,
+    ) -> None:
         self.server = server
         self.delegate = delegate
         self.connection = connection
         self.stream = stream
         self.saved: tuple[str, str] | None = None
 
-    def headers_received(self, start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
-                         headers: httputil.HTTPHeaders) -> Awaitable[None] | None:
+    def headers_received(
+        self,
+        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+        headers: httputil.HTTPHeaders,
+    ) -> Awaitable[None] | None:
         peer = _peer_ip(compat.peer_address(self.connection))  # None unless compat.OK
         if _body_too_large(headers):
             self._refuse_body(peer)
@@ -456,9 +498,13 @@ class _Gate(httputil.HTTPMessageDelegate):
     def _refuse_body(self, peer: str | None) -> None:
         server = self.server
         server.admission.refused("body_too_large")
-        server.log_limiter.log(logging.WARNING, "body_too_large",
-                               "refused %s: a request body over %d bytes or of unknown length",
-                               peer, MAX_BODY_BYTES)
+        server.log_limiter.log(
+            logging.WARNING,
+            "body_too_large",
+            "refused %s: a request body over %d bytes or of unknown length",
+            peer,
+            MAX_BODY_BYTES,
+        )
         # Detached, Tornado's connection reads nothing more from the socket.
         stream = cast(Any, self.connection).detach()
         try:
@@ -470,6 +516,7 @@ class _Gate(httputil.HTTPMessageDelegate):
             if not future.cancelled():
                 future.exception()  # retrieved: a client gone meanwhile is no error
             stream.close()
+
         written.add_done_callback(close)
 
 
@@ -492,6 +539,8 @@ def _body_too_large(headers: httputil.HTTPHeaders) -> bool:
 def _response(status: int, reason: str) -> bytes:
     """A whole HTTP response that closes the connection: ``reason`` as its body."""
     body = reason.encode() + b"\n"
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (status, http.HTTPStatus(status).phrase.encode(), len(body), body))
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+        % (status, http.HTTPStatus(status).phrase.encode(), len(body), body)
+    )

@@ -59,8 +59,11 @@ def worker_id() -> int | None:
     return _worker_id
 
 
-def _spawn(index: int, target: Callable[[int], int | None],
-           listeners: Sequence[Sequence[socket.socket]] | None = None) -> int:
+def _spawn(
+    index: int,
+    target: Callable[[int], int | None],
+    listeners: Sequence[Sequence[socket.socket]] | None = None,
+) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -88,10 +91,15 @@ def _spawn(index: int, target: Callable[[int], int | None],
         os._exit(code)
 
 
-def supervise(count: int, target: Callable[[int], int | None], grace: float = 10.0,
-              restart_delay: float = 1.0, on_exit: Callable[[int], None] | None = None,
-              listeners: Sequence[Sequence[socket.socket]] | None = None,
-              fatal: int | None = None) -> int:
+def supervise(
+    count: int,
+    target: Callable[[int], int | None],
+    grace: float = 10.0,
+    restart_delay: float = 1.0,
+    on_exit: Callable[[int], None] | None = None,
+    listeners: Sequence[Sequence[socket.socket]] | None = None,
+    fatal: int | None = None,
+) -> int:
     """Run ``target(index)`` in ``count`` forked workers until SIGTERM/SIGINT.
 
     A worker that exits while the parent is not stopping is logged and

@@ -84,14 +84,18 @@ async def test_handshakes_run_in_slices_with_live_work_between_them():
     shut(acceptor, handed + clients)
 
 
-@pytest.mark.parametrize("full_share_queue, full_share_wait, longer", [
-    (50, 1000.0, True),          # a long queue
-    (1_000_000, 0.01, True),     # a long wait
-    (1_000_000, 1000.0, False),  # neither
-])
+@pytest.mark.parametrize(
+    "full_share_queue, full_share_wait, longer",
+    [
+        (50, 1000.0, True),  # a long queue
+        (1_000_000, 0.01, True),  # a long wait
+        (1_000_000, 1000.0, False),  # neither
+    ],
+)
 @pytest.mark.gen_test
-async def test_a_long_queue_or_wait_earns_longer_slices(monkeypatch, full_share_queue,
-                                                        full_share_wait, longer):
+async def test_a_long_queue_or_wait_earns_longer_slices(
+    monkeypatch, full_share_queue, full_share_wait, longer
+):
     """With live work taking 5 ms a turn, a queue at FULL_SHARE_QUEUE, or a
     connection that waited FULL_SHARE_WAIT, gets slices about as long (more
     than a batch of 0.2 ms handshakes); a short, fresh queue gets the batch
@@ -217,13 +221,17 @@ async def test_close_closes_what_was_accepted_but_not_handed_over():
 
 # --- on a real server --------------------------------------------------------
 
+
 @pytest.mark.gen_test(timeout=20)
 async def test_a_request_that_comes_late_still_takes_the_shortcut(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.settings.port)
     # The request comes only once the server has the connection (the
     # kernel hands it over without data after TCP_DEFER_ACCEPT's second).
-    await async_wait_until(lambda: server.http_server.acceptor.accepted == 1, timeout=10,
-                           message="the connection accepted before its request")
+    await async_wait_until(
+        lambda: server.http_server.acceptor.accepted == 1,
+        timeout=10,
+        message="the connection accepted before its request",
+    )
     writer.write(request())
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 101")
@@ -235,10 +243,12 @@ async def test_a_request_that_comes_late_still_takes_the_shortcut(server):
 @pytest.mark.gen_test
 async def test_a_connection_silent_past_the_wait_is_left_to_tornado(server, monkeypatch):
     from marketstream.server.net import upgrade
+
     monkeypatch.setattr(upgrade, "REQUEST_WAIT", 0.1)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.settings.port)
-    await async_wait_until(lambda: server.http_server._connections,
-                           message="connection handed to Tornado")
+    await async_wait_until(
+        lambda: server.http_server._connections, message="connection handed to Tornado"
+    )
     writer.write(request())
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 101")
@@ -284,6 +294,7 @@ print(slowest)
 def descriptors():
     """Raise this process's open-file limit (the burst's clients inherit it)."""
     import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     yield hard
@@ -301,18 +312,30 @@ async def test_a_burst_beyond_the_listen_backlog_connects_without_retries(redis_
     clients = 3000
     assert descriptors >= 2 * clients + 200, "the open-file limit is too low for this test"
     sockets = bind_listeners("127.0.0.1", 0, 1, backlog=1024)[0]
-    server = Server(make_settings(redis_url, server__max_connections=clients + 100,
-                                  server__max_connections_per_ip=0))
+    server = Server(
+        make_settings(
+            redis_url, server__max_connections=clients + 100, server__max_connections_per_ip=0
+        )
+    )
     await server.start(sockets=sockets)
     try:
         port = sockets[0].getsockname()[1]
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _BURST, str(port), str(clients), request().decode("latin1"),
-            stdout=subprocess.PIPE)
+            sys.executable,
+            "-c",
+            _BURST,
+            str(port),
+            str(clients),
+            request().decode("latin1"),
+            stdout=subprocess.PIPE,
+        )
         out, _ = await asyncio.wait_for(proc.communicate(), 40)
         slowest = float(out)
         assert slowest < 0.9, "a connect took %.2f s: its SYN was dropped" % slowest
-        await async_wait_until(lambda: server.http_server.handshakes == clients, timeout=30,
-                               message="all handshakes answered")
+        await async_wait_until(
+            lambda: server.http_server.handshakes == clients,
+            timeout=30,
+            message="all handshakes answered",
+        )
     finally:
         await server.stop()

@@ -102,5 +102,6 @@ def test_usage_example_in_the_docstring_holds():
     import doctest
 
     import marketstream.server.net.listen
+
     result = doctest.testmod(marketstream.server.net.listen)
     assert result.attempted > 0 and result.failed == 0

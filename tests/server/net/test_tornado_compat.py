@@ -40,9 +40,12 @@ async def test_a_lean_stream_buffers_while_the_kernel_is_full_and_lets_go_after(
     client.setblocking(False)
     stream = compat.LeanIOStream(server_side)
     other = compat.LeanIOStream(other_side)
+
     def holds_its_own():
-        return (stream._write_buffer is not other._write_buffer,
-                stream._write_futures is not other._write_futures)
+        return (
+            stream._write_buffer is not other._write_buffer,
+            stream._write_futures is not other._write_futures,
+        )
 
     assert holds_its_own() == (False, False) and not stream.writing()
 

@@ -26,8 +26,13 @@ KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455, section 1.3
 
 
 def request(path="/ws", lines=None, drop=(), version="HTTP/1.1", method="GET"):
-    headers = {"Host": "127.0.0.1:4000", "Upgrade": "websocket", "Connection": "Upgrade",
-               "Sec-WebSocket-Key": KEY, "Sec-WebSocket-Version": "13"}
+    headers = {
+        "Host": "127.0.0.1:4000",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": KEY,
+        "Sec-WebSocket-Version": "13",
+    }
     for name in drop:
         del headers[name]
     text = "%s %s %s\r\n" % (method, path, version)
@@ -38,6 +43,7 @@ def request(path="/ws", lines=None, drop=(), version="HTTP/1.1", method="GET"):
 
 # --- which requests qualify --------------------------------------------------
 
+
 def test_plain_upgrade_qualifies_and_its_length_is_the_head_only():
     data = request("/stream?streams=trade.BTC_USDT") + b"\x81\x85 pipelined frame"
     start, headers, length = upgrade_request(data, PATHS)
@@ -46,36 +52,42 @@ def test_plain_upgrade_qualifies_and_its_length_is_the_head_only():
     assert data[length:] == b"\x81\x85 pipelined frame"
 
 
-@pytest.mark.parametrize("data", [
-    request(method="POST"),
-    request(method="HEAD"),
-    request(version="HTTP/1.0"),
-    request("/health"),
-    request("/wsx"),
-    request(drop=["Sec-WebSocket-Key"]),
-    request(drop=["Host"]),
-    request(drop=["Upgrade"]),
-    request(drop=["Connection"]),
-    request(drop=["Sec-WebSocket-Version"]),
-    request(drop=["Sec-WebSocket-Version"], lines=["Sec-WebSocket-Version: 8"]),
-    request(drop=["Connection"], lines=["Connection: keep-alive"]),
-    request(lines=["Sec-WebSocket-Protocol: chat"]),
-    request(lines=["Content-Length: 5"]),
-    request(lines=["Transfer-Encoding: chunked"]),
-    request(lines=["bad header line"]),
-    request()[:-2],                                    # head not complete yet
-    request().replace(b"\r\n", b"\n"),                 # bare LF line ends
-    b"\r\n" + request(),                               # leading blank line
-    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",   # a TLS ClientHello
-    b"",
-], ids=lambda data: data[:60].decode("latin1"))
+@pytest.mark.parametrize(
+    "data",
+    [
+        request(method="POST"),
+        request(method="HEAD"),
+        request(version="HTTP/1.0"),
+        request("/health"),
+        request("/wsx"),
+        request(drop=["Sec-WebSocket-Key"]),
+        request(drop=["Host"]),
+        request(drop=["Upgrade"]),
+        request(drop=["Connection"]),
+        request(drop=["Sec-WebSocket-Version"]),
+        request(drop=["Sec-WebSocket-Version"], lines=["Sec-WebSocket-Version: 8"]),
+        request(drop=["Connection"], lines=["Connection: keep-alive"]),
+        request(lines=["Sec-WebSocket-Protocol: chat"]),
+        request(lines=["Content-Length: 5"]),
+        request(lines=["Transfer-Encoding: chunked"]),
+        request(lines=["bad header line"]),
+        request()[:-2],  # head not complete yet
+        request().replace(b"\r\n", b"\n"),  # bare LF line ends
+        b"\r\n" + request(),  # leading blank line
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello
+        b"",
+    ],
+    ids=lambda data: data[:60].decode("latin1"),
+)
 def test_anything_else_is_left_to_tornado(data):
     assert upgrade_request(data, PATHS) is None
 
 
 def test_header_names_are_case_insensitive_and_connection_is_a_token_list():
-    data = request(drop=["Connection", "Upgrade"],
-                   lines=["connection: keep-alive, Upgrade", "upgrade: WebSocket"])
+    data = request(
+        drop=["Connection", "Upgrade"],
+        lines=["connection: keep-alive, Upgrade", "upgrade: WebSocket"],
+    )
     assert upgrade_request(data, PATHS) is not None
 
 
@@ -93,6 +105,7 @@ def test_defer_accept_is_set_on_tcp_listeners():
 
 
 # --- on a real server --------------------------------------------------------
+
 
 async def raw_exchange(server, data, read_head=True):
     """Send ``data`` in one write; return (response head, reader, writer)."""
@@ -119,7 +132,9 @@ async def test_shortcut_answers_101_with_the_rfc_accept_value(server):
 async def test_frames_sent_with_the_request_are_not_lost(server, redis_client):
     """A client that pipelines its SUBSCRIBE behind the request: the shortcut
     reads the request only, and the frame reaches the WebSocket."""
-    subscribe = masked_frame(ujson.dumps({"method": "SUBSCRIBE", "params": ["trade.ADA_USDT"], "id": 1}))
+    subscribe = masked_frame(
+        ujson.dumps({"method": "SUBSCRIBE", "params": ["trade.ADA_USDT"], "id": 1})
+    )
     head, reader, writer = await raw_exchange(server, request() + subscribe)
     assert head.startswith(b"HTTP/1.1 101")
     await listeners(server, "trade.ADA_USDT", 1)
@@ -151,8 +166,9 @@ async def test_request_arriving_in_pieces_is_served_by_tornado(server):
     writer.write(data[:20])
     # The kernel hands the connection over on the first piece; the shortcut
     # passes it to Tornado's HTTP connection, which waits for the rest.
-    await async_wait_until(lambda: server.http_server._connections,
-                           message="connection handed to Tornado")
+    await async_wait_until(
+        lambda: server.http_server._connections, message="connection handed to Tornado"
+    )
     writer.write(data[20:])
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 101")
@@ -165,7 +181,8 @@ async def test_request_arriving_in_pieces_is_served_by_tornado(server):
 @pytest.mark.gen_test
 async def test_subprotocol_offer_is_served_by_tornado(server):
     head, reader, writer = await raw_exchange(
-        server, request(lines=["Sec-WebSocket-Protocol: chat"]))
+        server, request(lines=["Sec-WebSocket-Protocol: chat"])
+    )
     assert head.startswith(b"HTTP/1.1 101") and b"TornadoServer" in head
     assert b"Sec-WebSocket-Protocol" not in head  # none selected
     assert server.http_server.handshakes == 0
@@ -174,15 +191,20 @@ async def test_subprotocol_offer_is_served_by_tornado(server):
 
 @pytest.mark.gen_test
 async def test_refusals_keep_tornados_answers_and_counts(server_factory):
-    server = await server_factory(server__max_connections=1,
-                                  server__allowed_origins="https://exchange.example.com")
+    server = await server_factory(
+        server__max_connections=1, server__allowed_origins="https://exchange.example.com"
+    )
     head, reader, writer = await raw_exchange(
-        server, request(lines=["Origin: https://evil.example.net"]))
+        server, request(lines=["Origin: https://evil.example.net"])
+    )
     assert head.startswith(b"HTTP/1.1 403")
     assert server.counters.refused["origin"] == 1
     writer.close()
-    first = await tornado.websocket.websocket_connect(tornado.httpclient.HTTPRequest(
-        ws_url(server), headers={"Origin": "https://exchange.example.com"}))
+    first = await tornado.websocket.websocket_connect(
+        tornado.httpclient.HTTPRequest(
+            ws_url(server), headers={"Origin": "https://exchange.example.com"}
+        )
+    )
     head, reader, writer = await raw_exchange(server, request())
     assert head.startswith(b"HTTP/1.1 503")
     assert server.counters.refused["max_connections"] == 1
@@ -194,14 +216,16 @@ async def test_refusals_keep_tornados_answers_and_counts(server_factory):
 @pytest.mark.gen_test
 async def test_other_requests_on_the_same_port_are_untouched(server):
     head, reader, writer = await raw_exchange(
-        server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
     assert head.startswith(b"HTTP/1.1 200")
     length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
     await reader.readexactly(length)
     second = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # keep-alive still works
     assert second.startswith(b"HTTP/1.1 200")
     head, reader2, writer2 = await raw_exchange(
-        server, request(drop=["Sec-WebSocket-Version"], lines=["Sec-WebSocket-Version: 8"]))
+        server, request(drop=["Sec-WebSocket-Version"], lines=["Sec-WebSocket-Version: 8"])
+    )
     assert head.startswith(b"HTTP/1.1 426")
     writer.close(), writer2.close()
     assert server.http_server.handshakes == 0
@@ -216,8 +240,9 @@ async def test_client_gone_right_after_its_request_leaves_nothing_behind(server,
         sock.sendall(request() + subscribe)
         sock.close()  # RST
     ok = await RawClient.connect(server.settings.port)
-    await async_wait_until(lambda: len(server.manager.connections) == 1,
-                           message="only the live client left")
+    await async_wait_until(
+        lambda: len(server.manager.connections) == 1, message="only the live client left"
+    )
     assert "depth.LTC_USDT" not in server.manager.streams
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     ok.writer.close()
@@ -235,27 +260,48 @@ async def test_switch_off_sends_every_handshake_through_tornado(server_factory, 
     ws.close()
 
 
-
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=600) | st.builds(
-    lambda head, tail: request()[:head] + tail, st.integers(0, 200), st.binary(max_size=60)))
+@given(
+    st.binary(max_size=600)
+    | st.builds(
+        lambda head, tail: request()[:head] + tail, st.integers(0, 200), st.binary(max_size=60)
+    )
+)
 def test_any_bytes_get_an_answer_never_an_exception(data):
     found = upgrade_request(data, PATHS)
     if found is not None:
         start, headers, length = found
-        assert data[:length].endswith(b"\r\n\r\n") and b"\r\n\r\n" not in data[:length - 4]
+        assert data[:length].endswith(b"\r\n\r\n") and b"\r\n\r\n" not in data[: length - 4]
         assert start.method == "GET" and headers.get("Sec-WebSocket-Version") == "13"
 
 
-_HEADER_TEXT = st.lists(st.sampled_from(
-    list("aZ09-_:; ,\t\"=/.()@") + ["\r", "\n", "\x00", "\x7f", "\xe9", "\r\n", "\r\n ",
-                                   "Upgrade", "Host", "Sec-WebSocket-Version"]),
-    max_size=12).map("".join)
+_HEADER_TEXT = st.lists(
+    st.sampled_from(
+        list('aZ09-_:; ,\t"=/.()@')
+        + [
+            "\r",
+            "\n",
+            "\x00",
+            "\x7f",
+            "\xe9",
+            "\r\n",
+            "\r\n ",
+            "Upgrade",
+            "Host",
+            "Sec-WebSocket-Version",
+        ]
+    ),
+    max_size=12,
+).map("".join)
 
 
 _NAME = st.sampled_from(["X-Trace", "x-b", "Origin", "Host", "upgrade", "Cookie"]) | _HEADER_TEXT
-_VALUE = st.lists(st.sampled_from([" ", "\t", "v", "a, b", "\x00", "\r", "\xe9"]),
-                  max_size=6).map("".join) | _HEADER_TEXT
+_VALUE = (
+    st.lists(st.sampled_from([" ", "\t", "v", "a, b", "\x00", "\r", "\xe9"]), max_size=6).map(
+        "".join
+    )
+    | _HEADER_TEXT
+)
 
 
 @settings(max_examples=500, deadline=None)
@@ -273,7 +319,7 @@ def test_what_the_shortcut_accepts_tornado_parses_the_same_way(extra, first):
         return
     start, headers, length = found
     text = data[:length].decode("latin1")
-    theirs = tornado.httputil.HTTPHeaders.parse(text[text.index("\r\n") + 2:])
+    theirs = tornado.httputil.HTTPHeaders.parse(text[text.index("\r\n") + 2 :])
     assert sorted(theirs.get_all()) == sorted(headers.get_all())
 
 
@@ -281,14 +327,18 @@ def test_what_the_shortcut_accepts_tornado_parses_the_same_way(extra, first):
 async def test_a_failing_open_closes_that_client_only(server, redis_client, caplog):
     """A bug in open() (simulated) costs the one connection: it is closed and
     forgotten, logged, and the next client connects and gets data."""
-    with mock.patch.object(StreamHandler, "_release_handshake_state",
-                           side_effect=RuntimeError("boom")):
+    with mock.patch.object(
+        StreamHandler, "_release_handshake_state", side_effect=RuntimeError("boom")
+    ):
         head, reader, writer = await raw_exchange(server, request())
         assert head.startswith(b"HTTP/1.1 101")
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
     assert not server.manager.connections
-    assert any("boom" in (r.exc_text or "") or r.exc_info for r in caplog.records
-               if r.levelno >= logging.ERROR)
+    assert any(
+        "boom" in (r.exc_text or "") or r.exc_info
+        for r in caplog.records
+        if r.levelno >= logging.ERROR
+    )
     ws = await connect(server, "/stream?streams=trade.ETC_USDT")
     await subscribed(redis_client, "trade.ETC_USDT")
     redis_client.publish("trade.ETC_USDT", envelope("trade.ETC_USDT", t=1))
@@ -298,5 +348,6 @@ async def test_a_failing_open_closes_that_client_only(server, redis_client, capl
 
 def test_docstring_examples_hold():
     import marketstream.server.net.upgrade
+
     result = doctest.testmod(marketstream.server.net.upgrade)
     assert result.attempted and not result.failed

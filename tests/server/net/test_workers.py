@@ -37,8 +37,13 @@ _WORKERS = textwrap.dedent("""
 
 
 def test_each_worker_accepts_on_its_own_socket_only():
-    proc = subprocess.Popen([sys.executable, "-c", _WORKERS], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WORKERS],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         port = int(proc.stdout.readline())
         seen = collections.Counter()
@@ -65,6 +70,7 @@ def test_each_worker_accepts_on_its_own_socket_only():
 
 def test_supervise_refuses_a_group_count_that_does_not_match():
     from marketstream.server.net.workers import supervise
+
     with pytest.raises(ValueError):
         supervise(2, lambda index: 0, listeners=[[]])
 
@@ -80,12 +86,18 @@ _ORPHAN = textwrap.dedent("""
 
 
 def test_a_child_that_asked_to_die_with_its_parent_does():
-    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN], cwd=ROOT, text=True, stdout=subprocess.PIPE
+    )
     try:
         child = int(parent.stdout.readline())
         os.kill(parent.pid, signal.SIGKILL)
-        wait_until(lambda: process_gone(child), 20, interval=0.05, message="the child to exit with its parent")
+        wait_until(
+            lambda: process_gone(child),
+            20,
+            interval=0.05,
+            message="the child to exit with its parent",
+        )
     finally:
         parent.kill()
         parent.wait()

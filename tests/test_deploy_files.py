@@ -219,3 +219,17 @@ def test_systemd_verify_catches_a_broken_unit(tmp_path):
         text=True,
     )
     assert "simpel" in result.stdout + result.stderr
+
+
+def test_ci_runs_the_readmes_test_command():
+    """.ci/run ends with the README's test command, verbatim: the linter,
+    the formatter check, the type checker, the tests."""
+    readme = read(os.path.join(ROOT, "README.md"))
+    command = next(
+        line
+        for line in readme.splitlines()
+        if line.startswith("python3 -m venv") and "pytest" in line
+    )
+    assert "ruff check . && ruff format --check . && mypy && python -m pytest -q" in command
+    ci = [line for line in read(os.path.join(ROOT, ".ci", "run")).splitlines() if line.strip()]
+    assert ci[-1] == command

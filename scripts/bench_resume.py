@@ -823,6 +823,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         publishing.start()
         await asyncio.sleep(args.warmup)
+        # The warm-up lasts at least until the live clients receive: on a
+        # busy machine the publisher process may take longer than it to start,
+        # and a baseline without traffic measures nothing.
+        deadline = time.monotonic() + 60
+        while True:
+            live_pipe.send(("count", None))
+            if live_pipe.recv() > 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the live clients received nothing within 60 s")
+            await asyncio.sleep(0.02)
         live_pipe.send(("cpu", None))
         live_cpu_base = live_pipe.recv()
         base_lo = time.time_ns()

@@ -32,6 +32,7 @@ prints ``[]``; then widen the pin in ``setup.cfg``.
 from __future__ import annotations
 
 import collections
+from asyncio import Future
 import inspect
 import logging
 import operator
@@ -309,7 +310,7 @@ class LeanIOStream(tornado.iostream.IOStream):
 # Shared by every idle LeanIOStream (None where Tornado lacks the class: OK
 # is then False, and no LeanIOStream is made).
 _NO_BUFFER: Any = getattr(tornado.iostream, "_StreamBuffer", lambda: None)()
-_NO_FUTURES: collections.deque = collections.deque()
+_NO_FUTURES: collections.deque[tuple[int, Future[None]]] = collections.deque()
 
 
 def handle_connection(server: tornado.tcpserver.TCPServer) -> Callable[[Any, Any], None]:

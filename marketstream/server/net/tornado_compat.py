@@ -57,6 +57,8 @@ import tornado.tcpserver
 import tornado.web
 import tornado.websocket
 
+from marketstream.wire.frames import CLOSE_NORMAL, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
+
 __all__ = [
     "OK",
     "MISSING",
@@ -173,7 +175,7 @@ def _writes_through(cls: type) -> bool:
             lambda: ws.write_message("x"),
             lambda: ws.write_ping(b"x"),
             lambda: ws._send_pong(b"x"),
-            lambda: ws.close(1000),
+            lambda: ws.close(CLOSE_NORMAL),
         ]
         for call in calls:
             try:
@@ -182,7 +184,7 @@ def _writes_through(cls: type) -> bool:
                 pass
     except Exception:
         return False
-    return opcodes == [0x1, 0x9, 0xA, 0x8]
+    return opcodes == [OP_TEXT, OP_PING, OP_PONG, OP_CLOSE]
 
 
 def _writes_only_in_write(cls: type) -> bool:

@@ -94,6 +94,33 @@ class Conversation(Delivery):
             if reply:
                 self._answer(replies.encode_outcome(request.id, "unsubscribed", valid, refused, []))
             return
+        new, valid = self._within_limits(valid, refused)
+        problems = []
+        for cause, text in request.problems:
+            ctx.counters.ignored[cause] += 1
+            problems.append(text)
+        manager.subscribe(self, new, self._wants(request, new))
+        if reply:
+            pending = self._acks
+            self._later(
+                self._ack_when_subscribed(
+                    pending if isinstance(pending, asyncio.Future) else None,
+                    request.id,
+                    new,
+                    valid,
+                    refused,
+                    problems,
+                )
+            )
+
+    def _within_limits(
+        self, valid: list[str], refused: list[tuple[str, str]]
+    ) -> tuple[list[str], list[str]]:
+        """Of the ``valid`` streams of a SUBSCRIBE, ``(new, kept)``: those to
+        add, and those the reply lists as subscribed; the rest go to
+        ``refused`` (``[limits] max_streams_per_connection``, ``max_channels``)."""
+        ctx = self.context
+        manager = ctx.manager
         current = manager.connections.get(self, {})
         new = [name for name in valid if name not in current]
         limit = ctx.limits.max_streams_per_connection
@@ -116,23 +143,7 @@ class Conversation(Delivery):
             gone = frozenset(capped)
             new = [name for name in new if name not in gone]
             valid = [name for name in valid if name not in gone]
-        problems = []
-        for cause, text in request.problems:
-            ctx.counters.ignored[cause] += 1
-            problems.append(text)
-        manager.subscribe(self, new, self._wants(request, new))
-        if reply:
-            pending = self._acks
-            self._later(
-                self._ack_when_subscribed(
-                    pending if isinstance(pending, asyncio.Future) else None,
-                    request.id,
-                    new,
-                    valid,
-                    refused,
-                    problems,
-                )
-            )
+        return new, valid
 
     def _refuse(self, name: str, cause: str, reason: str, refused: list[tuple[str, str]]) -> None:
         """Count and log (rate-limited) a stream not subscribed; add it to

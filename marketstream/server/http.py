@@ -10,13 +10,17 @@
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tornado.web
 import ujson
 
+from marketstream.server.config import Settings
 from marketstream.server.handlers import STATIC_DIR, Context, StreamHandler
 from marketstream.server.net import tornado_compat as compat
+
+if TYPE_CHECKING:  # prometheus_client loads when /metrics is served
+    from marketstream.server.metrics import Exporter
 
 __all__ = ["HealthHandler", "MetricsHandler", "log_request", "routes", "ws_paths"]
 
@@ -72,7 +76,7 @@ class HealthHandler(tornado.web.RequestHandler):
 class MetricsHandler(tornado.web.RequestHandler):
     """``GET /metrics``: Prometheus text format."""
 
-    def initialize(self, exporter: Any) -> None:
+    def initialize(self, exporter: "Exporter") -> None:
         self.exporter = exporter
 
     def get(self) -> None:
@@ -99,7 +103,7 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     )
 
 
-def ws_paths(settings: Any) -> list[str]:
+def ws_paths(settings: Settings) -> list[str]:
     """The paths that serve WebSocket: /, /ws, /stream and the configured one."""
     paths = ["/", "/ws", "/stream"]
     if settings.ws_path and settings.ws_path not in paths:
@@ -107,7 +111,9 @@ def ws_paths(settings: Any) -> list[str]:
     return paths
 
 
-def routes(context: Context, exporter: Any = None) -> list[tuple[str, type, dict[str, Any]]]:
+def routes(
+    context: Context, exporter: "Exporter | None" = None
+) -> list[tuple[str, type, dict[str, Any]]]:
     """The URL map for one process."""
     table: list[tuple[str, type, dict[str, Any]]] = [
         (path, StreamHandler, {"context": context}) for path in ws_paths(context.settings)

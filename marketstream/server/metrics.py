@@ -74,7 +74,7 @@ __all__ = [
 ]
 
 # The *_created series (a timestamp per counter) are noise on a dashboard.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
 
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 #: Seconds: in-server waits are ~0.1-1 ms, publish -> delivery adds Redis and
@@ -146,21 +146,21 @@ def enable_multiprocess() -> str:
     (call in the parent before forking workers); returns the directory."""
     directory = tempfile.mkdtemp(prefix="marketstream-metrics-")
     os.environ[_MULTIPROC_ENV] = directory
-    values.ValueClass = values.get_value_class()
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]  # as above
     return directory
 
 
 def disable_multiprocess(directory: str) -> None:
     """Leave multiprocess mode and remove its directory."""
     os.environ.pop(_MULTIPROC_ENV, None)
-    values.ValueClass = values.get_value_class()
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]  # as above
     shutil.rmtree(directory, ignore_errors=True)
 
 
 def mark_process_dead(pid: int) -> None:
     """Forget the live gauges of a worker that exited."""
     if _multiprocess():
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]  # as above
 
 
 class Exporter:
@@ -173,37 +173,7 @@ class Exporter:
         self._seen: dict[str, int] = {}
         self._nodes: set[str] = set()
         r = self.registry
-        self.connections = Gauge(
-            "marketstream_connections",
-            "Open client connections",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.subscriptions = Gauge(
-            "marketstream_subscriptions",
-            "Connection-stream subscriptions",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.upstream = Gauge(
-            "marketstream_upstream_channels",
-            "Redis channels subscribed",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.redis_connected = Gauge(
-            "marketstream_redis_connected",
-            "1 while the Redis pub/sub connection is live",
-            registry=r,
-            multiprocess_mode="livemin",
-        )
-        self.link_up = Gauge(
-            "marketstream_redis_link_up",
-            "1 while the pub/sub link to this Redis node is live (one per Cluster primary)",
-            ["node"],
-            registry=r,
-            multiprocess_mode="livemin",
-        )
+        self._add_gauges(r)
         self.messages = Counter(
             "marketstream_redis_messages", "Messages read from Redis", registry=r
         )
@@ -218,30 +188,7 @@ class Exporter:
         self.batches = Counter(
             "marketstream_batches", "Delivery batches (one write per client each)", registry=r
         )
-        self.batch_size = Histogram(
-            "marketstream_batch_size",
-            "Messages per delivery batch",
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
-        self.batch_latency = Histogram(
-            "marketstream_batch_latency_seconds",
-            "Seconds from the first message of a delivery batch read from Redis (or queued "
-            "from history) to the end of the flush that wrote the batch to the clients' "
-            "sockets: one observation per batch, the wait of its oldest message, not "
-            "weighted by the batch's messages",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.publish_latency = Histogram(
-            "marketstream_publish_latency_seconds",
-            "Seconds from the publisher's timestamp (the payload's E, microseconds since "
-            "the epoch) to the end of the flush that wrote the message to the clients' "
-            "sockets: one sample per batch, its first message, when that carries E "
-            "(includes Redis, the network and any clock skew; a clock ahead counts as 0)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        self._add_histograms(r)
         self.dropped = Counter(
             "marketstream_dropped", "Messages dropped, by cause", ["cause"], registry=r
         )
@@ -280,6 +227,67 @@ class Exporter:
         for cause in self._drop_counts():
             self.dropped.labels(cause)
         self._timer: tornado.ioloop.PeriodicCallback | None = None
+
+    def _add_gauges(self, r: CollectorRegistry) -> None:
+        """The gauges: connections, subscriptions, Redis channels and links."""
+        self.connections = Gauge(
+            "marketstream_connections",
+            "Open client connections",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.subscriptions = Gauge(
+            "marketstream_subscriptions",
+            "Connection-stream subscriptions",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.upstream = Gauge(
+            "marketstream_upstream_channels",
+            "Redis channels subscribed",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.redis_connected = Gauge(
+            "marketstream_redis_connected",
+            "1 while the Redis pub/sub connection is live",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.link_up = Gauge(
+            "marketstream_redis_link_up",
+            "1 while the pub/sub link to this Redis node is live (one per Cluster primary)",
+            ["node"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+
+    def _add_histograms(self, r: CollectorRegistry) -> None:
+        """The histograms of the delivery batches: sizes and latencies."""
+        self.batch_size = Histogram(
+            "marketstream_batch_size",
+            "Messages per delivery batch",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_latency = Histogram(
+            "marketstream_batch_latency_seconds",
+            "Seconds from the first message of a delivery batch read from Redis (or queued "
+            "from history) to the end of the flush that wrote the batch to the clients' "
+            "sockets: one observation per batch, the wait of its oldest message, not "
+            "weighted by the batch's messages",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.publish_latency = Histogram(
+            "marketstream_publish_latency_seconds",
+            "Seconds from the publisher's timestamp (the payload's E, microseconds since "
+            "the epoch) to the end of the flush that wrote the message to the clients' "
+            "sockets: one sample per batch, its first message, when that carries E "
+            "(includes Redis, the network and any clock skew; a clock ahead counts as 0)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def _drop_counts(self) -> dict[str, int]:
         counters = self.counters
@@ -358,6 +366,6 @@ class Exporter:
         self.sync()
         if _multiprocess():
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # as above
             return generate_latest(registry)
         return generate_latest(self.registry)

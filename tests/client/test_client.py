@@ -209,7 +209,7 @@ async def test_client_retries_until_the_server_is_up(server_factory, redis_clien
     port = free_port()
     client = Client("ws://127.0.0.1:%d/ws" % port, ["trade.SOL_USDC"], backoff=(0.01, 0.05))
     collector = Collector(client)
-    await async_wait_until(lambda: client._attempt >= 2, message="failed attempts")
+    await async_wait_until(lambda: client.session.attempts >= 2, message="failed attempts")
     server = await server_factory(server__listen="127.0.0.1:%d" % port)
     await listeners(server, "trade.SOL_USDC", 1)
     await subscribed(redis_client, "trade.SOL_USDC")
@@ -218,6 +218,37 @@ async def test_client_retries_until_the_server_is_up(server_factory, redis_clien
     assert client.connects == 1 and client.reconnects == 0
     assert client.disconnect_reason.startswith("cannot connect: "), client.disconnect_reason
     await collector.stop()
+
+
+@pytest.mark.gen_test
+async def test_client_without_reconnect_raises_the_connection_error():
+    from marketstream.testing import free_port
+
+    states = []
+    client = Client(
+        "ws://127.0.0.1:%d/ws" % free_port(),
+        ["trade.SOL_USDC"],
+        reconnect=False,
+        on_state=states.append,
+    )
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.wait_for(client.__anext__(), 10)
+    assert states == ["connecting"] and client.session.attempts == 1
+    assert not client.connected and client.disconnect_reason is None
+
+
+def test_the_clients_state_is_its_sessions():
+    """The shell keeps no protocol state: its public attributes are the
+    session's, read and written."""
+    client = Client("ws://127.0.0.1:1/ws", ["trade.A_B", "depth.A_B"], since={"depth.A_B": 4})
+    session = client.session
+    assert client.streams is session.streams and client.last_seq == {"depth.A_B": 4}
+    states = []
+    client.on_state = states.append
+    client.backoff = (1.0, 2.0)
+    session.connecting()
+    assert states == ["connecting"] and client.state == "connecting"
+    assert 0.5 <= client.delay(0) <= 1.0 and session.backoff == (1.0, 2.0)
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -114,6 +114,19 @@ async def connected_client(server, redis_client, streams, **kwargs):
     return client, collector
 
 
+async def reconnected(client, collector, kicks):
+    """Wait for the connection made after ``kicks`` kicks; returns how many
+    messages came before it.  Whatever arrives afterwards came on it, so the
+    server knows that connection and the next kick reaches it (a message read
+    from the kicked connection before its end would not say so)."""
+    await async_wait_until(
+        lambda: client.connects == kicks + 1 and client.connected,
+        timeout=20,
+        message="connection %d" % (kicks + 1),
+    )
+    return len(collector.messages)
+
+
 def plain(stream, **data):
     return ujson.dumps({"stream": stream, "data": data})
 
@@ -272,18 +285,16 @@ async def test_plain_streams_survive_100_forced_disconnects(server, redis_client
     publisher = asyncio.ensure_future(publish())
     for kick_no in range(100):
         # Each round: connected, something new on every stream, then a kick at a random moment.
-        seen = len(collector.messages)
+        seen = await reconnected(client, collector, kick_no)
         await async_wait_until(
             lambda seen=seen: (
-                client.connected
-                and {m.stream for m in collector.messages[seen:] if m.kind == MESSAGE}
-                == set(streams)
+                {m.stream for m in collector.messages[seen:] if m.kind == MESSAGE} == set(streams)
             ),
             message="messages after reconnection %d" % kick_no,
         )
         await asyncio.sleep(rng.random() * 0.005)
         kick(server, rst=kick_no % 2 == 0)
-    await async_wait_until(lambda: client.connects == 101, message="last reconnection")
+    await async_wait_until(lambda: client.connects == 101, timeout=20, message="last reconnection")
     for stream in streams:
         await listeners(server, stream, 1)
     stop.set()
@@ -476,14 +487,16 @@ async def test_resume_under_100_forced_disconnects(server, redis_client, redis_u
     publisher = asyncio.ensure_future(publish())
     try:
         for kick_no in range(100):
-            seen = len(collector.messages)
+            seen = await reconnected(client, collector, kick_no)
             await async_wait_until(
-                lambda seen=seen: client.connected and len(collector.messages) > seen,
+                lambda seen=seen: len(collector.messages) > seen,
                 message="messages after reconnection %d" % kick_no,
             )
             await asyncio.sleep(rng.random() * 0.005)
             kick(server, rst=kick_no % 2 == 0)
-        await async_wait_until(lambda: client.connects == 101, message="last reconnection")
+        await async_wait_until(
+            lambda: client.connects == 101, timeout=20, message="last reconnection"
+        )
     finally:
         stop.set()
         await publisher

@@ -39,7 +39,6 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 import ujson
 
@@ -93,7 +92,7 @@ def why_closed(
     return "connection lost (no close frame)"
 
 
-def gap_message(stream: str, reason: str, msg: str, now: float, **extra: Any) -> Message:
+def gap_message(stream: str, reason: str, msg: str, now: float, **extra: int) -> Message:
     """A gap the client noticed itself, as a :class:`Message` whose ``raw``
     has the shape of the server's gap notice (``now``: seconds since the
     epoch, for ``data["E"]``).
@@ -101,7 +100,7 @@ def gap_message(stream: str, reason: str, msg: str, now: float, **extra: Any) ->
     >>> gap_message("trade.A_B", "reconnected", "...", 1.5).raw
     '{"stream":"trade.A_B","data":{"e":"gap","s":"A_B","E":1500000,"reason":"reconnected","msg":"..."}}'
     """
-    data = {
+    data: dict[str, object] = {
         "e": "gap",
         "s": stream.rsplit(".", 1)[-1],
         "E": int(now * 1_000_000),
@@ -241,7 +240,7 @@ class Session:
         since = {s: self.last_seq[s] for s in self.streams if s in self.last_seq}
         snapshot = [s for s in self.streams if s in self.snapshot_streams and s not in since]
         self._request_id += 1
-        request: dict[str, Any] = {
+        request: dict[str, object] = {
             "method": "SUBSCRIBE",
             "params": self.streams,
             "id": self._request_id,
@@ -316,7 +315,7 @@ class Session:
         new), a gap message (a server's notice, or a position that jumped),
         or a refusal; replies that mean nothing to the user are dropped."""
         try:
-            obj = ujson.loads(frame)
+            obj: object = ujson.loads(frame)
         except ValueError:
             self._log.warning("ignoring a frame that is not JSON: %.80r", frame)
             return
@@ -342,7 +341,7 @@ class Session:
             self._plain.discard(stream)
             self._positioned(stream, data, seq, frame)
 
-    def _positioned(self, stream: str, data: Any, seq: int, frame: str) -> None:
+    def _positioned(self, stream: str, data: object, seq: int, frame: str) -> None:
         """A frame with a position: a snapshot is a new base; a repeat is
         dropped; a jump the server did not announce is a gap."""
         last = self.last_seq.get(stream)
@@ -369,10 +368,10 @@ class Session:
         self.gaps += 1
         self._pending.append(message)
 
-    def _report_gap(self, stream: str, reason: str, msg: str, **extra: Any) -> None:
+    def _report_gap(self, stream: str, reason: str, msg: str, **extra: int) -> None:
         self._report(gap_message(stream, reason, msg, self._clock(), **extra))
 
-    def _on_error(self, error: dict[str, Any]) -> None:
+    def _on_error(self, error: dict[str, object]) -> None:
         """An error reply: refused streams are dropped and become the next
         event; anything else is logged."""
         refused = error.get("refused")

@@ -199,9 +199,15 @@ class Session:
     def delay(self, attempt: int) -> float:
         """Seconds to wait before reconnection attempt ``attempt`` (0-based):
         ``min(backoff[1], backoff[0] * 2 ** attempt)`` scaled by a random
-        factor in [0.5, 1]."""
+        factor in [0.5, 1].  Any number of attempts (a server away for
+        hours) stays at the ceiling:
+
+        >>> Session(["trade.A_B"], backoff=(0.1, 5.0)).delay(5000) <= 5.0
+        True
+        """
         low, high = self.backoff
-        return min(high, low * 2.0**attempt) * self._random.uniform(0.5, 1.0)
+        # 2.0 ** 1024 overflows; a hundred doublings pass any ceiling.
+        return min(high, low * 2.0 ** min(attempt, 100)) * self._random.uniform(0.5, 1.0)
 
     def next_delay(self) -> float | None:
         """Seconds to wait before the next connection attempt: None before

@@ -1374,7 +1374,7 @@ def test_a_resume_far_behind_on_many_streams_is_bounded_by_the_connection_budget
         assert labels[0] == "gap" and 1 <= len(labels) - 1 < 10
         assert labels[1:] == list(range(201 - (len(labels) - 1), 201))  # the newest
     assert core.counters.gap_notices == 10
-    assert core._budgets == {} and core.recovering == {}
+    assert core.budgets.budgets == {} and core.recovering == {}
     live(core, feeds[names[0]], 1)
     flush(core)
     assert a.labels(names[0])[-1] == 201  # then live
@@ -1451,13 +1451,13 @@ def test_budgets_are_forgotten_when_reads_fail_or_connections_leave():
     subscribed(core, b, S, Want(since=0))
     subscribed(core, a, T, Want(since=0))
     reads = core.start_reads()
-    assert sorted(core._budgets[a]) == [0, 0, 2] and core._budgets[b][2] == 1
+    assert sorted(core.budgets.budgets[a]) == [0, 0, 2] and core.budgets.budgets[b][2] == 1
     fail(core, reads[0])
     core.link_lost()
-    assert core._budgets[a] == [1_000, 2, 0]  # shares back, both streams wait again
+    assert core.budgets.budgets[a] == [1_000, 2, 0]  # shares back, both streams wait again
     core.remove(a)
     core.unsubscribe(b, [S])
-    assert core._budgets == {}
+    assert core.budgets.budgets == {}
 
 
 def watched_core() -> tuple[Core, Conn, list[str]]:

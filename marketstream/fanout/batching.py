@@ -20,6 +20,8 @@ from typing import Any
 
 from marketstream.fanout.counters import Counters
 from marketstream.fanout.records import Connection
+from marketstream.wire import replies
+from marketstream.wire.frames import text_frame
 
 __all__ = ["Batch", "MAX_BATCH_SIZES"]
 
@@ -58,6 +60,12 @@ class Batch:
         else:
             pending.extend(frames)
         self.counters.deliveries += count
+
+    def notice(self, listeners: dict[Connection, None], stream: str, reason: str) -> None:
+        """Queue ``stream``'s gap notice for ``reason`` for each of
+        ``listeners`` (one frame for all), and count them."""
+        self.counters.gap_notices += len(listeners)
+        self.enqueue(listeners, text_frame(replies.gap_notice(stream, reason=reason)))
 
     def drop(self, conn: Connection) -> None:
         """Forget what was queued for a departed connection."""

@@ -58,7 +58,7 @@ from marketstream.fanout.dedupe import LivePositions
 from marketstream.fanout.records import Connection, History, Read, Want
 from marketstream.fanout.recovery import Recoveries
 from marketstream.fanout.wanted import WantedChannels
-from marketstream.wire import payloads, replies
+from marketstream.wire import payloads
 from marketstream.wire.frames import text_frame
 from marketstream.wire.positions import split_position
 
@@ -70,13 +70,11 @@ class Core:
     listens to what, and the coordination of its helpers -- the batch, the
     link's channels, the recoveries and their budgets, the live positions."""
 
-    #: Each connection's frames of this batch, joined into one write
-    #: (:meth:`Batch.take <marketstream.fanout.batching.Batch.take>`).
+    #: Each connection's frames of this batch, joined: ``Batch.take``.
     take_batch: Callable[[], dict[Connection, bytes]]
-    #: The link's channels (:class:`~marketstream.fanout.wanted.WantedChannels`):
-    #: what changed since the last call (True: wanted), the streams of
-    #: ``names`` refused by ``max_channels``, the periodic release.
+    #: The link's channels: ``WantedChannels``' methods of those jobs.
     take_changes: Callable[[], dict[str, bool]]
+    is_wanted: Callable[[str], bool]
     over_channel_cap: Callable[[list[str]], list[str]]
     release_lingering: Callable[[], None]
 
@@ -106,6 +104,7 @@ class Core:
             self.budgets, self.batch, self.positions, counters, max_replay, self._dropped
         )
         self.take_changes = self.channels.take_changes
+        self.is_wanted = self.channels.channels.__contains__
         self.over_channel_cap = self.channels.over_cap
         self.release_lingering = self.channels.release_lingering
         self.lingering = self.channels.lingering  # unwanted channels kept a moment
@@ -127,8 +126,7 @@ class Core:
 
     @property
     def wanted_changed(self) -> bool:
-        """Set when the wanted channels changed (the shell syncs upstream
-        and clears it)."""
+        """The wanted channels changed (the shell syncs upstream, clears it)."""
         return self.channels.changed
 
     @wanted_changed.setter
@@ -139,9 +137,6 @@ class Core:
         """The channels the Redis link must be subscribed to: streams with
         listeners, streams being recovered, and lingering ones."""
         return set(self.channels.channels)
-
-    def is_wanted(self, name: str) -> bool:
-        return name in self.channels.channels
 
     # --- registry ---------------------------------------------------------
 
@@ -212,8 +207,7 @@ class Core:
             self._forget_if_idle(name)
 
     def _unwanted(self, name: str) -> None:
-        """Nobody listens to ``name`` any more: its positions go, and its
-        channel (at once, or after lingering)."""
+        """Nobody listens to ``name``: its positions and channel go."""
         self.positions.forget(name)
         self.channels.unwanted(name)
 
@@ -241,8 +235,7 @@ class Core:
         since = self.last_seq.get(name)
         if since is None:
             # A plain stream: what was published meanwhile is gone.
-            self.counters.gap_notices += len(listeners)
-            self._enqueue(listeners, text_frame(replies.gap_notice(name, reason=reason)))
+            self.batch.notice(listeners, name, reason)
             return
         # A recoverable stream: its listeners catch up from the history.
         del self.streams[name]
@@ -267,10 +260,7 @@ class Core:
         over) and are subscribed again: catch them up like after an outage."""
         for name in names:
             self.confirmed.discard(name)
-            recovery = self.recovering.get(name)
-            if recovery is not None and recovery.in_flight:
-                self.read_failed(name)
-                recovery.buffer.clear()
+            self.read_failed(name)  # the read in flight, if any, is redone
             self._resync.add(name)
             self.upstream_confirmed(name, "shard_interrupted")
 
@@ -282,16 +272,13 @@ class Core:
     # --- history reads ------------------------------------------------------
 
     def start_reads(self, most: int | None = None) -> list[Read]:
-        """History reads to start now (at most ``most``): see
-        :meth:`Recoveries.start <marketstream.fanout.recovery.Recoveries.start>`."""
+        """History reads to start now (at most ``most``): ``Recoveries.start``."""
         return self.recoveries.start(self.confirmed, most)
 
     def read_failed(self, name: str, token: int | None = None) -> None:
         """The read for ``name`` (``token`` from its :class:`Read`) failed:
         its connections wait for the next.  A stale answer is ignored."""
-        recovery = self.recoveries.in_flight(name, token)
-        if recovery is not None:
-            self.recoveries.back_to_waiting(recovery)
+        if self.recoveries.failed(name, token):
             self._forget_if_idle(name)
 
     def read_done(self, name: str, history: History, token: int | None = None) -> bool:
@@ -361,12 +348,10 @@ class Core:
         reused for other data.  Listeners get the gap notice first, so that
         they accept the new positions."""
         self.positions.drop_holdings(name)
-        self.counters.gap_notices += len(listeners)
-        self._enqueue(listeners, text_frame(replies.gap_notice(name, reason="lost_writes")))
+        self.batch.notice(listeners, name, "lost_writes")
 
     def _dropped(self, channel: bytes, payload: bytes, problem: str) -> bool:
-        """Drop a payload that ``problem`` (:data:`payloads.MALFORMED` or
-        :data:`payloads.WRONG_STREAM`) rules out; count and report it."""
+        """Count and report a payload ``problem`` rules out (a payloads cause)."""
         if problem == payloads.WRONG_STREAM:
             self.counters.dropped_wrong_stream += 1
         else:

@@ -156,19 +156,28 @@ class Recoveries:
 
     def back_to_waiting(self, recovery: Recovery) -> None:
         """The read in flight will not be used: its connections wait for
-        the next, with their shares back."""
+        the next, with their shares back; what was buffered for it goes."""
         for conn in recovery.reading:
             self.budgets.moved(conn, 1, -1, recovery.shares.get(conn, 0))
         recovery.waiting.update(recovery.reading)
         recovery.reading.clear()
         recovery.shares.clear()
+        recovery.buffer.clear()
         recovery.in_flight = False
+
+    def failed(self, name: str, token: int | None) -> bool:
+        """The read of ``token`` (None: any) for ``name`` failed: its
+        connections wait for the next.  False if it is not the read in
+        flight (a stale answer, or none)."""
+        recovery = self.in_flight(name, token)
+        if recovery is not None:
+            self.back_to_waiting(recovery)
+        return recovery is not None
 
     def link_lost(self) -> None:
         """Every read in flight is void, and what was buffered for it."""
         for recovery in self.streams.values():
             self.back_to_waiting(recovery)
-            recovery.buffer.clear()
 
     def serve(
         self, name: str, recovery: Recovery, history: History, listeners: dict[Connection, None]

@@ -5,10 +5,14 @@ snapshot-asking connection receives through the core.
 
 from __future__ import annotations
 
-
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from marketstream.fanout.catchup import catch_up, frame_history, gap_reason
 from marketstream.fanout.core import History, Want
+from marketstream.wire.frames import text_frame
+from marketstream.wire.replies import GAP_REASONS
 from tests.fanout.doubles import (
     S,
     Conn,
@@ -341,3 +345,174 @@ def test_stored_frames_that_fail_the_check_are_not_replayed():
     flush(core)
     assert a.labels() == [2, 5]  # as live delivery would have dropped them
     assert core.counters.dropped_wrong_stream == 1 and core.counters.dropped_malformed == 1
+
+
+# --- the pure function against a model of the stream ---------------------------------
+
+REASONS = sorted(GAP_REASONS)
+
+
+class Model:
+    """A stream with positions 1..``latest``, as one example draws it:
+    every frame is ``width`` bytes, ``E<pos>`` for a history entry,
+    ``S<pos>`` for the snapshot, ``L<pos>`` for a live message buffered
+    during the read, ``G<reason>`` for a gap notice, so that what
+    :func:`catch_up` returns splits back into what a client would see."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+
+    def frame(self, kind: bytes, number: int) -> bytes:
+        return (kind + b"%d" % number).ljust(self.width, b".")
+
+    def gap(self, reason: str) -> bytes:
+        return self.frame(b"G", REASONS.index(reason))
+
+    def split(self, data: bytes) -> list[tuple[str, int]]:
+        """(kind, position or reason index) of each frame of ``data``."""
+        assert len(data) % self.width == 0
+        out = []
+        for at in range(0, len(data), self.width):
+            frame = data[at : at + self.width].rstrip(b".")
+            out.append((frame[:1].decode(), int(frame[1:])))
+        return out
+
+
+@st.composite
+def examples(draw: st.DrawFn) -> tuple:
+    """(model, want, history, live, share, max_replay): a stream whose
+    history keeps positions ``first``..``latest``, a read that found the
+    entries from ``low`` on (bounded by max_replay or bytes), maybe a
+    snapshot, and the live messages that arrived from ``start`` on."""
+    model = Model(draw(st.integers(4, 40)))
+    latest = draw(st.integers(1, 40))
+    first = draw(st.integers(1, latest + 1))  # the oldest kept (latest + 1: none)
+    low = draw(st.integers(first, latest + 1))
+    entries = [(seq, model.frame(b"E", seq)) for seq in range(low, latest + 1)]
+    snapshot_at = draw(st.none() | st.integers(1, latest))
+    snapshot = None if snapshot_at is None else (snapshot_at, model.frame(b"S", snapshot_at))
+    since = draw(st.none() | st.integers(0, latest + 3))
+    want = Want(since, draw(st.booleans()), draw(st.booleans()))
+    oldest = None
+    if since is not None and since < latest and not (entries and entries[0][0] <= since + 1):
+        oldest = first if first <= latest else None
+    skipped = snapshot is None and draw(st.booleans())
+    history = History(latest, snapshot, entries, oldest, skipped)
+    start = draw(st.integers(1, latest + 1))  # the first live message of the read
+    live = [(seq, model.frame(b"L", seq)) for seq in range(start, start + draw(st.integers(0, 8)))]
+    share = draw(st.none() | st.integers(0, model.width * 50))
+    return model, want, history, live, share, draw(st.integers(0, 50))
+
+
+@settings(max_examples=500, deadline=None)
+@given(examples(), st.booleans())
+def test_property_a_catch_up_sends_each_message_once_in_order_within_the_share(
+    example, had_positions
+):
+    model, want, history, live, share, max_replay = example
+    done = catch_up(
+        want, history, live, share, max_replay=max_replay, had_positions=had_positions,
+        gap=model.gap,
+    )  # fmt: skip
+    frames = model.split(done.data)
+    kinds = [kind for kind, _ in frames]
+    positions = [number for kind, number in frames if kind != "G"]
+    # Every message at most once, in order; gap notices come first, then
+    # the snapshot if any; a live frame is never beyond what it follows.
+    assert positions == sorted(set(positions))
+    assert kinds == sorted(kinds, key="GSEL".index)
+    assert kinds.count("G") <= 1 and kinds.count("S") <= 1
+    # The counts are the frames'.
+    assert done.frames == len(frames)
+    assert (done.replayed, done.snapshots, done.gap_notices) == (
+        kinds.count("E"),
+        kinds.count("S"),
+        kinds.count("G"),
+    )
+    # Never beyond the byte share, but for a gap notice alone.
+    history_part = len(frames) - kinds.count("L")
+    assert done.size == history_part * model.width
+    if share is not None and done.size > share:
+        assert kinds[:history_part] == ["G"]
+    # The position held is the last one sent (a catch-up that sent none
+    # holds where it started, or nothing).
+    if positions:
+        assert done.position == positions[-1]
+    latest = history.latest
+    top = max([latest] + [seq for seq, _ in live])
+    if "G" not in kinds and want.since is not None:
+        # No gap notice: nothing after the position asked for is missing.
+        assert positions == list(range(want.since + 1, top + 1))
+    if "S" in kinds:
+        # From the snapshot on, nothing is missing.
+        at = positions[kinds.index("S") - kinds.count("G")]
+        assert positions == list(range(at, top + 1))
+    entries = history.entries
+    covered = entries and entries[0][0] <= (want.since or 0) + 1
+    if share is None and want.since is not None and want.since <= latest:
+        # Unbounded, a resume the history covers is exact.
+        assert ("G" in kinds) == (want.since < latest and not covered)
+
+
+@given(examples())
+def test_catch_up_is_pure(example):
+    """Called twice on the same input, it returns the same and changes
+    nothing of its input (the core builds one catch-up for many
+    connections and counts what it returns)."""
+    model, want, history, live, share, max_replay = example
+    before = (list(history.entries), list(live))
+    first = catch_up(want, history, live, share, max_replay=max_replay, had_positions=True,
+                     gap=model.gap)  # fmt: skip
+    again = catch_up(want, history, live, share, max_replay=max_replay, had_positions=True,
+                     gap=model.gap)  # fmt: skip
+    assert first == again
+    assert (history.entries, live) == before
+
+
+def test_a_history_with_no_position_is_lost_only_to_a_stream_that_had_positions():
+    model = Model(8)
+    lost = History(None, None, [])
+    live = [(None, b"plain...")]
+    for had, expected in ((True, [("G", REASONS.index("history_lost"))]), (False, [])):
+        done = catch_up(Want(since=5), lost, [], None, max_replay=10, had_positions=had,
+                        gap=model.gap)  # fmt: skip
+        assert model.split(done.data) == expected
+    done = catch_up(Want(snapshot=True), lost, live, None, max_replay=10, had_positions=True,
+                    gap=model.gap)  # fmt: skip
+    assert done.data == b"plain..." and done.position == 0 and done.frames == 1
+
+
+def test_a_catch_up_that_does_not_fit_falls_back_to_the_snapshot_then_the_newest():
+    model = Model(4)
+    entries = [(seq, model.frame(b"E", seq)) for seq in range(1, 21)]
+    history = History(20, (15, model.frame(b"S", 15)), entries)
+
+    def sent(share: int | None) -> list[tuple[str, int]]:
+        done = catch_up(Want(since=2), history, [], share, max_replay=100, had_positions=True,
+                        gap=model.gap)  # fmt: skip
+        return model.split(done.data)
+
+    assert sent(None) == [("E", seq) for seq in range(3, 21)]  # 18 frames
+    assert sent(18 * 4) == sent(None)
+    reason = REASONS.index("replay_too_large")
+    assert sent(18 * 4 - 1) == [("G", reason), ("S", 15)] + [("E", s) for s in range(16, 21)]
+    assert sent(7 * 4 - 1) == [("G", reason)] + [("E", s) for s in range(16, 21)]  # 4 + 5 * 4
+    assert sent(3) == [("G", reason)]  # the notice alone, however small the share
+
+
+def test_gap_reasons():
+    assert gap_reason(Want(since=9), 5, None, False, 100) == "since_ahead"
+    assert gap_reason(Want(since=9, repair=True), 5, None, False, 100) == "lost_writes"
+    assert gap_reason(Want(since=1), 500, 1, False, 100) == "max_replay"
+    assert gap_reason(Want(since=1), 50, None, True, 100) == "replay_too_large"
+    assert gap_reason(Want(since=1), 50, 10, False, 100) == "history_trimmed"
+
+
+def test_frame_history_frames_the_stored_frames_and_reports_the_others():
+    good = b'{"stream":"t.A_B","data":{},"seq":%d}'
+    dropped: list[tuple[bytes, bytes, str]] = []
+    history = History(3, (2, good % 2), [(2, good % 2), (3, b'{"stream":"t.C_D"}')])
+    framed = frame_history(b"t.A_B", history, lambda *why: dropped.append(why))
+    assert framed.snapshot == (2, text_frame(good % 2))
+    assert framed.entries == [(2, text_frame(good % 2)), (3, b"")]
+    assert dropped == [(b"t.A_B", b'{"stream":"t.C_D"}', "wrong_stream")]

@@ -5,7 +5,9 @@ connection and joined into one write, directly and through the core.
 from __future__ import annotations
 
 
+from marketstream.fanout.batching import MAX_BATCH_SIZES, Batch
 from marketstream.fanout.core import Want
+from marketstream.fanout.counters import Counters
 from marketstream.wire.frames import text_frame
 from marketstream.wire.positions import split_position
 from tests.fanout.doubles import (
@@ -84,3 +86,54 @@ def test_catch_up_frames_join_the_same_batch_write_as_live_frames():
     batch = flush(core)
     assert list(batch) == [a] and len(a.writes) == 1
     assert a.positions() == [1, 2, 3, 4]
+
+
+# --- the batch, directly ------------------------------------------------------------
+
+
+def test_a_batch_joins_each_connections_frames_in_order_and_counts_them():
+    counters = Counters()
+    batch = Batch(counters)
+    a, b = Conn("a"), Conn("b")
+    batch.enqueue({a: None, b: None}, b"one")
+    batch.queue(a, [b"two", b"three"], 2)
+    batch.enqueue({b: None}, b"four")
+    assert batch.take() == {a: b"onetwothree", b: b"onefour"}
+    assert counters.deliveries == 5 and counters.bytes_sent == 18
+    assert counters.batches == 1 and counters.batch_sizes == [2]  # two messages enqueued
+    assert batch.take() == {} and batch.pending == {}  # the next batch starts empty
+    assert counters.batch_sizes == [2, 0]
+
+
+def test_a_single_frame_is_written_as_is():
+    batch = Batch(Counters())
+    a, b = Conn("a"), Conn("b")
+    frame = text_frame(b'{"stream":"trade.SOL_USDC","data":{}}')
+    batch.enqueue({a: None, b: None}, frame)
+    taken = batch.take()
+    assert taken[a] is frame and taken[b] is frame  # no copy per connection
+
+
+def test_a_dropped_connection_gets_nothing_and_the_batch_sizes_stay_bounded():
+    counters = Counters()
+    batch = Batch(counters)
+    a = Conn("a")
+    batch.enqueue({a: None}, b"x")
+    batch.drop(a)
+    batch.drop(a)  # twice is harmless
+    assert batch.take() == {}
+    counters.batch_sizes.extend([1] * (MAX_BATCH_SIZES - 1))
+    batch.take()
+    batch.take()  # the exporter did not drain them: no growth past the bound
+    assert len(counters.batch_sizes) == MAX_BATCH_SIZES
+
+
+def test_a_notice_is_one_frame_for_every_listener_and_is_counted():
+    counters = Counters()
+    batch = Batch(counters)
+    a, b = Conn("a"), Conn("b")
+    batch.notice({a: None, b: None}, S, "link_outage")
+    for conn, data in batch.take().items():
+        conn.write_frames(data)
+    assert a.reasons() == b.reasons() == ["link_outage"]
+    assert counters.gap_notices == 2 and counters.deliveries == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 
 from marketstream.fanout.core import Want
+from marketstream.fanout.budgets import ReplayBudgets
 from tests.fanout.doubles import (
     S,
     T,
@@ -138,3 +139,45 @@ def test_budgets_are_forgotten_when_reads_fail_or_connections_leave():
     core.remove(a)
     core.unsubscribe(b, [S])
     assert core.budgets.budgets == {}
+
+
+# --- the budgets, directly ----------------------------------------------------------
+
+
+def test_a_connections_budget_is_shared_evenly_among_its_waiting_streams():
+    budgets = ReplayBudgets(900)
+    for _ in range(3):
+        budgets.waiting("a")
+    assert [budgets.share("a") for _ in range(3)] == [300, 300, 300]
+    assert budgets.budgets["a"] == [0, 0, 3]
+
+
+def test_what_a_catch_up_did_not_use_goes_to_the_next_read_of_the_connection():
+    budgets = ReplayBudgets(1000)
+    budgets.waiting("a")
+    budgets.waiting("a")
+    share = budgets.share("a")
+    assert share == 500 and budgets.allowed("a", share) == 1000
+    budgets.moved("a", 0, -1, bytes_back=share - 100)  # it sent 100 bytes
+    assert budgets.share("a") == 900
+
+
+def test_a_catch_up_over_its_share_leaves_nothing_for_the_others():
+    budgets = ReplayBudgets(1000)
+    budgets.waiting("a")
+    budgets.waiting("a")
+    share = budgets.share("a")
+    budgets.moved("a", 0, -1, bytes_back=share - 1100)  # a gap notice alone may exceed it
+    assert budgets.share("a") == 0 and budgets.allowed("a", 0) == 0
+
+
+def test_a_budget_is_forgotten_when_its_connection_has_nothing_in_progress():
+    budgets = ReplayBudgets(1000)
+    budgets.waiting("a")
+    budgets.moved("a", -1, 0)  # it left before its read started
+    assert "a" not in budgets and len(budgets) == 0
+    budgets.moved("a", 0, -1)  # nothing to forget: harmless
+    budgets.waiting("b")
+    budgets.forget("b")
+    assert len(budgets) == 0
+    assert budgets.allowed("gone", 300) == 300

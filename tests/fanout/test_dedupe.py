@@ -7,7 +7,9 @@ from __future__ import annotations
 
 
 from marketstream.fanout.core import Want
+from marketstream.fanout.dedupe import LivePositions
 from tests.fanout.doubles import (
+    T,
     S,
     Conn,
     flush,
@@ -130,3 +132,47 @@ def test_a_live_message_arriving_after_the_read_that_held_it_is_not_repeated():
     live(core, feed, 1)
     flush(core)
     assert a.positions() == [2, 3, 4, 5]
+
+
+# --- the positions, directly --------------------------------------------------------
+
+
+def test_a_live_message_skips_the_connections_that_hold_its_position():
+    positions = LivePositions()
+    a, b, c = Conn("a"), Conn("b"), Conn("c")
+    listeners = {a: None, b: None, c: None}
+    positions.hold(S, a, 10)
+    positions.hold(S, b, 12)
+    holding = positions.holding[S]
+    assert list(positions.skip(S, holding, listeners, 10)) == [c]
+    assert list(positions.skip(S, holding, listeners, 11)) == [a, c]  # a passed: forgotten
+    assert positions.holding == {S: {b: 12}}
+    assert positions.skip(S, holding, listeners, 13) is listeners  # everyone: no copy
+    assert positions.holding == {}
+
+
+def test_a_read_keeps_the_highest_position_for_repair_and_a_restart_for_the_live_stream():
+    positions = LivePositions()
+    positions.delivered[S] = 20
+    positions.read_ended(S, 15)
+    assert positions.delivered[S] == 20  # the live stream is further
+    positions.read_ended(S, 25)
+    assert positions.delivered[S] == 25
+    positions.live[S] = 30
+    positions.read_ended(S, 5)  # positions went back and the catch-up said so
+    assert positions.live[S] == 5
+    positions.read_ended(S, 0)  # a read that reached no position changes nothing
+    assert positions.live[S] == 5 and positions.delivered[S] == 25
+
+
+def test_positions_are_forgotten_with_their_stream_or_connection():
+    positions = LivePositions()
+    a = Conn("a")
+    positions.hold(S, a, 3)
+    positions.let_go(S, a)
+    positions.let_go(T, a)  # nothing held there: harmless
+    assert positions.holding == {S: {}}
+    positions.drop_holdings(S)
+    positions.delivered[S] = positions.live[S] = 3
+    positions.forget(S)
+    assert positions.holding == positions.delivered == positions.live == {}

@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 
 from marketstream.fanout.core import Core, History, Read, Want
 from marketstream.fanout.counters import Counters
+from marketstream.fanout.batching import Batch
+from marketstream.fanout.budgets import ReplayBudgets
+from marketstream.fanout.dedupe import LivePositions
+from marketstream.fanout.recovery import Recoveries
 from tests.fanout.doubles import (
+    T,
+    Conn,
+    Feed,
     S,
     T,
     Conn,
@@ -579,3 +586,88 @@ def test_property_link_outages_covered_by_the_history_lose_and_repeat_nothing(
     run = Run(feed, max_replay=10_000)
     play(run, steps, clamp_since=True)
     check_outage_run(run)
+
+
+# --- the recoveries, directly -----------------------------------------------------------
+
+
+def recoveries(replay_bytes: int = 1000) -> tuple[Recoveries, list]:
+    """Recoveries over a real batch and positions; the list gets what is dropped."""
+    dropped: list = []
+    counters = Counters()
+    made = Recoveries(
+        ReplayBudgets(replay_bytes), Batch(counters), LivePositions(), counters, 100,
+        lambda *why: dropped.append(why),
+    )  # fmt: skip
+    return made, dropped
+
+
+def test_one_read_per_stream_waits_for_its_confirmation_and_asks_for_the_largest_share():
+    rec, _ = recoveries()
+    a, b = Conn("a"), Conn("b")
+    assert rec.hold(S, a, Want(since=5)) is True  # a new recovery: its channel is wanted
+    assert rec.hold(S, b, Want(snapshot=True)) is False
+    assert rec.hold(T, b, Want(since=9)) is True
+    assert rec.start(confirmed=set()) == []  # no channel confirmed yet
+    [read] = rec.start(confirmed={S}, most=5)
+    assert read == Read(S, 5, True, 1, 1000)  # b's share: half, a's: all
+    assert rec.streams[S].shares == {a: 1000, b: 500}
+    assert rec.start(confirmed={S, T}) == [Read(T, 9, True, 2, 500)]
+    assert rec.start(confirmed={S, T}) == []  # both in flight
+
+
+def test_a_stale_or_failed_read_gives_the_shares_back():
+    rec, _ = recoveries()
+    a = Conn("a")
+    rec.hold(S, a, Want(since=5))
+    [read] = rec.start({S})
+    assert rec.in_flight(S, read.token + 1) is None  # stale
+    assert rec.failed(S, read.token + 1) is False
+    rec.streams[S].buffer.append((6, b"live"))
+    assert rec.failed(S, read.token) is True
+    recovery = rec.streams[S]
+    assert recovery.waiting == {a: Want(since=5)} and not recovery.in_flight
+    assert recovery.buffer == [] and rec.budgets.budgets[a] == [1000, 1, 0]
+    assert rec.failed(S, None) is False  # none in flight
+    [again] = rec.start({S})
+    assert again.token == read.token + 1
+
+
+def test_a_recovery_nobody_waits_for_is_forgotten():
+    rec, _ = recoveries()
+    a = Conn("a")
+    rec.hold(S, a, Want(since=5))
+    rec.start({S})
+    rec.drop(S, a)
+    assert a not in rec.budgets
+    assert rec.forget_if_idle(S) is False  # its read is still in flight
+    rec.link_lost()
+    assert rec.forget_if_idle(S) is True and rec.streams == {}
+    rec.drop(S, a)  # harmless
+    assert rec.forget_if_idle(S) is False
+
+
+def test_serving_a_read_queues_each_catch_up_once_built_and_makes_listeners():
+    rec, dropped = recoveries()
+    feed = Feed()
+    for _ in range(5):
+        feed.publish()
+    a, b = Conn("a"), Conn("b")
+    rec.hold(S, a, Want(since=2))
+    rec.hold(S, b, Want(since=2))
+    [read] = rec.start({S})
+    recovery = rec.streams[S]
+    recovery.buffer.append((5, feed.frame(5)))  # live, already in the history
+    listeners: dict = {}
+    history = feed.read(read, 100)
+    history.entries[0] = (3, b"not a frame")
+    assert rec.serve(S, recovery, history, listeners) is True
+    assert list(listeners) == [a, b] and recovery.reading == {} and recovery.buffer == []
+    assert dropped == [(S.encode(), b"not a frame", "malformed_payload")]
+    batch = rec.batch.take()
+    assert batch[a] is batch[b]  # one catch-up for both
+    for conn, data in batch.items():
+        conn.write_frames(data)
+    assert a.positions() == [4, 5] and rec.counters.replayed == 4
+    assert rec.positions.holding == {S: {a: 5, b: 5}} and rec.positions.delivered[S] == 5
+    assert len(rec.budgets) == 0  # both done: their budgets go

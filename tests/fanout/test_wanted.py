@@ -5,6 +5,7 @@ what changed, lingering, the channel cap; directly and through the core.
 from __future__ import annotations
 
 
+from marketstream.fanout.wanted import WantedChannels
 from tests.fanout.doubles import (
     S,
     T,
@@ -111,3 +112,50 @@ def test_the_channel_cap_refuses_new_channels_and_lingering_ones_give_way():
     core.subscribe(b, [names[4]])
     assert core.over_channel_cap(["trade.KX_USDT"]) == ["trade.KX_USDT"]
     assert make_core().over_channel_cap(names) == []  # 0: no cap
+
+
+# --- the channels, directly ---------------------------------------------------------
+
+
+def test_a_channel_wanted_and_unwanted_before_the_link_looked_cancels_out():
+    channels = WantedChannels(linger=True)
+    channels.want(S)
+    channels.unwanted(S)  # not taken yet: released at once, lingering or not
+    assert channels.channels == set() and channels.lingering == {}
+    assert channels.take_changes() == {S: False}  # the link, which never saw it, does nothing
+
+
+def test_a_lingering_channel_wanted_again_stays_without_a_change():
+    channels = WantedChannels(linger=True)
+    channels.want(S)
+    channels.take_changes()
+    channels.changed = False
+    channels.unwanted(S)
+    channels.want(S)
+    assert channels.lingering == {} and channels.channels == {S}
+    assert channels.take_changes() == {} and not channels.changed
+    channels.release_lingering()
+    channels.release_lingering()
+    assert channels.channels == {S}  # it was wanted again: not released
+
+
+def test_without_linger_an_unwanted_channel_goes_at_once():
+    channels = WantedChannels()
+    channels.want(S)
+    channels.take_changes()
+    channels.unwanted(S)
+    assert channels.channels == set() and channels.take_changes() == {S: False}
+
+
+def test_the_cap_releases_the_oldest_lingering_channels_first():
+    channels = WantedChannels(max_channels=2, linger=True)
+    for name in (S, T):
+        channels.want(name)
+    channels.take_changes()
+    channels.unwanted(S)
+    channels.unwanted(T)
+    assert channels.over_cap(["kline.A_B"]) == []
+    assert channels.channels == {T} and list(channels.lingering) == [T]
+    assert channels.over_cap(["kline.A_B", "kline.C_D", "kline.E_F"]) == ["kline.E_F"]
+    assert channels.channels == set() and channels.take_changes() == {S: False, T: False}
+    assert WantedChannels().over_cap([S] * 5) == []  # no cap

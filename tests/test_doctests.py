@@ -57,6 +57,8 @@ def test_the_documented_modules_have_examples():
         "marketstream.fanout.catchup",
         "marketstream.fanout.budgets",
         "marketstream.fanout.wanted",
+        "marketstream.wire.streams",
+        "marketstream.wire.rates",
         "marketstream.server.admission",
         "marketstream.demo.simulator",
         "marketstream.server.net.tornado_compat",

@@ -33,6 +33,7 @@ class WantedChannels:
     def __init__(self, max_channels: int = 0, linger: bool = False) -> None:
         self.max_channels = max_channels  # 0: no cap
         self.linger = linger
+        # channels and lingering are never replaced (the core binds them).
         self.channels: set[str] = set()  # what the link must hold
         self.changes: dict[str, bool] = {}  # channel -> wanted, since the link last took them
         self.lingering: dict[str, int] = {}  # unwanted channels kept a moment -> their sweep

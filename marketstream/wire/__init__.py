@@ -2,8 +2,11 @@
 
 - :mod:`~marketstream.wire.frames`: WebSocket frames as the server sends
   them, and the close codes;
-- :mod:`~marketstream.wire.requests`: client requests, the ``/stream``
-  query, stream-name rules, the token bucket;
+- :mod:`~marketstream.wire.requests`: client requests and the ``/stream``
+  query;
+- :mod:`~marketstream.wire.streams`: which stream names may be subscribed;
+- :mod:`~marketstream.wire.rates`: the token bucket that bounds a client's
+  rate;
 - :mod:`~marketstream.wire.replies`: replies to requests and gap notices;
 - :mod:`~marketstream.wire.payloads`: the checks of payloads from Redis,
   the ``data`` format's wrapping, the publisher's timestamp;

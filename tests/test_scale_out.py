@@ -540,7 +540,7 @@ async def test_cluster_slot_migration_while_publishing(cluster, start_server):
         assert_recoverable(client, feeders[0])  # no gap notice allowed: nothing was lost
         assert_plain(client, feeders[1], gap_expected=True)
         assert_recoverable(client, feeders[2])
-    assert server.manager.link.sub.node_of(busy) == target.label
+    assert server.manager.link.node_of(busy) == target.label
     assert len(our_pubsub_connections(target)) == 1
 
 

@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis.asyncio
+import redis.asyncio.connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from marketstream.upstream.clients import REDIS_ERRORS
+from marketstream.upstream.link import ConnectionClass, PubSubConnection
 from marketstream.upstream.slots import Address, Ranges, SlotTable, key_slot
 from marketstream.upstream.urls import node_label
 
@@ -200,7 +202,8 @@ class SentinelWatcher:
         ...
         await watcher.stop()
 
-    One pub/sub connection per sentinel, reconnected with backoff.
+    One pub/sub connection per sentinel (a :class:`_SentinelWatch`, the
+    package's one connection implementation: backoff, PING).
     ``on_switch`` is called once per new primary address (every sentinel
     announces the same switch), from the event loop, and must not block.
     After a forced failover (``SENTINEL FAILOVER``) the old primary keeps
@@ -213,9 +216,9 @@ class SentinelWatcher:
         self,
         seeds: Iterable[Address],
         service: str,
-        on_switch: Callable[[Address], Any],
+        on_switch: Callable[[Address], object],
         *,
-        sentinel_kwargs: dict[str, Any] | None = None,
+        sentinel_kwargs: dict[str, Any] | None = None,  # Any: redis-py's options
         connect_timeout: float = 1.0,
         backoff_min: float = 0.05,
         backoff_max: float = 1.0,
@@ -229,46 +232,18 @@ class SentinelWatcher:
         self.backoff_max = backoff_max
         self.primary: Address | None = None
         self.connected: dict[str, bool] = {node_label(a): False for a in self.seeds}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._watches: list[_SentinelWatch] = []
 
     async def start(self) -> None:
         """Start watching (returns at once; connections are made in the background)."""
-        self._tasks = [asyncio.ensure_future(self._watch(addr)) for addr in self.seeds]
+        self._watches = [_SentinelWatch(self, addr) for addr in self.seeds]
+        for watch in self._watches:
+            watch.launch()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._tasks = []
-
-    async def _watch(self, addr: Address) -> None:
-        label = node_label(addr)
-        delay = self.backoff_min
-        while True:
-            conn = _connection(addr, self.sentinel_kwargs, self.connect_timeout)
-            try:
-                await asyncio.wait_for(conn.connect(), self.connect_timeout)
-                await conn.send_command("SUBSCRIBE", "+switch-master", check_health=False)
-                self.connected[label] = True
-                delay = self.backoff_min
-                while True:
-                    response = await conn.read_response()
-                    if type(response) is list and response[0] == b"message":
-                        self._on_event(_text(response[2]))
-            except asyncio.CancelledError:
-                raise
-            except REDIS_ERRORS as exc:
-                if self.connected[label]:
-                    log.warning("sentinel %s: watch lost (%s)", label, exc)
-                self.connected[label] = False
-            finally:
-                await conn.disconnect(nowait=True)
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(self.backoff_max, delay * 2)
+        for watch in self._watches:
+            await watch.stop()
+        self._watches = []
 
     def _on_event(self, text: str) -> None:
         parts = text.split()
@@ -283,3 +258,47 @@ class SentinelWatcher:
             self.on_switch(primary)
         except Exception:
             log.exception("on_switch callback failed")
+
+
+class _SentinelWatch(PubSubConnection):
+    """The ``+switch-master`` subscription on one sentinel."""
+
+    def __init__(self, watcher: SentinelWatcher, addr: Address) -> None:
+        super().__init__(
+            backoff_min=watcher.backoff_min,
+            backoff_max=watcher.backoff_max,
+            connect_timeout=watcher.connect_timeout,
+        )
+        self.watcher = watcher
+        self.addr = addr
+        self.node = node_label(addr)
+
+    async def _target(self) -> tuple[ConnectionClass, dict[str, Any]]:
+        kwargs = {k: v for k, v in self.watcher.sentinel_kwargs.items() if k not in CONNECTION_DROP}
+        connection_class: ConnectionClass = redis.asyncio.Connection
+        if kwargs.pop("ssl", False):
+            connection_class = redis.asyncio.SSLConnection
+        kwargs.update(host=self.addr[0], port=self.addr[1])
+        return connection_class, kwargs
+
+    async def _on_connected(self, conn: redis.asyncio.connection.AbstractConnection) -> None:
+        await conn.send_command("SUBSCRIBE", "+switch-master", check_health=False)
+
+    def _on_response(self, response: Any) -> None:  # Any: what redis-py parsed
+        if type(response) is not list:
+            if response == b"PONG":
+                self._last_pong = time.monotonic()
+        elif response[0] == b"message":
+            self.watcher._on_event(_text(response[2]))
+        elif response[0] == b"pong":
+            self._last_pong = time.monotonic()
+
+    def _on_restored(self, attempt: int) -> None:
+        self.watcher.connected[self.node] = True
+
+    def _on_lost(self, exc: BaseException | None) -> None:
+        log.warning("sentinel %s: watch lost (%s)", self.node, exc or "no PING reply")
+        self.watcher.connected[self.node] = False
+
+    def _on_connect_failed(self, exc: BaseException, attempt: int, wait: float) -> None:
+        log.debug("sentinel %s: cannot connect (%s)", self.node, exc)

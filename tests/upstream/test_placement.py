@@ -253,3 +253,28 @@ def test_whatever_happens_every_wanted_channel_ends_once_on_its_owner(ops):
         if name in wanted:
             assert placement.node_of(name) == owner
             assert confirmations[name] <= 1  # one Subscribed per time wanted
+
+
+def test_nothing_of_a_lost_link_passes_its_filter_and_the_new_owner_is_announced_first():
+    """The ways a message could come twice across a failover, closed: a
+    lost link's filter (what its reader delivers) is emptied at once, so
+    whatever the dead shard's socket still held is dropped; the channel is
+    announced back (Resubscribed, the listener's catch-up) with the last
+    reply of its SSUBSCRIBE, before the reader reads the new owner's first
+    message, which Redis sends after that reply."""
+    placement = started()
+    name = on(A, 1)[0]
+    placement.want([name])
+    answer(placement, placement.place())
+    assert placement.shards[A].bnames == {name.encode()}
+    placement.link_lost(A)
+    assert placement.shards[A].bnames == set()
+    placement.apply(SlotTable.from_ranges({B: [(0, SLOTS - 1)]}))
+    out = placement.place()
+    assert placement.shards[B].bnames == {name.encode()}
+    assert answer(placement, out) == [Resubscribed(B, (name,))]
+    # A second loss before the answer: announced once, by the link that answers.
+    placement.link_lost(B)
+    placement.link_up(B)
+    out = placement.place()
+    assert answer(placement, out) == [Resubscribed(B, (name,))]

@@ -34,6 +34,7 @@ from marketstream.upstream.urls import node_label
 
 __all__ = [
     "CONNECTION_DROP",
+    "node_target",
     "SentinelWatcher",
     "cluster_primaries",
     "cluster_topology",
@@ -57,18 +58,31 @@ CONNECTION_DROP = (
 )
 
 
+def node_target(
+    addr: Address, conn_kwargs: dict[str, Any]
+) -> tuple[ConnectionClass, dict[str, Any]]:
+    """The connection class and options of a raw connection to the node
+    ``addr`` (``conn_kwargs``: the URL's; Any: redis-py's options)::
+
+        cls, kwargs = node_target(("10.0.0.1", 7000), {"password": "pw", "ssl": True})
+        # (SSLConnection, {"password": "pw", "host": "10.0.0.1", "port": 7000})
+    """
+    kwargs = {k: v for k, v in conn_kwargs.items() if k not in CONNECTION_DROP}
+    cls: ConnectionClass = redis.asyncio.Connection
+    if kwargs.pop("ssl", False):
+        cls = redis.asyncio.SSLConnection
+    kwargs.update(host=addr[0], port=addr[1])
+    return cls, kwargs
+
+
 def _connection(
     addr: Address, conn_kwargs: dict[str, Any], timeout: float | None
-) -> redis.asyncio.Connection:
+) -> redis.asyncio.connection.AbstractConnection:
     """A raw RESP2 connection (not yet connected) to ``addr``; no read
     timeout, no retries: the caller owns liveness and reconnects."""
-    kwargs: dict[str, Any] = dict(socket_connect_timeout=timeout, socket_keepalive=True)
-    kwargs.update((k, v) for k, v in conn_kwargs.items() if k not in CONNECTION_DROP)
-    cls: type[redis.asyncio.Connection]
-    cls = redis.asyncio.SSLConnection if kwargs.pop("ssl", False) else redis.asyncio.Connection
+    cls, kwargs = node_target(addr, conn_kwargs)
+    kwargs = {"socket_connect_timeout": timeout, "socket_keepalive": True, **kwargs}
     return cls(
-        host=addr[0],
-        port=addr[1],
         socket_timeout=None,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
@@ -274,12 +288,7 @@ class _SentinelWatch(PubSubConnection):
         self.node = node_label(addr)
 
     async def _target(self) -> tuple[ConnectionClass, dict[str, Any]]:
-        kwargs = {k: v for k, v in self.watcher.sentinel_kwargs.items() if k not in CONNECTION_DROP}
-        connection_class: ConnectionClass = redis.asyncio.Connection
-        if kwargs.pop("ssl", False):
-            connection_class = redis.asyncio.SSLConnection
-        kwargs.update(host=self.addr[0], port=self.addr[1])
-        return connection_class, kwargs
+        return node_target(self.addr, self.watcher.sentinel_kwargs)
 
     async def _on_connected(self, conn: redis.asyncio.connection.AbstractConnection) -> None:
         await conn.send_command("SUBSCRIBE", "+switch-master", check_health=False)

@@ -49,7 +49,7 @@ import redis.exceptions
 from redis.exceptions import ResponseError
 
 from marketstream.upstream.clients import REDIS_ERRORS
-from marketstream.upstream.cluster import CONNECTION_DROP, cluster_topology
+from marketstream.upstream.cluster import cluster_topology, node_target
 from marketstream.upstream.link import ConnectionClass, Listener, PubSubConnection
 from marketstream.upstream.placement import (
     Close,
@@ -98,12 +98,7 @@ class ShardLink(PubSubConnection):
         self._seen = 0  # messages at the previous ping tick
 
     async def _target(self) -> tuple[ConnectionClass, dict[str, Any]]:
-        kwargs = {k: v for k, v in self.owner.connection_kwargs.items() if k not in CONNECTION_DROP}
-        connection_class: ConnectionClass = redis.asyncio.Connection
-        if kwargs.pop("ssl", False):
-            connection_class = redis.asyncio.SSLConnection
-        kwargs.update(host=self.addr[0], port=self.addr[1])
-        return connection_class, kwargs
+        return node_target(self.addr, self.owner.connection_kwargs)
 
     async def _read(self, conn: redis.asyncio.connection.AbstractConnection) -> None:
         read = conn.read_response

@@ -15,6 +15,7 @@ from marketstream.upstream.link import READ_SIZE
 from marketstream.upstream.shards import ShardedSubscriber
 from marketstream.upstream.slots import key_slot
 from tests.redis_topology import cluster, redis_cluster  # noqa: F401
+from tests.upstream.test_link import Listener
 
 FAST = dict(ping_interval=0.2, ping_timeout=0.5, connect_timeout=0.5, backoff_max=0.25)
 
@@ -24,37 +25,20 @@ def in_thread(func, *args):
     return asyncio.get_running_loop().run_in_executor(None, func, *args)
 
 
-class Recorder:
-    """The link's listener (the ChannelManager's side), recorded."""
+class Recorder(Listener):
+    """The link's listener (the ChannelManager's side), recorded per channel."""
 
     def __init__(self):
-        self.channels = set()
-        self.changes = {}
+        super().__init__()
         self.messages = collections.defaultdict(list)  # channel -> [payload]
-        self.subscribed = []  # names, in the order confirmed
-        self.unsubscribed = []
         self.resubscribed = []  # (monotonic time, [channels])
 
     def want(self, names, wanted=True):
         for name in names:
-            (self.channels.add if wanted else self.channels.discard)(name)
-            self.changes[name] = wanted
-
-    def wanted(self):
-        return set(self.channels)
-
-    def take_changes(self):
-        changes, self.changes = self.changes, {}
-        return changes
+            super().want(name, wanted)
 
     def on_message(self, channel, payload):
         self.messages[channel.decode()].append(payload)
-
-    def on_subscribed(self, name):
-        self.subscribed.append(name)
-
-    def on_unsubscribed(self, name):
-        self.unsubscribed.append(name)
 
     def on_interrupted(self, names):
         self.resubscribed.append((time.monotonic(), list(names)))

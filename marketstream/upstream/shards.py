@@ -40,8 +40,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio
 import redis.asyncio.connection
@@ -68,6 +68,8 @@ from marketstream.upstream.urls import RedisURL, node_label, parse_redis_url, re
 __all__ = ["ClusterListener", "ShardLink", "ShardedSubscriber"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ClusterListener(Listener, Protocol):
@@ -283,10 +285,11 @@ class ShardedSubscriber:
     async def stop(self) -> None:
         """Close every link and stop the background task."""
         self._running = False
-        for task in [self._task, *self._closing]:
-            if task is not None:
-                task.cancel()
-        self._task = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        for task in list(self._closing):  # links no longer primaries, closing
+            await asyncio.gather(task, return_exceptions=True)
         for link in self.links_by_addr.values():
             await link.stop()
             link.state = "down"
@@ -388,17 +391,25 @@ class ShardedSubscriber:
         loop sends in order (see :meth:`_sync_loop`)."""
         for out in outputs:
             if isinstance(out, Subscribed):
-                self.listener.on_subscribed(out.name)
+                self._tell(self.listener.on_subscribed, out.name)
             elif isinstance(out, Resubscribed):
                 self.resubscribes += len(out.names)
                 log.info("resubscribed %d channel(s) on %s", len(out.names), node_label(out.node))
-                self.listener.on_interrupted(list(out.names))
+                self._tell(self.listener.on_interrupted, list(out.names))
             elif isinstance(out, Refresh):
                 self.request_refresh()
             elif isinstance(out, Open):
                 self._open(out.node)
             elif isinstance(out, Close):
                 self._close(out.node)
+
+    @staticmethod
+    def _tell(event: Callable[[T], object], arg: T) -> None:
+        """Call the listener from a reader: a failure is logged, the link reads on."""
+        try:
+            event(arg)
+        except Exception:
+            log.exception("the listener failed on %s", getattr(event, "__name__", event))
 
     def _open(self, addr: Address) -> None:
         shard = self.placement.shards[addr]
@@ -438,20 +449,26 @@ class ShardedSubscriber:
                     self._last_refresh = time.monotonic()
                     self._refresh_delay = min(self.backoff_max, self._refresh_delay * 2)
                     self.request_refresh()
-            outputs = self.placement.place()
-            if Refresh() in outputs:
-                # Owner unknown or unreachable: read the topology again, backing off.
-                self._refresh_delay = min(self.backoff_max, self._refresh_delay * 2)
-            else:
-                self._refresh_delay = self.backoff_min
-            self.execute(outputs)
-            for out in outputs:
-                # One send after the other, each written before the next
-                # (and before the pinger's next PING): replies come back
-                # in the order the placement recorded the commands.
-                link = self.links_by_addr.get(out.node) if isinstance(out, Send) else None
-                if link is not None and isinstance(out, Send):
-                    await link.send(out.commands)
+            try:
+                await self._place()
+            except Exception:  # never let the placer die
+                log.exception("placing channels failed")
+
+    async def _place(self) -> None:
+        """Place every channel, send the commands in order."""
+        outputs = self.placement.place()
+        if Refresh() in outputs:
+            # Owner unknown or unreachable: read the topology again, backing off.
+            self._refresh_delay = min(self.backoff_max, self._refresh_delay * 2)
+        else:
+            self._refresh_delay = self.backoff_min
+        self.execute(outputs)
+        for out in outputs:
+            # One send after the other, each written before the next (and
+            # before the pinger's next PING): replies come back in the
+            # order the placement recorded the commands.
+            if isinstance(out, Send) and out.node in self.links_by_addr:
+                await self.links_by_addr[out.node].send(out.commands)
 
     async def _refresh(self) -> bool:
         """Read the topology from the first node that answers; apply it."""

@@ -38,6 +38,7 @@ __all__ = [
     "SentinelWatcher",
     "cluster_primaries",
     "cluster_topology",
+    "first_topology",
     "key_slot",
     "sentinel_primary",
 ]
@@ -133,6 +134,25 @@ async def cluster_topology(addr: Address, *, timeout: float = 1.0, **conn_kwargs
     if isinstance(reply, ResponseError):
         raise reply
     return SlotTable.from_slots(reply, addr)
+
+
+async def first_topology(
+    candidates: Iterable[Address], *, timeout: float = 1.0, **conn_kwargs: Any
+) -> SlotTable | None:
+    """The slot table of the first of ``candidates`` that answers with one
+    (``conn_kwargs``: connection options; Any: redis-py's); None if none does."""
+    tried = 0
+    for addr in dict.fromkeys(candidates):
+        tried += 1
+        try:
+            table = await cluster_topology(addr, timeout=timeout, **conn_kwargs)
+        except REDIS_ERRORS as exc:
+            log.debug("topology from %s failed: %s", node_label(addr), exc)
+            continue
+        if table.primaries:
+            return table
+    log.warning("no cluster node answered a topology request (tried %d)", tried)
+    return None
 
 
 async def cluster_primaries(

@@ -49,7 +49,7 @@ import redis.exceptions
 from redis.exceptions import ResponseError
 
 from marketstream.upstream.clients import REDIS_ERRORS
-from marketstream.upstream.cluster import cluster_topology, node_target
+from marketstream.upstream.cluster import first_topology, node_target
 from marketstream.upstream.link import ConnectionClass, Listener, PubSubConnection
 from marketstream.upstream.placement import (
     Close,
@@ -156,8 +156,13 @@ class ShardLink(PubSubConnection):
         if self.state != "down":
             self.state = "down"
             log.warning("cannot connect to %s: %s", self.label, exc or type(exc).__name__)
-            self.owner.health_changed(self, "down")
+            self.log_state("down")
         self.owner.request_refresh()
+
+    def log_state(self, state: str) -> None:
+        """The node is ``"up"``, ``"down"`` or ``"removed"`` (no longer a primary)."""
+        level = logging.WARNING if state != "up" else logging.INFO
+        log.log(level, "Redis Cluster node %s is %s", self.label, state)
 
     async def send(self, commands: tuple[tuple[str, ...], ...]) -> None:
         """Send ``commands`` pipelined; a failure loses the connection."""
@@ -364,20 +369,12 @@ class ShardedSubscriber:
 
     def link_up(self, link: ShardLink) -> None:
         self.placement.link_up(link.addr)
-        self.health_changed(link, "up")
+        link.log_state("up")
         self._dirty.set()
 
     def link_lost(self, link: ShardLink) -> None:
         self.execute(self.placement.link_lost(link.addr))
-        self.health_changed(link, "down")
-
-    def health_changed(self, link: ShardLink, state: str) -> None:
-        log.log(
-            logging.WARNING if state != "up" else logging.INFO,
-            "Redis Cluster node %s is %s",
-            link.label,
-            state,
-        )
+        link.log_state("down")
 
     def request_refresh(self) -> None:
         self._refresh_wanted = True
@@ -424,7 +421,7 @@ class ShardedSubscriber:
         task = asyncio.ensure_future(link.stop())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
-        self.health_changed(link, "removed")
+        link.log_state("removed")
 
     # --- the background task ----------------------------------------------------------
 
@@ -471,22 +468,17 @@ class ShardedSubscriber:
                 await self.links_by_addr[out.node].send(out.commands)
 
     async def _refresh(self) -> bool:
-        """Read the topology from the first node that answers; apply it."""
+        """Read the topology from the first node that answers (the live
+        primaries first, then any node seen, then the seeds); apply it."""
         candidates = [link.addr for link in self.links_by_addr.values() if link.state == "up"]
-        candidates += self.placement.table.nodes + self.seeds
         self.refreshes += 1
-        for addr in dict.fromkeys(candidates):
-            try:
-                table = await cluster_topology(
-                    addr, timeout=self.connect_timeout, **self.connection_kwargs
-                )
-            except REDIS_ERRORS as exc:
-                log.debug("topology from %s failed: %s", node_label(addr), exc)
-                continue
-            if not table.primaries:
-                continue
-            self.execute(self.placement.apply(table))
-            self._last_refresh = time.monotonic()
-            return True
-        log.warning("no cluster node answered a topology request (tried %d)", len(candidates))
-        return False
+        table = await first_topology(
+            candidates + self.placement.table.nodes + self.seeds,
+            timeout=self.connect_timeout,
+            **self.connection_kwargs,
+        )
+        if table is None:
+            return False
+        self.execute(self.placement.apply(table))
+        self._last_refresh = time.monotonic()
+        return True

@@ -365,3 +365,33 @@ async def test_every_shard_link_reads_wide(cluster):
             assert link._conn._reader._limit == READ_SIZE
     finally:
         await sub.stop()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_listener_failing_on_a_confirmation_costs_no_link(cluster):
+    """The confirmation is an event called from the shard's reader: a
+    listener that raises there is logged, and the link reads on."""
+
+    class Failing(Recorder):
+        def on_subscribed(self, name):
+            super().on_subscribed(name)
+            raise RuntimeError("listener bug")
+
+    rec = Failing()
+    sub = rec.subscriber(cluster)
+    await sub.start()
+    try:
+        names = [n for ns in channels_on_every_shard(cluster, 2).values() for n in ns]
+        await rec.subscribe(sub, names)
+        client = async_client(cluster.url)
+        try:
+            for name in names:
+                await client.spublish(name, "1")
+        finally:
+            await client.aclose()
+        await async_wait_until(
+            lambda: all(rec.messages[n] == [b"1"] for n in names), message="delivered"
+        )
+        assert sub.healthy and not rec.resubscribed
+    finally:
+        await sub.stop()

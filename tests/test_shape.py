@@ -1,4 +1,5 @@
-"""No class over 300 lines and no function over 80 in the package.
+"""The package's shape: no class over 300 lines and no function over 80, and
+a test file for every module (``tests/`` mirrors the package).
 
 A long class is usually several jobs in one (issue: the Cluster subscriber
 was a slot table, a placement and shard connections at 620 lines); a long
@@ -41,3 +42,17 @@ def test_the_package_has_classes_and_functions_to_measure() -> None:
 def test_no_class_or_function_is_too_long(kind: str, limit: int) -> None:
     long = ["%s (%d lines)" % (name, n) for k, name, n in _lengths() if k == kind and n > limit]
     assert not long, "%ss over %d lines: %s" % (kind, limit, ", ".join(long))
+
+
+def test_every_module_has_its_test_file() -> None:
+    """``marketstream/<dir>/<name>.py`` is tested in ``tests/<dir>/test_<name>.py``."""
+    tests = PACKAGE.parent / "tests"
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        where = path.relative_to(PACKAGE)
+        test = tests / where.parent / ("test_" + where.name)
+        if not test.exists():
+            missing.append("%s (%s)" % (where, test.relative_to(PACKAGE.parent)))
+    assert not missing, "modules without a test file: " + ", ".join(missing)

@@ -13,6 +13,9 @@ Close codes and refusals (also in the README):
 * HTTP 403: ``Origin`` not in ``[server] allowed_origins``.
 * HTTP 429: ``[server] max_connections_per_ip`` reached for the client IP.
 * HTTP 503: ``[server] max_connections`` reached in this process.
+* HTTP 401: a bad token (or none with ``[auth] required``); HTTP 429:
+  ``[auth] max_connections_per_user`` (see :mod:`marketstream.server.auth`).
+* 4001 "token expired": the token's ``exp`` passed without a refresh.
 * HTTP 413, or closed: a request body, or a handshake that takes longer than
   ``[server] handshake_timeout`` (see :mod:`marketstream.server.net.upgrade`).
 * 1001 "server shutting down"; 1001 "ping timeout" (no pong in time).
@@ -45,6 +48,7 @@ from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from marketstream.fanout.core import Want
 from marketstream.loglimit import LogLimiter
 from marketstream.server.admission import Admission
+from marketstream.server.auth import Sessions
 from marketstream.server.channels import ChannelManager
 from marketstream.server.net import tornado_compat as compat
 from marketstream.server.net.upgrade import Switched
@@ -89,6 +93,7 @@ class Context:
         self.ws_params: Any = None  # Tornado's protocol parameters, made at the first handshake
         # Lines a client can cause: at most one per cause per second.
         self.log_limiter = LogLimiter(log)
+        self.auth = Sessions(settings.auth, self.rules, self.counters, self.log_limiter)
 
 
 def _send(sock: socket.socket, data: bytes | memoryview) -> int:
@@ -270,6 +275,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             )
             self.set_status(status)
             self.finish(reason)
+            return
+        ctx.auth.prepare(self)  # a bad token: 401
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         if self.request.headers.get("Upgrade", "").lower() != "websocket":
@@ -330,6 +337,8 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         request (no subprotocol, no compression, admitted, origin allowed),
         without building an HTTP response: the 101 is one prebuilt write.
         """
+        if not self.context.auth.switching(self, stream):
+            return  # a bad token: answered 401 and closed
         self.open_args, self.open_kwargs = (), {}
         ws: Any = self.get_websocket_protocol()
         self.ws_connection = ws
@@ -362,6 +371,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         # No longer handshaking: an open connection from now on.
         ctx.admission.enter(self.request.remote_ip or "?", self._ws.stream)
         ctx.manager.register(self)
+        ctx.auth.opened(self)
         log.info("connect %s", self.identity)
         initial = self.get_query_argument("streams", "")
         since = self.get_query_argument("since", "")
@@ -426,6 +436,9 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             return None
         if request.acks and not self._acks:
             self._acks = True  # asked for on this connection, from this request on
+        if request.method == requests.AUTH:
+            ctx.auth.on_auth(self, request)  # always answered
+            return None
         self._handle(request, reply=bool(self._acks))
 
     def frames_exceeded(self) -> None:
@@ -445,6 +458,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
     def on_close(self) -> None:
         ctx = self.context
         ctx.manager.remove(self)
+        ctx.auth.closed(self)
         ws = self._ws
         if ws is not None:
             ctx.admission.leave(self.request.remote_ip or "?")
@@ -477,7 +491,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         valid: list[str] = []
         refused: list[tuple[str, str]] = []
         for name in request.params:
-            refusal = ctx.rules.refusal(name)
+            refusal = ctx.auth.refusal(self, name)
             if refusal is None:
                 valid.append(name)
             else:

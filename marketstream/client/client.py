@@ -16,6 +16,7 @@ import tornado.httpclient
 import tornado.websocket
 import ujson
 
+from marketstream.client.auth import TokenKeeper, TokenSource
 from marketstream.client.messages import GAP, MESSAGE, SNAPSHOT, Message, is_snapshot_data
 from marketstream.wire.frames import CLOSE_NORMAL
 
@@ -84,6 +85,11 @@ class Client:
     reason, or the error).  :meth:`close` (also at the end of ``async
     with``) sends a close frame (1000) and waits for the server's.
 
+    ``token``: a JWT, or a function (plain or async) returning a fresh one,
+    for private streams (:mod:`marketstream.client.auth`): sent as
+    ``Authorization: Bearer`` on every (re)connect, and refreshed with
+    ``AUTH`` before each ``exp`` when it is a function.
+
     Counters: ``connects``, ``reconnects`` (connections after the first),
     ``resumes`` (reconnections that asked for a replay), ``gaps`` (gap
     messages yielded), ``duplicates`` (frames dropped as already seen).
@@ -108,8 +114,10 @@ class Client:
         connect_timeout: float = 10.0,
         ping_interval: float | None = 20.0,
         close_timeout: float = 2.0,
+        token: TokenSource | None = None,
     ) -> None:
         self.url = url
+        self.auth = TokenKeeper(token) if token is not None else None
         self.streams = list(dict.fromkeys(streams))
         if not self.streams:
             raise ValueError("no streams")
@@ -163,8 +171,12 @@ class Client:
         """Connect and subscribe once (iteration does this by itself).
         Raises OSError / WebSocketError / HTTPClientError when it fails."""
         self._set_state("connecting")
+        headers = await self.auth.headers() if self.auth is not None else None
         request = tornado.httpclient.HTTPRequest(
-            self.url, connect_timeout=self.connect_timeout, request_timeout=self.connect_timeout
+            self.url,
+            connect_timeout=self.connect_timeout,
+            request_timeout=self.connect_timeout,
+            headers=headers,
         )
         ws = await tornado.websocket.websocket_connect(request, ping_interval=self.ping_interval)
         if self._closed:
@@ -173,6 +185,8 @@ class Client:
         first = self.connects == 0
         self.connects += 1
         self._ws = ws
+        if self.auth is not None:
+            self.auth.start(ws)  # AUTH with a fresh token before each exp
         self._attempt = 0
         since = {s: self.last_seq[s] for s in self.streams if s in self.last_seq}
         snapshot = [s for s in self.streams if s in self.snapshot_streams and s not in since]
@@ -210,6 +224,8 @@ class Client:
         """Close the connection and end the iteration: a close frame (1000),
         then the server's, within ``close_timeout`` seconds."""
         self._closed = True
+        if self.auth is not None:
+            self.auth.stop()
         ws, self._ws = self._ws, None
         if ws is not None:
             await _close(ws, self.close_timeout)
@@ -236,6 +252,8 @@ class Client:
         await self.close()
 
     def _drop(self, reason: str | None = None) -> None:
+        if self.auth is not None:
+            self.auth.stop()
         ws, self._ws = self._ws, None
         if ws is not None:
             ws.close(NORMAL_CLOSURE)

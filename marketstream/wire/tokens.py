@@ -92,6 +92,9 @@ _CAUSES: tuple[tuple[type[Exception], str, str], ...] = (
     (jwt.InvalidSignatureError, "bad_signature", "bad token signature"),
     (jwt.DecodeError, "malformed", "malformed token"),
 )
+_INVALID_SUBJECT = getattr(jwt.exceptions, "InvalidSubjectError", None)  # PyJWT >= 2.10
+if _INVALID_SUBJECT is not None:
+    _CAUSES = ((_INVALID_SUBJECT, "bad_claims", "the token has no sub"),) + _CAUSES
 
 
 def check_algorithms(algorithms: Iterable[str]) -> tuple[str, ...]:

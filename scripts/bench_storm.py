@@ -731,7 +731,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.idle_wait)
         rss_after = tree_rss(proc)
         nginx_rss_after = tree_rss(nginx_proc) if nginx_proc else None
-        health_body = health(port, host) if not args.reference else {}
+        # A loaded machine may take a while to answer (the default is 2 s).
+        health_body = health(port, host, timeout=30) if not args.reference else {}
         open_now = health_body.get("connections")
         if args.processes > 1 and not args.reference:
             open_now = fanout.worker_connections(host, port, args.processes)

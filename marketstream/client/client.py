@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar, overload
 import tornado.httpclient
 import tornado.websocket
 
+from marketstream.client.auth import TokenKeeper, TokenSource
 from marketstream.client.messages import Message
 from marketstream.client.session import ConnectionLost, Session, StreamsRefused, why_closed
 from marketstream.wire.frames import CLOSE_NORMAL
@@ -85,6 +86,11 @@ class Client:
     reason, or the error).  :meth:`close` (also at the end of ``async
     with``) sends a close frame (1000) and waits for the server's.
 
+    ``token``: a JWT, or a function (plain or async) returning a fresh one,
+    for private streams (:mod:`marketstream.client.auth`): sent as
+    ``Authorization: Bearer`` on every (re)connect, and refreshed with
+    ``AUTH`` before each ``exp`` when it is a function.
+
     Counters: ``connects``, ``reconnects`` (connections after the first),
     ``resumes`` (reconnections that asked for a replay), ``gaps`` (gap
     messages yielded), ``duplicates`` (frames dropped as already seen).
@@ -125,8 +131,10 @@ class Client:
         connect_timeout: float = 10.0,
         ping_interval: float | None = 20.0,
         close_timeout: float = 2.0,
+        token: TokenSource | None = None,
     ) -> None:
         self.url = url
+        self.auth = TokenKeeper(token) if token is not None else None
         self.session = Session(
             streams, snapshot, reconnect, backoff, since, on_state, logger=log, url=url
         )
@@ -150,20 +158,28 @@ class Client:
         """Connect and subscribe once (iteration does this by itself).
         Raises OSError / WebSocketError / HTTPClientError when it fails."""
         self.session.connecting()
+        headers = await self.auth.headers() if self.auth is not None else None
         request = tornado.httpclient.HTTPRequest(
-            self.url, connect_timeout=self.connect_timeout, request_timeout=self.connect_timeout
+            self.url,
+            connect_timeout=self.connect_timeout,
+            request_timeout=self.connect_timeout,
+            headers=headers,
         )
         ws = await tornado.websocket.websocket_connect(request, ping_interval=self.ping_interval)
         if self.session.closed:
             ws.close(NORMAL_CLOSURE)
             raise ConnectionLost("client closed")
         self._ws = ws
+        if self.auth is not None:
+            self.auth.start(ws)  # AUTH with a fresh token before each exp
         await ws.write_message(self.session.connected())
 
     async def close(self) -> None:
         """Close the connection and end the iteration: a close frame (1000),
         then the server's, within ``close_timeout`` seconds."""
         self.session.close()
+        if self.auth is not None:
+            self.auth.stop()
         ws, self._ws = self._ws, None
         if ws is not None:
             await _close(ws, self.close_timeout)
@@ -187,6 +203,8 @@ class Client:
         await self.close()
 
     def _drop(self, reason: str | None = None) -> None:
+        if self.auth is not None:
+            self.auth.stop()
         ws, self._ws = self._ws, None
         if ws is not None:
             ws.close(NORMAL_CLOSURE)

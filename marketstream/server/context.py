@@ -16,6 +16,7 @@ from typing import Any
 from marketstream.fanout.counters import Counters
 from marketstream.loglimit import LogLimiter
 from marketstream.server.admission import Admission
+from marketstream.server.auth import Sessions
 from marketstream.server.channels import ChannelManager
 from marketstream.server.config import LimitsSettings, Settings
 from marketstream.wire import requests
@@ -53,3 +54,4 @@ class Context:
         self.ws_params: Any = None
         # Lines a client can cause: at most one per cause per second.
         self.log_limiter = LogLimiter(log)
+        self.auth = Sessions(settings.auth, self.rules, self.counters, self.log_limiter)

@@ -59,6 +59,9 @@ class Conversation(Delivery):
             return None
         if request.acks and not self._acks:
             self._acks = True  # asked for on this connection, from this request on
+        if request.method == requests.AUTH:
+            ctx.auth.on_auth(self, request)  # always answered
+            return None
         self._handle(request, reply=bool(self._acks))
 
     def frames_exceeded(self) -> None:
@@ -83,7 +86,7 @@ class Conversation(Delivery):
         valid: list[str] = []
         refused: list[tuple[str, str]] = []
         for name in request.params:
-            refusal = ctx.rules.refusal(name)
+            refusal = ctx.auth.refusal(self, name)
             if refusal is None:
                 valid.append(name)
             else:

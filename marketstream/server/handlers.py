@@ -38,6 +38,9 @@ Close codes and refusals (also in the README):
 * 1009 "message too big": a frame over ``[limits] max_frame_bytes``.
 * Streams refused like an invalid name (an error reply with acks):
   ``[limits] max_streams_per_connection`` and ``[limits] max_channels``.
+* HTTP 401: a bad token (or none with ``[auth] required``); HTTP 429:
+  ``[auth] max_connections_per_user`` (see :mod:`marketstream.server.auth`).
+* 4001 "token expired": the token's ``exp`` passed without a refresh.
 """
 
 from marketstream.server.context import Context

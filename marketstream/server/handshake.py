@@ -71,6 +71,8 @@ class Handshake(Conversation):
             )
             self.set_status(status)
             self.finish(reason)
+            return
+        ctx.auth.prepare(self)  # a bad token: 401
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         if self.request.headers.get("Upgrade", "").lower() != "websocket":
@@ -132,6 +134,8 @@ class Handshake(Conversation):
         request (no subprotocol, no compression, admitted, origin allowed),
         without building an HTTP response: the 101 is one prebuilt write.
         """
+        if not self.context.auth.switching(self, stream):
+            return  # a bad token: answered 401 and closed
         self.open_args, self.open_kwargs = (), {}
         # The shortcut runs only where tornado_compat.OK: the protocol is ours.
         ws: StreamProtocol = self.get_websocket_protocol()  # type: ignore[assignment]
@@ -169,6 +173,7 @@ class Handshake(Conversation):
         # No longer handshaking: an open connection from now on.
         ctx.admission.enter(self.request.remote_ip or "?", stream)
         ctx.manager.register(self)
+        ctx.auth.opened(self)
         log.info("connect %s", self.identity)
         initial = self.get_query_argument("streams", "")
         since = self.get_query_argument("since", "")
@@ -207,6 +212,7 @@ class Handshake(Conversation):
     def on_close(self) -> None:
         ctx = self.context
         ctx.manager.remove(self)
+        ctx.auth.closed(self)
         ws = self._ws
         if ws is not None:
             ctx.admission.leave(self.request.remote_ip or "?")

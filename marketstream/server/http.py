@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import tornado.web
 import ujson
 
+from marketstream.server.auth import redact_token
 from marketstream.server.config import Settings
 from marketstream.server.handlers import STATIC_DIR, Context, StreamHandler
 from marketstream.server.net import tornado_compat as compat
@@ -97,7 +98,7 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         "%d %s %s (%s) %.1fms",
         status,
         request.method,
-        request.uri,
+        redact_token(request.uri or ""),  # a ?token= stays out of the log
         request.remote_ip,
         1000.0 * request.request_time(),
     )

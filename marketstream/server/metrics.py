@@ -28,13 +28,20 @@ Metrics (all prefixed ``marketstream_``):
 ``dropped_total{cause}``               malformed_payload, invalid_frame,
                                        rejected_stream, slow_consumer, rate_limit,
                                        ping_timeout, bad_since, bad_snapshot,
-                                       wrong_stream, frame_rate_limit
+                                       wrong_stream, frame_rate_limit, token_expired
 ``redis_reconnects_total``             reconnections of the pub/sub connection
 ``refused_handshakes_total{cause}``    origin, max_connections, max_connections_per_ip,
-                                       handshake_timeout, body_too_large
+                                       handshake_timeout, body_too_large, unauthorized,
+                                       max_connections_per_user
 ``rejected_streams_total{cause}``      streams refused to clients: invalid_name,
                                        unknown_type, unknown_market, too_many_streams,
-                                       max_channels
+                                       max_channels, user_stream, protected
+``auth_total{stage}``                  tokens accepted: connect (at the handshake),
+                                       message (AUTH)
+``auth_failures_total{stage,cause}``   tokens refused: missing, malformed,
+                                       bad_signature, expired, not_yet_valid,
+                                       audience, issuer, algorithm, bad_claims,
+                                       wrong_sub, disabled
 =====================================  ==========================================
 """
 
@@ -226,6 +233,22 @@ class Exporter:
             self.rejected.labels(cause)
         for cause in self._drop_counts():
             self.dropped.labels(cause)
+        self.auth = Counter(
+            "marketstream_auth",
+            "Tokens accepted, at connect or in AUTH messages",
+            ["stage"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "marketstream_auth_failures",
+            "Tokens refused (HTTP 401 at connect, an error reply to AUTH), by cause",
+            ["stage", "cause"],
+            registry=r,
+        )
+        for stage in ("connect", "message"):
+            self.auth.labels(stage)
+            for cause in counters.auth_refused:
+                self.auth_failures.labels(stage, cause)
         self._timer: tornado.ioloop.PeriodicCallback | None = None
 
     def _add_gauges(self, r: CollectorRegistry) -> None:
@@ -302,6 +325,7 @@ class Exporter:
             "bad_since": counters.ignored["bad_since"],
             "bad_snapshot": counters.ignored["bad_snapshot"],
             "wrong_stream": counters.dropped_wrong_stream,
+            "token_expired": counters.closed["token_expired"],
         }
 
     def _advance(self, key: str, counter: Counter, value: int) -> None:
@@ -347,6 +371,16 @@ class Exporter:
             self._advance("refused." + cause, self.refused.labels(cause), value)
         for cause, value in stats.rejected.items():
             self._advance("rejected." + cause, self.rejected.labels(cause), value)
+        self._sync_auth(stats)
+
+    def _sync_auth(self, stats: "Counters") -> None:
+        """The token counters (see :mod:`marketstream.server.auth`)."""
+        self._advance("auth.connect", self.auth.labels("connect"), stats.auth_accepted)
+        self._advance("auth.message", self.auth.labels("message"), stats.auth_refreshed)
+        for stage, counts in (("connect", stats.auth_refused), ("message", stats.auth_failed)):
+            for cause, value in counts.items():
+                key = "auth_failures.%s.%s" % (stage, cause)
+                self._advance(key, self.auth_failures.labels(stage, cause), value)
 
     def start(self, interval: float = 1.0) -> None:
         """Sync every ``interval`` seconds on the running IOLoop."""

@@ -12,9 +12,13 @@
   the ``data`` format's wrapping, the publisher's timestamp;
 - :mod:`~marketstream.wire.positions` (and ``recovery.lua`` beside it): the
   recovery format -- positions, a stream's keys, the frames the recovery
-  script publishes.
+  script publishes;
+- :mod:`~marketstream.wire.access`: who may subscribe to what (user
+  streams ``<name>#<user>``, ``[auth] protected``, the ``channels`` claim);
+- :mod:`~marketstream.wire.tokens`: JWT verification (PyJWT): keys,
+  algorithms, and what each refusal is counted as.
 
-Imports: the standard library, orjson and ujson; nothing of marketstream
+Imports: the standard library, orjson, ujson and PyJWT; nothing of marketstream
 outside this package (no Tornado, no redis-py), so every layer may use it
 and its tests call it directly.
 """

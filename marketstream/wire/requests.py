@@ -30,6 +30,7 @@ __all__ = [
     "SUBSCRIBE",
     "UNSUBSCRIBE",
     "LIST_SUBSCRIPTIONS",
+    "AUTH",
     "METHODS",
     "ERROR_INVALID_REQUEST",
     "ERROR_INVALID_JSON",
@@ -46,7 +47,10 @@ __all__ = [
 SUBSCRIBE = "SUBSCRIBE"
 UNSUBSCRIBE = "UNSUBSCRIBE"
 LIST_SUBSCRIPTIONS = "LIST_SUBSCRIPTIONS"
-METHODS = frozenset((SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS))
+#: ``{"method":"AUTH","params":["<jwt>"],"id":n}``: authenticate, or refresh
+#: the token (see marketstream.server.auth).
+AUTH = "AUTH"
+METHODS = frozenset((SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS, AUTH))
 
 # Binance's error codes for replies (sent only when acknowledgements are on).
 ERROR_INVALID_REQUEST = 2

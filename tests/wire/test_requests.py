@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from marketstream.wire.replies import encode_error, encode_result
 from marketstream.wire.requests import (
+    AUTH,
     ERROR_INVALID_JSON,
     ERROR_INVALID_REQUEST,
     LIST_SUBSCRIPTIONS,
@@ -375,7 +376,7 @@ def expected_outcome(message):
     if isinstance(request_id, int) and not -(2**63) <= request_id < 2**64:
         return None  # not echoed as a JSON number exactly: refused
     method = message.get("method")
-    if method not in (SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS):
+    if method not in (SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS, AUTH):
         return None
     params = message.get("params", [] if method == LIST_SUBSCRIPTIONS else None)
     if not isinstance(params, list) or not all(isinstance(p, str) for p in params):

@@ -16,7 +16,7 @@ The metrics exporter turns them into Prometheus series once a second
 
 from __future__ import annotations
 
-from marketstream.wire.tokens import FAILURE_CAUSES
+from marketstream.wire.access import FAILURE_CAUSES
 
 __all__ = [
     "Counters",

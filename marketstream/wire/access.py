@@ -54,6 +54,8 @@ from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
 __all__ = [
+    "FAILURE_CAUSES",
+    "Failure",
     "MAX_USER",
     "MAX_PATTERNS",
     "ACCESS_CAUSES",
@@ -126,6 +128,37 @@ def compile_patterns(patterns: Iterable[str]) -> re.Pattern[str] | None:
     if not parts:
         return None
     return re.compile("|".join("(?:%s)" % part for part in parts))
+
+
+#: Why a token was refused, as counted in ``marketstream_auth_failures_total``:
+#: ``missing`` (``[auth] required`` and none given), ``malformed`` (not a
+#: JWT, or too long), ``bad_signature``, ``expired``, ``not_yet_valid``
+#: (``nbf``/``iat`` in the future), ``audience``, ``issuer``, ``algorithm``
+#: (not one of ``jwt_algorithms``, ``none`` included), ``bad_claims``
+#: (``sub`` missing or not a string, ``channels`` not a list of patterns),
+#: ``wrong_sub`` (an ``AUTH`` for another ``sub`` than the connection's),
+#: ``disabled`` (an ``AUTH`` with no ``[auth] jwt_key``).
+FAILURE_CAUSES = (
+    "missing",
+    "malformed",
+    "bad_signature",
+    "expired",
+    "not_yet_valid",
+    "audience",
+    "issuer",
+    "algorithm",
+    "bad_claims",
+    "wrong_sub",
+    "disabled",
+)
+
+
+class Failure(NamedTuple):
+    """A refused token: the cause (one of :data:`FAILURE_CAUSES`) and a
+    reason for the client."""
+
+    cause: str
+    reason: str
 
 
 class Grant(NamedTuple):

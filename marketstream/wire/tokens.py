@@ -26,11 +26,17 @@ starting ``-----BEGIN``): the configured algorithms decide, never the key.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jwt
 
-from marketstream.wire.access import MAX_PATTERNS, Grant, compile_patterns
+from marketstream.wire.access import (
+    FAILURE_CAUSES,
+    MAX_PATTERNS,
+    Failure,
+    Grant,
+    compile_patterns,
+)
 
 __all__ = [
     "HMAC_ALGORITHMS",
@@ -50,36 +56,6 @@ PUBLIC_KEY_ALGORITHMS = frozenset(
 #: The longest token looked at; longer ones are refused as ``malformed``
 #: before any parsing.
 MAX_TOKEN_BYTES = 8192
-
-#: Why a token was refused, as counted in ``marketstream_auth_failures_total``:
-#: ``missing`` (``[auth] required`` and none given), ``malformed`` (not a
-#: JWT, or too long), ``bad_signature``, ``expired``, ``not_yet_valid``
-#: (``nbf``/``iat`` in the future), ``audience``, ``issuer``, ``algorithm``
-#: (not one of ``jwt_algorithms``, ``none`` included), ``bad_claims``
-#: (``sub`` missing or not a string, ``channels`` not a list of patterns),
-#: ``wrong_sub`` (an ``AUTH`` for another ``sub`` than the connection's),
-#: ``disabled`` (an ``AUTH`` with no ``[auth] jwt_key``).
-FAILURE_CAUSES = (
-    "missing",
-    "malformed",
-    "bad_signature",
-    "expired",
-    "not_yet_valid",
-    "audience",
-    "issuer",
-    "algorithm",
-    "bad_claims",
-    "wrong_sub",
-    "disabled",
-)
-
-
-class Failure(NamedTuple):
-    """A refused token: the cause (one of :data:`FAILURE_CAUSES`) and a
-    reason for the client."""
-
-    cause: str
-    reason: str
 
 
 # PyJWT's exceptions, most specific first, to causes.

@@ -26,9 +26,12 @@ starting ``-----BEGIN``): the configured algorithms decide, never the key.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import jwt
+
+if TYPE_CHECKING:
+    from jwt.algorithms import AllowedPublicKeys
 
 from marketstream.wire.access import (
     FAILURE_CAUSES,
@@ -102,7 +105,7 @@ def check_algorithms(algorithms: Iterable[str]) -> tuple[str, ...]:
     return chosen
 
 
-def load_key(key: str, algorithms: Sequence[str]) -> Any:
+def load_key(key: str, algorithms: Sequence[str]) -> bytes | AllowedPublicKeys:
     """The key material for ``algorithms``: the secret (bytes) for HMAC,
     else the public key read from the PEM file ``key`` (or the PEM text).
     Raises ValueError saying what is wrong (an unreadable file, not a
@@ -123,6 +126,7 @@ def load_key(key: str, algorithms: Sequence[str]) -> Any:
                 "cannot read the public key file %r: %s" % (key, exc.strerror)
             ) from None
     algorithm = jwt.get_algorithm_by_name(algorithms[0])
+    loaded: AllowedPublicKeys  # PyJWT's Algorithm.prepare_key says Any
     try:
         loaded = algorithm.prepare_key(pem)
     except (jwt.InvalidKeyError, ValueError, TypeError) as exc:
@@ -139,13 +143,19 @@ def load_key(key: str, algorithms: Sequence[str]) -> Any:
     return loaded
 
 
+#: ``jwt.decode``'s options.  Any: PyJWT types them as its ``Options``
+#: TypedDict in recent releases and as ``dict[str, Any]`` in older ones
+#: (both supported), and no one annotation fits both.
+_DecodeOptions: TypeAlias = Any
+
+
 class Verifier:
     """Checks tokens against one key and the configured algorithms,
     audience and issuer."""
 
     def __init__(
         self,
-        key: Any,
+        key: str | bytes | AllowedPublicKeys,
         algorithms: Sequence[str],
         audience: str = "",
         issuer: str = "",
@@ -156,7 +166,7 @@ class Verifier:
         self.audience = audience or None
         self.issuer = issuer or None
         self.leeway = leeway
-        self._options: Any = {"verify_aud": self.audience is not None}
+        self._options: _DecodeOptions = {"verify_aud": self.audience is not None}
 
     def verify(self, token: str) -> Grant | Failure:
         """The token's :class:`~marketstream.wire.access.Grant`, or why it
@@ -186,7 +196,7 @@ class Verifier:
         return grant_of(claims)
 
 
-def grant_of(claims: dict[str, Any]) -> Grant | Failure:
+def grant_of(claims: dict[str, object]) -> Grant | Failure:
     """The :class:`~marketstream.wire.access.Grant` of verified claims, or
     ``bad_claims``: ``sub`` must be a non-empty string, ``exp`` (if any) a
     number, ``channels`` (if any) a list of at most 64 patterns.

@@ -247,7 +247,7 @@ class LoggingSettings:
 
 
 def _algorithms(text: str) -> tuple[str, ...]:
-    from marketstream.wire.tokens import check_algorithms
+    from marketstream.wire.access import check_algorithms
 
     return check_algorithms(_list(text))
 

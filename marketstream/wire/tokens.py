@@ -25,7 +25,7 @@ starting ``-----BEGIN``): the configured algorithms decide, never the key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import jwt
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 from marketstream.wire.access import (
     FAILURE_CAUSES,
+    HMAC_ALGORITHMS,
+    PUBLIC_KEY_ALGORITHMS,
+    check_algorithms,
     MAX_PATTERNS,
     Failure,
     Grant,
@@ -52,10 +55,6 @@ __all__ = [
     "load_key",
 ]
 
-HMAC_ALGORITHMS = frozenset(("HS256", "HS384", "HS512"))
-PUBLIC_KEY_ALGORITHMS = frozenset(
-    ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
-)
 #: The longest token looked at; longer ones are refused as ``malformed``
 #: before any parsing.
 MAX_TOKEN_BYTES = 8192
@@ -74,35 +73,6 @@ _CAUSES: tuple[tuple[type[Exception], str, str], ...] = (
 _INVALID_SUBJECT = getattr(jwt.exceptions, "InvalidSubjectError", None)  # PyJWT >= 2.10
 if _INVALID_SUBJECT is not None:
     _CAUSES = ((_INVALID_SUBJECT, "bad_claims", "the token has no sub"),) + _CAUSES
-
-
-def check_algorithms(algorithms: Iterable[str]) -> tuple[str, ...]:
-    """The configured algorithms, or ValueError: known ones only (never
-    ``none``), at least one, and not HMAC and public-key ones together.
-
-    >>> check_algorithms(["HS256", "HS512"])
-    ('HS256', 'HS512')
-    >>> check_algorithms(["HS256", "RS256"])  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: HMAC (HS*) and public-key algorithms cannot be mixed ...
-    """
-    chosen = tuple(dict.fromkeys(algorithms))
-    if not chosen:
-        raise ValueError("at least one algorithm is needed")
-    for name in chosen:
-        if name not in HMAC_ALGORITHMS and name not in PUBLIC_KEY_ALGORITHMS:
-            raise ValueError(
-                "unknown or unsafe algorithm %r (allowed: %s)"
-                % (name, ", ".join(sorted(HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS)))
-            )
-    hmac = [name for name in chosen if name in HMAC_ALGORITHMS]
-    if hmac and len(hmac) != len(chosen):
-        raise ValueError(
-            "HMAC (HS*) and public-key algorithms cannot be mixed (the public key "
-            "would be accepted as an HMAC secret)"
-        )
-    return chosen
 
 
 def load_key(key: str, algorithms: Sequence[str]) -> bytes | AllowedPublicKeys:

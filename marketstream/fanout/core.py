@@ -51,8 +51,10 @@ from collections.abc import Callable, Hashable
 from itertools import islice
 from typing import Any, NamedTuple, Protocol
 
+from marketstream.fanout.compressing import Compressing
 from marketstream.fanout.counters import Counters
 from marketstream.wire import payloads, replies
+from marketstream.wire.deflate import Deflater
 from marketstream.wire.frames import text_frame
 from marketstream.wire.positions import split_position
 
@@ -140,6 +142,7 @@ class Core:
         replay_bytes: int = REPLAY_BYTES,
         max_channels: int = 0,
         linger: bool = False,
+        deflater: Deflater | None = None,
     ) -> None:
         self.counters = counters
         self.on_malformed = on_malformed
@@ -171,12 +174,18 @@ class Core:
         self.lingering: dict[str, int] = {}  # unwanted channels kept a moment -> their sweep
         self._sweep = 0
         self.wanted_changed = False  # the shell syncs upstream when set
+        # Connections that negotiated permessage-deflate, kept apart
+        # (compressing.py); None: compression off.
+        self.compressing = Compressing(deflater, counters) if deflater is not None else None
 
     # --- registry ---------------------------------------------------------
 
-    def register(self, conn: Connection) -> None:
-        """Track a new connection (before it subscribes to anything)."""
+    def register(self, conn: Connection, compressing: bool = False) -> None:
+        """Track a new connection (before it subscribes to anything);
+        ``compressing``: it negotiated permessage-deflate."""
         self.connections.setdefault(conn, {})
+        if compressing and self.compressing is not None:
+            self.compressing.add(conn)
 
     def wanted(self) -> set[str]:
         """The channels the Redis link must be subscribed to: streams with
@@ -251,6 +260,7 @@ class Core:
                     self.streams[name] = {conn: None}
                 else:
                     listeners[conn] = None
+                self._listeners_changed(name)
             added.append(name)
         return added
 
@@ -274,6 +284,8 @@ class Core:
             for name in mine:
                 self._drop_listener(name, conn)
         self._budgets.pop(conn, None)
+        if self.compressing is not None:
+            self.compressing.discard(conn)
 
     def subscriptions(self, conn: Connection) -> list[str]:
         return list(self.connections.get(conn, ()))
@@ -282,6 +294,7 @@ class Core:
         listeners = self.streams.get(name)
         if listeners is not None:
             listeners.pop(conn, None)
+            self._listeners_changed(name)
             holding = self._holding.get(name)
             if holding is not None:
                 holding.pop(conn, None)
@@ -361,7 +374,7 @@ class Core:
         if since is None:
             # A plain stream: what was published meanwhile is gone.
             self.counters.gap_notices += len(listeners)
-            self._enqueue(listeners, text_frame(replies.gap_notice(name, reason=reason)))
+            self._deliver(name, listeners, replies.gap_notice(name, reason=reason))
             return
         # A recoverable stream: its listeners catch up from the history.
         del self.streams[name]
@@ -486,18 +499,25 @@ class Core:
 
         counters = self.counters
         built: dict[Any, tuple[bytes, int, int, tuple[int, int, int], int]] = {}
+        # The same frames compressed, for connections that negotiated it.
+        kinds: dict[bool, Any] = {False: (framed, buffer, gap)}
+        deflating = self.compressing.connections if self.compressing is not None else ()
         for conn, want in recovery.reading.items():
             # Its share, and what no read of its reserved meanwhile.
             budget = self._budgets.get(conn)
             share = recovery.shares.get(conn, 0)
             allowed = share + max(0, budget[0]) if budget is not None else share
-            done = built.get(want)
+            kind = conn in deflating
+            if kind not in kinds:
+                kinds[kind] = self._deflated_catch_up(framed, buffer, gap)
+            framed_k, buffer_k, gap_k = kinds[kind]
+            done = built.get((kind, want))
             if done is None:  # what the connection gets if its share is enough
-                done = built[want] = self._joined(name, want, framed, buffer, gap, None)
+                done = built[kind, want] = self._joined(name, want, framed_k, buffer_k, gap_k, None)
             if done[4] > allowed:  # it is not: what fits
-                key = (want, allowed)
+                key = (kind, want, allowed)
                 done = built.get(key) or built.setdefault(
-                    key, self._joined(name, want, framed, buffer, gap, allowed)
+                    key, self._joined(name, want, framed_k, buffer_k, gap_k, allowed)
                 )
             data, count, position, counts, size = done
             counters.replayed += counts[0]
@@ -510,6 +530,7 @@ class Core:
             if listeners is None:
                 listeners = self.streams[name] = {}
             listeners[conn] = None
+            self._listeners_changed(name)
             if position:
                 self._holding.setdefault(name, {})[conn] = position
                 held = max(held, position)
@@ -526,6 +547,29 @@ class Core:
         recovery.buffer = []
         self._forget_if_idle(name)  # else the next read serves those waiting
         return queued
+
+    def _deflated_catch_up(
+        self,
+        framed: History,
+        buffer: list[tuple[int | None, bytes]],
+        gap: Callable[[str], bytes],
+    ) -> tuple[History, list[tuple[int | None, bytes]], Callable[[str], bytes]]:
+        """A read's frames (``framed``, ``buffer``, ``gap``) as compressing
+        connections get them: each frame compressed once for all of them."""
+        assert self.compressing is not None
+        reframe = self.compressing.reframer()
+        latest, snapshot, entries, oldest, skipped = framed
+        return (
+            History(
+                latest,
+                None if snapshot is None else (snapshot[0], reframe(snapshot[1])),
+                [(seq, reframe(frame)) for seq, frame in entries],
+                oldest,
+                skipped,
+            ),
+            [(seq, reframe(frame)) for seq, frame in buffer],
+            lambda reason: reframe(gap(reason)),
+        )
 
     def _framed(self, name: str, history: History) -> History:
         """``history`` with WebSocket frames; a stored frame that is not the
@@ -719,7 +763,10 @@ class Core:
                 holding = self._holding.get(name)
                 if holding is not None:
                     listeners = self._not_holding(name, holding, listeners, seq)
-        self._enqueue(listeners, text_frame(payload))
+        if self.compressing is None:
+            self._enqueue(listeners, text_frame(payload))
+        else:
+            self._deliver(name, listeners, payload)
         return True
 
     def _positions_restarted(self, name: str, listeners: dict[Connection, None]) -> None:
@@ -729,7 +776,7 @@ class Core:
         they accept the new positions."""
         self._holding.pop(name, None)
         self.counters.gap_notices += len(listeners)
-        self._enqueue(listeners, text_frame(replies.gap_notice(name, reason="lost_writes")))
+        self._deliver(name, listeners, replies.gap_notice(name, reason="lost_writes"))
 
     def _not_holding(
         self, name: str, holding: dict[Connection, int], listeners: dict[Connection, None], seq: int
@@ -754,6 +801,28 @@ class Core:
         if self.on_malformed is not None:
             self.on_malformed(channel, payload, problem)
         return False
+
+    def _listeners_changed(self, name: str) -> None:
+        """The listeners of ``name`` changed (their split by kind is stale)."""
+        if self.compressing is not None:
+            self.compressing.changed(name)
+
+    def _deliver(self, name: str, listeners: dict[Connection, None], payload: bytes) -> None:
+        """Queue ``payload`` for ``listeners`` of ``name``: its plain frame,
+        and to those that negotiated compression the compressed frame,
+        built once for all of them."""
+        frame = text_frame(payload)
+        compressing = self.compressing
+        kinds = None
+        if compressing is not None and compressing.connections:
+            kinds = compressing.kinds(name, listeners, listeners is self.streams.get(name))
+        if kinds is None:
+            self._enqueue(listeners, frame)
+            return
+        plain, deflating = kinds
+        self._enqueue(plain, frame)
+        self._enqueue(deflating, compressing.frame(payload, frame))  # type: ignore[union-attr]
+        self.batch_messages -= 1  # one message
 
     def _enqueue(self, listeners: dict[Connection, None], frame: bytes) -> None:
         pending = self.pending

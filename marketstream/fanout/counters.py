@@ -58,6 +58,9 @@ class Counters:
         "snapshots_sent",
         "gap_notices",
         "dropped_wrong_stream",
+        "deflated_messages",
+        "deflate_bytes_in",
+        "deflate_bytes_out",
     )
     __slots__ = TOTALS + (
         "batch_sizes",
@@ -83,6 +86,11 @@ class Counters:
     snapshots_sent: int
     gap_notices: int
     dropped_wrong_stream: int
+    # permessage-deflate: messages compressed (each once, for every
+    # compressing client), and their frames' bytes before and after.
+    deflated_messages: int
+    deflate_bytes_in: int
+    deflate_bytes_out: int
 
     def __init__(self) -> None:
         for name in self.TOTALS:

@@ -54,6 +54,7 @@ from marketstream.upstream.clients import REDIS_ERRORS, async_client
 from marketstream.upstream.confirmations import Confirmations
 from marketstream.upstream.links import make_link
 from marketstream.upstream.urls import redact_url
+from marketstream.wire.deflate import MIN_BYTES, Deflater
 from marketstream.wire.payloads import WRONG_STREAM, publish_time
 
 __all__ = ["ChannelManager", "Want"]
@@ -101,6 +102,7 @@ class ChannelManager:
         replay_bytes: int = REPLAY_BYTES,
         max_channels: int = 0,
         linger: float = 1.0,
+        compression_min_bytes: int | None = MIN_BYTES,
     ) -> None:
         self.redis_url = redis_url
         self.min_flush_interval = min_flush_interval
@@ -115,6 +117,8 @@ class ChannelManager:
             replay_bytes=replay_bytes,
             max_channels=max_channels,
             linger=linger > 0,
+            # None: no compression (a Deflater compresses each message once).
+            deflater=None if compression_min_bytes is None else Deflater(compression_min_bytes),
         )
         self.link = make_link(
             redis_url,
@@ -200,9 +204,10 @@ class ChannelManager:
 
     # --- subscriptions -------------------------------------------------------
 
-    def register(self, conn: Connection) -> None:
-        """Track a new connection (before it subscribes to anything)."""
-        self.core.register(conn)
+    def register(self, conn: Connection, compressing: bool = False) -> None:
+        """Track a new connection (before it subscribes to anything);
+        ``compressing``: it negotiated permessage-deflate."""
+        self.core.register(conn, compressing)
 
     def subscribe(
         self, conn: Connection, names: Iterable[str], wants: dict[str, Want] | None = None

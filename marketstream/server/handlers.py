@@ -44,12 +44,13 @@ from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from marketstream.fanout.core import Want
 from marketstream.loglimit import LogLimiter
+from marketstream.server import compression
 from marketstream.server.admission import Admission
 from marketstream.server.channels import ChannelManager
 from marketstream.server.net import tornado_compat as compat
 from marketstream.server.net.upgrade import Switched
 from marketstream.wire import replies, requests
-from marketstream.wire.frames import CLOSE_POLICY, OP_CLOSE, text_frame
+from marketstream.wire.frames import CLOSE_POLICY, OP_CLOSE
 
 __all__ = ["StreamHandler", "Context", "STATIC_DIR"]
 
@@ -89,6 +90,8 @@ class Context:
         self.ws_params: Any = None  # Tornado's protocol parameters, made at the first handshake
         # Lines a client can cause: at most one per cause per second.
         self.log_limiter = LogLimiter(log)
+        # permessage-deflate offered to clients (see server/compression.py).
+        self.compression = settings.server.compression and self.manager.core.compressing is not None
 
 
 def _send(sock: socket.socket, data: bytes | memoryview) -> int:
@@ -125,7 +128,7 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
     # The budget's state in slots: the instance dict is at the size where
     # CPython still shares its keys between instances (29 attributes; one
     # more gives every connection a dict of its own, ~1.5 KB).
-    __slots__ = ("frame_tokens", "frame_time")
+    __slots__ = ("frame_tokens", "frame_time", "deflate")
 
     handler: Any  # the StreamHandler
 
@@ -133,6 +136,7 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         super().__init__(handler, mask_outgoing, params)
         self.frame_tokens = float(handler.context.limits.frames_burst)
         self.frame_time = time.monotonic()
+        self.deflate: str | None = None  # the permessage-deflate agreed, if any
 
     async def _receive_frame_loop(self) -> None:
         self.start_frame_loop()
@@ -320,7 +324,11 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
                 self.max_message_size,
                 self.get_compression_options(),
             )
-        return _Protocol(self, False, ctx.ws_params)
+        ws = _Protocol(self, False, ctx.ws_params)
+        extension = compression.accept(ctx, ws, self.request.headers)
+        if extension is not None and type(self.request.connection) is not Switched:
+            self.set_header(compression.HEADER, extension)  # Tornado's path
+        return ws
 
     def switch_protocols(self, stream: IOStream, key: str) -> None:
         """Answer 101 on ``stream`` and start the WebSocket, for a request
@@ -336,7 +344,10 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         compat.finish_http(self)  # the HTTP exchange is over
         ws.stream = stream
         self._ws = ws  # what write_frames writes to (open() sets it on Tornado's path)
-        self.write_frames(_SWITCHING % ws.compute_accept_value(key).encode())
+        response = _SWITCHING % ws.compute_accept_value(key).encode()
+        if ws.deflate is not None:
+            response = compression.with_extension(response, ws.deflate)
+        self.write_frames(response)
         ws.start_pinging()
         try:
             self.open()  # synchronous: nothing awaits it here
@@ -361,7 +372,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         self.identity = self._make_identity()
         # No longer handshaking: an open connection from now on.
         ctx.admission.enter(self.request.remote_ip or "?", self._ws.stream)
-        ctx.manager.register(self)
+        ctx.manager.register(self, getattr(self._ws, "deflate", None) is not None)
         log.info("connect %s", self.identity)
         initial = self.get_query_argument("streams", "")
         since = self.get_query_argument("since", "")
@@ -608,7 +619,7 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
             )
 
     def _reply(self, text: str) -> None:
-        self.write_frames(text_frame(text.encode()))
+        self.write_frames(compression.reply_frame(self.context, self._ws, text.encode()))
 
     # --- delivery ------------------------------------------------------------
 

@@ -64,6 +64,7 @@ __all__ = [
     "RECEIVE_FRAME",
     "HANDLE_MESSAGE",
     "peer_address",
+    "inflate_client_messages",
 ]
 
 log = logging.getLogger(__name__)
@@ -141,9 +142,12 @@ def _check() -> list[str]:
         "_abort",
         "compute_accept_value",
         "start_pinging",
+        "_create_compressors",
     ):
         if not callable(getattr(ws.WebSocketProtocol13, name, None)):
             missing.append("tornado.websocket.WebSocketProtocol13.%s" % name)
+    if not _assigns(ws.WebSocketProtocol13._create_compressors, "_compressor", "_decompressor"):
+        missing.append("tornado.websocket.WebSocketProtocol13._compressor, _decompressor")
     if not _writes_through(
         ws.WebSocketProtocol13, "write_message", "write_ping", "close", "_send_pong"
     ):
@@ -245,6 +249,14 @@ def peer_address(connection: Any) -> Any:
 queued_bytes: Callable[[tornado.iostream.IOStream], int] = operator.attrgetter(
     "_write_buffer._size"
 )
+
+
+def inflate_client_messages(ws: Any, parameters: dict[str, str | None]) -> None:
+    """Give the server protocol ``ws`` Tornado's inflater for the client's
+    compressed messages under the negotiated permessage-deflate
+    ``parameters``; no compressor (the server's frames are built apart)."""
+    ws._create_compressors("server", parameters, {})
+    ws._compressor = None
 
 
 def prepare_switch(handler: tornado.web.RequestHandler) -> None:

@@ -83,6 +83,8 @@ class Client:
     last connection ended or the last attempt failed (the close code and
     reason, or the error).  :meth:`close` (also at the end of ``async
     with``) sends a close frame (1000) and waits for the server's.
+    ``compression``: offer permessage-deflate (the server then compresses
+    large messages, such as snapshots).
 
     Counters: ``connects``, ``reconnects`` (connections after the first),
     ``resumes`` (reconnections that asked for a replay), ``gaps`` (gap
@@ -108,8 +110,11 @@ class Client:
         connect_timeout: float = 10.0,
         ping_interval: float | None = 20.0,
         close_timeout: float = 2.0,
+        compression: bool = False,
     ) -> None:
         self.url = url
+        # Offer permessage-deflate (off by default: see the README's Compression).
+        self.compression_options: dict[str, Any] | None = {} if compression else None
         self.streams = list(dict.fromkeys(streams))
         if not self.streams:
             raise ValueError("no streams")
@@ -166,7 +171,9 @@ class Client:
         request = tornado.httpclient.HTTPRequest(
             self.url, connect_timeout=self.connect_timeout, request_timeout=self.connect_timeout
         )
-        ws = await tornado.websocket.websocket_connect(request, ping_interval=self.ping_interval)
+        ws = await tornado.websocket.websocket_connect(
+            request, ping_interval=self.ping_interval, compression_options=self.compression_options
+        )
         if self._closed:
             ws.close(NORMAL_CLOSURE)
             raise ConnectionLost("client closed")

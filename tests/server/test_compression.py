@@ -179,3 +179,21 @@ async def test_client_offers_python_websockets_makes_are_all_accepted(server_fac
         ws = await websockets.connect(ws_url(server), extensions=[factory], compression=None)
         assert ws.response.headers["Sec-WebSocket-Extensions"].startswith(ANSWER)
         await ws.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_python_client_asks_for_compression_only_when_told(server_factory, redis_url):
+    from marketstream.client import Client
+    from marketstream.upstream.publisher import Publisher
+
+    server = await server_factory()
+    data = json.loads(BOOK)["data"]
+    Publisher(redis_url).publish(S, data, snapshot=True)
+    before = server.manager.counters.deflated_messages
+    for compression in (False, True):
+        client = Client(ws_url(server), [S], snapshot=True, compression=compression)
+        async with client:
+            message = await asyncio.wait_for(client.__aiter__().__anext__(), 10)
+            assert message.data == data
+        compressed = server.manager.counters.deflated_messages - before
+        assert compressed == (1 if compression else 0)

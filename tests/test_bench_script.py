@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,6 +58,39 @@ def test_bench_small_run_reports_figures():
         "published_per_second",
     ):
         assert figures[key] is not None, key
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
+    reason="wsblast needs a C compiler",
+)
+def test_compressing_clients_count_every_delivery_compressed():
+    """--compressing: wsblast offers permessage-deflate and counts frames by
+    their headers; with compression_min_bytes 0 every delivery comes
+    compressed, and none is lost."""
+    figures = json.loads(
+        bench(
+            "--connections",
+            "20",
+            "--streams",
+            "4",
+            "--rate",
+            "200",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.5",
+            "--json",
+            "--receiver",
+            "wsblast",
+            "--compressing",
+            "--set",
+            "server.compression_min_bytes=0",
+        ).stdout
+    )
+    assert figures["compressing"] is True
+    assert figures["expected_deliveries"] == figures["received_deliveries"] > 0
+    assert figures["compressed_deliveries"] == figures["received_deliveries"]
 
 
 def test_side_by_side_with_the_reference_server_and_recoverable_publishing():

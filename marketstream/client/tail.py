@@ -6,6 +6,7 @@
     marketstream-tail depth.SOL_USDC --snapshot --count 1          # the book, then exit
     marketstream-tail trade.SOL_USDC --since trade.SOL_USDC:1042   # resume after 1042
     marketstream-tail ticker.BTC_USDT --url ws://example.com/ws --count 5 --timeout 10
+    marketstream-tail depth.SOL_USDC --snapshot --compression      # snapshots come compressed
     python -m marketstream.client.tail --help
 
 Every frame the server sends is printed on one line of standard output,
@@ -111,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit after this many seconds (status 1 if --count was not reached)",
     )
     parser.add_argument(
+        "--compression",
+        action="store_true",
+        help="offer permessage-deflate (large messages, such as snapshots, come compressed)",
+    )
+    parser.add_argument(
         "-q",
         "--quiet",
         action="store_true",
@@ -140,6 +146,7 @@ async def tail(
         snapshot=args.snapshot,
         since=dict(args.since),
         on_state=None if args.quiet else on_state,
+        compression=args.compression,
     )
     printed = 0
     refused: list[StreamsRefused] = []

@@ -198,3 +198,20 @@ def test_wsblast_receiver_is_built_and_counts_every_frame():
     assert figures["receiver"] == "wsblast"
     assert figures["received_deliveries"] == figures["expected_deliveries"] > 0
     assert figures["latency_samples"] > 0
+
+
+def test_bench_compression_reports_each_kind_of_demo_message():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "bench_compression.py"), "--json"]
+        + ["--messages", "50"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert set(figures["kinds"]) == {"trade", "depth", "ticker", "snapshot"}
+    snapshot = figures["kinds"]["snapshot"]
+    assert snapshot["compressed_median_bytes"] < snapshot["plain_median_bytes"]
+    assert all(0 < row["ratio"] < 1 for row in figures["by_size"])

@@ -763,9 +763,10 @@ class Core:
                 holding = self._holding.get(name)
                 if holding is not None:
                     listeners = self._not_holding(name, holding, listeners, seq)
-        if self.compressing is None:
+        compressing = self.compressing
+        if compressing is None or not compressing.connections:
             self._enqueue(listeners, text_frame(payload))
-        else:
+        else:  # some connections compress: the stream's listeners by kind
             self._deliver(name, listeners, payload)
         return True
 

@@ -94,6 +94,11 @@ _TAIL = b"\x00\x00\xff\xff"  # what a sync flush ends with, removed (RFC 7692 7.
 MAX_HEADER = 4096
 
 
+# The two answers (shared strings: a connection keeps its answer).
+_ANSWER = "%s; server_no_context_takeover; client_no_context_takeover" % EXTENSION
+_ANSWER_WINDOW = _ANSWER + "; server_max_window_bits=%d" % WINDOW_BITS
+
+
 class Agreement(NamedTuple):
     """An accepted offer: the ``Sec-WebSocket-Extensions`` of the 101, and
     the parameters in the form Tornado's protocol takes them (the inflater
@@ -208,11 +213,10 @@ def _accept(parameters: list[tuple[str, str | None]]) -> Agreement | None:
         "server_no_context_takeover": None,
         "client_no_context_takeover": None,
     }
-    response = "%s; server_no_context_takeover; client_no_context_takeover" % EXTENSION
-    if window is not None:
-        agreed["server_max_window_bits"] = window
-        response += "; server_max_window_bits=%s" % window
-    return Agreement(response, agreed)
+    if window is None:
+        return Agreement(_ANSWER, agreed)
+    agreed["server_max_window_bits"] = window  # "15": a smaller one was declined above
+    return Agreement(_ANSWER_WINDOW, agreed)
 
 
 def deflated_frame(payload: bytes, compressor: zlib._Compress | None = None) -> bytes:

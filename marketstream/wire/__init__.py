@@ -9,7 +9,9 @@
   the ``data`` format's wrapping, the publisher's timestamp;
 - :mod:`~marketstream.wire.positions` (and ``recovery.lua`` beside it): the
   recovery format -- positions, a stream's keys, the frames the recovery
-  script publishes.
+  script publishes;
+- :mod:`~marketstream.wire.deflate`: permessage-deflate, the offers and the
+  answer, and a message deflated once into an RSV1 frame.
 
 Imports: the standard library, orjson and ujson; nothing of marketstream
 outside this package (no Tornado, no redis-py), so every layer may use it

@@ -335,8 +335,9 @@ class StreamHandler(tornado.websocket.WebSocketHandler):
         :mod:`marketstream.server.net.upgrade` has already checked.
 
         What :meth:`get` and Tornado's ``_accept_connection`` do for a plain
-        request (no subprotocol, no compression, admitted, origin allowed),
-        without building an HTTP response: the 101 is one prebuilt write.
+        request (no subprotocol, admitted, origin allowed; permessage-deflate
+        is negotiated in :meth:`get_websocket_protocol`), without building an
+        HTTP response: the 101 is one prebuilt write.
         """
         self.open_args, self.open_kwargs = (), {}
         ws: Any = self.get_websocket_protocol()

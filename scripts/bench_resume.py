@@ -667,7 +667,7 @@ class PySpy:
 def summarize_profile(path: str, rate: int, seconds: float, top: int = 12) -> dict[str, Any]:
     """Where a raw (collapsed stacks) py-spy profile of ``seconds`` spent
     its samples: per function, self and total (inclusive) sampled seconds,
-    and those of the recovery path (``_read``, ``read_done``, ``_catch_up``)."""
+    and those of the recovery path (``_read``, ``read_done``, ``serve``, ``catch_up``)."""
     self_counts: dict[str, int] = {}
     total_counts: dict[str, int] = {}
     total = 0
@@ -696,14 +696,15 @@ def summarize_profile(path: str, rate: int, seconds: float, top: int = 12) -> di
             total_counts,
             [
                 "ChannelManager._flush",
-                "Core.take_batch",
+                "Batch.take",
                 "StreamHandler.write_frames",
                 "PubSubLink._read_loop",
                 "ChannelManager.on_message",
-                "Core._enqueue",
+                "Batch.enqueue",
                 "ChannelManager._read",
                 "Core.read_done",
-                "Core._catch_up",
+                "Recoveries.serve",
+                "catch_up",
                 "text_frame",
                 "StreamHandler.on_message",
                 "ChannelManager.subscribe",
@@ -823,6 +824,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         publishing.start()
         await asyncio.sleep(args.warmup)
+        # The warm-up lasts at least until the live clients receive: on a
+        # busy machine the publisher process may take longer than it to start,
+        # and a baseline without traffic measures nothing.
+        deadline = time.monotonic() + 60
+        while True:
+            live_pipe.send(("count", None))
+            if live_pipe.recv() > 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the live clients received nothing within 60 s")
+            await asyncio.sleep(0.02)
         live_pipe.send(("cpu", None))
         live_cpu_base = live_pipe.recv()
         base_lo = time.time_ns()

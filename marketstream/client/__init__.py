@@ -38,7 +38,13 @@ stream's position, None on plain streams), ``kind`` (``"message"``,
 Binance-style diffs, checks their continuity and raises :class:`BookGap`
 when an update is missing.
 
+:class:`Client` is a thin asyncio shell around a :class:`Session`, which
+holds the protocol without any I/O (what to send on each connection, what
+each frame means, the backoff): drive a session directly to use the
+protocol under another event loop or to test against it.
+
 The modules: :mod:`~marketstream.client.client` (the asyncio client),
+:mod:`~marketstream.client.session` (the protocol, sans I/O),
 :mod:`~marketstream.client.messages` (what it yields),
 :mod:`~marketstream.client.book` (order books) and
 :mod:`~marketstream.client.tail` (the ``marketstream-tail`` command).
@@ -49,10 +55,12 @@ Tornado's WebSocket client; never the server's or Redis's side.
 from marketstream.client.book import BookGap, OrderBook
 from marketstream.client.client import NORMAL_CLOSURE, Client, ConnectionLost, StreamsRefused
 from marketstream.client.messages import GAP, MESSAGE, SNAPSHOT, Message
+from marketstream.client.session import Session
 
 __all__ = [
     "Client",
     "Message",
+    "Session",
     "OrderBook",
     "BookGap",
     "ConnectionLost",

@@ -6,14 +6,26 @@ and raises :class:`BookGap` when an update is missing.
 
 from collections.abc import Iterable, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, TypedDict
 
 from marketstream.client.messages import GAP, SNAPSHOT, Message, is_snapshot_data
 
-__all__ = ["OrderBook", "BookGap", "Levels"]
+__all__ = ["OrderBook", "BookGap", "Levels", "BookDict", "DepthData"]
 
 #: Levels of one side, best first: ``[[price, qty], ...]`` (strings as received).
 Levels = list[list[str]]
+
+#: A depth message's data (``{"e": "depth", "U": 11, "u": 12, "b": [...], ...}``):
+#: Any because it is what ``ujson.loads`` gives (:attr:`Message.data`).
+DepthData = dict[str, Any]
+
+
+class BookDict(TypedDict):
+    """:meth:`OrderBook.as_dict`: the book as the browser client keeps it."""
+
+    seq: int | None
+    bids: Levels
+    asks: Levels
 
 
 class BookGap(Exception):
@@ -91,7 +103,7 @@ class OrderBook:
         book.apply_snapshot({"b": [], "a": [], "u": 0})
         return book
 
-    def apply_snapshot(self, data: dict[str, Any], seq: int | None = None) -> None:
+    def apply_snapshot(self, data: DepthData, seq: int | None = None) -> None:
         """Replace the book with ``data`` (``b``, ``a``, ``u``) as of position ``seq``."""
         self._bids = {}
         self._asks = {}
@@ -102,7 +114,7 @@ class OrderBook:
         self.synced = True
         self._first = True
 
-    def apply(self, data: dict[str, Any], seq: int | None = None) -> bool:
+    def apply(self, data: DepthData, seq: int | None = None) -> bool:
         """Apply one diff; True if applied, False if already contained in the
         book.  Raises :class:`BookGap` (and unsyncs the book) when updates
         are missing, and while the book waits for a snapshot."""
@@ -161,7 +173,7 @@ class OrderBook:
         """Ask levels, lowest price first: ``[[price, qty], ...]``."""
         return [list(self._asks[k]) for k in sorted(self._asks)[:depth]]
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> BookDict:
         """``{"seq": ..., "bids": [...], "asks": [...]}`` (the shape of the
         browser client's ``books`` entries)."""
         return {"seq": self.seq, "bids": self.bids(), "asks": self.asks()}

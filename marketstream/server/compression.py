@@ -15,9 +15,11 @@ to one client.
 
 from __future__ import annotations
 
-from typing import Any
+from tornado.httputil import HTTPHeaders
 
+from marketstream.server.context import Context
 from marketstream.server.net import tornado_compat as compat
+from marketstream.server.wsprotocol import FrameSink, StreamProtocol
 from marketstream.wire import deflate
 from marketstream.wire.frames import text_frame
 
@@ -26,7 +28,7 @@ __all__ = ["accept", "with_extension", "reply_frame"]
 HEADER = "Sec-WebSocket-Extensions"
 
 
-def accept(context: Any, ws: Any, headers: Any) -> str | None:
+def accept(context: Context, ws: StreamProtocol, headers: HTTPHeaders) -> str | None:
     """Negotiate compression for ``ws`` (the new connection's protocol,
     which keeps the answer in ``ws.deflate``) from the request's
     ``headers``: the ``Sec-WebSocket-Extensions`` value of the response,
@@ -47,11 +49,12 @@ def with_extension(response: bytes, extension: str) -> bytes:
     return response[:-2] + b"%s: %s\r\n\r\n" % (HEADER.encode(), extension.encode("latin1"))
 
 
-def reply_frame(context: Any, ws: Any, payload: bytes) -> bytes:
+def reply_frame(context: Context, ws: FrameSink | None, payload: bytes) -> bytes:
     """The frame of a reply to one client: compressed like a message when
-    the connection compresses and the reply is large enough."""
+    the connection compresses and the reply is large enough.  ``ws``: the
+    connection's protocol (Tornado's own, where the fast paths are off,
+    never compresses)."""
     frame = text_frame(payload)
-    compressing = context.manager.core.compressing
-    if compressing is None or getattr(ws, "deflate", None) is None:
+    if getattr(ws, "deflate", None) is None:
         return frame
-    return compressing.frame(payload, frame)
+    return context.manager.core.compressing.frame(payload, frame)

@@ -11,7 +11,7 @@ from marketstream.fanout.core import Core, Want
 from marketstream.fanout.counters import Counters
 from marketstream.wire.deflate import Deflater, inflate_frame
 from marketstream.wire.frames import text_frame
-from tests.fanout.test_core import Feed, finish, one_read
+from tests.fanout.doubles import Feed, finish, one_read
 
 S = "depth.BTC_USDT"
 DEPTH = json.dumps(
@@ -105,7 +105,7 @@ def test_each_message_is_compressed_once_and_its_frame_shared():
     assert counters.deflated_messages == 1
     assert counters.deflate_bytes_in == len(text_frame(BIG))
     assert counters.deflate_bytes_out == len(frames[0])
-    assert counters.deliveries == 8 and core.batch_messages == 0
+    assert counters.deliveries == 8 and core.batch.messages == 0
 
 
 def test_only_streams_with_compressing_listeners_compress():

@@ -17,6 +17,9 @@
   connection may still be sent;
 - :mod:`~marketstream.fanout.dedupe`: the positions streams and
   connections hold, and which listeners a live message skips;
+- :mod:`~marketstream.fanout.compressing`: the connections that negotiated
+  permessage-deflate, kept apart per stream, and their frames (each message
+  compressed once for all of them);
 - :mod:`~marketstream.fanout.counters`: the process's ``Counters``, bumped
   on the hot path and read by ``/metrics`` and ``/health``.
 

@@ -201,6 +201,8 @@ class ServerSettings:
     fast_handshake: bool = setting("true", _bool)
     demo_page: bool = setting("false", _bool)
     event_loop: str = setting("asyncio", _choice("asyncio", "uvloop"))
+    compression: bool = setting("true", _bool)
+    compression_min_bytes: int = setting("512", _int(0))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,9 @@
 - :mod:`~marketstream.wire.access`: who may subscribe to what (user
   streams ``<name>#<user>``, ``[auth] protected``, the ``channels`` claim);
 - :mod:`~marketstream.wire.tokens`: JWT verification (PyJWT): keys,
-  algorithms, and what each refusal is counted as.
+  algorithms, and what each refusal is counted as;
+- :mod:`~marketstream.wire.deflate`: permessage-deflate, the offers and the
+  answer, and a message deflated once into an RSV1 frame.
 
 Imports: the standard library, orjson, ujson and PyJWT; nothing of marketstream
 outside this package (no Tornado, no redis-py), so every layer may use it

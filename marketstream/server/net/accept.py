@@ -57,11 +57,17 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
-__all__ = ["Acceptor", "ACCEPT_BATCH", "ACCEPT_PER_WAKE"]
+__all__ = ["Acceptor", "ACCEPT_BATCH", "ACCEPT_PER_WAKE", "Address"]
 
 log = logging.getLogger(__name__)
+
+#: A peer's address as accept(2) gives it: (host, port) over IPv4, (host,
+#: port, flowinfo, scope_id) over IPv6, a path over a Unix socket.  Any:
+#: typeshed types ``socket.accept()``'s address as Any (``_RetAddress``),
+#: and Tornado's ``handle_stream`` takes a bare ``tuple``.
+Address: TypeAlias = Any
 
 #: Accepted connections handed to the callback (the handshake) per event-loop
 #: turn, at least.
@@ -98,7 +104,7 @@ class Acceptor:
 
     def __init__(
         self,
-        callback: Callable[[socket.socket, Any], None],
+        callback: Callable[[socket.socket, Address], None],
         batch: int = ACCEPT_BATCH,
         limit: int = 65536,
     ) -> None:
@@ -111,7 +117,7 @@ class Acceptor:
         self._loop = asyncio.get_event_loop()
         self._sockets: list[socket.socket] = []
         # (connection, address, loop time of its accept)
-        self._queue: deque[tuple[socket.socket, Any, float]] = deque()
+        self._queue: deque[tuple[socket.socket, Address, float]] = deque()
         self._reading = True
         self._scheduled = False
         self._closed = False

@@ -49,7 +49,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any
+from typing import Any, TypeAlias
 
 from marketstream.server.net.upgrade import defer_accept
 
@@ -86,7 +86,9 @@ def _show(host: str, port: int) -> str:
 
 
 #: A socket address as getaddrinfo gives it: (host, port) or (host, port, flowinfo, scope_id).
-SockAddr = tuple[Any, ...]
+#: Any: typeshed types it as a union over every address family, which the
+#: family read beside it does not narrow; the socket module takes any tuple.
+SockAddr: TypeAlias = tuple[Any, ...]
 
 
 def _addresses(host: str | None, port: int) -> list[tuple[int, SockAddr]]:

@@ -45,7 +45,7 @@ import operator
 import socket
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import tornado
 import tornado.gen
@@ -58,6 +58,7 @@ import tornado.tcpserver
 import tornado.web
 import tornado.websocket
 
+from marketstream.server.net.accept import Address
 from marketstream.wire.frames import CLOSE_NORMAL, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
 
 __all__ = [
@@ -80,6 +81,18 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Tornado's per-connection WebSocket parameters,
+#: ``tornado.websocket._WebSocketParams``.  Any: the class is private (checked
+#: at import, see ``MISSING``), so no annotation names it.
+WebSocketParams: TypeAlias = Any
+#: The request context Tornado's HTTP server makes per connection (address,
+#: ``remote_ip``, ``protocol``), ``tornado.httpserver._HTTPRequestContext``.
+#: Any: the class is private (checked at import), so no annotation names it.
+RequestContext: TypeAlias = Any
+#: Tornado's IOStream write buffer, ``tornado.iostream._StreamBuffer``.  Any:
+#: the class is private (checked at import), so no annotation names it.
+StreamBuffer: TypeAlias = Any
 
 #: The protocol method that reads frames until the connection ends; the
 #: handler runs it as a task of its own.
@@ -114,7 +127,7 @@ class _StubStream:
         pass
 
 
-def _assigns(function: Any, *names: str) -> bool:
+def _assigns(function: Callable[..., object], *names: str) -> bool:
     """Whether ``function``'s source assigns every ``self.<name>``.
 
     Text, for what no call at import can show (a coroutine that runs a
@@ -131,7 +144,7 @@ def _buffer_counts_bytes() -> bool:
     """Whether Tornado's write buffer keeps the bytes it holds in ``_size``
     (what :data:`queued_bytes` reads): appended to and advanced, it says so."""
     try:
-        buffer: Any = tornado.iostream._StreamBuffer()
+        buffer: StreamBuffer = tornado.iostream._StreamBuffer()
         empty = buffer._size == 0
         buffer.append(b"abcd")
         buffer.advance(1)
@@ -163,6 +176,7 @@ def _makes_compressors(cls: type) -> bool:
     called for the server side on a protocol made with stand-ins, and the
     inflater it keeps must inflate a message deflated without history."""
     try:
+        # Any: private state, set beyond its declared types.
         ws: Any = cls(_StubStream(), False, tornado.websocket._WebSocketParams())
         ws._create_compressors("server", {"client_no_context_takeover": None}, {})
         deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
@@ -187,6 +201,7 @@ def _writes_through(cls: type) -> bool:
         raise _Reached
 
     try:
+        # Any: private state, set beyond its declared types (stand-ins).
         ws: Any = cls(_StubStream(), False, tornado.websocket._WebSocketParams())
         ws.stream = _StubStream()
         ws._write_frame = write_frame
@@ -228,7 +243,7 @@ def _writes_only_in_write(cls: type) -> bool:
     )
 
 
-def _request_context_works(context_class: Any) -> bool:
+def _request_context_works(context_class: Callable[..., RequestContext]) -> bool:
     """Whether a request context made for a stream keeps its address, the
     client's IP and the protocol, and takes the IP from ``X-Real-Ip`` when
     asked to apply the proxy headers."""
@@ -253,6 +268,7 @@ def _connections_keep_context() -> bool:
     ``connection.context``, is checked by name."""
     try:
         stream, context = _StubStream(), object()
+        # Any: made with a stand-in stream, compared with it.
         server: Any = tornado.http1connection.HTTP1ServerConnection(
             stream,  # type: ignore[arg-type]  # a stand-in
             None,
@@ -272,14 +288,14 @@ def _server_keeps_settings() -> bool:
         pass
 
     try:
-        server: Any = tornado.httpserver.HTTPServer(
+        server = tornado.httpserver.HTTPServer(
             callback, xheaders=True, protocol="https", trusted_downstream=["192.0.2.9"]
         )
         return bool(
             server.request_callback is callback
             and server.xheaders is True
             and server.protocol == "https"
-            and list(server.trusted_downstream) == ["192.0.2.9"]
+            and list(server.trusted_downstream or ()) == ["192.0.2.9"]
         )
     except Exception:
         return False
@@ -305,7 +321,7 @@ def _handler_state() -> tuple[bool, bool]:
             connection=_StubConnection(),  # type: ignore[arg-type]  # a stand-in
         )
         handler = tornado.web.RequestHandler(tornado.web.Application(), request)
-        state: dict[str, Any] = vars(handler)
+        state: dict[str, object] = vars(handler)
     except Exception:
         return False, False
     made = state.get("_headers_written") is False and state.get("_finished") is False
@@ -383,8 +399,8 @@ def websocket_params(
     ping_interval: float | None,
     ping_timeout: float | None,
     max_message_size: int,
-    compression_options: Any,
-) -> Any:
+    compression_options: dict[str, Any] | None,  # Any: Tornado's own type for them
+) -> WebSocketParams:
     """Tornado's per-connection protocol parameters (shareable: one object
     for every connection)."""
     return tornado.websocket._WebSocketParams(
@@ -395,19 +411,21 @@ def websocket_params(
     )
 
 
-def request_context(server: tornado.httpserver.HTTPServer, stream: Any, address: Any) -> Any:
+def request_context(
+    server: tornado.httpserver.HTTPServer, stream: tornado.iostream.IOStream, address: Address
+) -> RequestContext:
     """The request context Tornado's HTTP server would make for ``stream``."""
     return tornado.httpserver._HTTPRequestContext(
         stream, address, server.protocol, server.trusted_downstream
     )
 
 
-def apply_xheaders(context: Any, headers: Any) -> None:
+def apply_xheaders(context: RequestContext, headers: tornado.httputil.HTTPHeaders) -> None:
     """Take the client address from X-Real-IP / X-Forwarded-For."""
     context._apply_xheaders(headers)
 
 
-def peer_address(connection: Any) -> Any:
+def peer_address(connection: object) -> Address:
     """The TCP peer address of a request's HTTP connection (before any
     proxy header), or None where Tornado does not keep it."""
     if not OK:
@@ -469,12 +487,12 @@ class LeanIOStream(tornado.iostream.IOStream):
         stream.write(b"...")   # the buffer exists while the kernel is full
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # Any: IOStream's own signature
         super().__init__(*args, **kwargs)
         self._write_buffer = _NO_BUFFER
         self._write_futures = _NO_FUTURES
 
-    def write(self, data: bytes | memoryview) -> Any:
+    def write(self, data: bytes | memoryview) -> Future[None]:
         if self._write_futures is _NO_FUTURES and not self.closed():  # closed: write raises
             self._write_buffer = tornado.iostream._StreamBuffer()
             self._write_futures = collections.deque()
@@ -494,20 +512,22 @@ class LeanIOStream(tornado.iostream.IOStream):
 
 # Shared by every idle LeanIOStream (None where Tornado lacks the class: OK
 # is then False, and no LeanIOStream is made).
-_NO_BUFFER: Any = getattr(tornado.iostream, "_StreamBuffer", lambda: None)()
+_NO_BUFFER: StreamBuffer = getattr(tornado.iostream, "_StreamBuffer", lambda: None)()
 _NO_FUTURES: collections.deque[tuple[int, Future[None]]] = collections.deque()
 
 
-def handle_connection(server: tornado.tcpserver.TCPServer) -> Callable[[Any, Any], None]:
+def handle_connection(
+    server: tornado.tcpserver.TCPServer,
+) -> Callable[[socket.socket, Address], None]:
     """What Tornado's server runs for a connection it accepted:
     ``handle_connection(server)(connection, address)`` wraps the socket in
     an IOStream and passes it to ``server.handle_stream``.  A plain socket
     gets a :class:`LeanIOStream`; TLS goes through Tornado's own code."""
     if server.ssl_options is not None or not OK:
-        method: Callable[[Any, Any], None] = server._handle_connection
+        method: Callable[[socket.socket, Address], None] = server._handle_connection
         return method
 
-    def handle(connection: Any, address: Any) -> None:
+    def handle(connection: socket.socket, address: Address) -> None:
         try:
             stream = LeanIOStream(
                 connection,

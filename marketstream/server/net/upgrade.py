@@ -51,14 +51,15 @@ import logging
 import re
 import socket
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeAlias, cast
 
+import tornado.http1connection
 import tornado.httpserver
 import tornado.iostream
 from tornado import httputil
 
 from marketstream.server.net import tornado_compat as compat
-from marketstream.server.net.accept import ACCEPT_BATCH, Acceptor
+from marketstream.server.net.accept import ACCEPT_BATCH, Acceptor, Address
 from marketstream.server.admission import Admission, Refusal
 from marketstream.loglimit import LogLimiter
 
@@ -166,8 +167,8 @@ class Switched:
 
     __slots__ = ("context",)
 
-    def __init__(self, context: Any) -> None:
-        self.context = context  # tornado.httpserver._HTTPRequestContext
+    def __init__(self, context: compat.RequestContext) -> None:
+        self.context = context
 
     def set_close_callback(self, callback: Callable[[], None] | None) -> None:
         pass  # the WebSocket's frame loop notices the close
@@ -179,8 +180,11 @@ class _Switching(Protocol):
     def switch_protocols(self, stream: tornado.iostream.IOStream, key: str) -> None: ...
 
 
+#: A handler's keyword arguments.  Any: Tornado types them so (``URLSpec.kwargs``,
+#: ``RequestHandler.initialize(**kwargs)``), each handler's of its own types.
+_HandlerArgs: TypeAlias = dict[str, Any]
 #: (paths, handler class, handler keyword arguments)
-_WebSocketRoute = tuple[frozenset[str], Callable[..., _Switching], dict[str, Any]]
+_WebSocketRoute = tuple[frozenset[str], Callable[..., _Switching], _HandlerArgs]
 
 
 class StreamServer(tornado.httpserver.HTTPServer):
@@ -207,15 +211,16 @@ class StreamServer(tornado.httpserver.HTTPServer):
 
     def initialize(
         self,
-        request_callback: Any,
-        *args: Any,
+        request_callback: httputil.HTTPServerConnectionDelegate
+        | Callable[[httputil.HTTPServerRequest], None],
+        *args: Any,  # Any: HTTPServer.initialize's own signature, passed on whole
         admission: Admission | None = None,
         handshake_timeout: float = 10.0,
         log_limiter: LogLimiter | None = None,
-        websocket: tuple[Iterable[str], Callable[..., _Switching], dict[str, Any]] | None = None,
+        websocket: tuple[Iterable[str], Callable[..., _Switching], _HandlerArgs] | None = None,
         accept_batch: int = ACCEPT_BATCH,
         accept_limit: int = 65536,
-        **kwargs: Any,
+        **kwargs: Any,  # Any: as *args
     ) -> None:
         if admission is None:
             raise TypeError("StreamServer needs admission")
@@ -257,7 +262,7 @@ class StreamServer(tornado.httpserver.HTTPServer):
             self._sweeper = None
         super().stop()
 
-    def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
+    def handle_stream(self, stream: tornado.iostream.IOStream, address: Address) -> None:
         if not self._admit(stream, address):
             return
         # TLS connections (ssl_options) always take Tornado's path.
@@ -273,7 +278,7 @@ class StreamServer(tornado.httpserver.HTTPServer):
 
     # --- the bounds -------------------------------------------------------------
 
-    def _admit(self, stream: tornado.iostream.IOStream, address: Any) -> bool:
+    def _admit(self, stream: tornado.iostream.IOStream, address: Address) -> bool:
         """Count a new connection as handshaking, or refuse it at once."""
         admission = self.admission
         peer = _peer_ip(address)
@@ -357,7 +362,7 @@ class StreamServer(tornado.httpserver.HTTPServer):
         self,
         websocket: _WebSocketRoute,
         stream: tornado.iostream.IOStream,
-        address: tuple[Any, ...],
+        address: Address,
     ) -> None:
         """Decide once the request arrives (or Tornado's path decides after
         :data:`REQUEST_WAIT`).  Nothing else watches the socket meanwhile.
@@ -391,7 +396,7 @@ class StreamServer(tornado.httpserver.HTTPServer):
         self,
         websocket: _WebSocketRoute,
         stream: tornado.iostream.IOStream,
-        address: tuple[Any, ...],
+        address: Address,
     ) -> bool | str:
         """Take the handshake if it qualifies (True); False leaves the socket
         untouched, and so does ``_WAIT``: nothing has arrived yet."""
@@ -450,7 +455,7 @@ class _Gate(httputil.HTTPMessageDelegate):
         server: StreamServer,
         delegate: httputil.HTTPMessageDelegate,
         connection: httputil.HTTPConnection,
-        stream: Any,
+        stream: tornado.iostream.IOStream | None,
     ) -> None:
         self.server = server
         self.delegate = delegate
@@ -468,7 +473,7 @@ class _Gate(httputil.HTTPMessageDelegate):
             self._refuse_body(peer)
             return None
         if peer is not None and self.server.admission.proxied(peer):
-            context: Any = getattr(self.connection, "context", None)
+            context: compat.RequestContext = getattr(self.connection, "context", None)
             self.saved = (context.remote_ip, context.protocol)
             compat.apply_xheaders(context, headers)
         return self.delegate.headers_received(start_line, headers)
@@ -491,7 +496,7 @@ class _Gate(httputil.HTTPMessageDelegate):
 
     def _restore(self) -> None:
         if self.saved is not None:
-            context: Any = getattr(self.connection, "context", None)
+            context: compat.RequestContext = getattr(self.connection, "context", None)
             context.remote_ip, context.protocol = self.saved
             self.saved = None
 
@@ -506,13 +511,13 @@ class _Gate(httputil.HTTPMessageDelegate):
             MAX_BODY_BYTES,
         )
         # Detached, Tornado's connection reads nothing more from the socket.
-        stream = cast(Any, self.connection).detach()
+        stream = cast(tornado.http1connection.HTTP1Connection, self.connection).detach()
         try:
             written = stream.write(_response(413, "request body too large"))
         except tornado.iostream.StreamClosedError:
             return
 
-        def close(future: Any) -> None:
+        def close(future: asyncio.Future[None]) -> None:
             if not future.cancelled():
                 future.exception()  # retrieved: a client gone meanwhile is no error
             stream.close()
@@ -520,7 +525,7 @@ class _Gate(httputil.HTTPMessageDelegate):
         written.add_done_callback(close)
 
 
-def _peer_ip(address: Any) -> str | None:
+def _peer_ip(address: Address) -> str | None:
     """The IP of a TCP peer address (None for other kinds of socket)."""
     if isinstance(address, tuple) and address and isinstance(address[0], str) and address[0]:
         return address[0]

@@ -22,7 +22,7 @@ import resource
 import signal
 import socket
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import tornado.web
@@ -142,7 +142,7 @@ class Server:
         self.app: StreamApplication | None = None
         self.keepalive: Keepalive | None = None
         self.failure: RedisUnavailable | None = None  # why run() stopped by itself
-        self._extra_tasks: list[asyncio.Future[Any]] = []
+        self._extra_tasks: list[asyncio.Future[object]] = []
         self._redis_wait: asyncio.Future[None] | None = None
         self._stop_requested: asyncio.Event | None = None
 
@@ -286,7 +286,7 @@ class Server:
             raise AttributeError("counters: the server has not started")
         return self.manager.counters
 
-    def add_task(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+    def add_task(self, coroutine: Awaitable[object]) -> None:
         """Run a coroutine beside the server; it is cancelled on shutdown."""
         self._extra_tasks.append(asyncio.ensure_future(coroutine))
 
@@ -350,6 +350,7 @@ class Server:
 GC_THRESHOLDS = (10_000, 10, 10)
 
 
+# Any: asyncio types the coroutine a loop runs so (asyncio.run, run_until_complete).
 def run_loop(settings: Settings, coroutine: Coroutine[Any, Any, None]) -> None:
     """Run ``coroutine`` on the event loop ``[server] event_loop`` names
     (with the collector's thresholds set to :data:`GC_THRESHOLDS`)."""

@@ -45,7 +45,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
 from marketstream.fanout.core import REPLAY_BYTES, Connection, Core, Want
 from marketstream.fanout.counters import Counters
@@ -165,7 +165,7 @@ class ChannelManager:
         """Channels Redis confirmed subscribed on the live connection."""
         return frozenset(self.core.confirmed)
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> dict[str, object]:
         return {
             "redis": self.link.health(),
             "connections": len(self.core.connections),

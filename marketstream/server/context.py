@@ -11,14 +11,13 @@ One context per process, made at start-up and handed to every
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 from marketstream.fanout.counters import Counters
 from marketstream.loglimit import LogLimiter
 from marketstream.server.admission import Admission
 from marketstream.server.auth import Sessions
 from marketstream.server.channels import ChannelManager
 from marketstream.server.config import LimitsSettings, Settings
+from marketstream.server.net.tornado_compat import WebSocketParams
 from marketstream.wire import requests
 
 __all__ = ["Context"]
@@ -49,9 +48,8 @@ class Context:
         self.limits: LimitsSettings = settings.limits
         self.xheaders: bool = settings.server.xheaders
         self.snapshot_types = frozenset(settings.recovery.snapshot_types)
-        # Tornado's protocol parameters, made at the first handshake
-        # (Any: tornado.websocket._WebSocketParams is private and untyped).
-        self.ws_params: Any = None
+        # Tornado's protocol parameters, made at the first handshake.
+        self.ws_params: WebSocketParams | None = None
         # Lines a client can cause: at most one per cause per second.
         self.log_limiter = LogLimiter(log)
         self.auth = Sessions(settings.auth, self.rules, self.counters, self.log_limiter)

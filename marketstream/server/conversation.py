@@ -15,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable
 
 from marketstream.fanout.core import Want
 from marketstream.server import compression
@@ -173,7 +172,7 @@ class Conversation(Delivery):
         else:
             self._reply(text)
 
-    def _later(self, reply: Coroutine[Any, Any, None]) -> None:
+    def _later(self, reply: Awaitable[None]) -> None:
         """Run ``reply`` (which waits for the one before it) as the last
         reply in flight; the handler holds it (the event loop holds tasks
         only weakly), and each holds the one before it."""

@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 import tornado.websocket
-from tornado.httputil import HTTPHeaders
+from tornado.httputil import HTTPFile, HTTPHeaders
 from tornado.iostream import IOStream
 
 from marketstream.server import compression
@@ -42,8 +42,8 @@ _SWITCHING = (
 )
 
 _NO_HEADERS = HTTPHeaders()
-# Any: Tornado types the request's argument tables as dicts of lists.
-_NO_ARGS: MappingProxyType[str, Any] = MappingProxyType({})
+# Tornado's argument tables (dicts of lists of values, or of files), all empty.
+_NO_ARGS: MappingProxyType[str, list[bytes] | list[HTTPFile]] = MappingProxyType({})
 
 
 class Handshake(Conversation):
@@ -75,7 +75,7 @@ class Handshake(Conversation):
             return
         ctx.auth.prepare(self)  # a bad token: 401
 
-    async def get(self, *args: Any, **kwargs: Any) -> None:
+    async def get(self, *args: Any, **kwargs: Any) -> None:  # Any: RequestHandler.get's own
         if self.request.headers.get("Upgrade", "").lower() != "websocket":
             self._plain_get()
             return

@@ -10,7 +10,7 @@
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import tornado.web
 import ujson
@@ -31,6 +31,10 @@ access_log = logging.getLogger("tornado.access")
 #: Headers that say a request was forwarded by a proxy for someone else.
 _FORWARDED = ("X-Real-IP", "X-Forwarded-For", "Forwarded")
 
+#: (path pattern, handler class, the handler's keyword arguments).  Any: Tornado
+#: types a handler's keyword arguments so (``URLSpec.kwargs``), each of its own type.
+Route: TypeAlias = tuple[str, type[tornado.web.RequestHandler], dict[str, Any]]
+
 
 class HealthHandler(tornado.web.RequestHandler):
     """``GET /health``: 200 while the Redis pub/sub connection is live, else 503.
@@ -49,7 +53,7 @@ class HealthHandler(tornado.web.RequestHandler):
     def get(self) -> None:
         manager = self.context.manager
         healthy = manager.healthy
-        body: dict[str, Any] = {"status": "ok" if healthy else "unavailable"}
+        body: dict[str, object] = {"status": "ok" if healthy else "unavailable"}
         details = manager.health()
         if self._for_insiders():
             body["pid"] = os.getpid()
@@ -112,11 +116,9 @@ def ws_paths(settings: Settings) -> list[str]:
     return paths
 
 
-def routes(
-    context: Context, exporter: "Exporter | None" = None
-) -> list[tuple[str, type, dict[str, Any]]]:
+def routes(context: Context, exporter: "Exporter | None" = None) -> list[Route]:
     """The URL map for one process."""
-    table: list[tuple[str, type, dict[str, Any]]] = [
+    table: list[Route] = [
         (path, StreamHandler, {"context": context}) for path in ws_paths(context.settings)
     ]
     table.append(("/health", HealthHandler, {"context": context}))

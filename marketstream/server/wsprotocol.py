@@ -88,8 +88,9 @@ class StreamProtocol(tornado.websocket.WebSocketProtocol13):
 
     handler: FrameOwner
 
-    def __init__(self, handler: FrameOwner, mask_outgoing: bool, params: Any) -> None:
-        # params: Any, as Tornado's _WebSocketParams is private (see tornado_compat).
+    def __init__(
+        self, handler: FrameOwner, mask_outgoing: bool, params: compat.WebSocketParams
+    ) -> None:
         super().__init__(handler, mask_outgoing, params)
         self.frame_tokens = float(handler.context.limits.frames_burst)
         self.frame_time = time.monotonic()
@@ -98,6 +99,7 @@ class StreamProtocol(tornado.websocket.WebSocketProtocol13):
     async def _receive_frame_loop(self) -> None:
         self.start_frame_loop()
 
+    # Any: the type of Tornado's ``async def _receive_frame``, overridden here.
     def _receive_frame(self) -> Coroutine[Any, Any, None]:
         """The reading of the next frame, once the budget allows it.
 
@@ -114,7 +116,7 @@ class StreamProtocol(tornado.websocket.WebSocketProtocol13):
             if self.server_terminated:
                 return self._until_closed()  # still flooding after our close frame
             self.handler.frames_exceeded()
-        frame: Coroutine[Any, Any, None] = getattr(super(), compat.RECEIVE_FRAME)()
+        frame: Coroutine[Any, Any, None] = getattr(super(), compat.RECEIVE_FRAME)()  # as above
         return frame
 
     async def _until_closed(self) -> None:
@@ -177,7 +179,7 @@ class StreamProtocol(tornado.websocket.WebSocketProtocol13):
     # frame, StreamHandler._write_buffered leaves it None for good.
     direct: socket.socket | None = None
 
-    def _write_frame(self, *args: Any, **kwargs: Any) -> Any:
-        # Any: Tornado's own signature, passed through whole.
+    # Any: Tornado's own signature, passed through whole.
+    def _write_frame(self, *args: Any, **kwargs: Any) -> asyncio.Future[None]:
         self.direct = None  # Tornado writes: recheck its buffer before writing past it
         return super()._write_frame(*args, **kwargs)

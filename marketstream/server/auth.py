@@ -28,17 +28,24 @@ unless an ``AUTH`` for the same ``sub`` brought a later ``exp``.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import logging
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 import tornado.ioloop
+import tornado.iostream
+import tornado.web
+from tornado.httputil import HTTPServerRequest
 
+from marketstream.fanout.core import Connection
 from marketstream.fanout.counters import Counters
 from marketstream.loglimit import LogLimiter
+from marketstream.server.admission import Admission
+from marketstream.server.channels import ChannelManager
 from marketstream.server.config import AuthSettings
 from marketstream.wire import replies
 from marketstream.wire.access import Access, Failure, Grant
@@ -59,7 +66,39 @@ ERROR_UNAUTHORIZED = 401
 _TOO_MANY = (429, "too many connections for this user", "max_connections_per_user")
 
 
-def token_of(handler: Any) -> str | None:
+class _Handshaking(Protocol):
+    """A WebSocket handshake as the sessions read it: its request."""
+
+    @property
+    def request(self) -> HTTPServerRequest: ...
+
+
+class _Context(Protocol):
+    """What the sessions use of a connection's server context."""
+
+    @property
+    def admission(self) -> Admission: ...
+
+    @property
+    def manager(self) -> ChannelManager: ...
+
+
+class _Client(_Handshaking, Connection, Protocol):
+    """A connection as the sessions see it (a ``StreamHandler``): its
+    handshake, server context and identity; replies to it, and its close."""
+
+    @property
+    def context(self) -> _Context: ...
+
+    @property
+    def identity(self) -> str | None: ...
+
+    def _answer(self, text: str) -> None: ...
+
+    def close_for(self, code: int, reason: str, reset: bool = False) -> None: ...
+
+
+def token_of(handler: _Handshaking) -> str | None:
     """The token a handshake carries: ``Authorization: Bearer <jwt>``, else
     ``?token=<jwt>``; None without one."""
     request = handler.request
@@ -136,15 +175,15 @@ class Sessions:
         self.counters = counters
         self.log_limiter = log_limiter
         #: Open authenticated connections -> their grant.
-        self.grants: dict[Any, Grant] = {}
+        self.grants: dict[_Client, Grant] = {}
         #: Open connections per sub.
         self.per_user: dict[str, int] = {}
         # Grants of handshakes not open yet (a handshake that fails after
         # its token was checked leaves nothing behind).
-        self._pending: weakref.WeakKeyDictionary[Any, Grant] = weakref.WeakKeyDictionary()
+        self._pending: weakref.WeakKeyDictionary[_Handshaking, Grant] = weakref.WeakKeyDictionary()
         # (deadline, n, connection): the earliest expiry first; entries of
         # closed or refreshed connections are skipped when they come up.
-        self._heap: list[tuple[float, int, Any]] = []
+        self._heap: list[tuple[float, int, _Client]] = []
         self._count = itertools.count()
         self._timer: object = None
         self._timer_at = 0.0
@@ -152,7 +191,7 @@ class Sessions:
 
     # --- the handshake -------------------------------------------------------------
 
-    def check_handshake(self, handler: Any) -> tuple[int, str, str] | None:
+    def check_handshake(self, handler: _Handshaking) -> tuple[int, str, str] | None:
         """None to go on with the handshake (its grant, if any, kept for
         :meth:`opened`), else ``(status, reason, cause)`` after counting it."""
         if not self.enabled:
@@ -182,7 +221,7 @@ class Sessions:
         self._pending[handler] = result
         return None
 
-    def _refuse_token(self, handler: Any, failure: Failure) -> tuple[int, str, str]:
+    def _refuse_token(self, handler: _Handshaking, failure: Failure) -> tuple[int, str, str]:
         self.counters.auth_refused[failure.cause] += 1
         self.counters.refused["unauthorized"] += 1
         self.log_limiter.log(
@@ -194,7 +233,7 @@ class Sessions:
         )
         return 401, failure.reason, "unauthorized"
 
-    def prepare(self, handler: Any) -> None:
+    def prepare(self, handler: tornado.web.RequestHandler) -> None:
         """Tornado's path (``StreamHandler.prepare``): answer a WebSocket
         handshake with a bad token 401 (a user over its limit 429)."""
         if handler.request.headers.get("Upgrade", "").lower() != "websocket":
@@ -207,7 +246,7 @@ class Sessions:
                 handler.set_header("WWW-Authenticate", 'Bearer error="invalid_token"')
             handler.finish(reason + "\n")
 
-    def switching(self, handler: Any, stream: Any) -> bool:
+    def switching(self, handler: _Client, stream: tornado.iostream.IOStream) -> bool:
         """The handshake shortcut (``StreamHandler.switch_protocols``):
         False after answering a refused handshake on ``stream`` and closing
         it (nothing of the handler is used then)."""
@@ -221,7 +260,7 @@ class Sessions:
             stream.close()
             return False
 
-        def close(future: Any) -> None:
+        def close(future: asyncio.Future[None]) -> None:
             if not future.cancelled():
                 future.exception()  # retrieved: a client gone meanwhile is no error
             stream.close()
@@ -231,13 +270,13 @@ class Sessions:
 
     # --- open connections ------------------------------------------------------------
 
-    def opened(self, conn: Any) -> None:
+    def opened(self, conn: _Client) -> None:
         """A WebSocket opened: its handshake's grant (if any) now counts."""
         grant = self._pending.pop(conn, None) if self._pending else None
         if grant is not None:
             self._enter(conn, grant)
 
-    def closed(self, conn: Any) -> None:
+    def closed(self, conn: _Client) -> None:
         """A connection closed: forget it."""
         grant = self.grants.pop(conn, None)
         if grant is None:
@@ -252,27 +291,27 @@ class Sessions:
             self._heap = [entry for entry in self._heap if entry[2] in grants]
             heapq.heapify(self._heap)
 
-    def _enter(self, conn: Any, grant: Grant) -> None:
+    def _enter(self, conn: _Client, grant: Grant) -> None:
         if conn not in self.grants:
             self.per_user[grant.sub] = self.per_user.get(grant.sub, 0) + 1
         self.grants[conn] = grant
         if grant.exp is not None:
             self._expire_at(grant.exp + self.leeway, conn)
 
-    def grant(self, conn: Any) -> Grant | None:
+    def grant(self, conn: _Client) -> Grant | None:
         """The grant of an open connection (None: anonymous)."""
         return self.grants.get(conn)
 
     # --- requests ------------------------------------------------------------------
 
-    def refusal(self, conn: Any, name: str) -> tuple[str, str] | None:
+    def refusal(self, conn: _Client, name: str) -> tuple[str, str] | None:
         """Whether ``conn`` may subscribe ``name``: None, or ``(cause, reason)``."""
         grant = self.grants.get(conn) if self.grants else None
         if grant is None and self._plain and "#" not in name:
             return self.rules.refusal(name)
         return self.access.refusal(name, grant)
 
-    def on_auth(self, conn: Any, request: Request) -> None:
+    def on_auth(self, conn: _Client, request: Request) -> None:
         """``{"method":"AUTH","params":["<jwt>"],"id":n}``: authenticate or
         refresh; always answered.  A refused token changes nothing."""
         failure: Failure | tuple[str, str]
@@ -313,7 +352,7 @@ class Sessions:
 
     # --- expiry ------------------------------------------------------------------------
 
-    def _expire_at(self, deadline: float, conn: Any) -> None:
+    def _expire_at(self, deadline: float, conn: _Client) -> None:
         heapq.heappush(self._heap, (deadline, next(self._count), conn))
         if self._timer is None or deadline < self._timer_at:
             self._schedule(deadline)
@@ -339,7 +378,7 @@ class Sessions:
         if heap:
             self._schedule(heap[0][0])
 
-    def expired(self, conn: Any) -> None:
+    def expired(self, conn: _Client) -> None:
         """Close ``conn``: its token expired."""
         self.counters.closed["token_expired"] += 1
         self.log_limiter.log(

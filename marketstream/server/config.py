@@ -317,18 +317,20 @@ class Settings:
         """Extra WebSocket path from a ``ws://host:port/path`` listen URL, or ''."""
         return self.server.listen[2]
 
-    def replace(self, section: str, **changes: Any) -> "Settings":
+    def replace(self, section: str, **changes: Any) -> "Settings":  # Any: each field's own type
         """A copy with some already-typed values of one section changed."""
         changed = dataclasses.replace(getattr(self, section), **changes)
         return dataclasses.replace(self, **{section: changed})
 
 
+# Any: each section is a dataclass of its own (dataclasses types a field's type as Any).
 _SECTIONS: dict[str, type[Any]] = {
     f.name: cast("type[Any]", f.type) for f in dataclasses.fields(Settings) if f.name != "sources"
 }
 
 #: section -> key -> field metadata (``default`` text and ``parse``).  The
 #: defaults are the text of ``conf/marketstream.ini``; a test keeps them equal.
+#: Any: dataclasses types a field's metadata so (``Field.metadata``).
 SCHEMA: dict[str, dict[str, Mapping[str, Any]]] = {
     name: {f.name: f.metadata for f in dataclasses.fields(cls)} for name, cls in _SECTIONS.items()
 }
@@ -454,7 +456,7 @@ def load_settings(
 
     sections = {}
     for section, keys in SCHEMA.items():
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = {}  # Any: each key's own type, for the section's dataclass
         for key, spec in keys.items():
             try:
                 values[key] = spec["parse"](raw[section][key])

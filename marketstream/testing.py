@@ -413,7 +413,7 @@ def health(
     host: str = "127.0.0.1",
     headers: Mapping[str, str] | None = None,
     timeout: float = 2.0,
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # Any: what json.loads gives
     """``GET /health`` as JSON (a direct request from this host gets the
     details: ``pid``, ``redis``, ``stats``).  Raises ``OSError`` while
     nothing answers, ``urllib.error.HTTPError`` (an ``OSError`` too) on
@@ -425,7 +425,7 @@ def health(
         "http://%s:%d/health" % (host, port), headers=dict(headers or {})
     )
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        body: dict[str, Any] = json.loads(response.read())
+        body: dict[str, Any] = json.loads(response.read())  # Any: JSON values
         return body
 
 
@@ -460,6 +460,7 @@ def process_gone(pid: int) -> bool:
         return False
 
 
+# Any: a Popen in text or in bytes mode.
 def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 20) -> None:
     """SIGTERM ``proc`` (a Popen, or None), SIGKILL it if it has not exited
     within ``timeout`` seconds, and reap it."""
@@ -481,16 +482,17 @@ def raise_fd_limit() -> int:
     return hard
 
 
+# Any: a psutil.Process (psutil is in the test extra only, and untyped here).
 def _tree(proc: Any) -> list[Any]:
     return [proc] + list(proc.children(recursive=True))
 
 
-def tree_rss(proc: Any) -> int:
+def tree_rss(proc: Any) -> int:  # Any: a psutil.Process, as for _tree
     """Resident bytes of a ``psutil.Process`` and its children."""
     return sum(p.memory_info().rss for p in _tree(proc) if p.is_running())
 
 
-def tree_cpu(proc: Any) -> float:
+def tree_cpu(proc: Any) -> float:  # Any: a psutil.Process, as for _tree
     """CPU seconds (user + system) of a ``psutil.Process`` and its living
     children."""
     import psutil  # the test extra: only the benchmarks measure processes

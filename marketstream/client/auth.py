@@ -28,10 +28,13 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import jwt
 import ujson
+
+if TYPE_CHECKING:
+    from tornado.websocket import WebSocketClientConnection
 
 __all__ = ["TokenSource", "TokenKeeper", "token_expiry", "refresh_delay"]
 
@@ -102,7 +105,7 @@ class TokenKeeper:
         self._token = token
         return {"Authorization": "Bearer " + token}
 
-    def start(self, ws: Any) -> None:
+    def start(self, ws: WebSocketClientConnection) -> None:
         """Refresh the token of the connection ``ws`` (a Tornado WebSocket
         client connection) before each ``exp`` until :meth:`stop`."""
         self.stop()
@@ -114,7 +117,7 @@ class TokenKeeper:
             self._task.cancel()
             self._task = None
 
-    async def _refresh(self, ws: Any, token: str) -> None:
+    async def _refresh(self, ws: WebSocketClientConnection, token: str) -> None:
         while True:
             exp = token_expiry(token)
             delay = refresh_delay(exp, time.time())

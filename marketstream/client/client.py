@@ -140,6 +140,7 @@ class Client:
         self.auth = TokenKeeper(token) if token is not None else None
         # Offer permessage-deflate (off by default: see the README's Compression).
         # Any: Tornado's type of its compression options.
+        # Any: Tornado types websocket_connect's compression_options so.
         self.compression_options: dict[str, Any] | None = {} if compression else None
         self.session = Session(
             streams, snapshot, reconnect, backoff, since, on_state, logger=log, url=url

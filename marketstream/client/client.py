@@ -17,6 +17,7 @@ import tornado.websocket
 import ujson
 
 from marketstream.client.messages import GAP, MESSAGE, SNAPSHOT, Message, is_snapshot_data
+from marketstream.client.resync import Resyncs, positions_skip
 from marketstream.wire.frames import CLOSE_NORMAL
 
 __all__ = ["Client", "ConnectionLost", "StreamsRefused", "NORMAL_CLOSURE"]
@@ -143,6 +144,7 @@ class Client:
         self._after_gap: set[str] = set()
         self._seen: set[str] = set()  # streams that delivered something on this client
         self._plain: set[str] = set()  # streams whose last message had no seq
+        self._resyncs = Resyncs()  # streams started over on this connection
 
     # -- life cycle --------------------------------------------------------
 
@@ -189,6 +191,7 @@ class Client:
         if snapshot:
             request_body["snapshot"] = snapshot
         self._after_gap = set()
+        self._resyncs.clear()
         if not first:
             self.reconnects += 1
             if since:
@@ -216,9 +219,10 @@ class Client:
         self._set_state("closed")
 
     async def resync(self, stream: str) -> bool:
-        """Start ``stream`` over from its snapshot (after a :class:`BookGap`):
-        reconnect at once, asking for that stream's snapshot and resuming
-        the others; queued messages of ``stream`` are dropped.  Returns
+        """Start ``stream`` over from its snapshot (after a :class:`BookGap`),
+        on the same connection: unsubscribe and subscribe again asking for
+        its snapshot; queued messages of ``stream``, and those received
+        until its snapshot, are dropped; the other streams go on.  Returns
         False and does nothing for a plain stream (its frames carry no
         ``seq``: the server has no snapshot to start over from)."""
         if stream in self._plain:
@@ -226,8 +230,18 @@ class Client:
         self.last_seq.pop(stream, None)
         self.snapshot_streams.add(stream)
         self._pending = collections.deque(m for m in self._pending if m.stream != stream)
-        self._drop("resync of %s" % stream)
+        ws = self._ws  # without a connection, the next one asks for the snapshot
+        if ws is not None:
+            try:
+                for request in self._resyncs.start(stream, self._next_id):
+                    await ws.write_message(request)
+            except tornado.websocket.WebSocketClosedError:
+                pass  # closed meanwhile: the next connection asks for the snapshot
         return True
+
+    def _next_id(self) -> int:
+        self._request_id += 1
+        return self._request_id
 
     async def __aenter__(self) -> "Client":
         return self
@@ -325,6 +339,8 @@ class Client:
             return  # {"result": null, "id": n}: subscribed
         stream, data, seq = obj["stream"], obj.get("data"), obj.get("seq")
         self._seen.add(stream)
+        if self._resyncs.drops(stream, data):
+            return  # sent before the snapshot of a resync
         if isinstance(data, dict) and data.get("e") == "gap" and seq is None:
             self._after_gap.add(stream)
             # Positions may start over after a gap (history lost): the next
@@ -346,7 +362,12 @@ class Client:
         if last is not None and seq <= last:
             self.duplicates += 1
             return
-        if last is not None and seq != last + 1 and stream not in self._after_gap:
+        if (
+            last is not None
+            and seq != last + 1
+            and stream not in self._after_gap
+            and not positions_skip(stream)  # depth10.X, X@100ms: positions skip
+        ):
             self._report(
                 _gap_message(
                     stream,

@@ -307,8 +307,10 @@ class Book:
         return APPLIED
 
     def _checksum(self) -> None:
+        bids, asks = self._bids, self._asks
         self.checksum = book_checksum(
-            self._bids.top(CHECKSUM_LEVELS), self._asks.top(CHECKSUM_LEVELS)
+            [bids.levels[key] for key in bids.keys[:CHECKSUM_LEVELS]],
+            [asks.levels[key] for key in asks.keys[:CHECKSUM_LEVELS]],
         )
 
     def bids(self, depth: int | None = None) -> list[list[str]]:

@@ -18,6 +18,7 @@ import zlib
 import pytest
 
 from tests.helpers import ROOT
+from tests.checksums import crc_of
 
 MODULE = os.path.join(ROOT, "marketstream", "server", "static", "marketstream.js")
 NODE = shutil.which("node")
@@ -83,16 +84,6 @@ def run_node(tmp_path, payload):
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def crc_of(bids, asks):
-    """OKX's checksum on the top 10: bid i then ask i, price:qty, ':'-joined."""
-    pieces = []
-    for i in range(10):
-        for side in (bids, asks):
-            if i < len(side):
-                pieces.append(side[i][0] + ":" + side[i][1])
-    return zlib.crc32(":".join(pieces).encode())
 
 
 def frame(stream, e, seq, u, bids, asks, book=None, first=None, checksum=True):

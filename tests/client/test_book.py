@@ -3,12 +3,12 @@ by update id and by position, gaps."""
 
 import doctest
 import json
-import zlib
 
 import pytest
 
 import marketstream.client.book
 from marketstream.client import GAP, SNAPSHOT, BookGap, Message, OrderBook
+from tests.checksums import crc_of
 
 
 def test_docstring_examples():
@@ -126,16 +126,6 @@ def test_book_as_dict():
 
 
 # -- checksums (computed here with zlib.crc32, never with the server's code) --
-
-
-def crc_of(bids, asks):
-    """OKX's checksum on the top 10: bid i then ask i, price:qty, ':'-joined."""
-    pieces = []
-    for i in range(10):
-        for side in (bids, asks):
-            if i < len(side):
-                pieces.append(side[i][0] + ":" + side[i][1])
-    return zlib.crc32(":".join(pieces).encode())
 
 
 def frame(stream, data, seq, checksum=None):

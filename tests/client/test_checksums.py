@@ -9,7 +9,6 @@ frames built in this test, with checksums computed here with zlib.crc32
 
 import asyncio
 import json
-import zlib
 
 import pytest
 import tornado.httpserver
@@ -19,16 +18,7 @@ import tornado.websocket
 
 from marketstream.client import BookGap, Client, OrderBook
 from marketstream.testing import async_wait_until
-
-
-def crc_of(bids, asks):
-    """OKX's checksum on the top 10: bid i then ask i, price:qty, ':'-joined."""
-    pieces = []
-    for i in range(10):
-        for side in (bids, asks):
-            if i < len(side):
-                pieces.append(side[i][0] + ":" + side[i][1])
-    return zlib.crc32(":".join(pieces).encode())
+from tests.checksums import crc_of
 
 
 def book_frame(stream, e, seq, u, bids, asks, checksum_of=None, first=None):

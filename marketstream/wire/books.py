@@ -21,6 +21,13 @@ without encoding the data again:
 >>> with_checksum(b'{"stream":"depth.A_B","data":{"u":7},"seq":42}', 3)
 b'{"stream":"depth.A_B","data":{"u":7},"seq":42,"checksum":3}'
 
+A frame of a stream served under a derived name (the latest ticker of an
+interval, a book's snapshot for an update speed's subscriber) is renamed by
+bytes too:
+
+>>> renamed(b'{"stream":"ticker.A_B","data":{"c":"1"},"seq":5}', "ticker.A_B", "ticker.A_B@1000ms")
+b'{"stream":"ticker.A_B@1000ms","data":{"c":"1"},"seq":5}'
+
 Frames the server builds itself (top-N snapshots, merged diffs) have the
 same shape:
 
@@ -44,6 +51,7 @@ __all__ = [
     "book_checksum",
     "with_checksum",
     "book_frame",
+    "renamed",
     "DEPTH_TOP",
 ]
 
@@ -125,3 +133,13 @@ def book_frame(stream: str, data: dict[str, Any], seq: int, checksum: int) -> by
         + (FRAME_END % seq)[:-1]
         + b',"checksum":%d}' % checksum
     )
+
+
+def renamed(frame: bytes, stream: str, name: str) -> bytes:
+    """``frame``, a frame of ``stream`` in the recovery script's form, as a
+    frame of ``name`` (by bytes: the data is not encoded again); a frame
+    not of that form raises ``ValueError``."""
+    head = FRAME_START + stream.encode("utf-8") + FRAME_DATA
+    if not frame.startswith(head):
+        raise ValueError("not a frame of %.100r: %.60r" % (stream, frame))
+    return FRAME_START + name.encode("utf-8") + FRAME_DATA + frame[len(head) :]

@@ -14,6 +14,7 @@ from marketstream.wire.books import (
     BookFields,
     book_checksum,
     book_frame,
+    renamed,
     with_checksum,
 )
 from marketstream.wire.positions import FRAME_DATA, FRAME_END, FRAME_START
@@ -48,12 +49,17 @@ def test_the_checksum_of_a_known_book():
     assert 0 <= book_checksum(bids, asks) < 2**32
 
 
+#: Stream names as a Redis channel gives them (UTF-8), without what the
+#: recovery script refuses in a name.
+STREAMS = st.text(
+    st.characters(blacklist_characters='"\\', blacklist_categories=("Cs",), min_codepoint=33),
+    min_size=1,
+)
+
+
 @FUZZ
 @given(
-    st.text(
-        st.characters(blacklist_characters='"\\', blacklist_categories=("Cs",), min_codepoint=33),
-        min_size=1,
-    ),
+    STREAMS,
     st.dictionaries(st.text(max_size=5), JSON_VALUES, max_size=5),
     st.integers(0, 2**53 - 1),
     st.integers(0, 2**32 - 1),
@@ -80,3 +86,16 @@ def test_with_checksum_refuses_what_is_not_an_object(frame):
 
 def test_the_default_fields_are_the_seed_engines():
     assert BookFields("b", "a", "U", "u", "e", "depthSnapshot") == DEFAULT_FIELDS
+
+
+@given(STREAMS, st.dictionaries(st.text(max_size=5), JSON_VALUES, max_size=5), st.integers(0, 99))
+def test_a_renamed_frame_is_the_same_frame_of_another_stream(stream, data, seq):
+    frame = FRAME_START + stream.encode() + FRAME_DATA + json.dumps(data).encode() + FRAME_END % seq
+    out = json.loads(renamed(frame, stream, stream + "@100ms"))
+    assert out == {"stream": stream + "@100ms", "data": data, "seq": seq}
+    assert renamed(with_checksum(frame, 5), stream, "x").endswith(b',"checksum":5}')
+
+
+def test_renamed_refuses_a_frame_of_another_stream():
+    with pytest.raises(ValueError, match="not a frame of"):
+        renamed(b'{"stream":"a.B_C","data":{},"seq":1}', "a.B_D", "a.B_D@100ms")

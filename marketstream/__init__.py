@@ -7,7 +7,8 @@ that there are no import cycles)::
     loglimit     leaf utility: at most one log line per cause per second
                  imports nothing of marketstream
     wire/        what bytes mean, sans-I/O: frames, requests, replies,
-                 payload checks, the recovery format (positions, recovery.lua)
+                 payload checks, the recovery format (positions, recovery.lua),
+                 tokens (JWT, PyJWT) and access (who may subscribe what)
                  imports nothing of marketstream; no Tornado, no redis-py
     fanout/      the core: who gets what, batches, catch-up, counters; no I/O
                  imports wire, loglimit

@@ -667,7 +667,7 @@ class PySpy:
 def summarize_profile(path: str, rate: int, seconds: float, top: int = 12) -> dict[str, Any]:
     """Where a raw (collapsed stacks) py-spy profile of ``seconds`` spent
     its samples: per function, self and total (inclusive) sampled seconds,
-    and those of the recovery path (``_read``, ``read_done``, ``_catch_up``)."""
+    and those of the recovery path (``_read``, ``read_done``, ``serve``, ``catch_up``)."""
     self_counts: dict[str, int] = {}
     total_counts: dict[str, int] = {}
     total = 0
@@ -696,14 +696,15 @@ def summarize_profile(path: str, rate: int, seconds: float, top: int = 12) -> di
             total_counts,
             [
                 "ChannelManager._flush",
-                "Core.take_batch",
+                "Batch.take",
                 "StreamHandler.write_frames",
                 "PubSubLink._read_loop",
                 "ChannelManager.on_message",
-                "Core._enqueue",
+                "Batch.enqueue",
                 "ChannelManager._read",
                 "Core.read_done",
-                "Core._catch_up",
+                "Recoveries.serve",
+                "catch_up",
                 "text_frame",
                 "StreamHandler.on_message",
                 "ChannelManager.subscribe",

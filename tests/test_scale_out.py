@@ -314,11 +314,28 @@ def assert_recoverable(client, feeder, url=None):
     """Every acknowledged message, in order, positions +1 each, seq the
     frame's last key - or, where Redis lost acknowledged writes with a
     primary (checked in its history at ``url``), the gap notice; never a
-    silent hole."""
+    silent hole, never a position twice.
+
+    A message may come twice at two positions when its history at ``url``
+    holds it twice: redis-py's RedisCluster runs a call again when its
+    connection dies with a primary, and the first run may have been
+    replicated and published before the kill (the publisher's retry, not a
+    delivery repeated)."""
     name = feeder.stream
     got = client.items(name)
     numbers = [i for i, _ in got]
-    assert numbers == sorted(set(numbers)), "%s out of order or repeated: %r" % (name, numbers)
+    repeated = sorted({i for i in numbers if numbers.count(i) > 1})
+    for i in repeated:
+        positions = [seq for n, seq in got if n == i]
+        assert len(set(positions)) == len(positions), "%s: %d delivered twice at %r" % (
+            name,
+            i,
+            positions,
+        )
+        assert url is not None and logged(url, name).count(i) > 1, (
+            "%s: %d repeated, published once: %r" % (name, i, numbers)
+        )
+    assert numbers == sorted(numbers), "%s out of order: %r" % (name, numbers)
     assert all(seq is not None for _, seq in got), "%s: a recoverable frame without seq" % name
     for text, (_, seq) in zip(client.texts(name), got):
         assert text.endswith(',"seq":%d}' % seq), text
@@ -540,7 +557,7 @@ async def test_cluster_slot_migration_while_publishing(cluster, start_server):
         assert_recoverable(client, feeders[0])  # no gap notice allowed: nothing was lost
         assert_plain(client, feeders[1], gap_expected=True)
         assert_recoverable(client, feeders[2])
-    assert server.manager.link.sub.node_of(busy) == target.label
+    assert server.manager.link.node_of(busy) == target.label
     assert len(our_pubsub_connections(target)) == 1
 
 

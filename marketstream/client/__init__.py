@@ -40,7 +40,13 @@ checksum, and raises :class:`BookGap` when an update is missing or the
 checksum does not match (``client.resync(stream)`` then starts that stream
 over on the same connection).
 
+:class:`Client` is a thin asyncio shell around a :class:`Session`, which
+holds the protocol without any I/O (what to send on each connection, what
+each frame means, the backoff): drive a session directly to use the
+protocol under another event loop or to test against it.
+
 The modules: :mod:`~marketstream.client.client` (the asyncio client),
+:mod:`~marketstream.client.session` (the protocol, sans I/O),
 :mod:`~marketstream.client.messages` (what it yields),
 :mod:`~marketstream.client.book` (order books),
 :mod:`~marketstream.client.resync` (one stream started over) and
@@ -52,10 +58,12 @@ Tornado's WebSocket client; never the server's or Redis's side.
 from marketstream.client.book import BookGap, OrderBook
 from marketstream.client.client import NORMAL_CLOSURE, Client, ConnectionLost, StreamsRefused
 from marketstream.client.messages import GAP, MESSAGE, SNAPSHOT, Message
+from marketstream.client.session import Session
 
 __all__ = [
     "Client",
     "Message",
+    "Session",
     "OrderBook",
     "BookGap",
     "ConnectionLost",

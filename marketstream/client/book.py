@@ -9,15 +9,27 @@ import heapq
 import re
 from collections.abc import Iterable, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, TypedDict
 
 from marketstream.client.messages import GAP, SNAPSHOT, Message, is_snapshot_data
 from marketstream.wire.books import CHECKSUM_LEVELS, DEPTH_TOP, book_checksum
 
-__all__ = ["OrderBook", "BookGap", "Levels", "frame_checksum"]
+__all__ = ["OrderBook", "BookGap", "Levels", "BookDict", "DepthData", "frame_checksum"]
 
 #: Levels of one side, best first: ``[[price, qty], ...]`` (strings as received).
 Levels = list[list[str]]
+
+#: A depth message's data (``{"e": "depth", "U": 11, "u": 12, "b": [...], ...}``):
+#: Any because it is what ``ujson.loads`` gives (:attr:`Message.data`).
+DepthData = dict[str, Any]
+
+
+class BookDict(TypedDict):
+    """:meth:`OrderBook.as_dict`: the book as the browser client keeps it."""
+
+    seq: int | None
+    bids: Levels
+    asks: Levels
 
 
 #: The server puts a book frame's checksum last, after "seq".
@@ -138,7 +150,7 @@ class OrderBook:
         return book
 
     def apply_snapshot(
-        self, data: dict[str, Any], seq: int | None = None, checksum: int | None = None
+        self, data: DepthData, seq: int | None = None, checksum: int | None = None
     ) -> None:
         """Replace the book with ``data`` (``b``, ``a``, ``u``: a snapshot, or
         a top-N frame) as of position ``seq``; with the frame's ``checksum``,
@@ -167,9 +179,7 @@ class OrderBook:
                 % (self.u, checksum, self.checksum())
             )
 
-    def apply(
-        self, data: dict[str, Any], seq: int | None = None, checksum: int | None = None
-    ) -> bool:
+    def apply(self, data: DepthData, seq: int | None = None, checksum: int | None = None) -> bool:
         """Apply one diff (or merged diff); True if applied, False if already
         contained in the book.  Raises :class:`BookGap` (and unsyncs the
         book) when updates are missing, while the book waits for a
@@ -239,7 +249,7 @@ class OrderBook:
         """Ask levels, lowest price first: ``[[price, qty], ...]``."""
         return [list(self._asks[k]) for k in sorted(self._asks)[:depth]]
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> BookDict:
         """``{"seq": ..., "bids": [...], "asks": [...]}`` (the shape of the
         browser client's ``books`` entries)."""
         return {"seq": self.seq, "bids": self.bids(), "asks": self.asks()}

@@ -34,12 +34,12 @@ class Message(NamedTuple):
     """
 
     stream: str
-    data: Any
+    data: Any  # the frame's "data" as ujson.loads gives it: any JSON value
     seq: int | None
     kind: str
     raw: str
 
 
-def is_snapshot_data(data: Any) -> bool:
+def is_snapshot_data(data: object) -> bool:
     """Whether ``data`` is a stream's state (``e`` ends in ``Snapshot``)."""
     return isinstance(data, dict) and str(data.get("e", "")).endswith("Snapshot")

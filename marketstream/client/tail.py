@@ -6,6 +6,7 @@
     marketstream-tail depth.SOL_USDC --snapshot --count 1          # the book, then exit
     marketstream-tail trade.SOL_USDC --since trade.SOL_USDC:1042   # resume after 1042
     marketstream-tail ticker.BTC_USDT --url ws://example.com/ws --count 5 --timeout 10
+    marketstream-tail 'account.orders#42' --token "$TOKEN"       # a private stream
     python -m marketstream.client.tail --help
 
 Every frame the server sends is printed on one line of standard output,
@@ -24,15 +25,23 @@ Exit codes: 0 after ``--count`` lines, at the end of ``--timeout`` when no
 ``--count`` was given, or on Ctrl-C; 1 when ``--timeout`` ends before
 ``--count`` lines; 2 for bad arguments or a stream the server refused.
 On exit the connection is closed with a close frame (1000).
+
+Private streams need a token: ``--token JWT`` or the environment variable
+``MARKETSTREAM_TOKEN`` (sent as ``Authorization: Bearer``), or
+``--token-file FILE``, read again at every (re)connect and before the
+token's ``exp`` (then sent with ``AUTH``), so a token that something else
+rotates in that file keeps a long tail connected.
 """
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import TextIO
 
+from marketstream.client.auth import TokenSource
 from marketstream.client.client import Client, StreamsRefused
 
 __all__ = ["build_parser", "main", "tail"]
@@ -111,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit after this many seconds (status 1 if --count was not reached)",
     )
     parser.add_argument(
+        "--token",
+        default=os.environ.get("MARKETSTREAM_TOKEN") or None,
+        metavar="JWT",
+        help="a token for private streams (default: $MARKETSTREAM_TOKEN)",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="read the token from FILE at every (re)connect and refresh (overrides --token)",
+    )
+    parser.add_argument(
         "-q",
         "--quiet",
         action="store_true",
@@ -140,6 +160,7 @@ async def tail(
         snapshot=args.snapshot,
         since=dict(args.since),
         on_state=None if args.quiet else on_state,
+        token=_token_source(args),
     )
     printed = 0
     refused: list[StreamsRefused] = []
@@ -185,6 +206,20 @@ async def tail(
     finally:
         await client.close()
     return 2 if refused else 0
+
+
+def _token_source(args: argparse.Namespace) -> TokenSource | None:
+    """The token of ``--token-file`` (read anew at each call), or ``--token``."""
+    path = getattr(args, "token_file", None)
+    if path:
+
+        def read() -> str:
+            with open(path, encoding="utf-8") as handle:
+                return handle.read().strip()
+
+        return read
+    token: str | None = getattr(args, "token", None)
+    return token
 
 
 def main(argv: list[str] | None = None) -> None:

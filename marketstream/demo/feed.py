@@ -47,7 +47,9 @@ import signal
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any
+
+import redis.asyncio
+import redis.asyncio.cluster
 
 from marketstream.upstream.publisher import AsyncPublisher
 from marketstream.demo.simulator import (
@@ -89,6 +91,9 @@ DEFAULT_HISTORY = 1000  # messages kept per stream
 DEFAULT_TTL = 3600  # seconds the keys of an idle stream live
 
 redact = redact_url  # the name this module used to export
+
+#: What :func:`~marketstream.upstream.clients.async_client` returns.
+RedisClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 
 
 async def _wait(stop: asyncio.Event, timeout: float) -> bool:
@@ -151,11 +156,7 @@ async def run_feed(
     loop = asyncio.get_running_loop()
     start = loop.time()
     feed = Feed(markets, rate, fmt, seed, start)
-    if stop is None:
-        stop = asyncio.Event()
     deadline: float | None = None if duration is None else start + duration
-    counts = dict.fromkeys(KINDS, 0)
-    reported, last_summary = dict(counts), start
     url = redact_url(redis_url)
     client = async_client(redis_url, socket_connect_timeout=5, socket_timeout=5)
     sink: AsyncPublisher | _Plain = (
@@ -170,57 +171,103 @@ async def run_feed(
         feed.rate,
         url,
     )
+    publishing = _Publishing(feed, sink, client, stop or asyncio.Event(), deadline, log, url)
     try:
-        while True:
-            if _cancel_requested():
-                raise asyncio.CancelledError()
-            now = loop.time()
-            finished = deadline is not None and now >= deadline
-            offset_us = time.time() * 1e6 - now * 1e6
-            batch = feed.events(deadline if finished and deadline is not None else now, offset_us)
-            if batch:
-                try:
-                    await _publish(sink, batch)
-                except REDIS_ERRORS as exc:
-                    if _cancel_requested():
-                        raise asyncio.CancelledError() from exc
-                    log.warning(
-                        "Redis at %s unavailable (%s): %d message(s) dropped; retrying every %gs",
-                        url,
-                        exc,
-                        len(batch),
-                        RETRY_INTERVAL,
-                    )
-                    if not await _reconnect(client, stop, deadline, loop, log):
-                        break
-                    log.warning("Redis at %s is back: publishing again", url)
-                    continue
-                for event in batch:
-                    counts[event.kind] += 1
-                    if event.kind == "ticker":
-                        log.debug("%s %s", event.channel, event.data)
-            if finished or stop.is_set():
-                break
-            now = loop.time()
-            if now - last_summary >= SUMMARY_INTERVAL:
-                log.info(
-                    "published %s in the last %.0fs", _summary(counts, reported), now - last_summary
-                )
-                reported, last_summary = dict(counts), now
-            wake = feed.next_due() if deadline is None else min(feed.next_due(), deadline)
-            await _wait(stop, max(MIN_STEP, wake - now))
+        await publishing.run()
     finally:
         await client.aclose()
     log.info(
-        "feed stopped after %.1fs: published %s in total", loop.time() - start, _summary(counts)
+        "feed stopped after %.1fs: published %s in total",
+        loop.time() - start,
+        _summary(publishing.counts),
     )
-    return counts
+    return publishing.counts
+
+
+class _Publishing:
+    """The loop of :func:`run_feed`: take what the schedule says is due,
+    publish it in one pipeline, wait for Redis while it is away, log a
+    summary every ``SUMMARY_INTERVAL`` seconds, sleep until the next event."""
+
+    def __init__(
+        self,
+        feed: Feed,
+        sink: AsyncPublisher | _Plain,
+        client: RedisClient,
+        stop: asyncio.Event,
+        deadline: float | None,
+        log: logging.Logger,
+        url: str,
+    ) -> None:
+        self.feed, self.sink, self.client = feed, sink, client
+        self.stop, self.deadline, self.log, self.url = stop, deadline, log, url
+        self.loop = asyncio.get_running_loop()
+        self.counts = dict.fromkeys(KINDS, 0)
+        self._reported, self._last_summary = dict(self.counts), self.loop.time()
+
+    async def run(self) -> None:
+        """Publish until the deadline or ``stop``; raises CancelledError when
+        cancelled, even if a library swallowed the cancellation."""
+        deadline = self.deadline
+        while True:
+            if _cancel_requested():
+                raise asyncio.CancelledError()
+            now = self.loop.time()
+            finished = deadline is not None and now >= deadline
+            offset_us = time.time() * 1e6 - now * 1e6
+            batch = self.feed.events(
+                deadline if finished and deadline is not None else now, offset_us
+            )
+            if batch and not await self._publish(batch):
+                if not await _reconnect(self.client, self.stop, deadline, self.loop, self.log):
+                    return
+                self.log.warning("Redis at %s is back: publishing again", self.url)
+                continue
+            if finished or self.stop.is_set():
+                return
+            now = self.loop.time()
+            if now - self._last_summary >= SUMMARY_INTERVAL:
+                self._summarize(now)
+            wake = self.feed.next_due()
+            if deadline is not None:
+                wake = min(wake, deadline)
+            await _wait(self.stop, max(MIN_STEP, wake - now))
+
+    async def _publish(self, batch: list[FeedEvent]) -> bool:
+        """Publish ``batch`` and count it; False (and a warning) when Redis
+        is unavailable: the batch is dropped."""
+        try:
+            await _publish(self.sink, batch)
+        except REDIS_ERRORS as exc:
+            if _cancel_requested():
+                raise asyncio.CancelledError() from exc
+            self.log.warning(
+                "Redis at %s unavailable (%s): %d message(s) dropped; retrying every %gs",
+                self.url,
+                exc,
+                len(batch),
+                RETRY_INTERVAL,
+            )
+            return False
+        for event in batch:
+            self.counts[event.kind] += 1
+            if event.kind == "ticker":
+                self.log.debug("%s %s", event.channel, event.data)
+        return True
+
+    def _summarize(self, now: float) -> None:
+        self.log.info(
+            "published %s in the last %.0fs",
+            _summary(self.counts, self._reported),
+            now - self._last_summary,
+        )
+        self._reported, self._last_summary = dict(self.counts), now
 
 
 class _Plain:
     """Plain PUBLISH of the feed's payloads (no positions)."""
 
-    def __init__(self, client: Any, feed: Feed) -> None:
+    def __init__(self, client: RedisClient, feed: Feed) -> None:
         self.client, self.feed = client, feed
 
     async def publish_many(self, batch: list[FeedEvent]) -> None:
@@ -250,7 +297,7 @@ async def _publish(sink: AsyncPublisher | _Plain, batch: list[FeedEvent]) -> Non
 
 
 async def _reconnect(
-    client: Any,
+    client: RedisClient,
     stop: asyncio.Event,
     deadline: float | None,
     loop: asyncio.AbstractEventLoop,

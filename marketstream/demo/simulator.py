@@ -36,12 +36,13 @@ import random
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import ujson
 
 __all__ = [
     "DEFAULT_MARKETS",
+    "Data",
     "FORMATS",
     "KINDS",
     "Feed",
@@ -53,6 +54,10 @@ __all__ = [
     "envelope",
     "market_spec",
 ]
+
+#: A message's data object (``{"e": "trade", "p": "150.009", ...}``): JSON
+#: values of several types, as the simulator makes them.
+Data = dict[str, object]
 
 DEFAULT_MARKETS = ("BTC_USDT", "ETH_USDT", "SOL_USDT", "SOL_USDC")
 FORMATS = ("envelope", "data")
@@ -100,12 +105,12 @@ def _decimal(units: int, decimals: int) -> str:
     return digits[:-decimals] + "." + digits[-decimals:]
 
 
-def envelope(stream: str, data: Any) -> dict[str, Any]:
+def envelope(stream: str, data: object) -> dict[str, object]:
     """The message clients receive: ``{"stream": ..., "data": ...}``."""
     return {"stream": stream, "data": data}
 
 
-def encode(message: Any) -> str:
+def encode(message: object) -> str:
     """Compact JSON text (no spaces, UTF-8 kept as is)."""
     return ujson.dumps(message, ensure_ascii=False, escape_forward_slashes=False)
 
@@ -175,7 +180,7 @@ class MarketSimulator:
 
     # -- messages ----------------------------------------------------------
 
-    def trade(self, now_us: int) -> dict[str, Any]:
+    def trade(self, now_us: int) -> Data:
         """The next trade: the price takes a random-walk step, then a taker
         buys at the ask (``m`` false) or sells at the bid (``m`` true)."""
         rng = self._rng
@@ -210,7 +215,7 @@ class MarketSimulator:
             "T": now_us // 1000,
         }
 
-    def depth(self, now_us: int) -> dict[str, Any]:
+    def depth(self, now_us: int) -> Data:
         """The order book's changes: levels the price moved through are
         removed, a few levels near the touch change, thin sides are refilled
         and far levels cancelled.  Bids stay below asks."""
@@ -254,7 +259,7 @@ class MarketSimulator:
             "a": [[self.price(p), self.qty(q)] for p, q in ask_changes],
         }
 
-    def ticker(self, now_us: int) -> dict[str, Any]:
+    def ticker(self, now_us: int) -> Data:
         """Statistics over the trades since start (before the first trade
         all prices are the current one)."""
         current = self._last if self._last is not None else self._center()
@@ -277,7 +282,7 @@ class MarketSimulator:
             "n": self._trades,
         }
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Data:
         """The whole book as published so far, best levels first: the state
         after the last :meth:`depth` diff, whose ``u`` it carries (the next
         diff has ``U = u + 1``)::
@@ -337,8 +342,8 @@ class FeedEvent(NamedTuple):
 
     kind: str
     channel: str
-    data: dict[str, Any]
-    snapshot: Any
+    data: Data
+    snapshot: Data | bool | None
 
 
 class Feed:
@@ -404,7 +409,6 @@ class Feed:
         ``at`` gets the event time ``at * 1e6 + offset_us`` microseconds."""
         events = []
         for market in self.markets:
-            sim = self.simulators[market]
             at = self._next_event[market]
             at_ticker = self._next_ticker[market]
             if at < now - MAX_LAG:
@@ -419,23 +423,28 @@ class Feed:
                 else:
                     kind, when = "ticker", at_ticker
                     at_ticker += TICKER_INTERVAL
-                # Event times never go back, even if the clocks' offset wobbles.
-                now_us = self._last_us[market] = max(
-                    self._last_us[market], int(when * 1e6 + offset_us)
-                )
-                snapshot: Any = None
-                if kind == "trade":
-                    data = sim.trade(now_us)
-                elif kind == "depth":
-                    data = sim.depth(now_us)
-                    last = self._last_snapshot.get(market)
-                    if last is None or when - last >= self.snapshot_interval:
-                        snapshot = sim.snapshot()
-                        self._last_snapshot[market] = when
-                else:
-                    data = sim.ticker(now_us)
-                    snapshot = True
-                events.append(FeedEvent(kind, "%s.%s" % (kind, market), data, snapshot))
+                events.append(self._event(market, kind, when, offset_us))
             self._next_event[market] = at
             self._next_ticker[market] = at_ticker
         return events
+
+    def _event(self, market: str, kind: str, when: float, offset_us: float) -> FeedEvent:
+        """The message of ``kind`` scheduled at ``when`` for ``market``, with
+        the snapshot it carries (the book, at most every
+        ``snapshot_interval``; a ticker is its own)."""
+        sim = self.simulators[market]
+        # Event times never go back, even if the clocks' offset wobbles.
+        now_us = self._last_us[market] = max(self._last_us[market], int(when * 1e6 + offset_us))
+        snapshot: Data | bool | None = None
+        if kind == "trade":
+            data = sim.trade(now_us)
+        elif kind == "depth":
+            data = sim.depth(now_us)
+            last = self._last_snapshot.get(market)
+            if last is None or when - last >= self.snapshot_interval:
+                snapshot = sim.snapshot()
+                self._last_snapshot[market] = when
+        else:
+            data = sim.ticker(now_us)
+            snapshot = True
+        return FeedEvent(kind, "%s.%s" % (kind, market), data, snapshot)

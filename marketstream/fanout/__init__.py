@@ -1,9 +1,22 @@
 """The fan-out core: who gets what, without any I/O.
 
 - :mod:`~marketstream.fanout.core`: the ``Core`` -- who listens to what,
-  the batch of frames per connection, the channels the Redis link must
-  hold, the resubscribe and gap bookkeeping, and the recovery merge
-  (history, snapshot and buffered live messages, by position);
+  the resubscribe and gap bookkeeping after outages, and the coordination
+  of the modules below (the shell calls only the ``Core``);
+- :mod:`~marketstream.fanout.records`: what the core and the shell
+  exchange (``Connection``, ``Want``, ``Read``, ``History``);
+- :mod:`~marketstream.fanout.batching`: the frames queued per connection,
+  joined into one write per flush (the hot path);
+- :mod:`~marketstream.fanout.wanted`: the channels the Redis link must
+  hold, what changed, lingering, the channel cap;
+- :mod:`~marketstream.fanout.recovery`: recoveries in progress (who waits
+  for which history read) and serving a finished read;
+- :mod:`~marketstream.fanout.catchup`: the catch-up merge (history,
+  snapshot and buffered live messages, by position), pure functions;
+- :mod:`~marketstream.fanout.budgets`: the bytes of catch-up each
+  connection may still be sent;
+- :mod:`~marketstream.fanout.dedupe`: the positions streams and
+  connections hold, and which listeners a live message skips;
 - :mod:`~marketstream.fanout.counters`: the process's ``Counters``, bumped
   on the hot path and read by ``/metrics`` and ``/health``.
 

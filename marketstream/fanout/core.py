@@ -15,7 +15,7 @@ directly::
 
 Delivery is batch-shaped: each message is framed once and the frame is
 appended to every listener's pending list; :meth:`Core.take_batch` joins each
-connection's frames into one write.
+connection's frames into one write (:mod:`~marketstream.fanout.batching`).
 
 Recovery (see the README's "Recovery"): a connection that subscribes with
 ``since`` or ``snapshot`` is held outside the stream's listeners while the
@@ -23,7 +23,10 @@ shell reads the stream's history once for everyone waiting
 (:meth:`Core.start_reads` / :meth:`Core.read_done`); live messages that
 arrive meanwhile are buffered, and each waiting connection gets the history
 it missed merged with the buffer by position, each message once, before it
-joins the live listeners.  After an outage of the Redis link, every
+joins the live listeners (:mod:`~marketstream.fanout.recovery` holds the
+recoveries, :func:`marketstream.fanout.catchup.catch_up` decides what each
+connection is sent, :mod:`~marketstream.fanout.dedupe` which live messages
+it must then skip).  After an outage of the Redis link, every
 recoverable stream's listeners are caught up the same way from the last
 position this process delivered; plain streams get the gap notice.
 
@@ -32,7 +35,7 @@ A catch-up is bounded by bytes: each connection may be sent at most
 progress, shared evenly among its streams, and a read asks for no more
 than the largest share of the connections it serves.  What would not fit
 is not read: that connection gets the gap notice, then the snapshot (or
-the newest messages) if those fit.
+the newest messages) if those fit (:mod:`~marketstream.fanout.budgets`).
 
 Channels: :meth:`Core.wanted` is what the Redis link must hold, and
 :meth:`Core.take_changes` what changed since the link last looked (a
@@ -41,95 +44,39 @@ With ``linger``, a channel whose last listener left stays subscribed until
 the second :meth:`Core.release_lingering` after that (the shell calls it
 every half second), so that churn costs Redis nothing; ``max_channels``
 caps the channels (:meth:`Core.over_channel_cap`), and lingering ones give
-way first.
+way first (:mod:`~marketstream.fanout.wanted`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from collections.abc import Callable, Hashable
-from itertools import islice
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable
 
+from marketstream.fanout.batching import Batch
+from marketstream.fanout.budgets import REPLAY_BYTES, ReplayBudgets
 from marketstream.fanout.counters import Counters
-from marketstream.wire import payloads, replies
+from marketstream.fanout.dedupe import LivePositions
+from marketstream.fanout.records import Connection, History, Read, Want
+from marketstream.fanout.recovery import Recoveries
+from marketstream.fanout.wanted import WantedChannels
+from marketstream.wire import payloads
 from marketstream.wire.frames import text_frame
 from marketstream.wire.positions import split_position
 
-__all__ = ["Core", "Want", "Read", "History"]
-
-
-class Connection(Hashable, Protocol):
-    """What the core delivers to (the WebSocket handler)."""
-
-    def write_frames(self, data: bytes) -> None: ...
-
-
-class Want(NamedTuple):
-    """What a connection asked for when subscribing a stream."""
-
-    since: int | None = None  # resume after this position
-    snapshot: bool = False  # start from the stream's snapshot
-    repair: bool = False  # the server's own catch-up after a link outage
-
-
-class Read(NamedTuple):
-    """A history read the shell must do for one stream: everything after
-    ``after`` (None: from the snapshot on, or nothing), and the snapshot if
-    ``snapshot``."""
-
-    stream: str
-    after: int | None
-    snapshot: bool
-    token: int = 0  # pass it back to read_done / read_failed
-    max_bytes: int = 0  # read about this many bytes of history and snapshot at most
-
-
-class History(NamedTuple):
-    """What a history read found: the stream's latest position (None for a
-    stream without positions), its snapshot as (position, frame), and the
-    entries after the asked position, oldest first, as (position, frame).
-    ``oldest``: the oldest position the history holds, read only when the
-    entries do not reach back to the asked position (it tells a history
-    that was trimmed from a resume that asked for too much).
-    ``snapshot_skipped``: the stream has a snapshot larger than the read's
-    ``max_bytes``, which was not read."""
-
-    latest: int | None
-    snapshot: tuple[int, bytes] | None
-    entries: list[tuple[int, bytes]]
-    oldest: int | None = None
-    snapshot_skipped: bool = False
-
-
-@dataclass
-class _Recovery:
-    waiting: dict[Connection, Want] = field(default_factory=dict)  # read not started
-    reading: dict[Connection, Want] = field(default_factory=dict)  # read in flight
-    buffer: list[tuple[int | None, bytes]] = field(default_factory=list)  # since the read began
-    in_flight: bool = False
-    token: int = 0  # which read is in flight
-    shares: dict[Connection, int] = field(default_factory=dict)  # bytes each reader may be sent
-
-
-class _Catchup(NamedTuple):
-    """One connection's catch-up: its frames (WebSocket frames, without the
-    live ones buffered during the read), the position it then holds, what
-    it counts (replayed, snapshots, gap notices) and its bytes."""
-
-    frames: list[bytes]
-    position: int
-    counts: tuple[int, int, int]
-    size: int
-
-
-#: Bytes of catch-up per connection unless told otherwise (half of the
-#: default ``max_buffer_bytes``: live messages still fit behind it).
-REPLAY_BYTES = 512 * 1024
+__all__ = ["Core", "Want", "Read", "History", "Connection", "REPLAY_BYTES"]
 
 
 class Core:
-    """Registry and fan-out of one process (see the module docstring)."""
+    """Registry and fan-out of one process (see the module docstring): who
+    listens to what, and the coordination of its helpers -- the batch, the
+    link's channels, the recoveries and their budgets, the live positions."""
+
+    #: Each connection's frames of this batch, joined: ``Batch.take``.
+    take_batch: Callable[[], dict[Connection, bytes]]
+    #: The link's channels: ``WantedChannels``' methods of those jobs.
+    take_changes: Callable[[], dict[str, bool]]
+    is_wanted: Callable[[str], bool]
+    over_channel_cap: Callable[[list[str]], list[str]]
+    release_lingering: Callable[[], None]
 
     def __init__(
         self,
@@ -145,90 +92,57 @@ class Core:
         self.on_malformed = on_malformed
         self.wrap = payload_format == "data"
         self.max_replay = max_replay
-        self.replay_bytes = replay_bytes
-        self.max_channels = max_channels  # 0: no cap
-        self.linger = linger
         self.streams: dict[str, dict[Connection, None]] = {}  # live listeners per stream
         self.connections: dict[Connection, dict[str, None]] = {}  # streams per connection
-        self.pending: dict[Connection, list[bytes]] = {}  # frames of the current batch
-        self.batch_messages = 0
-        self.last_seq: dict[str, int] = {}  # last position delivered live, per stream
-        self.recovering: dict[str, _Recovery] = {}
         self.confirmed: set[str] = set()  # channels Redis confirmed on the live link
         self._resync: set[str] = set()  # channels to catch up once resubscribed
-        # Connections just caught up from the history, per stream: the
-        # position each holds.  A live message at or below it was already
-        # delivered from the history (the read and the pub/sub link are two
-        # Redis connections, so it may still be on its way): skip it for them.
-        self._holding: dict[str, dict[Connection, int]] = {}
-        self._live_seq: dict[str, int] = {}  # last position seen on the link, per stream
-        self._reads = 0
-        # Per connection with catch-ups in progress: [bytes it may still be
-        # sent, streams waiting for their read, reads in flight].
-        self._budgets: dict[Connection, list[int]] = {}
-        self._channels: set[str] = set()  # what the link must hold (see wanted())
-        self._changes: dict[str, bool] = {}  # channel -> wanted, since the link last took them
-        self.lingering: dict[str, int] = {}  # unwanted channels kept a moment -> their sweep
-        self._sweep = 0
-        self.wanted_changed = False  # the shell syncs upstream when set
+        self.channels = WantedChannels(max_channels, linger)
+        self.batch = Batch(counters)
+        self.budgets = ReplayBudgets(replay_bytes)
+        self.positions = LivePositions()
+        self.recoveries = Recoveries(
+            self.budgets, self.batch, self.positions, counters, max_replay, self._dropped
+        )
+        self.take_changes = self.channels.take_changes
+        self.is_wanted = self.channels.channels.__contains__
+        self.over_channel_cap = self.channels.over_cap
+        self.release_lingering = self.channels.release_lingering
+        self.lingering = self.channels.lingering  # unwanted channels kept a moment
+        # The hot path's names, bound once (the dicts are never replaced).
+        self.take_batch = self.batch.take
+        self._enqueue = self.batch.enqueue
+        self.recovering = self.recoveries.streams
+        self.last_seq = self.positions.delivered  # last position delivered live, per stream
+        self._live_seq = self.positions.live  # last position seen on the link, per stream
+        self._holding = self.positions.holding  # connections caught up to a position
+        self._not_holding = self.positions.skip
+
+    @property
+    def pending(self) -> dict[Connection, list[bytes]]:
+        """The frames of the current batch, per connection."""
+        return self.batch.pending
+
+    # --- the link's channels (see WantedChannels) ---------------------------
+
+    @property
+    def wanted_changed(self) -> bool:
+        """The wanted channels changed (the shell syncs upstream, clears it)."""
+        return self.channels.changed
+
+    @wanted_changed.setter
+    def wanted_changed(self, value: bool) -> None:
+        self.channels.changed = value
+
+    def wanted(self) -> set[str]:
+        """The channels the Redis link must be subscribed to: streams with
+        listeners, streams being recovered, and lingering ones."""
+        return set(self.channels.channels)
 
     # --- registry ---------------------------------------------------------
 
     def register(self, conn: Connection) -> None:
         """Track a new connection (before it subscribes to anything)."""
         self.connections.setdefault(conn, {})
-
-    def wanted(self) -> set[str]:
-        """The channels the Redis link must be subscribed to: streams with
-        listeners, streams being recovered, and lingering ones."""
-        return set(self._channels)
-
-    def is_wanted(self, name: str) -> bool:
-        return name in self._channels
-
-    def take_changes(self) -> dict[str, bool]:
-        """The channels wanted (True) or unwanted (False) since the last call."""
-        changes, self._changes = self._changes, {}
-        return changes
-
-    def over_channel_cap(self, names: list[str]) -> list[str]:
-        """The streams of ``names`` (distinct) that would need a channel
-        beyond ``max_channels``; lingering channels are released to make
-        room first, oldest first."""
-        if not self.max_channels:
-            return []
-        new = [name for name in names if name not in self._channels]
-        over = len(self._channels) + len(new) - self.max_channels
-        if over <= 0:
-            return []
-        for name in list(islice(self.lingering, over)):
-            self._release(name)
-        return new[max(0, self.max_channels - len(self._channels)) :]
-
-    def release_lingering(self) -> None:
-        """Release the channels that have lingered since before the
-        previous call (the shell calls this periodically)."""
-        sweep = self._sweep
-        self._sweep += 1
-        for name, since in list(self.lingering.items()):  # oldest first
-            if since >= sweep:
-                break
-            self._release(name)
-
-    def _want(self, name: str) -> None:
-        """``name`` has a listener or a recovery."""
-        if name in self._channels:
-            self.lingering.pop(name, None)
-            return
-        self._channels.add(name)
-        self._changes[name] = True
-        self.wanted_changed = True
-
-    def _release(self, name: str) -> None:
-        self._channels.discard(name)
-        self.lingering.pop(name, None)
-        self._changes[name] = False
-        self.wanted_changed = True
 
     def subscribe(
         self, conn: Connection, names: list[str], wants: dict[str, Want] | None = None
@@ -242,12 +156,12 @@ class Core:
                 continue
             mine[name] = None
             want = wants.get(name) if wants else None
-            if want is not None and (want.since is not None or want.snapshot):
+            if want is not None and want.recovers:
                 self._hold(conn, name, want)
             else:
                 listeners = self.streams.get(name)
                 if listeners is None:
-                    self._want(name)
+                    self.channels.want(name)
                     self.streams[name] = {conn: None}
                 else:
                     listeners[conn] = None
@@ -269,11 +183,11 @@ class Core:
     def remove(self, conn: Connection) -> None:
         """Forget a departed connection entirely."""
         mine = self.connections.pop(conn, None)
-        self.pending.pop(conn, None)
+        self.batch.drop(conn)
         if mine:
             for name in mine:
                 self._drop_listener(name, conn)
-        self._budgets.pop(conn, None)
+        self.budgets.forget(conn)
 
     def subscriptions(self, conn: Connection) -> list[str]:
         return list(self.connections.get(conn, ()))
@@ -282,68 +196,29 @@ class Core:
         listeners = self.streams.get(name)
         if listeners is not None:
             listeners.pop(conn, None)
-            holding = self._holding.get(name)
-            if holding is not None:
-                holding.pop(conn, None)
+            self.positions.let_go(name, conn)
             if not listeners:
                 del self.streams[name]
-                self._holding.pop(name, None)
+                self.positions.drop_holdings(name)
                 if name not in self.recovering:
                     self._unwanted(name)
-        recovery = self.recovering.get(name)
-        if recovery is not None:
-            if recovery.waiting.pop(conn, None) is not None:
-                self._budget_moved(conn, -1, 0)
-            if recovery.reading.pop(conn, None) is not None:
-                recovery.shares.pop(conn, None)
-                self._budget_moved(conn, 0, -1)
+        if name in self.recovering:
+            self.recoveries.drop(name, conn)
             self._forget_if_idle(name)
 
     def _unwanted(self, name: str) -> None:
-        """Nobody listens to ``name`` any more: release its channel (at
-        once if the link has not taken it yet, else after lingering)."""
-        self.last_seq.pop(name, None)
-        self._live_seq.pop(name, None)
-        if self.linger and not self._changes.get(name):
-            self.lingering[name] = self._sweep
-        else:
-            self._release(name)
+        """Nobody listens to ``name``: its positions and channel go."""
+        self.positions.forget(name)
+        self.channels.unwanted(name)
 
     def _forget_if_idle(self, name: str) -> None:
         """Drop a recovery nobody waits for any more."""
-        recovery = self.recovering.get(name)
-        if recovery is None or recovery.waiting or recovery.reading or recovery.in_flight:
-            return
-        del self.recovering[name]
-        if name not in self.streams:
+        if self.recoveries.forget_if_idle(name) and name not in self.streams:
             self._unwanted(name)
 
     def _hold(self, conn: Connection, name: str, want: Want) -> None:
-        recovery = self.recovering.get(name)
-        if recovery is None:
-            self._want(name)
-            recovery = self.recovering[name] = _Recovery()
-        recovery.waiting[conn] = want
-        budget = self._budgets.get(conn)
-        if budget is None:
-            self._budgets[conn] = [self.replay_bytes, 1, 0]
-        else:
-            budget[1] += 1
-
-    def _budget_moved(
-        self, conn: Connection, waiting: int, reading: int, bytes_back: int = 0
-    ) -> None:
-        """``conn`` has ``waiting`` more streams waiting for their read and
-        ``reading`` more reads in flight, and ``bytes_back`` of its budget
-        back; its budget is forgotten once it has neither."""
-        budget = self._budgets.get(conn)
-        if budget is None:
-            return
-        budget[0] += bytes_back
-        budget[1] += waiting
-        budget[2] += reading
-        if budget[1] <= 0 and budget[2] <= 0:
-            del self._budgets[conn]
+        if self.recoveries.hold(name, conn, want):
+            self.channels.want(name)
 
     # --- the Redis link -----------------------------------------------------
 
@@ -360,8 +235,7 @@ class Core:
         since = self.last_seq.get(name)
         if since is None:
             # A plain stream: what was published meanwhile is gone.
-            self.counters.gap_notices += len(listeners)
-            self._enqueue(listeners, text_frame(replies.gap_notice(name, reason=reason)))
+            self.batch.notice(listeners, name, reason)
             return
         # A recoverable stream: its listeners catch up from the history.
         del self.streams[name]
@@ -377,31 +251,16 @@ class Core:
         and what was published meanwhile must be caught up (or announced)."""
         self.confirmed.clear()
         self._resync = self.wanted()
-        for recovery in self.recovering.values():
-            self._back_to_waiting(recovery)
-            recovery.buffer.clear()
-            recovery.in_flight = False
+        self.recoveries.link_lost()
         for name in list(self.recovering):
             self._forget_if_idle(name)
-
-    def _back_to_waiting(self, recovery: _Recovery) -> None:
-        """The read in flight will not be used: its connections wait for
-        the next, with their shares back."""
-        for conn in recovery.reading:
-            self._budget_moved(conn, 1, -1, recovery.shares.get(conn, 0))
-        recovery.waiting.update(recovery.reading)
-        recovery.reading.clear()
-        recovery.shares.clear()
 
     def channels_interrupted(self, names: list[str]) -> None:
         """These channels were cut off (a Cluster slot moved, a shard failed
         over) and are subscribed again: catch them up like after an outage."""
         for name in names:
             self.confirmed.discard(name)
-            recovery = self.recovering.get(name)
-            if recovery is not None and recovery.in_flight:
-                self.read_failed(name)
-                recovery.buffer.clear()
+            self.read_failed(name)  # the read in flight, if any, is redone
             self._resync.add(name)
             self.upstream_confirmed(name, "shard_interrupted")
 
@@ -413,265 +272,26 @@ class Core:
     # --- history reads ------------------------------------------------------
 
     def start_reads(self, most: int | None = None) -> list[Read]:
-        """History reads to start now (at most ``most``): one per stream
-        with connections waiting whose channel Redis has confirmed.  Each
-        connection of a read gets its share of its budget (what is left
-        of it, over its streams still waiting), and the read asks for the
-        largest share."""
-        reads: list[Read] = []
-        for name, recovery in self.recovering.items():
-            if most is not None and len(reads) >= most:
-                break
-            if recovery.in_flight or not recovery.waiting or name not in self.confirmed:
-                continue
-            recovery.in_flight = True
-            self._reads += 1
-            recovery.token = self._reads
-            recovery.buffer = []
-            recovery.reading, recovery.waiting = recovery.waiting, {}
-            shares = recovery.shares
-            for conn in recovery.reading:
-                budget = self._budgets[conn]
-                share = shares[conn] = max(0, budget[0]) // max(1, budget[1])
-                budget[0] -= share
-                budget[1] -= 1
-                budget[2] += 1
-            sinces = [w.since for w in recovery.reading.values() if w.since is not None]
-            snapshot = any(w.snapshot for w in recovery.reading.values())
-            # A resume the history cannot cover falls back to the snapshot.
-            reads.append(
-                Read(
-                    name,
-                    min(sinces) if sinces else None,
-                    snapshot or bool(sinces),
-                    recovery.token,
-                    max(shares.values()),
-                )
-            )
-        return reads
+        """History reads to start now (at most ``most``): ``Recoveries.start``."""
+        return self.recoveries.start(self.confirmed, most)
 
     def read_failed(self, name: str, token: int | None = None) -> None:
         """The read for ``name`` (``token`` from its :class:`Read`) failed:
         its connections wait for the next.  A stale answer is ignored."""
-        recovery = self.recovering.get(name)
-        if recovery is not None and recovery.in_flight and token in (None, recovery.token):
-            self._back_to_waiting(recovery)
-            recovery.in_flight = False
+        if self.recoveries.failed(name, token):
             self._forget_if_idle(name)
 
     def read_done(self, name: str, history: History, token: int | None = None) -> bool:
         """Deliver what each connection of the finished read (``token`` from
         its :class:`Read`) missed, then make it a live listener.  True if
         frames were queued.  A stale answer is ignored."""
-        recovery = self.recovering.get(name)
-        if recovery is None or not recovery.in_flight or token not in (None, recovery.token):
+        recovery = self.recoveries.in_flight(name, token)
+        if recovery is None:
             return False
-        recovery.in_flight = False
-        queued = False
-        listeners = self.streams.get(name)
-        held = self.last_seq.get(name, 0)
-        caught_up = 0  # the position the read took its connections to
-        # Frame what was read once, and build each catch-up once per kind of
-        # request: in a reconnect storm a thousand clients ask for the same.
-        framed = self._framed(name, history)
-        buffer = [(seq, text_frame(data)) for seq, data in recovery.buffer]
-        gaps: dict[str, bytes] = {}
-
-        def gap(reason: str) -> bytes:
-            """The gap notice's frame for ``reason`` (built once per read)."""
-            notice = gaps.get(reason)
-            if notice is None:
-                notice = gaps[reason] = text_frame(replies.gap_notice(name, reason=reason))
-            return notice
-
-        counters = self.counters
-        built: dict[Any, tuple[bytes, int, int, tuple[int, int, int], int]] = {}
-        for conn, want in recovery.reading.items():
-            # Its share, and what no read of its reserved meanwhile.
-            budget = self._budgets.get(conn)
-            share = recovery.shares.get(conn, 0)
-            allowed = share + max(0, budget[0]) if budget is not None else share
-            done = built.get(want)
-            if done is None:  # what the connection gets if its share is enough
-                done = built[want] = self._joined(name, want, framed, buffer, gap, None)
-            if done[4] > allowed:  # it is not: what fits
-                key = (want, allowed)
-                done = built.get(key) or built.setdefault(
-                    key, self._joined(name, want, framed, buffer, gap, allowed)
-                )
-            data, count, position, counts, size = done
-            counters.replayed += counts[0]
-            counters.snapshots_sent += counts[1]
-            counters.gap_notices += counts[2]
-            self._budget_moved(conn, 0, -1, share - size)
-            if data:
-                self._queue(conn, [data], count)
-                queued = True
-            if listeners is None:
-                listeners = self.streams[name] = {}
-            listeners[conn] = None
-            if position:
-                self._holding.setdefault(name, {})[conn] = position
-                held = max(held, position)
-                caught_up = max(caught_up, position)
-        if held and recovery.reading:
-            # Where the live stream is for the next outage's repair.
-            self.last_seq[name] = held
-            if 0 < caught_up < self._live_seq.get(name, 0):
-                # Positions went back and the catch-up said so: the next
-                # live position is not another restart.
-                self._live_seq[name] = caught_up
-        recovery.reading = {}
-        recovery.shares = {}
-        recovery.buffer = []
+        listeners = self.streams.setdefault(name, {}) if recovery.reading else {}
+        queued = self.recoveries.serve(name, recovery, history, listeners)
         self._forget_if_idle(name)  # else the next read serves those waiting
         return queued
-
-    def _framed(self, name: str, history: History) -> History:
-        """``history`` with WebSocket frames; a stored frame that is not the
-        recovery script's for ``name`` is dropped and counted like a live
-        one (an entry keeps its position, with no frame)."""
-        channel = name.encode()
-        frame = text_frame
-        latest, snapshot, entries, oldest, skipped = history
-        checked: list[tuple[int, bytes]] = []
-        for seq, data in entries:
-            problem = payloads.frame_problem(channel, seq, data)
-            if problem is None:
-                checked.append((seq, frame(data)))
-            else:
-                self._dropped(channel, data, problem)
-                checked.append((seq, b""))
-        framed_snapshot = None
-        if snapshot is not None:
-            problem = payloads.frame_problem(channel, snapshot[0], snapshot[1])
-            if problem is None:
-                framed_snapshot = (snapshot[0], frame(snapshot[1]))
-            else:
-                self._dropped(channel, snapshot[1], problem)
-        return History(latest, framed_snapshot, checked, oldest, skipped)
-
-    def _joined(
-        self,
-        name: str,
-        want: Want,
-        history: History,
-        buffer: list[tuple[int | None, bytes]],
-        gap: Callable[[str], bytes],
-        share: int | None,
-    ) -> tuple[bytes, int, int, tuple[int, int, int], int]:
-        """:meth:`_catch_up` with the live frames of ``buffer`` after it, as
-        (bytes, frames, position, counts, bytes of the catch-up alone)."""
-        frames, last, counts, size = self._catch_up(name, want, history, gap, share)
-        for seq, frame in buffer:
-            if seq is None or seq > last:
-                frames.append(frame)
-                if seq is not None:
-                    last = seq
-        return b"".join(frames), len(frames), last, counts, size
-
-    def _catch_up(
-        self,
-        name: str,
-        want: Want,
-        history: History,
-        gap: Callable[[str], bytes],
-        share: int | None,
-    ) -> _Catchup:
-        """What one connection gets before joining the live stream, in at
-        most ``share`` bytes (None: no bound).  ``history`` holds
-        WebSocket frames; ``gap(reason)`` is the gap notice's frame.
-
-        In order of preference: every message after ``want.since``; else
-        the gap notice (if it resumed), the snapshot and every message
-        after it; else the gap notice and the newest messages (at most
-        ``max_replay``; none for a plain snapshot request)."""
-        latest, snapshot, entries, oldest, skipped = history
-        fits = (lambda size: True) if share is None else (lambda size: size <= share)
-        if latest is None:
-            # No position in Redis.  A stream this process has seen
-            # positions on lost its history (a Redis restart, expired keys):
-            # what was missed is gone.  Otherwise it is a plain stream, and a
-            # resume or a snapshot asks for nothing that exists.
-            if want.since is not None and name in self.last_seq:
-                notice = gap("history_lost")
-                return _Catchup([notice], 0, (0, 0, 1), len(notice))
-            return _Catchup([], 0, (0, 0, 0), 0)
-        covered = False
-        if want.since is not None and (
-            self._covers(entries, want.since, latest)
-            if want.since < latest
-            # A position ahead of the latest one is not from this
-            # history: positions went back (a failover lost writes), and
-            # what the client holds says nothing of what it missed.
-            else want.since == latest
-        ):
-            last = min(want.since, latest)
-            out = [frame for seq, frame in entries if seq > last and frame]
-            size = sum(map(len, out))
-            if fits(size):
-                if entries and entries[-1][0] > last:
-                    last = entries[-1][0]
-                return _Catchup(out, last, (len(out), 0, 0), size)
-            covered = True  # the history has it all, but not the room to send it
-        head = [] if want.since is None else [gap(self._gap_reason(want, latest, oldest, covered))]
-        usable = snapshot is not None and (
-            snapshot[0] >= latest or self._covers(entries, snapshot[0], latest)
-        )
-        if snapshot is not None and usable:
-            after = [frame for seq, frame in entries if seq > snapshot[0] and frame]
-            out = head + [snapshot[1]] + after
-            size = sum(map(len, out))
-            if fits(size):
-                last = max(snapshot[0], entries[-1][0]) if entries else snapshot[0]
-                return _Catchup(out, last, (len(after), 1, len(head)), size)
-        if want.since is not None and want.since > latest:
-            # Positions went back: the history after them is not what the
-            # clients missed; the gap notice says so, live follows.
-            return _Catchup(head, latest, (0, 0, 1), len(head[0]))
-        if want.since is None:
-            # A plain "from now on" subscribe; a snapshot that did not fit
-            # (or was too large to read) is announced by the gap notice.
-            if skipped or snapshot is not None and usable:
-                notice = gap("snapshot_too_large")
-                return _Catchup([notice], latest, (0, 0, 1), len(notice))
-            return _Catchup([], latest, (0, 0, 0), 0)
-        # The newest messages, as many as fit (at most max_replay).
-        room = (share if share is not None else -1) - len(head[0])
-        newest: list[bytes] = []
-        last = 0
-        for seq, frame in reversed(entries[-self.max_replay :] if self.max_replay else []):
-            if share is not None and len(frame) > room:
-                break
-            if frame:
-                newest.append(frame)
-                room -= len(frame)
-            last = max(last, seq)
-        newest.reverse()
-        return _Catchup(
-            head + newest, last, (len(newest), 0, 1), len(head[0]) + sum(map(len, newest))
-        )
-
-    def _gap_reason(self, want: Want, latest: int, oldest: int | None, covered: bool) -> str:
-        """Why the history cannot take ``want.since`` to ``latest``
-        (``covered``: what was read holds every message, but too many bytes
-        for the connection's share of its send buffer)."""
-        since = want.since
-        assert since is not None
-        if since > latest:
-            return "lost_writes" if want.repair else "since_ahead"
-        if covered or (oldest is not None and oldest <= since + 1):
-            # The history has it all, but it is too much to replay.
-            return "max_replay" if latest - since > self.max_replay else "replay_too_large"
-        return "history_trimmed"
-
-    @staticmethod
-    def _covers(entries: list[tuple[int, bytes]], after: int, latest: int) -> bool:
-        """Whether ``entries`` hold every position after ``after`` up to
-        ``latest``."""
-        if after >= latest:
-            return True
-        return bool(entries) and entries[0][0] <= after + 1 and entries[-1][0] >= latest
 
     # --- delivery -----------------------------------------------------------
 
@@ -727,26 +347,11 @@ class Core:
         history was lost (a failover that lost writes) and positions are
         reused for other data.  Listeners get the gap notice first, so that
         they accept the new positions."""
-        self._holding.pop(name, None)
-        self.counters.gap_notices += len(listeners)
-        self._enqueue(listeners, text_frame(replies.gap_notice(name, reason="lost_writes")))
-
-    def _not_holding(
-        self, name: str, holding: dict[Connection, int], listeners: dict[Connection, None], seq: int
-    ) -> dict[Connection, None]:
-        """``listeners`` without those that already hold position ``seq``;
-        forgets the holdings the live stream has passed."""
-        for conn, position in list(holding.items()):
-            if position < seq:
-                del holding[conn]
-        if not holding:
-            del self._holding[name]
-            return listeners
-        return {conn: None for conn in listeners if conn not in holding}
+        self.positions.drop_holdings(name)
+        self.batch.notice(listeners, name, "lost_writes")
 
     def _dropped(self, channel: bytes, payload: bytes, problem: str) -> bool:
-        """Drop a payload that ``problem`` (:data:`payloads.MALFORMED` or
-        :data:`payloads.WRONG_STREAM`) rules out; count and report it."""
+        """Count and report a payload ``problem`` rules out (a payloads cause)."""
         if problem == payloads.WRONG_STREAM:
             self.counters.dropped_wrong_stream += 1
         else:
@@ -754,40 +359,3 @@ class Core:
         if self.on_malformed is not None:
             self.on_malformed(channel, payload, problem)
         return False
-
-    def _enqueue(self, listeners: dict[Connection, None], frame: bytes) -> None:
-        pending = self.pending
-        for conn in listeners:
-            frames = pending.get(conn)
-            if frames is None:
-                pending[conn] = [frame]
-            else:
-                frames.append(frame)
-        self.counters.deliveries += len(listeners)
-        self.batch_messages += 1
-
-    def _queue(self, conn: Connection, frames: list[bytes], count: int) -> None:
-        """Queue ``frames`` (holding ``count`` WebSocket frames) for ``conn``."""
-        pending = self.pending.get(conn)
-        if pending is None:
-            self.pending[conn] = list(frames)
-        else:
-            pending.extend(frames)
-        self.counters.deliveries += count
-
-    def take_batch(self) -> dict[Connection, bytes]:
-        """Each connection's frames of this batch, joined into one write."""
-        pending, self.pending = self.pending, {}
-        counters = self.counters
-        counters.batches += 1
-        if len(counters.batch_sizes) < 100_000:
-            counters.batch_sizes.append(self.batch_messages)
-        self.batch_messages = 0
-        sent = 0
-        batch: dict[Connection, Any] = pending  # the lists become their joined bytes, in place
-        for conn, frames in pending.items():
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-            sent += len(data)
-            batch[conn] = data
-        counters.bytes_sent += sent
-        return batch

@@ -16,10 +16,19 @@ The metrics exporter turns them into Prometheus series once a second
 
 from __future__ import annotations
 
-__all__ = ["Counters", "CLOSE_CAUSES", "REFUSAL_CAUSES", "IGNORED_CAUSES", "REJECT_CAUSES"]
+from marketstream.wire.tokens import FAILURE_CAUSES
+
+__all__ = [
+    "Counters",
+    "CLOSE_CAUSES",
+    "REFUSAL_CAUSES",
+    "IGNORED_CAUSES",
+    "REJECT_CAUSES",
+    "AUTH_CAUSES",
+]
 
 #: Why the server closed a client.
-CLOSE_CAUSES = ("rate_limit", "slow_consumer", "ping_timeout", "frame_rate_limit")
+CLOSE_CAUSES = ("rate_limit", "slow_consumer", "ping_timeout", "frame_rate_limit", "token_expired")
 #: Why a handshake was refused.
 REFUSAL_CAUSES = (
     "origin",
@@ -27,6 +36,8 @@ REFUSAL_CAUSES = (
     "max_connections_per_ip",
     "handshake_timeout",
     "body_too_large",
+    "unauthorized",
+    "max_connections_per_user",
 )
 #: Why part of a client request was ignored (or answered with an error).
 IGNORED_CAUSES = ("bad_since", "bad_snapshot")
@@ -37,7 +48,12 @@ REJECT_CAUSES = (
     "unknown_market",
     "too_many_streams",
     "max_channels",
+    "user_stream",
+    "protected",
 )
+#: Why a token was refused (at connect: ``auth_refused``; in an AUTH
+#: message: ``auth_failed``), from :mod:`marketstream.wire.tokens`.
+AUTH_CAUSES = FAILURE_CAUSES
 
 
 class Counters:
@@ -58,6 +74,8 @@ class Counters:
         "snapshots_sent",
         "gap_notices",
         "dropped_wrong_stream",
+        "auth_accepted",
+        "auth_refreshed",
     )
     __slots__ = TOTALS + (
         "batch_sizes",
@@ -67,6 +85,8 @@ class Counters:
         "rejected",
         "batch_latencies",
         "publish_latencies",
+        "auth_refused",
+        "auth_failed",
     )
 
     # The totals, set to 0 in __init__ (declared for type checkers).
@@ -83,6 +103,8 @@ class Counters:
     snapshots_sent: int
     gap_notices: int
     dropped_wrong_stream: int
+    auth_accepted: int  # tokens accepted at connect
+    auth_refreshed: int  # tokens accepted in AUTH messages
 
     def __init__(self) -> None:
         for name in self.TOTALS:
@@ -95,6 +117,8 @@ class Counters:
         self.refused = dict.fromkeys(REFUSAL_CAUSES, 0)
         self.ignored = dict.fromkeys(IGNORED_CAUSES, 0)
         self.rejected = dict.fromkeys(REJECT_CAUSES, 0)  # rejected_streams by cause
+        self.auth_refused = dict.fromkeys(AUTH_CAUSES, 0)  # bad tokens at connect
+        self.auth_failed = dict.fromkeys(AUTH_CAUSES, 0)  # bad tokens in AUTH messages
 
     def as_dict(self) -> dict[str, object]:
         """A snapshot for ``/health``."""
@@ -104,5 +128,7 @@ class Counters:
             refused=dict(self.refused),
             ignored=dict(self.ignored),
             rejected=dict(self.rejected),
+            auth_refused=dict(self.auth_refused),
+            auth_failed=dict(self.auth_failed),
         )
         return totals

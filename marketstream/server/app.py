@@ -297,6 +297,7 @@ class Server:
             self.keepalive.stop()
             if self.app is not None:
                 self.app.exporter.stop()
+                self.app.context.auth.stop()  # the expiry timer
         clients = list(self.manager.connections) if self.manager else []
         for conn in clients:
             conn.close_for(CLOSE_GOING_AWAY, "server shutting down")

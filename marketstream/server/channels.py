@@ -8,7 +8,8 @@ One ChannelManager per process joins three pieces:
 * a link (:func:`~marketstream.upstream.links.make_link`), the Redis pub/sub connection(s)
   that stays subscribed to exactly the channels the core wants;
 * the event-loop glue: one flush per batch, history reads for recovering
-  clients, and futures for acknowledgements.
+  clients (:class:`~marketstream.server.reads.HistoryReads`), and futures
+  for acknowledgements.
 
 Connections are any hashable objects with a ``write_frames(data)`` method
 taking the bytes of one or more complete WebSocket frames (the WebSocket
@@ -44,25 +45,26 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
-from marketstream.upstream import history
-from marketstream.fanout.core import REPLAY_BYTES, Connection, Core, History, Read, Want
+from marketstream.fanout.core import REPLAY_BYTES, Connection, Core, Want
 from marketstream.fanout.counters import Counters
 from marketstream.loglimit import LogLimiter
-from marketstream.upstream.clients import REDIS_ERRORS, async_client
+from marketstream.server.keepalive import Pingable
+from marketstream.server.reads import MAX_READS, HistoryReads
 from marketstream.upstream.confirmations import Confirmations
 from marketstream.upstream.links import make_link
 from marketstream.upstream.urls import redact_url
 from marketstream.wire.payloads import WRONG_STREAM, publish_time
 
-__all__ = ["ChannelManager", "Want"]
+__all__ = ["ChannelManager", "Handler", "Want", "MAX_READS"]
 
 log = logging.getLogger(__name__)
 
-#: History reads in flight at most (more would queue for redis-py's pool of
-#: connections, 100 by default, and fail past it).
-MAX_READS = 32
+
+class Handler(Connection, Pingable, Protocol):
+    """A connection as the server registers them (its WebSocket handlers):
+    frames are written to it, the keepalive pings it, shutdown closes it."""
 
 
 class ChannelManager:
@@ -131,22 +133,23 @@ class ChannelManager:
         self._published: int | None = None  # the publisher's E of its first message (µs)
         self._log_limit = LogLimiter(log)  # publishers' errors, at most a line a second each
         self._linger_handle: asyncio.TimerHandle | None = None
-        self._reads_handle: asyncio.Handle | None = None
-        self._reads: set[asyncio.Future] = set()
-        self._commands: Any = None  # a command client for history reads, made on first use
+        self.reads = HistoryReads(
+            redis_url, self.core, max_replay, self._log_limit, self._read_done
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- what the rest of the process reads ---------------------------------
 
     @property
-    def streams(self) -> dict:
+    def streams(self) -> dict[str, dict[Connection, None]]:
         """Stream name -> its live listeners."""
         return self.core.streams
 
     @property
-    def connections(self) -> dict:
+    def connections(self) -> dict[Handler, dict[str, None]]:
         """Connection -> the streams it subscribed."""
-        return self.core.connections
+        # The core keeps what register() was given: Handlers.
+        return self.core.connections  # type: ignore[return-value]
 
     @property
     def healthy(self) -> bool:
@@ -176,23 +179,17 @@ class ChannelManager:
     async def start(self, timeout: float = 10.0) -> None:
         """Connect to Redis and start the reader; raise if Redis is unreachable."""
         self._loop = asyncio.get_running_loop()
+        self.reads.bind(self._loop)
         await self.link.start(timeout)
 
     async def stop(self) -> None:
         """Stop the reader and close the Redis connections."""
-        for task in list(self._reads):
-            task.cancel()
-        for handle in (self._linger_handle, self._reads_handle):
-            if handle is not None:
-                handle.cancel()
-        self._linger_handle = self._reads_handle = None
+        self.reads.cancel()
+        if self._linger_handle is not None:
+            self._linger_handle.cancel()
+            self._linger_handle = None
         await self.link.stop()
-        if self._commands is not None:
-            try:
-                await self._commands.aclose()
-            except Exception:
-                pass
-            self._commands = None
+        await self.reads.close()
         self._confirmations.fail_all()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
@@ -200,7 +197,7 @@ class ChannelManager:
 
     # --- subscriptions -------------------------------------------------------
 
-    def register(self, conn: Connection) -> None:
+    def register(self, conn: Handler) -> None:
         """Track a new connection (before it subscribes to anything)."""
         self.core.register(conn)
 
@@ -213,7 +210,7 @@ class ChannelManager:
         added = self.core.subscribe(conn, list(names), wants)
         self._sync()
         if wants:
-            self._start_reads()
+            self.reads.start()
         return added
 
     def unsubscribe(self, conn: Connection, names: Iterable[str]) -> list[str]:
@@ -277,7 +274,7 @@ class ChannelManager:
         if self.core.pending and self._flush_handle is None:
             self._schedule_flush()  # a gap notice
         if self.core.recovering:
-            self._start_reads()
+            self.reads.start()
 
     def on_interrupted(self, names: list[str]) -> None:
         """A cluster link moved these channels to another shard."""
@@ -286,7 +283,7 @@ class ChannelManager:
         if self.core.pending and self._flush_handle is None:
             self._schedule_flush()  # gap notices
         if self.core.recovering:
-            self._start_reads()
+            self.reads.start()
 
     def on_unsubscribed(self, name: str) -> None:
         self.core.upstream_dropped(name)
@@ -323,72 +320,10 @@ class ChannelManager:
                 payload,
             )
 
-    # --- history reads ---------------------------------------------------------
-
-    def _start_reads(self) -> None:
-        """Start the history reads that can start, once the event loop has
-        handled what it has already read: the confirmations Redis sent
-        together (a resubscribe after an outage) all join before a
-        connection's budget is shared among its streams."""
-        if self._reads_handle is None:
-            loop = self._loop or asyncio.get_running_loop()
-            self._reads_handle = loop.call_soon(self._start_reads_now)
-
-    def _start_reads_now(self) -> None:
-        self._reads_handle = None
-        room = MAX_READS - len(self._reads)
-        if room <= 0:
-            return  # a read that ends starts the next
-        for read in self.core.start_reads(room):
-            task = asyncio.ensure_future(self._read(read))
-            self._reads.add(task)
-            task.add_done_callback(self._read_finished)
-
-    def _read_finished(self, task: asyncio.Future) -> None:
-        self._reads.discard(task)
-        if not task.cancelled() and task.exception() is None and task.result():
-            self._start_reads()  # the next ones (a failed read retries after a pause)
-
-    async def _read(self, read: Read) -> bool:
-        """Read what ``read`` asks for, once for every connection waiting."""
-        name = read.stream
-        try:
-            if self._commands is None:
-                self._commands = async_client(self.redis_url)
-            latest, snapshot, entries, skipped = await history.read_recent(
-                self._commands, name, read.after, read.snapshot, self.max_replay, read.max_bytes
-            )
-            oldest = None
-            after = read.after
-            if (
-                latest is not None
-                and after is not None
-                and after < latest
-                and not (entries and entries[0][0] <= after + 1)
-            ):
-                # The entries do not reach back to it: the gap notice says
-                # whether the history does (one command, only then).
-                oldest = await history.oldest_position(self._commands, name)
-        except asyncio.CancelledError:
-            self.core.read_failed(name, read.token)
-            raise
-        except REDIS_ERRORS as exc:
-            self._log_limit.log(
-                logging.WARNING,
-                "history_read",
-                "reading the history of %s failed (%s); retrying",
-                name,
-                exc,
-            )
-            self.core.read_failed(name, read.token)
-            asyncio.get_running_loop().call_later(0.2, self._start_reads)
-            return False
-        done = self.core.read_done(
-            name, History(latest, snapshot, entries, oldest, skipped), read.token
-        )
-        if done and self._flush_handle is None:
+    def _read_done(self) -> None:
+        """A history read queued frames: flush them."""
+        if self._flush_handle is None:
             self._schedule_flush()
-        return True
 
     # --- delivery ------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import logging.config
 import os
 import socket
 import sys
+import time
 from collections.abc import Mapping
 
 from marketstream import __version__
@@ -143,6 +144,9 @@ def settings_from_args(
         # A demo stays on this machine unless --listen, WS_STREAM_URL or a
         # config file says otherwise (the default, 0.0.0.0, is for servers).
         settings = settings.replace("server", listen=("127.0.0.1",) + settings.server.listen[1:])
+    if args.demo and settings.sources["auth.jwt_key"] == "default":
+        # Private streams in the demo: a published secret (the banner says it).
+        settings = settings.replace("auth", jwt_key=DEMO_JWT_KEY)
     return settings
 
 
@@ -180,9 +184,37 @@ def _demo_banner(settings: Settings) -> None:
         "  Redis:     %s\n"
         "  Publish:   export REDIS_URL=%s   (in another shell, for the README's examples)\n"
         "  Check it:  python scripts/smoke_test.py --ws-url %s --redis-url %s\n"
+        "%s"
         "Press Ctrl-C to stop.\n"
-        % (page, ws_url, base, settings.redis.url, settings.redis.url, ws_url, settings.redis.url),
+        % (
+            page,
+            ws_url,
+            base,
+            settings.redis.url,
+            settings.redis.url,
+            ws_url,
+            settings.redis.url,
+            _demo_token_lines(settings),
+        ),
         flush=True,
+    )
+
+
+#: The demo's HS256 secret for private streams: public, so never for production.
+DEMO_JWT_KEY = "marketstream-demo-secret-not-for-production"
+
+
+def _demo_token_lines(settings: Settings) -> str:
+    """The banner's lines on private streams: the demo secret and a token
+    for user 42 (a day long), when the demo runs with that secret."""
+    if settings.auth.jwt_key != DEMO_JWT_KEY:
+        return ""
+    import jwt
+
+    token = jwt.encode({"sub": "42", "exp": int(time.time()) + 86400}, DEMO_JWT_KEY, "HS256")
+    return (
+        "  Tokens:    HS256 with the demo secret %s (private streams, e.g. account.orders#42)\n"
+        "  Token:     export MARKETSTREAM_TOKEN=%s   (user 42, for a day)\n" % (DEMO_JWT_KEY, token)
     )
 
 

@@ -246,6 +246,45 @@ class LoggingSettings:
     config_file: str = setting("", _str)
 
 
+def _algorithms(text: str) -> tuple[str, ...]:
+    from marketstream.wire.tokens import check_algorithms
+
+    return check_algorithms(_list(text))
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    from marketstream.wire.access import compile_patterns
+
+    patterns = _list(text)
+    compile_patterns(patterns)  # raises ValueError saying what is wrong
+    return patterns
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthSettings:
+    """``[auth]``: JWT authentication (off while ``jwt_key`` is empty)."""
+
+    jwt_key: str = setting("", _str)
+    jwt_algorithms: tuple[str, ...] = setting("HS256", _algorithms)
+    jwt_audience: str = setting("", _str)
+    jwt_issuer: str = setting("", _str)
+    leeway: float = setting("5", _float(0))
+    required: bool = setting("false", _bool)
+    protected: tuple[str, ...] = setting("", _patterns)
+    max_connections_per_user: int = setting("0", _int(0))
+
+    def __post_init__(self) -> None:
+        if self.required and not self.jwt_key:
+            raise ConfigError("[auth] required = true needs [auth] jwt_key")
+        if self.jwt_key:
+            from marketstream.wire.tokens import load_key
+
+            try:
+                load_key(self.jwt_key, self.jwt_algorithms)
+            except ValueError as exc:
+                raise ConfigError("[auth] jwt_key: %s" % exc) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Typed settings: ``settings.<section>.<key>``.
@@ -260,6 +299,7 @@ class Settings:
     limits: LimitsSettings
     recovery: RecoverySettings
     logging: LoggingSettings
+    auth: AuthSettings
     sources: dict[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
     @property

@@ -10,13 +10,18 @@
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tornado.web
 import ujson
 
+from marketstream.server.auth import redact_token
+from marketstream.server.config import Settings
 from marketstream.server.handlers import STATIC_DIR, Context, StreamHandler
 from marketstream.server.net import tornado_compat as compat
+
+if TYPE_CHECKING:  # prometheus_client loads when /metrics is served
+    from marketstream.server.metrics import Exporter
 
 __all__ = ["HealthHandler", "MetricsHandler", "log_request", "routes", "ws_paths"]
 
@@ -72,7 +77,7 @@ class HealthHandler(tornado.web.RequestHandler):
 class MetricsHandler(tornado.web.RequestHandler):
     """``GET /metrics``: Prometheus text format."""
 
-    def initialize(self, exporter: Any) -> None:
+    def initialize(self, exporter: "Exporter") -> None:
         self.exporter = exporter
 
     def get(self) -> None:
@@ -93,13 +98,13 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         "%d %s %s (%s) %.1fms",
         status,
         request.method,
-        request.uri,
+        redact_token(request.uri or ""),  # a ?token= stays out of the log
         request.remote_ip,
         1000.0 * request.request_time(),
     )
 
 
-def ws_paths(settings: Any) -> list[str]:
+def ws_paths(settings: Settings) -> list[str]:
     """The paths that serve WebSocket: /, /ws, /stream and the configured one."""
     paths = ["/", "/ws", "/stream"]
     if settings.ws_path and settings.ws_path not in paths:
@@ -107,7 +112,9 @@ def ws_paths(settings: Any) -> list[str]:
     return paths
 
 
-def routes(context: Context, exporter: Any = None) -> list[tuple[str, type, dict[str, Any]]]:
+def routes(
+    context: Context, exporter: "Exporter | None" = None
+) -> list[tuple[str, type, dict[str, Any]]]:
     """The URL map for one process."""
     table: list[tuple[str, type, dict[str, Any]]] = [
         (path, StreamHandler, {"context": context}) for path in ws_paths(context.settings)

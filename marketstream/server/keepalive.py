@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
 import tornado.ioloop
 
@@ -48,7 +48,7 @@ class Pingable(Protocol):
     """What the keepalive needs of a connection."""
 
     ping_sent: float
-    identity: Any
+    identity: str | None
 
     def send_ping(self) -> None: ...
 

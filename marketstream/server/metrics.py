@@ -28,13 +28,20 @@ Metrics (all prefixed ``marketstream_``):
 ``dropped_total{cause}``               malformed_payload, invalid_frame,
                                        rejected_stream, slow_consumer, rate_limit,
                                        ping_timeout, bad_since, bad_snapshot,
-                                       wrong_stream, frame_rate_limit
+                                       wrong_stream, frame_rate_limit, token_expired
 ``redis_reconnects_total``             reconnections of the pub/sub connection
 ``refused_handshakes_total{cause}``    origin, max_connections, max_connections_per_ip,
-                                       handshake_timeout, body_too_large
+                                       handshake_timeout, body_too_large, unauthorized,
+                                       max_connections_per_user
 ``rejected_streams_total{cause}``      streams refused to clients: invalid_name,
                                        unknown_type, unknown_market, too_many_streams,
-                                       max_channels
+                                       max_channels, user_stream, protected
+``auth_total{stage}``                  tokens accepted: connect (at the handshake),
+                                       message (AUTH)
+``auth_failures_total{stage,cause}``   tokens refused: missing, malformed,
+                                       bad_signature, expired, not_yet_valid,
+                                       audience, issuer, algorithm, bad_claims,
+                                       wrong_sub, disabled
 =====================================  ==========================================
 """
 
@@ -74,7 +81,7 @@ __all__ = [
 ]
 
 # The *_created series (a timestamp per counter) are noise on a dashboard.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
 
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 #: Seconds: in-server waits are ~0.1-1 ms, publish -> delivery adds Redis and
@@ -146,21 +153,21 @@ def enable_multiprocess() -> str:
     (call in the parent before forking workers); returns the directory."""
     directory = tempfile.mkdtemp(prefix="marketstream-metrics-")
     os.environ[_MULTIPROC_ENV] = directory
-    values.ValueClass = values.get_value_class()
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]  # as above
     return directory
 
 
 def disable_multiprocess(directory: str) -> None:
     """Leave multiprocess mode and remove its directory."""
     os.environ.pop(_MULTIPROC_ENV, None)
-    values.ValueClass = values.get_value_class()
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]  # as above
     shutil.rmtree(directory, ignore_errors=True)
 
 
 def mark_process_dead(pid: int) -> None:
     """Forget the live gauges of a worker that exited."""
     if _multiprocess():
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]  # as above
 
 
 class Exporter:
@@ -173,37 +180,7 @@ class Exporter:
         self._seen: dict[str, int] = {}
         self._nodes: set[str] = set()
         r = self.registry
-        self.connections = Gauge(
-            "marketstream_connections",
-            "Open client connections",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.subscriptions = Gauge(
-            "marketstream_subscriptions",
-            "Connection-stream subscriptions",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.upstream = Gauge(
-            "marketstream_upstream_channels",
-            "Redis channels subscribed",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.redis_connected = Gauge(
-            "marketstream_redis_connected",
-            "1 while the Redis pub/sub connection is live",
-            registry=r,
-            multiprocess_mode="livemin",
-        )
-        self.link_up = Gauge(
-            "marketstream_redis_link_up",
-            "1 while the pub/sub link to this Redis node is live (one per Cluster primary)",
-            ["node"],
-            registry=r,
-            multiprocess_mode="livemin",
-        )
+        self._add_gauges(r)
         self.messages = Counter(
             "marketstream_redis_messages", "Messages read from Redis", registry=r
         )
@@ -218,30 +195,7 @@ class Exporter:
         self.batches = Counter(
             "marketstream_batches", "Delivery batches (one write per client each)", registry=r
         )
-        self.batch_size = Histogram(
-            "marketstream_batch_size",
-            "Messages per delivery batch",
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
-        self.batch_latency = Histogram(
-            "marketstream_batch_latency_seconds",
-            "Seconds from the first message of a delivery batch read from Redis (or queued "
-            "from history) to the end of the flush that wrote the batch to the clients' "
-            "sockets: one observation per batch, the wait of its oldest message, not "
-            "weighted by the batch's messages",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.publish_latency = Histogram(
-            "marketstream_publish_latency_seconds",
-            "Seconds from the publisher's timestamp (the payload's E, microseconds since "
-            "the epoch) to the end of the flush that wrote the message to the clients' "
-            "sockets: one sample per batch, its first message, when that carries E "
-            "(includes Redis, the network and any clock skew; a clock ahead counts as 0)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        self._add_histograms(r)
         self.dropped = Counter(
             "marketstream_dropped", "Messages dropped, by cause", ["cause"], registry=r
         )
@@ -279,7 +233,84 @@ class Exporter:
             self.rejected.labels(cause)
         for cause in self._drop_counts():
             self.dropped.labels(cause)
+        self.auth = Counter(
+            "marketstream_auth",
+            "Tokens accepted, at connect or in AUTH messages",
+            ["stage"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "marketstream_auth_failures",
+            "Tokens refused (HTTP 401 at connect, an error reply to AUTH), by cause",
+            ["stage", "cause"],
+            registry=r,
+        )
+        for stage in ("connect", "message"):
+            self.auth.labels(stage)
+            for cause in counters.auth_refused:
+                self.auth_failures.labels(stage, cause)
         self._timer: tornado.ioloop.PeriodicCallback | None = None
+
+    def _add_gauges(self, r: CollectorRegistry) -> None:
+        """The gauges: connections, subscriptions, Redis channels and links."""
+        self.connections = Gauge(
+            "marketstream_connections",
+            "Open client connections",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.subscriptions = Gauge(
+            "marketstream_subscriptions",
+            "Connection-stream subscriptions",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.upstream = Gauge(
+            "marketstream_upstream_channels",
+            "Redis channels subscribed",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.redis_connected = Gauge(
+            "marketstream_redis_connected",
+            "1 while the Redis pub/sub connection is live",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.link_up = Gauge(
+            "marketstream_redis_link_up",
+            "1 while the pub/sub link to this Redis node is live (one per Cluster primary)",
+            ["node"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+
+    def _add_histograms(self, r: CollectorRegistry) -> None:
+        """The histograms of the delivery batches: sizes and latencies."""
+        self.batch_size = Histogram(
+            "marketstream_batch_size",
+            "Messages per delivery batch",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_latency = Histogram(
+            "marketstream_batch_latency_seconds",
+            "Seconds from the first message of a delivery batch read from Redis (or queued "
+            "from history) to the end of the flush that wrote the batch to the clients' "
+            "sockets: one observation per batch, the wait of its oldest message, not "
+            "weighted by the batch's messages",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.publish_latency = Histogram(
+            "marketstream_publish_latency_seconds",
+            "Seconds from the publisher's timestamp (the payload's E, microseconds since "
+            "the epoch) to the end of the flush that wrote the message to the clients' "
+            "sockets: one sample per batch, its first message, when that carries E "
+            "(includes Redis, the network and any clock skew; a clock ahead counts as 0)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def _drop_counts(self) -> dict[str, int]:
         counters = self.counters
@@ -294,6 +325,7 @@ class Exporter:
             "bad_since": counters.ignored["bad_since"],
             "bad_snapshot": counters.ignored["bad_snapshot"],
             "wrong_stream": counters.dropped_wrong_stream,
+            "token_expired": counters.closed["token_expired"],
         }
 
     def _advance(self, key: str, counter: Counter, value: int) -> None:
@@ -339,6 +371,16 @@ class Exporter:
             self._advance("refused." + cause, self.refused.labels(cause), value)
         for cause, value in stats.rejected.items():
             self._advance("rejected." + cause, self.rejected.labels(cause), value)
+        self._sync_auth(stats)
+
+    def _sync_auth(self, stats: "Counters") -> None:
+        """The token counters (see :mod:`marketstream.server.auth`)."""
+        self._advance("auth.connect", self.auth.labels("connect"), stats.auth_accepted)
+        self._advance("auth.message", self.auth.labels("message"), stats.auth_refreshed)
+        for stage, counts in (("connect", stats.auth_refused), ("message", stats.auth_failed)):
+            for cause, value in counts.items():
+                key = "auth_failures.%s.%s" % (stage, cause)
+                self._advance(key, self.auth_failures.labels(stage, cause), value)
 
     def start(self, interval: float = 1.0) -> None:
         """Sync every ``interval`` seconds on the running IOLoop."""
@@ -358,6 +400,6 @@ class Exporter:
         self.sync()
         if _multiprocess():
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # as above
             return generate_latest(registry)
         return generate_latest(self.registry)

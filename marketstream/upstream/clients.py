@@ -74,7 +74,8 @@ class _Sentinel(redis.sentinel.Sentinel):
                 state = masters.get(service_name)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                 continue
-            if state and self.check_master_state(state, service_name):
+            ok = self.check_master_state(state, service_name) if state else False  # type: ignore[no-untyped-call]  # unannotated in redis-py
+            if ok:
                 states.append(state)
         return _newest(states, service_name)
 
@@ -112,7 +113,7 @@ class _FollowingPool(redis.sentinel.SentinelConnectionPool):
         now = time.monotonic()
         if now - self._checked >= PRIMARY_CHECK:
             self._checked = now
-            self.get_master_address()
+            self.get_master_address()  # type: ignore[no-untyped-call]  # unannotated in redis-py
         return super().get_connection(*args, **kwargs)
 
 
@@ -125,8 +126,9 @@ class _AsyncFollowingPool(redis.asyncio.sentinel.SentinelConnectionPool):
         now = time.monotonic()
         if now - self._checked >= PRIMARY_CHECK:
             self._checked = now
-            await self.get_master_address()
-        return await super().get_connection(*args, **kwargs)
+            await self.get_master_address()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+        # unannotated in redis-py:
+        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
 
 
 def sync_client(url: str | RedisURL, **kwargs: Any) -> redis.Redis | redis.cluster.RedisCluster:
@@ -154,7 +156,11 @@ def sync_client(url: str | RedisURL, **kwargs: Any) -> redis.Redis | redis.clust
         return redis.Redis(host=host, port=port, db=desc.db, **conn)
     if desc.mode == "sentinel":
         sentinel = _Sentinel(list(desc.seeds), sentinel_kwargs=desc.sentinel_kwargs(), **conn)
-        return sentinel.master_for(_service(desc), db=desc.db, connection_pool_class=_FollowingPool)
+        # master_for is unannotated in redis-py: say what it returns.
+        primary: redis.Redis = sentinel.master_for(
+            _service(desc), db=desc.db, connection_pool_class=_FollowingPool
+        )
+        return primary
     nodes = [redis.cluster.ClusterNode(host, port) for host, port in desc.seeds]
     return redis.cluster.RedisCluster(startup_nodes=nodes, **conn)
 
@@ -182,9 +188,11 @@ def async_client(
         return redis.asyncio.Redis(host=host, port=port, db=desc.db, **conn)
     if desc.mode == "sentinel":
         sentinel = _AsyncSentinel(list(desc.seeds), sentinel_kwargs=desc.sentinel_kwargs(), **conn)
-        return sentinel.master_for(
+        # master_for is unannotated in redis-py: say what it returns.
+        aprimary: redis.asyncio.Redis = sentinel.master_for(
             _service(desc), db=desc.db, connection_pool_class=_AsyncFollowingPool
         )
+        return aprimary
     nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in desc.seeds]
     return redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, **conn)
 

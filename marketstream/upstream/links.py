@@ -8,8 +8,8 @@
   link when a sentinel announces ``+switch-master`` for the service, so the
   link follows a failover at once (a failed link or a silent one is followed
   too: it reconnects and asks again).
-* ``redis+cluster://``: a :class:`ClusterLink`, one SSUBSCRIBE connection
-  per primary (:class:`~marketstream.upstream.cluster.ShardedSubscriber`).
+* ``redis+cluster://``: a :class:`~marketstream.upstream.shards.ShardedSubscriber`,
+  one SSUBSCRIBE connection per primary.
 
 ::
 
@@ -27,23 +27,17 @@ their new owner.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, Protocol
 
-from marketstream.upstream.cluster import SentinelWatcher, ShardedSubscriber, sentinel_primary
+from marketstream.upstream.cluster import SentinelWatcher, sentinel_primary
 from marketstream.upstream.link import Listener, PubSubLink
-from marketstream.upstream.urls import RedisURL, parse_redis_url, redact_url
+from marketstream.upstream.shards import ClusterListener, ShardedSubscriber
+from marketstream.upstream.urls import RedisURL, parse_redis_url
 
-__all__ = ["make_link", "ClusterLink", "ClusterListener", "Link", "SentinelLink"]
+__all__ = ["make_link", "ClusterListener", "Link", "SentinelLink"]
 
 log = logging.getLogger(__name__)
-
-
-class ClusterListener(Listener, Protocol):
-    """What a link reports to, with what only a cluster link reports."""
-
-    def on_interrupted(self, names: list[str]) -> None: ...
 
 
 class Link(Protocol):
@@ -83,13 +77,13 @@ def make_link(
     """The link for ``url`` (see the module docstring)."""
     desc = parse_redis_url(url)
     if desc.mode == "cluster":
-        return ClusterLink(
+        return ShardedSubscriber.from_url(
             desc,
             listener,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
             backoff_min=backoff_min,
-            backoff_max=backoff_max,
+            backoff_max=min(backoff_max, 0.5),
         )
     if desc.mode == "sentinel":
         return SentinelLink(
@@ -175,101 +169,3 @@ class SentinelLink(PubSubLink):
     async def stop(self) -> None:
         await self.watch.stop()
         await super().stop()
-
-
-class ClusterLink:
-    """The link interface over a :class:`~marketstream.upstream.cluster.ShardedSubscriber`."""
-
-    def __init__(
-        self,
-        desc: RedisURL,
-        listener: ClusterListener,
-        ping_interval: float = 1.0,
-        ping_timeout: float = 2.0,
-        backoff_min: float = 0.05,
-        backoff_max: float = 1.0,
-    ) -> None:
-        self.url = desc.url
-        self.listener = listener
-        self.sub = ShardedSubscriber.from_url(
-            desc,
-            listener.on_message,
-            self._resubscribed,
-            self._health,
-            ping_interval=ping_interval,
-            ping_timeout=ping_timeout,
-            backoff_min=backoff_min,
-            backoff_max=min(backoff_max, 0.5),
-        )
-        self._wanted: set[str] = set()
-        self._tasks: set[asyncio.Future[None]] = set()
-
-    @property
-    def reconnects(self) -> int:
-        return self.sub.resubscribes
-
-    async def start(self, timeout: float = 10.0) -> None:
-        await self.sub.start(timeout)
-        self.changed()
-
-    async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await self.sub.stop()
-
-    def changed(self) -> None:
-        held = self._wanted
-        changes = self.listener.take_changes()
-        add = {name for name, wanted in changes.items() if wanted and name not in held}
-        drop = {name for name, wanted in changes.items() if not wanted and name in held}
-        held |= add
-        held -= drop
-        if drop:
-            self.sub.unsubscribe(drop)
-            for name in drop:
-                self.listener.on_unsubscribed(name)
-        if add:
-            self.sub.subscribe(add)
-            task = asyncio.ensure_future(self._confirm(add))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _confirm(self, names: set[str]) -> None:
-        """Report each channel once its shard confirmed it."""
-        pending = set(names)
-        while pending:
-            await self.sub.wait_subscribed(pending, timeout=5.0)
-            confirmed = self.sub.channels
-            for name in [n for n in pending if n in confirmed or n not in self._wanted]:
-                pending.discard(name)
-                if name in confirmed and name in self._wanted:
-                    self.listener.on_subscribed(name)
-
-    def _resubscribed(self, channels: list[str]) -> None:
-        self.listener.on_interrupted(channels)
-
-    def _health(self, node: str, state: str) -> None:
-        log.log(
-            logging.WARNING if state != "up" else logging.INFO,
-            "Redis Cluster node %s is %s",
-            node,
-            state,
-        )
-
-    @property
-    def connected(self) -> bool:
-        return any(self.sub.links.values())
-
-    @property
-    def healthy(self) -> bool:
-        return self.sub.healthy
-
-    @property
-    def links(self) -> dict[str, bool]:
-        return self.sub.links
-
-    def health(self) -> dict[str, Any]:
-        return {"connected": self.connected, "mode": "cluster", "nodes": self.sub.health()}
-
-    def redacted_url(self) -> str:
-        return redact_url(self.url)

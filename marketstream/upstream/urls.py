@@ -290,7 +290,35 @@ def parse_redis_url(url: str) -> RedisURL:
         user_text, colon, pass_text = userinfo.partition(":")
         username = unquote(user_text) if user_text else None
         password = unquote(pass_text) if colon else None
+    options = _parse_options(query, scheme, mode, tls)
+    if scheme == "unix":
+        seeds, socket_path, service, db = _unix_location(hosts, path, options)
+    elif mode == "single":
+        seeds, socket_path, service, db = _single_location(scheme, hosts, path, options)
+    else:
+        seeds, socket_path, service, db = _nodes_location(scheme, mode, hosts, path, options)
+    options.pop("db", None)
+    return RedisURL(
+        mode=mode,
+        scheme=scheme,
+        seeds=seeds,
+        path=socket_path,
+        service_name=service,
+        db=db,
+        username=username,
+        password=password,
+        tls=tls,
+        options=tuple(sorted(options.items())),
+        url=url,
+    )
 
+
+#: Where a URL points: (seeds, socket path, service name, db).
+_Location = tuple[tuple[tuple[str, int], ...], "str | None", "str | None", int]
+
+
+def _parse_options(query: str, scheme: str, mode: str, tls: bool) -> dict[str, Any]:
+    """The query's options, each parsed (Any: an option's own type)."""
     options: dict[str, Any] = {}
     for name, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
         parser = _OPTIONS.get(name)
@@ -314,80 +342,71 @@ def parse_redis_url(url: str) -> RedisURL:
         )
     if mode != "sentinel" and any(name.startswith("sentinel_") for name in options):
         raise ValueError("sentinel_* options apply only to redis+sentinel:// URLs")
+    return options
 
-    seeds: tuple[tuple[str, int], ...] = ()
-    socket_path = None
-    service = None
+
+def _unix_location(hosts: str, path: str, options: dict[str, Any]) -> _Location:
+    if hosts:
+        raise ValueError(
+            "a unix:// URL names a socket path, not a host (unix:///path/to/redis.sock)"
+        )
+    if path in ("", "/"):
+        raise ValueError("a unix:// URL needs a socket path (unix:///path/to/redis.sock)")
+    return (), unquote(path), None, options.get("db", 0)
+
+
+def _single_location(scheme: str, hosts: str, path: str, options: dict[str, Any]) -> _Location:
+    if "," in hosts:
+        raise ValueError(
+            "%s:// takes one host; several hosts need redis+sentinel:// or "
+            "redis+cluster://" % scheme
+        )
+    seeds = (_parse_addr(hosts, 6379, "single"),)
+    db_text = path.strip("/")
     db = 0
-    if scheme == "unix":
-        if hosts:
+    if "db" in options:
+        db = options["db"]
+    elif db_text:
+        db = _parse_db(db_text, "the path %r" % path)
+    return seeds, None, None, db
+
+
+def _nodes_location(
+    scheme: str, mode: str, hosts: str, path: str, options: dict[str, Any]
+) -> _Location:
+    """Sentinel's or Cluster's nodes (and Sentinel's service and db)."""
+    default_port = 26379 if mode == "sentinel" else 6379
+    if not hosts:
+        raise ValueError(
+            "a %s URL needs at least one host:port (%s://host:port[,host:port...])" % (mode, scheme)
+        )
+    seeds = tuple(_parse_addr(part.strip(), default_port, mode) for part in hosts.split(","))
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("a host is listed twice in the %s URL" % mode)
+    parts = path.split("/")[1:] if path else []
+    if mode != "sentinel":
+        tail = "/".join(parts)
+        if tail not in ("", "0") or options.get("db", 0):
             raise ValueError(
-                "a unix:// URL names a socket path, not a host (unix:///path/to/redis.sock)"
+                "a cluster URL cannot select a database (got /%s): Redis Cluster "
+                "has only db 0" % (tail or options.get("db"))
             )
-        if path in ("", "/"):
-            raise ValueError("a unix:// URL needs a socket path (unix:///path/to/redis.sock)")
-        socket_path = unquote(path)
-        db = options.get("db", 0)
-    elif mode == "single":
-        if "," in hosts:
-            raise ValueError(
-                "%s:// takes one host; several hosts need redis+sentinel:// or "
-                "redis+cluster://" % scheme
-            )
-        seeds = (_parse_addr(hosts, 6379, mode),)
-        db_text = path.strip("/")
-        if "db" in options:
-            db = options["db"]
-        elif db_text:
-            db = _parse_db(db_text, "the path %r" % path)
-    else:
-        default_port = 26379 if mode == "sentinel" else 6379
-        if not hosts:
-            raise ValueError(
-                "a %s URL needs at least one host:port (%s://host:port[,host:port...])"
-                % (mode, scheme)
-            )
-        seeds = tuple(_parse_addr(part.strip(), default_port, mode) for part in hosts.split(","))
-        if len(set(seeds)) != len(seeds):
-            raise ValueError("a host is listed twice in the %s URL" % mode)
-        parts = path.split("/")[1:] if path else []
-        if mode == "sentinel":
-            if not parts or not parts[0]:
-                raise ValueError(
-                    "a sentinel URL needs the service name: "
-                    "%s://host:port[,host:port...]/<service_name>[/db]" % scheme
-                )
-            service = unquote(parts[0])
-            if len(parts) > 2:
-                raise ValueError(
-                    "too many path parts in the sentinel URL %r "
-                    "(expected /<service_name>[/db])" % path
-                )
-            if len(parts) == 2 and parts[1]:
-                db = _parse_db(parts[1], "the sentinel URL")
-            if "db" in options:
-                db = options["db"]
-        else:
-            tail = "/".join(parts)
-            if tail not in ("", "0") or options.get("db", 0):
-                raise ValueError(
-                    "a cluster URL cannot select a database (got /%s): Redis Cluster "
-                    "has only db 0" % (tail or options.get("db"))
-                )
-    options.pop("db", None)
-    return RedisURL(
-        mode=mode,
-        scheme=scheme,
-        seeds=seeds,
-        path=socket_path,
-        service_name=service,
-        db=db,
-        username=username,
-        password=password,
-        tls=tls,
-        options=tuple(sorted(options.items())),
-        url=url,
-    )
+        return seeds, None, None, 0
+    if not parts or not parts[0]:
+        raise ValueError(
+            "a sentinel URL needs the service name: "
+            "%s://host:port[,host:port...]/<service_name>[/db]" % scheme
+        )
+    if len(parts) > 2:
+        raise ValueError(
+            "too many path parts in the sentinel URL %r (expected /<service_name>[/db])" % path
+        )
+    db = 0
+    if len(parts) == 2 and parts[1]:
+        db = _parse_db(parts[1], "the sentinel URL")
+    if "db" in options:
+        db = options["db"]
+    return seeds, None, unquote(parts[0]), db
 
 
 _MASK = "***"

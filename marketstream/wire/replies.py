@@ -14,7 +14,8 @@ import time
 
 import ujson
 
-from marketstream.wire.requests import ERROR_INVALID_REQUEST, MAX_STREAM_NAME, RequestId
+from marketstream.wire.requests import ERROR_INVALID_REQUEST, RequestId
+from marketstream.wire.streams import MAX_STREAM_NAME
 
 __all__ = [
     "encode_result",

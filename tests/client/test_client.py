@@ -114,6 +114,19 @@ async def connected_client(server, redis_client, streams, **kwargs):
     return client, collector
 
 
+async def reconnected(client, collector, kicks):
+    """Wait for the connection made after ``kicks`` kicks; returns how many
+    messages came before it.  Whatever arrives afterwards came on it, so the
+    server knows that connection and the next kick reaches it (a message read
+    from the kicked connection before its end would not say so)."""
+    await async_wait_until(
+        lambda: client.connects == kicks + 1 and client.connected,
+        timeout=20,
+        message="connection %d" % (kicks + 1),
+    )
+    return len(collector.messages)
+
+
 def plain(stream, **data):
     return ujson.dumps({"stream": stream, "data": data})
 
@@ -209,7 +222,7 @@ async def test_client_retries_until_the_server_is_up(server_factory, redis_clien
     port = free_port()
     client = Client("ws://127.0.0.1:%d/ws" % port, ["trade.SOL_USDC"], backoff=(0.01, 0.05))
     collector = Collector(client)
-    await async_wait_until(lambda: client._attempt >= 2, message="failed attempts")
+    await async_wait_until(lambda: client.session.attempts >= 2, message="failed attempts")
     server = await server_factory(server__listen="127.0.0.1:%d" % port)
     await listeners(server, "trade.SOL_USDC", 1)
     await subscribed(redis_client, "trade.SOL_USDC")
@@ -218,6 +231,37 @@ async def test_client_retries_until_the_server_is_up(server_factory, redis_clien
     assert client.connects == 1 and client.reconnects == 0
     assert client.disconnect_reason.startswith("cannot connect: "), client.disconnect_reason
     await collector.stop()
+
+
+@pytest.mark.gen_test
+async def test_client_without_reconnect_raises_the_connection_error():
+    from marketstream.testing import free_port
+
+    states = []
+    client = Client(
+        "ws://127.0.0.1:%d/ws" % free_port(),
+        ["trade.SOL_USDC"],
+        reconnect=False,
+        on_state=states.append,
+    )
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.wait_for(client.__anext__(), 10)
+    assert states == ["connecting"] and client.session.attempts == 1
+    assert not client.connected and client.disconnect_reason is None
+
+
+def test_the_clients_state_is_its_sessions():
+    """The shell keeps no protocol state: its public attributes are the
+    session's, read and written."""
+    client = Client("ws://127.0.0.1:1/ws", ["trade.A_B", "depth.A_B"], since={"depth.A_B": 4})
+    session = client.session
+    assert client.streams is session.streams and client.last_seq == {"depth.A_B": 4}
+    states = []
+    client.on_state = states.append
+    client.backoff = (1.0, 2.0)
+    session.connecting()
+    assert states == ["connecting"] and client.state == "connecting"
+    assert 0.5 <= client.delay(0) <= 1.0 and session.backoff == (1.0, 2.0)
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -241,18 +285,16 @@ async def test_plain_streams_survive_100_forced_disconnects(server, redis_client
     publisher = asyncio.ensure_future(publish())
     for kick_no in range(100):
         # Each round: connected, something new on every stream, then a kick at a random moment.
-        seen = len(collector.messages)
+        seen = await reconnected(client, collector, kick_no)
         await async_wait_until(
             lambda seen=seen: (
-                client.connected
-                and {m.stream for m in collector.messages[seen:] if m.kind == MESSAGE}
-                == set(streams)
+                {m.stream for m in collector.messages[seen:] if m.kind == MESSAGE} == set(streams)
             ),
             message="messages after reconnection %d" % kick_no,
         )
         await asyncio.sleep(rng.random() * 0.005)
         kick(server, rst=kick_no % 2 == 0)
-    await async_wait_until(lambda: client.connects == 101, message="last reconnection")
+    await async_wait_until(lambda: client.connects == 101, timeout=20, message="last reconnection")
     for stream in streams:
         await listeners(server, stream, 1)
     stop.set()
@@ -445,14 +487,16 @@ async def test_resume_under_100_forced_disconnects(server, redis_client, redis_u
     publisher = asyncio.ensure_future(publish())
     try:
         for kick_no in range(100):
-            seen = len(collector.messages)
+            seen = await reconnected(client, collector, kick_no)
             await async_wait_until(
-                lambda seen=seen: client.connected and len(collector.messages) > seen,
+                lambda seen=seen: len(collector.messages) > seen,
                 message="messages after reconnection %d" % kick_no,
             )
             await asyncio.sleep(rng.random() * 0.005)
             kick(server, rst=kick_no % 2 == 0)
-        await async_wait_until(lambda: client.connects == 101, message="last reconnection")
+        await async_wait_until(
+            lambda: client.connects == 101, timeout=20, message="last reconnection"
+        )
     finally:
         stop.set()
         await publisher

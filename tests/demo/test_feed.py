@@ -259,6 +259,32 @@ def test_run_feed_publishes_envelopes(redis_client, redis_url):
     assert abs(by_kind["trade"][-1]["E"] / 1e6 - time.time()) < 10
 
 
+def test_run_feed_logs_what_it_published_in_each_interval(redis_url, caplog):
+    """The summary lines every SUMMARY_INTERVAL (shortened here) count what
+    was published since the last one: together, the total returned."""
+    log = logging.getLogger("test.feed.summary")
+    with (
+        mock.patch("marketstream.demo.feed.SUMMARY_INTERVAL", 0.2),
+        caplog.at_level(logging.INFO, logger=log.name),
+    ):
+        counts = asyncio.run(
+            run_feed(redis_url, markets="SOL_USDC", rate=100, duration=1.5, log=log, seed=3)
+        )
+    pattern = r"published (\d+) trades, (\d+) depth diffs, (\d+) tickers in the last \d+s"
+    lines = [re.fullmatch(pattern, r.getMessage()) for r in caplog.records]
+    summaries = [[int(n) for n in match.groups()] for match in lines if match]
+    assert len(summaries) >= 2, [r.getMessage() for r in caplog.records]
+    # What the last interval published before the deadline is in the total only.
+    totals = [sum(column) for column in zip(*summaries)]
+    assert all(0 < total <= counts[kind] for total, kind in zip(totals[:2], ("trade", "depth")))
+    assert totals[2] <= counts["ticker"]
+    final = caplog.records[-1].getMessage()
+    assert final.startswith("feed stopped after ") and final.endswith(
+        "published %d trades, %d depth diffs, %d tickers in total"
+        % (counts["trade"], counts["depth"], counts["ticker"])
+    )
+
+
 def test_run_feed_data_format(redis_client, redis_url):
     pubsub = subscribe(redis_client, "trade.SOL_USDC", "depth.SOL_USDC", "trade.ETH_USDT")
     try:

@@ -1,12 +1,13 @@
 """The link a REDIS_URL needs (marketstream.upstream.links.make_link): one
 PubSubLink for one server, one that follows the sentinels for Sentinel, a
-ClusterLink over the sharded subscriber for Cluster; and the one interface
+the sharded subscriber for Cluster; and the one interface
 the ChannelManager uses, on a real Redis."""
 
 import pytest
 
 from marketstream.upstream.link import PubSubLink
-from marketstream.upstream.links import ClusterLink, SentinelLink, make_link
+from marketstream.upstream.links import SentinelLink, make_link
+from marketstream.upstream.shards import ShardedSubscriber
 from marketstream.testing import async_wait_until
 from tests.helpers import released, subscribed
 from tests.upstream.test_link import Listener
@@ -18,7 +19,7 @@ from tests.upstream.test_link import Listener
         ("redis://:secret@127.0.0.1:6390/0", PubSubLink),
         ("unix://:secret@/run/redis.sock", PubSubLink),
         ("redis+sentinel://:secret@127.0.0.1:26390,127.0.0.1:26391/prices", SentinelLink),
-        ("redis+cluster://:secret@127.0.0.1:7090,127.0.0.1:7091", ClusterLink),
+        ("redis+cluster://:secret@127.0.0.1:7090,127.0.0.1:7091", ShardedSubscriber),
     ],
 )
 def test_each_url_form_gets_its_link_and_hides_its_password(url, kind):

@@ -8,7 +8,13 @@ client frame counted as it is read), the close frames checked, the proxy
 headers of trusted proxies and the peer address ``/health`` looks at go
 below it for what it does not offer.  The names they need are listed here
 and checked once, at import (``MISSING`` would list what is missing, e.g.
-``["tornado.websocket._WebSocketParams"]``):
+``["tornado.websocket._WebSocketParams"]``).  The checks look at what
+Tornado does, not at how its source is written: each makes the object
+(a protocol, a request context, a server, a handler, a write buffer) with
+stand-ins and watches what it keeps or writes, so a reformat upstream does
+not turn the fast paths off.  Two look at source text, where no call at
+import can tell (each says so): that only ``write`` adds to an IOStream's
+write buffer, and that ``RequestHandler._execute`` sets ``_transforms``.
 
 >>> from marketstream.server.net import tornado_compat as compat
 >>> compat.OK          # every name exists in the installed Tornado
@@ -32,9 +38,11 @@ prints ``[]``; then widen the pin in ``setup.cfg``.
 from __future__ import annotations
 
 import collections
+from asyncio import Future
 import inspect
 import logging
 import operator
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -42,11 +50,14 @@ import tornado
 import tornado.gen
 import tornado.http1connection
 import tornado.httpserver
+import tornado.httputil
 import tornado.ioloop
 import tornado.iostream
 import tornado.tcpserver
 import tornado.web
 import tornado.websocket
+
+from marketstream.wire.frames import CLOSE_NORMAL, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
 
 __all__ = [
     "OK",
@@ -78,8 +89,35 @@ RECEIVE_FRAME = "_receive_frame"
 HANDLE_MESSAGE = "_handle_message"
 
 
+class _Reached(Exception):
+    """Raised by a stand-in to show that a call reached it."""
+
+
+class _StubSocket:
+    """What a request context reads of a stream's socket."""
+
+    family = socket.AF_INET
+
+
+class _StubStream:
+    """What Tornado's constructors and close paths read of a stream."""
+
+    socket = _StubSocket()
+    max_buffer_size = 1 << 20
+
+    def closed(self) -> bool:
+        return False
+
+    def set_close_callback(self, callback: object) -> None:
+        pass
+
+
 def _assigns(function: Any, *names: str) -> bool:
-    """Whether ``function``'s source assigns every ``self.<name>``."""
+    """Whether ``function``'s source assigns every ``self.<name>``.
+
+    Text, for what no call at import can show (a coroutine that runs a
+    whole request): a reformat upstream can fail this check, which turns
+    the fast paths off with a warning naming it."""
     try:
         source = inspect.getsource(function)
     except (OSError, TypeError):
@@ -87,24 +125,75 @@ def _assigns(function: Any, *names: str) -> bool:
     return all("self.%s =" % name in source or "self.%s: " % name in source for name in names)
 
 
-def _writes_through(cls: type, *methods: str) -> bool:
-    """Whether each of ``cls``'s ``methods`` writes its frames with
-    ``self._write_frame`` (which the handler's protocol hooks: a direct
-    write must not pass a frame Tornado only partly sent)."""
-    if not callable(getattr(cls, "_write_frame", None)):
-        return False
+def _buffer_counts_bytes() -> bool:
+    """Whether Tornado's write buffer keeps the bytes it holds in ``_size``
+    (what :data:`queued_bytes` reads): appended to and advanced, it says so."""
     try:
-        return all(
-            "self._write_frame(" in inspect.getsource(getattr(cls, name)) for name in methods
-        )
-    except (OSError, TypeError, AttributeError):
+        buffer: Any = tornado.iostream._StreamBuffer()
+        empty = buffer._size == 0
+        buffer.append(b"abcd")
+        buffer.advance(1)
+        return bool(empty and buffer._size == 3 == len(buffer))
+    except Exception:
         return False
+
+
+def _params_kept() -> bool:
+    """Whether ``_WebSocketParams`` keeps the four parameters it is given."""
+    try:
+        params = tornado.websocket._WebSocketParams(
+            ping_interval=1.0, ping_timeout=2.0, max_message_size=3, compression_options=None
+        )
+        kept = (
+            params.ping_interval,
+            params.ping_timeout,
+            params.max_message_size,
+            params.compression_options,
+        )
+        return kept == (1.0, 2.0, 3, None)
+    except Exception:
+        return False
+
+
+def _writes_through(cls: type) -> bool:
+    """Whether ``cls``'s ``write_message``, ``write_ping``, ``_send_pong``
+    and ``close`` write their frames with ``self._write_frame`` (which the
+    handler's protocol hooks: a direct write must not pass a frame Tornado
+    only partly sent): each is called on a protocol whose ``_write_frame``
+    notes the frame's opcode and stops the call there."""
+    opcodes: list[int] = []
+
+    def write_frame(fin: bool, opcode: int, data: bytes, flags: int = 0) -> None:
+        opcodes.append(opcode)
+        raise _Reached
+
+    try:
+        ws: Any = cls(_StubStream(), False, tornado.websocket._WebSocketParams())
+        ws.stream = _StubStream()
+        ws._write_frame = write_frame
+        calls: list[Callable[[], object]] = [
+            lambda: ws.write_message("x"),
+            lambda: ws.write_ping(b"x"),
+            lambda: ws._send_pong(b"x"),
+            lambda: ws.close(CLOSE_NORMAL),
+        ]
+        for call in calls:
+            try:
+                call()
+            except _Reached:
+                pass
+    except Exception:
+        return False
+    return opcodes == [OP_TEXT, OP_PING, OP_PONG, OP_CLOSE]
 
 
 def _writes_only_in_write(cls: type) -> bool:
     """Whether ``cls`` makes its write buffer and write futures in
     ``__init__``, appends to them only in ``write`` and drains them in
-    ``_handle_write`` (what :class:`LeanIOStream` relies on)."""
+    ``_handle_write`` (what :class:`LeanIOStream` relies on).
+
+    Text: that no other method adds to them is something only the source
+    can tell (and a stream cannot be made at import without an event loop)."""
     try:
         whole = inspect.getsource(cls)
         write = inspect.getsource(cls.write)  # type: ignore[attr-defined]
@@ -120,19 +209,97 @@ def _writes_only_in_write(cls: type) -> bool:
     )
 
 
+def _request_context_works(context_class: Any) -> bool:
+    """Whether a request context made for a stream keeps its address, the
+    client's IP and the protocol, and takes the IP from ``X-Real-Ip`` when
+    asked to apply the proxy headers."""
+    try:
+        context = context_class(_StubStream(), ("192.0.2.1", 5), None, None)
+        before = (context.address, context.remote_ip, context.protocol)
+        context._apply_xheaders(tornado.httputil.HTTPHeaders({"X-Real-Ip": "198.51.100.7"}))
+        return bool(
+            before == (("192.0.2.1", 5), "192.0.2.1", "http")
+            and context.remote_ip == "198.51.100.7"
+        )
+    except Exception:
+        return False
+
+
+def _connections_keep_context() -> bool:
+    """Whether the HTTP/1 server connection keeps its stream and context,
+    and the HTTP/1 connection takes a ``context``.
+
+    ``HTTP1Connection`` makes a Future as it is made (an event loop, at
+    import): its ``context`` argument, documented as readable as
+    ``connection.context``, is checked by name."""
+    try:
+        stream, context = _StubStream(), object()
+        server: Any = tornado.http1connection.HTTP1ServerConnection(
+            stream,  # type: ignore[arg-type]  # a stand-in
+            None,
+            context,
+        )
+        takes = inspect.signature(tornado.http1connection.HTTP1Connection).parameters
+        return server.stream is stream and server.context is context and "context" in takes
+    except Exception:
+        return False
+
+
+def _server_keeps_settings() -> bool:
+    """Whether an HTTP server keeps its callback, ``xheaders``, ``protocol``
+    and ``trusted_downstream`` as given."""
+
+    def callback(request: object) -> None:
+        pass
+
+    try:
+        server: Any = tornado.httpserver.HTTPServer(
+            callback, xheaders=True, protocol="https", trusted_downstream=["192.0.2.9"]
+        )
+        return bool(
+            server.request_callback is callback
+            and server.xheaders is True
+            and server.protocol == "https"
+            and list(server.trusted_downstream) == ["192.0.2.9"]
+        )
+    except Exception:
+        return False
+
+
+class _StubConnection:
+    """What a request handler asks of its HTTP connection as it is made."""
+
+    context = None
+
+    def set_close_callback(self, callback: object) -> None:
+        pass
+
+
+def _handler_state() -> tuple[bool, bool]:
+    """Whether a request handler, once made, has its response state
+    (``_headers_written``, ``_finished`` False) and what ``clear()`` sets
+    (``_headers``, ``_write_buffer``, ``_status_code``, ``_reason``)."""
+    try:
+        request = tornado.httputil.HTTPServerRequest(
+            start_line=tornado.httputil.RequestStartLine("GET", "/", "HTTP/1.1"),
+            headers=tornado.httputil.HTTPHeaders({"Host": "localhost"}),
+            connection=_StubConnection(),  # type: ignore[arg-type]  # a stand-in
+        )
+        handler = tornado.web.RequestHandler(tornado.web.Application(), request)
+        state: dict[str, Any] = vars(handler)
+    except Exception:
+        return False, False
+    made = state.get("_headers_written") is False and state.get("_finished") is False
+    cleared = all(n in state for n in ("_headers", "_write_buffer", "_status_code", "_reason"))
+    return made, cleared
+
+
 def _check() -> list[str]:
     missing = []
-    buffer_class: Any = getattr(tornado.iostream, "_StreamBuffer", None)
-    if not _assigns(getattr(buffer_class, "__init__", None), "_size"):
+    if not _buffer_counts_bytes():
         missing.append("tornado.iostream._StreamBuffer._size")
     ws = tornado.websocket
-    params = getattr(ws, "_WebSocketParams", None)
-    if params is None or not {
-        "ping_interval",
-        "ping_timeout",
-        "max_message_size",
-        "compression_options",
-    } <= set(inspect.signature(params).parameters):
+    if not _params_kept():
         missing.append("tornado.websocket._WebSocketParams")
     for name in (
         RECEIVE_FRAME_LOOP,
@@ -144,40 +311,26 @@ def _check() -> list[str]:
     ):
         if not callable(getattr(ws.WebSocketProtocol13, name, None)):
             missing.append("tornado.websocket.WebSocketProtocol13.%s" % name)
-    if not _writes_through(
-        ws.WebSocketProtocol13, "write_message", "write_ping", "close", "_send_pong"
-    ):
+    if not _writes_through(ws.WebSocketProtocol13):
         missing.append("tornado.websocket.WebSocketProtocol13._write_frame")
     if not callable(getattr(ws.WebSocketHandler, "_detach_stream", None)):
         missing.append("tornado.websocket.WebSocketHandler._detach_stream")
     context = getattr(tornado.httpserver, "_HTTPRequestContext", None)
     if context is None or not callable(getattr(context, "_apply_xheaders", None)):
         missing.append("tornado.httpserver._HTTPRequestContext._apply_xheaders")
-    if not _assigns(getattr(context, "__init__", None), "address", "remote_ip", "protocol"):
+    elif not _request_context_works(context):
         missing.append("tornado.httpserver._HTTPRequestContext attributes")
-    if not (
-        _assigns(tornado.http1connection.HTTP1Connection.__init__, "context")
-        and _assigns(tornado.http1connection.HTTP1ServerConnection.__init__, "stream")
-    ):
+    if not _connections_keep_context():
         missing.append("tornado.http1connection.HTTP1Connection.context")
-    if not _assigns(
-        tornado.httpserver.HTTPServer.initialize,
-        "request_callback",
-        "xheaders",
-        "protocol",
-        "trusted_downstream",
-    ):
+    if not _server_keeps_settings():
         missing.append("tornado.httpserver.HTTPServer attributes")
-    if not (
-        _assigns(tornado.web.RequestHandler.__init__, "_headers_written", "_finished")
-        and _assigns(tornado.web.RequestHandler._execute, "_transforms")
-    ):
+    made, cleared = _handler_state()
+    # _execute is a coroutine that runs a whole request: only its text can tell.
+    if not (made and _assigns(tornado.web.RequestHandler._execute, "_transforms")):
         missing.append(
             "tornado.web.RequestHandler state (_headers_written, _finished, _transforms)"
         )
-    if not _assigns(
-        tornado.web.RequestHandler.clear, "_headers", "_write_buffer", "_status_code", "_reason"
-    ):
+    if not cleared:
         missing.append("tornado.web.RequestHandler.clear state (_headers, _write_buffer, ...)")
     if not _writes_only_in_write(tornado.iostream.BaseIOStream):
         missing.append("tornado.iostream.BaseIOStream._write_buffer, _write_futures")
@@ -309,7 +462,7 @@ class LeanIOStream(tornado.iostream.IOStream):
 # Shared by every idle LeanIOStream (None where Tornado lacks the class: OK
 # is then False, and no LeanIOStream is made).
 _NO_BUFFER: Any = getattr(tornado.iostream, "_StreamBuffer", lambda: None)()
-_NO_FUTURES: collections.deque = collections.deque()
+_NO_FUTURES: collections.deque[tuple[int, Future[None]]] = collections.deque()
 
 
 def handle_connection(server: tornado.tcpserver.TCPServer) -> Callable[[Any, Any], None]:

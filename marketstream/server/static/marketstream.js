@@ -54,7 +54,12 @@
  *   made (it closes once open), and stops reconnecting.
  *
  * Options: `{url, minDelay: 250, maxDelay: 5000, staleAfter: 5000,
- * snapshotWait: 1500, snapshot: (stream) => stream.startsWith("depth.")}`.
+ * snapshotWait: 1500, snapshot: (stream) => stream.startsWith("depth."), token}`.
+ * `token` (private streams): a JWT, or a function returning one (or a Promise of
+ * one); it is asked on every (re)connect and sent as `?token=` (browsers cannot
+ * set headers on a WebSocket), and a function's fresh token is sent with
+ * `{"method":"AUTH"}` before each `exp` (half-way, at most 30 s before), so a
+ * long-running page never sees the server's 4001 "token expired".
  * `subscribe(streams, {snapshot: true | false})` overrides the default choice.
  *
  * Events (all CustomEvent, data in `event.detail`):
@@ -338,6 +343,7 @@ export class MarketStream extends EventTarget {
    */
   close() {
     this._wanted = false;
+    this._stopRefresh();
     clearTimeout(this._timer);
     this._timer = null;
     if (this._ws) {
@@ -401,10 +407,11 @@ export class MarketStream extends EventTarget {
   }
 
   _open() {
+    if (this._awaitToken()) return;   // token option: _open again once a token is there
     this._setState(this._everOpened ? "reconnecting" : "connecting");
     let ws;
     try {
-      ws = new WebSocket(this.url);
+      ws = new WebSocket(this._tokenUrl());
     } catch (error) {
       this.failures += 1;
       this._scheduleReconnect({reason: String(error), opened: false});
@@ -416,6 +423,7 @@ export class MarketStream extends EventTarget {
     ws.onclose = (event) => {
       if (this._ws !== ws) return;
       this._ws = null;
+      this._stopRefresh();
       const opened = this._openedAt !== 0;
       if (!opened) this.failures += 1;
       if (opened && performance.now() - this._openedAt > 5000) this._attempt = 0;
@@ -446,6 +454,7 @@ export class MarketStream extends EventTarget {
     this._everOpened = true;
     this.attempts = 0;
     this._openedAt = performance.now();
+    this._armRefresh(this._usedToken);
     if (this._streams.size) {
       const params = [], since = {}, snapshot = [];
       for (const [name, s] of this._streams) {
@@ -472,6 +481,84 @@ export class MarketStream extends EventTarget {
       this._send(request);
     }
     this._setState("open");
+  }
+
+  // -- tokens (private streams) -------------------------------------------------
+
+  /** With the `token` option and no token fetched for this attempt: fetch one
+   * (the function may return a Promise), then _open() again; true meanwhile. */
+  _awaitToken() {
+    const source = this.options.token;
+    if (source === undefined || source === null || this._freshToken !== undefined) return false;
+    if (this._fetchingToken) return true;
+    this._fetchingToken = true;
+    this._setState(this._everOpened ? "reconnecting" : "connecting");
+    Promise.resolve().then(() => (typeof source === "function" ? source() : source)).then(
+      (token) => {
+        this._fetchingToken = false;
+        this._freshToken = String(token);
+        if (this._wanted && !this._ws) this._open();
+      },
+      (error) => {
+        this._fetchingToken = false;
+        this.failures += 1;
+        if (this._wanted) this._scheduleReconnect({reason: "token: " + error, opened: false});
+      });
+    return true;
+  }
+
+  /** The URL of this attempt: `url` with `?token=` when there is a token (used once). */
+  _tokenUrl() {
+    const token = this._freshToken;
+    this._freshToken = undefined;       // the next attempt asks for a fresh one
+    this._usedToken = token;
+    if (token === undefined) return this.url;
+    const url = new URL(this.url);
+    url.searchParams.set("token", token);
+    return url.toString();
+  }
+
+  /** The `exp` of a JWT in seconds (not verified: the server does), or null. */
+  static tokenExpiry(token) {
+    try {
+      const part = String(token).split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      const exp = JSON.parse(atob(part + "===".slice((part.length + 3) % 4))).exp;
+      return typeof exp === "number" ? exp : null;
+    } catch (error) {
+      return null;
+    }
+  }
+
+  /** Send AUTH with a fresh token from the `token` function before `token` expires. */
+  _armRefresh(token) {
+    this._stopRefresh();
+    if (typeof this.options.token !== "function" || token === undefined) return;
+    const exp = MarketStream.tokenExpiry(token);
+    if (exp === null) return;
+    const left = Math.max(0, exp - Date.now() / 1000);
+    const delay = (left - Math.min(30, left / 2)) * 1000;
+    this._refreshTimer = setTimeout(async () => {
+      this._refreshTimer = null;
+      let fresh;
+      try {
+        fresh = String(await this.options.token());
+      } catch (error) {
+        fresh = token;
+      }
+      if (!this.connected) return;
+      if (fresh === token) {            // nothing newer yet: ask again in a second
+        if (exp > Date.now() / 1000) this._refreshTimer = setTimeout(() => this._armRefresh(token), 1000);
+        return;
+      }
+      this.tokenRefreshes = (this.tokenRefreshes || 0) + 1;
+      this._send({method: "AUTH", params: [fresh], id: this._nextId++});
+      this._armRefresh(fresh);
+    }, delay);
+  }
+
+  _stopRefresh() {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
   }
 
   _send(message) {

@@ -8,7 +8,6 @@ import logging
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -36,6 +35,20 @@ def shut(acceptor, connections):
         conn.close()
 
 
+class ClockedLoop:
+    """The event loop with a clock of its own: ``now``, advanced by hand."""
+
+    def __init__(self, loop):
+        self._loop = loop
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(self._loop, name)
+
+
 def connect_many(address, count):
     """``count`` connections to ``address`` whose handshakes the kernel has
     completed (they wait in the listen queue)."""
@@ -49,19 +62,21 @@ async def test_handshakes_run_in_slices_with_live_work_between_them():
     events = []  # ("h", t) per handshake, ("L", t) per turn of live work
     handed = []
 
-    def handshake(conn, address):
-        time.sleep(0.0005)  # what a handshake costs, roughly
-        handed.append(conn)
-        events.append(("h", time.monotonic()))
-
     loop = asyncio.get_running_loop()
+    clocked = ClockedLoop(loop)  # a handshake costs 0.5 ms of it, whatever the machine
+
+    def handshake(conn, address):
+        clocked.now += 0.0005  # what a handshake costs, roughly
+        handed.append(conn)
+        events.append(("h", clocked.now))
 
     def live():
-        events.append(("L", time.monotonic()))
+        events.append(("L", clocked.now))
         if len(handed) < 200:
             loop.call_soon(live)
 
     acceptor = Acceptor(handshake, batch=16)
+    acceptor._loop = clocked
     acceptor.add(sock)
     live()
     await async_wait_until(lambda: len(handed) == 200, message="all handed over")
@@ -99,7 +114,9 @@ async def test_a_long_queue_or_wait_earns_longer_slices(
     """With live work taking 5 ms a turn, a queue at FULL_SHARE_QUEUE, or a
     connection that waited FULL_SHARE_WAIT, gets slices about as long (more
     than a batch of 0.2 ms handshakes); a short, fresh queue gets the batch
-    per turn."""
+    per turn.  The acceptor reads a clock the handshakes and the live work
+    advance by what they cost: on a busy machine a sleep of 0.2 ms lasts a
+    millisecond or more, and the slices' lengths would measure the machine."""
     monkeypatch.setattr(accept, "FULL_SHARE_QUEUE", full_share_queue)
     monkeypatch.setattr(accept, "FULL_SHARE_WAIT", full_share_wait)
     sock = listener()
@@ -107,18 +124,20 @@ async def test_a_long_queue_or_wait_earns_longer_slices(
     handed = []
     sizes = []
     loop = asyncio.get_running_loop()
+    clocked = ClockedLoop(loop)
 
     def handshake(conn, address):
-        time.sleep(0.0002)
+        clocked.now += 0.0002
         handed.append(conn)
 
     def live():
         sizes.append(len(handed))
-        time.sleep(0.005)  # a turn's live delivery
+        clocked.now += 0.005  # a turn's live delivery
         if len(handed) < 150:
             loop.call_soon(live)
 
     acceptor = Acceptor(handshake, batch=4)
+    acceptor._loop = clocked
     acceptor.add(sock)
     live()
     await async_wait_until(lambda: len(handed) == 150, message="all handed over")

@@ -7,7 +7,9 @@ import socket
 import time
 
 import pytest
+import tornado.httpserver
 import tornado.iostream
+import tornado.websocket
 
 from marketstream.server.net import tornado_compat as compat
 from marketstream.testing import async_wait_until
@@ -79,3 +81,76 @@ async def test_a_lean_stream_buffers_while_the_kernel_is_full_and_lets_go_after(
     fresh = compat.LeanIOStream(socket.socket())
     assert not fresh.writing() and not fresh._write_futures
     fresh.close()
+
+
+# --- the checks look at what Tornado does, not at how its source is written ---
+
+
+class _Reformatted(tornado.websocket.WebSocketProtocol13):
+    """Tornado's protocol with its write methods written another way (as a
+    reformat or a refactoring upstream might), still through _write_frame."""
+
+    def write_ping(self, data: bytes) -> None:
+        send = self._write_frame
+        send(True, 0x9, data)
+
+    def _send_pong(self, data: bytes) -> None:
+        frame = (True, 0xA, data)
+        self._pong_future = self._write_frame(*frame)
+
+
+class _BypassesWriteFrame(tornado.websocket.WebSocketProtocol13):
+    """A protocol whose ping goes to the stream without _write_frame."""
+
+    def write_ping(self, data: bytes) -> None:
+        self.stream.write(b"\x89" + bytes([len(data)]) + data)
+
+
+def test_the_protocol_check_follows_the_writes_not_the_text():
+    assert compat._writes_through(tornado.websocket.WebSocketProtocol13)
+    assert compat._writes_through(_Reformatted)
+    assert not compat._writes_through(_BypassesWriteFrame)
+
+
+def test_a_write_buffer_that_counts_elsewhere_turns_the_fast_paths_off(monkeypatch):
+    class Buffer:  # a _StreamBuffer that keeps its size under another name
+        def __init__(self):
+            self.size = 0
+
+        def append(self, data):
+            self.size += len(data)
+
+        def advance(self, n):
+            self.size -= n
+
+        def __len__(self):
+            return self.size
+
+    assert compat._buffer_counts_bytes()
+    monkeypatch.setattr(tornado.iostream, "_StreamBuffer", Buffer)
+    assert not compat._buffer_counts_bytes()
+    assert "tornado.iostream._StreamBuffer._size" in compat._check()
+
+
+def test_a_request_context_that_ignores_proxy_headers_fails_its_check():
+    real = tornado.httpserver._HTTPRequestContext
+
+    class Ignoring(real):
+        def _apply_xheaders(self, headers):
+            pass
+
+    assert compat._request_context_works(real)
+    assert not compat._request_context_works(Ignoring)
+
+
+def test_the_server_and_handler_checks_make_the_real_objects(monkeypatch):
+    assert compat._server_keeps_settings() and compat._connections_keep_context()
+    assert compat._handler_state() == (True, True)
+    assert compat._params_kept()
+
+    class Forgetful(tornado.httpserver.HTTPServer):
+        def initialize(self, request_callback, **kwargs):
+            super().initialize(request_callback)  # drops xheaders, protocol, ...
+
+    monkeypatch.setattr(tornado.httpserver, "HTTPServer", Forgetful)
+    assert not compat._server_keeps_settings()

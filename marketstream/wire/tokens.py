@@ -1,0 +1,240 @@
+"""JWT verification, without any I/O: PyJWT (with ``cryptography`` for
+RS256, ES256 and EdDSA) checks a token; this module says which keys and
+algorithms, and what each failure is counted as.
+
+>>> import jwt, time
+>>> verifier = Verifier("a-secret-of-at-least-32-bytes-for-hs256", ["HS256"])
+>>> token = jwt.encode({"sub": "42", "exp": int(time.time()) + 60},
+...                    "a-secret-of-at-least-32-bytes-for-hs256", algorithm="HS256")
+>>> verifier.verify(token).sub
+'42'
+>>> verifier.verify("not.a.token")
+Failure(cause='malformed', reason='malformed token')
+
+The algorithms always come from the configuration (``[auth]
+jwt_algorithms``), never from the token's header; ``none`` is never
+accepted; HMAC and public-key algorithms are never mixed (a public key
+must never serve as an HMAC secret: the "algorithm confusion" attack).
+``exp``, ``nbf`` and ``iat`` are checked when the token has them, ``aud``
+and ``iss`` when configured, each with ``leeway`` seconds for clock skew.
+
+``[auth] jwt_key`` is the HMAC secret itself for the ``HS*`` algorithms,
+and for the others the path of a PEM public key file (or the PEM text,
+starting ``-----BEGIN``): the configured algorithms decide, never the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import jwt
+
+from marketstream.wire.access import MAX_PATTERNS, Grant, compile_patterns
+
+__all__ = [
+    "HMAC_ALGORITHMS",
+    "PUBLIC_KEY_ALGORITHMS",
+    "FAILURE_CAUSES",
+    "MAX_TOKEN_BYTES",
+    "Failure",
+    "Verifier",
+    "check_algorithms",
+    "load_key",
+]
+
+HMAC_ALGORITHMS = frozenset(("HS256", "HS384", "HS512"))
+PUBLIC_KEY_ALGORITHMS = frozenset(
+    ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+)
+#: The longest token looked at; longer ones are refused as ``malformed``
+#: before any parsing.
+MAX_TOKEN_BYTES = 8192
+
+#: Why a token was refused, as counted in ``marketstream_auth_failures_total``:
+#: ``missing`` (``[auth] required`` and none given), ``malformed`` (not a
+#: JWT, or too long), ``bad_signature``, ``expired``, ``not_yet_valid``
+#: (``nbf``/``iat`` in the future), ``audience``, ``issuer``, ``algorithm``
+#: (not one of ``jwt_algorithms``, ``none`` included), ``bad_claims``
+#: (``sub`` missing or not a string, ``channels`` not a list of patterns),
+#: ``wrong_sub`` (an ``AUTH`` for another ``sub`` than the connection's),
+#: ``disabled`` (an ``AUTH`` with no ``[auth] jwt_key``).
+FAILURE_CAUSES = (
+    "missing",
+    "malformed",
+    "bad_signature",
+    "expired",
+    "not_yet_valid",
+    "audience",
+    "issuer",
+    "algorithm",
+    "bad_claims",
+    "wrong_sub",
+    "disabled",
+)
+
+
+class Failure(NamedTuple):
+    """A refused token: the cause (one of :data:`FAILURE_CAUSES`) and a
+    reason for the client."""
+
+    cause: str
+    reason: str
+
+
+# PyJWT's exceptions, most specific first, to causes.
+_CAUSES: tuple[tuple[type[Exception], str, str], ...] = (
+    (jwt.ExpiredSignatureError, "expired", "token expired"),
+    (jwt.ImmatureSignatureError, "not_yet_valid", "token not yet valid"),
+    (jwt.InvalidAudienceError, "audience", "wrong token audience"),
+    (jwt.InvalidIssuerError, "issuer", "wrong token issuer"),
+    (jwt.InvalidAlgorithmError, "algorithm", "token algorithm not allowed"),
+    (jwt.InvalidSignatureError, "bad_signature", "bad token signature"),
+    (jwt.DecodeError, "malformed", "malformed token"),
+)
+_INVALID_SUBJECT = getattr(jwt.exceptions, "InvalidSubjectError", None)  # PyJWT >= 2.10
+if _INVALID_SUBJECT is not None:
+    _CAUSES = ((_INVALID_SUBJECT, "bad_claims", "the token has no sub"),) + _CAUSES
+
+
+def check_algorithms(algorithms: Iterable[str]) -> tuple[str, ...]:
+    """The configured algorithms, or ValueError: known ones only (never
+    ``none``), at least one, and not HMAC and public-key ones together.
+
+    >>> check_algorithms(["HS256", "HS512"])
+    ('HS256', 'HS512')
+    >>> check_algorithms(["HS256", "RS256"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: HMAC (HS*) and public-key algorithms cannot be mixed ...
+    """
+    chosen = tuple(dict.fromkeys(algorithms))
+    if not chosen:
+        raise ValueError("at least one algorithm is needed")
+    for name in chosen:
+        if name not in HMAC_ALGORITHMS and name not in PUBLIC_KEY_ALGORITHMS:
+            raise ValueError(
+                "unknown or unsafe algorithm %r (allowed: %s)"
+                % (name, ", ".join(sorted(HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS)))
+            )
+    hmac = [name for name in chosen if name in HMAC_ALGORITHMS]
+    if hmac and len(hmac) != len(chosen):
+        raise ValueError(
+            "HMAC (HS*) and public-key algorithms cannot be mixed (the public key "
+            "would be accepted as an HMAC secret)"
+        )
+    return chosen
+
+
+def load_key(key: str, algorithms: Sequence[str]) -> Any:
+    """The key material for ``algorithms``: the secret (bytes) for HMAC,
+    else the public key read from the PEM file ``key`` (or the PEM text).
+    Raises ValueError saying what is wrong (an unreadable file, not a
+    public key, a key of another kind than the algorithms)."""
+    algorithms = check_algorithms(algorithms)
+    if not key:
+        raise ValueError("no key")
+    if algorithms[0] in HMAC_ALGORITHMS:
+        return key.encode()
+    if key.lstrip().startswith("-----BEGIN"):
+        pem = key.encode()
+    else:
+        try:
+            with open(key, "rb") as handle:
+                pem = handle.read(1 << 20)
+        except OSError as exc:
+            raise ValueError(
+                "cannot read the public key file %r: %s" % (key, exc.strerror)
+            ) from None
+    algorithm = jwt.get_algorithm_by_name(algorithms[0])
+    try:
+        loaded = algorithm.prepare_key(pem)
+    except (jwt.InvalidKeyError, ValueError, TypeError) as exc:
+        raise ValueError(
+            "%r is not a PEM public key for %s: %s" % (key, algorithms[0], exc)
+        ) from None
+    for name in algorithms[1:]:
+        try:
+            jwt.get_algorithm_by_name(name).prepare_key(pem)
+        except (jwt.InvalidKeyError, ValueError, TypeError):
+            raise ValueError("the key %r does not fit algorithm %s" % (key, name)) from None
+    if hasattr(loaded, "private_bytes"):
+        raise ValueError("%r is a private key: give the server the public key only" % key)
+    return loaded
+
+
+class Verifier:
+    """Checks tokens against one key and the configured algorithms,
+    audience and issuer."""
+
+    def __init__(
+        self,
+        key: Any,
+        algorithms: Sequence[str],
+        audience: str = "",
+        issuer: str = "",
+        leeway: float = 0.0,
+    ) -> None:
+        self.algorithms = list(check_algorithms(algorithms))
+        self.key = load_key(key, self.algorithms) if isinstance(key, str) else key
+        self.audience = audience or None
+        self.issuer = issuer or None
+        self.leeway = leeway
+        self._options: Any = {"verify_aud": self.audience is not None}
+
+    def verify(self, token: str) -> Grant | Failure:
+        """The token's :class:`~marketstream.wire.access.Grant`, or why it
+        is refused.  Never raises."""
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_BYTES:
+            return Failure("malformed", "malformed token")
+        try:
+            claims = jwt.decode(
+                token,
+                self.key,
+                algorithms=self.algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options=self._options,
+            )
+        except jwt.MissingRequiredClaimError as exc:
+            cause = {"aud": "audience", "iss": "issuer"}.get(exc.claim, "bad_claims")
+            return Failure(cause, "the token has no %s" % exc.claim)
+        except jwt.PyJWTError as exc:
+            for kind, cause, reason in _CAUSES:
+                if isinstance(exc, kind):
+                    return Failure(cause, reason)
+            return Failure("malformed", "invalid token")
+        except (ValueError, TypeError):  # a key or header PyJWT could not use
+            return Failure("malformed", "invalid token")
+        return grant_of(claims)
+
+
+def grant_of(claims: dict[str, Any]) -> Grant | Failure:
+    """The :class:`~marketstream.wire.access.Grant` of verified claims, or
+    ``bad_claims``: ``sub`` must be a non-empty string, ``exp`` (if any) a
+    number, ``channels`` (if any) a list of at most 64 patterns.
+
+    >>> grant_of({"sub": "42", "exp": 1700000000}).exp
+    1700000000.0
+    >>> grant_of({"exp": 1})
+    Failure(cause='bad_claims', reason='the token has no sub')
+    """
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub or len(sub) > 256:
+        return Failure("bad_claims", "the token has no sub")
+    exp = claims.get("exp")
+    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, (int, float))):
+        return Failure("bad_claims", "exp must be a number")
+    channels = claims.get("channels")
+    pattern = None
+    if channels is not None:
+        if not isinstance(channels, list) or len(channels) > MAX_PATTERNS:
+            return Failure(
+                "bad_claims", "channels must be a list of at most %d patterns" % MAX_PATTERNS
+            )
+        try:
+            pattern = compile_patterns(channels)
+        except ValueError as exc:
+            return Failure("bad_claims", "channels: %s" % exc)
+    return Grant(sub, None if exp is None else float(exp), pattern)

@@ -1,0 +1,99 @@
+"""JWT verification (wire/tokens.py), called directly: every refusal cause,
+the algorithm rules and the bounds on what a token may carry."""
+
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from marketstream.wire.access import Grant
+from marketstream.wire.tokens import (
+    MAX_TOKEN_BYTES,
+    Failure,
+    Verifier,
+    check_algorithms,
+    load_key,
+)
+
+SECRET = "unit-test-secret-of-at-least-32-bytes"
+
+
+def sign(claims, key=SECRET, algorithm="HS256"):
+    return jwt.encode(claims, key, algorithm=algorithm)
+
+
+def test_causes():
+    verifier = Verifier(SECRET, ["HS256"], audience="ex", issuer="auth", leeway=5)
+    now = int(time.time())
+    base = {"sub": "1", "aud": "ex", "iss": "auth"}
+    assert verifier.verify(sign(base)) == Grant("1")
+    cases = {
+        "expired": {**base, "exp": now - 60},
+        "not_yet_valid": {**base, "nbf": now + 60},
+        "audience": {**base, "aud": "other"},
+        "issuer": {**base, "iss": "other"},
+        "bad_claims": {"aud": "ex", "iss": "auth"},
+    }
+    for cause, claims in cases.items():
+        result = verifier.verify(sign(claims))
+        assert isinstance(result, Failure) and result.cause == cause, (cause, result)
+    assert verifier.verify(sign({"sub": "1", "iss": "auth"})).cause == "audience"  # no aud
+    assert verifier.verify(sign(base, key="x" * 40)).cause == "bad_signature"
+    assert verifier.verify(sign(base, algorithm="HS512")).cause == "algorithm"
+    assert verifier.verify(jwt.encode(base, None, algorithm="none")).cause == "algorithm"
+    assert verifier.verify("a.b.c").cause == "malformed"
+    assert verifier.verify("x" * (MAX_TOKEN_BYTES + 1)).cause == "malformed"
+    # Within the leeway: accepted (clock skew).
+    assert verifier.verify(sign({**base, "exp": now - 2})).exp == now - 2
+
+
+def test_claims_are_bounded():
+    verifier = Verifier(SECRET, ["HS256"])
+    for claims in (
+        {"sub": 42},
+        {"sub": ""},
+        {"sub": "1", "channels": "raw.*"},
+        {"sub": "1", "channels": ["raw.*"] * 65},
+        {"sub": "1", "channels": [""]},
+        {"sub": "1", "channels": [7]},
+    ):
+        result = verifier.verify(sign(claims))
+        assert isinstance(result, Failure) and result.cause == "bad_claims", claims
+    grant = verifier.verify(sign({"sub": "1", "channels": ["raw.*", "x.?"]}))
+    assert grant.channels.fullmatch("raw.BTC_USDT") and not grant.channels.fullmatch("x.ab")
+
+
+def test_algorithm_rules(tmp_path):
+    with pytest.raises(ValueError, match="none"):
+        check_algorithms(["none"])
+    with pytest.raises(ValueError, match="mixed"):
+        check_algorithms(["HS256", "ES256"])
+    private = ec.generate_private_key(ec.SECP256R1())
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    path = tmp_path / "key.pem"
+    path.write_bytes(public_pem)
+    verifier = Verifier(str(path), ["ES256"])
+    assert verifier.verify(sign({"sub": "k"}, private, "ES256")).sub == "k"
+    # Algorithm confusion: an HS256 token whose secret is the public key's PEM.
+    forged = jwt.encode({"sub": "k"}, "x" * 32, algorithm="HS256")
+    assert verifier.verify(forged).cause == "algorithm"
+    # Keys that cannot serve: missing, not a key, a private key, the wrong kind.
+    with pytest.raises(ValueError, match="cannot read"):
+        load_key(str(tmp_path / "missing.pem"), ["ES256"])
+    (tmp_path / "junk.pem").write_text("not a key")
+    with pytest.raises(ValueError, match="not a PEM public key"):
+        load_key(str(tmp_path / "junk.pem"), ["ES256"])
+    private_pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    (tmp_path / "private.pem").write_bytes(private_pem)
+    with pytest.raises(ValueError):
+        load_key(str(tmp_path / "private.pem"), ["ES256"])
+    with pytest.raises(ValueError):
+        load_key(str(path), ["RS256"])

@@ -5,7 +5,8 @@ stream only on the same connection, and the frames of top-N streams and
 update speeds, whose positions skip.
 
 Node has no WebSocket: a stand-in records what the client sends and hands
-it the frames built here; everything else is the shipped module.
+it the frames built here (and Node 18, Debian bookworm's, no CustomEvent:
+a stand-in too); everything else is the shipped module.
 """
 
 import json
@@ -22,7 +23,11 @@ from tests.checksums import crc_of
 
 MODULE = os.path.join(ROOT, "marketstream", "server", "static", "marketstream.js")
 NODE = shutil.which("node")
-pytestmark = pytest.mark.skipif(NODE is None, reason="Node.js is not installed")
+pytestmark = pytest.mark.skipif(
+    NODE is None,
+    reason="Node.js is not installed (no `node` on PATH): these tests run the browser "
+    "client's checksums in it; .ci/run installs Debian's nodejs",
+)
 
 HARNESS = r"""
 import {readFileSync} from "node:fs";
@@ -39,6 +44,10 @@ class FakeWebSocket {
   close() { this.readyState = 3; }
 }
 globalThis.WebSocket = FakeWebSocket;
+// A browser's CustomEvent, which Node has as a global from 19 on only.
+globalThis.CustomEvent ??= class CustomEvent extends Event {
+  constructor(type, init) { super(type, init); this.detail = init?.detail ?? null; }
+};
 const tick = () => new Promise((resolve) => setTimeout(resolve, 5));
 const out = {};
 if (input.texts) out.crc = input.texts.map((text) => crc32(text));
@@ -75,8 +84,13 @@ process.exit(0);
 def run_node(tmp_path, payload):
     script = tmp_path / "harness.mjs"
     script.write_text(HARNESS)
+    # The shipped file under an .mjs name: before 20.19 and 22.7, Node reads a
+    # .js file outside a "type": "module" package as CommonJS, and the
+    # module's export statements are a SyntaxError there (Debian's Node is 18).
+    module = tmp_path / "marketstream.mjs"
+    shutil.copyfile(MODULE, module)
     result = subprocess.run(
-        [NODE, str(script), "file://" + MODULE],
+        [NODE, str(script), module.as_uri()],
         input=json.dumps(payload),
         capture_output=True,
         text=True,

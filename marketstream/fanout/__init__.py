@@ -17,6 +17,8 @@
   connection may still be sent;
 - :mod:`~marketstream.fanout.dedupe`: the positions streams and
   connections hold, and which listeners a live message skips;
+- :mod:`~marketstream.fanout.books`: the server's order books (diffs
+  applied once per message, checksums, top-N snapshots, merged diffs);
 - :mod:`~marketstream.fanout.counters`: the process's ``Counters``, bumped
   on the hot path and read by ``/metrics`` and ``/health``.
 

@@ -16,7 +16,11 @@
 - :mod:`~marketstream.wire.access`: who may subscribe to what (user
   streams ``<name>#<user>``, ``[auth] protected``, the ``channels`` claim);
 - :mod:`~marketstream.wire.tokens`: JWT verification (PyJWT): keys,
-  algorithms, and what each refusal is counted as.
+  algorithms, and what each refusal is counted as;
+- :mod:`~marketstream.wire.books`: the top-10 book checksum and book
+  frames by bytes;
+- :mod:`~marketstream.wire.derived`: derived stream names
+  (``depthN.<MARKET>``, ``<stream>@<interval>``).
 
 Imports: the standard library, orjson, ujson and PyJWT; nothing of marketstream
 outside this package (no Tornado, no redis-py), so every layer may use it

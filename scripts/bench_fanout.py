@@ -44,6 +44,11 @@ Standard runs::
     # two workers against one, the load sharing both cores
     python scripts/bench_fanout.py --connections 5000 --streams 1000 --per-conn 10 --rate 40000 \\
         --no-pin --processes 2
+    # compressing clients (permessage-deflate; each message compressed once for all)
+    python scripts/bench_fanout.py --connections 1000 --streams 10 --rate 4000 --compressing
+    python scripts/bench_fanout.py --connections 1000 --streams 10 --rate 4000 --compressing \
+        --set server.compression_min_bytes=0
+    python scripts/bench_fanout.py --idle --connections 10000 --streams 100 --compressing
     # recoverable publishing (positions, history) against plain
     python scripts/bench_fanout.py --connections 5000 --streams 1000 --per-conn 10 --rate 15000 \\
         --compare --recoverable
@@ -90,6 +95,8 @@ from marketstream.testing import (  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WSBLAST_SOURCE = os.path.join(HERE, "wsblast.c")
+#: What --compressing clients offer (what browsers send).
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
 REFERENCE_SERVER = os.path.join(HERE, "reference_server.py")
 
 # Stream names and subscriptions as wsblast makes them.  Every payload of a
@@ -265,7 +272,13 @@ class PythonReceiver:
             names = [stream_name(k) for k in connection_streams(c, args.per_conn, args.streams)]
             plans.append(
                 (
-                    handshake_request(port, host=host),
+                    handshake_request(
+                        port,
+                        host=host,
+                        headers={"Sec-WebSocket-Extensions": DEFLATE_OFFER}
+                        if args.compressing
+                        else None,
+                    ),
                     masked_frame(
                         json.dumps(
                             {"method": "SUBSCRIBE", "params": names, "id": c + 1},
@@ -345,6 +358,7 @@ class BlastReceiver:
             str(args.per_conn),
             str(min(self.sampled, args.connections)),
             "msg",
+            *(["deflate"] if args.compressing else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             preexec_fn=die_with_parent,
@@ -396,6 +410,7 @@ class BlastReceiver:
                 result["lat_ms_p99_steady"] if result.get("lat_samples_steady") else None
             ),
             "closed_by_server": result["closed_by_server"],
+            "compressed": result.get("compressed", 0),
         }
 
     def kill(self) -> None:
@@ -529,6 +544,10 @@ async def run(
         binary = wsblast_binary() if args.receiver in ("auto", "wsblast") else None
         if args.receiver == "wsblast" and binary is None:
             raise RuntimeError("--receiver wsblast needs a C compiler (cc)")
+        if args.compressing and not binary and not args.idle:
+            # It counts frames from byte counts, and compressed frames vary.
+            raise RuntimeError("--compressing needs wsblast (a C compiler) unless --idle")
+        figures["compressing"] = args.compressing
         if binary:
             receiver = BlastReceiver(binary, args.sampled)
         else:
@@ -654,6 +673,8 @@ async def run(
         )
         if result.get("closed_by_server"):
             figures["closed_by_server"] = result["closed_by_server"]
+        if args.compressing:
+            figures["compressed_deliveries"] = result.get("compressed", 0)
         if proc:
             figures["rss_peak_mb"] = round(max(peak, tree_rss(proc)) / 2**20, 1)
             cpu = cpu_after - cpu_before
@@ -770,6 +791,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument(
         "--idle", action="store_true", help="connect and measure memory only, publish nothing"
+    )
+    load.add_argument(
+        "--compressing",
+        action="store_true",
+        help="every client offers permessage-deflate (messages over [server] "
+        "compression_min_bytes then come compressed; latency is sampled from plain frames)",
     )
     load.add_argument(
         "--receiver",

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,6 +58,39 @@ def test_bench_small_run_reports_figures():
         "published_per_second",
     ):
         assert figures[key] is not None, key
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
+    reason="wsblast needs a C compiler",
+)
+def test_compressing_clients_count_every_delivery_compressed():
+    """--compressing: wsblast offers permessage-deflate and counts frames by
+    their headers; with compression_min_bytes 0 every delivery comes
+    compressed, and none is lost."""
+    figures = json.loads(
+        bench(
+            "--connections",
+            "20",
+            "--streams",
+            "4",
+            "--rate",
+            "200",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.5",
+            "--json",
+            "--receiver",
+            "wsblast",
+            "--compressing",
+            "--set",
+            "server.compression_min_bytes=0",
+        ).stdout
+    )
+    assert figures["compressing"] is True
+    assert figures["expected_deliveries"] == figures["received_deliveries"] > 0
+    assert figures["compressed_deliveries"] == figures["received_deliveries"]
 
 
 def test_side_by_side_with_the_reference_server_and_recoverable_publishing():
@@ -164,3 +198,20 @@ def test_wsblast_receiver_is_built_and_counts_every_frame():
     assert figures["receiver"] == "wsblast"
     assert figures["received_deliveries"] == figures["expected_deliveries"] > 0
     assert figures["latency_samples"] > 0
+
+
+def test_bench_compression_reports_each_kind_of_demo_message():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "bench_compression.py"), "--json"]
+        + ["--messages", "50"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert set(figures["kinds"]) == {"trade", "depth", "ticker", "snapshot"}
+    snapshot = figures["kinds"]["snapshot"]
+    assert snapshot["compressed_median_bytes"] < snapshot["plain_median_bytes"]
+    assert all(0 < row["ratio"] < 1 for row in figures["by_size"])

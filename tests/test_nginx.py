@@ -477,3 +477,57 @@ def test_the_page_and_the_javascript_client_through_nginx(redis_url, nginx_facto
             assert _get(base + path) == direct, path
     finally:
         server.stop()
+
+
+def test_compression_passes_through_nginx(instance, redis_url, nginx_factory):
+    """nginx passes the permessage-deflate offer and answer through (it
+    does not take part in the extension): a compressing client behind it
+    gets RSV1 frames that python-websockets inflates."""
+    import websockets
+
+    from marketstream.wire.deflate import inflate_frame
+
+    port = nginx_factory([instance.port])
+    stream = "depth.NGX_USDT"
+    book = ujson.dumps(
+        {"stream": stream, "data": {"e": "depth", "b": [["%d.5" % i, "1.25"] for i in range(80)]}}
+    )
+    client = redis.Redis.from_url(redis_url)
+
+    async def main():
+        url = "ws://127.0.0.1:%d/stream?streams=%s" % (port, stream)
+        ws = await websockets.connect(url)
+        assert ws.response.headers["Sec-WebSocket-Extensions"].startswith(
+            "permessage-deflate; server_no_context_takeover"
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            handshake_request(
+                port,
+                "/stream?streams=%s" % stream,
+                {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"},
+            )
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert b"server_no_context_takeover" in head
+        await asyncio.to_thread(
+            wait_until,
+            lambda: client.pubsub_numsub(stream)[0][1] == 1,
+            15,
+            message="subscribed upstream",
+        )
+        # Both subscribed in their handshake: the 101 is written, then the
+        # stream subscribed, in one step of the server's event loop.
+        client.publish(stream, book)
+        assert await asyncio.wait_for(ws.recv(), 10) == book
+        first = await asyncio.wait_for(reader.readexactly(4), 10)
+        assert first[0] == 0xC1 and first[1] & 0x7F == 126, first  # FIN, RSV1, text
+        body = await asyncio.wait_for(reader.readexactly(int.from_bytes(first[2:4], "big")), 10)
+        assert inflate_frame(first + body).decode() == book
+        writer.close()
+        await ws.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        client.close()

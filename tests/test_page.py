@@ -676,3 +676,33 @@ def test_phone_width_shows_status_book_and_trades(page, server, feed, tmp_path):
         page.save_screenshot(str(tmp_path / "phone.png"))
     finally:
         page.set_window_size(1280, 800)
+
+
+def test_chromium_negotiates_compression_and_reads_compressed_snapshots(page, server, feed):
+    """Chromium always offers permessage-deflate: the server takes it, and
+    the browser inflates the depth snapshots (compressed; the small diffs
+    come plain on the same connection), so the page's book is whole."""
+    import json
+
+    from marketstream.testing import health
+
+    srv = server["server"]
+    open_page(page, srv)
+    wait_live(page)
+    extensions, first = page.execute_async_script(
+        """
+        const done = arguments[arguments.length - 1];
+        const ws = new WebSocket(`ws://${location.host}/stream?streams=${arguments[0]}&snapshot=1`);
+        ws.onmessage = (event) => { done([ws.extensions, event.data]); ws.close(); };
+        ws.onerror = () => done(["error", ""]);
+        """,
+        DEPTH,
+    )
+    assert extensions.startswith("permessage-deflate; server_no_context_takeover"), extensions
+    snapshot = json.loads(first)
+    assert snapshot["stream"] == DEPTH and snapshot["data"]["e"] == "depthSnapshot"
+    assert len(snapshot["data"]["b"]) >= 10
+    stats = health(srv.port)["stats"]
+    assert stats["deflated_messages"] >= 2  # the page's snapshot and this one
+    assert stats["deflate_bytes_out"] < stats["deflate_bytes_in"]
+    assert errors(page) == []

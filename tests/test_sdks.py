@@ -15,7 +15,7 @@ import pytest
 import ujson
 
 from marketstream.publisher import Publisher
-from marketstream.testing import async_wait_until, wait_until
+from marketstream.testing import async_wait_until, health, wait_until
 from tests.helpers import ServerProcess, numsub
 
 
@@ -31,12 +31,19 @@ def server_process(redis_url):
     server.stop()
 
 
-@pytest.fixture(params=["plain", "recoverable"])
+@pytest.fixture(params=["plain", "recoverable", "large"])
 def publish(request, redis_client):
     """Publish ``COUNT`` trades on ``STREAM``: plain PUBLISH of envelopes, or
-    through the recoverable publisher (frames then carry ``seq``)."""
+    through the recoverable publisher (frames then carry ``seq``), or large
+    ones (over ``compression_min_bytes``: compressed for an SDK that offers
+    permessage-deflate, as python-websockets and aiohttp do)."""
 
     def data(t):
+        if request.param == "large":
+            return dict(small(t), fills=[["150.%03d" % i, "0.010"] for i in range(60)])
+        return small(t)
+
+    def small(t):
         return {
             "e": "trade",
             "E": 1_700_000_000_000_000 + t,
@@ -49,13 +56,14 @@ def publish(request, redis_client):
         }
 
     def run():
-        if request.param == "plain":
+        if request.param != "recoverable":
             for t in range(COUNT):
                 redis_client.publish(STREAM, ujson.dumps({"stream": STREAM, "data": data(t)}))
         else:
             with Publisher(redis_client, history=100) as pub:
                 pub.publish_many([(STREAM, data(t)) for t in range(COUNT)])
 
+    run.kind = request.param
     return run
 
 
@@ -166,6 +174,10 @@ def test_python_binance_multiplex_socket(server_process, redis_client, publish):
     asyncio.run(run())
     assert all(m["stream"] == STREAM for m in received)
     check([m["data"] for m in received])
+    if publish.kind == "large":
+        # python-binance runs on python-websockets, which offers
+        # permessage-deflate: every trade came compressed and was inflated.
+        assert health(server_process.port)["stats"]["deflated_messages"] == COUNT
 
 
 # --- backpack-exchange-sdk (WebSocketClient, websocket-client thread) ---------------

@@ -90,6 +90,8 @@ class Client:
     for private streams (:mod:`marketstream.client.auth`): sent as
     ``Authorization: Bearer`` on every (re)connect, and refreshed with
     ``AUTH`` before each ``exp`` when it is a function.
+    ``compression``: offer permessage-deflate (the server then compresses
+    large messages, such as snapshots).
 
     Counters: ``connects``, ``reconnects`` (connections after the first),
     ``resumes`` (reconnections that asked for a replay), ``gaps`` (gap
@@ -132,9 +134,13 @@ class Client:
         ping_interval: float | None = 20.0,
         close_timeout: float = 2.0,
         token: TokenSource | None = None,
+        compression: bool = False,
     ) -> None:
         self.url = url
         self.auth = TokenKeeper(token) if token is not None else None
+        # Offer permessage-deflate (off by default: see the README's Compression).
+        # Any: Tornado's type of its compression options.
+        self.compression_options: dict[str, Any] | None = {} if compression else None
         self.session = Session(
             streams, snapshot, reconnect, backoff, since, on_state, logger=log, url=url
         )
@@ -165,7 +171,9 @@ class Client:
             request_timeout=self.connect_timeout,
             headers=headers,
         )
-        ws = await tornado.websocket.websocket_connect(request, ping_interval=self.ping_interval)
+        ws = await tornado.websocket.websocket_connect(
+            request, ping_interval=self.ping_interval, compression_options=self.compression_options
+        )
         if self.session.closed:
             ws.close(NORMAL_CLOSURE)
             raise ConnectionLost("client closed")

@@ -6,6 +6,7 @@
     marketstream-tail depth.SOL_USDC --snapshot --count 1          # the book, then exit
     marketstream-tail trade.SOL_USDC --since trade.SOL_USDC:1042   # resume after 1042
     marketstream-tail ticker.BTC_USDT --url ws://example.com/ws --count 5 --timeout 10
+    marketstream-tail depth.SOL_USDC --snapshot --compression      # snapshots come compressed
     marketstream-tail 'account.orders#42' --token "$TOKEN"       # a private stream
     python -m marketstream.client.tail --help
 
@@ -131,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the token from FILE at every (re)connect and refresh (overrides --token)",
     )
     parser.add_argument(
+        "--compression",
+        action="store_true",
+        help="offer permessage-deflate (large messages, such as snapshots, come compressed)",
+    )
+    parser.add_argument(
         "-q",
         "--quiet",
         action="store_true",
@@ -161,6 +167,7 @@ async def tail(
         since=dict(args.since),
         on_state=None if args.quiet else on_state,
         token=_token_source(args),
+        compression=args.compression,
     )
     printed = 0
     refused: list[StreamsRefused] = []

@@ -19,6 +19,9 @@
   connections hold, and which listeners a live message skips;
 - :mod:`~marketstream.fanout.books`: the server's order books (diffs
   applied once per message, checksums, top-N snapshots, merged diffs);
+- :mod:`~marketstream.fanout.compressing`: the connections that negotiated
+  permessage-deflate, kept apart per stream, and their frames (each message
+  compressed once for all of them);
 - :mod:`~marketstream.fanout.counters`: the process's ``Counters``, bumped
   on the hot path and read by ``/metrics`` and ``/health``.
 

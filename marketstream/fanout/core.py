@@ -53,12 +53,14 @@ from collections.abc import Callable
 
 from marketstream.fanout.batching import Batch
 from marketstream.fanout.budgets import REPLAY_BYTES, ReplayBudgets
+from marketstream.fanout.compressing import Compressing
 from marketstream.fanout.counters import Counters
 from marketstream.fanout.dedupe import LivePositions
 from marketstream.fanout.records import Connection, History, Read, Want
 from marketstream.fanout.recovery import Recoveries
 from marketstream.fanout.wanted import WantedChannels
 from marketstream.wire import payloads
+from marketstream.wire.deflate import Deflater
 from marketstream.wire.frames import text_frame
 from marketstream.wire.positions import split_position
 
@@ -87,6 +89,7 @@ class Core:
         replay_bytes: int = REPLAY_BYTES,
         max_channels: int = 0,
         linger: bool = False,
+        deflater: Deflater | None = None,
     ) -> None:
         self.counters = counters
         self.on_malformed = on_malformed
@@ -100,9 +103,11 @@ class Core:
         self.batch = Batch(counters)
         self.budgets = ReplayBudgets(replay_bytes)
         self.positions = LivePositions()
+        self.compressing = Compressing(deflater, self.batch, self.streams)
         self.recoveries = Recoveries(
             self.budgets, self.batch, self.positions, counters, max_replay, self._dropped
         )
+        self.recoveries.compressing = self.compressing
         self.take_changes = self.channels.take_changes
         self.is_wanted = self.channels.channels.__contains__
         self.over_channel_cap = self.channels.over_cap
@@ -116,11 +121,7 @@ class Core:
         self._live_seq = self.positions.live  # last position seen on the link, per stream
         self._holding = self.positions.holding  # connections caught up to a position
         self._not_holding = self.positions.skip
-
-    @property
-    def pending(self) -> dict[Connection, list[bytes]]:
-        """The frames of the current batch, per connection."""
-        return self.batch.pending
+        self._deflating = self.compressing.connections
 
     # --- the link's channels (see WantedChannels) ---------------------------
 
@@ -140,9 +141,10 @@ class Core:
 
     # --- registry ---------------------------------------------------------
 
-    def register(self, conn: Connection) -> None:
-        """Track a new connection (before it subscribes to anything)."""
+    def register(self, conn: Connection, compressing: bool = False) -> None:
+        """Track a new connection (``compressing``: it negotiated permessage-deflate)."""
         self.connections.setdefault(conn, {})
+        self.compressing.register(conn, compressing)
 
     def subscribe(
         self, conn: Connection, names: list[str], wants: dict[str, Want] | None = None
@@ -165,6 +167,7 @@ class Core:
                     self.streams[name] = {conn: None}
                 else:
                     listeners[conn] = None
+                self.compressing.changed(name)
             added.append(name)
         return added
 
@@ -188,6 +191,7 @@ class Core:
             for name in mine:
                 self._drop_listener(name, conn)
         self.budgets.forget(conn)
+        self.compressing.discard(conn)
 
     def subscriptions(self, conn: Connection) -> list[str]:
         return list(self.connections.get(conn, ()))
@@ -196,6 +200,7 @@ class Core:
         listeners = self.streams.get(name)
         if listeners is not None:
             listeners.pop(conn, None)
+            self.compressing.changed(name)
             self.positions.let_go(name, conn)
             if not listeners:
                 del self.streams[name]
@@ -235,7 +240,7 @@ class Core:
         since = self.last_seq.get(name)
         if since is None:
             # A plain stream: what was published meanwhile is gone.
-            self.batch.notice(listeners, name, reason)
+            self.compressing.notice(name, listeners, reason)
             return
         # A recoverable stream: its listeners catch up from the history.
         del self.streams[name]
@@ -290,6 +295,7 @@ class Core:
             return False
         listeners = self.streams.setdefault(name, {}) if recovery.reading else {}
         queued = self.recoveries.serve(name, recovery, history, listeners)
+        self.compressing.changed(name)
         self._forget_if_idle(name)  # else the next read serves those waiting
         return queued
 
@@ -339,6 +345,8 @@ class Core:
                 holding = self._holding.get(name)
                 if holding is not None:
                     listeners = self._not_holding(name, holding, listeners, seq)
+        if self._deflating:  # some connection compresses: the listeners by kind
+            return self.compressing.deliver(name, listeners, payload)
         self._enqueue(listeners, text_frame(payload))
         return True
 
@@ -348,7 +356,7 @@ class Core:
         reused for other data.  Listeners get the gap notice first, so that
         they accept the new positions."""
         self.positions.drop_holdings(name)
-        self.batch.notice(listeners, name, "lost_writes")
+        self.compressing.notice(name, listeners, "lost_writes")
 
     def _dropped(self, channel: bytes, payload: bytes, problem: str) -> bool:
         """Count and report a payload ``problem`` rules out (a payloads cause)."""

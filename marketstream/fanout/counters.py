@@ -16,7 +16,7 @@ The metrics exporter turns them into Prometheus series once a second
 
 from __future__ import annotations
 
-from marketstream.wire.tokens import FAILURE_CAUSES
+from marketstream.wire.access import FAILURE_CAUSES
 
 __all__ = [
     "Counters",
@@ -76,6 +76,9 @@ class Counters:
         "dropped_wrong_stream",
         "auth_accepted",
         "auth_refreshed",
+        "deflated_messages",
+        "deflate_bytes_in",
+        "deflate_bytes_out",
     )
     __slots__ = TOTALS + (
         "batch_sizes",
@@ -105,6 +108,11 @@ class Counters:
     dropped_wrong_stream: int
     auth_accepted: int  # tokens accepted at connect
     auth_refreshed: int  # tokens accepted in AUTH messages
+    # permessage-deflate: messages compressed (each once, for every
+    # compressing client), and their frames' bytes before and after.
+    deflated_messages: int
+    deflate_bytes_in: int
+    deflate_bytes_out: int
 
     def __init__(self) -> None:
         for name in self.TOTALS:

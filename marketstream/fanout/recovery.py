@@ -28,7 +28,8 @@ from functools import partial
 
 from marketstream.fanout.batching import Batch
 from marketstream.fanout.budgets import ReplayBudgets
-from marketstream.fanout.catchup import CatchUp, catch_up, frame_history, gap_frames
+from marketstream.fanout.catchup import CatchUp, GapFrame, catch_up, frame_history, gap_frames
+from marketstream.fanout.compressing import Compressing
 from marketstream.fanout.counters import Counters
 from marketstream.fanout.dedupe import LivePositions
 from marketstream.fanout.records import Connection, History, Read, Want
@@ -66,6 +67,7 @@ class Recoveries:
         "counters",
         "max_replay",
         "dropped",
+        "compressing",
         "_reads",
     )
 
@@ -77,6 +79,7 @@ class Recoveries:
         counters: Counters,
         max_replay: int,
         dropped: Callable[[bytes, bytes, str], object],
+        compressing: Compressing | None = None,
     ) -> None:
         self.streams: dict[str, Recovery] = {}  # never replaced: the core reads it per message
         self.budgets = budgets
@@ -85,6 +88,7 @@ class Recoveries:
         self.counters = counters
         self.max_replay = max_replay
         self.dropped = dropped  # a stored frame that fails the check: (channel, frame, problem)
+        self.compressing = compressing  # catch-ups compressed for those that negotiated it
         self._reads = 0
 
     def hold(self, name: str, conn: Connection, want: Want) -> bool:
@@ -185,7 +189,8 @@ class Recoveries:
         """The read in flight for ``name`` found ``history``: queue each
         reader's catch-up, make it one of ``listeners`` (the stream's), and
         end the read; True if frames were queued.  What was read is framed
-        once, and each catch-up built once per kind of request: in a
+        once, and each catch-up built once per kind of request and of
+        client (compressing or plain, each frame compressed once): in a
         reconnect storm a thousand clients ask for the same."""
         recovery.in_flight = False
         readers, shares = recovery.reading, recovery.shares
@@ -195,13 +200,12 @@ class Recoveries:
         if not readers:
             return False
         merge = partial(
-            catch_up,
-            history=frame_history(name.encode(), history, self.dropped),
-            live=live,
-            max_replay=self.max_replay,
-            had_positions=name in self.positions.delivered,
-            gap=gap_frames(name),
+            catch_up, max_replay=self.max_replay, had_positions=name in self.positions.delivered
         )
+        plain = (frame_history(name.encode(), history, self.dropped), live, gap_frames(name))
+        kinds: dict[bool, tuple[History, list[tuple[int | None, bytes]], GapFrame]] = {False: plain}
+        compressing = self.compressing
+        deflating = compressing.connections if compressing is not None else ()
         built: dict[object, CatchUp] = {}
         counters, budgets, positions = self.counters, self.budgets, self.positions
         queued = False
@@ -209,12 +213,19 @@ class Recoveries:
         for conn, want in readers.items():
             share = shares.get(conn, 0)
             allowed = budgets.allowed(conn, share)  # with what no read of its reserved
-            done = built.get(want)
+            kind = conn in deflating
+            if kind not in kinds:  # the frames compressed, once for every compressing reader
+                assert compressing is not None
+                kinds[kind] = compressing.reframed(*plain)
+            framed, buffered, gap = kinds[kind]
+            done = built.get((kind, want))
             if done is None:  # what it gets if its share is enough
-                done = built[want] = merge(want, share=None)
+                done = built[kind, want] = merge(want, framed, buffered, None, gap=gap)
             if done.size > allowed:  # it is not: what fits
-                key = (want, allowed)
-                done = built.get(key) or built.setdefault(key, merge(want, share=allowed))
+                key = (kind, want, allowed)
+                done = built.get(key) or built.setdefault(
+                    key, merge(want, framed, buffered, allowed, gap=gap)
+                )
             counters.replayed += done.replayed
             counters.snapshots_sent += done.snapshots
             counters.gap_notices += done.gap_notices

@@ -11,6 +11,8 @@ the bridge from Redis to the clients, and what bounds a client.
   history reads, acknowledgements;
 - :mod:`~marketstream.server.handlers`: the WebSocket handler
   (``StreamHandler``) and what the handlers share (``Context``);
+- :mod:`~marketstream.server.compression`: permessage-deflate at the
+  handshake (both accept paths), Tornado's inflater, replies compressed;
 - :mod:`~marketstream.server.http`: ``/health``, ``/metrics``, the URL map;
 - :mod:`~marketstream.server.admission`, :mod:`~marketstream.server.keepalive`:
   connection limits, trusted proxies and origins; one ping timer per process;

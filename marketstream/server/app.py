@@ -162,6 +162,9 @@ class Server:
                 max_replay=settings.recovery.max_replay,
                 replay_bytes=settings.limits.max_buffer_bytes // 2,
                 max_channels=settings.limits.max_channels,
+                compression_min_bytes=(
+                    settings.server.compression_min_bytes if settings.server.compression else None
+                ),
             )
         )
         timeout = settings.redis.startup_timeout

@@ -33,7 +33,7 @@ import itertools
 import logging
 import time
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tornado.ioloop
 
@@ -41,9 +41,11 @@ from marketstream.fanout.counters import Counters
 from marketstream.loglimit import LogLimiter
 from marketstream.server.config import AuthSettings
 from marketstream.wire import replies
-from marketstream.wire.access import Access, Grant
+from marketstream.wire.access import Access, Failure, Grant
 from marketstream.wire.requests import Request, StreamRules
-from marketstream.wire.tokens import Failure, Verifier
+
+if TYPE_CHECKING:
+    from marketstream.wire.tokens import Verifier
 
 __all__ = ["Sessions", "CLOSE_TOKEN_EXPIRED", "ERROR_UNAUTHORIZED", "token_of", "redact_token"]
 
@@ -110,17 +112,19 @@ class Sessions:
         log_limiter: LogLimiter,
     ) -> None:
         self.enabled = bool(settings.jwt_key)
-        self.verifier = (
-            Verifier(
+        self.verifier: Verifier | None = None
+        if self.enabled:
+            # PyJWT with cryptography costs a process about 10 MB of memory:
+            # loaded only where [auth] is configured.
+            from marketstream.wire.tokens import Verifier
+
+            self.verifier = Verifier(
                 settings.jwt_key,
                 settings.jwt_algorithms,
                 settings.jwt_audience,
                 settings.jwt_issuer,
                 settings.leeway,
             )
-            if self.enabled
-            else None
-        )
         self.required = self.enabled and settings.required
         self.leeway = settings.leeway
         self.max_per_user = settings.max_connections_per_user

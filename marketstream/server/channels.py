@@ -55,6 +55,7 @@ from marketstream.server.reads import MAX_READS, HistoryReads
 from marketstream.upstream.confirmations import Confirmations
 from marketstream.upstream.links import make_link
 from marketstream.upstream.urls import redact_url
+from marketstream.wire.deflate import MIN_BYTES, Deflater
 from marketstream.wire.payloads import WRONG_STREAM, publish_time
 
 __all__ = ["ChannelManager", "Handler", "Want", "MAX_READS"]
@@ -103,6 +104,7 @@ class ChannelManager:
         replay_bytes: int = REPLAY_BYTES,
         max_channels: int = 0,
         linger: float = 1.0,
+        compression_min_bytes: int | None = MIN_BYTES,
     ) -> None:
         self.redis_url = redis_url
         self.min_flush_interval = min_flush_interval
@@ -117,6 +119,8 @@ class ChannelManager:
             replay_bytes=replay_bytes,
             max_channels=max_channels,
             linger=linger > 0,
+            # None: no compression (a Deflater compresses each message once).
+            deflater=None if compression_min_bytes is None else Deflater(compression_min_bytes),
         )
         self.link = make_link(
             redis_url,
@@ -197,9 +201,10 @@ class ChannelManager:
 
     # --- subscriptions -------------------------------------------------------
 
-    def register(self, conn: Handler) -> None:
-        """Track a new connection (before it subscribes to anything)."""
-        self.core.register(conn)
+    def register(self, conn: Handler, compressing: bool = False) -> None:
+        """Track a new connection (before it subscribes to anything);
+        ``compressing``: it negotiated permessage-deflate."""
+        self.core.register(conn, compressing)
 
     def subscribe(
         self, conn: Connection, names: Iterable[str], wants: dict[str, Want] | None = None
@@ -271,7 +276,7 @@ class ChannelManager:
     def on_subscribed(self, name: str) -> None:
         self.core.upstream_confirmed(name)
         self._confirmations.resolve(name)
-        if self.core.pending and self._flush_handle is None:
+        if self.core.batch.pending and self._flush_handle is None:
             self._schedule_flush()  # a gap notice
         if self.core.recovering:
             self.reads.start()
@@ -280,7 +285,7 @@ class ChannelManager:
         """A cluster link moved these channels to another shard."""
         self.counters.reconnects += 1
         self.core.channels_interrupted(names)
-        if self.core.pending and self._flush_handle is None:
+        if self.core.batch.pending and self._flush_handle is None:
             self._schedule_flush()  # gap notices
         if self.core.recovering:
             self.reads.start()

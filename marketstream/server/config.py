@@ -201,6 +201,8 @@ class ServerSettings:
     fast_handshake: bool = setting("true", _bool)
     demo_page: bool = setting("false", _bool)
     event_loop: str = setting("asyncio", _choice("asyncio", "uvloop"))
+    compression: bool = setting("true", _bool)
+    compression_min_bytes: int = setting("512", _int(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +249,7 @@ class LoggingSettings:
 
 
 def _algorithms(text: str) -> tuple[str, ...]:
-    from marketstream.wire.tokens import check_algorithms
+    from marketstream.wire.access import check_algorithms
 
     return check_algorithms(_list(text))
 

@@ -55,3 +55,7 @@ class Context:
         # Lines a client can cause: at most one per cause per second.
         self.log_limiter = LogLimiter(log)
         self.auth = Sessions(settings.auth, self.rules, self.counters, self.log_limiter)
+        # permessage-deflate offered to clients (see server/compression.py).
+        self.compression: bool = (
+            settings.server.compression and self.manager.core.compressing.deflater is not None
+        )

@@ -19,10 +19,11 @@ from collections.abc import Coroutine
 from typing import Any
 
 from marketstream.fanout.core import Want
+from marketstream.server import compression
 from marketstream.server.context import log
 from marketstream.server.delivery import Delivery
 from marketstream.wire import replies, requests
-from marketstream.wire.frames import CLOSE_POLICY, text_frame
+from marketstream.wire.frames import CLOSE_POLICY
 
 __all__ = ["Conversation"]
 
@@ -228,4 +229,4 @@ class Conversation(Delivery):
             )
 
     def _reply(self, text: str) -> None:
-        self.write_frames(text_frame(text.encode()))
+        self.write_frames(compression.reply_frame(self.context, self._ws, text.encode()))

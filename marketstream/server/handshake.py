@@ -25,6 +25,7 @@ import tornado.websocket
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import IOStream
 
+from marketstream.server import compression
 from marketstream.server.context import log
 from marketstream.server.conversation import Conversation
 from marketstream.server.net import tornado_compat as compat
@@ -124,15 +125,21 @@ class Handshake(Conversation):
                 self.max_message_size,
                 self.get_compression_options(),
             )
-        return StreamProtocol(self, False, ctx.ws_params)
+        ws = StreamProtocol(self, False, ctx.ws_params)
+        extension = compression.accept(ctx, ws, self.request.headers)
+        connection: object = self.request.connection
+        if extension is not None and type(connection) is not Switched:
+            self.set_header(compression.HEADER, extension)  # Tornado's path
+        return ws
 
     def switch_protocols(self, stream: IOStream, key: str) -> None:
         """Answer 101 on ``stream`` and start the WebSocket, for a request
         :mod:`marketstream.server.net.upgrade` has already checked.
 
         What :meth:`get` and Tornado's ``_accept_connection`` do for a plain
-        request (no subprotocol, no compression, admitted, origin allowed),
-        without building an HTTP response: the 101 is one prebuilt write.
+        request (no subprotocol, admitted, origin allowed; permessage-deflate
+        is negotiated in :meth:`get_websocket_protocol`), without building an
+        HTTP response: the 101 is one prebuilt write.
         """
         if not self.context.auth.switching(self, stream):
             return  # a bad token: answered 401 and closed
@@ -143,7 +150,10 @@ class Handshake(Conversation):
         compat.finish_http(self)  # the HTTP exchange is over
         ws.stream = stream
         self._ws = ws  # what write_frames writes to (open() sets it on Tornado's path)
-        self.write_frames(_SWITCHING % ws.compute_accept_value(key).encode())
+        response = _SWITCHING % ws.compute_accept_value(key).encode()
+        if ws.deflate is not None:
+            response = compression.with_extension(response, ws.deflate)
+        self.write_frames(response)
         ws.start_pinging()
         try:
             self.open()  # synchronous: nothing awaits it here
@@ -172,7 +182,7 @@ class Handshake(Conversation):
         self.identity = self._make_identity()
         # No longer handshaking: an open connection from now on.
         ctx.admission.enter(self.request.remote_ip or "?", stream)
-        ctx.manager.register(self)
+        ctx.manager.register(self, getattr(ws, "deflate", None) is not None)
         ctx.auth.opened(self)
         log.info("connect %s", self.identity)
         initial = self.get_query_argument("streams", "")

@@ -19,6 +19,10 @@ Metrics (all prefixed ``marketstream_``):
 ``redis_messages_total``               messages read from Redis
 ``deliveries_total``                   frames queued to clients (message x subscriber)
 ``bytes_sent_total``                   bytes of market data written to clients
+``deflated_messages_total``            messages compressed (permessage-deflate), each
+                                       once for every compressing client
+``deflate_input_bytes_total``          bytes of those messages' frames before ...
+``deflate_output_bytes_total``         ... and after compression
 ``batches_total``                      delivery batches (one write per client each)
 ``batch_size``                         histogram: messages per delivery batch
 ``batch_latency_seconds``              histogram: first message of a batch read from
@@ -192,6 +196,7 @@ class Exporter:
         self.bytes_sent = Counter(
             "marketstream_bytes_sent", "Bytes of market data written to clients", registry=r
         )
+        self._add_compression(r)
         self.batches = Counter(
             "marketstream_batches", "Delivery batches (one write per client each)", registry=r
         )
@@ -285,6 +290,24 @@ class Exporter:
             multiprocess_mode="livemin",
         )
 
+    def _add_compression(self, r: CollectorRegistry) -> None:
+        """The permessage-deflate counters: messages compressed, bytes before and after."""
+        self.deflated = Counter(
+            "marketstream_deflated_messages",
+            "Messages compressed (permessage-deflate), once for every compressing client",
+            registry=r,
+        )
+        self.deflate_in = Counter(
+            "marketstream_deflate_input_bytes",
+            "Bytes of the compressed messages' frames before compression",
+            registry=r,
+        )
+        self.deflate_out = Counter(
+            "marketstream_deflate_output_bytes",
+            "Bytes of the compressed messages' frames after compression",
+            registry=r,
+        )
+
     def _add_histograms(self, r: CollectorRegistry) -> None:
         """The histograms of the delivery batches: sizes and latencies."""
         self.batch_size = Histogram(
@@ -358,6 +381,9 @@ class Exporter:
         self._advance("deliveries", self.deliveries, stats.deliveries)
         self._advance("bytes", self.bytes_sent, stats.bytes_sent)
         self._advance("batches", self.batches, stats.batches)
+        self._advance("deflated", self.deflated, stats.deflated_messages)
+        self._advance("deflate_in", self.deflate_in, stats.deflate_bytes_in)
+        self._advance("deflate_out", self.deflate_out, stats.deflate_bytes_out)
         self._advance("reconnects", self.reconnects, stats.reconnects)
         self._advance("replayed", self.replayed, stats.replayed)
         self._advance("snapshots", self.snapshots, stats.snapshots_sent)

@@ -84,7 +84,7 @@ class StreamProtocol(tornado.websocket.WebSocketProtocol13):
     # The budget's state in slots: the instance dict is at the size where
     # CPython still shares its keys between instances (29 attributes; one
     # more gives every connection a dict of its own, ~1.5 KB).
-    __slots__ = ("frame_tokens", "frame_time")
+    __slots__ = ("frame_tokens", "frame_time", "deflate")
 
     handler: FrameOwner
 
@@ -93,6 +93,7 @@ class StreamProtocol(tornado.websocket.WebSocketProtocol13):
         super().__init__(handler, mask_outgoing, params)
         self.frame_tokens = float(handler.context.limits.frames_burst)
         self.frame_time = time.monotonic()
+        self.deflate: str | None = None  # the permessage-deflate agreed, if any
 
     async def _receive_frame_loop(self) -> None:
         self.start_frame_loop()

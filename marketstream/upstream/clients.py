@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, TypeAlias
 
 import redis
 import redis.asyncio
@@ -27,7 +27,24 @@ from redis.exceptions import RedisError
 
 from marketstream.upstream.urls import RedisURL, parse_redis_url
 
-__all__ = ["REDIS_ERRORS", "async_client", "check_redis", "sync_client"]
+__all__ = [
+    "REDIS_ERRORS",
+    "AsyncClient",
+    "Reply",
+    "SyncClient",
+    "async_client",
+    "check_redis",
+    "sync_client",
+]
+
+#: What :func:`sync_client` and :func:`async_client` return.
+SyncClient = redis.Redis | redis.cluster.RedisCluster
+AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+
+#: A command reply as redis-py returns it.  Any: redis-py types replies as
+#: Any (``ResponseT``); read with hiredis over RESP2 they are bytes, ints,
+#: None, errors and nested lists of them.
+Reply: TypeAlias = Any
 
 #: What a call to Redis raises when Redis is unreachable, fails or refuses:
 #: redis-py's errors, socket errors, a connection closed mid-reply, a
@@ -49,7 +66,7 @@ def _service(desc: RedisURL) -> str:
 PRIMARY_CHECK = 0.5
 
 
-def _newest(states: list[Any], service: str) -> tuple[str, int]:
+def _newest(states: list[dict[str, Reply]], service: str) -> tuple[str, int]:
     """The primary named by the sentinel with the newest configuration.
 
     Sentinels learn a failover from each other within a couple of seconds;
@@ -70,7 +87,7 @@ class _Sentinel(redis.sentinel.Sentinel):
         states = []
         for sentinel in self.sentinels:
             try:
-                masters: Any = sentinel.sentinel_masters()  # a dict by service name (RESP2)
+                masters: Reply = sentinel.sentinel_masters()  # a dict by service name (RESP2)
                 state = masters.get(service_name)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                 continue
@@ -87,7 +104,7 @@ class _AsyncSentinel(redis.asyncio.sentinel.Sentinel):
         states = []
         for sentinel in self.sentinels:
             try:
-                masters: Any = await sentinel.sentinel_masters()  # by service name (RESP2)
+                masters: Reply = await sentinel.sentinel_masters()  # by service name (RESP2)
                 state = masters.get(service_name)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                 continue
@@ -109,7 +126,7 @@ class _FollowingPool(redis.sentinel.SentinelConnectionPool):
 
     _checked = 0.0
 
-    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+    def get_connection(self, *args: object, **kwargs: object) -> redis.connection.Connection:
         now = time.monotonic()
         if now - self._checked >= PRIMARY_CHECK:
             self._checked = now
@@ -122,16 +139,21 @@ class _AsyncFollowingPool(redis.asyncio.sentinel.SentinelConnectionPool):
 
     _checked = 0.0
 
-    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+    async def get_connection(
+        self, *args: object, **kwargs: object
+    ) -> redis.asyncio.connection.AbstractConnection:
         now = time.monotonic()
         if now - self._checked >= PRIMARY_CHECK:
             self._checked = now
             await self.get_master_address()  # type: ignore[no-untyped-call]  # unannotated in redis-py
-        # unannotated in redis-py:
-        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        # unannotated in redis-py: say what it returns.
+        conn: redis.asyncio.connection.AbstractConnection = await super().get_connection(  # type: ignore[no-untyped-call]
+            *args, **kwargs
+        )
+        return conn
 
 
-def sync_client(url: str | RedisURL, **kwargs: Any) -> redis.Redis | redis.cluster.RedisCluster:
+def sync_client(url: str | RedisURL, **kwargs: Any) -> SyncClient:  # Any: redis-py's options
     """A synchronous redis-py client for ``url``.
 
     * one server: ``redis.Redis``;
@@ -166,8 +188,9 @@ def sync_client(url: str | RedisURL, **kwargs: Any) -> redis.Redis | redis.clust
 
 
 def async_client(
-    url: str | RedisURL, **kwargs: Any
-) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
+    url: str | RedisURL,
+    **kwargs: Any,  # Any: redis-py's options
+) -> AsyncClient:
     """An asyncio redis-py client for ``url`` (``redis.asyncio.Redis``, the
     Sentinel primary's ``redis.asyncio.Redis`` from
     ``redis.asyncio.sentinel.Sentinel.master_for``, or

@@ -20,17 +20,16 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
-
 import redis.asyncio
 import redis.asyncio.connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
-from marketstream.upstream.clients import REDIS_ERRORS
+from marketstream.upstream.clients import REDIS_ERRORS, Reply
 from marketstream.upstream.link import ConnectionClass, PubSubConnection
 from marketstream.upstream.slots import Address, Ranges, SlotTable, key_slot
-from marketstream.upstream.urls import node_label
+from marketstream.upstream.urls import ConnectionOptions, node_label
 
 __all__ = [
     "CONNECTION_DROP",
@@ -60,10 +59,10 @@ CONNECTION_DROP = (
 
 
 def node_target(
-    addr: Address, conn_kwargs: dict[str, Any]
-) -> tuple[ConnectionClass, dict[str, Any]]:
+    addr: Address, conn_kwargs: ConnectionOptions
+) -> tuple[ConnectionClass, ConnectionOptions]:
     """The connection class and options of a raw connection to the node
-    ``addr`` (``conn_kwargs``: the URL's; Any: redis-py's options)::
+    ``addr`` (``conn_kwargs``: the URL's)::
 
         cls, kwargs = node_target(("10.0.0.1", 7000), {"password": "pw", "ssl": True})
         # (SSLConnection, {"password": "pw", "host": "10.0.0.1", "port": 7000})
@@ -77,7 +76,7 @@ def node_target(
 
 
 def _connection(
-    addr: Address, conn_kwargs: dict[str, Any], timeout: float | None
+    addr: Address, conn_kwargs: ConnectionOptions, timeout: float | None
 ) -> redis.asyncio.connection.AbstractConnection:
     """A raw RESP2 connection (not yet connected) to ``addr``; no read
     timeout, no retries: the caller owns liveness and reconnects."""
@@ -93,16 +92,16 @@ def _connection(
 
 
 async def _ask(
-    addr: Address, conn_kwargs: dict[str, Any], timeout: float, *commands: tuple[str, ...]
-) -> list[Any]:
+    addr: Address, conn_kwargs: ConnectionOptions, timeout: float, *commands: tuple[str, ...]
+) -> list[Reply]:
     """Send ``commands`` to ``addr`` on a fresh connection; the replies (an
     error reply comes back as its ResponseError)."""
     conn = _connection(addr, conn_kwargs, timeout)
 
-    async def exchange() -> list[Any]:
+    async def exchange() -> list[Reply]:
         await conn.connect()
         await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-        replies: list[Any] = []
+        replies: list[Reply] = []
         for _ in commands:
             try:
                 replies.append(await conn.read_response())
@@ -120,7 +119,12 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def cluster_topology(addr: Address, *, timeout: float = 1.0, **conn_kwargs: Any) -> SlotTable:
+async def cluster_topology(
+    addr: Address,
+    *,
+    timeout: float = 1.0,
+    **conn_kwargs: Any,  # Any: redis-py's options (see ConnectionOptions)
+) -> SlotTable:
     """Ask one node for the slot table (and every node it knows of).
 
     Uses CLUSTER SHARDS (Redis >= 7), else CLUSTER SLOTS.  Raises RedisError
@@ -137,10 +141,13 @@ async def cluster_topology(addr: Address, *, timeout: float = 1.0, **conn_kwargs
 
 
 async def first_topology(
-    candidates: Iterable[Address], *, timeout: float = 1.0, **conn_kwargs: Any
+    candidates: Iterable[Address],
+    *,
+    timeout: float = 1.0,
+    **conn_kwargs: Any,  # Any: redis-py's options (see ConnectionOptions)
 ) -> SlotTable | None:
     """The slot table of the first of ``candidates`` that answers with one
-    (``conn_kwargs``: connection options; Any: redis-py's); None if none does."""
+    (``conn_kwargs``: connection options); None if none does."""
     tried = 0
     for addr in dict.fromkeys(candidates):
         tried += 1
@@ -156,7 +163,10 @@ async def first_topology(
 
 
 async def cluster_primaries(
-    seeds: Iterable[Address], *, timeout: float = 1.0, **conn_kwargs: Any
+    seeds: Iterable[Address],
+    *,
+    timeout: float = 1.0,
+    **conn_kwargs: Any,  # Any: redis-py's options (see ConnectionOptions)
 ) -> Ranges:
     """The primaries of a cluster and the slot ranges each owns, asked of
     the first seed that answers::
@@ -184,8 +194,8 @@ async def sentinel_primary(
     *,
     timeout: float = 1.0,
     verify: bool = True,
-    sentinel_kwargs: dict[str, Any] | None = None,
-    **conn_kwargs: Any,
+    sentinel_kwargs: ConnectionOptions | None = None,
+    **conn_kwargs: Any,  # Any: redis-py's options (see ConnectionOptions)
 ) -> Address:
     """The primary's address of ``service`` as the sentinels name it::
 
@@ -252,7 +262,7 @@ class SentinelWatcher:
         service: str,
         on_switch: Callable[[Address], object],
         *,
-        sentinel_kwargs: dict[str, Any] | None = None,  # Any: redis-py's options
+        sentinel_kwargs: ConnectionOptions | None = None,
         connect_timeout: float = 1.0,
         backoff_min: float = 0.05,
         backoff_max: float = 1.0,
@@ -307,13 +317,13 @@ class _SentinelWatch(PubSubConnection):
         self.addr = addr
         self.node = node_label(addr)
 
-    async def _target(self) -> tuple[ConnectionClass, dict[str, Any]]:
+    async def _target(self) -> tuple[ConnectionClass, ConnectionOptions]:
         return node_target(self.addr, self.watcher.sentinel_kwargs)
 
     async def _on_connected(self, conn: redis.asyncio.connection.AbstractConnection) -> None:
         await conn.send_command("SUBSCRIBE", "+switch-master", check_health=False)
 
-    def _on_response(self, response: Any) -> None:  # Any: what redis-py parsed
+    def _on_response(self, response: Reply) -> None:
         if type(response) is not list:
             if response == b"PONG":
                 self._last_pong = time.monotonic()

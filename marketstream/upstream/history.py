@@ -29,8 +29,7 @@ form ``@<seq> <frame>``, split by
 
 from __future__ import annotations
 
-from typing import Any
-
+from marketstream.upstream.clients import AsyncClient, Reply
 from marketstream.wire.positions import split_position, stream_keys
 
 __all__ = ["latest_position", "oldest_position", "read_after", "read_recent", "read_snapshot"]
@@ -40,11 +39,11 @@ __all__ = ["latest_position", "oldest_position", "read_after", "read_recent", "r
 FIRST_GUESS = 256
 
 
-def _bytes(value: Any) -> bytes:
+def _bytes(value: bytes | str) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else value
 
 
-def _entries(raw: list[Any], latest: int) -> list[tuple[int, bytes]]:
+def _entries(raw: list[Reply], latest: int) -> list[tuple[int, bytes]]:
     """History entries as ``(seq, frame)``, up to ``latest``."""
     frames = []
     for entry_id, fields in raw:
@@ -59,7 +58,7 @@ def _entries(raw: list[Any], latest: int) -> list[tuple[int, bytes]]:
 
 
 async def read_after(
-    client: Any, stream: str, after_seq: int, limit: int
+    client: AsyncClient, stream: str, after_seq: int, limit: int
 ) -> tuple[list[tuple[int, bytes]], bool]:
     """The messages of ``stream`` after position ``after_seq``, and whether
     they are complete.
@@ -115,15 +114,16 @@ async def read_after(
         return frames, covered
     if limit == 0:
         return [], False
-    raw = await client.xrevrange(
+    # Reply: redis-py types an XRANGE reply as Optional; Redis answers an array.
+    newest: Reply = await client.xrevrange(
         log_key, max="%d-0" % latest, min="%d-0" % (after_seq + 1), count=limit
     )
-    raw.reverse()
-    return _entries(raw, latest), False
+    newest.reverse()
+    return _entries(newest, latest), False
 
 
 async def read_recent(
-    client: Any, stream: str, after: int | None, snapshot: bool, limit: int, max_bytes: int
+    client: AsyncClient, stream: str, after: int | None, snapshot: bool, limit: int, max_bytes: int
 ) -> tuple[int | None, tuple[int, bytes] | None, list[tuple[int, bytes]], bool]:
     """What a catch-up needs, read newest first and bounded in bytes:
     ``(latest, snapshot, frames, snapshot_skipped)``.
@@ -202,7 +202,7 @@ async def read_recent(
     return latest, found, frames, skipped
 
 
-async def read_snapshot(client: Any, stream: str) -> tuple[int, bytes] | None:
+async def read_snapshot(client: AsyncClient, stream: str) -> tuple[int, bytes] | None:
     """The stream's snapshot as ``(seq, frame)``: the state after message
     ``seq``; None if it has none (or it expired)."""
     payload = await client.get(stream_keys(stream)[2])
@@ -212,16 +212,17 @@ async def read_snapshot(client: Any, stream: str) -> tuple[int, bytes] | None:
     return None if seq is None else (seq, frame)
 
 
-async def latest_position(client: Any, stream: str) -> int | None:
+async def latest_position(client: AsyncClient, stream: str) -> int | None:
     """The position of the stream's last message, or None if it has none."""
     value = await client.get(stream_keys(stream)[0])
     return None if value is None else int(value)
 
 
-async def oldest_position(client: Any, stream: str) -> int | None:
+async def oldest_position(client: AsyncClient, stream: str) -> int | None:
     """The position of the oldest message the history holds, or None if it
     holds none."""
-    raw = await client.xrange(stream_keys(stream)[1], min="-", max="+", count=1)
+    # Reply: as in read_after.
+    raw: Reply = await client.xrange(stream_keys(stream)[1], min="-", max="+", count=1)
     if not raw:
         return None
     return int(_bytes(raw[0][0]).split(b"-", 1)[0])

@@ -43,8 +43,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
-from marketstream.upstream.clients import REDIS_ERRORS
-from marketstream.upstream.urls import node_label, redact_url
+from marketstream.upstream.clients import REDIS_ERRORS, Reply
+from marketstream.upstream.urls import ConnectionOptions, node_label, redact_url
 
 __all__ = ["Listener", "PubSubConnection", "PubSubLink", "READ_SIZE", "widen_reads"]
 
@@ -73,7 +73,7 @@ class Listener(Protocol):
 READ_SIZE = 4 << 20
 
 
-def widen_reads(conn: Any, size: int = READ_SIZE) -> bool:
+def widen_reads(conn: redis.asyncio.connection.AbstractConnection, size: int = READ_SIZE) -> bool:
     """Let one event-loop iteration read up to ``size`` bytes of ``conn``.
 
     A batch (one flush, one write per client) is what one iteration read.
@@ -87,9 +87,10 @@ def widen_reads(conn: Any, size: int = READ_SIZE) -> bool:
     connection); without them, reads stay as they were (correct, slower).
     Returns whether both were widened.
     """
+    private: Any = conn  # Any: private attributes, undeclared in asyncio's and redis-py's types
     try:
-        transport = conn._writer.transport
-        reader = conn._reader
+        transport = private._writer.transport
+        reader = private._reader
     except AttributeError:
         return False
     widened = 0
@@ -152,8 +153,8 @@ class PubSubConnection:
 
     # --- what a subclass says ----------------------------------------------
 
-    async def _target(self) -> tuple[ConnectionClass, dict[str, Any]]:
-        """The connection class and its keyword arguments (``Any``: redis-py's)."""
+    async def _target(self) -> tuple[ConnectionClass, ConnectionOptions]:
+        """The connection class and its keyword arguments."""
         raise NotImplementedError
 
     async def _on_connected(self, conn: redis.asyncio.connection.AbstractConnection) -> None:
@@ -167,7 +168,7 @@ class PubSubConnection:
             dispatch(await read())
             self._active = True  # anything read proves the link alive
 
-    def _on_response(self, response: Any) -> None:  # Any: what redis-py parsed
+    def _on_response(self, response: Reply) -> None:
         """A reply read (the default :meth:`_read`'s)."""
 
     def _on_error_reply(self, exc: ResponseError) -> bool:
@@ -389,7 +390,7 @@ class PubSubLink(PubSubConnection):
         ping_timeout: float = 2.0,
         backoff_min: float = 0.05,
         backoff_max: float = 1.0,
-        resolve: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+        resolve: Callable[[], Awaitable[ConnectionOptions]] | None = None,
     ) -> None:
         super().__init__(ping_interval, ping_timeout, backoff_min, backoff_max)
         self.url = url
@@ -406,7 +407,7 @@ class PubSubLink(PubSubConnection):
         """The listener's wanted channels changed: sync them soon."""
         self._dirty.set()
 
-    def health(self) -> dict[str, Any]:  # Any: JSON values
+    def health(self) -> dict[str, object]:
         return {
             "connected": self._connected.is_set(),
             "node": self.node,
@@ -421,7 +422,7 @@ class PubSubLink(PubSubConnection):
     def redacted_url(self) -> str:
         return redact_url(self.url)
 
-    async def _target(self) -> tuple[ConnectionClass, dict[str, Any]]:
+    async def _target(self) -> tuple[ConnectionClass, ConnectionOptions]:
         connection_class: ConnectionClass
         if self.resolve is not None:
             kwargs = await self.resolve()
@@ -467,7 +468,7 @@ class PubSubLink(PubSubConnection):
                 on_reply(response)
             self._active = True  # anything read proves the link alive
 
-    def _on_response(self, response: Any) -> None:  # Any: what redis-py parsed
+    def _on_response(self, response: Reply) -> None:
         if response == b"PONG":  # the reply to PING while subscribed to nothing
             self._last_pong = time.monotonic()
             return

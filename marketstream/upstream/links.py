@@ -28,12 +28,12 @@ their new owner.
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import Protocol
 
 from marketstream.upstream.cluster import SentinelWatcher, sentinel_primary
 from marketstream.upstream.link import Listener, PubSubLink
 from marketstream.upstream.shards import ClusterListener, ShardedSubscriber
-from marketstream.upstream.urls import RedisURL, parse_redis_url
+from marketstream.upstream.urls import ConnectionOptions, RedisURL, parse_redis_url
 
 __all__ = ["make_link", "ClusterListener", "Link", "SentinelLink"]
 
@@ -61,7 +61,7 @@ class Link(Protocol):
 
     def changed(self) -> None: ...
 
-    def health(self) -> dict[str, Any]: ...
+    def health(self) -> dict[str, object]: ...
 
     def redacted_url(self) -> str: ...
 
@@ -147,7 +147,7 @@ class SentinelLink(PubSubLink):
         self._announced = primary
         self.reconnect()
 
-    async def _primary(self) -> dict[str, Any]:
+    async def _primary(self) -> ConnectionOptions:
         desc = self.desc
         if self._announced is not None:
             (host, port), self._announced = self._announced, None

@@ -48,10 +48,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
@@ -67,7 +65,7 @@ from marketstream.wire.positions import (
     check_stream_name,
     stream_keys,
 )
-from marketstream.upstream.clients import async_client, sync_client
+from marketstream.upstream.clients import AsyncClient, Reply, SyncClient, async_client, sync_client
 
 __all__ = [
     "AsyncPublisher",
@@ -89,11 +87,20 @@ SCRIPT_SHA: str = hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest()
 """Its SHA1, as ``SCRIPT LOAD`` returns it."""
 
 JSONInput = (
-    str | bytes | bytearray | memoryview | dict[str, Any] | list[Any] | int | float | bool | None
+    str
+    | bytes
+    | bytearray
+    | memoryview
+    | Mapping[str, object]
+    | Sequence[object]
+    | int
+    | float
+    | bool
+    | None
 )
-Message = tuple[Any, ...]  # (stream, data) or (stream, data, snapshot)
+Message = tuple[str, JSONInput] | tuple[str, JSONInput, JSONInput]  # (stream, data[, snapshot])
 #: ``(keys, args)`` of one call of the script.
-ScriptCall = tuple[tuple[str, str, str], list[Any]]
+ScriptCall = tuple[tuple[str, str, str], list[str | bytes | int]]
 
 
 @functools.lru_cache(maxsize=65536)
@@ -119,7 +126,7 @@ def encode_json(value: JSONInput) -> str | bytes:
 def script_call(
     stream: str,
     data: JSONInput,
-    snapshot: Any = None,
+    snapshot: JSONInput = None,
     history: int = 1000,
     ttl: int = 3600,
     sharded: bool = False,
@@ -183,7 +190,7 @@ def _check_limits(history: int, ttl: int) -> tuple[int, int]:
     return history, ttl
 
 
-def _unpack(message: Message) -> tuple[str, Any, Any]:
+def _unpack(message: Message) -> tuple[str, JSONInput, JSONInput]:
     if len(message) == 2:
         return message[0], message[1], None
     stream, data, snapshot = message
@@ -201,7 +208,7 @@ class Publisher:
 
     def __init__(
         self,
-        url_or_client: str | Any,
+        url_or_client: str | SyncClient,
         history: int = 1000,
         ttl: int = 3600,
         sharded: bool | None = None,
@@ -218,7 +225,7 @@ class Publisher:
         self.sharded = bool(sharded)
         self._script = self.client.register_script(SCRIPT)
 
-    def publish(self, stream: str, data: JSONInput, snapshot: Any = None) -> int:
+    def publish(self, stream: str, data: JSONInput, snapshot: JSONInput = None) -> int:
         """Publish ``data`` on ``stream``; returns its position."""
         keys, args = script_call(stream, data, snapshot, self.history, self.ttl, self.sharded)
         return int(self._script(keys=keys, args=args))
@@ -242,7 +249,7 @@ class Publisher:
                 results[i] = r
         return _positions(results)
 
-    def _run_pipeline(self, calls: list[ScriptCall]) -> list[Any]:
+    def _run_pipeline(self, calls: list[ScriptCall]) -> list[Reply]:
         pipe = self.client.pipeline(transaction=False)
         for keys, args in calls:
             pipe.execute_command("EVALSHA", SCRIPT_SHA, 3, *keys, *args)
@@ -256,7 +263,7 @@ class Publisher:
     def __enter__(self) -> Publisher:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -269,7 +276,7 @@ class AsyncPublisher:
 
     def __init__(
         self,
-        url_or_client: str | Any,
+        url_or_client: str | AsyncClient,
         history: int = 1000,
         ttl: int = 3600,
         sharded: bool | None = None,
@@ -286,7 +293,7 @@ class AsyncPublisher:
         self.sharded = bool(sharded)
         self._script = self.client.register_script(SCRIPT)
 
-    async def publish(self, stream: str, data: JSONInput, snapshot: Any = None) -> int:
+    async def publish(self, stream: str, data: JSONInput, snapshot: JSONInput = None) -> int:
         """Publish ``data`` on ``stream``; returns its position."""
         keys, args = script_call(stream, data, snapshot, self.history, self.ttl, self.sharded)
         return int(await self._script(keys=keys, args=args))
@@ -307,7 +314,7 @@ class AsyncPublisher:
                 results[i] = r
         return _positions(results)
 
-    async def _run_pipeline(self, calls: list[ScriptCall]) -> list[Any]:
+    async def _run_pipeline(self, calls: list[ScriptCall]) -> list[Reply]:
         pipe = self.client.pipeline(transaction=False)
         for keys, args in calls:
             pipe.execute_command("EVALSHA", SCRIPT_SHA, 3, *keys, *args)
@@ -321,11 +328,11 @@ class AsyncPublisher:
     async def __aenter__(self) -> AsyncPublisher:
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
 
-def _positions(results: list[Any]) -> list[int]:
+def _positions(results: list[Reply]) -> list[int]:
     for result in results:
         if isinstance(result, Exception):
             raise result if isinstance(result, ResponseError) else ResponseError(str(result))

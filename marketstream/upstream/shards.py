@@ -41,14 +41,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypedDict, TypeVar
 
 import redis.asyncio
 import redis.asyncio.connection
 import redis.exceptions
 from redis.exceptions import ResponseError
 
-from marketstream.upstream.clients import REDIS_ERRORS
+from marketstream.upstream.clients import REDIS_ERRORS, Reply
 from marketstream.upstream.cluster import first_topology, node_target
 from marketstream.upstream.link import ConnectionClass, Listener, PubSubConnection
 from marketstream.upstream.placement import (
@@ -63,9 +63,18 @@ from marketstream.upstream.placement import (
     Subscribed,
 )
 from marketstream.upstream.slots import Address
-from marketstream.upstream.urls import RedisURL, node_label, parse_redis_url, redact_url
+from marketstream.upstream.urls import (
+    ConnectionOptions,
+    RedisURL,
+    node_label,
+    parse_redis_url,
+    redact_url,
+)
 
-__all__ = ["ClusterListener", "ShardLink", "ShardedSubscriber"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is Python >= 3.11
+
+__all__ = ["ClusterListener", "ShardLink", "ShardedSubscriber", "SubscriberOptions"]
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +108,7 @@ class ShardLink(PubSubConnection):
         self.dropped = 0  # messages for channels no longer on this link
         self._seen = 0  # messages at the previous ping tick
 
-    async def _target(self) -> tuple[ConnectionClass, dict[str, Any]]:
+    async def _target(self) -> tuple[ConnectionClass, ConnectionOptions]:
         return node_target(self.addr, self.owner.connection_kwargs)
 
     async def _read(self, conn: redis.asyncio.connection.AbstractConnection) -> None:
@@ -177,7 +186,7 @@ class ShardLink(PubSubConnection):
             if conn is self._conn:
                 await self._lost(exc)
 
-    def health(self) -> dict[str, Any]:  # Any: JSON values
+    def health(self) -> dict[str, object]:
         state = self.state
         if state == "up" and not self.healthy:
             state = "down"
@@ -188,6 +197,19 @@ class ShardLink(PubSubConnection):
             "messages": self.messages,
             "last_pong_seconds_ago": self.last_pong_ago(),
         }
+
+
+class SubscriberOptions(TypedDict, total=False):
+    """The options of :class:`ShardedSubscriber` that
+    :meth:`ShardedSubscriber.from_url` passes on."""
+
+    connection_kwargs: ConnectionOptions | None
+    ping_interval: float
+    ping_timeout: float
+    connect_timeout: float
+    refresh_interval: float
+    backoff_min: float
+    backoff_max: float
 
 
 class ShardedSubscriber:
@@ -209,7 +231,7 @@ class ShardedSubscriber:
         listener: ClusterListener,
         *,
         url: str = "",
-        connection_kwargs: dict[str, Any] | None = None,  # Any: redis-py's options
+        connection_kwargs: ConnectionOptions | None = None,
         ping_interval: float = 1.0,
         ping_timeout: float = 2.0,
         connect_timeout: float = 1.0,
@@ -244,8 +266,11 @@ class ShardedSubscriber:
 
     @classmethod
     def from_url(
-        cls, url: str | RedisURL, listener: ClusterListener, **kwargs: Any
-    ) -> ShardedSubscriber:  # Any: the options of __init__
+        cls,
+        url: str | RedisURL,
+        listener: ClusterListener,
+        **kwargs: Unpack[SubscriberOptions],
+    ) -> ShardedSubscriber:
         """A subscriber for a ``redis+cluster://`` URL (str or RedisURL)."""
         desc = url if isinstance(url, RedisURL) else parse_redis_url(url)
         if desc.mode != "cluster":
@@ -333,7 +358,7 @@ class ShardedSubscriber:
         addr = self.placement.node_of(name)
         return node_label(addr) if addr is not None else None
 
-    def health(self) -> dict[str, Any]:  # Any: JSON values
+    def health(self) -> dict[str, object]:
         """Per node: role, state (up/down/connecting), channels, messages,
         seconds since the last PONG."""
         nodes = {link.label: link.health() for link in self.links_by_addr.values()}
@@ -361,7 +386,7 @@ class ShardedSubscriber:
         if add or drop:
             self._dirty.set()
 
-    def on_reply(self, link: ShardLink, reply: Any) -> None:  # Any: what redis-py parsed
+    def on_reply(self, link: ShardLink, reply: Reply) -> None:
         """A reply that is not a message, read on ``link``."""
         if reply == b"PONG" or (type(reply) is list and reply[0] == b"pong"):
             link.pong()

@@ -19,9 +19,9 @@ answers ``MOVED`` or gives a slot up::
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
-
 from redis.crc import key_slot as _key_slot
+
+from marketstream.upstream.clients import Reply
 
 __all__ = ["Address", "Ranges", "SLOTS", "SlotTable", "key_slot"]
 
@@ -43,7 +43,7 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _fields(flat: list[Any]) -> dict[str, Any]:
+def _fields(flat: list[Reply]) -> dict[str, Reply]:
     """``[k1, v1, k2, v2, ...]`` (a RESP2 map) as a dict of text keys."""
     return dict(zip(map(_text, flat[::2]), flat[1::2]))
 
@@ -74,7 +74,7 @@ class SlotTable:
         return cls(owners, list(nodes) or list(primaries))
 
     @classmethod
-    def from_shards(cls, reply: list[Any], asked: Address, tls: bool = False) -> SlotTable:
+    def from_shards(cls, reply: list[Reply], asked: Address, tls: bool = False) -> SlotTable:
         """From a ``CLUSTER SHARDS`` reply of the node ``asked`` (which
         stands for a node that names no host of its own)."""
         primaries: Ranges = {}
@@ -92,7 +92,7 @@ class SlotTable:
         return cls.from_ranges(primaries, nodes)
 
     @classmethod
-    def from_slots(cls, reply: list[Any], asked: Address) -> SlotTable:
+    def from_slots(cls, reply: list[Reply], asked: Address) -> SlotTable:
         """From a ``CLUSTER SLOTS`` reply (Redis < 7) of the node ``asked``."""
         primaries: Ranges = {}
         nodes: list[Address] = []

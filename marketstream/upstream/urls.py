@@ -35,12 +35,30 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
-__all__ = ["MODES", "RedisURL", "parse_redis_url", "redact_url", "node_label"]
+__all__ = [
+    "MODES",
+    "ConnectionOptions",
+    "OptionValue",
+    "RedisURL",
+    "parse_redis_url",
+    "redact_url",
+    "node_label",
+]
 
 MODES = ("single", "sentinel", "cluster")
+
+#: A query option's value, as its parser in ``_OPTIONS`` returns it.
+OptionValue = str | int | float | bool
+
+#: Keyword arguments for a redis-py client or connection (credentials, TLS,
+#: socket options, host and port...).  Any: redis-py's constructors take each
+#: option as a keyword of its own type (``port: int``, ``retry: Retry``,
+#: ``ssl_cert_reqs: str``...), and a dict spread into them as ``**kwargs``
+#: type-checks only with Any values.
+ConnectionOptions: TypeAlias = dict[str, Any]
 
 _SCHEMES = {
     "redis": ("single", False),
@@ -82,7 +100,7 @@ def _cert_reqs(value: str) -> str:
 
 # Query options: name -> parser.  Every one of them is understood by the
 # redis-py clients of all three modes (sync and asyncio).
-_OPTIONS: dict[str, Callable[[str], Any]] = {
+_OPTIONS: dict[str, Callable[[str], OptionValue]] = {
     "db": int,
     "client_name": str,
     "socket_timeout": float,
@@ -121,7 +139,7 @@ class RedisURL:
     username: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
     tls: bool = False
-    options: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), repr=False)
+    options: tuple[tuple[str, OptionValue], ...] = dataclasses.field(default=(), repr=False)
     url: str = dataclasses.field(default="", repr=False, compare=False)
 
     @property
@@ -133,7 +151,7 @@ class RedisURL:
     def port(self) -> int | None:
         return self.seeds[0][1] if self.seeds else None
 
-    def option(self, name: str, default: Any = None) -> Any:
+    def option(self, name: str, default: OptionValue | None = None) -> OptionValue | None:
         """One query option's converted value."""
         return dict(self.options).get(name, default)
 
@@ -175,10 +193,10 @@ class RedisURL:
 
     # --- what redis-py needs ---------------------------------------------
 
-    def connection_kwargs(self) -> dict[str, Any]:
+    def connection_kwargs(self) -> ConnectionOptions:
         """Keyword arguments of a connection to a data node (credentials,
         TLS, socket options), for redis-py clients and connections."""
-        kwargs: dict[str, Any] = {}
+        kwargs: ConnectionOptions = {}
         if self.username is not None:
             kwargs["username"] = self.username
         if self.password is not None:
@@ -190,9 +208,9 @@ class RedisURL:
                 kwargs[name] = value
         return kwargs
 
-    def sentinel_kwargs(self) -> dict[str, Any]:
+    def sentinel_kwargs(self) -> ConnectionOptions:
         """Keyword arguments of a connection to a sentinel."""
-        kwargs: dict[str, Any] = {}
+        kwargs: ConnectionOptions = {}
         options = dict(self.options)
         if "sentinel_username" in options:
             kwargs["username"] = options["sentinel_username"]
@@ -216,7 +234,7 @@ def node_label(addr: tuple[str, int]) -> str:
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
-def _format_option(value: Any) -> str:
+def _format_option(value: OptionValue) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
@@ -317,9 +335,9 @@ def parse_redis_url(url: str) -> RedisURL:
 _Location = tuple[tuple[tuple[str, int], ...], "str | None", "str | None", int]
 
 
-def _parse_options(query: str, scheme: str, mode: str, tls: bool) -> dict[str, Any]:
-    """The query's options, each parsed (Any: an option's own type)."""
-    options: dict[str, Any] = {}
+def _parse_options(query: str, scheme: str, mode: str, tls: bool) -> dict[str, OptionValue]:
+    """The query's options, each parsed."""
+    options: dict[str, OptionValue] = {}
     for name, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
         parser = _OPTIONS.get(name)
         if parser is None:
@@ -345,17 +363,19 @@ def _parse_options(query: str, scheme: str, mode: str, tls: bool) -> dict[str, A
     return options
 
 
-def _unix_location(hosts: str, path: str, options: dict[str, Any]) -> _Location:
+def _unix_location(hosts: str, path: str, options: dict[str, OptionValue]) -> _Location:
     if hosts:
         raise ValueError(
             "a unix:// URL names a socket path, not a host (unix:///path/to/redis.sock)"
         )
     if path in ("", "/"):
         raise ValueError("a unix:// URL needs a socket path (unix:///path/to/redis.sock)")
-    return (), unquote(path), None, options.get("db", 0)
+    return (), unquote(path), None, int(options.get("db", 0))
 
 
-def _single_location(scheme: str, hosts: str, path: str, options: dict[str, Any]) -> _Location:
+def _single_location(
+    scheme: str, hosts: str, path: str, options: dict[str, OptionValue]
+) -> _Location:
     if "," in hosts:
         raise ValueError(
             "%s:// takes one host; several hosts need redis+sentinel:// or "
@@ -365,14 +385,14 @@ def _single_location(scheme: str, hosts: str, path: str, options: dict[str, Any]
     db_text = path.strip("/")
     db = 0
     if "db" in options:
-        db = options["db"]
+        db = int(options["db"])
     elif db_text:
         db = _parse_db(db_text, "the path %r" % path)
     return seeds, None, None, db
 
 
 def _nodes_location(
-    scheme: str, mode: str, hosts: str, path: str, options: dict[str, Any]
+    scheme: str, mode: str, hosts: str, path: str, options: dict[str, OptionValue]
 ) -> _Location:
     """Sentinel's or Cluster's nodes (and Sentinel's service and db)."""
     default_port = 26379 if mode == "sentinel" else 6379
@@ -405,7 +425,7 @@ def _nodes_location(
     if len(parts) == 2 and parts[1]:
         db = _parse_db(parts[1], "the sentinel URL")
     if "db" in options:
-        db = options["db"]
+        db = int(options["db"])
     return seeds, None, unquote(parts[0]), db
 
 

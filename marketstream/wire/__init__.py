@@ -17,6 +17,8 @@
   streams ``<name>#<user>``, ``[auth] protected``, the ``channels`` claim);
 - :mod:`~marketstream.wire.tokens`: JWT verification (PyJWT): keys,
   algorithms, and what each refusal is counted as;
+- :mod:`~marketstream.wire.deflate`: permessage-deflate, the offers and the
+  answer, and a message deflated once into an RSV1 frame;
 - :mod:`~marketstream.wire.books`: the top-10 book checksum and book
   frames by bytes;
 - :mod:`~marketstream.wire.derived`: derived stream names

@@ -1,6 +1,8 @@
 """Who may subscribe to what: user streams, protected streams and the
-``channels`` claim, without any I/O (no PyJWT here either: tokens are
-:mod:`marketstream.wire.tokens`').
+``channels`` claim; which algorithms may be configured, and why a token
+is refused (:class:`Failure`).  No I/O, and no PyJWT here either (tokens
+are :mod:`marketstream.wire.tokens`'; a server without ``[auth]`` never
+loads PyJWT and cryptography, about 10 MB a process).
 
 A *user stream* is ``<name>#<user>``: it goes only to connections whose
 token's ``sub`` is ``<user>``.  ``<name>`` follows the usual stream rules;
@@ -54,6 +56,11 @@ from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
 __all__ = [
+    "FAILURE_CAUSES",
+    "HMAC_ALGORITHMS",
+    "PUBLIC_KEY_ALGORITHMS",
+    "check_algorithms",
+    "Failure",
     "MAX_USER",
     "MAX_PATTERNS",
     "ACCESS_CAUSES",
@@ -126,6 +133,73 @@ def compile_patterns(patterns: Iterable[str]) -> re.Pattern[str] | None:
     if not parts:
         return None
     return re.compile("|".join("(?:%s)" % part for part in parts))
+
+
+#: The algorithms ``[auth] jwt_algorithms`` may name (never ``none``).
+HMAC_ALGORITHMS = frozenset(("HS256", "HS384", "HS512"))
+PUBLIC_KEY_ALGORITHMS = frozenset(
+    ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+)
+
+
+def check_algorithms(algorithms: Iterable[str]) -> tuple[str, ...]:
+    """The configured algorithms, or ValueError: known ones only (never
+    ``none``), at least one, and not HMAC and public-key ones together.
+
+    >>> check_algorithms(["HS256", "HS512"])
+    ('HS256', 'HS512')
+    >>> check_algorithms(["HS256", "RS256"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: HMAC (HS*) and public-key algorithms cannot be mixed ...
+    """
+    chosen = tuple(dict.fromkeys(algorithms))
+    if not chosen:
+        raise ValueError("at least one algorithm is needed")
+    for name in chosen:
+        if name not in HMAC_ALGORITHMS and name not in PUBLIC_KEY_ALGORITHMS:
+            raise ValueError(
+                "unknown or unsafe algorithm %r (allowed: %s)"
+                % (name, ", ".join(sorted(HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS)))
+            )
+    hmac = [name for name in chosen if name in HMAC_ALGORITHMS]
+    if hmac and len(hmac) != len(chosen):
+        raise ValueError(
+            "HMAC (HS*) and public-key algorithms cannot be mixed (the public key "
+            "would be accepted as an HMAC secret)"
+        )
+    return chosen
+
+
+#: Why a token was refused, as counted in ``marketstream_auth_failures_total``:
+#: ``missing`` (``[auth] required`` and none given), ``malformed`` (not a
+#: JWT, or too long), ``bad_signature``, ``expired``, ``not_yet_valid``
+#: (``nbf``/``iat`` in the future), ``audience``, ``issuer``, ``algorithm``
+#: (not one of ``jwt_algorithms``, ``none`` included), ``bad_claims``
+#: (``sub`` missing or not a string, ``channels`` not a list of patterns),
+#: ``wrong_sub`` (an ``AUTH`` for another ``sub`` than the connection's),
+#: ``disabled`` (an ``AUTH`` with no ``[auth] jwt_key``).
+FAILURE_CAUSES = (
+    "missing",
+    "malformed",
+    "bad_signature",
+    "expired",
+    "not_yet_valid",
+    "audience",
+    "issuer",
+    "algorithm",
+    "bad_claims",
+    "wrong_sub",
+    "disabled",
+)
+
+
+class Failure(NamedTuple):
+    """A refused token: the cause (one of :data:`FAILURE_CAUSES`) and a
+    reason for the client."""
+
+    cause: str
+    reason: str
 
 
 class Grant(NamedTuple):

@@ -25,12 +25,24 @@ starting ``-----BEGIN``): the configured algorithms decide, never the key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import jwt
 
-from marketstream.wire.access import MAX_PATTERNS, Grant, compile_patterns
+if TYPE_CHECKING:
+    from jwt.algorithms import AllowedPublicKeys
+
+from marketstream.wire.access import (
+    FAILURE_CAUSES,
+    HMAC_ALGORITHMS,
+    PUBLIC_KEY_ALGORITHMS,
+    check_algorithms,
+    MAX_PATTERNS,
+    Failure,
+    Grant,
+    compile_patterns,
+)
 
 __all__ = [
     "HMAC_ALGORITHMS",
@@ -43,43 +55,9 @@ __all__ = [
     "load_key",
 ]
 
-HMAC_ALGORITHMS = frozenset(("HS256", "HS384", "HS512"))
-PUBLIC_KEY_ALGORITHMS = frozenset(
-    ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
-)
 #: The longest token looked at; longer ones are refused as ``malformed``
 #: before any parsing.
 MAX_TOKEN_BYTES = 8192
-
-#: Why a token was refused, as counted in ``marketstream_auth_failures_total``:
-#: ``missing`` (``[auth] required`` and none given), ``malformed`` (not a
-#: JWT, or too long), ``bad_signature``, ``expired``, ``not_yet_valid``
-#: (``nbf``/``iat`` in the future), ``audience``, ``issuer``, ``algorithm``
-#: (not one of ``jwt_algorithms``, ``none`` included), ``bad_claims``
-#: (``sub`` missing or not a string, ``channels`` not a list of patterns),
-#: ``wrong_sub`` (an ``AUTH`` for another ``sub`` than the connection's),
-#: ``disabled`` (an ``AUTH`` with no ``[auth] jwt_key``).
-FAILURE_CAUSES = (
-    "missing",
-    "malformed",
-    "bad_signature",
-    "expired",
-    "not_yet_valid",
-    "audience",
-    "issuer",
-    "algorithm",
-    "bad_claims",
-    "wrong_sub",
-    "disabled",
-)
-
-
-class Failure(NamedTuple):
-    """A refused token: the cause (one of :data:`FAILURE_CAUSES`) and a
-    reason for the client."""
-
-    cause: str
-    reason: str
 
 
 # PyJWT's exceptions, most specific first, to causes.
@@ -97,36 +75,7 @@ if _INVALID_SUBJECT is not None:
     _CAUSES = ((_INVALID_SUBJECT, "bad_claims", "the token has no sub"),) + _CAUSES
 
 
-def check_algorithms(algorithms: Iterable[str]) -> tuple[str, ...]:
-    """The configured algorithms, or ValueError: known ones only (never
-    ``none``), at least one, and not HMAC and public-key ones together.
-
-    >>> check_algorithms(["HS256", "HS512"])
-    ('HS256', 'HS512')
-    >>> check_algorithms(["HS256", "RS256"])  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: HMAC (HS*) and public-key algorithms cannot be mixed ...
-    """
-    chosen = tuple(dict.fromkeys(algorithms))
-    if not chosen:
-        raise ValueError("at least one algorithm is needed")
-    for name in chosen:
-        if name not in HMAC_ALGORITHMS and name not in PUBLIC_KEY_ALGORITHMS:
-            raise ValueError(
-                "unknown or unsafe algorithm %r (allowed: %s)"
-                % (name, ", ".join(sorted(HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS)))
-            )
-    hmac = [name for name in chosen if name in HMAC_ALGORITHMS]
-    if hmac and len(hmac) != len(chosen):
-        raise ValueError(
-            "HMAC (HS*) and public-key algorithms cannot be mixed (the public key "
-            "would be accepted as an HMAC secret)"
-        )
-    return chosen
-
-
-def load_key(key: str, algorithms: Sequence[str]) -> Any:
+def load_key(key: str, algorithms: Sequence[str]) -> bytes | AllowedPublicKeys:
     """The key material for ``algorithms``: the secret (bytes) for HMAC,
     else the public key read from the PEM file ``key`` (or the PEM text).
     Raises ValueError saying what is wrong (an unreadable file, not a
@@ -147,6 +96,7 @@ def load_key(key: str, algorithms: Sequence[str]) -> Any:
                 "cannot read the public key file %r: %s" % (key, exc.strerror)
             ) from None
     algorithm = jwt.get_algorithm_by_name(algorithms[0])
+    loaded: AllowedPublicKeys  # PyJWT's Algorithm.prepare_key says Any
     try:
         loaded = algorithm.prepare_key(pem)
     except (jwt.InvalidKeyError, ValueError, TypeError) as exc:
@@ -163,13 +113,19 @@ def load_key(key: str, algorithms: Sequence[str]) -> Any:
     return loaded
 
 
+#: ``jwt.decode``'s options.  Any: PyJWT types them as its ``Options``
+#: TypedDict in recent releases and as ``dict[str, Any]`` in older ones
+#: (both supported), and no one annotation fits both.
+_DecodeOptions: TypeAlias = Any
+
+
 class Verifier:
     """Checks tokens against one key and the configured algorithms,
     audience and issuer."""
 
     def __init__(
         self,
-        key: Any,
+        key: str | bytes | AllowedPublicKeys,
         algorithms: Sequence[str],
         audience: str = "",
         issuer: str = "",
@@ -180,7 +136,7 @@ class Verifier:
         self.audience = audience or None
         self.issuer = issuer or None
         self.leeway = leeway
-        self._options: Any = {"verify_aud": self.audience is not None}
+        self._options: _DecodeOptions = {"verify_aud": self.audience is not None}
 
     def verify(self, token: str) -> Grant | Failure:
         """The token's :class:`~marketstream.wire.access.Grant`, or why it
@@ -210,7 +166,7 @@ class Verifier:
         return grant_of(claims)
 
 
-def grant_of(claims: dict[str, Any]) -> Grant | Failure:
+def grant_of(claims: dict[str, object]) -> Grant | Failure:
     """The :class:`~marketstream.wire.access.Grant` of verified claims, or
     ``bad_claims``: ``sub`` must be a non-empty string, ``exp`` (if any) a
     number, ``channels`` (if any) a list of at most 64 patterns.

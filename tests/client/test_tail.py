@@ -234,3 +234,30 @@ def test_since_and_snapshot(server_process, redis_client, tails):
         [("trade.SOL_USDC", s) for s in seqs[2:]] + [("ticker.SOL_USDC", snap)]
     )
     assert [f["seq"] for f in frames if f["stream"] == "trade.SOL_USDC"] == seqs[2:]
+
+
+def test_compression_prints_the_compressed_snapshot_as_received(
+    server_process, redis_client, tails
+):
+    """With --compression the snapshot (over compression_min_bytes) comes
+    compressed and is printed inflated, exactly as published."""
+    from marketstream.testing import health
+
+    book = {"e": "depthSnapshot", "b": [["%d.5" % i, "1.000"] for i in range(100)]}
+    with Publisher(redis_client, history=100) as pub:
+        seq = pub.publish("depth.SOL_USDC", book, snapshot=True)
+    tail = tails(
+        "depth.SOL_USDC",
+        "--url",
+        url(server_process),
+        "--snapshot",
+        "--compression",
+        "--count",
+        "1",
+        "--timeout",
+        "10",
+    )
+    assert tail.wait() == 0, tail.stderr
+    frame = ujson.loads(tail.lines[0])
+    assert frame["data"] == book and frame["seq"] == seq
+    assert health(server_process.port)["stats"]["deflated_messages"] == 1

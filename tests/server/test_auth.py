@@ -424,3 +424,31 @@ async def test_public_key_algorithms(server_factory, tmp_path, algorithm):
     forged = jwt.encode({"sub": "k"}, "x" * 40, algorithm="HS256")
     assert (await handshake_answer(server, "/ws?token=" + forged))[0] == 401
     assert server.manager.counters.auth_refused["algorithm"] == 1
+
+
+def test_pyjwt_is_loaded_only_where_auth_is_configured():
+    """PyJWT with cryptography costs a process about 10 MB: a server without
+    ``[auth] jwt_key`` never imports it, one with it does."""
+    import subprocess
+    import sys
+
+    program = (
+        "import sys\n"
+        "from marketstream.server.config import load_settings\n"
+        "from marketstream.server.channels import ChannelManager\n"
+        "from marketstream.server.context import Context\n"
+        "flat = {'redis.url': 'redis://127.0.0.1:1'}\n"
+        "if sys.argv[1] == 'auth':\n"
+        "    flat['auth.jwt_key'] = 'a-secret-of-at-least-thirty-two-bytes!'\n"
+        "settings = load_settings(environ={}, overrides=flat)\n"
+        "Context(settings, ChannelManager('redis://127.0.0.1:1'))\n"
+        "print(sorted(set(sys.modules) & {'jwt', 'cryptography.hazmat'}))\n"
+    )
+    # (redis-py imports the top of the cryptography package, a few kB: not
+    # its bindings to OpenSSL.)
+    for mode, loaded in (("plain", "[]"), ("auth", "['cryptography.hazmat', 'jwt']")):
+        out = subprocess.run(
+            [sys.executable, "-c", program, mode], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == loaded, (mode, out.stdout, out.stderr)

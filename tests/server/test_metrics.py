@@ -356,3 +356,35 @@ def test_observing_in_bulk_is_observing_each(processes):
     assert got.keys() == expected.keys() and len(got) == len(metrics.LATENCY_BUCKETS) + 3
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-9), key
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_compression_metrics_move(server, redis_client):
+    """A message compressed once for two compressing clients: counted once,
+    with its frame's bytes before and after."""
+    import websockets
+
+    from marketstream.wire.deflate import Deflater
+    from marketstream.wire.frames import text_frame
+
+    watch = await Watch(server).start()
+    clients = [await websockets.connect(ws_url(server)) for _ in range(2)]
+    try:
+        for ws in clients:
+            await ws.send('{"method":"SUBSCRIBE","params":["depth.M_USDT"],"id":1}')
+        await watch.moved("marketstream_subscriptions", 2)
+        await subscribed(redis_client, "depth.M_USDT")
+        payload = envelope("depth.M_USDT", b=[["%d.5" % i, "1.0"] for i in range(100)])
+        redis_client.publish("depth.M_USDT", payload)
+        for ws in clients:
+            assert await asyncio.wait_for(ws.recv(), 10) == payload
+        plain = text_frame(payload.encode())
+        compressed = Deflater().frame(payload.encode(), plain)
+        assert compressed is not plain
+        await watch.moved("marketstream_deflated_messages_total", 1)
+        await watch.moved("marketstream_deflate_input_bytes_total", len(plain))
+        await watch.moved("marketstream_deflate_output_bytes_total", len(compressed))
+        await watch.moved("marketstream_bytes_sent_total", 2 * len(compressed))
+    finally:
+        for ws in clients:
+            await ws.close()

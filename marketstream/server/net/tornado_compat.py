@@ -43,6 +43,7 @@ import inspect
 import logging
 import operator
 import socket
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +76,7 @@ __all__ = [
     "RECEIVE_FRAME",
     "HANDLE_MESSAGE",
     "peer_address",
+    "inflate_client_messages",
 ]
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,23 @@ def _params_kept() -> bool:
             params.compression_options,
         )
         return kept == (1.0, 2.0, 3, None)
+    except Exception:
+        return False
+
+
+def _makes_compressors(cls: type) -> bool:
+    """Whether ``cls._create_compressors`` sets ``_compressor`` and
+    ``_decompressor`` (what :func:`inflate_client_messages` relies on): it is
+    called for the server side on a protocol made with stand-ins, and the
+    inflater it keeps must inflate a message deflated without history."""
+    try:
+        ws: Any = cls(_StubStream(), False, tornado.websocket._WebSocketParams())
+        ws._create_compressors("server", {"client_no_context_takeover": None}, {})
+        deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+        data = deflate.compress(b"marketstream") + deflate.flush(zlib.Z_SYNC_FLUSH)
+        return bool(
+            ws._compressor is not None and ws._decompressor.decompress(data[:-4]) == b"marketstream"
+        )
     except Exception:
         return False
 
@@ -308,9 +327,12 @@ def _check() -> list[str]:
         "_abort",
         "compute_accept_value",
         "start_pinging",
+        "_create_compressors",
     ):
         if not callable(getattr(ws.WebSocketProtocol13, name, None)):
             missing.append("tornado.websocket.WebSocketProtocol13.%s" % name)
+    if not _makes_compressors(ws.WebSocketProtocol13):
+        missing.append("tornado.websocket.WebSocketProtocol13._compressor, _decompressor")
     if not _writes_through(ws.WebSocketProtocol13):
         missing.append("tornado.websocket.WebSocketProtocol13._write_frame")
     if not callable(getattr(ws.WebSocketHandler, "_detach_stream", None)):
@@ -398,6 +420,17 @@ def peer_address(connection: Any) -> Any:
 queued_bytes: Callable[[tornado.iostream.IOStream], int] = operator.attrgetter(
     "_write_buffer._size"
 )
+
+
+def inflate_client_messages(
+    ws: tornado.websocket.WebSocketProtocol13, parameters: dict[str, str | None]
+) -> None:
+    """Give the server protocol ``ws`` Tornado's inflater for the client's
+    compressed messages under the negotiated permessage-deflate
+    ``parameters``; no compressor (the server's frames are built apart)."""
+    ws._create_compressors("server", parameters, {})
+    state: Any = ws  # private state, set beyond its declared types
+    state._compressor = None
 
 
 def prepare_switch(handler: tornado.web.RequestHandler) -> None:

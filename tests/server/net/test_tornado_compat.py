@@ -112,6 +112,37 @@ def test_the_protocol_check_follows_the_writes_not_the_text():
     assert not compat._writes_through(_BypassesWriteFrame)
 
 
+class _CompressorsElsewhere(tornado.websocket.WebSocketProtocol13):
+    """A protocol that keeps its inflater under another name (as a Tornado
+    release might): the server could not inflate a client's messages."""
+
+    def _create_compressors(self, side, agreed_parameters, compression_options=None):
+        super()._create_compressors(side, agreed_parameters, compression_options)
+        self._inflater, self._decompressor = self._decompressor, None
+
+
+class _CompressorsRewritten(tornado.websocket.WebSocketProtocol13):
+    """The same state, set by a method written another way (no
+    ``self._decompressor =`` in its text)."""
+
+    def _create_compressors(self, side, agreed_parameters, compression_options=None):
+        kept = self._get_compressor_options("client", agreed_parameters, compression_options)
+        vars(self).update(
+            _compressor=object(),
+            _decompressor=tornado.websocket._PerMessageDeflateDecompressor(
+                max_message_size=1 << 20, **kept
+            ),
+        )
+
+
+def test_the_compressors_check_follows_what_the_protocol_keeps():
+    """The inflater the server gives a compressing connection
+    (tornado_compat.inflate_client_messages) is checked by inflating."""
+    assert compat._makes_compressors(tornado.websocket.WebSocketProtocol13)
+    assert compat._makes_compressors(_CompressorsRewritten)
+    assert not compat._makes_compressors(_CompressorsElsewhere)
+
+
 def test_a_write_buffer_that_counts_elsewhere_turns_the_fast_paths_off(monkeypatch):
     class Buffer:  # a _StreamBuffer that keeps its size under another name
         def __init__(self):

@@ -55,6 +55,7 @@ FORBIDDEN = {
     # The client's sans-I/O parts (its Client is a Tornado WebSocket client).
     "marketstream.client.book": {"tornado"},
     "marketstream.client.messages": {"tornado"},
+    "marketstream.client.resync": {"tornado"},
     "marketstream.demo": {"tornado", "prometheus_client"},
 }
 

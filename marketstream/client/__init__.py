@@ -35,8 +35,10 @@ stream's position, None on plain streams), ``kind`` (``"message"``,
 ``"snapshot"`` or ``"gap"``) and ``raw`` (the frame's text as received).
 
 :class:`OrderBook` does no I/O: it applies a depth snapshot and then
-Binance-style diffs, checks their continuity and raises :class:`BookGap`
-when an update is missing.
+Binance-style diffs, checks their continuity and the server's book
+checksum, and raises :class:`BookGap` when an update is missing or the
+checksum does not match (``client.resync(stream)`` then starts that stream
+over on the same connection).
 
 :class:`Client` is a thin asyncio shell around a :class:`Session`, which
 holds the protocol without any I/O (what to send on each connection, what
@@ -46,7 +48,8 @@ protocol under another event loop or to test against it.
 The modules: :mod:`~marketstream.client.client` (the asyncio client),
 :mod:`~marketstream.client.session` (the protocol, sans I/O),
 :mod:`~marketstream.client.messages` (what it yields),
-:mod:`~marketstream.client.book` (order books) and
+:mod:`~marketstream.client.book` (order books),
+:mod:`~marketstream.client.resync` (one stream started over) and
 :mod:`~marketstream.client.tail` (the ``marketstream-tail`` command).
 Imports: :mod:`marketstream.wire`, :mod:`marketstream.loglimit` and
 Tornado's WebSocket client; never the server's or Redis's side.

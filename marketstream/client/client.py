@@ -195,14 +195,22 @@ class Client:
         self.session.finish_close()
 
     async def resync(self, stream: str) -> bool:
-        """Start ``stream`` over from its snapshot (after a :class:`BookGap`):
-        reconnect at once, asking for that stream's snapshot and resuming
-        the others; queued messages of ``stream`` are dropped.  Returns
+        """Start ``stream`` over from its snapshot (after a :class:`BookGap`),
+        on the same connection: unsubscribe and subscribe again asking for
+        its snapshot; queued messages of ``stream``, and those received
+        until its snapshot, are dropped; the other streams go on.  Returns
         False and does nothing for a plain stream (its frames carry no
         ``seq``: the server has no snapshot to start over from)."""
-        if not self.session.resync(stream):
+        requests = self.session.resync(stream)
+        if requests is None:
             return False
-        self._drop("resync of %s" % stream)
+        ws = self._ws  # without a connection, the next one asks for the snapshot
+        if ws is not None:
+            try:
+                for request in requests:
+                    await ws.write_message(request)
+            except tornado.websocket.WebSocketClosedError:
+                pass  # closed meanwhile: the next connection asks for the snapshot
         return True
 
     async def __aenter__(self) -> "Client":

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 import ujson
 
 from marketstream.client.messages import GAP, MESSAGE, SNAPSHOT, Message, is_snapshot_data
+from marketstream.client.resync import Resyncs, positions_skip
 
 __all__ = ["Session", "ConnectionLost", "StreamsRefused", "why_closed"]
 
@@ -129,8 +130,8 @@ class Session:
     or :meth:`connect_failed`; :meth:`receive` for each text frame, and
     :meth:`events` to take what they meant; :meth:`connection_lost` when
     the connection ends, :meth:`resync` when the user asks to start a
-    stream over (True: drop the connection) and :meth:`close` then
-    :meth:`finish_close` at the end.
+    stream over (the requests to send on the open connection) and
+    :meth:`close` then :meth:`finish_close` at the end.
 
     Counters: ``connects``, ``reconnects`` (connections after the first),
     ``resumes`` (reconnections that asked for a replay), ``gaps`` (gap
@@ -185,6 +186,7 @@ class Session:
         self._after_gap: set[str] = set()
         self._seen: set[str] = set()  # streams that delivered something
         self._plain: set[str] = set()  # streams whose last message had no seq
+        self._resyncs = Resyncs()  # streams started over on this connection
 
     # -- states ---------------------------------------------------------------
 
@@ -245,11 +247,10 @@ class Session:
         self.attempts = 0
         since = {s: self.last_seq[s] for s in self.streams if s in self.last_seq}
         snapshot = [s for s in self.streams if s in self.snapshot_streams and s not in since]
-        self._request_id += 1
         request: dict[str, object] = {
             "method": "SUBSCRIBE",
             "params": self.streams,
-            "id": self._request_id,
+            "id": self._next_id(),
             "acks": True,  # a refused stream is reported on this connection
         }
         if since:
@@ -257,6 +258,7 @@ class Session:
         if snapshot:
             request["snapshot"] = snapshot
         self._after_gap = set()
+        self._resyncs.clear()
         if not first:
             self.reconnects += 1
             if since:
@@ -278,17 +280,26 @@ class Session:
             self.disconnect_reason = reason
             self._set_state("disconnected")
 
-    def resync(self, stream: str) -> bool:
+    def resync(self, stream: str) -> list[str] | None:
         """Start ``stream`` over from its snapshot: forget its position, ask
-        for its snapshot and drop its queued messages.  True when the shell
-        must drop the connection (to subscribe again); False, and nothing
-        done, for a plain stream (the server has no snapshot of it)."""
+        for its snapshot and drop its queued messages.  Returns the requests
+        to send on the open connection (unsubscribe, then subscribe with its
+        snapshot; its frames are dropped until the snapshot comes), or none
+        while disconnected (the next connection asks for the snapshot); None,
+        and nothing done, for a plain stream (the server has no snapshot of
+        it)."""
         if stream in self._plain:
-            return False
+            return None
         self.last_seq.pop(stream, None)
         self.snapshot_streams.add(stream)
         self._pending = collections.deque(m for m in self._pending if m.stream != stream)
-        return True
+        if self.state != "connected":
+            return []
+        return self._resyncs.start(stream, self._next_id)
+
+    def _next_id(self) -> int:
+        self._request_id += 1
+        return self._request_id
 
     def close(self) -> None:
         """The user closes: no more connections, no more states but the last."""
@@ -334,6 +345,8 @@ class Session:
             return  # {"result": null, "id": n}: subscribed
         self._seen.add(stream)
         data, seq = obj.get("data"), obj.get("seq")
+        if self._resyncs.drops(stream, data):
+            return  # sent before the snapshot of a resync
         if isinstance(data, dict) and data.get("e") == "gap" and seq is None:
             self._after_gap.add(stream)
             # Positions may start over after a gap (history lost): the next
@@ -359,7 +372,12 @@ class Session:
         if last is not None and seq <= last:
             self.duplicates += 1
             return
-        if last is not None and seq != last + 1 and stream not in self._after_gap:
+        if (
+            last is not None
+            and seq != last + 1
+            and stream not in self._after_gap
+            and not positions_skip(stream)  # depth10.X, X@100ms: positions skip
+        ):
             self._report_gap(
                 stream,
                 "positions_missing",

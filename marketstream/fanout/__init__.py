@@ -17,6 +17,8 @@
   connection may still be sent;
 - :mod:`~marketstream.fanout.dedupe`: the positions streams and
   connections hold, and which listeners a live message skips;
+- :mod:`~marketstream.fanout.books`: the server's order books (diffs
+  applied once per message, checksums, top-N snapshots, merged diffs);
 - :mod:`~marketstream.fanout.compressing`: the connections that negotiated
   permessage-deflate, kept apart per stream, and their frames (each message
   compressed once for all of them);

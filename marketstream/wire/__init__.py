@@ -18,7 +18,11 @@
 - :mod:`~marketstream.wire.tokens`: JWT verification (PyJWT): keys,
   algorithms, and what each refusal is counted as;
 - :mod:`~marketstream.wire.deflate`: permessage-deflate, the offers and the
-  answer, and a message deflated once into an RSV1 frame.
+  answer, and a message deflated once into an RSV1 frame;
+- :mod:`~marketstream.wire.books`: the top-10 book checksum and book
+  frames by bytes;
+- :mod:`~marketstream.wire.derived`: derived stream names
+  (``depthN.<MARKET>``, ``<stream>@<interval>``).
 
 Imports: the standard library, orjson, ujson and PyJWT; nothing of marketstream
 outside this package (no Tornado, no redis-py), so every layer may use it

@@ -2,11 +2,13 @@
 by update id and by position, gaps."""
 
 import doctest
+import json
 
 import pytest
 
 import marketstream.client.book
 from marketstream.client import GAP, SNAPSHOT, BookGap, Message, OrderBook
+from tests.checksums import crc_of
 
 
 def test_docstring_examples():
@@ -121,3 +123,89 @@ def test_book_as_dict():
     book = OrderBook()
     book.apply_snapshot(snapshot(1, bids=[("1.0", "2")], asks=[("1.5", "3")]), seq=7)
     assert book.as_dict() == {"seq": 7, "bids": [["1.0", "2"]], "asks": [["1.5", "3"]]}
+
+
+# -- checksums (computed here with zlib.crc32, never with the server's code) --
+
+
+def frame(stream, data, seq, checksum=None):
+    """A message as the client yields it, from the frame's text."""
+    obj = {"stream": stream, "data": data, "seq": seq}
+    if checksum is not None:
+        obj["checksum"] = checksum
+    raw = json.dumps(obj, separators=(",", ":"))
+    kind = SNAPSHOT if data["e"] == "depthSnapshot" else "message"
+    return Message(stream, data, seq, kind, raw)
+
+
+def test_every_frame_with_a_checksum_is_checked_and_a_mismatch_is_a_gap():
+    bids = [[str(100 - i), "1"] for i in range(15)]
+    asks = [[str(101 + i), "2"] for i in range(15)]
+    book = OrderBook()
+    book.apply_message(frame("depth.X_Y", snapshot(10, bids, asks), 5, crc_of(bids, asks)))
+    bids[0] = ["100", "3"]
+    ok = diff(11, 11, [["100", "3"]])
+    assert book.apply_message(frame("depth.X_Y", ok, 6, crc_of(bids, asks)))
+    corrupted = diff(12, 12, [["99", "5"]])
+    with pytest.raises(BookGap, match="checksum mismatch after update 12"):
+        book.apply_message(frame("depth.X_Y", corrupted, 7, crc_of(bids, asks)))
+    assert not book.synced
+    # The snapshot of the resync is checked too, and the book goes on.
+    bids[1] = ["99", "5"]
+    book.apply_message(frame("depth.X_Y", snapshot(12, bids, asks), 7, crc_of(bids, asks)))
+    assert book.synced and book.checksum() == crc_of(bids, asks)
+
+
+def test_a_bad_snapshot_checksum_is_a_gap():
+    with pytest.raises(BookGap):
+        OrderBook().apply_message(frame("depth.X_Y", snapshot(1, [["1", "1"]]), 1, 12345))
+
+
+def test_frames_without_a_checksum_are_not_checked():
+    book = OrderBook()
+    book.apply_message(frame("depth.X_Y", snapshot(1, [["1", "1"]]), 1))
+    assert book.apply_message(frame("depth.X_Y", diff(2, 2, [["2", "1"]]), 2))
+    assert book.bids() == [["2", "1"], ["1", "1"]]
+
+
+def test_a_checksum_inside_the_data_is_not_the_frames():
+    book = OrderBook()
+    data = dict(snapshot(1, [["1", "1"]]), checksum=1)
+    book.apply_message(frame("depth.X_Y", data, 1))
+    assert book.synced
+
+
+def test_only_the_top_ten_make_the_checksum_and_levels_below_it_do_not_matter():
+    bids = [[str(100 - i), "1"] for i in range(12)]
+    book = OrderBook()
+    book.apply_message(frame("depth.X_Y", snapshot(1, bids), 1, crc_of(bids, [])))
+    # A change at the 12th bid leaves the top 10, and the checksum, as they were.
+    assert book.apply_message(frame("depth.X_Y", diff(2, 2, [["89", "7"]]), 2, crc_of(bids, [])))
+
+
+def test_depth_top_frames_replace_the_book_each_time():
+    book = OrderBook()
+    stream = "depth5.X_Y"
+    for seq, (b, a) in enumerate(
+        [([["10", "1"], ["9", "1"]], [["11", "1"]]), ([["9", "4"]], [["11", "1"], ["12", "2"]])], 40
+    ):
+        data = {"e": "depthTop", "s": "X_Y", "u": seq * 3, "b": b, "a": a}
+        assert book.apply_message(frame(stream, data, seq, crc_of(b, a)))
+        assert (book.bids(), book.asks(), book.seq, book.u) == (b, a, seq, seq * 3)
+    data = {"e": "depthTop", "s": "X_Y", "u": 200, "b": [["9", "4"]], "a": []}
+    with pytest.raises(BookGap):
+        book.apply_message(frame(stream, data, 60, crc_of([["9", "5"]], [])))
+
+
+def test_merged_diffs_skip_positions_but_follow_update_ids():
+    book = OrderBook()
+    stream = "depth.X_Y@100ms"
+    bids = [["10", "1"]]
+    book.apply_message(frame(stream, snapshot(5, bids), 100, crc_of(bids, [])))
+    # One merged diff for updates 6..9, positions 101..104: the last one's.
+    bids = [["10", "3"], ["9", "2"]]
+    merged = diff(6, 9, [["10", "3"], ["9", "2"]])
+    assert book.apply_message(frame(stream, merged, 104, crc_of(bids, [])))
+    assert book.seq == 104 and book.u == 9
+    with pytest.raises(BookGap, match="expected update 10"):
+        book.apply_message(frame(stream, diff(11, 12), 110))

@@ -218,18 +218,65 @@ def test_other_error_replies_are_logged(caplog):
     assert "the server refused 7 more streams" in caplog.text
 
 
-def test_resync_forgets_a_stream_and_asks_its_snapshot():
+def test_resync_starts_one_stream_over_on_the_open_connection():
     session = Session(["depth.A_B", "trade.A_B", "ticker.A_B"])
     connect(session)
     session.receive(frame("depth.A_B", {"e": "depth"}, seq=5))
     session.receive(frame("trade.A_B", {"t": 1}, seq=8))
     session.receive(frame("ticker.A_B", {"c": "1"}))
-    assert session.resync("ticker.A_B") is False  # plain: nothing to start over from
-    assert session.resync("depth.A_B") is True
+    assert session.resync("ticker.A_B") is None  # plain: nothing to start over from
+    requests = [ujson.loads(text) for text in session.resync("depth.A_B")]
+    assert requests == [
+        {"method": "UNSUBSCRIBE", "params": ["depth.A_B"], "id": 2},
+        {"method": "SUBSCRIBE", "params": ["depth.A_B"], "id": 3, "snapshot": ["depth.A_B"]},
+    ]
     assert [m.stream for m in drain(session)] == ["trade.A_B", "ticker.A_B"]
-    session.connection_lost("resync of depth.A_B")
+    # In flight before the snapshot: dropped, no gap; the other streams go on.
+    session.receive(frame("depth.A_B", {"e": "depth"}, seq=6))
+    session.receive(frame("trade.A_B", {"t": 2}, seq=9))
+    session.receive(frame("depth.A_B", {"e": "depthSnapshot"}, seq=11))
+    session.receive(frame("depth.A_B", {"e": "depth"}, seq=12))
+    got = [(m.stream, m.kind, m.seq) for m in drain(session)]
+    assert got == [
+        ("trade.A_B", MESSAGE, 9),
+        ("depth.A_B", SNAPSHOT, 11),
+        ("depth.A_B", MESSAGE, 12),
+    ]
+    assert session.gaps == 0 and session.connects == 1
+
+
+def test_a_resync_while_disconnected_asks_the_snapshot_on_the_next_connection():
+    session = Session(["depth.A_B", "trade.A_B"])
+    connect(session)
+    session.receive(frame("depth.A_B", {"e": "depth"}, seq=5))
+    session.receive(frame("trade.A_B", {"t": 1}, seq=8))
+    session.connection_lost("gone")
+    assert session.resync("depth.A_B") == []  # nothing to send: no connection
     request = connect(session)
     assert request["since"] == {"trade.A_B": 8} and request["snapshot"] == ["depth.A_B"]
+
+
+def test_a_new_connection_ends_the_resyncs_of_the_last():
+    session = Session(["depth.A_B"])
+    connect(session)
+    session.receive(frame("depth.A_B", {"e": "depth"}, seq=5))
+    assert session.resync("depth.A_B")
+    session.connection_lost("gone")
+    request = connect(session)
+    assert request["snapshot"] == ["depth.A_B"] and request["id"] == 4
+    drain(session)
+    session.receive(frame("depth.A_B", {"e": "depth"}, seq=6))  # not dropped any more
+    assert [(m.kind, m.seq) for m in drain(session)] == [(MESSAGE, 6)]
+
+
+def test_positions_of_derived_streams_skip_without_a_gap():
+    session = Session(["depth10.A_B", "depth.A_B@100ms", "depth.A_B"])
+    connect(session)
+    for seq in (5, 9):
+        for stream in ("depth10.A_B", "depth.A_B@100ms", "depth.A_B"):
+            session.receive(frame(stream, {"e": "depth"}, seq=seq))
+    gaps = [m.stream for m in drain(session) if m.kind == GAP]
+    assert gaps == ["depth.A_B"] and session.gaps == 1
 
 
 # --- backoff, states, closing -----------------------------------------------------

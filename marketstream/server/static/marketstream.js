@@ -35,6 +35,13 @@
  *   notice (`data.e == "gap"`) or a broken continuity the stream is marked
  *   gapped and a new snapshot is requested (UNSUBSCRIBE + SUBSCRIBE with
  *   snapshot) unless one arrives by itself.
+ * - Book checksums: a frame that carries `"checksum"` (the server's CRC-32 of
+ *   the top 10 levels after it) is checked once applied; on a mismatch the
+ *   stream gets a "gap" event (reason "checksum mismatch") and a new snapshot
+ *   is asked for, that stream only, on the same connection.  Frames without
+ *   one are not checked.  Top-N streams (`depth5|10|20.<MARKET>`, frames with
+ *   `e = "depthTop"`) replace their book each frame; update speeds
+ *   (`depth.<MARKET>@100ms`: merged diffs) skip positions, not update ids.
  * - Plain streams (no `seq`, no snapshots, e.g. an existing engine publishing
  *   with PUBLISH) work too: books are built from diffs alone by the `U`/`u`
  *   rules and marked "partial" (levels not changed since the client joined
@@ -77,7 +84,8 @@
  * `resumes` (streams resumed without a gap), `lastSeq` (stream -> last position
  * applied), `books` (stream -> `{seq, u, status, bids: [[price, qty], ...],
  * asks: [...]}`, best first, strings as received), `streams` (stream -> its
- * statistics: status, count, rate, lastSeq, gaps, lastAt).
+ * statistics: status, count, rate, lastSeq, gaps, lastAt, checksums: {checked,
+ * mismatches}).
  */
 
 const SIDES = ["bids", "asks"];
@@ -164,10 +172,77 @@ export class OrderBook {
   }
 }
 
+// -- book checksums, top-N books and update speeds -------------------------------
+
+/** Whether `stream` keeps an order book: depth streams, their top N and speeds. */
+export function isBookStream(stream) {
+  return /^depth(5|10|20)?$/.test(stream.split(".")[0]);
+}
+
+/** Whether `stream` is derived (`depth10.X`, `X@100ms`): its positions skip. */
+export function isDerivedStream(stream) {
+  return stream.includes("@") || /^depth(5|10|20)\./.test(stream);
+}
+
+let crcTable = null;
+
+/** CRC-32 (IEEE, as zlib.crc32) of the UTF-8 bytes of `text`, unsigned. */
+export function crc32(text) {
+  if (!crcTable) {
+    crcTable = new Uint32Array(256);
+    for (let n = 0; n < 256; n++) {
+      let c = n;
+      for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+      crcTable[n] = c >>> 0;
+    }
+  }
+  let crc = 0xffffffff;
+  for (const byte of new TextEncoder().encode(text)) crc = crcTable[(crc ^ byte) & 0xff] ^ (crc >>> 8);
+  return (crc ^ 0xffffffff) >>> 0;
+}
+
+/** The best `n` levels of a side (Map price -> qty), best first, without sorting it all. */
+function bestLevels(side, n, descending) {
+  const best = [];
+  for (const [price, qty] of side) {
+    const value = Number(price);
+    if (best.length === n && (descending ? value <= best[n - 1][2] : value >= best[n - 1][2])) continue;
+    let i = best.length;
+    while (i > 0 && (descending ? best[i - 1][2] < value : best[i - 1][2] > value)) i -= 1;
+    best.splice(i, 0, [price, qty, value]);
+    if (best.length > n) best.pop();
+  }
+  return best;
+}
+
+/**
+ * The checksum of an OrderBook, as the server computes it: CRC-32 of, for i in
+ * 0..9, the i-th bid's price and quantity (if any) then the i-th ask's, joined
+ * with ":", strings as received.
+ */
+export function bookChecksum(book) {
+  const bids = bestLevels(book.bids, 10, true), asks = bestLevels(book.asks, 10, false);
+  const parts = [];
+  for (let i = 0; i < 10; i++) {
+    if (i < bids.length) parts.push(bids[i][0], bids[i][1]);
+    if (i < asks.length) parts.push(asks[i][0], asks[i][1]);
+  }
+  return crc32(parts.join(":"));
+}
+
+/** Apply a merged diff (an update speed): update ids follow, positions skip. */
+function applyMergedDiff(book, data, seq) {
+  const result = book.applyDiff(data, null);
+  if (result === "applied" && seq !== null) book.seq = seq;
+  return result;
+}
+
 class StreamState {
   constructor(name, snapshot) {
     this.name = name;
-    this.isDepth = name.split(".")[0] === "depth";
+    this.isDepth = isBookStream(name);
+    this.derived = isDerivedStream(name);   // positions skip: top-N frames, update speeds
+    this.checksums = {checked: 0, mismatches: 0};
     this.snapshot = snapshot;      // ask for snapshots (on subscribe and after a gap)
     this.book = this.isDepth ? new OrderBook() : null;
     this.seq = null;               // last position applied
@@ -243,7 +318,7 @@ export class MarketStream extends EventTarget {
     const now = performance.now(), out = {};
     for (const [name, s] of this._streams) {
       out[name] = {status: s.status, count: s.count, rate: s.rate(now), lastSeq: s.seq,
-                   gaps: s.gaps, lastAt: s.lastAt};
+                   gaps: s.gaps, lastAt: s.lastAt, checksums: {...s.checksums}};
     }
     return out;
   }
@@ -515,13 +590,14 @@ export class MarketStream extends EventTarget {
     }
     s.plain = seq === null;
     if (seq !== null && s.seq !== null && seq <= s.seq) return;   // already applied
-    const jumped = seq !== null && s.seq !== null && seq !== s.seq + 1;
+    const jumped = seq !== null && s.seq !== null && seq !== s.seq + 1 && !s.derived;
     const resumed = s.resumeFrom;
     s.resumeFrom = null;
     const reason = resumed !== null ? "resume incomplete" : "position jumped";
 
     if (s.book) {
       if (!this._applyBook(s, data, seq, jumped, reason)) return;
+      if (!this._checkBook(s, message.checksum)) return;
     } else if (jumped) {
       this._gap(s, {reason, expected: s.seq + 1, got: seq});
     }
@@ -560,7 +636,7 @@ export class MarketStream extends EventTarget {
   /** Apply a depth frame to the stream's book; false if it was not applied. */
   _applyBook(s, data, seq, jumped, reason) {
     const book = s.book;
-    if (data.e === "depthSnapshot") {
+    if (data.e === "depthSnapshot" || data.e === "depthTop") {
       book.applySnapshot(data, seq);
       s.awaitingSnapshot = false;
       s.snapshotTries = 0;
@@ -580,7 +656,7 @@ export class MarketStream extends EventTarget {
       this._gap(s, {reason, expected: s.seq + 1, got: seq});
       return false;
     }
-    const result = book.applyDiff(data, seq);
+    const result = s.derived ? applyMergedDiff(book, data, seq) : book.applyDiff(data, seq);
     if (result === "stale") return seq !== null && seq > (s.seq ?? -1);   // a position without news
     if (result === "broken") {
       this._gap(s, {reason: "update ids not continuous", expected: book.u + 1, got: data.U});
@@ -591,6 +667,21 @@ export class MarketStream extends EventTarget {
       book.applyDiff(data, seq);
     }
     return true;
+  }
+
+  /**
+   * Check the book of `s` against the frame's `checksum` (if it has one and
+   * the book is synced); on a mismatch, a gap: a new snapshot is asked for.
+   * False if the book is not the server's.
+   */
+  _checkBook(s, checksum) {
+    if (typeof checksum !== "number" || s.book.status !== "synced") return true;
+    s.checksums.checked += 1;
+    const mine = bookChecksum(s.book);
+    if (mine === checksum) return true;
+    s.checksums.mismatches += 1;
+    this._gap(s, {reason: "checksum mismatch", expected: checksum, got: mine});
+    return false;
   }
 
   _setStatus(s, status) {

@@ -28,7 +28,14 @@ from functools import partial
 
 from marketstream.fanout.batching import Batch
 from marketstream.fanout.budgets import ReplayBudgets
-from marketstream.fanout.catchup import CatchUp, GapFrame, catch_up, frame_history, gap_frames
+from marketstream.fanout.catchup import (
+    CatchUp,
+    Checksums,
+    GapFrame,
+    catch_up,
+    frame_history,
+    gap_frames,
+)
 from marketstream.fanout.compressing import Compressing
 from marketstream.fanout.counters import Counters
 from marketstream.fanout.dedupe import LivePositions
@@ -68,6 +75,7 @@ class Recoveries:
         "max_replay",
         "dropped",
         "compressing",
+        "chain",
         "_reads",
     )
 
@@ -89,6 +97,8 @@ class Recoveries:
         self.max_replay = max_replay
         self.dropped = dropped  # a stored frame that fails the check: (channel, frame, problem)
         self.compressing = compressing  # catch-ups compressed for those that negotiated it
+        # A book stream's checksums for a read's frames (None: not a kept book).
+        self.chain: Callable[[str], Checksums | None] = lambda name: None
         self._reads = 0
 
     def hold(self, name: str, conn: Connection, want: Want) -> bool:
@@ -202,7 +212,8 @@ class Recoveries:
         merge = partial(
             catch_up, max_replay=self.max_replay, had_positions=name in self.positions.delivered
         )
-        plain = (frame_history(name.encode(), history, self.dropped), live, gap_frames(name))
+        framed = frame_history(name.encode(), history, self.dropped, self.chain(name))
+        plain = (framed, live, gap_frames(name))
         kinds: dict[bool, tuple[History, list[tuple[int | None, bytes]], GapFrame]] = {False: plain}
         compressing = self.compressing
         deflating = compressing.connections if compressing is not None else ()

@@ -55,7 +55,9 @@ from marketstream.server.reads import MAX_READS, HistoryReads
 from marketstream.upstream.confirmations import Confirmations
 from marketstream.upstream.links import make_link
 from marketstream.upstream.urls import redact_url
+from marketstream.wire.books import DEFAULT_FIELDS, BookFields
 from marketstream.wire.deflate import MIN_BYTES, Deflater
+from marketstream.wire.derived import DerivedRules
 from marketstream.wire.payloads import WRONG_STREAM, publish_time
 
 __all__ = ["ChannelManager", "Handler", "Want", "MAX_READS"]
@@ -105,6 +107,8 @@ class ChannelManager:
         max_channels: int = 0,
         linger: float = 1.0,
         compression_min_bytes: int | None = MIN_BYTES,
+        books: DerivedRules | None = None,
+        book_fields: BookFields = DEFAULT_FIELDS,
     ) -> None:
         self.redis_url = redis_url
         self.min_flush_interval = min_flush_interval
@@ -121,7 +125,11 @@ class ChannelManager:
             linger=linger > 0,
             # None: no compression (a Deflater compresses each message once).
             deflater=None if compression_min_bytes is None else Deflater(compression_min_bytes),
+            # None: no server books, no derived streams.
+            books=books,
+            book_fields=book_fields,
         )
+        self._ticks: dict[int, asyncio.TimerHandle] = {}  # derived streams' timers, by ms
         self.link = make_link(
             redis_url,
             self,
@@ -189,6 +197,9 @@ class ChannelManager:
     async def stop(self) -> None:
         """Stop the reader and close the Redis connections."""
         self.reads.cancel()
+        for handle in self._ticks.values():
+            handle.cancel()
+        self._ticks.clear()
         if self._linger_handle is not None:
             self._linger_handle.cancel()
             self._linger_handle = None
@@ -213,6 +224,7 @@ class ChannelManager:
         Streams with a :class:`~marketstream.fanout.core.Want` (``since``,
         ``snapshot``) are caught up from the history first."""
         added = self.core.subscribe(conn, list(names), wants)
+        self._derived_changed()
         self._sync()
         if wants:
             self.reads.start()
@@ -221,12 +233,14 @@ class ChannelManager:
     def unsubscribe(self, conn: Connection, names: Iterable[str]) -> list[str]:
         """Remove ``conn`` from each stream; unknown names are ignored."""
         removed = self.core.unsubscribe(conn, list(names))
+        self._derived_changed()
         self._sync()
         return removed
 
     def remove(self, conn: Connection) -> None:
         """Forget a departed connection entirely."""
         self.core.remove(conn)
+        self._derived_changed()
         self._sync()
 
     def subscriptions(self, conn: Connection) -> list[str]:
@@ -278,7 +292,7 @@ class ChannelManager:
         self._confirmations.resolve(name)
         if self.core.batch.pending and self._flush_handle is None:
             self._schedule_flush()  # a gap notice
-        if self.core.recovering:
+        if self.core.recovering or self.core.books.pending:
             self.reads.start()
 
     def on_interrupted(self, names: list[str]) -> None:
@@ -287,7 +301,7 @@ class ChannelManager:
         self.core.channels_interrupted(names)
         if self.core.batch.pending and self._flush_handle is None:
             self._schedule_flush()  # gap notices
-        if self.core.recovering:
+        if self.core.recovering or self.core.books.pending:
             self.reads.start()
 
     def on_unsubscribed(self, name: str) -> None:
@@ -355,6 +369,43 @@ class ChannelManager:
             except Exception:
                 log.exception("delivery to %r failed", conn)
         self._measure()
+        if self.core.books.pending:
+            self.reads.start()  # a book lost its stream: read its snapshot again
+
+    # --- derived streams (see marketstream.fanout.speeds) ----------------------------
+
+    def _derived_changed(self) -> None:
+        """Start the timer of each interval that has derived streams now,
+        and the books' start reads due; a timer without streams stops at
+        its next tick."""
+        core = self.core
+        if core.books.pending:
+            self.reads.start()
+        for interval in core.derived.by_interval:
+            if interval not in self._ticks:
+                loop = self._loop or asyncio.get_running_loop()
+                deadline = loop.time() + interval / 1000
+                self._ticks[interval] = loop.call_at(deadline, self._tick, interval, deadline)
+
+    def _tick(self, interval: int, deadline: float) -> None:
+        """One interval passed: its derived streams' frames, once for all
+        their subscribers; the next tick keeps to the interval's grid."""
+        core = self.core
+        if interval not in core.derived.by_interval:
+            del self._ticks[interval]
+            return
+        loop = self._loop or asyncio.get_running_loop()
+        deadline = max(deadline + interval / 1000, loop.time())
+        self._ticks[interval] = loop.call_at(deadline, self._tick, interval, deadline)
+        if core.derived.tick(interval) and self._flush_handle is None:
+            self._schedule_flush()
+        if core.books.pending:
+            self.reads.start()
+
+    def bookless(self, name: str) -> str | None:
+        """The book stream ``name`` derives from if it is known to have no
+        server book (no snapshots: ``name`` is refused), else None."""
+        return self.core.derived.bookless(name)
 
     def _measure(self) -> None:
         """The latencies of the batch just written, once per batch: since

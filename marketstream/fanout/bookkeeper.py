@@ -212,6 +212,11 @@ class BookKeeper:
     def is_book_stream(self, name: str) -> bool:
         return self.rules.is_book_stream(name)
 
+    def synced(self, name: str) -> bool:
+        """Whether ``name`` has a server book that follows it."""
+        kept = self.streams.get(name)
+        return kept is not None and kept.synced
+
     def keep(self, name: str) -> KeptBook | None:
         """One more subscription needs ``name``'s book (None: not a book stream)."""
         kept = self.streams.get(name)

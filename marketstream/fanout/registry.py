@@ -60,6 +60,9 @@ class Registry:
         self.taps: dict[str, Tap] = {}
         self.books: BookKeeper | None = None  # set by the core, with derived
         self.derived: DerivedStreams | None = None
+        # Slow readers: the streams each receives no more until it has read
+        # what was queued (see park).
+        self.parked: dict[Connection, dict[str, None]] = {}
 
     def register(self, conn: Connection, compressing: bool = False) -> None:
         """Track a new connection (``compressing``: it negotiated permessage-deflate)."""
@@ -117,6 +120,7 @@ class Registry:
                 self.drop_listener(name, conn)
         self.budgets.forget(conn)
         self.compressing.discard(conn)
+        self.parked.pop(conn, None)
 
     def subscriptions(self, conn: Connection) -> list[str]:
         return list(self.connections.get(conn, ()))
@@ -167,3 +171,51 @@ class Registry:
         """``conn`` waits for ``name``'s history read (``want``)."""
         if self.recoveries.hold(name, conn, want):
             self.channels.want(name)
+
+    # --- slow readers ------------------------------------------------------
+
+    def park(self, conn: Connection) -> int:
+        """``conn`` reads too slowly: it stops receiving the streams whose
+        state a snapshot carries (book streams the server keeps a book of,
+        and derived streams) until :meth:`unpark`; the number parked."""
+        derived, books = self.derived, self.books
+        assert derived is not None and books is not None
+        mine = self.connections.get(conn)
+        if not mine or conn in self.parked:
+            return 0
+        parked: dict[str, None] = {}
+        for name in mine:
+            if derived.park(conn, name) or (books.synced(name) and self._unlisten(name, conn)):
+                parked[name] = None
+        if parked:
+            self.parked[conn] = parked
+        return len(parked)
+
+    def _unlisten(self, name: str, conn: Connection) -> bool:
+        """``conn`` stops listening to ``name`` (still subscribed; its book
+        holds the channel)."""
+        listeners = self.streams.get(name)
+        if listeners is None or listeners.pop(conn, 0) is not None:
+            return False
+        self.compressing.changed(name)
+        self.positions.let_go(name, conn)
+        if not listeners:
+            del self.streams[name]
+            self.positions.drop_holdings(name)
+        return True
+
+    def unpark(self, conn: Connection) -> list[str]:
+        """``conn`` has read what was queued: each stream it missed starts
+        again from a snapshot (the shell queues the gap notices first);
+        the streams, still subscribed, that do."""
+        derived = self.derived
+        assert derived is not None
+        parked = self.parked.pop(conn, None)
+        mine = self.connections.get(conn)
+        if not parked or not mine:
+            return []
+        back = [name for name in parked if name in mine]
+        for name in back:
+            if not derived.unpark(conn, name):
+                self.hold(conn, name, Want(snapshot=True))
+        return back

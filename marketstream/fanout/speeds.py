@@ -69,12 +69,13 @@ class DerivedStream:
     """One derived stream: what it is, its subscribers, those that get
     its state at the next tick, and what it last sent."""
 
-    __slots__ = ("spec", "listeners", "fresh", "epoch", "sent", "top")
+    __slots__ = ("spec", "listeners", "fresh", "parked", "epoch", "sent", "top")
 
     def __init__(self, spec: Derived) -> None:
         self.spec = spec
         self.listeners: dict[Connection, None] = {}
         self.fresh: dict[Connection, None] = {}  # get the state, not a change
+        self.parked: dict[Connection, None] = {}  # slow readers: nothing for now
         self.epoch = -1  # the book's epoch last sent (merged)
         self.sent = 0  # the latest message's count last sent (latest)
         self.top: tuple[list[list[str]], list[list[str]]] | None = None  # last top sent
@@ -155,7 +156,8 @@ class DerivedStreams:
             return False
         stream.listeners.pop(conn, None)
         stream.fresh.pop(conn, None)
-        if not stream.listeners:
+        stream.parked.pop(conn, None)
+        if not stream.listeners and not stream.parked:
             spec = stream.spec
             del self.streams[name]
             same = self.by_interval[spec.interval_ms]
@@ -163,6 +165,28 @@ class DerivedStreams:
             if not same:
                 del self.by_interval[spec.interval_ms]
             self._release_base(spec)
+        return True
+
+    def park(self, conn: Connection, name: str) -> bool:
+        """``conn`` reads too slowly: no more frames of ``name`` until
+        :meth:`unpark` (True if ``name`` is a derived stream)."""
+        stream = self.streams.get(name)
+        if stream is None:
+            return False
+        if stream.listeners.pop(conn, 0) is None:
+            stream.fresh.pop(conn, None)
+            stream.parked[conn] = None
+        return True
+
+    def unpark(self, conn: Connection, name: str) -> bool:
+        """``conn`` gets ``name``'s state at its next tick, then its frames
+        (True if ``name`` is a derived stream)."""
+        stream = self.streams.get(name)
+        if stream is None:
+            return False
+        if stream.parked.pop(conn, 0) is None:
+            stream.listeners[conn] = None
+            stream.fresh[conn] = None
         return True
 
     def _hold_base(self, spec: Derived) -> None:

@@ -44,12 +44,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from collections.abc import Iterable
 from typing import Protocol
 
 from marketstream.fanout.core import REPLAY_BYTES, Connection, Core, Want
 from marketstream.fanout.counters import Counters
 from marketstream.loglimit import LogLimiter
+from marketstream.server.books import BookStreams
 from marketstream.server.keepalive import Pingable
 from marketstream.server.reads import MAX_READS, HistoryReads
 from marketstream.upstream.confirmations import Confirmations
@@ -115,11 +117,12 @@ class ChannelManager:
         self.max_replay = max_replay
         self.linger = linger
         self.counters = counters if counters is not None else Counters()
+        self._log_limit = LogLimiter(log)  # publishers' errors, at most a line a second each
         self.core = Core(
             self.counters,
             payload_format,
             max_replay,
-            self._log_malformed,
+            partial(_log_malformed, self._log_limit, self.counters),
             replay_bytes=replay_bytes,
             max_channels=max_channels,
             linger=linger > 0,
@@ -129,7 +132,7 @@ class ChannelManager:
             books=books,
             book_fields=book_fields,
         )
-        self._ticks: dict[int, asyncio.TimerHandle] = {}  # derived streams' timers, by ms
+
         self.link = make_link(
             redis_url,
             self,
@@ -143,12 +146,12 @@ class ChannelManager:
         self._last_flush = 0.0
         self._batch_start: float | None = None  # when the batch's first frame was queued
         self._published: int | None = None  # the publisher's E of its first message (µs)
-        self._log_limit = LogLimiter(log)  # publishers' errors, at most a line a second each
         self._linger_handle: asyncio.TimerHandle | None = None
         self.reads = HistoryReads(
             redis_url, self.core, max_replay, self._log_limit, self._read_done
         )
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.books = BookStreams(self.core, self.reads, self._queued)
 
     # --- what the rest of the process reads ---------------------------------
 
@@ -192,14 +195,13 @@ class ChannelManager:
         """Connect to Redis and start the reader; raise if Redis is unreachable."""
         self._loop = asyncio.get_running_loop()
         self.reads.bind(self._loop)
+        self.books.bind(self._loop)
         await self.link.start(timeout)
 
     async def stop(self) -> None:
         """Stop the reader and close the Redis connections."""
         self.reads.cancel()
-        for handle in self._ticks.values():
-            handle.cancel()
-        self._ticks.clear()
+        self.books.stop()
         if self._linger_handle is not None:
             self._linger_handle.cancel()
             self._linger_handle = None
@@ -224,7 +226,7 @@ class ChannelManager:
         Streams with a :class:`~marketstream.fanout.core.Want` (``since``,
         ``snapshot``) are caught up from the history first."""
         added = self.core.subscribe(conn, list(names), wants)
-        self._derived_changed()
+        self.books.changed()
         self._sync()
         if wants:
             self.reads.start()
@@ -233,14 +235,14 @@ class ChannelManager:
     def unsubscribe(self, conn: Connection, names: Iterable[str]) -> list[str]:
         """Remove ``conn`` from each stream; unknown names are ignored."""
         removed = self.core.unsubscribe(conn, list(names))
-        self._derived_changed()
+        self.books.changed()
         self._sync()
         return removed
 
     def remove(self, conn: Connection) -> None:
         """Forget a departed connection entirely."""
         self.core.remove(conn)
-        self._derived_changed()
+        self.books.changed()
         self._sync()
 
     def subscriptions(self, conn: Connection) -> list[str]:
@@ -316,29 +318,6 @@ class ChannelManager:
         self.counters.reconnects += 1
         self.core.link_restored(channels)
 
-    def _log_malformed(self, channel: bytes, payload: bytes, problem: str) -> None:
-        # A broken publisher must not flood the log: a line a second per cause.
-        if problem == WRONG_STREAM:
-            self._log_limit.log(
-                logging.WARNING,
-                problem,
-                'dropped a payload on %r whose "stream" is not the channel '
-                "(missing, another or repeated; %d so far): %.80r",
-                channel,
-                self.counters.dropped_wrong_stream,
-                payload,
-            )
-        else:
-            self._log_limit.log(
-                logging.WARNING,
-                problem,
-                "dropped a payload on %r that is not a JSON object (or not "
-                "what the recovery script publishes; %d so far): %.80r",
-                channel,
-                self.counters.dropped_malformed,
-                payload,
-            )
-
     def _read_done(self) -> None:
         """A history read queued frames: flush them."""
         if self._flush_handle is None:
@@ -372,40 +351,10 @@ class ChannelManager:
         if self.core.books.pending:
             self.reads.start()  # a book lost its stream: read its snapshot again
 
-    # --- derived streams (see marketstream.fanout.speeds) ----------------------------
-
-    def _derived_changed(self) -> None:
-        """Start the timer of each interval that has derived streams now,
-        and the books' start reads due; a timer without streams stops at
-        its next tick."""
-        core = self.core
-        if core.books.pending:
-            self.reads.start()
-        for interval in core.derived.by_interval:
-            if interval not in self._ticks:
-                loop = self._loop or asyncio.get_running_loop()
-                deadline = loop.time() + interval / 1000
-                self._ticks[interval] = loop.call_at(deadline, self._tick, interval, deadline)
-
-    def _tick(self, interval: int, deadline: float) -> None:
-        """One interval passed: its derived streams' frames, once for all
-        their subscribers; the next tick keeps to the interval's grid."""
-        core = self.core
-        if interval not in core.derived.by_interval:
-            del self._ticks[interval]
-            return
-        loop = self._loop or asyncio.get_running_loop()
-        deadline = max(deadline + interval / 1000, loop.time())
-        self._ticks[interval] = loop.call_at(deadline, self._tick, interval, deadline)
-        if core.derived.tick(interval) and self._flush_handle is None:
+    def _queued(self) -> None:
+        """Frames were queued outside a message (a tick, a notice): flush."""
+        if self._flush_handle is None:
             self._schedule_flush()
-        if core.books.pending:
-            self.reads.start()
-
-    def bookless(self, name: str) -> str | None:
-        """The book stream ``name`` derives from if it is known to have no
-        server book (no snapshots: ``name`` is refused), else None."""
-        return self.core.derived.bookless(name)
 
     def _measure(self) -> None:
         """The latencies of the batch just written, once per batch: since
@@ -419,3 +368,30 @@ class ChannelManager:
         counters.batch_latencies.append(time.monotonic() - start)
         if published is not None:
             counters.publish_latencies.append(max(0.0, time.time() - published * 1e-6))
+
+
+def _log_malformed(
+    log_limit: LogLimiter, counters: Counters, channel: bytes, payload: bytes, problem: str
+) -> None:
+    """Log a payload the core dropped (what a broken publisher sends)."""
+    # A broken publisher must not flood the log: a line a second per cause.
+    if problem == WRONG_STREAM:
+        log_limit.log(
+            logging.WARNING,
+            problem,
+            'dropped a payload on %r whose "stream" is not the channel '
+            "(missing, another or repeated; %d so far): %.80r",
+            channel,
+            counters.dropped_wrong_stream,
+            payload,
+        )
+    else:
+        log_limit.log(
+            logging.WARNING,
+            problem,
+            "dropped a payload on %r that is not a JSON object (or not "
+            "what the recovery script publishes; %d so far): %.80r",
+            channel,
+            counters.dropped_malformed,
+            payload,
+        )

@@ -87,7 +87,7 @@ class Conversation(Delivery):
         refused: list[tuple[str, str]] = []
         for name in request.params:
             refusal = ctx.auth.refusal(self, name)
-            base = manager.bookless(name) if refusal is None else None
+            base = manager.books.bookless(name) if refusal is None else None
             if base is not None:
                 refusal = "no_book", books.no_book_reason(name, base)
             if refusal is None:

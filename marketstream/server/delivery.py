@@ -15,6 +15,7 @@ import socket
 import struct
 
 import tornado.websocket
+from tornado.concurrent import Future
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from marketstream.server.identity import Identity
@@ -102,9 +103,31 @@ class Delivery(Identity):
         try:
             stream.write(data)
         except StreamClosedError:
-            pass  # on_close follows
+            return  # on_close follows
         except StreamBufferFullError:
             self._slow_consumer()
+            return
+        if _queued_bytes(stream) > self.context.limits.max_buffer_bytes // 2:
+            self._falling_behind(stream)
+
+    def _falling_behind(self, stream: IOStream) -> None:
+        """Over half of ``max_buffer_bytes`` unsent: the book streams stop
+        (the manager parks them) until what is queued now has been sent;
+        then they start again from snapshots.  Only what cannot be
+        conflated (trades) can still fill the buffer and close it."""
+        manager = self.context.manager
+        if manager.books.parked(self) or not manager.books.park(self):
+            return
+        try:
+            drained = stream.write(b"")  # done when everything queued so far is sent
+        except StreamClosedError:
+            return
+        drained.add_done_callback(self._caught_up)
+
+    def _caught_up(self, drained: Future[None]) -> None:
+        if drained.cancelled() or drained.exception() is not None or self._ws is None:
+            return  # closed meanwhile: on_close removes it
+        self.context.manager.books.unpark(self)
 
     def _slow_consumer(self) -> None:
         self.context.counters.closed["slow_consumer"] += 1

@@ -114,8 +114,9 @@ class StreamRules:
             return None
         if not name or len(name) > MAX_STREAM_NAME:
             return "invalid_name", "invalid stream name (1 to %d characters)" % MAX_STREAM_NAME
-        if self.derived is not None and ("@" in name or name.startswith("depth")):
-            spec = self.derived.parse(name)
+        derived = self.derived
+        if derived is not None and ("@" in name or name.startswith("depth")) and "." in name:
+            spec = derived.parse(name)
             if isinstance(spec, Refused):
                 return spec.cause, spec.reason
             if spec is not None:

@@ -36,6 +36,7 @@ from marketstream.fanout.books import APPLIED, SNAPSHOT, Book, DiffMerger
 from marketstream.fanout.counters import Counters
 from marketstream.fanout.records import History, Read
 from marketstream.wire.books import BookFields, with_checksum
+from marketstream.wire.positions import FRAME_END
 from marketstream.wire.derived import DerivedRules
 
 __all__ = ["BookKeeper", "KeptBook", "Chain", "Tap", "RECENT", "READ_BYTES", "MAX_BUFFERED"]
@@ -133,11 +134,17 @@ class KeptBook:
         for merger in self.mergers.values():
             merger.reset()
 
-    def started(self, history: History) -> None:
-        """The start read found ``history``: the book starts from its
-        snapshot, then takes its entries and the buffered live frames."""
-        buffered, self.buffer = self.buffer or [], None
+    def started(
+        self, history: History, buffered: list[tuple[int | None, bytes]] | None = None
+    ) -> None:
+        """A read found ``history``: the book starts from its snapshot,
+        then takes its entries and the live frames buffered meanwhile
+        (``buffered``, else its own start read's)."""
+        if buffered is None:
+            buffered = self.buffer or []
+        self.buffer = None
         self.reading = False
+        self.token = 0  # a start read still in flight is stale
         book = self.book
         book.synced = False
         if history.snapshot is None:
@@ -176,8 +183,13 @@ class Chain:
         return with_checksum(frame, self.book.checksum)
 
     def entry(self, seq: int, frame: bytes) -> bytes:
-        """An entry's frame (entries oldest first), with its checksum if known."""
+        """An entry's frame (entries oldest first, then the live frames
+        buffered during the read), with its checksum if known."""
         book = self.book
+        if not frame.endswith(FRAME_END % seq):  # a live frame that has it
+            if book.synced and (book.seq is None or seq > book.seq):
+                book.apply_frame(frame)
+            return frame
         checksum = None
         fresh = book.synced and (book.seq is None or seq > book.seq)
         if fresh and book.apply_frame(frame) in (APPLIED, SNAPSHOT):
@@ -277,6 +289,20 @@ class BookKeeper:
         elif kept.book.synced:
             self.counters.books_started += 1
         return kept
+
+    def start_from(
+        self, name: str, history: History, buffered: list[tuple[int | None, bytes]]
+    ) -> None:
+        """A client's history read of ``name`` found ``history`` (and the
+        live frames ``buffered`` since it began): a book still waiting for
+        its snapshot starts from it (its own read, if any, is then stale)."""
+        kept = self.streams.get(name)
+        if kept is None or kept.synced or history.snapshot is None:
+            return
+        self.pending.pop(name, None)
+        kept.started(history, buffered)
+        if kept.book.synced:
+            self.counters.books_started += 1
 
     def read_failed(self, name: str, token: int | None) -> None:
         """The start read of ``token`` failed: it is done again."""

@@ -254,6 +254,8 @@ class Core:
         recovery = self.recoveries.in_flight(name, token)
         if recovery is None:
             return False
+        if name in self.books.streams:  # a book waiting for its snapshot starts here
+            self.books.start_from(name, history, recovery.buffer)
         listeners = self.streams.setdefault(name, {}) if recovery.reading else {}
         queued = self.recoveries.serve(name, recovery, history, listeners)
         self.compressing.changed(name)

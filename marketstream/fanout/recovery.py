@@ -205,14 +205,20 @@ class Recoveries:
         recovery.in_flight = False
         readers, shares = recovery.reading, recovery.shares
         recovery.reading, recovery.shares = {}, {}
-        live = [(seq, text_frame(data)) for seq, data in recovery.buffer]
-        recovery.buffer = []
+        buffered, recovery.buffer = recovery.buffer, []
+        live = [(seq, text_frame(data)) for seq, data in buffered]
         if not readers:
             return False
         merge = partial(
             catch_up, max_replay=self.max_replay, had_positions=name in self.positions.delivered
         )
-        framed = frame_history(name.encode(), history, self.dropped, self.chain(name))
+        chain = self.chain(name)
+        framed = frame_history(name.encode(), history, self.dropped, chain)
+        if chain is not None:  # a book stream: the buffered frames' checksums too
+            live = [
+                (seq, text_frame(data if seq is None else chain.entry(seq, data)))
+                for seq, data in buffered
+            ]
         plain = (framed, live, gap_frames(name))
         kinds: dict[bool, tuple[History, list[tuple[int | None, bytes]], GapFrame]] = {False: plain}
         compressing = self.compressing

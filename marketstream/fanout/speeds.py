@@ -121,6 +121,12 @@ class DerivedStreams:
         spec = self.rules.parse(name)
         return spec if isinstance(spec, Derived) else None
 
+    def base_of(self, name: str) -> str:
+        """The stream ``name`` derives from if it is a derived stream with
+        subscribers, else ``name``."""
+        stream = self.streams.get(name)
+        return name if stream is None else stream.spec.base
+
     def intervals(self) -> set[int]:
         """The intervals (ms) with derived streams: the shell's timers."""
         return set(self.by_interval)

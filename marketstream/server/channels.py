@@ -272,6 +272,7 @@ class ChannelManager:
         ``names`` that is still wanted; False on timeout or outage."""
         core = self.core
         confirmed = core.confirmed
+        names = [core.derived.base_of(name) for name in names]  # a derived stream's channel
         return await self._confirmations.wait(
             names, lambda name: core.is_wanted(name) and name not in confirmed, timeout
         )

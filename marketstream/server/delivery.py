@@ -107,7 +107,10 @@ class Delivery(Identity):
         except StreamBufferFullError:
             self._slow_consumer()
             return
-        if _queued_bytes(stream) > self.context.limits.max_buffer_bytes // 2:
+        if (
+            not stream.closed()
+            and _queued_bytes(stream) > self.context.limits.max_buffer_bytes // 2
+        ):
             self._falling_behind(stream)
 
     def _falling_behind(self, stream: IOStream) -> None:

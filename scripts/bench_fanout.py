@@ -88,6 +88,7 @@ from marketstream.testing import (  # noqa: E402
     masked_frame,
     percentile,
     raise_fd_limit,
+    server_command,
     stop_process,
     tree_cpu,
     tree_rss,
@@ -451,32 +452,19 @@ def start_server(
             "--max-buffer",
             str(args.reference_max_buffer),
         ]
+        if pin:
+            command = ["taskset", "-c", args.server_cpu] + command
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "marketstream",
-            "--listen",
-            "%s:%d" % (host, port),
-            "--redis-url",
+        # The receivers answer no pings: keepalive would close them.
+        command = server_command(
+            port,
             redis_url,
-            "--log-level",
-            "WARNING",
-            "--processes",
-            str(args.processes),
-            "--set",
-            "server.max_connections=%d" % (args.connections + 100),
-            # Every client comes from one address.
-            "--set",
-            "server.max_connections_per_ip=0",
-            # The receivers answer no pings: keepalive would close them.
-            "--set",
-            "server.ping_interval=0",
-        ]
-        for item in args.set:
-            command += ["--set", item]
-    if pin:
-        command = ["taskset", "-c", args.server_cpu] + command
+            ["server.ping_interval=0"] + args.set,
+            host=host,
+            processes=args.processes,
+            clients=args.connections,
+            cpus=args.server_cpu if pin else None,
+        )
     return subprocess.Popen(command, cwd=ROOT, preexec_fn=die_with_parent)
 
 

@@ -40,6 +40,7 @@ import resource
 import socket
 import struct
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -71,6 +72,7 @@ __all__ = [
     "health_status",
     "process_gone",
     "stop_process",
+    "server_command",
     "raise_fd_limit",
     "tree_rss",
     "tree_cpu",
@@ -472,6 +474,46 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 20) -> Non
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def server_command(
+    port: int,
+    redis_url: str,
+    settings: Iterable[str] = (),
+    *,
+    host: str = "127.0.0.1",
+    processes: int = 1,
+    clients: int | None = None,
+    log_level: str = "WARNING",
+    cpus: str | None = None,
+) -> list[str]:
+    """The command line of a marketstream server listening on
+    ``host:port`` with Redis at ``redis_url`` and ``processes`` workers,
+    logging at ``log_level``: as the benchmarks start it.  ``clients``
+    makes room for that many connections from this one address
+    (``server.max_connections`` of ``clients + 100``, no limit per
+    address); ``settings`` are ``SECTION.KEY=VALUE`` items passed with
+    ``--set`` after those (so they win); ``cpus`` pins the server to a CPU
+    list with ``taskset -c``::
+
+        server = subprocess.Popen(server_command(port, redis.url, ["server.ping_interval=0"]))
+
+    >>> server_command(4000, "redis://h:6379/0", ["protocol.acks=true"], clients=900)[3:]
+    ['--listen', '127.0.0.1:4000', '--redis-url', 'redis://h:6379/0', '--log-level', 'WARNING',
+     '--processes', '1', '--set', 'server.max_connections=1000',
+     '--set', 'server.max_connections_per_ip=0', '--set', 'protocol.acks=true']
+    """
+    command = [sys.executable, "-m", "marketstream", "--listen", "%s:%d" % (host, port)]
+    command += ["--redis-url", redis_url, "--log-level", log_level]
+    command += ["--processes", str(processes)]
+    if clients is not None:
+        command += ["--set", "server.max_connections=%d" % (clients + 100)]
+        command += ["--set", "server.max_connections_per_ip=0"]
+    for item in settings:
+        command += ["--set", item]
+    if cpus is not None:
+        command = ["taskset", "-c", cpus] + command
+    return command
 
 
 def raise_fd_limit() -> int:

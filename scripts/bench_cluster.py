@@ -144,14 +144,9 @@ def publisher(
             client = redis.Redis(host=host, port=port)
             clients.append(client)
             conns.append(client.connection_pool.get_connection())
-    total = int(duration * rate)
     start = time.monotonic()
     sent = 0
-    while sent < total:
-        due = min(int((time.monotonic() - start) * rate), total, sent + 5000)
-        if due <= sent:
-            time.sleep(0.001)
-            continue
+    for sent, due in fanout.paced(rate, duration):
         now_ns = time.time_ns()
         for seq in range(sent, due):
             per_shard[owner[seq % streams]] += 1

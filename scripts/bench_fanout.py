@@ -56,10 +56,44 @@ Standard runs::
 ``--json`` prints one JSON object (with ``--compare``: one per server and
 the medians); ``--set section.key=value`` passes a setting to the
 marketstream server it starts, e.g. ``--set server.fast_handshake=false``.
+
+Order books (``--books``): a publisher process sends a realistic order flow
+on ``depth.<--market>`` (the demo simulator's: levels added, changed and
+removed near the top and deeper, ``U``/``u`` contiguous, prices and
+quantities as strings) through ``marketstream.publisher.Publisher``, each
+diff with the book after it as the stream's snapshot, at ``--rate`` diffs/s
+(its first diff and snapshot before any client connects).  The
+``--connections`` clients are split in three groups (client ``c`` in group
+``c % 3``): the plain ``depth.<MARKET>``, its update speed
+``depth.<MARKET>@<--speed>`` and its top N ``depth<--top>.<MARKET>``;
+``--books --baseline`` puts every client on the plain stream instead.  The
+clients are asyncio connections in ``--receiver-processes`` processes
+subscribing with acknowledgements on: a refused subscription ends the run
+at once with the server's reason (a server without its own order books
+refuses the derived streams).  Each client counts the frames (by their
+``"stream"`` field), bytes (WebSocket headers included) and gap notices it
+receives; the report gives, per group, frames and bytes per client (and
+per client per second), bytes per frame, gap notices and connections the
+server closed, and the server's CPU per million deliveries of all groups
+together (per group it can be told only apart: the baseline is the plain
+group's).  ``--books --compare`` runs both, alternating ``--repeat``
+times, and says the CPU per million deliveries against the baseline's
+plain diff delivery, with the derived groups' part estimated as what the
+variant run spent beyond its plain deliveries at the baseline's cost.
+Against a server without server books the baseline is today's plain diff
+delivery.
+
+Standard order-book runs (1000 clients per group, 2000 diffs/s)::
+
+    # 1000 on depth.X, 1000 on depth.X@100ms, 1000 on depth10.X; then 3000 on depth.X
+    python scripts/bench_fanout.py --books --connections 3000 --rate 2000 --compare
+    python scripts/bench_fanout.py --books --connections 3000 --rate 2000            # variants only
+    python scripts/bench_fanout.py --books --baseline --connections 3000 --rate 2000 # baseline only
 """
 
 import argparse
 import asyncio
+import collections
 import hashlib
 import json
 import multiprocessing
@@ -71,6 +105,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -88,6 +123,8 @@ from marketstream.testing import (  # noqa: E402
     masked_frame,
     percentile,
     raise_fd_limit,
+    read_frames,
+    server_command,
     stop_process,
     tree_cpu,
     tree_rss,
@@ -147,6 +184,21 @@ def log(*args: object) -> None:
 # --- publisher ---------------------------------------------------------------
 
 
+def paced(rate: float, duration: float, most: int = 5000) -> Iterator[tuple[int, int]]:
+    """Messages ``sent`` to ``due`` (at most ``most`` at a time), as soon
+    as they are due at ``rate`` messages/s for ``duration`` s from now."""
+    total = int(duration * rate)
+    start = time.monotonic()
+    sent = 0
+    while sent < total:
+        due = min(int((time.monotonic() - start) * rate), total, sent + most)
+        if due <= sent:
+            time.sleep(0.001)
+            continue
+        yield sent, due
+        sent = due
+
+
 def publisher(
     url: str, rate: float, duration: float, streams: int, recoverable: bool, out: Any
 ) -> None:
@@ -164,14 +216,9 @@ def publisher(
         from marketstream.publisher import Publisher
 
         pub = Publisher(client, history=1000, ttl=600)
-    total = int(duration * rate)
     start = time.monotonic()
     sent = 0
-    while sent < total:
-        due = min(int((time.monotonic() - start) * rate), total, sent + 5000)
-        if due <= sent:
-            time.sleep(0.001)
-            continue
+    for sent, due in paced(rate, duration):
         now_ns = time.time_ns()
         if pub is not None:
             pub.publish_many(
@@ -451,75 +498,87 @@ def start_server(
             "--max-buffer",
             str(args.reference_max_buffer),
         ]
+        if pin:
+            command = ["taskset", "-c", args.server_cpu] + command
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "marketstream",
-            "--listen",
-            "%s:%d" % (host, port),
-            "--redis-url",
+        # The receivers answer no pings: keepalive would close them.
+        command = server_command(
+            port,
             redis_url,
-            "--log-level",
-            "WARNING",
-            "--processes",
-            str(args.processes),
-            "--set",
-            "server.max_connections=%d" % (args.connections + 100),
-            # Every client comes from one address.
-            "--set",
-            "server.max_connections_per_ip=0",
-            # The receivers answer no pings: keepalive would close them.
-            "--set",
-            "server.ping_interval=0",
-        ]
-        for item in args.set:
-            command += ["--set", item]
-    if pin:
-        command = ["taskset", "-c", args.server_cpu] + command
+            ["server.ping_interval=0"] + args.set,
+            host=host,
+            processes=args.processes,
+            clients=args.connections,
+            cpus=args.server_cpu if pin else None,
+        )
     return subprocess.Popen(command, cwd=ROOT, preexec_fn=die_with_parent)
 
 
-async def run(
-    args: argparse.Namespace, kind: str = "marketstream", recoverable: bool = False
-) -> dict[str, Any]:
-    """One benchmark run against ``kind`` (marketstream or reference); its figures."""
+def prepare_load(args: argparse.Namespace) -> bool:
+    """Raise the open-file limit and pin this process (the load) to
+    ``--load-cpu``; whether CPUs are pinned."""
     hard = raise_fd_limit()
     if 2 * args.connections + 200 > hard:
         log("warning: open-file limit %d is low for %d connections" % (hard, args.connections))
     can_pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) > 1
     if can_pin:
         os.sched_setaffinity(0, {int(c) for c in args.load_cpu.split(",")})
-    pin_server = can_pin and not args.target
-    redis_server = None
-    server = None
-    receiver = None
-    try:
+    return can_pin
+
+
+class Target:
+    """What a run's clients connect to: a server it starts (on a private
+    redis-server unless ``--redis-url``), or a running one (``--target``)."""
+
+    def __init__(self) -> None:
+        self.redis_server: RedisServer | None = None
+        self.server: subprocess.Popen[bytes] | None = None
+        self.proc: psutil.Process | None = None  # the server's, to measure
+        self.host, self.port, self.redis_url = "127.0.0.1", 0, ""
+
+    async def start(self, args: argparse.Namespace, kind: str, pin: bool) -> str:
+        """Start (or find) the server; ``kind``, or "target" for a running one."""
         if args.target:
             host, port = args.target.split("//")[-1].split("/")[0].rsplit(":", 1)
-            port = int(port)
-            redis_url = args.redis_url
-            proc = None
-            kind = "target"
+            self.host, self.port, self.redis_url = host, int(port), args.redis_url
+            return "target"
+        if args.redis_url:
+            self.redis_url = args.redis_url
         else:
-            if args.redis_url:
-                redis_url = args.redis_url
-            else:
-                redis_server = RedisServer().start()  # inherits this process's (load) CPUs
-                redis_url = redis_server.url
-            host, port = "127.0.0.1", free_port()
-            server = start_server(kind, args, host, port, redis_url, pin_server)
-            proc = psutil.Process(server.pid)
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    health(port, host)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise RuntimeError("%s server did not start" % kind) from None
-                    await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)
+            self.redis_server = RedisServer().start()  # inherits this process's (load) CPUs
+            self.redis_url = self.redis_server.url
+        self.port = free_port()
+        self.server = start_server(kind, args, self.host, self.port, self.redis_url, pin)
+        self.proc = psutil.Process(self.server.pid)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                health(self.port, self.host)
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.server.poll() is not None:
+                    raise RuntimeError("%s server did not start" % kind) from None
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        return kind
+
+    def stop(self) -> None:
+        stop_process(self.server)
+        if self.redis_server is not None:
+            self.redis_server.stop()
+
+
+async def run(
+    args: argparse.Namespace, kind: str = "marketstream", recoverable: bool = False
+) -> dict[str, Any]:
+    """One benchmark run against ``kind`` (marketstream or reference); its figures."""
+    can_pin = prepare_load(args)
+    pin_server = can_pin and not args.target
+    target = Target()
+    receiver = None
+    try:
+        kind = await target.start(args, kind, pin_server)
+        host, port, redis_url, proc = target.host, target.port, target.redis_url, target.proc
         figures = {
             "server": kind,
             "recoverable": recoverable,
@@ -687,9 +746,462 @@ async def run(
     finally:
         if receiver is not None and isinstance(receiver, BlastReceiver):
             receiver.kill()
-        stop_process(server)
-        if redis_server is not None:
-            redis_server.stop()
+        target.stop()
+
+
+# --- order books (--books) ---------------------------------------------------
+
+#: Every frame has one "stream" field: the receivers count frames by it
+#: (bytes.count runs at memory speed), and gap notices by their type.
+FRAME_TOKEN = b'"stream"'
+GAP_TOKEN = b'"e":"gap"'
+
+
+def book_streams(args: argparse.Namespace, baseline: bool) -> list[str]:
+    """The stream of each group of clients: the plain book stream, its
+    update speed and its top N; the baseline has one group, the plain."""
+    plain = "depth." + args.market
+    if baseline:
+        return [plain]
+    return [plain, "%s@%s" % (plain, args.speed), "depth%d.%s" % (args.top, args.market)]
+
+
+def seed_book(url: str, stream: str, market: str) -> Any:
+    """A market simulator whose first diff is published with its book as
+    the stream's snapshot (a server keeps a book from the snapshot on):
+    the simulator to go on publishing from."""
+    from marketstream.demo.simulator import MarketSimulator
+    from marketstream.publisher import Publisher
+
+    sim = MarketSimulator(market, seed=1)
+    with Publisher(url, history=1000, ttl=600) as pub:
+        pub.publish(stream, sim.depth(time.time_ns() // 1000), snapshot=sim.snapshot())
+    return sim
+
+
+def book_publisher(url: str, stream: str, sim: Any, rate: float, duration: float, out: Any) -> None:
+    """Publish ``rate`` diffs/s of ``sim``'s order flow on ``stream`` for
+    ``duration`` s, each with the book after it as the stream's snapshot
+    (``Publisher``: positions, history); send (sent, elapsed) to ``out``."""
+    from marketstream.publisher import Publisher
+
+    pub = Publisher(url, history=1000, ttl=600)
+    start = time.monotonic()
+    sent = 0
+    for sent, due in paced(rate, duration, most=500):
+        now_us = time.time_ns() // 1000
+        batch = []
+        for _ in range(due - sent):
+            diff = sim.depth(now_us)
+            batch.append((stream, diff, sim.snapshot()))
+        pub.publish_many(batch)
+        sent = due
+    out.send((sent, time.monotonic() - start))
+    out.close()
+    pub.close()
+
+
+class Refused(RuntimeError):
+    """The server refused a subscription of the run."""
+
+
+def token_count(token: bytes, tail: bytes, data: bytes) -> int:
+    """Occurrences of ``token`` in ``data``, and the one cut by the read
+    that ended with ``tail`` (its last bytes)."""
+    cut = len(token) - 1
+    return data.count(token) + (tail[-cut:] + data[:cut]).count(token)
+
+
+class BookCounter(asyncio.Protocol):
+    """One client: frames, bytes and gap notices received, and whether
+    the server closed it."""
+
+    def __init__(self) -> None:
+        self.frames = self.bytes = self.gaps = 0
+        self.tail = b""
+        self.closed = False
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes += len(data)
+        self.frames += token_count(FRAME_TOKEN, self.tail, data)
+        self.gaps += token_count(GAP_TOKEN, self.tail, data)
+        self.tail = data[-16:] if len(data) >= 16 else (self.tail + data)[-16:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+
+    def reset(self) -> None:
+        self.frames = self.bytes = self.gaps = 0
+
+
+def subscribed(sock: Any, stream: str, timeout: float = 10.0) -> None:
+    """Read the reply to the SUBSCRIBE just sent on blocking ``sock``;
+    :class:`Refused` (saying why) if it is an error."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while True:
+            frames, _ = read_frames(data)
+            for _, payload in frames:
+                if payload.startswith(b'{"error"'):
+                    reason = json.loads(payload)["error"].get("msg", payload.decode())
+                    raise Refused("the server refused %s: %s" % (stream, reason))
+                if payload.startswith(b'{"result"'):
+                    return
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise Refused("the server closed the connection subscribing %s" % stream)
+            data += chunk
+    except TimeoutError:
+        raise Refused("no reply to SUBSCRIBE %s in %.0f s" % (stream, timeout)) from None
+    finally:
+        sock.settimeout(None)
+
+
+def book_receiver_process(
+    host: str, port: int, plans: list[tuple[int, str, bytes]], control: Any
+) -> None:
+    """One receiver process: connect ``plans`` (group, stream, handshake
+    request) and subscribe each, then obey ``control``: ``mark``,
+    ``count``, ``finish``."""
+    raise_fd_limit()
+    sockets = []
+    try:
+        for number, (group, stream, request) in enumerate(plans):
+            sock = handshake((host, port), request)
+            sockets.append((group, sock))
+            message = {"method": "SUBSCRIBE", "params": [stream], "id": number + 1, "acks": True}
+            sock.sendall(masked_frame(json.dumps(message, separators=(",", ":"))))
+            subscribed(sock, stream)
+    except Exception as exc:  # report, do not hang the parent
+        why = "%s (a receiver's connection %d)" % (exc, len(sockets))
+        control.send(("error", type(exc).__name__, why))
+        return
+    asyncio.run(_receive_books(sockets, control))
+
+
+async def _receive_books(sockets: list[tuple[int, Any]], control: Any) -> None:
+    loop = asyncio.get_running_loop()
+    clients: list[tuple[int, BookCounter]] = []
+    for group, sock in sockets:
+        sock.setblocking(False)
+        _, protocol = await loop.create_connection(BookCounter, sock=sock)
+        clients.append((group, protocol))
+    done = loop.create_future()
+
+    def on_command() -> None:
+        command = control.recv()
+        if command == "mark":
+            for _, client in clients:
+                client.reset()
+            control.send("ok")
+        elif command == "count":
+            counts: dict[int, int] = collections.Counter()
+            for group, client in clients:
+                counts[group] += client.frames
+            control.send(dict(counts))
+        elif command == "finish":
+            control.send([(g, c.frames, c.bytes, c.gaps, c.closed) for g, c in clients])
+            if not done.done():
+                done.set_result(None)
+
+    loop.add_reader(control.fileno(), on_command)
+    control.send("ready")
+    await done
+    for _, client in clients:
+        client.transport.close()
+
+
+class BookReceiver:
+    """``--receiver-processes`` processes of asyncio clients, each client
+    in a group (one stream), counting frames and bytes per client."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self.children: list[tuple[Any, Any]] = []
+
+    async def connect(self, host: str, port: int, streams: list[str], connections: int) -> None:
+        """Client ``c`` subscribes ``streams[c % len(streams)]``."""
+        plans: list[list[tuple[int, str, bytes]]] = [[] for _ in range(self.processes)]
+        for c in range(connections):
+            group = c % len(streams)
+            request = handshake_request(port, host=host)
+            plans[c % self.processes].append((group, streams[group], request))
+        ctx = multiprocessing.get_context("fork")
+        for part in plans:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=book_receiver_process, args=(host, port, part, child), daemon=True
+            )
+            proc.start()
+            child.close()
+            self.children.append((proc, parent))
+        await self._all(None, max(60, connections / 50))
+
+    async def _all(self, command: str | None, timeout: float = 30) -> list[Any]:
+        """Send ``command`` to every process; their replies (an error
+        reply from any of them, as soon as it comes, raises)."""
+        if command is not None:
+            for _, pipe in self.children:
+                pipe.send(command)
+        replies: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        while len(replies) < len(self.children):
+            for i, (proc, pipe) in enumerate(self.children):
+                if i in replies:
+                    continue
+                if pipe.poll():
+                    reply = pipe.recv()
+                    if isinstance(reply, tuple) and reply[:1] == ("error",):
+                        raise (Refused if reply[1] == "Refused" else RuntimeError)(reply[2])
+                    replies[i] = reply
+                elif not proc.is_alive() and not pipe.poll():
+                    raise RuntimeError("a receiver process exited")
+            if time.monotonic() > deadline:
+                raise RuntimeError("a receiver process did not answer")
+            await asyncio.sleep(0.005)
+        return [replies[i] for i in range(len(self.children))]
+
+    async def mark(self) -> None:
+        await self._all("mark")
+
+    async def counts(self) -> collections.Counter:
+        """Frames received since the mark, per group."""
+        total: collections.Counter = collections.Counter()
+        for counts in await self._all("count"):
+            total.update(counts)
+        return total
+
+    async def finish(self) -> list[tuple[int, int, int, int, bool]]:
+        """(group, frames, bytes, gap notices, closed by the server) per client."""
+        clients = [client for part in await self._all("finish") for client in part]
+        for proc, _ in self.children:
+            proc.join(10)
+        return clients
+
+    def kill(self) -> None:
+        for proc, _ in self.children:
+            if proc.is_alive():
+                proc.kill()
+
+
+def group_figures(
+    stream: str, clients: list[tuple[int, int, int, int, bool]], elapsed: float
+) -> dict[str, Any]:
+    """One group's figures from its clients' (group, frames, bytes, gaps, closed)."""
+    frames = [c[1] for c in clients]
+    sizes = [c[2] for c in clients]
+    n = len(clients) or 1
+    return {
+        "stream": stream,
+        "clients": len(clients),
+        "frames": sum(frames),
+        "bytes": sum(sizes),
+        "frames_per_client": round(sum(frames) / n, 1),
+        "frames_per_client_min": min(frames, default=0),
+        "frames_per_client_max": max(frames, default=0),
+        "frames_per_client_per_second": round(sum(frames) / n / elapsed, 1),
+        "bytes_per_client": round(sum(sizes) / n),
+        "bytes_per_client_per_second": round(sum(sizes) / n / elapsed),
+        "bytes_per_frame": round(sum(sizes) / sum(frames), 1) if sum(frames) else None,
+        "gap_notices": sum(c[3] for c in clients),
+        "closed_by_server": sum(1 for c in clients if c[4]),
+    }
+
+
+async def run_books(args: argparse.Namespace, baseline: bool) -> dict[str, Any]:
+    """One order-book run (the variant groups, or the ``baseline``: every
+    client on the plain book stream); its figures."""
+    can_pin = prepare_load(args)
+    target = Target()
+    receiver = BookReceiver(args.receiver_processes)
+    try:
+        kind = await target.start(args, "marketstream", can_pin and not args.target)
+        host, port, proc = target.host, target.port, target.proc
+        streams = book_streams(args, baseline)
+        plain = streams[0]
+        figures: dict[str, Any] = {
+            "server": kind,
+            "run": "baseline" if baseline else "variants",
+            "connections": args.connections,
+            "rate": args.rate,
+            "duration": args.duration,
+            "processes": args.processes,
+            "server_cpus": args.server_cpu if can_pin and not args.target else None,
+            "load_cpus": args.load_cpu if can_pin else None,
+            "server_settings": args.set,
+        }
+        sim = seed_book(target.redis_url, plain, args.market)
+        started = time.monotonic()
+        await receiver.connect(host, port, streams, args.connections)
+        figures["connect_seconds"] = round(time.monotonic() - started, 3)
+        log("%s: %d clients on %s" % (kind, args.connections, ", ".join(streams)))
+        await asyncio.sleep(1.0)  # let the server settle after the handshakes
+
+        await receiver.mark()
+        cpu_before = tree_cpu(proc) if proc else None
+        pipe_out, pipe_in = multiprocessing.Pipe(duplex=False)
+        publishing = multiprocessing.get_context("spawn").Process(
+            target=book_publisher,
+            args=(target.redis_url, plain, sim, args.rate, args.duration, pipe_in),
+        )
+        publishing.start()
+        pipe_in.close()
+        t0 = time.monotonic()
+        while not pipe_out.poll() and publishing.is_alive():
+            await asyncio.sleep(1.0)
+            counts = await receiver.counts()
+            log(
+                "t=%4.1fs frames: %s"
+                % (
+                    time.monotonic() - t0,
+                    ", ".join("%s %d" % (s, counts[g]) for g, s in enumerate(streams)),
+                )
+            )
+        published_at = time.monotonic()
+        if not pipe_out.poll():
+            raise RuntimeError("the publisher failed")
+        sent, elapsed = pipe_out.recv()
+        publishing.join()
+        # Drain: until nothing came for 2 s (a variant sends its last frame
+        # within an interval after the last diff).
+        last, last_change = None, time.monotonic()
+        while True:
+            counts = await receiver.counts()
+            now = time.monotonic()
+            if counts != last:
+                last, last_change = counts, now
+            elif now - last_change > 2.0 or now - published_at > 60:
+                break
+            await asyncio.sleep(0.05)
+        figures["drain_seconds"] = round(time.monotonic() - published_at, 2)
+        cpu = tree_cpu(proc) - cpu_before if proc else None
+        clients = await receiver.finish()
+        figures["published"] = sent
+        figures["published_per_second"] = round(sent / elapsed)
+        figures["groups"] = [
+            group_figures(stream, [c for c in clients if c[0] == g], elapsed)
+            for g, stream in enumerate(streams)
+        ]
+        deliveries = sum(group["frames"] for group in figures["groups"])
+        figures["deliveries"] = deliveries
+        # Every diff to every plain client (each frame counted is one diff).
+        expected = sent * figures["groups"][0]["clients"]
+        figures["plain_loss_percent"] = (
+            round(100.0 * (expected - figures["groups"][0]["frames"]) / expected, 3)
+            if expected
+            else 0.0
+        )
+        if cpu is not None:
+            figures["server_cpu_seconds"] = round(cpu, 2)
+            figures["server_cpu_seconds_per_million"] = (
+                round(cpu / deliveries * 1e6, 3) if deliveries else None
+            )
+        return figures
+    finally:
+        receiver.kill()
+        target.stop()
+
+
+def books_compare(args: argparse.Namespace) -> dict[str, Any]:
+    """The variant run and the baseline, ``--repeat`` times each
+    (alternating); both runs' figures and the comparison of the medians."""
+    runs: dict[str, list[dict[str, Any]]] = {"variants": [], "baseline": []}
+    for repeat in range(args.repeat):
+        order = ["variants", "baseline"] if repeat % 2 == 0 else ["baseline", "variants"]
+        for name in order:
+            log("--- run %d/%d: %s" % (repeat + 1, args.repeat, name))
+            runs[name].append(asyncio.run(run_books(args, name == "baseline")))
+    return {"runs": runs, "comparison": books_comparison(runs["variants"], runs["baseline"])}
+
+
+def books_comparison(
+    variants: list[dict[str, Any]], baseline: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """CPU per million deliveries of the variant runs against the plain
+    diff delivery of the baseline runs (medians), and the part the derived
+    groups cost on top of their plain group, estimated at the baseline's
+    cost per plain delivery."""
+
+    def median(runs: list[dict[str, Any]], key: str) -> float | None:
+        values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        return statistics.median(values) if values else None
+
+    out: dict[str, Any] = {
+        "variants_cpu_seconds_per_million": median(variants, "server_cpu_seconds_per_million"),
+        "baseline_cpu_seconds_per_million": median(baseline, "server_cpu_seconds_per_million"),
+    }
+    v, b = out["variants_cpu_seconds_per_million"], out["baseline_cpu_seconds_per_million"]
+    out["ratio"] = round(v / b, 3) if v and b else None
+    derived = []
+    for run in variants:
+        plain, rest = run["groups"][0]["frames"], sum(g["frames"] for g in run["groups"][1:])
+        if b and rest and run.get("server_cpu_seconds") is not None:
+            derived.append((run["server_cpu_seconds"] - plain * b / 1e6) / rest * 1e6)
+    out["derived_cpu_seconds_per_million_estimate"] = (
+        round(statistics.median(derived), 3) if derived else None
+    )
+    return out
+
+
+BOOK_COLUMNS = [
+    ("clients", "clients", "{:,}"),
+    ("frames/client", "frames_per_client", "{:,.1f}"),
+    ("frames/s/client", "frames_per_client_per_second", "{:,.1f}"),
+    ("bytes/client", "bytes_per_client", "{:,}"),
+    ("bytes/s/client", "bytes_per_client_per_second", "{:,}"),
+    ("bytes/frame", "bytes_per_frame", "{:,.1f}"),
+    ("gaps", "gap_notices", "{:,}"),
+    ("closed", "closed_by_server", "{:,}"),
+]
+
+
+def books_text(figures: dict[str, Any]) -> str:
+    """A run's groups as a table, and its server CPU."""
+    lines = [
+        "%s run: %d clients, %g diffs/s for %gs (%d published), drain %.2fs"
+        % (
+            figures["run"],
+            figures["connections"],
+            figures["rate"],
+            figures["duration"],
+            figures["published"],
+            figures["drain_seconds"],
+        )
+    ]
+    groups = [(group["stream"], group) for group in figures["groups"]]
+    lines.append(table(groups, BOOK_COLUMNS, "stream"))
+    if figures.get("server_cpu_seconds") is not None:
+        lines.append(
+            "server CPU %.2fs for %d deliveries: %s s per million deliveries"
+            % (
+                figures["server_cpu_seconds"],
+                figures["deliveries"],
+                figures["server_cpu_seconds_per_million"],
+            )
+        )
+    return "\n".join(lines)
+
+
+def books_comparison_text(comparison: dict[str, Any]) -> str:
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else "%.3f" % value
+
+    return (
+        "CPU per million deliveries: variants %s s against today's plain diff delivery %s s "
+        "(x%s); the derived groups' deliveries, beyond their plain group's at the baseline's "
+        "cost: %s s per million (estimate)"
+        % (
+            fmt(comparison["variants_cpu_seconds_per_million"]),
+            fmt(comparison["baseline_cpu_seconds_per_million"]),
+            fmt(comparison["ratio"]),
+            fmt(comparison["derived_cpu_seconds_per_million_estimate"]),
+        )
+    )
 
 
 # --- side by side ------------------------------------------------------------
@@ -720,13 +1232,19 @@ def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    """rows: (label, figures) -> a text table."""
-    head = ["server"] + [title for title, _, _ in COLUMNS]
+def table(
+    rows: list[tuple[str, dict[str, Any]]],
+    columns: list[tuple[str, str, str]] | None = None,
+    first: str = "server",
+) -> str:
+    """rows: (label, figures) -> a text table of ``columns`` (title, key,
+    format; default :data:`COLUMNS`) after the labels' column ``first``."""
+    columns = COLUMNS if columns is None else columns
+    head = [first] + [title for title, _, _ in columns]
     lines = [head]
     for label, figures in rows:
         line = [label]
-        for _, key, fmt in COLUMNS:
+        for _, key, fmt in columns:
             value = figures.get(key)
             line.append("-" if value is None else fmt.format(value))
         lines.append(line)
@@ -811,6 +1329,37 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="wsblast connections that parse frames for latency samples",
     )
+    books = parser.add_argument_group("order books (--books)")
+    books.add_argument(
+        "--books",
+        action="store_true",
+        help="the order-book run: a realistic order flow on depth.MARKET through "
+        "Publisher (positions, the book as snapshot), --rate diffs/s; the "
+        "--connections clients in three groups: depth.MARKET, depth.MARKET@SPEED "
+        "and depthTOP.MARKET; frames and bytes per client of each group; with "
+        "--compare, the baseline run too",
+    )
+    books.add_argument(
+        "--baseline",
+        action="store_true",
+        help="with --books: every client on the plain depth.MARKET (today's diff delivery)",
+    )
+    books.add_argument("--market", default="BTC_USDT", help="the book's market")
+    books.add_argument(
+        "--speed",
+        choices=("100ms", "250ms", "500ms", "1000ms"),
+        default="100ms",
+        help="the update speed of the second group",
+    )
+    books.add_argument(
+        "--top", type=int, choices=(5, 10, 20), default=10, help="the depth-N of the third group"
+    )
+    books.add_argument(
+        "--receiver-processes",
+        type=int,
+        default=2,
+        help="processes of the --books receiver (asyncio clients counting frames and bytes)",
+    )
     servers = parser.add_argument_group("server")
     servers.add_argument(
         "--reference",
@@ -890,6 +1439,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--target measures a running server: not with --compare or --reference")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.baseline and not args.books:
+        parser.error("--baseline is a --books run")
+    if args.books:
+        for option in ("reference", "recoverable", "idle", "compressing"):
+            if getattr(args, option):
+                parser.error("--books: not with --%s" % option)
+        if args.baseline and args.compare:
+            parser.error("--books --compare runs the baseline itself: not with --baseline")
+        if args.receiver_processes < 1:
+            parser.error("--receiver-processes must be at least 1")
     if args.recoverable:
         try:
             import marketstream.publisher  # noqa: F401
@@ -900,6 +1459,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt  # clean up: servers, receiver, redis-server
 
     signal.signal(signal.SIGTERM, interrupted)
+    if args.books:
+        return main_books(args)
     try:
         if args.compare:
             runs, medians = compare(args)
@@ -934,6 +1495,33 @@ def main(argv: list[str] | None = None) -> int:
             print(table(rows))
     else:
         print_figures(figures, args.json)
+    return 0
+
+
+def main_books(args: argparse.Namespace) -> int:
+    """The --books runs: the figures, or why the server refused."""
+    try:
+        if args.compare:
+            output = books_compare(args)
+        else:
+            output = asyncio.run(run_books(args, args.baseline))
+    except KeyboardInterrupt:
+        return 130
+    except Refused as exc:
+        log(
+            "bench_fanout: %s\n(a server without its own order books refuses the derived "
+            "streams: --books --baseline runs the plain stream alone)" % exc
+        )
+        return 2
+    if args.json:
+        print(json.dumps(output))
+    elif args.compare:
+        for runs in output["runs"].values():
+            for figures in runs:
+                print(books_text(figures) + "\n")
+        print(books_comparison_text(output["comparison"]))
+    else:
+        print(books_text(output))
     return 0
 
 

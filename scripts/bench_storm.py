@@ -113,6 +113,7 @@ from marketstream.testing import (  # noqa: E402
     tree_cpu,
     tree_rss,
 )
+from marketstream.testing import server_command as marketstream_command  # noqa: E402
 
 ROOT = fanout.ROOT
 log = fanout.log
@@ -458,28 +459,15 @@ def server_command(args: argparse.Namespace, host: str, port: int, redis_url: st
             "--backlog",
             str(args.reference_backlog),
         ]
-    command = [
-        sys.executable,
-        "-m",
-        "marketstream",
-        "--listen",
-        "%s:%d" % (host, port),
-        "--redis-url",
+    token = ["auth.jwt_key=" + TOKEN_SECRET] if args.token else []
+    return marketstream_command(
+        port,
         redis_url,
-        "--log-level",
-        "WARNING",
-        "--processes",
-        str(args.processes),
-        "--set",
-        "server.max_connections=%d" % (args.connections + 100),
-        "--set",
-        "server.max_connections_per_ip=0",
-    ]  # every client has one address
-    for item in args.set:
-        command += ["--set", item]
-    if args.token:
-        command += ["--set", "auth.jwt_key=" + TOKEN_SECRET]
-    return command
+        args.set + token,
+        host=host,
+        processes=args.processes,
+        clients=args.connections,  # every client has one address
+    )
 
 
 #: The HS256 secret of ``--token`` runs.

@@ -1,6 +1,7 @@
 """scripts/bench_fanout.py keeps working (tiny runs; figures are not judged here)."""
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, ServerProcess, assert_options_documented
+from tests.helpers import ROOT, ServerProcess, assert_options_documented, load_script
 
 BENCH = os.path.join(ROOT, "scripts", "bench_fanout.py")
 
@@ -215,3 +216,120 @@ def test_bench_compression_reports_each_kind_of_demo_message():
     snapshot = figures["kinds"]["snapshot"]
     assert snapshot["compressed_median_bytes"] < snapshot["plain_median_bytes"]
     assert all(0 < row["ratio"] < 1 for row in figures["by_size"])
+
+
+def test_book_publisher_publishes_a_book_flow_a_server_book_follows(redis_client, redis_url):
+    """--books' order flow: every diff follows the last one (a book kept
+    from the first applies each), positions rise by one, and the stored
+    snapshot is the book after the last diff, checksum and all."""
+    from marketstream.fanout.books import Book
+    from marketstream.wire.positions import split_position, stream_keys
+
+    module = load_script(BENCH)
+    stream = "depth.BKS_USDT"
+    redis_client.delete(*stream_keys(stream))
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(stream)
+    try:
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+        sim = module.seed_book(redis_url, stream, "BKS_USDT")
+        out, into = multiprocessing.Pipe(duplex=False)
+        module.book_publisher(redis_url, stream, sim, 400, 0.5, into)
+        sent, _ = out.recv()
+        frames = []
+        while len(frames) < 1 + sent:
+            message = pubsub.get_message(timeout=10)
+            assert message is not None, "%d of %d published" % (len(frames), 1 + sent)
+            if message["type"] == "message":
+                frames.append(split_position(message["data"]))
+    finally:
+        pubsub.close()
+    assert sent == 200
+    assert [seq for seq, _ in frames] == list(range(frames[0][0], frames[0][0] + 1 + sent))
+    book = Book("BKS_USDT")
+    book.apply({"e": "depthSnapshot", "u": 0, "b": [], "a": []})  # the simulator starts empty
+    assert {book.apply_frame(frame) for _, frame in frames} == {"applied"}
+    assert len(book) > 20  # levels beyond the top 10 and 20 come and go
+    stored = Book("BKS_USDT")
+    seq, snapshot = split_position(redis_client.get(stream_keys(stream)[2]))
+    assert seq == frames[-1][0] and stored.apply_frame(snapshot) == "snapshot"
+    assert (stored.bids(), stored.asks()) == (book.bids(), book.asks())
+    assert stored.checksum == book.checksum
+
+
+def test_books_baseline_counts_every_diff_and_byte_per_client():
+    figures = json.loads(
+        bench(
+            *("--books", "--baseline", "--connections", "30", "--rate", "200"),
+            *("--duration", "1", "--receiver-processes", "2", "--json"),
+        ).stdout
+    )
+    assert figures["run"] == "baseline" and figures["published"] == 200
+    [group] = figures["groups"]
+    assert group["stream"] == "depth.BTC_USDT" and group["clients"] == 30
+    # Each client got every diff, nothing else, and was never closed.
+    assert group["frames_per_client_min"] == group["frames_per_client_max"] == 200
+    assert group["frames"] == figures["deliveries"] == 6000
+    assert figures["plain_loss_percent"] == 0
+    assert group["bytes_per_frame"] > len('{"stream":"depth.BTC_USDT","data":{}}')
+    assert group["bytes_per_client"] == group["bytes"] / 30
+    assert group["gap_notices"] == group["closed_by_server"] == 0
+    assert figures["server_cpu_seconds_per_million"] > 0
+
+
+def test_a_refused_book_stream_is_said_at_once_not_waited_for():
+    """What the server refuses (here: no depth streams at all; a server
+    without its own books refuses the derived streams alike) ends the run
+    with the server's reason."""
+    result = subprocess.run(
+        [sys.executable, BENCH, "--books", "--connections", "6", "--rate", "100"]
+        + ["--duration", "1", "--set", "protocol.stream_types=trade"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "the server refused depth" in result.stderr
+    assert "unknown stream type 'depth'" in result.stderr
+
+
+def test_book_clients_count_frames_and_gap_notices_cut_anywhere():
+    module = load_script(BENCH)
+    frames = [
+        b'\x81\x3f{"stream":"depth.A_B","data":{"e":"depth","U":%d},"seq":%d}' % (k, k)
+        for k in range(5)
+    ] + [b'\x81\x30{"stream":"depth.A_B","data":{"e":"gap","reason":"x"}}']
+    data = b"".join(frames)
+    for cut in range(1, len(data)):
+        for pieces in (
+            [data[:cut], data[cut:]],
+            [data[i : i + cut] for i in range(0, len(data), cut)],
+        ):
+            client = module.BookCounter()
+            for piece in pieces:
+                client.data_received(piece)
+            assert (client.frames, client.gaps, client.bytes) == (6, 1, len(data)), cut
+
+
+def test_books_comparison_against_the_baseline():
+    module = load_script(BENCH)
+
+    def run(cpu, *frames):
+        groups = [{"frames": n} for n in frames]
+        return {
+            "server_cpu_seconds": cpu,
+            "server_cpu_seconds_per_million": cpu / sum(frames) * 1e6,
+            "groups": groups,
+        }
+
+    # Plain delivery costs 10 s per million; the variants' run spent 1.2 s
+    # on 100k plain deliveries (1 s at that cost) and 20k derived ones.
+    comparison = module.books_comparison([run(1.2, 100_000, 10_000, 10_000)], [run(3.0, 300_000)])
+    assert comparison["baseline_cpu_seconds_per_million"] == 10.0
+    assert comparison["variants_cpu_seconds_per_million"] == 10.0
+    assert comparison["ratio"] == 1.0
+    assert comparison["derived_cpu_seconds_per_million_estimate"] == 10.0
+    assert "against today's plain diff delivery 10.000 s" in module.books_comparison_text(
+        comparison
+    )

@@ -14,7 +14,10 @@ from marketstream.testing import (
     async_wait_until,
     close_frame,
     close_reason,
+    die_with_parent,
     free_port,
+    handshake,
+    handshake_request,
     health,
     health_status,
     masked_frame,
@@ -22,7 +25,9 @@ from marketstream.testing import (
     process_gone,
     raw_socket,
     read_frames,
+    server_command,
     server_frames,
+    stop_process,
     wait_until,
 )
 from marketstream.wire.frames import OP_CLOSE, OP_PING, OP_TEXT, text_frame
@@ -110,3 +115,34 @@ def test_process_gone():
     finally:
         running.kill()
         running.wait()
+
+
+def test_server_command_starts_a_server_with_the_settings_given(redis_url):
+    """The benchmarks' server: listening where asked, on the Redis given,
+    each setting passed (acks on), the settings winning over the room made
+    for ``clients`` (two connections, not 1100)."""
+    port = free_port()
+    command = server_command(
+        port, redis_url, ["protocol.acks=true", "server.max_connections=2"], clients=1000
+    )
+    proc = subprocess.Popen(command, preexec_fn=die_with_parent)
+    sockets = []
+    try:
+        wait_until(lambda: health_status(port) == 200, 30, message="GET /health -> 200")
+        assert health(port)["pid"] == proc.pid
+        for _ in range(2):
+            sockets.append(handshake(("127.0.0.1", port), handshake_request(port)))
+        sockets[0].sendall(masked_frame('{"method":"SUBSCRIBE","params":["trade.A_B"],"id":7}'))
+        sockets[0].settimeout(10)
+        data = b""
+        while not read_frames(data)[0]:
+            chunk = sockets[0].recv(4096)
+            assert chunk, "closed before the reply"
+            data += chunk
+        assert read_frames(data)[0] == [(OP_TEXT, b'{"result":null,"id":7}')]
+        with pytest.raises(RuntimeError, match="refused"):
+            sockets.append(handshake(("127.0.0.1", port), handshake_request(port)))
+    finally:
+        for sock in sockets:
+            sock.close()
+        stop_process(proc)

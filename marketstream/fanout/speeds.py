@@ -224,10 +224,11 @@ class DerivedStreams:
         for name, stream in self.streams.items():
             if stream.spec.base != base or stream.spec.kind == LATEST:
                 continue
-            self._send(name, stream.listeners, no_book_notice(name, base))
-            self.counters.rejected_streams += len(stream.listeners)
-            self.counters.rejected["no_book"] += len(stream.listeners)
-            refused.extend((conn, name) for conn in stream.listeners)
+            told = {**stream.listeners, **stream.parked}  # slow readers are told too
+            self._send(name, told, no_book_notice(name, base))
+            self.counters.rejected_streams += len(told)
+            self.counters.rejected["no_book"] += len(told)
+            refused.extend((conn, name) for conn in told)
         return refused
 
     def tick(self, interval: int) -> bool:

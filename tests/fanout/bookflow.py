@@ -121,16 +121,9 @@ class BookFeed(Feed):
         return self.books[seq].checksum()
 
 
-BOOK_FRAMES = ("depth", "depthSnapshot", "depthTop")
-
-
-def book_rules() -> DerivedRules:
-    return DerivedRules()
-
-
 def book_core(**kwargs: Any) -> Core:
     """A core that keeps the default book streams (``depth.*``)."""
-    return Core(Counters(), books=book_rules(), **kwargs)
+    return Core(Counters(), books=DerivedRules(), **kwargs)
 
 
 def join(core: Core, conn: Conn, names: list[str], wants: dict[str, Want] | None = None) -> None:
@@ -163,6 +156,14 @@ def seeded(core: Core, feed: BookFeed, levels: int = 12) -> None:
         [[price(300 + i), str(i + 1)] for i in range(levels)],
     )
     feed.store_snapshot(feed.latest or 0)
+
+
+def booked(core: Core, feed: BookFeed, conn: Conn, names: list[str]) -> None:
+    """``conn`` subscribes ``names`` of a seeded feed, whose book starts at once."""
+    seeded(core, feed)
+    join(core, conn, names)
+    start_book(core, feed)
+    assert core.books.synced(feed.name)
 
 
 def frames(conn: Conn, stream: str) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from marketstream.fanout.core import Want
 from marketstream.wire.books import book_checksum
 from tests.fanout.bookflow import (
     BookFeed,
+    booked,
     book_core,
     got,
     join,
@@ -38,14 +39,6 @@ def assert_checksums(feed: BookFeed, messages: list[dict]) -> None:
     for message in messages:
         book = feed.books[message["seq"]]
         assert message["checksum"] == book.checksum() == book_checksum(*book.top(10)), message
-
-
-def started(core, feed: BookFeed, conn: Conn) -> None:
-    """``conn`` subscribes the book stream, whose book starts at once."""
-    seeded(core, feed)
-    join(core, conn, [T])
-    start_book(core, feed)
-    assert core.books.synced(T)
 
 
 def test_a_book_starts_from_its_snapshot_then_entries_then_what_arrived_during_the_read():
@@ -78,7 +71,7 @@ def test_a_book_starts_from_its_snapshot_then_entries_then_what_arrived_during_t
 def test_frames_of_other_streams_are_left_as_they_are():
     core, feed, a = book_core(), BookFeed(), Conn("a")
     trades = Feed(S)
-    started(core, feed, a)
+    booked(core, feed, a, [T])
     join(core, a, [S])
     live(core, trades, 2)
     flush(core)
@@ -104,7 +97,7 @@ def test_frames_before_the_channel_is_confirmed_or_the_read_ends_carry_no_checks
 
 def test_a_gap_unsyncs_the_book_counts_a_resync_and_reads_the_snapshot_again():
     core, feed, a = book_core(), BookFeed(), Conn("a")
-    started(core, feed, a)
+    booked(core, feed, a, [T])
     send(core, feed, feed.diff([[price(60), "1"]]))
     seq = send(core, feed, feed.gap([[price(61), "1"]]))  # U does not follow
     feed.store_snapshot(seq)  # the publisher starts over
@@ -137,7 +130,7 @@ def test_a_gap_unsyncs_the_book_counts_a_resync_and_reads_the_snapshot_again():
 )
 def test_data_the_book_cannot_read_is_delivered_as_is_and_the_book_reads_again(data):
     core, feed, a = book_core(), BookFeed(), Conn("a")
-    started(core, feed, a)
+    booked(core, feed, a, [T])
     data = data.replace(b"@U", b"%d" % (feed.u + 1))
     seq = (feed.latest or 0) + 1
     frame = b'{"stream":"%s","data":%s,"seq":%d}' % (T.encode(), data, seq)
@@ -153,7 +146,7 @@ def test_data_the_book_cannot_read_is_delivered_as_is_and_the_book_reads_again(d
 @pytest.mark.parametrize("data", [b'"text"', b"[1,2]", b"{", b"{}}"])
 def test_a_frame_that_is_not_the_recovery_scripts_is_dropped_before_the_book(data):
     core, feed, a = book_core(), BookFeed(), Conn("a")
-    started(core, feed, a)
+    booked(core, feed, a, [T])
     seq = (feed.latest or 0) + 1
     frame = b'{"stream":"%s","data":%s,"seq":%d}' % (T.encode(), data, seq)
     send(core, feed, feed.publish_data({}, frame))
@@ -191,7 +184,7 @@ def test_a_stale_or_failed_start_read_is_read_again():
 
 def test_after_a_link_outage_every_book_reads_its_snapshot_again():
     core, feed, a = book_core(), BookFeed(), Conn("a")
-    started(core, feed, a)
+    booked(core, feed, a, [T])
     send(core, feed, feed.diff([[price(79), "1"]]))
     got(core, a, T)
     core.link_lost()
@@ -213,7 +206,7 @@ def test_after_a_link_outage_every_book_reads_its_snapshot_again():
 
 def test_a_catch_up_carries_checksums_from_the_reads_snapshot_on():
     core, feed, a, b = book_core(), BookFeed(), Conn("a"), Conn("b")
-    started(core, feed, a)
+    booked(core, feed, a, [T])
     for i in range(4):
         send(core, feed, feed.diff([[price(20 + i), "2"]]))
     feed.store_snapshot(feed.latest)
@@ -233,7 +226,7 @@ def test_a_catch_up_carries_checksums_from_the_reads_snapshot_on():
 
 def test_catch_up_entries_older_than_the_snapshot_take_the_books_recent_checksums():
     core, feed, a, b = book_core(), BookFeed(), Conn("a"), Conn("b")
-    started(core, feed, a)  # the snapshot at 1
+    booked(core, feed, a, [T])  # the snapshot at 1
     for i in range(6):
         send(core, feed, feed.diff([[price(20 + i), "2"]], [[price(301 + i), "0"]]))
     feed.store_snapshot(feed.latest)  # at 7
@@ -267,7 +260,7 @@ def test_catch_up_entries_the_book_never_saw_have_no_checksum():
 
 def test_the_recent_checksums_are_bounded():
     core, feed, a = book_core(), BookFeed(), Conn("a")
-    started(core, feed, a)
+    booked(core, feed, a, [T])
     for i in range(RECENT + 50):
         send(core, feed, feed.diff([[price(i % 80), str(i % 7)]]))
     core.take_batch()

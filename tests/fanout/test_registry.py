@@ -10,7 +10,17 @@ from __future__ import annotations
 import pytest
 
 from marketstream.fanout.core import Core
-from tests.fanout.bookflow import BookFeed, book_core, got, join, price, seeded, send, start_book
+from tests.fanout.bookflow import (
+    BookFeed,
+    book_core,
+    booked,
+    got,
+    join,
+    price,
+    seeded,
+    send,
+    start_book,
+)
 from tests.fanout.doubles import S, T, Conn, Feed, finish, flush, live
 
 D10 = "depth10.BTC_USDT"
@@ -28,19 +38,12 @@ def assert_nothing_held(core: Core) -> None:
     assert core.wanted() == set()
 
 
-def synced(core: Core, feed: BookFeed, conn: Conn, names: list[str]) -> None:
-    seeded(core, feed)
-    join(core, conn, names)
-    start_book(core, feed)
-    assert core.books.synced(T)
-
-
 # -- channels ------------------------------------------------------------------------
 
 
 def test_a_stream_read_only_by_derived_streams_keeps_its_channel_until_the_last_leaves():
     core, feed, a, b = book_core(), BookFeed(), Conn("a"), Conn("b")
-    synced(core, feed, a, [D10])
+    booked(core, feed, a, [D10])
     join(core, b, [FAST, TICKER_1S])
     assert T not in core.streams and T in core.taps
     assert core.wanted() == {T, "ticker.BTC_USDT"}
@@ -57,7 +60,7 @@ def test_a_stream_read_only_by_derived_streams_keeps_its_channel_until_the_last_
 
 def test_the_stream_itself_and_a_derived_stream_share_one_channel_and_one_book():
     core, feed, a, b = book_core(), BookFeed(), Conn("a"), Conn("b")
-    synced(core, feed, a, [T])
+    booked(core, feed, a, [T])
     join(core, b, [D10])
     assert core.books.streams[T].users == 2 and core.start_reads() == []
     core.unsubscribe(a, [T])
@@ -84,7 +87,7 @@ def test_a_plain_stream_releases_its_channel_as_before():
 def test_a_parked_connection_gets_nothing_of_its_book_and_derived_streams_but_trades():
     core, feed, a, b = book_core(), BookFeed(), Conn("a"), Conn("b")
     trades = Feed(S)
-    synced(core, feed, a, [T, D10, FAST, S])
+    booked(core, feed, a, [T, D10, FAST, S])
     join(core, b, [T, D10])
     core.derived.tick(100)
     flush(core)
@@ -102,7 +105,7 @@ def test_a_parked_connection_gets_nothing_of_its_book_and_derived_streams_but_tr
 
 def test_unparked_a_connection_gets_a_snapshot_then_live_frames_and_derived_states():
     core, feed, a = book_core(), BookFeed(), Conn("a")
-    synced(core, feed, a, [T, D10, FAST])
+    booked(core, feed, a, [T, D10, FAST])
     core.derived.tick(100)
     flush(core)
     core.registry.park(a)
@@ -144,7 +147,7 @@ def test_a_book_stream_whose_book_is_not_synced_is_not_parked():
 
 def test_removing_a_parked_connection_leaves_nothing_behind():
     core, feed, a = book_core(), BookFeed(), Conn("a")
-    synced(core, feed, a, [T, D10, FAST, TICKER_1S, S])
+    booked(core, feed, a, [T, D10, FAST, TICKER_1S, S])
     assert core.registry.park(a) == 4
     core.remove(a)
     assert_nothing_held(core)
@@ -156,7 +159,7 @@ def test_removing_a_parked_connection_leaves_nothing_behind():
 @pytest.mark.parametrize("name", [T, D10])
 def test_a_stream_left_and_taken_again_while_parked_is_not_caught_up_twice(name):
     core, feed, a = book_core(), BookFeed(), Conn("a")
-    synced(core, feed, a, [name])
+    booked(core, feed, a, [name])
     core.registry.park(a)
     core.unsubscribe(a, [name])
     join(core, a, [name])  # from now on, as any new subscriber
@@ -172,7 +175,7 @@ def test_a_stream_left_and_taken_again_while_parked_is_not_caught_up_twice(name)
 
 def test_unsubscribing_a_parked_connection_lets_the_channel_and_book_go():
     core, feed, a = book_core(), BookFeed(), Conn("a")
-    synced(core, feed, a, [T, FAST])
+    booked(core, feed, a, [T, FAST])
     core.registry.park(a)
     core.unsubscribe(a, [T, FAST])
     assert core.wanted() == set() and core.books.streams == {} and core.taps == {}
@@ -183,7 +186,7 @@ def test_unsubscribing_a_parked_connection_lets_the_channel_and_book_go():
 
 def test_every_subscriber_of_a_stream_parked_keeps_the_book_running():
     core, feed, a = book_core(), BookFeed(), Conn("a")
-    synced(core, feed, a, [T])
+    booked(core, feed, a, [T])
     core.registry.park(a)
     assert T not in core.streams and T in core.wanted()
     send(core, feed, feed.diff([[price(99), "1"]]))
@@ -194,3 +197,19 @@ def test_every_subscriber_of_a_stream_parked_keeps_the_book_running():
     finish(core, read, feed.read(read, core.max_replay))
     sent = got(core, a, T)
     assert [(m["data"]["e"], m["seq"]) for m in sent] == [("depthSnapshot", feed.latest)]
+
+
+def test_a_parked_subscriber_of_a_stream_found_bookless_is_told_and_unsubscribed_too():
+    core, feed, a, b = book_core(), BookFeed(), Conn("a"), Conn("b")
+    feed.diff([[price(1), "1"]])  # positions, no snapshot
+    join(core, a, [D10, S])
+    join(core, b, [D10])
+    assert core.registry.park(a) == 1
+    [read] = core.start_reads()
+    finish(core, read, feed.read(read, core.max_replay))
+    flush(core)
+    for conn in (a, b):
+        assert [m["data"]["reason"] for m in conn.got] == ["no_book"]
+    assert core.subscriptions(a) == [S] and core.subscriptions(b) == []
+    assert core.counters.rejected["no_book"] == 2
+    assert core.books.streams == {} and core.wanted() == {S}

@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 
 from marketstream.fanout.core import Want
 from marketstream.wire.books import book_checksum
-from marketstream.wire.deflate import Deflater, inflate_frame
+from marketstream.wire.deflate import Deflater
 from tests.checksums import crc_of
 from tests.fanout.bookflow import (
     BookFeed,
+    booked,
     Ladder,
     book_core,
     frames,
@@ -30,6 +31,7 @@ from tests.fanout.bookflow import (
     start_book,
 )
 from tests.fanout.doubles import T, Conn, Feed, flush, live
+from tests.fanout.test_compressing import Conn as Deflating
 
 D10 = "depth10.BTC_USDT"
 D5 = "depth5.BTC_USDT"
@@ -40,13 +42,6 @@ TICKER = "ticker.BTC_USDT"
 TICKER_1S = TICKER + "@1000ms"
 
 FLOW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def booked(core, feed: BookFeed, conn: Conn, names: list[str]) -> None:
-    """``conn`` subscribes ``names``; the book starts at once."""
-    seeded(core, feed)
-    join(core, conn, names)
-    start_book(core, feed)
 
 
 def tick(core, interval: int = 100) -> bool:
@@ -140,29 +135,17 @@ def test_each_derived_frame_is_built_once_for_all_its_subscribers():
 
 def test_compressing_subscribers_get_the_same_derived_frames():
     core = book_core(deflater=Deflater(16))
-    feed, a, z = BookFeed(), Conn("a"), Conn("z")
+    feed, a, z = BookFeed(), Deflating("a"), Deflating("z")
     booked(core, feed, a, [D10])
     core.register(z, compressing=True)
     core.subscribe(z, [D10])
-    batch = core.derived.tick(100) and core.take_batch()
-    assert batch and batch[z] != batch[a]
-    [plain] = [json.loads(m) for m in _messages(batch[a])]
-    [inflated] = [json.loads(m) for m in _messages(batch[z])]
+    assert core.derived.tick(100)
+    for conn, data in core.take_batch().items():
+        conn.writes.append(data)
+    assert z.compressed() == [True] and a.compressed() == [False]
+    [plain], [inflated] = a.messages(), z.messages()
     assert plain == inflated
-    assert_top(feed, plain, 10)
-
-
-def _messages(data: bytes) -> list[bytes]:
-    out, at = [], 0
-    while at < len(data):
-        length, start = data[at + 1] & 0x7F, at + 2
-        if length == 126:
-            length, start = int.from_bytes(data[at + 2 : at + 4], "big"), at + 4
-        elif length == 127:
-            length, start = int.from_bytes(data[at + 2 : at + 10], "big"), at + 10
-        out.append(inflate_frame(data[at : start + length]))
-        at = start + length
-    return out
+    assert_top(feed, json.loads(plain), 10)
 
 
 # -- merged diffs --------------------------------------------------------------------

@@ -105,10 +105,13 @@ class Registry:
         if not mine:
             return []
         removed = []
+        parked = self.parked.get(conn)
         for name in names:
             if mine.pop(name, 0) is None:
                 self.drop_listener(name, conn)
                 removed.append(name)
+                if parked:  # taken again, it is a new subscription: not unparked
+                    parked.pop(name, None)
         return removed
 
     def remove(self, conn: Connection) -> None:

@@ -230,10 +230,11 @@ class DerivedStreams:
         for name, stream in self.streams.items():
             if stream.spec.base != base or stream.spec.kind == LATEST:
                 continue
-            self._send(name, stream.listeners, no_book_notice(name, base))
-            self.counters.rejected_streams += len(stream.listeners)
-            self.counters.rejected["no_book"] += len(stream.listeners)
-            refused.extend((conn, name) for conn in stream.listeners)
+            told = {**stream.listeners, **stream.parked}  # slow readers are told too
+            self._send(name, told, no_book_notice(name, base))
+            self.counters.rejected_streams += len(told)
+            self.counters.rejected["no_book"] += len(told)
+            refused.extend((conn, name) for conn in told)
         return refused
 
     def tick(self, interval: int) -> bool:
@@ -313,15 +314,15 @@ class DerivedStreams:
         book = kept.book
         depth = stream.spec.depth or 0
         top = book.top(depth)
-        if top == stream.top and not stream.fresh:
+        changed = top != stream.top
+        if not changed and not stream.fresh:
             return False
         stream.top = top
         data = {"e": DEPTH_TOP, "s": book.symbol, "u": book.u, "b": top[0], "a": top[1]}
         # The checksum of the levels sent (the book's own for N >= 10).
         frame = book_frame(name, data, book.seq or 0, book_checksum(top[0], top[1]))
-        stream.fresh = {}
-        self._send(name, stream.listeners, frame)
-        return True
+        # A new subscriber's top is no change for the others: they get none.
+        return self._send_split(name, stream, frame, frame if changed else None)
 
     def _latest(self, name: str, stream: DerivedStream) -> bool:
         latest = self.latest.get(stream.spec.base)

@@ -71,7 +71,11 @@ function log(text, cls = "") {
 
 // The ladder shows depth.<m>@250ms (a snapshot of the server's book, then merged diffs); a
 // server that refuses it (one without server books, or a stream published without snapshots)
-// gets plain depth.<m>, every diff, as before.
+// gets plain depth.<m>, every diff, as before.  Plain depth.<m> is asked for in the same
+// request, as a standby dropped once the speed stream has sent its first frame: asked for
+// after the refusal, its snapshot would share the connection's catch-up budget with the
+// tickers' snapshots still being read, get none of it, and come only after a gap notice
+// ("snapshot_too_large") and a second try.
 function ladderStream(m) {
   return plainLadder.has(m) ? `depth.${m}` : `depth.${m}${LADDER_SPEED}`;
 }
@@ -89,12 +93,13 @@ function ladderState() {
 }
 
 function marketStreams(m) {
-  return [`trade.${m}`, ladderStream(m)];
+  return plainLadder.has(m) ? [`trade.${m}`, `depth.${m}`]
+    : [`trade.${m}`, `depth.${m}${LADDER_SPEED}`, `depth.${m}`];
 }
 
 function select(next) {
   if (next === market && client.book(ladderStream(market))) return;
-  client.unsubscribe(marketStreams(market));
+  client.unsubscribe([`trade.${market}`, `depth.${market}${LADDER_SPEED}`, `depth.${market}`]);
   market = next;
   trades = [];
   client.subscribe(marketStreams(market));
@@ -284,7 +289,11 @@ client.addEventListener("message", (event) => {
   }
 });
 client.addEventListener("book", (event) => {
-  if (event.detail.stream === ladderStream(market)) dirty.book = true;
+  const {stream} = event.detail;
+  const m = speedMarket(stream);
+  // The speed stream is served: the standby plain stream goes.
+  if (m !== null && client.book(`depth.${m}`)) client.unsubscribe(`depth.${m}`);
+  if (stream === ladderStream(market)) dirty.book = true;
 });
 
 function closed({code, reason, opened}) {
@@ -316,10 +325,11 @@ client.addEventListener("refused", (event) => {
     return;
   }
   // Not an error: this server (or this stream) has no update speeds.  The ladder falls back
-  // to the plain stream, and says so in a grey line and on the ladder's feed label.
+  // to the plain stream (the standby, or asked for now after a reconnect), and says so in a
+  // grey line and on the ladder's feed label.
   plainLadder.set(m, reason);
   log(`${stream} not served (${reason}): the ladder shows every diff of depth.${m}`);
-  if (m === market) client.subscribe(ladderStream(m));
+  if (m === market) client.subscribe(`depth.${m}`);
   dirty.book = true;
 });
 client.addEventListener("servererror", (event) => log(`server: ${event.detail.msg}`, "warn"));

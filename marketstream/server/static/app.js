@@ -286,15 +286,34 @@ client.addEventListener("message", (event) => {
     trades.unshift(data);
     if (trades.length > TAPE_ROWS) trades.length = TAPE_ROWS;
     dirty.tape = true;
+  } else if (data.e === "unsubscribed" && speedMarket(stream) !== null) {
+    // The server accepted the speed stream, then found it cannot serve it (no book).
+    fallBack(speedMarket(stream), stream, data.msg || data.reason);
   }
 });
 client.addEventListener("book", (event) => {
-  const {stream} = event.detail;
+  const {stream, book} = event.detail;
   const m = speedMarket(stream);
-  // The speed stream is served: the standby plain stream goes.
-  if (m !== null && client.book(`depth.${m}`)) client.unsubscribe(`depth.${m}`);
+  // The speed stream is served (a snapshot of the server's book): the standby plain stream goes.
+  if (m !== null && !plainLadder.has(m) && book.status === "synced" && client.book(`depth.${m}`)) {
+    client.unsubscribe(`depth.${m}`);
+  }
   if (stream === ladderStream(market)) dirty.book = true;
 });
+
+/**
+ * The server does not serve market m's speed stream: not an error (a server without update
+ * speeds, a stream without snapshots).  The ladder shows plain depth.<m> (the standby, or asked
+ * for now after a reconnect), and says so in a grey line and on the ladder's feed label.
+ */
+function fallBack(m, stream, reason) {
+  if (plainLadder.has(m)) return;
+  plainLadder.set(m, reason);
+  log(`${stream} not served (${reason}): the ladder shows every diff of depth.${m}`);
+  client.unsubscribe(stream);   // after a refusal, the client has already forgotten it
+  if (m === market) client.subscribe(`depth.${m}`);
+  dirty.book = true;
+}
 
 function closed({code, reason, opened}) {
   // What the close event said: 1001 "server shutting down", 1006 (no close frame) ...
@@ -320,17 +339,8 @@ client.addEventListener("resume", (event) => log(`resumed ${event.detail.stream}
 client.addEventListener("refused", (event) => {
   const {stream, reason} = event.detail;
   const m = speedMarket(stream);
-  if (m === null) {
-    log(`refused ${stream}: ${reason}`, "bad");
-    return;
-  }
-  // Not an error: this server (or this stream) has no update speeds.  The ladder falls back
-  // to the plain stream (the standby, or asked for now after a reconnect), and says so in a
-  // grey line and on the ladder's feed label.
-  plainLadder.set(m, reason);
-  log(`${stream} not served (${reason}): the ladder shows every diff of depth.${m}`);
-  if (m === market) client.subscribe(`depth.${m}`);
-  dirty.book = true;
+  if (m === null) log(`refused ${stream}: ${reason}`, "bad");
+  else fallBack(m, stream, reason);
 });
 client.addEventListener("servererror", (event) => log(`server: ${event.detail.msg}`, "warn"));
 client.addEventListener("status", (event) => {

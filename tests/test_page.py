@@ -288,6 +288,7 @@ def assert_book_matches_reference(driver, reference, samples=3):
         if (
             book
             and book["status"] == "synced"
+            and book["seq"] is not None
             and book["seq"] not in seen
             and reference.states
             and book["seq"] >= min(reference.states)
@@ -818,7 +819,6 @@ def test_ladder_falls_back_to_every_diff_when_the_speed_stream_is_refused(
     wait_page(page, lambda: ladder_stream(page) == depth, 5, message="the ladder on " + depth)
     state = ladder(page)
     assert state["speed"] is None and state["refused"], state
-    assert js(page, "return window.marketstream.refused")[depth + SPEED] == state["refused"]
     streams = js(page, "return window.marketstream.streams")
     assert depth in streams and depth + SPEED not in streams
     wait_until(lambda: numsub(redis_client, depth) == 1, 5, message=depth + " subscribed")

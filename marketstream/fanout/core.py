@@ -58,7 +58,7 @@ from marketstream.fanout.compressing import Compressing
 from marketstream.fanout.counters import Counters
 from marketstream.fanout.dedupe import LivePositions
 from marketstream.fanout.records import Connection, History, Read, Want
-from marketstream.fanout.recovery import Recoveries
+from marketstream.fanout.recovery import MAX_WAITING, Recoveries
 from marketstream.fanout.registry import Registry
 from marketstream.fanout.speeds import DerivedStreams
 from marketstream.fanout.wanted import WantedChannels
@@ -309,8 +309,8 @@ class Core:
             seq = None
         if tap is not None:
             payload = tap(seq, payload)
-        if recovery is not None and recovery.in_flight:
-            recovery.buffer.append((seq, payload))
+        if recovery is not None and (recovery.in_flight or len(recovery.buffer) < MAX_WAITING):
+            recovery.buffer.append((seq, payload))  # (a plain stream's are in no history)
         if not listeners:
             return False
         if seq is not None:

@@ -42,7 +42,11 @@ from marketstream.fanout.dedupe import LivePositions
 from marketstream.fanout.records import Connection, History, Read, Want
 from marketstream.wire.frames import text_frame
 
-__all__ = ["Recovery", "Recoveries"]
+__all__ = ["Recovery", "Recoveries", "MAX_WAITING"]
+
+#: Live messages buffered for connections whose read has not started yet,
+#: at most (the read usually starts in the same turn of the event loop).
+MAX_WAITING = 10_000
 
 
 @dataclass
@@ -51,7 +55,9 @@ class Recovery:
 
     waiting: dict[Connection, Want] = field(default_factory=dict)  # read not started
     reading: dict[Connection, Want] = field(default_factory=dict)  # read in flight
-    buffer: list[tuple[int | None, bytes]] = field(default_factory=list)  # since the read began
+    # Live messages since the connections began waiting (at most MAX_WAITING
+    # before their read starts): those of a plain stream are in no history.
+    buffer: list[tuple[int | None, bytes]] = field(default_factory=list)
     in_flight: bool = False
     token: int = 0  # which read is in flight
     shares: dict[Connection, int] = field(default_factory=dict)  # bytes each reader may be sent
@@ -147,7 +153,6 @@ class Recoveries:
             recovery.in_flight = True
             self._reads += 1
             recovery.token = self._reads
-            recovery.buffer = []
             recovery.reading, recovery.waiting = recovery.waiting, {}
             shares = recovery.shares
             for conn in recovery.reading:
@@ -170,13 +175,13 @@ class Recoveries:
 
     def back_to_waiting(self, recovery: Recovery) -> None:
         """The read in flight will not be used: its connections wait for
-        the next, with their shares back; what was buffered for it goes."""
+        the next, with their shares back (and what was buffered: a plain
+        stream's messages are in no history)."""
         for conn in recovery.reading:
             self.budgets.moved(conn, 1, -1, recovery.shares.get(conn, 0))
         recovery.waiting.update(recovery.reading)
         recovery.reading.clear()
         recovery.shares.clear()
-        recovery.buffer.clear()
         recovery.in_flight = False
 
     def failed(self, name: str, token: int | None) -> bool:
@@ -192,6 +197,7 @@ class Recoveries:
         """Every read in flight is void, and what was buffered for it."""
         for recovery in self.streams.values():
             self.back_to_waiting(recovery)
+            recovery.buffer.clear()
 
     def serve(
         self, name: str, recovery: Recovery, history: History, listeners: dict[Connection, None]
@@ -205,7 +211,9 @@ class Recoveries:
         recovery.in_flight = False
         readers, shares = recovery.reading, recovery.shares
         recovery.reading, recovery.shares = {}, {}
-        buffered, recovery.buffer = recovery.buffer, []
+        buffered = recovery.buffer
+        # Those still waiting (joined during the read) keep what they may miss.
+        recovery.buffer = list(buffered) if recovery.waiting else []
         live = [(seq, text_frame(data)) for seq, data in buffered]
         if not readers:
             return False

@@ -29,6 +29,7 @@ positions (:data:`RECENT`) before it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Container
 from typing import Protocol
 
@@ -39,7 +40,18 @@ from marketstream.wire.books import BookFields, with_checksum
 from marketstream.wire.positions import FRAME_END
 from marketstream.wire.derived import DerivedRules
 
-__all__ = ["BookKeeper", "KeptBook", "Chain", "Tap", "RECENT", "READ_BYTES", "MAX_BUFFERED"]
+__all__ = [
+    "BookKeeper",
+    "KeptBook",
+    "Chain",
+    "Tap",
+    "RECENT",
+    "READ_BYTES",
+    "MAX_BUFFERED",
+    "RETRY_BASE",
+    "RETRY_MAX",
+    "BOOKLESS_FOR",
+]
 
 #: Positions whose checksum a book remembers (for catch-ups that replay
 #: entries older than the stream's snapshot).
@@ -49,6 +61,14 @@ READ_BYTES = 8 << 20
 #: Live messages buffered while a start read is in flight; past it the
 #: read is done again.
 MAX_BUFFERED = 10_000
+#: Start reads that do not sync a book are done again after 0, 0.05, 0.15,
+#: 0.35 ... seconds, at most RETRY_MAX apart.
+RETRY_BASE = 0.025
+RETRY_MAX = 5.0
+#: A stream found without a snapshot is taken as one for this many seconds:
+#: its derived streams are refused at once; after that, a new subscriber
+#: makes the server look again.
+BOOKLESS_FOR = 5.0
 
 
 class Tap(Protocol):
@@ -74,6 +94,9 @@ class KeptBook:
         "epoch",
         "mergers",
         "keeper",
+        "failures",
+        "retry_at",
+        "bookless_at",
     )
 
     def __init__(self, name: str, fields: BookFields, keeper: BookKeeper) -> None:
@@ -88,6 +111,9 @@ class KeptBook:
         self.epoch = 0  # rises each time the book starts over (a snapshot)
         self.mergers: dict[int, DiffMerger] = {}
         self.keeper = keeper
+        self.failures = 0  # start reads in a row that did not sync it
+        self.retry_at = 0.0  # the next start read not before (the keeper's clock)
+        self.bookless_at = 0.0  # when it was found to have no snapshot
 
     @property
     def synced(self) -> bool:
@@ -211,8 +237,10 @@ class BookKeeper:
         counters: Counters,
         tap: Callable[[str, Tap], None],
         untap: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rules = rules
+        self.clock = clock
         self.fields = fields
         self.counters = counters
         self._tap = tap
@@ -238,8 +266,17 @@ class BookKeeper:
             kept = self.streams[name] = KeptBook(name, self.fields, self)
             self.pending[name] = None
             self._tap(name, kept.on_frame)
+        elif kept.bookless and self.clock() - kept.bookless_at >= BOOKLESS_FOR:
+            kept.bookless = False  # a while ago: its publisher may store snapshots now
+            self.restart(kept)
         kept.users += 1
         return kept
+
+    def bookless(self, name: str) -> bool:
+        """Whether ``name`` is known to have no snapshot (for
+        :data:`BOOKLESS_FOR` seconds after a read found none)."""
+        kept = self.streams.get(name)
+        return kept is not None and kept.bookless and self.clock() - kept.bookless_at < BOOKLESS_FOR
 
     def release(self, name: str) -> None:
         """One subscription less needs ``name``'s book; the last lets it go."""
@@ -253,21 +290,27 @@ class BookKeeper:
             self._untap(name)
 
     def restart(self, kept: KeptBook) -> None:
-        """``kept`` lost the stream: read its snapshot again."""
+        """``kept`` lost the stream (or its read did not sync it): read its
+        snapshot again, at once the first time, then backing off (a stored
+        history with a hole in it fails each read until a newer snapshot)."""
         if not kept.reading:
+            kept.failures += 1
+            delay = min(RETRY_BASE * (2**kept.failures - 2), RETRY_MAX)
+            kept.retry_at = self.clock() + delay
             self.pending[kept.name] = None
 
     def start(self, confirmed: Container[str], most: int | None = None) -> list[Read]:
         """Start reads due now (at most ``most``), for books whose channel
         Redis confirmed (so that no live message falls between)."""
         reads: list[Read] = []
+        now = self.clock()
         for name in list(self.pending):
             if most is not None and len(reads) >= most:
                 break
-            if name not in confirmed:
+            kept = self.streams[name]
+            if name not in confirmed or now < kept.retry_at:
                 continue
             del self.pending[name]
-            kept = self.streams[name]
             self._reads += 1
             kept.token = -self._reads  # the core tells the books' reads by their sign
             kept.reading = True
@@ -288,6 +331,9 @@ class BookKeeper:
             self.restart(kept)
         elif kept.book.synced:
             self.counters.books_started += 1
+            kept.failures = 0
+        elif kept.bookless:
+            kept.bookless_at = self.clock()
         return kept
 
     def start_from(
@@ -303,6 +349,7 @@ class BookKeeper:
         kept.started(history, buffered)
         if kept.book.synced:
             self.counters.books_started += 1
+            kept.failures = 0
 
     def read_failed(self, name: str, token: int | None) -> None:
         """The start read of ``token`` failed: it is done again."""

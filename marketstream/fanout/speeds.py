@@ -137,8 +137,7 @@ class DerivedStreams:
         spec = self.parse(name)
         if spec is None or spec.kind not in (MERGED, TOP):
             return None
-        kept = self.keeper.streams.get(spec.base)
-        return spec.base if kept is not None and kept.bookless else None
+        return spec.base if self.keeper.bookless(spec.base) else None
 
     def add(self, conn: Connection, name: str, want: Want | None) -> bool:
         """Subscribe ``conn`` to ``name`` if it is a derived name (True)."""

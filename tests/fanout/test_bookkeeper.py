@@ -369,3 +369,60 @@ def test_every_frame_of_a_random_flow_carries_the_publishers_checksum(
     for message in caught_up:  # from the snapshot on, all are known
         if snapshot_at is not None and message["seq"] >= snapshot_at:
             assert "checksum" in message
+
+
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_start_reads_that_keep_failing_back_off_and_a_sync_resets_them():
+    """A stored history with a hole after its snapshot fails every start
+    read: they are done again at once, then ever further apart (at most
+    RETRY_MAX), not back to back."""
+    core, feed, a, clock = book_core(), BookFeed(), Conn("a"), Clock()
+    core.books.clock = clock
+    seeded(core, feed)
+    seq = send(core, feed, feed.gap([[price(61), "1"]]))  # stored, with a hole before it
+    join(core, a, [T])
+    delays = []
+    for _ in range(8):
+        reads = [read for read in core.start_reads() if read.token < 0]
+        if not reads:  # not yet: how long until it is
+            before = clock.now
+            while not reads:
+                clock.now += 0.01
+                reads = [read for read in core.start_reads() if read.token < 0]
+            delays.append(round(clock.now - before, 2))
+        finish(core, reads[0], feed.read(reads[0], core.max_replay))
+        assert not core.books.synced(T)
+    assert delays == sorted(delays) and delays[0] <= 0.06 and delays[-1] <= bookkeeper.RETRY_MAX
+    assert delays[-1] > 1.0  # backed off
+    feed.store_snapshot(seq)  # the publisher stores a snapshot after the hole
+    clock.now += bookkeeper.RETRY_MAX
+    start_book(core, feed)
+    assert core.books.synced(T) and core.streams[T]
+    assert core.books.streams[T].failures == 0
+
+
+def test_a_stream_found_without_snapshots_is_looked_at_again_later():
+    core, feed, a, b, clock = book_core(), BookFeed(), Conn("a"), Conn("b"), Clock()
+    core.books.clock = clock
+    feed.diff([[price(1), "1"]])  # positions, no snapshot
+    join(core, a, [T])
+    start_book(core, feed)
+    assert core.books.bookless(T) and core.derived.bookless("depth10.BTC_USDT") == T
+    clock.now += bookkeeper.BOOKLESS_FOR
+    assert not core.books.bookless(T)  # a while ago: a new subscriber makes it look again
+    seeded(core, feed)  # the publisher stores snapshots now
+    join(core, b, ["depth10.BTC_USDT"])
+    start_book(core, feed)
+    assert core.books.synced(T)
+    core.derived.tick(100)
+    [top] = got(core, b, "depth10.BTC_USDT")
+    assert top["data"]["e"] == "depthTop" and top["data"]["b"]

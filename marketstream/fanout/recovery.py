@@ -150,10 +150,19 @@ class Recoveries:
                 break
             if recovery.in_flight or not recovery.waiting or name not in confirmed:
                 continue
+            # A connection whose whole budget its reads in flight reserved
+            # waits for them to give back what they did not use.
+            ready = {c: w for c, w in recovery.waiting.items() if self.budgets.ready(c)}
+            if not ready:
+                continue
             recovery.in_flight = True
             self._reads += 1
             recovery.token = self._reads
-            recovery.reading, recovery.waiting = recovery.waiting, {}
+            if len(ready) == len(recovery.waiting):
+                recovery.reading, recovery.waiting = recovery.waiting, {}
+            else:
+                recovery.reading = ready
+                recovery.waiting = {c: w for c, w in recovery.waiting.items() if c not in ready}
             shares = recovery.shares
             for conn in recovery.reading:
                 shares[conn] = self.budgets.share(conn)

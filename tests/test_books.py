@@ -153,6 +153,21 @@ class Flow:
         self.ids[seq] = self.u
         return seq
 
+    def burst(self, count):
+        """``count`` diffs in one pipeline (the server reads them in one
+        batch), the snapshot after the last; the last position."""
+        messages, books, ids = [], [], []
+        for _ in range(count):
+            messages.append((self.stream, self.diff(), None))
+            books.append(self.sides())
+            ids.append(self.u)
+        messages[-1] = (self.stream, messages[-1][1], self.snapshot())
+        seqs = self.pub.publish_many(messages)
+        self.published += count
+        self.books.update(zip(seqs, books))
+        self.ids.update(zip(seqs, ids))
+        return seqs[-1]
+
     def last(self):
         return max(self.books)
 
@@ -400,50 +415,92 @@ async def test_merged_diffs_rebuild_the_book_of_the_raw_diffs(server, pub):
 # --- 4. slow readers -----------------------------------------------------------------
 
 
-async def _stalled(server, request):
-    """A bare socket that asked ``request`` and reads nothing more; the
-    server's side of it given a small kernel buffer, so that what it
-    cannot send queues in the server at once."""
-    sock, data = await raw_socket(server.settings.port, rcvbuf=4096)
-    sock.send(masked_frame(json.dumps(request)))
-    return sock, data
+class Stalled:
+    """A bare socket that subscribed and then reads nothing until told
+    to; the server's side of it given a small kernel buffer, so that what
+    it cannot send queues in the server at once."""
+
+    def __init__(self, sock, data):
+        self.sock = sock
+        self.data = data
+        self.frames: list[dict] = []
+
+    @classmethod
+    async def open(cls, server, streams):
+        sock, data = await raw_socket(server.settings.port, rcvbuf=4096)
+        request = {"method": "SUBSCRIBE", "params": streams, "id": 1}
+        sock.send(masked_frame(json.dumps(request)))
+        await async_wait_until(
+            lambda: any(server.manager.subscriptions(h) for h in server.manager.connections),
+            message="subscribed",
+        )
+        (handler,) = server.manager.connections
+        handler.ws_connection.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return cls(sock, data), handler
+
+    async def read_until(self, until, timeout=30):
+        """Read frames until ``until()`` is true."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not until():
+            assert loop.time() < deadline, "read %d frames; the last: %s" % (
+                len(self.frames),
+                self.frames[-3:],
+            )
+            try:
+                chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 16), 1)
+            except asyncio.TimeoutError:
+                continue
+            assert chunk, "the server closed the connection"
+            done, self.data = server_frames(self.data + chunk)
+            self.frames += [ujson.loads(f) for f in done]
+
+    def of(self, stream):
+        return [f for f in self.frames if f.get("stream") == stream]
+
+    def reached(self, stream, seq):
+        return any(f.get("seq") == seq for f in self.of(stream))
+
+    def split(self, stream):
+        """``stream``'s frames before and after its one gap notice, which
+        says ``slow_reader``."""
+        frames = self.of(stream)
+        gaps = [i for i, f in enumerate(frames) if f["data"]["e"] == "gap"]
+        assert len(gaps) == 1, (stream, gaps)
+        gap = frames[gaps[0]]["data"]
+        assert (gap["reason"], gap["msg"]) == ("slow_reader", GAP_REASONS["slow_reader"])
+        return frames[: gaps[0]], frames[gaps[0] + 1 :]
+
+    def close(self):
+        self.sock.close()
 
 
-async def _read_all(sock, data, until, timeout=30):
-    """Read frames from ``sock`` until ``until(frames)``; the frames parsed."""
-    loop = asyncio.get_running_loop()
-    frames: list[dict] = []
-    deadline = loop.time() + timeout
-    while not until(frames):
-        assert loop.time() < deadline, "read %d frames; the last: %s" % (len(frames), frames[-3:])
-        try:
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 1)
-        except asyncio.TimeoutError:
-            continue
-        assert chunk, "the server closed the connection"
-        done, data = server_frames(data + chunk)
-        frames += [ujson.loads(f) for f in done]
-    return frames
-
-
+@pytest.mark.parametrize("burst", [False, True], ids=["paced", "burst"])
 @pytest.mark.gen_test(timeout=180)
-async def test_a_stalled_book_reader_gets_a_snapshot_and_is_never_disconnected(server_factory, pub):
+async def test_a_stalled_book_reader_gets_a_snapshot_and_is_never_disconnected(
+    server_factory, pub, burst
+):
+    """``burst``: the diffs come 500 at a time, each burst read in one
+    batch larger than max_buffer_bytes (a backlog Redis hands over at once):
+    the batch that passes the cap parks the reader too."""
     server = await server_factory(limits__max_buffer_bytes=65536)
     before = await scrape(server.settings.port)
-    stream = "depth." + market()
+    name = market()
+    stream, merged, top = "depth." + name, "depth.%s@100ms" % name, "depth10." + name
     flow = Flow(pub, stream, seed=4)
     flow.start()
-    sock, data = await _stalled(server, {"method": "SUBSCRIBE", "params": [stream], "id": 1})
+    stalled, handler = await Stalled.open(server, [stream, merged, top])
     await listeners(server, stream, 1)
     await book_synced(server, stream)
-    (handler,) = server.manager.connections
-    handler.ws_connection.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     # 3000 diffs (several hundred KB): far past the kernel's buffers and
     # max_buffer_bytes, which would have closed the reader before.
-    for i in range(3000):
-        flow.publish()
-        if i % 50 == 0:
-            await asyncio.sleep(0)
+    for i in range(6 if burst else 3000):
+        if burst:
+            flow.burst(500)
+        else:
+            flow.publish()
+        if burst or i % 50 == 0:
+            await asyncio.sleep(0.001)
     await async_wait_until(
         lambda: server.counters.slow_reader_fallbacks == 1, timeout=30, message="parked"
     )
@@ -451,15 +508,8 @@ async def test_a_stalled_book_reader_gets_a_snapshot_and_is_never_disconnected(s
     last = flow.publish()  # published while it is parked
     assert handler in server.manager.connections
     # It reads again: the queued frames, then the notice, the snapshot, live.
-    frames = await _read_all(
-        sock, data, lambda frames: any(f.get("seq") == last for f in frames[1:])
-    )
-    book_frames = [f for f in frames if f.get("stream") == stream]
-    gaps = [i for i, f in enumerate(book_frames) if f["data"]["e"] == "gap"]
-    assert len(gaps) == 1, gaps
-    gap = book_frames[gaps[0]]["data"]
-    assert (gap["reason"], gap["msg"]) == ("slow_reader", GAP_REASONS["slow_reader"])
-    before_gap, after_gap = book_frames[: gaps[0]], book_frames[gaps[0] + 1 :]
+    await stalled.read_until(lambda: stalled.reached(stream, last))
+    before_gap, after_gap = stalled.split(stream)
     assert before_gap and all(f["data"]["e"] == "depth" for f in before_gap)
     for frame in before_gap:
         assert frame["checksum"] == crc_of(*flow.books[frame["seq"]]), frame["seq"]
@@ -474,17 +524,57 @@ async def test_a_stalled_book_reader_gets_a_snapshot_and_is_never_disconnected(s
         book.apply(frame["data"])
         assert frame["checksum"] == crc_of(*flow.books[frame["seq"]]), frame["seq"]
     assert book.sides() == flow.books[last]
-    # Still connected, live again: the next diff arrives, nothing closed it.
+    # Still connected, live again: the next diff arrives on each stream.
     nxt = flow.publish()
-    more = await _read_all(sock, b"", lambda frames: any(f.get("seq") == nxt for f in frames))
-    assert more[-1]["checksum"] == crc_of(*flow.books[nxt])
+    final = flow.books[nxt]
+    await stalled.read_until(
+        lambda: (
+            stalled.reached(stream, nxt)
+            and stalled.reached(merged, nxt)
+            and stalled.of(top)[-1]["data"]["b"] == final[0][:10]
+            and stalled.of(top)[-1]["data"]["a"] == final[1][:10]
+        )
+    )
+    assert stalled.of(stream)[-1]["checksum"] == crc_of(*final)
+    # The derived streams too: the notice, their state, then changes.
+    _, after_gap = stalled.split(merged)
+    assert after_gap[0]["data"]["e"] == "depthSnapshot"
+    book = LocalBook(after_gap[0]["data"])
+    for frame in after_gap[1:]:
+        book.apply(frame["data"])
+        assert frame["checksum"] == crc_of(*flow.books[frame["seq"]])
+    assert book.sides() == final
+    _, after_gap = stalled.split(top)
+    assert after_gap and all(f["data"]["e"] == "depthTop" for f in after_gap)
+    assert after_gap[0]["seq"] >= last
     assert handler in server.manager.connections
     assert not server.manager.books.parked(handler)
     assert server.counters.closed["slow_consumer"] == 0
     after = await scrape(server.settings.port)
-    name = "marketstream_slow_reader_fallbacks_total"
-    assert after[name] - before.get(name, 0) == 1
-    sock.close()
+    fallbacks = "marketstream_slow_reader_fallbacks_total"
+    assert after[fallbacks] - before.get(fallbacks, 0) == 1
+    stalled.close()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_batch_past_twice_the_cap_still_closes_a_book_reader(server_factory, pub):
+    """The batch that passes max_buffer_bytes is queued anyway when it
+    parks the reader's book streams, but only up to twice the cap: the
+    memory a stalled reader holds stays bounded."""
+    server = await server_factory(limits__max_buffer_bytes=16384)
+    stream = "depth." + market()
+    flow = Flow(pub, stream, seed=5)
+    flow.start()
+    stalled, handler = await Stalled.open(server, [stream])
+    await listeners(server, stream, 1)
+    await book_synced(server, stream)
+    flow.burst(1000)  # some 150 KB in one batch: past 2 x 16 KB
+    await async_wait_until(
+        lambda: server.counters.closed["slow_consumer"] == 1, timeout=30, message="closed"
+    )
+    assert server.counters.slow_reader_fallbacks == 0
+    await async_wait_until(lambda: not server.manager.connections, message="removed")
+    stalled.close()
 
 
 @pytest.mark.gen_test(timeout=120)
@@ -493,11 +583,9 @@ async def test_a_stalled_trade_reader_is_still_closed_as_a_slow_consumer(
 ):
     server = await server_factory(limits__max_buffer_bytes=65536)
     stream = "trade." + market()
-    sock, data = await _stalled(server, {"method": "SUBSCRIBE", "params": [stream], "id": 1})
+    stalled, handler = await Stalled.open(server, [stream])
     await listeners(server, stream, 1)
     await subscribed(redis_client, stream)
-    (handler,) = server.manager.connections
-    handler.ws_connection.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     for i in range(2000):
         pub.publish(stream, {"e": "trade", "t": i, "pad": "x" * 200})
         if i % 50 == 0:
@@ -507,7 +595,7 @@ async def test_a_stalled_trade_reader_is_still_closed_as_a_slow_consumer(
     )
     await async_wait_until(lambda: not server.manager.connections, message="removed")
     assert server.counters.slow_reader_fallbacks == 0
-    sock.close()
+    stalled.close()
 
 
 # --- 5. refused names ------------------------------------------------------------------

@@ -110,6 +110,8 @@ class Delivery(Identity):
             if not self._over_the_cap(stream, data):
                 self._slow_consumer()
             return
+        if stream.closed():
+            return  # the write failed (a reset): no buffer to measure; on_close follows
         if _queued_bytes(stream) > self.context.limits.max_buffer_bytes // 2:
             self._falling_behind(stream)
 

@@ -100,6 +100,10 @@ async def test_some_good_some_bad_says_which_were_subscribed_and_which_refused(s
         "max_channels": 0,
         "user_stream": 0,
         "protected": 0,
+        "unknown_speed": 0,
+        "not_a_book": 0,
+        "no_speed": 0,
+        "no_book": 0,
     }
 
 

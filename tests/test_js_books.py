@@ -62,6 +62,8 @@ if (input.streams) {
   const client = new MarketStream({snapshotWait: 60000});
   const events = [];
   client.addEventListener("gap", (e) => events.push(e.detail));
+  const refused = [];
+  client.addEventListener("refused", (e) => refused.push(e.detail));
   client.connect("ws://127.0.0.1:1/ws");
   client.subscribe(input.streams);
   await tick();
@@ -72,6 +74,7 @@ if (input.streams) {
   out.sockets = sockets.length;
   out.sent = sockets.flatMap((s) => s.sent);
   out.gaps = events;
+  out.refused = refused;
   out.books = client.books;
   out.streams = client.streams;
   client.close();
@@ -208,3 +211,15 @@ def test_top_n_frames_and_merged_diffs_skip_positions_without_a_gap(tmp_path):
     assert out["streams"][speed]["checksums"] == {"checked": 3, "mismatches": 0}
     # A top-N stream asks for no snapshot: every frame is one.
     assert out["sent"][0]["snapshot"] == [speed]
+
+
+def test_a_stream_the_server_ends_is_refused_and_forgotten(tmp_path):
+    """A derived stream of a book stream without snapshots: the server's
+    ``unsubscribed`` notice is a refusal, not a book frame."""
+    top, plain = "depth10.X_Y", "depth.X_Y"
+    notice = {"e": "unsubscribed", "reason": "no_book", "msg": "depth.X_Y has no snapshots"}
+    frames = [json.dumps({"stream": top, "data": notice})]
+    out = run_node(tmp_path, {"streams": [top, plain], "frames": frames})
+    assert out["refused"] == [{"stream": top, "reason": "depth.X_Y has no snapshots"}]
+    assert top not in out["streams"] and top not in out["books"]
+    assert plain in out["streams"] and out["gaps"] == []

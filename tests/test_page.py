@@ -10,11 +10,13 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 from marketstream.client import BookGap, Client, OrderBook
 from marketstream.testing import health_status, wait_until
+from tests.checksums import crc_of
 from tests.helpers import ROOT, ServerProcess, numsub
 
 selenium = pytest.importorskip("selenium")
@@ -32,6 +34,8 @@ if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
 
 MARKETS = "BTC_USDT,ETH_USDT,SOL_USDT,SOL_USDC"
 DEPTH = "depth.BTC_USDT"
+#: The ladder's update speed: the page asks for depth.<MARKET>@250ms first.
+SPEED = "@250ms"
 
 
 # -- processes ------------------------------------------------------------------
@@ -145,8 +149,20 @@ def js(driver, script, *args):
     return driver.execute_script(script, *args)
 
 
-def book_of(driver, stream=DEPTH):
-    """The page's book of ``stream`` as ``{seq, bids, asks}``, or None."""
+def ladder(driver):
+    """Which stream the page's ladder shows: ``{stream, speed, refused}``
+    (speed None and the server's reason in refused after a fallback)."""
+    return js(driver, "return window.ladder")
+
+
+def ladder_stream(driver):
+    return ladder(driver)["stream"]
+
+
+def book_of(driver, stream=None, with_u=False):
+    """The page's book of ``stream`` (default: the ladder's) as
+    ``{seq, bids, asks, status}``, or None."""
+    stream = stream or ladder_stream(driver)
     book = js(
         driver,
         "return window.marketstream && window.marketstream.books[arguments[0]] || null",
@@ -159,6 +175,7 @@ def book_of(driver, stream=DEPTH):
         "bids": book["bids"],
         "asks": book["asks"],
         "status": book["status"],
+        **({"u": book["u"]} if with_u else {}),
     }
 
 
@@ -184,6 +201,21 @@ def wait_page(driver, predicate, timeout, message):
         return wait_until(predicate, timeout, interval=0.05, message=message)
     except AssertionError as exc:
         raise AssertionError("%s\n%s" % (exc, diagnostics(driver))) from None
+
+
+def publish_until(publish, arrived, driver, message, timeout=15, every=0.5):
+    """``publish()`` now and every ``every`` s until ``arrived()``."""
+    last = [0.0]
+
+    def done():
+        if arrived():
+            return True
+        if time.monotonic() - last[0] >= every:
+            publish()
+            last[0] = time.monotonic()
+        return False
+
+    wait_page(driver, done, timeout, message)
 
 
 def errors(driver):
@@ -249,11 +281,14 @@ def assert_book_matches_reference(driver, reference, samples=3):
     for a few positions in a row."""
     seen = set()
 
+    stream = ladder_stream(driver)
+
     def new_book():
-        book = book_of(driver)
+        book = book_of(driver, stream)
         if (
             book
             and book["status"] == "synced"
+            and book["seq"] is not None
             and book["seq"] not in seen
             and reference.states
             and book["seq"] >= min(reference.states)
@@ -307,15 +342,16 @@ def test_page_shows_live_market_without_console_errors(page, server, feed):
     assert page.find_element(By.ID, "connection").get_attribute("data-state") == "open"
     assert js(page, "return window.marketstream.connected") is True
     assert panel_status(page, "book") == "live"
+    depth = ladder_stream(page)
     book, last_seq = js(
-        page, "const c = window.marketstream; return [c.books[arguments[0]], c.lastSeq]", DEPTH
+        page, "const c = window.marketstream; return [c.books[arguments[0]], c.lastSeq]", depth
     )
     assert len(book["bids"]) >= 10 and len(book["asks"]) >= 10
     assert float(book["bids"][0][0]) < float(book["asks"][0][0])
-    assert book["seq"] == last_seq[DEPTH]
+    assert book["seq"] == last_seq[depth]
     wait_until(
         lambda: (
-            {DEPTH, "trade.BTC_USDT", "ticker.BTC_USDT"}
+            {depth, "trade.BTC_USDT", "ticker.BTC_USDT"}
             <= set(js(page, "return window.marketstream.lastSeq"))
         ),
         3,
@@ -326,6 +362,12 @@ def test_page_shows_live_market_without_console_errors(page, server, feed):
         lambda: page.find_element(By.ID, "last").text not in ("", "—"), 3, message="ticker shown"
     )
     wait_until(lambda: rows(page, "#streams tr") >= 6, 3, message="streams table")
+    # Nothing missed on the way in: no gap on any stream (a snapshot asked
+    # for while other catch-ups hold the connection's budget comes after a
+    # gap notice), nothing red in the events list.
+    streams = js(page, "return window.marketstream.streams")
+    assert {name: s["gaps"] for name, s in streams.items() if s["gaps"]} == {}
+    assert rows(page, "#log li.bad") == 0, page.find_element(By.ID, "log").text
     assert errors(page) == []
 
 
@@ -343,17 +385,20 @@ def test_page_book_equals_python_reference(page, server, feed):
 def test_market_selector_switches_streams(page, server, feed, redis_client):
     open_page(page, server["server"])
     wait_live(page)
+    before = ladder_stream(page)
     page.find_element(By.CSS_SELECTOR, 'button[data-market="ETH_USDT"]').click()
     wait_until(
         lambda: (
-            (b := book_of(page, "depth.ETH_USDT"))
+            ladder_stream(page).startswith("depth.ETH_USDT")
+            and (b := book_of(page))
             and b["status"] == "synced"
             and len(b["bids"]) >= 10
         ),
         5,
         message="ETH_USDT book",
     )
-    assert book_of(page, DEPTH) is None
+    assert ladder_stream(page) == before.replace("BTC_USDT", "ETH_USDT")
+    assert book_of(page, before) is None
     wait_until(lambda: numsub(redis_client, DEPTH) == 0, 5, message="depth.BTC_USDT released")
     assert "market=ETH_USDT" in page.current_url
     wait_until(
@@ -404,19 +449,22 @@ def test_server_restart_resumes_without_gap(page, server, feed, redis_url):
         message="page reconnected and resumed",
     )
     before = js(page, "return window.marketstream.lastSeq")
+    depth = ladder_stream(page)
     wait_until(
         lambda: all(
             js(page, "return window.marketstream.lastSeq")[s] > before[s]
-            for s in ("trade.BTC_USDT", DEPTH)
+            for s in ("trade.BTC_USDT", depth)
         ),
         5,
         message="new messages after the restart",
     )
     assert js(page, "return window.marketstream.reconnects") >= 1
     assert "reconnecting" in js(page, "return window.__states")
-    # Every position once, in order: no gap on any stream.
+    # Every position once, in order: no gap on any stream (an update
+    # speed's merged diffs skip positions: theirs only go up).
     for stream, seqs in js(page, "return window.__seqs").items():
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), (
+        expected = sorted(set(seqs)) if "@" in stream else list(range(seqs[0], seqs[0] + len(seqs)))
+        assert seqs == expected, (
             stream,
             seqs,
             page.find_element(By.ID, "log").text,
@@ -480,8 +528,12 @@ def test_plain_streams_build_a_partial_book_and_colour_trades(page, server, redi
     book is built from diffs by their update ids and marked partial; a
     missing update is reported as a gap; trades are coloured by aggressor."""
     market = "PLAIN_TEST"
+    depth = "depth." + market
     open_page(page, server["server"], "?markets=%s" % market)
-    for stream in ("depth." + market, "trade." + market):
+    # No server book for a stream without snapshots: the ladder falls back
+    # to the plain stream.
+    wait_page(page, lambda: ladder_stream(page) == depth, 5, message="the ladder on " + depth)
+    for stream in (depth, "trade." + market):
         wait_until(
             lambda stream=stream: numsub(redis_client, stream) == 1,
             5,
@@ -493,17 +545,25 @@ def test_plain_streams_build_a_partial_book_and_colour_trades(page, server, redi
 
         redis_client.publish(stream, ujson.dumps({"stream": stream, "data": data}))
 
-    depth = "depth." + market
-    publish(
-        depth,
-        {
-            "e": "depth",
-            "s": market,
-            "U": 101,
-            "u": 104,
-            "b": [["10.01", "1.5"], ["10.00", "2"]],
-            "a": [["10.03", "1"], ["10.05", "3"]],
-        },
+    # The first diff until the page has it: the page asks for the snapshot
+    # a depth stream may have, and the server holds its connection out of
+    # the stream's listeners until it has looked (a diff it reads in the
+    # same turn as Redis' subscribe confirmation is not delivered), and
+    # asks again every 1.5 s while nothing comes.  Sent again, the diff is
+    # stale to the page's book: applied once.
+    first = {
+        "e": "depth",
+        "s": market,
+        "U": 101,
+        "u": 104,
+        "b": [["10.01", "1.5"], ["10.00", "2"]],
+        "a": [["10.03", "1"], ["10.05", "3"]],
+    }
+    publish_until(
+        lambda: publish(depth, first),
+        lambda: (book_of(page, depth, with_u=True) or {}).get("u") == 104,
+        page,
+        message="the first diff on the page",
     )
     publish(
         depth,
@@ -708,4 +768,278 @@ def test_chromium_negotiates_compression_and_reads_compressed_snapshots(page, se
     stats = health(srv.port)["stats"]
     assert stats["deflated_messages"] >= 2  # the page's snapshot and this one
     assert stats["deflate_bytes_out"] < stats["deflate_bytes_in"]
+    assert errors(page) == []
+
+
+# -- the ladder: update speed and checksums -------------------------------------------
+
+
+def speed_refusal(port, stream):
+    """None if the server at ``port`` serves ``stream``, else why not (the
+    SUBSCRIBE reply's reason, with acknowledgements on)."""
+    import json
+
+    import tornado.websocket
+
+    async def probe():
+        ws = await tornado.websocket.websocket_connect("ws://127.0.0.1:%d/ws" % port)
+        try:
+            request = {"method": "SUBSCRIBE", "params": [stream], "id": 1, "acks": True}
+            await ws.write_message(json.dumps(request))
+            while True:
+                text = await asyncio.wait_for(ws.read_message(), 5)
+                assert text is not None, "the server closed the probe"
+                reply = json.loads(text)
+                if reply.get("id") == 1:
+                    error = reply.get("error")
+                    if error is None:
+                        return None
+                    return (error.get("refused") or {}).get(stream) or error.get("msg")
+        finally:
+            ws.close()
+
+    return asyncio.run(probe())
+
+
+def checksum_label(driver):
+    label = driver.find_element(By.ID, "book-checksum")
+    return label.get_attribute("data-state"), label.text
+
+
+def test_ladder_falls_back_to_every_diff_when_the_speed_stream_is_refused(
+    page, server, redis_client
+):
+    """A depth stream published without snapshots has no server book (and
+    a server without update speeds has none at all): the server refuses
+    depth.<MARKET>@250ms, and the ladder shows plain depth.<MARKET>, says
+    so discreetly (a grey line, the ladder's feed label), not as an error."""
+    market = "FALLBACK_TEST"
+    depth = "depth." + market
+    open_page(page, server["server"], "?markets=%s" % market)
+    wait_page(page, lambda: ladder_stream(page) == depth, 5, message="the ladder on " + depth)
+    state = ladder(page)
+    assert state["speed"] is None and state["refused"], state
+    streams = js(page, "return window.marketstream.streams")
+    assert depth in streams and depth + SPEED not in streams
+    wait_until(lambda: numsub(redis_client, depth) == 1, 5, message=depth + " subscribed")
+    feed = page.find_element(By.ID, "book-feed")
+    wait_until(lambda: feed.text == "every diff", 2, message="the feed label")
+    assert "fallback" in feed.get_attribute("class")
+    assert state["refused"] in feed.get_attribute("title")
+    line = wait_until(
+        lambda: [
+            item
+            for item in page.find_elements(By.CSS_SELECTOR, "#log li")
+            if depth + SPEED + " not served" in item.text
+        ],
+        2,
+        message="the fallback in the events list",
+    )[0]
+    assert line.get_attribute("class") == "", line.get_attribute("class")  # grey, not red
+    assert "refused " + depth not in page.find_element(By.ID, "log").text
+
+    # The plain stream's diffs build the ladder (a partial book: no checksums).
+    import ujson
+
+    diff = {"e": "depth", "s": market, "U": 7, "u": 7, "b": [["5.1", "1"]], "a": [["5.2", "2"]]}
+    publish_until(
+        lambda: redis_client.publish(depth, ujson.dumps({"stream": depth, "data": diff})),
+        lambda: rows(page, "#bids .row") == 1 and rows(page, "#asks .row") == 1,
+        page,
+        message="the diff on the ladder",
+    )
+    assert panel_status(page, "book") == "partial"
+    wait_until(lambda: checksum_label(page) == ("none", "no checksums"), 2, message="no checksums")
+    assert errors(page) == []
+
+
+def test_ladder_shows_the_checksum_state_of_the_feed(page, server, feed):
+    """The ladder's checksum label says what the client counted on its
+    stream: "checksum ✓ N checked" when frames carry checksums, else "no
+    checksums" (a server without book checksums)."""
+    open_page(page, server["server"])
+    wait_live(page)
+    depth = ladder_stream(page)
+
+    def agrees():
+        state, text = checksum_label(page)
+        checked = js(
+            page, "return window.marketstream.streams[arguments[0]].checksums.checked", depth
+        )
+        if checked:
+            shown = text.startswith("checksum ✓ ") and text.endswith(" checked")
+            return state == "ok" and shown and 0 < int(text.split()[2]) <= checked
+        return (state, text) == ("none", "no checksums")
+
+    wait_page(page, agrees, 5, message="the checksum label agrees with the client")
+    assert (
+        js(page, "return window.marketstream.streams[arguments[0]].checksums", depth)["mismatches"]
+        == 0
+    )
+
+
+class CheckedBook:
+    """A publisher's book that sends plain frames (``PUBLISH``, no
+    positions) carrying the checksum a server with books adds: a
+    ``depthSnapshot``, then diffs, each with the CRC-32 of the top 10
+    after it (computed here, independently of the page's code)."""
+
+    def __init__(self, redis_client, stream):
+        self.redis = redis_client
+        self.stream = stream
+        self.u = 100
+        self.bids = {"%.2f" % (100 - i * 0.01): str(i + 1) for i in range(12)}
+        self.asks = {"%.2f" % (100.01 + i * 0.01): str(i + 2) for i in range(12)}
+
+    def top(self):
+        bids = sorted(self.bids.items(), key=lambda level: -float(level[0]))
+        asks = sorted(self.asks.items(), key=lambda level: float(level[0]))
+        return [list(level) for level in bids], [list(level) for level in asks]
+
+    def checksum(self):
+        return crc_of(*self.top())
+
+    def _send(self, data, checksum):
+        import ujson
+
+        frame = {"stream": self.stream, "data": data, "checksum": checksum}
+        self.redis.publish(self.stream, ujson.dumps(frame))
+
+    def snapshot(self):
+        bids, asks = self.top()
+        data = {"e": "depthSnapshot", "u": self.u, "b": bids, "a": asks}
+        self._send(data, self.checksum())
+
+    def diff(self, step, wrong=False):
+        """A diff that changes the best bid's size, adds an ask level and
+        removes the worst one; ``wrong``: its checksum is off by one bit."""
+        bids, asks = self.top()
+        best = bids[0][0]
+        self.bids[best] = str(step + 10)
+        added = "%.2f" % (100.01 + (12 + step) * 0.01)
+        self.asks[added] = "1"
+        worst = asks[0][0]  # the best ask goes: the top 10 moves
+        del self.asks[worst]
+        self.u += 1
+        data = {"e": "depth", "U": self.u, "u": self.u, "b": [[best, self.bids[best]]]}
+        data["a"] = [[added, "1"], [worst, "0"]]
+        self._send(data, self.checksum() ^ (1 if wrong else 0))
+
+
+def test_ladder_counts_checksums_and_shows_a_mismatch_and_the_resync(page, server, redis_client):
+    """Frames that carry checksums (as a server with books sends them): the
+    ladder counts them checked; a frame whose checksum does not match the
+    book shows the mismatch and "resyncing" until a new snapshot rebuilt
+    the book, then "resynced"."""
+    market = "CRC_TEST"
+    depth = "depth." + market
+    open_page(page, server["server"], "?markets=%s" % market)
+    wait_page(page, lambda: ladder_stream(page) == depth, 5, message="the ladder on " + depth)
+    wait_until(lambda: numsub(redis_client, depth) == 1, 5, message=depth + " subscribed")
+    book = CheckedBook(redis_client, depth)
+
+    def shown():
+        on_page = book_of(page, depth)
+        bids, asks = book.top()
+        return (
+            on_page is not None
+            and on_page["status"] == "synced"
+            and (on_page["bids"], on_page["asks"]) == (bids, asks)
+        )
+
+    # The snapshot until the page has it (see the partial-book test: the
+    # server may not deliver a frame read together with its subscription).
+    publish_until(book.snapshot, shown, page, message="the snapshot on the ladder")
+    for step in range(1, 4):
+        book.diff(step)
+        wait_page(page, shown, 5, message="diff %d on the ladder" % step)
+    wait_page(
+        page,
+        lambda: checksum_label(page)[0] == "ok" and int(checksum_label(page)[1].split()[2]) >= 4,
+        5,
+        message="four checksums checked",
+    )
+    assert checksum_label(page)[1].startswith("checksum ✓ ")
+    assert panel_status(page, "book") == "live"
+
+    book.diff(4, wrong=True)
+    wait_page(
+        page,
+        lambda: (
+            checksum_label(page)[0] == "mismatch"
+            and "✗ 1 mismatch" in checksum_label(page)[1]
+            and "resyncing" in checksum_label(page)[1]
+        ),
+        5,
+        message="the mismatch on the ladder",
+    )
+    assert panel_status(page, "book") == "gapped"
+    assert "gap on %s: checksum mismatch" % depth in page.find_element(By.ID, "log").text
+
+    publish_until(book.snapshot, shown, page, message="the resync on the ladder")
+    wait_page(
+        page,
+        lambda: "resynced" in checksum_label(page)[1] and panel_status(page, "book") == "live",
+        5,
+        message="resynced",
+    )
+    book.diff(5)
+    wait_page(page, shown, 5, message="a diff after the resync")
+    state, text = checksum_label(page)
+    assert state == "mismatch" and text.startswith("checksum ✗ 1 mismatch (last "), text
+    assert text.endswith(" checked") and int(text.split()[-2]) >= 5, text
+    stats = js(page, "return window.marketstream.streams[arguments[0]].checksums", depth)
+    assert stats["mismatches"] == 1
+    assert errors(page) == []
+
+
+def test_ladder_uses_the_speed_stream_the_server_serves(page, server, feed):
+    """With a server that keeps books: the ladder shows depth.BTC_USDT@250ms
+    (a snapshot of the server's book, then merged diffs), equal to the
+    Python client's book of every diff at the same position, with every
+    checksum checked; a book that went wrong (a level the server never
+    sent) is caught by the next checksum and resynced on its own."""
+    srv = server["server"]
+    refusal = speed_refusal(srv.port, DEPTH + SPEED)
+    if refusal is not None:
+        pytest.skip("this server does not serve %s%s yet: %s" % (DEPTH, SPEED, refusal))
+    reference = ReferenceBook("ws://127.0.0.1:%d/ws" % srv.port)
+    try:
+        open_page(page, srv)
+        wait_live(page)
+        assert ladder(page) == {"stream": DEPTH + SPEED, "speed": "250ms", "refused": None}
+        # The plain stream, asked for as a standby, went once the speed stream was served.
+        wait_until(
+            lambda: DEPTH not in js(page, "return window.marketstream.streams"),
+            5,
+            message="the standby plain stream dropped",
+        )
+        assert page.find_element(By.ID, "book-feed").text == "merged every 250ms"
+        assert_book_matches_reference(page, reference)
+        wait_page(
+            page,
+            lambda: (
+                checksum_label(page)[0] == "ok" and int(checksum_label(page)[1].split()[2]) >= 3
+            ),
+            5,
+            message="checksums checked",
+        )
+        # A bid above the best one that the server never sent.
+        js(
+            page,
+            "const book = window.marketstream.book(arguments[0]);"
+            "const [[price]] = book.top('bids', 1); book.bids.set(price + '0000001', '1');",
+            DEPTH + SPEED,
+        )
+        wait_page(
+            page,
+            lambda: (
+                "✗ 1 mismatch" in checksum_label(page)[1] and "resynced" in checksum_label(page)[1]
+            ),
+            10,
+            message="the mismatch caught and resynced",
+        )
+        assert_book_matches_reference(page, reference)
+    finally:
+        reference.close()
     assert errors(page) == []

@@ -15,6 +15,7 @@ import random
 import time
 import urllib.parse
 import uuid
+from decimal import Decimal
 
 import pytest
 import tornado.httpclient
@@ -30,6 +31,7 @@ from marketstream.wire.replies import GAP_REASONS
 from marketstream.publisher import AsyncPublisher, Publisher
 from marketstream.demo.simulator import Feed, encode
 from marketstream.testing import async_wait_until
+from tests.checksums import crc_of
 from tests.helpers import abort, connect, listeners, subscribed, ws_url
 
 
@@ -124,6 +126,20 @@ def diff(i):
 
 def book_at(i):
     return {"e": "depthSnapshot", "u": i, "b": [["1.%d" % i, "1"]], "a": []}
+
+
+def book_checksums(datas):
+    """The checksum of the book after each of ``datas`` (a snapshot, then
+    diffs: bids only here), computed by the tests' own code."""
+    levels, sums = {}, []
+    for data in datas:
+        if data["e"] == "depthSnapshot":
+            levels = {}
+        for price, qty in data["b"]:
+            levels[Decimal(price)] = [price, qty]
+        bids = [levels[key] for key in sorted(levels, reverse=True) if Decimal(levels[key][1])]
+        sums.append(crc_of(bids, []))
+    return sums
 
 
 def subscribe(params, request_id=1, **extra):
@@ -339,6 +355,8 @@ async def test_snapshot_on_subscribe(server_factory, redis_client, pub, mode):
     await reader.wait_seq(trades, live_trade)
 
     frames = reader.of(depth)
+    # Each frame of the book stream carries the checksum of the book after it.
+    assert [m.pop("checksum") for m in frames] == book_checksums([m["data"] for m in frames])
     assert frames[0] == {"stream": depth, "data": book_at(6), "seq": seqs[6]}
     assert [m["seq"] for m in frames] == seqs[6:]
     assert [m["data"]["u"] for m in frames[1:]] == list(range(7, 14))

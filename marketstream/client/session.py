@@ -347,7 +347,11 @@ class Session:
         data, seq = obj.get("data"), obj.get("seq")
         if self._resyncs.drops(stream, data):
             return  # sent before the snapshot of a resync
-        if isinstance(data, dict) and data.get("e") == "gap" and seq is None:
+        if isinstance(data, dict) and data.get("e") == "unsubscribed" and seq is None:
+            # The server ended the stream (derived from a book stream it
+            # keeps no book for): a refusal, like one in a reply.
+            self._on_error({"refused": {stream: str(data.get("msg") or data.get("reason"))}})
+        elif isinstance(data, dict) and data.get("e") == "gap" and seq is None:
             self._after_gap.add(stream)
             # Positions may start over after a gap (history lost): the next
             # one is the new base, whatever its value.

@@ -66,6 +66,22 @@ class ReplayBudgets:
         budget[2] += 1
         return share
 
+    def ready(self, conn: Hashable) -> bool:
+        """Whether a read for ``conn`` may start now: False while its reads
+        in flight hold its whole budget (they give back what they do not
+        use when they end).
+
+        >>> budgets = ReplayBudgets(1000)
+        >>> budgets.waiting("conn"); budgets.share("conn")
+        1000
+        >>> budgets.waiting("conn"); budgets.ready("conn")   # a second SUBSCRIBE
+        False
+        >>> budgets.moved("conn", 0, -1, bytes_back=900); budgets.ready("conn")
+        True
+        """
+        budget = self.budgets.get(conn)
+        return budget is None or budget[0] > 0 or budget[2] <= 0
+
     def allowed(self, conn: Hashable, share: int) -> int:
         """What a read that ends may send ``conn``: its ``share`` and what
         no other read of ``conn`` reserved meanwhile."""

@@ -22,13 +22,21 @@ it), then the buffered live messages beyond the last position sent.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from marketstream.fanout.records import History, Want
 from marketstream.wire import payloads, replies
 from marketstream.wire.frames import text_frame
 
-__all__ = ["CatchUp", "catch_up", "frame_history", "gap_frames", "gap_reason", "covers"]
+__all__ = [
+    "CatchUp",
+    "Checksums",
+    "catch_up",
+    "frame_history",
+    "gap_frames",
+    "gap_reason",
+    "covers",
+]
 
 
 class CatchUp(NamedTuple):
@@ -219,34 +227,53 @@ def covers(entries: list[tuple[int, bytes]], after: int, latest: int) -> bool:
     return bool(entries) and entries[0][0] <= after + 1 and entries[-1][0] >= latest
 
 
+class Checksums(Protocol):
+    """What adds a book stream's checksums to a read's frames (see
+    :class:`marketstream.fanout.bookkeeper.Chain`): the snapshot first,
+    then the entries, oldest first."""
+
+    def snapshot(self, seq: int, frame: bytes) -> bytes: ...
+
+    def entry(self, seq: int, frame: bytes) -> bytes: ...
+
+
 def frame_history(
-    channel: bytes, history: History, dropped: Callable[[bytes, bytes, str], object]
+    channel: bytes,
+    history: History,
+    dropped: Callable[[bytes, bytes, str], object],
+    checksums: Checksums | None = None,
 ) -> History:
     """``history`` with WebSocket frames; a stored frame that is not the
     recovery script's for ``channel`` is dropped and reported as
     ``dropped(channel, frame, problem)``, like a live one (an entry keeps
-    its position, with no frame).
+    its position, with no frame).  With ``checksums`` (a book stream),
+    each checked frame gets its book's checksum.
 
     >>> found = History(7, None, [(6, b"junk"), (7, b'{"stream":"t.A_B","data":{},"seq":7}')])
     >>> frame_history(b"t.A_B", found, lambda *why: None).entries
     [(6, b''), (7, b'\\x81${"stream":"t.A_B","data":{},"seq":7}')]
     """
     latest, snapshot, entries, oldest, skipped = history
+    framed_snapshot = None
+    if snapshot is not None:
+        seq, data = snapshot
+        problem = payloads.frame_problem(channel, seq, data)
+        if problem is None:
+            if checksums is not None:
+                data = checksums.snapshot(seq, data)
+            framed_snapshot = (seq, text_frame(data))
+        else:
+            dropped(channel, data, problem)
     checked: list[tuple[int, bytes]] = []
     for seq, data in entries:
         problem = payloads.frame_problem(channel, seq, data)
         if problem is None:
+            if checksums is not None:
+                data = checksums.entry(seq, data)
             checked.append((seq, text_frame(data)))
         else:
             dropped(channel, data, problem)
             checked.append((seq, b""))
-    framed_snapshot = None
-    if snapshot is not None:
-        problem = payloads.frame_problem(channel, snapshot[0], snapshot[1])
-        if problem is None:
-            framed_snapshot = (snapshot[0], text_frame(snapshot[1]))
-        else:
-            dropped(channel, snapshot[1], problem)
     return History(latest, framed_snapshot, checked, oldest, skipped)
 
 

@@ -52,15 +52,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from marketstream.fanout.batching import Batch
+from marketstream.fanout.bookkeeper import BookKeeper
 from marketstream.fanout.budgets import REPLAY_BYTES, ReplayBudgets
 from marketstream.fanout.compressing import Compressing
 from marketstream.fanout.counters import Counters
 from marketstream.fanout.dedupe import LivePositions
 from marketstream.fanout.records import Connection, History, Read, Want
-from marketstream.fanout.recovery import Recoveries
+from marketstream.fanout.recovery import MAX_WAITING, Recoveries
+from marketstream.fanout.registry import Registry
+from marketstream.fanout.speeds import DerivedStreams
 from marketstream.fanout.wanted import WantedChannels
 from marketstream.wire import payloads
+from marketstream.wire.books import DEFAULT_FIELDS, BookFields
 from marketstream.wire.deflate import Deflater
+from marketstream.wire.derived import DerivedRules
 from marketstream.wire.frames import text_frame
 from marketstream.wire.positions import split_position
 
@@ -79,6 +84,12 @@ class Core:
     is_wanted: Callable[[str], bool]
     over_channel_cap: Callable[[list[str]], list[str]]
     release_lingering: Callable[[], None]
+    #: Who listens to what: ``Registry``'s methods.
+    register: Callable[..., None]
+    subscribe: Callable[..., list[str]]
+    unsubscribe: Callable[[Connection, list[str]], list[str]]
+    remove: Callable[[Connection], None]
+    subscriptions: Callable[[Connection], list[str]]
 
     def __init__(
         self,
@@ -90,13 +101,14 @@ class Core:
         max_channels: int = 0,
         linger: bool = False,
         deflater: Deflater | None = None,
+        books: DerivedRules | None = None,
+        book_fields: BookFields = DEFAULT_FIELDS,
     ) -> None:
         self.counters = counters
         self.on_malformed = on_malformed
         self.wrap = payload_format == "data"
         self.max_replay = max_replay
         self.streams: dict[str, dict[Connection, None]] = {}  # live listeners per stream
-        self.connections: dict[Connection, dict[str, None]] = {}  # streams per connection
         self.confirmed: set[str] = set()  # channels Redis confirmed on the live link
         self._resync: set[str] = set()  # channels to catch up once resubscribed
         self.channels = WantedChannels(max_channels, linger)
@@ -108,6 +120,32 @@ class Core:
             self.budgets, self.batch, self.positions, counters, max_replay, self._dropped
         )
         self.recoveries.compressing = self.compressing
+        registry = self.registry = Registry(
+            self.streams,
+            self.channels,
+            self.batch,
+            self.budgets,
+            self.positions,
+            self.compressing,
+            self.recoveries,
+        )
+        self.connections = registry.connections  # streams per connection
+        self.taps = registry.taps
+        rules = books or DerivedRules(())
+        self.books = registry.books = BookKeeper(
+            rules, book_fields, counters, registry.tap, registry.untap
+        )
+        self.recoveries.chain = self.books.chain
+        self.derived = registry.derived = DerivedStreams(
+            rules, self.books, self.batch, self.compressing, registry.tap, registry.untap
+        )
+        self.register = registry.register
+        self.subscribe = registry.subscribe
+        self.unsubscribe = registry.unsubscribe
+        self.remove = registry.remove
+        self.subscriptions = registry.subscriptions
+        self._hold = registry.hold
+        self._forget_if_idle = registry.forget_if_idle
         self.take_changes = self.channels.take_changes
         self.is_wanted = self.channels.channels.__contains__
         self.over_channel_cap = self.channels.over_cap
@@ -138,92 +176,6 @@ class Core:
         """The channels the Redis link must be subscribed to: streams with
         listeners, streams being recovered, and lingering ones."""
         return set(self.channels.channels)
-
-    # --- registry ---------------------------------------------------------
-
-    def register(self, conn: Connection, compressing: bool = False) -> None:
-        """Track a new connection (``compressing``: it negotiated permessage-deflate)."""
-        self.connections.setdefault(conn, {})
-        self.compressing.register(conn, compressing)
-
-    def subscribe(
-        self, conn: Connection, names: list[str], wants: dict[str, Want] | None = None
-    ) -> list[str]:
-        """Add ``conn`` to each stream; returns the streams newly added.
-        A stream with a :class:`Want` in ``wants`` is recovered first."""
-        mine = self.connections.setdefault(conn, {})
-        added = []
-        for name in names:
-            if name in mine:
-                continue
-            mine[name] = None
-            want = wants.get(name) if wants else None
-            if want is not None and want.recovers:
-                self._hold(conn, name, want)
-            else:
-                listeners = self.streams.get(name)
-                if listeners is None:
-                    self.channels.want(name)
-                    self.streams[name] = {conn: None}
-                else:
-                    listeners[conn] = None
-                self.compressing.changed(name)
-            added.append(name)
-        return added
-
-    def unsubscribe(self, conn: Connection, names: list[str]) -> list[str]:
-        """Remove ``conn`` from each stream; unknown names are ignored."""
-        mine = self.connections.get(conn)
-        if not mine:
-            return []
-        removed = []
-        for name in names:
-            if mine.pop(name, 0) is None:
-                self._drop_listener(name, conn)
-                removed.append(name)
-        return removed
-
-    def remove(self, conn: Connection) -> None:
-        """Forget a departed connection entirely."""
-        mine = self.connections.pop(conn, None)
-        self.batch.drop(conn)
-        if mine:
-            for name in mine:
-                self._drop_listener(name, conn)
-        self.budgets.forget(conn)
-        self.compressing.discard(conn)
-
-    def subscriptions(self, conn: Connection) -> list[str]:
-        return list(self.connections.get(conn, ()))
-
-    def _drop_listener(self, name: str, conn: Connection) -> None:
-        listeners = self.streams.get(name)
-        if listeners is not None:
-            listeners.pop(conn, None)
-            self.compressing.changed(name)
-            self.positions.let_go(name, conn)
-            if not listeners:
-                del self.streams[name]
-                self.positions.drop_holdings(name)
-                if name not in self.recovering:
-                    self._unwanted(name)
-        if name in self.recovering:
-            self.recoveries.drop(name, conn)
-            self._forget_if_idle(name)
-
-    def _unwanted(self, name: str) -> None:
-        """Nobody listens to ``name``: its positions and channel go."""
-        self.positions.forget(name)
-        self.channels.unwanted(name)
-
-    def _forget_if_idle(self, name: str) -> None:
-        """Drop a recovery nobody waits for any more."""
-        if self.recoveries.forget_if_idle(name) and name not in self.streams:
-            self._unwanted(name)
-
-    def _hold(self, conn: Connection, name: str, want: Want) -> None:
-        if self.recoveries.hold(name, conn, want):
-            self.channels.want(name)
 
     # --- the Redis link -----------------------------------------------------
 
@@ -257,6 +209,7 @@ class Core:
         self.confirmed.clear()
         self._resync = self.wanted()
         self.recoveries.link_lost()
+        self.books.link_lost()
         for name in list(self.recovering):
             self._forget_if_idle(name)
 
@@ -278,11 +231,17 @@ class Core:
 
     def start_reads(self, most: int | None = None) -> list[Read]:
         """History reads to start now (at most ``most``): ``Recoveries.start``."""
-        return self.recoveries.start(self.confirmed, most)
+        reads = self.recoveries.start(self.confirmed, most)
+        if self.books.pending:
+            room = None if most is None else most - len(reads)
+            reads += self.books.start(self.confirmed, room)
+        return reads
 
     def read_failed(self, name: str, token: int | None = None) -> None:
         """The read for ``name`` (``token`` from its :class:`Read`) failed:
         its connections wait for the next.  A stale answer is ignored."""
+        if token is not None and token < 0:  # a book's start read
+            return self.books.read_failed(name, token)
         if self.recoveries.failed(name, token):
             self._forget_if_idle(name)
 
@@ -290,14 +249,29 @@ class Core:
         """Deliver what each connection of the finished read (``token`` from
         its :class:`Read`) missed, then make it a live listener.  True if
         frames were queued.  A stale answer is ignored."""
+        if token is not None and token < 0:  # a book's start read
+            return self._book_started(name, history, token)
         recovery = self.recoveries.in_flight(name, token)
         if recovery is None:
             return False
+        if name in self.books.streams:  # a book waiting for its snapshot starts here
+            self.books.start_from(name, history, recovery.buffer)
         listeners = self.streams.setdefault(name, {}) if recovery.reading else {}
         queued = self.recoveries.serve(name, recovery, history, listeners)
         self.compressing.changed(name)
         self._forget_if_idle(name)  # else the next read serves those waiting
         return queued
+
+    def _book_started(self, name: str, history: History, token: int) -> bool:
+        """A book's start read ended; a stream without snapshots has no
+        server book: its derived streams are refused (True: notices queued)."""
+        kept = self.books.read_done(name, history, token)
+        if kept is None or not kept.bookless:
+            return False
+        refused = self.derived.refuse_bookless(name)
+        for conn, derived in refused:
+            self.unsubscribe(conn, [derived])
+        return bool(refused)
 
     # --- delivery -----------------------------------------------------------
 
@@ -309,7 +283,8 @@ class Core:
         name = channel.decode()
         listeners = self.streams.get(name)
         recovery = self.recovering.get(name) if self.recovering else None
-        if not listeners and recovery is None:
+        tap = self.taps.get(name) if self.taps else None
+        if not listeners and recovery is None and tap is None:
             counters.dropped_no_listener += 1
             return False
         if payload[:1] == b"@":
@@ -332,8 +307,10 @@ class Core:
             if problem is not None:
                 return self._dropped(channel, payload, problem)
             seq = None
-        if recovery is not None and recovery.in_flight:
-            recovery.buffer.append((seq, payload))
+        if tap is not None:
+            payload = tap(seq, payload)
+        if recovery is not None and (recovery.in_flight or len(recovery.buffer) < MAX_WAITING):
+            recovery.buffer.append((seq, payload))  # (a plain stream's are in no history)
         if not listeners:
             return False
         if seq is not None:

@@ -50,6 +50,10 @@ REJECT_CAUSES = (
     "max_channels",
     "user_stream",
     "protected",
+    "unknown_speed",
+    "not_a_book",
+    "no_speed",
+    "no_book",
 )
 #: Why a token was refused (at connect: ``auth_refused``; in an AUTH
 #: message: ``auth_failed``), from :mod:`marketstream.wire.tokens`.
@@ -79,6 +83,9 @@ class Counters:
         "deflated_messages",
         "deflate_bytes_in",
         "deflate_bytes_out",
+        "books_started",
+        "book_resyncs",
+        "slow_reader_fallbacks",
     )
     __slots__ = TOTALS + (
         "batch_sizes",
@@ -113,6 +120,11 @@ class Counters:
     deflated_messages: int
     deflate_bytes_in: int
     deflate_bytes_out: int
+    # Server books: started from a snapshot; started again after a gap or
+    # data they could not read; connections moved to snapshots when slow.
+    books_started: int
+    book_resyncs: int
+    slow_reader_fallbacks: int
 
     def __init__(self) -> None:
         for name in self.TOTALS:

@@ -28,14 +28,25 @@ from functools import partial
 
 from marketstream.fanout.batching import Batch
 from marketstream.fanout.budgets import ReplayBudgets
-from marketstream.fanout.catchup import CatchUp, GapFrame, catch_up, frame_history, gap_frames
+from marketstream.fanout.catchup import (
+    CatchUp,
+    Checksums,
+    GapFrame,
+    catch_up,
+    frame_history,
+    gap_frames,
+)
 from marketstream.fanout.compressing import Compressing
 from marketstream.fanout.counters import Counters
 from marketstream.fanout.dedupe import LivePositions
 from marketstream.fanout.records import Connection, History, Read, Want
 from marketstream.wire.frames import text_frame
 
-__all__ = ["Recovery", "Recoveries"]
+__all__ = ["Recovery", "Recoveries", "MAX_WAITING"]
+
+#: Live messages buffered for connections whose read has not started yet,
+#: at most (the read usually starts in the same turn of the event loop).
+MAX_WAITING = 10_000
 
 
 @dataclass
@@ -44,7 +55,9 @@ class Recovery:
 
     waiting: dict[Connection, Want] = field(default_factory=dict)  # read not started
     reading: dict[Connection, Want] = field(default_factory=dict)  # read in flight
-    buffer: list[tuple[int | None, bytes]] = field(default_factory=list)  # since the read began
+    # Live messages since the connections began waiting (at most MAX_WAITING
+    # before their read starts): those of a plain stream are in no history.
+    buffer: list[tuple[int | None, bytes]] = field(default_factory=list)
     in_flight: bool = False
     token: int = 0  # which read is in flight
     shares: dict[Connection, int] = field(default_factory=dict)  # bytes each reader may be sent
@@ -68,6 +81,7 @@ class Recoveries:
         "max_replay",
         "dropped",
         "compressing",
+        "chain",
         "_reads",
     )
 
@@ -89,6 +103,8 @@ class Recoveries:
         self.max_replay = max_replay
         self.dropped = dropped  # a stored frame that fails the check: (channel, frame, problem)
         self.compressing = compressing  # catch-ups compressed for those that negotiated it
+        # A book stream's checksums for a read's frames (None: not a kept book).
+        self.chain: Callable[[str], Checksums | None] = lambda name: None
         self._reads = 0
 
     def hold(self, name: str, conn: Connection, want: Want) -> bool:
@@ -134,11 +150,19 @@ class Recoveries:
                 break
             if recovery.in_flight or not recovery.waiting or name not in confirmed:
                 continue
+            # A connection whose whole budget its reads in flight reserved
+            # waits for them to give back what they did not use.
+            ready = {c: w for c, w in recovery.waiting.items() if self.budgets.ready(c)}
+            if not ready:
+                continue
             recovery.in_flight = True
             self._reads += 1
             recovery.token = self._reads
-            recovery.buffer = []
-            recovery.reading, recovery.waiting = recovery.waiting, {}
+            if len(ready) == len(recovery.waiting):
+                recovery.reading, recovery.waiting = recovery.waiting, {}
+            else:
+                recovery.reading = ready
+                recovery.waiting = {c: w for c, w in recovery.waiting.items() if c not in ready}
             shares = recovery.shares
             for conn in recovery.reading:
                 shares[conn] = self.budgets.share(conn)
@@ -160,13 +184,13 @@ class Recoveries:
 
     def back_to_waiting(self, recovery: Recovery) -> None:
         """The read in flight will not be used: its connections wait for
-        the next, with their shares back; what was buffered for it goes."""
+        the next, with their shares back (and what was buffered: a plain
+        stream's messages are in no history)."""
         for conn in recovery.reading:
             self.budgets.moved(conn, 1, -1, recovery.shares.get(conn, 0))
         recovery.waiting.update(recovery.reading)
         recovery.reading.clear()
         recovery.shares.clear()
-        recovery.buffer.clear()
         recovery.in_flight = False
 
     def failed(self, name: str, token: int | None) -> bool:
@@ -182,6 +206,7 @@ class Recoveries:
         """Every read in flight is void, and what was buffered for it."""
         for recovery in self.streams.values():
             self.back_to_waiting(recovery)
+            recovery.buffer.clear()
 
     def serve(
         self, name: str, recovery: Recovery, history: History, listeners: dict[Connection, None]
@@ -195,14 +220,23 @@ class Recoveries:
         recovery.in_flight = False
         readers, shares = recovery.reading, recovery.shares
         recovery.reading, recovery.shares = {}, {}
-        live = [(seq, text_frame(data)) for seq, data in recovery.buffer]
-        recovery.buffer = []
+        buffered = recovery.buffer
+        # Those still waiting (joined during the read) keep what they may miss.
+        recovery.buffer = list(buffered) if recovery.waiting else []
+        live = [(seq, text_frame(data)) for seq, data in buffered]
         if not readers:
             return False
         merge = partial(
             catch_up, max_replay=self.max_replay, had_positions=name in self.positions.delivered
         )
-        plain = (frame_history(name.encode(), history, self.dropped), live, gap_frames(name))
+        chain = self.chain(name)
+        framed = frame_history(name.encode(), history, self.dropped, chain)
+        if chain is not None:  # a book stream: the buffered frames' checksums too
+            live = [
+                (seq, text_frame(data if seq is None else chain.entry(seq, data)))
+                for seq, data in buffered
+            ]
+        plain = (framed, live, gap_frames(name))
         kinds: dict[bool, tuple[History, list[tuple[int | None, bytes]], GapFrame]] = {False: plain}
         compressing = self.compressing
         deflating = compressing.connections if compressing is not None else ()

@@ -162,6 +162,8 @@ class Server:
                 max_replay=settings.recovery.max_replay,
                 replay_bytes=settings.limits.max_buffer_bytes // 2,
                 max_channels=settings.limits.max_channels,
+                books=settings.books.rules(),
+                book_fields=settings.books.fields(),
                 compression_min_bytes=(
                     settings.server.compression_min_bytes if settings.server.compression else None
                 ),

@@ -44,18 +44,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from collections.abc import Iterable
 from typing import Protocol
 
 from marketstream.fanout.core import REPLAY_BYTES, Connection, Core, Want
 from marketstream.fanout.counters import Counters
 from marketstream.loglimit import LogLimiter
+from marketstream.server.books import BookStreams
 from marketstream.server.keepalive import Pingable
 from marketstream.server.reads import MAX_READS, HistoryReads
 from marketstream.upstream.confirmations import Confirmations
 from marketstream.upstream.links import make_link
 from marketstream.upstream.urls import redact_url
+from marketstream.wire.books import DEFAULT_FIELDS, BookFields
 from marketstream.wire.deflate import MIN_BYTES, Deflater
+from marketstream.wire.derived import DerivedRules
 from marketstream.wire.payloads import WRONG_STREAM, publish_time
 
 __all__ = ["ChannelManager", "Handler", "Want", "MAX_READS"]
@@ -105,23 +109,30 @@ class ChannelManager:
         max_channels: int = 0,
         linger: float = 1.0,
         compression_min_bytes: int | None = MIN_BYTES,
+        books: DerivedRules | None = None,
+        book_fields: BookFields = DEFAULT_FIELDS,
     ) -> None:
         self.redis_url = redis_url
         self.min_flush_interval = min_flush_interval
         self.max_replay = max_replay
         self.linger = linger
         self.counters = counters if counters is not None else Counters()
+        self._log_limit = LogLimiter(log)  # publishers' errors, at most a line a second each
         self.core = Core(
             self.counters,
             payload_format,
             max_replay,
-            self._log_malformed,
+            partial(_log_malformed, self._log_limit, self.counters),
             replay_bytes=replay_bytes,
             max_channels=max_channels,
             linger=linger > 0,
             # None: no compression (a Deflater compresses each message once).
             deflater=None if compression_min_bytes is None else Deflater(compression_min_bytes),
+            # None: no server books, no derived streams.
+            books=books,
+            book_fields=book_fields,
         )
+
         self.link = make_link(
             redis_url,
             self,
@@ -135,12 +146,12 @@ class ChannelManager:
         self._last_flush = 0.0
         self._batch_start: float | None = None  # when the batch's first frame was queued
         self._published: int | None = None  # the publisher's E of its first message (µs)
-        self._log_limit = LogLimiter(log)  # publishers' errors, at most a line a second each
         self._linger_handle: asyncio.TimerHandle | None = None
         self.reads = HistoryReads(
             redis_url, self.core, max_replay, self._log_limit, self._read_done
         )
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.books = BookStreams(self.core, self.reads, self._queued)
 
     # --- what the rest of the process reads ---------------------------------
 
@@ -184,11 +195,13 @@ class ChannelManager:
         """Connect to Redis and start the reader; raise if Redis is unreachable."""
         self._loop = asyncio.get_running_loop()
         self.reads.bind(self._loop)
+        self.books.bind(self._loop)
         await self.link.start(timeout)
 
     async def stop(self) -> None:
         """Stop the reader and close the Redis connections."""
         self.reads.cancel()
+        self.books.stop()
         if self._linger_handle is not None:
             self._linger_handle.cancel()
             self._linger_handle = None
@@ -213,6 +226,7 @@ class ChannelManager:
         Streams with a :class:`~marketstream.fanout.core.Want` (``since``,
         ``snapshot``) are caught up from the history first."""
         added = self.core.subscribe(conn, list(names), wants)
+        self.books.changed()
         self._sync()
         if wants:
             self.reads.start()
@@ -221,12 +235,14 @@ class ChannelManager:
     def unsubscribe(self, conn: Connection, names: Iterable[str]) -> list[str]:
         """Remove ``conn`` from each stream; unknown names are ignored."""
         removed = self.core.unsubscribe(conn, list(names))
+        self.books.changed()
         self._sync()
         return removed
 
     def remove(self, conn: Connection) -> None:
         """Forget a departed connection entirely."""
         self.core.remove(conn)
+        self.books.changed()
         self._sync()
 
     def subscriptions(self, conn: Connection) -> list[str]:
@@ -256,6 +272,7 @@ class ChannelManager:
         ``names`` that is still wanted; False on timeout or outage."""
         core = self.core
         confirmed = core.confirmed
+        names = [core.derived.base_of(name) for name in names]  # a derived stream's channel
         return await self._confirmations.wait(
             names, lambda name: core.is_wanted(name) and name not in confirmed, timeout
         )
@@ -278,7 +295,7 @@ class ChannelManager:
         self._confirmations.resolve(name)
         if self.core.batch.pending and self._flush_handle is None:
             self._schedule_flush()  # a gap notice
-        if self.core.recovering:
+        if self.core.recovering or self.core.books.pending:
             self.reads.start()
 
     def on_interrupted(self, names: list[str]) -> None:
@@ -287,7 +304,7 @@ class ChannelManager:
         self.core.channels_interrupted(names)
         if self.core.batch.pending and self._flush_handle is None:
             self._schedule_flush()  # gap notices
-        if self.core.recovering:
+        if self.core.recovering or self.core.books.pending:
             self.reads.start()
 
     def on_unsubscribed(self, name: str) -> None:
@@ -301,29 +318,6 @@ class ChannelManager:
     def on_restored(self, channels: set[str]) -> None:
         self.counters.reconnects += 1
         self.core.link_restored(channels)
-
-    def _log_malformed(self, channel: bytes, payload: bytes, problem: str) -> None:
-        # A broken publisher must not flood the log: a line a second per cause.
-        if problem == WRONG_STREAM:
-            self._log_limit.log(
-                logging.WARNING,
-                problem,
-                'dropped a payload on %r whose "stream" is not the channel '
-                "(missing, another or repeated; %d so far): %.80r",
-                channel,
-                self.counters.dropped_wrong_stream,
-                payload,
-            )
-        else:
-            self._log_limit.log(
-                logging.WARNING,
-                problem,
-                "dropped a payload on %r that is not a JSON object (or not "
-                "what the recovery script publishes; %d so far): %.80r",
-                channel,
-                self.counters.dropped_malformed,
-                payload,
-            )
 
     def _read_done(self) -> None:
         """A history read queued frames: flush them."""
@@ -355,6 +349,13 @@ class ChannelManager:
             except Exception:
                 log.exception("delivery to %r failed", conn)
         self._measure()
+        if self.core.books.pending:
+            self.reads.start()  # a book lost its stream: read its snapshot again
+
+    def _queued(self) -> None:
+        """Frames were queued outside a message (a tick, a notice): flush."""
+        if self._flush_handle is None:
+            self._schedule_flush()
 
     def _measure(self) -> None:
         """The latencies of the batch just written, once per batch: since
@@ -368,3 +369,30 @@ class ChannelManager:
         counters.batch_latencies.append(time.monotonic() - start)
         if published is not None:
             counters.publish_latencies.append(max(0.0, time.time() - published * 1e-6))
+
+
+def _log_malformed(
+    log_limit: LogLimiter, counters: Counters, channel: bytes, payload: bytes, problem: str
+) -> None:
+    """Log a payload the core dropped (what a broken publisher sends)."""
+    # A broken publisher must not flood the log: a line a second per cause.
+    if problem == WRONG_STREAM:
+        log_limit.log(
+            logging.WARNING,
+            problem,
+            'dropped a payload on %r whose "stream" is not the channel '
+            "(missing, another or repeated; %d so far): %.80r",
+            channel,
+            counters.dropped_wrong_stream,
+            payload,
+        )
+    else:
+        log_limit.log(
+            logging.WARNING,
+            problem,
+            "dropped a payload on %r that is not a JSON object (or not "
+            "what the recovery script publishes; %d so far): %.80r",
+            channel,
+            counters.dropped_malformed,
+            payload,
+        )

@@ -26,7 +26,11 @@ import os
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+if TYPE_CHECKING:
+    from marketstream.wire.books import BookFields
+    from marketstream.wire.derived import DerivedRules
 
 __all__ = ["ConfigError", "Settings", "load_settings", "parse_listen", "SCHEMA"]
 
@@ -287,6 +291,47 @@ class AuthSettings:
                 raise ConfigError("[auth] jwt_key: %s" % exc) from None
 
 
+def _field_name(text: str) -> str:
+    value = text.strip()
+    if not value or '"' in value or "\\" in value:
+        raise ValueError("a JSON field name, not empty, without '\"' or '\\\\'")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class BooksSettings:
+    """``[books]``: the book streams the server keeps books of (checksums,
+    top-N streams, update speeds), and their data's field names."""
+
+    streams: tuple[str, ...] = setting("depth.*", _patterns)
+    speed_types: tuple[str, ...] = setting("ticker, bookTicker, kline", _list)
+    bids: str = setting("b", _field_name)
+    asks: str = setting("a", _field_name)
+    first_update_id: str = setting("U", _field_name)
+    last_update_id: str = setting("u", _field_name)
+    event: str = setting("e", _field_name)
+    snapshot_event: str = setting("depthSnapshot", _field_name)
+
+    def rules(self) -> "DerivedRules":
+        """Which derived stream names exist (see marketstream.wire.derived)."""
+        from marketstream.wire.derived import DerivedRules
+
+        return DerivedRules(self.streams, self.speed_types)
+
+    def fields(self) -> "BookFields":
+        """The book streams' field names."""
+        from marketstream.wire.books import BookFields
+
+        return BookFields(
+            self.bids,
+            self.asks,
+            self.first_update_id,
+            self.last_update_id,
+            self.event,
+            self.snapshot_event,
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Typed settings: ``settings.<section>.<key>``.
@@ -302,6 +347,7 @@ class Settings:
     recovery: RecoverySettings
     logging: LoggingSettings
     auth: AuthSettings
+    books: BooksSettings
     sources: dict[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
     @property

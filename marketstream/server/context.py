@@ -42,7 +42,7 @@ class Context:
         self.admission = Admission(
             settings.server, self.counters, lambda: len(self.manager.connections)
         )
-        self.rules = requests.StreamRules.from_settings(settings.protocol)
+        self.rules = requests.StreamRules.from_settings(settings.protocol, settings.books.rules())
         self.acks: bool = settings.protocol.acks
         self.log_limit = LogLimiter(log)  # for what a client can cause (refused streams)
         self.limits: LimitsSettings = settings.limits

@@ -21,7 +21,7 @@ from marketstream.fanout.core import Want
 from marketstream.server import compression
 from marketstream.server.context import log
 from marketstream.server.delivery import Delivery
-from marketstream.wire import replies, requests
+from marketstream.wire import books, replies, requests
 from marketstream.wire.frames import CLOSE_POLICY
 
 __all__ = ["Conversation"]
@@ -87,6 +87,9 @@ class Conversation(Delivery):
         refused: list[tuple[str, str]] = []
         for name in request.params:
             refusal = ctx.auth.refusal(self, name)
+            base = manager.books.bookless(name) if refusal is None else None
+            if base is not None:
+                refusal = "no_book", books.no_book_reason(name, base)
             if refusal is None:
                 valid.append(name)
             else:

@@ -15,6 +15,7 @@ import socket
 import struct
 
 import tornado.websocket
+from tornado.concurrent import Future
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from marketstream.server.identity import Identity
@@ -48,7 +49,9 @@ class Delivery(Identity):
 
         The one place that writes below ``write_message``: frames are built
         once per message by the fan-out and shared by all recipients.  A
-        client with more than ``max_buffer_bytes`` unsent is closed.
+        client with more than ``max_buffer_bytes`` unsent is closed, unless
+        the batch that passed the cap moved its book streams to snapshots
+        (see :meth:`_over_the_cap`).
 
         While nothing waits in the stream's write buffer, the bytes go
         straight to the kernel, which takes them whole unless the client
@@ -102,9 +105,58 @@ class Delivery(Identity):
         try:
             stream.write(data)
         except StreamClosedError:
-            pass  # on_close follows
+            return  # on_close follows
         except StreamBufferFullError:
-            self._slow_consumer()
+            if not self._over_the_cap(stream, data):
+                self._slow_consumer()
+            return
+        if stream.closed():
+            return  # the write failed (a reset): no buffer to measure; on_close follows
+        if _queued_bytes(stream) > self.context.limits.max_buffer_bytes // 2:
+            self._falling_behind(stream)
+
+    def _over_the_cap(self, stream: IOStream, data: bytes | memoryview) -> bool:
+        """``data``, one batch, would take the buffer past
+        ``max_buffer_bytes`` before it passed half of it (a backlog read at
+        once): if that parks book streams, the batch is queued anyway, up
+        to twice the cap, once.  False: a slow consumer."""
+        limit = self.context.limits.max_buffer_bytes
+        books = self.context.manager.books
+        if _queued_bytes(stream) + len(data) > 2 * limit or books.parked(self):
+            return False
+        if not books.park(self):
+            return False
+        stream.max_write_buffer_size = None
+        try:
+            stream.write(data)
+        except StreamClosedError:
+            return True  # on_close follows
+        finally:
+            stream.max_write_buffer_size = limit
+        self._until_drained(stream)
+        return True
+
+    def _falling_behind(self, stream: IOStream) -> None:
+        """Over half of ``max_buffer_bytes`` unsent: the book streams stop
+        (the manager parks them) until what is queued now has been sent;
+        then they start again from snapshots.  Only what cannot be
+        conflated (trades) can still fill the buffer and close it."""
+        books = self.context.manager.books
+        if not books.parked(self) and books.park(self):
+            self._until_drained(stream)
+
+    def _until_drained(self, stream: IOStream) -> None:
+        """Unpark once everything queued so far has been sent."""
+        try:
+            drained = stream.write(b"")
+        except StreamClosedError:
+            return
+        drained.add_done_callback(self._caught_up)
+
+    def _caught_up(self, drained: Future[None]) -> None:
+        if drained.cancelled() or drained.exception() is not None or self._ws is None:
+            return  # closed meanwhile: on_close removes it
+        self.context.manager.books.unpark(self)
 
     def _slow_consumer(self) -> None:
         self.context.counters.closed["slow_consumer"] += 1

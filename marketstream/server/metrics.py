@@ -39,7 +39,12 @@ Metrics (all prefixed ``marketstream_``):
                                        max_connections_per_user
 ``rejected_streams_total{cause}``      streams refused to clients: invalid_name,
                                        unknown_type, unknown_market, too_many_streams,
-                                       max_channels, user_stream, protected
+                                       max_channels, user_stream, protected,
+                                       unknown_speed, not_a_book, no_speed, no_book
+``books``                              order books the server keeps
+``books_started_total``                server books started from a snapshot
+``book_resyncs_total``                 server books started again after a gap
+``slow_reader_fallbacks_total``        slow connections moved to book snapshots
 ``auth_total{stage}``                  tokens accepted: connect (at the handshake),
                                        message (AUTH)
 ``auth_failures_total{stage,cause}``   tokens refused: missing, malformed,
@@ -197,6 +202,7 @@ class Exporter:
             "marketstream_bytes_sent", "Bytes of market data written to clients", registry=r
         )
         self._add_compression(r)
+        self._add_books(r)
         self.batches = Counter(
             "marketstream_batches", "Delivery batches (one write per client each)", registry=r
         )
@@ -308,6 +314,30 @@ class Exporter:
             registry=r,
         )
 
+    def _add_books(self, r: CollectorRegistry) -> None:
+        """The server books (see marketstream.fanout.bookkeeper)."""
+        self.books = Gauge(
+            "marketstream_books",
+            "Order books the server keeps (book streams someone reads)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.books_started = Counter(
+            "marketstream_books_started",
+            "Server books started from their stream's snapshot",
+            registry=r,
+        )
+        self.book_resyncs = Counter(
+            "marketstream_book_resyncs",
+            "Server books started again: a diff that did not follow, or data they could not read",
+            registry=r,
+        )
+        self.slow_reader_fallbacks = Counter(
+            "marketstream_slow_reader_fallbacks",
+            "Connections whose book streams fell back to snapshots because they read slowly",
+            registry=r,
+        )
+
     def _add_histograms(self, r: CollectorRegistry) -> None:
         """The histograms of the delivery batches: sizes and latencies."""
         self.batch_size = Histogram(
@@ -388,6 +418,10 @@ class Exporter:
         self._advance("replayed", self.replayed, stats.replayed)
         self._advance("snapshots", self.snapshots, stats.snapshots_sent)
         self._advance("gap_notices", self.gap_notices, stats.gap_notices)
+        self.books.set(len(manager.core.books.streams))
+        self._advance("books_started", self.books_started, stats.books_started)
+        self._advance("book_resyncs", self.book_resyncs, stats.book_resyncs)
+        self._advance("slow_readers", self.slow_reader_fallbacks, stats.slow_reader_fallbacks)
         self._drain("batch_sizes", self.batch_size)
         self._drain("batch_latencies", self.batch_latency)
         self._drain("publish_latencies", self.publish_latency)

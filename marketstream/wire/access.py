@@ -55,6 +55,8 @@ import re
 from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
+from marketstream.wire.derived import Derived, DerivedRules
+
 __all__ = [
     "FAILURE_CAUSES",
     "HMAC_ALGORITHMS",
@@ -222,6 +224,9 @@ class _Rules(Protocol):
     """What :class:`Access` asks of the stream rules
     (:class:`marketstream.wire.requests.StreamRules`)."""
 
+    @property
+    def derived(self) -> DerivedRules | None: ...
+
     def refusal(self, name: str) -> tuple[str, str] | None: ...
 
 
@@ -268,6 +273,15 @@ class Access:
                 or channels.fullmatch(base) is None
             ):
                 return refusal
-        if grant is None and self.protected is not None and self.protected.fullmatch(base):
+        if grant is None and self.protected is not None and self._protected(base):
             return "protected", "%.100s needs an authenticated connection" % name
         return None
+
+    def _protected(self, name: str) -> bool:
+        """Whether ``name``, or the stream it derives from, is protected."""
+        assert self.protected is not None
+        if self.protected.fullmatch(name):
+            return True
+        derived = self.rules.derived
+        spec = derived.parse(name) if derived is not None else None
+        return isinstance(spec, Derived) and self.protected.fullmatch(spec.base) is not None

@@ -52,6 +52,9 @@ __all__ = [
     "with_checksum",
     "book_frame",
     "renamed",
+    "no_book_notice",
+    "no_book_reason",
+    "NO_BOOK",
     "DEPTH_TOP",
 ]
 
@@ -143,3 +146,29 @@ def renamed(frame: bytes, stream: str, name: str) -> bytes:
     if not frame.startswith(head):
         raise ValueError("not a frame of %.100r: %.60r" % (stream, frame))
     return FRAME_START + name.encode("utf-8") + FRAME_DATA + frame[len(head) :]
+
+
+#: ``data.reason`` of the notice a derived stream's subscriber gets when its
+#: book stream turns out to have no server book.
+NO_BOOK = "no_book"
+
+
+def no_book_reason(stream: str, base: str) -> str:
+    """Why ``stream``, derived from ``base``, is refused when ``base`` has
+    no server book."""
+    return (
+        "%.100s has no snapshots, so the server keeps no book for it and cannot serve %.100s; "
+        "subscribe to %.100s itself" % (base, stream, base)
+    )
+
+
+def no_book_notice(stream: str, base: str) -> bytes:
+    """The notice that ends a derived stream whose book stream ``base`` has
+    no snapshots (the server keeps no book for it): the client is
+    unsubscribed from ``stream``.
+
+    >>> json.loads(no_book_notice("depth10.A_B", "depth.A_B"))["data"]["e"]
+    'unsubscribed'
+    """
+    data = {"e": "unsubscribed", "reason": NO_BOOK, "msg": no_book_reason(stream, base)}
+    return orjson.dumps({"stream": stream, "data": data})

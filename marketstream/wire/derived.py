@@ -57,6 +57,8 @@ MERGED = "merged"
 LATEST = "latest"
 TOP = "top"
 
+#: Names whose :meth:`DerivedRules.is_book_stream` answer is remembered, at most.
+_KNOWN = 65536
 _TOP_TYPE = re.compile(r"depth[0-9]+")
 _TOP_NAMES = {"depth%d" % n: n for n in TOP_DEPTHS}
 
@@ -104,6 +106,7 @@ class DerivedRules:
         self.book_streams = tuple(book_streams)
         self.latest_types = frozenset(latest_types)
         self.trade_types = frozenset(trade_types)
+        self._books: dict[str, bool] = {}  # is_book_stream's answers, at most _KNOWN
 
     def is_book_stream(self, name: str) -> bool:
         """Whether ``name`` (not derived) is a book stream.
@@ -111,7 +114,13 @@ class DerivedRules:
         >>> DerivedRules().is_book_stream("depth.BTC_USDT")
         True
         """
-        return any(fnmatchcase(name, pattern) for pattern in self.book_streams)
+        known = self._books.get(name)
+        if known is None:
+            known = any(fnmatchcase(name, pattern) for pattern in self.book_streams)
+            if len(self._books) >= _KNOWN:
+                self._books.clear()  # bounded: names come from clients
+            self._books[name] = known
+        return known
 
     def parse(self, name: str) -> Derived | Refused | None:
         """The derived stream ``name`` names, :class:`Refused` with why it

@@ -110,6 +110,8 @@ GAP_REASONS = {
     "started over (a Redis failover lost writes) or come from another history",
     "lost_writes": "the stream's positions went back (a Redis failover lost its latest writes); "
     "positions start over",
+    "slow_reader": "the connection read too slowly: its book updates were skipped until it "
+    "caught up; a fresh snapshot follows",
 }
 
 

@@ -15,6 +15,8 @@ import re
 from collections.abc import Iterable
 from typing import Protocol
 
+from marketstream.wire.derived import DerivedRules, Refused
+
 __all__ = ["MAX_STREAM_NAME", "ACCEPTED_CACHE", "RuleSettings", "StreamRules"]
 
 #: The longest stream name, in characters.
@@ -51,6 +53,20 @@ class StreamRules:
     "unknown stream type 'trades' (allowed: depth, trade, ticker, bookTicker, kline)"
     >>> StreamRules().refusal("btcusdt@trade")[0]
     'invalid_name'
+
+    With ``derived`` (:class:`~marketstream.wire.derived.DerivedRules`),
+    derived names (``depth10.BTC_USDT``, ``depth.BTC_USDT@100ms``) are
+    accepted when their base stream is; their refusals have the causes of
+    ``DerivedRules.CAUSES``:
+
+    >>> from marketstream.wire.derived import DerivedRules
+    >>> rules = StreamRules(derived=DerivedRules())
+    >>> rules.refusal("depth10.BTC_USDT") is None
+    True
+    >>> rules.refusal("trade.BTC_USDT@100ms")[0]
+    'no_speed'
+    >>> rules.refusal("depth.btc@100ms")[0]
+    'unknown_market'
     """
 
     #: Why a name is refused (the ``cause`` of :meth:`refusal`), as counted
@@ -62,7 +78,9 @@ class StreamRules:
         types: Iterable[str] = ("depth", "trade", "ticker", "bookTicker", "kline"),
         markets: Iterable[str] = (),
         market_pattern: str | re.Pattern[str] = r"^[A-Z0-9]+_[A-Z0-9]+$",
+        derived: DerivedRules | None = None,
     ) -> None:
+        self.derived = derived
         types = tuple(types)
         self.types = frozenset(types)
         self.markets = frozenset(markets)
@@ -76,10 +94,13 @@ class StreamRules:
         self._accepted: set[str] = set()
 
     @classmethod
-    def from_settings(cls, protocol: "RuleSettings") -> "StreamRules":
+    def from_settings(
+        cls, protocol: "RuleSettings", derived: DerivedRules | None = None
+    ) -> "StreamRules":
         """The rules of the ``[protocol]`` settings section
-        (:class:`marketstream.server.config.ProtocolSettings`)."""
-        return cls(protocol.stream_types, protocol.markets, protocol.market_pattern)
+        (:class:`marketstream.server.config.ProtocolSettings`), with the
+        derived names of ``derived`` (``[books]``)."""
+        return cls(protocol.stream_types, protocol.markets, protocol.market_pattern, derived)
 
     def check(self, name: str) -> str | None:
         """None if ``name`` is an acceptable stream, else the reason it is not."""
@@ -93,6 +114,16 @@ class StreamRules:
             return None
         if not name or len(name) > MAX_STREAM_NAME:
             return "invalid_name", "invalid stream name (1 to %d characters)" % MAX_STREAM_NAME
+        derived = self.derived
+        if derived is not None and ("@" in name or name.startswith("depth")) and "." in name:
+            spec = derived.parse(name)
+            if isinstance(spec, Refused):
+                return spec.cause, spec.reason
+            if spec is not None:
+                refusal = self.refusal(spec.base)
+                if refusal is None:
+                    self._accept(name)
+                return refusal
         parts = name.split(".")
         if len(parts) < 2:
             return "invalid_name", "stream name must be <type>.<MARKET>, e.g. trade.BTC_USDT"
@@ -113,7 +144,10 @@ class StreamRules:
         for middle in parts[1:-1]:
             if not _MIDDLE_PART.fullmatch(middle):
                 return "invalid_name", "invalid stream name"
+        self._accept(name)
+        return None
+
+    def _accept(self, name: str) -> None:
         if len(self._accepted) >= ACCEPTED_CACHE:
             self._accepted.clear()
         self._accepted.add(name)
-        return None

@@ -208,6 +208,18 @@ def test_refusals_come_first_once_and_the_streams_go():
     assert connect(session)["params"] == ["trade.A_B"]  # never asked again
 
 
+def test_a_stream_the_server_ends_is_refused_and_not_asked_again():
+    session = Session(["depth.A_B", "depth10.A_B"])
+    connect(session)
+    notice = {"e": "unsubscribed", "reason": "no_book", "msg": "depth.A_B has no snapshots"}
+    session.receive(ujson.dumps({"stream": "depth10.A_B", "data": notice}))
+    refusal = session.next_event()
+    assert isinstance(refusal, StreamsRefused)
+    assert refusal.refused == {"depth10.A_B": "depth.A_B has no snapshots"}
+    assert session.next_event() is None
+    assert connect(session)["params"] == ["depth.A_B"]
+
+
 def test_other_error_replies_are_logged(caplog):
     session = Session(["trade.A_B"])
     connect(session)

@@ -104,10 +104,11 @@ def test_a_snapshot_that_fits_follows_the_gap_notice_and_one_that_does_not_is_no
 
 
 def test_a_connection_may_use_what_its_other_reads_left_over():
-    """Streams held one after the other: the first read reserved the whole
-    budget, so the next read has no share for the connection; once the
-    first is done, what it did not use serves the second (which another
-    client's share made large enough)."""
+    """Streams held one after the other (two SUBSCRIBEs in a row): the
+    first read reserved the whole budget, so the connection's next stream
+    waits for it (never a read with no share, which would end in a
+    spurious gap); once the first is done, what it did not use serves the
+    second.  Another client's wait on that stream does not wait."""
     core = make_core(replay_bytes=10_000)
     s, t = big_feed(S, 20), big_feed(T, 20)
     a, b = Conn("a"), Conn("b")
@@ -116,13 +117,18 @@ def test_a_connection_may_use_what_its_other_reads_left_over():
     assert first.max_bytes == 10_000
     subscribed(core, a, T, Want(since=15))
     subscribed(core, b, T, Want(since=15))
-    second = one_read(core)
+    second = one_read(core)  # b's only: a's budget is held by the first read
     assert second.max_bytes == 10_000 and second.token != first.token
+    finish(core, second, t.read(second, core.max_replay))  # before the first
+    assert core.start_reads() == []  # a still waits for the first read
     finish(core, first, s.read(first, core.max_replay))
-    finish(core, second, t.read(second, core.max_replay))
+    third = one_read(core)  # a's, with what the first did not use
+    assert third.max_bytes > 0
+    finish(core, third, t.read(third, core.max_replay))
     flush(core)
     assert a.labels(S) == [16, 17, 18, 19, 20] and a.labels(T) == [16, 17, 18, 19, 20]
     assert b.labels(T) == [16, 17, 18, 19, 20]
+    assert all(m["data"].get("e") != "gap" for m in a.got + b.got)
 
 
 def test_budgets_are_forgotten_when_reads_fail_or_connections_leave():

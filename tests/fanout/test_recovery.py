@@ -627,7 +627,9 @@ def test_a_stale_or_failed_read_gives_the_shares_back():
     assert rec.failed(S, read.token) is True
     recovery = rec.streams[S]
     assert recovery.waiting == {a: Want(since=5)} and not recovery.in_flight
-    assert recovery.buffer == [] and rec.budgets.budgets[a] == [1000, 1, 0]
+    # What was buffered is kept for the next read (a plain stream's
+    # messages are in no history).
+    assert recovery.buffer == [(6, b"live")] and rec.budgets.budgets[a] == [1000, 1, 0]
     assert rec.failed(S, None) is False  # none in flight
     [again] = rec.start({S})
     assert again.token == read.token + 1
@@ -671,3 +673,55 @@ def test_serving_a_read_queues_each_catch_up_once_built_and_makes_listeners():
     assert a.positions() == [4, 5] and rec.counters.replayed == 4
     assert rec.positions.holding == {S: {a: 5, b: 5}} and rec.positions.delivered[S] == 5
     assert len(rec.budgets) == 0  # both done: their budgets go
+
+
+def _plain(name: str, n: int) -> bytes:
+    return b'{"stream":"%s","data":{"n":%d}}' % (name.encode(), n)
+
+
+def test_a_plain_message_before_the_read_starts_reaches_the_waiting_connection():
+    """Redis's confirmation and a message come in one read: the message is
+    handled before the history read starts (scheduled for the next turn).
+    A plain stream's messages are in no history: the connection that
+    waits with ``snapshot`` still gets it, once."""
+    name = "trade.P_Q"
+    core = make_core()
+    a = Conn("a")
+    subscribed(core, a, name, Want(snapshot=True))
+    core.on_message(name.encode(), _plain(name, 1))  # before start_reads
+    read = one_read(core)
+    core.on_message(name.encode(), _plain(name, 2))  # during the read
+    finish(core, read, History(None, None, []))
+    core.on_message(name.encode(), _plain(name, 3))  # live
+    flush(core)
+    assert [m["data"]["n"] for m in a.got] == [1, 2, 3]
+
+
+def test_a_plain_message_during_a_read_reaches_those_waiting_for_the_next():
+    name = "trade.P_Q"
+    core = make_core()
+    a, b = Conn("a"), Conn("b")
+    subscribed(core, a, name, Want(snapshot=True))
+    first = one_read(core)
+    subscribed(core, b, name, Want(snapshot=True))  # waits for the next read
+    core.on_message(name.encode(), _plain(name, 1))
+    finish(core, first, History(None, None, []))
+    core.on_message(name.encode(), _plain(name, 2))
+    second = one_read(core)
+    finish(core, second, History(None, None, []))
+    core.on_message(name.encode(), _plain(name, 3))
+    flush(core)
+    assert [m["data"]["n"] for m in a.got] == [1, 2, 3]
+    assert [m["data"]["n"] for m in b.got] == [1, 2, 3]
+
+
+def test_what_waits_for_a_read_is_bounded():
+    from marketstream.fanout.recovery import MAX_WAITING
+
+    name = "trade.P_Q"
+    core = make_core()
+    a = Conn("a")
+    subscribed(core, a, name, Want(snapshot=True))
+    for n in range(MAX_WAITING + 50):
+        core.on_message(name.encode(), _plain(name, n))
+    assert len(core.recovering[name].buffer) == MAX_WAITING

@@ -509,3 +509,24 @@ def test_malformed_files_name_file_line_section_and_key(tmp_path, text, line, wo
 def test_ws_stream_url_must_be_ws_or_host_port(url):
     with pytest.raises(ConfigError, match="environment WS_STREAM_URL.*listen.*ws://"):
         load_settings(None, environ={"WS_STREAM_URL": url})
+
+
+def test_books_section():
+    settings = load_settings(environ={})
+    rules, fields = settings.books.rules(), settings.books.fields()
+    assert rules.is_book_stream("depth.BTC_USDT") and not rules.is_book_stream("trade.BTC_USDT")
+    assert (fields.bids, fields.asks, fields.first_id, fields.last_id) == ("b", "a", "U", "u")
+    assert (fields.event, fields.snapshot) == ("e", "depthSnapshot")
+    custom = load_settings(
+        environ={},
+        overrides={
+            "books.streams": "book.*, l2.*",
+            "books.bids": "bids",
+            "books.snapshot_event": "snapshot",
+        },
+    )
+    assert custom.books.rules().is_book_stream("l2.BTC_USDT")
+    assert not custom.books.rules().is_book_stream("depth.BTC_USDT")
+    assert custom.books.fields().bids == "bids" and custom.books.fields().snapshot == "snapshot"
+    with pytest.raises(ConfigError, match="books"):
+        load_settings(environ={}, overrides={"books.bids": 'b"'})

@@ -45,3 +45,13 @@ def test_channels_grant_beyond_the_allow_lists_only():
     assert access.refusal("raw.SOL USDC", grant)[0] == "unknown_type"  # not a channel name
     assert access.refusal("nodot", grant)[0] == "invalid_name"  # shape rules still apply
     assert access.refusal("a.b#2", grant)[0] == "user_stream"
+
+
+def test_a_protected_stream_protects_the_streams_derived_from_it():
+    from marketstream.wire.derived import DerivedRules
+
+    access = Access(StreamRules(derived=DerivedRules()), protected=["depth.*"])
+    for name in ("depth.BTC_USDT", "depth10.BTC_USDT", "depth.BTC_USDT@100ms"):
+        assert access.refusal(name, None)[0] == "protected", name
+        assert access.refusal(name, Grant("7")) is None, name
+    assert access.refusal("trade.BTC_USDT", None) is None

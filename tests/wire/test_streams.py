@@ -189,3 +189,60 @@ def test_fuzz_stream_rules_on_arbitrary_text(name):
 def test_requests_still_exports_the_rules():
     assert requests.StreamRules is StreamRules
     assert requests.MAX_STREAM_NAME == streams.MAX_STREAM_NAME == 200
+
+
+# --- derived names ([books]) ---------------------------------------------------------
+
+
+def derived_rules(**protocol):
+    from marketstream.wire.derived import DerivedRules
+
+    return StreamRules(derived=DerivedRules(), **protocol)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "depth5.BTC_USDT",
+        "depth10.BTC_USDT",
+        "depth20.BTC_USDT",
+        "depth.BTC_USDT@100ms",
+        "depth.BTC_USDT@1000ms",
+        "depth10.BTC_USDT@1000ms",
+        "ticker.BTC_USDT@250ms",
+        "bookTicker.BTC_USDT@500ms",
+        "kline.1m.BTC_USDT@1000ms",
+    ],
+)
+def test_derived_names_are_accepted_when_their_base_is(name):
+    assert derived_rules().refusal(name) is None
+    assert derived_rules().refusal(name) is None  # and again, from the cache
+
+
+@pytest.mark.parametrize(
+    "name, cause",
+    [
+        ("trade.BTC_USDT@100ms", "no_speed"),
+        ("depth.BTC_USDT@200ms", "unknown_speed"),
+        ("depth.BTC_USDT@100ms@100ms", "invalid_name"),
+        ("depth7.BTC_USDT", "invalid_name"),
+        ("depth.btc_usdt@100ms", "unknown_market"),
+        ("depth10.btc", "unknown_market"),
+        ("btcusdt@trade", "invalid_name"),  # Binance's form: told the form it must have
+    ],
+)
+def test_derived_names_are_refused_with_a_cause(name, cause):
+    refusal = derived_rules().refusal(name)
+    assert refusal is not None and refusal[0] == cause, refusal
+
+
+def test_derived_names_follow_the_allow_lists():
+    rules = derived_rules(markets=("SOL_USDC",))
+    assert rules.refusal("depth10.SOL_USDC") is None
+    assert rules.refusal("depth10.BTC_USDT")[0] == "unknown_market"
+    assert rules.refusal("depth.BTC_USDT@100ms")[0] == "unknown_market"
+
+
+def test_without_books_derived_names_are_plain_names():
+    assert StreamRules().refusal("depth.BTC_USDT@100ms")[0] == "unknown_market"
+    assert StreamRules().refusal("depth10.BTC_USDT")[0] == "unknown_type"

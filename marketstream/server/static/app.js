@@ -1,13 +1,19 @@
 // The live market page: order book ladder, trade tape, tickers, connection and stream state.
 // Query parameters: ?market=ETH_USDT (selected market), ?markets=A_B,C_D (the selector),
 // ?ws=ws://host:port/ws (another server; default: this page's host, path /ws).
-// The client is window.marketstream (see marketstream.js): connected, lastSeq, books.
+// The client is window.marketstream (see marketstream.js): connected, lastSeq, books;
+// window.ladder says which stream the order book ladder shows and why (ladderState()).
 import {MarketStream} from "./marketstream.js";
 
 const DEMO_MARKETS = ["BTC_USDT", "ETH_USDT", "SOL_USDT", "SOL_USDC"];
 const LEVELS = 15;        // ladder rows per side
 const TAPE_ROWS = 40;
 const LOG_ROWS = 40;
+// The ladder's update speed: merged diffs every 250 ms.  Four redraws a second is about as
+// fast as an eye can read changing sizes (every diff, 20+ a second on a busy market, only
+// makes the rows flicker; 100 ms is the render loop's own pace; 1000 ms lags visibly behind
+// the trade tape), and it cuts the ladder's frames to at most 4 a second per market.
+const LADDER_SPEED = "@250ms";
 
 const query = new URLSearchParams(location.search);
 const markets = (query.get("markets") || "").split(",").map((m) => m.trim()).filter(Boolean);
@@ -21,6 +27,8 @@ window.marketstream = client;
 const $ = (id) => document.getElementById(id);
 const tickers = new Map();   // market -> last ticker data
 let trades = [];             // newest first, selected market
+const plainLadder = new Map(); // market -> why the server refused its speed stream
+const mismatchAt = new Map();  // stream -> Date.now() of its last checksum mismatch
 const dirty = {book: true, tape: true, ticker: true, markets: true};
 
 // -- helpers ----------------------------------------------------------------
@@ -61,13 +69,37 @@ function log(text, cls = "") {
 
 // -- subscriptions ------------------------------------------------------------
 
+// The ladder shows depth.<m>@250ms (a snapshot of the server's book, then merged diffs); a
+// server that refuses it (one without server books, or a stream published without snapshots)
+// gets plain depth.<m>, every diff, as before.  Plain depth.<m> is asked for in the same
+// request, as a standby dropped once the speed stream has sent its first frame: asked for
+// after the refusal, its snapshot would share the connection's catch-up budget with the
+// tickers' snapshots still being read, get none of it, and come only after a gap notice
+// ("snapshot_too_large") and a second try.
+function ladderStream(m) {
+  return plainLadder.has(m) ? `depth.${m}` : `depth.${m}${LADDER_SPEED}`;
+}
+
+/** The market of `depth.<m>@250ms`, or null for any other stream. */
+function speedMarket(stream) {
+  return stream.startsWith("depth.") && stream.endsWith(LADDER_SPEED)
+    ? stream.slice("depth.".length, -LADDER_SPEED.length) : null;
+}
+
+function ladderState() {
+  const stream = ladderStream(market);
+  return {stream, speed: plainLadder.has(market) ? null : LADDER_SPEED.slice(1),
+          refused: plainLadder.get(market) ?? null};
+}
+
 function marketStreams(m) {
-  return [`trade.${m}`, `depth.${m}`];
+  return plainLadder.has(m) ? [`trade.${m}`, `depth.${m}`]
+    : [`trade.${m}`, `depth.${m}${LADDER_SPEED}`, `depth.${m}`];
 }
 
 function select(next) {
-  if (next === market && client.book(`depth.${market}`)) return;
-  client.unsubscribe(marketStreams(market));
+  if (next === market && client.book(ladderStream(market))) return;
+  client.unsubscribe([`trade.${market}`, `depth.${market}${LADDER_SPEED}`, `depth.${market}`]);
   market = next;
   trades = [];
   client.subscribe(marketStreams(market));
@@ -136,7 +168,7 @@ function ladderRows(levels, side, maxTotal, qtyDecimals) {
 }
 
 function renderBook() {
-  const book = client.book(`depth.${market}`);
+  const book = client.book(ladderStream(market));
   const bids = book ? book.top("bids", LEVELS) : [];
   const asks = book ? book.top("asks", LEVELS) : [];
   const sum = (levels) => levels.reduce((acc, [, q]) => acc + Number(q), 0);
@@ -151,6 +183,39 @@ function renderBook() {
   } else {
     $("spread").textContent = "—";
   }
+}
+
+/** The ladder's feed and checksum state, from the client's statistics of its stream. */
+function renderLadderState(streams) {
+  const {stream, speed, refused} = ladderState();
+  const feed = $("book-feed");
+  feed.dataset.stream = stream;
+  feed.textContent = speed ? `merged every ${speed}` : "every diff";
+  feed.title = refused ? `${stream}${LADDER_SPEED} is not served (${refused}): ${stream} shows every diff`
+    : `${stream}: a snapshot of the server's book, then its diffs merged every ${speed}`;
+  feed.classList.toggle("fallback", Boolean(refused));
+  const s = streams[stream];
+  const {checked, mismatches} = s ? s.checksums : {checked: 0, mismatches: 0};
+  const node = $("book-checksum");
+  let state, text;
+  if (mismatches) {
+    const at = mismatchAt.get(stream);
+    state = "mismatch";
+    text = `checksum ✗ ${mismatches} mismatch${mismatches > 1 ? "es" : ""}` +
+      `${at ? ` (last ${clock(at).slice(0, 8)})` : ""}, ${s.status === "live" ? "resynced" : "resyncing"}` +
+      ` · ${checked} checked`;
+  } else if (checked) {
+    state = "ok";
+    text = `checksum ✓ ${checked} checked`;
+  } else if (!s || !s.count) {
+    state = "pending";
+    text = "checksum …";
+  } else {
+    state = "none";
+    text = "no checksums";
+  }
+  node.dataset.state = state;
+  node.textContent = text;
 }
 
 function renderTape() {
@@ -173,7 +238,7 @@ function renderStatus() {
   $("resumes").textContent = client.resumes;
   const streams = client.streams;
   const status = (name) => (streams[name] ? streams[name].status : "syncing");
-  for (const [id, label, name] of [["book", "book-status", `depth.${market}`],
+  for (const [id, label, name] of [["book", "book-status", ladderStream(market)],
                                    ["tape-panel", "tape-status", `trade.${market}`],
                                    ["ticker", "ticker-status", `ticker.${market}`]]) {
     $(id).dataset.status = status(name);
@@ -197,6 +262,7 @@ function renderStatus() {
     row.children[3].textContent = s.rate.toFixed(1);
     row.children[4].textContent = s.gaps;
   }
+  renderLadderState(streams);
 }
 
 function render() {
@@ -220,11 +286,34 @@ client.addEventListener("message", (event) => {
     trades.unshift(data);
     if (trades.length > TAPE_ROWS) trades.length = TAPE_ROWS;
     dirty.tape = true;
+  } else if (data.e === "unsubscribed" && speedMarket(stream) !== null) {
+    // The server accepted the speed stream, then found it cannot serve it (no book).
+    fallBack(speedMarket(stream), stream, data.msg || data.reason);
   }
 });
 client.addEventListener("book", (event) => {
-  if (event.detail.stream === `depth.${market}`) dirty.book = true;
+  const {stream, book} = event.detail;
+  const m = speedMarket(stream);
+  // The speed stream is served (a snapshot of the server's book): the standby plain stream goes.
+  if (m !== null && !plainLadder.has(m) && book.status === "synced" && client.book(`depth.${m}`)) {
+    client.unsubscribe(`depth.${m}`);
+  }
+  if (stream === ladderStream(market)) dirty.book = true;
 });
+
+/**
+ * The server does not serve market m's speed stream: not an error (a server without update
+ * speeds, a stream without snapshots).  The ladder shows plain depth.<m> (the standby, or asked
+ * for now after a reconnect), and says so in a grey line and on the ladder's feed label.
+ */
+function fallBack(m, stream, reason) {
+  if (plainLadder.has(m)) return;
+  plainLadder.set(m, reason);
+  log(`${stream} not served (${reason}): the ladder shows every diff of depth.${m}`);
+  client.unsubscribe(stream);   // after a refusal, the client has already forgotten it
+  if (m === market) client.subscribe(`depth.${m}`);
+  dirty.book = true;
+}
 
 function closed({code, reason, opened}) {
   // What the close event said: 1001 "server shutting down", 1006 (no close frame) ...
@@ -242,11 +331,17 @@ client.addEventListener("state", (event) => {
 });
 client.addEventListener("gap", (event) => {
   const {stream, reason, msg, expected, got} = event.detail;
+  if (reason === "checksum mismatch") mismatchAt.set(stream, Date.now());
   log(`gap on ${stream}: ${reason}${msg ? ` (${msg})` : ""}${expected !== undefined ? ` (expected ${expected}, got ${got})` : ""}`, "bad");
   dirty.book = true;
 });
 client.addEventListener("resume", (event) => log(`resumed ${event.detail.stream} after seq ${event.detail.since}`, "ok"));
-client.addEventListener("refused", (event) => log(`refused ${event.detail.stream}: ${event.detail.reason}`, "bad"));
+client.addEventListener("refused", (event) => {
+  const {stream, reason} = event.detail;
+  const m = speedMarket(stream);
+  if (m === null) log(`refused ${stream}: ${reason}`, "bad");
+  else fallBack(m, stream, reason);
+});
 client.addEventListener("servererror", (event) => log(`server: ${event.detail.msg}`, "warn"));
 client.addEventListener("status", (event) => {
   const {stream, status} = event.detail;
@@ -254,6 +349,7 @@ client.addEventListener("status", (event) => {
   dirty.book = true;
 });
 
+Object.defineProperty(window, "ladder", {get: ladderState});
 client.connect(wsUrl);
 client.subscribe(markets.map((m) => `ticker.${m}`), {snapshot: true});
 client.subscribe(marketStreams(market));

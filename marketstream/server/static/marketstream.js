@@ -588,6 +588,12 @@ export class MarketStream extends EventTarget {
       this._gap(s, {reason: data.reason || "gap notice", msg: data.msg, notice: true});
       return;
     }
+    if (data.e === "unsubscribed" && seq === null) {
+      // The server ended the stream (derived from a book stream it keeps no
+      // book for): a refusal, as in a reply.
+      this._onError({refused: {[message.stream]: data.msg || data.reason || "unsubscribed"}});
+      return;
+    }
     s.plain = seq === null;
     if (seq !== null && s.seq !== null && seq <= s.seq) return;   // already applied
     const jumped = seq !== null && s.seq !== null && seq !== s.seq + 1 && !s.derived;

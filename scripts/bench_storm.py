@@ -65,7 +65,12 @@ error logs, idle memory <= 6.5 KB per connection)::
 every client sends ``Authorization: Bearer <jwt>`` (a token of its own,
 ``sub`` = its number, made before the storm) in its upgrade request;
 ``--token-compare`` runs anonymous and token storms alternately (the target:
-10,000 authenticated connects within 1.3x the time of anonymous ones).
+10,000 authenticated connects within 1.3x the time of anonymous ones) and
+adds the token runs' medians over the anonymous runs' (``token_over_anonymous``).
+The server's CPU during a storm includes live delivery to the clients
+already served (each gets a message per ``--tick``), so a storm that takes
+longer also costs more delivery: compare the times, and see the profile
+(``--py-spy``) for what each handshake costs.
 
 ``--repeat N`` runs N times and adds the medians; ``--compare`` runs
 marketstream and the reference server alternately, N times each (the fairest
@@ -758,6 +763,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "server_cpus": args.server_cpu if can_pin else None,
             "load_cpus": args.load_cpu if can_pin else None,
             "server_settings": None if args.reference else args.set,
+            "token": bool(args.token),
             "served": len(served),
             "served_within_target": sum(1 for t in served if t <= args.target),
             "served_seconds_p50": secs(served, 0.5),
@@ -858,6 +864,25 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
         key: round(statistics.median(r["netstat"].get(key, 0) for r in runs), 1)
         for key in runs[0]["netstat"]
     }
+    return out
+
+
+#: The figures ``--token-compare`` divides, token run over anonymous run.
+RATIO_KEYS = (
+    "served_seconds_max",
+    "upgraded_seconds_max",
+    "server_cpu_seconds_storm",
+    "clients_cpu_seconds_storm",
+)
+
+
+def token_ratios(anonymous: dict[str, Any], token: dict[str, Any]) -> dict[str, float | None]:
+    """Each figure of RATIO_KEYS of the token runs' medians over the
+    anonymous runs' (None where either is missing or zero)."""
+    out: dict[str, float | None] = {}
+    for key in RATIO_KEYS:
+        a, t = anonymous.get(key), token.get(key)
+        out[key] = round(t / a, 2) if a and t is not None else None
     return out
 
 
@@ -1061,16 +1086,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     if args.compare or args.token_compare:
-        output = {
+        output: dict[str, Any] = {
             label: {"runs": found, "medians": medians(found)} for label, found in by_variant.items()
         }
+        ratios = (
+            token_ratios(output["anonymous"]["medians"], output["token"]["medians"])
+            if args.token_compare
+            else None
+        )
         if args.json:
+            if ratios is not None:
+                output["token_over_anonymous"] = ratios
             print(json.dumps(output))
         else:
             for label, found in output.items():
                 print(
                     "=== %s: medians of %d runs\n%s" % (label, args.repeat, text(found["medians"]))
                 )
+            if ratios is not None:
+                print("=== token / anonymous (medians; the target: served_seconds_max <= 1.3)")
+                print(text(ratios))
         return 0
     runs = by_variant[variants[0][0]]
     if args.repeat == 1:

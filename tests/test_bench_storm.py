@@ -85,6 +85,24 @@ def test_the_nginx_run_keeps_the_shipped_backlog_unless_told():
     assert "server 127.0.0.1:8;" in storm.nginx_site(8, 9, None)
 
 
+def test_tiny_token_compare_runs_both_and_divides():
+    output = json.loads(bench(*TINY, "--token-compare").stdout)
+    for label in ("anonymous", "token"):
+        (figures,) = output[label]["runs"]
+        assert_all_served(figures)
+        assert figures["server_error_lines"] == 0
+        assert figures["token"] is (label == "token")
+    ratios = output["token_over_anonymous"]
+    anonymous, token = output["anonymous"]["medians"], output["token"]["medians"]
+    assert ratios["served_seconds_max"] == round(
+        token["served_seconds_max"] / anonymous["served_seconds_max"], 2
+    )
+    storm = load_script(BENCH)
+    assert storm.token_ratios({"served_seconds_max": 0}, {"served_seconds_max": 1.0}) == {
+        key: None for key in storm.RATIO_KEYS
+    }
+
+
 def test_tiny_storm_against_the_reference_server():
     assert_all_served(json.loads(bench(*TINY, "--reference").stdout))
 

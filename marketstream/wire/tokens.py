@@ -26,9 +26,10 @@ starting ``-----BEGIN``): the configured algorithms decide, never the key.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import jwt
+from jwt.algorithms import HMACAlgorithm
 
 if TYPE_CHECKING:
     from jwt.algorithms import AllowedPublicKeys
@@ -84,7 +85,12 @@ def load_key(key: str, algorithms: Sequence[str]) -> bytes | AllowedPublicKeys:
     if not key:
         raise ValueError("no key")
     if algorithms[0] in HMAC_ALGORITHMS:
-        return key.encode()
+        secret = key.encode()
+        try:  # what PyJWT would otherwise find on every token
+            jwt.get_algorithm_by_name(algorithms[0]).prepare_key(secret)
+        except jwt.InvalidKeyError as exc:
+            raise ValueError("the key is no HMAC secret: %s" % exc) from None
+        return secret
     if key.lstrip().startswith("-----BEGIN"):
         pem = key.encode()
     else:
@@ -119,6 +125,44 @@ def load_key(key: str, algorithms: Sequence[str]) -> bytes | AllowedPublicKeys:
 _DecodeOptions: TypeAlias = Any
 
 
+class _PreparedHMAC(HMACAlgorithm):
+    """PyJWT's HMAC algorithm with the configured secret prepared once.
+
+    PyJWT prepares the key again on every decode (it checks that the secret
+    is no PEM, SSH, DER or JWK key: about a fifth of a decode).  This one
+    answers the configured secret (the same object) with what PyJWT
+    prepared from it at start-up, and prepares any other key as PyJWT
+    does; signing and verifying are PyJWT's own.
+    """
+
+    def __init__(self, name: str, secret: bytes) -> None:
+        pyjwt_own = cast(HMACAlgorithm, jwt.get_algorithm_by_name(name))
+        super().__init__(pyjwt_own.hash_alg)
+        self.secret = secret
+        self.prepared = super().prepare_key(secret)
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        if key is self.secret:
+            return self.prepared
+        return super().prepare_key(key)
+
+
+def _decoder(options: _DecodeOptions, key: object, algorithms: Sequence[str]) -> jwt.PyJWT:
+    """A PyJWT of its own with ``options``; with an HMAC secret, each
+    algorithm of its signature layer (where PyJWT has one per instance,
+    2.11 and later) reuses the secret PyJWT prepared once (:class:`_PreparedHMAC`)."""
+    decoder = jwt.PyJWT(options)
+    if not isinstance(key, bytes):
+        return decoder  # a public key object: PyJWT's prepare_key returns it as it is
+    prepared = [_PreparedHMAC(name, key) for name in algorithms]  # a bad secret raises here
+    signatures = getattr(decoder, "_jws", None)  # older PyJWT: a global one, left alone
+    if isinstance(signatures, jwt.PyJWS):
+        for name, algorithm in zip(algorithms, prepared):
+            signatures.unregister_algorithm(name)
+            signatures.register_algorithm(name, algorithm)
+    return decoder
+
+
 class Verifier:
     """Checks tokens against one key and the configured algorithms,
     audience and issuer."""
@@ -136,7 +180,11 @@ class Verifier:
         self.audience = audience or None
         self.issuer = issuer or None
         self.leeway = leeway
-        self._options: _DecodeOptions = {"verify_aud": self.audience is not None}
+        options: _DecodeOptions = {"verify_aud": self.audience is not None}
+        try:
+            self._decoder = _decoder(options, self.key, self.algorithms)
+        except jwt.InvalidKeyError as exc:
+            raise ValueError("the key is no HMAC secret: %s" % exc) from None
 
     def verify(self, token: str) -> Grant | Failure:
         """The token's :class:`~marketstream.wire.access.Grant`, or why it
@@ -144,14 +192,13 @@ class Verifier:
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_BYTES:
             return Failure("malformed", "malformed token")
         try:
-            claims = jwt.decode(
+            claims = self._decoder.decode(
                 token,
                 self.key,
                 algorithms=self.algorithms,
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=self.leeway,
-                options=self._options,
             )
         except jwt.MissingRequiredClaimError as exc:
             cause = {"aud": "audience", "iss": "issuer"}.get(exc.claim, "bad_claims")

@@ -399,6 +399,20 @@ def test_a_key_file_that_cannot_be_read_stops_start_up(tmp_path, redis_url):
         make_settings(redis_url, auth__required="true")
 
 
+def test_a_public_key_as_the_hmac_secret_stops_start_up(redis_url):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    with pytest.raises(ConfigError, match=r"\[auth\] jwt_key: the key is no HMAC secret"):
+        make_settings(redis_url, auth__jwt_key=pem, auth__jwt_algorithms="HS256")
+
+
 @pytest.mark.parametrize("algorithm", ["RS256", "ES256", "EdDSA"])
 @pytest.mark.gen_test
 async def test_public_key_algorithms(server_factory, tmp_path, algorithm):

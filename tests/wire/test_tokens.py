@@ -97,3 +97,32 @@ def test_algorithm_rules(tmp_path):
         load_key(str(tmp_path / "private.pem"), ["ES256"])
     with pytest.raises(ValueError):
         load_key(str(path), ["RS256"])
+
+
+def test_a_public_key_is_no_hmac_secret():
+    """PyJWT refuses a PEM public key as an HMAC secret; the verifier
+    prepares its secret once, so such a key stops start-up instead of
+    refusing every token as invalid."""
+    public_pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    with pytest.raises(ValueError, match="no HMAC secret"):
+        load_key(public_pem.decode(), ["HS256"])
+    with pytest.raises(ValueError, match="no HMAC secret"):
+        Verifier(public_pem, ["HS256", "HS512"])
+
+
+def test_verifiers_with_different_secrets_keep_their_own():
+    """Each verifier's secret is prepared once for it alone: another
+    verifier, and PyJWT's own functions, are unaffected."""
+    other = "another-secret-long-enough-for-hs512-" + "x" * 32
+    first, second = Verifier(SECRET, ["HS256"]), Verifier(other, ["HS256", "HS512"])
+    mine, theirs = sign({"sub": "1"}), sign({"sub": "2"}, key=other, algorithm="HS512")
+    assert first.verify(mine) == Grant("1") and second.verify(theirs) == Grant("2")
+    assert first.verify(sign({"sub": "2"}, key=other)).cause == "bad_signature"
+    assert second.verify(mine).cause == "bad_signature"
+    assert jwt.decode(theirs, other, algorithms=["HS512"])["sub"] == "2"
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(mine, other, algorithms=["HS256"])

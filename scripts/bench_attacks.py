@@ -75,6 +75,7 @@ from marketstream.testing import (  # noqa: E402
     masked_frame,
     raise_fd_limit,
     read_frames,
+    server_command,
     stop_process,
     tree_cpu,
 )
@@ -166,21 +167,14 @@ class Target:
         self.redis_server = RedisServer().start()
         self.redis = redis.Redis.from_url(self.redis_server.url)
         self.port = free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "marketstream",
-            "--listen",
-            "%s:%d" % (HOST, self.port),
-            "--redis-url",
+        # Not clients=: the per-address limit stays as configured (the
+        # channels attack reports its refusals).
+        command = server_command(
+            self.port,
             self.redis_server.url,
-            "--log-level",
-            "WARNING",
-            "--set",
-            "server.max_connections=20000",
-        ]
-        for item in args.set:
-            command += ["--set", item]
+            ["server.max_connections=20000"] + args.set,
+            host=HOST,
+        )
         self.proc = subprocess.Popen(command, cwd=ROOT, preexec_fn=die_with_parent)
         self.ps = psutil.Process(self.proc.pid)
 

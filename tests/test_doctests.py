@@ -63,4 +63,5 @@ def test_the_documented_modules_have_examples():
         "marketstream.demo.simulator",
         "marketstream.server.net.tornado_compat",
         "marketstream.server.net.listen",
+        "marketstream.testing",
     } <= documented

@@ -48,8 +48,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Generic, TypeVar
+
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
@@ -197,7 +199,32 @@ def _unpack(message: Message) -> tuple[str, JSONInput, JSONInput]:
     return stream, data, snapshot
 
 
-class Publisher:
+_C = TypeVar("_C", SyncClient, AsyncClient)
+
+
+class _Publishing(Generic[_C]):
+    """What both publishers hold: the limits (checked), the client (made
+    from a URL, and then theirs to close, or the one given) and whether
+    they publish sharded (by default: on a Redis Cluster client)."""
+
+    def __init__(
+        self,
+        url_or_client: str | _C,
+        history: int,
+        ttl: int,
+        sharded: bool | None,
+        connect: Callable[[str], _C],
+        cluster: type[_C],
+    ) -> None:
+        self.history, self.ttl = _check_limits(history, ttl)
+        self._owned = isinstance(url_or_client, str)
+        self.client: _C = (
+            connect(url_or_client) if isinstance(url_or_client, str) else url_or_client
+        )
+        self.sharded = bool(isinstance(self.client, cluster) if sharded is None else sharded)
+
+
+class Publisher(_Publishing[SyncClient]):
     """Publishes recoverable messages through a synchronous redis-py client.
 
     ``url_or_client``: a URL (any form of ``REDIS_URL``: one server,
@@ -213,16 +240,9 @@ class Publisher:
         ttl: int = 3600,
         sharded: bool | None = None,
     ) -> None:
-        self.history, self.ttl = _check_limits(history, ttl)
-        if isinstance(url_or_client, str):
-            self.client = sync_client(url_or_client)
-            self._owned = True
-        else:
-            self.client = url_or_client
-            self._owned = False
-        if sharded is None:
-            sharded = isinstance(self.client, redis.cluster.RedisCluster)
-        self.sharded = bool(sharded)
+        super().__init__(
+            url_or_client, history, ttl, sharded, sync_client, redis.cluster.RedisCluster
+        )
         self._script = self.client.register_script(SCRIPT)
 
     def publish(self, stream: str, data: JSONInput, snapshot: JSONInput = None) -> int:
@@ -267,7 +287,7 @@ class Publisher:
         self.close()
 
 
-class AsyncPublisher:
+class AsyncPublisher(_Publishing[AsyncClient]):
     """:class:`Publisher` for asyncio (``redis.asyncio`` clients)::
 
     async with AsyncPublisher("redis://127.0.0.1:6379/0", history=500) as pub:
@@ -281,16 +301,9 @@ class AsyncPublisher:
         ttl: int = 3600,
         sharded: bool | None = None,
     ) -> None:
-        self.history, self.ttl = _check_limits(history, ttl)
-        if isinstance(url_or_client, str):
-            self.client = async_client(url_or_client)
-            self._owned = True
-        else:
-            self.client = url_or_client
-            self._owned = False
-        if sharded is None:
-            sharded = isinstance(self.client, redis.asyncio.cluster.RedisCluster)
-        self.sharded = bool(sharded)
+        super().__init__(
+            url_or_client, history, ttl, sharded, async_client, redis.asyncio.cluster.RedisCluster
+        )
         self._script = self.client.register_script(SCRIPT)
 
     async def publish(self, stream: str, data: JSONInput, snapshot: JSONInput = None) -> int:

@@ -320,6 +320,33 @@ async def test_every_depth_frame_carries_the_checksum_of_the_publishers_book(ser
     reader.close()
 
 
+@pytest.mark.gen_test(timeout=120)
+async def test_a_first_readers_frames_carry_checksums_from_the_very_first(server, pub):
+    """Nobody read the stream on this server: the reader's subscribe starts
+    the server's book, and the diffs published while its start read is in
+    flight are held back until it ends, then sent with their checksums."""
+    stream = "depth." + market()
+    flow = Flow(pub, stream, seed=4)
+    flow.start()
+    books = server.manager.core.books
+    reader = await Reader.open(server)
+    await reader.send([stream])
+    deadline = time.monotonic() + 20
+    while not (stream in books.streams and books.streams[stream].reading):
+        assert time.monotonic() < deadline, "the server's start read of the book"
+        await asyncio.sleep(0)  # each turn of the loop: the read is in flight for several
+    first = flow.publish()  # the loop waits: the read's answer cannot be taken meanwhile
+    for _ in range(9):
+        flow.publish()
+    last = await pace(flow, 40, every=0.001)
+    await reader.wait(lambda: any(m.get("seq") == last for m in reader.of(stream)))
+    frames = reader.of(stream)
+    assert [f["seq"] for f in frames] == list(range(first, last + 1))
+    for frame in frames:
+        assert frame["checksum"] == crc_of(*flow.books[frame["seq"]]), frame["seq"]
+    reader.close()
+
+
 # --- 2. depth5/10/20 -------------------------------------------------------------
 
 
@@ -737,6 +764,26 @@ async def test_snapshot_and_since_on_derived_streams_give_a_snapshot_then_live(s
         assert frame["data"]["e"] == "depth"
         local.apply(frame["data"])
     assert local.sides() == flow.books[last]
+    reader.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_ticker_speeds_first_reader_gets_the_streams_snapshot_from_redis(server, pub):
+    """Nobody read the ticker on this server: a subscribe with ``snapshot``
+    to its speed gets the stream's snapshot from Redis at the first tick,
+    without anything new published; then the latest message per interval."""
+    ticker = "ticker." + market()
+    published = [
+        pub.publish(ticker, {"e": "24hrTicker", "c": str(i)}, snapshot=True) for i in range(3)
+    ]
+    reader = await Reader.open(server)
+    await reader.send([ticker + "@250ms"], snapshot=True)
+    await reader.wait(lambda: reader.of(ticker + "@250ms"), message="the ticker's snapshot")
+    assert reader.of(ticker + "@250ms") == [
+        {"stream": ticker + "@250ms", "data": {"e": "24hrTicker", "c": "2"}, "seq": published[-1]}
+    ]
+    newer = pub.publish(ticker, {"e": "24hrTicker", "c": "3"}, snapshot=True)
+    await reader.wait(lambda: reader.of(ticker + "@250ms")[-1]["seq"] == newer, message="live")
     reader.close()
 
 

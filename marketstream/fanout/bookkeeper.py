@@ -7,7 +7,7 @@ The core hands every message of a kept stream to its book
 (:meth:`KeptBook.on_frame`, the stream's *tap*) and delivers what it
 returns: the frame with the book's checksum after ``"seq"``::
 
-    keeper = BookKeeper(DerivedRules(), DEFAULT_FIELDS, counters, core.tap, core.untap)
+    keeper = BookKeeper(DerivedRules(), DEFAULT_FIELDS, counters, tap, untap, deliver_held)
     keeper.keep("depth.BTC_USDT")                  # a first reader: a start read is due
     [read] = keeper.start(confirmed={"depth.BTC_USDT"})
     keeper.read_done("depth.BTC_USDT", history, read.token)   # snapshot + what followed
@@ -15,11 +15,18 @@ returns: the frame with the book's checksum after ``"seq"``::
 
 A book starts from the snapshot the stream's history read finds (the
 recovery script's ``{S}:snap``), then the entries after it and the live
-messages that arrived during the read, each once.  A diff that does not
-follow (a gap, data the book cannot read) unsyncs the book: its frames go
-out without a checksum until a new start read synced it again.  A stream
-published without snapshots has no server book (:attr:`KeptBook.bookless`):
-its frames are delivered as they are.
+messages that arrived during the read, each once.  While it waits for that
+read, the stream's live frames are held back from its listeners (the tap
+returns None) and handed to ``deliver_held(name, frames)`` once the read
+ended, each with its checksum: so even the first frames a subscriber gets
+carry one (all but a frame older than the snapshot the read found: a book
+cannot run backwards).  A diff that does not follow (a gap, data the book cannot read)
+unsyncs the book, and its frames are held again while it reads its
+snapshot once more.  Only when those reads keep failing (a stored history
+with a hole in it) do frames go out without a checksum, as they are, until
+a read syncs the book again.  A stream published without snapshots has no
+server book (:attr:`KeptBook.bookless`): its frames are delivered as they
+are.
 
 Catch-ups of a book stream (``since``, ``snapshot``) carry checksums too:
 :meth:`BookKeeper.chain` gives the checksums of a history read's frames,
@@ -33,7 +40,7 @@ import time
 from collections.abc import Callable, Container
 from typing import Protocol
 
-from marketstream.fanout.books import APPLIED, SNAPSHOT, Book, DiffMerger
+from marketstream.fanout.books import APPLIED, SNAPSHOT, STALE, Book, DiffMerger
 from marketstream.fanout.counters import Counters
 from marketstream.fanout.records import History, Read
 from marketstream.wire.books import BookFields, with_checksum
@@ -42,6 +49,7 @@ from marketstream.wire.derived import DerivedRules
 
 __all__ = [
     "BookKeeper",
+    "Held",
     "KeptBook",
     "Chain",
     "Tap",
@@ -58,8 +66,8 @@ __all__ = [
 RECENT = 1024
 #: A start read asks for at most this many bytes of snapshot and history.
 READ_BYTES = 8 << 20
-#: Live messages buffered while a start read is in flight; past it the
-#: read is done again.
+#: Live messages held back while a book waits for its start read; past it
+#: they go out as they are, and a read in flight is done again.
 MAX_BUFFERED = 10_000
 #: Start reads that do not sync a book are done again after 0, 0.05, 0.15,
 #: 0.35 ... seconds, at most RETRY_MAX apart.
@@ -73,9 +81,14 @@ BOOKLESS_FOR = 5.0
 
 class Tap(Protocol):
     """What the core calls with each message of a tapped stream: the
-    message's position and frame; it returns the frame to deliver."""
+    message's position and frame; it returns the frame to deliver (None:
+    held back, to be released later)."""
 
-    def __call__(self, seq: int | None, frame: bytes) -> bytes: ...
+    def __call__(self, seq: int | None, frame: bytes) -> bytes | None: ...
+
+
+#: Frames held back from a stream's listeners, released: (position, frame).
+Held = list[tuple[int | None, bytes]]
 
 
 class KeptBook:
@@ -105,7 +118,9 @@ class KeptBook:
         self.users = 0  # subscriptions that need it (the stream's and derived ones)
         self.reading = False  # a start read is in flight
         self.token = 0
-        self.buffer: list[tuple[int | None, bytes]] | None = None  # live frames during the read
+        # Live frames held back while the book waits for its start read
+        # (None: not holding; during a read: it overflowed).
+        self.buffer: Held | None = []
         self.recent: dict[int, int] = {}  # position -> checksum, the last RECENT
         self.bookless = False  # the stream has no snapshot: no server book
         self.epoch = 0  # rises each time the book starts over (a snapshot)
@@ -120,21 +135,33 @@ class KeptBook:
         """Whether the book follows the stream (its frames get checksums)."""
         return self.book.synced and not self.reading
 
-    def on_frame(self, seq: int | None, frame: bytes) -> bytes:
+    def on_frame(self, seq: int | None, frame: bytes) -> bytes | None:
         """A live message of the stream: applied to the book; the frame to
-        deliver, with the book's checksum when the book follows."""
-        if self.reading:
-            buffer = self.buffer
-            if buffer is not None:
-                if len(buffer) < MAX_BUFFERED:
-                    buffer.append((seq, frame))
-                else:
-                    self.buffer = None  # too much: the read is done again
-            return frame
+        deliver, with the book's checksum when the book follows; None while
+        the book waits for its start read (the frame is held back)."""
+        buffer = self.buffer
+        if buffer is not None:
+            return self._hold(buffer, seq, frame)
         book = self.book
-        if not book.synced or seq is None:
+        if self.reading or not book.synced or seq is None:
             return frame
-        return self._apply(seq, frame, book.apply_frame(frame)) or frame
+        checked = self._apply(seq, frame, book.apply_frame(frame))
+        if checked is not None:
+            return checked
+        if self.buffer is not None:  # it lost the stream and reads it again: held from here
+            return self._hold(self.buffer, seq, frame)
+        return frame
+
+    def _hold(self, buffer: Held, seq: int | None, frame: bytes) -> bytes | None:
+        """Hold ``frame`` back until the start read ended; past
+        :data:`MAX_BUFFERED`, what was held goes out as it is (then this
+        frame), and a read in flight is done again."""
+        if len(buffer) < MAX_BUFFERED:
+            buffer.append((seq, frame))
+            return None
+        self.buffer = None
+        self.keeper.deliver_held(self.name, buffer)
+        return frame
 
     def _apply(self, seq: int, frame: bytes, outcome: str) -> bytes | None:
         """After ``book`` applied ``frame``: merge, remember, checksum."""
@@ -144,7 +171,7 @@ class KeptBook:
                 merger.add(book.last_diff, book.seq, book.checksum)
         elif outcome == SNAPSHOT:
             self._started_over()
-        else:
+        elif not _unchanged(book, seq, outcome):
             if not book.synced:  # a gap, or data it cannot read: start again
                 self.keeper.counters.book_resyncs += 1
                 self.keeper.restart(self)
@@ -165,30 +192,44 @@ class KeptBook:
     ) -> None:
         """A read found ``history``: the book starts from its snapshot,
         then takes its entries and the live frames buffered meanwhile
-        (``buffered``, else its own start read's)."""
-        if buffered is None:
-            buffered = self.buffer or []
+        (``buffered``, else those it held back); then the frames it held
+        back are released, each with its checksum if the book has it."""
+        held = self.buffer or []
         self.buffer = None
         self.reading = False
         self.token = 0  # a start read still in flight is stale
+        sums = self._start(history, held if buffered is None else buffered)
+        if held:  # released, each with its checksum (the start's, or a book's before it)
+            recent = self.recent
+            frames: Held = []
+            for seq, frame in held:
+                checksum = None if seq is None else sums.get(seq, recent.get(seq))
+                frames.append((seq, frame if checksum is None else with_checksum(frame, checksum)))
+            self.keeper.deliver_held(self.name, frames)
+
+    def _start(self, history: History, buffered: list[tuple[int | None, bytes]]) -> dict[int, int]:
+        """Start the book from ``history``'s snapshot, then its entries and
+        ``buffered``; the checksum after each position it took."""
         book = self.book
         book.synced = False
+        sums: dict[int, int] = {}
         if history.snapshot is None:
             self.bookless = not history.snapshot_skipped  # (too large: it is there)
-            return
+            return sums
         seq, frame = history.snapshot
         if book.apply_frame(frame) != SNAPSHOT:
             self.bookless = True
-            return
+            return sums
         self.bookless = False
         self._started_over()
-        self.recent[seq] = book.checksum
-        for position, entry in history.entries:
-            if book.synced and (book.seq is None or position > book.seq):
-                self._apply(position, entry, book.apply_frame(entry))
-        for live, entry in buffered:
-            if live is not None and book.synced and (book.seq is None or live > book.seq):
-                self._apply(live, entry, book.apply_frame(entry))
+        self.recent[seq] = sums[seq] = book.checksum
+        for position, entry in [*history.entries, *buffered]:
+            fresh = book.seq is None or (position is not None and position > book.seq)
+            if position is None or not (book.synced and fresh):
+                continue
+            if self._apply(position, entry, book.apply_frame(entry)) is not None:
+                sums[position] = book.checksum
+        return sums
 
 
 class Chain:
@@ -218,17 +259,27 @@ class Chain:
             return frame
         checksum = None
         fresh = book.synced and (book.seq is None or seq > book.seq)
-        if fresh and book.apply_frame(frame) in (APPLIED, SNAPSHOT):
-            checksum = book.checksum
+        if fresh:
+            outcome = book.apply_frame(frame)
+            if outcome in (APPLIED, SNAPSHOT) or _unchanged(book, seq, outcome):
+                checksum = book.checksum
         if checksum is None:
             checksum = self.recent.get(seq)
         return frame if checksum is None else with_checksum(frame, checksum)
 
 
+def _unchanged(book: Book, seq: int, outcome: str) -> bool:
+    """Whether a frame at ``seq`` left ``book`` as it was: a diff already in
+    it (its ``u`` not past the book's), at a new position."""
+    return outcome == STALE and book.synced and (book.seq is None or seq > book.seq)
+
+
 class BookKeeper:
     """The kept books of one process (see the module docstring).
     ``tap(name, fn)`` / ``untap(name)``: the core's, to receive a stream's
-    messages (and hold its channel) or let them go."""
+    messages (and hold its channel) or let them go; ``deliver_held(name,
+    frames)``: to deliver frames a book held back to the stream's
+    listeners (in order, before any later frame)."""
 
     def __init__(
         self,
@@ -237,9 +288,11 @@ class BookKeeper:
         counters: Counters,
         tap: Callable[[str, Tap], None],
         untap: Callable[[str], None],
+        deliver_held: Callable[[str, Held], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rules = rules
+        self.deliver_held = deliver_held
         self.clock = clock
         self.fields = fields
         self.counters = counters
@@ -292,12 +345,21 @@ class BookKeeper:
     def restart(self, kept: KeptBook) -> None:
         """``kept`` lost the stream (or its read did not sync it): read its
         snapshot again, at once the first time, then backing off (a stored
-        history with a hole in it fails each read until a newer snapshot)."""
+        history with a hole in it fails each read until a newer snapshot).
+        Live frames are held back until a read done at once ends; while
+        reads back off, they go out as they are."""
         if not kept.reading:
             kept.failures += 1
             delay = min(RETRY_BASE * (2**kept.failures - 2), RETRY_MAX)
             kept.retry_at = self.clock() + delay
             self.pending[kept.name] = None
+            if delay <= 0:
+                if kept.buffer is None:
+                    kept.buffer = []
+            elif kept.buffer is not None:
+                held, kept.buffer = kept.buffer, None
+                if held:
+                    self.deliver_held(kept.name, held)
 
     def start(self, confirmed: Container[str], most: int | None = None) -> list[Read]:
         """Start reads due now (at most ``most``), for books whose channel
@@ -311,12 +373,18 @@ class BookKeeper:
             if name not in confirmed or now < kept.retry_at:
                 continue
             del self.pending[name]
-            self._reads += 1
-            kept.token = -self._reads  # the core tells the books' reads by their sign
+            kept.token = self.new_token()
             kept.reading = True
-            kept.buffer = []
+            if kept.buffer is None:
+                kept.buffer = []
             reads.append(Read(name, None, True, kept.token, READ_BYTES))
         return reads
+
+    def new_token(self) -> int:
+        """A token for a read of this keeper's (or of a derived stream's
+        state): negative, so that the core tells them from recoveries."""
+        self._reads += 1
+        return -self._reads
 
     def read_done(self, name: str, history: History, token: int | None) -> KeptBook | None:
         """The start read of ``token`` ended: the book starts (returned);
@@ -356,15 +424,15 @@ class BookKeeper:
         kept = self.streams.get(name)
         if kept is not None and kept.reading and kept.token == token:
             kept.reading = False
-            kept.buffer = None
-            self.restart(kept)
+            self.restart(kept)  # (what it held stays held if it reads again at once)
 
     def link_lost(self) -> None:
         """What was published meanwhile is missed: every book starts again
-        once its channel is confirmed."""
+        once its channel is confirmed.  The frames it held back are dropped:
+        never delivered, they are in what the listeners catch up."""
         for kept in self.streams.values():
             kept.reading = False
-            kept.buffer = None
+            kept.buffer = []
             kept.book.synced = False
             self.pending[kept.name] = None
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from marketstream.fanout.batching import Batch
-from marketstream.fanout.bookkeeper import BookKeeper
+from marketstream.fanout.bookkeeper import BookKeeper, Held
 from marketstream.fanout.budgets import REPLAY_BYTES, ReplayBudgets
 from marketstream.fanout.compressing import Compressing
 from marketstream.fanout.counters import Counters
@@ -133,12 +133,13 @@ class Core:
         self.taps = registry.taps
         rules = books or DerivedRules(())
         self.books = registry.books = BookKeeper(
-            rules, book_fields, counters, registry.tap, registry.untap
+            rules, book_fields, counters, registry.tap, registry.untap, self._deliver_held
         )
         self.recoveries.chain = self.books.chain
         self.derived = registry.derived = DerivedStreams(
             rules, self.books, self.batch, self.compressing, registry.tap, registry.untap
         )
+        self.latest_taps = self.derived.latest_taps
         self.register = registry.register
         self.subscribe = registry.subscribe
         self.unsubscribe = registry.unsubscribe
@@ -210,6 +211,7 @@ class Core:
         self._resync = self.wanted()
         self.recoveries.link_lost()
         self.books.link_lost()
+        self.latest_taps.link_lost()
         for name in list(self.recovering):
             self._forget_if_idle(name)
 
@@ -232,25 +234,39 @@ class Core:
     def start_reads(self, most: int | None = None) -> list[Read]:
         """History reads to start now (at most ``most``): ``Recoveries.start``."""
         reads = self.recoveries.start(self.confirmed, most)
-        if self.books.pending:
-            room = None if most is None else most - len(reads)
-            reads += self.books.start(self.confirmed, room)
+        for own in (self.books, self.latest_taps):  # the server's own: books, tickers
+            if own.pending:
+                reads += own.start(self.confirmed, None if most is None else most - len(reads))
         return reads
+
+    @property
+    def reads_due(self) -> bool:
+        """Whether history reads may be due (the shell then starts them)."""
+        return bool(self.recovering or self.books.pending or self.latest_taps.pending)
 
     def read_failed(self, name: str, token: int | None = None) -> None:
         """The read for ``name`` (``token`` from its :class:`Read`) failed:
         its connections wait for the next.  A stale answer is ignored."""
-        if token is not None and token < 0:  # a book's start read
-            return self.books.read_failed(name, token)
-        if self.recoveries.failed(name, token):
+        if token is not None and token in self.latest_taps.reading:  # a ticker's snapshot
+            self.latest_taps.read_failed(token)
+        elif token is not None and token < 0:  # a book's start read
+            self.books.read_failed(name, token)  # (what it held may be released)
+        elif self.recoveries.failed(name, token):
             self._forget_if_idle(name)
 
     def read_done(self, name: str, history: History, token: int | None = None) -> bool:
         """Deliver what each connection of the finished read (``token`` from
         its :class:`Read`) missed, then make it a live listener.  True if
         frames were queued.  A stale answer is ignored."""
+        if token is not None and token in self.latest_taps.reading:  # a ticker's snapshot
+            self.latest_taps.read_done(history, token)  # (sent at the next tick)
+            return False
         if token is not None and token < 0:  # a book's start read
-            return self._book_started(name, history, token)
+            kept = self.books.read_done(name, history, token)
+            if kept is not None and kept.bookless:  # no snapshots: no derived streams
+                for conn, derived in self.derived.refuse_bookless(name):
+                    self.unsubscribe(conn, [derived])
+            return bool(self.batch.pending)  # (the frames it held back, released)
         recovery = self.recoveries.in_flight(name, token)
         if recovery is None:
             return False
@@ -260,18 +276,7 @@ class Core:
         queued = self.recoveries.serve(name, recovery, history, listeners)
         self.compressing.changed(name)
         self._forget_if_idle(name)  # else the next read serves those waiting
-        return queued
-
-    def _book_started(self, name: str, history: History, token: int) -> bool:
-        """A book's start read ended; a stream without snapshots has no
-        server book: its derived streams are refused (True: notices queued)."""
-        kept = self.books.read_done(name, history, token)
-        if kept is None or not kept.bookless:
-            return False
-        refused = self.derived.refuse_bookless(name)
-        for conn, derived in refused:
-            self.unsubscribe(conn, [derived])
-        return bool(refused)
+        return queued or bool(self.batch.pending)  # (frames a book released)
 
     # --- delivery -----------------------------------------------------------
 
@@ -295,8 +300,6 @@ class Core:
             if problem is not None:
                 return self._dropped(channel, payload, problem)
             payload = frame
-            if listeners:
-                self.last_seq[name] = seq
         elif self.wrap:
             if not payloads.is_json_object(payload):
                 return self._dropped(channel, payload, payloads.MALFORMED)
@@ -307,13 +310,21 @@ class Core:
             if problem is not None:
                 return self._dropped(channel, payload, problem)
             seq = None
-        if tap is not None:
-            payload = tap(seq, payload)
+        # None: its book holds it back while it starts (released later).
+        delivered = payload if tap is None else tap(seq, payload)
         if recovery is not None and (recovery.in_flight or len(recovery.buffer) < MAX_WAITING):
-            recovery.buffer.append((seq, payload))  # (a plain stream's are in no history)
-        if not listeners:
+            # (a plain stream's are in no history)
+            recovery.buffer.append((seq, payload if delivered is None else delivered))
+        if not listeners or delivered is None:
             return False
+        return self._deliver(name, seq, delivered, listeners)
+
+    def _deliver(
+        self, name: str, seq: int | None, payload: bytes, listeners: dict[Connection, None]
+    ) -> bool:
+        """Queue a live frame for ``listeners`` (the stream's); True."""
         if seq is not None:
+            self.last_seq[name] = seq
             live = self._live_seq.get(name)
             self._live_seq[name] = seq
             if live is not None and seq <= live:
@@ -326,6 +337,14 @@ class Core:
             return self.compressing.deliver(name, listeners, payload)
         self._enqueue(listeners, text_frame(payload))
         return True
+
+    def _deliver_held(self, name: str, frames: Held) -> None:
+        """Frames a book held back while it started, for the stream's live
+        listeners now (in order, before any later frame)."""
+        for seq, frame in frames:
+            listeners = self.streams.get(name)
+            if listeners:
+                self._deliver(name, seq, frame, listeners)
 
     def _positions_restarted(self, name: str, listeners: dict[Connection, None]) -> None:
         """A position at or below one already delivered: the stream's

@@ -24,8 +24,10 @@ Per interval:
 * ``top`` (``depthN``): the top N levels as a full snapshot (``e =
   depthTop``), when they changed; a new subscriber gets it at its first tick.
 * ``latest`` (``ticker``, ``bookTicker``, ``kline`` at a speed): the latest
-  message of the interval, renamed; with ``snapshot``, the latest message
-  seen at the first tick.
+  message of the interval, renamed; with ``snapshot`` (or ``since``), the
+  latest message seen at the first tick.  When the process has seen none
+  yet, the stream's snapshot is read (:meth:`LatestTaps.start`, the
+  tokens are the keeper's) and stands for it, unless a newer message came.
 """
 
 from __future__ import annotations
@@ -38,31 +40,132 @@ from marketstream.fanout.batching import Batch
 from marketstream.fanout.bookkeeper import BookKeeper, KeptBook, Tap
 from marketstream.fanout.books import DiffMerger
 from marketstream.fanout.compressing import Compressing
-from marketstream.fanout.records import Connection, Want
+from marketstream.fanout.records import Connection, History, Read, Want
 from marketstream.wire.books import DEPTH_TOP, book_checksum, book_frame, no_book_notice, renamed
 from marketstream.wire.derived import LATEST, MERGED, TOP, Derived, DerivedRules
 from marketstream.wire.frames import text_frame
 
-__all__ = ["DerivedStreams", "DerivedStream", "Latest"]
+__all__ = ["DerivedStreams", "DerivedStream", "Latest", "LatestTaps", "SEED_BYTES"]
+
+#: A read of a conflatable stream's snapshot asks for at most this many bytes.
+SEED_BYTES = 1 << 20
 
 
 class Latest:
     """The latest message of a conflatable stream (its tap) and how many
     arrived."""
 
-    __slots__ = ("seq", "frame", "count", "users")
+    __slots__ = ("seq", "frame", "count", "users", "token")
 
     def __init__(self) -> None:
         self.seq: int | None = None
         self.frame: bytes | None = None
         self.count = 0
         self.users = 0
+        self.token = 0  # the read of the stream's snapshot in flight (0: none)
 
     def on_frame(self, seq: int | None, frame: bytes) -> bytes:
         self.seq = seq
         self.frame = frame
         self.count += 1
         return frame
+
+
+class LatestTaps:
+    """The latest message of each conflatable stream a speed derives from
+    (a tap on it, held while a speed of it has subscribers), and the reads
+    of a stream's snapshot that stand for it while none came yet."""
+
+    def __init__(
+        self, keeper: BookKeeper, tap: Callable[[str, Tap], None], untap: Callable[[str], None]
+    ) -> None:
+        self.keeper = keeper  # (its read tokens)
+        self._tap = tap
+        self._untap = untap
+        self.streams: dict[str, Latest] = {}
+        # Streams whose snapshot a new subscriber wants read, and the reads
+        # in flight (token -> stream).
+        self.pending: dict[str, None] = {}
+        self.reading: dict[int, str] = {}
+
+    def hold(self, base: str) -> None:
+        """One more speed of ``base`` has subscribers."""
+        latest = self.streams.get(base)
+        if latest is None:
+            latest = self.streams[base] = Latest()
+            self._tap(base, latest.on_frame)
+        latest.users += 1
+
+    def release(self, base: str) -> None:
+        """One speed of ``base`` less; the last lets the tap go."""
+        latest = self.streams.get(base)
+        if latest is not None:
+            latest.users -= 1
+            if latest.users <= 0:
+                del self.streams[base]
+                self.pending.pop(base, None)
+                self._untap(base)
+
+    def want_state(self, base: str) -> None:
+        """A new subscriber wants ``base``'s state: if nothing was seen on
+        it yet, its snapshot is to be read."""
+        latest = self.streams.get(base)
+        if latest is not None and latest.frame is None and not latest.token:
+            self.pending[base] = None
+
+    def start(self, confirmed: set[str], most: int | None = None) -> list[Read]:
+        """The snapshot reads due (at most ``most``), for streams whose
+        channel Redis confirmed."""
+        reads: list[Read] = []
+        for base in list(self.pending):
+            if most is not None and len(reads) >= most:
+                break
+            latest = self.streams.get(base)
+            if latest is None or latest.frame is not None:
+                del self.pending[base]
+            elif base in confirmed:
+                del self.pending[base]
+                latest.token = self.keeper.new_token()
+                self.reading[latest.token] = base
+                reads.append(Read(base, None, True, latest.token, SEED_BYTES))
+        return reads
+
+    def read_done(self, history: History, token: int) -> None:
+        """The snapshot read of ``token`` found ``history``: its snapshot
+        is the stream's latest message, unless one came meanwhile."""
+        latest = self._read_ended(token)
+        snapshot = history.snapshot
+        if latest is None or snapshot is None:
+            return
+        if latest.seq is None or snapshot[0] > latest.seq:
+            latest.seq, latest.frame = snapshot
+            latest.count += 1
+
+    def read_failed(self, token: int) -> None:
+        """The snapshot read of ``token`` failed: it is done again."""
+        base = self.reading.get(token)
+        latest = self._read_ended(token)
+        if latest is not None and latest.frame is None and base is not None:
+            self.pending[base] = None
+
+    def _read_ended(self, token: int) -> Latest | None:
+        """The read of ``token`` ended: its stream's latest (None: stale)."""
+        base = self.reading.pop(token, None)
+        latest = self.streams.get(base) if base is not None else None
+        if latest is None or latest.token != token:
+            return None
+        latest.token = 0
+        return latest
+
+    def link_lost(self) -> None:
+        """The reads in flight are void: done again once confirmed."""
+        for token, base in self.reading.items():
+            latest = self.streams.get(base)
+            if latest is not None and latest.token == token:
+                latest.token = 0
+                if latest.frame is None:
+                    self.pending[base] = None
+        self.reading.clear()
 
 
 class DerivedStream:
@@ -111,7 +214,8 @@ class DerivedStreams:
         self._untap = untap
         self.streams: dict[str, DerivedStream] = {}
         self.by_interval: dict[int, dict[str, DerivedStream]] = {}
-        self.latest: dict[str, Latest] = {}
+        self.latest_taps = LatestTaps(keeper, tap, untap)
+        self.latest = self.latest_taps.streams
 
     def parse(self, name: str) -> Derived | None:
         """The derived stream ``name`` names (None: not a derived name, or
@@ -152,6 +256,8 @@ class DerivedStreams:
         stream.listeners[conn] = None
         if spec.kind != LATEST or (want is not None and want.recovers):
             stream.fresh[conn] = None
+            if spec.kind == LATEST:
+                self.latest_taps.want_state(spec.base)
         return True
 
     def drop(self, conn: Connection, name: str) -> bool:
@@ -200,11 +306,7 @@ class DerivedStreams:
             if kept is not None and spec.kind == MERGED:
                 kept.mergers[spec.interval_ms] = DiffMerger(kept.book.fields)
             return
-        latest = self.latest.get(spec.base)
-        if latest is None:
-            latest = self.latest[spec.base] = Latest()
-            self._tap(spec.base, latest.on_frame)
-        latest.users += 1
+        self.latest_taps.hold(spec.base)
 
     def _release_base(self, spec: Derived) -> None:
         if spec.kind in (MERGED, TOP):
@@ -213,12 +315,7 @@ class DerivedStreams:
                 kept.mergers.pop(spec.interval_ms, None)
             self.keeper.release(spec.base)
             return
-        latest = self.latest.get(spec.base)
-        if latest is not None:
-            latest.users -= 1
-            if latest.users <= 0:
-                del self.latest[spec.base]
-                self._untap(spec.base)
+        self.latest_taps.release(spec.base)
 
     def refuse_bookless(self, base: str) -> list[tuple[Connection, str]]:
         """``base`` turned out to have no server book (no snapshots): each

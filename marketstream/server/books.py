@@ -50,7 +50,7 @@ class BookStreams:
         derived streams now, and the books' start reads due (a timer
         without streams stops at its next tick)."""
         core = self.core
-        if core.books.pending:
+        if core.reads_due:
             self.reads.start()
         for interval in core.derived.by_interval:
             if interval not in self._ticks:

@@ -295,7 +295,7 @@ class ChannelManager:
         self._confirmations.resolve(name)
         if self.core.batch.pending and self._flush_handle is None:
             self._schedule_flush()  # a gap notice
-        if self.core.recovering or self.core.books.pending:
+        if self.core.reads_due:
             self.reads.start()
 
     def on_interrupted(self, names: list[str]) -> None:
@@ -304,7 +304,7 @@ class ChannelManager:
         self.core.channels_interrupted(names)
         if self.core.batch.pending and self._flush_handle is None:
             self._schedule_flush()  # gap notices
-        if self.core.recovering or self.core.books.pending:
+        if self.core.reads_due:
             self.reads.start()
 
     def on_unsubscribed(self, name: str) -> None:

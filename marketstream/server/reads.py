@@ -133,6 +133,8 @@ class HistoryReads:
                 exc,
             )
             self.core.read_failed(name, read.token)
+            if self.core.batch.pending:
+                self._on_done()  # frames a book held back, released as they are
             asyncio.get_running_loop().call_later(0.2, self.start)
             return False
         if self.core.read_done(

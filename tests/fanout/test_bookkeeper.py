@@ -52,13 +52,15 @@ def test_a_book_starts_from_its_snapshot_then_entries_then_what_arrived_during_t
     send(core, feed, feed.diff([[price(100), "0"]]))  # 5: live, and in the history read
     history = feed.read(read, core.max_replay)
     send(core, feed, feed.diff([], [[price(299), "3"]]))  # 6: live only
-    assert [m["seq"] for m in got(core, a, T)] == [5, 6]
-    assert all("checksum" not in m for m in a.got), "not synced yet: no checksum"
+    assert got(core, a, T) == [], "held back until the book has started"
 
     finish(core, read, history)
     book = core.books.streams[T].book
     assert (book.bids(), book.asks()) == feed.ladder.top()  # each diff applied once
     assert book.u == feed.u and book.seq == 6
+    held = got(core, a, T)
+    assert [m["seq"] for m in held] == [5, 6]
+    assert_checksums(feed, held)
     assert core.counters.books_started == 1 and core.counters.book_resyncs == 0
     for i in range(5):
         send(core, feed, feed.diff([[price(101 + i), "1.5"]], [[price(300 + i), "0"]]))
@@ -78,7 +80,7 @@ def test_frames_of_other_streams_are_left_as_they_are():
     assert a.got == [{"stream": S, "data": {"i": i}, "seq": i} for i in (1, 2)]
 
 
-def test_frames_before_the_channel_is_confirmed_or_the_read_ends_carry_no_checksum():
+def test_frames_until_the_start_read_ends_are_held_back_then_carry_checksums():
     core, feed, a = book_core(), BookFeed(), Conn("a")
     seeded(core, feed)
     core.register(a)
@@ -89,10 +91,28 @@ def test_frames_before_the_channel_is_confirmed_or_the_read_ends_carry_no_checks
     [read] = core.start_reads()
     send(core, feed, feed.diff([[price(51), "1"]]))
     assert not core.books.synced(T)
-    assert [("checksum" in m) for m in got(core, a, T)] == [False, False]
-    finish(core, read, feed.read(read, core.max_replay))
+    assert got(core, a, T) == []
+    assert core.read_done(T, feed.read(read, core.max_replay), read.token)  # a flush is due
     send(core, feed, feed.diff([[price(52), "1"]]))
-    assert_checksums(feed, got(core, a, T))
+    sent = got(core, a, T)
+    assert [m["seq"] for m in sent] == [2, 3, 4]  # in order, each once
+    assert_checksums(feed, sent)
+
+
+def test_a_failed_start_read_keeps_holding_then_reads_that_back_off_let_frames_go_as_they_are():
+    core, feed, a = book_core(), BookFeed(), Conn("a")
+    seeded(core, feed)
+    join(core, a, [T])
+    [read] = core.start_reads()
+    send(core, feed, feed.diff([[price(50), "1"]]))
+    core.read_failed(T, read.token)  # the first failure: read again at once
+    assert got(core, a, T) == []
+    [again] = core.start_reads()
+    core.read_failed(T, again.token)  # again: the next read waits, frames go out
+    sent = got(core, a, T)
+    assert [m["seq"] for m in sent] == [2] and "checksum" not in sent[0]
+    send(core, feed, feed.diff([[price(51), "1"]]))
+    assert [("checksum" in m) for m in got(core, a, T)] == [False]
 
 
 def test_a_gap_unsyncs_the_book_counts_a_resync_and_reads_the_snapshot_again():
@@ -103,14 +123,16 @@ def test_a_gap_unsyncs_the_book_counts_a_resync_and_reads_the_snapshot_again():
     feed.store_snapshot(seq)  # the publisher starts over
     send(core, feed, feed.diff([[price(62), "1"]]))
     sent = got(core, a, T)
-    assert [("checksum" in m) for m in sent] == [True, False, False]
+    assert [("checksum" in m) for m in sent] == [True]  # then held back
     assert core.counters.book_resyncs == 1 and not core.books.synced(T)
     [read] = core.start_reads()  # a new start read is due
     assert read.token < 0 and read.snapshot
     finish(core, read, feed.read(read, core.max_replay))
     assert core.books.synced(T) and core.counters.books_started == 2
     send(core, feed, feed.diff([[price(63), "1"]]))
-    assert_checksums(feed, got(core, a, T))
+    sent = got(core, a, T)
+    assert [m["seq"] for m in sent] == [seq, seq + 1, seq + 2]
+    assert_checksums(feed, sent)
 
 
 @pytest.mark.parametrize(
@@ -128,19 +150,22 @@ def test_a_gap_unsyncs_the_book_counts_a_resync_and_reads_the_snapshot_again():
         b'{"e":"depth","U":true,"u":true,"b":[],"a":[]}',
     ],
 )
-def test_data_the_book_cannot_read_is_delivered_as_is_and_the_book_reads_again(data):
+def test_data_the_book_cannot_read_is_delivered_and_the_book_reads_again(data):
     core, feed, a = book_core(), BookFeed(), Conn("a")
     booked(core, feed, a, [T])
     data = data.replace(b"@U", b"%d" % (feed.u + 1))
     seq = (feed.latest or 0) + 1
     frame = b'{"stream":"%s","data":%s,"seq":%d}' % (T.encode(), data, seq)
     send(core, feed, feed.publish_data({}, frame))
-    assert got(core, a, T) == [{"stream": T, "data": json.loads(data), "seq": seq}]
+    assert got(core, a, T) == []  # held back while the book reads its snapshot again
     assert core.counters.book_resyncs == 1 and T in core.books.pending
     feed.store_snapshot(seq)
     start_book(core, feed)
     send(core, feed, feed.diff([[price(70), "1"]]))
-    assert_checksums(feed, got(core, a, T))
+    sent = got(core, a, T)
+    assert [m["seq"] for m in sent] == [seq, seq + 1]
+    assert sent[0]["data"] == json.loads(data)  # as published, with the book's checksum there
+    assert_checksums(feed, sent)
 
 
 @pytest.mark.parametrize("data", [b'"text"', b"[1,2]", b"{", b"{}}"])
@@ -240,6 +265,9 @@ def test_catch_up_entries_older_than_the_snapshot_take_the_books_recent_checksum
 
 
 def test_catch_up_entries_the_book_never_saw_have_no_checksum():
+    """3 and 4 are older than the snapshot the book started from: no book
+    can give them a checksum (it cannot run backwards); the resume still
+    gets every message it missed, the newer ones checked."""
     core, feed, a, b = book_core(), BookFeed(), Conn("a"), Conn("b")
     seeded(core, feed)
     for i in range(4):  # before the server kept the book
@@ -256,6 +284,23 @@ def test_catch_up_entries_the_book_never_saw_have_no_checksum():
     assert [m["seq"] for m in sent] == [3, 4, 5, 6, 7]
     assert [("checksum" in m) for m in sent] == [False, False, True, True, True]
     assert_checksums(feed, sent[2:])
+
+
+def test_a_frame_older_than_a_snapshot_stored_during_the_start_read_has_no_checksum():
+    core, feed, a = book_core(), BookFeed(), Conn("a")
+    seeded(core, feed)
+    join(core, a, [T])
+    [read] = core.start_reads()
+    send(core, feed, feed.diff([[price(50), "1"]]))  # 2
+    at = send(core, feed, feed.diff([[price(51), "1"]]))  # 3, then the publisher's snapshot
+    feed.store_snapshot(at)
+    history = feed.read(read, core.max_replay)
+    send(core, feed, feed.diff([[price(52), "1"]]))  # 4
+    finish(core, read, history)
+    sent = got(core, a, T)
+    assert [m["seq"] for m in sent] == [2, 3, 4]  # every frame, in order
+    assert "checksum" not in sent[0]
+    assert_checksums(feed, sent[1:])
 
 
 def test_the_recent_checksums_are_bounded():
@@ -280,15 +325,19 @@ def test_the_buffer_during_a_start_read_is_bounded_and_then_the_read_is_done_aga
         send(core, feed, feed.diff([[price(i % 80), str(i % 5)]]))
         assert kept.buffer is None or len(kept.buffer) <= MAX_BUFFERED
     assert kept.buffer is None  # past the bound: nothing more kept
-    core.take_batch()
+    sent = got(core, a, T)  # what was held went out as it is, in order, then the rest
+    assert [m["seq"] for m in sent] == list(range(2, MAX_BUFFERED + 7))
+    assert not any("checksum" in m for m in sent)
     finish(core, read, history)
     assert not core.books.synced(T) and core.counters.books_started == 0
-    send(core, feed, feed.diff([[price(90), "1"]]))
-    assert [("checksum" in m) for m in got(core, a, T)] == [False]
-    feed.store_snapshot(feed.latest)
+    seq = send(core, feed, feed.diff([[price(90), "1"]]))
+    assert got(core, a, T) == []  # held again for the read done again
+    feed.store_snapshot(seq)
     start_book(core, feed)
     send(core, feed, feed.diff([[price(91), "1"]]))
-    assert_checksums(feed, got(core, a, T))
+    sent = got(core, a, T)
+    assert [m["seq"] for m in sent] == [seq, seq + 1]
+    assert_checksums(feed, sent)
 
 
 def test_the_buffer_bound_is_the_modules(monkeypatch):
@@ -350,8 +399,15 @@ def test_every_frame_of_a_random_flow_carries_the_publishers_checksum(
         if i == split:
             history = feed.read(read, core.max_replay)
         step(kind, bids, asks, True)
-    finish(core, read, history or feed.read(read, core.max_replay))
-    during_read = len(got(core, a, T))
+    history = history or feed.read(read, core.max_replay)
+    finish(core, read, history)
+    held = got(core, a, T)  # held back during the read, released once it ended
+    assert history.snapshot is not None
+    # Only a frame older than a snapshot stored during the read has none.
+    assert all("checksum" in m for m in held if m["seq"] >= history.snapshot[0])
+    assert_checksums(feed, [m for m in held if "checksum" in m])
+    assert [m["seq"] for m in held] == sorted({m["seq"] for m in held})
+    during_read = len(held)
     assert core.books.synced(T)
     for kind, bids, asks in after:
         step(kind, bids, asks, True)
@@ -426,3 +482,57 @@ def test_a_stream_found_without_snapshots_is_looked_at_again_later():
     core.derived.tick(100)
     [top] = got(core, b, "depth10.BTC_USDT")
     assert top["data"]["e"] == "depthTop" and top["data"]["b"]
+
+
+def test_a_diff_sent_again_at_a_new_position_carries_the_books_checksum():
+    """The publisher repeats a diff the book has (its ``u`` not past the
+    book's) under a new position: the book is as it was, and so is its
+    checksum, live and in a catch-up."""
+    core, feed, a, b = book_core(), BookFeed(), Conn("a"), Conn("b")
+    booked(core, feed, a, [T])
+    first = send(core, feed, feed.diff([[price(60), "1"]]))
+    again = send(core, feed, feed.publish_data(json.loads(dict(feed.log)[first])["data"]))
+    send(core, feed, feed.diff([[price(61), "1"]]))
+    sent = got(core, a, T)
+    assert [m["seq"] for m in sent] == [first, again, again + 1] and again == first + 1
+    assert [m["checksum"] for m in sent[:2]] == [feed.checksum(first)] * 2
+    assert_checksums(feed, sent)
+    join(core, b, [T], {T: Want(since=first - 1)})
+    [read] = core.start_reads()
+    finish(core, read, feed.read(read, core.max_replay))
+    assert [m.get("checksum") for m in got(core, b, T)] == [m["checksum"] for m in sent]
+
+
+def test_a_stream_without_snapshots_gets_what_was_held_back_as_it_is_and_a_flush():
+    core, feed, a = book_core(), BookFeed(), Conn("a")
+    feed.diff([[price(1), "1"]])  # positions, no snapshot
+    join(core, a, [T])
+    [read] = core.start_reads()
+    send(core, feed, feed.diff([[price(2), "1"]]))
+    assert got(core, a, T) == []
+    assert core.read_done(T, feed.read(read, core.max_replay), read.token) is True
+    sent = got(core, a, T)
+    assert [m["seq"] for m in sent] == [2] and "checksum" not in sent[0]
+    assert core.books.streams[T].bookless
+    send(core, feed, feed.diff([[price(3), "1"]]))  # from now on: at once
+    assert [m["seq"] for m in got(core, a, T)] == [3]
+
+
+def test_more_frames_held_back_than_the_book_remembers_all_get_their_checksums():
+    """A start read during a burst: more frames held back than the book's
+    RECENT positions, and one older than a snapshot stored meanwhile."""
+    core, feed, a = book_core(), BookFeed(), Conn("a")
+    seeded(core, feed)
+    join(core, a, [T])
+    [read] = core.start_reads()
+    send(core, feed, feed.diff([[price(50), "1"]]))  # 2
+    at = send(core, feed, feed.diff([[price(51), "1"]]))  # 3, and the snapshot
+    feed.store_snapshot(at)
+    history = feed.read(read, core.max_replay)
+    for i in range(RECENT + 100):
+        send(core, feed, feed.diff([[price(i % 90), str(1 + i % 4)]]))
+    finish(core, read, history)
+    sent = got(core, a, T)
+    assert [m["seq"] for m in sent] == list(range(2, feed.latest + 1))
+    assert "checksum" not in sent[0]  # older than the snapshot
+    assert_checksums(feed, sent[1:])

@@ -142,6 +142,7 @@ def test_a_book_stream_whose_book_is_not_synced_is_not_parked():
     join(core, a, [T, S])
     assert core.registry.park(a) == 0 and core.registry.parked == {}
     send(core, feed, feed.diff([[price(99), "1"]]))
+    start_book(core, feed)
     assert len(got(core, a, T)) == 1
 
 

@@ -325,6 +325,76 @@ def test_a_ticker_speed_with_snapshot_gets_the_latest_seen_at_its_first_tick():
     assert not tick(core, 1000) and c.got == []
 
 
+def ticker_feed() -> Feed:
+    """A ticker published with itself as the snapshot, 3 times, before anyone here read it."""
+    feed = Feed(TICKER, snapshot_every=1)
+    feed.frame = ticker
+    for _ in range(3):
+        feed.publish()
+    return feed
+
+
+def test_a_ticker_speeds_first_snapshot_subscriber_gets_the_streams_snapshot():
+    """Nothing seen on the stream yet: its snapshot in Redis is read and
+    sent at the first tick, as the latest message."""
+    core, feed, a = book_core(), ticker_feed(), Conn("a")
+    join(core, a, [TICKER_1S], {TICKER_1S: Want(snapshot=True)})
+    [read] = core.start_reads()
+    assert (read.stream, read.after, read.snapshot, read.token < 0) == (TICKER, None, True, True)
+    assert core.reads_due is False  # one read, not one per tick
+    assert core.read_done(TICKER, feed.read(read, core.max_replay), read.token) is False
+    assert tick(core, 1000)
+    # The stream's snapshot (the test feed's own shape), renamed.
+    assert a.got == [{"stream": TICKER_1S, "data": {"e": "snap", "at": 3}, "seq": 3}]
+    assert not tick(core, 1000)  # nothing new
+
+
+def test_a_message_newer_than_the_snapshot_read_wins():
+    core, feed, a = book_core(), ticker_feed(), Conn("a")
+    join(core, a, [TICKER_1S], {TICKER_1S: Want(snapshot=True)})
+    [read] = core.start_reads()
+    history = feed.read(read, core.max_replay)
+    live(core, feed, 1)  # 4 arrives live before the read's answer
+    core.read_done(TICKER, history, read.token)
+    tick(core, 1000)
+    assert [m["seq"] for m in a.got] == [4]
+
+
+def test_a_ticker_speed_without_snapshot_reads_nothing():
+    core, a = book_core(), Conn("a")
+    join(core, a, [TICKER_1S])
+    assert core.start_reads() == [] and not core.reads_due
+
+
+def test_a_failed_or_lost_snapshot_read_is_done_again_and_a_stale_one_ignored():
+    core, feed, a = book_core(), ticker_feed(), Conn("a")
+    join(core, a, [TICKER_1S], {TICKER_1S: Want(snapshot=True)})
+    [read] = core.start_reads()
+    core.read_failed(TICKER, read.token)
+    [again] = core.start_reads()
+    assert again.token != read.token
+    core.read_done(TICKER, feed.read(read, core.max_replay), read.token)  # the failed one: late
+    assert not tick(core, 1000)
+    core.link_lost()
+    core.link_restored({TICKER})
+    core.upstream_confirmed(TICKER)
+    [third] = core.start_reads()
+    core.read_done(TICKER, feed.read(again, core.max_replay), again.token)  # void: the link went
+    assert not tick(core, 1000)
+    core.read_done(TICKER, feed.read(third, core.max_replay), third.token)
+    assert tick(core, 1000) and [m["seq"] for m in a.got] == [3]
+
+
+def test_a_snapshot_read_for_a_stream_nobody_wants_any_more_is_dropped():
+    core, feed, a = book_core(), ticker_feed(), Conn("a")
+    join(core, a, [TICKER_1S], {TICKER_1S: Want(snapshot=True)})
+    [read] = core.start_reads()
+    core.unsubscribe(a, [TICKER_1S])
+    core.read_done(TICKER, feed.read(read, core.max_replay), read.token)
+    assert core.derived.latest == {} and core.latest_taps.reading == {}
+    assert core.start_reads() == []
+
+
 def test_plain_and_publishers_own_envelopes_are_renamed_too():
     core, a = book_core(), Conn("a")
     join(core, a, [TICKER_1S])

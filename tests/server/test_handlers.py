@@ -83,7 +83,9 @@ async def test_subscribe_every_param_and_repeated_subscribe_delivers_once(server
     for stream in streams:
         redis_client.publish(stream, envelope(stream))
     received = [ujson.loads(await read(ws))["stream"] for _ in streams]
-    assert received == streams
+    # Each once; the order across streams is not kept (the depth stream's first
+    # frame waits for the server's book to read its snapshot).
+    assert sorted(received) == sorted(streams)
     redis_client.publish("trade.SOL_USDC", envelope("trade.SOL_USDC", t=2))
     assert ujson.loads(await read(ws))["data"]["t"] == 2  # not a duplicate of the first
     assert server.manager.subscriptions(list(server.manager.connections)[0]) == streams

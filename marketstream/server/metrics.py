@@ -115,6 +115,45 @@ LATENCY_BUCKETS = (
 )
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
+#: The plain counters, each the copy of one of the hot path's integers:
+#: (name after ``marketstream_``, help, the attribute of ``Counters``).
+COUNTERS = (
+    ("redis_messages", "Messages read from Redis", "messages_in"),
+    ("deliveries", "Frames queued to clients (messages x subscribers)", "deliveries"),
+    ("bytes_sent", "Bytes of market data written to clients", "bytes_sent"),
+    (
+        "deflated_messages",
+        "Messages compressed (permessage-deflate), once for every compressing client",
+        "deflated_messages",
+    ),
+    (
+        "deflate_input_bytes",
+        "Bytes of the compressed messages' frames before compression",
+        "deflate_bytes_in",
+    ),
+    (
+        "deflate_output_bytes",
+        "Bytes of the compressed messages' frames after compression",
+        "deflate_bytes_out",
+    ),
+    ("batches", "Delivery batches (one write per client each)", "batches"),
+    ("redis_reconnects", "Reconnections of the Redis pub/sub connection", "reconnects"),
+    ("recovery_replayed", "Messages replayed from history to resuming clients", "replayed"),
+    ("recovery_snapshots", "Snapshots sent to subscribing clients", "snapshots_sent"),
+    ("gap_notices", "Gap notices sent to clients (updates missed)", "gap_notices"),
+    ("books_started", "Server books started from their stream's snapshot", "books_started"),
+    (
+        "book_resyncs",
+        "Server books started again: a diff that did not follow, or data they could not read",
+        "book_resyncs",
+    ),
+    (
+        "slow_reader_fallbacks",
+        "Connections whose book streams fell back to snapshots because they read slowly",
+        "slow_reader_fallbacks",
+    ),
+)
+
 
 def observe_all(histogram: Histogram, values: Sequence[float]) -> None:
     """``histogram.observe(value)`` for each of ``values`` (an unlabelled
@@ -190,41 +229,20 @@ class Exporter:
         self._nodes: set[str] = set()
         r = self.registry
         self._add_gauges(r)
-        self.messages = Counter(
-            "marketstream_redis_messages", "Messages read from Redis", registry=r
-        )
-        self.deliveries = Counter(
-            "marketstream_deliveries",
-            "Frames queued to clients (messages x subscribers)",
+        #: The plain counters by their ``Counters`` attribute (see :data:`COUNTERS`).
+        self.plain = {
+            attribute: Counter("marketstream_" + name, help_text, registry=r)
+            for name, help_text, attribute in COUNTERS
+        }
+        self.books = Gauge(
+            "marketstream_books",
+            "Order books the server keeps (book streams someone reads)",
             registry=r,
-        )
-        self.bytes_sent = Counter(
-            "marketstream_bytes_sent", "Bytes of market data written to clients", registry=r
-        )
-        self._add_compression(r)
-        self._add_books(r)
-        self.batches = Counter(
-            "marketstream_batches", "Delivery batches (one write per client each)", registry=r
+            multiprocess_mode="livesum",
         )
         self._add_histograms(r)
         self.dropped = Counter(
             "marketstream_dropped", "Messages dropped, by cause", ["cause"], registry=r
-        )
-        self.reconnects = Counter(
-            "marketstream_redis_reconnects",
-            "Reconnections of the Redis pub/sub connection",
-            registry=r,
-        )
-        self.replayed = Counter(
-            "marketstream_recovery_replayed",
-            "Messages replayed from history to resuming clients",
-            registry=r,
-        )
-        self.snapshots = Counter(
-            "marketstream_recovery_snapshots", "Snapshots sent to subscribing clients", registry=r
-        )
-        self.gap_notices = Counter(
-            "marketstream_gap_notices", "Gap notices sent to clients (updates missed)", registry=r
         )
         self.refused = Counter(
             "marketstream_refused_handshakes",
@@ -296,48 +314,6 @@ class Exporter:
             multiprocess_mode="livemin",
         )
 
-    def _add_compression(self, r: CollectorRegistry) -> None:
-        """The permessage-deflate counters: messages compressed, bytes before and after."""
-        self.deflated = Counter(
-            "marketstream_deflated_messages",
-            "Messages compressed (permessage-deflate), once for every compressing client",
-            registry=r,
-        )
-        self.deflate_in = Counter(
-            "marketstream_deflate_input_bytes",
-            "Bytes of the compressed messages' frames before compression",
-            registry=r,
-        )
-        self.deflate_out = Counter(
-            "marketstream_deflate_output_bytes",
-            "Bytes of the compressed messages' frames after compression",
-            registry=r,
-        )
-
-    def _add_books(self, r: CollectorRegistry) -> None:
-        """The server books (see marketstream.fanout.bookkeeper)."""
-        self.books = Gauge(
-            "marketstream_books",
-            "Order books the server keeps (book streams someone reads)",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.books_started = Counter(
-            "marketstream_books_started",
-            "Server books started from their stream's snapshot",
-            registry=r,
-        )
-        self.book_resyncs = Counter(
-            "marketstream_book_resyncs",
-            "Server books started again: a diff that did not follow, or data they could not read",
-            registry=r,
-        )
-        self.slow_reader_fallbacks = Counter(
-            "marketstream_slow_reader_fallbacks",
-            "Connections whose book streams fell back to snapshots because they read slowly",
-            registry=r,
-        )
-
     def _add_histograms(self, r: CollectorRegistry) -> None:
         """The histograms of the delivery batches: sizes and latencies."""
         self.batch_size = Histogram(
@@ -407,21 +383,9 @@ class Exporter:
         self._nodes = set(links)
         for node, up in links.items():
             self.link_up.labels(node).set(1 if up else 0)
-        self._advance("messages", self.messages, stats.messages_in)
-        self._advance("deliveries", self.deliveries, stats.deliveries)
-        self._advance("bytes", self.bytes_sent, stats.bytes_sent)
-        self._advance("batches", self.batches, stats.batches)
-        self._advance("deflated", self.deflated, stats.deflated_messages)
-        self._advance("deflate_in", self.deflate_in, stats.deflate_bytes_in)
-        self._advance("deflate_out", self.deflate_out, stats.deflate_bytes_out)
-        self._advance("reconnects", self.reconnects, stats.reconnects)
-        self._advance("replayed", self.replayed, stats.replayed)
-        self._advance("snapshots", self.snapshots, stats.snapshots_sent)
-        self._advance("gap_notices", self.gap_notices, stats.gap_notices)
+        for attribute, counter in self.plain.items():
+            self._advance(attribute, counter, getattr(stats, attribute))
         self.books.set(len(manager.core.books.streams))
-        self._advance("books_started", self.books_started, stats.books_started)
-        self._advance("book_resyncs", self.book_resyncs, stats.book_resyncs)
-        self._advance("slow_readers", self.slow_reader_fallbacks, stats.slow_reader_fallbacks)
         self._drain("batch_sizes", self.batch_size)
         self._drain("batch_latencies", self.batch_latency)
         self._drain("publish_latencies", self.publish_latency)

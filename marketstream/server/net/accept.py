@@ -18,10 +18,15 @@ handshakes.  A slice is at least ``batch`` connections; beyond that it goes
 on for as long as the rest of the loop's last turn took, times the queue's
 length over :data:`FULL_SHARE_QUEUE` or the oldest connection's wait over
 :data:`FULL_SHARE_WAIT`, whichever is more (at most 1), and never longer than
-:data:`MAX_SLICE`.  So however busy live delivery is, a large storm gets up
-to half of the process (thousands of clients waiting for a handshake wait
-less), while a small one mostly takes the batch per turn and leaves live
-delivery its time.  The README's Performance section has the figures.
+:data:`MAX_SLICE` times that share (at least 1), at most :data:`STORM_SLICE`.
+So however busy live delivery is, a large storm gets up to half of the
+process (thousands of clients waiting for a handshake wait less), while a
+small one mostly takes the batch per turn and leaves live delivery its time.
+Once thousands of clients are served, live delivery to them takes 100 ms and
+more a turn: a large storm's slices grow with it (up to :data:`STORM_SLICE`
+once 4 x 2048 wait or the oldest waited 2 s), and so does the delay of a
+message to the clients already served (by up to that slice).  The README's
+Performance section has the figures.
 Out of file descriptors (``EMFILE``), it warns (at most once a minute) and
 stops accepting for a moment instead of spinning::
 
@@ -72,8 +77,12 @@ Address: TypeAlias = Any
 #: Accepted connections handed to the callback (the handshake) per event-loop
 #: turn, at least.
 ACCEPT_BATCH = 16
-#: Seconds one turn's slice of handshakes may take, at most.
+#: Seconds one turn's slice of handshakes may take at a full share, at most
+#: (a larger share allows proportionally more, up to :data:`STORM_SLICE`).
 MAX_SLICE = 0.030
+#: Seconds one turn's slice may take in a large storm, at most: a live
+#: message to the clients already served waits for it.
+STORM_SLICE = 0.120
 #: Connections waiting at which a slice is as long as the rest of the
 #: loop's turn (handshakes get half the process); fewer waiting earn a
 #: proportionally shorter slice.
@@ -218,7 +227,8 @@ class Acceptor:
         # the share the queue's length earns, capped.
         rest = max(0.0, start - self._slice_end)
         share = max(len(queue) / FULL_SHARE_QUEUE, (start - queue[0][2]) / FULL_SHARE_WAIT)
-        deadline = start + min(MAX_SLICE, rest * min(1.0, share))
+        cap = min(STORM_SLICE, MAX_SLICE * max(1.0, share))
+        deadline = start + min(cap, rest * min(1.0, share))
         count = 0
         while queue:
             connection, address, _ = queue.popleft()

@@ -150,6 +150,58 @@ async def test_a_long_queue_or_wait_earns_longer_slices(
     shut(acceptor, handed + clients)
 
 
+@pytest.mark.parametrize(
+    "full_share_wait, longest",
+    [
+        (0.001, 0.100),  # a large storm: as long as the rest of the turn (below STORM_SLICE)
+        (1000.0, None),  # a fresh queue of 400: the batch-sized slices of a small storm
+    ],
+)
+@pytest.mark.gen_test
+async def test_a_large_storm_under_heavy_live_delivery_gets_slices_past_max_slice(
+    monkeypatch, full_share_wait, longest
+):
+    """Live delivery to thousands of served clients takes 100 ms a turn: a
+    storm whose clients have waited long gets slices as long as that (half
+    of the process), up to STORM_SLICE, instead of MAX_SLICE's 30 ms; the
+    live work still runs between every two slices.  A clock the handshakes
+    (0.5 ms each) and the live work advance, as above."""
+    monkeypatch.setattr(accept, "FULL_SHARE_WAIT", full_share_wait)
+    monkeypatch.setattr(accept, "FULL_SHARE_QUEUE", 1_000_000)
+    sock = listener()
+    clients = connect_many(sock.getsockname(), 400)
+    handed = []
+    events = []  # (handed so far, clock) at each turn of live work
+    loop = asyncio.get_running_loop()
+    clocked = ClockedLoop(loop)
+
+    def handshake(conn, address):
+        clocked.now += 0.0005
+        handed.append(conn)
+
+    def live():
+        events.append(len(handed))
+        clocked.now += 0.100  # a turn's live delivery to thousands of clients
+        if len(handed) < 400:
+            loop.call_soon(live)
+
+    acceptor = Acceptor(handshake, batch=4)
+    acceptor._loop = clocked
+    acceptor.add(sock)
+    live()
+    await async_wait_until(lambda: len(handed) == 400, message="all handed over")
+    slices = [b - a for a, b in zip(events, events[1:]) if b > a][:-1]  # the last: the rest
+    assert slices, events
+    if longest is None:
+        assert max(slices) <= 5, slices  # the batch (and one more at most)
+    else:
+        # 0.100 s of 0.5 ms handshakes: 200 a slice (MAX_SLICE allowed 60);
+        # never longer than the live turn, nor than STORM_SLICE.
+        assert min(slices) >= 0.9 * longest / 0.0005, slices
+        assert max(slices) <= min(longest, accept.STORM_SLICE) / 0.0005 + 1, slices
+    shut(acceptor, handed + clients)
+
+
 @pytest.mark.gen_test
 async def test_one_wake_up_empties_the_kernel_queue():
     sock = listener()

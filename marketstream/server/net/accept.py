@@ -25,7 +25,8 @@ small one mostly takes the batch per turn and leaves live delivery its time.
 Once thousands of clients are served, live delivery to them takes 100 ms and
 more a turn: a large storm's slices grow with it (up to :data:`STORM_SLICE`
 once 4 x 2048 wait or the oldest waited 2 s), and so does the delay of a
-message to the clients already served (by up to that slice).  The README's
+message to the clients already served (by up to that slice); a long slice
+still empties the kernel's queues every :data:`MAX_SLICE`.  The README's
 Performance section has the figures.
 Out of file descriptors (``EMFILE``), it warns (at most once a minute) and
 stops accepting for a moment instead of spinning::
@@ -187,6 +188,21 @@ class Acceptor:
             self._slice_end = now
             self._loop.call_soon(self._hand_over)
 
+    def _poll(self) -> None:
+        """Empty the kernel's queues in the middle of a long slice (a large
+        storm's), as often as between two slices of :data:`MAX_SLICE`: a
+        storm still arriving must not overflow them meanwhile."""
+        if not self._reading:
+            return
+        self._scheduled = True  # the slice in progress takes them
+        try:
+            for sock in list(self._sockets):
+                self._readable(sock)
+        except Exception:  # what asyncio logs when _readable runs as a reader
+            log.exception("error while accepting connections")
+        finally:
+            self._scheduled = False
+
     def _out_of_resources(self, exc: OSError) -> None:
         now = self._loop.time()
         if self._warned_at is None or now - self._warned_at >= 60:
@@ -229,6 +245,7 @@ class Acceptor:
         share = max(len(queue) / FULL_SHARE_QUEUE, (start - queue[0][2]) / FULL_SHARE_WAIT)
         cap = min(STORM_SLICE, MAX_SLICE * max(1.0, share))
         deadline = start + min(cap, rest * min(1.0, share))
+        poll_at = start + MAX_SLICE
         count = 0
         while queue:
             connection, address, _ = queue.popleft()
@@ -238,8 +255,13 @@ class Acceptor:
                 log.exception("error while setting up a connection from %r", address)
                 connection.close()
             count += 1
-            if count >= self.batch and clock() >= deadline:
-                break
+            if count >= self.batch:
+                now = clock()
+                if now >= deadline:
+                    break
+                if now >= poll_at:
+                    poll_at = now + MAX_SLICE
+                    self._poll()
         self._slice_end = clock()
         if queue:
             self._scheduled = True

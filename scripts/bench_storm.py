@@ -32,6 +32,9 @@ It reports:
   counts ERROR/CRITICAL and tracebacks) and nginx's error log by level;
 * the server's CPU during the storm and the client processes' (so a
   saturated client side shows);
+* ``live_delay_ms_*``: how late live messages reached the clients already
+  served while the others still connected (from publishing to the client;
+  the oldest message of each read), ``live_reads_during_storm`` of them;
 * idle memory: the server's RSS (all its processes) after the storm, with
   publishing stopped for ``--idle-wait`` seconds, less its RSS before the
   storm, per connection (and nginx's, with ``--nginx``);
@@ -58,6 +61,7 @@ error logs, idle memory <= 6.5 KB per connection)::
     python scripts/bench_storm.py --compare --repeat 3   # both, alternately; medians
     python scripts/bench_storm.py --processes 2 --no-pin
     python scripts/bench_storm.py --py-spy storm.txt     # profile the server during the storm
+    python scripts/bench_storm.py --py-spy storm.json    # ... and where each second went
     python scripts/bench_storm.py --token                # every client presents a JWT (HS256)
     python scripts/bench_storm.py --token-compare --repeat 3  # anonymous and tokens, alternately
 
@@ -82,6 +86,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import json
 import multiprocessing
 import os
@@ -250,9 +255,12 @@ class StormClient(asyncio.Protocol):
         "status",
         "error",
         "done",
+        "delays",
     )
 
-    def __init__(self, request: bytes, subscribe: bytes, done: Any) -> None:
+    def __init__(
+        self, request: bytes, subscribe: bytes, done: Any, delays: collections.Counter
+    ) -> None:
         self.request = request
         self.subscribe = subscribe
         self.transport: Any = None
@@ -262,6 +270,7 @@ class StormClient(asyncio.Protocol):
         self.status: int | None = None
         self.error: str | None = None
         self.done = done
+        self.delays = delays
 
     def connection_made(self, transport: Any) -> None:
         self.t_connected = time.monotonic()
@@ -269,6 +278,17 @@ class StormClient(asyncio.Protocol):
         transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
+        if self.state == SERVED:
+            # A served client's live delivery during the storm: the age of
+            # the oldest message of this read (its publisher's "E"), in ms.
+            at = data.find(b'"E":')
+            if at >= 0:
+                try:
+                    sent = int(data[at + 4 : at + 23])
+                except ValueError:
+                    return
+                self.delays[(time.time_ns() - sent) // 1_000_000] += 1
+            return
         if self.state == WAITING:
             self.head += data
             end = self.head.find(b"\r\n\r\n")
@@ -331,7 +351,8 @@ async def _clients(
         if remaining == 0 and not all_done.done():
             all_done.set_result(None)
 
-    clients = [StormClient(request, subscribe, done) for request, subscribe in plans]
+    delays: collections.Counter = collections.Counter()
+    clients = [StormClient(request, subscribe, done, delays) for request, subscribe in plans]
     if not clients:
         all_done.set_result(None)
 
@@ -360,7 +381,11 @@ async def _clients(
             client.state = FAILED
             client.error = "not served within %gs" % timeout
     control.send(
-        (start, [(c.t_connected, c.t_upgraded, c.t_served, c.status, c.error) for c in clients])
+        (
+            start,
+            [(c.t_connected, c.t_upgraded, c.t_served, c.status, c.error) for c in clients],
+            dict(delays),
+        )
     )
     await commands.get()  # "close"
     linger = struct.pack("ii", 1, 0)
@@ -428,7 +453,7 @@ class Clients:
         for _, pipe in self.children:
             pipe.send("go")
 
-    def results(self, timeout: float) -> list[tuple[float, list[tuple]]]:
+    def results(self, timeout: float) -> list[tuple[float, list[tuple], dict[int, int]]]:
         out = []
         for _, pipe in self.children:
             if not pipe.poll(timeout + 30):
@@ -602,7 +627,85 @@ def profile_summary(path: str, top: int = 15) -> dict[str, list[tuple[str, float
     }
 
 
+#: What the server's samples were doing, by the frames on their stack (the
+#: first kind that matches, in this order): token checks and session
+#: bookkeeping, handshakes (accepting, reading the request, the 101),
+#: clients' frames (their SUBSCRIBEs), live delivery (Redis to the sockets).
+PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("auth", ("auth.py:", "tokens.py:", "api_jwt.py:", "api_jws.py:")),
+    ("handshake", ("accept.py:", "upgrade.py:", "handshake.py:")),
+    ("client_frames", ("websocket.py:WebSocketProtocol13._receive_frame_loop",)),
+    (
+        "delivery",
+        (
+            "channels.py:ChannelManager._flush",
+            "delivery.py:",
+            "link.py:",
+            "core.py:Core.on_message",
+        ),
+    ),
+)
+
+
+def _phase(stack: list[str]) -> str:
+    for name, prefixes in PHASES:
+        for frame in stack:
+            if frame.startswith(prefixes):
+                return name
+    return "other"
+
+
+def phases_per_second(path: str, offset: float) -> dict[str, Any]:
+    """Per second of the storm, the share of it the server spent in each of
+    :data:`PHASES` (percent; ``busy`` is their sum), from a py-spy
+    ``chrometrace`` file whose clock started ``offset`` seconds before the
+    storm; and the seconds of each over the storm."""
+    with open(path) as f:
+        events = json.load(f)
+    per: collections.defaultdict[int, collections.Counter] = collections.defaultdict(
+        collections.Counter
+    )
+    stack: list[str] = []
+    previous: float | None = None
+    for ts, group in itertools.groupby(events, key=lambda event: event["ts"]):
+        if previous is not None and stack:
+            at = previous / 1e6 - offset
+            if at >= 0:  # each sample's stack lasts until the next (at most 0.1 s)
+                per[int(at)][_phase(stack)] += min(ts - previous, 100_000) / 1e6
+        for event in group:
+            if event["ph"] == "B":
+                name = os.path.basename(event["args"].get("filename", "")) + ":" + event["name"]
+                stack.append(name)
+            elif stack:
+                stack.pop()
+        previous = ts
+    names = [name for name, _ in PHASES] + ["other"]
+    rows = []
+    total: collections.Counter = collections.Counter()
+    for second in sorted(per):
+        spent = per[second]
+        total.update(spent)
+        row: dict[str, Any] = {"second": second, "busy": round(100 * sum(spent.values()))}
+        row.update((name, round(100 * spent[name])) for name in names)
+        rows.append(row)
+    return {"per_second_percent": rows, "seconds": {n: round(total[n], 2) for n in names}}
+
+
 # --- one run -----------------------------------------------------------------------
+
+
+def histogram_quantile(counts: collections.Counter, q: float) -> int | None:
+    """The ``q`` quantile (0..1) of a histogram {value: count}; None if empty."""
+    total = sum(counts.values())
+    if not total:
+        return None
+    rank = min(total - 1, int(q * total))
+    seen = 0
+    for value in sorted(counts):
+        seen += counts[value]
+        if seen > rank:
+            return value
+    return None
 
 
 def per_second(times: list[float]) -> list[int]:
@@ -669,7 +772,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "--rate",
                     "250",
                     "--format",
-                    "raw",
+                    "chrometrace" if args.py_spy.endswith(".json") else "raw",
                     "--nonblocking",
                     "--subprocesses",
                     "-o",
@@ -678,6 +781,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
+            spy_started = time.monotonic()
             time.sleep(1.0)  # attached
         counters_before = netstat()
         cpu_before = tree_cpu(proc)
@@ -703,7 +807,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         statuses: collections.Counter = collections.Counter()
         errors: collections.Counter = collections.Counter()
         late_connects = 0
-        for t0, rows in reports:
+        delays: collections.Counter = collections.Counter()
+        for t0, rows, delayed in reports:
+            delays.update(delayed)
             for t_conn, t_up, t_served, status, error in rows:
                 if t_conn is not None:
                     connected.append(t_conn - start)
@@ -769,6 +875,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "served_seconds_p50": secs(served, 0.5),
             "served_seconds_p99": secs(served, 0.99),
             "served_seconds_max": secs(served),
+            # Live messages to the clients already served, while the others
+            # still connect: milliseconds from publishing to the client.
+            "live_reads_during_storm": sum(delays.values()),
+            "live_delay_ms_p50": histogram_quantile(delays, 0.5),
+            "live_delay_ms_p99": histogram_quantile(delays, 0.99),
+            "live_delay_ms_max": max(delays, default=None),
             "upgraded_seconds_p50": secs(upgraded, 0.5),
             "upgraded_seconds_p99": secs(upgraded, 0.99),
             "upgraded_seconds_max": secs(upgraded),
@@ -811,7 +923,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             figures["nginx_rss_per_connection_kb"] = round(
                 (nginx_rss_after - nginx_rss_before) / n / 1024, 2
             )
-        if args.py_spy:
+        if args.py_spy and args.py_spy.endswith(".json"):
+            figures["phases"] = phases_per_second(args.py_spy, start - spy_started)
+        elif args.py_spy:
             figures["profile"] = profile_summary(args.py_spy)
         clients.close()
         clients = None
@@ -840,6 +954,8 @@ MEDIAN_KEYS = (
     "served_seconds_p50",
     "served_seconds_p99",
     "served_seconds_max",
+    "live_delay_ms_p99",
+    "live_delay_ms_max",
     "upgraded_seconds_max",
     "connected_seconds_max",
     "connects_after_1s",
@@ -1011,8 +1127,10 @@ def build_parser() -> argparse.ArgumentParser:
     servers.add_argument(
         "--py-spy",
         metavar="FILE",
-        help="record the server with py-spy during the storm (raw format) "
-        "and add a summary of where its time went",
+        help="record the server with py-spy during the storm and add a summary "
+        "of where its time went (FILE ending in .json: a chrometrace, and "
+        "the share of each second spent on tokens, handshakes, clients' "
+        "frames and delivery)",
     )
     pinning = parser.add_argument_group("CPU pinning (taskset)")
     pinning.add_argument(

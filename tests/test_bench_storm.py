@@ -2,11 +2,13 @@
 through nginx and against the reference server (figures are not judged
 here, only that every client is counted)."""
 
+import collections
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -58,6 +60,9 @@ def test_tiny_storm_serves_every_client_and_reports_memory_and_logs():
     assert figures["server"] == "marketstream"
     assert figures["open_connections_after"] == 60
     assert figures["server_error_lines"] == 0
+    live = [figures[k] for k in ("live_delay_ms_p50", "live_delay_ms_p99", "live_delay_ms_max")]
+    if figures["live_reads_during_storm"]:  # clients served before the last one
+        assert 0 <= live[0] <= live[1] <= live[2], live
 
 
 def test_a_refusal_is_counted_not_served():
@@ -127,3 +132,46 @@ def test_every_option_has_help_and_shows_its_default():
             "--repeat",
         ),
     )
+
+
+def test_live_delay_and_phases_are_summed_as_documented():
+    storm = load_script(BENCH)
+    assert storm.histogram_quantile(collections.Counter(), 0.5) is None
+    delays = collections.Counter({3: 98, 40: 1, 700: 1})
+    assert storm.histogram_quantile(delays, 0.5) == 3
+    assert storm.histogram_quantile(delays, 0.99) == 700
+
+    # A py-spy chrometrace: a handshake with a token check, then delivery,
+    # then a handshake alone; the storm starts 1 s into the recording.
+    def frames(ts, phase, names):
+        return [{"ph": phase, "ts": ts, "name": n, "args": {"filename": f}} for f, n in names]
+
+    handshake = [("/x/upgrade.py", "StreamServer._switch")]
+    token = [("/x/auth.py", "Sessions.switching"), ("/y/api_jws.py", "PyJWS._load")]
+    delivery = [("/x/channels.py", "ChannelManager._flush"), ("/x/delivery.py", "_send")]
+    events = (
+        frames(1_000_000, "B", handshake + token)
+        + frames(1_040_000, "E", (handshake + token)[::-1])
+        + frames(1_040_000, "B", delivery)
+        + frames(1_100_000, "E", delivery[::-1])
+        + frames(2_500_000, "B", handshake)
+        + frames(2_520_000, "E", handshake)
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(events, f)
+    try:
+        phases = storm.phases_per_second(f.name, 1.0)
+    finally:
+        os.unlink(f.name)
+    first, second = phases["per_second_percent"]
+    assert first == {
+        "second": 0,
+        "busy": 10,
+        "auth": 4,
+        "handshake": 0,
+        "client_frames": 0,
+        "delivery": 6,
+        "other": 0,
+    }
+    assert second["second"] == 1 and second["handshake"] == 2 and second["busy"] == 2
+    assert phases["seconds"]["auth"] == 0.04 and phases["seconds"]["delivery"] == 0.06

@@ -25,10 +25,12 @@ starting ``-----BEGIN``): the configured algorithms decide, never the key.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import jwt
+import jwt.utils
 from jwt.algorithms import HMACAlgorithm
 
 if TYPE_CHECKING:
@@ -147,15 +149,47 @@ class _PreparedHMAC(HMACAlgorithm):
         return super().prepare_key(key)
 
 
+#: PyJWT's strict decoding of a token's segment (2.14 and later; older ones
+#: have none and decode leniently in ``_load``): it rejects '=' padding out
+#: of place, any byte outside the base64url alphabet (looked at one by one,
+#: a Python generator step each: about a fifth of an HS256 check) and
+#: non-canonical trailing bits.
+_PYJWT_SEGMENT: Callable[[bytes, str], bytes] | None = getattr(
+    jwt.PyJWS, "_decode_base64url_segment", None
+)
+_PLAIN_SEGMENT = re.compile(rb"[A-Za-z0-9_-]*")
+
+
+def decode_segment(segment: bytes, name: str) -> bytes:
+    """PyJWT's ``_decode_base64url_segment``, the usual segment looked at by
+    one regular expression: one without '=' of only base64url characters
+    whose length is no 4n+1 decodes to what PyJWT gives (after its round
+    trip, which stays); any other is PyJWT's to accept or refuse.
+
+    >>> decode_segment(b"eyJhbGciOiJIUzI1NiJ9", "header")
+    b'{"alg":"HS256"}'
+    """
+    if len(segment) % 4 != 1 and _PLAIN_SEGMENT.fullmatch(segment) is not None:
+        decoded = jwt.utils.base64url_decode(segment)
+        if jwt.utils.base64url_encode(decoded) == segment:
+            return decoded
+    assert _PYJWT_SEGMENT is not None  # only installed where PyJWT has it
+    return _PYJWT_SEGMENT(segment, name)
+
+
 def _decoder(options: _DecodeOptions, key: object, algorithms: Sequence[str]) -> jwt.PyJWT:
-    """A PyJWT of its own with ``options``; with an HMAC secret, each
-    algorithm of its signature layer (where PyJWT has one per instance,
-    2.11 and later) reuses the secret PyJWT prepared once (:class:`_PreparedHMAC`)."""
+    """A PyJWT of its own with ``options``; its signature layer (where PyJWT
+    has one per instance, 2.11 and later) decodes segments with
+    :func:`decode_segment`, and with an HMAC secret each algorithm reuses
+    the secret PyJWT prepared once (:class:`_PreparedHMAC`)."""
     decoder = jwt.PyJWT(options)
+    signatures = getattr(decoder, "_jws", None)  # older PyJWT: a global one, left alone
+    if _PYJWT_SEGMENT is not None and isinstance(signatures, jwt.PyJWS):
+        # An instance attribute: this PyJWS only (a plain function, not bound).
+        signatures._decode_base64url_segment = decode_segment  # type: ignore[method-assign]
     if not isinstance(key, bytes):
         return decoder  # a public key object: PyJWT's prepare_key returns it as it is
     prepared = [_PreparedHMAC(name, key) for name in algorithms]  # a bad secret raises here
-    signatures = getattr(decoder, "_jws", None)  # older PyJWT: a global one, left alone
     if isinstance(signatures, jwt.PyJWS):
         for name, algorithm in zip(algorithms, prepared):
             signatures.unregister_algorithm(name)

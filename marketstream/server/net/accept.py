@@ -18,10 +18,18 @@ handshakes.  A slice is at least ``batch`` connections; beyond that it goes
 on for as long as the rest of the loop's last turn took, times the queue's
 length over :data:`FULL_SHARE_QUEUE` or the oldest connection's wait over
 :data:`FULL_SHARE_WAIT`, whichever is more (at most 1), and never longer than
-:data:`MAX_SLICE`.  So however busy live delivery is, a large storm gets up
-to half of the process (thousands of clients waiting for a handshake wait
-less), while a small one mostly takes the batch per turn and leaves live
-delivery its time.  The README's Performance section has the figures.
+:data:`MAX_SLICE` times that share (at least 1), at most :data:`STORM_SLICE`.
+So however busy live delivery is, a large storm gets up to half of the
+process (thousands of clients waiting for a handshake wait less), while a
+small one mostly takes the batch per turn and leaves live delivery its time.
+Once thousands of clients are served, live delivery to them takes 100 ms and
+more a turn: a large storm's slices grow with it (up to :data:`STORM_SLICE`
+once 4 x 2048 wait or the oldest waited 2 s), so that its handshakes still
+get half of the process.  Live delivery then gets less than it would take,
+and the clients already served get their messages later while the storm
+lasts; a long slice still empties the kernel's queues every
+:data:`MAX_SLICE`.  The README's Performance section and
+``docs/performance.md`` (Connect storms) have the figures.
 Out of file descriptors (``EMFILE``), it warns (at most once a minute) and
 stops accepting for a moment instead of spinning::
 
@@ -72,8 +80,15 @@ Address: TypeAlias = Any
 #: Accepted connections handed to the callback (the handshake) per event-loop
 #: turn, at least.
 ACCEPT_BATCH = 16
-#: Seconds one turn's slice of handshakes may take, at most.
+#: Seconds one turn's slice of handshakes may take at a full share, at most
+#: (a larger share allows proportionally more, up to :data:`STORM_SLICE`).
 MAX_SLICE = 0.030
+#: Seconds one turn's slice may take in a large storm, at most.  Longer
+#: slices end a storm sooner and delay live delivery to the clients already
+#: served more (10,000 clients: 0.03 s, 0.06 s, 0.12 s: the last served after
+#: 7.1, 6.8, 5.5 s; the served clients' messages 0.60, 0.78, 1.16 s late at
+#: the 99th percentile during the storm).
+STORM_SLICE = 0.120
 #: Connections waiting at which a slice is as long as the rest of the
 #: loop's turn (handshakes get half the process); fewer waiting earn a
 #: proportionally shorter slice.
@@ -178,6 +193,21 @@ class Acceptor:
             self._slice_end = now
             self._loop.call_soon(self._hand_over)
 
+    def _poll(self) -> None:
+        """Empty the kernel's queues in the middle of a long slice (a large
+        storm's), as often as between two slices of :data:`MAX_SLICE`: a
+        storm still arriving must not overflow them meanwhile."""
+        if not self._reading:
+            return
+        self._scheduled = True  # the slice in progress takes them
+        try:
+            for sock in list(self._sockets):
+                self._readable(sock)
+        except Exception:  # what asyncio logs when _readable runs as a reader
+            log.exception("error while accepting connections")
+        finally:
+            self._scheduled = False
+
     def _out_of_resources(self, exc: OSError) -> None:
         now = self._loop.time()
         if self._warned_at is None or now - self._warned_at >= 60:
@@ -218,7 +248,9 @@ class Acceptor:
         # the share the queue's length earns, capped.
         rest = max(0.0, start - self._slice_end)
         share = max(len(queue) / FULL_SHARE_QUEUE, (start - queue[0][2]) / FULL_SHARE_WAIT)
-        deadline = start + min(MAX_SLICE, rest * min(1.0, share))
+        cap = min(STORM_SLICE, MAX_SLICE * max(1.0, share))
+        deadline = start + min(cap, rest * min(1.0, share))
+        poll_at = start + MAX_SLICE
         count = 0
         while queue:
             connection, address, _ = queue.popleft()
@@ -228,8 +260,13 @@ class Acceptor:
                 log.exception("error while setting up a connection from %r", address)
                 connection.close()
             count += 1
-            if count >= self.batch and clock() >= deadline:
-                break
+            if count >= self.batch:
+                now = clock()
+                if now >= deadline:
+                    break
+                if now >= poll_at:
+                    poll_at = now + MAX_SLICE
+                    self._poll()
         self._slice_end = clock()
         if queue:
             self._scheduled = True

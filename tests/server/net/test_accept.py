@@ -150,6 +150,102 @@ async def test_a_long_queue_or_wait_earns_longer_slices(
     shut(acceptor, handed + clients)
 
 
+@pytest.mark.parametrize(
+    "full_share_wait, longest",
+    [
+        (0.001, 0.100),  # a large storm: as long as the rest of the turn (below STORM_SLICE)
+        (1000.0, None),  # a fresh queue of 400: the batch-sized slices of a small storm
+    ],
+)
+@pytest.mark.gen_test
+async def test_a_large_storm_under_heavy_live_delivery_gets_slices_past_max_slice(
+    monkeypatch, full_share_wait, longest
+):
+    """Live delivery to thousands of served clients takes 100 ms a turn: a
+    storm whose clients have waited long gets slices as long as that (half
+    of the process), up to STORM_SLICE, instead of MAX_SLICE's 30 ms; the
+    live work still runs between every two slices.  A clock the handshakes
+    (0.5 ms each) and the live work advance, as above."""
+    monkeypatch.setattr(accept, "FULL_SHARE_WAIT", full_share_wait)
+    monkeypatch.setattr(accept, "FULL_SHARE_QUEUE", 1_000_000)
+    sock = listener(1024)
+    clients = connect_many(sock.getsockname(), 600)
+    handed = []
+    events = []  # (handed so far, clock) at each turn of live work
+    loop = asyncio.get_running_loop()
+    clocked = ClockedLoop(loop)
+
+    def handshake(conn, address):
+        clocked.now += 0.0005
+        handed.append(conn)
+
+    def live():
+        events.append(len(handed))
+        clocked.now += 0.100  # a turn's live delivery to thousands of clients
+        if len(handed) < 600:
+            loop.call_soon(live)
+
+    acceptor = Acceptor(handshake, batch=4)
+    acceptor._loop = clocked
+    acceptor.add(sock)
+    live()
+    await async_wait_until(lambda: len(handed) == 600, message="all handed over")
+    events.append(len(handed))  # the last slice: what was left
+    slices = [b - a for a, b in zip(events, events[1:]) if 600 > b > a]
+    assert slices, events
+    if longest is None:
+        assert max(slices) <= 5, slices  # the batch (and one more at most)
+    else:
+        # 0.100 s of 0.5 ms handshakes: 200 a slice (MAX_SLICE allowed 60);
+        # never longer than the live turn, nor than STORM_SLICE.
+        assert min(slices) >= 0.9 * longest / 0.0005, slices
+        assert max(slices) <= min(longest, accept.STORM_SLICE) / 0.0005 + 1, slices
+    shut(acceptor, handed + clients)
+
+
+@pytest.mark.gen_test
+async def test_a_long_slice_still_empties_the_kernel_queue_every_max_slice(monkeypatch):
+    """A large storm's slice may run 120 ms; clients still arriving then
+    are taken off the kernel's queue within MAX_SLICE all the same (its
+    backlog would overflow in 120 ms of a fast storm, and a dropped SYN
+    comes back only after 1 s), in the same slice."""
+    monkeypatch.setattr(accept, "FULL_SHARE_WAIT", 0.001)
+    sock = listener()
+    address = sock.getsockname()
+    clients = connect_many(address, 400)
+    handed = []
+    late = []  # (clock when they connected, turn, clients)
+    taken_at = []  # clock when the acceptor held them
+    turns = [0]
+    loop = asyncio.get_running_loop()
+    clocked = ClockedLoop(loop)
+    acceptor = Acceptor(lambda conn, address: None, batch=4)
+
+    def handshake(conn, peer):
+        clocked.now += 0.0005
+        handed.append(conn)
+        if len(handed) == 100:  # in a long slice (about 200): 20 more arrive
+            late.append((clocked.now, turns[0], connect_many(address, 20)))
+        elif late and not taken_at and acceptor.accepted >= 420:
+            taken_at.append((clocked.now, turns[0]))
+
+    def live():
+        turns[0] += 1
+        clocked.now += 0.100  # a turn's live delivery to thousands of clients
+        if len(handed) < 420:
+            loop.call_soon(live)
+
+    acceptor.callback = handshake
+    acceptor._loop = clocked
+    acceptor.add(sock)
+    live()
+    await async_wait_until(lambda: len(handed) == 420, message="all handed over")
+    ((connected, in_turn, more),), ((accepted, turn),) = late, taken_at
+    assert turn == in_turn, "taken only after the slice"
+    assert accepted - connected <= accept.MAX_SLICE + 0.001
+    shut(acceptor, handed + clients + more)
+
+
 @pytest.mark.gen_test
 async def test_one_wake_up_empties_the_kernel_queue():
     sock = listener()
